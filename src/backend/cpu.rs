@@ -1,0 +1,3 @@
+//! CPU reference backend.
+//!
+//! TODO(helper).

@@ -1,0 +1,3 @@
+//! CUDA backend.
+//!
+//! TODO(helper).

@@ -1,0 +1,125 @@
+//! The op-level interface the LLaDA forward pass is written against.
+//!
+//! [`cpu::CpuBackend`] is the executable specification: plain loops (multi-threaded), emulating
+//! PyTorch's rounding in the model's compute dtype. [`cuda::CudaBackend`] runs the same ops as
+//! hand-written kernels plus cuBLAS. [`crate::model`] calls only what is declared here, so a
+//! backend plugs in without touching the model or the sampler.
+//!
+//! Conventions (letters as everywhere in the project): `N` rows (= B·T tokens), `C` model width,
+//! `NH` query heads, `NKV` key/value heads, `HD` head dim, `F` MLP width, `V` vocab, `R` rows
+//! the LM head is asked for. All activations are row-major `[N, width]`. A merged `qkv` row is
+//! `[q (NH·HD) | k (NKV·HD) | v (NKV·HD)]`, head `h` at columns `h·HD .. (h+1)·HD` of its part.
+//! A merged `gate_up` row is `[gate (F) | up (F)]`.
+//!
+//! Ops return `Result` because a device launch can fail; shapes are validated by the launcher
+//! (the backend method) and reported with the op's name.
+
+use anyhow::Result;
+
+use crate::checkpoint::WeightSource;
+use crate::dtype::DType;
+use crate::head::SelectParams;
+
+pub mod cpu;
+pub mod cuda;
+
+/// Shape of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AttnShape {
+    /// Batch rows.
+    pub b: usize,
+    /// Tokens per batch row (queries = keys: full-sequence bidirectional attention).
+    pub t: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+}
+
+pub trait Backend {
+    /// An activation buffer in the compute dtype.
+    type Act;
+    /// A weight resident on the backend (possibly several checkpoint tensors merged by rows).
+    type Weight;
+    /// A buffer of i32 (token ids, positions, row indices, masks).
+    type Ints;
+    /// A buffer of f32 (confidences).
+    type F32s;
+
+    fn name(&self) -> String;
+    /// The dtype activations are stored and rounded in.
+    fn compute_dtype(&self) -> DType;
+
+    /// Make a weight from one or more sources concatenated along the first (output) dimension:
+    /// `parts[i]` has shape `[rows_i, cols]` (or `[cols]` for norm weights, one part).
+    fn load_weight(&self, parts: &[WeightSource]) -> Result<Self::Weight>;
+
+    fn alloc_act(&self, len: usize) -> Result<Self::Act>;
+    fn alloc_ints(&self, len: usize) -> Result<Self::Ints>;
+    fn alloc_f32s(&self, len: usize) -> Result<Self::F32s>;
+    /// Copy host ints into the first `src.len()` elements of `dst`.
+    fn write_ints(&self, dst: &mut Self::Ints, src: &[i32]) -> Result<()>;
+    /// Read the first `n` elements back to the host (as f32 values of the compute dtype).
+    fn read_act(&self, src: &Self::Act, n: usize) -> Result<Vec<f32>>;
+    fn read_ints(&self, src: &Self::Ints, n: usize) -> Result<Vec<i32>>;
+    fn read_f32s(&self, src: &Self::F32s, n: usize) -> Result<Vec<f32>>;
+
+    /// `out[i, :] = wte[ids[i], :]` for `i < n`; `wte` is `[V, C]`.
+    fn embedding(&self, out: &mut Self::Act, wte: &Self::Weight, ids: &Self::Ints, n: usize, c: usize) -> Result<()>;
+
+    /// RMSNorm without a residual: `out = w * round(x * rsqrt(mean(x²) + eps))`.
+    fn rms_norm(&self, out: &mut Self::Act, x: &Self::Act, w: &Self::Weight, n: usize, c: usize, eps: f32) -> Result<()>;
+
+    /// Residual add fused with RMSNorm: `x = round(x + d)`, then `out = rms_norm(x)`.
+    fn add_rms_norm(
+        &self,
+        out: &mut Self::Act,
+        x: &mut Self::Act,
+        d: &Self::Act,
+        w: &Self::Weight,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()>;
+
+    /// Residual add: `x = round(x + d)` over `n·c` elements.
+    fn add(&self, x: &mut Self::Act, d: &Self::Act, n: usize, c: usize) -> Result<()>;
+
+    /// `out[N, M] = x[N, K] · wᵀ` with `w` `[M, K]`; f32 accumulation, output rounded.
+    fn matmul(&self, out: &mut Self::Act, x: &Self::Act, w: &Self::Weight, n: usize, k: usize, m: usize) -> Result<()>;
+
+    /// RoPE, half rotation, in f32, in place on the q and k parts of a merged `qkv` buffer
+    /// (`N` rows). Row `i` is rotated to position `pos[i]`. `theta` is the RoPE base.
+    fn rope(&self, qkv: &mut Self::Act, pos: &Self::Ints, n: usize, nh: usize, nkv: usize, hd: usize, theta: f32) -> Result<()>;
+
+    /// Bidirectional attention over a merged `qkv` buffer `[B·T, (NH+2·NKV)·HD]` into
+    /// `out` `[B·T, NH·HD]`, scale 1/√HD. `key_valid` (`[B·T]`, 1 = attend) masks padding keys;
+    /// `None` attends to every key.
+    fn attention(&self, out: &mut Self::Act, qkv: &Self::Act, key_valid: Option<&Self::Ints>, s: AttnShape) -> Result<()>;
+
+    /// `out[N, F] = silu(gate) * up` on a merged `gate_up` `[N, 2F]`.
+    fn swiglu(&self, out: &mut Self::Act, gate_up: &Self::Act, n: usize, f: usize) -> Result<()>;
+
+    /// `out[r, :] = x[rows[r], :]` for `r < nrows`.
+    fn gather_rows(&self, out: &mut Self::Act, x: &Self::Act, rows: &Self::Ints, nrows: usize, c: usize) -> Result<()>;
+
+    /// The sampler's per-position head (see [`crate::head::select_one`]) on logits `[R', V]`:
+    /// with `p.cfg_scale > 0`, `R' = 2R` and rows `R..2R` are the unconditional logits of rows
+    /// `0..R`. `keys` holds `2R` ints: (batch row, absolute position) per row for the RNG.
+    /// Writes `tok[R]` and `conf[R]`. May overwrite `logits`.
+    #[allow(clippy::too_many_arguments)]
+    fn select(
+        &self,
+        tok: &mut Self::Ints,
+        conf: &mut Self::F32s,
+        logits: &mut Self::Act,
+        keys: &Self::Ints,
+        r: usize,
+        v: usize,
+        p: &SelectParams,
+    ) -> Result<()>;
+
+    /// Wait for queued work to finish (no-op on the CPU).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,3 @@
+//! Device selection: `auto | cpu | cuda`.
+//!
+//! TODO.

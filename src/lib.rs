@@ -1,0 +1,22 @@
+//! llada: an inference and training engine for LLaDA masked-diffusion language models.
+//!
+//! Layers, bottom up:
+//! - [`config`], [`checkpoint`], [`tokenizer`]: what a Hugging Face model folder holds.
+//! - [`backend`]: the op-level interface the model is written against; [`backend::cpu`] is the
+//!   executable specification, [`backend::cuda`] the fast one.
+//! - [`model`]: the LLaDA forward pass, written once over [`backend::Backend`].
+//! - [`head`] and [`rng`]: turning logits into (token, confidence) pairs, bit-reproducibly.
+//! - [`sampler`]: upstream `generate` (blocks, schedule, remasking, CFG, EOS rules) over a
+//!   [`sampler::Predictor`].
+
+pub mod backend;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod dtype;
+pub mod head;
+pub mod model;
+pub mod presets;
+pub mod rng;
+pub mod sampler;
+pub mod tokenizer;

@@ -1,0 +1,3 @@
+//! The LLaDA forward pass, written once over [`crate::backend::Backend`].
+//!
+//! TODO(helper).

@@ -1,0 +1,3 @@
+//! Random-weight presets (`tiny`, `llada-8b`) for smoke tests and benchmarks.
+//!
+//! TODO(helper).

@@ -1,0 +1,3 @@
+//! `tokenizer.json` and the chat template.
+//!
+//! TODO(helper).
