@@ -58,6 +58,8 @@ pub trait Backend {
     fn alloc_f32s(&self, len: usize) -> Result<Self::F32s>;
     /// Copy host ints into the first `src.len()` elements of `dst`.
     fn write_ints(&self, dst: &mut Self::Ints, src: &[i32]) -> Result<()>;
+    /// Copy host f32s into the first `src.len()` elements of `dst`.
+    fn write_f32s(&self, dst: &mut Self::F32s, src: &[f32]) -> Result<()>;
     /// Read the first `n` elements back to the host (as f32 values of the compute dtype).
     fn read_act(&self, src: &Self::Act, n: usize) -> Result<Vec<f32>>;
     fn read_ints(&self, src: &Self::Ints, n: usize) -> Result<Vec<i32>>;
@@ -88,8 +90,22 @@ pub trait Backend {
     fn matmul(&self, out: &mut Self::Act, x: &Self::Act, w: &Self::Weight, n: usize, k: usize, m: usize) -> Result<()>;
 
     /// RoPE, half rotation, in f32, in place on the q and k parts of a merged `qkv` buffer
-    /// (`N` rows). Row `i` is rotated to position `pos[i]`. `theta` is the RoPE base.
-    fn rope(&self, qkv: &mut Self::Act, pos: &Self::Ints, n: usize, nh: usize, nkv: usize, hd: usize, theta: f32) -> Result<()>;
+    /// (`N` rows). Row `i` is rotated to position `pos[i]` using the tables of [`rope_tables`]
+    /// (`cos`, `sin`: `[max_pos, HD/2]`): for `j < HD/2`,
+    /// `out[j] = x[j]·cos − x[j+HD/2]·sin`, `out[j+HD/2] = x[j+HD/2]·cos + x[j]·sin`, in f32 from
+    /// the stored values, rounded once.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        qkv: &mut Self::Act,
+        pos: &Self::Ints,
+        cos: &Self::F32s,
+        sin: &Self::F32s,
+        n: usize,
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+    ) -> Result<()>;
 
     /// Bidirectional attention over a merged `qkv` buffer `[B·T, (NH+2·NKV)·HD]` into
     /// `out` `[B·T, NH·HD]`, scale 1/√HD. `key_valid` (`[B·T]`, 1 = attend) masks padding keys;
@@ -122,4 +138,24 @@ pub trait Backend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// RoPE tables `(cos, sin)`, each `[max_pos, HD/2]` row-major, computed in f32 exactly as the
+/// upstream `RotaryEmbedding`: `inv_freq[j] = 1 / theta^(2j/HD)`, `f = p · inv_freq[j]`.
+/// Every backend uses these host-computed tables, so CPU and GPU rotate identically.
+pub fn rope_tables(theta: f32, hd: usize, max_pos: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = hd / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|j| 1.0f32 / theta.powf((2 * j) as f32 / hd as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(max_pos * half);
+    let mut sin = Vec::with_capacity(max_pos * half);
+    for p in 0..max_pos {
+        for &f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    (cos, sin)
 }
