@@ -80,11 +80,15 @@ impl WeightSource {
     pub fn read_range(&self, from: usize, to: usize, out: &mut [f32]) {
         debug_assert_eq!(out.len(), to - from);
         match self {
-            WeightSource::Mapped { mmap, start, dtype, .. } => {
+            WeightSource::Mapped {
+                mmap, start, dtype, ..
+            } => {
                 let s = dtype.size();
                 dtype.decode_into(&mmap[start + from * s..start + to * s], out);
             }
-            WeightSource::Random { seed, std, dtype, .. } => {
+            WeightSource::Random {
+                seed, std, dtype, ..
+            } => {
                 let key = crate::rng::cell_key(*seed, crate::rng::STREAM_WEIGHTS, 0, 0, 0);
                 let a = std * 3f32.sqrt();
                 for (o, i) in out.iter_mut().zip(from..to) {

@@ -114,7 +114,13 @@ pub fn select_one(logits: &mut [f32], row: u32, col: u32, p: &SelectParams) -> (
     }
     let conf = match p.remasking {
         Remasking::Random => {
-            let key = rng::cell_key(p.seed, rng::STREAM_RANDOM_CONF, p.step, row as u64, col as u64);
+            let key = rng::cell_key(
+                p.seed,
+                rng::STREAM_RANDOM_CONF,
+                p.step,
+                row as u64,
+                col as u64,
+            );
             rng::uniform(rng::bits(key, 0)) as f32
         }
         Remasking::LowConfidence => {

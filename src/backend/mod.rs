@@ -66,10 +66,25 @@ pub trait Backend {
     fn read_f32s(&self, src: &Self::F32s, n: usize) -> Result<Vec<f32>>;
 
     /// `out[i, :] = wte[ids[i], :]` for `i < n`; `wte` is `[V, C]`.
-    fn embedding(&self, out: &mut Self::Act, wte: &Self::Weight, ids: &Self::Ints, n: usize, c: usize) -> Result<()>;
+    fn embedding(
+        &self,
+        out: &mut Self::Act,
+        wte: &Self::Weight,
+        ids: &Self::Ints,
+        n: usize,
+        c: usize,
+    ) -> Result<()>;
 
     /// RMSNorm without a residual: `out = w * round(x * rsqrt(mean(x²) + eps))`.
-    fn rms_norm(&self, out: &mut Self::Act, x: &Self::Act, w: &Self::Weight, n: usize, c: usize, eps: f32) -> Result<()>;
+    fn rms_norm(
+        &self,
+        out: &mut Self::Act,
+        x: &Self::Act,
+        w: &Self::Weight,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()>;
 
     /// Residual add fused with RMSNorm: `x = round(x + d)`, then `out = rms_norm(x)`.
     fn add_rms_norm(
@@ -87,7 +102,15 @@ pub trait Backend {
     fn add(&self, x: &mut Self::Act, d: &Self::Act, n: usize, c: usize) -> Result<()>;
 
     /// `out[N, M] = x[N, K] · wᵀ` with `w` `[M, K]`; f32 accumulation, output rounded.
-    fn matmul(&self, out: &mut Self::Act, x: &Self::Act, w: &Self::Weight, n: usize, k: usize, m: usize) -> Result<()>;
+    fn matmul(
+        &self,
+        out: &mut Self::Act,
+        x: &Self::Act,
+        w: &Self::Weight,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()>;
 
     /// RoPE, half rotation, in f32, in place on the q and k parts of a merged `qkv` buffer
     /// (`N` rows). Row `i` is rotated to position `pos[i]` using the tables of [`rope_tables`]
@@ -110,13 +133,26 @@ pub trait Backend {
     /// Bidirectional attention over a merged `qkv` buffer `[B·T, (NH+2·NKV)·HD]` into
     /// `out` `[B·T, NH·HD]`, scale 1/√HD. `key_valid` (`[B·T]`, 1 = attend) masks padding keys;
     /// `None` attends to every key.
-    fn attention(&self, out: &mut Self::Act, qkv: &Self::Act, key_valid: Option<&Self::Ints>, s: AttnShape) -> Result<()>;
+    fn attention(
+        &self,
+        out: &mut Self::Act,
+        qkv: &Self::Act,
+        key_valid: Option<&Self::Ints>,
+        s: AttnShape,
+    ) -> Result<()>;
 
     /// `out[N, F] = silu(gate) * up` on a merged `gate_up` `[N, 2F]`.
     fn swiglu(&self, out: &mut Self::Act, gate_up: &Self::Act, n: usize, f: usize) -> Result<()>;
 
     /// `out[r, :] = x[rows[r], :]` for `r < nrows`.
-    fn gather_rows(&self, out: &mut Self::Act, x: &Self::Act, rows: &Self::Ints, nrows: usize, c: usize) -> Result<()>;
+    fn gather_rows(
+        &self,
+        out: &mut Self::Act,
+        x: &Self::Act,
+        rows: &Self::Ints,
+        nrows: usize,
+        c: usize,
+    ) -> Result<()>;
 
     /// The sampler's per-position head (see [`crate::head::select_one`]) on logits `[R', V]`:
     /// with `p.cfg_scale > 0`, `R' = 2R` and rows `R..2R` are the unconditional logits of rows
