@@ -1,1 +1,243 @@
-fn main() {}
+//! `llada-bench`: tokens/s per step count on the standard LLaDA workload.
+//!
+//! With no arguments: prompt 128, gen_length 256, block_length 32, steps 256/128/64/32, batch 1,
+//! temperature 0, on the best device (the `llada-8b` random-weight preset on a GPU, `tiny` on a
+//! CPU). Prints a table per configuration headed by device, driver and commit; `--json FILE`
+//! writes the same as JSON.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+
+use llada::device::{self, DeviceChoice, Resolved};
+use llada::dtype::DType;
+use llada::engine::{self, Engine, ModelSpec, Opened};
+use llada::head::Remasking;
+use llada::sampler::{GenerateParams, Progress};
+
+#[derive(Parser)]
+#[command(name = "llada-bench", version, about = "LLaDA generation throughput per step count")]
+struct Args {
+    /// A Hugging Face model folder (default: a random-weight preset).
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// tiny | llada-8b (default: llada-8b on a GPU, tiny on the CPU).
+    #[arg(long)]
+    preset: Option<String>,
+    /// auto | cpu | cuda | cuda:N
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 256)]
+    gen_length: usize,
+    #[arg(long, default_value_t = 32)]
+    block_length: usize,
+    /// Step counts, comma separated.
+    #[arg(long, default_value = "256,128,64,32")]
+    steps: String,
+    /// Batch sizes, comma separated.
+    #[arg(long, default_value = "1")]
+    batch: String,
+    /// Untimed generations before timing.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed generations per configuration (the median is reported).
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+    /// Write the results as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct Row {
+    batch: usize,
+    steps: usize,
+    forward_passes: usize,
+    tokens_per_s: f64,
+    seconds: f64,
+    ms_per_step_median: f64,
+    ms_per_step_min: f64,
+    ms_per_step_max: f64,
+    tflops: f64,
+    gemm_ceiling_share: Option<f64>,
+    peak_memory_bytes: Option<usize>,
+}
+
+fn list(s: &str, what: &str) -> Result<Vec<usize>> {
+    let v: Vec<usize> = s
+        .split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| x.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("bad {what} {x:?} in {s:?}")))
+        .collect::<Result<_>>()?;
+    if v.is_empty() || v.contains(&0) {
+        bail!("--{what} needs positive integers, got {s:?}");
+    }
+    Ok(v)
+}
+
+/// Model FLOPs of one full-sequence forward: GEMMs over all tokens, attention, and the LM head
+/// over the rows the sampler asks for.
+fn step_flops(e: &dyn Engine, b: usize, t: usize, rows: usize) -> f64 {
+    let c = e.config();
+    let (d, hd, f, v) = (c.d_model as f64, c.head_dim() as f64, c.mlp_hidden_size as f64, c.embedding_size as f64);
+    let qkv = d * (c.n_heads as f64 + 2.0 * c.n_kv_heads as f64) * hd;
+    let per_tok = 2.0 * (qkv + d * d + 3.0 * d * f);
+    let attn = 4.0 * (t as f64) * (t as f64) * (c.n_heads as f64) * hd;
+    c.n_layers as f64 * (per_tok * (b * t) as f64 + attn * b as f64) + 2.0 * d * v * rows as f64
+}
+
+fn commit() -> &'static str {
+    option_env!("LLADA_GIT_COMMIT").unwrap_or("unknown")
+}
+
+fn run(a: Args) -> Result<()> {
+    let choice: DeviceChoice = a.device.parse()?;
+    let (dev, _) = device::resolve(choice)?;
+    let spec = match (&a.model, &a.preset) {
+        (Some(d), _) => ModelSpec::Dir(d.clone()),
+        (None, Some(p)) => ModelSpec::Preset { name: p.clone(), seed: 0 },
+        (None, None) => {
+            let name = if dev == Resolved::Cpu { "tiny" } else { "llada-8b" };
+            if dev == Resolved::Cpu {
+                eprintln!("note: no usable GPU, benchmarking the `tiny` preset on the CPU (use --preset/--model to choose)");
+            }
+            ModelSpec::Preset { name: name.into(), seed: 0 }
+        }
+    };
+    let steps_list = list(&a.steps, "steps")?;
+    let batches = list(&a.batch, "batch")?;
+    let opened = Opened::open(&spec)?;
+    let t_load = Instant::now();
+    let (mut eng, notice) = engine::load(&opened, choice)?;
+    if let Some(n) = notice {
+        eprintln!("note: {n}");
+    }
+    eng.synchronize()?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let ceiling = eng.gemm_ceiling_tflops()?;
+    let cfg = eng.config().clone();
+    let vocab_hi = (cfg.mask_token_id.min(cfg.eos_token_id)).max(2);
+
+    println!("# llada-bench  device: {}  driver: {}  commit: {}", eng.device(), eng.driver(), commit());
+    println!(
+        "# model: {}  prompt {}  gen_length {}  block_length {}  temperature 0  low_confidence  (load {:.1}s)",
+        opened.label, a.prompt_len, a.gen_length, a.block_length, load_s
+    );
+    if let Some(c) = ceiling {
+        println!("# GEMM ceiling on this device (bf16 4096x4096x8192 via the backend): {c:.1} TFLOP/s");
+    }
+    let mut rows = Vec::new();
+    for &b in &batches {
+        // Deterministic pseudo-random prompts below the special ids.
+        let prompts: Vec<Vec<u32>> = (0..b)
+            .map(|r| (0..a.prompt_len).map(|i| (llada::rng::mix64((r * 1_000_003 + i) as u64) % vocab_hi as u64) as u32).collect())
+            .collect();
+        println!();
+        println!("batch {b}");
+        println!(
+            "{:>6} {:>5} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7} {:>10}",
+            "steps", "fwd", "tokens/s", "ms/step", "min", "max", "TFLOP/s", "ceil%", "mem GiB"
+        );
+        for &steps in &steps_list {
+            let mut p = GenerateParams {
+                steps,
+                gen_length: a.gen_length,
+                block_length: a.block_length,
+                temperature: 0.0,
+                cfg_scale: 0.0,
+                remasking: Remasking::LowConfidence,
+                seed: 0,
+                logits_eos_inf: false,
+                confidence_eos_eot_inf: false,
+                mask_id: 0,
+                eos_id: 0,
+                eot_id: None,
+                pad_id: 0,
+                logits_dtype: DType::F32,
+                max_sequence_length: None,
+            };
+            opened.apply_ids(&mut p);
+            p.block_plan()?;
+            for _ in 0..a.warmup {
+                eng.generate(&prompts, &p, None)?;
+            }
+            let mut runs = Vec::new();
+            let mut step_ms: Vec<f64> = Vec::new();
+            for _ in 0..a.repeats.max(1) {
+                let mut last = Instant::now();
+                let mut cb = |_: Progress| {
+                    let now = Instant::now();
+                    step_ms.push((now - last).as_secs_f64() * 1e3);
+                    last = now;
+                };
+                let t0 = Instant::now();
+                let out = eng.generate(&prompts, &p, Some(&mut cb))?;
+                eng.synchronize()?;
+                runs.push((t0.elapsed().as_secs_f64(), out.nfe));
+            }
+            runs.sort_by(|x, y| x.0.total_cmp(&y.0));
+            let (secs, nfe) = runs[runs.len() / 2];
+            step_ms.sort_by(|x, y| x.total_cmp(y));
+            let med = step_ms[step_ms.len() / 2];
+            let t = a.prompt_len + a.gen_length;
+            let tflops = step_flops(eng.as_ref(), b, t, b * a.block_length) * nfe as f64 / secs / 1e12;
+            let row = Row {
+                batch: b,
+                steps,
+                forward_passes: nfe,
+                tokens_per_s: (b * a.gen_length) as f64 / secs,
+                seconds: secs,
+                ms_per_step_median: med,
+                ms_per_step_min: step_ms[0],
+                ms_per_step_max: step_ms[step_ms.len() - 1],
+                tflops,
+                gemm_ceiling_share: ceiling.map(|c| tflops / c),
+                peak_memory_bytes: eng.memory_used(),
+            };
+            println!(
+                "{:>6} {:>5} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>8.1} {:>7} {:>10}",
+                row.steps,
+                row.forward_passes,
+                row.tokens_per_s,
+                row.ms_per_step_median,
+                row.ms_per_step_min,
+                row.ms_per_step_max,
+                row.tflops,
+                row.gemm_ceiling_share.map(|s| format!("{:.0}%", s * 100.0)).unwrap_or_else(|| "-".into()),
+                row.peak_memory_bytes.map(|m| format!("{:.2}", m as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "-".into()),
+            );
+            rows.push(row);
+        }
+    }
+    if let Some(path) = &a.json {
+        let v = serde_json::json!({
+            "engine": "llada",
+            "device": eng.device(),
+            "driver": eng.driver(),
+            "commit": commit(),
+            "model": opened.label,
+            "prompt_len": a.prompt_len,
+            "gen_length": a.gen_length,
+            "block_length": a.block_length,
+            "gemm_ceiling_tflops": ceiling,
+            "rows": rows,
+        });
+        llada::checkpoint::write_text_atomic(path, &serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

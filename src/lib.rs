@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod dtype;
+pub mod engine;
 pub mod head;
 pub mod model;
 pub mod presets;

@@ -174,6 +174,16 @@ pub trait Backend {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Device memory in use, in bytes, where the backend can tell (the benchmark reports it).
+    fn memory_in_use(&self) -> Option<usize> {
+        None
+    }
+
+    /// Driver / runtime description for reports.
+    fn driver(&self) -> String {
+        "-".to_string()
+    }
 }
 
 /// RoPE tables `(cos, sin)`, each `[max_pos, HD/2]` row-major, computed in f32 exactly as the

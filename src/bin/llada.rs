@@ -1,1 +1,293 @@
-fn main() {}
+//! `llada`: generate with, inspect and debug LLaDA models.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use llada::checkpoint::write_safetensors;
+use llada::device::DeviceChoice;
+use llada::dtype::DType;
+use llada::engine::{self, ModelSpec, Opened};
+use llada::head::Remasking;
+use llada::sampler::{GenerateParams, Progress};
+
+#[derive(Parser)]
+#[command(name = "llada", version, about = "LLaDA masked-diffusion LM inference (CPU reference and CUDA)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text with upstream LLaDA `generate` (semi-autoregressive blocks, remasking, CFG).
+    Generate(GenerateArgs),
+    /// Write the logits of one sequence (`logits`, f32, [1, T, V]) to a safetensors file.
+    Forward(ForwardArgs),
+    /// Write the `tiny` random-weight preset as a Hugging Face model folder.
+    InitTiny(InitTinyArgs),
+    /// Print a model folder's configuration and tensors summary.
+    Info(ModelArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A Hugging Face model folder (config.json, safetensors, tokenizer.json).
+    #[arg(long, conflicts_with = "preset")]
+    model: Option<PathBuf>,
+    /// A random-weight preset instead of a folder: tiny | llada-8b.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Seed of the preset's random weights.
+    #[arg(long, default_value_t = 0)]
+    weights_seed: u64,
+}
+
+impl ModelArgs {
+    fn spec(&self) -> Result<ModelSpec> {
+        match (&self.model, &self.preset) {
+            (Some(dir), None) => Ok(ModelSpec::Dir(dir.clone())),
+            (None, Some(name)) => Ok(ModelSpec::Preset { name: name.clone(), seed: self.weights_seed }),
+            _ => bail!("give --model DIR or --preset NAME"),
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text (tokenized with the model's tokenizer).
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Render the prompt as one user message with the chat template (Instruct models).
+    #[arg(long)]
+    chat: bool,
+    /// Prompt token ids, comma separated; repeat for a batch (left-padded).
+    #[arg(long = "prompt-ids")]
+    prompt_ids: Vec<String>,
+    #[arg(long, default_value_t = 128)]
+    gen_length: usize,
+    #[arg(long, default_value_t = 128)]
+    steps: usize,
+    #[arg(long, default_value_t = 32)]
+    block_length: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0.0)]
+    cfg_scale: f64,
+    /// low_confidence | random
+    #[arg(long, default_value = "low_confidence")]
+    remasking: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Never sample EOS (upstream `logits_eos_inf`).
+    #[arg(long)]
+    logits_eos_inf: bool,
+    /// Commit EOS/EOT predictions last within a block (upstream `confidence_eos_eot_inf`).
+    #[arg(long)]
+    confidence_eos_eot_inf: bool,
+    /// auto | cpu | cuda | cuda:N
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// text | json
+    #[arg(long, default_value = "text")]
+    format: String,
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Token ids, comma separated.
+    #[arg(long)]
+    ids: String,
+    /// Output safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+#[derive(Args)]
+struct InitTinyArgs {
+    /// Folder to write.
+    dir: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// bf16 | f32 | f16
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Number of safetensors shards (1 = a single model.safetensors).
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        "f32" => Ok(DType::F32),
+        _ => bail!("unknown dtype {s:?}: expected bf16, f16 or f32"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Forward(a) => cmd_forward(a),
+        Cmd::InitTiny(a) => engine::init_tiny(&a.dir, a.seed, match parse_dtype(&a.dtype) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        }, a.shards)
+        .map(|_| println!("wrote the tiny preset to {}", a.dir.display())),
+        Cmd::Info(a) => cmd_info(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cmd_info(a: ModelArgs) -> Result<()> {
+    let opened = Opened::open(&a.spec()?)?;
+    let c = &opened.cfg;
+    println!("model: {}", opened.label);
+    println!(
+        "d_model {} heads {} kv_heads {} head_dim {} layers {} mlp {} vocab {} embeddings {} max_seq {}",
+        c.d_model, c.n_heads, c.n_kv_heads, c.head_dim(), c.n_layers, c.mlp_hidden_size, c.vocab_size, c.embedding_size,
+        c.max_sequence_length
+    );
+    println!("ids: mask {} eos {} pad {}", c.mask_token_id, c.eos_token_id, c.pad_token_id);
+    println!("weights dtype: {}", opened.ckpt.dtype());
+    if let Some(t) = &opened.tokenizer {
+        println!("tokenizer: {} entries, eot {:?}, bos {:?}", t.vocab_size(), t.special.eot, t.special.bos);
+    }
+    Ok(())
+}
+
+fn cmd_forward(a: ForwardArgs) -> Result<()> {
+    let ids = engine::parse_ids(&a.ids)?;
+    let opened = Opened::open(&a.model.spec()?)?;
+    let device: DeviceChoice = a.device.parse()?;
+    let (mut eng, notice) = engine::load(&opened, device)?;
+    if let Some(n) = notice {
+        eprintln!("note: {n}");
+    }
+    let logits = eng.forward_logits(&ids)?;
+    let v = eng.config().embedding_size;
+    let t = ids.len();
+    write_safetensors(&a.out, &[("logits".to_string(), DType::F32, vec![1, t, v], logits)])?;
+    eprintln!("wrote logits [1, {t}, {v}] to {}", a.out.display());
+    Ok(())
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let remasking: Remasking = a.remasking.parse()?;
+    let device: DeviceChoice = a.device.parse()?;
+    let json = match a.format.as_str() {
+        "json" => true,
+        "text" => false,
+        f => bail!("unknown --format {f:?}: expected text or json"),
+    };
+    let opened = Opened::open(&a.model.spec()?)?;
+    let prompts: Vec<Vec<u32>> = if let Some(text) = &a.prompt {
+        let tok = opened
+            .tokenizer
+            .as_ref()
+            .context("--prompt needs a tokenizer.json in the model folder (or use --prompt-ids)")?;
+        let ids = if a.chat { tok.encode_chat(&[("user", text.as_str())])? } else { tok.encode(text, true)? };
+        vec![ids]
+    } else if !a.prompt_ids.is_empty() {
+        a.prompt_ids.iter().map(|s| engine::parse_ids(s)).collect::<Result<_>>()?
+    } else {
+        bail!("give --prompt TEXT or --prompt-ids 1,2,3");
+    };
+    if a.chat && a.prompt.is_none() {
+        bail!("--chat applies to --prompt TEXT, not to --prompt-ids");
+    }
+    let mut params = GenerateParams {
+        steps: a.steps,
+        gen_length: a.gen_length,
+        block_length: a.block_length,
+        temperature: a.temperature,
+        cfg_scale: a.cfg_scale,
+        remasking,
+        seed: a.seed,
+        logits_eos_inf: a.logits_eos_inf,
+        confidence_eos_eot_inf: a.confidence_eos_eot_inf,
+        mask_id: 0,
+        eos_id: 0,
+        eot_id: None,
+        pad_id: 0,
+        logits_dtype: DType::F32,
+        max_sequence_length: None,
+    };
+    opened.apply_ids(&mut params);
+    params.block_plan()?;
+    let (mut eng, notice) = engine::load(&opened, device)?;
+    if let Some(n) = notice {
+        eprintln!("note: {n}");
+    }
+    let show = std::io::stderr().is_terminal();
+    let t0 = Instant::now();
+    let mut bar = |p: Progress| {
+        if show {
+            let w = 30;
+            let done = (p.step + 1) * w / p.total_steps.max(1);
+            eprint!(
+                "\r[{}{}] step {}/{} block {}/{} {:.1}s",
+                "#".repeat(done),
+                " ".repeat(w - done),
+                p.step + 1,
+                p.total_steps,
+                p.block + 1,
+                p.num_blocks,
+                t0.elapsed().as_secs_f64()
+            );
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let out = eng.generate(&prompts, &params, Some(&mut bar))?;
+    let secs = t0.elapsed().as_secs_f64();
+    if show {
+        eprintln!();
+    }
+    let texts: Vec<String> = match &opened.tokenizer {
+        Some(t) => out.ids.iter().map(|ids| t.decode(ids, true)).collect::<Result<_>>()?,
+        None => out.ids.iter().map(|ids| ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ")).collect(),
+    };
+    if json {
+        let v = serde_json::json!({
+            "prompt_ids": prompts,
+            "ids": out.ids,
+            "text": texts,
+            "nfe": out.nfe,
+            "device": eng.device(),
+            "seconds": secs,
+            "params": {
+                "steps": params.steps, "gen_length": params.gen_length, "block_length": params.block_length,
+                "temperature": params.temperature, "cfg_scale": params.cfg_scale, "remasking": a.remasking,
+                "seed": params.seed, "logits_eos_inf": params.logits_eos_inf,
+                "confidence_eos_eot_inf": params.confidence_eos_eot_inf,
+            },
+        });
+        println!("{v}");
+    } else {
+        for t in &texts {
+            println!("{t}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! What the binaries share: open a model (folder or preset), pick a device, and run it.
+//!
+//! [`Engine`] hides the backend type so the CLI and the benchmark are written once; the model,
+//! sampler and backends stay generic underneath.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::Backend;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::device::{self, DeviceChoice, Resolved};
+use crate::dtype::DType;
+use crate::model::{Model, ModelPredictor};
+use crate::presets;
+use crate::sampler::{self, GenerateOutput, GenerateParams, Progress};
+use crate::tokenizer::Tokenizer;
+
+/// Where the weights come from.
+#[derive(Clone, Debug)]
+pub enum ModelSpec {
+    /// A Hugging Face model folder.
+    Dir(PathBuf),
+    /// A random-weight preset (`tiny`, `llada-8b`) with a seed.
+    Preset { name: String, seed: u64 },
+}
+
+/// A model folder or preset, opened (memory-mapped, validated) but not yet on a device.
+pub struct Opened {
+    pub cfg: ModelConfig,
+    pub ckpt: Checkpoint,
+    /// The tokenizer, when the folder has one (presets: `tiny` carries a tiny one).
+    pub tokenizer: Option<Tokenizer>,
+    pub label: String,
+}
+
+impl Opened {
+    pub fn open(spec: &ModelSpec) -> Result<Opened> {
+        match spec {
+            ModelSpec::Dir(dir) => {
+                let cfg_path = dir.join("config.json");
+                let cfg = ModelConfig::from_file(&cfg_path)?;
+                let ckpt = Checkpoint::open(dir, &cfg)?;
+                let tokenizer = if dir.join("tokenizer.json").is_file() {
+                    Some(Tokenizer::from_dir(dir, &cfg)?)
+                } else {
+                    None
+                };
+                Ok(Opened { cfg, ckpt, tokenizer, label: dir.display().to_string() })
+            }
+            ModelSpec::Preset { name, seed } => {
+                let cfg = presets::preset_config(name)?;
+                let ckpt = presets::preset_checkpoint(name, *seed, DType::BF16)?;
+                Ok(Opened { cfg, ckpt, tokenizer: None, label: format!("preset {name} (random weights, seed {seed})") })
+            }
+        }
+    }
+
+    /// Generation defaults that come from the model: special ids and limits.
+    pub fn apply_ids(&self, p: &mut GenerateParams) {
+        p.mask_id = self.cfg.mask_token_id;
+        p.eos_id = self.cfg.eos_token_id;
+        p.pad_id = self.cfg.pad_token_id;
+        p.eot_id = self.tokenizer.as_ref().and_then(|t| t.special.eot);
+        p.max_sequence_length = Some(self.cfg.max_sequence_length);
+    }
+}
+
+/// A model resident on some backend, ready to run.
+pub trait Engine {
+    /// Human-readable device, e.g. `cpu (2 threads)` or `NVIDIA H100 80GB HBM3 (cuda:0)`.
+    fn device(&self) -> String;
+    fn config(&self) -> &ModelConfig;
+    /// The dtype logits are produced in.
+    fn logits_dtype(&self) -> DType;
+    /// Upstream `generate` on this model.
+    fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        params: &GenerateParams,
+        progress: Option<&mut dyn FnMut(Progress)>,
+    ) -> Result<GenerateOutput>;
+    /// Full logits `[T, V]` (f32 values of the compute dtype) for one unpadded sequence.
+    fn forward_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
+    /// Wait for queued device work.
+    fn synchronize(&self) -> Result<()>;
+    /// Device memory in use in bytes, when the backend tracks it.
+    fn memory_used(&self) -> Option<usize>;
+    /// Driver description for reports.
+    fn driver(&self) -> String;
+    /// Measured bf16 GEMM throughput (TFLOP/s) of this backend at a large square-ish shape:
+    /// the ceiling the benchmark compares against. `None` on the CPU reference.
+    fn gemm_ceiling_tflops(&mut self) -> Result<Option<f64>>;
+}
+
+struct EngineImpl<B: Backend> {
+    model: Model<B>,
+    device: String,
+}
+
+impl<B: Backend> Engine for EngineImpl<B> {
+    fn device(&self) -> String {
+        self.device.clone()
+    }
+    fn config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+    fn logits_dtype(&self) -> DType {
+        self.model.backend.compute_dtype()
+    }
+    fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        params: &GenerateParams,
+        progress: Option<&mut dyn FnMut(Progress)>,
+    ) -> Result<GenerateOutput> {
+        check_ids(&self.model.cfg, prompts.iter().flatten().copied())?;
+        let mut p = params.clone();
+        p.logits_dtype = self.model.backend.compute_dtype();
+        let mut pred = ModelPredictor::new(&self.model);
+        sampler::generate(&mut pred, prompts, &p, progress)
+    }
+    fn forward_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        check_ids(&self.model.cfg, ids.iter().copied())?;
+        let t = ids.len();
+        if t == 0 {
+            bail!("no ids given");
+        }
+        if t > self.model.cfg.max_sequence_length {
+            bail!("{t} ids exceed max_sequence_length {}", self.model.cfg.max_sequence_length);
+        }
+        let mut ws = self.model.workspace(t, t)?;
+        let rows: Vec<u32> = (0..t as u32).collect();
+        self.model.forward(&mut ws, ids, 1, t, None, &rows)?;
+        self.model.logits(&ws, t)
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.model.backend.synchronize()
+    }
+    fn memory_used(&self) -> Option<usize> {
+        self.model.backend.memory_in_use()
+    }
+    fn driver(&self) -> String {
+        self.model.backend.driver()
+    }
+    fn gemm_ceiling_tflops(&mut self) -> Result<Option<f64>> {
+        if self.model.backend.compute_dtype() != DType::BF16 || self.device.starts_with("cpu") {
+            return Ok(None);
+        }
+        let (n, k, m) = (4096usize, 4096usize, 8192usize);
+        let be = &self.model.backend;
+        let w = be.load_weight(&[crate::checkpoint::WeightSource::Random {
+            seed: 1,
+            std: 0.02,
+            dtype: DType::BF16,
+            shape: vec![m, k],
+            name: "gemm-ceiling".into(),
+        }])?;
+        let x = be.load_weight(&[crate::checkpoint::WeightSource::Random {
+            seed: 2,
+            std: 1.0,
+            dtype: DType::BF16,
+            shape: vec![n, k],
+            name: "gemm-ceiling-x".into(),
+        }])?;
+        // Fill the input with random values (never time on zeros): gather all rows of `x`.
+        let mut xa = be.alloc_act(n * k)?;
+        let mut ids = be.alloc_ints(n)?;
+        be.write_ints(&mut ids, &(0..n as i32).collect::<Vec<_>>())?;
+        be.embedding(&mut xa, &x, &ids, n, k)?;
+        let mut out = be.alloc_act(n * m)?;
+        for _ in 0..3 {
+            be.matmul(&mut out, &xa, &w, n, k, m)?;
+        }
+        be.synchronize()?;
+        let iters = 20;
+        let t0 = std::time::Instant::now();
+        for _ in 0..iters {
+            be.matmul(&mut out, &xa, &w, n, k, m)?;
+        }
+        be.synchronize()?;
+        let s = t0.elapsed().as_secs_f64() / iters as f64;
+        Ok(Some(2.0 * (n * k * m) as f64 / s / 1e12))
+    }
+}
+
+fn check_ids(cfg: &ModelConfig, ids: impl Iterator<Item = u32>) -> Result<()> {
+    for id in ids {
+        if id as usize >= cfg.embedding_size {
+            bail!("token id {id} is out of range: the model has {} embeddings", cfg.embedding_size);
+        }
+    }
+    Ok(())
+}
+
+/// Load `opened` onto the device `choice` resolves to. Returns the engine and, when `auto` fell
+/// back to the CPU, the one-line notice to print.
+pub fn load(opened: &Opened, choice: DeviceChoice) -> Result<(Box<dyn Engine>, Option<String>)> {
+    let (dev, notice) = device::resolve(choice)?;
+    let get = |name: &str| opened.ckpt.get(name).cloned();
+    let engine: Box<dyn Engine> = match dev {
+        Resolved::Cpu => {
+            if opened.cfg.d_model >= 2048 && matches!(opened.ckpt.get("model.transformer.wte.weight"), Ok(crate::checkpoint::WeightSource::Random { .. })) {
+                bail!("the {} preset is too large for the CPU reference backend (it would materialise its random weights); use --device cuda or the tiny preset", opened.label);
+            }
+            let backend = CpuBackend::new(opened.ckpt.dtype());
+            let threads = rayon::current_num_threads();
+            let model = Model::load(backend, opened.cfg.clone(), get)
+                .with_context(|| format!("loading {} on the CPU", opened.label))?;
+            Box::new(EngineImpl { model, device: format!("cpu ({threads} threads, {} compute)", opened.ckpt.dtype()) })
+        }
+        Resolved::Cuda(i) => {
+            let backend = CudaBackend::new(i)?;
+            let name = format!("{} (cuda:{i})", backend.device_name());
+            let model = Model::load(backend, opened.cfg.clone(), get)
+                .with_context(|| format!("loading {} on cuda:{i}", opened.label))?;
+            Box::new(EngineImpl { model, device: name })
+        }
+    };
+    Ok((engine, notice))
+}
+
+/// Parse `1,2,3` into ids, naming the bad item.
+pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<u32>().with_context(|| format!("bad token id {x:?} in {s:?}")))
+        .collect()
+}
+
+/// The `tiny` preset written as a Hugging Face folder (for smoke tests and the GPU check).
+pub fn init_tiny(dir: &Path, seed: u64, dtype: DType, shards: usize) -> Result<()> {
+    presets::write_preset_folder("tiny", dir, seed, dtype, shards)
+}
