@@ -304,11 +304,11 @@ impl ModelConfig {
     /// A `config.json` in the Hugging Face LLaDA format with every field of reference §1.1, so
     /// that upstream's `LLaDAConfig` and [`ModelConfig::from_json_str`] both read it back.
     pub fn to_json(&self) -> String {
-        let mlp_ratio = if self.d_model > 0 && self.mlp_hidden_size % self.d_model == 0 {
-            self.mlp_hidden_size / self.d_model
-        } else {
-            4
-        };
+        // `mlp_ratio` is unused when `mlp_hidden_size` is set; LLaDA's file says 4.
+        let mlp_ratio = 4;
+        // f32 fields as the shortest decimal that reads back to the same f32 (1e-5, not
+        // 9.99999974737875e-6).
+        let short = |x: f32| x.to_string().parse::<f64>().unwrap_or(x as f64);
         // Two halves: one `json!` literal this long exceeds the macro recursion limit.
         let mut a = serde_json::json!({
             "activation_type": "silu",
@@ -354,10 +354,10 @@ impl ModelConfig {
             "pad_token_id": self.pad_token_id,
             "precision": "amp_bf16",
             "residual_dropout": 0.0,
-            "rms_norm_eps": self.rms_norm_eps as f64,
+            "rms_norm_eps": short(self.rms_norm_eps),
             "rope": true,
             "rope_full_precision": true,
-            "rope_theta": self.rope_theta as f64,
+            "rope_theta": short(self.rope_theta),
             "scale_logits": false,
             "transformers_version": "4.46.3",
             "use_cache": false,

@@ -480,8 +480,9 @@ pub const TINY_VOCAB: TinyVocab = TinyVocab {
     merges: TINY_MERGES.len() as u32,
 };
 
-/// Merges of the tiny BPE, as pieces in the GPT-2 byte alphabet (`Ġ` = space).
-const TINY_MERGES: [(&str, &str); 24] = [
+/// Merges of the tiny BPE, as pieces in the GPT-2 byte alphabet (`Ġ` = space). There is no
+/// newline merge, so `"\n\n"` is two tokens 198 as in LLaDA's chat prompts.
+const TINY_MERGES: [(&str, &str); 23] = [
     ("Ġ", "t"),
     ("h", "e"),
     ("Ġt", "he"),
@@ -505,7 +506,6 @@ const TINY_MERGES: [(&str, &str); 24] = [
     ("o", "r"),
     ("l", "l"),
     ("Ġ", "h"),
-    ("Ċ", "Ċ"),
 ];
 
 /// GPT-2's byte → printable character map, in vocabulary order: entry `i` is the byte whose
