@@ -96,11 +96,15 @@ impl WeightSource {
     pub fn read_range(&self, from: usize, to: usize, out: &mut [f32]) {
         debug_assert_eq!(out.len(), to - from);
         match self {
-            WeightSource::Mapped { mmap, start, dtype, .. } => {
+            WeightSource::Mapped {
+                mmap, start, dtype, ..
+            } => {
                 let s = dtype.size();
                 dtype.decode_into(&mmap[start + from * s..start + to * s], out);
             }
-            WeightSource::Random { seed, std, dtype, .. } => {
+            WeightSource::Random {
+                seed, std, dtype, ..
+            } => {
                 let key = crate::rng::cell_key(*seed, crate::rng::STREAM_WEIGHTS, 0, 0, 0);
                 let a = std * 3f32.sqrt();
                 for (o, i) in out.iter_mut().zip(from..to) {
@@ -201,7 +205,9 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, HeaderEntry
     let file = path.display();
     let len = bytes.len() as u64;
     if len < 8 {
-        bail!("{file}: truncated safetensors file ({len} bytes, the 8-byte header length is missing)");
+        bail!(
+            "{file}: truncated safetensors file ({len} bytes, the 8-byte header length is missing)"
+        );
     }
     let mut n8 = [0u8; 8];
     n8.copy_from_slice(&bytes[..8]);
@@ -271,8 +277,10 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, HeaderEntry
 /// `<repo>/snapshots/<rev>/<file>` is a symlink to `<repo>/blobs/<sha>`.
 fn resolve_in_folder(dir: &Path, name: &str, listed_in: &Path) -> Result<PathBuf> {
     let mut comps = Path::new(name).components();
-    let plain = matches!((comps.next(), comps.next()), (Some(Component::Normal(_)), None))
-        && !name.contains(['/', '\\', '\0'])
+    let plain = matches!(
+        (comps.next(), comps.next()),
+        (Some(Component::Normal(_)), None)
+    ) && !name.contains(['/', '\\', '\0'])
         && name != "."
         && name != "..";
     if !plain {
@@ -286,9 +294,13 @@ fn resolve_in_folder(dir: &Path, name: &str, listed_in: &Path) -> Result<PathBuf
     let canon_dir = dir
         .canonicalize()
         .with_context(|| format!("cannot open model folder {}", dir.display()))?;
-    let canon = path
-        .canonicalize()
-        .with_context(|| format!("cannot open {} (listed in {})", path.display(), listed_in.display()))?;
+    let canon = path.canonicalize().with_context(|| {
+        format!(
+            "cannot open {} (listed in {})",
+            path.display(),
+            listed_in.display()
+        )
+    })?;
     let inside = canon.parent() == Some(canon_dir.as_path());
     let hub_blob = canon_dir
         .parent()
@@ -342,7 +354,7 @@ impl Checkpoint {
         let listed_in: PathBuf;
         if single.exists() {
             plan.insert("model.safetensors".into(), None);
-            listed_in = dir.to_path_buf();
+            listed_in = single.clone();
         } else if index.exists() {
             let text = std::fs::read_to_string(&index)
                 .with_context(|| format!("cannot read {}", index.display()))?;
@@ -354,7 +366,10 @@ impl Checkpoint {
                 .ok_or_else(|| anyhow!("{}: no `weight_map` object", index.display()))?;
             for (name, file) in map {
                 let file = file.as_str().ok_or_else(|| {
-                    anyhow!("{}: weight_map entry `{name}` = {file} is not a file name", index.display())
+                    anyhow!(
+                        "{}: weight_map entry `{name}` = {file} is not a file name",
+                        index.display()
+                    )
                 })?;
                 plan.entry(file.to_string())
                     .or_insert_with(|| Some(Vec::new()))
@@ -640,7 +655,10 @@ pub fn write_hf_folder(
     shards: usize,
 ) -> Result<()> {
     if shards == 0 || shards > tensors.len().max(1) {
-        bail!("cannot split {} tensors into {shards} shards", tensors.len());
+        bail!(
+            "cannot split {} tensors into {shards} shards",
+            tensors.len()
+        );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_text_atomic(&dir.join("config.json"), &cfg.to_json())?;

@@ -66,7 +66,10 @@ impl Fields<'_> {
             None => Ok(None),
             Some(v) => match v.as_f64() {
                 Some(x) if x.is_finite() => Ok(Some(x)),
-                _ => bail!("{}: field `{key}` = {v} must be a finite number", self.source),
+                _ => bail!(
+                    "{}: field `{key}` = {v} must be a finite number",
+                    self.source
+                ),
             },
         }
     }
@@ -102,8 +105,12 @@ impl Fields<'_> {
     fn token_id(&self, key: &str, default: u32) -> Result<u32> {
         match self.usize(key)? {
             None => Ok(default),
-            Some(n) => u32::try_from(n)
-                .map_err(|_| anyhow!("{}: field `{key}` = {n} does not fit a token id", self.source)),
+            Some(n) => u32::try_from(n).map_err(|_| {
+                anyhow!(
+                    "{}: field `{key}` = {n} does not fit a token id",
+                    self.source
+                )
+            }),
         }
     }
 
@@ -112,7 +119,11 @@ impl Fields<'_> {
         let got = self.str(key)?;
         let v = got.unwrap_or(default);
         if v != want {
-            let note = if got.is_none() { " (the default when absent)" } else { "" };
+            let note = if got.is_none() {
+                " (the default when absent)"
+            } else {
+                ""
+            };
             bail!(
                 "{}: unsupported setting `{key}` = \"{v}\"{note}; this engine implements only \
                  `{key}` = \"{want}\" (the LLaDA architecture)",
@@ -127,7 +138,11 @@ impl Fields<'_> {
         let got = self.bool(key)?;
         let v = got.unwrap_or(default);
         if v != want {
-            let note = if got.is_none() { " (the default when absent)" } else { "" };
+            let note = if got.is_none() {
+                " (the default when absent)"
+            } else {
+                ""
+            };
             bail!(
                 "{}: unsupported setting `{key}` = {v}{note}; this engine implements only \
                  `{key}` = {want} (the LLaDA architecture)",
@@ -154,12 +169,15 @@ impl ModelConfig {
     /// Parse and validate the text of a `config.json`; `source_name` (usually the path) is used
     /// in every error message.
     pub fn from_json_str(s: &str, source_name: &str) -> Result<ModelConfig> {
-        let value: Value = serde_json::from_str(s)
-            .map_err(|e| anyhow!("{source_name}: malformed JSON: {e}"))?;
+        let value: Value =
+            serde_json::from_str(s).map_err(|e| anyhow!("{source_name}: malformed JSON: {e}"))?;
         let obj = value
             .as_object()
             .ok_or_else(|| anyhow!("{source_name}: expected a JSON object at the top level"))?;
-        let f = Fields { obj, source: source_name };
+        let f = Fields {
+            obj,
+            source: source_name,
+        };
 
         // Architecture switches (defaults: the upstream dataclass, reference §1.2).
         f.require_str("block_type", "sequential", "llama")?;
@@ -180,8 +198,12 @@ impl ModelConfig {
         f.require_bool("scale_logits", false, false)?;
 
         let d_model = f.usize_aliased("d_model", "hidden_size")?.unwrap_or(768);
-        let n_heads = f.usize_aliased("n_heads", "num_attention_heads")?.unwrap_or(12);
-        let n_layers = f.usize_aliased("n_layers", "num_hidden_layers")?.unwrap_or(12);
+        let n_heads = f
+            .usize_aliased("n_heads", "num_attention_heads")?
+            .unwrap_or(12);
+        let n_layers = f
+            .usize_aliased("n_layers", "num_hidden_layers")?
+            .unwrap_or(12);
         let mqa = f.bool("multi_query_attention")?;
         let n_kv_heads = match (f.usize("n_kv_heads")?, mqa) {
             (None, Some(true)) => 1,
@@ -199,9 +221,9 @@ impl ModelConfig {
         let mlp_ratio = f.usize("mlp_ratio")?.unwrap_or(4);
         let mlp_hidden_size = match f.usize("mlp_hidden_size")? {
             Some(m) => m,
-            None => mlp_ratio.checked_mul(d_model).ok_or_else(|| {
-                anyhow!("{source_name}: `mlp_ratio` · `d_model` overflows")
-            })?,
+            None => mlp_ratio
+                .checked_mul(d_model)
+                .ok_or_else(|| anyhow!("{source_name}: `mlp_ratio` · `d_model` overflows"))?,
         };
         let vocab_size = f.usize("vocab_size")?.unwrap_or(50257);
         // The dataclass default is 50304, but an explicit `null` means "same as vocab_size";
@@ -233,7 +255,8 @@ impl ModelConfig {
             eos_token_id,
             pad_token_id,
         };
-        cfg.validate().with_context(|| format!("{source_name}: invalid model config"))?;
+        cfg.validate()
+            .with_context(|| format!("{source_name}: invalid model config"))?;
         Ok(cfg)
     }
 
@@ -293,10 +316,16 @@ impl ModelConfig {
             }
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            bail!("`rope_theta` = {} must be a positive number", self.rope_theta);
+            bail!(
+                "`rope_theta` = {} must be a positive number",
+                self.rope_theta
+            );
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            bail!("`rms_norm_eps` = {} must be a non-negative number", self.rms_norm_eps);
+            bail!(
+                "`rms_norm_eps` = {} must be a non-negative number",
+                self.rms_norm_eps
+            );
         }
         Ok(())
     }
@@ -403,7 +432,10 @@ mod tests {
             "weight_tying":false,"rope":true,"hidden_size":256,"num_attention_heads":8,
             "num_hidden_layers":3}"#;
         let c = ModelConfig::from_json_str(s, "mem").unwrap();
-        assert_eq!((c.d_model, c.n_heads, c.n_kv_heads, c.n_layers), (256, 8, 8, 3));
+        assert_eq!(
+            (c.d_model, c.n_heads, c.n_kv_heads, c.n_layers),
+            (256, 8, 8, 3)
+        );
         assert_eq!(c.mlp_hidden_size, 4 * 256);
         assert_eq!((c.vocab_size, c.embedding_size), (50257, 50304));
         assert_eq!(c.rope_theta, 10000.0);
@@ -414,7 +446,9 @@ mod tests {
     fn alias_conflict() {
         let s = r#"{"block_type":"llama","activation_type":"silu","layer_norm_type":"rms",
             "weight_tying":false,"rope":true,"d_model":256,"hidden_size":128}"#;
-        let e = ModelConfig::from_json_str(s, "mem").unwrap_err().to_string();
+        let e = ModelConfig::from_json_str(s, "mem")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("hidden_size") && e.contains("d_model"), "{e}");
     }
 }

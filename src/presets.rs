@@ -59,10 +59,7 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
             eos_token_id: 126081,
             pad_token_id: 126081,
         },
-        _ => bail!(
-            "unknown preset `{name}` (known: {})",
-            PRESETS.join(", ")
-        ),
+        _ => bail!("unknown preset `{name}` (known: {})", PRESETS.join(", ")),
     };
     cfg.validate()?;
     Ok(cfg)
@@ -153,8 +150,12 @@ mod tests {
     #[test]
     fn tensors_differ_and_have_requested_std() {
         let ck = preset_checkpoint("tiny", 7, DType::F32).unwrap();
-        let a = ck.read_f32("model.transformer.blocks.0.q_proj.weight").unwrap();
-        let b = ck.read_f32("model.transformer.blocks.0.k_proj.weight").unwrap();
+        let a = ck
+            .read_f32("model.transformer.blocks.0.q_proj.weight")
+            .unwrap();
+        let b = ck
+            .read_f32("model.transformer.blocks.0.k_proj.weight")
+            .unwrap();
         assert_ne!(a, b);
         // Uniform with std 0.02 over 4096 samples: the sample std is within a few percent.
         let var = a.iter().map(|x| (x * x) as f64).sum::<f64>() / a.len() as f64;

@@ -102,8 +102,8 @@ struct TokenizerConfig {
 }
 
 fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| anyhow!("{}: malformed JSON: {e}", path.display()))?;
     let obj = v
@@ -194,9 +194,11 @@ impl Tokenizer {
                 );
             }
         }
-        let bos_token = tc
-            .bos_token
-            .or_else(|| vocab.contains_key("<|startoftext|>").then(|| "<|startoftext|>".into()));
+        let bos_token = tc.bos_token.or_else(|| {
+            vocab
+                .contains_key("<|startoftext|>")
+                .then(|| "<|startoftext|>".into())
+        });
         let special = SpecialIds {
             mask: cfg.mask_token_id,
             eos: cfg.eos_token_id,
@@ -292,7 +294,10 @@ impl Tokenizer {
 
     /// Render the chat template and tokenize the text with `add_special_tokens = false`, as
     /// `apply_chat_template(..., tokenize=True)` does: the template carries the one BOS.
-    pub fn encode_chat<R: AsRef<str>, C: AsRef<str>>(&self, messages: &[(R, C)]) -> Result<Vec<u32>> {
+    pub fn encode_chat<R: AsRef<str>, C: AsRef<str>>(
+        &self,
+        messages: &[(R, C)],
+    ) -> Result<Vec<u32>> {
         let text = self.apply_chat_template(messages)?;
         self.encode(&text, false)
     }
@@ -390,7 +395,10 @@ fn python_method(
             None => Ok(None),
             Some(a) if a.is_none() => Ok(None),
             Some(a) => a.as_str().map(Some).ok_or_else(|| {
-                JError::new(ErrorKind::InvalidOperation, format!("{method}: expected a string argument"))
+                JError::new(
+                    ErrorKind::InvalidOperation,
+                    format!("{method}: expected a string argument"),
+                )
             }),
         }
     };
@@ -417,7 +425,10 @@ fn python_method(
                 "lower" => Ok(s.to_lowercase().into()),
                 "replace" => match (arg_str(0)?, arg_str(1)?) {
                     (Some(a), Some(b)) => Ok(s.replace(a, b).into()),
-                    _ => Err(JError::new(ErrorKind::InvalidOperation, "replace needs two strings")),
+                    _ => Err(JError::new(
+                        ErrorKind::InvalidOperation,
+                        "replace needs two strings",
+                    )),
                 },
                 "split" => {
                     let parts: Vec<JValue> = match arg_str(0)? {
@@ -432,7 +443,7 @@ fn python_method(
                 _ => Err(JError::from(ErrorKind::UnknownMethod)),
             }
         }
-        (ValueKind::Map, "items") => state.apply_filter("items", &[value.clone()]),
+        (ValueKind::Map, "items") => state.apply_filter("items", std::slice::from_ref(value)),
         (ValueKind::Map, "keys") => Ok(JValue::from(value.try_iter()?.collect::<Vec<_>>())),
         (ValueKind::Map, "values") => {
             let vals = value
@@ -511,7 +522,10 @@ const TINY_MERGES: [(&str, &str); 23] = [
 /// GPT-2's byte → printable character map, in vocabulary order: entry `i` is the byte whose
 /// token id is `i` (printable bytes first, as in GPT-2 and LLaDA: `!` = 0, `Ġ` = 220, `Ċ` = 198).
 pub fn gpt2_byte_alphabet() -> Vec<(u8, char)> {
-    let mut bytes: Vec<u32> = (0x21..=0x7E).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bytes: Vec<u32> = (0x21..=0x7E)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut chars = bytes.clone();
     let mut n = 0;
     for b in 0..256u32 {
