@@ -343,3 +343,39 @@ fn llada_instruct_test_vector() {
     assert_eq!(t.special.mask, 126336);
     assert_eq!(t.vocab_size(), 126349);
 }
+
+#[test]
+fn llama3_style_template_syntax_renders_like_the_fallback() {
+    // The Llama-3-style form chat templates of this family are written in (`set` inside the
+    // loop, `+` concatenation, `loop.index0`); it must render the same text as the built-in one.
+    let dir = TempDir::new("l3");
+    write_tiny_tokenizer(dir.path()).unwrap();
+    let tpl = "{% set loop_messages = messages %}{% for message in loop_messages %}\
+        {% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + \
+        message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}\
+        {% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}\
+        {{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}";
+    let cfg = preset_config("tiny").unwrap();
+    let fallback = {
+        std::fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
+        Tokenizer::from_dir(dir.path(), &cfg).unwrap()
+    };
+    assert!(fallback.template_is_fallback());
+    write_tiny_tokenizer(dir.path()).unwrap();
+    set_config(dir.path(), "chat_template", tpl.into());
+    let custom = Tokenizer::from_dir(dir.path(), &cfg).unwrap();
+    for msgs in [
+        vec![("user", " a ")],
+        vec![
+            ("system", "s"),
+            ("user", "u\n"),
+            ("assistant", "x"),
+            ("user", "y"),
+        ],
+    ] {
+        assert_eq!(
+            custom.apply_chat_template(&msgs).unwrap(),
+            fallback.apply_chat_template(&msgs).unwrap()
+        );
+    }
+}
