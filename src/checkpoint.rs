@@ -1,9 +1,25 @@
 //! Hugging Face safetensors checkpoints: single file or sharded, memory-mapped, zero-copy.
 //!
-//! TODO(helper): loader, validation against the config, errors naming tensor and file.
+//! [`Checkpoint::open`] reads `model.safetensors`, or `model.safetensors.index.json` and the
+//! shards its `weight_map` names, maps every file once, parses the safetensors headers itself
+//! and hands out one [`WeightSource::Mapped`] per tensor: no tensor is copied or converted here.
+//! Everything a stranger's folder could get wrong is checked and reported with the file and the
+//! tensor: header length against the file size, data offsets, dtypes, the names and shapes the
+//! config implies (reference §2.1), and shard names that would leave the folder.
+//!
+//! The writers ([`write_safetensors`], [`write_hf_folder`]) produce the same layout, for tests
+//! and the presets.
 
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use crate::config::ModelConfig;
 use crate::dtype::DType;
 
 /// Where the values of one weight tensor come from. Backends turn these into resident weights.
@@ -100,4 +116,580 @@ impl WeightSource {
             WeightSource::Host { data, .. } => out.copy_from_slice(&data[from..to]),
         }
     }
+}
+
+/// Name of the token embedding, `[V, C]`.
+pub const WTE: &str = "model.transformer.wte.weight";
+/// Name of the final RMSNorm weight, `[C]`.
+pub const LN_F: &str = "model.transformer.ln_f.weight";
+/// Name of the (untied) LM head, `[V, C]`.
+pub const LM_HEAD: &str = "model.transformer.ff_out.weight";
+/// The nine per-block tensors, in the order of reference §2.1.
+pub const BLOCK_PARTS: [&str; 9] = [
+    "attn_norm",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "attn_out",
+    "ff_norm",
+    "ff_proj",
+    "up_proj",
+    "ff_out",
+];
+
+/// Full name of a per-block tensor: `model.transformer.blocks.{layer}.{part}.weight`.
+pub fn block_tensor(layer: usize, part: &str) -> String {
+    format!("model.transformer.blocks.{layer}.{part}.weight")
+}
+
+/// Every tensor the forward pass reads, with the shape the config implies (reference §2.1;
+/// `nn.Linear` weights are `[out, in]`): `wte` and the LM head `[V, C]`, per block
+/// `attn_norm`/`ff_norm` `[C]`, `q_proj` `[NH·HD, C]`, `k_proj`/`v_proj` `[NKV·HD, C]`,
+/// `attn_out` `[C, NH·HD]`, `ff_proj`/`up_proj` `[F, C]`, `ff_out` `[C, F]`, and `ln_f` `[C]`.
+pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let c = cfg.d_model;
+    let q = cfg.n_heads * cfg.head_dim();
+    let kv = cfg.n_kv_heads * cfg.head_dim();
+    let f = cfg.mlp_hidden_size;
+    let v = cfg.embedding_size;
+    let mut out = vec![(WTE.to_string(), vec![v, c])];
+    for i in 0..cfg.n_layers {
+        for part in BLOCK_PARTS {
+            let shape = match part {
+                "attn_norm" | "ff_norm" => vec![c],
+                "q_proj" => vec![q, c],
+                "k_proj" | "v_proj" => vec![kv, c],
+                "attn_out" => vec![c, q],
+                "ff_proj" | "up_proj" => vec![f, c],
+                _ => vec![c, f], // ff_out
+            };
+            out.push((block_tensor(i, part), shape));
+        }
+    }
+    out.push((LN_F.to_string(), vec![c]));
+    out.push((LM_HEAD.to_string(), vec![v, c]));
+    out
+}
+
+/// The safetensors dtype string of a supported dtype.
+pub fn safetensors_dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
+        DType::F32 => "F32",
+    }
+}
+
+fn parse_safetensors_dtype(s: &str) -> Option<DType> {
+    match s {
+        "BF16" => Some(DType::BF16),
+        "F16" => Some(DType::F16),
+        "F32" => Some(DType::F32),
+        _ => None,
+    }
+}
+
+/// Largest header accepted (the safetensors format itself caps it at 100 MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// One header entry, offsets already absolute inside the mapped file and checked in range.
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// Parse and check the header of a mapped safetensors file.
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, HeaderEntry>> {
+    let file = path.display();
+    let len = bytes.len() as u64;
+    if len < 8 {
+        bail!(
+            "{file}: truncated safetensors file ({len} bytes, the 8-byte header length is missing)"
+        );
+    }
+    let mut n8 = [0u8; 8];
+    n8.copy_from_slice(&bytes[..8]);
+    let n = u64::from_le_bytes(n8);
+    if n > MAX_HEADER_BYTES || n > len - 8 {
+        bail!(
+            "{file}: header length {n} does not fit the file ({len} bytes): truncated or not a \
+             safetensors file"
+        );
+    }
+    let data_start = 8 + n as usize;
+    let data_len = bytes.len() - data_start;
+    let header: Value = serde_json::from_slice(&bytes[8..data_start])
+        .map_err(|e| anyhow!("{file}: malformed safetensors header JSON: {e}"))?;
+    let obj = header
+        .as_object()
+        .ok_or_else(|| anyhow!("{file}: safetensors header is not a JSON object"))?;
+    let mut out = HashMap::with_capacity(obj.len());
+    for (name, v) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = |what: &str| anyhow!("{file}: tensor `{name}`: {what} in the header entry {v}");
+        let dtype = v
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("missing or non-string `dtype`"))?
+            .to_string();
+        let shape = v
+            .get("shape")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("missing `shape`"))?
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| bad("non-integer dimension in `shape`"))?;
+        let offs = v
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .filter(|a| a.len() == 2)
+            .ok_or_else(|| bad("missing `data_offsets` [begin, end]"))?;
+        let (b, e) = match (offs[0].as_u64(), offs[1].as_u64()) {
+            (Some(b), Some(e)) => (b, e),
+            _ => return Err(bad("non-integer `data_offsets`")),
+        };
+        if b > e || e > data_len as u64 {
+            bail!(
+                "{file}: tensor `{name}`: data_offsets [{b}, {e}] lie outside the data section \
+                 ({data_len} bytes): truncated or corrupt file"
+            );
+        }
+        out.insert(
+            name.clone(),
+            HeaderEntry {
+                dtype,
+                shape,
+                start: data_start + b as usize,
+                end: data_start + e as usize,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Check that `name` is a plain file name and that `dir/name` stays inside `dir` once symlinks
+/// are resolved. The one exception is the Hugging Face hub cache, where
+/// `<repo>/snapshots/<rev>/<file>` is a symlink to `<repo>/blobs/<sha>`.
+fn resolve_in_folder(dir: &Path, name: &str, listed_in: &Path) -> Result<PathBuf> {
+    let mut comps = Path::new(name).components();
+    let plain = matches!(
+        (comps.next(), comps.next()),
+        (Some(Component::Normal(_)), None)
+    ) && !name.contains(['/', '\\', '\0'])
+        && name != "."
+        && name != "..";
+    if !plain {
+        bail!(
+            "{}: shard file name {name:?} is not a plain file name inside the model folder \
+             (absolute paths, `..` and path separators are refused)",
+            listed_in.display()
+        );
+    }
+    let path = dir.join(name);
+    let canon_dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot open model folder {}", dir.display()))?;
+    let canon = path.canonicalize().with_context(|| {
+        format!(
+            "cannot open {} (listed in {})",
+            path.display(),
+            listed_in.display()
+        )
+    })?;
+    let inside = canon.parent() == Some(canon_dir.as_path());
+    let hub_blob = canon_dir
+        .parent()
+        .filter(|s| s.file_name().is_some_and(|n| n == "snapshots"))
+        .and_then(Path::parent)
+        .is_some_and(|repo| canon.parent() == Some(repo.join("blobs").as_path()));
+    if !(inside || hub_blob) {
+        bail!(
+            "{}: refusing to follow a symlink that leaves the model folder (resolves to {})",
+            path.display(),
+            canon.display()
+        );
+    }
+    if !canon.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
+    Ok(path)
+}
+
+fn map_file(path: &Path) -> Result<Arc<memmap2::Mmap>> {
+    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: the map is read-only. Like every safetensors loader we rely on nobody truncating or
+    // rewriting the checkpoint file while it is mapped.
+    let m = unsafe { memmap2::Mmap::map(&f) }
+        .with_context(|| format!("cannot memory-map {}", path.display()))?;
+    Ok(Arc::new(m))
+}
+
+/// A set of named weight tensors: a loaded checkpoint or a preset.
+#[derive(Clone, Debug, Default)]
+pub struct Checkpoint {
+    tensors: HashMap<String, WeightSource>,
+    /// File each mapped tensor lives in (for messages).
+    origin: HashMap<String, PathBuf>,
+    files: Vec<PathBuf>,
+    ignored: Vec<String>,
+}
+
+impl Checkpoint {
+    /// Open the Hugging Face checkpoint in `dir` (`model.safetensors`, or
+    /// `model.safetensors.index.json` plus shards) and check it against `cfg`.
+    ///
+    /// Every file is mapped once and shared by its tensors; nothing is copied. Tensors the
+    /// model does not use (e.g. rotary buffers some exports add) are ignored and listed by
+    /// [`Checkpoint::ignored`].
+    pub fn open(dir: &Path, cfg: &ModelConfig) -> Result<Checkpoint> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        // file name -> tensors to take from it (None: all of them).
+        let mut plan: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
+        let listed_in: PathBuf;
+        if single.exists() {
+            plan.insert("model.safetensors".into(), None);
+            listed_in = single.clone();
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index)
+                .with_context(|| format!("cannot read {}", index.display()))?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow!("{}: malformed JSON: {e}", index.display()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| anyhow!("{}: no `weight_map` object", index.display()))?;
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    anyhow!(
+                        "{}: weight_map entry `{name}` = {file} is not a file name",
+                        index.display()
+                    )
+                })?;
+                plan.entry(file.to_string())
+                    .or_insert_with(|| Some(Vec::new()))
+                    .get_or_insert_with(Vec::new)
+                    .push(name.clone());
+            }
+            listed_in = index.clone();
+        } else {
+            bail!(
+                "{}: no model.safetensors or model.safetensors.index.json in the model folder",
+                dir.display()
+            );
+        }
+
+        let mut ck = Checkpoint::default();
+        // Tensors present with a dtype this engine does not read: name -> (dtype, file).
+        let mut unsupported: HashMap<String, (String, PathBuf)> = HashMap::new();
+        for (file, names) in &plan {
+            let path = resolve_in_folder(dir, file, &listed_in)?;
+            let mmap = map_file(&path)?;
+            let mut header = parse_header(&path, &mmap)?;
+            let take: Vec<String> = match names {
+                Some(ns) => ns.clone(),
+                None => header.keys().cloned().collect(),
+            };
+            for name in take {
+                let Some(e) = header.remove(&name) else {
+                    bail!(
+                        "{}: tensor `{name}` is listed for shard {file} but {} does not contain it",
+                        listed_in.display(),
+                        path.display()
+                    );
+                };
+                let Some(dtype) = parse_safetensors_dtype(&e.dtype) else {
+                    unsupported.insert(name, (e.dtype, path.clone()));
+                    continue;
+                };
+                let numel = e.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                let want = numel.and_then(|n| n.checked_mul(dtype.size()));
+                if want != Some(e.end - e.start) {
+                    bail!(
+                        "{}: tensor `{name}`: {} data bytes do not match shape {:?} of {}",
+                        path.display(),
+                        e.end - e.start,
+                        e.shape,
+                        e.dtype
+                    );
+                }
+                ck.origin.insert(name.clone(), path.clone());
+                ck.tensors.insert(
+                    name.clone(),
+                    WeightSource::Mapped {
+                        mmap: mmap.clone(),
+                        start: e.start,
+                        end: e.end,
+                        dtype,
+                        shape: e.shape,
+                        name,
+                    },
+                );
+            }
+            ck.files.push(path);
+        }
+
+        for (name, _) in expected_tensors(cfg) {
+            if let Some((dtype, path)) = unsupported.get(&name) {
+                bail!(
+                    "{}: tensor `{name}` has dtype {dtype}; only BF16, F16 and F32 are supported",
+                    path.display()
+                );
+            }
+        }
+        let origin = ck.origin.clone();
+        ck.check_against_with(cfg, |name| match origin.get(name) {
+            Some(p) => p.display().to_string(),
+            None => listed_in.display().to_string(),
+        })?;
+        Ok(ck)
+    }
+
+    /// A checkpoint from sources built in code (presets, tests). Call
+    /// [`Checkpoint::check_against`] to validate it against a config.
+    pub fn from_sources(map: HashMap<String, WeightSource>) -> Checkpoint {
+        Checkpoint {
+            tensors: map,
+            ..Checkpoint::default()
+        }
+    }
+
+    /// Check that every tensor of [`expected_tensors`] is present with the right shape, and
+    /// record the others as ignored.
+    pub fn check_against(&mut self, cfg: &ModelConfig) -> Result<()> {
+        self.check_against_with(cfg, |_| "checkpoint".to_string())
+    }
+
+    fn check_against_with(
+        &mut self,
+        cfg: &ModelConfig,
+        locate: impl Fn(&str) -> String,
+    ) -> Result<()> {
+        let expected = expected_tensors(cfg);
+        for (name, shape) in &expected {
+            let Some(t) = self.tensors.get(name) else {
+                bail!(
+                    "{}: missing tensor `{name}` (expected shape {shape:?})",
+                    locate(name)
+                );
+            };
+            if t.shape() != shape.as_slice() {
+                bail!(
+                    "{}: tensor `{name}` has shape {:?}, but config.json implies {shape:?} \
+                     (d_model {}, n_heads {}, n_kv_heads {}, mlp_hidden_size {}, embedding_size {})",
+                    locate(name),
+                    t.shape(),
+                    cfg.d_model,
+                    cfg.n_heads,
+                    cfg.n_kv_heads,
+                    cfg.mlp_hidden_size,
+                    cfg.embedding_size
+                );
+            }
+        }
+        let used: std::collections::HashSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
+        let mut ignored: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|n| !used.contains(n.as_str()))
+            .cloned()
+            .collect();
+        ignored.sort();
+        self.ignored = ignored;
+        Ok(())
+    }
+
+    /// The source of tensor `name`.
+    pub fn get(&self, name: &str) -> Result<&WeightSource> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("tensor `{name}` is not in the checkpoint"))
+    }
+
+    /// The weights' dtype: that of `wte` when present, else the most common one (F32 when empty).
+    pub fn dtype(&self) -> DType {
+        if let Some(t) = self.tensors.get(WTE) {
+            return t.dtype();
+        }
+        let mut counts: Vec<(DType, usize)> = Vec::new();
+        for t in self.tensors.values() {
+            match counts.iter_mut().find(|(d, _)| *d == t.dtype()) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((t.dtype(), 1)),
+            }
+        }
+        counts
+            .into_iter()
+            .max_by_key(|&(d, n)| (n, d.size()))
+            .map_or(DType::F32, |(d, _)| d)
+    }
+
+    /// The safetensors files mapped (empty for presets).
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// The file tensor `name` was mapped from, if it came from a file.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.origin.get(name).map(PathBuf::as_path)
+    }
+
+    /// Tensors present but not used by the model (sorted), as of the last check.
+    pub fn ignored(&self) -> &[String] {
+        &self.ignored
+    }
+
+    /// All tensor names (unsorted).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// Decode a whole tensor to f32 on the host (tests and small models only).
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let t = self.get(name)?;
+        let mut out = vec![0.0; t.numel()];
+        t.read_range(0, t.numel(), &mut out);
+        Ok(out)
+    }
+}
+
+/// A tensor on the host for the writers: name, dtype to store, shape, values (rounded to the
+/// dtype when written).
+pub type HostTensor = (String, DType, Vec<usize>, Vec<f32>);
+
+/// Write `bytes` to `path` through a temporary file in the same folder and a rename, so that a
+/// reader never sees a half-written file.
+fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let res = (|| {
+        let mut f = File::create(&tmp)?;
+        write(&mut f)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Write a text file atomically (temporary file, then rename).
+pub fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
+    write_atomic(path, |f| f.write_all(text.as_bytes()))
+}
+
+/// Write one safetensors file: header (with `__metadata__ {"format": "pt"}`, padded with spaces
+/// to a multiple of 8 bytes), then the tensors' data in the given order, each value rounded to
+/// its dtype (RNE). Returns the number of data bytes.
+pub fn write_safetensors(path: &Path, tensors: &[HostTensor]) -> Result<u64> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for (name, dtype, shape, values) in tensors {
+        let numel: usize = shape.iter().product();
+        if values.len() != numel {
+            bail!(
+                "{}: tensor `{name}` has {} values for shape {shape:?}",
+                path.display(),
+                values.len()
+            );
+        }
+        if header.contains_key(name) {
+            bail!("{}: tensor `{name}` given twice", path.display());
+        }
+        let end = offset + numel * dtype.size();
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": safetensors_dtype_name(*dtype),
+                "shape": shape,
+                "data_offsets": [offset, end],
+            }),
+        );
+        offset = end;
+    }
+    let mut h = serde_json::to_string(&Value::Object(header))?.into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut data = Vec::with_capacity(offset);
+    for (_, dtype, _, values) in tensors {
+        for &x in values {
+            match dtype {
+                DType::BF16 => data.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                DType::F16 => data.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+                DType::F32 => data.extend_from_slice(&x.to_le_bytes()),
+            }
+        }
+    }
+    write_atomic(path, |f| {
+        f.write_all(&(h.len() as u64).to_le_bytes())?;
+        f.write_all(&h)?;
+        f.write_all(&data)
+    })?;
+    Ok(offset as u64)
+}
+
+/// Write a complete Hugging Face model folder: `config.json` and either `model.safetensors`
+/// (`shards == 1`) or `model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json`
+/// (`metadata.total_size` and `weight_map`). Tensors are split into `shards` contiguous runs in
+/// the given order. Stale weight files of the other layout are removed.
+pub fn write_hf_folder(
+    dir: &Path,
+    cfg: &ModelConfig,
+    tensors: &[HostTensor],
+    shards: usize,
+) -> Result<()> {
+    if shards == 0 || shards > tensors.len().max(1) {
+        bail!(
+            "cannot split {} tensors into {shards} shards",
+            tensors.len()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_text_atomic(&dir.join("config.json"), &cfg.to_json())?;
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if shards == 1 {
+        write_safetensors(&single, tensors)?;
+        if index.exists() {
+            std::fs::remove_file(&index)
+                .with_context(|| format!("cannot remove stale {}", index.display()))?;
+        }
+        return Ok(());
+    }
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0u64;
+    for k in 0..shards {
+        let part = &tensors[k * tensors.len() / shards..(k + 1) * tensors.len() / shards];
+        let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, shards);
+        total += write_safetensors(&dir.join(&file), part)?;
+        for (name, ..) in part {
+            weight_map.insert(name.clone(), Value::String(file.clone()));
+        }
+    }
+    let idx = serde_json::json!({
+        "metadata": {"total_size": total},
+        "weight_map": weight_map,
+    });
+    write_text_atomic(&index, &(serde_json::to_string_pretty(&idx)? + "\n"))?;
+    if single.exists() {
+        std::fs::remove_file(&single)
+            .with_context(|| format!("cannot remove stale {}", single.display()))?;
+    }
+    Ok(())
 }

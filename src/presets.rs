@@ -1,3 +1,169 @@
 //! Random-weight presets (`tiny`, `llada-8b`) for smoke tests and benchmarks.
 //!
-//! TODO(helper).
+//! A preset is a [`ModelConfig`] plus a [`Checkpoint`] of lazily generated weights: every matrix
+//! (embedding and LM head included) is [`WeightSource::Random`] with standard deviation 0.02 and
+//! every norm weight is [`WeightSource::Const`] 1.0, so nothing is materialised until a backend
+//! loads it. Each tensor gets its own seed, `mix64(seed ^ fnv1a64(name))`, so tensors differ
+//! from each other and do not depend on the order they are created in.
+//!
+//! `tiny` matches the tiny tokenizer of [`crate::tokenizer::write_tiny_tokenizer`], and
+//! [`write_preset_folder`] writes it as a complete Hugging Face model folder.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+use crate::checkpoint::{expected_tensors, write_hf_folder, Checkpoint, HostTensor, WeightSource};
+use crate::config::ModelConfig;
+use crate::dtype::DType;
+use crate::tokenizer::{write_tiny_tokenizer, TINY_VOCAB};
+
+/// Names accepted by [`preset_config`].
+pub const PRESETS: [&str; 2] = ["tiny", "llada-8b"];
+
+/// Standard deviation of the random matrices (upstream's `init_std`).
+pub const INIT_STD: f32 = 0.02;
+
+/// The config of a preset: `tiny` (C 64, NH = NKV 4, 2 layers, F 160, V 512, ids of the tiny
+/// tokenizer) or `llada-8b` (exactly LLaDA-8B's `config.json`, reference §1.1).
+pub fn preset_config(name: &str) -> Result<ModelConfig> {
+    let cfg = match name {
+        "tiny" => ModelConfig {
+            d_model: 64,
+            n_heads: 4,
+            n_kv_heads: 4,
+            n_layers: 2,
+            mlp_hidden_size: 160,
+            vocab_size: 512,
+            embedding_size: 512,
+            max_sequence_length: 1024,
+            rope_theta: 500000.0,
+            rms_norm_eps: 1e-5,
+            mask_token_id: TINY_VOCAB.mask,
+            eos_token_id: TINY_VOCAB.eos,
+            pad_token_id: TINY_VOCAB.eos,
+        },
+        "llada-8b" => ModelConfig {
+            d_model: 4096,
+            n_heads: 32,
+            n_kv_heads: 32,
+            n_layers: 32,
+            mlp_hidden_size: 12288,
+            vocab_size: 126464,
+            embedding_size: 126464,
+            max_sequence_length: 4096,
+            rope_theta: 500000.0,
+            rms_norm_eps: 1e-5,
+            mask_token_id: 126336,
+            eos_token_id: 126081,
+            pad_token_id: 126081,
+        },
+        _ => bail!("unknown preset `{name}` (known: {})", PRESETS.join(", ")),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// FNV-1a, 64 bit: a stable hash of tensor names for the per-tensor seeds.
+fn fnv1a64(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Seed of tensor `name` in a preset with seed `seed`.
+pub fn tensor_seed(seed: u64, name: &str) -> u64 {
+    crate::rng::mix64(seed ^ fnv1a64(name))
+}
+
+/// The random weights of a preset, stored as `dtype`; nothing is materialised.
+pub fn preset_checkpoint(name: &str, seed: u64, dtype: DType) -> Result<Checkpoint> {
+    let cfg = preset_config(name)?;
+    let mut map = HashMap::new();
+    for (tname, shape) in expected_tensors(&cfg) {
+        let src = if shape.len() == 1 {
+            WeightSource::Const {
+                value: 1.0,
+                dtype,
+                shape,
+                name: tname.clone(),
+            }
+        } else {
+            WeightSource::Random {
+                seed: tensor_seed(seed, &tname),
+                std: INIT_STD,
+                dtype,
+                shape,
+                name: tname.clone(),
+            }
+        };
+        map.insert(tname, src);
+    }
+    let mut ck = Checkpoint::from_sources(map);
+    ck.check_against(&cfg)?;
+    Ok(ck)
+}
+
+/// Write preset `name` as a complete Hugging Face model folder in `dir`: `config.json`, the
+/// weights (`model.safetensors`, or `shards` shards with an index), `tokenizer.json` and
+/// `tokenizer_config.json` (with the LLaDA-Instruct chat template). Only `tiny` is small
+/// enough to write (about 0.3 M parameters).
+pub fn write_preset_folder(
+    name: &str,
+    dir: &Path,
+    seed: u64,
+    dtype: DType,
+    shards: usize,
+) -> Result<()> {
+    if name != "tiny" {
+        bail!("preset `{name}` is too large to write as a folder; only `tiny` can be written");
+    }
+    let cfg = preset_config(name)?;
+    let ck = preset_checkpoint(name, seed, dtype)?;
+    let mut tensors: Vec<HostTensor> = Vec::new();
+    for (tname, shape) in expected_tensors(&cfg) {
+        let values = ck.read_f32(&tname)?;
+        tensors.push((tname, dtype, shape, values));
+    }
+    write_hf_folder(dir, &cfg, &tensors, shards)?;
+    write_tiny_tokenizer(dir)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llada_8b_parameter_count() {
+        // Reference §2.1: 8,015,581,184 parameters.
+        let cfg = preset_config("llada-8b").unwrap();
+        let n: usize = expected_tensors(&cfg)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(n, 8_015_581_184);
+        assert_eq!(expected_tensors(&cfg).len(), 291);
+    }
+
+    #[test]
+    fn tensors_differ_and_have_requested_std() {
+        let ck = preset_checkpoint("tiny", 7, DType::F32).unwrap();
+        let a = ck
+            .read_f32("model.transformer.blocks.0.q_proj.weight")
+            .unwrap();
+        let b = ck
+            .read_f32("model.transformer.blocks.0.k_proj.weight")
+            .unwrap();
+        assert_ne!(a, b);
+        // Uniform with std 0.02 over 4096 samples: the sample std is within a few percent.
+        let var = a.iter().map(|x| (x * x) as f64).sum::<f64>() / a.len() as f64;
+        assert!((var.sqrt() - 0.02).abs() < 0.002, "std {}", var.sqrt());
+        assert!(ck
+            .read_f32("model.transformer.ln_f.weight")
+            .unwrap()
+            .iter()
+            .all(|&x| x == 1.0));
+    }
+}

@@ -1,3 +1,617 @@
 //! `tokenizer.json` and the chat template.
 //!
-//! TODO(helper).
+//! [`Tokenizer`] wraps a Hugging Face `tokenizer.json` (read with the `tokenizers` crate) and the
+//! chat template of `tokenizer_config.json` (or `chat_template.jinja`), rendered with minijinja
+//! in the environment `transformers` uses: `trim_blocks` and `lstrip_blocks` on, `loopcontrols`,
+//! `raise_exception(msg)`, a `tojson` that writes like Python's `json.dumps(ensure_ascii=False)`,
+//! and the variables `messages`, `bos_token`, `eos_token`, `pad_token`, `add_generation_prompt`.
+//! The environment is a sandbox: no loader, so no `include`/`import`/`extends`, no file system;
+//! a render is limited by fuel ([`TEMPLATE_FUEL`] instructions) and recursion depth, so a hostile
+//! template fails instead of hanging. A few Python string/dict methods that HF templates call
+//! (`strip`, `startswith`, `items`, ...) are provided.
+//!
+//! When no template is given, LLaDA-8B-Instruct's template ([`LLADA_INSTRUCT_TEMPLATE`],
+//! reference §3) is used. Special ids come from the config (mask, eos, pad) and the vocabulary
+//! (`<|eot_id|>`, the BOS string): nothing is hard-coded.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use minijinja::value::{Kwargs, Value as JValue, ValueKind};
+use minijinja::{Environment, Error as JError, ErrorKind, State};
+use serde_json::Value;
+
+use crate::config::ModelConfig;
+
+/// LLaDA-8B-Instruct's chat template (reference §3), written for this engine: BOS before the
+/// first message, each message as `<|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT|trim<|eot_id|>`,
+/// and always the assistant header at the end (upstream ignores `add_generation_prompt`).
+pub const LLADA_INSTRUCT_TEMPLATE: &str = "{% for message in messages %}\
+{% if loop.first %}{{ bos_token }}{% endif %}\
+{{ '<|start_header_id|>' ~ message['role'] ~ '<|end_header_id|>\\n\\n' ~ (message['content'] | trim) ~ '<|eot_id|>' }}\
+{% endfor %}\
+{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}";
+
+/// Instructions one template render may execute. The LLaDA template spends a few dozen per
+/// message, so this allows conversations of tens of thousands of turns while stopping an
+/// endless template after a fraction of a second.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Nesting depth allowed to a template (macros calling macros, nested blocks).
+pub const TEMPLATE_RECURSION_LIMIT: usize = 100;
+
+/// Special token ids the sampler and the CLI need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecialIds {
+    /// `mask_token_id` of config.json (`<|mdm_mask|>`).
+    pub mask: u32,
+    /// `eos_token_id` of config.json (`<|endoftext|>`).
+    pub eos: u32,
+    /// `pad_token_id` of config.json.
+    pub pad: u32,
+    /// `<|eot_id|>`, when the vocabulary has it.
+    pub eot: Option<u32>,
+    /// The id of the BOS string, when there is one.
+    pub bos: Option<u32>,
+}
+
+/// A tokenizer with its chat template.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: String,
+    template_is_fallback: bool,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    pad_token: Option<String>,
+    /// Special ids (from the config and the vocabulary).
+    pub special: SpecialIds,
+    source: PathBuf,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("source", &self.source)
+            .field("special", &self.special)
+            .field("template_is_fallback", &self.template_is_fallback)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A special-token field of tokenizer_config.json: a string, `{"content": ...}`, or null.
+fn token_field(v: Option<&Value>, key: &str, file: &Path) -> Result<Option<String>> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Object(o)) => match o.get("content") {
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            _ => bail!("{}: `{key}` object has no string `content`", file.display()),
+        },
+        Some(other) => bail!("{}: `{key}` = {other} is not a token", file.display()),
+    }
+}
+
+/// What tokenizer_config.json contributes.
+#[derive(Default)]
+struct TokenizerConfig {
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    pad_token: Option<String>,
+}
+
+fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}: malformed JSON: {e}", path.display()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| anyhow!("{}: expected a JSON object", path.display()))?;
+    let chat_template = match obj.get("chat_template") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        // Newer transformers: a list of {"name", "template"}; use "default", else the first.
+        Some(Value::Array(list)) => {
+            let pick = list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .or_else(|| list.first());
+            match pick.and_then(|t| t.get("template")).and_then(Value::as_str) {
+                Some(s) => Some(s.to_string()),
+                None => bail!(
+                    "{}: `chat_template` list has no entry with a string `template`",
+                    path.display()
+                ),
+            }
+        }
+        Some(other) => bail!(
+            "{}: `chat_template` = {other} is neither a string nor a list",
+            path.display()
+        ),
+    };
+    Ok(TokenizerConfig {
+        chat_template,
+        bos_token: token_field(obj.get("bos_token"), "bos_token", path)?,
+        eos_token: token_field(obj.get("eos_token"), "eos_token", path)?,
+        pad_token: token_field(obj.get("pad_token"), "pad_token", path)?,
+    })
+}
+
+impl Tokenizer {
+    /// Load `tokenizer.json` from a model folder, plus `tokenizer_config.json` and
+    /// `chat_template.jinja` when present (the latter wins, as in `transformers`).
+    pub fn from_dir(dir: &Path, cfg: &ModelConfig) -> Result<Tokenizer> {
+        let json = dir.join("tokenizer.json");
+        let conf = dir.join("tokenizer_config.json");
+        let mut t = Self::from_files(&json, conf.exists().then_some(conf.as_path()), cfg)?;
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.exists() {
+            t.chat_template = std::fs::read_to_string(&jinja)
+                .with_context(|| format!("cannot read {}", jinja.display()))?;
+            t.template_is_fallback = false;
+        }
+        Ok(t)
+    }
+
+    /// Load a `tokenizer.json` and an optional `tokenizer_config.json`.
+    ///
+    /// Without a `bos_token` in the config, `<|startoftext|>` is used when the vocabulary has it
+    /// (LLaDA's BOS). Errors when the vocabulary has ids outside the model's embedding, or when
+    /// it has `<|mdm_mask|>` at an id other than the config's `mask_token_id`.
+    pub fn from_files(
+        tokenizer_json: &Path,
+        tokenizer_config: Option<&Path>,
+        cfg: &ModelConfig,
+    ) -> Result<Tokenizer> {
+        let file = tokenizer_json.display();
+        let text = std::fs::read_to_string(tokenizer_json)
+            .with_context(|| format!("cannot read {file}"))?;
+        let inner: tokenizers::Tokenizer = text
+            .parse()
+            .map_err(|e| anyhow!("{file}: not a valid tokenizer.json: {e}"))?;
+        let tc = match tokenizer_config {
+            Some(p) => read_tokenizer_config(p)?,
+            None => TokenizerConfig::default(),
+        };
+
+        let vocab = inner.get_vocab(true);
+        if let Some((tok, &max)) = vocab.iter().max_by_key(|(_, &id)| id) {
+            if max as usize >= cfg.embedding_size {
+                bail!(
+                    "{file}: token {tok:?} has id {max}, outside the model's embedding \
+                     (embedding_size = {} in config.json)",
+                    cfg.embedding_size
+                );
+            }
+        }
+        if let Some(&m) = vocab.get("<|mdm_mask|>") {
+            if m != cfg.mask_token_id {
+                bail!(
+                    "{file}: `<|mdm_mask|>` has id {m} but config.json says mask_token_id = {}",
+                    cfg.mask_token_id
+                );
+            }
+        }
+        let bos_token = tc.bos_token.or_else(|| {
+            vocab
+                .contains_key("<|startoftext|>")
+                .then(|| "<|startoftext|>".into())
+        });
+        let special = SpecialIds {
+            mask: cfg.mask_token_id,
+            eos: cfg.eos_token_id,
+            pad: cfg.pad_token_id,
+            eot: vocab.get("<|eot_id|>").copied(),
+            bos: bos_token.as_ref().and_then(|b| vocab.get(b).copied()),
+        };
+        let (chat_template, template_is_fallback) = match tc.chat_template {
+            Some(t) => (t, false),
+            None => (LLADA_INSTRUCT_TEMPLATE.to_string(), true),
+        };
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+            template_is_fallback,
+            bos_token,
+            eos_token: tc.eos_token,
+            pad_token: tc.pad_token,
+            special,
+            source: tokenizer_json.to_path_buf(),
+        })
+    }
+
+    /// Token ids of `text`. `add_special_tokens` runs the tokenizer's post-processor (which may
+    /// add BOS/EOS, depending on tokenizer.json); special tokens written in the text are always
+    /// recognised, as in `transformers`.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow!("{}: cannot encode text: {e}", self.source.display()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`; ids the vocabulary does not know (the embedding's padding rows) are skipped.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| anyhow!("{}: cannot decode ids: {e}", self.source.display()))
+    }
+
+    /// The id of a token string, if the vocabulary (added tokens included) has it.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The chat template in use.
+    pub fn chat_template(&self) -> &str {
+        &self.chat_template
+    }
+
+    /// Whether [`LLADA_INSTRUCT_TEMPLATE`] is used because the folder had no template.
+    pub fn template_is_fallback(&self) -> bool {
+        self.template_is_fallback
+    }
+
+    /// Render the chat template over `(role, content)` messages with
+    /// `add_generation_prompt = true`, as `apply_chat_template(..., tokenize=False)` does.
+    pub fn apply_chat_template<R: AsRef<str>, C: AsRef<str>>(
+        &self,
+        messages: &[(R, C)],
+    ) -> Result<String> {
+        let msgs: Vec<BTreeMap<&str, &str>> = messages
+            .iter()
+            .map(|(r, c)| BTreeMap::from([("role", r.as_ref()), ("content", c.as_ref())]))
+            .collect();
+        let mut ctx: BTreeMap<&str, JValue> = BTreeMap::new();
+        ctx.insert("messages", JValue::from_serialize(&msgs));
+        ctx.insert("add_generation_prompt", JValue::from(true));
+        for (k, v) in [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+            ("pad_token", &self.pad_token),
+        ] {
+            if let Some(v) = v {
+                ctx.insert(k, JValue::from(v.as_str()));
+            }
+        }
+        render_chat_template(&self.chat_template, &ctx).map_err(|e| {
+            let what = if self.template_is_fallback {
+                "the built-in LLaDA-Instruct chat template".to_string()
+            } else {
+                format!("the chat template of {}", self.source.display())
+            };
+            anyhow!("cannot render {what}: {e:#}")
+        })
+    }
+
+    /// Render the chat template and tokenize the text with `add_special_tokens = false`, as
+    /// `apply_chat_template(..., tokenize=True)` does: the template carries the one BOS.
+    pub fn encode_chat<R: AsRef<str>, C: AsRef<str>>(
+        &self,
+        messages: &[(R, C)],
+    ) -> Result<Vec<u32>> {
+        let text = self.apply_chat_template(messages)?;
+        self.encode(&text, false)
+    }
+}
+
+/// Render `template` with `ctx` in the sandboxed HF-style environment.
+pub fn render_chat_template<S: serde::Serialize>(template: &str, ctx: &S) -> Result<String> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_keep_trailing_newline(false);
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
+    env.add_function("raise_exception", |msg: String| -> Result<JValue, JError> {
+        Err(JError::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_filter("tojson", tojson);
+    env.set_unknown_method_callback(python_method);
+    env.render_str(template, ctx).map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        anyhow!(msg)
+    })
+}
+
+/// `tojson` as `transformers` defines it: `json.dumps(x, ensure_ascii=False, indent=indent)`
+/// (separators `", "`/`": "`; with `indent`, `","` and newlines). Keys come out sorted.
+fn tojson(value: JValue, indent: Option<usize>, kwargs: Kwargs) -> Result<String, JError> {
+    let indent = match kwargs.get::<Option<usize>>("indent")? {
+        Some(i) => Some(i),
+        None => indent,
+    };
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let v = serde_json::to_value(&value)
+        .map_err(|e| JError::new(ErrorKind::BadSerialization, e.to_string()))?;
+    let mut out = String::new();
+    python_json(&v, indent, 0, &mut out);
+    Ok(out)
+}
+
+fn python_json(v: &Value, indent: Option<usize>, level: usize, out: &mut String) {
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        Value::Array(a) if !a.is_empty() => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, level + 1);
+                python_json(x, indent, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        Value::Object(o) if !o.is_empty() => {
+            out.push('{');
+            for (i, (k, x)) in o.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, level + 1);
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                python_json(x, indent, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// Python `str`/`dict` methods that HF chat templates call.
+fn python_method(
+    state: &State,
+    value: &JValue,
+    method: &str,
+    args: &[JValue],
+) -> Result<JValue, JError> {
+    let arg_str = |i: usize| -> Result<Option<&str>, JError> {
+        match args.get(i) {
+            None => Ok(None),
+            Some(a) if a.is_none() => Ok(None),
+            Some(a) => a.as_str().map(Some).ok_or_else(|| {
+                JError::new(
+                    ErrorKind::InvalidOperation,
+                    format!("{method}: expected a string argument"),
+                )
+            }),
+        }
+    };
+    match (value.kind(), method) {
+        (ValueKind::String, _) => {
+            let s = value.as_str().unwrap_or_default();
+            let chars: Option<Vec<char>> = arg_str(0)?.map(|c| c.chars().collect());
+            let strip = |t: &str, left: bool, right: bool| -> String {
+                let f = |c: char| match &chars {
+                    Some(set) => set.contains(&c),
+                    None => c.is_whitespace(),
+                };
+                let t = if left { t.trim_start_matches(f) } else { t };
+                let t = if right { t.trim_end_matches(f) } else { t };
+                t.to_string()
+            };
+            match method {
+                "strip" => Ok(strip(s, true, true).into()),
+                "lstrip" => Ok(strip(s, true, false).into()),
+                "rstrip" => Ok(strip(s, false, true).into()),
+                "startswith" => Ok(s.starts_with(arg_str(0)?.unwrap_or_default()).into()),
+                "endswith" => Ok(s.ends_with(arg_str(0)?.unwrap_or_default()).into()),
+                "upper" => Ok(s.to_uppercase().into()),
+                "lower" => Ok(s.to_lowercase().into()),
+                "replace" => match (arg_str(0)?, arg_str(1)?) {
+                    (Some(a), Some(b)) => Ok(s.replace(a, b).into()),
+                    _ => Err(JError::new(
+                        ErrorKind::InvalidOperation,
+                        "replace needs two strings",
+                    )),
+                },
+                "split" => {
+                    let parts: Vec<JValue> = match arg_str(0)? {
+                        Some(sep) if !sep.is_empty() => s.split(sep).map(JValue::from).collect(),
+                        Some(_) => {
+                            return Err(JError::new(ErrorKind::InvalidOperation, "empty separator"))
+                        }
+                        None => s.split_whitespace().map(JValue::from).collect(),
+                    };
+                    Ok(JValue::from(parts))
+                }
+                _ => Err(JError::from(ErrorKind::UnknownMethod)),
+            }
+        }
+        (ValueKind::Map, "items") => state.apply_filter("items", std::slice::from_ref(value)),
+        (ValueKind::Map, "keys") => Ok(JValue::from(value.try_iter()?.collect::<Vec<_>>())),
+        (ValueKind::Map, "values") => {
+            let vals = value
+                .try_iter()?
+                .map(|k| value.get_item(&k))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(JValue::from(vals))
+        }
+        (ValueKind::Map, "get") => {
+            let key = args.first().cloned().unwrap_or_default();
+            let v = value.get_item(&key)?;
+            Ok(if v.is_undefined() {
+                args.get(1).cloned().unwrap_or(JValue::from(()))
+            } else {
+                v
+            })
+        }
+        _ => Err(JError::from(ErrorKind::UnknownMethod)),
+    }
+}
+
+/// Ids of the special tokens of the tiny tokenizer ([`write_tiny_tokenizer`]), at the top of a
+/// 512-row vocabulary like LLaDA's (ordinary tokens first, specials after, padding rows last).
+#[derive(Clone, Copy, Debug)]
+pub struct TinyVocab {
+    pub bos: u32,
+    pub eos: u32,
+    pub mask: u32,
+    pub start_header: u32,
+    pub end_header: u32,
+    pub eot: u32,
+    /// Number of merged tokens (ids 256 ..).
+    pub merges: u32,
+}
+
+/// The tiny tokenizer's layout: bytes 0..256 (GPT-2 order), merges 256..256+merges, specials
+/// 500..506; ids 506..512 are embedding padding rows.
+pub const TINY_VOCAB: TinyVocab = TinyVocab {
+    bos: 500,
+    eos: 501,
+    mask: 502,
+    start_header: 503,
+    end_header: 504,
+    eot: 505,
+    merges: TINY_MERGES.len() as u32,
+};
+
+/// Merges of the tiny BPE, as pieces in the GPT-2 byte alphabet (`Ġ` = space). There is no
+/// newline merge, so `"\n\n"` is two tokens 198 as in LLaDA's chat prompts.
+const TINY_MERGES: [(&str, &str); 23] = [
+    ("Ġ", "t"),
+    ("h", "e"),
+    ("Ġt", "he"),
+    ("i", "n"),
+    ("e", "r"),
+    ("Ġ", "a"),
+    ("o", "n"),
+    ("r", "e"),
+    ("u", "s"),
+    ("us", "er"),
+    ("s", "s"),
+    ("a", "ss"),
+    ("s", "t"),
+    ("i", "st"),
+    ("ass", "ist"),
+    ("a", "n"),
+    ("an", "t"),
+    ("assist", "ant"),
+    ("Ġ", "s"),
+    ("Ġ", "w"),
+    ("o", "r"),
+    ("l", "l"),
+    ("Ġ", "h"),
+];
+
+/// GPT-2's byte → printable character map, in vocabulary order: entry `i` is the byte whose
+/// token id is `i` (printable bytes first, as in GPT-2 and LLaDA: `!` = 0, `Ġ` = 220, `Ċ` = 198).
+pub fn gpt2_byte_alphabet() -> Vec<(u8, char)> {
+    let mut bytes: Vec<u32> = (0x21..=0x7E)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars = bytes.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bytes.contains(&b) {
+            bytes.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    bytes
+        .into_iter()
+        .zip(chars)
+        .map(|(b, c)| (b as u8, char::from_u32(c).unwrap_or('?')))
+        .collect()
+}
+
+/// Write a tiny GPT-2-style byte-level BPE `tokenizer.json` (256 byte tokens, the merges of
+/// [`TINY_VOCAB`], LLaDA's special tokens at its ids) and a `tokenizer_config.json` with
+/// LLaDA-Instruct's chat template and special-token strings, into `dir`.
+pub fn write_tiny_tokenizer(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut vocab = serde_json::Map::new();
+    for (i, (_, c)) in gpt2_byte_alphabet().into_iter().enumerate() {
+        vocab.insert(c.to_string(), Value::from(i));
+    }
+    let mut merges = Vec::new();
+    for (i, (a, b)) in TINY_MERGES.iter().enumerate() {
+        vocab.insert(format!("{a}{b}"), Value::from(256 + i));
+        merges.push(serde_json::json!([a, b]));
+    }
+    let v = TINY_VOCAB;
+    let specials = [
+        (v.bos, "<|startoftext|>"),
+        (v.eos, "<|endoftext|>"),
+        (v.mask, "<|mdm_mask|>"),
+        (v.start_header, "<|start_header_id|>"),
+        (v.end_header, "<|end_header_id|>"),
+        (v.eot, "<|eot_id|>"),
+    ];
+    let mut added = Vec::new();
+    for (id, s) in specials {
+        // In the model vocabulary too, so the ids are exactly these whatever the loader does
+        // with gaps between the merges and the specials.
+        vocab.insert(s.to_string(), Value::from(id));
+        added.push(serde_json::json!({
+            "id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": true
+        }));
+    }
+    let tok = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                          "use_regex": true},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false,
+                           "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                    "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges
+        }
+    });
+    let config = serde_json::json!({
+        "add_bos_token": false,
+        "add_eos_token": false,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": 1e30,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": LLADA_INSTRUCT_TEMPLATE,
+    });
+    crate::checkpoint::write_text_atomic(
+        &dir.join("tokenizer.json"),
+        &(serde_json::to_string_pretty(&tok)? + "\n"),
+    )?;
+    crate::checkpoint::write_text_atomic(
+        &dir.join("tokenizer_config.json"),
+        &(serde_json::to_string_pretty(&config)? + "\n"),
+    )?;
+    Ok(())
+}
