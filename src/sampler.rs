@@ -295,7 +295,10 @@ pub fn generate(
                     .map(|p| (r as u32, p as u32)),
             );
             row_off[r + 1] = rows.len();
-            let in_block = xr[blk_start..blk_end].iter().filter(|&&v| v == mask).count();
+            let in_block = xr[blk_start..blk_end]
+                .iter()
+                .filter(|&&v| v == mask)
+                .count();
             num_transfer_tokens_into(
                 in_block,
                 &mut sched[r * steps_per_block..(r + 1) * steps_per_block],
@@ -330,8 +333,9 @@ pub fn generate(
                     continue;
                 }
                 cands.clear();
-                for (&(_, p), &(tok, conf)) in
-                    rows[row_off[r]..row_off[r + 1]].iter().zip(&out[row_off[r]..row_off[r + 1]])
+                for (&(_, p), &(tok, conf)) in rows[row_off[r]..row_off[r + 1]]
+                    .iter()
+                    .zip(&out[row_off[r]..row_off[r + 1]])
                 {
                     let p = p as usize;
                     if x[r * t + p] == mask {
@@ -356,7 +360,9 @@ pub fn generate(
         }
     }
 
-    let ids = (0..b).map(|r| x[r * t + lp..(r + 1) * t].to_vec()).collect();
+    let ids = (0..b)
+        .map(|r| x[r * t + lp..(r + 1) * t].to_vec())
+        .collect();
     Ok(GenerateOutput {
         ids,
         nfe,
