@@ -1,10 +1,44 @@
 //! Upstream `generate` (reference §4) over a [`Predictor`].
 //!
-//! TODO(helper): the algorithm.
+//! The sampler owns everything between forward passes: left padding, the block schedule
+//! ([`num_transfer_tokens`]), classifier-free guidance inputs, the EOS rules and the per-row
+//! top-k commit. It knows nothing of weights or devices: a [`Predictor`] turns the current tokens
+//! into one `(token, confidence)` pair per requested position (the model runs the LM head and
+//! [`crate::head::select_one`] semantics on its side).
+//!
+//! Algorithm, as upstream (`generate.py`, reference §4.3):
+//!
+//! ```text
+//! x = left_pad(prompts, pad_id) ++ [MASK]·gen_length            [B, T], T = Lp + gen_length
+//! prompt_index = x != MASK                                       (once; includes the pads)
+//! for block in 0..num_blocks:
+//!     sched[b] = num_transfer_tokens(#MASK in the block of row b, steps_per_block)
+//!     for i in 0..steps_per_block:                               (one forward pass each)
+//!         (x0, conf) = predict(x, uncond_x = x with prompt_index set to MASK if cfg_scale > 0)
+//!         conf = −∞ where x != MASK or position >= block end
+//!         per row b: commit the sched[b][i] best (confidence desc., then position asc.)
+//! ```
+//!
+//! Only positions that can have a finite confidence are predicted: for every batch row, the
+//! positions before the block end that are `[MASK]` when the block starts. That set is fixed for
+//! the block (so a device can capture one graph per block shape); it is the current block plus
+//! any leftover `[MASK]` before it (a `[MASK]` inside a prompt, which upstream also fills, or one
+//! a model filled with the mask id itself). Upstream's top-k may also pick −∞ positions when `k`
+//! exceeds the finite candidates; that never happens, because each step commits at most `k`
+//! masks and the schedule of a block sums to its mask count, so at step `i` at least
+//! `Σ_{j≥i} k_j ≥ k_i` masked candidates remain. Here `k` is simply capped at the candidate
+//! count.
+//!
+//! Divergences from upstream, on purpose:
+//! - `confidence_eos_eot_inf` has its intended semantics at every temperature (reference §4.4);
+//!   upstream HEAD suppresses only EOT in the confidence when `temperature > 0`.
+//! - NaN confidences rank as −∞ (upstream's `torch.topk` ranks NaN highest).
+//! - `cfg_scale > 0` works with and without padding (upstream raises NameError without a mask).
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 
-use crate::head::{Remasking, SelectParams};
+use crate::dtype::DType;
+use crate::head::{conf_order, Remasking, SelectParams};
 
 /// One call to the model: predict (token, confidence) at `rows`.
 pub struct PredictRequest<'a> {
@@ -19,7 +53,7 @@ pub struct PredictRequest<'a> {
     /// `[b·t]`, 1 = real token, 0 = left padding (a key-padding mask); `None` = no padding.
     pub key_valid: Option<&'a [u8]>,
     /// (batch row, absolute position) pairs whose prediction is wanted. The set is fixed for a
-    /// whole block, so devices can reuse a captured graph.
+    /// whole block, so devices can reuse a captured graph. Sorted by row, then position.
     pub rows: &'a [(u32, u32)],
     /// How to turn logits into (token, confidence); `step` is set per call.
     pub select: &'a SelectParams,
@@ -27,7 +61,8 @@ pub struct PredictRequest<'a> {
 
 /// Something that predicts masked tokens: the model on some backend, or a fake in tests.
 pub trait Predictor {
-    /// Writes one `(token, confidence)` per entry of `req.rows` into `out`.
+    /// Writes one `(token, confidence)` per entry of `req.rows` into `out`
+    /// (`out.len() == req.rows.len()`).
     fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()>;
 }
 
@@ -49,4 +84,302 @@ pub struct GenerateParams {
     pub eot_id: Option<u32>,
     /// Id used for left padding (`pad_token_id`).
     pub pad_id: u32,
+    /// The dtype the model's logits live in (its compute dtype); passed on to the head as
+    /// [`SelectParams::dtype`]. The caller sets it from the model.
+    pub logits_dtype: DType,
+    /// The model's `max_sequence_length`, if it has one: longest padded prompt + `gen_length`.
+    pub max_sequence_length: Option<usize>,
+}
+
+impl Default for GenerateParams {
+    /// Upstream `generate` defaults with the LLaDA-8B ids (reference §1, §3, §4.1).
+    fn default() -> Self {
+        GenerateParams {
+            steps: 128,
+            gen_length: 128,
+            block_length: 128,
+            temperature: 0.0,
+            cfg_scale: 0.0,
+            remasking: Remasking::LowConfidence,
+            seed: 0,
+            logits_eos_inf: false,
+            confidence_eos_eot_inf: false,
+            mask_id: 126336,
+            eos_id: 126081,
+            eot_id: Some(126348),
+            pad_id: 126081,
+            logits_dtype: DType::F32,
+            max_sequence_length: None,
+        }
+    }
+}
+
+impl GenerateParams {
+    /// Number of blocks and steps per block, or an error naming the numbers that do not fit
+    /// (upstream's assertions).
+    pub fn block_plan(&self) -> Result<(usize, usize)> {
+        if self.gen_length == 0 {
+            bail!("gen_length must be > 0");
+        }
+        if self.block_length == 0 {
+            bail!("block_length must be > 0");
+        }
+        if self.steps == 0 {
+            bail!("steps must be > 0");
+        }
+        if self.gen_length % self.block_length != 0 {
+            bail!(
+                "gen_length {} is not a multiple of block_length {}",
+                self.gen_length,
+                self.block_length
+            );
+        }
+        let num_blocks = self.gen_length / self.block_length;
+        if self.steps % num_blocks != 0 {
+            bail!(
+                "steps {} is not a multiple of the number of blocks {} (gen_length {} / block_length {})",
+                self.steps,
+                num_blocks,
+                self.gen_length,
+                self.block_length
+            );
+        }
+        Ok((num_blocks, self.steps / num_blocks))
+    }
+
+    /// The head parameters for global step `step`.
+    pub fn select_params(&self, step: u64) -> SelectParams {
+        SelectParams {
+            temperature: self.temperature,
+            cfg_scale: self.cfg_scale,
+            remasking: self.remasking,
+            seed: self.seed,
+            step,
+            forbid: self.logits_eos_inf.then_some(self.eos_id),
+            conf_suppress: if self.confidence_eos_eot_inf {
+                [Some(self.eos_id), self.eot_id]
+            } else {
+                [None, None]
+            },
+            dtype: self.logits_dtype,
+        }
+    }
+}
+
+/// Reported once per step, after its tokens were committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Steps done so far (1-based: `total_steps` after the last one).
+    pub step: usize,
+    pub total_steps: usize,
+    /// Current block (0-based).
+    pub block: usize,
+    pub num_blocks: usize,
+}
+
+/// What [`generate`] returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GenerateOutput {
+    /// The `gen_length` generated ids of each prompt (prompt and padding removed).
+    pub ids: Vec<Vec<u32>>,
+    /// Forward passes as upstream counts them: one per step (a CFG step is one batched call).
+    pub nfe: usize,
+    /// Length of the left-padded prompts (`Lp`).
+    pub prompt_len_padded: usize,
+    /// Σ over calls of the number of requested (row, position) pairs.
+    pub rows_predicted: usize,
+}
+
+/// `get_num_transfer_tokens` for one row: `mask_count` tokens over `steps` steps, the first
+/// `mask_count % steps` steps taking one extra.
+pub fn num_transfer_tokens(mask_count: usize, steps: usize) -> Vec<usize> {
+    let mut out = vec![0; steps];
+    num_transfer_tokens_into(mask_count, &mut out);
+    out
+}
+
+/// [`num_transfer_tokens`] into a caller's buffer (`steps = out.len()`), without allocating.
+pub fn num_transfer_tokens_into(mask_count: usize, out: &mut [usize]) {
+    let steps = out.len();
+    if steps == 0 {
+        return;
+    }
+    let base = mask_count / steps;
+    let rem = mask_count % steps;
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = base + usize::from(i < rem);
+    }
+}
+
+/// Upstream `generate`: fills `gen_length` masked tokens after each prompt.
+///
+/// Prompts of different lengths are left-padded with `params.pad_id`; the predictor then gets a
+/// key-padding mask (`None` when all prompts have the same length, as upstream passes none).
+pub fn generate(
+    pred: &mut dyn Predictor,
+    prompts: &[Vec<u32>],
+    params: &GenerateParams,
+    mut progress: Option<&mut dyn FnMut(Progress)>,
+) -> Result<GenerateOutput> {
+    let (num_blocks, steps_per_block) = params.block_plan()?;
+    if prompts.is_empty() {
+        bail!("no prompts given");
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        bail!("prompt {i} is empty");
+    }
+    if params.pad_id == params.mask_id {
+        bail!(
+            "pad_id {} equals mask_id: padding would be generated over (upstream asserts pad != mask)",
+            params.pad_id
+        );
+    }
+    let b = prompts.len();
+    let lp = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let t = lp
+        .checked_add(params.gen_length)
+        .context("prompt length + gen_length overflows")?;
+    if let Some(max) = params.max_sequence_length {
+        if t > max {
+            bail!(
+                "prompt length {lp} + gen_length {} = {t} exceeds the model's max_sequence_length {max}",
+                params.gen_length
+            );
+        }
+    }
+    if u32::try_from(t).is_err() || u32::try_from(b).is_err() {
+        bail!("batch {b} × length {t} does not fit u32 indices");
+    }
+    let n = b.checked_mul(t).context("batch × length overflows")?;
+    let mask = params.mask_id;
+
+    // x [B·T]: left padding, prompt, gen_length masks.
+    let mut x = vec![mask; n];
+    let padded = prompts.iter().any(|p| p.len() != lp);
+    let mut key_valid = padded.then(|| vec![1u8; n]);
+    for (r, p) in prompts.iter().enumerate() {
+        let row = &mut x[r * t..r * t + lp];
+        let pad = lp - p.len();
+        row[..pad].fill(params.pad_id);
+        row[pad..].copy_from_slice(p);
+        if let Some(kv) = key_valid.as_mut() {
+            kv[r * t..r * t + pad].fill(0);
+        }
+    }
+    let prompt_index: Vec<bool> = x.iter().map(|&v| v != mask).collect();
+    let cfg = params.cfg_scale > 0.0;
+    let mut uncond_x = if cfg { vec![mask; n] } else { Vec::new() };
+
+    // Buffers reused by every block and step.
+    let mut rows: Vec<(u32, u32)> = Vec::with_capacity(n);
+    let mut row_off = vec![0usize; b + 1];
+    let mut out = vec![(0u32, 0f32); n];
+    // (confidence, position, token) of one batch row's still-masked candidates.
+    let mut cands: Vec<(f32, usize, u32)> = Vec::with_capacity(t);
+    let mut sched = vec![0usize; b * steps_per_block];
+    let mut select = params.select_params(0);
+
+    let total_steps = num_blocks * steps_per_block;
+    let mut nfe = 0usize;
+    let mut rows_predicted = 0usize;
+    for block in 0..num_blocks {
+        let blk_start = lp + block * params.block_length;
+        let blk_end = blk_start + params.block_length;
+        rows.clear();
+        for r in 0..b {
+            let xr = &x[r * t..(r + 1) * t];
+            // Positions < blk_end, so < t <= u32::MAX (checked above).
+            rows.extend(
+                (0..blk_end)
+                    .filter(|&p| xr[p] == mask)
+                    .map(|p| (r as u32, p as u32)),
+            );
+            row_off[r + 1] = rows.len();
+            let in_block = xr[blk_start..blk_end]
+                .iter()
+                .filter(|&&v| v == mask)
+                .count();
+            num_transfer_tokens_into(
+                in_block,
+                &mut sched[r * steps_per_block..(r + 1) * steps_per_block],
+            );
+        }
+        let nr = rows.len();
+        for i in 0..steps_per_block {
+            let step = block * steps_per_block + i;
+            if cfg {
+                for ((u, &v), &is_prompt) in uncond_x.iter_mut().zip(&x).zip(&prompt_index) {
+                    *u = if is_prompt { mask } else { v };
+                }
+            }
+            select.step = step as u64;
+            let req = PredictRequest {
+                b,
+                t,
+                x: &x,
+                uncond_x: cfg.then_some(uncond_x.as_slice()),
+                key_valid: key_valid.as_deref(),
+                rows: &rows,
+                select: &select,
+            };
+            pred.predict(&req, &mut out[..nr])
+                .with_context(|| format!("forward pass at step {step} (block {block})"))?;
+            nfe += 1;
+            rows_predicted += nr;
+
+            for r in 0..b {
+                let k = sched[r * steps_per_block + i];
+                if k == 0 {
+                    continue;
+                }
+                cands.clear();
+                for (&(_, p), &(tok, conf)) in rows[row_off[r]..row_off[r + 1]]
+                    .iter()
+                    .zip(&out[row_off[r]..row_off[r + 1]])
+                {
+                    let p = p as usize;
+                    if x[r * t + p] == mask {
+                        cands.push((conf, p, tok));
+                    }
+                }
+                // Positions are distinct, so conf_order is a total order and an unstable
+                // (non-allocating) sort gives the same result as head::top_k.
+                cands.sort_unstable_by(|a, c| conf_order((a.0, a.1), (c.0, c.1)));
+                for &(_, p, tok) in cands.iter().take(k) {
+                    x[r * t + p] = tok;
+                }
+            }
+            if let Some(cb) = progress.as_mut() {
+                cb(Progress {
+                    step: step + 1,
+                    total_steps,
+                    block,
+                    num_blocks,
+                });
+            }
+        }
+    }
+
+    let ids = (0..b)
+        .map(|r| x[r * t + lp..(r + 1) * t].to_vec())
+        .collect();
+    Ok(GenerateOutput {
+        ids,
+        nfe,
+        prompt_len_padded: lp,
+        rows_predicted,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_matches_upstream_examples() {
+        assert_eq!(num_transfer_tokens(10, 4), vec![3, 3, 2, 2]);
+        assert_eq!(num_transfer_tokens(3, 5), vec![1, 1, 1, 0, 0]);
+        assert_eq!(num_transfer_tokens(0, 3), vec![0, 0, 0]);
+        assert_eq!(num_transfer_tokens(8, 8), vec![1; 8]);
+    }
 }
