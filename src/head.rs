@@ -124,7 +124,7 @@ pub fn select_one(logits: &mut [f32], row: u32, col: u32, p: &SelectParams) -> (
             rng::uniform(rng::bits(key, 0)) as f32
         }
         Remasking::LowConfidence => {
-            let suppressed = |v: usize| p.conf_suppress.iter().any(|s| *s == Some(v as u32));
+            let suppressed = |v: usize| p.conf_suppress.contains(&Some(v as u32));
             let mut m = f32::NEG_INFINITY;
             for (v, &l) in logits.iter().enumerate() {
                 if !suppressed(v) && l > m {

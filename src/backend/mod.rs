@@ -87,6 +87,7 @@ pub trait Backend {
     ) -> Result<()>;
 
     /// Residual add fused with RMSNorm: `x = round(x + d)`, then `out = rms_norm(x)`.
+    #[allow(clippy::too_many_arguments)]
     fn add_rms_norm(
         &self,
         out: &mut Self::Act,
