@@ -1,3 +1,520 @@
-//! The LLaDA forward pass, written once over [`crate::backend::Backend`].
+//! The LLaDA forward pass, written once over [`crate::backend::Backend`] (reference §2.2).
 //!
-//! TODO(helper).
+//! ```text
+//! x = wte[ids]                                              [N, C]
+//! per layer:  h = rms_norm(x; attn_norm)      (layers > 0: x += d fused in, add_rms_norm)
+//!             qkv = h · W_qkvᵀ                              [N, (NH+2·NKV)·HD]
+//!             rope(q, k) at positions 0..T per batch row (absolute; left padding not compensated)
+//!             a = attention(qkv; key_valid)                 [N, NH·HD]   bidirectional
+//!             d = a · W_oᵀ                                  [N, C]
+//!             x = x + d ; h = rms_norm(x; ff_norm)          (add_rms_norm)
+//!             gu = h · W_gate_upᵀ                           [N, 2F]
+//!             m = silu(gate) · up                           [N, F]
+//!             d = m · W_downᵀ                               [N, C]
+//! on the R requested rows only:  xr = x[rows] + d[rows] ; hr = rms_norm(xr; ln_f)
+//! logits = hr · W_lm_headᵀ                                  [R, V]
+//! ```
+//!
+//! `q|k|v` and `gate|up` are merged into one weight each (one matmul). Every buffer lives in a
+//! [`Workspace`] allocated once for a capacity, so a forward pass allocates nothing.
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::backend::{rope_tables, AttnShape, Backend};
+use crate::checkpoint::WeightSource;
+use crate::config::ModelConfig;
+use crate::head::SelectParams;
+use crate::sampler::{PredictRequest, Predictor};
+
+/// One transformer block's weights.
+pub struct Layer<B: Backend> {
+    pub attn_norm: B::Weight,
+    /// `[q_proj; k_proj; v_proj]`: `[(NH + 2·NKV)·HD, C]`.
+    pub qkv: B::Weight,
+    /// `attn_out`: `[C, NH·HD]`.
+    pub attn_out: B::Weight,
+    pub ff_norm: B::Weight,
+    /// `[ff_proj (gate); up_proj]`: `[2F, C]`.
+    pub gate_up: B::Weight,
+    /// Block `ff_out` (down): `[C, F]`.
+    pub down: B::Weight,
+}
+
+/// A LLaDA model resident on a backend.
+pub struct Model<B: Backend> {
+    pub cfg: ModelConfig,
+    pub backend: B,
+    /// `[V, C]`.
+    pub wte: B::Weight,
+    pub layers: Vec<Layer<B>>,
+    pub ln_f: B::Weight,
+    /// `[V, C]`.
+    pub lm_head: B::Weight,
+    /// RoPE tables `[max_pos, HD/2]` (see [`rope_tables`]), uploaded once.
+    rope_cos: B::F32s,
+    rope_sin: B::F32s,
+    rope_positions: usize,
+}
+
+/// Buffers of one forward pass, sized once for at most `max_tokens` (= B·T) tokens and
+/// `max_rows` LM-head rows.
+pub struct Workspace<B: Backend> {
+    pub max_tokens: usize,
+    pub max_rows: usize,
+    /// Token ids `[N]`.
+    ids: B::Ints,
+    /// Positions `[N]`.
+    pos: B::Ints,
+    /// Key validity `[N]` (1 = attend).
+    key_valid: B::Ints,
+    /// Flat token indices of the LM-head rows `[R]`.
+    rows: B::Ints,
+    /// RNG keys of the LM-head rows `[R, 2]`: (batch row, position).
+    keys: B::Ints,
+    /// Chosen tokens `[R]`.
+    tok: B::Ints,
+    /// Confidences `[R]`.
+    conf: B::F32s,
+    /// Residual stream `[N, C]`.
+    x: B::Act,
+    /// Normalised activations `[N, C]`.
+    h: B::Act,
+    /// `[N, (NH + 2·NKV)·HD]`.
+    qkv: B::Act,
+    /// Attention output `[N, NH·HD]`.
+    att: B::Act,
+    /// Branch output to add to the residual `[N, C]`.
+    d: B::Act,
+    /// `[N, 2F]`.
+    gate_up: B::Act,
+    /// `[N, F]`.
+    mlp: B::Act,
+    /// Gathered residual / branch / normalised rows `[R, C]`.
+    xr: B::Act,
+    dr: B::Act,
+    hr: B::Act,
+    /// `[R, V]`.
+    logits: B::Act,
+    // Host staging, sized once.
+    h_ids: Vec<i32>,
+    h_pos: Vec<i32>,
+    h_mask: Vec<i32>,
+    h_rows: Vec<i32>,
+    /// Rows of the last forward pass.
+    last_rows: usize,
+}
+
+fn expect_shape(src: &WeightSource, want: &[usize]) -> Result<()> {
+    ensure!(
+        src.shape() == want,
+        "tensor `{}` has shape {:?}, the config implies {:?}",
+        src.name(),
+        src.shape(),
+        want
+    );
+    Ok(())
+}
+
+impl<B: Backend> Model<B> {
+    /// Load every tensor of reference §2.1 through `get(name)`, check its shape against `cfg`,
+    /// and upload it (q|k|v and gate|up merged).
+    pub fn load(
+        backend: B,
+        cfg: ModelConfig,
+        get: impl Fn(&str) -> Result<WeightSource>,
+    ) -> Result<Self> {
+        let c = cfg.d_model;
+        ensure!(
+            cfg.n_heads > 0 && c % cfg.n_heads == 0,
+            "config: d_model {c} is not a multiple of n_heads {}",
+            cfg.n_heads
+        );
+        let hd = cfg.head_dim();
+        ensure!(hd % 2 == 0, "config: head dim {hd} must be even for RoPE");
+        ensure!(
+            cfg.n_kv_heads > 0 && cfg.n_heads % cfg.n_kv_heads == 0,
+            "config: n_heads {} is not a multiple of n_kv_heads {}",
+            cfg.n_heads,
+            cfg.n_kv_heads
+        );
+        let (nh, nkv, f, v) = (
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.mlp_hidden_size,
+            cfg.embedding_size,
+        );
+        let fetch = |name: &str, shape: &[usize]| -> Result<WeightSource> {
+            let s = get(name).with_context(|| format!("loading tensor `{name}`"))?;
+            expect_shape(&s, shape)?;
+            Ok(s)
+        };
+        let load = |parts: &[WeightSource]| -> Result<B::Weight> {
+            backend.load_weight(parts).with_context(|| {
+                format!(
+                    "uploading `{}`",
+                    parts.iter().map(|p| p.name()).collect::<Vec<_>>().join("|")
+                )
+            })
+        };
+        let p = "model.transformer.";
+        let wte = load(&[fetch(&format!("{p}wte.weight"), &[v, c])?])?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let bp = format!("{p}blocks.{i}.");
+            let t = |n: &str, shape: &[usize]| fetch(&format!("{bp}{n}.weight"), shape);
+            layers.push(Layer {
+                attn_norm: load(&[t("attn_norm", &[c])?])?,
+                qkv: load(&[
+                    t("q_proj", &[nh * hd, c])?,
+                    t("k_proj", &[nkv * hd, c])?,
+                    t("v_proj", &[nkv * hd, c])?,
+                ])?,
+                attn_out: load(&[t("attn_out", &[c, nh * hd])?])?,
+                ff_norm: load(&[t("ff_norm", &[c])?])?,
+                gate_up: load(&[t("ff_proj", &[f, c])?, t("up_proj", &[f, c])?])?,
+                down: load(&[t("ff_out", &[c, f])?])?,
+            });
+        }
+        let ln_f = load(&[fetch(&format!("{p}ln_f.weight"), &[c])?])?;
+        let lm_head = load(&[fetch(&format!("{p}ff_out.weight"), &[v, c])?])?;
+        let rope_positions = cfg.max_sequence_length.max(1);
+        let (cos, sin) = rope_tables(cfg.rope_theta, hd, rope_positions);
+        let mut rope_cos = backend.alloc_f32s(cos.len())?;
+        let mut rope_sin = backend.alloc_f32s(sin.len())?;
+        backend.write_f32s(&mut rope_cos, &cos)?;
+        backend.write_f32s(&mut rope_sin, &sin)?;
+        Ok(Model {
+            cfg,
+            backend,
+            wte,
+            layers,
+            ln_f,
+            lm_head,
+            rope_cos,
+            rope_sin,
+            rope_positions,
+        })
+    }
+
+    /// Buffers for forward passes of at most `max_tokens` (= B·T) tokens and `max_rows`
+    /// LM-head rows.
+    pub fn workspace(&self, max_tokens: usize, max_rows: usize) -> Result<Workspace<B>> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let (n, r, c) = (max_tokens, max_rows, cfg.d_model);
+        let hd = cfg.head_dim();
+        let qkv_w = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd;
+        let f = cfg.mlp_hidden_size;
+        Ok(Workspace {
+            max_tokens: n,
+            max_rows: r,
+            ids: be.alloc_ints(n)?,
+            pos: be.alloc_ints(n)?,
+            key_valid: be.alloc_ints(n)?,
+            rows: be.alloc_ints(r)?,
+            keys: be.alloc_ints(2 * r)?,
+            tok: be.alloc_ints(r)?,
+            conf: be.alloc_f32s(r)?,
+            x: be.alloc_act(n * c)?,
+            h: be.alloc_act(n * c)?,
+            qkv: be.alloc_act(n * qkv_w)?,
+            att: be.alloc_act(n * cfg.n_heads * hd)?,
+            d: be.alloc_act(n * c)?,
+            gate_up: be.alloc_act(n * 2 * f)?,
+            mlp: be.alloc_act(n * f)?,
+            xr: be.alloc_act(r * c)?,
+            dr: be.alloc_act(r * c)?,
+            hr: be.alloc_act(r * c)?,
+            logits: be.alloc_act(r * cfg.embedding_size)?,
+            h_ids: Vec::with_capacity(n),
+            h_pos: Vec::with_capacity(n),
+            h_mask: Vec::with_capacity(n),
+            h_rows: Vec::with_capacity(r),
+            last_rows: 0,
+        })
+    }
+
+    /// Run the model on `ids` (`[b, t]` row-major) and leave the logits of the flat token
+    /// indices `rows` (`b_i·t + pos`) in the workspace (`[R, V]`, see [`Model::logits`]).
+    /// `key_valid` (`[b·t]`, nonzero = real token) masks padding keys.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        ws: &mut Workspace<B>,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        key_valid: Option<&[u8]>,
+        rows: &[u32],
+    ) -> Result<()> {
+        let n = b * t;
+        ensure!(
+            ids.len() == n,
+            "forward: `ids` holds {} tokens, expected b·t = {b}·{t}",
+            ids.len()
+        );
+        ensure!(
+            n <= ws.max_tokens,
+            "forward: {n} tokens exceed the workspace capacity of {}",
+            ws.max_tokens
+        );
+        ensure!(
+            rows.len() <= ws.max_rows,
+            "forward: {} rows exceed the workspace capacity of {}",
+            rows.len(),
+            ws.max_rows
+        );
+        ensure!(
+            t <= self.rope_positions,
+            "forward: sequence length {t} exceeds max_sequence_length {}",
+            self.rope_positions
+        );
+        let v = self.cfg.embedding_size;
+        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+            bail!("forward: ids[{i}] = {id} is outside the vocabulary of {v}");
+        }
+        if let Some((i, &r)) = rows.iter().enumerate().find(|(_, &r)| r as usize >= n) {
+            bail!("forward: rows[{i}] = {r} is outside the {n} tokens");
+        }
+        if let Some(kv) = key_valid {
+            ensure!(
+                kv.len() == n,
+                "forward: `key_valid` holds {} entries, expected {n}",
+                kv.len()
+            );
+        }
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let (c, nh, nkv, hd, f) = (
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim(),
+            cfg.mlp_hidden_size,
+        );
+        let r = rows.len();
+
+        ws.h_ids.clear();
+        ws.h_ids.extend(ids.iter().map(|&i| i as i32));
+        be.write_ints(&mut ws.ids, &ws.h_ids)?;
+        ws.h_pos.clear();
+        for _ in 0..b {
+            ws.h_pos.extend(0..t as i32);
+        }
+        be.write_ints(&mut ws.pos, &ws.h_pos)?;
+        if let Some(kv) = key_valid {
+            ws.h_mask.clear();
+            ws.h_mask.extend(kv.iter().map(|&m| (m != 0) as i32));
+            be.write_ints(&mut ws.key_valid, &ws.h_mask)?;
+        }
+        ws.h_rows.clear();
+        ws.h_rows.extend(rows.iter().map(|&r| r as i32));
+        be.write_ints(&mut ws.rows, &ws.h_rows)?;
+
+        let eps = cfg.rms_norm_eps;
+        let qkv_w = (nh + 2 * nkv) * hd;
+        let shape = AttnShape { b, t, nh, nkv, hd };
+        be.embedding(&mut ws.x, &self.wte, &ws.ids, n, c)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            if i == 0 {
+                be.rms_norm(&mut ws.h, &ws.x, &l.attn_norm, n, c, eps)?;
+            } else {
+                be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &l.attn_norm, n, c, eps)?;
+            }
+            be.matmul(&mut ws.qkv, &ws.h, &l.qkv, n, c, qkv_w)?;
+            be.rope(
+                &mut ws.qkv,
+                &ws.pos,
+                &self.rope_cos,
+                &self.rope_sin,
+                n,
+                nh,
+                nkv,
+                hd,
+            )?;
+            be.attention(
+                &mut ws.att,
+                &ws.qkv,
+                key_valid.map(|_| &ws.key_valid),
+                shape,
+            )?;
+            be.matmul(&mut ws.d, &ws.att, &l.attn_out, n, nh * hd, c)?;
+            be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &l.ff_norm, n, c, eps)?;
+            be.matmul(&mut ws.gate_up, &ws.h, &l.gate_up, n, c, 2 * f)?;
+            be.swiglu(&mut ws.mlp, &ws.gate_up, n, f)?;
+            be.matmul(&mut ws.d, &ws.mlp, &l.down, n, f, c)?;
+        }
+        be.gather_rows(&mut ws.xr, &ws.x, &ws.rows, r, c)?;
+        if self.layers.is_empty() {
+            be.rms_norm(&mut ws.hr, &ws.xr, &self.ln_f, r, c, eps)?;
+        } else {
+            be.gather_rows(&mut ws.dr, &ws.d, &ws.rows, r, c)?;
+            be.add_rms_norm(&mut ws.hr, &mut ws.xr, &ws.dr, &self.ln_f, r, c, eps)?;
+        }
+        be.matmul(&mut ws.logits, &ws.hr, &self.lm_head, r, c, v)?;
+        ws.last_rows = r;
+        Ok(())
+    }
+
+    /// The logits `[r, V]` of the first `r` rows of the last forward pass, on the host.
+    pub fn logits(&self, ws: &Workspace<B>, r: usize) -> Result<Vec<f32>> {
+        ensure!(
+            r <= ws.last_rows,
+            "logits: asked for {r} rows, the last forward pass computed {}",
+            ws.last_rows
+        );
+        self.backend
+            .read_act(&ws.logits, r * self.cfg.embedding_size)
+    }
+}
+
+/// A [`Predictor`] running a [`Model`]: one forward pass per call (the conditional and, with
+/// CFG, the unconditional batch together), then the backend's fused head (`select`).
+pub struct ModelPredictor<'m, B: Backend> {
+    model: &'m Model<B>,
+    ws: Option<Workspace<B>>,
+    ids: Vec<u32>,
+    mask: Vec<u8>,
+    rows: Vec<u32>,
+    keys: Vec<i32>,
+    params: Option<SelectParams>,
+}
+
+impl<'m, B: Backend> ModelPredictor<'m, B> {
+    /// A predictor over `model`; the workspace is allocated on the first call and grows only
+    /// when a request exceeds it.
+    pub fn new(model: &'m Model<B>) -> Self {
+        ModelPredictor {
+            model,
+            ws: None,
+            ids: Vec::new(),
+            mask: Vec::new(),
+            rows: Vec::new(),
+            keys: Vec::new(),
+            params: None,
+        }
+    }
+
+    /// Allocate the workspace up front for `b` batch rows of `t` tokens and `r` requested rows
+    /// (CFG doubling included by the caller if wanted).
+    pub fn reserve(&mut self, max_tokens: usize, max_rows: usize) -> Result<()> {
+        let grow = match &self.ws {
+            Some(ws) => ws.max_tokens < max_tokens || ws.max_rows < max_rows,
+            None => true,
+        };
+        if grow {
+            let (mt, mr) = match &self.ws {
+                Some(ws) => (ws.max_tokens.max(max_tokens), ws.max_rows.max(max_rows)),
+                None => (max_tokens, max_rows),
+            };
+            self.ws = Some(self.model.workspace(mt, mr)?);
+        }
+        Ok(())
+    }
+
+    pub fn model(&self) -> &Model<B> {
+        self.model
+    }
+}
+
+impl<B: Backend> Predictor for ModelPredictor<'_, B> {
+    fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+        let (b, t) = (req.b, req.t);
+        let n = b * t;
+        let r = req.rows.len();
+        ensure!(
+            out.len() == r,
+            "predict: `out` holds {} entries for {r} rows",
+            out.len()
+        );
+        ensure!(
+            req.x.len() == n,
+            "predict: `x` holds {} tokens, expected b·t = {b}·{t}",
+            req.x.len()
+        );
+        let cfg = req.select.cfg_scale > 0.0;
+        let nb = if cfg { 2 * b } else { b };
+        let rr = if cfg { 2 * r } else { r };
+        self.reserve(nb * t, rr)?;
+
+        self.ids.clear();
+        self.ids.extend_from_slice(req.x);
+        if cfg {
+            let un = req
+                .uncond_x
+                .context("predict: cfg_scale > 0 but the request has no unconditional tokens")?;
+            ensure!(
+                un.len() == n,
+                "predict: `uncond_x` holds {} tokens, expected {n}",
+                un.len()
+            );
+            self.ids.extend_from_slice(un);
+        }
+        let mask = match req.key_valid {
+            Some(kv) => {
+                ensure!(
+                    kv.len() == n,
+                    "predict: `key_valid` holds {} entries, expected {n}",
+                    kv.len()
+                );
+                self.mask.clear();
+                self.mask.extend_from_slice(kv);
+                if cfg {
+                    self.mask.extend_from_slice(kv);
+                }
+                Some(self.mask.as_slice())
+            }
+            None => None,
+        };
+        self.rows.clear();
+        self.keys.clear();
+        for (i, &(br, pos)) in req.rows.iter().enumerate() {
+            ensure!(
+                (br as usize) < b && (pos as usize) < t,
+                "predict: rows[{i}] = ({br}, {pos}) is outside the batch [{b}, {t}]"
+            );
+            self.rows.push(br * t as u32 + pos);
+            self.keys.push(br as i32);
+            self.keys.push(pos as i32);
+        }
+        if cfg {
+            for &(br, pos) in req.rows {
+                self.rows.push((b as u32 + br) * t as u32 + pos);
+            }
+        }
+        let model = self.model;
+        let ws = self
+            .ws
+            .as_mut()
+            .context("predict: workspace missing after reserve")?;
+        model.forward(ws, &self.ids, nb, t, mask, &self.rows)?;
+
+        // The head rounds to the model's compute dtype whatever the caller set.
+        let dtype = model.backend.compute_dtype();
+        let p: &SelectParams = if req.select.dtype == dtype {
+            req.select
+        } else {
+            let p = self.params.get_or_insert_with(|| req.select.clone());
+            p.clone_from(req.select);
+            p.dtype = dtype;
+            p
+        };
+        let be = &model.backend;
+        be.write_ints(&mut ws.keys, &self.keys)?;
+        be.select(
+            &mut ws.tok,
+            &mut ws.conf,
+            &mut ws.logits,
+            &ws.keys,
+            r,
+            model.cfg.embedding_size,
+            p,
+        )?;
+        let tok = be.read_ints(&ws.tok, r)?;
+        let conf = be.read_f32s(&ws.conf, r)?;
+        for (o, (&tk, &cf)) in out.iter_mut().zip(tok.iter().zip(&conf)) {
+            *o = (tk as u32, cf);
+        }
+        Ok(())
+    }
+}

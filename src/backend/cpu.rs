@@ -1,3 +1,831 @@
-//! CPU reference backend.
+//! CPU reference backend: the executable specification of every op in [`Backend`].
 //!
-//! TODO(helper).
+//! Plain loops, multi-threaded with rayon, emulating PyTorch's rounding in the compute dtype
+//! (reference §2.4, §2.6): every op reads values representable in the compute dtype, computes
+//! in f32 and rounds its output once to the dtype (round-to-nearest-even), except where PyTorch
+//! rounds twice (RMSNorm: normalise, round, multiply by the weight, round; SwiGLU: `silu(gate)`
+//! rounded, then `· up` rounded).
+//!
+//! Buffers: `Act` is a `Vec<f32>` of dtype-representable values, `Ints` a `Vec<i32>`, `F32s` a
+//! `Vec<f32>`. Weights stay zero-copy where it matters: a memory-mapped 2-D tensor
+//! ([`WeightSource::Mapped`]) is decoded row by row inside `matmul` / `embedding`, so an 8B
+//! checkpoint is never copied to f32; random, constant and host sources (presets, tests) are
+//! materialised, except that a 1-D constant (a preset norm weight) stays a scalar.
+//!
+//! Orders of summation are fixed (8 interleaved f32 partial sums in dot products, sequential
+//! elsewhere), so results are deterministic for any thread count.
+
+use std::cell::RefCell;
+
+use anyhow::{bail, ensure, Result};
+use rayon::prelude::*;
+
+use super::{AttnShape, Backend};
+use crate::checkpoint::WeightSource;
+use crate::dtype::DType;
+use crate::head::{cfg_mix, select_one, SelectParams};
+
+/// The CPU reference backend.
+#[derive(Clone, Debug)]
+pub struct CpuBackend {
+    dtype: DType,
+}
+
+impl CpuBackend {
+    /// A backend that stores and rounds activations in `dtype`.
+    pub fn new(dtype: DType) -> Self {
+        CpuBackend { dtype }
+    }
+}
+
+/// Where the rows of one part of a [`CpuWeight`] live.
+#[derive(Debug)]
+enum Store {
+    /// Row-major f32 values, representable in the compute dtype.
+    Dense(Vec<f32>),
+    /// Every element equal to this value.
+    Scalar(f32),
+    /// A memory-mapped tensor, decoded on use (and rounded to the compute dtype if it is a
+    /// different dtype: `round` is `Some` then).
+    Lazy {
+        src: WeightSource,
+        round: Option<DType>,
+    },
+}
+
+#[derive(Debug)]
+struct Part {
+    first_row: usize,
+    rows: usize,
+    store: Store,
+}
+
+/// A weight on the CPU: one or more parts stacked along the rows (`[rows, cols]`; a 1-D norm
+/// weight is one row).
+#[derive(Debug)]
+pub struct CpuWeight {
+    rows: usize,
+    cols: usize,
+    parts: Vec<Part>,
+    name: String,
+}
+
+impl CpuWeight {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `r` (`r < rows`), either borrowed from dense storage or decoded into `buf`
+    /// (`buf.len() == cols`).
+    fn row<'a>(&'a self, r: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        // Invariant: parts cover 0..rows contiguously (built by `load_weight`), callers check r.
+        let part = self
+            .parts
+            .iter()
+            .find(|p| r < p.first_row + p.rows)
+            .unwrap_or(&self.parts[self.parts.len() - 1]);
+        let lr = r - part.first_row;
+        let c = self.cols;
+        match &part.store {
+            Store::Dense(d) => &d[lr * c..(lr + 1) * c],
+            Store::Scalar(v) => {
+                buf.fill(*v);
+                buf
+            }
+            Store::Lazy { src, round } => {
+                src.read_range(lr * c, (lr + 1) * c, buf);
+                if let Some(dt) = round {
+                    dt.round_slice(buf);
+                }
+                buf
+            }
+        }
+    }
+
+    /// All elements as one dense vector (small weights only: norm weights).
+    fn is_dense_single(&self) -> Option<&[f32]> {
+        match self.parts.as_slice() {
+            [Part {
+                store: Store::Dense(d),
+                ..
+            }] => Some(d),
+            _ => None,
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread scratch for decoded weight rows and attention scores; grows once.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
+
+/// Dot product in f32 with 8 interleaved partial sums (fixed order, vectorisable).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut tail = 0.0f32;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+fn need(op: &str, arg: &str, have: usize, want: usize) -> Result<()> {
+    ensure!(
+        have >= want,
+        "{op}: `{arg}` holds {have} elements, the op needs {want}"
+    );
+    Ok(())
+}
+
+/// Rows of work per rayon task so that each thread gets a few tasks.
+fn rows_per_task(n: usize) -> usize {
+    let t = rayon::current_num_threads().max(1);
+    n.div_ceil(t).max(1)
+}
+
+/// `x · rsqrt(mean(x²) + eps)` in f32, rounded to `dt`, then times the weight, rounded.
+fn rms_row(dt: DType, out: &mut [f32], x: &[f32], w: &WeightRow<'_>, eps: f32) {
+    let c = x.len();
+    let mut ss = 0.0f32;
+    for &v in x {
+        ss += v * v;
+    }
+    let r = 1.0f32 / (ss / c as f32 + eps).sqrt();
+    for (j, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        let y = dt.round(v * r);
+        let wj = match w {
+            WeightRow::Scalar(s) => *s,
+            WeightRow::Slice(s) => s[j],
+        };
+        *o = dt.round(wj * y);
+    }
+}
+
+enum WeightRow<'a> {
+    Scalar(f32),
+    Slice(&'a [f32]),
+}
+
+impl CpuBackend {
+    fn norm_weight<'a>(&self, op: &str, w: &'a CpuWeight, c: usize) -> Result<WeightRow<'a>> {
+        ensure!(
+            w.rows == 1 && w.cols == c,
+            "{op}: weight `{}` is [{}, {}], expected a norm weight of {c} elements",
+            w.name,
+            w.rows,
+            w.cols
+        );
+        if let [Part {
+            store: Store::Scalar(s),
+            ..
+        }] = w.parts.as_slice()
+        {
+            return Ok(WeightRow::Scalar(*s));
+        }
+        match w.is_dense_single() {
+            Some(d) => Ok(WeightRow::Slice(d)),
+            None => bail!(
+                "{op}: weight `{}` is not a materialised norm weight",
+                w.name
+            ),
+        }
+    }
+
+    fn materialise(&self, src: &WeightSource, numel: usize) -> Vec<f32> {
+        let mut v = vec![0.0f32; numel];
+        src.read_range(0, numel, &mut v);
+        if src.dtype() != self.dtype {
+            self.dtype.round_slice(&mut v);
+        }
+        v
+    }
+}
+
+fn check_source(src: &WeightSource) -> Result<()> {
+    let numel = src.numel();
+    match src {
+        WeightSource::Mapped {
+            mmap,
+            start,
+            end,
+            dtype,
+            name,
+            ..
+        } => {
+            ensure!(
+                start <= end && *end <= mmap.len(),
+                "load_weight: tensor `{name}` byte range {start}..{end} lies outside its file ({} bytes)",
+                mmap.len()
+            );
+            ensure!(
+                end - start == numel * dtype.size(),
+                "load_weight: tensor `{name}` holds {} bytes, its shape {:?} in {dtype} needs {}",
+                end - start,
+                src.shape(),
+                numel * dtype.size()
+            );
+        }
+        WeightSource::Host { data, name, .. } => ensure!(
+            data.len() == numel,
+            "load_weight: host tensor `{name}` holds {} values, its shape {:?} needs {numel}",
+            data.len(),
+            src.shape()
+        ),
+        WeightSource::Random { .. } | WeightSource::Const { .. } => {}
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    type Act = Vec<f32>;
+    type Weight = CpuWeight;
+    type Ints = Vec<i32>;
+    type F32s = Vec<f32>;
+
+    fn name(&self) -> String {
+        format!(
+            "cpu ({}, {} threads)",
+            self.dtype,
+            rayon::current_num_threads()
+        )
+    }
+
+    fn compute_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn load_weight(&self, parts: &[WeightSource]) -> Result<CpuWeight> {
+        ensure!(!parts.is_empty(), "load_weight: no parts given");
+        let name = parts.iter().map(|p| p.name()).collect::<Vec<_>>().join("|");
+        let one_d = parts[0].shape().len() == 1;
+        if one_d {
+            ensure!(
+                parts.len() == 1,
+                "load_weight: 1-D weight `{name}` must be a single part, got {}",
+                parts.len()
+            );
+        }
+        let cols = *parts[0].shape().last().unwrap_or(&0);
+        let mut out = Vec::with_capacity(parts.len());
+        let mut rows = 0usize;
+        for p in parts {
+            check_source(p)?;
+            let shape = p.shape();
+            let (r, c) = match shape {
+                [c] if one_d => (1, *c),
+                [r, c] if !one_d => (*r, *c),
+                _ => bail!(
+                    "load_weight: tensor `{}` has shape {shape:?}; expected {} like the first part",
+                    p.name(),
+                    if one_d { "[cols]" } else { "[rows, cols]" }
+                ),
+            };
+            ensure!(
+                c == cols,
+                "load_weight: tensor `{}` has {c} columns, the first part `{}` has {cols}",
+                p.name(),
+                parts[0].name()
+            );
+            let store = match p {
+                WeightSource::Const { value, .. } if one_d => {
+                    Store::Scalar(self.dtype.round(p.dtype().round(*value)))
+                }
+                WeightSource::Mapped { .. } if !one_d => Store::Lazy {
+                    src: p.clone(),
+                    round: (p.dtype() != self.dtype && self.dtype != DType::F32)
+                        .then_some(self.dtype),
+                },
+                _ => Store::Dense(self.materialise(p, r * c)),
+            };
+            out.push(Part {
+                first_row: rows,
+                rows: r,
+                store,
+            });
+            rows += r;
+        }
+        Ok(CpuWeight {
+            rows,
+            cols,
+            parts: out,
+            name,
+        })
+    }
+
+    fn alloc_act(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+    fn alloc_ints(&self, len: usize) -> Result<Vec<i32>> {
+        Ok(vec![0; len])
+    }
+    fn alloc_f32s(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+    fn write_ints(&self, dst: &mut Vec<i32>, src: &[i32]) -> Result<()> {
+        need("write_ints", "dst", dst.len(), src.len())?;
+        dst[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+    fn write_f32s(&self, dst: &mut Vec<f32>, src: &[f32]) -> Result<()> {
+        need("write_f32s", "dst", dst.len(), src.len())?;
+        dst[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+    fn read_act(&self, src: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        need("read_act", "src", src.len(), n)?;
+        Ok(src[..n].to_vec())
+    }
+    fn read_ints(&self, src: &Vec<i32>, n: usize) -> Result<Vec<i32>> {
+        need("read_ints", "src", src.len(), n)?;
+        Ok(src[..n].to_vec())
+    }
+    fn read_f32s(&self, src: &Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        need("read_f32s", "src", src.len(), n)?;
+        Ok(src[..n].to_vec())
+    }
+
+    fn embedding(
+        &self,
+        out: &mut Vec<f32>,
+        wte: &CpuWeight,
+        ids: &Vec<i32>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "embedding";
+        need(OP, "out", out.len(), n * c)?;
+        need(OP, "ids", ids.len(), n)?;
+        ensure!(
+            wte.cols == c,
+            "{OP}: weight `{}` has {} columns, expected C = {c}",
+            wte.name,
+            wte.cols
+        );
+        if let Some((i, &id)) = ids[..n]
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id < 0 || id as usize >= wte.rows)
+        {
+            bail!(
+                "{OP}: ids[{i}] = {id} is outside the {} rows of `{}`",
+                wte.rows,
+                wte.name
+            );
+        }
+        if c == 0 {
+            return Ok(());
+        }
+        let dt = self.dtype;
+        out[..n * c]
+            .par_chunks_mut(c)
+            .zip(ids[..n].par_iter())
+            .for_each(|(o, &id)| {
+                with_scratch(c, |buf| {
+                    let r = wte.row(id as usize, buf);
+                    for (d, &s) in o.iter_mut().zip(r) {
+                        *d = dt.round(s);
+                    }
+                })
+            });
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &CpuWeight,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "rms_norm";
+        need(OP, "out", out.len(), n * c)?;
+        need(OP, "x", x.len(), n * c)?;
+        let wr = self.norm_weight(OP, w, c)?;
+        if c == 0 {
+            return Ok(());
+        }
+        let dt = self.dtype;
+        out[..n * c]
+            .par_chunks_mut(c)
+            .zip(x[..n * c].par_chunks(c))
+            .for_each(|(o, xr)| rms_row(dt, o, xr, &wr, eps));
+        Ok(())
+    }
+
+    fn add_rms_norm(
+        &self,
+        out: &mut Vec<f32>,
+        x: &mut Vec<f32>,
+        d: &Vec<f32>,
+        w: &CpuWeight,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "add_rms_norm";
+        need(OP, "out", out.len(), n * c)?;
+        need(OP, "x", x.len(), n * c)?;
+        need(OP, "d", d.len(), n * c)?;
+        let wr = self.norm_weight(OP, w, c)?;
+        if c == 0 {
+            return Ok(());
+        }
+        let dt = self.dtype;
+        out[..n * c]
+            .par_chunks_mut(c)
+            .zip(x[..n * c].par_chunks_mut(c))
+            .zip(d[..n * c].par_chunks(c))
+            .for_each(|((o, xr), dr)| {
+                for (a, &b) in xr.iter_mut().zip(dr) {
+                    *a = dt.round(*a + b);
+                }
+                rms_row(dt, o, xr, &wr, eps);
+            });
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Vec<f32>, d: &Vec<f32>, n: usize, c: usize) -> Result<()> {
+        const OP: &str = "add";
+        need(OP, "x", x.len(), n * c)?;
+        need(OP, "d", d.len(), n * c)?;
+        let dt = self.dtype;
+        x[..n * c]
+            .par_iter_mut()
+            .zip(d[..n * c].par_iter())
+            .for_each(|(a, &b)| *a = dt.round(*a + b));
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &CpuWeight,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        const OP: &str = "matmul";
+        need(OP, "out", out.len(), n * m)?;
+        need(OP, "x", x.len(), n * k)?;
+        ensure!(
+            w.rows == m && w.cols == k,
+            "{OP}: weight `{}` is [{}, {}], expected [M = {m}, K = {k}]",
+            w.name,
+            w.rows,
+            w.cols
+        );
+        if n == 0 || m == 0 {
+            return Ok(());
+        }
+        let dt = self.dtype;
+        // Tasks own contiguous blocks of output rows; inside, weight rows go in tiles of TM,
+        // decoded once per task into the thread's scratch when the weight is mapped.
+        const TM: usize = 8;
+        let rpt = rows_per_task(n);
+        out[..n * m]
+            .par_chunks_mut(rpt * m)
+            .zip(x[..n * k].par_chunks(rpt * k))
+            .for_each(|(o, xs)| {
+                let rows = xs.len() / k.max(1);
+                with_scratch(TM * k.max(1), |scratch| {
+                    let mut j0 = 0;
+                    while j0 < m {
+                        let tm = TM.min(m - j0);
+                        let mut ws: [&[f32]; TM] = [&[]; TM];
+                        for (t, buf) in scratch.chunks_mut(k.max(1)).take(tm).enumerate() {
+                            ws[t] = w.row(j0 + t, &mut buf[..k]);
+                        }
+                        for i in 0..rows {
+                            let xr = &xs[i * k..(i + 1) * k];
+                            let orow = &mut o[i * m + j0..i * m + j0 + tm];
+                            for (t, ov) in orow.iter_mut().enumerate() {
+                                *ov = dt.round(dot(xr, ws[t]));
+                            }
+                        }
+                        j0 += tm;
+                    }
+                })
+            });
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        qkv: &mut Vec<f32>,
+        pos: &Vec<i32>,
+        cos: &Vec<f32>,
+        sin: &Vec<f32>,
+        n: usize,
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+    ) -> Result<()> {
+        const OP: &str = "rope";
+        ensure!(
+            hd % 2 == 0 && hd > 0,
+            "{OP}: head dim HD = {hd} must be even and positive"
+        );
+        let half = hd / 2;
+        let width = (nh + 2 * nkv) * hd;
+        need(OP, "qkv", qkv.len(), n * width)?;
+        need(OP, "pos", pos.len(), n)?;
+        ensure!(
+            cos.len() == sin.len() && cos.len() % half == 0,
+            "{OP}: tables `cos` ({}) and `sin` ({}) must both be [max_pos, HD/2 = {half}]",
+            cos.len(),
+            sin.len()
+        );
+        let max_pos = cos.len() / half;
+        if let Some((i, &p)) = pos[..n]
+            .iter()
+            .enumerate()
+            .find(|(_, &p)| p < 0 || p as usize >= max_pos)
+        {
+            bail!("{OP}: pos[{i}] = {p} is outside the RoPE table of {max_pos} positions");
+        }
+        let dt = self.dtype;
+        qkv[..n * width]
+            .par_chunks_mut(width)
+            .zip(pos[..n].par_iter())
+            .for_each(|(row, &p)| {
+                let cs = &cos[p as usize * half..(p as usize + 1) * half];
+                let sn = &sin[p as usize * half..(p as usize + 1) * half];
+                // q heads then k heads: the first (NH + NKV)·HD columns.
+                for head in row[..(nh + nkv) * hd].chunks_exact_mut(hd) {
+                    let (a, b) = head.split_at_mut(half);
+                    for j in 0..half {
+                        let (x1, x2) = (a[j], b[j]);
+                        a[j] = dt.round(x1 * cs[j] - x2 * sn[j]);
+                        b[j] = dt.round(x2 * cs[j] + x1 * sn[j]);
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        out: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        key_valid: Option<&Vec<i32>>,
+        s: AttnShape,
+    ) -> Result<()> {
+        const OP: &str = "attention";
+        let AttnShape { b, t, nh, nkv, hd } = s;
+        ensure!(
+            nkv > 0 && nh % nkv == 0,
+            "{OP}: NH = {nh} must be a positive multiple of NKV = {nkv}"
+        );
+        let width = (nh + 2 * nkv) * hd;
+        let n = b * t;
+        need(OP, "qkv", qkv.len(), n * width)?;
+        need(OP, "out", out.len(), n * nh * hd)?;
+        if let Some(kv) = key_valid {
+            need(OP, "key_valid", kv.len(), n)?;
+        }
+        if n == 0 || nh == 0 || hd == 0 {
+            return Ok(());
+        }
+        let dt = self.dtype;
+        let scale = 1.0f32 / (hd as f32).sqrt();
+        let group = nh / nkv;
+        // One task per query row (b, i); all heads of that row.
+        out[..n * nh * hd]
+            .par_chunks_mut(nh * hd)
+            .enumerate()
+            .for_each(|(qi, orow)| {
+                let bi = qi / t;
+                let keys = bi * t..(bi + 1) * t;
+                let valid = |j: usize| key_valid.map_or(true, |kv| kv[j] != 0);
+                with_scratch(t + hd, |scr| {
+                    let (sc, acc) = scr.split_at_mut(t);
+                    for h in 0..nh {
+                        let kvh = h / group;
+                        let q = &qkv[qi * width + h * hd..qi * width + (h + 1) * hd];
+                        let mut mx = f32::NEG_INFINITY;
+                        for (jj, j) in keys.clone().enumerate() {
+                            if valid(j) {
+                                let kr = &qkv[j * width + (nh + kvh) * hd..][..hd];
+                                let sv = dot(q, kr) * scale;
+                                sc[jj] = sv;
+                                if sv > mx {
+                                    mx = sv;
+                                }
+                            } else {
+                                sc[jj] = f32::NEG_INFINITY;
+                            }
+                        }
+                        let o = &mut orow[h * hd..(h + 1) * hd];
+                        if mx == f32::NEG_INFINITY {
+                            // No valid key (or all scores −∞): defined as a zero output.
+                            o.fill(0.0);
+                            continue;
+                        }
+                        acc.fill(0.0);
+                        let mut sum = 0.0f32;
+                        for (jj, j) in keys.clone().enumerate() {
+                            if !valid(j) {
+                                continue;
+                            }
+                            let e = (sc[jj] - mx).exp();
+                            sum += e;
+                            let vr = &qkv[j * width + (nh + nkv + kvh) * hd..][..hd];
+                            for (a, &v) in acc.iter_mut().zip(vr) {
+                                *a += e * v;
+                            }
+                        }
+                        for (ov, &a) in o.iter_mut().zip(acc.iter()) {
+                            *ov = dt.round(a / sum);
+                        }
+                    }
+                })
+            });
+        Ok(())
+    }
+
+    fn swiglu(&self, out: &mut Vec<f32>, gate_up: &Vec<f32>, n: usize, f: usize) -> Result<()> {
+        const OP: &str = "swiglu";
+        need(OP, "out", out.len(), n * f)?;
+        need(OP, "gate_up", gate_up.len(), n * 2 * f)?;
+        if f == 0 {
+            return Ok(());
+        }
+        let dt = self.dtype;
+        out[..n * f]
+            .par_chunks_mut(f)
+            .zip(gate_up[..n * 2 * f].par_chunks(2 * f))
+            .for_each(|(o, gu)| {
+                let (g, u) = gu.split_at(f);
+                for ((ov, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
+                    let s = dt.round(gv / (1.0 + (-gv).exp()));
+                    *ov = dt.round(s * uv);
+                }
+            });
+        Ok(())
+    }
+
+    fn gather_rows(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        rows: &Vec<i32>,
+        nrows: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "gather_rows";
+        need(OP, "out", out.len(), nrows * c)?;
+        need(OP, "rows", rows.len(), nrows)?;
+        if c == 0 {
+            return Ok(());
+        }
+        let have = x.len() / c;
+        if let Some((i, &r)) = rows[..nrows]
+            .iter()
+            .enumerate()
+            .find(|(_, &r)| r < 0 || r as usize >= have)
+        {
+            bail!("{OP}: rows[{i}] = {r} is outside the {have} rows of `x`");
+        }
+        for (o, &r) in out[..nrows * c].chunks_mut(c).zip(&rows[..nrows]) {
+            o.copy_from_slice(&x[r as usize * c..(r as usize + 1) * c]);
+        }
+        Ok(())
+    }
+
+    fn select(
+        &self,
+        tok: &mut Vec<i32>,
+        conf: &mut Vec<f32>,
+        logits: &mut Vec<f32>,
+        keys: &Vec<i32>,
+        r: usize,
+        v: usize,
+        p: &SelectParams,
+    ) -> Result<()> {
+        const OP: &str = "select";
+        let cfg = p.cfg_scale > 0.0;
+        let rr = if cfg { 2 * r } else { r };
+        need(OP, "logits", logits.len(), rr * v)?;
+        need(OP, "keys", keys.len(), 2 * r)?;
+        need(OP, "tok", tok.len(), r)?;
+        need(OP, "conf", conf.len(), r)?;
+        if let Some((i, &k)) = keys[..2 * r].iter().enumerate().find(|(_, &k)| k < 0) {
+            bail!("{OP}: keys[{i}] = {k} is negative (expected batch row / position)");
+        }
+        if r == 0 {
+            return Ok(());
+        }
+        ensure!(v > 0, "{OP}: vocabulary size V is 0");
+        let (cond, uncond) = logits[..rr * v].split_at_mut(r * v);
+        let uncond: &[f32] = uncond;
+        tok[..r]
+            .par_iter_mut()
+            .zip(conf[..r].par_iter_mut())
+            .zip(cond.par_chunks_mut(v))
+            .enumerate()
+            .for_each(|(i, ((t, c), l))| {
+                if cfg {
+                    cfg_mix(l, &uncond[i * v..(i + 1) * v], p.cfg_scale, p.dtype);
+                }
+                let (tk, cf) = select_one(l, keys[2 * i] as u32, keys[2 * i + 1] as u32, p);
+                *t = tk as i32;
+                *c = cf;
+            });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn host(name: &str, shape: &[usize], data: Vec<f32>) -> WeightSource {
+        WeightSource::Host {
+            data: Arc::new(data),
+            dtype: DType::F32,
+            shape: shape.to_vec(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn matmul_matches_naive_and_merges_parts() {
+        let be = CpuBackend::new(DType::F32);
+        let (n, k, m1, m2) = (5, 19, 3, 4);
+        let wa: Vec<f32> = (0..m1 * k)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.25)
+            .collect();
+        let wb: Vec<f32> = (0..m2 * k)
+            .map(|i| ((i * 3 % 13) as f32 - 6.0) * 0.5)
+            .collect();
+        let w = be
+            .load_weight(&[
+                host("a", &[m1, k], wa.clone()),
+                host("b", &[m2, k], wb.clone()),
+            ])
+            .unwrap();
+        let x: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 5 % 9) as f32 - 4.0) * 0.125)
+            .collect();
+        let m = m1 + m2;
+        let mut out = vec![f32::NAN; n * m];
+        be.matmul(&mut out, &x, &w, n, k, m).unwrap();
+        let wall: Vec<f32> = wa.into_iter().chain(wb).collect();
+        for i in 0..n {
+            for j in 0..m {
+                // Small dyadic values: every partial sum is exact, so the order does not matter.
+                let e: f32 = (0..k).map(|l| x[i * k + l] * wall[j * k + l]).sum();
+                assert_eq!(out[i * m + j], e, "({i},{j})");
+            }
+        }
+        assert!(be.matmul(&mut out, &x, &w, n, k + 1, m).is_err());
+    }
+
+    #[test]
+    fn ops_reject_short_buffers() {
+        let be = CpuBackend::new(DType::BF16);
+        let w = be
+            .load_weight(&[WeightSource::Const {
+                value: 1.0,
+                dtype: DType::BF16,
+                shape: vec![4],
+                name: "ln".into(),
+            }])
+            .unwrap();
+        let mut out = vec![0.0; 7];
+        let e = be
+            .rms_norm(&mut out, &vec![0.0; 8], &w, 2, 4, 1e-5)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("rms_norm") && e.to_string().contains("out"),
+            "{e}"
+        );
+    }
+}
