@@ -370,6 +370,10 @@ impl<B: Backend> Model<B> {
 
 /// A [`Predictor`] running a [`Model`]: one forward pass per call (the conditional and, with
 /// CFG, the unconditional batch together), then the backend's fused head (`select`).
+///
+/// Rows are laid out as `req.rows` (conditional) followed, with CFG, by the same rows of the
+/// unconditional half (batch rows `b..2b`); the key-padding mask is duplicated for that half.
+/// `select` may overwrite the logits, so [`Model::logits`] is not meaningful after `predict`.
 pub struct ModelPredictor<'m, B: Backend> {
     model: &'m Model<B>,
     ws: Option<Workspace<B>>,
