@@ -43,10 +43,11 @@ pub fn bits(key: u64, index: u64) -> u64 {
     mix64(key ^ index.wrapping_mul(GOLDEN))
 }
 
-/// Uniform in the open interval (0, 1): the top 53 bits, offset by half an ulp.
+/// Uniform in the open interval (0, 1): the top 52 bits `k`, as `(k + 0.5)·2⁻⁵²` — exact in
+/// f64 (2k+1 < 2⁵³), so the result lies in [2⁻⁵³, 1 − 2⁻⁵³] and is never 0 or 1.
 #[inline(always)]
 pub fn uniform(bits: u64) -> f64 {
-    ((bits >> 11) as f64 + 0.5) * (1.0 / 9_007_199_254_740_992.0)
+    ((bits >> 12) as f64 + 0.5) * (1.0 / 4_503_599_627_370_496.0)
 }
 
 const LN2: f64 = std::f64::consts::LN_2;

@@ -403,7 +403,6 @@ fn greedy_generate_matches_pytorch_via_predictor() {
 ///
 /// INTEGRATOR: this needs the sampler branch (`sampler::generate(pred, prompts, params,
 /// progress) -> GenerateOutput { ids, .. }`); delete the `#[cfg(any())]` line once it is merged.
-#[cfg(any())]
 #[test]
 fn greedy_generate_matches_pytorch_via_sampler() {
     use llada::sampler::{generate, GenerateParams};
