@@ -400,9 +400,6 @@ fn greedy_generate_matches_pytorch_via_predictor() {
 
 /// The same cases through `llada::sampler::generate` (which left-pads the unpadded prompts
 /// itself and passes a key-padding mask only when lengths differ, like upstream).
-///
-/// INTEGRATOR: this needs the sampler branch (`sampler::generate(pred, prompts, params,
-/// progress) -> GenerateOutput { ids, .. }`); delete the `#[cfg(any())]` line once it is merged.
 #[test]
 fn greedy_generate_matches_pytorch_via_sampler() {
     use llada::sampler::{generate, GenerateParams};
