@@ -27,10 +27,17 @@ const DEFAULT_ARCHS: &str = "80,86,89,90a";
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "LLADA_CUDA_ARCHS", "LLADA_REQUIRE_KERNELS"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "LLADA_CUDA_ARCHS",
+        "LLADA_REQUIRE_KERNELS",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let local_nvcc = manifest.join(".tools/cuda/nvidia/cu13/bin/nvcc");
     if local_nvcc.exists() {
@@ -50,7 +57,10 @@ fn main() {
             if require {
                 panic!("LLADA_REQUIRE_KERNELS=1: {e}");
             }
-            println!("cargo:warning={}", e.lines().next().unwrap_or("kernel build failed"));
+            println!(
+                "cargo:warning={}",
+                e.lines().next().unwrap_or("kernel build failed")
+            );
             None
         }
     };
@@ -105,7 +115,11 @@ fn gencode_flags(archs: &str) -> Result<Vec<String>, String> {
 }
 
 /// Compiles every kernels/*.cu; returns (stem, fatbin path) sorted by stem.
-fn build_all(nvcc: &Path, manifest: &Path, out_dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+fn build_all(
+    nvcc: &Path,
+    manifest: &Path,
+    out_dir: &Path,
+) -> Result<Vec<(String, PathBuf)>, String> {
     let kdir = manifest.join("kernels");
     let mut sources: Vec<PathBuf> = fs::read_dir(&kdir)
         .map_err(|e| format!("cannot read {}: {e}", kdir.display()))?
@@ -127,10 +141,13 @@ fn build_all(nvcc: &Path, manifest: &Path, out_dir: &Path) -> Result<Vec<(String
         }
     }
 
-    let jobs: Arc<Mutex<Vec<PathBuf>>> = Arc::new(Mutex::new(sources.iter().rev().cloned().collect()));
+    let jobs: Arc<Mutex<Vec<PathBuf>>> =
+        Arc::new(Mutex::new(sources.iter().rev().cloned().collect()));
     type Done = Vec<(String, PathBuf, Result<String, String>)>;
     let done: Arc<Mutex<Done>> = Arc::new(Mutex::new(Vec::new()));
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(sources.len().max(1));
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(sources.len().max(1));
     std::thread::scope(|s| {
         for _ in 0..workers {
             let (jobs, done, gencode, includes) = (&jobs, &done, &gencode, &includes);
@@ -138,17 +155,29 @@ fn build_all(nvcc: &Path, manifest: &Path, out_dir: &Path) -> Result<Vec<(String
                 let Some(src) = jobs.lock().ok().and_then(|mut j| j.pop()) else {
                     return;
                 };
-                let stem = src.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let stem = src
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 let fatbin = out_dir.join(format!("{stem}.fatbin"));
                 let mut cmd = Command::new(nvcc);
-                cmd.args(["--fatbin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v"])
-                    .args(gencode)
-                    .args(includes.iter().map(|d| format!("-I{}", d.display())))
-                    .arg("-o")
-                    .arg(&fatbin)
-                    .arg(&src);
+                cmd.args([
+                    "--fatbin",
+                    "-O3",
+                    "-std=c++17",
+                    "-lineinfo",
+                    "-Xptxas",
+                    "-v",
+                ])
+                .args(gencode)
+                .args(includes.iter().map(|d| format!("-I{}", d.display())))
+                .arg("-o")
+                .arg(&fatbin)
+                .arg(&src);
                 let r = match cmd.output() {
-                    Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stderr).into_owned()),
+                    Ok(o) if o.status.success() => {
+                        Ok(String::from_utf8_lossy(&o.stderr).into_owned())
+                    }
                     Ok(o) => Err(format!(
                         "nvcc failed on {}:\n{}{}",
                         src.display(),
@@ -193,7 +222,10 @@ fn build_all(nvcc: &Path, manifest: &Path, out_dir: &Path) -> Result<Vec<(String
     let report_path = out_dir.join("ptxas-report.txt");
     let _ = fs::write(&report_path, &report);
     // OUT_DIR = target/<profile>/build/<pkg>-<hash>/out: keep a copy at target/<profile>/.
-    let stable = out_dir.ancestors().nth(3).map(|p| p.join("kernels-report.txt"));
+    let stable = out_dir
+        .ancestors()
+        .nth(3)
+        .map(|p| p.join("kernels-report.txt"));
     if let Some(p) = &stable {
         let _ = fs::write(p, &report);
     }
@@ -202,7 +234,10 @@ fn build_all(nvcc: &Path, manifest: &Path, out_dir: &Path) -> Result<Vec<(String
     }
     if spills {
         let p = stable.unwrap_or(report_path);
-        println!("cargo:warning=a CUDA kernel spills registers: see {}", p.display());
+        println!(
+            "cargo:warning=a CUDA kernel spills registers: see {}",
+            p.display()
+        );
     }
     Ok(out)
 }
@@ -214,7 +249,11 @@ fn write_kernels_rs(out_dir: &Path, kernels: Option<&[(String, PathBuf)]>) {
     let _ = writeln!(s, "/// (file stem of kernels/<stem>.cu, fatbin bytes).");
     let _ = writeln!(s, "pub const KERNELS: &[(&str, &[u8])] = &[");
     for (stem, path) in kernels.unwrap_or(&[]) {
-        let _ = writeln!(s, "    ({stem:?}, include_bytes!({:?})),", path.display().to_string());
+        let _ = writeln!(
+            s,
+            "    ({stem:?}, include_bytes!({:?})),",
+            path.display().to_string()
+        );
     }
     s.push_str("];\n");
     let path = out_dir.join("kernels.rs");
