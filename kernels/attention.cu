@@ -1,0 +1,229 @@
+// attention_fwd_bf16: bidirectional (non-causal) flash attention forward, bf16 in/out.
+//
+// Math, per batch b, query head h, query t (kv head g = h / (NH / NKV), GQA):
+//   s_j   = (q_t · k_j) · (1/sqrt(HD))                    q·k accumulated in f32 (tensor cores)
+//   s_j   = −inf where key j is masked (key_valid[b·T + j] == 0; key_valid may be NULL = all valid)
+//   p_j   = exp(s_j − max_j s_j),  out_t = (Σ_j p_j · v_j) / (Σ_j p_j)      online softmax in f32
+//   out   = bf16(out_t); a query whose keys are all masked gets zeros.
+// Like every flash kernel, p_j is rounded to bf16 before the P·V tensor-core product, while the
+// denominator Σ p_j sums the f32 values; exp is exp2f on pre-scaled scores. Against an f32
+// reference of bf16 inputs expect relative errors of a few bf16 ulps in the output.
+//
+// Layouts: qkv [B·T, (NH + 2·NKV)·HD] bf16, row = [q (NH·HD) | k (NKV·HD) | v (NKV·HD)], head h at
+// columns h·HD..(h+1)·HD of its part; out [B·T, NH·HD] bf16; key_valid [B·T] int32 or NULL.
+// Supported: HD ∈ {64, 128} (other values return immediately: the launcher must reject them),
+// NH % NKV == 0, any T ≥ 1 (partial tiles are zero-filled and masked).
+//
+// Launch: grid (ceil(T / 64), NH, B), block 128 (4 warps), no dynamic shared memory
+// (static: 3 tiles of [64 or 32 rows][HD + 8] bf16 = 34.8 KB at HD = 128).
+// Each warp owns 16 query rows. Per 32-key tile: S = Q·Kᵀ with mma.sync.m16n8k16 (bf16 → f32),
+// online-softmax update in registers (FA2 layout: thread holds rows lane/4 and lane/4 + 8), P is
+// repacked from the S accumulators into A fragments, O += P·V with the same mma. Tiles are loaded
+// with 16-byte loads when the base pointer is 16-byte aligned (scalar fallback otherwise).
+#include "common.cuh"
+
+#define ATT_BQ 64
+#define ATT_BK 32
+#define ATT_WARPS 4
+#define ATT_PAD 8
+#define ATT_HDMAX 128
+
+// D[16x8] += A[16x16] · B[16x8], bf16 inputs, f32 accumulators (PTX ISA fragment layouts:
+// groupID = lane/4, tig = lane%4; A regs: (g, 2tig..), (g+8, 2tig..), (g, 2tig+8..), (g+8, 2tig+8..);
+// B regs: (k = 2tig.., n = g), (k = 2tig+8.., n = g); C: (g, 2tig..), (g+8, 2tig..)).
+LLADA_DEVICE void mma_bf16_16816(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+LLADA_DEVICE uint32_t ld_u32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+LLADA_DEVICE uint32_t pack_raw(bf16 lo, bf16 hi) {
+    return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+}
+
+// Copy `rows` rows of HD bf16 from global (row stride `gstride` elements) into shared memory
+// (row stride HD + ATT_PAD); rows ≥ valid are zero-filled.
+template <int HD>
+LLADA_DEVICE void load_tile(bf16* __restrict__ dst, const bf16* __restrict__ src, long long gstride, int rows, int valid,
+                            bool vec) {
+    constexpr int LD = HD + ATT_PAD;
+    if (vec) {
+        constexpr int CH = HD / 8;  // 16-byte chunks per row
+        for (int idx = threadIdx.x; idx < rows * CH; idx += blockDim.x) {
+            const int r = idx / CH, c = idx - r * CH;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (r < valid) v = *reinterpret_cast<const uint4*>(src + (long long)r * gstride + c * 8);
+            *reinterpret_cast<uint4*>(dst + r * LD + c * 8) = v;
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < rows * HD; idx += blockDim.x) {
+            const int r = idx / HD, c = idx - r * HD;
+            dst[r * LD + c] = r < valid ? src[(long long)r * gstride + c] : __float2bfloat16_rn(0.0f);
+        }
+    }
+}
+
+template <int HD>
+LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict__ qkv, const int* __restrict__ key_valid,
+                                 int t, int nh, int nkv, bf16* sQ, bf16* sK, bf16* sV) {
+    constexpr int LD = HD + ATT_PAD;
+    constexpr int NT_S = ATT_BK / 8;  // n-tiles of S per warp (keys)
+    constexpr int NT_O = HD / 8;      // n-tiles of O per warp (head dims)
+    const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const int group = nh / nkv;
+    const int kvh = h / group;
+    const long long stride = (long long)(nh + 2 * nkv) * HD;
+    const long long row0 = (long long)b * t;
+    const int q0 = qt * ATT_BQ;
+    const bool vec = aligned16(qkv);  // rows and head offsets are multiples of 8 elements
+
+    const bf16* qbase = qkv + (row0 + q0) * stride + (long long)h * HD;
+    const bf16* kbase = qkv + row0 * stride + (long long)(nh + kvh) * HD;
+    const bf16* vbase = qkv + row0 * stride + (long long)(nh + nkv + kvh) * HD;
+
+    load_tile<HD>(sQ, qbase, stride, ATT_BQ, min(ATT_BQ, t - q0), vec);
+
+    // log2 domain: s2 = s · log2(e), p = exp2(s2 − m2).
+    const float scale_log2 = (1.0f / sqrtf((float)HD)) * 1.4426950408889634f;
+    float o[NT_O][4];
+#pragma unroll
+    for (int i = 0; i < NT_O; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float mrow[2] = {-INFINITY, -INFINITY};
+    float lrow[2] = {0.0f, 0.0f};
+    const bf16* qw = sQ + warp * 16 * LD;
+
+    for (int k0 = 0; k0 < t; k0 += ATT_BK) {
+        const int kvalid = min(ATT_BK, t - k0);
+        __syncthreads();  // previous tile fully consumed (and sQ written on the first pass)
+        load_tile<HD>(sK, kbase + (long long)k0 * stride, stride, ATT_BK, kvalid, vec);
+        load_tile<HD>(sV, vbase + (long long)k0 * stride, stride, ATT_BK, kvalid, vec);
+        __syncthreads();
+
+        // S = Q · Kᵀ for this warp's 16 rows × 32 keys.
+        float s[NT_S][4];
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < HD / 16; ++ks) {
+            uint32_t a[4];
+            const bf16* qa = qw + ks * 16 + tig * 2;
+            a[0] = ld_u32(qa + g * LD);
+            a[1] = ld_u32(qa + (g + 8) * LD);
+            a[2] = ld_u32(qa + g * LD + 8);
+            a[3] = ld_u32(qa + (g + 8) * LD + 8);
+#pragma unroll
+            for (int n = 0; n < NT_S; ++n) {
+                uint32_t bb[2];
+                const bf16* kb = sK + (n * 8 + g) * LD + ks * 16 + tig * 2;
+                bb[0] = ld_u32(kb);
+                bb[1] = ld_u32(kb + 8);
+                mma_bf16_16816(s[n], a, bb);
+            }
+        }
+
+        // Scale, mask, tile row max. Element (n, e): row g + 8·(e/2), key k0 + n·8 + 2·tig + (e&1).
+        float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + n * 8 + tig * 2 + (e & 1);
+                bool ok = key < t;
+                if (ok && key_valid != nullptr) ok = key_valid[row0 + key] != 0;
+                const float v = ok ? s[n][e] * scale_log2 : -INFINITY;
+                s[n][e] = v;
+                tmax[e >> 1] = fmaxf(tmax[e >> 1], v);
+            }
+        }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
+            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+            const float mnew = fmaxf(mrow[r], tmax[r]);
+            // mnew == −inf: every key so far is masked; keep O = 0, l = 0.
+            alpha[r] = mnew == -INFINITY ? 1.0f : exp2f(mrow[r] - mnew);
+            mrow[r] = mnew;
+        }
+        // P = exp2(S − m), repacked as bf16 A fragments (two 8-key n-tiles = one 16-key k-step).
+        uint32_t pa[ATT_BK / 16][4];
+        float psum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n) {
+            float p[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float mr = mrow[e >> 1];
+                p[e] = mr == -INFINITY ? 0.0f : exp2f(s[n][e] - mr);
+                psum[e >> 1] += p[e];
+            }
+            pa[n >> 1][(n & 1) * 2 + 0] = pack_bf16x2(p[0], p[1]);
+            pa[n >> 1][(n & 1) * 2 + 1] = pack_bf16x2(p[2], p[3]);
+        }
+        lrow[0] = lrow[0] * alpha[0] + psum[0];
+        lrow[1] = lrow[1] * alpha[1] + psum[1];
+#pragma unroll
+        for (int i = 0; i < NT_O; ++i) {
+            o[i][0] *= alpha[0];
+            o[i][1] *= alpha[0];
+            o[i][2] *= alpha[1];
+            o[i][3] *= alpha[1];
+        }
+
+        // O += P · V. B fragment (k = key, n = head dim): V[key][d] is row-major, so the two keys
+        // of each register are gathered with 16-bit loads.
+#pragma unroll
+        for (int ks = 0; ks < ATT_BK / 16; ++ks) {
+            const bf16* vk = sV + (ks * 16 + tig * 2) * LD + g;
+#pragma unroll
+            for (int n = 0; n < NT_O; ++n) {
+                const bf16* vp = vk + n * 8;
+                uint32_t bb[2];
+                bb[0] = pack_raw(vp[0], vp[LD]);
+                bb[1] = pack_raw(vp[8 * LD], vp[9 * LD]);
+                mma_bf16_16816(o[n], pa[ks], bb);
+            }
+        }
+    }
+
+    // Finish: full row sums over the quad, normalise, store bf16 pairs.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
+    }
+    const long long ostride = (long long)nh * HD;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int q = q0 + warp * 16 + g + r * 8;
+        if (q >= t) continue;
+        const float inv = lrow[r] > 0.0f ? 1.0f / lrow[r] : 0.0f;
+        bf16* orow = out + (row0 + q) * ostride + (long long)h * HD + tig * 2;
+#pragma unroll
+        for (int n = 0; n < NT_O; ++n) {
+            const uint32_t w = pack_bf16x2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+            *reinterpret_cast<uint32_t*>(orow + n * 8) = w;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_fwd_bf16(bf16* __restrict__ out, const bf16* __restrict__ qkv, const int* __restrict__ key_valid, int b, int t,
+                   int nh, int nkv, int hd) {
+    __shared__ __align__(16) bf16 sQ[ATT_BQ * (ATT_HDMAX + ATT_PAD)];
+    __shared__ __align__(16) bf16 sK[ATT_BK * (ATT_HDMAX + ATT_PAD)];
+    __shared__ __align__(16) bf16 sV[ATT_BK * (ATT_HDMAX + ATT_PAD)];
+    if ((int)blockIdx.z >= b || (int)blockIdx.y >= nh || nkv <= 0 || nh % nkv != 0) return;
+    if ((int)blockIdx.x * ATT_BQ >= t) return;
+    if (hd == 128) {
+        attention_tile<128>(out, qkv, key_valid, t, nh, nkv, sQ, sK, sV);
+    } else if (hd == 64) {
+        attention_tile<64>(out, qkv, key_valid, t, nh, nkv, sQ, sK, sV);
+    }
+}

@@ -1,0 +1,100 @@
+// Shared device helpers for every kernel in kernels/*.cu.
+//
+// - bf16 <-> f32 conversion (round-to-nearest-even), 16-byte vector helpers;
+// - warp / block reductions (f32 sum, f32 max);
+// - the bit-exact twin of src/rng.rs: llada_mix64, llada_cell_key, llada_bits, llada_uniform,
+//   llada_ln, llada_gumbel. Every f64 operation is written with an explicit IEEE intrinsic
+//   (__dadd_rn, __dsub_rn, __dmul_rn, __ddiv_rn, __fma_rn) in the same order as the Rust code, so
+//   nvcc cannot contract or reorder it: the GPU produces the same bits as the CPU. Constants are
+//   hex float literals equal to the values Rust computes (1.0/23.0 etc. are correctly rounded
+//   quotients; LN_2 and SQRT_2 are std::f64::consts). Changing either side means changing both.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+#ifndef LLADA_DEVICE
+#define LLADA_DEVICE __device__ __forceinline__
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// bf16 helpers
+// ---------------------------------------------------------------------------------------------
+
+LLADA_DEVICE float ld_bf16(const bf16* p) { return __bfloat162float(*p); }
+LLADA_DEVICE bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }
+// Round an f32 to the nearest bf16 (RNE) and return it as f32: `DType::BF16.round`.
+LLADA_DEVICE float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+// Unpack 8 bf16 held in a uint4 (16 bytes) into f32.
+LLADA_DEVICE void unpack8(uint4 v, float* f) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+// Pack two f32 into a bf16x2 word (low half = first element), each rounded RNE.
+LLADA_DEVICE uint32_t pack_bf16x2(float lo, float hi) {
+    const uint32_t l = __bfloat16_as_ushort(__float2bfloat16_rn(lo));
+    const uint32_t h = __bfloat16_as_ushort(__float2bfloat16_rn(hi));
+    return l | (h << 16);
+}
+
+LLADA_DEVICE uint4 pack8(const float* f) {
+    uint4 v;
+    v.x = pack_bf16x2(f[0], f[1]);
+    v.y = pack_bf16x2(f[2], f[3]);
+    v.z = pack_bf16x2(f[4], f[5]);
+    v.w = pack_bf16x2(f[6], f[7]);
+    return v;
+}
+
+LLADA_DEVICE bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// ---------------------------------------------------------------------------------------------
+// Reductions. Block helpers work for any blockDim.x that is a multiple of 32 (≤ 1024) and must be
+// called by every thread of the block; they end with the result broadcast to all threads.
+// ---------------------------------------------------------------------------------------------
+
+LLADA_DEVICE float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Max that ignores NaN (fmaxf returns the non-NaN operand).
+LLADA_DEVICE float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+LLADA_DEVICE float block_sum(float v) {
+    __shared__ float red_sum[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // protect red_sum from a previous call
+    if (lane == 0) red_sum[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? red_sum[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+LLADA_DEVICE float block_max(float v) {
+    __shared__ float red_max[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red_max[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? red_max[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+#include "rng.cuh"

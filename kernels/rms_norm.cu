@@ -1,0 +1,82 @@
+// rms_norm_bf16 / add_rms_norm_bf16: RMSNorm (LLaMA / LLaDA `RMSLayerNorm`).
+//
+// rms_norm_bf16(out, x, w, n, c, eps):
+//   r = 1 / sqrt( sum_j x[i,j]^2 / c + eps )          statistics in f32
+//   y = bf16( x[i,j] * r )                             rounded to bf16 BEFORE the weight
+//   out[i,j] = bf16( y * w[j] )
+// add_rms_norm_bf16(out, x, d, w, n, c, eps): first x[i,j] = bf16(x[i,j] + d[i,j]) (written back
+//   to x, the residual stream), then out = rms_norm(x) on the rounded values.
+//
+// Layouts: x, d, out [N, C] bf16 row-major; w [C] bf16. `out` must not alias x or d.
+// Launch: grid n (one block per row), block 256 (any multiple of 32 up to 1024).
+// Numerics: sqrt and division are IEEE (no rsqrtf); only the sum of squares is ordered
+// differently from the CPU (tree instead of sequential), so r may differ by an f32 ulp and the
+// bf16 output by one ulp, rarely. 16-byte vector path when C % 8 == 0 and all pointers are
+// 16-byte aligned; scalar otherwise.
+#include "common.cuh"
+
+template <bool ADD>
+LLADA_DEVICE void rms_norm_row(bf16* __restrict__ out, bf16* __restrict__ x, const bf16* __restrict__ d,
+                               const bf16* __restrict__ w, int c, float eps) {
+    const long long base = (long long)blockIdx.x * c;
+    bf16* xr = x + base;
+    bf16* orow = out + base;
+    const bool vec = (c & 7) == 0 && aligned16(x) && aligned16(out) && aligned16(w) && (!ADD || aligned16(d));
+    float ss = 0.0f;
+    if (vec) {
+        uint4* xv = reinterpret_cast<uint4*>(xr);
+        for (int j = threadIdx.x; j < c / 8; j += blockDim.x) {
+            float a[8];
+            unpack8(xv[j], a);
+            if (ADD) {
+                float b[8];
+                unpack8(reinterpret_cast<const uint4*>(d + base)[j], b);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) a[k] = round_bf16(__fadd_rn(a[k], b[k]));
+                xv[j] = pack8(a);  // exact: a[k] already bf16 values
+            }
+#pragma unroll
+            for (int k = 0; k < 8; ++k) ss = __fmaf_rn(a[k], a[k], ss);
+        }
+    } else {
+        for (int j = threadIdx.x; j < c; j += blockDim.x) {
+            float a = ld_bf16(xr + j);
+            if (ADD) {
+                a = round_bf16(__fadd_rn(a, ld_bf16(d + base + j)));
+                xr[j] = to_bf16(a);
+            }
+            ss = __fmaf_rn(a, a, ss);
+        }
+    }
+    ss = block_sum(ss);  // contains __syncthreads: the writes to x above are visible below
+    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, (float)c), eps)));
+    if (vec) {
+        const uint4* xv = reinterpret_cast<const uint4*>(xr);
+        const uint4* wv = reinterpret_cast<const uint4*>(w);
+        uint4* ov = reinterpret_cast<uint4*>(orow);
+        for (int j = threadIdx.x; j < c / 8; j += blockDim.x) {
+            float a[8], g[8];
+            unpack8(xv[j], a);
+            unpack8(wv[j], g);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) a[k] = __fmul_rn(round_bf16(__fmul_rn(a[k], r)), g[k]);
+            ov[j] = pack8(a);
+        }
+    } else {
+        for (int j = threadIdx.x; j < c; j += blockDim.x)
+            orow[j] = to_bf16(__fmul_rn(round_bf16(__fmul_rn(ld_bf16(xr + j), r)), ld_bf16(w + j)));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+rms_norm_bf16(bf16* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ w, int n, int c, float eps) {
+    if ((int)blockIdx.x >= n) return;
+    rms_norm_row<false>(out, const_cast<bf16*>(x), nullptr, w, c, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+add_rms_norm_bf16(bf16* __restrict__ out, bf16* __restrict__ x, const bf16* __restrict__ d, const bf16* __restrict__ w,
+                  int n, int c, float eps) {
+    if ((int)blockIdx.x >= n) return;
+    rms_norm_row<true>(out, x, d, w, c, eps);
+}

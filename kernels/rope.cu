@@ -1,0 +1,36 @@
+// rope_bf16: rotary position embedding (half rotation, GPT-NeoX / HF-Llama `rotate_half`), in
+// place on the q and k parts of a merged qkv buffer.
+//
+// For row i, head hh < NH + NKV (q heads then k heads, contiguous at the start of the row),
+// j < HD/2, p = pos[i], c = cos[p, j], s = sin[p, j]:
+//   x1 = qkv[i, hh·HD + j], x2 = qkv[i, hh·HD + j + HD/2]
+//   x1' = bf16( x1·c − x2·s ),  x2' = bf16( x2·c + x1·s )
+// Each product is rounded to f32, then the sum: written with __fmul_rn/__fadd_rn so nvcc cannot
+// contract into an FMA (the CPU reference does the same), so the result is bit-exact.
+// Layouts: qkv [N, (NH + 2·NKV)·HD] bf16; cos, sin [max_pos, HD/2] f32 (backend::rope_tables);
+// pos [N] int32 in [0, max_pos) (validated by the launcher). V is untouched.
+// Launch: grid n (one block per row), block 256 (any size): threads stride over (NH+NKV)·HD/2.
+#include "common.cuh"
+
+extern "C" __global__ void __launch_bounds__(1024)
+rope_bf16(bf16* __restrict__ qkv, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+          const int* __restrict__ pos, int n, int nh, int nkv, int hd) {
+    const int i = blockIdx.x;
+    if (i >= n) return;
+    const int half = hd / 2;
+    const long long p = pos[i];
+    const float* cr = cos_t + p * half;
+    const float* sr = sin_t + p * half;
+    bf16* row = qkv + (long long)i * (nh + 2 * nkv) * hd;
+    const int pairs = (nh + nkv) * half;
+    for (int t = threadIdx.x; t < pairs; t += blockDim.x) {
+        const int hh = t / half, j = t - hh * half;
+        bf16* h = row + (long long)hh * hd;
+        const float x1 = ld_bf16(h + j), x2 = ld_bf16(h + j + half);
+        const float c = cr[j], s = sr[j];
+        const float o1 = __fsub_rn(__fmul_rn(x1, c), __fmul_rn(x2, s));
+        const float o2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
+        h[j] = to_bf16(o1);
+        h[j + half] = to_bf16(o2);
+    }
+}

@@ -1,0 +1,41 @@
+// swiglu_bf16: SiLU-gated MLP activation on a merged gate|up buffer.
+//
+//   g = gate_up[i, j], u = gate_up[i, F + j]
+//   out[i, j] = bf16( bf16(silu(g)) * u ),  silu(g) = g / (1 + exp(-g))  in f32
+//
+// Two roundings, as PyTorch bf16 `silu(g) * u` (silu's output is a bf16 tensor). expf is CUDA's
+// accurate expf (≤ 2 ulp), so silu may differ from the CPU's libm by an ulp of f32 before the
+// bf16 rounding: rare 1-ulp bf16 differences are expected.
+// Layouts: gate_up [N, 2F] bf16, out [N, F] bf16. Launch: grid-stride over N·F (block 256);
+// 8-wide vector path when F % 8 == 0 and pointers are 16-byte aligned, else scalar.
+#include "common.cuh"
+
+LLADA_DEVICE float silu_f32(float g) { return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g))); }
+
+extern "C" __global__ void __launch_bounds__(1024)
+swiglu_bf16(bf16* __restrict__ out, const bf16* __restrict__ gate_up, int n, int f) {
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long total = (long long)n * f;
+    if ((f & 7) == 0 && aligned16(out) && aligned16(gate_up)) {
+        const long long fv = f / 8;
+        const uint4* gu = reinterpret_cast<const uint4*>(gate_up);
+        uint4* o = reinterpret_cast<uint4*>(out);
+        for (long long i = tid; i < total / 8; i += stride) {
+            const long long row = i / fv, col = i % fv;
+            float g[8], u[8], r[8];
+            unpack8(gu[row * 2 * fv + col], g);
+            unpack8(gu[row * 2 * fv + fv + col], u);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) r[k] = __fmul_rn(round_bf16(silu_f32(g[k])), u[k]);
+            o[i] = pack8(r);
+        }
+    } else {
+        for (long long i = tid; i < total; i += stride) {
+            const long long row = i / f, col = i % f;
+            const float g = ld_bf16(gate_up + row * 2 * f + col);
+            const float u = ld_bf16(gate_up + row * 2 * f + f + col);
+            out[i] = to_bf16(__fmul_rn(round_bf16(silu_f32(g)), u));
+        }
+    }
+}

@@ -1,0 +1,840 @@
+//! GPU parity: every CUDA kernel against the CPU reference backend, on fresh random inputs
+//! (bf16-representable), at odd and real shapes.
+//!
+//! Each op body is written once over the [`Backend`] trait (`run_*<B: Backend>`) and run on both
+//! `CpuBackend::new(BF16)` and `CudaBackend`. Outputs are poisoned (NaN) before every kernel, so an
+//! element the kernel forgot to write shows up as a NaN mismatch. On a failure the worst element,
+//! its index and both values are printed.
+//!
+//! Tolerances (bf16 has 8 significant bits, ulp(x) = 2^(⌊log2|x|⌋−7)):
+//! - pure copies and single-rounding elementwise ops whose f32 math is written op by op in both
+//!   implementations (embedding, gather, add, rope, init, convert, cfg mixing): **bit-exact**.
+//! - rms_norm, add_rms_norm: the sum of squares is reduced in another order (tree vs sequential),
+//!   so `r` may differ by an f32 ulp; that can flip the first bf16 rounding (x·r) by 1 ulp, and
+//!   the product with w (relative change ≤ 2^-7) can then round to a neighbour once more:
+//!   **≤ 2 bf16 ulps**.
+//! - swiglu: CUDA `expf` vs libm `exp` differ by ≤ 2 f32 ulps, which can flip the bf16 rounding of
+//!   silu by 1 ulp, then the product's rounding once more: **≤ 2 bf16 ulps**.
+//! - matmul: both accumulate exact bf16 products in f32 (cuBLAS with reduced-precision reductions
+//!   disallowed), in different orders: each f32 result is within K·2^-24·Σ|x_k w_k| of the exact
+//!   sum, and each side's bf16 rounding adds half an ulp: **|Δ| ≤ ulp(out) + 2·K·2^-24·Σ|x_k w_k|**.
+//! - attention: flash attention rounds the probabilities P to bf16 for the P·V tensor-core
+//!   product (relative error ≤ 2^-9 per term) and rescales online; the softmax weights of the two
+//!   implementations differ by at most that per term, and the normaliser too, so with
+//!   `o = Σ p_j v_j / Σ p_j`: **|Δ| ≤ ulp(o) + 2·2^-8·Σ_j (p_j/Σp)·|v_j|** (terms from an f64
+//!   recomputation here).
+//! - select: tokens **identical** (integer logits force ties; Gumbel noise is the bit-exact
+//!   counter RNG in f64); confidence **≤ 1 bf16 ulp** (its softmax sum order and `expf` differ).
+//! - top-k / threshold selection: **identical** to `head::top_k` / `head::threshold_select`.
+//!
+//! Without a usable GPU (no driver, no device, binary built without kernels) every test prints
+//! `SKIP: <why>` and passes, unless `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
+
+use std::sync::Arc;
+
+use llada::backend::cpu::CpuBackend;
+use llada::backend::cuda::CudaBackend;
+use llada::backend::{rope_tables, AttnShape, Backend};
+use llada::checkpoint::WeightSource;
+use llada::dtype::DType;
+use llada::head::{self, Remasking, SelectParams};
+use llada::rng;
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+fn gpu() -> Option<CudaBackend> {
+    let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    let r = llada::device::cuda_available()
+        .map_err(anyhow::Error::msg)
+        .and_then(|()| CudaBackend::new(0));
+    match r {
+        Ok(b) => Some(b),
+        Err(e) if require => panic!("LLADA_REQUIRE_GPU=1 but no usable GPU: {e:#}"),
+        Err(e) => {
+            eprintln!("SKIP: {e:#}");
+            None
+        }
+    }
+}
+
+fn cpu() -> CpuBackend {
+    CpuBackend::new(DType::BF16)
+}
+
+/// Deterministic bf16-representable values uniform in [-scale, scale), distinct per `tag`.
+fn rand_vec(tag: u64, len: usize, scale: f32) -> Vec<f32> {
+    let key = rng::cell_key(0xC0DA, 7, tag, 0, 0);
+    (0..len)
+        .map(|i| {
+            let u = rng::uniform(rng::bits(key, i as u64)) as f32;
+            DType::BF16.round(scale * (2.0 * u - 1.0))
+        })
+        .collect()
+}
+
+fn host(name: &str, shape: &[usize], data: Vec<f32>) -> WeightSource {
+    WeightSource::Host {
+        data: Arc::new(data),
+        dtype: DType::BF16,
+        shape: shape.to_vec(),
+        name: name.to_string(),
+    }
+}
+
+fn ints<B: Backend>(b: &B, v: &[i32]) -> B::Ints {
+    let mut x = b.alloc_ints(v.len()).unwrap();
+    b.write_ints(&mut x, v).unwrap();
+    x
+}
+
+fn f32s<B: Backend>(b: &B, v: &[f32]) -> B::F32s {
+    let mut x = b.alloc_f32s(v.len()).unwrap();
+    b.write_f32s(&mut x, v).unwrap();
+    x
+}
+
+/// An activation buffer `[rows, cols]` holding `data`, through the trait only: a host weight
+/// gathered by `embedding` with ids `0..rows` (a pure copy, itself checked bit-exact below).
+fn act<B: Backend>(b: &B, data: &[f32], rows: usize, cols: usize) -> B::Act {
+    assert_eq!(data.len(), rows * cols);
+    let w = b
+        .load_weight(&[host("act", &[rows, cols], data.to_vec())])
+        .unwrap();
+    let ids = ints(b, &(0..rows as i32).collect::<Vec<_>>());
+    let mut a = b.alloc_act(rows * cols).unwrap();
+    b.embedding(&mut a, &w, &ids, rows, cols).unwrap();
+    a
+}
+
+/// An output buffer filled with NaN, so unwritten elements show.
+fn poisoned<B: Backend>(b: &B, len: usize) -> B::Act {
+    act(b, &vec![f32::NAN; len], 1, len)
+}
+
+fn ulp_bf16(x: f32) -> f32 {
+    let a = x.abs().max(1e-30);
+    2f32.powi(a.log2().floor() as i32 - 7)
+}
+
+/// Compare element-wise; `tol(i, cpu, gpu)` is the allowed |difference| at `i`. NaN must match
+/// NaN. Panics with the worst element (largest |diff|/tol).
+fn compare(what: &str, cpu: &[f32], gpu: &[f32], tol: impl Fn(usize, f32, f32) -> f32) {
+    assert_eq!(cpu.len(), gpu.len(), "{what}: lengths differ");
+    let mut worst: Option<(f32, usize)> = None;
+    let mut bad = 0usize;
+    for (i, (&c, &g)) in cpu.iter().zip(gpu).enumerate() {
+        let (ratio, fail) = if c.is_nan() || g.is_nan() {
+            if c.is_nan() && g.is_nan() {
+                (0.0, false)
+            } else {
+                (f32::INFINITY, true)
+            }
+        } else if c == g {
+            (0.0, false)
+        } else {
+            let t = tol(i, c, g);
+            let d = (c - g).abs();
+            (if t > 0.0 { d / t } else { f32::INFINITY }, d > t)
+        };
+        if fail {
+            bad += 1;
+        }
+        if worst.map_or(true, |(r, _)| ratio > r) {
+            worst = Some((ratio, i));
+        }
+    }
+    if bad > 0 {
+        let (r, i) = worst.unwrap();
+        panic!(
+            "{what}: {bad} of {} elements out of tolerance; worst at index {i}: cpu {:e} gpu {:e} (|diff| {:e}, tol {:e}, ratio {r:.2})",
+            cpu.len(),
+            cpu[i],
+            gpu[i],
+            (cpu[i] - gpu[i]).abs(),
+            tol(i, cpu[i], gpu[i])
+        );
+    }
+}
+
+fn exact(what: &str, cpu: &[f32], gpu: &[f32]) {
+    compare(what, cpu, gpu, |_, _, _| 0.0);
+}
+
+fn ulps(what: &str, cpu: &[f32], gpu: &[f32], k: f32) {
+    compare(what, cpu, gpu, |_, c, g| k * ulp_bf16(c.abs().max(g.abs())));
+}
+
+// ---------------------------------------------------------------------------------------------
+// One body per op, generic over the backend.
+
+fn run_embedding<B: Backend>(b: &B, wte: &[f32], v: usize, c: usize, ids: &[i32]) -> Vec<f32> {
+    let w = b
+        .load_weight(&[host("wte", &[v, c], wte.to_vec())])
+        .unwrap();
+    let n = ids.len();
+    let ids = ints(b, ids);
+    let mut out = poisoned(b, n * c);
+    b.embedding(&mut out, &w, &ids, n, c).unwrap();
+    b.read_act(&out, n * c).unwrap()
+}
+
+fn run_rms_norm<B: Backend>(b: &B, x: &[f32], w: &[f32], n: usize, c: usize, eps: f32) -> Vec<f32> {
+    let wt = b.load_weight(&[host("norm", &[c], w.to_vec())]).unwrap();
+    let xa = act(b, x, n, c);
+    let mut out = poisoned(b, n * c);
+    b.rms_norm(&mut out, &xa, &wt, n, c, eps).unwrap();
+    b.read_act(&out, n * c).unwrap()
+}
+
+/// Returns (out, updated x).
+fn run_add_rms_norm<B: Backend>(
+    b: &B,
+    x: &[f32],
+    d: &[f32],
+    w: &[f32],
+    n: usize,
+    c: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let wt = b.load_weight(&[host("norm", &[c], w.to_vec())]).unwrap();
+    let mut xa = act(b, x, n, c);
+    let da = act(b, d, n, c);
+    let mut out = poisoned(b, n * c);
+    b.add_rms_norm(&mut out, &mut xa, &da, &wt, n, c, 1e-5)
+        .unwrap();
+    (
+        b.read_act(&out, n * c).unwrap(),
+        b.read_act(&xa, n * c).unwrap(),
+    )
+}
+
+fn run_add<B: Backend>(b: &B, x: &[f32], d: &[f32], n: usize, c: usize) -> Vec<f32> {
+    let mut xa = act(b, x, n, c);
+    let da = act(b, d, n, c);
+    b.add(&mut xa, &da, n, c).unwrap();
+    b.read_act(&xa, n * c).unwrap()
+}
+
+fn run_matmul<B: Backend>(
+    b: &B,
+    x: &[f32],
+    parts: &[(usize, Vec<f32>)],
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let srcs: Vec<WeightSource> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, (rows, d))| host(&format!("w{i}"), &[*rows, k], d.clone()))
+        .collect();
+    let m: usize = parts.iter().map(|p| p.0).sum();
+    let w = b.load_weight(&srcs).unwrap();
+    let xa = act(b, x, n, k);
+    let mut out = poisoned(b, n * m);
+    b.matmul(&mut out, &xa, &w, n, k, m).unwrap();
+    b.read_act(&out, n * m).unwrap()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_rope<B: Backend>(
+    b: &B,
+    qkv: &[f32],
+    pos: &[i32],
+    cos: &[f32],
+    sin: &[f32],
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+) -> Vec<f32> {
+    let n = pos.len();
+    let width = (nh + 2 * nkv) * hd;
+    let mut q = act(b, qkv, n, width);
+    let (p, c, s) = (ints(b, pos), f32s(b, cos), f32s(b, sin));
+    b.rope(&mut q, &p, &c, &s, n, nh, nkv, hd).unwrap();
+    b.read_act(&q, n * width).unwrap()
+}
+
+fn run_attention<B: Backend>(b: &B, qkv: &[f32], kv: Option<&[i32]>, s: AttnShape) -> Vec<f32> {
+    let rows = s.b * s.t;
+    let q = act(b, qkv, rows, (s.nh + 2 * s.nkv) * s.hd);
+    let kvb = kv.map(|k| ints(b, k));
+    let mut out = poisoned(b, rows * s.nh * s.hd);
+    b.attention(&mut out, &q, kvb.as_ref(), s).unwrap();
+    b.read_act(&out, rows * s.nh * s.hd).unwrap()
+}
+
+fn run_swiglu<B: Backend>(b: &B, gu: &[f32], n: usize, f: usize) -> Vec<f32> {
+    let g = act(b, gu, n, 2 * f);
+    let mut out = poisoned(b, n * f);
+    b.swiglu(&mut out, &g, n, f).unwrap();
+    b.read_act(&out, n * f).unwrap()
+}
+
+fn run_gather<B: Backend>(b: &B, x: &[f32], n: usize, c: usize, rows: &[i32]) -> Vec<f32> {
+    let xa = act(b, x, n, c);
+    let r = ints(b, rows);
+    let mut out = poisoned(b, rows.len() * c);
+    b.gather_rows(&mut out, &xa, &r, rows.len(), c).unwrap();
+    b.read_act(&out, rows.len() * c).unwrap()
+}
+
+fn run_select<B: Backend>(
+    b: &B,
+    logits: &[f32],
+    keys: &[i32],
+    r: usize,
+    v: usize,
+    p: &SelectParams,
+) -> (Vec<i32>, Vec<f32>) {
+    let lrows = logits.len() / v;
+    let mut l = act(b, logits, lrows, v);
+    let k = ints(b, keys);
+    let mut tok = ints(b, &vec![-7; r]);
+    let mut conf = f32s(b, &vec![f32::NAN; r]);
+    b.select(&mut tok, &mut conf, &mut l, &k, r, v, p).unwrap();
+    (
+        b.read_ints(&tok, r).unwrap(),
+        b.read_f32s(&conf, r).unwrap(),
+    )
+}
+
+/// The weight's rows read back through `embedding`.
+fn run_load<B: Backend>(b: &B, parts: &[WeightSource], rows: usize, cols: usize) -> Vec<f32> {
+    let w = b.load_weight(parts).unwrap();
+    let ids = ints(b, &(0..rows as i32).collect::<Vec<_>>());
+    let mut out = poisoned(b, rows * cols);
+    b.embedding(&mut out, &w, &ids, rows, cols).unwrap();
+    b.read_act(&out, rows * cols).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+const NS: [usize; 4] = [1, 7, 33, 384];
+const CS: [usize; 3] = [64, 96, 4096];
+
+#[test]
+fn embedding_and_gather_are_exact() {
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    for (ci, &c) in CS.iter().chain(&[5]).enumerate() {
+        let v = 1000;
+        let wte = rand_vec(10 + ci as u64, v * c, 2.0);
+        for &n in &NS {
+            let ids: Vec<i32> = (0..n).map(|i| ((i * 7919 + 13) % v) as i32).collect();
+            let a = run_embedding(&c0, &wte, v, c, &ids);
+            exact(
+                &format!("embedding n={n} c={c}"),
+                &a,
+                &run_embedding(&g, &wte, v, c, &ids),
+            );
+            let want: Vec<f32> = ids
+                .iter()
+                .flat_map(|&i| wte[i as usize * c..][..c].to_vec())
+                .collect();
+            exact("embedding vs direct copy", &want, &a);
+            let x = rand_vec(20 + n as u64, n * c, 3.0);
+            let rows: Vec<i32> = (0..(n as i32 + 3) / 2)
+                .map(|r| (r * 5 + 1) % n as i32)
+                .collect();
+            exact(
+                &format!("gather_rows n={n} c={c}"),
+                &run_gather(&c0, &x, n, c, &rows),
+                &run_gather(&g, &x, n, c, &rows),
+            );
+        }
+    }
+    // Out-of-range ids are caught by the launcher (host-written ids are known).
+    let w = g
+        .load_weight(&[host("wte", &[4, 64], vec![0.0; 256])])
+        .unwrap();
+    let ids = ints(&g, &[0, 4]);
+    let mut out = g.alloc_act(128).unwrap();
+    let e = g
+        .embedding(&mut out, &w, &ids, 2, 64)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ids[1] = 4"), "{e}");
+}
+
+#[test]
+fn norms_add_and_swiglu_match() {
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    for &c in &CS {
+        let w = rand_vec(30 + c as u64, c, 1.5);
+        for &n in &NS {
+            let x = rand_vec(31 + (n * c) as u64, n * c, 4.0);
+            let d = rand_vec(32 + (n * c) as u64, n * c, 4.0);
+            let tag = format!("n={n} c={c}");
+            ulps(
+                &format!("rms_norm {tag}"),
+                &run_rms_norm(&c0, &x, &w, n, c, 1e-5),
+                &run_rms_norm(&g, &x, &w, n, c, 1e-5),
+                2.0,
+            );
+            let (oc, xc) = run_add_rms_norm(&c0, &x, &d, &w, n, c);
+            let (og, xg) = run_add_rms_norm(&g, &x, &d, &w, n, c);
+            exact(&format!("add_rms_norm residual {tag}"), &xc, &xg);
+            ulps(&format!("add_rms_norm out {tag}"), &oc, &og, 2.0);
+            exact(
+                &format!("add {tag}"),
+                &run_add(&c0, &x, &d, n, c),
+                &run_add(&g, &x, &d, n, c),
+            );
+        }
+    }
+    // Odd width (scalar paths) and a big-magnitude row.
+    let (n, c) = (3, 37);
+    let x: Vec<f32> = rand_vec(40, n * c, 300.0);
+    let w = rand_vec(41, c, 1.0);
+    ulps(
+        "rms_norm odd c",
+        &run_rms_norm(&c0, &x, &w, n, c, 1e-6),
+        &run_rms_norm(&g, &x, &w, n, c, 1e-6),
+        2.0,
+    );
+    exact(
+        "add odd",
+        &run_add(&c0, &x, &w.repeat(n), n, c),
+        &run_add(&g, &x, &w.repeat(n), n, c),
+    );
+    for &(n, f) in &[(1, 64), (7, 96), (33, 4096), (384, 1376), (5, 37)] {
+        let gu = rand_vec(50 + (n * f) as u64, n * 2 * f, 8.0);
+        ulps(
+            &format!("swiglu n={n} f={f}"),
+            &run_swiglu(&c0, &gu, n, f),
+            &run_swiglu(&g, &gu, n, f),
+            2.0,
+        );
+    }
+}
+
+/// |Δ| ≤ ulp(out) + 2·K·2^-24·Σ_k |x_k w_k| (see the file header).
+#[test]
+fn matmul_matches_within_f32_accumulation_bound() {
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    // (n, k, row counts of the stacked parts)
+    let cases: &[(usize, usize, &[usize])] = &[
+        (1, 64, &[96]),
+        (7, 96, &[64]),
+        (3, 7, &[5]),
+        (33, 4096, &[96]),
+        (37, 4096, &[64, 16, 16]),
+        (384, 4096, &[512]),
+        (5, 1376, &[4096]),
+    ];
+    for (ci, &(n, k, parts)) in cases.iter().enumerate() {
+        let x = rand_vec(60 + ci as u64, n * k, 2.0);
+        let parts: Vec<(usize, Vec<f32>)> = parts
+            .iter()
+            .enumerate()
+            .map(|(j, &r)| (r, rand_vec(70 + 10 * ci as u64 + j as u64, r * k, 0.5)))
+            .collect();
+        let w: Vec<f32> = parts.iter().flat_map(|p| p.1.clone()).collect();
+        let m = w.len() / k;
+        let mut mag = vec![0f32; n * m];
+        for i in 0..n {
+            for j in 0..m {
+                mag[i * m + j] = (0..k).map(|t| (x[i * k + t] * w[j * k + t]).abs()).sum();
+            }
+        }
+        let a = run_matmul(&c0, &x, &parts, n, k);
+        let b = run_matmul(&g, &x, &parts, n, k);
+        let gamma = 2.0 * k as f32 * 2f32.powi(-24);
+        compare(&format!("matmul n={n} k={k} m={m}"), &a, &b, |i, c, gv| {
+            ulp_bf16(c.abs().max(gv.abs())) + gamma * mag[i]
+        });
+    }
+    // Shape errors name the weight.
+    let w = g
+        .load_weight(&[host("w_q", &[4, 8], vec![0.0; 32])])
+        .unwrap();
+    let x = g.alloc_act(16).unwrap();
+    let mut o = g.alloc_act(16).unwrap();
+    let e = g.matmul(&mut o, &x, &w, 2, 8, 5).unwrap_err().to_string();
+    assert!(e.contains("w_q"), "{e}");
+    let e = g.matmul(&mut o, &x, &w, 3, 8, 4).unwrap_err().to_string();
+    assert!(e.contains("`x`"), "{e}");
+}
+
+#[test]
+fn rope_is_exact() {
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    for &(hd, nh, nkv) in &[(64, 4, 4), (128, 8, 2), (128, 32, 32)] {
+        let max_pos = 700;
+        let (cos, sin) = rope_tables(500000.0, hd, max_pos);
+        for &n in &[1usize, 7, 385] {
+            let width = (nh + 2 * nkv) * hd;
+            let qkv = rand_vec(80 + (n * hd) as u64, n * width, 3.0);
+            let pos: Vec<i32> = (0..n).map(|i| ((i * 37 + 5) % max_pos) as i32).collect();
+            let a = run_rope(&c0, &qkv, &pos, &cos, &sin, nh, nkv, hd);
+            let b = run_rope(&g, &qkv, &pos, &cos, &sin, nh, nkv, hd);
+            exact(&format!("rope n={n} hd={hd} nh={nh} nkv={nkv}"), &a, &b);
+            // V is untouched.
+            for i in 0..n {
+                let v = (nh + nkv) * hd..width;
+                exact(
+                    "rope leaves v",
+                    &qkv[i * width..][v.clone()],
+                    &b[i * width..][v],
+                );
+            }
+        }
+    }
+}
+
+#[allow(clippy::needless_range_loop)]
+/// f64 softmax weights for the attention tolerance: returns Σ_j (p_j/Σp)·|v_j| per output element.
+fn attention_magnitude(qkv: &[f32], kv: Option<&[i32]>, s: AttnShape) -> Vec<f32> {
+    let AttnShape { b, t, nh, nkv, hd } = s;
+    let width = (nh + 2 * nkv) * hd;
+    let mut mag = vec![0f32; b * t * nh * hd];
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut p = vec![0f64; t];
+    for bi in 0..b {
+        for i in 0..t {
+            let qi = bi * t + i;
+            for h in 0..nh {
+                let kh = h / (nh / nkv);
+                let q = &qkv[qi * width + h * hd..][..hd];
+                let mut mx = f64::NEG_INFINITY;
+                for j in 0..t {
+                    let kj = bi * t + j;
+                    p[j] = if kv.map_or(true, |m| m[kj] != 0) {
+                        let k = &qkv[kj * width + (nh + kh) * hd..][..hd];
+                        q.iter()
+                            .zip(k)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            * scale
+                    } else {
+                        f64::NEG_INFINITY
+                    };
+                    mx = mx.max(p[j]);
+                }
+                if mx == f64::NEG_INFINITY {
+                    continue;
+                }
+                let sum: f64 = p.iter().map(|&s| (s - mx).exp()).sum();
+                for j in 0..t {
+                    let w = (p[j] - mx).exp() / sum;
+                    if w == 0.0 {
+                        continue;
+                    }
+                    let v = &qkv[(bi * t + j) * width + (nh + nkv + kh) * hd..][..hd];
+                    for (d, &vv) in v.iter().enumerate() {
+                        mag[qi * nh * hd + h * hd + d] += (w * vv.abs() as f64) as f32;
+                    }
+                }
+            }
+        }
+    }
+    mag
+}
+
+#[test]
+fn attention_matches_within_bound() {
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    let mut case = 0u64;
+    for &hd in &[64usize, 128] {
+        for &(nh, nkv) in &[(8usize, 2usize), (4, 4)] {
+            for &(b, t) in &[(1usize, 1usize), (2, 5), (1, 37), (2, 128), (1, 385)] {
+                for masked in [false, true] {
+                    case += 1;
+                    let s = AttnShape { b, t, nh, nkv, hd };
+                    let qkv = rand_vec(100 + case, b * t * (nh + 2 * nkv) * hd, 2.0);
+                    // Mask: every 3rd key padded; batch row 1 (when present) fully masked.
+                    let kv: Vec<i32> = (0..b * t)
+                        .map(|j| i32::from(j % 3 != 1 && j / t != 1))
+                        .collect();
+                    let kv = masked.then_some(kv.as_slice());
+                    let a = run_attention(&c0, &qkv, kv, s);
+                    let r = run_attention(&g, &qkv, kv, s);
+                    let mag = attention_magnitude(&qkv, kv, s);
+                    let what =
+                        format!("attention b={b} t={t} nh={nh} nkv={nkv} hd={hd} masked={masked}");
+                    compare(&what, &a, &r, |i, c, gv| {
+                        ulp_bf16(c.abs().max(gv.abs())) + 2.0 * 2f32.powi(-8) * mag[i]
+                    });
+                }
+            }
+        }
+    }
+    // Unsupported head dim: a clear error, not a launch.
+    let q = g.alloc_act(3 * 96).unwrap();
+    let mut o = g.alloc_act(96).unwrap();
+    let s = AttnShape {
+        b: 1,
+        t: 1,
+        nh: 1,
+        nkv: 1,
+        hd: 96,
+    };
+    let e = g.attention(&mut o, &q, None, s).unwrap_err().to_string();
+    assert!(e.contains("head dim 96"), "{e}");
+}
+
+#[test]
+fn select_matches_head_reference() {
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    let mut case = 0u64;
+    for &(r, v) in &[(1usize, 64usize), (7, 1000), (33, 4099), (4, 126464)] {
+        for &temperature in &[0.0, 0.7] {
+            for &cfg_scale in &[0.0, 1.5] {
+                for remasking in [Remasking::LowConfidence, Remasking::Random] {
+                    case += 1;
+                    let lrows = if cfg_scale > 0.0 { 2 * r } else { r };
+                    // Integer-valued logits in [-4, 4]: many exact ties (lowest id must win).
+                    let logits: Vec<f32> = rand_vec(200 + case, lrows * v, 4.0)
+                        .iter()
+                        .map(|x| x.round())
+                        .collect();
+                    let keys: Vec<i32> = (0..r)
+                        .flat_map(|i| [(i % 3) as i32, (128 + i * 5) as i32])
+                        .collect();
+                    let p = SelectParams {
+                        temperature,
+                        cfg_scale,
+                        remasking,
+                        seed: 1234 + case,
+                        step: case * 3,
+                        forbid: (case % 2 == 0).then_some((v - 1) as u32),
+                        conf_suppress: if case % 3 == 0 {
+                            [Some(0), Some(2)]
+                        } else {
+                            [None, None]
+                        },
+                        dtype: DType::BF16,
+                    };
+                    let (tc, cc) = run_select(&c0, &logits, &keys, r, v, &p);
+                    let (tg, cg) = run_select(&g, &logits, &keys, r, v, &p);
+                    let what =
+                        format!("select r={r} v={v} T={temperature} cfg={cfg_scale} {remasking:?}");
+                    if let Some(i) = (0..r).find(|&i| tc[i] != tg[i]) {
+                        panic!(
+                            "{what}: token differs at row {i}: cpu {} gpu {}",
+                            tc[i], tg[i]
+                        );
+                    }
+                    ulps(&format!("{what} conf"), &cc, &cg, 1.0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn topk_and_threshold_match_head_reference() {
+    let Some(g) = gpu() else { return };
+    for &(nrows, ncols) in &[(1usize, 1usize), (3, 32), (8, 256), (2, 1000), (32, 33)] {
+        // Confidences on a coarse grid (ties) with some NaNs.
+        let conf: Vec<f32> = rand_vec(300 + ncols as u64, nrows * ncols, 1.0)
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                if i % 17 == 5 {
+                    f32::NAN
+                } else {
+                    (x.abs() * 8.0).round() / 8.0
+                }
+            })
+            .collect();
+        let kk: Vec<i32> = (0..nrows)
+            .map(|r| ((r * 7 + 1) % (ncols + 1)) as i32)
+            .collect();
+        let cb = f32s(&g, &conf);
+        let kb = ints(&g, &kk);
+        let mut sel = ints(&g, &vec![-9; nrows * ncols]);
+        g.topk_select(&mut sel, &cb, &kb, nrows, ncols).unwrap();
+        let got_k = g.read_ints(&sel, nrows * ncols).unwrap();
+        for &thr in &[0.5f32, 2.0] {
+            let mut sel = ints(&g, &vec![-9; nrows * ncols]);
+            g.threshold_select(&mut sel, &cb, thr, nrows, ncols)
+                .unwrap();
+            let got_t = g.read_ints(&sel, nrows * ncols).unwrap();
+            let mut out = Vec::new();
+            for row in 0..nrows {
+                let cands: Vec<(f32, usize)> =
+                    (0..ncols).map(|j| (conf[row * ncols + j], j)).collect();
+                head::threshold_select(&cands, thr, &mut out);
+                let mut want = vec![-1; ncols];
+                for (o, &j) in want.iter_mut().zip(&out) {
+                    *o = j as i32;
+                }
+                assert_eq!(
+                    &got_t[row * ncols..][..ncols],
+                    &want[..],
+                    "threshold_select {nrows}x{ncols} thr={thr} row {row}"
+                );
+            }
+        }
+        let mut out = Vec::new();
+        for row in 0..nrows {
+            let cands: Vec<(f32, usize)> = (0..ncols).map(|j| (conf[row * ncols + j], j)).collect();
+            head::top_k(&cands, kk[row] as usize, &mut out);
+            let mut want = vec![-1; ncols];
+            for (o, &j) in want.iter_mut().zip(&out) {
+                *o = j as i32;
+            }
+            assert_eq!(
+                &got_k[row * ncols..][..ncols],
+                &want[..],
+                "topk_select {nrows}x{ncols} k={} row {row}",
+                kk[row]
+            );
+        }
+    }
+}
+
+/// Weight upload: random/const generation on the device, f32/f16/bf16 mapped files converted on
+/// upload, parts stacked by rows: all bit-exact against the CPU backend's view of the same sources.
+#[test]
+fn load_weight_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    let (rows, cols) = (37usize, 96usize);
+    let vals = rand_vec(400, rows * cols, 3.0);
+    // A "safetensors-like" file: the same values as f32, f16 and bf16 at odd offsets.
+    let mut bytes = vec![0u8; 6];
+    let mut mapped = Vec::new();
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        let start = bytes.len();
+        for &v in &vals {
+            match dt {
+                DType::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
+                DType::F16 => bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                DType::BF16 => bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+            }
+        }
+        mapped.push((dt, start, bytes.len()));
+        bytes.push(0);
+    }
+    let path = std::env::temp_dir().join(format!("llada-cuda-parity-{}.bin", std::process::id()));
+    std::fs::write(&path, &bytes).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    // SAFETY: the file is private to this test and not modified while mapped.
+    let mmap = Arc::new(unsafe { memmap2::Mmap::map(&file) }.unwrap());
+    let mut sources = Vec::new();
+    for (dt, start, end) in mapped {
+        sources.push(WeightSource::Mapped {
+            mmap: mmap.clone(),
+            start,
+            end,
+            dtype: dt,
+            shape: vec![rows, cols],
+            name: format!("mapped_{dt}"),
+        });
+    }
+    for dt in [DType::BF16, DType::F32, DType::F16] {
+        sources.push(WeightSource::Random {
+            seed: 99,
+            std: 0.02,
+            dtype: dt,
+            shape: vec![rows, cols],
+            name: format!("random_{dt}"),
+        });
+    }
+    sources.push(WeightSource::Const {
+        value: 1.0 / 3.0,
+        dtype: DType::F32,
+        shape: vec![rows, cols],
+        name: "const".into(),
+    });
+    for s in &sources {
+        let one = std::slice::from_ref(s);
+        exact(
+            &format!("load_weight {}", s.name()),
+            &run_load(&c0, one, rows, cols),
+            &run_load(&g, one, rows, cols),
+        );
+    }
+    // All stacked into one [rows·len, cols] weight.
+    let total = rows * sources.len();
+    exact(
+        "load_weight stacked",
+        &run_load(&c0, &sources, total, cols),
+        &run_load(&g, &sources, total, cols),
+    );
+    // Mismatched columns: an error naming both tensors.
+    let bad = [
+        host("a", &[2, 8], vec![0.0; 16]),
+        host("b", &[2, 9], vec![0.0; 18]),
+    ];
+    let e = g.load_weight(&bad).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("`b`") && e.contains("`a`"), "{e}");
+    drop(mmap);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// A captured graph replays the same launches: the result equals the eager one.
+#[test]
+fn graph_capture_replays_eagerly_computed_result() {
+    let Some(g) = gpu() else { return };
+    let (n, c) = (7, 4096);
+    let x = rand_vec(500, n * c, 2.0);
+    let d = rand_vec(501, n * c, 2.0);
+    let w = rand_vec(502, c, 1.0);
+    let (eager, _) = run_add_rms_norm(&g, &x, &d, &w, n, c);
+    let wt = g.load_weight(&[host("norm", &[c], w)]).unwrap();
+    let mut xa = act(&g, &x, n, c);
+    let da = act(&g, &d, n, c);
+    let mut out = poisoned(&g, n * c);
+    g.synchronize().unwrap();
+    let graph = g
+        .capture(|b| b.add_rms_norm(&mut out, &mut xa, &da, &wt, n, c, 1e-5))
+        .unwrap();
+    // Nothing ran during capture.
+    assert!(
+        g.read_act(&out, n * c).unwrap().iter().all(|v| v.is_nan()),
+        "capture executed work"
+    );
+    let t = g.timer().unwrap();
+    t.start().unwrap();
+    g.replay(&graph).unwrap();
+    let ms = t.stop_ms().unwrap();
+    assert!(ms >= 0.0 && ms.is_finite(), "timer {ms}");
+    exact("graph replay", &eager, &g.read_act(&out, n * c).unwrap());
+    eprintln!(
+        "{} ({:?}), driver {:?}, mem {:?}",
+        g.device_name(),
+        g.compute_capability().unwrap(),
+        llada::backend::cuda::driver_version().unwrap(),
+        g.mem_info().unwrap()
+    );
+}
+
+#[test]
+fn launchers_name_bad_arguments() {
+    let Some(g) = gpu() else { return };
+    let x = g.alloc_act(10).unwrap();
+    let mut o = g.alloc_act(10).unwrap();
+    let e = g.swiglu(&mut o, &x, 2, 5).unwrap_err().to_string();
+    assert!(e.contains("swiglu") && e.contains("gate_up"), "{e}");
+    let p = SelectParams {
+        dtype: DType::F32,
+        ..Default::default()
+    };
+    let mut tok = g.alloc_ints(1).unwrap();
+    let mut conf = g.alloc_f32s(1).unwrap();
+    let keys = g.alloc_ints(2).unwrap();
+    let mut l = g.alloc_act(10).unwrap();
+    let e = g
+        .select(&mut tok, &mut conf, &mut l, &keys, 1, 10, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bf16"), "{e}");
+    let (cos, sin) = rope_tables(10000.0, 64, 4);
+    let (cb, sb) = (f32s(&g, &cos), f32s(&g, &sin));
+    let pos = ints(&g, &[4]);
+    let mut q = g.alloc_act(3 * 64).unwrap();
+    let e = g
+        .rope(&mut q, &pos, &cb, &sb, 1, 1, 1, 64)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("pos[0] = 4"), "{e}");
+}
