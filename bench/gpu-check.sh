@@ -60,6 +60,10 @@ EOF
     rm -f "$json"
 
     cp "$root/bench/gpu-check.sh" "$dir/gpu-check.sh"
+    if bash "$root/kernels/check/build.sh" "$dir/kc-build" >/dev/null 2>&1 && [ -x "$dir/kc-build/kernel-check" ]; then
+        cp "$dir/kc-build/kernel-check" "$dir/bin/"
+    fi
+    rm -rf "$dir/kc-build"
     [ -f "$root/bench/torch_reference.py" ] && cp "$root/bench/torch_reference.py" "$dir/"
     if [ -d "$root/tests/fixtures" ]; then
         mkdir -p "$dir/tests" && cp -r "$root/tests/fixtures" "$dir/tests/"
@@ -94,7 +98,9 @@ run() {
 
     export LLADA_REQUIRE_GPU=1
     local t name log rc passed failed
-    for t in test-bins/*; do
+    # The GPU tests by default (CPU-only tests ran on the dev machine and refer to its paths);
+    # GPU_CHECK_TESTS='*' runs every bundled test binary.
+    for t in test-bins/${GPU_CHECK_TESTS:-*cuda*}; do
         [ -x "$t" ] || continue
         name=$(basename "$t")
         log="$res/$name.log"
@@ -108,6 +114,14 @@ run() {
         grep -E '^test .* FAILED$|panicked at' "$log" | head -20
         rows+=("$(printf '%-40s %-16s %6s %6s' "$name" "$status" "$passed" "$failed")")
     done
+
+    if [ -x bin/kernel-check ]; then
+        echo "== kernel-check (standalone kernel harness)"
+        timeout "$T_TEST" bin/kernel-check >"$res/kernel-check.log" 2>&1
+        local krc=$?
+        tail -30 "$res/kernel-check.log"
+        rows+=("$(printf '%-40s %-16s' kernel-check "$([ $krc = 0 ] && echo ok || echo "FAIL(rc=$krc)")")")
+    fi
 
     local bench="not run"
     if [ -x bin/llada-bench ]; then

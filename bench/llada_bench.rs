@@ -19,7 +19,11 @@ use llada::head::Remasking;
 use llada::sampler::{GenerateParams, Progress};
 
 #[derive(Parser)]
-#[command(name = "llada-bench", version, about = "LLaDA generation throughput per step count")]
+#[command(
+    name = "llada-bench",
+    version,
+    about = "LLaDA generation throughput per step count"
+)]
 struct Args {
     /// A Hugging Face model folder (default: a random-weight preset).
     #[arg(long, conflicts_with = "preset")]
@@ -72,7 +76,11 @@ fn list(s: &str, what: &str) -> Result<Vec<usize>> {
     let v: Vec<usize> = s
         .split(',')
         .filter(|x| !x.trim().is_empty())
-        .map(|x| x.trim().parse::<usize>().map_err(|_| anyhow::anyhow!("bad {what} {x:?} in {s:?}")))
+        .map(|x| {
+            x.trim()
+                .parse::<usize>()
+                .map_err(|_| anyhow::anyhow!("bad {what} {x:?} in {s:?}"))
+        })
         .collect::<Result<_>>()?;
     if v.is_empty() || v.contains(&0) {
         bail!("--{what} needs positive integers, got {s:?}");
@@ -84,7 +92,12 @@ fn list(s: &str, what: &str) -> Result<Vec<usize>> {
 /// over the rows the sampler asks for.
 fn step_flops(e: &dyn Engine, b: usize, t: usize, rows: usize) -> f64 {
     let c = e.config();
-    let (d, hd, f, v) = (c.d_model as f64, c.head_dim() as f64, c.mlp_hidden_size as f64, c.embedding_size as f64);
+    let (d, hd, f, v) = (
+        c.d_model as f64,
+        c.head_dim() as f64,
+        c.mlp_hidden_size as f64,
+        c.embedding_size as f64,
+    );
     let qkv = d * (c.n_heads as f64 + 2.0 * c.n_kv_heads as f64) * hd;
     let per_tok = 2.0 * (qkv + d * d + 3.0 * d * f);
     let attn = 4.0 * (t as f64) * (t as f64) * (c.n_heads as f64) * hd;
@@ -100,13 +113,23 @@ fn run(a: Args) -> Result<()> {
     let (dev, _) = device::resolve(choice)?;
     let spec = match (&a.model, &a.preset) {
         (Some(d), _) => ModelSpec::Dir(d.clone()),
-        (None, Some(p)) => ModelSpec::Preset { name: p.clone(), seed: 0 },
+        (None, Some(p)) => ModelSpec::Preset {
+            name: p.clone(),
+            seed: 0,
+        },
         (None, None) => {
-            let name = if dev == Resolved::Cpu { "tiny" } else { "llada-8b" };
+            let name = if dev == Resolved::Cpu {
+                "tiny"
+            } else {
+                "llada-8b"
+            };
             if dev == Resolved::Cpu {
                 eprintln!("note: no usable GPU, benchmarking the `tiny` preset on the CPU (use --preset/--model to choose)");
             }
-            ModelSpec::Preset { name: name.into(), seed: 0 }
+            ModelSpec::Preset {
+                name: name.into(),
+                seed: 0,
+            }
         }
     };
     let steps_list = list(&a.steps, "steps")?;
@@ -123,19 +146,32 @@ fn run(a: Args) -> Result<()> {
     let cfg = eng.config().clone();
     let vocab_hi = (cfg.mask_token_id.min(cfg.eos_token_id)).max(2);
 
-    println!("# llada-bench  device: {}  driver: {}  commit: {}", eng.device(), eng.driver(), commit());
+    println!(
+        "# llada-bench  device: {}  driver: {}  commit: {}",
+        eng.device(),
+        eng.driver(),
+        commit()
+    );
     println!(
         "# model: {}  prompt {}  gen_length {}  block_length {}  temperature 0  low_confidence  (load {:.1}s)",
         opened.label, a.prompt_len, a.gen_length, a.block_length, load_s
     );
     if let Some(c) = ceiling {
-        println!("# GEMM ceiling on this device (bf16 4096x4096x8192 via the backend): {c:.1} TFLOP/s");
+        println!(
+            "# GEMM ceiling on this device (bf16 4096x4096x8192 via the backend): {c:.1} TFLOP/s"
+        );
     }
     let mut rows = Vec::new();
     for &b in &batches {
         // Deterministic pseudo-random prompts below the special ids.
         let prompts: Vec<Vec<u32>> = (0..b)
-            .map(|r| (0..a.prompt_len).map(|i| (llada::rng::mix64((r * 1_000_003 + i) as u64) % vocab_hi as u64) as u32).collect())
+            .map(|r| {
+                (0..a.prompt_len)
+                    .map(|i| {
+                        (llada::rng::mix64((r * 1_000_003 + i) as u64) % vocab_hi as u64) as u32
+                    })
+                    .collect()
+            })
             .collect();
         println!();
         println!("batch {b}");
@@ -185,7 +221,8 @@ fn run(a: Args) -> Result<()> {
             step_ms.sort_by(|x, y| x.total_cmp(y));
             let med = step_ms[step_ms.len() / 2];
             let t = a.prompt_len + a.gen_length;
-            let tflops = step_flops(eng.as_ref(), b, t, b * a.block_length) * nfe as f64 / secs / 1e12;
+            let tflops =
+                step_flops(eng.as_ref(), b, t, b * a.block_length) * nfe as f64 / secs / 1e12;
             let row = Row {
                 batch: b,
                 steps,
@@ -208,8 +245,12 @@ fn run(a: Args) -> Result<()> {
                 row.ms_per_step_min,
                 row.ms_per_step_max,
                 row.tflops,
-                row.gemm_ceiling_share.map(|s| format!("{:.0}%", s * 100.0)).unwrap_or_else(|| "-".into()),
-                row.peak_memory_bytes.map(|m| format!("{:.2}", m as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "-".into()),
+                row.gemm_ceiling_share
+                    .map(|s| format!("{:.0}%", s * 100.0))
+                    .unwrap_or_else(|| "-".into()),
+                row.peak_memory_bytes
+                    .map(|m| format!("{:.2}", m as f64 / (1u64 << 30) as f64))
+                    .unwrap_or_else(|| "-".into()),
             );
             rows.push(row);
         }

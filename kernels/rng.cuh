@@ -40,9 +40,9 @@ LLADA_DEVICE unsigned long long llada_bits(unsigned long long key, unsigned long
     return llada_mix64(key ^ (index * LLADA_GOLDEN));
 }
 
-// ((bits >> 11) as f64 + 0.5) * (1.0 / 2^53): open interval (0, 1).
+// ((bits >> 12) as f64 + 0.5) * 2^-52 (exact): open interval (0, 1), as rng::uniform.
 LLADA_DEVICE double llada_uniform(unsigned long long bits) {
-    return __dmul_rn(__dadd_rn(__ull2double_rn(bits >> 11), 0.5), 0x1p-53);
+    return __dmul_rn(__dadd_rn(__ull2double_rn(bits >> 12), 0.5), 0x1p-52);
 }
 
 // Natural log of a positive, finite, normal f64 (same algorithm and op order as rng::ln).

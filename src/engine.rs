@@ -49,12 +49,22 @@ impl Opened {
                 } else {
                     None
                 };
-                Ok(Opened { cfg, ckpt, tokenizer, label: dir.display().to_string() })
+                Ok(Opened {
+                    cfg,
+                    ckpt,
+                    tokenizer,
+                    label: dir.display().to_string(),
+                })
             }
             ModelSpec::Preset { name, seed } => {
                 let cfg = presets::preset_config(name)?;
                 let ckpt = presets::preset_checkpoint(name, *seed, DType::BF16)?;
-                Ok(Opened { cfg, ckpt, tokenizer: None, label: format!("preset {name} (random weights, seed {seed})") })
+                Ok(Opened {
+                    cfg,
+                    ckpt,
+                    tokenizer: None,
+                    label: format!("preset {name} (random weights, seed {seed})"),
+                })
             }
         }
     }
@@ -130,7 +140,10 @@ impl<B: Backend> Engine for EngineImpl<B> {
             bail!("no ids given");
         }
         if t > self.model.cfg.max_sequence_length {
-            bail!("{t} ids exceed max_sequence_length {}", self.model.cfg.max_sequence_length);
+            bail!(
+                "{t} ids exceed max_sequence_length {}",
+                self.model.cfg.max_sequence_length
+            );
         }
         let mut ws = self.model.workspace(t, t)?;
         let rows: Vec<u32> = (0..t as u32).collect();
@@ -190,7 +203,10 @@ impl<B: Backend> Engine for EngineImpl<B> {
 fn check_ids(cfg: &ModelConfig, ids: impl Iterator<Item = u32>) -> Result<()> {
     for id in ids {
         if id as usize >= cfg.embedding_size {
-            bail!("token id {id} is out of range: the model has {} embeddings", cfg.embedding_size);
+            bail!(
+                "token id {id} is out of range: the model has {} embeddings",
+                cfg.embedding_size
+            );
         }
     }
     Ok(())
@@ -203,21 +219,32 @@ pub fn load(opened: &Opened, choice: DeviceChoice) -> Result<(Box<dyn Engine>, O
     let get = |name: &str| opened.ckpt.get(name).cloned();
     let engine: Box<dyn Engine> = match dev {
         Resolved::Cpu => {
-            if opened.cfg.d_model >= 2048 && matches!(opened.ckpt.get("model.transformer.wte.weight"), Ok(crate::checkpoint::WeightSource::Random { .. })) {
+            if opened.cfg.d_model >= 2048
+                && matches!(
+                    opened.ckpt.get("model.transformer.wte.weight"),
+                    Ok(crate::checkpoint::WeightSource::Random { .. })
+                )
+            {
                 bail!("the {} preset is too large for the CPU reference backend (it would materialise its random weights); use --device cuda or the tiny preset", opened.label);
             }
             let backend = CpuBackend::new(opened.ckpt.dtype());
             let threads = rayon::current_num_threads();
             let model = Model::load(backend, opened.cfg.clone(), get)
                 .with_context(|| format!("loading {} on the CPU", opened.label))?;
-            Box::new(EngineImpl { model, device: format!("cpu ({threads} threads, {} compute)", opened.ckpt.dtype()) })
+            Box::new(EngineImpl {
+                model,
+                device: format!("cpu ({threads} threads, {} compute)", opened.ckpt.dtype()),
+            })
         }
         Resolved::Cuda(i) => {
             let backend = CudaBackend::new(i)?;
             let name = format!("{} (cuda:{i})", backend.device_name());
             let model = Model::load(backend, opened.cfg.clone(), get)
                 .with_context(|| format!("loading {} on cuda:{i}", opened.label))?;
-            Box::new(EngineImpl { model, device: name })
+            Box::new(EngineImpl {
+                model,
+                device: name,
+            })
         }
     };
     Ok((engine, notice))
@@ -228,7 +255,10 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .map(str::trim)
         .filter(|x| !x.is_empty())
-        .map(|x| x.parse::<u32>().with_context(|| format!("bad token id {x:?} in {s:?}")))
+        .map(|x| {
+            x.parse::<u32>()
+                .with_context(|| format!("bad token id {x:?} in {s:?}"))
+        })
         .collect()
 }
 

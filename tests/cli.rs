@@ -12,7 +12,9 @@ fn llada() -> Command {
 }
 
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity").join(p)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity")
+        .join(p)
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -38,7 +40,10 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn ids_arg(v: &[u64]) -> String {
-    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `llada generate --format json --device cpu --temperature 0` gives exactly the ids the
@@ -54,13 +59,21 @@ fn generate_matches_pytorch_reference() {
         let name = case["name"].as_str().unwrap();
         let gen = case["gen_length"].as_u64().unwrap() as usize;
         let mut cmd = llada();
-        cmd.args(["generate", "--format", "json", "--device", "cpu", "--temperature", "0"])
-            .arg("--model")
-            .arg(fixture("f32"))
-            .args(["--gen-length", &gen.to_string()])
-            .args(["--steps", &case["steps"].to_string()])
-            .args(["--block-length", &case["block_length"].to_string()])
-            .args(["--cfg-scale", &case["cfg_scale"].to_string()]);
+        cmd.args([
+            "generate",
+            "--format",
+            "json",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+        ])
+        .arg("--model")
+        .arg(fixture("f32"))
+        .args(["--gen-length", &gen.to_string()])
+        .args(["--steps", &case["steps"].to_string()])
+        .args(["--block-length", &case["block_length"].to_string()])
+        .args(["--cfg-scale", &case["cfg_scale"].to_string()]);
         if case["logits_eos_inf"].as_bool().unwrap() {
             cmd.arg("--logits-eos-inf");
         }
@@ -69,7 +82,12 @@ fn generate_matches_pytorch_reference() {
         }
         let prompts = case["prompt"].as_array().unwrap();
         for (i, p) in prompts.iter().enumerate() {
-            let p: Vec<u64> = p.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+            let p: Vec<u64> = p
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
             // Strip the left padding: the CLI pads (and masks) itself.
             let keep: Vec<u64> = match case["attention_mask"].as_array() {
                 Some(m) => p
@@ -88,7 +106,12 @@ fn generate_matches_pytorch_reference() {
             .unwrap()
             .iter()
             .map(|r| {
-                let r: Vec<u64> = r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+                let r: Vec<u64> = r
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap())
+                    .collect();
                 r[r.len() - gen..].to_vec()
             })
             .collect();
@@ -96,7 +119,13 @@ fn generate_matches_pytorch_reference() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect())
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap())
+                    .collect()
+            })
             .collect();
         assert_eq!(got_ids, want, "case {name}");
         let steps = case["steps"].as_u64().unwrap();
@@ -112,11 +141,22 @@ fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     let t = &header["logits"];
     assert_eq!(t["dtype"], "F32");
-    let shape: Vec<usize> = t["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+    let shape: Vec<usize> = t["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
     let off = t["data_offsets"].as_array().unwrap();
-    let (a, b) = (off[0].as_u64().unwrap() as usize, off[1].as_u64().unwrap() as usize);
+    let (a, b) = (
+        off[0].as_u64().unwrap() as usize,
+        off[1].as_u64().unwrap() as usize,
+    );
     let data = &bytes[8 + n + a..8 + n + b];
-    let v = data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let v = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     (shape, v)
 }
 
@@ -134,7 +174,12 @@ fn forward_matches_pytorch_reference() {
             continue;
         }
         let variant = case["variant"].as_str().unwrap();
-        let ids: Vec<u64> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        let ids: Vec<u64> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
         let t = ids.len();
         let out = dir.join(format!("{variant}.safetensors"));
         let o = run(llada()
@@ -147,8 +192,18 @@ fn forward_matches_pytorch_reference() {
         let (shape, got) = read_logits(&out);
         let v = exp["config"]["embedding_size"].as_u64().unwrap() as usize;
         assert_eq!(shape, vec![1, t, v]);
-        let rows: Vec<usize> = case["rows"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-        let want: Vec<f32> = case["logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let rows: Vec<usize> = case["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        let want: Vec<f32> = case["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         let mut worst = 0f32;
         for (ri, &r) in rows.iter().enumerate() {
@@ -156,8 +211,15 @@ fn forward_matches_pytorch_reference() {
                 worst = worst.max((got[r * v + j] - want[ri * v + j]).abs());
             }
         }
-        let tol = if variant == "f32" { 1e-4 * scale } else { 4.0 * scale * 2f32.powi(-8) };
-        assert!(worst <= tol, "{variant}: worst |diff| {worst} > {tol} (scale {scale})");
+        let tol = if variant == "f32" {
+            1e-4 * scale
+        } else {
+            4.0 * scale * 2f32.powi(-8)
+        };
+        assert!(
+            worst <= tol,
+            "{variant}: worst |diff| {worst} > {tol} (scale {scale})"
+        );
         checked += 1;
     }
     assert_eq!(checked, 2, "expected one f32 and one bf16 unpadded case");
@@ -170,12 +232,19 @@ fn tiny_folder_single_and_sharded_agree() {
     let d1 = tmpdir("tiny1");
     let d3 = tmpdir("tiny3");
     assert!(run(llada().arg("init-tiny").arg(&d1)).status.success());
-    assert!(run(llada().arg("init-tiny").arg(&d3).args(["--shards", "3"])).status.success());
+    assert!(
+        run(llada().arg("init-tiny").arg(&d3).args(["--shards", "3"]))
+            .status
+            .success()
+    );
     assert!(d3.join("model.safetensors.index.json").is_file());
     let gen = |d: &Path| {
         ok_json(
             llada()
-                .args(["generate", "--device", "cpu", "--format", "json", "--chat", "--prompt", "hi there"])
+                .args([
+                    "generate", "--device", "cpu", "--format", "json", "--chat", "--prompt",
+                    "hi there",
+                ])
                 .args(["--gen-length", "16", "--steps", "8", "--block-length", "8"])
                 .arg("--model")
                 .arg(d),
@@ -194,7 +263,11 @@ fn tiny_folder_single_and_sharded_agree() {
 
 fn err_of(cmd: &mut Command) -> String {
     let o = run(cmd);
-    assert!(!o.status.success(), "expected failure, got {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        !o.status.success(),
+        "expected failure, got {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     let e = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!e.contains("panicked"), "panic instead of an error: {e}");
     e
@@ -205,30 +278,81 @@ fn bad_input_is_a_clear_error() {
     let f = fixture("f32");
     let base = |extra: &[&str]| {
         let mut c = llada();
-        c.args(["generate", "--device", "cpu", "--prompt-ids", "5,6,7"]).arg("--model").arg(&f).args(extra);
+        c.args(["generate", "--device", "cpu", "--prompt-ids", "5,6,7"])
+            .arg("--model")
+            .arg(&f)
+            .args(extra);
         c
     };
-    let e = err_of(&mut base(&["--gen-length", "10", "--block-length", "4", "--steps", "4"]));
+    let e = err_of(&mut base(&[
+        "--gen-length",
+        "10",
+        "--block-length",
+        "4",
+        "--steps",
+        "4",
+    ]));
     assert!(e.contains("gen_length") && e.contains("10"), "{e}");
-    let e = err_of(&mut base(&["--gen-length", "8", "--block-length", "4", "--steps", "3"]));
+    let e = err_of(&mut base(&[
+        "--gen-length",
+        "8",
+        "--block-length",
+        "4",
+        "--steps",
+        "3",
+    ]));
     assert!(e.contains("steps") && e.contains('3'), "{e}");
-    let e = err_of(&mut base(&["--gen-length", "64", "--block-length", "64", "--steps", "64"]));
+    let e = err_of(&mut base(&[
+        "--gen-length",
+        "64",
+        "--block-length",
+        "64",
+        "--steps",
+        "64",
+    ]));
     assert!(e.contains("max_sequence_length") || e.contains("64"), "{e}");
     let e = err_of(&mut base(&["--remasking", "sideways"]));
     assert!(e.contains("sideways"), "{e}");
-    let e = err_of(llada().args(["generate", "--device", "cpu", "--prompt-ids", "5,x"]).arg("--model").arg(&f));
+    let e = err_of(
+        llada()
+            .args(["generate", "--device", "cpu", "--prompt-ids", "5,x"])
+            .arg("--model")
+            .arg(&f),
+    );
     assert!(e.contains("\"x\""), "{e}");
-    let e = err_of(llada().args(["generate", "--device", "cpu", "--prompt-ids", "5,100000"]).arg("--model").arg(&f));
+    let e = err_of(
+        llada()
+            .args(["generate", "--device", "cpu", "--prompt-ids", "5,100000"])
+            .arg("--model")
+            .arg(&f),
+    );
     assert!(e.contains("100000"), "{e}");
     let missing = tmpdir("missing");
-    let e = err_of(llada().args(["generate", "--prompt-ids", "5"]).arg("--model").arg(&missing));
+    let e = err_of(
+        llada()
+            .args(["generate", "--prompt-ids", "5"])
+            .arg("--model")
+            .arg(&missing),
+    );
     assert!(e.contains("config.json"), "{e}");
     // --prompt text on a folder without tokenizer.json
-    let e = err_of(llada().args(["generate", "--device", "cpu", "--prompt", "hi"]).arg("--model").arg(&f));
+    let e = err_of(
+        llada()
+            .args(["generate", "--device", "cpu", "--prompt", "hi"])
+            .arg("--model")
+            .arg(&f),
+    );
     assert!(e.contains("tokenizer"), "{e}");
     // A forward output is never left half-written when the input is bad.
     let d = tmpdir("fwd-bad");
     let out = d.join("x.safetensors");
-    let _ = err_of(llada().args(["forward", "--device", "cpu", "--ids", "1,999999"]).arg("--model").arg(&f).arg("--out").arg(&out));
+    let _ = err_of(
+        llada()
+            .args(["forward", "--device", "cpu", "--ids", "1,999999"])
+            .arg("--model")
+            .arg(&f)
+            .arg("--out")
+            .arg(&out),
+    );
     assert!(!out.exists());
 }

@@ -16,7 +16,11 @@ use llada::head::Remasking;
 use llada::sampler::{GenerateParams, Progress};
 
 #[derive(Parser)]
-#[command(name = "llada", version, about = "LLaDA masked-diffusion LM inference (CPU reference and CUDA)")]
+#[command(
+    name = "llada",
+    version,
+    about = "LLaDA masked-diffusion LM inference (CPU reference and CUDA)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -51,7 +55,10 @@ impl ModelArgs {
     fn spec(&self) -> Result<ModelSpec> {
         match (&self.model, &self.preset) {
             (Some(dir), None) => Ok(ModelSpec::Dir(dir.clone())),
-            (None, Some(name)) => Ok(ModelSpec::Preset { name: name.clone(), seed: self.weights_seed }),
+            (None, Some(name)) => Ok(ModelSpec::Preset {
+                name: name.clone(),
+                seed: self.weights_seed,
+            }),
             _ => bail!("give --model DIR or --preset NAME"),
         }
     }
@@ -141,13 +148,18 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Forward(a) => cmd_forward(a),
-        Cmd::InitTiny(a) => engine::init_tiny(&a.dir, a.seed, match parse_dtype(&a.dtype) {
-            Ok(d) => d,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                return ExitCode::from(2);
-            }
-        }, a.shards)
+        Cmd::InitTiny(a) => engine::init_tiny(
+            &a.dir,
+            a.seed,
+            match parse_dtype(&a.dtype) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return ExitCode::from(2);
+                }
+            },
+            a.shards,
+        )
         .map(|_| println!("wrote the tiny preset to {}", a.dir.display())),
         Cmd::Info(a) => cmd_info(a),
     };
@@ -169,10 +181,18 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
         c.d_model, c.n_heads, c.n_kv_heads, c.head_dim(), c.n_layers, c.mlp_hidden_size, c.vocab_size, c.embedding_size,
         c.max_sequence_length
     );
-    println!("ids: mask {} eos {} pad {}", c.mask_token_id, c.eos_token_id, c.pad_token_id);
+    println!(
+        "ids: mask {} eos {} pad {}",
+        c.mask_token_id, c.eos_token_id, c.pad_token_id
+    );
     println!("weights dtype: {}", opened.ckpt.dtype());
     if let Some(t) = &opened.tokenizer {
-        println!("tokenizer: {} entries, eot {:?}, bos {:?}", t.vocab_size(), t.special.eot, t.special.bos);
+        println!(
+            "tokenizer: {} entries, eot {:?}, bos {:?}",
+            t.vocab_size(),
+            t.special.eot,
+            t.special.bos
+        );
     }
     Ok(())
 }
@@ -188,7 +208,10 @@ fn cmd_forward(a: ForwardArgs) -> Result<()> {
     let logits = eng.forward_logits(&ids)?;
     let v = eng.config().embedding_size;
     let t = ids.len();
-    write_safetensors(&a.out, &[("logits".to_string(), DType::F32, vec![1, t, v], logits)])?;
+    write_safetensors(
+        &a.out,
+        &[("logits".to_string(), DType::F32, vec![1, t, v], logits)],
+    )?;
     eprintln!("wrote logits [1, {t}, {v}] to {}", a.out.display());
     Ok(())
 }
@@ -207,10 +230,17 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             .tokenizer
             .as_ref()
             .context("--prompt needs a tokenizer.json in the model folder (or use --prompt-ids)")?;
-        let ids = if a.chat { tok.encode_chat(&[("user", text.as_str())])? } else { tok.encode(text, true)? };
+        let ids = if a.chat {
+            tok.encode_chat(&[("user", text.as_str())])?
+        } else {
+            tok.encode(text, true)?
+        };
         vec![ids]
     } else if !a.prompt_ids.is_empty() {
-        a.prompt_ids.iter().map(|s| engine::parse_ids(s)).collect::<Result<_>>()?
+        a.prompt_ids
+            .iter()
+            .map(|s| engine::parse_ids(s))
+            .collect::<Result<_>>()?
     } else {
         bail!("give --prompt TEXT or --prompt-ids 1,2,3");
     };
@@ -265,8 +295,21 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         eprintln!();
     }
     let texts: Vec<String> = match &opened.tokenizer {
-        Some(t) => out.ids.iter().map(|ids| t.decode(ids, true)).collect::<Result<_>>()?,
-        None => out.ids.iter().map(|ids| ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ")).collect(),
+        Some(t) => out
+            .ids
+            .iter()
+            .map(|ids| t.decode(ids, true))
+            .collect::<Result<_>>()?,
+        None => out
+            .ids
+            .iter()
+            .map(|ids| {
+                ids.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect(),
     };
     if json {
         let v = serde_json::json!({
