@@ -60,6 +60,7 @@ EOF
     rm -f "$json"
 
     cp "$root/bench/gpu-check.sh" "$dir/gpu-check.sh"
+    echo "$(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet HEAD 2>/dev/null || echo -dirty)" >"$dir/COMMIT"
     if bash "$root/kernels/check/build.sh" "$dir/kc-build" >/dev/null 2>&1 && [ -x "$dir/kc-build/kernel-check" ]; then
         cp "$dir/kc-build/kernel-check" "$dir/bin/"
     fi
@@ -97,6 +98,7 @@ run() {
     timeout 60 nvidia-smi 2>&1 | tee "$res/nvidia-smi.log" || echo "(nvidia-smi failed or missing)"
 
     export LLADA_REQUIRE_GPU=1
+    [ -f COMMIT ] && export LLADA_COMMIT="$(cat COMMIT)"
     local t name log rc passed failed
     # The GPU tests by default (CPU-only tests ran on the dev machine and refer to its paths);
     # GPU_CHECK_TESTS='*' runs every bundled test binary.

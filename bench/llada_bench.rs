@@ -104,8 +104,20 @@ fn step_flops(e: &dyn Engine, b: usize, t: usize, rows: usize) -> f64 {
     c.n_layers as f64 * (per_tok * (b * t) as f64 + attn * b as f64) + 2.0 * d * v * rows as f64
 }
 
-fn commit() -> &'static str {
-    option_env!("LLADA_GIT_COMMIT").unwrap_or("unknown")
+/// The commit being measured: `LLADA_COMMIT` (the GPU bundle sets it), else `git rev-parse` in
+/// the current directory, else "unknown".
+fn commit() -> String {
+    if let Ok(c) = std::env::var("LLADA_COMMIT") {
+        return c;
+    }
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 fn run(a: Args) -> Result<()> {

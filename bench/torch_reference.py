@@ -26,7 +26,7 @@ import torch.nn.functional as F
 PRESETS = {
     # d_model, n_heads, n_layers, mlp, vocab, mask_id
     "llada-8b": dict(d=4096, nh=32, nl=32, f=12288, v=126464, mask=126336),
-    "tiny": dict(d=64, nh=4, nl=2, f=160, v=512, mask=500),
+    "tiny": dict(d=128, nh=2, nl=2, f=320, v=512, mask=502),
 }
 
 

@@ -165,27 +165,27 @@ fn extra_tensors_are_ignored_and_listed() {
 #[test]
 fn gqa_shapes_follow_n_kv_heads() {
     let mut cfg = preset_config("tiny").unwrap();
-    cfg.n_kv_heads = 2;
+    cfg.n_kv_heads = 1;
     let shapes = expected_tensors(&cfg);
     let k = shapes
         .iter()
         .find(|(n, _)| *n == block_tensor(1, "k_proj"))
         .unwrap();
-    assert_eq!(k.1, vec![2 * 16, 64]);
+    assert_eq!(k.1, vec![64, 128]);
     let dir = TempDir::new("gqa");
     let text = cfg.to_json();
     let path = dir.path().join("config.json");
     std::fs::write(&path, &text).unwrap();
-    assert_eq!(ModelConfig::from_file(&path).unwrap().n_kv_heads, 2);
-    // A tiny-preset checkpoint (4 kv heads) does not fit this config.
+    assert_eq!(ModelConfig::from_file(&path).unwrap().n_kv_heads, 1);
+    // A tiny-preset checkpoint (2 kv heads) does not fit this config.
     write_preset_folder("tiny", dir.path(), 1, DType::BF16, 1).unwrap();
     let e = format!("{:#}", Checkpoint::open(dir.path(), &cfg).unwrap_err());
     assert_has(
         &e,
         &[
             "model.transformer.blocks.0.k_proj.weight",
-            "[64, 64]",
-            "[32, 64]",
+            "[128, 128]",
+            "[64, 128]",
         ],
     );
 }
@@ -222,9 +222,10 @@ fn wrong_shape_names_tensor_and_file() {
     let q = block_tensor(1, "q_proj");
     let x = t.iter_mut().find(|x| x.0 == q).unwrap();
     x.2 = vec![32, 128];
+    x.3.truncate(32 * 128);
     write_hf_folder(dir.path(), &cfg, &t, 1).unwrap();
     let e = open_err(dir.path());
-    assert_has(&e, &[&q, "model.safetensors", "[32, 128]", "[64, 64]"]);
+    assert_has(&e, &[&q, "model.safetensors", "[32, 128]", "[128, 128]"]);
 }
 
 #[test]
@@ -443,7 +444,7 @@ fn inconsistent_sizes_are_rejected() {
     let cases = [
         ("n_heads", json!(3), "multiple of `n_heads`"),
         ("n_kv_heads", json!(3), "`n_kv_heads` = 3 must divide"),
-        ("d_model", json!(68), "must be even"), // 68 / 4 = 17
+        ("d_model", json!(66), "must be even"), // 66 / 2 = 33
         ("mask_token_id", json!(512), "mask_token_id"),
         ("n_layers", json!(0), "`n_layers` must be > 0"),
         ("d_model", json!("wide"), "`d_model`"),

@@ -1249,6 +1249,19 @@ impl Backend for CudaBackend {
             anyhow!("CUDA stream synchronize failed (an earlier kernel faulted?): {e:?}")
         })
     }
+
+    fn memory_in_use(&self) -> Option<usize> {
+        self.mem_info()
+            .ok()
+            .map(|(free, total)| total.saturating_sub(free))
+    }
+
+    fn driver(&self) -> String {
+        match driver_version() {
+            Ok((a, b)) => format!("CUDA {a}.{b}"),
+            Err(_) => "CUDA (version unknown)".to_string(),
+        }
+    }
 }
 
 /// Head dims the attention kernel is instantiated for.
