@@ -65,6 +65,40 @@ fn main() {
         }
     };
     write_kernels_rs(&out_dir, kernels.as_deref());
+    build_nvtx(&manifest, find_nvcc(&local_nvcc).as_deref());
+}
+
+/// Compile the NVTX3 shim (`src/nvtx/shim.c`) when NVTX3 headers are found next to nvcc (the
+/// pinned `nvidia-nvtx` wheel) or in a CUDA toolkit; emits `--cfg llada_nvtx`. Without headers
+/// the ranges compile to nothing. Never fails the build.
+fn build_nvtx(manifest: &Path, nvcc: Option<&Path>) {
+    println!("cargo::rustc-check-cfg=cfg(llada_nvtx)");
+    println!("cargo:rerun-if-changed=src/nvtx/shim.c");
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(root) = nvcc.and_then(Path::parent).and_then(Path::parent) {
+        candidates.push(root.join("include"));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Ok(v) = env::var(var) {
+            candidates.push(PathBuf::from(v).join("include"));
+        }
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    let Some(inc) = candidates
+        .into_iter()
+        .find(|d| d.join("nvtx3/nvToolsExt.h").is_file())
+    else {
+        return;
+    };
+    let ok = cc::Build::new()
+        .file(manifest.join("src/nvtx/shim.c"))
+        .include(&inc)
+        .warnings(false)
+        .try_compile("llada_nvtx_shim");
+    if ok.is_ok() {
+        println!("cargo:rustc-link-lib=dl");
+        println!("cargo:rustc-cfg=llada_nvtx");
+    }
 }
 
 fn find_nvcc(local: &Path) -> Option<PathBuf> {

@@ -17,6 +17,7 @@ pub mod dtype;
 pub mod engine;
 pub mod head;
 pub mod model;
+pub mod nvtx;
 pub mod presets;
 pub mod rng;
 pub mod sampler;

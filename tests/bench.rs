@@ -1,0 +1,111 @@
+//! `llada-bench` output on the `tiny` preset on the CPU: the table and the JSON.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_llada-bench"))
+}
+
+#[test]
+fn table_and_json_on_tiny_cpu() {
+    let dir = std::env::temp_dir().join(format!("llada-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("bench.json");
+    let out = bench()
+        .args([
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--prompt-len",
+            "8",
+            "--gen-length",
+            "16",
+        ])
+        .args([
+            "--block-length",
+            "8",
+            "--steps",
+            "16,4",
+            "--batch",
+            "1,2",
+            "--warmup",
+            "0",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("# llada-bench  device: cpu"), "{stdout}");
+    assert!(stdout.contains("commit: "), "{stdout}");
+    let header = stdout
+        .lines()
+        .find(|l| l.contains("tokens/s"))
+        .expect("a table header");
+    for col in ["steps", "fwd", "ms/step", "min", "max", "TFLOP/s"] {
+        assert!(header.contains(col), "missing column {col}: {header}");
+    }
+    // One row per (batch, steps): "16  16 ..." and "4  4 ..." twice.
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() >= 6 && w[0].parse::<usize>().is_ok() && w[1].parse::<usize>().is_ok())
+        .collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    for r in &rows {
+        assert_eq!(r[0], r[1], "forward passes = steps without a cache: {r:?}");
+        assert!(r[2].parse::<f64>().unwrap() > 0.0);
+    }
+
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["device"].as_str().unwrap().starts_with("cpu"));
+    let jr = v["rows"].as_array().unwrap();
+    assert_eq!(jr.len(), 4);
+    let steps: Vec<u64> = jr.iter().map(|r| r["steps"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![16, 4, 16, 4]);
+    for r in jr {
+        let tps = r["tokens_per_s"].as_f64().unwrap();
+        let secs = r["seconds"].as_f64().unwrap();
+        let b = r["batch"].as_u64().unwrap() as f64;
+        assert!(tps > 0.0);
+        // tokens/s is batch · gen_length / seconds.
+        assert!((tps * secs - 16.0 * b).abs() < 1e-6 * tps * secs, "{r}");
+        assert_eq!(r["forward_passes"], r["steps"]);
+        assert!(
+            r["ms_per_step_min"].as_f64().unwrap() <= r["ms_per_step_median"].as_f64().unwrap()
+        );
+        assert!(
+            r["ms_per_step_median"].as_f64().unwrap() <= r["ms_per_step_max"].as_f64().unwrap()
+        );
+    }
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    for (args, want) in [
+        (vec!["--steps", "8,x"], "x"),
+        (vec!["--steps", "0"], "steps"),
+        (
+            vec!["--gen-length", "16", "--block-length", "5", "--steps", "4"],
+            "gen_length",
+        ),
+        (vec!["--preset", "huge"], "huge"),
+    ] {
+        let out = bench()
+            .args(["--device", "cpu"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(e.contains(want) && !e.contains("panicked"), "{args:?}: {e}");
+    }
+}
