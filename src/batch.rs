@@ -26,7 +26,9 @@
 //! Even without randomness, padding moves the RoPE positions of a prompt, so the rotated q·k
 //! products round differently: equal in exact arithmetic, not always in the last bit. On the CPU
 //! in f32 this has not changed a greedy result on the test models; in bf16 a last-ulp change can
-//! flip a near-tie (see `tests/batch.rs`).
+//! flip an argmax or a confidence order (on the bf16 parity fixture, 3 of 9 padded prompts came
+//! out different). [`plan_batches`] with `same_length` (`--same-length`) never pads, which makes
+//! CPU batches bit-identical to single prompts in every dtype (see `tests/batch.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -671,14 +673,22 @@ impl OutputLog {
 /// Requests grouped by generation parameters, each group sorted by prompt length (then line),
 /// cut into batches of at most `max_batch(opts, longest_prompt)` requests. Returns indices
 /// into `reqs`; groups keep the order of their first request.
+///
+/// With `same_length`, prompts of different lengths never share a batch (no padding at all):
+/// then a batch gives bit-for-bit what each prompt gives alone in any dtype on the CPU, at the
+/// cost of smaller batches.
 pub fn plan_batches(
     reqs: &[Request],
+    same_length: bool,
     mut max_batch: impl FnMut(&GenOptions, usize) -> usize,
 ) -> Vec<Vec<usize>> {
     let mut order: Vec<_> = Vec::new();
     let mut groups: HashMap<_, Vec<usize>> = HashMap::new();
     for (i, r) in reqs.iter().enumerate() {
-        let k = r.opts.group_key();
+        let k = (
+            r.opts.group_key(),
+            if same_length { r.prompt_ids.len() } else { 0 },
+        );
         groups
             .entry(k)
             .or_insert_with(|| {
@@ -1135,13 +1145,18 @@ mod tests {
             req(4, 5, a.clone()),
             req(5, 2, b.clone()),
         ];
-        let plan = plan_batches(&reqs, |_, _| 2);
+        let plan = plan_batches(&reqs, false, |_, _| 2);
         assert_eq!(plan, vec![vec![2, 3], vec![0], vec![4, 1]]);
         // A cap that shrinks with length closes a batch early.
-        let plan = plan_batches(&reqs, |_, len| if len >= 5 { 1 } else { 8 });
+        let plan = plan_batches(&reqs, false, |_, len| if len >= 5 { 1 } else { 8 });
         assert_eq!(plan, vec![vec![2], vec![3], vec![0], vec![4, 1]]);
+        // Same length only: every batch holds one prompt length.
+        let mut more = reqs.clone();
+        more.push(req(6, 9, a.clone()));
+        let plan = plan_batches(&more, true, |_, _| 8);
+        assert_eq!(plan, vec![vec![0, 5], vec![1], vec![2], vec![3], vec![4]]);
         // Every request planned exactly once.
-        let mut all: Vec<usize> = plan_batches(&reqs, |_, _| 3).concat();
+        let mut all: Vec<usize> = plan_batches(&reqs, false, |_, _| 3).concat();
         all.sort();
         assert_eq!(all, vec![0, 1, 2, 3, 4]);
     }

@@ -66,6 +66,11 @@ pub struct BatchArgs {
     /// results then depend on their batch neighbours (the RNG is keyed by batch row and position).
     #[arg(long)]
     batch_sampling: bool,
+    /// Batch only prompts of equal length (no padding): results bit-identical to single
+    /// prompts in bf16 too, at the cost of smaller batches. Without it, padded bf16 batches can
+    /// differ from single prompts in rare near-ties (RoPE positions shift with the padding).
+    #[arg(long)]
+    same_length: bool,
     /// Render text `prompt`s as one user message with the chat template (Instruct models).
     #[arg(long)]
     chat: bool,
@@ -304,7 +309,7 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
             (None, Some(f)) => batch::auto_batch_size(&cfg, act_bytes, f, frac, o, len, cap),
             (None, None) => 8.min(cap),
         };
-        let plan = batch::plan_batches(&todo, size_of);
+        let plan = batch::plan_batches(&todo, a.same_length, size_of);
         let largest = plan.iter().map(Vec::len).max().unwrap_or(0);
         eprintln!(
             "device {device}: {} batches (largest {largest}{})",
