@@ -99,6 +99,8 @@ pub trait Engine {
     fn synchronize(&self) -> Result<()>;
     /// Device memory in use in bytes, when the backend tracks it.
     fn memory_used(&self) -> Option<usize>;
+    /// Free device memory in bytes, when the backend tracks it (`None` on the CPU).
+    fn memory_free(&self) -> Option<usize>;
     /// Driver description for reports.
     fn driver(&self) -> String;
     /// Measured bf16 GEMM throughput (TFLOP/s) of this backend at a large square-ish shape:
@@ -155,6 +157,9 @@ impl<B: Backend> Engine for EngineImpl<B> {
     }
     fn memory_used(&self) -> Option<usize> {
         self.model.backend.memory_in_use()
+    }
+    fn memory_free(&self) -> Option<usize> {
+        self.model.backend.memory_free()
     }
     fn driver(&self) -> String {
         self.model.backend.driver()

@@ -8,8 +8,10 @@
 //! - [`head`] and [`rng`]: turning logits into (token, confidence) pairs, bit-reproducibly.
 //! - [`sampler`]: upstream `generate` (blocks, schedule, remasking, CFG, EOS rules) over a
 //!   [`sampler::Predictor`].
+//! - [`batch`]: offline JSONL batch generation (sharding, bucketing, resume, merge).
 
 pub mod backend;
+pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod device;

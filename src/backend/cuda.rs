@@ -1256,6 +1256,10 @@ impl Backend for CudaBackend {
             .map(|(free, total)| total.saturating_sub(free))
     }
 
+    fn memory_free(&self) -> Option<usize> {
+        self.mem_info().ok().map(|(free, _)| free)
+    }
+
     fn driver(&self) -> String {
         match driver_version() {
             Ok((a, b)) => format!("CUDA {a}.{b}"),

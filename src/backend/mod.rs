@@ -181,6 +181,12 @@ pub trait Backend {
         None
     }
 
+    /// Free device memory in bytes, where the backend can tell (`llada batch` sizes its
+    /// batches from it).
+    fn memory_free(&self) -> Option<usize> {
+        None
+    }
+
     /// Driver / runtime description for reports.
     fn driver(&self) -> String {
         "-".to_string()

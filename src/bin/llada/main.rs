@@ -1,5 +1,7 @@
 //! `llada`: generate with, inspect and debug LLaDA models.
 
+mod batch;
+
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +38,9 @@ enum Cmd {
     InitTiny(InitTinyArgs),
     /// Print a model folder's configuration and tensors summary.
     Info(ModelArgs),
+    /// Offline generation over a JSONL file (sharding, resume, errors file); `batch merge`
+    /// joins shard outputs.
+    Batch(batch::BatchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -162,6 +167,7 @@ fn main() -> ExitCode {
         )
         .map(|_| println!("wrote the tiny preset to {}", a.dir.display())),
         Cmd::Info(a) => cmd_info(a),
+        Cmd::Batch(a) => return batch::main(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
