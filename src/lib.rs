@@ -8,6 +8,8 @@
 //! - [`head`] and [`rng`]: turning logits into (token, confidence) pairs, bit-reproducibly.
 //! - [`sampler`]: upstream `generate` (blocks, schedule, remasking, CFG, EOS rules) over a
 //!   [`sampler::Predictor`].
+//! - [`loglik`] and [`eval`]: upstream's Monte-Carlo log-likelihood (ELBO) and lm-eval-style
+//!   multiple-choice scoring over a [`loglik::Scorer`].
 
 pub mod backend;
 pub mod checkpoint;
@@ -15,7 +17,9 @@ pub mod config;
 pub mod device;
 pub mod dtype;
 pub mod engine;
+pub mod eval;
 pub mod head;
+pub mod loglik;
 pub mod model;
 pub mod presets;
 pub mod rng;

@@ -15,6 +15,9 @@ use llada::engine::{self, ModelSpec, Opened};
 use llada::head::Remasking;
 use llada::sampler::{GenerateParams, Progress};
 
+mod eval;
+mod loglik;
+
 #[derive(Parser)]
 #[command(
     name = "llada",
@@ -36,6 +39,10 @@ enum Cmd {
     InitTiny(InitTinyArgs),
     /// Print a model folder's configuration and tensors summary.
     Info(ModelArgs),
+    /// Log-likelihood of an answer given a prompt (upstream Monte-Carlo ELBO).
+    Loglik(loglik::LoglikArgs),
+    /// Multiple-choice evaluation (lm-eval-harness scoring) from a JSON-lines file.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Args, Clone)]
@@ -162,6 +169,8 @@ fn main() -> ExitCode {
         )
         .map(|_| println!("wrote the tiny preset to {}", a.dir.display())),
         Cmd::Info(a) => cmd_info(a),
+        Cmd::Loglik(a) => loglik::cmd_loglik(a),
+        Cmd::Eval(a) => eval::cmd_eval(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
