@@ -38,8 +38,8 @@ pub fn parse_items(text: &str, source: &str) -> Result<Vec<McItem>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line)
-            .with_context(|| format!("{source}:{ln}: not valid JSON"))?;
+        let v: Value =
+            serde_json::from_str(line).with_context(|| format!("{source}:{ln}: not valid JSON"))?;
         let obj = v
             .as_object()
             .with_context(|| format!("{source}:{ln}: expected a JSON object"))?;
@@ -55,9 +55,9 @@ pub fn parse_items(text: &str, source: &str) -> Result<Vec<McItem>> {
             .iter()
             .enumerate()
             .map(|(j, c)| {
-                c.as_str().map(str::to_string).with_context(|| {
-                    format!("{source}:{ln}: choices[{j}] is not a string")
-                })
+                c.as_str()
+                    .map(str::to_string)
+                    .with_context(|| format!("{source}:{ln}: choices[{j}] is not a string"))
             })
             .collect::<Result<_>>()?;
         ensure!(!choices.is_empty(), "{source}:{ln}: `choices` is empty");
@@ -97,7 +97,10 @@ pub fn encode_pair(
 ) -> Result<(Vec<u32>, Vec<u32>)> {
     let trimmed = context.trim_end();
     let (ctx, cont) = if trimmed.len() < context.len() {
-        (trimmed, format!("{}{continuation}", &context[trimmed.len()..]))
+        (
+            trimmed,
+            format!("{}{continuation}", &context[trimmed.len()..]),
+        )
     } else {
         (context, continuation.to_string())
     };

@@ -380,12 +380,12 @@ pub fn elbo_exact(
             x.extend_from_slice(answer);
             let l = s.count_ones() as usize;
             let weight = 1.0 / (l as f64 * binom(t, l));
-            for i in 0..t {
+            for (i, &a) in answer.iter().enumerate() {
                 if s >> i & 1 == 1 {
                     let flat = r * len + lp + i;
                     x[flat] = mask;
                     rows.push(flat as u32);
-                    targets.push(answer[i]);
+                    targets.push(a);
                     w.push(weight);
                 }
             }
@@ -467,13 +467,18 @@ mod tests {
         }
         // Each bin ~ Binomial(n, 1/5): sd = sqrt(n·0.16) ≈ 57; allow 5 sd.
         for h in hist.iter().chain(&first) {
-            assert!((*h as f64 - n as f64 / 5.0).abs() < 5.0 * 57.0, "{hist:?} {first:?}");
+            assert!(
+                (*h as f64 - n as f64 / 5.0).abs() < 5.0 * 57.0,
+                "{hist:?} {first:?}"
+            );
         }
     }
 
     #[test]
     fn log_prob_one_matches_f64_log_softmax() {
-        let l: Vec<f32> = (0..50).map(|i| ((i * 37) % 23) as f32 * 0.3 - 3.0).collect();
+        let l: Vec<f32> = (0..50)
+            .map(|i| ((i * 37) % 23) as f32 * 0.3 - 3.0)
+            .collect();
         let m = l.iter().cloned().fold(f32::MIN, f32::max) as f64;
         let z: f64 = l.iter().map(|&v| (v as f64 - m).exp()).sum();
         for t in [0, 7, 49] {

@@ -598,7 +598,12 @@ impl<B: Backend> crate::loglik::Scorer for ModelScorer<'_, B> {
         {
             bail!("score: targets[{i}] = {tg} is outside the vocabulary of {v}");
         }
-        if let Some((i, &rw)) = req.rows.iter().enumerate().find(|(_, &rw)| rw as usize >= n) {
+        if let Some((i, &rw)) = req
+            .rows
+            .iter()
+            .enumerate()
+            .find(|(_, &rw)| rw as usize >= n)
+        {
             bail!("score: rows[{i}] = {rw} is outside the {n} tokens");
         }
         if r == 0 {

@@ -117,8 +117,8 @@ fn acc_and_acc_norm_follow_lm_eval() {
         })
         .collect();
     let mut seen = 0;
-    let (res, s) = eval::evaluate(&mut f, &mut enc, &items, &p(1), Some(&mut |d, _| seen = d))
-        .unwrap();
+    let (res, s) =
+        eval::evaluate(&mut f, &mut enc, &items, &p(1), Some(&mut |d, _| seen = d)).unwrap();
     assert_eq!(seen, 4);
     assert_eq!(res.len(), 4);
     assert_eq!(s.n, 4);
@@ -130,7 +130,10 @@ fn acc_and_acc_norm_follow_lm_eval() {
 fn argmax_and_stderr_helpers() {
     assert_eq!(eval::argmax_first(&[1.0, 3.0, 3.0]), 1);
     assert_eq!(eval::argmax_first(&[1.0, f64::NAN, 5.0]), 1);
-    assert_eq!(eval::argmax_first(&[f64::NEG_INFINITY, f64::NEG_INFINITY]), 0);
+    assert_eq!(
+        eval::argmax_first(&[f64::NEG_INFINITY, f64::NEG_INFINITY]),
+        0
+    );
     let (m, se) = eval::mean_stderr(&[1.0]);
     assert_eq!(m, 1.0);
     assert!(se.is_nan());
@@ -149,17 +152,35 @@ fn jsonl_parsing_names_file_and_line() {
         let e = format!("{:#}", eval::parse_items(text, "t.jsonl").unwrap_err());
         assert!(e.contains(want), "{e:?} lacks {want:?}");
     };
-    bad("{\"choices\": [\"x\"], \"answer\": 0}", "t.jsonl:1: field `context`");
+    bad(
+        "{\"choices\": [\"x\"], \"answer\": 0}",
+        "t.jsonl:1: field `context`",
+    );
     bad(
         "{\"context\": \"c\", \"choices\": [\"x\"], \"answer\": 0}\n{\"context\": \"c\", \"answer\": 0}",
         "t.jsonl:2: field `choices`",
     );
-    bad("{\"context\": \"c\", \"choices\": [\"x\"], \"answer\": 3}", "out of range");
-    bad("{\"context\": \"c\", \"choices\": [\"x\"], \"answer\": \"z\"}", "not one of the choices");
-    bad("{\"context\": \"c\", \"choices\": [], \"answer\": 0}", "`choices` is empty");
-    bad("{\"context\": \"c\", \"choices\": [1], \"answer\": 0}", "choices[0] is not a string");
+    bad(
+        "{\"context\": \"c\", \"choices\": [\"x\"], \"answer\": 3}",
+        "out of range",
+    );
+    bad(
+        "{\"context\": \"c\", \"choices\": [\"x\"], \"answer\": \"z\"}",
+        "not one of the choices",
+    );
+    bad(
+        "{\"context\": \"c\", \"choices\": [], \"answer\": 0}",
+        "`choices` is empty",
+    );
+    bad(
+        "{\"context\": \"c\", \"choices\": [1], \"answer\": 0}",
+        "choices[0] is not a string",
+    );
     bad("not json", "t.jsonl:1: not valid JSON");
-    bad("{\"context\": \"c\", \"choices\": [\"x\"]}", "field `answer`");
+    bad(
+        "{\"context\": \"c\", \"choices\": [\"x\"]}",
+        "field `answer`",
+    );
     bad("\n\n", "no items");
 }
 
@@ -197,7 +218,16 @@ fn cli_eval_end_to_end() {
             .arg(&dir)
             .arg("--tasks")
             .arg(&tasks)
-            .args(["--mc-num", "4", "--batch-size", "2", "--device", "cpu", "--format", "json"])
+            .args([
+                "--mc-num",
+                "4",
+                "--batch-size",
+                "2",
+                "--device",
+                "cpu",
+                "--format",
+                "json",
+            ])
             .arg("--output")
             .arg(out)
             .output()
@@ -215,21 +245,38 @@ fn cli_eval_end_to_end() {
     let lines1 = std::fs::read_to_string(&o1).unwrap();
     assert_eq!(lines1.lines().count(), 3);
     run(&o2);
-    assert_eq!(lines1, std::fs::read_to_string(&o2).unwrap(), "not deterministic");
+    assert_eq!(
+        lines1,
+        std::fs::read_to_string(&o2).unwrap(),
+        "not deterministic"
+    );
     // Item 1, choice 0: context "one two " → the trailing space moves onto " three".
     let item: Value = serde_json::from_str(lines1.lines().nth(1).unwrap()).unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_llada"))
         .args(["loglik", "--model"])
         .arg(&dir)
         .args(["--prompt", "one two ", "--answer", " three"])
-        .args(["--mc-num", "4", "--batch-size", "2", "--device", "cpu", "--format", "json"])
+        .args([
+            "--mc-num",
+            "4",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--format",
+            "json",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ll: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(ll["loglik"].as_f64(), item["lls"][0].as_f64());
     // A bad task file names the line.
-    std::fs::write(&tasks, "{\"context\": \"x\", \"choices\": [\"a\"], \"answer\": 0}\n{oops\n").unwrap();
+    std::fs::write(
+        &tasks,
+        "{\"context\": \"x\", \"choices\": [\"a\"], \"answer\": 0}\n{oops\n",
+    )
+    .unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_llada"))
         .args(["eval", "--model"])
         .arg(&dir)

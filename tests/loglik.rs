@@ -87,8 +87,9 @@ fn one_token_answers_match_upstream_pytorch() {
                 (1, 1, 7),
                 (6, 3, 1),
             ] {
-                let got = loglik::estimate(scorer.as_mut(), &prompt, &answer, &params(mc, b, cfg, seed))
-                    .unwrap();
+                let got =
+                    loglik::estimate(scorer.as_mut(), &prompt, &answer, &params(mc, b, cfg, seed))
+                        .unwrap();
                 let tol = if variant == "f32" {
                     1e-4
                 } else {
@@ -96,7 +97,10 @@ fn one_token_answers_match_upstream_pytorch() {
                     // (model_parity prints the scale). Observed: 0 or one ulp of the result.
                     8.0 * 2f64.powi(-8) * 8.0 + ulp_bf16(want)
                 };
-                eprintln!("{variant} {answer:?} cfg {cfg}: |diff| {:e} (tol {tol:e})", (got.loglik - want).abs());
+                eprintln!(
+                    "{variant} {answer:?} cfg {cfg}: |diff| {:e} (tol {tol:e})",
+                    (got.loglik - want).abs()
+                );
                 assert!(
                     (got.loglik - want).abs() <= tol,
                     "{variant} {prompt:?}→{answer:?} cfg {cfg} mc {mc}/{b}: {} vs upstream {want} (tol {tol})",
@@ -219,8 +223,13 @@ fn exact_elbo_is_the_any_order_chain_rule_average() {
         per_order.push(ll);
     }
     let mean = per_order.iter().sum::<f64>() / per_order.len() as f64;
-    let spread = per_order.iter().fold(0.0f64, |m, &x| m.max((x - mean).abs()));
-    assert!(spread > 1e-2, "orders agree ({per_order:?}): the model looks consistent");
+    let spread = per_order
+        .iter()
+        .fold(0.0f64, |m, &x| m.max((x - mean).abs()));
+    assert!(
+        spread > 1e-2,
+        "orders agree ({per_order:?}): the model looks consistent"
+    );
     let elbo = {
         let mut s = eng.scorer();
         loglik::elbo_exact(s.as_mut(), &prompt, &answer, 0.0, 4).unwrap()
@@ -250,10 +259,18 @@ fn monte_carlo_converges_to_exact_elbo() {
         (vec![12, 70, 140], vec![6, 91, 8], 0.5, 1),
     ] {
         let exact = loglik::elbo_exact(scorer.as_mut(), &prompt, &answer, cfg, 4).unwrap();
-        let out = loglik::estimate(scorer.as_mut(), &prompt, &answer, &params(b * 300, b, cfg, 11))
-            .unwrap();
+        let out = loglik::estimate(
+            scorer.as_mut(),
+            &prompt,
+            &answer,
+            &params(b * 300, b, cfg, 11),
+        )
+        .unwrap();
         let se = out.mc_stderr.unwrap();
-        eprintln!("{answer:?} cfg {cfg} b {b}: MC {} ± {se}, exact {exact}", out.loglik);
+        eprintln!(
+            "{answer:?} cfg {cfg} b {b}: MC {} ± {se}, exact {exact}",
+            out.loglik
+        );
         assert!(se > 0.0 && se < 0.5, "stderr {se}");
         assert!(
             (out.loglik - exact).abs() <= 4.5 * se,
@@ -269,7 +286,8 @@ fn deterministic_by_seed() {
     let eng = engine("f32");
     let mut s = eng.scorer();
     let (p, a) = ([5u32, 17, 42], [7u32, 150, 33, 8]);
-    let run = |s: &mut dyn Scorer, seed| loglik::estimate(s, &p, &a, &params(8, 4, 0.0, seed)).unwrap();
+    let run =
+        |s: &mut dyn Scorer, seed| loglik::estimate(s, &p, &a, &params(8, 4, 0.0, seed)).unwrap();
     let x = run(s.as_mut(), 3);
     let y = run(s.as_mut(), 3);
     assert_eq!(x.loglik.to_bits(), y.loglik.to_bits());
@@ -305,7 +323,10 @@ impl Scorer for Fake {
             let row = &req.x[b * req.t..(b + 1) * req.t];
             assert!(pos >= self.lp, "a prompt position was scored");
             assert_eq!(row[pos], self.mask, "a scored position is not masked");
-            assert!(row[..self.lp].iter().all(|&x| x != self.mask), "prompt masked");
+            assert!(
+                row[..self.lp].iter().all(|&x| x != self.mask),
+                "prompt masked"
+            );
             let masked = row.iter().filter(|&&x| x == self.mask).count();
             out[i] = Self::value(pos - self.lp, masked);
         }
@@ -339,7 +360,11 @@ fn fake_scorer_weights_and_batching() {
     let out = loglik::estimate(&mut f, &prompt, &answer, &params(4000, 4, 0.0, 5)).unwrap();
     assert_eq!((f.calls, f.rows_seen), (1000, 4000));
     let se = out.mc_stderr.unwrap();
-    assert!((out.loglik - want).abs() <= 4.5 * se, "{} ± {se} vs {want}", out.loglik);
+    assert!(
+        (out.loglik - want).abs() <= 4.5 * se,
+        "{} ± {se} vs {want}",
+        out.loglik
+    );
     // The per-position spread only: with c independent of the position the value is exact.
     struct Const;
     impl Scorer for Const {
@@ -364,20 +389,55 @@ fn bad_input_is_rejected_with_a_reason() {
     let eng = engine("f32");
     let mut s = eng.scorer();
     let err = |r: Result<loglik::LoglikOutput>| format!("{:#}", r.unwrap_err());
-    let e = err(loglik::estimate(s.as_mut(), &[1, 2], &[], &params(1, 1, 0.0, 0)));
+    let e = err(loglik::estimate(
+        s.as_mut(),
+        &[1, 2],
+        &[],
+        &params(1, 1, 0.0, 0),
+    ));
     assert!(e.contains("answer is empty"), "{e}");
-    let e = err(loglik::estimate(s.as_mut(), &[1], &[2], &params(6, 4, 0.0, 0)));
+    let e = err(loglik::estimate(
+        s.as_mut(),
+        &[1],
+        &[2],
+        &params(6, 4, 0.0, 0),
+    ));
     assert!(e.contains("not a multiple of batch_size"), "{e}");
-    let e = err(loglik::estimate(s.as_mut(), &[1], &[2], &params(0, 1, 0.0, 0)));
+    let e = err(loglik::estimate(
+        s.as_mut(),
+        &[1],
+        &[2],
+        &params(0, 1, 0.0, 0),
+    ));
     assert!(e.contains("mc_num"), "{e}");
-    let e = err(loglik::estimate(s.as_mut(), &[1], &[126], &params(1, 1, 0.0, 0)));
+    let e = err(loglik::estimate(
+        s.as_mut(),
+        &[1],
+        &[126],
+        &params(1, 1, 0.0, 0),
+    ));
     assert!(e.contains("mask token"), "{e}");
-    let e = err(loglik::estimate(s.as_mut(), &[1], &[2], &params(1, 1, -1.0, 0)));
+    let e = err(loglik::estimate(
+        s.as_mut(),
+        &[1],
+        &[2],
+        &params(1, 1, -1.0, 0),
+    ));
     assert!(e.contains("cfg_scale"), "{e}");
     let long = vec![5u32; 64];
-    let e = err(loglik::estimate(s.as_mut(), &long, &[2], &params(1, 1, 0.0, 0)));
+    let e = err(loglik::estimate(
+        s.as_mut(),
+        &long,
+        &[2],
+        &params(1, 1, 0.0, 0),
+    ));
     assert!(e.contains("max_sequence_length"), "{e}");
-    let e = err(loglik::estimate(s.as_mut(), &[1], &[500], &params(1, 1, 0.0, 0)));
+    let e = err(loglik::estimate(
+        s.as_mut(),
+        &[1],
+        &[500],
+        &params(1, 1, 0.0, 0),
+    ));
     assert!(e.contains("500") && e.contains("vocabulary"), "{e}");
     let e = format!(
         "{:#}",
@@ -406,6 +466,15 @@ fn bad_input_is_rejected_with_a_reason() {
     assert!(e.contains("tokenizer.json"), "{e}");
     let e = cli(&["--prompt-ids", "1", "--answer-ids", "3", "--format", "xml"]);
     assert!(e.contains("--format"), "{e}");
-    let e = cli(&["--prompt-ids", "1", "--answer-ids", "3", "--mc-num", "10", "--batch-size", "4"]);
+    let e = cli(&[
+        "--prompt-ids",
+        "1",
+        "--answer-ids",
+        "3",
+        "--mc-num",
+        "10",
+        "--batch-size",
+        "4",
+    ]);
     assert!(e.contains("not a multiple"), "{e}");
 }

@@ -94,10 +94,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut bar = |done: usize, total: usize| {
         if show {
-            eprint!(
-                "\ritem {done}/{total} {:.1}s",
-                t0.elapsed().as_secs_f64()
-            );
+            eprint!("\ritem {done}/{total} {:.1}s", t0.elapsed().as_secs_f64());
             let _ = std::io::stderr().flush();
         }
     };
