@@ -106,6 +106,8 @@ pub trait Engine {
     /// Measured bf16 GEMM throughput (TFLOP/s) of this backend at a large square-ish shape:
     /// the ceiling the benchmark compares against. `None` on the CPU reference.
     fn gemm_ceiling_tflops(&mut self) -> Result<Option<f64>>;
+    /// A log-likelihood scorer over this model (see [`crate::loglik`]).
+    fn scorer(&self) -> Box<dyn crate::loglik::Scorer + '_>;
 }
 
 struct EngineImpl<B: Backend> {
@@ -163,6 +165,9 @@ impl<B: Backend> Engine for EngineImpl<B> {
     }
     fn driver(&self) -> String {
         self.model.backend.driver()
+    }
+    fn scorer(&self) -> Box<dyn crate::loglik::Scorer + '_> {
+        Box::new(crate::model::ModelScorer::new(&self.model))
     }
     fn gemm_ceiling_tflops(&mut self) -> Result<Option<f64>> {
         if self.model.backend.compute_dtype() != DType::BF16 || self.device.starts_with("cpu") {

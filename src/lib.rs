@@ -9,6 +9,8 @@
 //! - [`sampler`]: upstream `generate` (blocks, schedule, remasking, CFG, EOS rules) over a
 //!   [`sampler::Predictor`].
 //! - [`batch`]: offline JSONL batch generation (sharding, bucketing, resume, merge).
+//! - [`loglik`] and [`eval`]: upstream's Monte-Carlo log-likelihood (ELBO) and lm-eval-style
+//!   multiple-choice scoring over a [`loglik::Scorer`].
 
 pub mod backend;
 pub mod batch;
@@ -17,7 +19,9 @@ pub mod config;
 pub mod device;
 pub mod dtype;
 pub mod engine;
+pub mod eval;
 pub mod head;
+pub mod loglik;
 pub mod model;
 pub mod nvtx;
 pub mod presets;

@@ -522,3 +522,126 @@ impl<B: Backend> Predictor for ModelPredictor<'_, B> {
         Ok(())
     }
 }
+
+/// A [`crate::loglik::Scorer`] running a [`Model`]: one forward pass per call over the noisy
+/// batch (and, with CFG, the unconditional batch as rows `b..2b`), the LM head on the scored
+/// rows only, then the backend's `log_prob` at the targets.
+pub struct ModelScorer<'m, B: Backend> {
+    model: &'m Model<B>,
+    ws: Option<Workspace<B>>,
+    ids: Vec<u32>,
+    rows: Vec<u32>,
+    targets: Vec<i32>,
+}
+
+impl<'m, B: Backend> ModelScorer<'m, B> {
+    pub fn new(model: &'m Model<B>) -> Self {
+        ModelScorer {
+            model,
+            ws: None,
+            ids: Vec::new(),
+            rows: Vec::new(),
+            targets: Vec::new(),
+        }
+    }
+
+    fn grow(&mut self, max_tokens: usize, max_rows: usize) -> Result<()> {
+        let (mt, mr) = match &self.ws {
+            Some(ws) if ws.max_tokens >= max_tokens && ws.max_rows >= max_rows => return Ok(()),
+            Some(ws) => (ws.max_tokens.max(max_tokens), ws.max_rows.max(max_rows)),
+            None => (max_tokens, max_rows),
+        };
+        self.ws = Some(self.model.workspace(mt, mr)?);
+        self.ids.reserve(mt);
+        self.rows.reserve(mr);
+        self.targets.reserve(mr);
+        Ok(())
+    }
+}
+
+impl<B: Backend> crate::loglik::Scorer for ModelScorer<'_, B> {
+    fn reserve(&mut self, max_tokens: usize, max_rows: usize, cfg: bool) -> Result<()> {
+        let k = if cfg { 2 } else { 1 };
+        self.grow(k * max_tokens, k * max_rows)
+    }
+
+    fn mask_id(&self) -> u32 {
+        self.model.cfg.mask_token_id
+    }
+
+    fn max_len(&self) -> usize {
+        self.model.cfg.max_sequence_length
+    }
+
+    fn score(&mut self, req: &crate::loglik::ScoreRequest<'_>, out: &mut [f32]) -> Result<()> {
+        let (b, t) = (req.b, req.t);
+        let n = b * t;
+        let r = req.rows.len();
+        let v = self.model.cfg.embedding_size;
+        ensure!(
+            req.x.len() == n,
+            "score: `x` holds {} tokens, expected b·t = {b}·{t}",
+            req.x.len()
+        );
+        ensure!(
+            req.targets.len() == r && out.len() == r,
+            "score: {} rows, {} targets and {} outputs differ",
+            r,
+            req.targets.len(),
+            out.len()
+        );
+        if let Some((i, &tg)) = req
+            .targets
+            .iter()
+            .enumerate()
+            .find(|(_, &tg)| tg as usize >= v)
+        {
+            bail!("score: targets[{i}] = {tg} is outside the vocabulary of {v}");
+        }
+        if let Some((i, &rw)) = req
+            .rows
+            .iter()
+            .enumerate()
+            .find(|(_, &rw)| rw as usize >= n)
+        {
+            bail!("score: rows[{i}] = {rw} is outside the {n} tokens");
+        }
+        if r == 0 {
+            return Ok(());
+        }
+        let cfg = req.cfg_scale > 0.0;
+        let (nb, rr) = if cfg { (2 * b, 2 * r) } else { (b, r) };
+        self.grow(nb * t, rr)?;
+        self.ids.clear();
+        self.ids.extend_from_slice(req.x);
+        self.rows.clear();
+        self.rows.extend_from_slice(req.rows);
+        if cfg {
+            let un = req
+                .uncond_x
+                .context("score: cfg_scale > 0 but the request has no unconditional tokens")?;
+            ensure!(
+                un.len() == n,
+                "score: `uncond_x` holds {} tokens, expected {n}",
+                un.len()
+            );
+            self.ids.extend_from_slice(un);
+            self.rows.extend(req.rows.iter().map(|&rw| rw + n as u32));
+        }
+        self.targets.clear();
+        self.targets.extend(req.targets.iter().map(|&tg| tg as i32));
+        let model = self.model;
+        let ws = self
+            .ws
+            .as_mut()
+            .context("score: workspace missing after reserve")?;
+        model.forward(ws, &self.ids, nb, t, None, &self.rows)?;
+        let be = &model.backend;
+        // `tok` [R] and `conf` [R] are free here: targets in, log-probabilities out.
+        be.write_ints(&mut ws.tok, &self.targets)?;
+        be.log_prob(&mut ws.conf, &ws.logits, &ws.tok, r, v, req.cfg_scale)?;
+        let lp = be.read_f32s(&ws.conf, r)?;
+        out.copy_from_slice(&lp);
+        Ok(())
+    }
+}

@@ -14,6 +14,9 @@ pub const STREAM_GUMBEL: u64 = 1;
 pub const STREAM_RANDOM_CONF: u64 = 2;
 /// Stream for the random weights of presets (one value per element).
 pub const STREAM_WEIGHTS: u64 = 3;
+/// Stream for the Monte-Carlo log-likelihood estimator (mask counts and permutations,
+/// host-side; see `crate::loglik`).
+pub const STREAM_LOGLIK: u64 = 4;
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 

@@ -838,3 +838,111 @@ fn launchers_name_bad_arguments() {
         .to_string();
     assert!(e.contains("pos[0] = 4"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// log_prob (kernels/log_prob.cu) against the CPU reference (loglik::log_prob_one).
+
+fn run_log_prob<B: Backend>(
+    b: &B,
+    logits: &[f32],
+    targets: &[i32],
+    r: usize,
+    v: usize,
+    cfg_scale: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let lrows = logits.len() / v;
+    let l = act(b, logits, lrows, v);
+    let t = ints(b, targets);
+    let mut out = f32s(b, &vec![f32::NAN; r]);
+    b.log_prob(&mut out, &l, &t, r, v, cfg_scale).unwrap();
+    (
+        b.read_f32s(&out, r).unwrap(),
+        b.read_act(&l, lrows * v).unwrap(),
+    )
+}
+
+/// Tolerance: both compute `(l_t − m) − ln Σ exp(l − m)` in f32 from identical (CFG-mixed,
+/// bit-exact) logits; the sums differ in order (sequential vs tree: each within (V + log2 V)·2⁻²⁴
+/// relative of the exact sum) and in `exp`/`ln` (≤ 2 f32 ulps each), so before the final bf16
+/// rounding the results differ by at most δ = (V + 40)·2⁻²⁴·(1 + |out|); the two bf16 roundings
+/// then add one bf16 ulp: **|Δ| ≤ ulp(out) + δ**. Special rows (a NaN, all −∞) are exact, and
+/// the kernel must not modify the logits.
+#[test]
+fn log_prob_matches_cpu_reference() {
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    let mut case = 0u64;
+    for &(r, v) in &[(1usize, 64usize), (7, 1000), (33, 4099), (5, 126464)] {
+        for &cfg_scale in &[0.0, 0.5, 2.0] {
+            case += 1;
+            let lrows = if cfg_scale > 0.0 { 2 * r } else { r };
+            let mut logits = rand_vec(900 + case, lrows * v, 8.0);
+            let mut targets: Vec<i32> = (0..r).map(|i| ((i * 7919 + 13) % v) as i32).collect();
+            // Row 0's target is its (conditional) argmax: log p near 0, the cancellation case.
+            let best = (0..v)
+                .max_by(|&a, &b| logits[a].partial_cmp(&logits[b]).unwrap())
+                .unwrap();
+            targets[0] = best as i32;
+            if r > 2 {
+                logits[v + 3] = f32::NAN; // row 1 → NaN
+                for x in &mut logits[2 * v..3 * v] {
+                    *x = f32::NEG_INFINITY; // row 2 → −∞ (conditional half)
+                }
+                if cfg_scale > 0.0 {
+                    for x in &mut logits[(r + 2) * v..(r + 3) * v] {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let (oc, lc) = run_log_prob(&c0, &logits, &targets, r, v, cfg_scale);
+            let (og, lg) = run_log_prob(&g, &logits, &targets, r, v, cfg_scale);
+            let what = format!("log_prob r={r} v={v} cfg={cfg_scale}");
+            exact(&format!("{what}: logits unmodified"), &lc, &lg);
+            if r > 2 {
+                assert!(oc[1].is_nan() && og[1].is_nan(), "{what}: NaN row");
+                assert!(
+                    oc[2] == f32::NEG_INFINITY && og[2] == f32::NEG_INFINITY,
+                    "{what}: −∞ row: cpu {} gpu {}",
+                    oc[2],
+                    og[2]
+                );
+            }
+            let d = (v as f32 + 40.0) * 2f32.powi(-24);
+            compare(&what, &oc, &og, |_, c, gv| {
+                ulp_bf16(c.abs().max(gv.abs())) + d * (1.0 + c.abs())
+            });
+            // The CPU reference itself against an f64 log-softmax (no CFG, ordinary rows).
+            if cfg_scale == 0.0 {
+                for i in (0..r).filter(|&i| r <= 2 || i == 0 || i > 2) {
+                    let row = &logits[i * v..(i + 1) * v];
+                    let m = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
+                    let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+                    let want = row[targets[i] as usize] as f64 - m - z.ln();
+                    let tol = ulp_bf16(want as f32) as f64 + d as f64 * (1.0 + want.abs());
+                    assert!(
+                        (oc[i] as f64 - want).abs() <= tol,
+                        "{what} row {i}: cpu {} vs f64 {want}",
+                        oc[i]
+                    );
+                }
+            }
+        }
+    }
+    // The launcher names a bad target.
+    let l = g.alloc_act(2 * 10).unwrap();
+    let t = ints(&g, &[3, 10]);
+    let mut o = g.alloc_f32s(2).unwrap();
+    let e = g
+        .log_prob(&mut o, &l, &t, 2, 10, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("log_prob") && e.contains("targets[1] = 10"),
+        "{e}"
+    );
+    let e = g
+        .log_prob(&mut o, &l, &t, 2, 10, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("logits"), "{e}");
+}

@@ -758,6 +758,60 @@ impl Backend for CpuBackend {
             });
         Ok(())
     }
+
+    fn log_prob(
+        &self,
+        out: &mut Vec<f32>,
+        logits: &Vec<f32>,
+        targets: &Vec<i32>,
+        r: usize,
+        v: usize,
+        cfg_scale: f64,
+    ) -> Result<()> {
+        cpu_log_prob(self.dtype, out, logits, targets, r, v, cfg_scale)
+    }
+}
+
+/// [`Backend::log_prob`] on the CPU: [`crate::loglik::log_prob_one`] per row.
+fn cpu_log_prob(
+    dtype: DType,
+    out: &mut [f32],
+    logits: &[f32],
+    targets: &[i32],
+    r: usize,
+    v: usize,
+    cfg_scale: f64,
+) -> Result<()> {
+    const OP: &str = "log_prob";
+    ensure!(
+        cfg_scale.is_finite() && cfg_scale >= 0.0,
+        "{OP}: cfg_scale must be finite and >= 0, got {cfg_scale}"
+    );
+    let cfg = cfg_scale > 0.0;
+    let rr = if cfg { 2 * r } else { r };
+    need(OP, "logits", logits.len(), rr * v)?;
+    need(OP, "targets", targets.len(), r)?;
+    need(OP, "out", out.len(), r)?;
+    if let Some((i, &t)) = targets[..r]
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t < 0 || t as usize >= v)
+    {
+        bail!("{OP}: targets[{i}] = {t} is outside the vocabulary (V = {v})");
+    }
+    if r == 0 {
+        return Ok(());
+    }
+    let (cond, uncond) = logits[..rr * v].split_at(r * v);
+    out[..r]
+        .par_iter_mut()
+        .zip(cond.par_chunks(v))
+        .enumerate()
+        .for_each(|(i, (o, l))| {
+            let un = cfg.then(|| (&uncond[i * v..(i + 1) * v], cfg_scale));
+            *o = crate::loglik::log_prob_one(l, un, targets[i] as usize, dtype);
+        });
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1244,6 +1244,18 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn log_prob(
+        &self,
+        out: &mut Self::F32s,
+        logits: &Self::Act,
+        targets: &Self::Ints,
+        r: usize,
+        v: usize,
+        cfg_scale: f64,
+    ) -> Result<()> {
+        self.launch_log_prob(out, logits, targets, r, v, cfg_scale)
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| {
             anyhow!("CUDA stream synchronize failed (an earlier kernel faulted?): {e:?}")
@@ -1279,5 +1291,66 @@ fn attention_geom(b: usize, t: usize, nh: usize, _hd: usize) -> Geom {
         grid: (t.div_ceil(BLOCK_Q) as u32, nh as u32, b as u32),
         block: (128, 1, 1),
         smem: 0,
+    }
+}
+
+/// Threads per block of `log_prob_bf16`.
+const LOG_PROB_THREADS: u32 = 1024;
+
+impl CudaBackend {
+    /// A kernel function by symbol, looked up in the loaded modules (a driver hash lookup).
+    fn kernel_fn(&self, sym: &str) -> Result<dsys::CUfunction> {
+        let c = CString::new(sym).map_err(|_| anyhow!("bad symbol {sym:?}"))?;
+        for m in &self._modules {
+            // SAFETY: `m.raw` is a module this backend keeps loaded.
+            if let Ok(f) = unsafe { dres::module::get_function(m.raw, c.clone()) } {
+                return Ok(f);
+            }
+        }
+        bail!("kernel symbol `{sym}` not found in the compiled modules")
+    }
+
+    /// Launcher of `kernels/log_prob.cu` ([`Backend::log_prob`]).
+    fn launch_log_prob(
+        &self,
+        out: &mut CudaSlice<f32>,
+        logits: &CudaSlice<bf16>,
+        targets: &CudaSlice<i32>,
+        r: usize,
+        v: usize,
+        cfg_scale: f64,
+    ) -> Result<()> {
+        let op = "log_prob";
+        if !(cfg_scale.is_finite() && cfg_scale >= 0.0) {
+            bail!("{op}: cfg_scale must be finite and >= 0, got {cfg_scale}");
+        }
+        let lrows = if cfg_scale > 0.0 { 2 * r } else { r };
+        check_len(op, "out", out.len(), r)?;
+        check_len(op, "logits", logits.len(), lrows * v)?;
+        check_len(op, "targets", targets.len(), r)?;
+        int(op, "rows·V", lrows * v)?;
+        self.check_ints(op, "targets", targets, r, v, "the vocabulary")?;
+        if r == 0 {
+            return Ok(());
+        }
+        let f = self.kernel_fn("log_prob_bf16")?;
+        let (op_, lp, tp) = (
+            dptr_mut(out, &self.stream),
+            dptr(logits, &self.stream),
+            dptr(targets, &self.stream),
+        );
+        let (r_, v_) = (int(op, "r", r)?, int(op, "v", v)?);
+        launch!(
+            self,
+            op,
+            f,
+            rows_geom(r, LOG_PROB_THREADS),
+            op_,
+            lp,
+            tp,
+            r_,
+            v_,
+            cfg_scale
+        )
     }
 }

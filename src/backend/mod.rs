@@ -171,6 +171,26 @@ pub trait Backend {
         p: &SelectParams,
     ) -> Result<()>;
 
+    /// Log-probability of a target token under the softmax of each logits row (reference §5.1,
+    /// the `F.cross_entropy` of `get_log_likelihood`, negated): for `i < r`,
+    /// `out[i] = round(l[t_i] − m − ln Σ_v exp(l[v] − m))`, `m = max_v l[v]`, `t_i = targets[i]`,
+    /// computed in f32 from the stored values and rounded once to the compute dtype (PyTorch's
+    /// `log_softmax` on a bf16 tensor also computes in f32 and returns bf16). With
+    /// `cfg_scale > 0`, `logits` holds `2R` rows, rows `R..2R` being the unconditional logits of
+    /// rows `0..R`, and `l` is first mixed exactly as [`crate::head::cfg_mix`] (each op rounded).
+    /// CPU reference: [`crate::loglik::log_prob_one`]. NaN logits give NaN; a row whose logits
+    /// are all −∞ gives −∞. Targets must lie in `[0, V)`.
+    #[allow(clippy::too_many_arguments)]
+    fn log_prob(
+        &self,
+        out: &mut Self::F32s,
+        logits: &Self::Act,
+        targets: &Self::Ints,
+        r: usize,
+        v: usize,
+        cfg_scale: f64,
+    ) -> Result<()>;
+
     /// Wait for queued work to finish (no-op on the CPU).
     fn synchronize(&self) -> Result<()> {
         Ok(())

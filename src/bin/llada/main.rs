@@ -17,6 +17,9 @@ use llada::engine::{self, ModelSpec, Opened};
 use llada::head::Remasking;
 use llada::sampler::{GenerateParams, Progress};
 
+mod eval;
+mod loglik;
+
 #[derive(Parser)]
 #[command(
     name = "llada",
@@ -41,6 +44,10 @@ enum Cmd {
     /// Offline generation over a JSONL file (sharding, resume, errors file); `batch merge`
     /// joins shard outputs.
     Batch(batch::BatchArgs),
+    /// Log-likelihood of an answer given a prompt (upstream Monte-Carlo ELBO).
+    Loglik(loglik::LoglikArgs),
+    /// Multiple-choice evaluation (lm-eval-harness scoring) from a JSON-lines file.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Args, Clone)]
@@ -168,6 +175,8 @@ fn main() -> ExitCode {
         .map(|_| println!("wrote the tiny preset to {}", a.dir.display())),
         Cmd::Info(a) => cmd_info(a),
         Cmd::Batch(a) => return batch::main(a),
+        Cmd::Loglik(a) => loglik::cmd_loglik(a),
+        Cmd::Eval(a) => eval::cmd_eval(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

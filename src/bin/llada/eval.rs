@@ -1,0 +1,154 @@
+//! `llada eval`: multiple-choice items scored like lm-eval-harness with upstream's estimator.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use llada::device::DeviceChoice;
+use llada::engine::{self, Opened};
+use llada::eval::{self, EvalParams};
+use llada::loglik::LoglikParams;
+
+use super::ModelArgs;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSON lines: {"context": str, "choices": [str, ...], "answer": index or choice text}.
+    #[arg(long)]
+    tasks: PathBuf,
+    /// Score only the first N items.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Between the context and each choice (lm-eval's target_delimiter).
+    #[arg(long, default_value = " ")]
+    target_delimiter: String,
+    #[arg(long, default_value_t = 128)]
+    mc_num: usize,
+    /// Samples per forward pass; must divide --mc-num [default: the largest divisor ≤ 16].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long, default_value_t = 0.0)]
+    cfg_scale: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write one JSON line per item (log-likelihoods, predictions) to this file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// auto | cpu | cuda | cuda:N
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// text | json
+    #[arg(long, default_value = "text")]
+    format: String,
+}
+
+fn num(x: f64) -> serde_json::Value {
+    if x.is_finite() {
+        serde_json::json!(x)
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+pub fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let json = match a.format.as_str() {
+        "json" => true,
+        "text" => false,
+        f => bail!("unknown --format {f:?}: expected text or json"),
+    };
+    let device: DeviceChoice = a.device.parse()?;
+    let params = EvalParams {
+        loglik: LoglikParams {
+            mc_num: a.mc_num,
+            batch_size: a
+                .batch_size
+                .unwrap_or_else(|| LoglikParams::default_batch_size(a.mc_num)),
+            cfg_scale: a.cfg_scale,
+            seed: a.seed,
+        },
+        target_delimiter: a.target_delimiter.clone(),
+    };
+    params.loglik.validate()?;
+    let text = std::fs::read_to_string(&a.tasks)
+        .with_context(|| format!("reading {}", a.tasks.display()))?;
+    let mut items = eval::parse_items(&text, &a.tasks.display().to_string())?;
+    if let Some(n) = a.limit {
+        items.truncate(n);
+    }
+    let opened = Opened::open(&a.model.spec()?)?;
+    let tok = opened
+        .tokenizer
+        .as_ref()
+        .context("eval needs a tokenizer.json in the model folder")?;
+    let (eng, notice) = engine::load(&opened, device)?;
+    if let Some(n) = notice {
+        eprintln!("note: {n}");
+    }
+    let mut scorer = eng.scorer();
+    let show = std::io::stderr().is_terminal();
+    let t0 = Instant::now();
+    let mut bar = |done: usize, total: usize| {
+        if show {
+            eprint!("\ritem {done}/{total} {:.1}s", t0.elapsed().as_secs_f64());
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let (results, summary) = eval::evaluate(
+        scorer.as_mut(),
+        &mut |s: &str| tok.encode(s, true),
+        &items,
+        &params,
+        Some(&mut bar),
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    if show {
+        eprintln!();
+    }
+    if let Some(path) = &a.output {
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        );
+        for r in &results {
+            let line = serde_json::json!({
+                "index": r.index, "lls": r.lls, "tokens": r.tokens, "pred": r.pred,
+                "pred_norm": r.pred_norm, "answer": r.answer, "acc": r.acc, "acc_norm": r.acc_norm,
+            });
+            writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
+        }
+        f.flush()
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if json {
+        let v = serde_json::json!({
+            "n": summary.n,
+            "acc": num(summary.acc.mean), "acc_stderr": num(summary.acc.stderr),
+            "acc_norm": num(summary.acc_norm.mean), "acc_norm_stderr": num(summary.acc_norm.stderr),
+            "forward_passes": summary.forward_passes,
+            "device": eng.device(),
+            "seconds": secs,
+            "params": {
+                "mc_num": params.loglik.mc_num, "batch_size": params.loglik.batch_size,
+                "cfg_scale": params.loglik.cfg_scale, "seed": params.loglik.seed,
+                "target_delimiter": params.target_delimiter,
+            },
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "items {}  acc {:.4} ± {:.4}  acc_norm {:.4} ± {:.4}  ({} forward passes, {:.1}s)",
+            summary.n,
+            summary.acc.mean,
+            summary.acc.stderr,
+            summary.acc_norm.mean,
+            summary.acc_norm.stderr,
+            summary.forward_passes,
+            secs
+        );
+    }
+    Ok(())
+}
