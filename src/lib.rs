@@ -21,3 +21,4 @@ pub mod presets;
 pub mod rng;
 pub mod sampler;
 pub mod tokenizer;
+pub mod train;
