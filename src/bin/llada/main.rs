@@ -15,6 +15,9 @@ use llada::engine::{self, ModelSpec, Opened};
 use llada::head::Remasking;
 use llada::sampler::{GenerateParams, Progress};
 
+mod grad;
+mod train;
+
 #[derive(Parser)]
 #[command(
     name = "llada",
@@ -36,6 +39,10 @@ enum Cmd {
     InitTiny(InitTinyArgs),
     /// Print a model folder's configuration and tensors summary.
     Info(ModelArgs),
+    /// Train (pretraining or SFT, CPU) and save Hugging Face checkpoints.
+    Train(train::TrainArgs),
+    /// Write the masked-token loss and every parameter's gradient (f32) to a safetensors file.
+    Grad(grad::GradArgs),
 }
 
 #[derive(Args, Clone)]
@@ -162,6 +169,8 @@ fn main() -> ExitCode {
         )
         .map(|_| println!("wrote the tiny preset to {}", a.dir.display())),
         Cmd::Info(a) => cmd_info(a),
+        Cmd::Train(a) => train::cmd_train(a),
+        Cmd::Grad(a) => grad::cmd_grad(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
