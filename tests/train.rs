@@ -22,7 +22,10 @@ fn rand_vec(seed: u64, n: usize, scale: f64) -> Vec<f64> {
 /// term changes gradients at the 1e-2 level).
 fn check_grad(name: &str, x: &mut [f64], analytic: &[f64], f: &mut dyn FnMut(&[f64]) -> f64) {
     let h = 1e-5;
-    let scale = analytic.iter().fold(0.0f64, |a, &b| a.max(b.abs())).max(1e-3);
+    let scale = analytic
+        .iter()
+        .fold(0.0f64, |a, &b| a.max(b.abs()))
+        .max(1e-3);
     let mut worst = 0.0f64;
     for i in 0..x.len() {
         let x0 = x[i];
@@ -325,7 +328,10 @@ fn read_f32_tensors(path: &std::path::Path) -> std::collections::HashMap<String,
 fn assert_close(name: &str, got: &[f32], want: &[f64]) {
     assert_eq!(got.len(), want.len(), "{name}: length");
     let scale = want.iter().fold(0.0f64, |a, &b| a.max(b.abs()));
-    assert!(scale > 0.0, "{name}: all-zero reference gradient tests nothing");
+    assert!(
+        scale > 0.0,
+        "{name}: all-zero reference gradient tests nothing"
+    );
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         assert!(
             (g as f64 - w).abs() <= 2e-4 * scale + 1e-7,
@@ -370,7 +376,10 @@ fn grad_matches_pytorch_autograd() {
     let loss = t["loss"][0] as f64;
     let want = exp["loss"].as_f64().unwrap();
     // The loss is a sum of 5 CE terms of O(5) in f32: 1e-5 relative.
-    assert!((loss - want).abs() <= 1e-5 * want.abs(), "loss {loss} vs {want}");
+    assert!(
+        (loss - want).abs() <= 1e-5 * want.abs(),
+        "loss {loss} vs {want}"
+    );
     let f = |v: &serde_json::Value| -> Vec<f64> {
         v.as_array()
             .unwrap()
@@ -397,7 +406,9 @@ fn grad_matches_pytorch_autograd() {
     }
     // Every checkpoint tensor has a gradient, and unused embedding rows get none.
     assert_eq!(t.len(), 1 + 3 + 9 * 2);
-    assert!(t["model.transformer.wte.weight"][199 * c..].iter().all(|&x| x == 0.0));
+    assert!(t["model.transformer.wte.weight"][199 * c..]
+        .iter()
+        .all(|&x| x == 0.0));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -464,7 +475,10 @@ fn sft_never_masks_the_prompt() {
         let bt = loss::sft_batch(&clean, &prompts, b, t, 99, 3, step, 1.0).unwrap();
         for (i, &r) in bt.rows.iter().enumerate() {
             let (row, pos) = (r as usize / t, r as usize % t);
-            assert!(pos >= prompts[row], "step {step}: prompt position {pos} of row {row} masked");
+            assert!(
+                pos >= prompts[row],
+                "step {step}: prompt position {pos} of row {row} masked"
+            );
             seen_answer[row] += 1;
             let p = loss::mask_prob(3, step, row as u64);
             let w = 1.0 / (p * (t - prompts[row]) as f64 * b as f64);
@@ -479,9 +493,7 @@ fn sft_never_masks_the_prompt() {
     assert!(seen_answer.iter().all(|&n| n > 100));
     // The prompt's tokens never enter the loss: changing them changes no target and no weight.
     let mut other = clean.clone();
-    for p in 0..prompts[0] {
-        other[p] = 5;
-    }
+    other[..prompts[0]].fill(5);
     let a = loss::sft_batch(&clean, &prompts, b, t, 99, 3, 7, 1.0).unwrap();
     let c = loss::sft_batch(&other, &prompts, b, t, 99, 3, 7, 1.0).unwrap();
     assert_eq!(
@@ -517,8 +529,18 @@ fn adamw_matches_the_pytorch_update_rule() {
         want[0] -= upd;
         want[1] = want[1] * (1.0 - lr * wd) - upd;
     }
-    assert!((p.data[1][0] as f64 - want[0]).abs() < 1e-6, "{} {}", p.data[1][0], want[0]);
-    assert!((p.data[2][0] as f64 - want[1]).abs() < 1e-6, "{} {}", p.data[2][0], want[1]);
+    assert!(
+        (p.data[1][0] as f64 - want[0]).abs() < 1e-6,
+        "{} {}",
+        p.data[1][0],
+        want[0]
+    );
+    assert!(
+        (p.data[2][0] as f64 - want[1]).abs() < 1e-6,
+        "{} {}",
+        p.data[2][0],
+        want[1]
+    );
     assert_eq!(p.data[3][0], 0.0, "zero gradient and zero weight stay zero");
 
     // Schedules.
@@ -539,4 +561,337 @@ fn adamw_matches_the_pytorch_update_rule() {
     let n = llada::train::optim::clip_grad_norm(&mut g2, 1.0);
     assert!((n - 5.0).abs() < 1e-9);
     assert!((llada::train::optim::grad_norm(&g2) - 1.0).abs() < 1e-5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs.
+
+use llada::train::data::Sample;
+use llada::train::{average_grads, TrainOptions, Trainer};
+
+fn run_config() -> ModelConfig {
+    ModelConfig {
+        d_model: 32,
+        n_heads: 2,
+        n_kv_heads: 2,
+        n_layers: 2,
+        mlp_hidden_size: 64,
+        vocab_size: 40,
+        embedding_size: 40,
+        max_sequence_length: 64,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-5,
+        mask_token_id: 39,
+        eos_token_id: 0,
+        pad_token_id: 0,
+    }
+}
+
+fn run_params(cfg: &ModelConfig) -> Params<f32> {
+    let p64 = random_params(cfg, 7);
+    let mut p = Params::<f32>::zeros(cfg);
+    for (d, s) in p.data.iter_mut().zip(&p64.data) {
+        *d = s.iter().map(|&x| (x * 0.2) as f32).collect();
+    }
+    for (i, d) in p.data.iter_mut().enumerate() {
+        if p.shapes[i].len() == 1 {
+            d.fill(1.0);
+        }
+    }
+    p
+}
+
+/// Sequences counting up from a random start (mod 38, ids 1..=38): every masked token is
+/// predictable from its neighbours.
+fn counting_samples(n: usize, t: usize) -> Vec<Sample> {
+    (0..n)
+        .map(|s| Sample {
+            ids: (0..t).map(|i| 1 + ((s * 5 + i) % 38) as u32).collect(),
+            prompt_len: 0,
+        })
+        .collect()
+}
+
+fn eval_loss(cfg: &ModelConfig, p: &Params<f32>, samples: &[Sample]) -> f64 {
+    // Fixed masks (p = 0.5 per token, seed 1234), same for every call.
+    let mut total = 0.0;
+    for (i, s) in samples.iter().enumerate() {
+        let t = s.ids.len();
+        let mut rows = Vec::new();
+        for pos in 0..t {
+            if loss::is_masked(1234, i as u64, 0, pos as u64, 0.5) {
+                rows.push(pos);
+            }
+        }
+        let b = loss::fixed_mask_batch(&s.ids, &rows, 0.5, cfg.mask_token_id).unwrap();
+        let mut g = Params::<f32>::zeros(cfg);
+        total += forward_backward(cfg, p, &b, &mut g).unwrap();
+    }
+    total / samples.len() as f64
+}
+
+fn opts(steps: u64) -> TrainOptions {
+    TrainOptions {
+        steps,
+        batch_size: 4,
+        accum: 2,
+        seq_len: 24,
+        lr: 1e-2,
+        warmup: 5,
+        schedule: "wsd".into(),
+        weight_decay: 0.1,
+        clip: 1.0,
+        seed: 11,
+        sft: false,
+        truncate: true,
+    }
+}
+
+#[test]
+fn loss_falls_on_a_small_corpus() {
+    let cfg = run_config();
+    let samples = counting_samples(16, 24);
+    let p = run_params(&cfg);
+    let before = eval_loss(&cfg, &p, &samples);
+    let mut tr = Trainer::new(cfg.clone(), p, opts(150), samples.clone()).unwrap();
+    while tr.step < 150 {
+        let s = tr.train_step().unwrap();
+        assert!(s.loss.is_finite() && s.grad_norm.is_finite());
+    }
+    let after = eval_loss(&cfg, &tr.params, &samples);
+    eprintln!("eval loss {before:.4} -> {after:.4}");
+    // At init the loss is ≈ ln(40)·(#masked/T)/0.5 ≈ 3.7; learning the counting rule must
+    // cut it well below 60 % (a broken gradient leaves it near the start or makes it grow).
+    assert!(after < 0.6 * before, "eval loss {before} -> {after}");
+}
+
+#[test]
+fn resume_equals_an_uninterrupted_run() {
+    let cfg = run_config();
+    let samples = counting_samples(7, 24);
+    let mut full = Trainer::new(cfg.clone(), run_params(&cfg), opts(6), samples.clone()).unwrap();
+    let mut part = Trainer::new(cfg.clone(), run_params(&cfg), opts(6), samples.clone()).unwrap();
+    for _ in 0..6 {
+        full.train_step().unwrap();
+    }
+    for _ in 0..3 {
+        part.train_step().unwrap();
+    }
+    let dir = tmpdir("resume");
+    llada::train::checkpoint::save(
+        &dir,
+        &cfg,
+        &part.params,
+        &part.opt,
+        &part.state().unwrap(),
+        None,
+        false,
+    )
+    .unwrap();
+    drop(part);
+    let r = llada::train::checkpoint::load(&dir).unwrap();
+    assert_eq!(r.state.step, 3);
+    let o: TrainOptions = serde_json::from_value(r.state.options.clone()).unwrap();
+    assert_eq!(o, opts(6));
+    let mut resumed =
+        Trainer::with_state(r.cfg, r.params, r.opt, r.state.step, o, samples).unwrap();
+    for _ in 0..3 {
+        resumed.train_step().unwrap();
+    }
+    assert_eq!(resumed.step, 6);
+    assert_eq!(resumed.opt.t, full.opt.t);
+    // Bit-identical: same data, masks, and f32 arithmetic in the same order.
+    assert_eq!(resumed.params.data, full.params.data);
+    assert_eq!(resumed.opt.m.data, full.opt.m.data);
+    assert_eq!(resumed.opt.v.data, full.opt.v.data);
+}
+
+#[test]
+fn data_parallel_average_equals_one_process() {
+    // Two "ranks" each take half of a global batch and normalise by their own B·L; the mean of
+    // their gradients is the gradient of the whole batch normalised by the global B·L.
+    let cfg = run_config();
+    let p = run_params(&cfg);
+    let (b, t) = (4, 16);
+    let clean: Vec<u32> = (0..b * t).map(|i| 1 + (i * 3 % 38) as u32).collect();
+    let full = loss::pretrain_batch(&clean, b, t, cfg.mask_token_id, 2, 0, false, 1.0).unwrap();
+    let half = |lo: usize| -> Batch {
+        let mut out = Batch {
+            ids: full.ids[lo * t..(lo + 2) * t].to_vec(),
+            b: 2,
+            t,
+            ..Batch::default()
+        };
+        for i in 0..full.rows.len() {
+            let r = full.rows[i] as usize;
+            if r / t >= lo && r / t < lo + 2 {
+                out.rows.push((r - lo * t) as u32);
+                out.targets.push(full.targets[i]);
+                out.weights.push(full.weights[i] * 2.0); // local normaliser B/2
+            }
+        }
+        out
+    };
+    let mut g_full = Params::<f32>::zeros(&cfg);
+    let l_full = forward_backward(&cfg, &p, &full, &mut g_full).unwrap();
+    let mut parts = Vec::new();
+    let mut l_mean = 0.0;
+    for lo in [0, 2] {
+        let mut g = Params::<f32>::zeros(&cfg);
+        l_mean += forward_backward(&cfg, &p, &half(lo), &mut g).unwrap() / 2.0;
+        parts.push(g);
+    }
+    let avg = average_grads(&parts).unwrap();
+    assert!((l_full - l_mean).abs() < 1e-5 * l_full);
+    for i in 0..avg.data.len() {
+        let scale = g_full.data[i].iter().fold(0f32, |a, &b| a.max(b.abs()));
+        for (a, b) in avg.data[i].iter().zip(&g_full.data[i]) {
+            // Same f32 terms summed in a different grouping: ~1e-6 relative.
+            assert!(
+                (a - b).abs() <= 1e-4 * scale + 1e-9,
+                "{}: {a} vs {b}",
+                avg.names[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn cli_train_saves_a_folder_generate_loads_and_resume_continues() {
+    let dir = tmpdir("cli");
+    let data = dir.join("corpus.jsonl");
+    let mut text = String::new();
+    for i in 0..30 {
+        text.push_str(&format!(
+            "{{\"text\": \"the cat sat on mat number {i}. \"}}\n"
+        ));
+    }
+    std::fs::write(&data, text).unwrap();
+    let out = dir.join("ck");
+    let base = [
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--device",
+        "cpu",
+    ];
+    let mut a = vec!["train", "--preset", "tiny", "--steps", "4"];
+    a.extend_from_slice(&base);
+    let o = llada(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    // The folder is a model `llada generate` loads.
+    let o = llada(&[
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt-ids",
+        "5,6,7",
+        "--gen-length",
+        "8",
+        "--steps",
+        "8",
+        "--block-length",
+        "8",
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ids"][0].as_array().unwrap().len(), 8, "generated ids");
+    // Its bf16 weights are the rounded master weights, and training moved them.
+    let r = llada::train::checkpoint::load(&out).unwrap();
+    let init = llada::presets::preset_checkpoint("tiny", 0, llada::dtype::DType::BF16).unwrap();
+    let w0 = init.read_f32(llada::checkpoint::WTE).unwrap();
+    assert_ne!(
+        w0,
+        r.params.data[0]
+            .iter()
+            .map(|&x| llada::dtype::DType::BF16.round(x))
+            .collect::<Vec<_>>()
+    );
+    // Resume to 6 steps.
+    let mut a = vec!["train", "--steps", "6", "--resume", out.to_str().unwrap()];
+    a.extend_from_slice(&base[..4]);
+    let o = llada(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(llada::train::checkpoint::load(&out).unwrap().state.step, 6);
+    // CUDA training is refused clearly.
+    let mut a = vec!["train", "--preset", "tiny", "--steps", "1"];
+    a.extend_from_slice(&base[..8]);
+    a.extend_from_slice(&["--device", "cuda"]);
+    let o = llada(&a);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("training on CUDA is not implemented yet"));
+}
+
+#[test]
+fn data_loading_packing_and_sft_format() {
+    use llada::train::data;
+    let dir = tmpdir("data");
+    llada::tokenizer::write_tiny_tokenizer(&dir).unwrap();
+    let cfg = llada::presets::preset_config("tiny").unwrap();
+    let tok = llada::tokenizer::Tokenizer::from_dir(&dir, &cfg).unwrap();
+    let eos = tok.special.eos;
+    // Packing: EOS after each document, exact chunks, remainder dropped.
+    let packed = data::pack(&[vec![5, 6, 7], vec![8, 9]], eos, 3).unwrap();
+    assert_eq!(packed.len(), 2);
+    assert_eq!(packed[0].ids, vec![5, 6, 7]);
+    assert_eq!(packed[1].ids, vec![eos, 8, 9]);
+    assert!(data::pack(&[vec![5]], eos, 3).is_err());
+
+    let f = dir.join("sft.jsonl");
+    std::fs::write(
+        &f,
+        "{\"prompt\": \"hi\", \"response\": \"ok\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"ok\"}]}\n",
+    )
+    .unwrap();
+    let s = data::load_sft(&f, &tok, 64).unwrap();
+    assert_eq!(s.len(), 2);
+    assert_eq!(s[0], s[1], "both formats give the same sample");
+    let prompt = tok.encode_chat(&[("user", "hi")]).unwrap();
+    let ans = tok.encode("ok", false).unwrap();
+    assert_eq!(s[0].prompt_len, prompt.len());
+    assert_eq!(&s[0].ids[..prompt.len()], &prompt[..]);
+    assert_eq!(&s[0].ids[prompt.len()..prompt.len() + ans.len()], &ans[..]);
+    let after = prompt.len() + ans.len();
+    assert_eq!(s[0].ids[after], tok.special.eot.unwrap());
+    assert!(s[0].ids[after + 1..].iter().all(|&x| x == eos));
+    // Errors name the line.
+    std::fs::write(&f, "{\"prompt\": \"hi\"}\n").unwrap();
+    let e = format!("{:#}", data::load_sft(&f, &tok, 64).unwrap_err());
+    assert!(e.contains("sft.jsonl:1"), "{e}");
+    std::fs::write(
+        &f,
+        "{\"prompt\": \"hi\", \"response\": \"a long answer\"}\n",
+    )
+    .unwrap();
+    let e = format!("{:#}", data::load_sft(&f, &tok, 8).unwrap_err());
+    assert!(e.contains("exceeds --seq-len"), "{e}");
+    // Sample order: every sample once per epoch, and a pure function of (seed, g).
+    let mut cache = None;
+    let mut seen: Vec<usize> = (0..10)
+        .map(|g| data::sample_index(4, g, 10, &mut cache))
+        .collect();
+    let again: Vec<usize> = (0..10)
+        .map(|g| data::sample_index(4, g, 10, &mut None))
+        .collect();
+    assert_eq!(seen, again);
+    seen.sort_unstable();
+    assert_eq!(seen, (0..10).collect::<Vec<_>>());
 }

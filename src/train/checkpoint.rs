@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use super::model::Params;
 use super::optim::{AdamW, AdamWConfig};
-use crate::checkpoint::{write_hf_folder, write_safetensors, write_text_atomic, Checkpoint, HostTensor};
+use crate::checkpoint::{
+    write_hf_folder, write_safetensors, write_text_atomic, Checkpoint, HostTensor,
+};
 use crate::config::ModelConfig;
 use crate::dtype::DType;
 
@@ -70,7 +72,11 @@ pub fn save(
         }
     }
     let mut opt_tensors: Vec<HostTensor> = Vec::with_capacity(3 * params.data.len());
-    for (prefix, p) in [("master.", params), ("exp_avg.", &opt.m), ("exp_avg_sq.", &opt.v)] {
+    for (prefix, p) in [
+        ("master.", params),
+        ("exp_avg.", &opt.m),
+        ("exp_avg_sq.", &opt.v),
+    ] {
         for i in 0..p.data.len() {
             opt_tensors.push((
                 format!("{prefix}{}", p.names[i]),
@@ -110,8 +116,8 @@ pub fn load(dir: &Path) -> Result<Resumed> {
     let state: TrainerState = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
     let opt_path = dir.join("optimizer.safetensors");
-    let bytes = std::fs::read(&opt_path)
-        .with_context(|| format!("cannot read {}", opt_path.display()))?;
+    let bytes =
+        std::fs::read(&opt_path).with_context(|| format!("cannot read {}", opt_path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a safetensors file", opt_path.display()))?;
     let mut sets: Vec<Params<f32>> = (0..3).map(|_| Params::zeros(&cfg)).collect();

@@ -142,9 +142,9 @@ pub fn load_sft(path: &Path, tok: &Tokenizer, seq_len: usize) -> Result<Vec<Samp
                 match msgs.pop() {
                     Some((r, c)) if r == "assistant" && !msgs.is_empty() => (msgs, c),
                     _ => bail!(
-                        "{}: the last message must be the assistant's answer, after at least one other",
-                        at()
-                    ),
+                    "{}: the last message must be the assistant's answer, after at least one other",
+                    at()
+                ),
                 }
             } else {
                 match (
@@ -161,7 +161,8 @@ pub fn load_sft(path: &Path, tok: &Tokenizer, seq_len: usize) -> Result<Vec<Samp
         let prompt = tok.encode_chat(&msgs).with_context(at)?;
         let ans = tok.encode(&answer, false).with_context(at)?;
         out.push(
-            sft_sample(&prompt, &ans, tok.special.eot, tok.special.eos, seq_len).with_context(at)?,
+            sft_sample(&prompt, &ans, tok.special.eot, tok.special.eos, seq_len)
+                .with_context(at)?,
         );
     }
     Ok(out)

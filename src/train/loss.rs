@@ -174,7 +174,10 @@ pub fn fixed_mask_batch(ids: &[u32], masked: &[usize], p_mask: f64, mask_id: u32
         ..Batch::default()
     };
     for &pos in &sorted {
-        ensure!(pos < t, "grad: masked position {pos} is outside the {t} ids");
+        ensure!(
+            pos < t,
+            "grad: masked position {pos} is outside the {t} ids"
+        );
         noisy[pos] = mask_id;
         out.rows.push(pos as u32);
         out.targets.push(ids[pos]);

@@ -95,7 +95,11 @@ pub struct StepStats {
 /// transformer blocks on every token, `6·V·C` per loss row for the LM head, and
 /// `12·L·B·T²·NH·HD` for attention (scores and weighted sum, forward ×3).
 pub fn step_flops(cfg: &ModelConfig, b: usize, t: usize, rows: usize) -> f64 {
-    let (c, hd, f) = (cfg.d_model as f64, cfg.head_dim() as f64, cfg.mlp_hidden_size as f64);
+    let (c, hd, f) = (
+        cfg.d_model as f64,
+        cfg.head_dim() as f64,
+        cfg.mlp_hidden_size as f64,
+    );
     let (qw, kw) = (cfg.n_heads as f64 * hd, cfg.n_kv_heads as f64 * hd);
     let l = cfg.n_layers as f64;
     let per_tok = l * (c * (qw + 2.0 * kw) + qw * c + 3.0 * c * f);

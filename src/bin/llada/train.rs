@@ -73,7 +73,12 @@ pub struct TrainArgs {
     device: String,
 }
 
-fn tokenizer_for(opened_tok: Option<Tokenizer>, tiny: bool, out: &Path, cfg: &llada::config::ModelConfig) -> Result<Tokenizer> {
+fn tokenizer_for(
+    opened_tok: Option<Tokenizer>,
+    tiny: bool,
+    out: &Path,
+    cfg: &llada::config::ModelConfig,
+) -> Result<Tokenizer> {
     if let Some(t) = opened_tok {
         return Ok(t);
     }
