@@ -28,3 +28,4 @@ pub mod presets;
 pub mod rng;
 pub mod sampler;
 pub mod tokenizer;
+pub mod train;

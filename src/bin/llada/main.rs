@@ -18,7 +18,9 @@ use llada::head::Remasking;
 use llada::sampler::{GenerateParams, Progress};
 
 mod eval;
+mod grad;
 mod loglik;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +50,10 @@ enum Cmd {
     Loglik(loglik::LoglikArgs),
     /// Multiple-choice evaluation (lm-eval-harness scoring) from a JSON-lines file.
     Eval(eval::EvalArgs),
+    /// Train (pretraining or SFT, CPU) and save Hugging Face checkpoints.
+    Train(train::TrainArgs),
+    /// Write the masked-token loss and every parameter's gradient (f32) to a safetensors file.
+    Grad(grad::GradArgs),
 }
 
 #[derive(Args, Clone)]
@@ -177,6 +183,8 @@ fn main() -> ExitCode {
         Cmd::Batch(a) => return batch::main(a),
         Cmd::Loglik(a) => loglik::cmd_loglik(a),
         Cmd::Eval(a) => eval::cmd_eval(a),
+        Cmd::Train(a) => train::cmd_train(a),
+        Cmd::Grad(a) => grad::cmd_grad(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

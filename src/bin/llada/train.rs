@@ -1,0 +1,222 @@
+//! `llada train`: pretraining or SFT on the CPU (reference §6), saving Hugging Face folders
+//! that `llada generate` loads, with exact resume.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use llada::device::DeviceChoice;
+use llada::engine::{ModelSpec, Opened};
+use llada::tokenizer::Tokenizer;
+use llada::train::checkpoint;
+use llada::train::data::{load_pretrain, load_sft};
+use llada::train::model::Params;
+use llada::train::{TrainOptions, Trainer};
+
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Continue from a checkpoint written by `llada train` (its options are reused).
+    #[arg(long, conflicts_with_all = ["model", "preset"])]
+    resume: Option<PathBuf>,
+    /// Training data: plain text or JSONL `{"text"}` (pretraining); JSONL `{"prompt",
+    /// "response"}` or `{"messages"}` with --sft.
+    #[arg(long)]
+    data: PathBuf,
+    /// Supervised fine-tuning loss (the prompt is never masked).
+    #[arg(long)]
+    sft: bool,
+    /// Folder to save checkpoints to (a Hugging Face model folder + optimizer state).
+    #[arg(long)]
+    out: PathBuf,
+    /// Total optimizer steps (on --resume: defaults to the checkpoint's).
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    accum: usize,
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
+    /// constant | linear | wsd (warmup–stable–decay, decay over the last 10 %)
+    #[arg(long, default_value = "constant")]
+    schedule: String,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Turn off upstream's 1 % random-length truncation of pretraining batches.
+    #[arg(long)]
+    no_truncate: bool,
+    /// Save every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 0)]
+    save_every: u64,
+    /// Peak FLOP/s of the device in TFLOP/s, for the model FLOP utilisation column.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// cpu (auto means cpu; CUDA training is not implemented yet)
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+fn tokenizer_for(
+    opened_tok: Option<Tokenizer>,
+    tiny: bool,
+    out: &Path,
+    cfg: &llada::config::ModelConfig,
+) -> Result<Tokenizer> {
+    if let Some(t) = opened_tok {
+        return Ok(t);
+    }
+    if tiny {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        llada::tokenizer::write_tiny_tokenizer(out)?;
+        return Tokenizer::from_dir(out, cfg);
+    }
+    bail!("the model has no tokenizer.json; training data cannot be tokenized")
+}
+
+pub fn cmd_train(a: TrainArgs) -> Result<()> {
+    match a.device.parse::<DeviceChoice>()? {
+        DeviceChoice::Cpu | DeviceChoice::Auto => {}
+        DeviceChoice::Cuda(_) => bail!(
+            "training on CUDA is not implemented yet (the backward kernels and NCCL data \
+             parallelism are missing); use --device cpu"
+        ),
+    }
+    let (mut trainer, tok, tok_src, tiny) = if let Some(dir) = &a.resume {
+        let r = checkpoint::load(dir)?;
+        let mut opts: TrainOptions = serde_json::from_value(r.state.options.clone())
+            .with_context(|| format!("{}: trainer_state.json options", dir.display()))?;
+        if let Some(s) = a.steps {
+            if s != opts.steps {
+                eprintln!(
+                    "note: --steps {s} differs from the checkpoint's {}: the schedule changes, \
+                     so this is not the run the checkpoint came from",
+                    opts.steps
+                );
+            }
+            opts.steps = s;
+        }
+        let tok = Tokenizer::from_dir(dir, &r.cfg)?;
+        let samples = if opts.sft {
+            load_sft(&a.data, &tok, opts.seq_len)?
+        } else {
+            load_pretrain(&a.data, &tok, opts.seq_len)?
+        };
+        eprintln!(
+            "resuming {} at step {}/{}",
+            dir.display(),
+            r.state.step,
+            opts.steps
+        );
+        let t = Trainer::with_state(r.cfg, r.params, r.opt, r.state.step, opts, samples)?;
+        (t, tok, Some(dir.clone()), false)
+    } else {
+        let spec = a.model.spec()?;
+        let tiny = matches!(&spec, ModelSpec::Preset { name, .. } if name == "tiny");
+        let src = match &spec {
+            ModelSpec::Dir(d) => Some(d.clone()),
+            _ => None,
+        };
+        let opened = Opened::open(&spec)?;
+        let cfg = opened.cfg.clone();
+        let params = Params::<f32>::from_checkpoint(&cfg, &opened.ckpt)?;
+        let tok = tokenizer_for(opened.tokenizer, tiny, &a.out, &cfg)?;
+        let opts = TrainOptions {
+            steps: a.steps.unwrap_or(100),
+            batch_size: a.batch_size,
+            accum: a.accum,
+            seq_len: a.seq_len,
+            lr: a.lr,
+            warmup: a.warmup,
+            schedule: a.schedule.clone(),
+            weight_decay: a.weight_decay,
+            clip: a.clip,
+            seed: a.seed,
+            sft: a.sft,
+            truncate: !a.no_truncate,
+        };
+        let samples = if a.sft {
+            load_sft(&a.data, &tok, a.seq_len)?
+        } else {
+            load_pretrain(&a.data, &tok, a.seq_len)?
+        };
+        eprintln!(
+            "training {} ({} parameters) on {} sequences of {} tokens, CPU f32",
+            opened.label,
+            params.numel(),
+            samples.len(),
+            a.seq_len
+        );
+        (Trainer::new(cfg, params, opts, samples)?, tok, src, tiny)
+    };
+    let _ = &tok;
+    let save = |t: &Trainer| -> Result<()> {
+        checkpoint::save(
+            &a.out,
+            &t.cfg,
+            &t.params,
+            &t.opt,
+            &t.state()?,
+            tok_src.as_deref(),
+            tiny,
+        )
+    };
+    let show = std::io::stderr().is_terminal();
+    let total = trainer.opts.steps;
+    while trainer.step < total {
+        let t0 = Instant::now();
+        let s = trainer.train_step()?;
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        let flops = s.flops / secs;
+        let mfu = match a.peak_tflops {
+            Some(p) if p > 0.0 => format!("{:.1}%", 100.0 * flops / (p * 1e12)),
+            _ => "-".into(),
+        };
+        let w = 20;
+        let done = (s.step as usize * w) / total.max(1) as usize;
+        let line = format!(
+            "[{}{}] step {}/{} loss {:.4} lr {:.2e} gnorm {:.3} tok/s {:.0} GFLOP/s {:.2} MFU {}",
+            "#".repeat(done),
+            " ".repeat(w - done),
+            s.step,
+            total,
+            s.loss,
+            s.lr,
+            s.grad_norm,
+            s.tokens as f64 / secs,
+            flops / 1e9,
+            mfu
+        );
+        if show {
+            eprint!("\r{line}");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
+        if a.save_every > 0 && s.step % a.save_every == 0 && s.step < total {
+            save(&trainer)?;
+        }
+    }
+    if show {
+        eprintln!();
+    }
+    save(&trainer)?;
+    eprintln!("saved {} (step {})", a.out.display(), trainer.step);
+    Ok(())
+}

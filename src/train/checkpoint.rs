@@ -1,0 +1,179 @@
+//! Training checkpoints: a Hugging Face model folder that `llada generate` loads, plus what a
+//! resume needs.
+//!
+//! `DIR/` holds `config.json`, `model.safetensors` (bf16, reference §2.1 names),
+//! `tokenizer.json` / `tokenizer_config.json` (copied from the source folder, or the tiny
+//! tokenizer for the `tiny` preset), and
+//! - `optimizer.safetensors`: f32 `master.NAME` (the exact f32 weights), `exp_avg.NAME`,
+//!   `exp_avg_sq.NAME` for every tensor NAME;
+//! - `trainer_state.json`: the step reached, the AdamW step count and hyper-parameters, and the
+//!   run's options (seed, batch size, schedule…), which a resume reuses so that it continues
+//!   exactly as an uninterrupted run would (all randomness is a function of seed and step).
+
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::model::Params;
+use super::optim::{AdamW, AdamWConfig};
+use crate::checkpoint::{
+    write_hf_folder, write_safetensors, write_text_atomic, Checkpoint, HostTensor,
+};
+use crate::config::ModelConfig;
+use crate::dtype::DType;
+
+/// Everything of a run that is not a tensor.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub adam_t: u64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub options: serde_json::Value,
+}
+
+/// Write the model folder and the optimizer state to `dir`. `tokenizer_from` is a folder whose
+/// `tokenizer.json` / `tokenizer_config.json` are copied (when present); `tiny_tokenizer`
+/// writes the tiny preset's tokenizer instead.
+pub fn save(
+    dir: &Path,
+    cfg: &ModelConfig,
+    params: &Params<f32>,
+    opt: &AdamW,
+    state: &TrainerState,
+    tokenizer_from: Option<&Path>,
+    tiny_tokenizer: bool,
+) -> Result<()> {
+    let tensors: Vec<HostTensor> = (0..params.data.len())
+        .map(|i| {
+            (
+                params.names[i].clone(),
+                DType::BF16,
+                params.shapes[i].clone(),
+                params.data[i].clone(),
+            )
+        })
+        .collect();
+    write_hf_folder(dir, cfg, &tensors, 1)?;
+    if tiny_tokenizer {
+        crate::tokenizer::write_tiny_tokenizer(dir)?;
+    } else if let Some(src) = tokenizer_from {
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            let from = src.join(f);
+            if from.is_file() && src.canonicalize().ok() != dir.canonicalize().ok() {
+                std::fs::copy(&from, dir.join(f)).with_context(|| {
+                    format!("cannot copy {} to {}", from.display(), dir.display())
+                })?;
+            }
+        }
+    }
+    let mut opt_tensors: Vec<HostTensor> = Vec::with_capacity(3 * params.data.len());
+    for (prefix, p) in [
+        ("master.", params),
+        ("exp_avg.", &opt.m),
+        ("exp_avg_sq.", &opt.v),
+    ] {
+        for i in 0..p.data.len() {
+            opt_tensors.push((
+                format!("{prefix}{}", p.names[i]),
+                DType::F32,
+                p.shapes[i].clone(),
+                p.data[i].clone(),
+            ));
+        }
+    }
+    write_safetensors(&dir.join("optimizer.safetensors"), &opt_tensors)?;
+    write_text_atomic(
+        &dir.join("trainer_state.json"),
+        &(serde_json::to_string_pretty(state)? + "\n"),
+    )?;
+    Ok(())
+}
+
+/// What [`load`] restores.
+pub struct Resumed {
+    pub cfg: ModelConfig,
+    pub params: Params<f32>,
+    pub opt: AdamW,
+    pub state: TrainerState,
+}
+
+/// Read a training checkpoint written by [`save`].
+pub fn load(dir: &Path) -> Result<Resumed> {
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let state_path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&state_path).with_context(|| {
+        format!(
+            "cannot read {} (is {} a training checkpoint?)",
+            state_path.display(),
+            dir.display()
+        )
+    })?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
+    let opt_path = dir.join("optimizer.safetensors");
+    let bytes =
+        std::fs::read(&opt_path).with_context(|| format!("cannot read {}", opt_path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", opt_path.display()))?;
+    let mut sets: Vec<Params<f32>> = (0..3).map(|_| Params::zeros(&cfg)).collect();
+    for (k, prefix) in ["master.", "exp_avg.", "exp_avg_sq."].iter().enumerate() {
+        let p = &mut sets[k];
+        for i in 0..p.data.len() {
+            let name = format!("{prefix}{}", p.names[i]);
+            let t = st
+                .tensor(&name)
+                .with_context(|| format!("{}: tensor `{name}` missing", opt_path.display()))?;
+            ensure!(
+                t.dtype() == safetensors::Dtype::F32 && t.shape() == p.shapes[i].as_slice(),
+                "{}: tensor `{name}` is {:?} {:?}, expected F32 {:?}",
+                opt_path.display(),
+                t.dtype(),
+                t.shape(),
+                p.shapes[i]
+            );
+            p.data[i] = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+        }
+    }
+    let v = sets.pop().context("three parameter sets")?;
+    let m = sets.pop().context("three parameter sets")?;
+    let params = sets.pop().context("three parameter sets")?;
+    let opt = AdamW {
+        cfg: AdamWConfig {
+            beta1: state.beta1,
+            beta2: state.beta2,
+            eps: state.eps,
+            weight_decay: state.weight_decay,
+        },
+        m,
+        v,
+        t: state.adam_t,
+    };
+    // The bf16 model weights must be the rounded master weights (a hand-edited folder would
+    // otherwise silently train something else than it generates with).
+    let ck = Checkpoint::open(dir, &cfg)?;
+    let wte = ck.read_f32(crate::checkpoint::WTE)?;
+    let same = wte
+        .iter()
+        .zip(&params.data[0])
+        .all(|(&a, &b)| a == DType::BF16.round(b));
+    ensure!(
+        same,
+        "{}: model.safetensors does not match the master weights in optimizer.safetensors",
+        dir.display()
+    );
+    Ok(Resumed {
+        cfg,
+        params,
+        opt,
+        state,
+    })
+}

@@ -1,0 +1,188 @@
+//! The training losses of reference §6, as [`Batch`]es: which tokens are masked, and the loss
+//! weight of each masked row. The model then computes `Σ_r weight[r]·CE_r`
+//! ([`super::model::forward_backward`]).
+//!
+//! Randomness is counter-based ([`crate::rng`]), so a batch is a pure function of
+//! `(seed, micro-step, batch row, position)` and a resumed run masks exactly as an
+//! uninterrupted one. Streams (distinct from the sampler's 1–3):
+//! - [`STREAM_TRAIN_T`]: `t ~ U(0,1)` of batch row `row` at micro-step `s`:
+//!   `uniform(bits(cell_key(seed, 16, s, row, 0), 0))`;
+//! - [`STREAM_TRAIN_MASK`]: the per-token draw, `uniform(bits(cell_key(seed, 17, s, row, 0), pos))`,
+//!   masked when `< p`;
+//! - [`STREAM_TRAIN_TRUNC`]: the 1 % batch truncation: `u0 = uniform(bits(k, 0))` with
+//!   `k = cell_key(seed, 18, s, 0, 0)`; when `u0 < 0.01` the length becomes
+//!   `1 + ⌊uniform(bits(k, 1))·L⌋`;
+//! - [`STREAM_TRAIN_DATA`]: the data order (see [`super::data`]).
+//!
+//! Draws are f64; `p = (1 − 1e-3)·t + 1e-3` is computed in f64 and the comparison `u < p` is in
+//! f64 (upstream draws f32 `torch.rand`; the distribution is the same, the bits are not).
+
+use anyhow::{ensure, Result};
+
+use super::model::Batch;
+use crate::rng::{bits, cell_key, uniform};
+
+pub const STREAM_TRAIN_T: u64 = 16;
+pub const STREAM_TRAIN_MASK: u64 = 17;
+pub const STREAM_TRAIN_TRUNC: u64 = 18;
+pub const STREAM_TRAIN_DATA: u64 = 19;
+
+/// Upstream's `eps`: the smallest mask probability.
+pub const MASK_EPS: f64 = 1e-3;
+/// Probability that a pretraining batch is cut to a random length.
+pub const TRUNC_PROB: f64 = 0.01;
+
+/// The mask probability `p_b` of batch row `row` at micro-step `step`.
+pub fn mask_prob(seed: u64, step: u64, row: u64) -> f64 {
+    let t = uniform(bits(cell_key(seed, STREAM_TRAIN_T, step, row, 0), 0));
+    (1.0 - MASK_EPS) * t + MASK_EPS
+}
+
+/// Whether position `pos` of batch row `row` is masked at micro-step `step` with probability `p`.
+pub fn is_masked(seed: u64, step: u64, row: u64, pos: u64, p: f64) -> bool {
+    uniform(bits(cell_key(seed, STREAM_TRAIN_MASK, step, row, 0), pos)) < p
+}
+
+/// The length a pretraining batch of length `t` is cut to at micro-step `step` (`t` itself in
+/// 99 % of the steps).
+pub fn truncated_len(seed: u64, step: u64, t: usize) -> usize {
+    let k = cell_key(seed, STREAM_TRAIN_TRUNC, step, 0, 0);
+    if uniform(bits(k, 0)) < TRUNC_PROB {
+        (1 + (uniform(bits(k, 1)) * t as f64) as usize).min(t)
+    } else {
+        t
+    }
+}
+
+/// Pretraining (reference §6.1) over clean sequences `clean` (`[b, t]`): per row
+/// `p = (1−eps)·t + eps`, every token masked independently with probability `p`, row weight
+/// `1/(p·B·L)` (`L` after truncation), so the loss is `Σ_masked CE/p / (B·L)`. With `truncate`,
+/// 1 % of the batches are cut to a random length first. `scale` multiplies every weight
+/// (`1/accumulation steps`).
+#[allow(clippy::too_many_arguments)]
+pub fn pretrain_batch(
+    clean: &[u32],
+    b: usize,
+    t: usize,
+    mask_id: u32,
+    seed: u64,
+    step: u64,
+    truncate: bool,
+    scale: f64,
+) -> Result<Batch> {
+    ensure!(
+        clean.len() == b * t && b > 0 && t > 0,
+        "pretrain batch: {} tokens for b·t = {b}·{t}",
+        clean.len()
+    );
+    let l = if truncate {
+        truncated_len(seed, step, t)
+    } else {
+        t
+    };
+    let mut out = Batch {
+        b,
+        t: l,
+        ..Batch::default()
+    };
+    for row in 0..b {
+        let p = mask_prob(seed, step, row as u64);
+        let w = scale / (p * (b * l) as f64);
+        for pos in 0..l {
+            let id = clean[row * t + pos];
+            if is_masked(seed, step, row as u64, pos as u64, p) {
+                out.ids.push(mask_id);
+                out.rows.push((row * l + pos) as u32);
+                out.targets.push(id);
+                out.weights.push(w);
+            } else {
+                out.ids.push(id);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// SFT (reference §6.2) over clean sequences `clean` (`[b, t]`, right-padded with EOS, which
+/// counts as answer) whose first `prompt_lens[row]` tokens are the prompt: the prompt is never
+/// masked; the answer is masked as in pretraining; row weight `1/(p·answer_len·B)`, so each
+/// row's loss is divided by its answer length and the rows are averaged.
+#[allow(clippy::too_many_arguments)]
+pub fn sft_batch(
+    clean: &[u32],
+    prompt_lens: &[usize],
+    b: usize,
+    t: usize,
+    mask_id: u32,
+    seed: u64,
+    step: u64,
+    scale: f64,
+) -> Result<Batch> {
+    ensure!(
+        clean.len() == b * t && b > 0 && prompt_lens.len() == b,
+        "sft batch: {} tokens and {} prompt lengths for b·t = {b}·{t}",
+        clean.len(),
+        prompt_lens.len()
+    );
+    let mut out = Batch {
+        b,
+        t,
+        ..Batch::default()
+    };
+    for (row, &pl) in prompt_lens.iter().enumerate() {
+        ensure!(
+            pl < t,
+            "sft batch: row {row} has a prompt of {pl} tokens, leaving no answer in {t}"
+        );
+        let p = mask_prob(seed, step, row as u64);
+        let w = scale / (p * (t - pl) as f64 * b as f64);
+        for pos in 0..t {
+            let id = clean[row * t + pos];
+            if pos >= pl && is_masked(seed, step, row as u64, pos as u64, p) {
+                out.ids.push(mask_id);
+                out.rows.push((row * t + pos) as u32);
+                out.targets.push(id);
+                out.weights.push(w);
+            } else {
+                out.ids.push(id);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The `llada grad` loss: one sequence `ids`, the given positions masked, weight `1/(P·T)` each
+/// (`Σ CE / P` over them, divided by the number of ids).
+pub fn fixed_mask_batch(ids: &[u32], masked: &[usize], p_mask: f64, mask_id: u32) -> Result<Batch> {
+    let t = ids.len();
+    ensure!(t > 0, "grad: no ids");
+    ensure!(
+        p_mask > 0.0 && p_mask <= 1.0,
+        "grad: --p-mask {p_mask} must be in (0, 1]"
+    );
+    let mut noisy = ids.to_vec();
+    let mut sorted = masked.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    ensure!(
+        sorted.len() == masked.len(),
+        "grad: --masked lists a position twice"
+    );
+    let mut out = Batch {
+        b: 1,
+        t,
+        ..Batch::default()
+    };
+    for &pos in &sorted {
+        ensure!(
+            pos < t,
+            "grad: masked position {pos} is outside the {t} ids"
+        );
+        noisy[pos] = mask_id;
+        out.rows.push(pos as u32);
+        out.targets.push(ids[pos]);
+        out.weights.push(1.0 / (p_mask * t as f64));
+    }
+    out.ids = noisy;
+    Ok(out)
+}

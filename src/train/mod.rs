@@ -1,0 +1,288 @@
+//! Training: the masked-diffusion losses of reference §6, backward passes, AdamW, data and
+//! checkpoints — a CPU reference in f32.
+//!
+//! - [`ops`]: every op's forward (keeping what the backward needs) and backward, generic over
+//!   f32/f64 ([`ops::Real`]) so gradients are checked by finite differences in f64.
+//! - [`model`]: whole-model forward + backward over the checkpoint's tensor names ([`Params`]).
+//! - [`loss`]: pretraining / SFT masking and loss weights, counter-based RNG streams 16–19.
+//! - [`optim`]: AdamW (f32 master weights and moments), schedules, clipping.
+//! - [`data`]: text / JSONL loading, packing, SFT formatting, deterministic sample order.
+//! - [`checkpoint`]: Hugging Face folder + optimizer state; exact resume.
+//! - [`Trainer`]: one optimizer step = `accum` micro-batches of `batch_size` sequences.
+//!
+//! Not implemented yet: CUDA backward kernels and multi-GPU data parallelism (NCCL). Training
+//! runs on the CPU only. [`average_grads`] is the data-parallel reduction such a run would do
+//! (mean over ranks of per-rank gradients, each normalised by its local batch), tested against
+//! one process with the same global batch.
+
+pub mod checkpoint;
+pub mod data;
+pub mod loss;
+pub mod model;
+pub mod ops;
+pub mod optim;
+
+use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use data::Sample;
+use model::{forward_backward, Batch, Params};
+use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
+
+/// The options of a run (saved in the checkpoint; a resume reuses them).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainOptions {
+    /// Total optimizer steps.
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    pub accum: usize,
+    pub seq_len: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub warmup: u64,
+    /// `constant`, `linear` or `wsd`.
+    pub schedule: String,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub clip: f64,
+    pub seed: u64,
+    /// SFT loss (prompt never masked) instead of pretraining.
+    pub sft: bool,
+    /// Pretraining: cut 1 % of the batches to a random length (upstream); tests turn it off.
+    pub truncate: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            steps: 100,
+            batch_size: 4,
+            accum: 1,
+            seq_len: 128,
+            lr: 1e-3,
+            warmup: 10,
+            schedule: "constant".into(),
+            weight_decay: 0.1,
+            clip: 1.0,
+            seed: 0,
+            sft: false,
+            truncate: true,
+        }
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepStats {
+    /// Optimizer step just completed (1-based).
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens processed (all micro-batches).
+    pub tokens: usize,
+    /// Masked (loss) rows.
+    pub masked: usize,
+    /// Model FLOPs of the step (estimate, see [`step_flops`]).
+    pub flops: f64,
+}
+
+/// Model FLOPs of one forward + backward over `batch`: `6·(matrix params per token)` for the
+/// transformer blocks on every token, `6·V·C` per loss row for the LM head, and
+/// `12·L·B·T²·NH·HD` for attention (scores and weighted sum, forward ×3).
+pub fn step_flops(cfg: &ModelConfig, b: usize, t: usize, rows: usize) -> f64 {
+    let (c, hd, f) = (
+        cfg.d_model as f64,
+        cfg.head_dim() as f64,
+        cfg.mlp_hidden_size as f64,
+    );
+    let (qw, kw) = (cfg.n_heads as f64 * hd, cfg.n_kv_heads as f64 * hd);
+    let l = cfg.n_layers as f64;
+    let per_tok = l * (c * (qw + 2.0 * kw) + qw * c + 3.0 * c * f);
+    let n = (b * t) as f64;
+    6.0 * per_tok * n
+        + 6.0 * cfg.embedding_size as f64 * c * rows as f64
+        + 12.0 * l * b as f64 * (t * t) as f64 * qw
+}
+
+/// Mean over ranks of per-rank gradients: what an all-reduce (sum) followed by `1/world`
+/// computes. With each rank's loss normalised by its own (equal-sized) batch, this equals the
+/// gradient of one process over the concatenated global batch.
+pub fn average_grads(parts: &[Params<f32>]) -> Result<Params<f32>> {
+    ensure!(!parts.is_empty(), "average_grads: no ranks");
+    let mut out = parts[0].clone();
+    let w = parts.len() as f32;
+    for i in 0..out.data.len() {
+        for j in 0..out.data[i].len() {
+            let mut s = 0.0f32;
+            for p in parts {
+                s += p.data[i][j];
+            }
+            out.data[i][j] = s / w;
+        }
+    }
+    Ok(out)
+}
+
+/// A training run on the host.
+pub struct Trainer {
+    pub cfg: ModelConfig,
+    pub params: Params<f32>,
+    pub opt: AdamW,
+    pub grad: Params<f32>,
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub opts: TrainOptions,
+    samples: Vec<Sample>,
+    schedule: Schedule,
+    order: Option<(u64, Vec<usize>)>,
+}
+
+impl Trainer {
+    /// A fresh run from `params`.
+    pub fn new(
+        cfg: ModelConfig,
+        params: Params<f32>,
+        opts: TrainOptions,
+        samples: Vec<Sample>,
+    ) -> Result<Trainer> {
+        let opt = AdamW::new(
+            AdamWConfig {
+                weight_decay: opts.weight_decay,
+                ..AdamWConfig::default()
+            },
+            &params,
+        );
+        Trainer::with_state(cfg, params, opt, 0, opts, samples)
+    }
+
+    /// A run continued from a checkpoint (`step` steps done, optimizer state `opt`).
+    pub fn with_state(
+        cfg: ModelConfig,
+        params: Params<f32>,
+        opt: AdamW,
+        step: u64,
+        opts: TrainOptions,
+        samples: Vec<Sample>,
+    ) -> Result<Trainer> {
+        ensure!(!samples.is_empty(), "no training samples");
+        ensure!(
+            opts.batch_size > 0 && opts.accum > 0,
+            "--batch-size and --accum must be positive"
+        );
+        ensure!(
+            opts.seq_len <= cfg.max_sequence_length,
+            "--seq-len {} exceeds the model's max_sequence_length {}",
+            opts.seq_len,
+            cfg.max_sequence_length
+        );
+        for (i, s) in samples.iter().enumerate() {
+            ensure!(
+                s.ids.len() == opts.seq_len,
+                "sample {i} has {} tokens, expected --seq-len {}",
+                s.ids.len(),
+                opts.seq_len
+            );
+            if let Some(&id) = s.ids.iter().find(|&&id| id as usize >= cfg.embedding_size) {
+                anyhow::bail!(
+                    "sample {i} holds token id {id}, outside the model's {} embedding rows",
+                    cfg.embedding_size
+                );
+            }
+        }
+        let schedule = Schedule::parse(&opts.schedule, opts.steps)?;
+        let grad = {
+            let mut g = params.clone();
+            g.fill_zero();
+            g
+        };
+        Ok(Trainer {
+            cfg,
+            params,
+            opt,
+            grad,
+            step,
+            opts,
+            samples,
+            schedule,
+            order: None,
+        })
+    }
+
+    /// The masked micro-batch `k` of optimizer step `step`.
+    pub fn micro_batch(&mut self, step: u64, k: usize) -> Result<Batch> {
+        let o = &self.opts;
+        let (b, t) = (o.batch_size, o.seq_len);
+        let micro = step * o.accum as u64 + k as u64;
+        let mut clean = Vec::with_capacity(b * t);
+        let mut prompt_lens = Vec::with_capacity(b);
+        for i in 0..b {
+            let g = micro * b as u64 + i as u64;
+            let idx = data::sample_index(o.seed, g, self.samples.len(), &mut self.order);
+            clean.extend_from_slice(&self.samples[idx].ids);
+            prompt_lens.push(self.samples[idx].prompt_len);
+        }
+        let scale = 1.0 / o.accum as f64;
+        let mask = self.cfg.mask_token_id;
+        if o.sft {
+            loss::sft_batch(&clean, &prompt_lens, b, t, mask, o.seed, micro, scale)
+        } else {
+            loss::pretrain_batch(&clean, b, t, mask, o.seed, micro, o.truncate, scale)
+        }
+    }
+
+    /// One optimizer step: accumulate the micro-batches' gradients, clip, AdamW.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        ensure!(
+            self.step < self.opts.steps,
+            "the run is complete ({} steps)",
+            self.opts.steps
+        );
+        self.grad.fill_zero();
+        let (mut loss, mut tokens, mut masked, mut flops) = (0.0, 0, 0, 0.0);
+        for k in 0..self.opts.accum {
+            let batch = self.micro_batch(self.step, k)?;
+            loss += forward_backward(&self.cfg, &self.params, &batch, &mut self.grad)?;
+            tokens += batch.b * batch.t;
+            masked += batch.rows.len();
+            flops += step_flops(&self.cfg, batch.b, batch.t, batch.rows.len());
+        }
+        ensure!(
+            loss.is_finite(),
+            "step {}: the loss is {loss} (lower --lr, or resume from an earlier checkpoint)",
+            self.step + 1
+        );
+        let grad_norm = clip_grad_norm(&mut self.grad, self.opts.clip);
+        let lr = self
+            .schedule
+            .lr(self.opts.lr, self.opts.warmup, self.step, self.opts.steps);
+        self.opt.step(&mut self.params, &self.grad, lr);
+        self.step += 1;
+        Ok(StepStats {
+            step: self.step,
+            loss,
+            lr,
+            grad_norm,
+            tokens,
+            masked,
+            flops,
+        })
+    }
+
+    /// The non-tensor state to save.
+    pub fn state(&self) -> Result<checkpoint::TrainerState> {
+        Ok(checkpoint::TrainerState {
+            step: self.step,
+            adam_t: self.opt.t,
+            beta1: self.opt.cfg.beta1,
+            beta2: self.opt.cfg.beta2,
+            eps: self.opt.cfg.eps,
+            weight_decay: self.opt.cfg.weight_decay,
+            options: serde_json::to_value(&self.opts)?,
+        })
+    }
+}

@@ -1,0 +1,897 @@
+//! Training path: finite-difference checks of every op and of the whole model (f64), the
+//! losses' masking rules, AdamW, data, and end-to-end runs (loss falls, save → load → generate,
+//! resume equals an uninterrupted run).
+
+use llada::config::ModelConfig;
+use llada::rng::{bits, cell_key, uniform};
+use llada::train::loss;
+use llada::train::model::{forward_backward, Batch, Params};
+use llada::train::ops::{self, AttnDims};
+
+/// Deterministic values in [-scale, scale].
+fn rand_vec(seed: u64, n: usize, scale: f64) -> Vec<f64> {
+    let k = cell_key(seed, 99, 0, 0, 0);
+    (0..n)
+        .map(|i| scale * (2.0 * uniform(bits(k, i as u64)) - 1.0))
+        .collect()
+}
+
+/// Central differences in f64 with step 1e-5: truncation error ~h²·f''' ≈ 1e-10 and rounding
+/// error ~ε·|f|/h ≈ 1e-11 for the O(1) losses here, so 1e-7 absolute plus 1e-6 relative to the
+/// largest gradient is far above the numerical noise and far below any real mistake (a wrong
+/// term changes gradients at the 1e-2 level).
+fn check_grad(name: &str, x: &mut [f64], analytic: &[f64], f: &mut dyn FnMut(&[f64]) -> f64) {
+    let h = 1e-5;
+    let scale = analytic
+        .iter()
+        .fold(0.0f64, |a, &b| a.max(b.abs()))
+        .max(1e-3);
+    let mut worst = 0.0f64;
+    for i in 0..x.len() {
+        let x0 = x[i];
+        x[i] = x0 + h;
+        let fp = f(x);
+        x[i] = x0 - h;
+        let fm = f(x);
+        x[i] = x0;
+        let num = (fp - fm) / (2.0 * h);
+        let err = (num - analytic[i]).abs();
+        worst = worst.max(err);
+        assert!(
+            err <= 1e-7 + 1e-6 * scale,
+            "{name}[{i}]: analytic {} numeric {num} (error {err}, max |grad| {scale})",
+            analytic[i]
+        );
+    }
+    eprintln!("{name}: {} elements, worst error {worst:.2e}", x.len());
+}
+
+fn dotv(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn fd_linear() {
+    let (n, k, m) = (3, 5, 4);
+    let mut x = rand_vec(1, n * k, 1.0);
+    let mut w = rand_vec(2, m * k, 1.0);
+    let r = rand_vec(3, n * m, 1.0);
+    let mut dx = vec![0.0; n * k];
+    let mut dw = vec![0.0; m * k];
+    ops::linear_bwd(Some(&mut dx), &mut dw, &r, &x, &w, n, k, m);
+    let w0 = w.clone();
+    check_grad("linear dx", &mut x.clone(), &dx, &mut |xx| {
+        let mut y = vec![0.0; n * m];
+        ops::linear(&mut y, xx, &w0, n, k, m);
+        dotv(&y, &r)
+    });
+    let x0 = x.clone();
+    check_grad("linear dw", &mut w, &dw, &mut |ww| {
+        let mut y = vec![0.0; n * m];
+        ops::linear(&mut y, &x0, ww, n, k, m);
+        dotv(&y, &r)
+    });
+    // dw accumulates.
+    let mut dw2 = dw.clone();
+    ops::linear_bwd(None, &mut dw2, &r, &x, &w, n, k, m);
+    for (a, b) in dw2.iter().zip(&dw) {
+        assert!((a - 2.0 * b).abs() < 1e-12);
+    }
+    x[0] += 0.0;
+}
+
+#[test]
+fn fd_rms_norm() {
+    let (n, c) = (3, 6);
+    let x = rand_vec(4, n * c, 2.0);
+    let mut w = rand_vec(5, c, 1.0);
+    let r = rand_vec(6, n * c, 1.0);
+    let eps = 1e-5;
+    let mut y = vec![0.0; n * c];
+    let mut inv = vec![0.0; n];
+    ops::rms_norm(&mut y, &mut inv, &x, &w, n, c, eps);
+    let mut dx = vec![0.0; n * c];
+    let mut dw = vec![0.0; c];
+    ops::rms_norm_bwd(&mut dx, &mut dw, &r, &x, &inv, &w, n, c);
+    let w0 = w.clone();
+    check_grad("rms_norm dx", &mut x.clone(), &dx, &mut |xx| {
+        let mut y = vec![0.0; n * c];
+        let mut i = vec![0.0; n];
+        ops::rms_norm(&mut y, &mut i, xx, &w0, n, c, eps);
+        dotv(&y, &r)
+    });
+    check_grad("rms_norm dw", &mut w, &dw, &mut |ww| {
+        let mut y = vec![0.0; n * c];
+        let mut i = vec![0.0; n];
+        ops::rms_norm(&mut y, &mut i, &x, ww, n, c, eps);
+        dotv(&y, &r)
+    });
+}
+
+#[test]
+fn fd_rope_and_identity_at_zero() {
+    let (n, heads, hd) = (4, 2, 6);
+    let (cos, sin) = llada::backend::rope_tables(10000.0, hd, 8);
+    let pos = vec![0usize, 3, 7, 1];
+    let mut x = rand_vec(7, n * heads * hd, 1.0);
+    let r = rand_vec(8, n * heads * hd, 1.0);
+    let mut dx = r.clone();
+    ops::rope(&mut dx, &pos, &cos, &sin, n, heads, hd, true);
+    check_grad("rope", &mut x, &dx, &mut |xx| {
+        let mut y = xx.to_vec();
+        ops::rope(&mut y, &pos, &cos, &sin, n, heads, hd, false);
+        dotv(&y, &r)
+    });
+    // Position 0 is the identity; rotate then inverse-rotate is the identity.
+    let mut y = x.clone();
+    ops::rope(&mut y, &pos, &cos, &sin, n, heads, hd, false);
+    assert_eq!(&y[..heads * hd], &x[..heads * hd]);
+    ops::rope(&mut y, &pos, &cos, &sin, n, heads, hd, true);
+    for (a, b) in y.iter().zip(&x) {
+        assert!((a - b).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn fd_attention_gqa() {
+    let d = AttnDims {
+        b: 2,
+        t: 4,
+        nh: 4,
+        nkv: 2,
+        hd: 3,
+    };
+    let n = d.b * d.t;
+    let (qw, kw) = (d.nh * d.hd, d.nkv * d.hd);
+    let q = rand_vec(9, n * qw, 1.5);
+    let k = rand_vec(10, n * kw, 1.5);
+    let v = rand_vec(11, n * kw, 1.0);
+    let r = rand_vec(12, n * qw, 1.0);
+    let mut o = vec![0.0; n * qw];
+    let mut lse = vec![0.0; n * d.nh];
+    ops::attention(&mut o, &mut lse, &q, &k, &v, d);
+    let (mut dq, mut dk, mut dv) = (vec![0.0; n * qw], vec![0.0; n * kw], vec![0.0; n * kw]);
+    ops::attention_bwd(&mut dq, &mut dk, &mut dv, &r, &q, &k, &v, &o, &lse, d);
+    let run = |q: &[f64], k: &[f64], v: &[f64]| {
+        let mut o = vec![0.0; n * qw];
+        let mut l = vec![0.0; n * d.nh];
+        ops::attention(&mut o, &mut l, q, k, v, d);
+        dotv(&o, &r)
+    };
+    check_grad("attention dq", &mut q.clone(), &dq, &mut |x| run(x, &k, &v));
+    check_grad("attention dk", &mut k.clone(), &dk, &mut |x| run(&q, x, &v));
+    check_grad("attention dv", &mut v.clone(), &dv, &mut |x| run(&q, &k, x));
+}
+
+#[test]
+fn fd_swiglu_embedding_cross_entropy() {
+    let len = 10;
+    let g = rand_vec(13, len, 3.0);
+    let u = rand_vec(14, len, 1.0);
+    let r = rand_vec(15, len, 1.0);
+    let (mut dg, mut du) = (vec![0.0; len], vec![0.0; len]);
+    ops::swiglu_bwd(&mut dg, &mut du, &r, &g, &u);
+    check_grad("swiglu dg", &mut g.clone(), &dg, &mut |x| {
+        let mut m = vec![0.0; len];
+        ops::swiglu(&mut m, x, &u);
+        dotv(&m, &r)
+    });
+    check_grad("swiglu du", &mut u.clone(), &du, &mut |x| {
+        let mut m = vec![0.0; len];
+        ops::swiglu(&mut m, &g, x);
+        dotv(&m, &r)
+    });
+
+    let (vocab, c) = (5, 3);
+    let ids = [1u32, 4, 1, 0];
+    let wte = rand_vec(16, vocab * c, 1.0);
+    let r = rand_vec(17, ids.len() * c, 1.0);
+    let mut dwte = vec![0.0; vocab * c];
+    ops::embedding_bwd(&mut dwte, &r, &ids, c);
+    check_grad("embedding", &mut wte.clone(), &dwte, &mut |w| {
+        let mut x = vec![0.0; ids.len() * c];
+        ops::embedding(&mut x, w, &ids, c);
+        dotv(&x, &r)
+    });
+
+    let v = 7;
+    let z = rand_vec(18, 3 * v, 4.0);
+    let targets = [2u32, 6, 0];
+    let weights = [0.5, 2.0, 1.25];
+    let mut dz = z.clone();
+    let l0 = ops::cross_entropy_fwd_bwd(&mut dz, &targets, &weights, v);
+    // Loss against a direct evaluation.
+    let mut direct = 0.0;
+    for rr in 0..3 {
+        let row = &z[rr * v..(rr + 1) * v];
+        let lse = row.iter().map(|x| x.exp()).sum::<f64>().ln();
+        direct += weights[rr] * (lse - row[targets[rr] as usize]);
+    }
+    assert!((l0 - direct).abs() < 1e-12, "{l0} vs {direct}");
+    check_grad("cross_entropy", &mut z.clone(), &dz, &mut |x| {
+        let mut y = x.to_vec();
+        ops::cross_entropy_fwd_bwd(&mut y, &targets, &weights, v)
+    });
+}
+
+fn fd_config() -> ModelConfig {
+    ModelConfig {
+        d_model: 8,
+        n_heads: 2,
+        n_kv_heads: 1,
+        n_layers: 2,
+        mlp_hidden_size: 12,
+        vocab_size: 16,
+        embedding_size: 16,
+        max_sequence_length: 16,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-5,
+        mask_token_id: 15,
+        eos_token_id: 1,
+        pad_token_id: 1,
+    }
+}
+
+fn random_params(cfg: &ModelConfig, seed: u64) -> Params<f64> {
+    let mut p = Params::<f64>::zeros(cfg);
+    for (i, d) in p.data.iter_mut().enumerate() {
+        let v = if p.shapes[i].len() == 1 {
+            rand_vec(seed + i as u64, d.len(), 0.3)
+                .into_iter()
+                .map(|x| 1.0 + x)
+                .collect()
+        } else {
+            rand_vec(seed + i as u64, d.len(), 0.5)
+        };
+        *d = v;
+    }
+    p
+}
+
+#[test]
+fn fd_whole_model() {
+    let cfg = fd_config();
+    let p = random_params(&cfg, 100);
+    let (b, t) = (2, 5);
+    let clean: Vec<u32> = (0..b * t).map(|i| (i * 7 % 15) as u32).collect();
+    // Mask several positions in both rows; a repeated id exercises the embedding scatter.
+    let batch = loss::pretrain_batch(&clean, b, t, cfg.mask_token_id, 3, 0, false, 1.0).unwrap();
+    let batch = if batch.rows.len() >= 2 {
+        batch
+    } else {
+        Batch {
+            ids: clean
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| if i % 2 == 0 { 15 } else { x })
+                .collect(),
+            b,
+            t,
+            rows: vec![0, 2, 4, 6, 8],
+            targets: vec![0, 14, 13, 12, 11],
+            weights: vec![0.1, 0.2, 0.3, 0.4, 0.5],
+        }
+    };
+    assert!(!batch.rows.is_empty());
+    let mut g = Params::<f64>::zeros(&cfg);
+    let l0 = forward_backward(&cfg, &p, &batch, &mut g).unwrap();
+    assert!(l0.is_finite() && l0 > 0.0);
+    for i in 0..p.data.len() {
+        let mut pp = p.clone();
+        let mut x = pp.data[i].clone();
+        check_grad(&p.names[i], &mut x, &g.data[i], &mut |xx| {
+            pp.data[i].copy_from_slice(xx);
+            let mut scratch = Params::<f64>::zeros(&cfg);
+            forward_backward(&cfg, &pp, &batch, &mut scratch).unwrap()
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PyTorch autograd parity, through the CLI.
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("llada-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn llada(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
+        .args(args)
+        .output()
+        .expect("run llada")
+}
+
+fn read_f32_tensors(path: &std::path::Path) -> std::collections::HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            assert_eq!(t.dtype(), safetensors::Dtype::F32, "{n}");
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (n, v)
+        })
+        .collect()
+}
+
+/// f32 against f32 autograd with different summation orders: each value passes through a few
+/// hundred f32 operations (depth 2 layers, widths ≤ 96), so relative differences of ~1e-6
+/// are expected; 2e-4 of the tensor's largest gradient leaves margin while a wrong or missing
+/// term (all of which change gradients by O(1) relative) is caught.
+fn assert_close(name: &str, got: &[f32], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let scale = want.iter().fold(0.0f64, |a, &b| a.max(b.abs()));
+    assert!(
+        scale > 0.0,
+        "{name}: all-zero reference gradient tests nothing"
+    );
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g as f64 - w).abs() <= 2e-4 * scale + 1e-7,
+            "{name}[{i}]: got {g}, PyTorch {w} (max |grad| {scale})"
+        );
+    }
+}
+
+#[test]
+fn grad_matches_pytorch_autograd() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("grad/expected.json")).unwrap())
+            .unwrap();
+    let join = |k: &str| {
+        exp[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let dir = tmpdir("grad");
+    let out = dir.join("g.safetensors");
+    let model = root.join("parity/f32");
+    let o = llada(&[
+        "grad",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        &join("ids"),
+        "--masked",
+        &join("masked"),
+        "--p-mask",
+        &exp["p_mask"].to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = read_f32_tensors(&out);
+    let loss = t["loss"][0] as f64;
+    let want = exp["loss"].as_f64().unwrap();
+    // The loss is a sum of 5 CE terms of O(5) in f32: 1e-5 relative.
+    assert!(
+        (loss - want).abs() <= 1e-5 * want.abs(),
+        "loss {loss} vs {want}"
+    );
+    let f = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    for (name, g) in exp["grads"].as_object().unwrap() {
+        assert_close(name, &t[name], &f(g));
+    }
+    let c = 64;
+    for (key, tensor) in [
+        ("wte_rows", "model.transformer.wte.weight"),
+        ("lm_head_rows", "model.transformer.ff_out.weight"),
+    ] {
+        for (id, g) in exp[key].as_object().unwrap() {
+            let id: usize = id.parse().unwrap();
+            assert_close(
+                &format!("{tensor}[{id}]"),
+                &t[tensor][id * c..(id + 1) * c],
+                &f(g),
+            );
+        }
+    }
+    // Every checkpoint tensor has a gradient, and unused embedding rows get none.
+    assert_eq!(t.len(), 1 + 3 + 9 * 2);
+    assert!(t["model.transformer.wte.weight"][199 * c..]
+        .iter()
+        .all(|&x| x == 0.0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Losses.
+
+#[test]
+fn pretrain_masking_rules() {
+    let (b, t) = (3, 50);
+    let clean: Vec<u32> = (0..b * t).map(|i| (i % 40) as u32).collect();
+    let mut frac_err = 0.0;
+    let mut truncs = 0;
+    for step in 0..200u64 {
+        let bt = loss::pretrain_batch(&clean, b, t, 99, 5, step, true, 0.5).unwrap();
+        let l = bt.t;
+        if l != t {
+            truncs += 1;
+        }
+        for row in 0..b {
+            let p = loss::mask_prob(5, step, row as u64);
+            assert!((1e-3..=1.0).contains(&p));
+            let rows: Vec<usize> = bt
+                .rows
+                .iter()
+                .enumerate()
+                .filter(|(_, &r)| r as usize / l == row)
+                .map(|(i, _)| i)
+                .collect();
+            for &i in &rows {
+                let r = bt.rows[i] as usize;
+                assert_eq!(bt.ids[r], 99);
+                assert_eq!(bt.targets[i], clean[row * t + r % l]);
+                // weight = scale / (p · B · L)
+                let w = 0.5 / (p * (b * l) as f64);
+                assert!((bt.weights[i] - w).abs() <= 1e-15 * w);
+            }
+            frac_err += rows.len() as f64 / l as f64 - p;
+        }
+        // Unmasked tokens are the clean ones.
+        let masked: std::collections::HashSet<u32> = bt.rows.iter().copied().collect();
+        for r in 0..b * l {
+            if !masked.contains(&(r as u32)) {
+                assert_eq!(bt.ids[r], clean[(r / l) * t + r % l]);
+            }
+        }
+    }
+    // Mean of (fraction − p) over 600 rows: each term has std ≤ √(0.25/50) ≈ 0.07 (less after
+    // truncation is rare), so the mean's std is ≈ 0.003; 0.02 is ~7 sigma.
+    assert!((frac_err / 600.0).abs() < 0.02, "{}", frac_err / 600.0);
+    // 1 % truncation: over 20 000 steps expect 200 ± 14.
+    let n = (0..20_000u64)
+        .filter(|&s| loss::truncated_len(1, s, 4096) != 4096)
+        .count();
+    assert!((140..=260).contains(&n), "{n} truncations in 20000 batches");
+    let _ = truncs;
+}
+
+#[test]
+fn sft_never_masks_the_prompt() {
+    let (b, t) = (2, 20);
+    let clean: Vec<u32> = (0..b * t).map(|i| (i % 13) as u32).collect();
+    let prompts = [7usize, 12];
+    let mut seen_answer = [0usize; 2];
+    for step in 0..300u64 {
+        let bt = loss::sft_batch(&clean, &prompts, b, t, 99, 3, step, 1.0).unwrap();
+        for (i, &r) in bt.rows.iter().enumerate() {
+            let (row, pos) = (r as usize / t, r as usize % t);
+            assert!(
+                pos >= prompts[row],
+                "step {step}: prompt position {pos} of row {row} masked"
+            );
+            seen_answer[row] += 1;
+            let p = loss::mask_prob(3, step, row as u64);
+            let w = 1.0 / (p * (t - prompts[row]) as f64 * b as f64);
+            assert!((bt.weights[i] - w).abs() <= 1e-15 * w);
+        }
+        for row in 0..b {
+            for pos in 0..prompts[row] {
+                assert_eq!(bt.ids[row * t + pos], clean[row * t + pos]);
+            }
+        }
+    }
+    assert!(seen_answer.iter().all(|&n| n > 100));
+    // The prompt's tokens never enter the loss: changing them changes no target and no weight.
+    let mut other = clean.clone();
+    other[..prompts[0]].fill(5);
+    let a = loss::sft_batch(&clean, &prompts, b, t, 99, 3, 7, 1.0).unwrap();
+    let c = loss::sft_batch(&other, &prompts, b, t, 99, 3, 7, 1.0).unwrap();
+    assert_eq!(
+        (&a.rows, &a.targets, &a.weights),
+        (&c.rows, &c.targets, &c.weights)
+    );
+    assert!(loss::sft_batch(&clean, &[20, 3], b, t, 99, 3, 0, 1.0).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Optimizer.
+
+#[test]
+fn adamw_matches_the_pytorch_update_rule() {
+    use llada::train::optim::{AdamW, AdamWConfig, Schedule};
+    let cfg = fd_config();
+    let mut p = Params::<f32>::zeros(&cfg);
+    p.data[1] = vec![0.5; 8]; // attn_norm: not decayed
+    p.data[2] = vec![0.5; 64]; // q_proj: decayed
+    let mut g = Params::<f32>::zeros(&cfg);
+    let mut opt = AdamW::new(AdamWConfig::default(), &p);
+    // Hand-unrolled torch.optim.AdamW for two steps with gradients 0.2 then -0.1, lr 0.01:
+    let (b1, b2, eps, wd, lr) = (0.9f64, 0.999f64, 1e-8f64, 0.1f64, 0.01f64);
+    let mut want = [0.5f64, 0.5f64]; // [norm weight, matrix weight]
+    let (mut m, mut v) = (0.0f64, 0.0f64);
+    for (t, gv) in [(1, 0.2f64), (2, -0.1f64)] {
+        g.data[1].fill(gv as f32);
+        g.data[2].fill(gv as f32);
+        opt.step(&mut p, &g, lr);
+        m = b1 * m + (1.0 - b1) * gv;
+        v = b2 * v + (1.0 - b2) * gv * gv;
+        let upd = lr * (m / (1.0 - b1.powi(t))) / ((v / (1.0 - b2.powi(t))).sqrt() + eps);
+        want[0] -= upd;
+        want[1] = want[1] * (1.0 - lr * wd) - upd;
+    }
+    assert!(
+        (p.data[1][0] as f64 - want[0]).abs() < 1e-6,
+        "{} {}",
+        p.data[1][0],
+        want[0]
+    );
+    assert!(
+        (p.data[2][0] as f64 - want[1]).abs() < 1e-6,
+        "{} {}",
+        p.data[2][0],
+        want[1]
+    );
+    assert_eq!(p.data[3][0], 0.0, "zero gradient and zero weight stay zero");
+
+    // Schedules.
+    let s = Schedule::parse("wsd", 100).unwrap();
+    assert_eq!(s.lr(1.0, 10, 0, 100), 0.1);
+    assert_eq!(s.lr(1.0, 10, 9, 100), 1.0);
+    assert_eq!(s.lr(1.0, 10, 50, 100), 1.0);
+    assert_eq!(s.lr(1.0, 10, 89, 100), 1.0);
+    assert!((s.lr(1.0, 10, 95, 100) - 0.55).abs() < 1e-12);
+    let c = Schedule::parse("constant", 100).unwrap();
+    assert_eq!(c.lr(2.0, 0, 99, 100), 2.0);
+    assert!(Schedule::parse("cosine", 10).is_err());
+
+    // Clipping.
+    let mut g2 = Params::<f32>::zeros(&cfg);
+    g2.data[0][0] = 3.0;
+    g2.data[5][0] = 4.0;
+    let n = llada::train::optim::clip_grad_norm(&mut g2, 1.0);
+    assert!((n - 5.0).abs() < 1e-9);
+    assert!((llada::train::optim::grad_norm(&g2) - 1.0).abs() < 1e-5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs.
+
+use llada::train::data::Sample;
+use llada::train::{average_grads, TrainOptions, Trainer};
+
+fn run_config() -> ModelConfig {
+    ModelConfig {
+        d_model: 32,
+        n_heads: 2,
+        n_kv_heads: 2,
+        n_layers: 2,
+        mlp_hidden_size: 64,
+        vocab_size: 40,
+        embedding_size: 40,
+        max_sequence_length: 64,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-5,
+        mask_token_id: 39,
+        eos_token_id: 0,
+        pad_token_id: 0,
+    }
+}
+
+fn run_params(cfg: &ModelConfig) -> Params<f32> {
+    let p64 = random_params(cfg, 7);
+    let mut p = Params::<f32>::zeros(cfg);
+    for (d, s) in p.data.iter_mut().zip(&p64.data) {
+        *d = s.iter().map(|&x| (x * 0.2) as f32).collect();
+    }
+    for (i, d) in p.data.iter_mut().enumerate() {
+        if p.shapes[i].len() == 1 {
+            d.fill(1.0);
+        }
+    }
+    p
+}
+
+/// Sequences counting up from a random start (mod 38, ids 1..=38): every masked token is
+/// predictable from its neighbours.
+fn counting_samples(n: usize, t: usize) -> Vec<Sample> {
+    (0..n)
+        .map(|s| Sample {
+            ids: (0..t).map(|i| 1 + ((s * 5 + i) % 38) as u32).collect(),
+            prompt_len: 0,
+        })
+        .collect()
+}
+
+fn eval_loss(cfg: &ModelConfig, p: &Params<f32>, samples: &[Sample]) -> f64 {
+    // Fixed masks (p = 0.5 per token, seed 1234), same for every call.
+    let mut total = 0.0;
+    for (i, s) in samples.iter().enumerate() {
+        let t = s.ids.len();
+        let mut rows = Vec::new();
+        for pos in 0..t {
+            if loss::is_masked(1234, i as u64, 0, pos as u64, 0.5) {
+                rows.push(pos);
+            }
+        }
+        let b = loss::fixed_mask_batch(&s.ids, &rows, 0.5, cfg.mask_token_id).unwrap();
+        let mut g = Params::<f32>::zeros(cfg);
+        total += forward_backward(cfg, p, &b, &mut g).unwrap();
+    }
+    total / samples.len() as f64
+}
+
+fn opts(steps: u64) -> TrainOptions {
+    TrainOptions {
+        steps,
+        batch_size: 4,
+        accum: 2,
+        seq_len: 24,
+        lr: 1e-2,
+        warmup: 5,
+        schedule: "wsd".into(),
+        weight_decay: 0.1,
+        clip: 1.0,
+        seed: 11,
+        sft: false,
+        truncate: true,
+    }
+}
+
+#[test]
+fn loss_falls_on_a_small_corpus() {
+    let cfg = run_config();
+    let samples = counting_samples(16, 24);
+    let p = run_params(&cfg);
+    let before = eval_loss(&cfg, &p, &samples);
+    let mut tr = Trainer::new(cfg.clone(), p, opts(150), samples.clone()).unwrap();
+    while tr.step < 150 {
+        let s = tr.train_step().unwrap();
+        assert!(s.loss.is_finite() && s.grad_norm.is_finite());
+    }
+    let after = eval_loss(&cfg, &tr.params, &samples);
+    eprintln!("eval loss {before:.4} -> {after:.4}");
+    // At init the loss is ≈ ln(40)·(#masked/T)/0.5 ≈ 3.7; learning the counting rule must
+    // cut it well below 60 % (a broken gradient leaves it near the start or makes it grow).
+    assert!(after < 0.6 * before, "eval loss {before} -> {after}");
+}
+
+#[test]
+fn resume_equals_an_uninterrupted_run() {
+    let cfg = run_config();
+    let samples = counting_samples(7, 24);
+    let mut full = Trainer::new(cfg.clone(), run_params(&cfg), opts(6), samples.clone()).unwrap();
+    let mut part = Trainer::new(cfg.clone(), run_params(&cfg), opts(6), samples.clone()).unwrap();
+    for _ in 0..6 {
+        full.train_step().unwrap();
+    }
+    for _ in 0..3 {
+        part.train_step().unwrap();
+    }
+    let dir = tmpdir("resume");
+    llada::train::checkpoint::save(
+        &dir,
+        &cfg,
+        &part.params,
+        &part.opt,
+        &part.state().unwrap(),
+        None,
+        false,
+    )
+    .unwrap();
+    drop(part);
+    let r = llada::train::checkpoint::load(&dir).unwrap();
+    assert_eq!(r.state.step, 3);
+    let o: TrainOptions = serde_json::from_value(r.state.options.clone()).unwrap();
+    assert_eq!(o, opts(6));
+    let mut resumed =
+        Trainer::with_state(r.cfg, r.params, r.opt, r.state.step, o, samples).unwrap();
+    for _ in 0..3 {
+        resumed.train_step().unwrap();
+    }
+    assert_eq!(resumed.step, 6);
+    assert_eq!(resumed.opt.t, full.opt.t);
+    // Bit-identical: same data, masks, and f32 arithmetic in the same order.
+    assert_eq!(resumed.params.data, full.params.data);
+    assert_eq!(resumed.opt.m.data, full.opt.m.data);
+    assert_eq!(resumed.opt.v.data, full.opt.v.data);
+}
+
+#[test]
+fn data_parallel_average_equals_one_process() {
+    // Two "ranks" each take half of a global batch and normalise by their own B·L; the mean of
+    // their gradients is the gradient of the whole batch normalised by the global B·L.
+    let cfg = run_config();
+    let p = run_params(&cfg);
+    let (b, t) = (4, 16);
+    let clean: Vec<u32> = (0..b * t).map(|i| 1 + (i * 3 % 38) as u32).collect();
+    let full = loss::pretrain_batch(&clean, b, t, cfg.mask_token_id, 2, 0, false, 1.0).unwrap();
+    let half = |lo: usize| -> Batch {
+        let mut out = Batch {
+            ids: full.ids[lo * t..(lo + 2) * t].to_vec(),
+            b: 2,
+            t,
+            ..Batch::default()
+        };
+        for i in 0..full.rows.len() {
+            let r = full.rows[i] as usize;
+            if r / t >= lo && r / t < lo + 2 {
+                out.rows.push((r - lo * t) as u32);
+                out.targets.push(full.targets[i]);
+                out.weights.push(full.weights[i] * 2.0); // local normaliser B/2
+            }
+        }
+        out
+    };
+    let mut g_full = Params::<f32>::zeros(&cfg);
+    let l_full = forward_backward(&cfg, &p, &full, &mut g_full).unwrap();
+    let mut parts = Vec::new();
+    let mut l_mean = 0.0;
+    for lo in [0, 2] {
+        let mut g = Params::<f32>::zeros(&cfg);
+        l_mean += forward_backward(&cfg, &p, &half(lo), &mut g).unwrap() / 2.0;
+        parts.push(g);
+    }
+    let avg = average_grads(&parts).unwrap();
+    assert!((l_full - l_mean).abs() < 1e-5 * l_full);
+    for i in 0..avg.data.len() {
+        let scale = g_full.data[i].iter().fold(0f32, |a, &b| a.max(b.abs()));
+        for (a, b) in avg.data[i].iter().zip(&g_full.data[i]) {
+            // Same f32 terms summed in a different grouping: ~1e-6 relative.
+            assert!(
+                (a - b).abs() <= 1e-4 * scale + 1e-9,
+                "{}: {a} vs {b}",
+                avg.names[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn cli_train_saves_a_folder_generate_loads_and_resume_continues() {
+    let dir = tmpdir("cli");
+    let data = dir.join("corpus.jsonl");
+    let mut text = String::new();
+    for i in 0..30 {
+        text.push_str(&format!(
+            "{{\"text\": \"the cat sat on mat number {i}. \"}}\n"
+        ));
+    }
+    std::fs::write(&data, text).unwrap();
+    let out = dir.join("ck");
+    let base = [
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--device",
+        "cpu",
+    ];
+    let mut a = vec!["train", "--preset", "tiny", "--steps", "4"];
+    a.extend_from_slice(&base);
+    let o = llada(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    // The folder is a model `llada generate` loads.
+    let o = llada(&[
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt-ids",
+        "5,6,7",
+        "--gen-length",
+        "8",
+        "--steps",
+        "8",
+        "--block-length",
+        "8",
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ids"][0].as_array().unwrap().len(), 8, "generated ids");
+    // Its bf16 weights are the rounded master weights, and training moved them.
+    let r = llada::train::checkpoint::load(&out).unwrap();
+    let init = llada::presets::preset_checkpoint("tiny", 0, llada::dtype::DType::BF16).unwrap();
+    let w0 = init.read_f32(llada::checkpoint::WTE).unwrap();
+    assert_ne!(
+        w0,
+        r.params.data[0]
+            .iter()
+            .map(|&x| llada::dtype::DType::BF16.round(x))
+            .collect::<Vec<_>>()
+    );
+    // Resume to 6 steps.
+    let mut a = vec!["train", "--steps", "6", "--resume", out.to_str().unwrap()];
+    a.extend_from_slice(&base[..4]);
+    let o = llada(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(llada::train::checkpoint::load(&out).unwrap().state.step, 6);
+    // CUDA training is refused clearly.
+    let mut a = vec!["train", "--preset", "tiny", "--steps", "1"];
+    a.extend_from_slice(&base[..8]);
+    a.extend_from_slice(&["--device", "cuda"]);
+    let o = llada(&a);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("training on CUDA is not implemented yet"));
+}
+
+#[test]
+fn data_loading_packing_and_sft_format() {
+    use llada::train::data;
+    let dir = tmpdir("data");
+    llada::tokenizer::write_tiny_tokenizer(&dir).unwrap();
+    let cfg = llada::presets::preset_config("tiny").unwrap();
+    let tok = llada::tokenizer::Tokenizer::from_dir(&dir, &cfg).unwrap();
+    let eos = tok.special.eos;
+    // Packing: EOS after each document, exact chunks, remainder dropped.
+    let packed = data::pack(&[vec![5, 6, 7], vec![8, 9]], eos, 3).unwrap();
+    assert_eq!(packed.len(), 2);
+    assert_eq!(packed[0].ids, vec![5, 6, 7]);
+    assert_eq!(packed[1].ids, vec![eos, 8, 9]);
+    assert!(data::pack(&[vec![5]], eos, 3).is_err());
+
+    let f = dir.join("sft.jsonl");
+    std::fs::write(
+        &f,
+        "{\"prompt\": \"hi\", \"response\": \"ok\"}\n\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"ok\"}]}\n",
+    )
+    .unwrap();
+    let s = data::load_sft(&f, &tok, 64).unwrap();
+    assert_eq!(s.len(), 2);
+    assert_eq!(s[0], s[1], "both formats give the same sample");
+    let prompt = tok.encode_chat(&[("user", "hi")]).unwrap();
+    let ans = tok.encode("ok", false).unwrap();
+    assert_eq!(s[0].prompt_len, prompt.len());
+    assert_eq!(&s[0].ids[..prompt.len()], &prompt[..]);
+    assert_eq!(&s[0].ids[prompt.len()..prompt.len() + ans.len()], &ans[..]);
+    let after = prompt.len() + ans.len();
+    assert_eq!(s[0].ids[after], tok.special.eot.unwrap());
+    assert!(s[0].ids[after + 1..].iter().all(|&x| x == eos));
+    // Errors name the line.
+    std::fs::write(&f, "{\"prompt\": \"hi\"}\n").unwrap();
+    let e = format!("{:#}", data::load_sft(&f, &tok, 64).unwrap_err());
+    assert!(e.contains("sft.jsonl:1"), "{e}");
+    std::fs::write(
+        &f,
+        "{\"prompt\": \"hi\", \"response\": \"a long answer\"}\n",
+    )
+    .unwrap();
+    let e = format!("{:#}", data::load_sft(&f, &tok, 8).unwrap_err());
+    assert!(e.contains("exceeds --seq-len"), "{e}");
+    // Sample order: every sample once per epoch, and a pure function of (seed, g).
+    let mut cache = None;
+    let mut seen: Vec<usize> = (0..10)
+        .map(|g| data::sample_index(4, g, 10, &mut cache))
+        .collect();
+    let again: Vec<usize> = (0..10)
+        .map(|g| data::sample_index(4, g, 10, &mut None))
+        .collect();
+    assert_eq!(seen, again);
+    seen.sort_unstable();
+    assert_eq!(seen, (0..10).collect::<Vec<_>>());
+}
