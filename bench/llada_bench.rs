@@ -181,7 +181,11 @@ fn run(a: Args) -> Result<()> {
     // (threshold, factor) rules; (None, None) = the steps schedule.
     let mut rules: Vec<(Option<f64>, Option<f64>)> = Vec::new();
     if let Some(t) = &a.threshold {
-        rules.extend(list_f64(t, "threshold")?.into_iter().map(|t| (Some(t), None)));
+        rules.extend(
+            list_f64(t, "threshold")?
+                .into_iter()
+                .map(|t| (Some(t), None)),
+        );
     }
     if let Some(f) = &a.factor {
         rules.extend(list_f64(f, "factor")?.into_iter().map(|f| (None, Some(f))));
@@ -233,7 +237,17 @@ fn run(a: Args) -> Result<()> {
         println!("batch {b}");
         println!(
             "{:>7} {:>9} {:>6} {:>5} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7} {:>10}",
-            "cache", "rule", "steps", "fwd", "tokens/s", "ms/step", "min", "max", "TFLOP/s", "ceil%", "mem GiB"
+            "cache",
+            "rule",
+            "steps",
+            "fwd",
+            "tokens/s",
+            "ms/step",
+            "min",
+            "max",
+            "TFLOP/s",
+            "ceil%",
+            "mem GiB"
         );
         let num_blocks = a.gen_length / a.block_length.max(1);
         let mut configs = Vec::new();

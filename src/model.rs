@@ -527,7 +527,12 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
 
     /// Run the LM-head sampler on the first `r` rows of the last forward pass (keys in
     /// `self.keys`) and copy the results to `out`.
-    fn select_into(&mut self, r: usize, select: &SelectParams, out: &mut [(u32, f32)]) -> Result<()> {
+    fn select_into(
+        &mut self,
+        r: usize,
+        select: &SelectParams,
+        out: &mut [(u32, f32)],
+    ) -> Result<()> {
         let model = self.model;
         let ws = self
             .ws
@@ -624,7 +629,17 @@ impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
             .cache
             .as_mut()
             .context("predict_span: KV cache missing after reserve")?;
-        model.forward_span(ws, cache, &self.ids, b, t, q0, q1, req.key_valid, &self.rows)?;
+        model.forward_span(
+            ws,
+            cache,
+            &self.ids,
+            b,
+            t,
+            q0,
+            q1,
+            req.key_valid,
+            &self.rows,
+        )?;
         self.select_into(r, req.select, out)
     }
 }

@@ -372,7 +372,7 @@ pub fn generate(
 }
 
 /// Which KV cache Fast-dLLM decoding uses (reference §7.3, §7.4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum CacheMode {
     /// Every step is a full forward pass (Fast-dLLM's baseline `generate`, §7.2).
     #[default]
@@ -583,7 +583,10 @@ pub fn generate_fast(
         let s = lp + block * params.block_length;
         let e = s + params.block_length;
         for r in 0..b {
-            let in_block = x[r * t + s..r * t + e].iter().filter(|&&v| v == mask).count();
+            let in_block = x[r * t + s..r * t + e]
+                .iter()
+                .filter(|&&v| v == mask)
+                .count();
             num_transfer_tokens_into(
                 in_block,
                 &mut sched[r * steps_per_block..(r + 1) * steps_per_block],

@@ -285,7 +285,14 @@ fn attend(
     key_valid: Option<&[i32]>,
     s: CachedAttnShape,
 ) {
-    let CachedAttnShape { b, tq, l, nh, nkv, hd } = s;
+    let CachedAttnShape {
+        b,
+        tq,
+        l,
+        nh,
+        nkv,
+        hd,
+    } = s;
     let n = b * tq;
     if n == 0 || nh == 0 || hd == 0 {
         return;
@@ -695,11 +702,38 @@ impl Backend for CpuBackend {
         if let Some(kv) = key_valid {
             need(OP, "key_valid", kv.len(), n)?;
         }
-        let q = Strided { data: qkv, off: 0, stride: width };
-        let k = Strided { data: qkv, off: nh * hd, stride: width };
-        let v = Strided { data: qkv, off: (nh + nkv) * hd, stride: width };
-        let s = CachedAttnShape { b, tq: t, l: t, nh, nkv, hd };
-        attend(self.dtype, out, q, k, v, key_valid.map(|kv| kv.as_slice()), s);
+        let q = Strided {
+            data: qkv,
+            off: 0,
+            stride: width,
+        };
+        let k = Strided {
+            data: qkv,
+            off: nh * hd,
+            stride: width,
+        };
+        let v = Strided {
+            data: qkv,
+            off: (nh + nkv) * hd,
+            stride: width,
+        };
+        let s = CachedAttnShape {
+            b,
+            tq: t,
+            l: t,
+            nh,
+            nkv,
+            hd,
+        };
+        attend(
+            self.dtype,
+            out,
+            q,
+            k,
+            v,
+            key_valid.map(|kv| kv.as_slice()),
+            s,
+        );
         Ok(())
     }
 
@@ -712,7 +746,14 @@ impl Backend for CpuBackend {
         s: CachedAttnShape,
     ) -> Result<()> {
         const OP: &str = "kv_store";
-        let CachedAttnShape { b, tq, l, nh, nkv, hd } = s;
+        let CachedAttnShape {
+            b,
+            tq,
+            l,
+            nh,
+            nkv,
+            hd,
+        } = s;
         ensure!(
             q0 + tq <= l,
             "{OP}: query rows [{q0}, {}) exceed the cache length {l}",
@@ -744,12 +785,22 @@ impl Backend for CpuBackend {
         s: CachedAttnShape,
     ) -> Result<()> {
         const OP: &str = "attention_cached";
-        let CachedAttnShape { b, tq, l, nh, nkv, hd } = s;
+        let CachedAttnShape {
+            b,
+            tq,
+            l,
+            nh,
+            nkv,
+            hd,
+        } = s;
         ensure!(
             nkv > 0 && nh % nkv == 0,
             "{OP}: NH = {nh} must be a positive multiple of NKV = {nkv}"
         );
-        ensure!(tq <= l, "{OP}: {tq} queries per row exceed the {l} cached keys");
+        ensure!(
+            tq <= l,
+            "{OP}: {tq} queries per row exceed the {l} cached keys"
+        );
         let width = (nh + 2 * nkv) * hd;
         let kw = nkv * hd;
         need(OP, "qkv", qkv.len(), b * tq * width)?;
@@ -759,10 +810,30 @@ impl Backend for CpuBackend {
         if let Some(kv) = key_valid {
             need(OP, "key_valid", kv.len(), b * l)?;
         }
-        let q = Strided { data: qkv, off: 0, stride: width };
-        let k = Strided { data: k_cache, off: 0, stride: kw };
-        let v = Strided { data: v_cache, off: 0, stride: kw };
-        attend(self.dtype, out, q, k, v, key_valid.map(|kv| kv.as_slice()), s);
+        let q = Strided {
+            data: qkv,
+            off: 0,
+            stride: width,
+        };
+        let k = Strided {
+            data: k_cache,
+            off: 0,
+            stride: kw,
+        };
+        let v = Strided {
+            data: v_cache,
+            off: 0,
+            stride: kw,
+        };
+        attend(
+            self.dtype,
+            out,
+            q,
+            k,
+            v,
+            key_valid.map(|kv| kv.as_slice()),
+            s,
+        );
         Ok(())
     }
 

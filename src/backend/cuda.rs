@@ -1146,7 +1146,10 @@ impl Backend for CudaBackend {
             hd,
         } = s;
         if q0 + tq > l {
-            bail!("{op}: query rows [{q0}, {}) exceed the cache length {l}", q0 + tq);
+            bail!(
+                "{op}: query rows [{q0}, {}) exceed the cache length {l}",
+                q0 + tq
+            );
         }
         check_len(op, "qkv", qkv.len(), b * tq * (nh + 2 * nkv) * hd)?;
         check_len(op, "k_cache", k_cache.len(), b * l * nkv * hd)?;
