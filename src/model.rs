@@ -594,7 +594,7 @@ impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
             "predict_span: classifier-free guidance is not supported with a KV cache"
         );
         self.reserve(n, n)?;
-        if self.cache.as_ref().is_none_or(|c| c.max_tokens < n) {
+        if self.cache.as_ref().map_or(true, |c| c.max_tokens < n) {
             self.cache = Some(self.model.kv_cache(n)?);
         }
         let tq = q1 - q0;

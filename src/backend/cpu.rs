@@ -306,7 +306,7 @@ fn attend(
         .for_each(|(qi, orow)| {
             let bi = qi / tq;
             let keys = bi * l..(bi + 1) * l;
-            let valid = |j: usize| key_valid.is_none_or(|kv| kv[j] != 0);
+            let valid = |j: usize| key_valid.map_or(true, |kv| kv[j] != 0);
             with_scratch(l + hd, |scr| {
                 let (sc, acc) = scr.split_at_mut(l);
                 for h in 0..nh {
