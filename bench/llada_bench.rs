@@ -57,8 +57,8 @@ struct Args {
     /// Fast-dLLM cache modes to run, comma separated: none, prefix, dual.
     #[arg(long, default_value = "none")]
     cache: String,
-    /// Fast-dLLM confidence thresholds, comma separated (each adds rows; replaces the steps
-    /// schedule, one row per cache mode with steps = number of blocks).
+    /// Fast-dLLM confidence thresholds, comma separated (each adds one row per cache mode, with
+    /// steps = number of blocks, after the schedule rows).
     #[arg(long)]
     threshold: Option<String>,
     /// Fast-dLLM factors, comma separated (as --threshold).
@@ -179,7 +179,7 @@ fn run(a: Args) -> Result<()> {
         .map(|x| x.trim().parse())
         .collect::<Result<_>>()?;
     // (threshold, factor) rules; (None, None) = the steps schedule.
-    let mut rules: Vec<(Option<f64>, Option<f64>)> = Vec::new();
+    let mut rules: Vec<(Option<f64>, Option<f64>)> = vec![(None, None)];
     if let Some(t) = &a.threshold {
         rules.extend(
             list_f64(t, "threshold")?
@@ -189,9 +189,6 @@ fn run(a: Args) -> Result<()> {
     }
     if let Some(f) = &a.factor {
         rules.extend(list_f64(f, "factor")?.into_iter().map(|f| (None, Some(f))));
-    }
-    if rules.is_empty() {
-        rules.push((None, None));
     }
     let batches = list(&a.batch, "batch")?;
     let opened = Opened::open(&spec)?;
