@@ -3,7 +3,9 @@
 //! With no arguments: prompt 128, gen_length 256, block_length 32, steps 256/128/64/32, batch 1,
 //! temperature 0, on the best device (the `llada-8b` random-weight preset on a GPU, `tiny` on a
 //! CPU). Prints a table per configuration headed by device, driver and commit; `--json FILE`
-//! writes the same as JSON.
+//! writes the same as JSON. `--cache none,prefix,dual` and `--threshold 0.9` / `--factor 1`
+//! add Fast-dLLM rows (reference §7); there "ms/step" is per forward pass (the median is a
+//! cached pass when most passes are cached), and TFLOP/s is left out.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,7 +18,7 @@ use llada::device::{self, DeviceChoice, Resolved};
 use llada::dtype::DType;
 use llada::engine::{self, Engine, ModelSpec, Opened};
 use llada::head::Remasking;
-use llada::sampler::{GenerateParams, Progress};
+use llada::sampler::{CacheMode, Decode, GenerateParams, Progress};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +54,16 @@ struct Args {
     /// Timed generations per configuration (the median is reported).
     #[arg(long, default_value_t = 1)]
     repeats: usize,
+    /// Fast-dLLM cache modes to run, comma separated: none, prefix, dual.
+    #[arg(long, default_value = "none")]
+    cache: String,
+    /// Fast-dLLM confidence thresholds, comma separated (each adds one row per cache mode, with
+    /// steps = number of blocks, after the schedule rows).
+    #[arg(long)]
+    threshold: Option<String>,
+    /// Fast-dLLM factors, comma separated (as --threshold).
+    #[arg(long)]
+    factor: Option<String>,
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -60,6 +72,9 @@ struct Args {
 #[derive(Clone, Debug, serde::Serialize)]
 struct Row {
     batch: usize,
+    cache: String,
+    threshold: Option<f64>,
+    factor: Option<f64>,
     steps: usize,
     forward_passes: usize,
     tokens_per_s: f64,
@@ -67,9 +82,21 @@ struct Row {
     ms_per_step_median: f64,
     ms_per_step_min: f64,
     ms_per_step_max: f64,
-    tflops: f64,
+    /// Model FLOP/s; only for full-sequence passes (cache none).
+    tflops: Option<f64>,
     gemm_ceiling_share: Option<f64>,
     peak_memory_bytes: Option<usize>,
+}
+
+fn list_f64(s: &str, what: &str) -> Result<Vec<f64>> {
+    s.split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| {
+            x.trim()
+                .parse::<f64>()
+                .map_err(|_| anyhow::anyhow!("bad {what} {x:?} in {s:?}"))
+        })
+        .collect()
 }
 
 fn list(s: &str, what: &str) -> Result<Vec<usize>> {
@@ -145,6 +172,24 @@ fn run(a: Args) -> Result<()> {
         }
     };
     let steps_list = list(&a.steps, "steps")?;
+    let caches: Vec<CacheMode> = a
+        .cache
+        .split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| x.trim().parse())
+        .collect::<Result<_>>()?;
+    // (threshold, factor) rules; (None, None) = the steps schedule.
+    let mut rules: Vec<(Option<f64>, Option<f64>)> = vec![(None, None)];
+    if let Some(t) = &a.threshold {
+        rules.extend(
+            list_f64(t, "threshold")?
+                .into_iter()
+                .map(|t| (Some(t), None)),
+        );
+    }
+    if let Some(f) = &a.factor {
+        rules.extend(list_f64(f, "factor")?.into_iter().map(|f| (None, Some(f))));
+    }
     let batches = list(&a.batch, "batch")?;
     let opened = Opened::open(&spec)?;
     let t_load = Instant::now();
@@ -188,10 +233,36 @@ fn run(a: Args) -> Result<()> {
         println!();
         println!("batch {b}");
         println!(
-            "{:>6} {:>5} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7} {:>10}",
-            "steps", "fwd", "tokens/s", "ms/step", "min", "max", "TFLOP/s", "ceil%", "mem GiB"
+            "{:>7} {:>9} {:>6} {:>5} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7} {:>10}",
+            "cache",
+            "rule",
+            "steps",
+            "fwd",
+            "tokens/s",
+            "ms/step",
+            "min",
+            "max",
+            "TFLOP/s",
+            "ceil%",
+            "mem GiB"
         );
-        for &steps in &steps_list {
+        let num_blocks = a.gen_length / a.block_length.max(1);
+        let mut configs = Vec::new();
+        for &cache in &caches {
+            for &(threshold, factor) in &rules {
+                let decode = Decode {
+                    cache,
+                    threshold,
+                    factor,
+                };
+                if threshold.is_some() || factor.is_some() {
+                    configs.push((decode, num_blocks.max(1)));
+                } else {
+                    configs.extend(steps_list.iter().map(|&s| (decode, s)));
+                }
+            }
+        }
+        for &(decode, steps) in &configs {
             let mut p = GenerateParams {
                 steps,
                 gen_length: a.gen_length,
@@ -212,7 +283,7 @@ fn run(a: Args) -> Result<()> {
             opened.apply_ids(&mut p);
             p.block_plan()?;
             for _ in 0..a.warmup {
-                eng.generate(&prompts, &p, None)?;
+                eng.generate(&prompts, &p, &decode, None)?;
             }
             let mut runs = Vec::new();
             let mut step_ms: Vec<f64> = Vec::new();
@@ -224,7 +295,7 @@ fn run(a: Args) -> Result<()> {
                     last = now;
                 };
                 let t0 = Instant::now();
-                let out = eng.generate(&prompts, &p, Some(&mut cb))?;
+                let out = eng.generate(&prompts, &p, &decode, Some(&mut cb))?;
                 eng.synchronize()?;
                 runs.push((t0.elapsed().as_secs_f64(), out.nfe));
             }
@@ -233,10 +304,14 @@ fn run(a: Args) -> Result<()> {
             step_ms.sort_by(|x, y| x.total_cmp(y));
             let med = step_ms[step_ms.len() / 2];
             let t = a.prompt_len + a.gen_length;
-            let tflops =
-                step_flops(eng.as_ref(), b, t, b * a.block_length) * nfe as f64 / secs / 1e12;
+            let tflops = (decode.cache == CacheMode::None).then(|| {
+                step_flops(eng.as_ref(), b, t, b * a.block_length) * nfe as f64 / secs / 1e12
+            });
             let row = Row {
                 batch: b,
+                cache: decode.cache.to_string(),
+                threshold: decode.threshold,
+                factor: decode.factor,
                 steps,
                 forward_passes: nfe,
                 tokens_per_s: (b * a.gen_length) as f64 / secs,
@@ -245,18 +320,26 @@ fn run(a: Args) -> Result<()> {
                 ms_per_step_min: step_ms[0],
                 ms_per_step_max: step_ms[step_ms.len() - 1],
                 tflops,
-                gemm_ceiling_share: ceiling.map(|c| tflops / c),
+                gemm_ceiling_share: tflops.zip(ceiling).map(|(f, c)| f / c),
                 peak_memory_bytes: eng.memory_used(),
             };
             println!(
-                "{:>6} {:>5} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>8.1} {:>7} {:>10}",
+                "{:>7} {:>9} {:>6} {:>5} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7} {:>10}",
+                row.cache,
+                match (row.threshold, row.factor) {
+                    (Some(t), _) => format!("thr {t}"),
+                    (_, Some(f)) => format!("fac {f}"),
+                    _ => "schedule".to_string(),
+                },
                 row.steps,
                 row.forward_passes,
                 row.tokens_per_s,
                 row.ms_per_step_median,
                 row.ms_per_step_min,
                 row.ms_per_step_max,
-                row.tflops,
+                row.tflops
+                    .map(|f| format!("{f:.1}"))
+                    .unwrap_or_else(|| "-".into()),
                 row.gemm_ceiling_share
                     .map(|s| format!("{:.0}%", s * 100.0))
                     .unwrap_or_else(|| "-".into()),

@@ -10,6 +10,8 @@ download is needed.
     python3 bench/torch_reference.py                      # llada-8b shape on the GPU
     python3 bench/torch_reference.py --preset tiny --device cpu --steps 32
 
+    python3 bench/torch_reference.py --cache none,prefix,dual --threshold 0.9   # Fast-dLLM rows
+
 Prints the same table as `llada-bench` (steps, forward passes, tokens/s, ms per step) and, with
 --json FILE, the same JSON fields (`device`, rows with `steps` and `tokens_per_s`).
 """
@@ -69,11 +71,16 @@ class Model:
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)
         return w * y.to(x.dtype)
 
-    def forward(self, ids, rows=None):
+    def forward(self, ids, rows=None, cache=None, q0=0):
+        """Without `cache`: the whole sequence. With `cache` (list per layer of [K, V], each
+        [B, NH, L, HD], keys stored after RoPE): `ids` are the tokens at positions [q0, q0+T);
+        their K/V overwrite those cache rows and attention reads all L rows (Fast-dLLM
+        prefix/dual cache, same design as the engine)."""
         b, t = ids.shape
         x = self.wte[ids]
-        cos, sin = self.rope(t)
-        for L in self.layers:
+        cos, sin = self.rope(q0 + t)
+        cos, sin = cos[:, :, q0:q0 + t], sin[:, :, q0:q0 + t]
+        for li, L in enumerate(self.layers):
             h = self.rms(x, L["attn_norm"])
             q, k, v = (h @ L["wqkv"].t()).split(h.shape[-1], dim=-1)
             q, k, v = (z.view(b, t, self.nh, self.hd).transpose(1, 2) for z in (q, k, v))
@@ -83,7 +90,13 @@ class Model:
                 z1, z2 = zf[..., : self.hd // 2], zf[..., self.hd // 2:]
                 return (zf * cos + torch.cat([-z2, z1], dim=-1) * sin).to(z.dtype)
 
-            a = F.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=False)
+            if cache is None:
+                a = F.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=False)
+            else:
+                kc, vc = cache[li]
+                kc[:, :, q0:q0 + t] = rot(k)
+                vc[:, :, q0:q0 + t] = v
+                a = F.scaled_dot_product_attention(rot(q), kc, vc, is_causal=False)
             x = x + a.transpose(1, 2).reshape(b, t, -1) @ L["wo"].t()
             h = self.rms(x, L["ff_norm"])
             g, u = (h @ L["wgu"].t()).split(self.f, dim=-1)
@@ -120,6 +133,50 @@ def generate(model, prompt, steps, gen_length, block_length, mask_id):
     return x
 
 
+def generate_fd(model, prompt, steps, gen_length, block_length, mask_id, cache_mode, threshold):
+    """Fast-dLLM decoding (FD-new control flow): a full pass at each block start refills the
+    cache; then "block done?" is checked before each call; prefix runs [s, L), dual [s, e), none
+    the whole sequence. Fixed schedule or threshold rule (top-1 + every conf >= threshold).
+    Returns (x, nfe)."""
+    b, lp = prompt.shape
+    L = lp + gen_length
+    x = torch.full((b, L), mask_id, dtype=torch.long, device=prompt.device)
+    x[:, :lp] = prompt
+    nb = gen_length // block_length
+    spb = steps // nb
+    kv = [[torch.empty(b, model.nh, L, model.hd, device=prompt.device, dtype=model.wte.dtype)
+           for _ in range(2)] for _ in model.layers]
+    nfe = 0
+    for blk in range(nb):
+        s, e = lp + blk * block_length, lp + (blk + 1) * block_length
+        n = (x[:, s:e] == mask_id).sum(1).tolist()
+        sched = [[c // spb + (1 if i < c % spb else 0) for i in range(spb)] for c in n]
+        i = 0
+        while i == 0 or (x[:, s:e] == mask_id).any():
+            q0, q1 = (0, L) if i == 0 or cache_mode == "none" else ((s, L) if cache_mode == "prefix" else (s, e))
+            logits = model.forward(x[:, q0:q1], rows=slice(s - q0, e - q0),
+                                   cache=None if cache_mode == "none" else kv, q0=q0)
+            nfe += 1
+            x0 = logits.argmax(-1)
+            conf = torch.gather(F.softmax(logits.double(), dim=-1), -1, x0[..., None])[..., 0]
+            masked = x[:, s:e] == mask_id
+            conf = torch.where(masked, conf, torch.tensor(-float("inf"), dtype=conf.dtype, device=conf.device))
+            for j in range(b):
+                m = int(masked[j].sum())
+                if m == 0:
+                    continue
+                if threshold is None:
+                    k = min(sched[j][i] if i < spb else 1, m)
+                else:
+                    srt = torch.sort(conf[j], descending=True).values
+                    k = 1 + int((srt[1:m] >= threshold).sum())
+                if k > 0:
+                    _, idx = torch.topk(conf[j], k)
+                    x[j, s + idx] = x0[j, idx]
+            i += 1
+    return x, nfe
+
+
 def sync(dev):
     if dev.startswith("cuda"):
         torch.cuda.synchronize()
@@ -136,6 +193,8 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--forward-iters", type=int, default=20)
+    ap.add_argument("--cache", default="", help="Fast-dLLM modes to add, comma separated: none,prefix,dual")
+    ap.add_argument("--threshold", default="", help="Fast-dLLM thresholds, comma separated (rows per cache mode)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,14 +235,34 @@ def main():
             rows.append(dict(steps=steps, forward_passes=steps, seconds=t,
                              tokens_per_s=a.batch * a.gen_length / t, ms_per_step=t * 1e3 / steps))
 
+        caches = [c for c in a.cache.split(",") if c]
+        ths = [float(t) for t in a.threshold.split(",") if t]
+        nb = a.gen_length // a.block_length
+        for cm in caches:
+            configs = [(None, st) for st in [int(s) for s in a.steps.split(",") if s]]
+            configs += [(th, nb) for th in ths]
+            for th, steps in configs:
+                gts, nfe = [], 0
+                for _ in range(a.repeats):
+                    sync(dev)
+                    t0 = time.perf_counter()
+                    _, nfe = generate_fd(model, prompt, steps, a.gen_length, a.block_length, cfg["mask"], cm, th)
+                    sync(dev)
+                    gts.append(time.perf_counter() - t0)
+                t = statistics.median(gts)
+                rows.append(dict(cache=cm, threshold=th, steps=steps, forward_passes=nfe, seconds=t,
+                                 tokens_per_s=a.batch * a.gen_length / t, ms_per_step=t * 1e3 / nfe))
+
     out = dict(engine="torch_reference", torch=torch.__version__, device=name, preset=preset,
                batch=a.batch, prompt_len=a.prompt_len, gen_length=a.gen_length,
                block_length=a.block_length, forward_ms_median=fwd_ms, rows=rows)
     print(f"# torch reference  device: {name}  torch {torch.__version__}  preset {preset}  batch {a.batch}")
     print(f"# forward B={a.batch} L={L} (LM head on {a.block_length} rows): {fwd_ms:.2f} ms median")
-    print(f"{'steps':>6} {'fwd':>5} {'tok/s':>9} {'ms/step':>9}")
+    print(f"{'cache':>7} {'rule':>9} {'steps':>6} {'fwd':>5} {'tok/s':>9} {'ms/step':>9}")
     for r in rows:
-        print(f"{r['steps']:>6} {r['forward_passes']:>5} {r['tokens_per_s']:>9.1f} {r['ms_per_step']:>9.2f}")
+        rule = "schedule" if r.get("threshold") is None else f"thr {r['threshold']}"
+        print(f"{r.get('cache', '-'):>7} {rule:>9} {r['steps']:>6} {r['forward_passes']:>5} "
+              f"{r['tokens_per_s']:>9.1f} {r['ms_per_step']:>9.2f}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(out, fh, indent=1)

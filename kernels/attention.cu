@@ -1,20 +1,26 @@
-// attention_fwd_bf16: bidirectional (non-causal) flash attention forward, bf16 in/out.
+// attention_fwd_bf16, attention_cached_fwd_bf16: bidirectional (non-causal) flash attention
+// forward, bf16 in/out. Both are the same template (`attention_tile`), so for equal inputs they give
+// bit-identical outputs: `attention_fwd_bf16` reads keys/values from the merged qkv buffer,
+// `attention_cached_fwd_bf16` from a KV cache (Fast-dLLM prefix/dual cache, reference §7).
 //
-// Math, per batch b, query head h, query t (kv head g = h / (NH / NKV), GQA):
+// Math, per batch b, query head h, query t (kv head g = h / (NH / NKV), GQA), over L keys:
 //   s_j   = (q_t · k_j) · (1/sqrt(HD))                    q·k accumulated in f32 (tensor cores)
-//   s_j   = −inf where key j is masked (key_valid[b·T + j] == 0; key_valid may be NULL = all valid)
+//   s_j   = −inf where key j is masked (key_valid[b·L + j] == 0; key_valid may be NULL = all valid)
 //   p_j   = exp(s_j − max_j s_j),  out_t = (Σ_j p_j · v_j) / (Σ_j p_j)      online softmax in f32
 //   out   = bf16(out_t); a query whose keys are all masked gets zeros.
 // Like every flash kernel, p_j is rounded to bf16 before the P·V tensor-core product, while the
 // denominator Σ p_j sums the f32 values; exp is exp2f on pre-scaled scores. Against an f32
 // reference of bf16 inputs expect relative errors of a few bf16 ulps in the output.
 //
-// Layouts: qkv [B·T, (NH + 2·NKV)·HD] bf16, row = [q (NH·HD) | k (NKV·HD) | v (NKV·HD)], head h at
-// columns h·HD..(h+1)·HD of its part; out [B·T, NH·HD] bf16; key_valid [B·T] int32 or NULL.
+// Layouts: qkv [B·TQ, (NH + 2·NKV)·HD] bf16, row = [q (NH·HD) | k (NKV·HD) | v (NKV·HD)], head h at
+// columns h·HD..(h+1)·HD of its part; out [B·TQ, NH·HD] bf16; key_valid [B·L] int32 or NULL.
+// attention_fwd_bf16: TQ = L = T, keys/values = the k/v parts of qkv.
+// attention_cached_fwd_bf16: queries = the q part of qkv (TQ rows per batch row, k/v parts
+// ignored), keys/values = k_cache, v_cache [B, L, NKV·HD] bf16 (all L rows of each batch row).
 // Supported: HD ∈ {64, 128} (other values return immediately: the launcher must reject them),
-// NH % NKV == 0, any T ≥ 1 (partial tiles are zero-filled and masked).
+// NH % NKV == 0, any TQ, L ≥ 1 (partial tiles are zero-filled and masked).
 //
-// Launch: grid (ceil(T / 64), NH, B), block 128 (4 warps), no dynamic shared memory
+// Launch: grid (ceil(TQ / 64), NH, B), block 128 (4 warps), no dynamic shared memory
 // (static: 3 tiles of [64 or 32 rows][HD + 8] bf16 = 34.8 KB at HD = 128).
 // Each warp owns 16 query rows. Per 32-key tile: S = Q·Kᵀ with mma.sync.m16n8k16 (bf16 → f32),
 // online-softmax update in registers (FA2 layout: thread holds rows lane/4 and lane/4 + 8), P is
@@ -67,9 +73,13 @@ LLADA_DEVICE void load_tile(bf16* __restrict__ dst, const bf16* __restrict__ src
     }
 }
 
+// q: base of the q part (row stride qstride; query row b·TQ + i); k, v: base of the key / value
+// part for kv head 0 (row stride kvstride; key row b·L + j).
 template <int HD>
-LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict__ qkv, const int* __restrict__ key_valid,
-                                 int t, int nh, int nkv, bf16* sQ, bf16* sK, bf16* sV) {
+LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict__ q, long long qstride,
+                                 const bf16* __restrict__ k, const bf16* __restrict__ v, long long kvstride,
+                                 const int* __restrict__ key_valid, int tq, int l, int nh, int nkv, bf16* sQ,
+                                 bf16* sK, bf16* sV) {
     constexpr int LD = HD + ATT_PAD;
     constexpr int NT_S = ATT_BK / 8;  // n-tiles of S per warp (keys)
     constexpr int NT_O = HD / 8;      // n-tiles of O per warp (head dims)
@@ -78,16 +88,18 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict_
     const int g = lane >> 2, tig = lane & 3;
     const int group = nh / nkv;
     const int kvh = h / group;
-    const long long stride = (long long)(nh + 2 * nkv) * HD;
-    const long long row0 = (long long)b * t;
+    const long long qrow0 = (long long)b * tq;
+    const long long krow0 = (long long)b * l;
     const int q0 = qt * ATT_BQ;
-    const bool vec = aligned16(qkv);  // rows and head offsets are multiples of 8 elements
+    // Row strides and head offsets are multiples of 8 elements (HD ∈ {64, 128}).
+    const bool vec = aligned16(q) && aligned16(k) && aligned16(v);
 
-    const bf16* qbase = qkv + (row0 + q0) * stride + (long long)h * HD;
-    const bf16* kbase = qkv + row0 * stride + (long long)(nh + kvh) * HD;
-    const bf16* vbase = qkv + row0 * stride + (long long)(nh + nkv + kvh) * HD;
+    const bf16* qbase = q + (qrow0 + q0) * qstride + (long long)h * HD;
+    const bf16* kbase = k + krow0 * kvstride + (long long)kvh * HD;
+    const bf16* vbase = v + krow0 * kvstride + (long long)kvh * HD;
+    const int* kvalid_row = key_valid != nullptr ? key_valid + krow0 : nullptr;
 
-    load_tile<HD>(sQ, qbase, stride, ATT_BQ, min(ATT_BQ, t - q0), vec);
+    load_tile<HD>(sQ, qbase, qstride, ATT_BQ, min(ATT_BQ, tq - q0), vec);
 
     // log2 domain: s2 = s · log2(e), p = exp2(s2 − m2).
     const float scale_log2 = (1.0f / sqrtf((float)HD)) * 1.4426950408889634f;
@@ -98,11 +110,11 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict_
     float lrow[2] = {0.0f, 0.0f};
     const bf16* qw = sQ + warp * 16 * LD;
 
-    for (int k0 = 0; k0 < t; k0 += ATT_BK) {
-        const int kvalid = min(ATT_BK, t - k0);
+    for (int k0 = 0; k0 < l; k0 += ATT_BK) {
+        const int kvalid = min(ATT_BK, l - k0);
         __syncthreads();  // previous tile fully consumed (and sQ written on the first pass)
-        load_tile<HD>(sK, kbase + (long long)k0 * stride, stride, ATT_BK, kvalid, vec);
-        load_tile<HD>(sV, vbase + (long long)k0 * stride, stride, ATT_BK, kvalid, vec);
+        load_tile<HD>(sK, kbase + (long long)k0 * kvstride, kvstride, ATT_BK, kvalid, vec);
+        load_tile<HD>(sV, vbase + (long long)k0 * kvstride, kvstride, ATT_BK, kvalid, vec);
         __syncthreads();
 
         // S = Q · Kᵀ for this warp's 16 rows × 32 keys.
@@ -134,8 +146,8 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict_
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + n * 8 + tig * 2 + (e & 1);
-                bool ok = key < t;
-                if (ok && key_valid != nullptr) ok = key_valid[row0 + key] != 0;
+                bool ok = key < l;
+                if (ok && kvalid_row != nullptr) ok = kvalid_row[key] != 0;
                 const float v = ok ? s[n][e] * scale_log2 : -INFINITY;
                 s[n][e] = v;
                 tmax[e >> 1] = fmaxf(tmax[e >> 1], v);
@@ -202,9 +214,9 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict_
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int q = q0 + warp * 16 + g + r * 8;
-        if (q >= t) continue;
+        if (q >= tq) continue;
         const float inv = lrow[r] > 0.0f ? 1.0f / lrow[r] : 0.0f;
-        bf16* orow = out + (row0 + q) * ostride + (long long)h * HD + tig * 2;
+        bf16* orow = out + (qrow0 + q) * ostride + (long long)h * HD + tig * 2;
 #pragma unroll
         for (int n = 0; n < NT_O; ++n) {
             const uint32_t w = pack_bf16x2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
@@ -213,17 +225,39 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict_
     }
 }
 
+#define ATT_SMEM                                                  \
+    __shared__ __align__(16) bf16 sQ[ATT_BQ * (ATT_HDMAX + ATT_PAD)]; \
+    __shared__ __align__(16) bf16 sK[ATT_BK * (ATT_HDMAX + ATT_PAD)]; \
+    __shared__ __align__(16) bf16 sV[ATT_BK * (ATT_HDMAX + ATT_PAD)];
+
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_fwd_bf16(bf16* __restrict__ out, const bf16* __restrict__ qkv, const int* __restrict__ key_valid, int b, int t,
                    int nh, int nkv, int hd) {
-    __shared__ __align__(16) bf16 sQ[ATT_BQ * (ATT_HDMAX + ATT_PAD)];
-    __shared__ __align__(16) bf16 sK[ATT_BK * (ATT_HDMAX + ATT_PAD)];
-    __shared__ __align__(16) bf16 sV[ATT_BK * (ATT_HDMAX + ATT_PAD)];
+    ATT_SMEM
     if ((int)blockIdx.z >= b || (int)blockIdx.y >= nh || nkv <= 0 || nh % nkv != 0) return;
     if ((int)blockIdx.x * ATT_BQ >= t) return;
+    const long long stride = (long long)(nh + 2 * nkv) * hd;
     if (hd == 128) {
-        attention_tile<128>(out, qkv, key_valid, t, nh, nkv, sQ, sK, sV);
+        attention_tile<128>(out, qkv, stride, qkv + (long long)nh * 128, qkv + (long long)(nh + nkv) * 128, stride,
+                            key_valid, t, t, nh, nkv, sQ, sK, sV);
     } else if (hd == 64) {
-        attention_tile<64>(out, qkv, key_valid, t, nh, nkv, sQ, sK, sV);
+        attention_tile<64>(out, qkv, stride, qkv + (long long)nh * 64, qkv + (long long)(nh + nkv) * 64, stride,
+                           key_valid, t, t, nh, nkv, sQ, sK, sV);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_cached_fwd_bf16(bf16* __restrict__ out, const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
+                          const bf16* __restrict__ v_cache, const int* __restrict__ key_valid, int b, int tq, int l,
+                          int nh, int nkv, int hd) {
+    ATT_SMEM
+    if ((int)blockIdx.z >= b || (int)blockIdx.y >= nh || nkv <= 0 || nh % nkv != 0) return;
+    if ((int)blockIdx.x * ATT_BQ >= tq) return;
+    const long long qstride = (long long)(nh + 2 * nkv) * hd;
+    const long long kvstride = (long long)nkv * hd;
+    if (hd == 128) {
+        attention_tile<128>(out, qkv, qstride, k_cache, v_cache, kvstride, key_valid, tq, l, nh, nkv, sQ, sK, sV);
+    } else if (hd == 64) {
+        attention_tile<64>(out, qkv, qstride, k_cache, v_cache, kvstride, key_valid, tq, l, nh, nkv, sQ, sK, sV);
     }
 }

@@ -16,7 +16,7 @@ use crate::device::{self, DeviceChoice, Resolved};
 use crate::dtype::DType;
 use crate::model::{Model, ModelPredictor};
 use crate::presets;
-use crate::sampler::{self, GenerateOutput, GenerateParams, Progress};
+use crate::sampler::{self, Decode, GenerateOutput, GenerateParams, Progress};
 use crate::tokenizer::Tokenizer;
 
 /// Where the weights come from.
@@ -86,11 +86,13 @@ pub trait Engine {
     fn config(&self) -> &ModelConfig;
     /// The dtype logits are produced in.
     fn logits_dtype(&self) -> DType;
-    /// Upstream `generate` on this model.
+    /// Upstream `generate` on this model ([`Decode::is_plain`]), or Fast-dLLM decoding
+    /// ([`sampler::generate_fast`]) with a KV cache and/or a threshold / factor rule.
     fn generate(
         &mut self,
         prompts: &[Vec<u32>],
         params: &GenerateParams,
+        decode: &Decode,
         progress: Option<&mut dyn FnMut(Progress)>,
     ) -> Result<GenerateOutput>;
     /// Full logits `[T, V]` (f32 values of the compute dtype) for one unpadded sequence.
@@ -129,13 +131,18 @@ impl<B: Backend> Engine for EngineImpl<B> {
         &mut self,
         prompts: &[Vec<u32>],
         params: &GenerateParams,
+        decode: &Decode,
         progress: Option<&mut dyn FnMut(Progress)>,
     ) -> Result<GenerateOutput> {
         check_ids(&self.model.cfg, prompts.iter().flatten().copied())?;
         let mut p = params.clone();
         p.logits_dtype = self.model.backend.compute_dtype();
         let mut pred = ModelPredictor::new(&self.model);
-        sampler::generate(&mut pred, prompts, &p, progress)
+        if decode.is_plain() {
+            sampler::generate(&mut pred, prompts, &p, progress)
+        } else {
+            sampler::generate_fast(&mut pred, prompts, &p, decode, progress)
+        }
     }
     fn forward_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         check_ids(&self.model.cfg, ids.iter().copied())?;

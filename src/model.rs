@@ -20,11 +20,11 @@
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::backend::{rope_tables, AttnShape, Backend};
+use crate::backend::{rope_tables, AttnShape, Backend, CachedAttnShape};
 use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
 use crate::head::SelectParams;
-use crate::sampler::{PredictRequest, Predictor};
+use crate::sampler::{PredictRequest, Predictor, SpanPredictor, SpanRequest};
 
 /// One transformer block's weights.
 pub struct Layer<B: Backend> {
@@ -102,6 +102,19 @@ pub struct Workspace<B: Backend> {
     h_rows: Vec<i32>,
     /// Rows of the last forward pass.
     last_rows: usize,
+}
+
+/// The Fast-dLLM KV cache (reference §7): per layer a K and a V buffer `[B, L, NKV·HD]` on the
+/// backend. Keys are stored **after** RoPE at their absolute positions (upstream stores them
+/// before RoPE and re-rotates all keys at positions `0..L` on every call; since a key never
+/// changes position, both give the same rotated values, rounded once). A step writes the K/V of
+/// the tokens it runs into their rows and attends over all `L` rows, so one mechanism serves the
+/// full pass (`[0, L)`), the prefix cache (`[s, L)`) and the dual cache (`[s, e)`).
+pub struct KvCache<B: Backend> {
+    /// Capacity in tokens (B·L).
+    pub max_tokens: usize,
+    k: Vec<B::Act>,
+    v: Vec<B::Act>,
 }
 
 fn expect_shape(src: &WeightSource, want: &[usize]) -> Result<()> {
@@ -234,6 +247,18 @@ impl<B: Backend> Model<B> {
         })
     }
 
+    /// A KV cache for sequences of at most `max_tokens` (= B·L) tokens.
+    pub fn kv_cache(&self, max_tokens: usize) -> Result<KvCache<B>> {
+        let kw = self.cfg.n_kv_heads * self.cfg.head_dim();
+        let mut k = Vec::with_capacity(self.layers.len());
+        let mut v = Vec::with_capacity(self.layers.len());
+        for _ in &self.layers {
+            k.push(self.backend.alloc_act(max_tokens * kw)?);
+            v.push(self.backend.alloc_act(max_tokens * kw)?);
+        }
+        Ok(KvCache { max_tokens, k, v })
+    }
+
     /// Run the model on `ids` (`[b, t]` row-major) and leave the logits of the flat token
     /// indices `rows` (`b_i·t + pos`) in the workspace (`[R, V]`, see [`Model::logits`]).
     /// `key_valid` (`[b·t]`, nonzero = real token) masks padding keys.
@@ -247,15 +272,76 @@ impl<B: Backend> Model<B> {
         key_valid: Option<&[u8]>,
         rows: &[u32],
     ) -> Result<()> {
-        let n = b * t;
+        self.run(ws, None, ids, b, t, 0, t, key_valid, rows)
+    }
+
+    /// One cached step (Fast-dLLM, reference §7): run the tokens at absolute positions
+    /// `[q0, q1)` of each of the `b` rows of length `l` (`ids` = those tokens, `[b, q1 − q0]`
+    /// row-major), write their K/V into rows `[q0, q1)` of `cache`, and attend over all `l` rows
+    /// of the cache. `key_valid` is `[b·l]`; `rows` are flat indices into the span tokens
+    /// (`b_i·(q1 − q0) + (pos − q0)`). With `[q0, q1) = [0, l)` the logits equal
+    /// [`Model::forward`]'s bit for bit and the whole cache is (re)filled.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_span(
+        &self,
+        ws: &mut Workspace<B>,
+        cache: &mut KvCache<B>,
+        ids: &[u32],
+        b: usize,
+        l: usize,
+        q0: usize,
+        q1: usize,
+        key_valid: Option<&[u8]>,
+        rows: &[u32],
+    ) -> Result<()> {
+        ensure!(
+            q0 < q1 && q1 <= l,
+            "forward_span: span [{q0}, {q1}) is empty or exceeds the sequence length {l}"
+        );
+        ensure!(
+            b * l <= cache.max_tokens,
+            "forward_span: {b}·{l} tokens exceed the KV cache capacity of {}",
+            cache.max_tokens
+        );
+        ensure!(
+            cache.k.len() == self.layers.len(),
+            "forward_span: the KV cache has {} layers, the model {}",
+            cache.k.len(),
+            self.layers.len()
+        );
+        self.run(ws, Some(cache), ids, b, l, q0, q1, key_valid, rows)
+    }
+
+    /// The forward pass over positions `[q0, q1)` of `b` rows of length `l`; without a cache
+    /// the span must be the whole row.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        ws: &mut Workspace<B>,
+        mut cache: Option<&mut KvCache<B>>,
+        ids: &[u32],
+        b: usize,
+        l: usize,
+        q0: usize,
+        q1: usize,
+        key_valid: Option<&[u8]>,
+        rows: &[u32],
+    ) -> Result<()> {
+        let tq = q1 - q0;
+        let n = b * tq;
         ensure!(
             ids.len() == n,
-            "forward: `ids` holds {} tokens, expected b·t = {b}·{t}",
+            "forward: `ids` holds {} tokens, expected b·t = {b}·{tq}",
             ids.len()
         );
         ensure!(
             n <= ws.max_tokens,
             "forward: {n} tokens exceed the workspace capacity of {}",
+            ws.max_tokens
+        );
+        ensure!(
+            b * l <= ws.max_tokens || key_valid.is_none(),
+            "forward: the key mask of {b}·{l} tokens exceeds the workspace capacity of {}",
             ws.max_tokens
         );
         ensure!(
@@ -265,8 +351,8 @@ impl<B: Backend> Model<B> {
             ws.max_rows
         );
         ensure!(
-            t <= self.rope_positions,
-            "forward: sequence length {t} exceeds max_sequence_length {}",
+            l <= self.rope_positions,
+            "forward: sequence length {l} exceeds max_sequence_length {}",
             self.rope_positions
         );
         let v = self.cfg.embedding_size;
@@ -278,9 +364,10 @@ impl<B: Backend> Model<B> {
         }
         if let Some(kv) = key_valid {
             ensure!(
-                kv.len() == n,
-                "forward: `key_valid` holds {} entries, expected {n}",
-                kv.len()
+                kv.len() == b * l,
+                "forward: `key_valid` holds {} entries, expected {}",
+                kv.len(),
+                b * l
             );
         }
         let be = &self.backend;
@@ -299,7 +386,7 @@ impl<B: Backend> Model<B> {
         be.write_ints(&mut ws.ids, &ws.h_ids)?;
         ws.h_pos.clear();
         for _ in 0..b {
-            ws.h_pos.extend(0..t as i32);
+            ws.h_pos.extend(q0 as i32..q1 as i32);
         }
         be.write_ints(&mut ws.pos, &ws.h_pos)?;
         if let Some(kv) = key_valid {
@@ -313,15 +400,29 @@ impl<B: Backend> Model<B> {
 
         let eps = cfg.rms_norm_eps;
         let qkv_w = (nh + 2 * nkv) * hd;
-        let shape = AttnShape { b, t, nh, nkv, hd };
+        let shape = AttnShape {
+            b,
+            t: tq,
+            nh,
+            nkv,
+            hd,
+        };
+        let cshape = CachedAttnShape {
+            b,
+            tq,
+            l,
+            nh,
+            nkv,
+            hd,
+        };
         be.embedding(&mut ws.x, &self.wte, &ws.ids, n, c)?;
-        for (i, l) in self.layers.iter().enumerate() {
+        for (i, layer) in self.layers.iter().enumerate() {
             if i == 0 {
-                be.rms_norm(&mut ws.h, &ws.x, &l.attn_norm, n, c, eps)?;
+                be.rms_norm(&mut ws.h, &ws.x, &layer.attn_norm, n, c, eps)?;
             } else {
-                be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &l.attn_norm, n, c, eps)?;
+                be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &layer.attn_norm, n, c, eps)?;
             }
-            be.matmul(&mut ws.qkv, &ws.h, &l.qkv, n, c, qkv_w)?;
+            be.matmul(&mut ws.qkv, &ws.h, &layer.qkv, n, c, qkv_w)?;
             be.rope(
                 &mut ws.qkv,
                 &ws.pos,
@@ -332,17 +433,19 @@ impl<B: Backend> Model<B> {
                 nkv,
                 hd,
             )?;
-            be.attention(
-                &mut ws.att,
-                &ws.qkv,
-                key_valid.map(|_| &ws.key_valid),
-                shape,
-            )?;
-            be.matmul(&mut ws.d, &ws.att, &l.attn_out, n, nh * hd, c)?;
-            be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &l.ff_norm, n, c, eps)?;
-            be.matmul(&mut ws.gate_up, &ws.h, &l.gate_up, n, c, 2 * f)?;
+            let mask = key_valid.map(|_| &ws.key_valid);
+            match cache.as_deref_mut() {
+                None => be.attention(&mut ws.att, &ws.qkv, mask, shape)?,
+                Some(kc) => {
+                    be.kv_store(&mut kc.k[i], &mut kc.v[i], &ws.qkv, q0, cshape)?;
+                    be.attention_cached(&mut ws.att, &ws.qkv, &kc.k[i], &kc.v[i], mask, cshape)?;
+                }
+            }
+            be.matmul(&mut ws.d, &ws.att, &layer.attn_out, n, nh * hd, c)?;
+            be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &layer.ff_norm, n, c, eps)?;
+            be.matmul(&mut ws.gate_up, &ws.h, &layer.gate_up, n, c, 2 * f)?;
             be.swiglu(&mut ws.mlp, &ws.gate_up, n, f)?;
-            be.matmul(&mut ws.d, &ws.mlp, &l.down, n, f, c)?;
+            be.matmul(&mut ws.d, &ws.mlp, &layer.down, n, f, c)?;
         }
         be.gather_rows(&mut ws.xr, &ws.x, &ws.rows, r, c)?;
         if self.layers.is_empty() {
@@ -377,6 +480,7 @@ impl<B: Backend> Model<B> {
 pub struct ModelPredictor<'m, B: Backend> {
     model: &'m Model<B>,
     ws: Option<Workspace<B>>,
+    cache: Option<KvCache<B>>,
     ids: Vec<u32>,
     mask: Vec<u8>,
     rows: Vec<u32>,
@@ -391,6 +495,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
         ModelPredictor {
             model,
             ws: None,
+            cache: None,
             ids: Vec::new(),
             mask: Vec::new(),
             rows: Vec::new(),
@@ -418,6 +523,124 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
 
     pub fn model(&self) -> &Model<B> {
         self.model
+    }
+
+    /// Run the LM-head sampler on the first `r` rows of the last forward pass (keys in
+    /// `self.keys`) and copy the results to `out`.
+    fn select_into(
+        &mut self,
+        r: usize,
+        select: &SelectParams,
+        out: &mut [(u32, f32)],
+    ) -> Result<()> {
+        let model = self.model;
+        let ws = self
+            .ws
+            .as_mut()
+            .context("predict: workspace missing after reserve")?;
+        // The head rounds to the model's compute dtype whatever the caller set.
+        let dtype = model.backend.compute_dtype();
+        let p: &SelectParams = if select.dtype == dtype {
+            select
+        } else {
+            let p = self.params.get_or_insert_with(|| select.clone());
+            p.clone_from(select);
+            p.dtype = dtype;
+            p
+        };
+        let be = &model.backend;
+        be.write_ints(&mut ws.keys, &self.keys)?;
+        be.select(
+            &mut ws.tok,
+            &mut ws.conf,
+            &mut ws.logits,
+            &ws.keys,
+            r,
+            model.cfg.embedding_size,
+            p,
+        )?;
+        let tok = be.read_ints(&ws.tok, r)?;
+        let conf = be.read_f32s(&ws.conf, r)?;
+        for (o, (&tk, &cf)) in out.iter_mut().zip(tok.iter().zip(&conf)) {
+            *o = (tk as u32, cf);
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
+    /// The cache and workspace are sized for `b·t` tokens on the first call (or when a request
+    /// outgrows them); later calls allocate nothing on the device.
+    fn predict_span(&mut self, req: &SpanRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+        let (b, t, q0, q1) = (req.b, req.t, req.q0, req.q1);
+        let n = b * t;
+        let r = req.rows.len();
+        ensure!(
+            out.len() == r,
+            "predict_span: `out` holds {} entries for {r} rows",
+            out.len()
+        );
+        ensure!(
+            req.x.len() == n,
+            "predict_span: `x` holds {} tokens, expected b·t = {b}·{t}",
+            req.x.len()
+        );
+        ensure!(
+            q0 < q1 && q1 <= t,
+            "predict_span: span [{q0}, {q1}) is empty or exceeds the row length {t}"
+        );
+        ensure!(
+            req.select.cfg_scale <= 0.0,
+            "predict_span: classifier-free guidance is not supported with a KV cache"
+        );
+        self.reserve(n, n)?;
+        if self.cache.as_ref().map_or(true, |c| c.max_tokens < n) {
+            self.cache = Some(self.model.kv_cache(n)?);
+        }
+        let tq = q1 - q0;
+        self.ids.clear();
+        for row in req.x.chunks_exact(t) {
+            self.ids.extend_from_slice(&row[q0..q1]);
+        }
+        self.rows.clear();
+        self.keys.clear();
+        for (i, &(br, pos)) in req.rows.iter().enumerate() {
+            ensure!(
+                (br as usize) < b && (q0..q1).contains(&(pos as usize)),
+                "predict_span: rows[{i}] = ({br}, {pos}) is outside the batch [{b}] × span [{q0}, {q1})"
+            );
+            self.rows.push(br * tq as u32 + (pos - q0 as u32));
+            self.keys.push(br as i32);
+            self.keys.push(pos as i32);
+        }
+        if let Some(kv) = req.key_valid {
+            ensure!(
+                kv.len() == n,
+                "predict_span: `key_valid` holds {} entries, expected {n}",
+                kv.len()
+            );
+        }
+        let model = self.model;
+        let ws = self
+            .ws
+            .as_mut()
+            .context("predict_span: workspace missing after reserve")?;
+        let cache = self
+            .cache
+            .as_mut()
+            .context("predict_span: KV cache missing after reserve")?;
+        model.forward_span(
+            ws,
+            cache,
+            &self.ids,
+            b,
+            t,
+            q0,
+            q1,
+            req.key_valid,
+            &self.rows,
+        )?;
+        self.select_into(r, req.select, out)
     }
 }
 
@@ -492,34 +715,7 @@ impl<B: Backend> Predictor for ModelPredictor<'_, B> {
             .as_mut()
             .context("predict: workspace missing after reserve")?;
         model.forward(ws, &self.ids, nb, t, mask, &self.rows)?;
-
-        // The head rounds to the model's compute dtype whatever the caller set.
-        let dtype = model.backend.compute_dtype();
-        let p: &SelectParams = if req.select.dtype == dtype {
-            req.select
-        } else {
-            let p = self.params.get_or_insert_with(|| req.select.clone());
-            p.clone_from(req.select);
-            p.dtype = dtype;
-            p
-        };
-        let be = &model.backend;
-        be.write_ints(&mut ws.keys, &self.keys)?;
-        be.select(
-            &mut ws.tok,
-            &mut ws.conf,
-            &mut ws.logits,
-            &ws.keys,
-            r,
-            model.cfg.embedding_size,
-            p,
-        )?;
-        let tok = be.read_ints(&ws.tok, r)?;
-        let conf = be.read_f32s(&ws.conf, r)?;
-        for (o, (&tk, &cf)) in out.iter_mut().zip(tok.iter().zip(&conf)) {
-            *o = (tk as u32, cf);
-        }
-        Ok(())
+        self.select_into(r, req.select, out)
     }
 }
 

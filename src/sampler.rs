@@ -371,6 +371,313 @@ pub fn generate(
     })
 }
 
+/// Which KV cache Fast-dLLM decoding uses (reference §7.3, §7.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum CacheMode {
+    /// Every step is a full forward pass (Fast-dLLM's baseline `generate`, §7.2).
+    #[default]
+    None,
+    /// `generate_with_prefix_cache`: a full pass at each block start, then the current block and
+    /// everything after it run against the cached prefix.
+    Prefix,
+    /// `generate_with_dual_cache`: a full pass at each block start, then only the current block
+    /// runs against the cached prefix and suffix, overwriting its own cache rows.
+    Dual,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(CacheMode::None),
+            "prefix" => Ok(CacheMode::Prefix),
+            "dual" => Ok(CacheMode::Dual),
+            _ => bail!("unknown cache mode {s:?} (expected none, prefix or dual)"),
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheMode::None => "none",
+            CacheMode::Prefix => "prefix",
+            CacheMode::Dual => "dual",
+        })
+    }
+}
+
+/// How many tokens a step commits, and with which cache (Fast-dLLM, reference §7).
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct Decode {
+    pub cache: CacheMode,
+    /// `get_transfer_index(…, threshold)` (§7.5): the top-1 plus every candidate with
+    /// confidence ≥ threshold. Replaces the `steps` schedule.
+    pub threshold: Option<f64>,
+    /// `get_transfer_index_dynamic(…, factor)` (§7.6). Replaces the `steps` schedule.
+    pub factor: Option<f64>,
+}
+
+impl Decode {
+    /// Plain upstream LLaDA `generate` (no cache, fixed schedule).
+    pub fn is_plain(&self) -> bool {
+        self.cache == CacheMode::None && self.threshold.is_none() && self.factor.is_none()
+    }
+}
+
+/// One cached forward pass: the tokens at positions `[q0, q1)` of every batch row go through the
+/// network, their keys/values overwrite those rows of the predictor's KV cache, and attention
+/// reads all `t` rows of the cache. `[0, t)` is a full forward pass that (re)fills the cache.
+pub struct SpanRequest<'a> {
+    pub b: usize,
+    pub t: usize,
+    /// Current tokens `[b·t]` (only the span is read).
+    pub x: &'a [u32],
+    /// `[b·t]`, 1 = real token, 0 = left padding; `None` = no padding.
+    pub key_valid: Option<&'a [u8]>,
+    pub q0: usize,
+    pub q1: usize,
+    /// (batch row, absolute position) pairs in `[q0, q1)` whose prediction is wanted, sorted by
+    /// row, then position.
+    pub rows: &'a [(u32, u32)],
+    pub select: &'a SelectParams,
+}
+
+/// A predictor with a KV cache (the model, or a fake in tests).
+pub trait SpanPredictor {
+    /// Writes one `(token, confidence)` per entry of `req.rows` into `out`.
+    fn predict_span(&mut self, req: &SpanRequest<'_>, out: &mut [(u32, f32)]) -> Result<()>;
+}
+
+/// How many of `n` candidates, sorted by confidence descending (`sorted`), a step commits.
+fn commit_count(sorted: &[(f32, usize, u32)], quota: usize, d: &Decode) -> usize {
+    let n = sorted.len();
+    if n == 0 {
+        return 0;
+    }
+    if let Some(factor) = d.factor {
+        // get_transfer_index_dynamic: thresholds 1 − factor/(j+1) for the 1-based rank j ≥ 2
+        // (rank 1 always passes); stop at the first failing rank f (0-based) and commit f, except
+        // that a stop at the last rank (or none) commits all n (upstream quirk, §7.6).
+        let fail = (1..n).find(|&f| (sorted[f].0 as f64) < 1.0 - factor / (f as f64 + 2.0));
+        return match fail {
+            Some(f) if f < n - 1 => f,
+            _ => n,
+        };
+    }
+    if let Some(th) = d.threshold {
+        // get_transfer_index with a threshold: the top-1, then every candidate not `< th`.
+        return 1 + sorted[1..]
+            .iter()
+            .take_while(|c| (c.0 as f64) >= th)
+            .count();
+    }
+    quota.min(n)
+}
+
+/// Fast-dLLM decoding (reference §7): the baseline loop (`cache: None`),
+/// `generate_with_prefix_cache` or `generate_with_dual_cache`, each with the fixed `steps`
+/// schedule, a confidence `threshold` or a `factor`.
+///
+/// ```text
+/// for each block [s, e):
+///     sched = num_transfer_tokens(#MASK in [s, e), steps_per_block)
+///     call 0: full pass over [0, T) (refills the cache); candidates = MASKs in [0, e)
+///     then, while [s, e) still has a MASK (checked BEFORE each call, as FD-new does):
+///         call i: none → [0, T); prefix → [s, T); dual → [s, e); candidates = MASKs in [s, e)
+///     each call commits per row, by confidence (desc., then position asc.): sched[i] tokens,
+///     or the threshold / factor rule; nfe += 1 per call.
+/// ```
+///
+/// The first call of a block and the `none` baseline take candidates from `[0, e)` as upstream
+/// (`mask_index[:, e:] = 0`); cached calls only from the block. With the fixed schedule a block
+/// whose quota ran out with masks left (only possible when a `[MASK]` before the block took part
+/// of call 0's quota; upstream then indexes past the schedule) commits one token per further call.
+/// `select.step` is the call counter (0-based) for the Gumbel noise. CFG is not part of
+/// Fast-dLLM and is rejected; the EOS options and left padding work as in [`generate`] (all rows
+/// share the block positions, since padding is on the left).
+pub fn generate_fast(
+    pred: &mut dyn SpanPredictor,
+    prompts: &[Vec<u32>],
+    params: &GenerateParams,
+    decode: &Decode,
+    mut progress: Option<&mut dyn FnMut(Progress)>,
+) -> Result<GenerateOutput> {
+    let (num_blocks, steps_per_block) = params.block_plan()?;
+    if params.cfg_scale > 0.0 {
+        bail!("cfg_scale > 0 is not supported with Fast-dLLM decoding (--cache / --threshold / --factor)");
+    }
+    if decode.threshold.is_some() && decode.factor.is_some() {
+        bail!("give either a threshold or a factor, not both (Fast-dLLM uses one rule at a time)");
+    }
+    if let Some(th) = decode.threshold {
+        if !th.is_finite() {
+            bail!("threshold {th} is not a finite number");
+        }
+    }
+    if let Some(f) = decode.factor {
+        if !(f.is_finite() && f > 0.0) {
+            bail!("factor {f} must be a positive finite number");
+        }
+    }
+    if prompts.is_empty() {
+        bail!("no prompts given");
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        bail!("prompt {i} is empty");
+    }
+    if params.pad_id == params.mask_id {
+        bail!(
+            "pad_id {} equals mask_id: padding would be generated over (upstream asserts pad != mask)",
+            params.pad_id
+        );
+    }
+    let b = prompts.len();
+    let lp = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let t = lp
+        .checked_add(params.gen_length)
+        .context("prompt length + gen_length overflows")?;
+    if let Some(max) = params.max_sequence_length {
+        if t > max {
+            bail!(
+                "prompt length {lp} + gen_length {} = {t} exceeds the model's max_sequence_length {max}",
+                params.gen_length
+            );
+        }
+    }
+    if u32::try_from(t).is_err() || u32::try_from(b).is_err() {
+        bail!("batch {b} × length {t} does not fit u32 indices");
+    }
+    let n = b.checked_mul(t).context("batch × length overflows")?;
+    let mask = params.mask_id;
+
+    let mut x = vec![mask; n];
+    let padded = prompts.iter().any(|p| p.len() != lp);
+    let mut key_valid = padded.then(|| vec![1u8; n]);
+    for (r, p) in prompts.iter().enumerate() {
+        let row = &mut x[r * t..r * t + lp];
+        let pad = lp - p.len();
+        row[..pad].fill(params.pad_id);
+        row[pad..].copy_from_slice(p);
+        if let Some(kv) = key_valid.as_mut() {
+            kv[r * t..r * t + pad].fill(0);
+        }
+    }
+
+    let mut rows: Vec<(u32, u32)> = Vec::with_capacity(n);
+    let mut row_off = vec![0usize; b + 1];
+    let mut out = vec![(0u32, 0f32); n];
+    let mut cands: Vec<(f32, usize, u32)> = Vec::with_capacity(t);
+    let mut sched = vec![0usize; b * steps_per_block];
+    let mut select = params.select_params(0);
+    let fixed = decode.threshold.is_none() && decode.factor.is_none();
+    let total_steps = if fixed {
+        num_blocks * steps_per_block
+    } else {
+        params.gen_length
+    };
+
+    let mut nfe = 0usize;
+    let mut rows_predicted = 0usize;
+    for block in 0..num_blocks {
+        let s = lp + block * params.block_length;
+        let e = s + params.block_length;
+        for r in 0..b {
+            let in_block = x[r * t + s..r * t + e]
+                .iter()
+                .filter(|&&v| v == mask)
+                .count();
+            num_transfer_tokens_into(
+                in_block,
+                &mut sched[r * steps_per_block..(r + 1) * steps_per_block],
+            );
+        }
+        let mut i = 0usize;
+        loop {
+            let block_done = !(0..b).any(|r| x[r * t + s..r * t + e].contains(&mask));
+            if i > 0 && block_done {
+                break;
+            }
+            let (q0, q1) = match decode.cache {
+                _ if i == 0 => (0, t),
+                CacheMode::None => (0, t),
+                CacheMode::Prefix => (s, t),
+                CacheMode::Dual => (s, e),
+            };
+            let c0 = if i == 0 || decode.cache == CacheMode::None {
+                0
+            } else {
+                s
+            };
+            rows.clear();
+            for r in 0..b {
+                let xr = &x[r * t..(r + 1) * t];
+                rows.extend(
+                    (c0..e)
+                        .filter(|&p| xr[p] == mask)
+                        .map(|p| (r as u32, p as u32)),
+                );
+                row_off[r + 1] = rows.len();
+            }
+            let nr = rows.len();
+            select.step = nfe as u64;
+            let req = SpanRequest {
+                b,
+                t,
+                x: &x,
+                key_valid: key_valid.as_deref(),
+                q0,
+                q1,
+                rows: &rows,
+                select: &select,
+            };
+            pred.predict_span(&req, &mut out[..nr])
+                .with_context(|| format!("forward pass {nfe} (block {block}, step {i})"))?;
+            nfe += 1;
+            rows_predicted += nr;
+
+            for r in 0..b {
+                cands.clear();
+                for (&(_, p), &(tok, conf)) in rows[row_off[r]..row_off[r + 1]]
+                    .iter()
+                    .zip(&out[row_off[r]..row_off[r + 1]])
+                {
+                    cands.push((conf, p as usize, tok));
+                }
+                cands.sort_unstable_by(|a, c| conf_order((a.0, a.1), (c.0, c.1)));
+                let quota = if i < steps_per_block {
+                    sched[r * steps_per_block + i]
+                } else {
+                    1
+                };
+                let k = commit_count(&cands, quota, decode);
+                for &(_, p, tok) in cands.iter().take(k) {
+                    x[r * t + p] = tok;
+                }
+            }
+            i += 1;
+            if let Some(cb) = progress.as_mut() {
+                cb(Progress {
+                    step: nfe,
+                    total_steps: total_steps.max(nfe),
+                    block,
+                    num_blocks,
+                });
+            }
+        }
+    }
+
+    let ids = (0..b)
+        .map(|r| x[r * t + lp..(r + 1) * t].to_vec())
+        .collect();
+    Ok(GenerateOutput {
+        ids,
+        nfe,
+        prompt_len_padded: lp,
+        rows_predicted,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,5 +688,43 @@ mod tests {
         assert_eq!(num_transfer_tokens(3, 5), vec![1, 1, 1, 0, 0]);
         assert_eq!(num_transfer_tokens(0, 3), vec![0, 0, 0]);
         assert_eq!(num_transfer_tokens(8, 8), vec![1; 8]);
+    }
+
+    fn c(confs: &[f32]) -> Vec<(f32, usize, u32)> {
+        confs.iter().enumerate().map(|(i, &c)| (c, i, 0)).collect()
+    }
+
+    #[test]
+    fn threshold_rule_commits_top1_then_ties_at_threshold() {
+        let d = Decode {
+            threshold: Some(0.5),
+            ..Decode::default()
+        };
+        assert_eq!(commit_count(&c(&[0.4, 0.3]), 0, &d), 1);
+        assert_eq!(commit_count(&c(&[0.9, 0.5, 0.49]), 0, &d), 2);
+        assert_eq!(commit_count(&c(&[]), 0, &d), 0);
+        let never = Decode {
+            threshold: Some(1.01),
+            ..Decode::default()
+        };
+        assert_eq!(commit_count(&c(&[1.0, 1.0, 1.0]), 0, &never), 1);
+    }
+
+    #[test]
+    fn factor_rule_follows_upstream_quirks() {
+        // factor 1: thresholds (1-based rank j ≥ 2) 1 − 1/(j+1): 2/3, 3/4, 4/5, …
+        let d = Decode {
+            factor: Some(1.0),
+            ..Decode::default()
+        };
+        // rank 2 fails (0.6 < 2/3), not the last rank: commit 1.
+        assert_eq!(commit_count(&c(&[0.9, 0.6, 0.1]), 0, &d), 1);
+        // rank 3 fails (0.7 < 3/4) and is the last: upstream commits all 3.
+        assert_eq!(commit_count(&c(&[0.9, 0.7, 0.7]), 0, &d), 3);
+        // nothing fails: all.
+        assert_eq!(commit_count(&c(&[0.99, 0.9, 0.8]), 0, &d), 3);
+        // rank 3 fails with a 4th after it: commit 2.
+        assert_eq!(commit_count(&c(&[0.99, 0.9, 0.7, 0.7]), 0, &d), 2);
+        assert_eq!(commit_count(&c(&[0.01]), 0, &d), 1);
     }
 }

@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use llada::backend::cpu::CpuBackend;
 use llada::backend::cuda::CudaBackend;
-use llada::backend::{rope_tables, AttnShape, Backend};
+use llada::backend::{rope_tables, AttnShape, Backend, CachedAttnShape};
 use llada::checkpoint::WeightSource;
 use llada::dtype::DType;
 use llada::head::{self, Remasking, SelectParams};
@@ -575,6 +575,151 @@ fn attention_matches_within_bound() {
         hd: 96,
     };
     let e = g.attention(&mut o, &q, None, s).unwrap_err().to_string();
+    assert!(e.contains("head dim 96"), "{e}");
+}
+
+/// Rows `[q0, q0 + tq)` of every batch row of a `[b·l, w]` matrix.
+fn span_rows(x: &[f32], b: usize, l: usize, w: usize, q0: usize, tq: usize) -> Vec<f32> {
+    (0..b)
+        .flat_map(|bi| x[(bi * l + q0) * w..(bi * l + q0 + tq) * w].to_vec())
+        .collect()
+}
+
+/// kv_store of the span rows of `full` into poisoned caches (rows outside the span stay NaN),
+/// then attention_cached of the span queries. Returns (k_cache, v_cache, out).
+fn run_cached<B: Backend>(
+    be: &B,
+    full: &[f32],
+    kv: Option<&[i32]>,
+    s: CachedAttnShape,
+    q0: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let CachedAttnShape {
+        b,
+        tq,
+        l,
+        nh,
+        nkv,
+        hd,
+    } = s;
+    let w = (nh + 2 * nkv) * hd;
+    let kw = nkv * hd;
+    let mut kc = poisoned(be, b * l * kw);
+    let mut vc = poisoned(be, b * l * kw);
+    // Fill every row first (a full span), then overwrite the span from a second buffer holding
+    // the same rows: exercises both q0 = 0 and q0 > 0.
+    let all = act(be, full, b * l, w);
+    let sfull = CachedAttnShape { tq: l, ..s };
+    be.kv_store(&mut kc, &mut vc, &all, 0, sfull).unwrap();
+    let span = span_rows(full, b, l, w, q0, tq);
+    let q = act(be, &span, b * tq, w);
+    be.kv_store(&mut kc, &mut vc, &q, q0, s).unwrap();
+    let kvb = kv.map(|k| ints(be, k));
+    let mut out = poisoned(be, b * tq * nh * hd);
+    be.attention_cached(&mut out, &q, &kc, &vc, kvb.as_ref(), s)
+        .unwrap();
+    (
+        be.read_act(&kc, b * l * kw).unwrap(),
+        be.read_act(&vc, b * l * kw).unwrap(),
+        be.read_act(&out, b * tq * nh * hd).unwrap(),
+    )
+}
+
+#[test]
+fn kv_store_and_cached_attention_match() {
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    let mut case = 0u64;
+    for &hd in &[64usize, 128] {
+        for &(nh, nkv) in &[(8usize, 2usize), (4, 4)] {
+            // (b, l, q0, tq): a dual-cache block, a prefix-cache suffix, odd sizes, full span.
+            for &(b, l, q0, tq) in &[
+                (1usize, 384usize, 128usize, 32usize),
+                (2, 37, 5, 32),
+                (1, 385, 100, 285),
+                (2, 19, 0, 19),
+                (1, 7, 6, 1),
+            ] {
+                for masked in [false, true] {
+                    case += 1;
+                    let s = CachedAttnShape {
+                        b,
+                        tq,
+                        l,
+                        nh,
+                        nkv,
+                        hd,
+                    };
+                    let w = (nh + 2 * nkv) * hd;
+                    let full = rand_vec(500 + case, b * l * w, 2.0);
+                    let kv: Vec<i32> = (0..b * l).map(|j| i32::from(j % 3 != 1)).collect();
+                    let kv = masked.then_some(kv.as_slice());
+                    let (ck, cv, co) = run_cached(&c0, &full, kv, s, q0);
+                    let (gk, gv, go) = run_cached(&g, &full, kv, s, q0);
+                    let what = format!(
+                        "b={b} l={l} q0={q0} tq={tq} nh={nh} nkv={nkv} hd={hd} masked={masked}"
+                    );
+                    exact(&format!("kv_store k {what}"), &ck, &gk);
+                    exact(&format!("kv_store v {what}"), &cv, &gv);
+                    // The cached queries see the same keys as full attention over `full`: each
+                    // backend's cached rows equal its own full attention rows bit for bit (same
+                    // code / kernel, rows independent), and CPU vs GPU is within the flash bound.
+                    let dense = AttnShape {
+                        b,
+                        t: l,
+                        nh,
+                        nkv,
+                        hd,
+                    };
+                    for (name, be_out, full_out) in [
+                        ("cpu", &co, run_attention(&c0, &full, kv, dense)),
+                        ("gpu", &go, run_attention(&g, &full, kv, dense)),
+                    ] {
+                        let want = span_rows(&full_out, b, l, nh * hd, q0, tq);
+                        exact(
+                            &format!("{name} cached vs full attention {what}"),
+                            &want,
+                            be_out,
+                        );
+                    }
+                    let mag = span_rows(
+                        &attention_magnitude(&full, kv, dense),
+                        b,
+                        l,
+                        nh * hd,
+                        q0,
+                        tq,
+                    );
+                    compare(&format!("attention_cached {what}"), &co, &go, |i, c, gv| {
+                        ulp_bf16(c.abs().max(gv.abs())) + 2.0 * 2f32.powi(-8) * mag[i]
+                    });
+                }
+            }
+        }
+    }
+    // Bad spans and head dims: clear errors, not launches.
+    let s = CachedAttnShape {
+        b: 1,
+        tq: 4,
+        l: 8,
+        nh: 1,
+        nkv: 1,
+        hd: 64,
+    };
+    let q = g.alloc_act(4 * 3 * 64).unwrap();
+    let mut kc = g.alloc_act(8 * 64).unwrap();
+    let mut vc = g.alloc_act(8 * 64).unwrap();
+    let e = g
+        .kv_store(&mut kc, &mut vc, &q, 6, s)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("exceed the cache length"), "{e}");
+    let mut o = g.alloc_act(4 * 96).unwrap();
+    let bad = CachedAttnShape { hd: 96, ..s };
+    let e = g
+        .attention_cached(&mut o, &q, &kc, &vc, None, bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("head dim 96"), "{e}");
 }
 

@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend};
+use super::{AttnShape, Backend, CachedAttnShape};
 use crate::checkpoint::WeightSource;
 use crate::dtype::DType;
 use crate::head::{cfg_mix, select_one, SelectParams};
@@ -256,6 +256,100 @@ fn check_source(src: &WeightSource) -> Result<()> {
         WeightSource::Random { .. } | WeightSource::Const { .. } => {}
     }
     Ok(())
+}
+
+/// Row `r` of a row-major matrix stored at column offset `off` with row stride `stride`.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    off: usize,
+    stride: usize,
+}
+
+impl<'a> Strided<'a> {
+    fn row(&self, r: usize, len: usize) -> &'a [f32] {
+        &self.data[r * self.stride + self.off..][..len]
+    }
+}
+
+/// The attention reference shared by [`Backend::attention`] and [`Backend::attention_cached`]:
+/// query row `bi·TQ + i` (head `h` at columns `h·HD` of `q`) attends to key/value rows
+/// `bi·L .. (bi+1)·L` (kv head `h / (NH/NKV)`), scores in f32, exact softmax in f32, output
+/// rounded once. A query with no valid key gets zeros. Shapes are checked by the callers.
+fn attend(
+    dt: DType,
+    out: &mut [f32],
+    q: Strided<'_>,
+    k: Strided<'_>,
+    v: Strided<'_>,
+    key_valid: Option<&[i32]>,
+    s: CachedAttnShape,
+) {
+    let CachedAttnShape {
+        b,
+        tq,
+        l,
+        nh,
+        nkv,
+        hd,
+    } = s;
+    let n = b * tq;
+    if n == 0 || nh == 0 || hd == 0 {
+        return;
+    }
+    let scale = 1.0f32 / (hd as f32).sqrt();
+    let group = nh / nkv;
+    // One task per query row (b, i); all heads of that row.
+    out[..n * nh * hd]
+        .par_chunks_mut(nh * hd)
+        .enumerate()
+        .for_each(|(qi, orow)| {
+            let bi = qi / tq;
+            let keys = bi * l..(bi + 1) * l;
+            let valid = |j: usize| key_valid.map_or(true, |kv| kv[j] != 0);
+            with_scratch(l + hd, |scr| {
+                let (sc, acc) = scr.split_at_mut(l);
+                for h in 0..nh {
+                    let kvh = h / group;
+                    let qr = &q.row(qi, nh * hd)[h * hd..(h + 1) * hd];
+                    let mut mx = f32::NEG_INFINITY;
+                    for (jj, j) in keys.clone().enumerate() {
+                        if valid(j) {
+                            let kr = &k.row(j, nkv * hd)[kvh * hd..(kvh + 1) * hd];
+                            let sv = dot(qr, kr) * scale;
+                            sc[jj] = sv;
+                            if sv > mx {
+                                mx = sv;
+                            }
+                        } else {
+                            sc[jj] = f32::NEG_INFINITY;
+                        }
+                    }
+                    let o = &mut orow[h * hd..(h + 1) * hd];
+                    if mx == f32::NEG_INFINITY {
+                        // No valid key (or all scores −∞): defined as a zero output.
+                        o.fill(0.0);
+                        continue;
+                    }
+                    acc.fill(0.0);
+                    let mut sum = 0.0f32;
+                    for (jj, j) in keys.clone().enumerate() {
+                        if !valid(j) {
+                            continue;
+                        }
+                        let e = (sc[jj] - mx).exp();
+                        sum += e;
+                        let vr = &v.row(j, nkv * hd)[kvh * hd..(kvh + 1) * hd];
+                        for (a, &vv) in acc.iter_mut().zip(vr) {
+                            *a += e * vv;
+                        }
+                    }
+                    for (ov, &a) in o.iter_mut().zip(acc.iter()) {
+                        *ov = dt.round(a / sum);
+                    }
+                }
+            })
+        });
 }
 
 impl Backend for CpuBackend {
@@ -608,63 +702,138 @@ impl Backend for CpuBackend {
         if let Some(kv) = key_valid {
             need(OP, "key_valid", kv.len(), n)?;
         }
-        if n == 0 || nh == 0 || hd == 0 {
-            return Ok(());
+        let q = Strided {
+            data: qkv,
+            off: 0,
+            stride: width,
+        };
+        let k = Strided {
+            data: qkv,
+            off: nh * hd,
+            stride: width,
+        };
+        let v = Strided {
+            data: qkv,
+            off: (nh + nkv) * hd,
+            stride: width,
+        };
+        let s = CachedAttnShape {
+            b,
+            tq: t,
+            l: t,
+            nh,
+            nkv,
+            hd,
+        };
+        attend(
+            self.dtype,
+            out,
+            q,
+            k,
+            v,
+            key_valid.map(|kv| kv.as_slice()),
+            s,
+        );
+        Ok(())
+    }
+
+    fn kv_store(
+        &self,
+        k_cache: &mut Vec<f32>,
+        v_cache: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        q0: usize,
+        s: CachedAttnShape,
+    ) -> Result<()> {
+        const OP: &str = "kv_store";
+        let CachedAttnShape {
+            b,
+            tq,
+            l,
+            nh,
+            nkv,
+            hd,
+        } = s;
+        ensure!(
+            q0 + tq <= l,
+            "{OP}: query rows [{q0}, {}) exceed the cache length {l}",
+            q0 + tq
+        );
+        let width = (nh + 2 * nkv) * hd;
+        let kw = nkv * hd;
+        need(OP, "qkv", qkv.len(), b * tq * width)?;
+        need(OP, "k_cache", k_cache.len(), b * l * kw)?;
+        need(OP, "v_cache", v_cache.len(), b * l * kw)?;
+        for bi in 0..b {
+            for i in 0..tq {
+                let src = &qkv[(bi * tq + i) * width..][..width];
+                let dst = (bi * l + q0 + i) * kw;
+                k_cache[dst..dst + kw].copy_from_slice(&src[nh * hd..nh * hd + kw]);
+                v_cache[dst..dst + kw].copy_from_slice(&src[nh * hd + kw..nh * hd + 2 * kw]);
+            }
         }
-        let dt = self.dtype;
-        let scale = 1.0f32 / (hd as f32).sqrt();
-        let group = nh / nkv;
-        // One task per query row (b, i); all heads of that row.
-        out[..n * nh * hd]
-            .par_chunks_mut(nh * hd)
-            .enumerate()
-            .for_each(|(qi, orow)| {
-                let bi = qi / t;
-                let keys = bi * t..(bi + 1) * t;
-                let valid = |j: usize| key_valid.map_or(true, |kv| kv[j] != 0);
-                with_scratch(t + hd, |scr| {
-                    let (sc, acc) = scr.split_at_mut(t);
-                    for h in 0..nh {
-                        let kvh = h / group;
-                        let q = &qkv[qi * width + h * hd..qi * width + (h + 1) * hd];
-                        let mut mx = f32::NEG_INFINITY;
-                        for (jj, j) in keys.clone().enumerate() {
-                            if valid(j) {
-                                let kr = &qkv[j * width + (nh + kvh) * hd..][..hd];
-                                let sv = dot(q, kr) * scale;
-                                sc[jj] = sv;
-                                if sv > mx {
-                                    mx = sv;
-                                }
-                            } else {
-                                sc[jj] = f32::NEG_INFINITY;
-                            }
-                        }
-                        let o = &mut orow[h * hd..(h + 1) * hd];
-                        if mx == f32::NEG_INFINITY {
-                            // No valid key (or all scores −∞): defined as a zero output.
-                            o.fill(0.0);
-                            continue;
-                        }
-                        acc.fill(0.0);
-                        let mut sum = 0.0f32;
-                        for (jj, j) in keys.clone().enumerate() {
-                            if !valid(j) {
-                                continue;
-                            }
-                            let e = (sc[jj] - mx).exp();
-                            sum += e;
-                            let vr = &qkv[j * width + (nh + nkv + kvh) * hd..][..hd];
-                            for (a, &v) in acc.iter_mut().zip(vr) {
-                                *a += e * v;
-                            }
-                        }
-                        for (ov, &a) in o.iter_mut().zip(acc.iter()) {
-                            *ov = dt.round(a / sum);
-                        }
-                    }
-                })
-            });
+        Ok(())
+    }
+
+    fn attention_cached(
+        &self,
+        out: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        key_valid: Option<&Vec<i32>>,
+        s: CachedAttnShape,
+    ) -> Result<()> {
+        const OP: &str = "attention_cached";
+        let CachedAttnShape {
+            b,
+            tq,
+            l,
+            nh,
+            nkv,
+            hd,
+        } = s;
+        ensure!(
+            nkv > 0 && nh % nkv == 0,
+            "{OP}: NH = {nh} must be a positive multiple of NKV = {nkv}"
+        );
+        ensure!(
+            tq <= l,
+            "{OP}: {tq} queries per row exceed the {l} cached keys"
+        );
+        let width = (nh + 2 * nkv) * hd;
+        let kw = nkv * hd;
+        need(OP, "qkv", qkv.len(), b * tq * width)?;
+        need(OP, "out", out.len(), b * tq * nh * hd)?;
+        need(OP, "k_cache", k_cache.len(), b * l * kw)?;
+        need(OP, "v_cache", v_cache.len(), b * l * kw)?;
+        if let Some(kv) = key_valid {
+            need(OP, "key_valid", kv.len(), b * l)?;
+        }
+        let q = Strided {
+            data: qkv,
+            off: 0,
+            stride: width,
+        };
+        let k = Strided {
+            data: k_cache,
+            off: 0,
+            stride: kw,
+        };
+        let v = Strided {
+            data: v_cache,
+            off: 0,
+            stride: kw,
+        };
+        attend(
+            self.dtype,
+            out,
+            q,
+            k,
+            v,
+            key_valid.map(|kv| kv.as_slice()),
+            s,
+        );
         Ok(())
     }
 

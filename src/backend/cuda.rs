@@ -27,7 +27,7 @@ use cudarc::driver::{
 };
 use half::bf16;
 
-use super::{AttnShape, Backend};
+use super::{AttnShape, Backend, CachedAttnShape};
 use crate::checkpoint::WeightSource;
 use crate::dtype::DType;
 use crate::head::{Remasking, SelectParams};
@@ -152,6 +152,8 @@ struct Kernels {
     add: dsys::CUfunction,
     rope: dsys::CUfunction,
     attention: dsys::CUfunction,
+    attention_cached: dsys::CUfunction,
+    kv_store: dsys::CUfunction,
     swiglu: dsys::CUfunction,
     gather_rows: dsys::CUfunction,
     head_select: dsys::CUfunction,
@@ -317,6 +319,8 @@ impl CudaBackend {
             add: get("add_bf16")?,
             rope: get("rope_bf16")?,
             attention: get("attention_fwd_bf16")?,
+            attention_cached: get("attention_cached_fwd_bf16")?,
+            kv_store: get("kv_store_bf16")?,
             swiglu: get("swiglu_bf16")?,
             gather_rows: get("gather_rows_bf16")?,
             head_select: get("head_select_bf16")?,
@@ -1118,6 +1122,135 @@ impl Backend for CudaBackend {
             kv,
             b_,
             t_,
+            nh_,
+            nkv_,
+            hd_
+        )
+    }
+
+    fn kv_store(
+        &self,
+        k_cache: &mut Self::Act,
+        v_cache: &mut Self::Act,
+        qkv: &Self::Act,
+        q0: usize,
+        s: CachedAttnShape,
+    ) -> Result<()> {
+        let op = "kv_store";
+        let CachedAttnShape {
+            b,
+            tq,
+            l,
+            nh,
+            nkv,
+            hd,
+        } = s;
+        if q0 + tq > l {
+            bail!(
+                "{op}: query rows [{q0}, {}) exceed the cache length {l}",
+                q0 + tq
+            );
+        }
+        check_len(op, "qkv", qkv.len(), b * tq * (nh + 2 * nkv) * hd)?;
+        check_len(op, "k_cache", k_cache.len(), b * l * nkv * hd)?;
+        check_len(op, "v_cache", v_cache.len(), b * l * nkv * hd)?;
+        if b * tq == 0 || nkv * hd == 0 {
+            return Ok(());
+        }
+        let kc = dptr_mut(k_cache, &self.stream);
+        let vc = dptr_mut(v_cache, &self.stream);
+        let q = dptr(qkv, &self.stream);
+        let (b_, tq_, l_, q0_, nh_, nkv_, hd_) = (
+            int(op, "b", b)?,
+            int(op, "tq", tq)?,
+            int(op, "l", l)?,
+            int(op, "q0", q0)?,
+            int(op, "nh", nh)?,
+            int(op, "nkv", nkv)?,
+            int(op, "hd", hd)?,
+        );
+        int(op, "b·tq", b * tq)?;
+        launch!(
+            self,
+            op,
+            self.k.kv_store,
+            rows_geom(b * tq, 256),
+            kc,
+            vc,
+            q,
+            b_,
+            tq_,
+            l_,
+            q0_,
+            nh_,
+            nkv_,
+            hd_
+        )
+    }
+
+    fn attention_cached(
+        &self,
+        out: &mut Self::Act,
+        qkv: &Self::Act,
+        k_cache: &Self::Act,
+        v_cache: &Self::Act,
+        key_valid: Option<&Self::Ints>,
+        s: CachedAttnShape,
+    ) -> Result<()> {
+        let op = "attention_cached";
+        let CachedAttnShape {
+            b,
+            tq,
+            l,
+            nh,
+            nkv,
+            hd,
+        } = s;
+        if !ATTN_HEAD_DIMS.contains(&hd) {
+            bail!("{op}: head dim {hd} is not supported by the CUDA attention kernel (supported: {ATTN_HEAD_DIMS:?})");
+        }
+        if nkv == 0 || nh % nkv != 0 {
+            bail!("{op}: NH = {nh} must be a positive multiple of NKV = {nkv}");
+        }
+        if tq > l {
+            bail!("{op}: {tq} queries per row exceed the {l} cached keys");
+        }
+        check_len(op, "out", out.len(), b * tq * nh * hd)?;
+        check_len(op, "qkv", qkv.len(), b * tq * (nh + 2 * nkv) * hd)?;
+        check_len(op, "k_cache", k_cache.len(), b * l * nkv * hd)?;
+        check_len(op, "v_cache", v_cache.len(), b * l * nkv * hd)?;
+        if let Some(kv) = key_valid {
+            check_len(op, "key_valid", kv.len(), b * l)?;
+        }
+        if b * tq == 0 || nh == 0 {
+            return Ok(());
+        }
+        let o = dptr_mut(out, &self.stream);
+        let q = dptr(qkv, &self.stream);
+        let kc = dptr(k_cache, &self.stream);
+        let vc = dptr(v_cache, &self.stream);
+        let kv: u64 = key_valid.map(|k| dptr(k, &self.stream)).unwrap_or(0);
+        let (b_, tq_, l_, nh_, nkv_, hd_) = (
+            int(op, "b", b)?,
+            int(op, "tq", tq)?,
+            int(op, "l", l)?,
+            int(op, "nh", nh)?,
+            int(op, "nkv", nkv)?,
+            int(op, "hd", hd)?,
+        );
+        launch!(
+            self,
+            op,
+            self.k.attention_cached,
+            attention_geom(b, tq, nh, hd),
+            o,
+            q,
+            kc,
+            vc,
+            kv,
+            b_,
+            tq_,
+            l_,
             nh_,
             nkv_,
             hd_

@@ -35,6 +35,22 @@ pub struct AttnShape {
     pub hd: usize,
 }
 
+/// Shape of one cached attention call (Fast-dLLM prefix / dual cache, reference §7): the
+/// queries are the `TQ` tokens at absolute positions `[q0, q0 + TQ)` of each batch row, the keys
+/// and values are all `L` rows of that batch row in the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CachedAttnShape {
+    /// Batch rows.
+    pub b: usize,
+    /// Query tokens per batch row.
+    pub tq: usize,
+    /// Cached keys per batch row (the full sequence length).
+    pub l: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+}
+
 pub trait Backend {
     /// An activation buffer in the compute dtype.
     type Act;
@@ -140,6 +156,34 @@ pub trait Backend {
         qkv: &Self::Act,
         key_valid: Option<&Self::Ints>,
         s: AttnShape,
+    ) -> Result<()>;
+
+    /// Write the (already rotated) k and v parts of a merged `qkv` buffer `[B·TQ, (NH+2·NKV)·HD]`
+    /// into rows `[q0, q0 + TQ)` of each batch row of the caches `k_cache`, `v_cache`
+    /// (`[B, L, NKV·HD]` each): `k_cache[bi·L + q0 + i] = k(qkv[bi·TQ + i])`. Exact copies.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_store(
+        &self,
+        k_cache: &mut Self::Act,
+        v_cache: &mut Self::Act,
+        qkv: &Self::Act,
+        q0: usize,
+        s: CachedAttnShape,
+    ) -> Result<()>;
+
+    /// Bidirectional attention of the `TQ` queries per batch row in the q part of `qkv`
+    /// (`[B·TQ, (NH+2·NKV)·HD]`; its k/v parts are ignored) over the `L` keys and values per batch
+    /// row of `k_cache`, `v_cache` (`[B, L, NKV·HD]`), into `out` `[B·TQ, NH·HD]`, scale 1/√HD.
+    /// `key_valid` is `[B·L]`. With `TQ = L` and caches holding the k/v parts of `qkv`, the result
+    /// equals [`Backend::attention`] bit for bit (both backends run the same code for the two).
+    fn attention_cached(
+        &self,
+        out: &mut Self::Act,
+        qkv: &Self::Act,
+        k_cache: &Self::Act,
+        v_cache: &Self::Act,
+        key_valid: Option<&Self::Ints>,
+        s: CachedAttnShape,
     ) -> Result<()>;
 
     /// `out[N, F] = silu(gate) * up` on a merged `gate_up` `[N, 2F]`.

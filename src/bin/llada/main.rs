@@ -15,7 +15,7 @@ use llada::device::DeviceChoice;
 use llada::dtype::DType;
 use llada::engine::{self, ModelSpec, Opened};
 use llada::head::Remasking;
-use llada::sampler::{GenerateParams, Progress};
+use llada::sampler::{Decode, GenerateParams, Progress};
 
 mod eval;
 mod grad;
@@ -116,6 +116,17 @@ struct GenerateArgs {
     /// Commit EOS/EOT predictions last within a block (upstream `confidence_eos_eot_inf`).
     #[arg(long)]
     confidence_eos_eot_inf: bool,
+    /// Fast-dLLM KV cache: none | prefix | dual (refilled by a full pass at each block start).
+    #[arg(long, default_value = "none")]
+    cache: String,
+    /// Fast-dLLM parallel decoding: commit the top-1 and every candidate with confidence ≥ F
+    /// (replaces the steps schedule; Fast-dLLM's default is 0.9).
+    #[arg(long, conflicts_with = "factor")]
+    threshold: Option<f64>,
+    /// Fast-dLLM factor rule: commit the longest confidence-sorted prefix with
+    /// c_j ≥ 1 − F/(j+1) (at least one token; replaces the steps schedule).
+    #[arg(long)]
+    factor: Option<f64>,
     /// auto | cpu | cuda | cuda:N
     #[arg(long, default_value = "auto")]
     device: String,
@@ -289,6 +300,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     opened.apply_ids(&mut params);
     params.block_plan()?;
+    let decode = Decode {
+        cache: a.cache.parse()?,
+        threshold: a.threshold,
+        factor: a.factor,
+    };
     let (mut eng, notice) = engine::load(&opened, device)?;
     if let Some(n) = notice {
         eprintln!("note: {n}");
@@ -298,12 +314,12 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut bar = |p: Progress| {
         if show {
             let w = 30;
-            let done = (p.step + 1) * w / p.total_steps.max(1);
+            let done = (p.step * w / p.total_steps.max(1)).min(w);
             eprint!(
                 "\r[{}{}] step {}/{} block {}/{} {:.1}s",
                 "#".repeat(done),
                 " ".repeat(w - done),
-                p.step + 1,
+                p.step,
                 p.total_steps,
                 p.block + 1,
                 p.num_blocks,
@@ -312,7 +328,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             let _ = std::io::stderr().flush();
         }
     };
-    let out = eng.generate(&prompts, &params, Some(&mut bar))?;
+    let out = eng.generate(&prompts, &params, &decode, Some(&mut bar))?;
     let secs = t0.elapsed().as_secs_f64();
     if show {
         eprintln!();
@@ -347,6 +363,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 "temperature": params.temperature, "cfg_scale": params.cfg_scale, "remasking": a.remasking,
                 "seed": params.seed, "logits_eos_inf": params.logits_eos_inf,
                 "confidence_eos_eot_inf": params.confidence_eos_eot_inf,
+                "cache": decode.cache.to_string(), "threshold": decode.threshold, "factor": decode.factor,
             },
         });
         println!("{v}");
