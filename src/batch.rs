@@ -855,7 +855,12 @@ pub fn run(
                     batch_finished: false,
                 })
             };
-            engine.generate(&prompts, &params, Some(&mut cb))
+            engine.generate(
+                &prompts,
+                &params,
+                &crate::sampler::Decode::default(),
+                Some(&mut cb),
+            )
         };
         match res {
             Ok(out) => {

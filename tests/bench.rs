@@ -53,16 +53,17 @@ fn table_and_json_on_tiny_cpu() {
     for col in ["steps", "fwd", "ms/step", "min", "max", "TFLOP/s"] {
         assert!(header.contains(col), "missing column {col}: {header}");
     }
-    // One row per (batch, steps): "16  16 ..." and "4  4 ..." twice.
+    // One row per (batch, steps): "none schedule 16 16 ..." and "... 4 4 ..." twice.
     let rows: Vec<Vec<&str>> = stdout
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|w| w.len() >= 6 && w[0].parse::<usize>().is_ok() && w[1].parse::<usize>().is_ok())
+        .filter(|w| w.len() >= 8 && w[2].parse::<usize>().is_ok() && w[3].parse::<usize>().is_ok())
         .collect();
     assert_eq!(rows.len(), 4, "{stdout}");
     for r in &rows {
-        assert_eq!(r[0], r[1], "forward passes = steps without a cache: {r:?}");
-        assert!(r[2].parse::<f64>().unwrap() > 0.0);
+        assert_eq!((r[0], r[1]), ("none", "schedule"), "{r:?}");
+        assert_eq!(r[2], r[3], "forward passes = steps without a cache: {r:?}");
+        assert!(r[4].parse::<f64>().unwrap() > 0.0);
     }
 
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
