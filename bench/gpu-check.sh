@@ -60,6 +60,7 @@ EOF
     rm -f "$json"
 
     cp "$root/bench/gpu-check.sh" "$dir/gpu-check.sh"
+    cp "$root/bench/gpu-session.sh" "$dir/gpu-session.sh"
     echo "$(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(git -C "$root" diff --quiet HEAD 2>/dev/null || echo -dirty)" >"$dir/COMMIT"
     if bash "$root/kernels/check/build.sh" "$dir/kc-build" >/dev/null 2>&1 && [ -x "$dir/kc-build/kernel-check" ]; then
         cp "$dir/kc-build/kernel-check" "$dir/bin/"
@@ -100,14 +101,20 @@ run() {
     export LLADA_REQUIRE_GPU=1
     [ -f COMMIT ] && export LLADA_COMMIT="$(cat COMMIT)"
     local t name log rc passed failed
-    # The GPU tests by default (CPU-only tests ran on the dev machine and refer to its paths);
-    # GPU_CHECK_TESTS='*' runs every bundled test binary.
-    for t in test-bins/${GPU_CHECK_TESTS:-*cuda*}; do
-        [ -x "$t" ] || continue
-        name=$(basename "$t")
+    # The GPU tests by default (CPU-only tests ran on the dev machine and refer to its paths).
+    # GPU_CHECK_TESTS: space-separated "binary[:filter]" entries ('*' = every bundled binary).
+    local entries=${GPU_CHECK_TESTS:-"test-cuda_parity test-cuda_model test-cache:gpu_"}
+    [ "$entries" = "*" ] && entries=$(cd test-bins && ls)
+    local entry filter
+    for entry in $entries; do
+        t="test-bins/${entry%%:*}"
+        filter=""
+        [[ "$entry" == *:* ]] && filter="${entry#*:}"
+        [ -x "$t" ] || { rows+=("$(printf '%-40s %-16s' "$entry" "MISSING")"); continue; }
+        name=$(basename "$t")${filter:+-$filter}
         log="$res/$name.log"
         echo "== $name"
-        timeout "$T_TEST" "$t" >"$log" 2>&1
+        timeout "$T_TEST" "$t" $filter >"$log" 2>&1
         rc=$?
         passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
         failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
@@ -116,6 +123,37 @@ run() {
         grep -E '^test .* FAILED$|panicked at' "$log" | head -20
         rows+=("$(printf '%-40s %-16s %6s %6s' "$name" "$status" "$passed" "$failed")")
     done
+
+    # Whole-model CLI checks on the tiny checkpoint: the same command on both devices.
+    if [ -x bin/llada ] && [ -d tiny ]; then
+        echo "== llada CLI: tiny checkpoint, cpu vs cuda"
+        local dev
+        for dev in cpu cuda; do
+            timeout 120 bin/llada generate --model tiny --device $dev --format json --prompt-ids 5,6,7,8,9 \
+                --gen-length 32 --steps 16 --block-length 8 >"$res/generate-$dev.json" 2>>"$res/cli.log"
+            timeout 120 bin/llada generate --model tiny --device $dev --format json --prompt-ids 5,6,7,8,9 \
+                --gen-length 32 --steps 4 --block-length 8 --cache dual --threshold 0.5 >"$res/generate-dual-$dev.json" 2>>"$res/cli.log"
+            timeout 120 bin/llada loglik --model tiny --device $dev --format json --prompt-ids 5,6,7,8,9 \
+                --answer-ids 11 --mc-num 1 >"$res/loglik-$dev.json" 2>>"$res/cli.log"
+        done
+        python3 - "$res" <<'EOF' | tee "$res/cli-compare.log"
+import json, sys, os
+res = sys.argv[1]
+for kind in ["generate", "generate-dual", "loglik"]:
+    try:
+        c = json.load(open(os.path.join(res, f"{kind}-cpu.json")))
+        g = json.load(open(os.path.join(res, f"{kind}-cuda.json")))
+    except Exception as e:
+        print(f"{kind}: could not compare ({e})")
+        continue
+    if kind == "loglik":
+        print(f"{kind}: cpu {c['loglik']:.6f} cuda {g['loglik']:.6f} diff {abs(c['loglik'] - g['loglik']):.2e}")
+    else:
+        a, b = c["ids"][0], g["ids"][0]
+        same = sum(x == y for x, y in zip(a, b))
+        print(f"{kind}: {same}/{len(a)} ids agree (nfe cpu {c['nfe']} cuda {g['nfe']})")
+EOF
+    fi
 
     if [ -x bin/kernel-check ]; then
         echo "== kernel-check (standalone kernel harness)"
@@ -128,7 +166,7 @@ run() {
     local bench="not run"
     if [ -x bin/llada-bench ]; then
         echo "== llada-bench"
-        timeout "$T_BENCH" bin/llada-bench --json "$res/bench.json" 2>&1 | tee "$res/bench.log"
+        timeout "$T_BENCH" bin/llada-bench --json "$res/bench.json" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee "$res/bench.log"
         local brc=${PIPESTATUS[0]}
         if [ "$brc" = 0 ] && [ -f "$res/bench.json" ]; then
             # Every "...tok..._per_s"-like number in the JSON, flattened.
@@ -158,7 +196,7 @@ EOF
     if [ -f torch_reference.py ]; then
         if command -v python3 >/dev/null; then
             echo "== torch_reference.py"
-            timeout "$T_TORCH" python3 torch_reference.py 2>&1 | tee "$res/torch_reference.log"
+            timeout "$T_TORCH" python3 torch_reference.py --json "$res/torch.json" ${GPU_CHECK_TORCH_ARGS:-} 2>&1 | tee "$res/torch_reference.log"
             local trc=${PIPESTATUS[0]}
             if [ "$trc" = 0 ]; then torch="ok (torch_reference.log)"; else torch="FAIL(rc=$trc)"; fi
         else
