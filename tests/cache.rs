@@ -13,7 +13,6 @@
 use std::path::{Path, PathBuf};
 
 use llada::backend::cpu::CpuBackend;
-use llada::backend::cuda::CudaBackend;
 use llada::backend::Backend;
 use llada::dtype::DType;
 use llada::engine::{ModelSpec, Opened};
@@ -356,21 +355,6 @@ fn bad_spans_are_named() {
 
 mod common;
 
-fn gpu() -> Option<CudaBackend> {
-    let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let r = llada::device::cuda_available()
-        .map_err(anyhow::Error::msg)
-        .and_then(|()| CudaBackend::new(0));
-    match r {
-        Ok(b) => Some(b),
-        Err(e) if require => panic!("LLADA_REQUIRE_GPU=1 but no usable GPU: {e:#}"),
-        Err(e) => {
-            eprintln!("SKIP: {e:#}");
-            None
-        }
-    }
-}
-
 fn tiny<B: Backend>(b: B) -> Model<B> {
     let cfg = presets::preset_config("tiny").unwrap();
     let ck = presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
@@ -379,7 +363,7 @@ fn tiny<B: Backend>(b: B) -> Model<B> {
 
 #[test]
 fn gpu_cached_spans_reproduce_the_full_pass() {
-    let Some(g) = gpu() else { return };
+    let Some(g) = common::gpu() else { return };
     // Same kernels for the full and the cached attention, so exact on the GPU too.
     check_spans_reproduce_full(&tiny(g), true);
 }
@@ -387,7 +371,7 @@ fn gpu_cached_spans_reproduce_the_full_pass() {
 /// Cached generation on both devices in lockstep (see tests/common/mod.rs), every mode.
 #[test]
 fn gpu_fast_dllm_generation_agrees_with_cpu() {
-    let Some(g) = gpu() else { return };
+    let Some(g) = common::gpu() else { return };
     let gm = common::sharp_tiny(g);
     let cm = common::sharp_tiny(CpuBackend::new(DType::BF16));
     let cfg = cm.cfg.clone();

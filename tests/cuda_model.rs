@@ -9,7 +9,6 @@
 //! (16·2⁻⁸ of the logit scale) and require the argmax to agree on all but near-tie rows.
 
 use llada::backend::cpu::CpuBackend;
-use llada::backend::cuda::CudaBackend;
 use llada::backend::Backend;
 use llada::dtype::DType;
 use llada::head::Remasking;
@@ -18,21 +17,6 @@ use llada::presets;
 use llada::sampler::{generate, GenerateParams};
 
 mod common;
-
-fn gpu() -> Option<CudaBackend> {
-    let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let r = llada::device::cuda_available()
-        .map_err(anyhow::Error::msg)
-        .and_then(|()| CudaBackend::new(0));
-    match r {
-        Ok(b) => Some(b),
-        Err(e) if require => panic!("LLADA_REQUIRE_GPU=1 but no usable GPU: {e:#}"),
-        Err(e) => {
-            eprintln!("SKIP: {e:#}");
-            None
-        }
-    }
-}
 
 fn load<B: Backend>(b: B) -> Model<B> {
     let cfg = presets::preset_config("tiny").unwrap();
@@ -61,7 +45,7 @@ fn ids(n: usize, salt: u64, vocab: u32) -> Vec<u32> {
 
 #[test]
 fn tiny_logits_agree_with_cpu() {
-    let Some(g) = gpu() else { return };
+    let Some(g) = common::gpu() else { return };
     let gm = load(g);
     let cm = load(CpuBackend::new(DType::BF16));
     let v = cm.cfg.embedding_size;
