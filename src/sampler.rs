@@ -211,6 +211,78 @@ pub fn num_transfer_tokens_into(mask_count: usize, out: &mut [usize]) {
     }
 }
 
+/// The initial batch of upstream `generate`: prompts left-padded with `pad_id` to the longest,
+/// then `gen_length` masks; a key-padding mask only when lengths differ (upstream passes none
+/// otherwise). Checks upstream's assertions and the model's length limit.
+struct BatchLayout {
+    b: usize,
+    /// Padded prompt length.
+    lp: usize,
+    t: usize,
+    n: usize,
+    /// `[B·T]` tokens.
+    x: Vec<u32>,
+    /// `[B·T]`, 1 = real token.
+    key_valid: Option<Vec<u8>>,
+}
+
+impl BatchLayout {
+    fn new(prompts: &[Vec<u32>], params: &GenerateParams) -> Result<BatchLayout> {
+        if prompts.is_empty() {
+            bail!("no prompts given");
+        }
+        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+            bail!("prompt {i} is empty");
+        }
+        if params.pad_id == params.mask_id {
+            bail!(
+                "pad_id {} equals mask_id: padding would be generated over (upstream asserts pad != mask)",
+                params.pad_id
+            );
+        }
+        let b = prompts.len();
+        let lp = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let t = lp
+            .checked_add(params.gen_length)
+            .context("prompt length + gen_length overflows")?;
+        if let Some(max) = params.max_sequence_length {
+            if t > max {
+                bail!(
+                    "prompt length {lp} + gen_length {} = {t} exceeds the model's max_sequence_length {max}",
+                    params.gen_length
+                );
+            }
+        }
+        if u32::try_from(t).is_err() || u32::try_from(b).is_err() {
+            bail!("batch {b} × length {t} does not fit u32 indices");
+        }
+        let n = b.checked_mul(t).context("batch × length overflows")?;
+        let mask = params.mask_id;
+
+        // x [B·T]: left padding, prompt, gen_length masks.
+        let mut x = vec![mask; n];
+        let padded = prompts.iter().any(|p| p.len() != lp);
+        let mut key_valid = padded.then(|| vec![1u8; n]);
+        for (r, p) in prompts.iter().enumerate() {
+            let row = &mut x[r * t..r * t + lp];
+            let pad = lp - p.len();
+            row[..pad].fill(params.pad_id);
+            row[pad..].copy_from_slice(p);
+            if let Some(kv) = key_valid.as_mut() {
+                kv[r * t..r * t + pad].fill(0);
+            }
+        }
+        Ok(BatchLayout {
+            b,
+            lp,
+            t,
+            n,
+            x,
+            key_valid,
+        })
+    }
+}
+
 /// Upstream `generate`: fills `gen_length` masked tokens after each prompt.
 ///
 /// Prompts of different lengths are left-padded with `params.pad_id`; the predictor then gets a
@@ -222,50 +294,15 @@ pub fn generate(
     mut progress: Option<&mut dyn FnMut(Progress)>,
 ) -> Result<GenerateOutput> {
     let (num_blocks, steps_per_block) = params.block_plan()?;
-    if prompts.is_empty() {
-        bail!("no prompts given");
-    }
-    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        bail!("prompt {i} is empty");
-    }
-    if params.pad_id == params.mask_id {
-        bail!(
-            "pad_id {} equals mask_id: padding would be generated over (upstream asserts pad != mask)",
-            params.pad_id
-        );
-    }
-    let b = prompts.len();
-    let lp = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let t = lp
-        .checked_add(params.gen_length)
-        .context("prompt length + gen_length overflows")?;
-    if let Some(max) = params.max_sequence_length {
-        if t > max {
-            bail!(
-                "prompt length {lp} + gen_length {} = {t} exceeds the model's max_sequence_length {max}",
-                params.gen_length
-            );
-        }
-    }
-    if u32::try_from(t).is_err() || u32::try_from(b).is_err() {
-        bail!("batch {b} × length {t} does not fit u32 indices");
-    }
-    let n = b.checked_mul(t).context("batch × length overflows")?;
+    let BatchLayout {
+        b,
+        lp,
+        t,
+        n,
+        mut x,
+        key_valid,
+    } = BatchLayout::new(prompts, params)?;
     let mask = params.mask_id;
-
-    // x [B·T]: left padding, prompt, gen_length masks.
-    let mut x = vec![mask; n];
-    let padded = prompts.iter().any(|p| p.len() != lp);
-    let mut key_valid = padded.then(|| vec![1u8; n]);
-    for (r, p) in prompts.iter().enumerate() {
-        let row = &mut x[r * t..r * t + lp];
-        let pad = lp - p.len();
-        row[..pad].fill(params.pad_id);
-        row[pad..].copy_from_slice(p);
-        if let Some(kv) = key_valid.as_mut() {
-            kv[r * t..r * t + pad].fill(0);
-        }
-    }
     let prompt_index: Vec<bool> = x.iter().map(|&v| v != mask).collect();
     let cfg = params.cfg_scale > 0.0;
     let mut uncond_x = if cfg { vec![mask; n] } else { Vec::new() };
@@ -520,49 +557,15 @@ pub fn generate_fast(
             bail!("factor {f} must be a positive finite number");
         }
     }
-    if prompts.is_empty() {
-        bail!("no prompts given");
-    }
-    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        bail!("prompt {i} is empty");
-    }
-    if params.pad_id == params.mask_id {
-        bail!(
-            "pad_id {} equals mask_id: padding would be generated over (upstream asserts pad != mask)",
-            params.pad_id
-        );
-    }
-    let b = prompts.len();
-    let lp = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let t = lp
-        .checked_add(params.gen_length)
-        .context("prompt length + gen_length overflows")?;
-    if let Some(max) = params.max_sequence_length {
-        if t > max {
-            bail!(
-                "prompt length {lp} + gen_length {} = {t} exceeds the model's max_sequence_length {max}",
-                params.gen_length
-            );
-        }
-    }
-    if u32::try_from(t).is_err() || u32::try_from(b).is_err() {
-        bail!("batch {b} × length {t} does not fit u32 indices");
-    }
-    let n = b.checked_mul(t).context("batch × length overflows")?;
+    let BatchLayout {
+        b,
+        lp,
+        t,
+        n,
+        mut x,
+        key_valid,
+    } = BatchLayout::new(prompts, params)?;
     let mask = params.mask_id;
-
-    let mut x = vec![mask; n];
-    let padded = prompts.iter().any(|p| p.len() != lp);
-    let mut key_valid = padded.then(|| vec![1u8; n]);
-    for (r, p) in prompts.iter().enumerate() {
-        let row = &mut x[r * t..r * t + lp];
-        let pad = lp - p.len();
-        row[..pad].fill(params.pad_id);
-        row[pad..].copy_from_slice(p);
-        if let Some(kv) = key_valid.as_mut() {
-            kv[r * t..r * t + pad].fill(0);
-        }
-    }
 
     let mut rows: Vec<(u32, u32)> = Vec::with_capacity(n);
     let mut row_off = vec![0usize; b + 1];
