@@ -21,4 +21,12 @@ timeout "${T_CACHE:-150}" python3 torch_reference.py --steps 256 --cache prefix,
 echo "== llada-bench: offline batches 8 and 32 (steps 32)"
 timeout "${T_BATCH:-150}" bin/llada-bench --batch 8,32 --steps 32 \
     --json "$res/bench-batch.json" 2>&1 | tee "$res/bench-batch.log" | grep -v '^note'
+echo "== llada loglik: Monte-Carlo ELBO on the 8B preset (prompt 128, answer 16, mc_num 128)"
+prompt=$(seq -s, 1000 1127); answer=$(seq -s, 2000 2015)
+for bs in 8 32; do
+    timeout "${T_LOGLIK:-100}" bin/llada loglik --preset llada-8b --device cuda --format json \
+        --prompt-ids "$prompt" --answer-ids "$answer" --mc-num 128 --batch-size $bs \
+        >"$res/loglik-8b-bs$bs.json" 2>>"$res/loglik-8b.log"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f'batch {sys.argv[2]}: {d[\"forward_passes\"]} forwards in {d[\"seconds\"]:.3f} s = {1/d[\"seconds\"]:.2f} loglik evaluations/s (mc_num 128)')" "$res/loglik-8b-bs$bs.json" $bs 2>&1
+done
 echo "== done"; tail -n 12 "$res/gpu-check.log"
