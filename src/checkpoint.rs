@@ -275,7 +275,7 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, HeaderEntry
 /// Check that `name` is a plain file name and that `dir/name` stays inside `dir` once symlinks
 /// are resolved. The one exception is the Hugging Face hub cache, where
 /// `<repo>/snapshots/<rev>/<file>` is a symlink to `<repo>/blobs/<sha>`.
-fn resolve_in_folder(dir: &Path, name: &str, listed_in: &Path) -> Result<PathBuf> {
+pub fn resolve_in_folder(dir: &Path, name: &str, listed_in: &Path) -> Result<PathBuf> {
     let mut comps = Path::new(name).components();
     let plain = matches!(
         (comps.next(), comps.next()),
@@ -320,6 +320,30 @@ fn resolve_in_folder(dir: &Path, name: &str, listed_in: &Path) -> Result<PathBuf
     Ok(path)
 }
 
+/// Read a small text file (JSON, a template) of a model folder: it must be a regular file (a
+/// FIFO or a device would block or never end) of at most `max_bytes`, so a hostile folder can
+/// neither hang the loader nor exhaust memory.
+pub fn read_text_file(path: &Path, max_bytes: u64) -> Result<String> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
+    if meta.len() > max_bytes {
+        bail!(
+            "{}: {} bytes, more than the {max_bytes} this file may have",
+            path.display(),
+            meta.len()
+        );
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Size limits of the text files of a model folder.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+pub const MAX_INDEX_BYTES: u64 = 64 << 20;
+pub const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
+
 fn map_file(path: &Path) -> Result<Arc<memmap2::Mmap>> {
     let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: the map is read-only. Like every safetensors loader we rely on nobody truncating or
@@ -356,8 +380,8 @@ impl Checkpoint {
             plan.insert("model.safetensors".into(), None);
             listed_in = single.clone();
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index)
-                .with_context(|| format!("cannot read {}", index.display()))?;
+            let index = resolve_in_folder(dir, "model.safetensors.index.json", &index)?;
+            let text = read_text_file(&index, MAX_INDEX_BYTES)?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| anyhow!("{}: malformed JSON: {e}", index.display()))?;
             let map = v

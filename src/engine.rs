@@ -41,7 +41,7 @@ impl Opened {
     pub fn open(spec: &ModelSpec) -> Result<Opened> {
         match spec {
             ModelSpec::Dir(dir) => {
-                let cfg_path = dir.join("config.json");
+                let cfg_path = crate::checkpoint::resolve_in_folder(dir, "config.json", dir)?;
                 let cfg = ModelConfig::from_file(&cfg_path)?;
                 let ckpt = Checkpoint::open(dir, &cfg)?;
                 let tokenizer = if dir.join("tokenizer.json").is_file() {

@@ -22,6 +22,7 @@ use minijinja::value::{Kwargs, Value as JValue, ValueKind};
 use minijinja::{Environment, Error as JError, ErrorKind, State};
 use serde_json::Value;
 
+use crate::checkpoint::{read_text_file, resolve_in_folder, MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES};
 use crate::config::ModelConfig;
 
 /// LLaDA-8B-Instruct's chat template (reference §3), written for this engine: BOS before the
@@ -102,8 +103,7 @@ struct TokenizerConfig {
 }
 
 fn read_tokenizer_config(path: &Path) -> Result<TokenizerConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = read_text_file(path, MAX_CONFIG_BYTES)?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| anyhow!("{}: malformed JSON: {e}", path.display()))?;
     let obj = v
@@ -143,13 +143,18 @@ impl Tokenizer {
     /// Load `tokenizer.json` from a model folder, plus `tokenizer_config.json` and
     /// `chat_template.jinja` when present (the latter wins, as in `transformers`).
     pub fn from_dir(dir: &Path, cfg: &ModelConfig) -> Result<Tokenizer> {
-        let json = dir.join("tokenizer.json");
+        // Every file must stay inside the folder (symlinks included): folders come from strangers.
+        let json = resolve_in_folder(dir, "tokenizer.json", dir)?;
         let conf = dir.join("tokenizer_config.json");
-        let mut t = Self::from_files(&json, conf.exists().then_some(conf.as_path()), cfg)?;
+        let conf = match conf.exists() {
+            true => Some(resolve_in_folder(dir, "tokenizer_config.json", dir)?),
+            false => None,
+        };
+        let mut t = Self::from_files(&json, conf.as_deref(), cfg)?;
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
-            t.chat_template = std::fs::read_to_string(&jinja)
-                .with_context(|| format!("cannot read {}", jinja.display()))?;
+            let jinja = resolve_in_folder(dir, "chat_template.jinja", dir)?;
+            t.chat_template = read_text_file(&jinja, MAX_CONFIG_BYTES)?;
             t.template_is_fallback = false;
         }
         Ok(t)
@@ -166,7 +171,7 @@ impl Tokenizer {
         cfg: &ModelConfig,
     ) -> Result<Tokenizer> {
         let file = tokenizer_json.display();
-        let text = std::fs::read_to_string(tokenizer_json)
+        let text = read_text_file(tokenizer_json, MAX_TOKENIZER_BYTES)
             .with_context(|| format!("cannot read {file}"))?;
         let inner: tokenizers::Tokenizer = text
             .parse()

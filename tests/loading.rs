@@ -503,3 +503,64 @@ fn llada_8b_preset_is_lazy() {
     assert!(row.iter().all(|x| x.abs() <= 0.02 * 3f32.sqrt() + 1e-3));
     assert!(ck.get("model.transformer.nope").is_err());
 }
+
+/// Folders come from strangers: a FIFO where a JSON file should be would block a naive reader
+/// forever, a symlink could read files outside the folder, a huge "config" could exhaust memory.
+#[test]
+fn hostile_metadata_files_are_refused_without_hanging() {
+    use llada::engine::{ModelSpec, Opened};
+    let open = |dir: &std::path::Path| -> String {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = dir.to_path_buf();
+        std::thread::spawn(move || {
+            let r = Opened::open(&ModelSpec::Dir(d))
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"));
+            let _ = tx.send(r);
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(r) => r.expect_err("a hostile folder must not load"),
+            Err(_) => panic!("loading {} hung", dir.display()),
+        }
+    };
+    // config.json is a FIFO.
+    let dir = TempDir::new("fifo");
+    write_preset_folder("tiny", dir.path(), 1, DType::BF16, 1).unwrap();
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    let st = std::process::Command::new("mkfifo")
+        .arg(dir.path().join("config.json"))
+        .status();
+    if st.is_ok_and(|s| s.success()) {
+        let e = open(dir.path());
+        assert_has(&e, &["config.json", "not a regular file"]);
+    } else {
+        eprintln!("SKIP (fifo part): mkfifo unavailable");
+    }
+    // tokenizer.json is a symlink leaving the folder.
+    let dir = TempDir::new("symlink-tok");
+    write_preset_folder("tiny", dir.path(), 1, DType::BF16, 1).unwrap();
+    let outside = TempDir::new("outside");
+    std::fs::copy(
+        dir.path().join("tokenizer.json"),
+        outside.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let e = open(dir.path());
+    assert_has(&e, &["tokenizer.json", "leaves the model folder"]);
+    // A 17 MiB config.json (sparse: no disk used).
+    let dir = TempDir::new("huge");
+    write_preset_folder("tiny", dir.path(), 1, DType::BF16, 1).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("config.json"))
+        .unwrap();
+    f.set_len(17 << 20).unwrap();
+    let e = open(dir.path());
+    assert_has(&e, &["config.json", "bytes"]);
+}
