@@ -1269,3 +1269,47 @@ fn graphs_follow_a_replaced_kv_cache() {
         );
     }
 }
+
+/// Device-event profiling: a profiled generation charges time to every class the forward runs,
+/// no more in total than the wall time, and gives the same tokens as an unprofiled one.
+#[test]
+fn cuda_profiling_breakdown() {
+    let Some(g) = gpu() else { return };
+    let cfg = llada::presets::preset_config("tiny").unwrap();
+    let ck = llada::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
+    let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
+    let prompts = vec![(0..40u32).map(|i| i * 13 % 400).collect::<Vec<_>>()];
+    let p = GenerateParams {
+        steps: 8,
+        gen_length: 16,
+        block_length: 8,
+        mask_id: cfg.mask_token_id,
+        eos_id: cfg.eos_token_id,
+        pad_id: cfg.pad_token_id,
+        eot_id: None,
+        logits_dtype: DType::BF16,
+        max_sequence_length: Some(cfg.max_sequence_length),
+        ..GenerateParams::default()
+    };
+    let plain = generate(&mut ModelPredictor::new(&m), &prompts, &p, None).unwrap();
+    m.backend.prof_enable(true);
+    let t0 = std::time::Instant::now();
+    let profiled = generate(&mut ModelPredictor::new(&m), &prompts, &p, None).unwrap();
+    m.backend.synchronize().unwrap();
+    let wall = t0.elapsed().as_secs_f64() * 1e3;
+    let prof = m.backend.prof_take().unwrap();
+    m.backend.prof_enable(false);
+    assert_eq!(plain.ids, profiled.ids);
+    let sum: f64 = prof.iter().map(|(_, ms)| ms).sum();
+    eprintln!("profile: wall {wall:.3} ms, sum {sum:.3} ms: {prof:?}");
+    for c in llada::backend::OpClass::ALL {
+        assert!(
+            prof.iter().any(|(k, _)| *k == c),
+            "class {c} missing from {prof:?}"
+        );
+    }
+    assert!(
+        sum > 0.0 && sum <= wall * 1.01 + 0.5,
+        "sum {sum} ms, wall {wall} ms"
+    );
+}
