@@ -67,6 +67,11 @@ struct Args {
     /// Write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// After each configuration, one more (profiled) generation: time per step split by op
+    /// class (attention, GEMMs, norms+elementwise, LM head, sampler head, uploads), from device
+    /// events on CUDA (graphs off while profiling) or wall clock on the CPU.
+    #[arg(long)]
+    breakdown: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -86,6 +91,9 @@ struct Row {
     tflops: Option<f64>,
     gemm_ceiling_share: Option<f64>,
     peak_memory_bytes: Option<usize>,
+    /// With --breakdown: (op class, ms per forward pass) of a profiled run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    breakdown_ms_per_step: Option<Vec<(String, f64)>>,
 }
 
 fn list_f64(s: &str, what: &str) -> Result<Vec<f64>> {
@@ -322,6 +330,7 @@ fn run(a: Args) -> Result<()> {
                 tflops,
                 gemm_ceiling_share: tflops.zip(ceiling).map(|(f, c)| f / c),
                 peak_memory_bytes: eng.memory_used(),
+                breakdown_ms_per_step: None,
             };
             println!(
                 "{:>7} {:>9} {:>6} {:>5} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7} {:>10}",
@@ -347,6 +356,40 @@ fn run(a: Args) -> Result<()> {
                     .map(|m| format!("{:.2}", m as f64 / (1u64 << 30) as f64))
                     .unwrap_or_else(|| "-".into()),
             );
+            let mut row = row;
+            if a.breakdown {
+                eng.synchronize()?;
+                eng.set_profiling(true);
+                let _ = eng.take_profile()?;
+                let t0 = Instant::now();
+                let out = eng.generate(&prompts, &p, &decode, None);
+                eng.synchronize()?;
+                let wall = t0.elapsed().as_secs_f64() * 1e3;
+                let prof = eng.take_profile();
+                eng.set_profiling(false);
+                let (out, prof) = (out?, prof?);
+                let per = out.nfe.max(1) as f64;
+                let total: f64 = prof.iter().map(|(_, ms)| ms).sum();
+                println!(
+                    "        breakdown ({} passes, profiled {:.2} ms/step, wall {:.2} ms/step):",
+                    out.nfe,
+                    total / per,
+                    wall / per
+                );
+                for (c, ms) in &prof {
+                    println!(
+                        "        {:>18} {:>9.3} ms/step {:>6.1}%",
+                        c.name(),
+                        ms / per,
+                        if total > 0.0 { 100.0 * ms / total } else { 0.0 }
+                    );
+                }
+                row.breakdown_ms_per_step = Some(
+                    prof.iter()
+                        .map(|(c, ms)| (c.name().to_string(), ms / per))
+                        .collect(),
+                );
+            }
             rows.push(row);
         }
     }

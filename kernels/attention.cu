@@ -24,8 +24,18 @@
 // (static: 3 tiles of [64 or 32 rows][HD + 8] bf16 = 34.8 KB at HD = 128).
 // Each warp owns 16 query rows. Per 32-key tile: S = Q·Kᵀ with mma.sync.m16n8k16 (bf16 → f32),
 // online-softmax update in registers (FA2 layout: thread holds rows lane/4 and lane/4 + 8), P is
-// repacked from the S accumulators into A fragments, O += P·V with the same mma. Tiles are loaded
+// repacked from the S accumulators into A fragments, O += P·V with the same mma. The Q fragments
+// are loaded into registers once; V's B fragments come from ldmatrix.x4.trans. Tiles are loaded
 // with 16-byte loads when the base pointer is 16-byte aligned (scalar fallback otherwise).
+//
+// Split-KV (flash-decoding) variant, attention_split_bf16 + attention_combine_bf16: the L keys are
+// cut into S chunks of `chunk` keys (a multiple of 32; the launcher picks chunk from L alone, so a
+// query row's result never depends on TQ, B or which rows share the call). Block (qt, h, b·S + s)
+// runs the same tile loop over keys [s·chunk, min(L, (s+1)·chunk)) and writes its unnormalised
+// f32 O, row max m (log2 domain) and row sum l to scratch: part_o [S, B·TQ, NH, HD],
+// part_ml [S, B·TQ, NH, 2]. The combine kernel (grid (B·TQ, NH), block HD) forms
+// M = max_s m_s, w_s = exp2(m_s − M) (0 for a fully masked chunk), out = bf16(Σ w_s O_s / Σ w_s l_s)
+// (zeros when every key is masked). With S = 1 this is exactly the single-pass result.
 #include "common.cuh"
 
 #define ATT_BQ 64
@@ -47,9 +57,15 @@ LLADA_DEVICE void mma_bf16_16816(float* d, const uint32_t* a, const uint32_t* b)
 
 LLADA_DEVICE uint32_t ld_u32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
-LLADA_DEVICE uint32_t pack_raw(bf16 lo, bf16 hi) {
-    return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+// Four 8x8 b16 matrices from shared memory, transposed: lanes 8i..8i+7 give the row addresses of
+// matrix i; register i of lane t holds elements (2·(t%4), t/4) and (2·(t%4)+1, t/4) of matrix i.
+LLADA_DEVICE void ldmatrix_x4_trans(uint32_t* r, const bf16* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
 }
+
 
 // Copy `rows` rows of HD bf16 from global (row stride `gstride` elements) into shared memory
 // (row stride HD + ATT_PAD); rows ≥ valid are zero-filled.
@@ -74,16 +90,19 @@ LLADA_DEVICE void load_tile(bf16* __restrict__ dst, const bf16* __restrict__ src
 }
 
 // q: base of the q part (row stride qstride; query row b·TQ + i); k, v: base of the key / value
-// part for kv head 0 (row stride kvstride; key row b·L + j).
-template <int HD>
-LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict__ q, long long qstride,
+// part for kv head 0 (row stride kvstride; key row b·L + j). Keys [kbeg, kend) of each row are
+// visited (kbeg a multiple of ATT_BK). SPLIT = false: normalised bf16 rows to `out`; SPLIT = true:
+// f32 partials of split `split` to part_o / part_ml (layouts in the header), `out` unused.
+template <int HD, bool SPLIT>
+LLADA_DEVICE void attention_tile(bf16* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,
+                                 int split, long long prows, int b, const bf16* __restrict__ q, long long qstride,
                                  const bf16* __restrict__ k, const bf16* __restrict__ v, long long kvstride,
-                                 const int* __restrict__ key_valid, int tq, int l, int nh, int nkv, bf16* sQ,
-                                 bf16* sK, bf16* sV) {
+                                 const int* __restrict__ key_valid, int tq, int l, int kbeg, int kend, int nh,
+                                 int nkv, bf16* sQ, bf16* sK, bf16* sV) {
     constexpr int LD = HD + ATT_PAD;
     constexpr int NT_S = ATT_BK / 8;  // n-tiles of S per warp (keys)
     constexpr int NT_O = HD / 8;      // n-tiles of O per warp (head dims)
-    const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int qt = blockIdx.x, h = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, tig = lane & 3;
     const int group = nh / nkv;
@@ -108,10 +127,23 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict_
     for (int i = 0; i < NT_O; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float mrow[2] = {-INFINITY, -INFINITY};
     float lrow[2] = {0.0f, 0.0f};
-    const bf16* qw = sQ + warp * 16 * LD;
+    // This warp's Q A-fragments, loaded once.
+    __syncthreads();
+    uint32_t qf[HD / 16][4];
+    {
+        const bf16* qw = sQ + warp * 16 * LD;
+#pragma unroll
+        for (int ks = 0; ks < HD / 16; ++ks) {
+            const bf16* qa = qw + ks * 16 + tig * 2;
+            qf[ks][0] = ld_u32(qa + g * LD);
+            qf[ks][1] = ld_u32(qa + (g + 8) * LD);
+            qf[ks][2] = ld_u32(qa + g * LD + 8);
+            qf[ks][3] = ld_u32(qa + (g + 8) * LD + 8);
+        }
+    }
 
-    for (int k0 = 0; k0 < l; k0 += ATT_BK) {
-        const int kvalid = min(ATT_BK, l - k0);
+    for (int k0 = kbeg; k0 < kend; k0 += ATT_BK) {
+        const int kvalid = min(ATT_BK, kend - k0);
         __syncthreads();  // previous tile fully consumed (and sQ written on the first pass)
         load_tile<HD>(sK, kbase + (long long)k0 * kvstride, kvstride, ATT_BK, kvalid, vec);
         load_tile<HD>(sV, vbase + (long long)k0 * kvstride, kvstride, ATT_BK, kvalid, vec);
@@ -123,19 +155,13 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict_
         for (int n = 0; n < NT_S; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
         for (int ks = 0; ks < HD / 16; ++ks) {
-            uint32_t a[4];
-            const bf16* qa = qw + ks * 16 + tig * 2;
-            a[0] = ld_u32(qa + g * LD);
-            a[1] = ld_u32(qa + (g + 8) * LD);
-            a[2] = ld_u32(qa + g * LD + 8);
-            a[3] = ld_u32(qa + (g + 8) * LD + 8);
 #pragma unroll
             for (int n = 0; n < NT_S; ++n) {
                 uint32_t bb[2];
                 const bf16* kb = sK + (n * 8 + g) * LD + ks * 16 + tig * 2;
                 bb[0] = ld_u32(kb);
                 bb[1] = ld_u32(kb + 8);
-                mma_bf16_16816(s[n], a, bb);
+                mma_bf16_16816(s[n], qf[ks], bb);
             }
         }
 
@@ -146,7 +172,7 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict_
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = k0 + n * 8 + tig * 2 + (e & 1);
-                bool ok = key < l;
+                bool ok = key < kend;
                 if (ok && kvalid_row != nullptr) ok = kvalid_row[key] != 0;
                 const float v = ok ? s[n][e] * scale_log2 : -INFINITY;
                 s[n][e] = v;
@@ -188,18 +214,23 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict_
             o[i][3] *= alpha[1];
         }
 
-        // O += P · V. B fragment (k = key, n = head dim): V[key][d] is row-major, so the two keys
-        // of each register are gathered with 16-bit loads.
+        // O += P · V. B fragment (k = key, n = head dim) of n-tile n: (keys 2tig, 2tig+1; dim g) and
+        // (keys 2tig+8, 2tig+9; dim g). V[key][d] is row-major in shared memory, so the fragments
+        // are its 8x8 blocks transposed: one ldmatrix.x4.trans gives two n-tiles (matrices: keys
+        // 0-7 / 8-15 of this k-step at dims n·8.., then the same at dims (n+1)·8..).
+        const int lm_key = ((lane >> 3) & 1) * 8 + (lane & 7);
+        const int lm_col = (lane >> 4) * 8;
 #pragma unroll
         for (int ks = 0; ks < ATT_BK / 16; ++ks) {
-            const bf16* vk = sV + (ks * 16 + tig * 2) * LD + g;
+            const bf16* vrow = sV + (ks * 16 + lm_key) * LD + lm_col;
 #pragma unroll
-            for (int n = 0; n < NT_O; ++n) {
-                const bf16* vp = vk + n * 8;
-                uint32_t bb[2];
-                bb[0] = pack_raw(vp[0], vp[LD]);
-                bb[1] = pack_raw(vp[8 * LD], vp[9 * LD]);
-                mma_bf16_16816(o[n], pa[ks], bb);
+            for (int n = 0; n < NT_O; n += 2) {
+                uint32_t r[4];
+                ldmatrix_x4_trans(r, vrow + n * 8);
+                const uint32_t b0[2] = {r[0], r[1]};
+                const uint32_t b1[2] = {r[2], r[3]};
+                mma_bf16_16816(o[n], pa[ks], b0);
+                mma_bf16_16816(o[n + 1], pa[ks], b1);
             }
         }
     }
@@ -211,6 +242,26 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, const bf16* __restrict_
         lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
     }
     const long long ostride = (long long)nh * HD;
+    if constexpr (SPLIT) {
+        // Partials of split `split`: row qrow0 + qi of the launch's `prows` = B·TQ rows.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int qi = q0 + warp * 16 + g + r * 8;
+            if (qi >= tq) continue;
+            const long long prow = (long long)split * prows + qrow0 + qi;
+            float* po = part_o + (prow * nh + h) * HD + tig * 2;
+#pragma unroll
+            for (int n = 0; n < NT_O; ++n) {
+                *reinterpret_cast<float2*>(po + n * 8) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+            }
+            if (tig == 0) {
+                float* pm = part_ml + (prow * nh + h) * 2;
+                pm[0] = mrow[r];
+                pm[1] = lrow[r];
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int q = q0 + warp * 16 + g + r * 8;
@@ -237,12 +288,14 @@ attention_fwd_bf16(bf16* __restrict__ out, const bf16* __restrict__ qkv, const i
     if ((int)blockIdx.z >= b || (int)blockIdx.y >= nh || nkv <= 0 || nh % nkv != 0) return;
     if ((int)blockIdx.x * ATT_BQ >= t) return;
     const long long stride = (long long)(nh + 2 * nkv) * hd;
+    const int bi = blockIdx.z;
     if (hd == 128) {
-        attention_tile<128>(out, qkv, stride, qkv + (long long)nh * 128, qkv + (long long)(nh + nkv) * 128, stride,
-                            key_valid, t, t, nh, nkv, sQ, sK, sV);
+        attention_tile<128, false>(out, nullptr, nullptr, 0, 0, bi, qkv, stride, qkv + (long long)nh * 128,
+                                   qkv + (long long)(nh + nkv) * 128, stride, key_valid, t, t, 0, t, nh, nkv, sQ, sK,
+                                   sV);
     } else if (hd == 64) {
-        attention_tile<64>(out, qkv, stride, qkv + (long long)nh * 64, qkv + (long long)(nh + nkv) * 64, stride,
-                           key_valid, t, t, nh, nkv, sQ, sK, sV);
+        attention_tile<64, false>(out, nullptr, nullptr, 0, 0, bi, qkv, stride, qkv + (long long)nh * 64,
+                                  qkv + (long long)(nh + nkv) * 64, stride, key_valid, t, t, 0, t, nh, nkv, sQ, sK, sV);
     }
 }
 
@@ -255,9 +308,62 @@ attention_cached_fwd_bf16(bf16* __restrict__ out, const bf16* __restrict__ qkv, 
     if ((int)blockIdx.x * ATT_BQ >= tq) return;
     const long long qstride = (long long)(nh + 2 * nkv) * hd;
     const long long kvstride = (long long)nkv * hd;
+    const int bi = blockIdx.z;
     if (hd == 128) {
-        attention_tile<128>(out, qkv, qstride, k_cache, v_cache, kvstride, key_valid, tq, l, nh, nkv, sQ, sK, sV);
+        attention_tile<128, false>(out, nullptr, nullptr, 0, 0, bi, qkv, qstride, k_cache, v_cache, kvstride,
+                                   key_valid, tq, l, 0, l, nh, nkv, sQ, sK, sV);
     } else if (hd == 64) {
-        attention_tile<64>(out, qkv, qstride, k_cache, v_cache, kvstride, key_valid, tq, l, nh, nkv, sQ, sK, sV);
+        attention_tile<64, false>(out, nullptr, nullptr, 0, 0, bi, qkv, qstride, k_cache, v_cache, kvstride,
+                                  key_valid, tq, l, 0, l, nh, nkv, sQ, sK, sV);
     }
+}
+
+// Split-KV partials. q: query row bi·TQ + i at q + row·qstride (head h at h·HD); k, v: key row
+// bi·L + j at k/v + row·kvstride (kv head g at g·HD); key_valid [B·L] or NULL. Grid
+// (ceil(TQ/64), NH, B·splits), block 128; chunk a positive multiple of 32, splits = ceil(L/chunk).
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_split_bf16(float* __restrict__ part_o, float* __restrict__ part_ml, const bf16* __restrict__ q,
+                     const bf16* __restrict__ k, const bf16* __restrict__ v, const int* __restrict__ key_valid,
+                     long long qstride, long long kvstride, int b, int tq, int l, int nh, int nkv, int hd, int chunk,
+                     int splits) {
+    ATT_SMEM
+    if (splits <= 0 || chunk <= 0 || chunk % ATT_BK != 0) return;
+    const int bi = (int)blockIdx.z / splits, sp = (int)blockIdx.z % splits;
+    if (bi >= b || (int)blockIdx.y >= nh || nkv <= 0 || nh % nkv != 0) return;
+    if ((int)blockIdx.x * ATT_BQ >= tq) return;
+    const long long kb = (long long)sp * chunk;
+    if (kb >= l) return;
+    const int kbeg = (int)kb, kend = min(l, kbeg + chunk);
+    const long long prows = (long long)b * tq;
+    if (hd == 128) {
+        attention_tile<128, true>(nullptr, part_o, part_ml, sp, prows, bi, q, qstride, k, v, kvstride, key_valid, tq,
+                                  l, kbeg, kend, nh, nkv, sQ, sK, sV);
+    } else if (hd == 64) {
+        attention_tile<64, true>(nullptr, part_o, part_ml, sp, prows, bi, q, qstride, k, v, kvstride, key_valid, tq,
+                                 l, kbeg, kend, nh, nkv, sQ, sK, sV);
+    }
+}
+
+// Combine the split partials: grid (rows = B·TQ, NH), block HD (one thread per output element).
+extern "C" __global__ void __launch_bounds__(1024)
+attention_combine_bf16(bf16* __restrict__ out, const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                       int rows, int nh, int hd, int splits) {
+    const int row = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    if (row >= rows || h >= nh || d >= hd) return;
+    const long long plane = (long long)rows * nh;  // (row, head) pairs per split
+    const long long rh = (long long)row * nh + h;
+    float m = -INFINITY;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, part_ml[(s * plane + rh) * 2]);
+    float acc = 0.0f, lsum = 0.0f;
+    if (m != -INFINITY) {
+        for (int s = 0; s < splits; ++s) {
+            const float ms = part_ml[(s * plane + rh) * 2];
+            if (ms == -INFINITY) continue;
+            const float w = exp2f(ms - m);
+            lsum += w * part_ml[(s * plane + rh) * 2 + 1];
+            acc += w * part_o[(s * plane + rh) * hd + d];
+        }
+    }
+    const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+    out[rh * hd + d] = __float2bfloat16_rn(acc * inv);
 }

@@ -110,6 +110,14 @@ pub trait Engine {
     fn gemm_ceiling_tflops(&mut self) -> Result<Option<f64>>;
     /// A log-likelihood scorer over this model (see [`crate::loglik`]).
     fn scorer(&self) -> Box<dyn crate::loglik::Scorer + '_>;
+    /// Turn per-op-class timing on or off ([`Backend::prof_enable`]; graphs are off meanwhile).
+    fn set_profiling(&mut self, on: bool) {
+        let _ = on;
+    }
+    /// Milliseconds per op class since profiling was turned on or last taken.
+    fn take_profile(&mut self) -> Result<Vec<(crate::backend::OpClass, f64)>> {
+        Ok(Vec::new())
+    }
 }
 
 struct EngineImpl<B: Backend> {
@@ -175,6 +183,12 @@ impl<B: Backend> Engine for EngineImpl<B> {
     }
     fn scorer(&self) -> Box<dyn crate::loglik::Scorer + '_> {
         Box::new(crate::model::ModelScorer::new(&self.model))
+    }
+    fn set_profiling(&mut self, on: bool) {
+        self.model.backend.prof_enable(on);
+    }
+    fn take_profile(&mut self) -> Result<Vec<(crate::backend::OpClass, f64)>> {
+        self.model.backend.prof_take()
     }
     fn gemm_ceiling_tflops(&mut self) -> Result<Option<f64>> {
         if self.model.backend.compute_dtype() != DType::BF16 || self.device.starts_with("cpu") {

@@ -18,13 +18,200 @@
 //! `q|k|v` and `gate|up` are merged into one weight each (one matmul). Every buffer lives in a
 //! [`Workspace`] allocated once for a capacity, so a forward pass allocates nothing.
 
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::backend::{rope_tables, AttnShape, Backend, CachedAttnShape};
+use crate::backend::{rope_tables, AttnShape, Backend, CachedAttnShape, GraphExec, OpClass};
 use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
 use crate::head::SelectParams;
+use crate::nvtx;
 use crate::sampler::{PredictRequest, Predictor, SpanPredictor, SpanRequest};
+
+/// NVTX names of the layer ranges (static: no allocation per call); deeper layers are `layer`.
+static LAYER_NAMES: [&CStr; 64] = [
+    c"layer 0",
+    c"layer 1",
+    c"layer 2",
+    c"layer 3",
+    c"layer 4",
+    c"layer 5",
+    c"layer 6",
+    c"layer 7",
+    c"layer 8",
+    c"layer 9",
+    c"layer 10",
+    c"layer 11",
+    c"layer 12",
+    c"layer 13",
+    c"layer 14",
+    c"layer 15",
+    c"layer 16",
+    c"layer 17",
+    c"layer 18",
+    c"layer 19",
+    c"layer 20",
+    c"layer 21",
+    c"layer 22",
+    c"layer 23",
+    c"layer 24",
+    c"layer 25",
+    c"layer 26",
+    c"layer 27",
+    c"layer 28",
+    c"layer 29",
+    c"layer 30",
+    c"layer 31",
+    c"layer 32",
+    c"layer 33",
+    c"layer 34",
+    c"layer 35",
+    c"layer 36",
+    c"layer 37",
+    c"layer 38",
+    c"layer 39",
+    c"layer 40",
+    c"layer 41",
+    c"layer 42",
+    c"layer 43",
+    c"layer 44",
+    c"layer 45",
+    c"layer 46",
+    c"layer 47",
+    c"layer 48",
+    c"layer 49",
+    c"layer 50",
+    c"layer 51",
+    c"layer 52",
+    c"layer 53",
+    c"layer 54",
+    c"layer 55",
+    c"layer 56",
+    c"layer 57",
+    c"layer 58",
+    c"layer 59",
+    c"layer 60",
+    c"layer 61",
+    c"layer 62",
+    c"layer 63",
+];
+
+/// Unique ids of models and KV caches, so a graph is replayed only on the buffers it captured.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Run one op (or a few of one class): open its profiling interval and its NVTX range.
+#[inline]
+fn op<B: Backend, T>(
+    be: &B,
+    class: OpClass,
+    name: &CStr,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    be.prof_mark(Some(class));
+    let _r = nvtx::range(name);
+    f()
+}
+
+/// Whatever fixes the launches of a layers pass besides the workspace's own buffers: the
+/// sizes, the span start (kv_store), whether a key mask is passed, and which KV cache (0: none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct GraphKey {
+    b: usize,
+    tq: usize,
+    l: usize,
+    q0: usize,
+    masked: bool,
+    cache: u64,
+}
+
+enum Plan {
+    Eager,
+    Capture,
+    Replay,
+}
+
+enum GraphEntry {
+    /// Seen this many times, not captured yet (shapes used once are never captured).
+    Seen(u32),
+    Ready(GraphExec),
+}
+
+/// Captured layer passes of one [`Workspace`], keyed by [`GraphKey`]. A workspace's buffers never
+/// move, and a new KV cache or model has a new id, so a stale graph is never replayed (entries of
+/// a replaced cache or model are dropped when the new one shows up).
+pub struct GraphCache {
+    enabled: bool,
+    warned: bool,
+    model: u64,
+    map: HashMap<GraphKey, GraphEntry>,
+    captures: usize,
+    replays: usize,
+}
+
+/// At most this many shapes are tracked (and graphs kept) per workspace; others run eagerly.
+const MAX_GRAPH_SHAPES: usize = 256;
+
+impl GraphCache {
+    fn new() -> Self {
+        GraphCache {
+            enabled: std::env::var("LLADA_NO_GRAPHS").map_or(true, |v| v != "1"),
+            warned: false,
+            model: 0,
+            map: HashMap::new(),
+            captures: 0,
+            replays: 0,
+        }
+    }
+
+    fn plan(&mut self, model: u64, key: GraphKey) -> Plan {
+        if !self.enabled {
+            return Plan::Eager;
+        }
+        if self.model != model {
+            self.map.clear();
+            self.model = model;
+        }
+        if key.cache != 0
+            && self
+                .map
+                .keys()
+                .any(|k| k.cache != 0 && k.cache != key.cache)
+        {
+            self.map.retain(|k, _| k.cache == 0 || k.cache == key.cache);
+        }
+        if self.map.len() >= MAX_GRAPH_SHAPES && !self.map.contains_key(&key) {
+            return Plan::Eager;
+        }
+        match self.map.entry(key).or_insert(GraphEntry::Seen(0)) {
+            GraphEntry::Ready(_) => Plan::Replay,
+            GraphEntry::Seen(k) if *k == 0 => {
+                *k += 1;
+                Plan::Eager
+            }
+            GraphEntry::Seen(_) => Plan::Capture,
+        }
+    }
+
+    fn get(&self, key: &GraphKey) -> Option<&GraphExec> {
+        match self.map.get(key) {
+            Some(GraphEntry::Ready(g)) => Some(g),
+            _ => None,
+        }
+    }
+
+    fn insert(&mut self, key: GraphKey, g: GraphExec) {
+        self.map.insert(key, GraphEntry::Ready(g));
+        self.captures += 1;
+        self.replays += 1;
+    }
+}
 
 /// One transformer block's weights.
 pub struct Layer<B: Backend> {
@@ -54,6 +241,8 @@ pub struct Model<B: Backend> {
     rope_cos: B::F32s,
     rope_sin: B::F32s,
     rope_positions: usize,
+    /// Unique per loaded model (keys the graphs of a workspace).
+    id: u64,
 }
 
 /// Buffers of one forward pass, sized once for at most `max_tokens` (= B·T) tokens and
@@ -102,6 +291,24 @@ pub struct Workspace<B: Backend> {
     h_rows: Vec<i32>,
     /// Rows of the last forward pass.
     last_rows: usize,
+    /// Captured layer passes (CUDA graphs), see [`GraphCache`].
+    graphs: GraphCache,
+}
+
+impl<B: Backend> Workspace<B> {
+    /// Use graphs for repeated shapes (default: on unless `LLADA_NO_GRAPHS=1`; profiling and
+    /// backends without graphs always run eagerly). Turning them off drops the captured ones.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs.enabled = on;
+        if !on {
+            self.graphs.map.clear();
+        }
+    }
+
+    /// (graphs captured, graph replays) so far.
+    pub fn graph_stats(&self) -> (usize, usize) {
+        (self.graphs.captures, self.graphs.replays)
+    }
 }
 
 /// The Fast-dLLM KV cache (reference §7): per layer a K and a V buffer `[B, L, NKV·HD]` on the
@@ -115,6 +322,8 @@ pub struct KvCache<B: Backend> {
     pub max_tokens: usize,
     k: Vec<B::Act>,
     v: Vec<B::Act>,
+    /// Unique per cache (keys the graphs that captured its buffers).
+    id: u64,
 }
 
 fn expect_shape(src: &WeightSource, want: &[usize]) -> Result<()> {
@@ -206,6 +415,7 @@ impl<B: Backend> Model<B> {
             rope_cos,
             rope_sin,
             rope_positions,
+            id: next_id(),
         })
     }
 
@@ -244,6 +454,7 @@ impl<B: Backend> Model<B> {
             h_mask: Vec::with_capacity(n),
             h_rows: Vec::with_capacity(r),
             last_rows: 0,
+            graphs: GraphCache::new(),
         })
     }
 
@@ -256,7 +467,12 @@ impl<B: Backend> Model<B> {
             k.push(self.backend.alloc_act(max_tokens * kw)?);
             v.push(self.backend.alloc_act(max_tokens * kw)?);
         }
-        Ok(KvCache { max_tokens, k, v })
+        Ok(KvCache {
+            max_tokens,
+            k,
+            v,
+            id: next_id(),
+        })
     }
 
     /// Run the model on `ids` (`[b, t]` row-major) and leave the logits of the flat token
@@ -318,7 +534,7 @@ impl<B: Backend> Model<B> {
     fn run(
         &self,
         ws: &mut Workspace<B>,
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
         ids: &[u32],
         b: usize,
         l: usize,
@@ -372,15 +588,10 @@ impl<B: Backend> Model<B> {
         }
         let be = &self.backend;
         let cfg = &self.cfg;
-        let (c, nh, nkv, hd, f) = (
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.n_kv_heads,
-            cfg.head_dim(),
-            cfg.mlp_hidden_size,
-        );
+        let c = cfg.d_model;
         let r = rows.len();
 
+        be.prof_mark(Some(OpClass::Io));
         ws.h_ids.clear();
         ws.h_ids.extend(ids.iter().map(|&i| i as i32));
         be.write_ints(&mut ws.ids, &ws.h_ids)?;
@@ -398,6 +609,103 @@ impl<B: Backend> Model<B> {
         ws.h_rows.extend(rows.iter().map(|&r| r as i32));
         be.write_ints(&mut ws.rows, &ws.h_rows)?;
 
+        // The layers: replayed from a graph when this shape has been seen before (the uploads
+        // above went to the fixed buffers the graph captured), else run eagerly.
+        let masked = key_valid.is_some();
+        let key = GraphKey {
+            b,
+            tq,
+            l,
+            q0,
+            masked,
+            cache: cache.as_ref().map_or(0, |kc| kc.id),
+        };
+        let plan = if be.graphs_supported() && !be.prof_enabled() {
+            ws.graphs.plan(self.id, key)
+        } else {
+            Plan::Eager
+        };
+        match plan {
+            Plan::Eager => self.layers_pass(ws, cache, b, l, q0, q1, masked)?,
+            Plan::Replay => {
+                let g = ws
+                    .graphs
+                    .get(&key)
+                    .context("forward: graph missing after planning a replay")?;
+                be.graph_replay(g)?;
+                ws.graphs.replays += 1;
+            }
+            Plan::Capture => {
+                let mut cache = cache;
+                let captured = {
+                    let mut body =
+                        || self.layers_pass(ws, cache.as_deref_mut(), b, l, q0, q1, masked);
+                    be.graph_capture(&mut body)
+                };
+                match captured {
+                    Ok(g) => {
+                        be.graph_replay(&g)?;
+                        ws.graphs.insert(key, g);
+                    }
+                    Err(e) => {
+                        // Nothing ran during the failed capture: run eagerly, and stay eager.
+                        if !ws.graphs.warned {
+                            eprintln!(
+                                "warning: CUDA graph capture failed, running without graphs: {e:#}"
+                            );
+                            ws.graphs.warned = true;
+                        }
+                        ws.graphs.enabled = false;
+                        self.layers_pass(ws, cache, b, l, q0, q1, masked)?;
+                    }
+                }
+            }
+        }
+
+        // The LM head on the requested rows (eager: its row count changes every step).
+        let eps = cfg.rms_norm_eps;
+        let v = cfg.embedding_size;
+        op(be, OpClass::NormElementwise, c"gather", || {
+            be.gather_rows(&mut ws.xr, &ws.x, &ws.rows, r, c)?;
+            if self.layers.is_empty() {
+                be.rms_norm(&mut ws.hr, &ws.xr, &self.ln_f, r, c, eps)
+            } else {
+                be.gather_rows(&mut ws.dr, &ws.d, &ws.rows, r, c)?;
+                be.add_rms_norm(&mut ws.hr, &mut ws.xr, &ws.dr, &self.ln_f, r, c, eps)
+            }
+        })?;
+        op(be, OpClass::LmHead, c"lm_head", || {
+            be.matmul(&mut ws.logits, &ws.hr, &self.lm_head, r, c, v)
+        })?;
+        be.prof_mark(None);
+        ws.last_rows = r;
+        Ok(())
+    }
+
+    /// Embedding and every layer over the `b·(q1 − q0)` tokens whose ids, positions and mask
+    /// are already in `ws`: exactly the launches a graph captures (no host data, no read-back).
+    #[allow(clippy::too_many_arguments)]
+    fn layers_pass(
+        &self,
+        ws: &mut Workspace<B>,
+        mut cache: Option<&mut KvCache<B>>,
+        b: usize,
+        l: usize,
+        q0: usize,
+        q1: usize,
+        masked: bool,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let (c, nh, nkv, hd, f) = (
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim(),
+            cfg.mlp_hidden_size,
+        );
+        let tq = q1 - q0;
+        let n = b * tq;
         let eps = cfg.rms_norm_eps;
         let qkv_w = (nh + 2 * nkv) * hd;
         let shape = AttnShape {
@@ -415,47 +723,59 @@ impl<B: Backend> Model<B> {
             nkv,
             hd,
         };
-        be.embedding(&mut ws.x, &self.wte, &ws.ids, n, c)?;
+        op(be, OpClass::NormElementwise, c"embedding", || {
+            be.embedding(&mut ws.x, &self.wte, &ws.ids, n, c)
+        })?;
         for (i, layer) in self.layers.iter().enumerate() {
-            if i == 0 {
-                be.rms_norm(&mut ws.h, &ws.x, &layer.attn_norm, n, c, eps)?;
-            } else {
-                be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &layer.attn_norm, n, c, eps)?;
-            }
-            be.matmul(&mut ws.qkv, &ws.h, &layer.qkv, n, c, qkv_w)?;
-            be.rope(
-                &mut ws.qkv,
-                &ws.pos,
-                &self.rope_cos,
-                &self.rope_sin,
-                n,
-                nh,
-                nkv,
-                hd,
-            )?;
-            let mask = key_valid.map(|_| &ws.key_valid);
-            match cache.as_deref_mut() {
-                None => be.attention(&mut ws.att, &ws.qkv, mask, shape)?,
-                Some(kc) => {
-                    be.kv_store(&mut kc.k[i], &mut kc.v[i], &ws.qkv, q0, cshape)?;
-                    be.attention_cached(&mut ws.att, &ws.qkv, &kc.k[i], &kc.v[i], mask, cshape)?;
+            let _layer = nvtx::range(LAYER_NAMES.get(i).copied().unwrap_or(c"layer"));
+            op(be, OpClass::NormElementwise, c"attn_norm", || {
+                if i == 0 {
+                    be.rms_norm(&mut ws.h, &ws.x, &layer.attn_norm, n, c, eps)
+                } else {
+                    be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &layer.attn_norm, n, c, eps)
                 }
-            }
-            be.matmul(&mut ws.d, &ws.att, &layer.attn_out, n, nh * hd, c)?;
-            be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &layer.ff_norm, n, c, eps)?;
-            be.matmul(&mut ws.gate_up, &ws.h, &layer.gate_up, n, c, 2 * f)?;
-            be.swiglu(&mut ws.mlp, &ws.gate_up, n, f)?;
-            be.matmul(&mut ws.d, &ws.mlp, &layer.down, n, f, c)?;
+            })?;
+            op(be, OpClass::Gemm, c"qkv", || {
+                be.matmul(&mut ws.qkv, &ws.h, &layer.qkv, n, c, qkv_w)
+            })?;
+            op(be, OpClass::NormElementwise, c"rope", || {
+                be.rope(
+                    &mut ws.qkv,
+                    &ws.pos,
+                    &self.rope_cos,
+                    &self.rope_sin,
+                    n,
+                    nh,
+                    nkv,
+                    hd,
+                )
+            })?;
+            op(be, OpClass::Attention, c"attention", || {
+                let mask = masked.then_some(&ws.key_valid);
+                match cache.as_deref_mut() {
+                    None => be.attention(&mut ws.att, &ws.qkv, mask, shape),
+                    Some(kc) => {
+                        be.kv_store(&mut kc.k[i], &mut kc.v[i], &ws.qkv, q0, cshape)?;
+                        be.attention_cached(&mut ws.att, &ws.qkv, &kc.k[i], &kc.v[i], mask, cshape)
+                    }
+                }
+            })?;
+            op(be, OpClass::Gemm, c"attn_out", || {
+                be.matmul(&mut ws.d, &ws.att, &layer.attn_out, n, nh * hd, c)
+            })?;
+            op(be, OpClass::NormElementwise, c"ff_norm", || {
+                be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &layer.ff_norm, n, c, eps)
+            })?;
+            op(be, OpClass::Gemm, c"gate_up", || {
+                be.matmul(&mut ws.gate_up, &ws.h, &layer.gate_up, n, c, 2 * f)
+            })?;
+            op(be, OpClass::NormElementwise, c"swiglu", || {
+                be.swiglu(&mut ws.mlp, &ws.gate_up, n, f)
+            })?;
+            op(be, OpClass::Gemm, c"down", || {
+                be.matmul(&mut ws.d, &ws.mlp, &layer.down, n, f, c)
+            })?;
         }
-        be.gather_rows(&mut ws.xr, &ws.x, &ws.rows, r, c)?;
-        if self.layers.is_empty() {
-            be.rms_norm(&mut ws.hr, &ws.xr, &self.ln_f, r, c, eps)?;
-        } else {
-            be.gather_rows(&mut ws.dr, &ws.d, &ws.rows, r, c)?;
-            be.add_rms_norm(&mut ws.hr, &mut ws.xr, &ws.dr, &self.ln_f, r, c, eps)?;
-        }
-        be.matmul(&mut ws.logits, &ws.hr, &self.lm_head, r, c, v)?;
-        ws.last_rows = r;
         Ok(())
     }
 
@@ -486,6 +806,8 @@ pub struct ModelPredictor<'m, B: Backend> {
     rows: Vec<u32>,
     keys: Vec<i32>,
     params: Option<SelectParams>,
+    /// Graph setting chosen with [`ModelPredictor::set_graphs`] (None: the default).
+    graphs: Option<bool>,
 }
 
 impl<'m, B: Backend> ModelPredictor<'m, B> {
@@ -501,6 +823,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             rows: Vec::new(),
             keys: Vec::new(),
             params: None,
+            graphs: None,
         }
     }
 
@@ -516,13 +839,33 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
                 Some(ws) => (ws.max_tokens.max(max_tokens), ws.max_rows.max(max_rows)),
                 None => (max_tokens, max_rows),
             };
-            self.ws = Some(self.model.workspace(mt, mr)?);
+            // Drop the old workspace (and its graphs) before allocating the new one.
+            self.ws = None;
+            let mut ws = self.model.workspace(mt, mr)?;
+            if let Some(on) = self.graphs {
+                ws.set_graphs(on);
+            }
+            self.ws = Some(ws);
         }
         Ok(())
     }
 
     pub fn model(&self) -> &Model<B> {
         self.model
+    }
+
+    /// Replay repeated shapes from graphs (default on unless `LLADA_NO_GRAPHS=1`, see
+    /// [`Workspace::set_graphs`]); applies to the current workspace and any later one.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = Some(on);
+        if let Some(ws) = self.ws.as_mut() {
+            ws.set_graphs(on);
+        }
+    }
+
+    /// (graphs captured, graph replays) of the current workspace.
+    pub fn graph_stats(&self) -> (usize, usize) {
+        self.ws.as_ref().map_or((0, 0), |ws| ws.graph_stats())
     }
 
     /// Run the LM-head sampler on the first `r` rows of the last forward pass (keys in
@@ -549,6 +892,8 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             p
         };
         let be = &model.backend;
+        be.prof_mark(Some(OpClass::Head));
+        let _r = nvtx::range(c"select");
         be.write_ints(&mut ws.keys, &self.keys)?;
         be.select(
             &mut ws.tok,
@@ -561,6 +906,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
         )?;
         let tok = be.read_ints(&ws.tok, r)?;
         let conf = be.read_f32s(&ws.conf, r)?;
+        be.prof_mark(None);
         for (o, (&tk, &cf)) in out.iter_mut().zip(tok.iter().zip(&conf)) {
             *o = (tk as u32, cf);
         }
@@ -572,6 +918,7 @@ impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
     /// The cache and workspace are sized for `b·t` tokens on the first call (or when a request
     /// outgrows them); later calls allocate nothing on the device.
     fn predict_span(&mut self, req: &SpanRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+        let _step = nvtx::range(c"step");
         let (b, t, q0, q1) = (req.b, req.t, req.q0, req.q1);
         let n = b * t;
         let r = req.rows.len();
@@ -595,6 +942,7 @@ impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
         );
         self.reserve(n, n)?;
         if self.cache.as_ref().map_or(true, |c| c.max_tokens < n) {
+            self.cache = None;
             self.cache = Some(self.model.kv_cache(n)?);
         }
         let tq = q1 - q0;
@@ -646,6 +994,7 @@ impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
 
 impl<B: Backend> Predictor for ModelPredictor<'_, B> {
     fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+        let _step = nvtx::range(c"step");
         let (b, t) = (req.b, req.t);
         let n = b * t;
         let r = req.rows.len();

@@ -542,7 +542,16 @@ fn attention_matches_within_bound() {
     let mut case = 0u64;
     for &hd in &[64usize, 128] {
         for &(nh, nkv) in &[(8usize, 2usize), (4, 4)] {
-            for &(b, t) in &[(1usize, 1usize), (2, 5), (1, 37), (2, 128), (1, 385)] {
+            // t > 192 takes the split-KV path (chunks of 96 keys; 385 and 200 leave partial ones).
+            for &(b, t) in &[
+                (1usize, 1usize),
+                (2, 5),
+                (1, 37),
+                (2, 128),
+                (1, 192),
+                (2, 200),
+                (1, 385),
+            ] {
                 for masked in [false, true] {
                     case += 1;
                     let s = AttnShape { b, t, nh, nkv, hd };
@@ -633,8 +642,13 @@ fn kv_store_and_cached_attention_match() {
     for &hd in &[64usize, 128] {
         for &(nh, nkv) in &[(8usize, 2usize), (4, 4)] {
             // (b, l, q0, tq): a dual-cache block, a prefix-cache suffix, odd sizes, full span.
+            // l > 192: split-KV path (several TQ at the same L, odd sizes, a lone query).
             for &(b, l, q0, tq) in &[
                 (1usize, 384usize, 128usize, 32usize),
+                (2, 384, 0, 384),
+                (2, 200, 37, 61),
+                (1, 193, 192, 1),
+                (3, 290, 7, 64),
                 (2, 37, 5, 32),
                 (1, 385, 100, 285),
                 (2, 19, 0, 19),
@@ -1100,4 +1114,202 @@ fn log_prob_matches_cpu_reference() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("logits"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA graphs in the model: generation with graphs equals generation without, bit for bit.
+
+use llada::model::{Model, ModelPredictor};
+use llada::sampler::{
+    generate, generate_fast, CacheMode, Decode, GenerateParams, PredictRequest, Predictor,
+    SpanPredictor, SpanRequest,
+};
+
+/// Records every (token, confidence) the wrapped predictor returns.
+struct Recording<'m, B: Backend> {
+    inner: ModelPredictor<'m, B>,
+    seen: Vec<(u32, u32)>,
+}
+
+impl<B: Backend> Predictor for Recording<'_, B> {
+    fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> anyhow::Result<()> {
+        self.inner.predict(req, out)?;
+        self.seen.extend(out.iter().map(|&(t, c)| (t, c.to_bits())));
+        Ok(())
+    }
+}
+
+impl<B: Backend> SpanPredictor for Recording<'_, B> {
+    fn predict_span(
+        &mut self,
+        req: &SpanRequest<'_>,
+        out: &mut [(u32, f32)],
+    ) -> anyhow::Result<()> {
+        self.inner.predict_span(req, out)?;
+        self.seen.extend(out.iter().map(|&(t, c)| (t, c.to_bits())));
+        Ok(())
+    }
+}
+
+/// Uncached (`generate`) and Fast-dLLM dual / prefix cache (`generate_fast`) generation on the
+/// tiny preset, once with graphs and once without: every (token, confidence) of every step is
+/// identical (the graph replays the same kernels with the same arguments), and the graph run
+/// really captured and replayed graphs. Prompt 200 + 64 generated = 264 keys: attention takes
+/// the split-KV path too.
+#[test]
+fn generation_with_graphs_equals_without() {
+    let Some(g) = gpu() else { return };
+    let cfg = llada::presets::preset_config("tiny").unwrap();
+    let ck = llada::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
+    let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..2u64)
+        .map(|r| {
+            (0..200u64)
+                .map(|i| (rng::mix64(i ^ (r << 40)) % 400) as u32)
+                .collect()
+        })
+        .collect();
+    let p = GenerateParams {
+        steps: 16,
+        gen_length: 64,
+        block_length: 16,
+        temperature: 0.0,
+        seed: 5,
+        mask_id: cfg.mask_token_id,
+        eos_id: cfg.eos_token_id,
+        pad_id: cfg.pad_token_id,
+        eot_id: None,
+        logits_dtype: DType::BF16,
+        max_sequence_length: Some(cfg.max_sequence_length),
+        ..GenerateParams::default()
+    };
+    for mode in ["none", "dual", "prefix"] {
+        let run = |graphs: bool| {
+            let mut inner = ModelPredictor::new(&m);
+            inner.set_graphs(graphs);
+            let mut rec = Recording {
+                inner,
+                seen: Vec::new(),
+            };
+            let out = if mode == "none" {
+                generate(&mut rec, &prompts, &p, None).unwrap()
+            } else {
+                let d = Decode {
+                    cache: mode.parse::<CacheMode>().unwrap(),
+                    ..Decode::default()
+                };
+                generate_fast(&mut rec, &prompts, &p, &d, None).unwrap()
+            };
+            (out.ids, rec.seen, rec.inner.graph_stats())
+        };
+        let (ids_eager, seen_eager, stats_eager) = run(false);
+        let (ids_graph, seen_graph, stats_graph) = run(true);
+        eprintln!("{mode}: graphs (captured, replays) = {stats_graph:?}");
+        assert_eq!(stats_eager, (0, 0), "{mode}: graphs used while disabled");
+        assert!(
+            stats_graph.0 > 0 && stats_graph.1 > stats_graph.0,
+            "{mode}: graphs were not captured and replayed: {stats_graph:?}"
+        );
+        assert_eq!(ids_eager, ids_graph, "{mode}: generated ids differ");
+        assert_eq!(
+            seen_eager.len(),
+            seen_graph.len(),
+            "{mode}: step counts differ"
+        );
+        if let Some(i) = seen_eager.iter().zip(&seen_graph).position(|(a, b)| a != b) {
+            panic!(
+                "{mode}: prediction {i} differs: eager {:?} graph {:?}",
+                seen_eager[i], seen_graph[i]
+            );
+        }
+    }
+}
+
+/// A workspace reused after its KV cache is replaced never replays a graph captured on the old
+/// cache: the cached step with a new cache equals an eager run on that cache.
+#[test]
+fn graphs_follow_a_replaced_kv_cache() {
+    let Some(g) = gpu() else { return };
+    let cfg = llada::presets::preset_config("tiny").unwrap();
+    let ck = llada::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
+    let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
+    let (b, l, q0, q1) = (1usize, 48usize, 16usize, 32usize);
+    let x: Vec<u32> = (0..l as u64)
+        .map(|i| (rng::mix64(i) % 400) as u32)
+        .collect();
+    let span: Vec<u32> = x[q0..q1].to_vec();
+    let rows: Vec<u32> = (0..(q1 - q0) as u32).collect();
+    let logits = |graphs: bool, fresh_cache_each_time: bool| -> Vec<f32> {
+        let mut ws = m.workspace(b * l, b * l).unwrap();
+        ws.set_graphs(graphs);
+        let all: Vec<u32> = (0..l as u32).collect();
+        let mut cache = m.kv_cache(b * l).unwrap();
+        let mut last = Vec::new();
+        for _ in 0..3 {
+            if fresh_cache_each_time {
+                cache = m.kv_cache(b * l).unwrap();
+            }
+            m.forward_span(&mut ws, &mut cache, &x, b, l, 0, l, None, &all)
+                .unwrap();
+            m.forward_span(&mut ws, &mut cache, &span, b, l, q0, q1, None, &rows)
+                .unwrap();
+            m.forward_span(&mut ws, &mut cache, &span, b, l, q0, q1, None, &rows)
+                .unwrap();
+            last = m.logits(&ws, rows.len()).unwrap();
+        }
+        last
+    };
+    let eager = logits(false, false);
+    for fresh in [false, true] {
+        let got = logits(true, fresh);
+        exact(
+            &format!("graph span logits (fresh cache {fresh})"),
+            &eager,
+            &got,
+        );
+    }
+}
+
+/// Device-event profiling: a profiled generation charges time to every class the forward runs,
+/// no more in total than the wall time, and gives the same tokens as an unprofiled one.
+#[test]
+fn cuda_profiling_breakdown() {
+    let Some(g) = gpu() else { return };
+    let cfg = llada::presets::preset_config("tiny").unwrap();
+    let ck = llada::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
+    let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
+    let prompts = vec![(0..40u32).map(|i| i * 13 % 400).collect::<Vec<_>>()];
+    let p = GenerateParams {
+        steps: 8,
+        gen_length: 16,
+        block_length: 8,
+        mask_id: cfg.mask_token_id,
+        eos_id: cfg.eos_token_id,
+        pad_id: cfg.pad_token_id,
+        eot_id: None,
+        logits_dtype: DType::BF16,
+        max_sequence_length: Some(cfg.max_sequence_length),
+        ..GenerateParams::default()
+    };
+    let plain = generate(&mut ModelPredictor::new(&m), &prompts, &p, None).unwrap();
+    m.backend.prof_enable(true);
+    let t0 = std::time::Instant::now();
+    let profiled = generate(&mut ModelPredictor::new(&m), &prompts, &p, None).unwrap();
+    m.backend.synchronize().unwrap();
+    let wall = t0.elapsed().as_secs_f64() * 1e3;
+    let prof = m.backend.prof_take().unwrap();
+    m.backend.prof_enable(false);
+    assert_eq!(plain.ids, profiled.ids);
+    let sum: f64 = prof.iter().map(|(_, ms)| ms).sum();
+    eprintln!("profile: wall {wall:.3} ms, sum {sum:.3} ms: {prof:?}");
+    for c in llada::backend::OpClass::ALL {
+        assert!(
+            prof.iter().any(|(k, _)| *k == c),
+            "class {c} missing from {prof:?}"
+        );
+    }
+    assert!(
+        sum > 0.0 && sum <= wall * 1.01 + 0.5,
+        "sum {sum} ms, wall {wall} ms"
+    );
 }

@@ -16,25 +16,53 @@
 //! elsewhere), so results are deterministic for any thread count.
 
 use std::cell::RefCell;
+use std::sync::Mutex;
+use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, CachedAttnShape};
+use super::{AttnShape, Backend, CachedAttnShape, OpClass};
 use crate::checkpoint::WeightSource;
 use crate::dtype::DType;
 use crate::head::{cfg_mix, select_one, SelectParams};
 
 /// The CPU reference backend.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct CpuBackend {
     dtype: DType,
+    /// Per-op-class wall-clock timing ([`Backend::prof_mark`]).
+    prof: Mutex<CpuProf>,
+}
+
+impl Clone for CpuBackend {
+    /// A backend with the same dtype and its own (disabled) profiler.
+    fn clone(&self) -> Self {
+        CpuBackend::new(self.dtype)
+    }
+}
+
+/// Wall-clock intervals per [`OpClass`]: the open interval and the totals in seconds.
+#[derive(Debug, Default)]
+struct CpuProf {
+    on: bool,
+    open: Option<(OpClass, Instant)>,
+    totals: [f64; OpClass::ALL.len()],
+    seen: [bool; OpClass::ALL.len()],
 }
 
 impl CpuBackend {
     /// A backend that stores and rounds activations in `dtype`.
     pub fn new(dtype: DType) -> Self {
-        CpuBackend { dtype }
+        CpuBackend {
+            dtype,
+            prof: Mutex::new(CpuProf::default()),
+        }
+    }
+
+    fn prof_lock(&self) -> std::sync::MutexGuard<'_, CpuProf> {
+        // A poisoned profiler only holds timings: keep using it.
+        self.prof.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -357,6 +385,42 @@ impl Backend for CpuBackend {
     type Weight = CpuWeight;
     type Ints = Vec<i32>;
     type F32s = Vec<f32>;
+
+    fn prof_enable(&self, on: bool) {
+        let mut p = self.prof_lock();
+        p.on = on;
+        p.open = None;
+    }
+
+    fn prof_enabled(&self) -> bool {
+        self.prof_lock().on
+    }
+
+    fn prof_mark(&self, class: Option<OpClass>) {
+        let mut p = self.prof_lock();
+        if !p.on {
+            return;
+        }
+        let now = Instant::now();
+        if let Some((c, t0)) = p.open.take() {
+            let i = c as usize;
+            p.totals[i] += (now - t0).as_secs_f64();
+            p.seen[i] = true;
+        }
+        p.open = class.map(|c| (c, now));
+    }
+
+    fn prof_take(&self) -> Result<Vec<(OpClass, f64)>> {
+        let mut p = self.prof_lock();
+        let out = OpClass::ALL
+            .iter()
+            .filter(|&&c| p.seen[c as usize])
+            .map(|&c| (c, p.totals[c as usize] * 1e3))
+            .collect();
+        p.totals = Default::default();
+        p.seen = Default::default();
+        Ok(out)
+    }
 
     fn name(&self) -> String {
         format!(

@@ -27,7 +27,7 @@ use cudarc::driver::{
 };
 use half::bf16;
 
-use super::{AttnShape, Backend, CachedAttnShape};
+use super::{AttnShape, Backend, CachedAttnShape, GraphExec, OpClass};
 use crate::checkpoint::WeightSource;
 use crate::dtype::DType;
 use crate::head::{Remasking, SelectParams};
@@ -104,6 +104,26 @@ impl CudaWeight {
 /// A captured sequence of launches, replayed with [`CudaBackend::replay`].
 pub struct Graph(CudaGraph);
 
+// SAFETY: the graph holds driver handles (valid in any thread once the context is bound, which
+// `CudaGraph::launch` does) and an `Arc<CudaStream>`; it is only launched through the backend
+// that captured it, like `CudaBackend` itself (Send).
+unsafe impl Send for Graph {}
+
+/// Per-op-class device timing ([`Backend::prof_mark`]): timing events recorded on the stream in
+/// order, each opening the interval of its class; folded into totals on `prof_take` or when many
+/// are pending (events are recycled, so a long profile does not grow without bound).
+#[derive(Default)]
+struct CudaProf {
+    on: bool,
+    pool: Vec<CudaEvent>,
+    marks: Vec<(Option<OpClass>, CudaEvent)>,
+    totals: [f64; OpClass::ALL.len()],
+    seen: [bool; OpClass::ALL.len()],
+}
+
+/// Pending marks that trigger a fold (a stream synchronize) at the next interval close.
+const PROF_FOLD: usize = 4096;
+
 /// Device-side timer: two timing events around queued work.
 pub struct Timer {
     start: CudaEvent,
@@ -153,6 +173,8 @@ struct Kernels {
     rope: dsys::CUfunction,
     attention: dsys::CUfunction,
     attention_cached: dsys::CUfunction,
+    attention_split: dsys::CUfunction,
+    attention_combine: dsys::CUfunction,
     kv_store: dsys::CUfunction,
     swiglu: dsys::CUfunction,
     gather_rows: dsys::CUfunction,
@@ -248,6 +270,10 @@ pub struct CudaBackend {
     /// launchers can check ids, rows and positions against their bounds without reading the
     /// device. Buffers written by kernels (`select`, top-k) have no entry and are not checked.
     shadow: RefCell<HashMap<u64, Vec<i32>>>,
+    prof: RefCell<CudaProf>,
+    /// Scratch of the split-KV attention path (partial outputs, row maxima and sums, f32),
+    /// allocated once at construction so captured graphs never see it move.
+    attn_scratch: CudaSlice<f32>,
 }
 
 // SAFETY: the raw CUfunction/CUmodule handles are plain driver handles valid in any thread once
@@ -320,6 +346,8 @@ impl CudaBackend {
             rope: get("rope_bf16")?,
             attention: get("attention_fwd_bf16")?,
             attention_cached: get("attention_cached_fwd_bf16")?,
+            attention_split: get("attention_split_bf16")?,
+            attention_combine: get("attention_combine_bf16")?,
             kv_store: get("kv_store_bf16")?,
             swiglu: get("swiglu_bf16")?,
             gather_rows: get("gather_rows_bf16")?,
@@ -354,6 +382,9 @@ impl CudaBackend {
         }
         .result()
         .map_err(|e| anyhow!("setting the cuBLAS math mode: {e:?}"))?;
+        let attn_scratch = stream
+            .alloc_zeros::<f32>(ATTN_SCRATCH)
+            .map_err(|e| anyhow!("allocating the attention scratch: {e:?}"))?;
         Ok(CudaBackend {
             blas,
             _blas_workspace: ws,
@@ -364,6 +395,8 @@ impl CudaBackend {
             device_id,
             device_name,
             shadow: RefCell::new(HashMap::new()),
+            prof: RefCell::new(CudaProf::default()),
+            attn_scratch,
         })
     }
 
@@ -418,6 +451,30 @@ impl CudaBackend {
             Ok(None) => bail!("graph capture produced an empty graph"),
             Err(e) => bail!("ending graph capture: {e:?} (a captured op synchronized or copied from pageable memory?)"),
         }
+    }
+
+    /// Fold the recorded marks into per-class totals (ms); the last mark stays (its interval
+    /// may still be open), the others go back to the pool.
+    fn prof_fold(&self, p: &mut CudaProf) -> Result<()> {
+        if p.marks.len() < 2 {
+            return Ok(());
+        }
+        self.synchronize()?;
+        for i in 0..p.marks.len() - 1 {
+            if let Some(c) = p.marks[i].0 {
+                let ms = p.marks[i]
+                    .1
+                    .elapsed_ms(&p.marks[i + 1].1)
+                    .map_err(|e| anyhow!("reading a profiling event: {e:?}"))?;
+                p.totals[c as usize] += ms as f64;
+                p.seen[c as usize] = true;
+            }
+        }
+        let last = p.marks.pop();
+        let done = std::mem::take(&mut p.marks);
+        p.pool.extend(done.into_iter().map(|(_, e)| e));
+        p.marks.extend(last);
+        Ok(())
     }
 
     /// Launch a captured graph on this backend's stream (asynchronous).
@@ -1105,6 +1162,26 @@ impl Backend for CudaBackend {
         let o = dptr_mut(out, &self.stream);
         let q = dptr(qkv, &self.stream);
         let kv: u64 = key_valid.map(|k| dptr(k, &self.stream)).unwrap_or(0);
+        if let Some(chunk) = attn_split_chunk(t) {
+            let stride = (nh + 2 * nkv) * hd;
+            let (k, v) = (q + (nh * hd * 2) as u64, q + ((nh + nkv) * hd * 2) as u64);
+            let a = SplitArgs {
+                q,
+                k,
+                v,
+                key_valid: kv,
+                qstride: stride,
+                kvstride: stride,
+                b,
+                tq: t,
+                l: t,
+                nh,
+                nkv,
+                hd,
+                chunk,
+            };
+            return self.attention_split(op, o, a);
+        }
         let (b_, t_, nh_, nkv_, hd_) = (
             int(op, "b", b)?,
             int(op, "t", t)?,
@@ -1230,6 +1307,24 @@ impl Backend for CudaBackend {
         let kc = dptr(k_cache, &self.stream);
         let vc = dptr(v_cache, &self.stream);
         let kv: u64 = key_valid.map(|k| dptr(k, &self.stream)).unwrap_or(0);
+        if let Some(chunk) = attn_split_chunk(l) {
+            let a = SplitArgs {
+                q,
+                k: kc,
+                v: vc,
+                key_valid: kv,
+                qstride: (nh + 2 * nkv) * hd,
+                kvstride: nkv * hd,
+                b,
+                tq,
+                l,
+                nh,
+                nkv,
+                hd,
+                chunk,
+            };
+            return self.attention_split(op, o, a);
+        }
         let (b_, tq_, l_, nh_, nkv_, hd_) = (
             int(op, "b", b)?,
             int(op, "tq", tq)?,
@@ -1389,6 +1484,75 @@ impl Backend for CudaBackend {
         self.launch_log_prob(out, logits, targets, r, v, cfg_scale)
     }
 
+    fn graphs_supported(&self) -> bool {
+        true
+    }
+
+    fn graph_capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<GraphExec> {
+        let g = self.capture(|_| f())?;
+        // Upload now so the first replay does not pay for it.
+        g.0.upload()
+            .map_err(|e| anyhow!("uploading a CUDA graph: {e:?}"))?;
+        Ok(GraphExec(Box::new(g)))
+    }
+
+    fn graph_replay(&self, g: &GraphExec) -> Result<()> {
+        match g.0.downcast_ref::<Graph>() {
+            Some(g) => self.replay(g),
+            None => bail!("graph_replay: the graph was not captured by the CUDA backend"),
+        }
+    }
+
+    fn prof_enable(&self, on: bool) {
+        let mut p = self.prof.borrow_mut();
+        p.on = on;
+        let marks = std::mem::take(&mut p.marks);
+        p.pool.extend(marks.into_iter().map(|(_, e)| e));
+    }
+
+    fn prof_enabled(&self) -> bool {
+        self.prof.borrow().on
+    }
+
+    fn prof_mark(&self, class: Option<OpClass>) {
+        let mut p = self.prof.borrow_mut();
+        if !p.on {
+            return;
+        }
+        let ev = match p.pool.pop() {
+            Some(e) => e,
+            None => match self
+                .ctx
+                .new_event(Some(dsys::CUevent_flags::CU_EVENT_DEFAULT))
+            {
+                Ok(e) => e,
+                // Profiling is best effort: a missing mark merges two intervals.
+                Err(_) => return,
+            },
+        };
+        if ev.record(&self.stream).is_err() {
+            p.pool.push(ev);
+            return;
+        }
+        p.marks.push((class, ev));
+        if class.is_none() && p.marks.len() >= PROF_FOLD {
+            let _ = self.prof_fold(&mut p);
+        }
+    }
+
+    fn prof_take(&self) -> Result<Vec<(OpClass, f64)>> {
+        let mut p = self.prof.borrow_mut();
+        self.prof_fold(&mut p)?;
+        let out = OpClass::ALL
+            .iter()
+            .filter(|&&c| p.seen[c as usize])
+            .map(|&c| (c, p.totals[c as usize]))
+            .collect();
+        p.totals = Default::default();
+        p.seen = Default::default();
+        Ok(out)
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| {
             anyhow!("CUDA stream synchronize failed (an earlier kernel faulted?): {e:?}")
@@ -1427,10 +1591,158 @@ fn attention_geom(b: usize, t: usize, nh: usize, _hd: usize) -> Geom {
     }
 }
 
+/// Keys per split of the split-KV attention path.
+pub const ATTN_SPLIT_CHUNK: usize = 96;
+/// Split-KV is used for more than this many keys (fewer: the single-pass kernel).
+pub const ATTN_SPLIT_MIN_KEYS: usize = 2 * ATTN_SPLIT_CHUNK;
+/// f32 elements of the split-KV scratch (64 MiB, allocated once per backend).
+const ATTN_SCRATCH: usize = 16 << 20;
+
+/// The split-KV chunk for `l` keys, or `None` for the single-pass kernel. A function of `l`
+/// alone: a query row's result must not depend on how many other rows share the call (the
+/// cached span rows equal the full pass's rows bit for bit, reference §7 / tests/cache.rs).
+pub fn attn_split_chunk(l: usize) -> Option<usize> {
+    (l > ATTN_SPLIT_MIN_KEYS).then_some(ATTN_SPLIT_CHUNK)
+}
+
+/// One split-KV attention call (device addresses in bytes, strides in elements).
+#[derive(Clone, Copy)]
+struct SplitArgs {
+    q: u64,
+    k: u64,
+    v: u64,
+    key_valid: u64,
+    qstride: usize,
+    kvstride: usize,
+    b: usize,
+    tq: usize,
+    l: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    chunk: usize,
+}
+
 /// Threads per block of `log_prob_bf16`.
 const LOG_PROB_THREADS: u32 = 1024;
 
 impl CudaBackend {
+    /// Split-KV attention (kernels/attention.cu): partials into the fixed scratch, then the
+    /// combine kernel into `out` (`[B·TQ, NH·HD]` at address `out`). Calls whose partials
+    /// exceed the scratch run as several launches over groups of batch rows or query rows
+    /// (rows are independent, so the result is the same).
+    fn attention_split(&self, op: &str, out: u64, a: SplitArgs) -> Result<()> {
+        let splits = a.l.div_ceil(a.chunk);
+        let per_row = splits * a.nh * (a.hd + 2);
+        let cap_rows = ATTN_SCRATCH / per_row;
+        if cap_rows == 0 {
+            bail!(
+                "{op}: one query row needs {per_row} f32 of split-KV scratch, more than the {ATTN_SCRATCH} available (L = {}, NH = {}, HD = {})",
+                a.l,
+                a.nh,
+                a.hd
+            );
+        }
+        int(op, "b·splits", a.b * splits)?;
+        let scratch = dptr(&self.attn_scratch, &self.stream);
+        let esz = 2u64; // bf16 bytes
+                        // Groups: (first batch row, batch rows, first query row, query rows).
+        let launch_group = |b0: usize, nb: usize, i0: usize, nq: usize| -> Result<()> {
+            let rows = nb * nq;
+            let q = a.q + ((b0 * a.tq + i0) * a.qstride) as u64 * esz;
+            let k = a.k + (b0 * a.l * a.kvstride) as u64 * esz;
+            let v = a.v + (b0 * a.l * a.kvstride) as u64 * esz;
+            let kv = if a.key_valid == 0 {
+                0
+            } else {
+                a.key_valid + (b0 * a.l * 4) as u64
+            };
+            let o_out = out + ((b0 * a.tq + i0) * a.nh * a.hd) as u64 * esz;
+            let part_o = scratch;
+            let part_ml = scratch + (splits * rows * a.nh * a.hd * 4) as u64;
+            let (qs, ks) = (a.qstride as i64, a.kvstride as i64);
+            let (b_, tq_, l_, nh_, nkv_, hd_, ch_, sp_) = (
+                int(op, "b", nb)?,
+                int(op, "tq", nq)?,
+                int(op, "l", a.l)?,
+                int(op, "nh", a.nh)?,
+                int(op, "nkv", a.nkv)?,
+                int(op, "hd", a.hd)?,
+                int(op, "chunk", a.chunk)?,
+                int(op, "splits", splits)?,
+            );
+            let g = Geom {
+                grid: (nq.div_ceil(64) as u32, a.nh as u32, (nb * splits) as u32),
+                block: (128, 1, 1),
+                smem: 0,
+            };
+            let (po, pm) = (part_o, part_ml);
+            launch!(
+                self,
+                op,
+                self.k.attention_split,
+                g,
+                po,
+                pm,
+                q,
+                k,
+                v,
+                kv,
+                qs,
+                ks,
+                b_,
+                tq_,
+                l_,
+                nh_,
+                nkv_,
+                hd_,
+                ch_,
+                sp_
+            )?;
+            let rows_ = int(op, "rows", rows)?;
+            let cg = Geom {
+                grid: (rows as u32, a.nh as u32, 1),
+                block: (a.hd as u32, 1, 1),
+                smem: 0,
+            };
+            launch!(
+                self,
+                op,
+                self.k.attention_combine,
+                cg,
+                o_out,
+                po,
+                pm,
+                rows_,
+                nh_,
+                hd_,
+                sp_
+            )
+        };
+        if cap_rows >= a.b * a.tq {
+            launch_group(0, a.b, 0, a.tq)
+        } else if cap_rows >= a.tq {
+            let per = cap_rows / a.tq;
+            let mut b0 = 0;
+            while b0 < a.b {
+                let nb = per.min(a.b - b0);
+                launch_group(b0, nb, 0, a.tq)?;
+                b0 += nb;
+            }
+            Ok(())
+        } else {
+            for b0 in 0..a.b {
+                let mut i0 = 0;
+                while i0 < a.tq {
+                    let nq = cap_rows.min(a.tq - i0);
+                    launch_group(b0, 1, i0, nq)?;
+                    i0 += nq;
+                }
+            }
+            Ok(())
+        }
+    }
+
     /// A kernel function by symbol, looked up in the loaded modules (a driver hash lookup).
     fn kernel_fn(&self, sym: &str) -> Result<dsys::CUfunction> {
         let c = CString::new(sym).map_err(|_| anyhow!("bad symbol {sym:?}"))?;

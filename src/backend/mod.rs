@@ -51,6 +51,55 @@ pub struct CachedAttnShape {
     pub hd: usize,
 }
 
+/// Op classes of the per-step time breakdown (`llada-bench --breakdown`, [`Backend::prof_mark`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OpClass {
+    /// Host→device uploads of ids, positions, masks, rows, keys (and any host work between).
+    Io,
+    /// Attention, including the KV-cache store of a cached step.
+    Attention,
+    /// The layer GEMMs (q|k|v, o, gate|up, down).
+    Gemm,
+    /// RMSNorm, residual adds, RoPE, SwiGLU, embedding, row gathers.
+    NormElementwise,
+    /// The LM-head GEMM on the requested rows.
+    LmHead,
+    /// The sampler's fused head (`select`) and its read-back.
+    Head,
+}
+
+impl OpClass {
+    pub const ALL: [OpClass; 6] = [
+        OpClass::Io,
+        OpClass::Attention,
+        OpClass::Gemm,
+        OpClass::NormElementwise,
+        OpClass::LmHead,
+        OpClass::Head,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OpClass::Io => "io",
+            OpClass::Attention => "attention",
+            OpClass::Gemm => "gemm",
+            OpClass::NormElementwise => "norm+elementwise",
+            OpClass::LmHead => "lm_head",
+            OpClass::Head => "sampler/head",
+        }
+    }
+}
+
+impl std::fmt::Display for OpClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A captured, replayable sequence of backend launches (a CUDA graph on the CUDA backend),
+/// made by [`Backend::graph_capture`]. Opaque outside the backend that made it.
+pub struct GraphExec(pub Box<dyn std::any::Any + Send>);
+
 pub trait Backend {
     /// An activation buffer in the compute dtype.
     type Act;
@@ -254,6 +303,49 @@ pub trait Backend {
     /// Driver / runtime description for reports.
     fn driver(&self) -> String {
         "-".to_string()
+    }
+
+    /// Whether [`Backend::graph_capture`] works on this backend (false: run eagerly).
+    fn graphs_supported(&self) -> bool {
+        false
+    }
+
+    /// Record every op `f` queues into a replayable graph; nothing executes during capture.
+    /// `f` must not read back, synchronize, allocate or write host data; the graph replays on
+    /// exactly the buffers and sizes it captured.
+    fn graph_capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<GraphExec> {
+        let _ = f;
+        anyhow::bail!("{}: graph capture is not supported", self.name())
+    }
+
+    /// Queue a graph made by [`Backend::graph_capture`] on this backend.
+    fn graph_replay(&self, g: &GraphExec) -> Result<()> {
+        let _ = g;
+        anyhow::bail!("{}: graph replay is not supported", self.name())
+    }
+
+    /// Turn per-op-class timing on or off (off by default; a no-op where unsupported). While on,
+    /// [`Backend::prof_mark`] records interval boundaries (device events on CUDA, `Instant` on the
+    /// CPU) and the model runs without graphs.
+    fn prof_enable(&self, on: bool) {
+        let _ = on;
+    }
+
+    /// Whether timing is on.
+    fn prof_enabled(&self) -> bool {
+        false
+    }
+
+    /// Close the open interval (if any) and, with `Some(class)`, open a new one charged to
+    /// `class`. Costs a flag test when timing is off.
+    fn prof_mark(&self, class: Option<OpClass>) {
+        let _ = class;
+    }
+
+    /// The time charged to each class since timing was enabled or last taken, in ms, classes
+    /// with no interval left out; resets the totals (waits for queued work).
+    fn prof_take(&self) -> Result<Vec<(OpClass, f64)>> {
+        Ok(Vec::new())
     }
 }
 
