@@ -287,6 +287,7 @@ fn run(a: Args) -> Result<()> {
                 pad_id: 0,
                 logits_dtype: DType::F32,
                 max_sequence_length: None,
+                row_keys: None,
             };
             opened.apply_ids(&mut p);
             p.block_plan()?;

@@ -18,17 +18,20 @@
 //!   atomically (temporary file + rename).
 //!
 //! ## When a batch equals each prompt alone
-//! The sampler keys its RNG by (batch row, absolute position), and left padding shifts the
-//! positions. So results are independent of batching only for parameter sets that draw no random
-//! numbers: `temperature = 0` with `remasking = low_confidence` ([`GenOptions::batch_invariant`]).
-//! Other requests run one per batch unless the caller allows batching them anyway
-//! ([`RunOptions::batch_sampling`]); then their result depends on their batch neighbours.
-//! Even without randomness, padding moves the RoPE positions of a prompt, so the rotated q·k
-//! products round differently: equal in exact arithmetic, not always in the last bit. On the CPU
-//! in f32 this has not changed a greedy result on the test models; in bf16 a last-ulp change can
-//! flip an argmax or a confidence order (on the bf16 parity fixture, 3 of 9 padded prompts came
-//! out different). [`plan_batches`] with `same_length` (`--same-length`) never pads, which makes
-//! CPU batches bit-identical to single prompts in every dtype (see `tests/batch.rs`).
+//! Every request draws its random numbers (Gumbel noise at `temperature > 0`, `remasking =
+//! random` confidences) from its own stream: the sampler keys them by the request's
+//! [`rng_row_key`] (a hash of its `id`) and its own positions counted from its first real token
+//! ([`GenerateParams::row_keys`]), and with Fast-dLLM decoding by the call within the block. So a
+//! request's result depends neither on its batch row, nor on the padding its neighbours bring,
+//! nor on how many forward passes they need: it is the same in a batch, alone, in another shard
+//! or after a resume. (A sampled result differs from `llada generate` with the same seed, which
+//! keys by batch row; results that draw no random numbers are equal.)
+//! What padding still changes is rounding: it moves the RoPE positions of a prompt, so the
+//! rotated q·k products round differently: equal in exact arithmetic, not always in the last bit.
+//! On the CPU in f32 this has not changed a result on the test models; in bf16 a last-ulp change
+//! can flip an argmax or a confidence order (on the bf16 parity fixture, 3 of 9 padded prompts
+//! came out different). [`plan_batches`] with `same_length` (`--same-length`) never pads, which
+//! makes CPU batches bit-identical to single prompts in every dtype (see `tests/batch.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -42,7 +45,8 @@ use serde_json::{json, Map, Value};
 use crate::config::ModelConfig;
 use crate::engine::Engine;
 use crate::head::Remasking;
-use crate::sampler::{GenerateParams, Progress};
+use crate::rng::mix64;
+use crate::sampler::{CacheMode, Decode, GenerateParams, Progress};
 use crate::tokenizer::Tokenizer;
 
 /// Generation parameters a request may set (the `llada generate` flags).
@@ -57,6 +61,12 @@ pub struct GenOptions {
     pub seed: u64,
     pub logits_eos_inf: bool,
     pub confidence_eos_eot_inf: bool,
+    /// Fast-dLLM KV cache (`--cache`).
+    pub cache: CacheMode,
+    /// Fast-dLLM confidence threshold (`--threshold`); at most one of `threshold`, `factor`.
+    pub threshold: Option<f64>,
+    /// Fast-dLLM factor rule (`--factor`).
+    pub factor: Option<f64>,
     /// Render a text `prompt` as one user message with the chat template.
     pub chat: bool,
 }
@@ -74,13 +84,16 @@ impl Default for GenOptions {
             seed: 0,
             logits_eos_inf: false,
             confidence_eos_eot_inf: false,
+            cache: CacheMode::None,
+            threshold: None,
+            factor: None,
             chat: false,
         }
     }
 }
 
 /// Request keys that override [`GenOptions`].
-pub const PARAM_KEYS: [&str; 10] = [
+pub const PARAM_KEYS: [&str; 13] = [
     "steps",
     "gen_length",
     "block_length",
@@ -90,8 +103,48 @@ pub const PARAM_KEYS: [&str; 10] = [
     "seed",
     "logits_eos_inf",
     "confidence_eos_eot_inf",
+    "cache",
+    "threshold",
+    "factor",
     "chat",
 ];
+
+/// What requests must share to run in one batch: everything that reaches the sampler
+/// (`chat` only affects tokenization, so it is left out). Floats by their bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct GroupKey {
+    steps: usize,
+    gen_length: usize,
+    block_length: usize,
+    temperature: u64,
+    cfg_scale: u64,
+    remasking_random: bool,
+    seed: u64,
+    logits_eos_inf: bool,
+    confidence_eos_eot_inf: bool,
+    cache: CacheMode,
+    threshold: Option<u64>,
+    factor: Option<u64>,
+}
+
+/// The random-stream key of a request ([`GenerateParams::row_keys`]): the high 31 bits of
+/// `mix64(FNV-1a-64(id))`, where `id` is the request's `id` as compact JSON text (`"a"` with
+/// its quotes for a string id, `7` for an integer). A pure function of the id, so a sampled
+/// request gives the same result in any batch, shard or resumed run (the sampler keys its
+/// random numbers by this key and the request's own, unpadded positions).
+pub fn rng_row_key(id_key: &str) -> u32 {
+    (mix64(fnv1a64(id_key.as_bytes())) >> 33) as u32
+}
+
+/// 64-bit FNV-1a.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
 
 fn remasking_name(r: Remasking) -> &'static str {
     match r {
@@ -116,6 +169,29 @@ impl GenOptions {
         p
     }
 
+    /// The Fast-dLLM settings (plain upstream decoding when all are off).
+    pub fn to_decode(&self) -> Decode {
+        Decode {
+            cache: self.cache,
+            threshold: self.threshold,
+            factor: self.factor,
+        }
+    }
+
+    /// Combinations the sampler refuses, as a message naming the keys.
+    pub fn check(&self) -> Result<(), String> {
+        if self.threshold.is_some() && self.factor.is_some() {
+            return Err("give either `threshold` or `factor`, not both (a command-line default counts; set the other to null)".into());
+        }
+        if self.cfg_scale > 0.0 && !self.to_decode().is_plain() {
+            return Err(format!(
+                "`cfg_scale` {} > 0 is not supported with Fast-dLLM decoding (`cache` {}, `threshold`, `factor`)",
+                self.cfg_scale, self.cache
+            ));
+        }
+        Ok(())
+    }
+
     /// The parameters as written in each output line.
     pub fn to_json(&self) -> Value {
         json!({
@@ -128,29 +204,29 @@ impl GenOptions {
             "seed": self.seed,
             "logits_eos_inf": self.logits_eos_inf,
             "confidence_eos_eot_inf": self.confidence_eos_eot_inf,
+            "cache": self.cache.to_string(),
+            "threshold": self.threshold,
+            "factor": self.factor,
         })
     }
 
-    /// Whether a request's result does not depend on its batch row or padding (no random draws):
-    /// greedy tokens and low-confidence remasking.
-    pub fn batch_invariant(&self) -> bool {
-        self.temperature == 0.0 && self.remasking == Remasking::LowConfidence
-    }
-
     /// Key of the batch group: requests share a batch only when everything that reaches the
-    /// sampler is identical (`chat` only affects tokenization, so it is left out).
-    fn group_key(&self) -> (usize, usize, usize, u64, u64, bool, u64, bool, bool) {
-        (
-            self.steps,
-            self.gen_length,
-            self.block_length,
-            self.temperature.to_bits(),
-            self.cfg_scale.to_bits(),
-            self.remasking == Remasking::Random,
-            self.seed,
-            self.logits_eos_inf,
-            self.confidence_eos_eot_inf,
-        )
+    /// sampler is identical.
+    fn group_key(&self) -> GroupKey {
+        GroupKey {
+            steps: self.steps,
+            gen_length: self.gen_length,
+            block_length: self.block_length,
+            temperature: self.temperature.to_bits(),
+            cfg_scale: self.cfg_scale.to_bits(),
+            remasking_random: self.remasking == Remasking::Random,
+            seed: self.seed,
+            logits_eos_inf: self.logits_eos_inf,
+            confidence_eos_eot_inf: self.confidence_eos_eot_inf,
+            cache: self.cache,
+            threshold: self.threshold.map(f64::to_bits),
+            factor: self.factor.map(f64::to_bits),
+        }
     }
 
     /// Apply the overrides in `obj` (keys of [`PARAM_KEYS`]), naming the bad key.
@@ -170,6 +246,21 @@ impl GenOptions {
             match v.as_f64() {
                 Some(x) if x.is_finite() && x >= 0.0 => Ok(x),
                 _ => Err(format!("`{k}` must be a finite number >= 0, got {v}")),
+            }
+        }
+        // A number, or null to clear a command-line default.
+        fn opt_num(
+            k: &str,
+            v: &Value,
+            ok: impl Fn(f64) -> bool,
+            what: &str,
+        ) -> Result<Option<f64>, String> {
+            match v {
+                Value::Null => Ok(None),
+                _ => match v.as_f64() {
+                    Some(x) if ok(x) => Ok(Some(x)),
+                    _ => Err(format!("`{k}` must be {what} or null, got {v}")),
+                },
             }
         }
         fn flag(k: &str, v: &Value) -> Result<bool, String> {
@@ -192,6 +283,17 @@ impl GenOptions {
                 "seed" => self.seed = uint(k, v)?,
                 "logits_eos_inf" => self.logits_eos_inf = flag(k, v)?,
                 "confidence_eos_eot_inf" => self.confidence_eos_eot_inf = flag(k, v)?,
+                "cache" => {
+                    let s = v
+                        .as_str()
+                        .ok_or_else(|| format!("`cache` must be a string, got {v}"))?;
+                    self.cache = s.parse().map_err(|e| format!("`cache`: {e}"))?;
+                }
+                "threshold" => self.threshold = opt_num(k, v, f64::is_finite, "a finite number")?,
+                "factor" => {
+                    self.factor =
+                        opt_num(k, v, |x| x.is_finite() && x > 0.0, "a finite number > 0")?
+                }
                 "chat" => self.chat = flag(k, v)?,
                 _ => {}
             }
@@ -209,6 +311,8 @@ pub struct Request {
     pub id: Value,
     /// `id` as compact JSON: the identity used for resume, duplicates and merge.
     pub id_key: String,
+    /// The request's random-stream key, [`rng_row_key`] of `id_key`.
+    pub rng_key: u32,
     pub prompt_ids: Vec<u32>,
     pub opts: GenOptions,
 }
@@ -303,6 +407,7 @@ fn parse_request(
     }
     let mut opts = ctx.defaults.clone();
     opts.apply(obj)?;
+    opts.check()?;
     let plan_check = GenerateParams {
         steps: opts.steps,
         gen_length: opts.gen_length,
@@ -407,6 +512,7 @@ fn parse_request(
     Ok(Request {
         line,
         id,
+        rng_key: rng_row_key(&id_key),
         id_key,
         prompt_ids: ids,
         opts,
@@ -747,6 +853,12 @@ pub fn bytes_per_sequence(
     }
 }
 
+/// Device bytes of the Fast-dLLM KV cache (`Model::kv_cache`) per sequence of `t` tokens:
+/// a K and a V buffer of `t · NKV·HD` activations per layer.
+pub fn kv_cache_bytes_per_sequence(cfg: &ModelConfig, act_bytes: usize, t: usize) -> usize {
+    2 * cfg.n_layers * t * cfg.n_kv_heads * cfg.head_dim() * act_bytes
+}
+
 /// The largest batch that fits `free` device bytes (keeping `1 − fraction` of it spare) for
 /// prompts of up to `prompt_len` tokens, between 1 and `cap`.
 pub fn auto_batch_size(
@@ -762,8 +874,15 @@ pub fn auto_batch_size(
     // Head rows: the masks before a block's end, at most prompt masks + one block; the first
     // block is the largest case for a prompt without masks. Use the whole generation as a
     // safe bound when a prompt carries masks.
-    let rows = opts.block_length.max(1).min(t);
-    let per = bytes_per_sequence(cfg, act_bytes, t, rows, opts.cfg_scale > 0.0).max(1);
+    let mut rows = opts.block_length.max(1).min(t);
+    let mut kv = 0;
+    if !opts.to_decode().is_plain() {
+        // Fast-dLLM decoding (no CFG) runs the cached predictor: its workspace holds a head row
+        // per token (`ModelPredictor::predict_span` reserves b·t rows), plus the KV cache.
+        rows = t;
+        kv = kv_cache_bytes_per_sequence(cfg, act_bytes, t);
+    }
+    let per = (bytes_per_sequence(cfg, act_bytes, t, rows, opts.cfg_scale > 0.0) + kv).max(1);
     let budget = (free as f64 * fraction) as usize;
     (budget / per).clamp(1, cap.max(1))
 }
@@ -773,8 +892,6 @@ pub fn auto_batch_size(
 pub struct RunOptions {
     /// Stop at the first failed generation.
     pub strict: bool,
-    /// Batch requests whose result depends on their batch row (sampling, random remasking).
-    pub batch_sampling: bool,
 }
 
 /// Progress after each step and each batch.
@@ -832,14 +949,10 @@ pub fn run(
             continue;
         };
         let o = &reqs[first].opts;
-        if !opts.batch_sampling && !o.batch_invariant() && batch.len() > 1 {
-            // Results that depend on the batch row run alone, so they equal `llada generate`.
-            for (k, &i) in batch.iter().enumerate() {
-                queue.insert(k, vec![i]);
-            }
-            continue;
-        }
-        let params = o.to_params(base);
+        let mut params = o.to_params(base);
+        // Each request draws from its own random stream, whatever its batch row.
+        params.row_keys = Some(batch.iter().map(|&i| reqs[i].rng_key).collect());
+        let fast = o.to_decode();
         let prompts: Vec<Vec<u32>> = batch.iter().map(|&i| reqs[i].prompt_ids.clone()).collect();
         let tb = Instant::now();
         let (d0, tok0) = (done, sum.tokens);
@@ -855,12 +968,7 @@ pub fn run(
                     batch_finished: false,
                 })
             };
-            engine.generate(
-                &prompts,
-                &params,
-                &crate::sampler::Decode::default(),
-                Some(&mut cb),
-            )
+            engine.generate(&prompts, &params, &fast, Some(&mut cb))
         };
         match res {
             Ok(out) => {
@@ -877,6 +985,7 @@ pub fn run(
                         "batch_size": batch.len(),
                         "padded_prompt_tokens": out.prompt_len_padded,
                         "seconds": secs,
+                        "rng_key": r.rng_key,
                         "params": r.opts.to_json(),
                     });
                     log.append(&rec)?;
@@ -1065,9 +1174,96 @@ mod tests {
             line,
             id: json!(line),
             id_key: line.to_string(),
+            rng_key: rng_row_key(&line.to_string()),
             prompt_ids: vec![1; len],
             opts,
         }
+    }
+
+    #[test]
+    fn rng_row_keys_are_stable_31_bit_hashes_of_the_id() {
+        // Published FNV-1a 64 test vectors.
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(
+            rng_row_key("\"a\""),
+            (mix64(fnv1a64(b"\"a\"")) >> 33) as u32
+        );
+        // Below 2^31 (the head takes non-negative i32 keys) and distinct for distinct ids.
+        let keys: HashSet<u32> = (0..10_000)
+            .map(|i| rng_row_key(&json!(format!("r{i}")).to_string()))
+            .collect();
+        assert_eq!(keys.len(), 10_000);
+        assert!(keys.iter().all(|&k| k < 1 << 31));
+        // A string id and the integer with the same digits are different ids.
+        assert_ne!(rng_row_key("7"), rng_row_key("\"7\""));
+    }
+
+    #[test]
+    fn fast_dllm_options_parse_group_and_check() {
+        let mut o = GenOptions {
+            threshold: Some(0.9),
+            ..GenOptions::default()
+        };
+        let obj = |v: Value| v.as_object().unwrap().clone();
+        o.apply(&obj(json!({"cache": "dual", "threshold": 0.5})))
+            .unwrap();
+        assert_eq!(
+            (o.cache, o.threshold, o.factor),
+            (CacheMode::Dual, Some(0.5), None)
+        );
+        assert!(o.check().is_ok());
+        assert_eq!(o.to_json()["cache"], json!("dual"));
+        assert_eq!(o.to_json()["threshold"], json!(0.5));
+        // A factor on top of a default threshold: refused unless the threshold is cleared.
+        let mut both = o.clone();
+        both.apply(&obj(json!({"factor": 1.0}))).unwrap();
+        assert!(both.check().unwrap_err().contains("not both"));
+        both.apply(&obj(json!({"threshold": null}))).unwrap();
+        assert!(both.check().is_ok());
+        assert!(o
+            .clone()
+            .apply(&obj(json!({"cache": "lru"})))
+            .unwrap_err()
+            .contains("lru"));
+        assert!(o.clone().apply(&obj(json!({"factor": 0}))).is_err());
+        assert!(o.clone().apply(&obj(json!({"threshold": "x"}))).is_err());
+        let mut cfg = o.clone();
+        cfg.apply(&obj(json!({"cfg_scale": 1.0}))).unwrap();
+        assert!(cfg.check().unwrap_err().contains("cfg_scale"));
+        // Each Fast-dLLM setting splits the batch groups.
+        let base = GenOptions::default();
+        let variants = [
+            GenOptions {
+                cache: CacheMode::Prefix,
+                ..base.clone()
+            },
+            GenOptions {
+                cache: CacheMode::Dual,
+                ..base.clone()
+            },
+            GenOptions {
+                threshold: Some(0.5),
+                ..base.clone()
+            },
+            GenOptions {
+                threshold: Some(0.6),
+                ..base.clone()
+            },
+            GenOptions {
+                factor: Some(0.5),
+                ..base.clone()
+            },
+        ];
+        let mut reqs = vec![req(1, 3, base.clone())];
+        for (i, v) in variants.iter().enumerate() {
+            reqs.push(req(i + 2, 3, v.clone()));
+        }
+        assert_eq!(
+            plan_batches(&reqs, false, |_, _| 8).len(),
+            1 + variants.len()
+        );
     }
 
     #[test]
@@ -1196,5 +1392,15 @@ mod tests {
         assert!(short * per <= (free as f64 * 0.9) as usize);
         assert!((short + 1) * per > (free as f64 * 0.9) as usize);
         assert_eq!(auto_batch_size(&cfg, 2, 0, 0.9, &o, 64, 1024), 1);
+        // Fast-dLLM decoding also holds a KV cache and a head row per token.
+        let dual = GenOptions {
+            cache: CacheMode::Dual,
+            ..o.clone()
+        };
+        let fast = auto_batch_size(&cfg, 2, free, 0.9, &dual, 64, 1024);
+        let per_fast = bytes_per_sequence(&cfg, 2, 320, 320, false)
+            + kv_cache_bytes_per_sequence(&cfg, 2, 320);
+        assert!(fast < short && fast * per_fast <= (free as f64 * 0.9) as usize);
+        assert!((fast + 1) * per_fast > (free as f64 * 0.9) as usize);
     }
 }

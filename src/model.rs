@@ -958,8 +958,9 @@ impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
                 "predict_span: rows[{i}] = ({br}, {pos}) is outside the batch [{b}] × span [{q0}, {q1})"
             );
             self.rows.push(br * tq as u32 + (pos - q0 as u32));
-            self.keys.push(br as i32);
-            self.keys.push(pos as i32);
+            let (kr, kp) = req.rng_key(br, pos)?;
+            self.keys.push(kr as i32);
+            self.keys.push(kp as i32);
         }
         if let Some(kv) = req.key_valid {
             ensure!(
@@ -1050,8 +1051,9 @@ impl<B: Backend> Predictor for ModelPredictor<'_, B> {
                 "predict: rows[{i}] = ({br}, {pos}) is outside the batch [{b}, {t}]"
             );
             self.rows.push(br * t as u32 + pos);
-            self.keys.push(br as i32);
-            self.keys.push(pos as i32);
+            let (kr, kp) = req.rng_key(br, pos)?;
+            self.keys.push(kr as i32);
+            self.keys.push(kp as i32);
         }
         if cfg {
             for &(br, pos) in req.rows {

@@ -57,6 +57,46 @@ pub struct PredictRequest<'a> {
     pub rows: &'a [(u32, u32)],
     /// How to turn logits into (token, confidence); `step` is set per call.
     pub select: &'a SelectParams,
+    /// Random-stream keys per batch row (`[b]`, see [`RowKey`]); `None` keys the head's RNG by
+    /// (batch row, absolute position).
+    pub row_keys: Option<&'a [RowKey]>,
+}
+
+impl PredictRequest<'_> {
+    /// The RNG key (row, position) of batch row `br` at absolute position `pos` ([`rng_key`]).
+    pub fn rng_key(&self, br: u32, pos: u32) -> Result<(u32, u32)> {
+        rng_key(self.row_keys, br, pos)
+    }
+}
+
+/// The random stream of one batch row: the head's random numbers at absolute position `pos`
+/// of this row are keyed by `(key, pos − origin)` instead of (batch row, `pos`). The sampler
+/// sets `origin` to the row's left padding, so a prompt's stream depends only on its own key and
+/// its own (unpadded) positions, whatever batch it runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowKey {
+    /// Below 2³¹ (the head takes keys as non-negative `i32`).
+    pub key: u32,
+    pub origin: u32,
+}
+
+/// The (row, position) pair the head's RNG is keyed by for batch row `br`, absolute position
+/// `pos`: `(br, pos)` without row keys, else `(key, pos − origin)` of row `br`. An error names
+/// a row outside `row_keys` or a position before the row's origin.
+pub fn rng_key(row_keys: Option<&[RowKey]>, br: u32, pos: u32) -> Result<(u32, u32)> {
+    let Some(keys) = row_keys else {
+        return Ok((br, pos));
+    };
+    let k = keys
+        .get(br as usize)
+        .with_context(|| format!("batch row {br} has no RNG row key ({} given)", keys.len()))?;
+    let p = pos.checked_sub(k.origin).with_context(|| {
+        format!(
+            "position {pos} of batch row {br} lies before its RNG origin {} (left padding)",
+            k.origin
+        )
+    })?;
+    Ok((k.key, p))
 }
 
 /// Something that predicts masked tokens: the model on some backend, or a fake in tests.
@@ -89,6 +129,14 @@ pub struct GenerateParams {
     pub logits_dtype: DType,
     /// The model's `max_sequence_length`, if it has one: longest padded prompt + `gen_length`.
     pub max_sequence_length: Option<usize>,
+    /// One random-stream key per prompt (each below 2³¹). `None` (upstream-like, what
+    /// `llada generate` uses): the head's RNG is keyed by (batch row, absolute padded position),
+    /// so with sampling a prompt's result depends on its row and padding in the batch. `Some`:
+    /// prompt `i` draws from the stream `(row_keys[i], position counted from its first real
+    /// token)` ([`RowKey`]), so its result is the same in any batch (up to the rounding that
+    /// padding changes; see `crate::batch`). With [`generate_fast`] the step counter in the key
+    /// then also becomes per block (see there).
+    pub row_keys: Option<Vec<u32>>,
 }
 
 impl Default for GenerateParams {
@@ -110,6 +158,7 @@ impl Default for GenerateParams {
             pad_id: 126081,
             logits_dtype: DType::F32,
             max_sequence_length: None,
+            row_keys: None,
         }
     }
 }
@@ -145,6 +194,34 @@ impl GenerateParams {
             );
         }
         Ok((num_blocks, self.steps / num_blocks))
+    }
+
+    /// The [`RowKey`]s of `prompts` left-padded to `lp` tokens, or `None` without
+    /// [`GenerateParams::row_keys`]; an error when the keys do not fit the prompts.
+    fn row_keys_for(&self, prompts: &[Vec<u32>], lp: usize) -> Result<Option<Vec<RowKey>>> {
+        let Some(keys) = &self.row_keys else {
+            return Ok(None);
+        };
+        if keys.len() != prompts.len() {
+            bail!(
+                "row_keys holds {} keys for {} prompts",
+                keys.len(),
+                prompts.len()
+            );
+        }
+        if let Some((i, k)) = keys.iter().enumerate().find(|(_, &k)| k > i32::MAX as u32) {
+            bail!("row_keys[{i}] = {k} is not below 2^31");
+        }
+        // lp fits u32: the callers checked that lp + gen_length does.
+        Ok(Some(
+            keys.iter()
+                .zip(prompts)
+                .map(|(&key, p)| RowKey {
+                    key,
+                    origin: (lp - p.len()) as u32,
+                })
+                .collect(),
+        ))
     }
 
     /// The head parameters for global step `step`.
@@ -303,6 +380,7 @@ pub fn generate(
         key_valid,
     } = BatchLayout::new(prompts, params)?;
     let mask = params.mask_id;
+    let row_keys = params.row_keys_for(prompts, lp)?;
     let prompt_index: Vec<bool> = x.iter().map(|&v| v != mask).collect();
     let cfg = params.cfg_scale > 0.0;
     let mut uncond_x = if cfg { vec![mask; n] } else { Vec::new() };
@@ -358,6 +436,7 @@ pub fn generate(
                 key_valid: key_valid.as_deref(),
                 rows: &rows,
                 select: &select,
+                row_keys: row_keys.as_deref(),
             };
             pred.predict(&req, &mut out[..nr])
                 .with_context(|| format!("forward pass at step {step} (block {block})"))?;
@@ -478,6 +557,15 @@ pub struct SpanRequest<'a> {
     /// row, then position.
     pub rows: &'a [(u32, u32)],
     pub select: &'a SelectParams,
+    /// As [`PredictRequest::row_keys`].
+    pub row_keys: Option<&'a [RowKey]>,
+}
+
+impl SpanRequest<'_> {
+    /// The RNG key (row, position) of batch row `br` at absolute position `pos` ([`rng_key`]).
+    pub fn rng_key(&self, br: u32, pos: u32) -> Result<(u32, u32)> {
+        rng_key(self.row_keys, br, pos)
+    }
 }
 
 /// A predictor with a KV cache (the model, or a fake in tests).
@@ -530,7 +618,9 @@ fn commit_count(sorted: &[(f32, usize, u32)], quota: usize, d: &Decode) -> usize
 /// (`mask_index[:, e:] = 0`); cached calls only from the block. With the fixed schedule a block
 /// whose quota ran out with masks left (only possible when a `[MASK]` before the block took part
 /// of call 0's quota; upstream then indexes past the schedule) commits one token per further call.
-/// `select.step` is the call counter (0-based) for the Gumbel noise. CFG is not part of
+/// `select.step` is the call counter (0-based) for the Gumbel noise; with
+/// [`GenerateParams::row_keys`] it is `(block << 32) | call in block` instead, so that a prompt's
+/// random numbers do not depend on how many calls its batch neighbours needed. CFG is not part of
 /// Fast-dLLM and is rejected; the EOS options and left padding work as in [`generate`] (all rows
 /// share the block positions, since padding is on the left).
 pub fn generate_fast(
@@ -566,6 +656,7 @@ pub fn generate_fast(
         key_valid,
     } = BatchLayout::new(prompts, params)?;
     let mask = params.mask_id;
+    let row_keys = params.row_keys_for(prompts, lp)?;
 
     let mut rows: Vec<(u32, u32)> = Vec::with_capacity(n);
     let mut row_off = vec![0usize; b + 1];
@@ -623,7 +714,14 @@ pub fn generate_fast(
                 row_off[r + 1] = rows.len();
             }
             let nr = rows.len();
-            select.step = nfe as u64;
+            // With row keys, (block, call in block): a row's i-th call of a block is the same
+            // call in any batch (rows that finish early only get extra calls that commit
+            // nothing), whereas `nfe` counts the calls its batch neighbours needed too.
+            select.step = if row_keys.is_some() {
+                ((block as u64) << 32) | i as u64
+            } else {
+                nfe as u64
+            };
             let req = SpanRequest {
                 b,
                 t,
@@ -633,6 +731,7 @@ pub fn generate_fast(
                 q1,
                 rows: &rows,
                 select: &select,
+                row_keys: row_keys.as_deref(),
             };
             pred.predict_span(&req, &mut out[..nr])
                 .with_context(|| format!("forward pass {nfe} (block {block}, step {i})"))?;

@@ -1,5 +1,6 @@
 //! End-to-end tests of `llada batch` on tiny checkpoints on the CPU: bad lines, padded batches
-//! against single prompts, kill -9 and resume, sharding and merge.
+//! against single prompts, kill -9 and resume, sharding and merge, Fast-dLLM flags, sampled
+//! requests in any batch.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -233,8 +234,7 @@ fn bad_lines_are_reported_and_skipped() {
 /// differences are ~1e-7 relative, far below the gaps between this model's top logits and
 /// confidences, so the ids match exactly (asserted). In bf16 every op rounds to 8 mantissa
 /// bits and a last-ulp change can flip an argmax or a confidence tie, so bf16 batches are not
-/// promised to be bit-identical. Sampling (temperature > 0, random remasking) keys the RNG by
-/// batch row, which is why `llada batch` runs such requests alone unless --batch-sampling.
+/// promised to be bit-identical. Sampling is covered by `sampled_requests_do_not_depend_on_the_batch`.
 #[test]
 fn padded_batch_equals_each_prompt_alone() {
     let d = tmpdir("padded");
@@ -548,4 +548,260 @@ fn same_length_batches_are_exact_in_bf16() {
         .iter()
         .all(|r| r["padded_prompt_tokens"] == r["prompt_tokens"]));
     assert_eq!(by_id(&batched), by_id(&go(1, "b1.jsonl")));
+}
+
+/// `llada generate` on one prompt with `flags`; its generated ids.
+fn generate_ids(model: &Path, prompt: &[u32], flags: &[String]) -> Vec<u64> {
+    let o = run(llada()
+        .args(["generate", "--format", "json", "--model"])
+        .arg(model)
+        .arg("--prompt-ids")
+        .arg(
+            prompt
+                .iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .args(flags));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["ids"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+/// `llada batch` over `input` into `out` with `flags`; the results.
+fn batch_results(model: &Path, input: &Path, out: &Path, flags: &[String]) -> Vec<Value> {
+    let o = run(llada()
+        .args(["batch", "--model"])
+        .arg(model)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(out)
+        .args(flags));
+    assert!(o.status.success(), "{}", stderr(&o));
+    results(out)
+}
+
+fn strings(xs: &[&str]) -> Vec<String> {
+    xs.iter().map(|s| s.to_string()).collect()
+}
+
+/// Fast-dLLM flags: `llada batch --cache dual --threshold 0.5` (batches of 8 equal-length prompts)
+/// gives each prompt what `llada generate --cache dual --threshold 0.5` gives it, per-line
+/// `cache` / `threshold` / `factor` overrides run in their own batches with their own settings,
+/// and every output line records them. Greedy, so the keyed RNG plays no part.
+#[test]
+fn fast_dllm_flags_match_generate() {
+    let d = tmpdir("fast");
+    let model = parity_f32();
+    let prompt = |i: u32| -> Vec<u32> { (0..4).map(|j| 3 + (i * 7 + j * 13) % 120).collect() };
+    // (override, flags of the equivalent `llada generate`)
+    let overrides: Vec<(Value, Vec<&str>)> = vec![
+        (json!({}), vec!["--cache", "dual", "--threshold", "0.5"]),
+        (
+            json!({"cache": "prefix", "threshold": 0.02}),
+            vec!["--cache", "prefix", "--threshold", "0.02"],
+        ),
+        (
+            json!({"threshold": null, "factor": 0.5}),
+            vec!["--cache", "dual", "--factor", "0.5"],
+        ),
+        (json!({"cache": "none", "threshold": null}), vec![]),
+    ];
+    let mut lines = Vec::new();
+    let mut want_flags = HashMap::new();
+    for i in 0..20u32 {
+        let (extra, gflags) = &overrides[if i < 9 { 0 } else { 1 + (i as usize % 3) }];
+        let mut o = extra.clone();
+        o["id"] = json!(i);
+        o["prompt_ids"] = json!(prompt(i));
+        lines.push(o.to_string());
+        want_flags.insert(i, gflags.clone());
+    }
+    let input = d.join("in.jsonl");
+    write_lines(&input, &lines);
+    let mut flags = gen_flags(16, 8, 8);
+    flags.extend(strings(&["--cache", "dual", "--threshold", "0.5"]));
+    flags.extend(strings(&["--batch-size", "8"]));
+    let rs = batch_results(&model, &input, &d.join("out.jsonl"), &flags);
+    assert_eq!(rs.len(), 20);
+    assert!(rs.iter().any(|r| r["batch_size"] == json!(8)));
+    let mut fewer_passes = false;
+    for r in &rs {
+        let i = r["id"].as_u64().unwrap() as u32;
+        let gflags = &want_flags[&i];
+        let p = &r["params"];
+        let flag = |k: &str| gflags.iter().position(|f| *f == k).map(|j| gflags[j + 1]);
+        assert_eq!(p["cache"], json!(flag("--cache").unwrap_or("none")), "{r}");
+        let num = |k| flag(k).map_or(Value::Null, |v: &str| json!(v.parse::<f64>().unwrap()));
+        assert_eq!(p["threshold"], num("--threshold"), "{r}");
+        assert_eq!(p["factor"], num("--factor"), "{r}");
+        fewer_passes |= r["nfe"].as_u64().unwrap() < 16;
+        let mut g = gen_flags(16, 8, 8);
+        g.extend(strings(gflags));
+        let ids: Vec<u64> = r["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            generate_ids(&model, &prompt(i), &g),
+            "id {i}: batch vs llada generate {gflags:?}"
+        );
+    }
+    // The threshold / factor rules committed several tokens in some passes.
+    assert!(fewer_passes, "every request took one pass per token");
+}
+
+/// Bad Fast-dLLM values are bad lines with their line numbers; the others run.
+#[test]
+fn bad_fast_dllm_values_are_bad_lines() {
+    let d = tmpdir("fast-bad");
+    let model = parity_f32();
+    let lines = [
+        json!({"id": "ok", "prompt_ids": [5, 6, 7]}).to_string(), // 1
+        json!({"id": "lru", "prompt_ids": [5, 6, 7], "cache": "lru"}).to_string(), // 2
+        json!({"id": "both", "prompt_ids": [5, 6, 7], "factor": 1.0}).to_string(), // 3: + default threshold
+        json!({"id": "zero", "prompt_ids": [5, 6, 7], "threshold": null, "factor": 0}).to_string(), // 4
+        json!({"id": "num", "prompt_ids": [5, 6, 7], "cache": 2}).to_string(), // 5
+        json!({"id": "cfg", "prompt_ids": [5, 6, 7], "cfg_scale": 1.0}).to_string(), // 6
+        json!({"id": "fine", "prompt_ids": [5, 6, 7], "threshold": null, "factor": 1.0})
+            .to_string(), // 7
+    ];
+    let input = d.join("in.jsonl");
+    write_lines(&input, &lines);
+    let out = d.join("out.jsonl");
+    let mut flags = gen_flags(8, 8, 8);
+    flags.extend(strings(&["--threshold", "0.9"]));
+    let o = run(llada()
+        .args(["batch", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&out)
+        .args(&flags));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    for (line, what) in [
+        (2, "lru"),
+        (3, "not both"),
+        (4, "`factor` must be a finite number > 0"),
+        (5, "`cache` must be a string"),
+        (6, "cfg_scale"),
+    ] {
+        let needle = format!("line {line}");
+        assert!(
+            err.lines().any(|l| l.contains(&needle) && l.contains(what)),
+            "stderr lacks `{needle}` with `{what}`:\n{err}"
+        );
+    }
+    let errs = results(&d.join("out.errors.jsonl"));
+    let got: HashSet<u64> = errs.iter().map(|e| e["line"].as_u64().unwrap()).collect();
+    assert_eq!(got, HashSet::from([2, 3, 4, 5, 6]));
+    let ids: HashSet<String> = results(&out).iter().map(|r| r["id"].to_string()).collect();
+    assert_eq!(
+        ids,
+        HashSet::from(["\"ok\"".to_string(), "\"fine\"".to_string()])
+    );
+    // Both rules as command-line defaults: refused before anything runs.
+    let mut both = gen_flags(8, 8, 8);
+    both.extend(strings(&["--threshold", "0.9", "--factor", "1"]));
+    let o = run(llada()
+        .args(["batch", "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(d.join("both.jsonl"))
+        .args(&both));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o)); // clap: conflicting flags
+}
+
+/// Sampled requests (temperature 0.7; random remasking; sampling with the dual cache and a
+/// threshold) give identical ids at batch sizes 1 and 8, since each draws from a stream keyed by
+/// its id and its own positions (and, with Fast-dLLM, the call within the block) rather than its
+/// batch row. Equal-length prompts, and padded ones too (f32: padding changes no result here, see
+/// `padded_batch_equals_each_prompt_alone`). The sampling really matters: another seed changes
+/// the ids of every group. (Keying by batch row, or the Fast-dLLM step by the batch's pass
+/// count, makes this test fail.)
+#[test]
+fn sampled_requests_do_not_depend_on_the_batch() {
+    let d = tmpdir("sampled");
+    let model = parity_f32();
+    let groups: [(&str, Value); 3] = [
+        ("t", json!({"temperature": 0.7})),
+        ("r", json!({"remasking": "random"})),
+        (
+            "f",
+            json!({"temperature": 0.7, "cache": "dual", "threshold": 0.02}),
+        ),
+    ];
+    for padded in [false, true] {
+        let mut lines = Vec::new();
+        for (name, extra) in &groups {
+            for i in 0..10u32 {
+                let len = if padded { 1 + i % 5 } else { 4 };
+                let p: Vec<u32> = (0..len).map(|j| 3 + (i * 7 + j * 13) % 120).collect();
+                let mut o = extra.clone();
+                o["id"] = json!(format!("{name}{i}"));
+                o["prompt_ids"] = json!(p);
+                lines.push(o.to_string());
+            }
+        }
+        let input = d.join(format!("in-{padded}.jsonl"));
+        write_lines(&input, &lines);
+        let go = |bs: usize, seed: u64, extra: &[&str], name: &str| {
+            let mut f = gen_flags(16, 8, 8);
+            f.extend(strings(&[
+                "--batch-size",
+                &bs.to_string(),
+                "--seed",
+                &seed.to_string(),
+            ]));
+            f.extend(strings(extra));
+            batch_results(
+                &model,
+                &input,
+                &d.join(format!("{name}-{padded}.jsonl")),
+                &f,
+            )
+        };
+        let b8 = go(8, 1, &[], "b8");
+        let b1 = go(1, 1, &[], "b1");
+        assert!(b8.iter().any(|r| r["batch_size"] == json!(8)));
+        assert!(b1.iter().all(|r| r["batch_size"] == json!(1)));
+        if padded {
+            assert!(b8
+                .iter()
+                .any(|r| r["padded_prompt_tokens"].as_u64() > r["prompt_tokens"].as_u64()));
+        }
+        let (m8, m1) = (by_id(&b8), by_id(&b1));
+        assert_eq!(m8.len(), 30);
+        assert_eq!(m8, m1, "batch 8 vs batch 1 (padded: {padded})");
+        // --batch-sampling is accepted and changes nothing.
+        let bs = by_id(&go(8, 1, &["--batch-sampling"], "bs"));
+        assert_eq!(bs, m8);
+        let other_seed = by_id(&go(8, 2, &[], "seed2"));
+        for (name, _) in &groups {
+            let n = |m: &HashMap<String, Vec<u64>>| -> Vec<Vec<u64>> {
+                (0..10)
+                    .map(|i| m[&format!("\"{name}{i}\"")].clone())
+                    .collect()
+            };
+            assert_ne!(
+                n(&m8),
+                n(&other_seed),
+                "group {name}: the seed changed nothing"
+            );
+        }
+    }
 }

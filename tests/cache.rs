@@ -167,6 +167,7 @@ impl SpanPredictor for FirstStepCheck<'_> {
                 key_valid: req.key_valid,
                 rows: req.rows,
                 select: req.select,
+                row_keys: req.row_keys,
             };
             self.plain.predict(&r, &mut plain)?;
             for (i, (a, b)) in out.iter().zip(&plain).enumerate() {

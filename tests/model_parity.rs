@@ -375,6 +375,7 @@ fn greedy_generate_matches_pytorch_via_predictor() {
                     key_valid: key_valid.as_deref(),
                     rows: &rows,
                     select: &sp,
+                    row_keys: None,
                 };
                 let mut out = vec![(0u32, 0f32); rows.len()];
                 pred.predict(&req, &mut out).unwrap();
@@ -421,6 +422,7 @@ fn greedy_generate_matches_pytorch_via_sampler() {
             pad_id: c.pad_id,
             logits_dtype: DType::F32,
             max_sequence_length: Some(model.cfg.max_sequence_length),
+            row_keys: None,
         };
         let mut pred = ModelPredictor::new(&model);
         let out = generate(&mut pred, &c.prompts, &params, None).unwrap();

@@ -155,7 +155,8 @@ impl Predictor for LogitModel {
                 let ul = (self.f)(&u[r * t..(r + 1) * t], kv, p);
                 head::cfg_mix(&mut l, &ul, req.select.cfg_scale, req.select.dtype);
             }
-            *o = head::select_one(&mut l, r as u32, p as u32, req.select);
+            let (kr, kp) = req.rng_key(r as u32, p as u32)?;
+            *o = head::select_one(&mut l, kr, kp, req.select);
         }
         Ok(())
     }
@@ -837,6 +838,80 @@ fn left_padded_batch_rows_equal_single_prompts() {
             );
         }
     }
+}
+
+/// With per-prompt row keys, sampling (Gumbel noise, random remasking, CFG) gives each prompt
+/// of a left-padded batch exactly what it gets alone with the same key, in any row; without
+/// them the default keys (batch row, padded position) make the batch differ (so the test can
+/// fail), and `row_keys: None` equals keying each row by its index with no padding.
+#[test]
+fn row_keys_make_sampling_independent_of_the_batch() {
+    let prompts = vec![
+        vec![1, 2, 3],
+        vec![4, 5, 6, 7, 8, 9],
+        vec![10],
+        vec![2, 2, 2, 2, 2, 2],
+        vec![7, 3],
+    ];
+    let keys = [17u32, 5, 0x7fff_ffff, 3, 40];
+    let model = || LogitModel {
+        f: hash_logits(4.0, -30.0, DType::F32),
+    };
+    let settings = [
+        (0.8, 0.0, Remasking::LowConfidence),
+        (0.0, 0.0, Remasking::Random),
+        (1.3, 1.5, Remasking::Random),
+    ];
+    for (temp, cfg_scale, remasking) in settings {
+        let mut p = params(12, 12, 4);
+        p.temperature = temp;
+        p.cfg_scale = cfg_scale;
+        p.remasking = remasking;
+        p.seed = 9;
+        let what = format!("temp {temp} cfg {cfg_scale} {remasking:?}");
+        let mut keyed = p.clone();
+        keyed.row_keys = Some(keys.to_vec());
+        let batch = generate(&mut model(), &prompts, &keyed, None).unwrap();
+        // Reversed order: each prompt lands in another row with other padding.
+        let rev: Vec<Vec<u32>> = prompts.iter().rev().cloned().collect();
+        let mut rkeyed = p.clone();
+        rkeyed.row_keys = Some(keys.iter().rev().copied().collect());
+        let rbatch = generate(&mut model(), &rev, &rkeyed, None).unwrap();
+        let plain = generate(&mut model(), &prompts, &p, None).unwrap();
+        let mut differs = false;
+        for (r, pr) in prompts.iter().enumerate() {
+            let mut one = p.clone();
+            one.row_keys = Some(vec![keys[r]]);
+            let alone = generate(&mut model(), std::slice::from_ref(pr), &one, None).unwrap();
+            assert_eq!(batch.ids[r], alone.ids[0], "row {r} {what}");
+            assert_eq!(
+                rbatch.ids[prompts.len() - 1 - r],
+                alone.ids[0],
+                "row {r} reversed {what}"
+            );
+            differs |= plain.ids[r] != alone.ids[0];
+        }
+        assert!(differs, "default keys gave the keyed results too ({what})");
+        // Row 0 of an unpadded batch: row key 0 is the default key.
+        let mut zero = p.clone();
+        zero.row_keys = Some(vec![0]);
+        assert_eq!(
+            generate(&mut model(), &prompts[..1], &zero, None).unwrap(),
+            generate(&mut model(), &prompts[..1], &p, None).unwrap(),
+            "{what}"
+        );
+    }
+    // Keys that do not fit: a clear error, not a panic.
+    let mut p = params(4, 4, 4);
+    p.row_keys = Some(vec![1]);
+    let e = generate(&mut model(), &prompts, &p, None).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("row_keys holds 1 keys for 5 prompts"),
+        "{e:#}"
+    );
+    p.row_keys = Some(vec![1u32 << 31]);
+    let e = generate(&mut model(), &prompts[..1], &p, None).unwrap_err();
+    assert!(format!("{e:#}").contains("not below 2^31"), "{e:#}");
 }
 
 #[test]

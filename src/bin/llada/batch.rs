@@ -62,9 +62,9 @@ pub struct BatchArgs {
     /// Stop at the first bad line or failed generation.
     #[arg(long)]
     strict: bool,
-    /// Also batch requests that sample (temperature > 0 or random remasking). Faster, but their
-    /// results then depend on their batch neighbours (the RNG is keyed by batch row and position).
-    #[arg(long)]
+    /// No effect, kept for old scripts: sampled requests are always batched now, each with its
+    /// own random stream (keyed by its id), so batching does not change their results.
+    #[arg(long, hide = true)]
     batch_sampling: bool,
     /// Batch only prompts of equal length (no padding): results bit-identical to single
     /// prompts in bf16 too, at the cost of smaller batches. Without it, padded bf16 batches can
@@ -95,6 +95,17 @@ pub struct BatchArgs {
     /// Commit EOS/EOT predictions last within a block (upstream `confidence_eos_eot_inf`).
     #[arg(long)]
     confidence_eos_eot_inf: bool,
+    /// Fast-dLLM KV cache: none | prefix | dual (refilled by a full pass at each block start).
+    #[arg(long, default_value = "none")]
+    cache: String,
+    /// Fast-dLLM parallel decoding: commit the top-1 and every candidate with confidence ≥ F
+    /// (replaces the steps schedule; Fast-dLLM's default is 0.9).
+    #[arg(long, conflicts_with = "factor")]
+    threshold: Option<f64>,
+    /// Fast-dLLM factor rule: commit the longest confidence-sorted prefix with
+    /// c_j ≥ 1 − F/(j+1) (at least one token; replaces the steps schedule).
+    #[arg(long)]
+    factor: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -207,6 +218,9 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
         seed: a.seed,
         logits_eos_inf: a.logits_eos_inf,
         confidence_eos_eot_inf: a.confidence_eos_eot_inf,
+        cache: a.cache.parse()?,
+        threshold: a.threshold,
+        factor: a.factor,
         chat: a.chat,
     };
     if !(a.temperature.is_finite() && a.temperature >= 0.0) {
@@ -214,6 +228,18 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
     }
     if !(a.cfg_scale.is_finite() && a.cfg_scale >= 0.0) {
         bail!("--cfg-scale must be a finite number >= 0");
+    }
+    if let Some(th) = a.threshold.filter(|t| !t.is_finite()) {
+        bail!("--threshold {th} is not a finite number");
+    }
+    if let Some(f) = a.factor.filter(|f| !(f.is_finite() && *f > 0.0)) {
+        bail!("--factor {f} must be a finite number > 0");
+    }
+    defaults
+        .check()
+        .map_err(|m| anyhow::anyhow!("the generation flags: {m}"))?;
+    if a.batch_sampling {
+        eprintln!("note: --batch-sampling has no effect any more: sampled requests are always batched, each with its own random stream");
     }
     if a.batch_size == Some(0) {
         bail!("--batch-size must be > 0");
@@ -367,10 +393,7 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
                 );
             }
         };
-        let ropts = RunOptions {
-            strict: a.strict,
-            batch_sampling: a.batch_sampling,
-        };
+        let ropts = RunOptions { strict: a.strict };
         let res = batch::run(
             eng.as_mut(),
             &todo,

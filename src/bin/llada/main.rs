@@ -297,6 +297,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         pad_id: 0,
         logits_dtype: DType::F32,
         max_sequence_length: None,
+        row_keys: None,
     };
     opened.apply_ids(&mut params);
     params.block_plan()?;
