@@ -793,6 +793,7 @@ fn small_params(tag: u64, scale: f32) -> Params<f32> {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn adamw_exact_and_grad_norm() {
     let Some(g) = gpu() else { return };
     let cfg = AdamWConfig::default();
