@@ -1799,3 +1799,18 @@ impl CudaBackend {
         )
     }
 }
+
+// Accessors for the training path (`crate::train::cuda`), which launches its own f32 kernels
+// on this backend's context, stream and cuBLAS handle.
+impl CudaBackend {
+    /// A kernel of the compiled modules by symbol (e.g. `rms_norm_bwd_f32`).
+    pub fn function(&self, sym: &str) -> Result<dsys::CUfunction> {
+        self.kernel_fn(sym)
+    }
+
+    /// The cuBLAS handle bound to [`CudaBackend::stream`] (workspace set, reduced-precision
+    /// reductions disallowed).
+    pub fn blas_handle(&self) -> cublas::sys::cublasHandle_t {
+        *self.blas.handle()
+    }
+}

@@ -10,12 +10,15 @@
 //! - [`checkpoint`]: Hugging Face folder + optimizer state; exact resume.
 //! - [`Trainer`]: one optimizer step = `accum` micro-batches of `batch_size` sequences.
 //!
-//! Not implemented yet: CUDA backward kernels and multi-GPU data parallelism (NCCL). Training
-//! runs on the CPU only. [`average_grads`] is the data-parallel reduction such a run would do
-//! (mean over ranks of per-rank gradients, each normalised by its local batch), tested against
-//! one process with the same global batch.
+//! - [`cuda`]: the same step on one CUDA GPU (f32 kernels + cuBLAS f32 GEMMs, AdamW on the
+//!   device), driven by [`Trainer::train_step_cuda`]; the CPU path stays the reference.
+//!
+//! Not implemented: multi-GPU data parallelism (NCCL). [`average_grads`] is the data-parallel
+//! reduction such a run would do (mean over ranks of per-rank gradients, each normalised by its
+//! local batch), tested against one process with the same global batch.
 
 pub mod checkpoint;
+pub mod cuda;
 pub mod data;
 pub mod loss;
 pub mod model;
@@ -237,16 +240,42 @@ impl Trainer {
 
     /// One optimizer step: accumulate the micro-batches' gradients, clip, AdamW.
     pub fn train_step(&mut self) -> Result<StepStats> {
+        self.step_on(None)
+    }
+
+    /// [`Trainer::train_step`] on the GPU: forward/backward, gradient norm, clipping and AdamW
+    /// run on `gpu`'s resident parameters and moments (same micro-batches, schedule and
+    /// hyper-parameters). The host copies in `self.params` / `self.opt` go stale until
+    /// [`Trainer::pull_from_cuda`].
+    pub fn train_step_cuda(&mut self, gpu: &mut cuda::CudaTrainState) -> Result<StepStats> {
+        self.step_on(Some(gpu))
+    }
+
+    /// Copy the GPU's parameters and AdamW moments into `self.params` / `self.opt` (before a
+    /// checkpoint is saved).
+    pub fn pull_from_cuda(&mut self, gpu: &cuda::CudaTrainState) -> Result<()> {
+        gpu.params.download_into(&gpu.ops, &mut self.params)?;
+        gpu.m.download_into(&gpu.ops, &mut self.opt.m)?;
+        gpu.v.download_into(&gpu.ops, &mut self.opt.v)
+    }
+
+    fn step_on(&mut self, mut gpu: Option<&mut cuda::CudaTrainState>) -> Result<StepStats> {
         ensure!(
             self.step < self.opts.steps,
             "the run is complete ({} steps)",
             self.opts.steps
         );
-        self.grad.fill_zero();
+        match gpu.as_deref_mut() {
+            Some(g) => g.zero_grad()?,
+            None => self.grad.fill_zero(),
+        }
         let (mut loss, mut tokens, mut masked, mut flops) = (0.0, 0, 0, 0.0);
         for k in 0..self.opts.accum {
             let batch = self.micro_batch(self.step, k)?;
-            loss += forward_backward(&self.cfg, &self.params, &batch, &mut self.grad)?;
+            loss += match gpu.as_deref_mut() {
+                Some(g) => g.forward_backward(&self.cfg, &batch)?,
+                None => forward_backward(&self.cfg, &self.params, &batch, &mut self.grad)?,
+            };
             tokens += batch.b * batch.t;
             masked += batch.rows.len();
             flops += step_flops(&self.cfg, batch.b, batch.t, batch.rows.len());
@@ -256,11 +285,21 @@ impl Trainer {
             "step {}: the loss is {loss} (lower --lr, or resume from an earlier checkpoint)",
             self.step + 1
         );
-        let grad_norm = clip_grad_norm(&mut self.grad, self.opts.clip);
         let lr = self
             .schedule
             .lr(self.opts.lr, self.opts.warmup, self.step, self.opts.steps);
-        self.opt.step(&mut self.params, &self.grad, lr);
+        let grad_norm = match gpu {
+            Some(g) => {
+                let norm = g.clip_and_step(&self.opt.cfg, self.opt.t + 1, lr, self.opts.clip)?;
+                self.opt.t += 1;
+                norm
+            }
+            None => {
+                let norm = clip_grad_norm(&mut self.grad, self.opts.clip);
+                self.opt.step(&mut self.params, &self.grad, lr);
+                norm
+            }
+        };
         self.step += 1;
         Ok(StepStats {
             step: self.step,

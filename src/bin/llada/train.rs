@@ -1,5 +1,6 @@
-//! `llada train`: pretraining or SFT on the CPU (reference §6), saving Hugging Face folders
-//! that `llada generate` loads, with exact resume.
+//! `llada train`: pretraining or SFT (reference §6) on the CPU or one CUDA GPU (f32, see
+//! `llada::train::cuda`), saving Hugging Face folders that `llada generate` loads, with exact
+//! resume.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use llada::device::DeviceChoice;
 use llada::engine::{ModelSpec, Opened};
 use llada::tokenizer::Tokenizer;
 use llada::train::checkpoint;
+use llada::train::cuda::{CudaOps, CudaTrainState};
 use llada::train::data::{load_pretrain, load_sft};
 use llada::train::model::Params;
 use llada::train::{TrainOptions, Trainer};
@@ -68,7 +70,8 @@ pub struct TrainArgs {
     /// Peak FLOP/s of the device in TFLOP/s, for the model FLOP utilisation column.
     #[arg(long)]
     peak_tflops: Option<f64>,
-    /// cpu (auto means cpu; CUDA training is not implemented yet)
+    /// cpu | cuda | cuda:N (auto means cpu: the CPU is the reference; CUDA trains in f32 on one
+    /// GPU, multi-GPU is not implemented)
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -91,13 +94,14 @@ fn tokenizer_for(
 }
 
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
-    match a.device.parse::<DeviceChoice>()? {
-        DeviceChoice::Cpu | DeviceChoice::Auto => {}
-        DeviceChoice::Cuda(_) => bail!(
-            "training on CUDA is not implemented yet (the backward kernels and NCCL data \
-             parallelism are missing); use --device cpu"
-        ),
-    }
+    let cuda_device = match a.device.parse::<DeviceChoice>()? {
+        DeviceChoice::Cpu | DeviceChoice::Auto => None,
+        DeviceChoice::Cuda(i) => {
+            llada::device::cuda_available()
+                .map_err(|e| anyhow::anyhow!("--device cuda:{i}: CUDA unavailable: {e}"))?;
+            Some(i)
+        }
+    };
     let (mut trainer, tok, tok_src, tiny) = if let Some(dir) = &a.resume {
         let r = checkpoint::load(dir)?;
         let mut opts: TrainOptions = serde_json::from_value(r.state.options.clone())
@@ -157,15 +161,32 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             load_pretrain(&a.data, &tok, a.seq_len)?
         };
         eprintln!(
-            "training {} ({} parameters) on {} sequences of {} tokens, CPU f32",
+            "training {} ({} parameters) on {} sequences of {} tokens, {} f32",
             opened.label,
             params.numel(),
             samples.len(),
-            a.seq_len
+            a.seq_len,
+            if cuda_device.is_some() { "CUDA" } else { "CPU" }
         );
         (Trainer::new(cfg, params, opts, samples)?, tok, src, tiny)
     };
     let _ = &tok;
+    let mut gpu = match cuda_device {
+        Some(i) => {
+            let ops = CudaOps::new(i)?;
+            eprintln!(
+                "device: cuda:{i} ({}), f32 weights, activations and GEMMs",
+                ops.be.device_name()
+            );
+            Some(CudaTrainState::new(
+                ops,
+                &trainer.params,
+                &trainer.opt.m,
+                &trainer.opt.v,
+            )?)
+        }
+        None => None,
+    };
     let save = |t: &Trainer| -> Result<()> {
         checkpoint::save(
             &a.out,
@@ -181,7 +202,10 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let total = trainer.opts.steps;
     while trainer.step < total {
         let t0 = Instant::now();
-        let s = trainer.train_step()?;
+        let s = match gpu.as_mut() {
+            Some(g) => trainer.train_step_cuda(g)?,
+            None => trainer.train_step()?,
+        };
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         let flops = s.flops / secs;
         let mfu = match a.peak_tflops {
@@ -210,11 +234,17 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             eprintln!("{line}");
         }
         if a.save_every > 0 && s.step % a.save_every == 0 && s.step < total {
+            if let Some(g) = &gpu {
+                trainer.pull_from_cuda(g)?;
+            }
             save(&trainer)?;
         }
     }
     if show {
         eprintln!();
+    }
+    if let Some(g) = &gpu {
+        trainer.pull_from_cuda(g)?;
     }
     save(&trainer)?;
     eprintln!("saved {} (step {})", a.out.display(), trainer.step);

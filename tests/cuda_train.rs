@@ -1,0 +1,1025 @@
+//! GPU training parity: every f32 training kernel of `llada::train::cuda` against the CPU
+//! reference op of `llada::train::ops` (f32 on both sides, same inputs), then one whole-model
+//! training step and a few optimizer steps against the CPU trainer.
+//!
+//! Notation: u = 2^-24 (f32 unit roundoff). Both sides compute in f32 from identical inputs, so
+//! each differs from the exact result by at most the classic rounding-error bound of its own
+//! evaluation order, and their difference by at most twice that. Tolerances, per element:
+//! - bit-exact where both sides do the same IEEE operations in the same order (the kernels use
+//!   explicit `__fmul_rn`/`__fadd_rn`, so nvcc cannot contract FMAs): embedding (fwd, bwd: CSR,
+//!   no atomics), gather / scatter-add rows, add, RoPE (fwd, bwd), RMSNorm's `dw`, AdamW.
+//! - sums in another order (cuBLAS GEMMs, tree reductions): a sum of K products is within
+//!   (K+2)·u·Σ|terms| of the exact value on each side, so **|Δ| ≤ 2(K+2)·u·Σ|terms|**, Σ|terms|
+//!   evaluated in f64 on absolute values.
+//! - `expf` (CUDA, ≤ 2 ulp) vs libm `exp` (≤ 1 ulp) in swiglu, softmax, cross-entropy: each
+//!   transcendental contributes ≤ 4u relative; the bounds per op are written next to its test.
+//!
+//! Without a usable GPU every test prints `SKIP: <why>` and passes, unless
+//! `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
+
+use llada::config::ModelConfig;
+use llada::rng;
+use llada::train::cuda::{self, AdamWScalars, CudaOps, CudaTrainState, DeviceParams};
+use llada::train::data::Sample;
+use llada::train::model::{forward_backward, Batch, Params};
+use llada::train::ops::{self, AttnDims};
+use llada::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use llada::train::{TrainOptions, Trainer};
+
+const U: f64 = 1.0 / 16_777_216.0; // 2^-24
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+fn gpu() -> Option<CudaOps> {
+    let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    let r = llada::device::cuda_available()
+        .map_err(anyhow::Error::msg)
+        .and_then(|()| CudaOps::new(0));
+    match r {
+        Ok(b) => Some(b),
+        Err(e) if require => panic!("LLADA_REQUIRE_GPU=1 but no usable GPU: {e:#}"),
+        Err(e) => {
+            eprintln!("SKIP: {e:#}");
+            None
+        }
+    }
+}
+
+/// Deterministic f32 values uniform in [-scale, scale), distinct per `tag`.
+fn rand_vec(tag: u64, len: usize, scale: f32) -> Vec<f32> {
+    let key = rng::cell_key(0x7A1, 9, tag, 0, 0);
+    (0..len)
+        .map(|i| scale * (2.0 * rng::uniform(rng::bits(key, i as u64)) as f32 - 1.0))
+        .collect()
+}
+
+fn rand_ids(tag: u64, len: usize, hi: usize) -> Vec<u32> {
+    let key = rng::cell_key(0x7A1, 10, tag, 0, 0);
+    (0..len)
+        .map(|i| ((rng::uniform(rng::bits(key, i as u64)) * hi as f64) as usize).min(hi - 1) as u32)
+        .collect()
+}
+
+fn ints(ids: &[u32]) -> Vec<i32> {
+    ids.iter().map(|&x| x as i32).collect()
+}
+
+/// Compare element-wise with an allowed |difference| per element; NaN anywhere fails. Panics
+/// naming the worst element.
+fn compare(what: &str, cpu: &[f32], gpu: &[f32], tol: impl Fn(usize) -> f64) {
+    assert_eq!(cpu.len(), gpu.len(), "{what}: lengths differ");
+    let mut worst = (0.0f64, 0usize);
+    let mut bad = 0usize;
+    for (i, (&c, &g)) in cpu.iter().zip(gpu).enumerate() {
+        let d = (c as f64 - g as f64).abs();
+        let t = tol(i);
+        let ratio = if c.is_nan() || g.is_nan() {
+            f64::INFINITY
+        } else if d == 0.0 {
+            0.0
+        } else if t > 0.0 {
+            d / t
+        } else {
+            f64::INFINITY
+        };
+        if ratio > 1.0 {
+            bad += 1;
+        }
+        if ratio > worst.0 || (i == 0 && ratio >= worst.0) {
+            worst = (ratio, i);
+        }
+    }
+    let (r, i) = worst;
+    eprintln!(
+        "{what}: {} elements, worst |diff|/tol {r:.3} at {i}",
+        cpu.len()
+    );
+    assert!(
+        bad == 0,
+        "{what}: {bad} of {} elements out of tolerance; worst at {i}: cpu {:e} gpu {:e} (|diff| {:e}, tol {:e})",
+        cpu.len(),
+        cpu[i],
+        gpu[i],
+        (cpu[i] as f64 - gpu[i] as f64).abs(),
+        tol(i)
+    );
+}
+
+fn exact(what: &str, cpu: &[f32], gpu: &[f32]) {
+    compare(what, cpu, gpu, |_| 0.0);
+}
+
+fn abs(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| (x as f64).abs()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMMs
+
+#[test]
+fn linear_fwd_bwd() {
+    let Some(g) = gpu() else { return };
+    for (case, &(n, k, m)) in [(3, 5, 4), (17, 33, 9), (64, 128, 96), (1, 1, 1)]
+        .iter()
+        .enumerate()
+    {
+        let tag = 100 + 10 * case as u64;
+        let x = rand_vec(tag, n * k, 1.0);
+        let w = rand_vec(tag + 1, m * k, 1.0);
+        let dy = rand_vec(tag + 2, n * m, 1.0);
+        let dw0 = rand_vec(tag + 3, m * k, 0.5);
+        // CPU
+        let mut y = vec![0f32; n * m];
+        ops::linear(&mut y, &x, &w, n, k, m);
+        let mut dx = vec![0f32; n * k];
+        let mut dw = dw0.clone();
+        ops::linear_bwd(Some(&mut dx), &mut dw, &dy, &x, &w, n, k, m);
+        // GPU
+        let (xd, wd, dyd) = (
+            g.upload(&x).unwrap(),
+            g.upload(&w).unwrap(),
+            g.upload(&dy).unwrap(),
+        );
+        let mut yd = g.upload(&vec![f32::NAN; n * m]).unwrap();
+        g.linear(&mut yd, &xd, &wd, n, k, m).unwrap();
+        let mut dxd = g.upload(&vec![f32::NAN; n * k]).unwrap();
+        let mut dwd = g.upload(&dw0).unwrap();
+        g.linear_bwd(Some(&mut dxd), false, &mut dwd, &dyd, &xd, &wd, n, k, m)
+            .unwrap();
+        // Σ|terms| in f64.
+        let (ax, aw, ady) = (abs(&x), abs(&w), abs(&dy));
+        let gy = |i: usize| {
+            let (r, j) = (i / m, i % m);
+            let s: f64 = (0..k).map(|t| ax[r * k + t] * aw[j * k + t]).sum();
+            2.0 * (k as f64 + 2.0) * U * s
+        };
+        let gdx = |i: usize| {
+            let (r, c) = (i / k, i % k);
+            let s: f64 = (0..m).map(|j| ady[r * m + j] * aw[j * k + c]).sum();
+            2.0 * (m as f64 + 2.0) * U * s
+        };
+        // dw = dw0 + Σ_i dy·x: N products plus the initial value.
+        let gdw = |e: usize| {
+            let (j, c) = (e / k, e % k);
+            let s: f64 =
+                (0..n).map(|i| ady[i * m + j] * ax[i * k + c]).sum::<f64>() + dw0[e].abs() as f64;
+            2.0 * (n as f64 + 3.0) * U * s
+        };
+        compare(
+            &format!("linear y {n}x{k}x{m}"),
+            &y,
+            &g.download(&yd, n * m).unwrap(),
+            gy,
+        );
+        compare(
+            &format!("linear dx {n}x{k}x{m}"),
+            &dx,
+            &g.download(&dxd, n * k).unwrap(),
+            gdx,
+        );
+        compare(
+            &format!("linear dw {n}x{k}x{m}"),
+            &dw,
+            &g.download(&dwd, m * k).unwrap(),
+            gdw,
+        );
+        // dx accumulation (beta = 1): dx2 = dx + dy·w, one more addition per element.
+        let mut dx2 = g.upload(&dx).unwrap();
+        let mut scratch = g.zeros(m * k).unwrap();
+        g.linear_bwd(Some(&mut dx2), true, &mut scratch, &dyd, &xd, &wd, n, k, m)
+            .unwrap();
+        let want: Vec<f32> = dx.iter().map(|&a| 2.0 * a).collect();
+        compare(
+            &format!("linear dx accumulate {n}x{k}x{m}"),
+            &want,
+            &g.download(&dx2, n * k).unwrap(),
+            |i| 2.0 * gdx(i) + 2.0 * U * want[i].abs() as f64,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+#[test]
+fn rms_norm_fwd_bwd() {
+    let Some(g) = gpu() else { return };
+    let eps = 1e-5f32;
+    for (case, &(n, c)) in [(1, 1), (3, 7), (5, 128), (9, 1000), (2, 4096)]
+        .iter()
+        .enumerate()
+    {
+        let tag = 200 + 10 * case as u64;
+        let x = rand_vec(tag, n * c, 2.0);
+        let w = rand_vec(tag + 1, c, 1.5);
+        let dy = rand_vec(tag + 2, n * c, 1.0);
+        let dw0 = rand_vec(tag + 3, c, 0.3);
+        let mut y = vec![0f32; n * c];
+        let mut r = vec![0f32; n];
+        ops::rms_norm(&mut y, &mut r, &x, &w, n, c, eps as f64);
+        let mut dx = vec![0f32; n * c];
+        let mut dw = dw0.clone();
+        ops::rms_norm_bwd(&mut dx, &mut dw, &dy, &x, &r, &w, n, c);
+
+        let (xd, wd, dyd) = (
+            g.upload(&x).unwrap(),
+            g.upload(&w).unwrap(),
+            g.upload(&dy).unwrap(),
+        );
+        let mut yd = g.zeros(n * c).unwrap();
+        let mut rd = g.zeros(n).unwrap();
+        g.rms_norm(&mut yd, &mut rd, &xd, &wd, n, c, eps).unwrap();
+        // Forward: Σx² has only positive terms, so each side's sum is within (C+2)u relative;
+        // r = 1/sqrt(ms + eps) halves that and adds ≤ 3 roundings: |Δr| ≤ (C + 8)u·r.
+        // y = w·(x·r) adds 2 roundings per side: |Δy| ≤ (C + 12)u·|y|.
+        let gr = g.download(&rd, n).unwrap();
+        compare(&format!("rms_norm r {n}x{c}"), &r, &gr, |i| {
+            (c as f64 + 8.0) * U * r[i] as f64
+        });
+        compare(
+            &format!("rms_norm y {n}x{c}"),
+            &y,
+            &g.download(&yd, n * c).unwrap(),
+            |i| (c as f64 + 12.0) * U * y[i].abs() as f64,
+        );
+        // Backward from the CPU's r (identical inputs).
+        let rdc = g.upload(&r).unwrap();
+        let mut dxd = g.upload(&vec![f32::NAN; n * c]).unwrap();
+        let mut dwd = g.upload(&dw0).unwrap();
+        g.rms_norm_bwd(&mut dxd, &mut dwd, &dyd, &xd, &rdc, &wd, n, c)
+            .unwrap();
+        // dx = r·w·dy − x·coef, coef = r³·gx/C, gx = Σ dy·w·x. With S = Σ|dy·w·x| each side's gx
+        // is within (C+3)u·S, and coef adds 4 roundings: |Δcoef| ≤ r³/C·(2(C+3)·S + 8|gx|)·u
+        // ≤ r³/C·(2C+14)·u·S. Plus ≤ 4 roundings per side of each product term:
+        // |Δdx| ≤ (8·r|w·dy| + 8|x·coef|)·u + |x|·r³/C·(2C+14)·u·S.
+        let gdx = |e: usize| {
+            let (i, j) = (e / c, e % c);
+            let ri = r[i] as f64;
+            let s: f64 = (0..c)
+                .map(|t| (dy[i * c + t] as f64 * w[t] as f64 * x[i * c + t] as f64).abs())
+                .sum();
+            let coef = ri * ri * ri * s / c as f64;
+            let xv = (x[e] as f64).abs();
+            8.0 * U * (ri * (w[j] as f64 * dy[e] as f64).abs() + xv * coef)
+                + xv * ri * ri * ri / c as f64 * (2.0 * c as f64 + 14.0) * U * s
+        };
+        compare(
+            &format!("rms_norm dx {n}x{c}"),
+            &dx,
+            &g.download(&dxd, n * c).unwrap(),
+            gdx,
+        );
+        exact(
+            &format!("rms_norm dw {n}x{c}"),
+            &dw,
+            &g.download(&dwd, c).unwrap(),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+#[test]
+fn swiglu_fwd_bwd() {
+    let Some(gp) = gpu() else { return };
+    for (case, &len) in [1usize, 7, 1000, 65_537].iter().enumerate() {
+        let tag = 300 + 10 * case as u64;
+        let g = rand_vec(tag, len, 6.0);
+        let u = rand_vec(tag + 1, len, 2.0);
+        let dm = rand_vec(tag + 2, len, 1.0);
+        let mut m = vec![0f32; len];
+        ops::swiglu(&mut m, &g, &u);
+        let mut dg = vec![0f32; len];
+        let mut du = vec![0f32; len];
+        ops::swiglu_bwd(&mut dg, &mut du, &dm, &g, &u);
+        let (gd, ud, dmd) = (
+            gp.upload(&g).unwrap(),
+            gp.upload(&u).unwrap(),
+            gp.upload(&dm).unwrap(),
+        );
+        let mut md = gp.zeros(len).unwrap();
+        gp.swiglu(&mut md, &gd, &ud, len).unwrap();
+        let mut dgd = gp.upload(&vec![f32::NAN; len]).unwrap();
+        let mut dud = gp.upload(&vec![f32::NAN; len]).unwrap();
+        gp.swiglu_bwd(&mut dgd, &mut dud, &dmd, &gd, &ud, len)
+            .unwrap();
+        // s = 1/(1 + exp(−g)): exp ≤ 2 ulp (CUDA) / 1 ulp (libm) plus 2 roundings, so each
+        // side's s is within 4u relative, the pair 8u. m = (g·s)·u adds 2 roundings per side:
+        // |Δm| ≤ 12u·|g·s·u| ≤ 12u·|g·u|.
+        compare(
+            &format!("swiglu m {len}"),
+            &m,
+            &gp.download(&md, len).unwrap(),
+            |i| 12.0 * U * (g[i] as f64 * u[i] as f64).abs(),
+        );
+        // du = (dm·g)·s: 8u (s) + 4u (roundings) relative.
+        compare(
+            &format!("swiglu du {len}"),
+            &du,
+            &gp.download(&dud, len).unwrap(),
+            |i| 12.0 * U * (dm[i] as f64 * g[i] as f64).abs(),
+        );
+        // dg = ((dm·u)·s)·(1 + g(1 − s)): (1 − s) has absolute error ≤ 8u·s + u ≤ 9u, so
+        // g(1 − s) carries ≤ (9 + 2)u·|g| and 1 + g(1−s) another u: the factor's absolute error
+        // is ≤ (11|g| + 2)u; the other factors are ≤ 12u relative. With |s| ≤ 1 and
+        // |1 + g(1 − s)| ≤ 1 + |g|: |Δdg| ≤ |dm·u|·(12(1 + |g|) + 11|g| + 2)·u.
+        compare(
+            &format!("swiglu dg {len}"),
+            &dg,
+            &gp.download(&dgd, len).unwrap(),
+            |i| {
+                let ag = (g[i] as f64).abs();
+                (dm[i] as f64 * u[i] as f64).abs() * (14.0 + 23.0 * ag) * U
+            },
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE, embedding, rows, add: bit-exact
+
+#[test]
+fn rope_fwd_bwd_exact() {
+    let Some(g) = gpu() else { return };
+    for (case, &(n, heads, hd)) in [(1, 1, 2), (5, 3, 64), (7, 2, 128), (4, 5, 10)]
+        .iter()
+        .enumerate()
+    {
+        let tag = 400 + 10 * case as u64;
+        let max_pos = 37;
+        let (cos, sin) = llada::backend::rope_tables(10000.0, hd, max_pos);
+        let pos: Vec<usize> = rand_ids(tag, n, max_pos)
+            .iter()
+            .map(|&p| p as usize)
+            .collect();
+        let x = rand_vec(tag + 1, n * heads * hd, 3.0);
+        let (cd, sd) = (g.upload(&cos).unwrap(), g.upload(&sin).unwrap());
+        let pd = g
+            .upload_ints(&pos.iter().map(|&p| p as i32).collect::<Vec<_>>())
+            .unwrap();
+        for inverse in [false, true] {
+            let mut want = x.clone();
+            ops::rope(&mut want, &pos, &cos, &sin, n, heads, hd, inverse);
+            let mut xd = g.upload(&x).unwrap();
+            g.rope(&mut xd, &pd, &cd, &sd, n, heads, hd, inverse)
+                .unwrap();
+            exact(
+                &format!("rope inverse={inverse} {n}x{heads}x{hd}"),
+                &want,
+                &g.download(&xd, x.len()).unwrap(),
+            );
+        }
+    }
+    // A position outside the tables is refused on the host.
+    let (cos, sin) = llada::backend::rope_tables(10000.0, 4, 3);
+    let (cd, sd) = (g.upload(&cos).unwrap(), g.upload(&sin).unwrap());
+    let pd = g.upload_ints(&[0, 3]).unwrap();
+    let mut xd = g.zeros(2 * 4).unwrap();
+    let e = g.rope(&mut xd, &pd, &cd, &sd, 2, 1, 4, false).unwrap_err();
+    assert!(format!("{e:#}").contains("pos[1] = 3"), "{e:#}");
+}
+
+#[test]
+fn embedding_rows_add_exact() {
+    let Some(g) = gpu() else { return };
+    for (case, &(n, v, c)) in [(1, 1, 1), (9, 5, 7), (64, 50, 128), (300, 3, 33)]
+        .iter()
+        .enumerate()
+    {
+        let tag = 500 + 10 * case as u64;
+        let wte = rand_vec(tag, v * c, 1.0);
+        let ids = rand_ids(tag + 1, n, v); // many repeats when n > v
+        let dx = rand_vec(tag + 2, n * c, 1.0);
+        let dw0 = rand_vec(tag + 3, v * c, 1.0);
+        let mut x = vec![0f32; n * c];
+        ops::embedding(&mut x, &wte, &ids, c);
+        let mut dwte = dw0.clone();
+        ops::embedding_bwd(&mut dwte, &dx, &ids, c);
+        let idd = g.upload_ints(&ints(&ids)).unwrap();
+        let wd = g.upload(&wte).unwrap();
+        let mut xd = g.upload(&vec![f32::NAN; n * c]).unwrap();
+        g.embedding(&mut xd, &wd, &idd, n, c).unwrap();
+        exact(
+            &format!("embedding {n}x{v}x{c}"),
+            &x,
+            &g.download(&xd, n * c).unwrap(),
+        );
+        let dxd = g.upload(&dx).unwrap();
+        let mut dwd = g.upload(&dw0).unwrap();
+        g.embedding_bwd(&mut dwd, &dxd, &ids, c).unwrap();
+        exact(
+            &format!("embedding_bwd {n}x{v}x{c}"),
+            &dwte,
+            &g.download(&dwd, v * c).unwrap(),
+        );
+
+        // gather rows / scatter-add rows (repeated rows add up in order), add.
+        let r = n.div_ceil(2) + 1;
+        let rows = rand_ids(tag + 4, r, n);
+        let mut want_g = vec![0f32; r * c];
+        for (i, &row) in rows.iter().enumerate() {
+            want_g[i * c..(i + 1) * c]
+                .copy_from_slice(&x[row as usize * c..(row as usize + 1) * c]);
+        }
+        let rd = g.upload_ints(&ints(&rows)).unwrap();
+        let mut god = g.upload(&vec![f32::NAN; r * c]).unwrap();
+        g.gather_rows(&mut god, &xd, &rd, r, c).unwrap();
+        exact(
+            &format!("gather_rows {r}x{c}"),
+            &want_g,
+            &g.download(&god, r * c).unwrap(),
+        );
+        let src = rand_vec(tag + 5, r * c, 1.0);
+        let mut want_s = dx.clone();
+        for (i, &row) in rows.iter().enumerate() {
+            for j in 0..c {
+                want_s[row as usize * c + j] += src[i * c + j];
+            }
+        }
+        let mut sd = g.upload(&dx).unwrap();
+        g.scatter_add_rows(&mut sd, &g.upload(&src).unwrap(), &rd, r, c)
+            .unwrap();
+        exact(
+            &format!("scatter_add_rows {r}x{c}"),
+            &want_s,
+            &g.download(&sd, n * c).unwrap(),
+        );
+        let want_a: Vec<f32> = x.iter().zip(&dx).map(|(a, b)| a + b).collect();
+        g.add(&mut xd, &dxd, n * c).unwrap();
+        exact(
+            &format!("add {n}x{c}"),
+            &want_a,
+            &g.download(&xd, n * c).unwrap(),
+        );
+    }
+    // Ids outside the table are refused on the host, naming the index.
+    let wd = g.upload(&[0.0; 6]).unwrap();
+    let idd = g.upload_ints(&[1, 3]).unwrap();
+    let mut xd = g.zeros(4).unwrap();
+    let e = g.embedding(&mut xd, &wd, &idd, 2, 2).unwrap_err();
+    assert!(format!("{e:#}").contains("ids[1] = 3"), "{e:#}");
+    let mut dwd = g.zeros(6).unwrap();
+    let e = g.embedding_bwd(&mut dwd, &xd, &[0, 7], 2).unwrap_err();
+    assert!(format!("{e:#}").contains("ids[1] = 7"), "{e:#}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy
+
+#[test]
+fn cross_entropy_fwd_bwd() {
+    let Some(g) = gpu() else { return };
+    for (case, &(r, v)) in [(1, 1), (3, 50), (17, 512), (5, 1001), (2, 126_464)]
+        .iter()
+        .enumerate()
+    {
+        let tag = 600 + 10 * case as u64;
+        let z0 = rand_vec(tag, r * v, 8.0);
+        let targets = rand_ids(tag + 1, r, v);
+        let weights: Vec<f32> = rand_vec(tag + 2, r, 1.0)
+            .iter()
+            .map(|w| w.abs() + 0.01)
+            .collect();
+        let mut z = z0.clone();
+        let loss = ops::cross_entropy_fwd_bwd(&mut z, &targets, &weights, v);
+        let mut zd = g.upload(&z0).unwrap();
+        let mut lr = g.zeros(r).unwrap();
+        let td = g.upload_ints(&ints(&targets)).unwrap();
+        let wd = g.upload(&weights).unwrap();
+        let gl = g.cross_entropy(&mut zd, &mut lr, &td, &wd, r, v).unwrap();
+        // lse = max + ln Σ exp(z − max): the sum of V positive terms is within (V+2)u relative
+        // per side plus ≤ 4u from exp: ln adds ≤ (V+6)u absolute plus its own 2u, and the final
+        // addition u·|lse|. Per row E = 2((V + 8) + |lse|)u bounds the lse difference.
+        // Gradient w·exp(z − lse): relative error ≤ E + 2u(|z − lse|) + 8u, then − w at the
+        // target adds 2u·|w|. Loss: w·(lse − z_t) within |w|·(E + 4u(|lse| + |z_t|)).
+        let mut lse = vec![0f64; r];
+        for i in 0..r {
+            let row = &z0[i * v..(i + 1) * v];
+            let mx = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            lse[i] = mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
+        }
+        let e_row = |i: usize| 2.0 * ((v as f64 + 8.0) + lse[i].abs()) * U;
+        let tol = |e: usize| {
+            let (i, j) = (e / v, e % v);
+            let w = weights[i] as f64;
+            let zl = z0[e] as f64 - lse[i];
+            let p = zl.exp();
+            w * p * (e_row(i) + 2.0 * U * zl.abs() + 8.0 * U)
+                + if j == targets[i] as usize {
+                    2.0 * U * w
+                } else {
+                    0.0
+                }
+        };
+        compare(
+            &format!("cross_entropy grad {r}x{v}"),
+            &z,
+            &g.download(&zd, r * v).unwrap(),
+            tol,
+        );
+        let ltol: f64 = (0..r)
+            .map(|i| {
+                let zt = z0[i * v + targets[i] as usize] as f64;
+                weights[i] as f64 * (e_row(i) + 4.0 * U * (lse[i].abs() + zt.abs()))
+            })
+            .sum();
+        eprintln!("cross_entropy loss {r}x{v}: cpu {loss} gpu {gl} tol {ltol:e}");
+        assert!(
+            (loss - gl).abs() <= ltol,
+            "cross_entropy loss {r}x{v}: cpu {loss} gpu {gl} (tol {ltol:e})"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+struct AttnCase {
+    d: AttnDims,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+fn attn_case(tag: u64, d: AttnDims) -> AttnCase {
+    let n = d.b * d.t;
+    AttnCase {
+        d,
+        q: rand_vec(tag, n * d.nh * d.hd, 1.0),
+        k: rand_vec(tag + 1, n * d.nkv * d.hd, 1.0),
+        v: rand_vec(tag + 2, n * d.nkv * d.hd, 1.0),
+    }
+}
+
+const ATTN_SHAPES: [(usize, usize, usize, usize, usize); 6] = [
+    (1, 1, 1, 1, 64),
+    (1, 5, 2, 2, 64),
+    (2, 33, 4, 2, 64),
+    (1, 70, 2, 1, 128),
+    (2, 17, 3, 3, 128),
+    (1, 9, 2, 2, 6),
+];
+
+/// (score bound per side ES[b,h,i,j] = (HD + 2)u·scale·Σ|q||k|, exact P[b,h,i,j]) in f64.
+fn attn_terms(a: &AttnCase, lse: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let AttnDims { b, t, nh, nkv, hd } = a.d;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (qw, kw) = (nh * hd, nkv * hd);
+    let mut es = vec![0f64; b * nh * t * t];
+    let mut p = vec![0f64; b * nh * t * t];
+    for bi in 0..b {
+        for h in 0..nh {
+            let kh = h / (nh / nkv);
+            for i in 0..t {
+                let qo = (bi * t + i) * qw + h * hd;
+                for j in 0..t {
+                    let ko = (bi * t + j) * kw + kh * hd;
+                    let (mut s, mut sa) = (0f64, 0f64);
+                    for c in 0..hd {
+                        s += a.q[qo + c] as f64 * a.k[ko + c] as f64;
+                        sa += (a.q[qo + c] as f64 * a.k[ko + c] as f64).abs();
+                    }
+                    let e = ((bi * nh + h) * t + i) * t + j;
+                    es[e] = (hd as f64 + 2.0) * U * scale * sa;
+                    p[e] = (s * scale - lse[(bi * t + i) * nh + h] as f64).exp();
+                }
+            }
+        }
+    }
+    (es, p)
+}
+
+#[test]
+fn attention_fwd() {
+    let Some(g) = gpu() else { return };
+    for (case, &(b, t, nh, nkv, hd)) in ATTN_SHAPES.iter().enumerate() {
+        let d = AttnDims { b, t, nh, nkv, hd };
+        let a = attn_case(700 + 10 * case as u64, d);
+        let n = b * t;
+        let mut o = vec![0f32; n * nh * hd];
+        let mut lse = vec![0f32; n * nh];
+        ops::attention(&mut o, &mut lse, &a.q, &a.k, &a.v, d);
+        let (qd, kd, vd) = (
+            g.upload(&a.q).unwrap(),
+            g.upload(&a.k).unwrap(),
+            g.upload(&a.v).unwrap(),
+        );
+        let mut od = g.upload(&vec![f32::NAN; o.len()]).unwrap();
+        let mut ld = g.upload(&vec![f32::NAN; lse.len()]).unwrap();
+        g.attention(&mut od, &mut ld, &qd, &kd, &vd, d).unwrap();
+        let (es, p) = attn_terms(&a, &lse);
+        // Per side, s_j is within ES_j; exp(s − max) then carries 2ES + 4u relative, the sum
+        // 2ES + (T + 4)u, each p_j = e_j/Σ: 4·ES + (T + 10)u with ES = max_j ES_j, and
+        // o = Σ p_j v_j adds (T + 2)u·Σ p|v|. Both sides: |Δo| ≤ 2(4ES + (2T + 12)u)·Σ_j p_j|v_j|.
+        // lse = max + ln Σ: |Δlse| ≤ 2(ES + (T + 6)u) + 2u|lse|.
+        let es_row = |bi: usize, h: usize, i: usize| {
+            let e0 = ((bi * nh + h) * t + i) * t;
+            es[e0..e0 + t].iter().cloned().fold(0.0, f64::max)
+        };
+        let kw = nkv * hd;
+        let tol_o = |e: usize| {
+            let (row, col) = (e / (nh * hd), e % (nh * hd));
+            let (bi, i, h, c) = (row / t, row % t, col / hd, col % hd);
+            let kh = h / (nh / nkv);
+            let e0 = ((bi * nh + h) * t + i) * t;
+            let m: f64 = (0..t)
+                .map(|j| p[e0 + j] * (a.v[(bi * t + j) * kw + kh * hd + c] as f64).abs())
+                .sum();
+            2.0 * (4.0 * es_row(bi, h, i) + (2.0 * t as f64 + 12.0) * U) * m
+        };
+        let tol_l = |e: usize| {
+            let (row, h) = (e / nh, e % nh);
+            2.0 * (es_row(row / t, h, row % t) + (t as f64 + 6.0) * U)
+                + 2.0 * U * (lse[e] as f64).abs()
+        };
+        let tag = format!("{b}x{t}x{nh}/{nkv}x{hd}");
+        compare(
+            &format!("attention o {tag}"),
+            &o,
+            &g.download(&od, o.len()).unwrap(),
+            tol_o,
+        );
+        compare(
+            &format!("attention lse {tag}"),
+            &lse,
+            &g.download(&ld, lse.len()).unwrap(),
+            tol_l,
+        );
+    }
+}
+
+#[test]
+fn attention_bwd() {
+    let Some(g) = gpu() else { return };
+    for (case, &(b, t, nh, nkv, hd)) in ATTN_SHAPES.iter().enumerate() {
+        let d = AttnDims { b, t, nh, nkv, hd };
+        let a = attn_case(800 + 10 * case as u64, d);
+        let n = b * t;
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let mut o = vec![0f32; n * qw];
+        let mut lse = vec![0f32; n * nh];
+        ops::attention(&mut o, &mut lse, &a.q, &a.k, &a.v, d);
+        let dout = rand_vec(800 + 10 * case as u64 + 5, n * qw, 1.0);
+        let mut dq = vec![0f32; n * qw];
+        let mut dk = vec![0f32; n * kw];
+        let mut dv = vec![0f32; n * kw];
+        ops::attention_bwd(
+            &mut dq, &mut dk, &mut dv, &dout, &a.q, &a.k, &a.v, &o, &lse, d,
+        );
+        // GPU from identical inputs (the CPU's o and lse).
+        let up = |x: &[f32]| g.upload(x).unwrap();
+        let (qd, kd, vd, od, ld, dod) = (up(&a.q), up(&a.k), up(&a.v), up(&o), up(&lse), up(&dout));
+        let mut dqd = up(&vec![f32::NAN; dq.len()]);
+        let mut dkd = up(&vec![f32::NAN; dk.len()]);
+        let mut dvd = up(&vec![f32::NAN; dv.len()]);
+        let mut delta = g.zeros(n * nh).unwrap();
+        g.attention_bwd(
+            &mut dqd, &mut dkd, &mut dvd, &mut delta, &dod, &qd, &kd, &vd, &od, &ld, d,
+        )
+        .unwrap();
+        // Per side: P = exp(s − lse) has relative error ε_P = ES + 4u (lse is shared input);
+        // dP = dO·v within e_dP = (HD + 2)u·Σ|dO||v|; δ = dO·O within e_δ = (HD + 2)u·Σ|dO||O|;
+        // dS = (P(dP − δ))·scale adds 3 roundings:
+        //   |ΔdS| ≤ scale·P·(|dP − δ|(ε_P + 3u) + e_dP + e_δ).
+        // dQ_i = Σ_j dS_ij k_j: Σ_j |ΔdS||k| + (T + 2)u·Σ_j |dS||k|; dK_j, dV_j likewise over the
+        // G·T (head, query) pairs of the kv head, dV with P's ε_P. Both sides: twice that.
+        let (es, p) = attn_terms(&a, &lse);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let group = nh / nkv;
+        let dot_abs = |x: &[f32], y: &[f32]| -> (f64, f64) {
+            let mut s = 0f64;
+            let mut sa = 0f64;
+            for (&u, &w) in x.iter().zip(y) {
+                s += u as f64 * w as f64;
+                sa += (u as f64 * w as f64).abs();
+            }
+            (s, sa)
+        };
+        // Per (b, h, i, j): dS, its error bound, and P's relative error.
+        let mut ds = vec![0f64; b * nh * t * t];
+        let mut dds = vec![0f64; b * nh * t * t];
+        let mut ep = vec![0f64; b * nh * t * t];
+        for bi in 0..b {
+            for h in 0..nh {
+                let kh = h / group;
+                for i in 0..t {
+                    let qo = (bi * t + i) * qw + h * hd;
+                    let (dl, dla) = dot_abs(&dout[qo..qo + hd], &o[qo..qo + hd]);
+                    for j in 0..t {
+                        let ko = (bi * t + j) * kw + kh * hd;
+                        let (dp, dpa) = dot_abs(&dout[qo..qo + hd], &a.v[ko..ko + hd]);
+                        let e = ((bi * nh + h) * t + i) * t + j;
+                        ep[e] = es[e] + 4.0 * U;
+                        ds[e] = p[e] * (dp - dl) * scale;
+                        dds[e] = scale
+                            * p[e]
+                            * ((dp - dl).abs() * (ep[e] + 3.0 * U)
+                                + (hd as f64 + 2.0) * U * (dpa + dla));
+                    }
+                }
+            }
+        }
+        let tol_dq = |e: usize| {
+            let (row, col) = (e / qw, e % qw);
+            let (bi, i, h, c) = (row / t, row % t, col / hd, col % hd);
+            let kh = h / group;
+            let e0 = ((bi * nh + h) * t + i) * t;
+            let (mut s1, mut s2) = (0f64, 0f64);
+            for j in 0..t {
+                let kv = (a.k[(bi * t + j) * kw + kh * hd + c] as f64).abs();
+                s1 += dds[e0 + j] * kv;
+                s2 += ds[e0 + j].abs() * kv;
+            }
+            2.0 * (s1 + (t as f64 + 2.0) * U * s2)
+        };
+        let tol_kv = |e: usize, want_v: bool| {
+            let (row, col) = (e / kw, e % kw);
+            let (bi, j, kh, c) = (row / t, row % t, col / hd, col % hd);
+            let (mut s1, mut s2) = (0f64, 0f64);
+            for h in kh * group..(kh + 1) * group {
+                for i in 0..t {
+                    let el = ((bi * nh + h) * t + i) * t + j;
+                    let qo = (bi * t + i) * qw + h * hd + c;
+                    if want_v {
+                        let g_ = (dout[qo] as f64).abs();
+                        s1 += p[el] * ep[el] * g_;
+                        s2 += p[el] * g_;
+                    } else {
+                        let qv = (a.q[qo] as f64).abs();
+                        s1 += dds[el] * qv;
+                        s2 += ds[el].abs() * qv;
+                    }
+                }
+            }
+            2.0 * (s1 + ((group * t) as f64 + 2.0) * U * s2)
+        };
+        let tag = format!("{b}x{t}x{nh}/{nkv}x{hd}");
+        compare(
+            &format!("attention dq {tag}"),
+            &dq,
+            &g.download(&dqd, dq.len()).unwrap(),
+            tol_dq,
+        );
+        compare(
+            &format!("attention dk {tag}"),
+            &dk,
+            &g.download(&dkd, dk.len()).unwrap(),
+            |e| tol_kv(e, false),
+        );
+        compare(
+            &format!("attention dv {tag}"),
+            &dv,
+            &g.download(&dvd, dv.len()).unwrap(),
+            |e| tol_kv(e, true),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW and the gradient norm
+
+fn small_params(tag: u64, scale: f32) -> Params<f32> {
+    Params {
+        names: vec!["w".into(), "norm".into(), "odd".into()],
+        shapes: vec![vec![7, 13], vec![13], vec![1, 1001]],
+        data: vec![
+            rand_vec(tag, 91, scale),
+            rand_vec(tag + 1, 13, scale),
+            rand_vec(tag + 2, 1001, scale),
+        ],
+    }
+}
+
+#[test]
+#[allow(clippy::needless_range_loop)]
+fn adamw_exact_and_grad_norm() {
+    let Some(g) = gpu() else { return };
+    let cfg = AdamWConfig::default();
+    let p0 = small_params(900, 1.0);
+    let mut cpu_p = p0.clone();
+    let mut opt = AdamW::new(cfg, &p0);
+    let mut dp = DeviceParams::upload(&g, &p0).unwrap();
+    let mut dm = DeviceParams::upload(&g, &opt.m).unwrap();
+    let mut dv = DeviceParams::upload(&g, &opt.v).unwrap();
+    let mut bf: Vec<_> = p0
+        .data
+        .iter()
+        .map(|d| g.be.stream().alloc_zeros::<half::bf16>(d.len()).unwrap())
+        .collect();
+    let mut partial = g.be.stream().alloc_zeros::<f64>(512).unwrap();
+    // Three steps; the second clips (max_norm far below the norm), the others do not.
+    for (step, &(lr, clip)) in [(1e-2, 0.0), (3e-3, 0.05), (1e-3, 1e9)].iter().enumerate() {
+        let mut grad = small_params(950 + step as u64, 2.0);
+        // Gradient norm: f64 sums of the same f32 squares in another order: relative 1e-12.
+        let mut gnorm_gpu = 0.0f64;
+        let gd = DeviceParams::upload(&g, &grad).unwrap();
+        for d in &gd.data {
+            gnorm_gpu += g.sumsq(d, d.len(), &mut partial).unwrap();
+        }
+        let gnorm_gpu = gnorm_gpu.sqrt();
+        let norm = clip_grad_norm(&mut grad, clip);
+        assert!(
+            (norm - gnorm_gpu).abs() <= 1e-12 * norm,
+            "grad norm cpu {norm} gpu {gnorm_gpu}"
+        );
+        let gscale = if clip > 0.0 && clip / (norm + 1e-6) < 1.0 {
+            (clip / (norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
+        opt.step(&mut cpu_p, &grad, lr);
+        let h = AdamWScalars::new(&cfg, opt.t, lr);
+        for i in 0..p0.data.len() {
+            let len = p0.data[i].len();
+            let decay = AdamWScalars::decay(&cfg, lr, &p0.shapes[i]);
+            g.adamw(
+                &mut dp.data[i],
+                &mut dm.data[i],
+                &mut dv.data[i],
+                Some(&mut bf[i]),
+                &gd.data[i],
+                len,
+                &h,
+                decay,
+                gscale,
+            )
+            .unwrap();
+        }
+        let (gp, gm, gv) = (
+            dp.download(&g).unwrap(),
+            dm.download(&g).unwrap(),
+            dv.download(&g).unwrap(),
+        );
+        for i in 0..p0.data.len() {
+            let w = format!("adamw step {} `{}`", step + 1, p0.names[i]);
+            exact(&format!("{w} p"), &cpu_p.data[i], &gp.data[i]);
+            exact(&format!("{w} m"), &opt.m.data[i], &gm.data[i]);
+            exact(&format!("{w} v"), &opt.v.data[i], &gv.data[i]);
+            let b: Vec<f32> =
+                g.be.stream()
+                    .clone_dtoh(&bf[i])
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect();
+            g.sync().unwrap();
+            let want: Vec<f32> = cpu_p.data[i]
+                .iter()
+                .map(|&x| llada::dtype::DType::BF16.round(x))
+                .collect();
+            exact(&format!("{w} bf16 copy"), &want, &b);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole model
+
+fn tiny() -> ModelConfig {
+    llada::presets::preset_config("tiny").unwrap()
+}
+
+/// Random f32 parameters (matrices ±0.1, norms around 1), so the loss is O(ln V).
+fn tiny_params(cfg: &ModelConfig) -> Params<f32> {
+    let mut p = Params::<f32>::zeros(cfg);
+    for (i, d) in p.data.iter_mut().enumerate() {
+        let r = rand_vec(1000 + i as u64, d.len(), 0.1);
+        if p.shapes[i].len() == 1 {
+            *d = r.iter().map(|x| 1.0 + x).collect();
+        } else {
+            *d = r;
+        }
+    }
+    p
+}
+
+fn tiny_batch(cfg: &ModelConfig, b: usize, t: usize) -> Batch {
+    let clean = rand_ids(1100, b * t, 500);
+    llada::train::loss::pretrain_batch(&clean, b, t, cfg.mask_token_id, 3, 0, false, 1.0).unwrap()
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// One forward/backward of the tiny preset (C 128, 2 layers, HD 64, V 512), B 2 × T 40.
+/// Every op differs from the CPU by a few f32 roundings per accumulated term (bounds above:
+/// at most ~2(K + 2)u relative to the absolute sums, K ≤ 320 here, i.e. ≤ 4e-5 worst case and
+/// ~1e-6 typically, since the rounding errors of random data add up like √K). The loss passes
+/// through ~12 such ops: relative 1e-4 bounds it with margin; the gradients through ~35 and
+/// are compared normwise (‖Δ‖/‖g‖, which cancellations in single elements cannot inflate):
+/// 1e-3. A wrong term (index, transposition, missing accumulation) gives O(1) errors.
+#[test]
+fn model_step_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let cfg = tiny();
+    let p = tiny_params(&cfg);
+    let batch = tiny_batch(&cfg, 2, 40);
+    assert!(!batch.rows.is_empty());
+    let mut grad = Params::<f32>::zeros(&cfg);
+    let loss = forward_backward(&cfg, &p, &batch, &mut grad).unwrap();
+    let dp = DeviceParams::upload(&g, &p).unwrap();
+    let mut dg = DeviceParams::upload(&g, &Params::<f32>::zeros(&cfg)).unwrap();
+    let gl = cuda::forward_backward(&g, &cfg, &dp, &batch, &mut dg).unwrap();
+    eprintln!("tiny loss: cpu {loss} gpu {gl}");
+    assert!(
+        (loss - gl).abs() <= 1e-4 * loss.abs(),
+        "loss cpu {loss} gpu {gl}"
+    );
+    let gg = dg.download(&g).unwrap();
+    for (i, name) in grad.names.iter().enumerate() {
+        let e = rel_err(&grad.data[i], &gg.data[i]);
+        eprintln!("grad `{name}`: relative error {e:.2e}");
+        assert!(e <= 1e-3, "gradient of `{name}`: relative error {e:e}");
+    }
+    // Gradients accumulate: a second pass doubles them.
+    let gl2 = cuda::forward_backward(&g, &cfg, &dp, &batch, &mut dg).unwrap();
+    assert_eq!(gl, gl2, "the GPU pass is deterministic");
+    let gg2 = dg.download(&g).unwrap();
+    for i in 0..gg.data.len() {
+        let twice: Vec<f32> = gg.data[i].iter().map(|x| 2.0 * x).collect();
+        let e = rel_err(&twice, &gg2.data[i]);
+        assert!(
+            e <= 1e-6,
+            "gradient `{}` does not accumulate: {e:e}",
+            gg.names[i]
+        );
+    }
+}
+
+/// Five optimizer steps of the CPU and the GPU trainer from the same start (tiny preset,
+/// batch 2 × 32, accum 2, lr 1e-3, clip 1). AdamW's step is ≈ lr per parameter whatever the
+/// gradient's scale, so per-step gradient differences of ~1e-4 relative (above) move a
+/// parameter by far less than lr except where m/√v is near a sign change; the losses of the
+/// two runs must stay within 1 % of each other (a broken update or gradient diverges by O(1)).
+#[test]
+fn n_steps_loss_close_to_cpu() {
+    let Some(g) = gpu() else { return };
+    let cfg = tiny();
+    let samples: Vec<Sample> = (0..6)
+        .map(|s| Sample {
+            ids: rand_ids(1200 + s, 32, 500),
+            prompt_len: 0,
+        })
+        .collect();
+    let opts = TrainOptions {
+        steps: 5,
+        batch_size: 2,
+        accum: 2,
+        seq_len: 32,
+        lr: 1e-3,
+        warmup: 2,
+        schedule: "constant".into(),
+        weight_decay: 0.1,
+        clip: 1.0,
+        seed: 5,
+        sft: false,
+        truncate: false,
+    };
+    let mut cpu_t = Trainer::new(
+        cfg.clone(),
+        tiny_params(&cfg),
+        opts.clone(),
+        samples.clone(),
+    )
+    .unwrap();
+    let mut gpu_t = Trainer::new(cfg.clone(), tiny_params(&cfg), opts, samples).unwrap();
+    let mut st = CudaTrainState::new(g, &gpu_t.params, &gpu_t.opt.m, &gpu_t.opt.v).unwrap();
+    for _ in 0..5 {
+        let a = cpu_t.train_step().unwrap();
+        let b = gpu_t.train_step_cuda(&mut st).unwrap();
+        eprintln!(
+            "step {}: loss cpu {:.6} gpu {:.6}, grad norm cpu {:.6} gpu {:.6}",
+            a.step, a.loss, b.loss, a.grad_norm, b.grad_norm
+        );
+        assert_eq!((a.step, a.masked, a.tokens), (b.step, b.masked, b.tokens));
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-2 * a.loss.abs(),
+            "step {}: loss cpu {} gpu {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() <= 1e-2 * a.grad_norm,
+            "step {}: grad norm cpu {} gpu {}",
+            a.step,
+            a.grad_norm,
+            b.grad_norm
+        );
+    }
+    gpu_t.pull_from_cuda(&st).unwrap();
+    assert_eq!(gpu_t.opt.t, 5);
+    for i in 0..cpu_t.params.data.len() {
+        let e = rel_err(&cpu_t.params.data[i], &gpu_t.params.data[i]);
+        assert!(
+            e <= 1e-2,
+            "parameter `{}` after 5 steps: relative difference {e:e}",
+            cpu_t.params.names[i]
+        );
+    }
+}
