@@ -103,7 +103,7 @@ run() {
     local t name log rc passed failed
     # The GPU tests by default (CPU-only tests ran on the dev machine and refer to its paths).
     # GPU_CHECK_TESTS: space-separated "binary[:filter]" entries ('*' = every bundled binary).
-    local entries=${GPU_CHECK_TESTS:-"test-cuda_parity test-cuda_model test-cache:gpu_"}
+    local entries=${GPU_CHECK_TESTS:-"test-cuda_parity test-cuda_model test-cache:gpu_ test-cuda_train"}
     [ "$entries" = "*" ] && entries=$(cd test-bins && ls)
     local entry filter
     for entry in $entries; do

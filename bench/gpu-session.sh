@@ -10,7 +10,7 @@ mkdir -p "$res"; res=$(cd "$res" && pwd)
 cd "$here"
 [ -f COMMIT ] && export LLADA_COMMIT="$(cat COMMIT)"
 
-bash gpu-check.sh run "$res" 2>&1 | tee "$res/gpu-check.log" | tail -n 40
+GPU_CHECK_BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:---breakdown}" bash gpu-check.sh run "$res" 2>&1 | tee "$res/gpu-check.log" | tail -n 60
 
 echo "== llada-bench: Fast-dLLM caches (steps 256 schedule, and threshold 0.9)"
 timeout "${T_CACHE:-150}" bin/llada-bench --cache none,prefix,dual --threshold 0.9 --steps 256 \
@@ -18,6 +18,9 @@ timeout "${T_CACHE:-150}" bin/llada-bench --cache none,prefix,dual --threshold 0
 echo "== torch_reference: Fast-dLLM caches"
 timeout "${T_CACHE:-150}" python3 torch_reference.py --steps 256 --cache prefix,dual --threshold 0.9 \
     --json "$res/torch-cache.json" 2>&1 | tee "$res/torch-cache.log"
+echo "== llada-bench without CUDA graphs (LLADA_NO_GRAPHS=1), for the graphs' effect"
+LLADA_NO_GRAPHS=1 timeout "${T_CACHE:-150}" bin/llada-bench --cache none,dual --steps 64 \
+    --json "$res/bench-nographs.json" 2>&1 | tee "$res/bench-nographs.log" | grep -v '^note'
 echo "== llada-bench: offline batches 8 and 32 (steps 32)"
 timeout "${T_BATCH:-150}" bin/llada-bench --batch 8,32 --steps 32 \
     --json "$res/bench-batch.json" 2>&1 | tee "$res/bench-batch.log" | grep -v '^note'
