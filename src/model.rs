@@ -811,6 +811,16 @@ pub struct ModelPredictor<'m, B: Backend> {
 }
 
 impl<'m, B: Backend> ModelPredictor<'m, B> {
+    /// The final logits `[R, V]` of the last prediction (CFG-mixed and with the forbidden token
+    /// at −∞, as the head saw them), for tests that explain a disagreement between devices.
+    pub fn last_logits(&self, r: usize) -> Result<Vec<f32>> {
+        let ws = self
+            .ws
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("last_logits: no prediction has run yet"))?;
+        self.model.logits(ws, r)
+    }
+
     /// A predictor over `model`; the workspace is allocated on the first call and grows only
     /// when a request exceeds it.
     pub fn new(model: &'m Model<B>) -> Self {

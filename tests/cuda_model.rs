@@ -195,4 +195,11 @@ fn lockstep_harness_detects_differences() {
         ls.token_mismatches,
         ls.predictions
     );
+    // ... and those mismatches are not excused as near-ties.
+    assert!(
+        ls.unexplained * 2 > ls.token_mismatches,
+        "{} of {}",
+        ls.unexplained,
+        ls.token_mismatches
+    );
 }

@@ -69,6 +69,10 @@ pub struct Lockstep<'a, G: Backend = CudaBackend> {
     pub gpu: ModelPredictor<'a, G>,
     pub predictions: usize,
     pub token_mismatches: usize,
+    /// Mismatches NOT explained by the two devices' logits (see `record`).
+    pub unexplained: usize,
+    /// Largest |CPU − GPU| logit difference seen at a mismatch, relative to the row's scale.
+    pub worst_logit_diff: f32,
     /// Relative confidence differences where the tokens agree.
     pub conf_rel: Vec<f32>,
     scratch: Vec<(u32, f32)>,
@@ -81,16 +85,26 @@ impl<'a, G: Backend> Lockstep<'a, G> {
             gpu: ModelPredictor::new(g),
             predictions: 0,
             token_mismatches: 0,
+            unexplained: 0,
+            worst_logit_diff: 0.0,
             conf_rel: Vec::new(),
             scratch: Vec::new(),
         }
     }
 
-    fn record(&mut self, c: &[(u32, f32)]) {
-        for (&(ct, cc), &(gt, gc)) in c.iter().zip(&self.scratch) {
+    /// Compare the two devices' answers. A token mismatch is *explained* when, in the logits
+    /// both heads saw (read back from each device), the CPU's token beats the GPU's by no more
+    /// than twice the largest |CPU − GPU| logit difference of that row (plus the Gumbel terms,
+    /// identical on both devices, which cancel), and that difference is within the logits
+    /// tolerance of tests/cuda_model.rs (16 bf16 ulps of the row's largest logit): a near-tie
+    /// that bf16 rounding may flip. Anything else is a real disagreement.
+    fn record(&mut self, c: &[(u32, f32)]) -> Result<()> {
+        let mut mism = Vec::new();
+        for (i, (&(ct, cc), &(gt, gc))) in c.iter().zip(&self.scratch).enumerate() {
             self.predictions += 1;
             if ct != gt {
                 self.token_mismatches += 1;
+                mism.push((i, ct as usize, gt as usize));
             } else if cc != gc {
                 let d = (cc - gc).abs() - ulp_bf16(cc.max(gc));
                 self.conf_rel.push(d.max(0.0) / cc.abs().max(gc.abs()));
@@ -98,12 +112,47 @@ impl<'a, G: Backend> Lockstep<'a, G> {
                 self.conf_rel.push(0.0);
             }
         }
+        if mism.is_empty() {
+            return Ok(());
+        }
+        let r = c.len();
+        let lc = self.cpu.last_logits(r)?;
+        let lg = self.gpu.last_logits(r)?;
+        let v = lc.len() / r;
+        for (i, ct, gt) in mism {
+            let (rc, rg) = (&lc[i * v..(i + 1) * v], &lg[i * v..(i + 1) * v]);
+            let scale = rc
+                .iter()
+                .filter(|x| x.is_finite())
+                .fold(0f32, |m, x| m.max(x.abs()));
+            let diff = rc
+                .iter()
+                .zip(rg)
+                .filter(|(a, b)| a.is_finite() || b.is_finite())
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            self.worst_logit_diff = self
+                .worst_logit_diff
+                .max(diff / scale.max(f32::MIN_POSITIVE));
+            let gap = rc[ct] - rc[gt];
+            let explained =
+                diff <= 16.0 * scale * 2f32.powi(-8) && gap <= 2.0 * diff + ulp_bf16(scale);
+            if !explained {
+                eprintln!(
+                    "unexplained mismatch at row {i}: cpu token {ct} gpu token {gt}, cpu logits {} vs {} (gap {gap}), max |cpu-gpu| {diff}, scale {scale}",
+                    rc[ct], rc[gt]
+                );
+                self.unexplained += 1;
+            }
+        }
+        Ok(())
     }
 
-    /// Asserts the agreement: at most 1% of the tokens differ (bf16 near-ties), and where the
-    /// tokens agree the confidences agree to one bf16 ulp plus a relative 2⁻⁴ for 99% of them
-    /// and 2⁻² for all. Why: the logits agree to a few bf16 ulps (tests/cuda_model.rs), and a
-    /// softmax probability moves by a factor e^{±2Δ} when the logits move by Δ.
+    /// Asserts the agreement: every token mismatch is explained by a bf16 near-tie (see
+    /// `record`) and at most 5% of the tokens differ at all; where the tokens agree the
+    /// confidences agree to one bf16 ulp plus a relative 2⁻⁴ for 99% of them and 2⁻² for all.
+    /// Why: the logits agree to a few bf16 ulps (tests/cuda_model.rs) — at logits of magnitude
+    /// 8–16 one ulp is 0.0625 — and a softmax probability moves by a factor e^{±2Δ} when the
+    /// logits move by Δ.
     pub fn assert_agree(&mut self, what: &str) {
         self.conf_rel.sort_by(f32::total_cmp);
         let n = self.conf_rel.len();
@@ -136,8 +185,7 @@ impl<G: Backend> Predictor for Lockstep<'_, G> {
         self.gpu.predict(req, &mut s)?;
         self.scratch = s;
         self.cpu.predict(req, out)?;
-        self.record(out);
-        Ok(())
+        self.record(out)
     }
 }
 
@@ -148,7 +196,6 @@ impl<G: Backend> SpanPredictor for Lockstep<'_, G> {
         self.gpu.predict_span(req, &mut s)?;
         self.scratch = s;
         self.cpu.predict_span(req, out)?;
-        self.record(out);
-        Ok(())
+        self.record(out)
     }
 }
