@@ -181,7 +181,8 @@ fn lockstep_harness_detects_differences() {
     let mut ls = common::Lockstep::new(&a, &b);
     generate(&mut ls, &prompts, &p, None).unwrap();
     assert_eq!(ls.token_mismatches, 0);
-    assert!(ls.conf_rel.iter().all(|&x| x == 0.0));
+    assert_eq!(ls.worst_conf_rel, 0.0);
+    assert_eq!(ls.worst_logit_diff, 0.0);
     ls.assert_agree("cpu vs cpu");
     // A model with other weights disagrees almost everywhere.
     let cfg2 = presets::preset_config("tiny").unwrap();
@@ -195,11 +196,13 @@ fn lockstep_harness_detects_differences() {
         ls.token_mismatches,
         ls.predictions
     );
-    // ... and those mismatches are not excused as near-ties.
+    // ... and the harness does not excuse them: the logits are beyond the tolerance.
     assert!(
-        ls.unexplained * 2 > ls.token_mismatches,
+        ls.logit_violations * 2 > ls.predictions,
         "{} of {}",
-        ls.unexplained,
-        ls.token_mismatches
+        ls.logit_violations,
+        ls.predictions
     );
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ls.assert_agree("other")));
+    assert!(r.is_err(), "assert_agree must fail for a different model");
 }
