@@ -74,38 +74,8 @@ pub struct BatchArgs {
     /// Render text `prompt`s as one user message with the chat template (Instruct models).
     #[arg(long)]
     chat: bool,
-    #[arg(long, default_value_t = 128)]
-    gen_length: usize,
-    #[arg(long, default_value_t = 128)]
-    steps: usize,
-    #[arg(long, default_value_t = 32)]
-    block_length: usize,
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f64,
-    #[arg(long, default_value_t = 0.0)]
-    cfg_scale: f64,
-    /// low_confidence | random
-    #[arg(long, default_value = "low_confidence")]
-    remasking: String,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Never sample EOS (upstream `logits_eos_inf`).
-    #[arg(long)]
-    logits_eos_inf: bool,
-    /// Commit EOS/EOT predictions last within a block (upstream `confidence_eos_eot_inf`).
-    #[arg(long)]
-    confidence_eos_eot_inf: bool,
-    /// Fast-dLLM KV cache: none | prefix | dual (refilled by a full pass at each block start).
-    #[arg(long, default_value = "none")]
-    cache: String,
-    /// Fast-dLLM parallel decoding: commit the top-1 and every candidate with confidence ≥ F
-    /// (replaces the steps schedule; Fast-dLLM's default is 0.9).
-    #[arg(long, conflicts_with = "factor")]
-    threshold: Option<f64>,
-    /// Fast-dLLM factor rule: commit the longest confidence-sorted prefix with
-    /// c_j ≥ 1 − F/(j+1) (at least one token; replaces the steps schedule).
-    #[arg(long)]
-    factor: Option<f64>,
+    #[command(flatten)]
+    gen: super::GenFlags,
 }
 
 #[derive(Subcommand)]
@@ -209,30 +179,30 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
     let input = a.input.clone().context("give --input FILE.jsonl")?;
     let base_out = a.output.clone().context("give --output FILE.jsonl")?;
     let defaults = GenOptions {
-        steps: a.steps,
-        gen_length: a.gen_length,
-        block_length: a.block_length,
-        temperature: a.temperature,
-        cfg_scale: a.cfg_scale,
-        remasking: a.remasking.parse()?,
-        seed: a.seed,
-        logits_eos_inf: a.logits_eos_inf,
-        confidence_eos_eot_inf: a.confidence_eos_eot_inf,
-        cache: a.cache.parse()?,
-        threshold: a.threshold,
-        factor: a.factor,
+        steps: a.gen.steps,
+        gen_length: a.gen.gen_length,
+        block_length: a.gen.block_length,
+        temperature: a.gen.temperature,
+        cfg_scale: a.gen.cfg_scale,
+        remasking: a.gen.remasking.parse()?,
+        seed: a.gen.seed,
+        logits_eos_inf: a.gen.logits_eos_inf,
+        confidence_eos_eot_inf: a.gen.confidence_eos_eot_inf,
+        cache: a.gen.cache.parse()?,
+        threshold: a.gen.threshold,
+        factor: a.gen.factor,
         chat: a.chat,
     };
-    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+    if !(a.gen.temperature.is_finite() && a.gen.temperature >= 0.0) {
         bail!("--temperature must be a finite number >= 0");
     }
-    if !(a.cfg_scale.is_finite() && a.cfg_scale >= 0.0) {
+    if !(a.gen.cfg_scale.is_finite() && a.gen.cfg_scale >= 0.0) {
         bail!("--cfg-scale must be a finite number >= 0");
     }
-    if let Some(th) = a.threshold.filter(|t| !t.is_finite()) {
+    if let Some(th) = a.gen.threshold.filter(|t| !t.is_finite()) {
         bail!("--threshold {th} is not a finite number");
     }
-    if let Some(f) = a.factor.filter(|f| !(f.is_finite() && *f > 0.0)) {
+    if let Some(f) = a.gen.factor.filter(|f| !(f.is_finite() && *f > 0.0)) {
         bail!("--factor {f} must be a finite number > 0");
     }
     defaults

@@ -82,6 +82,44 @@ impl ModelArgs {
     }
 }
 
+/// The generation flags shared by `llada generate` and `llada batch` (upstream `generate`'s
+/// arguments plus Fast-dLLM's).
+#[derive(Args, Clone, Debug)]
+pub(crate) struct GenFlags {
+    #[arg(long, default_value_t = 128)]
+    pub(crate) gen_length: usize,
+    #[arg(long, default_value_t = 128)]
+    pub(crate) steps: usize,
+    #[arg(long, default_value_t = 32)]
+    pub(crate) block_length: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) temperature: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) cfg_scale: f64,
+    /// low_confidence | random
+    #[arg(long, default_value = "low_confidence")]
+    pub(crate) remasking: String,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Never sample EOS (upstream `logits_eos_inf`).
+    #[arg(long)]
+    pub(crate) logits_eos_inf: bool,
+    /// Commit EOS/EOT predictions last within a block (upstream `confidence_eos_eot_inf`).
+    #[arg(long)]
+    pub(crate) confidence_eos_eot_inf: bool,
+    /// Fast-dLLM KV cache: none | prefix | dual (refilled by a full pass at each block start).
+    #[arg(long, default_value = "none")]
+    pub(crate) cache: String,
+    /// Fast-dLLM parallel decoding: commit the top-1 and every candidate with confidence ≥ F
+    /// (replaces the steps schedule; Fast-dLLM's default is 0.9).
+    #[arg(long, conflicts_with = "factor")]
+    pub(crate) threshold: Option<f64>,
+    /// Fast-dLLM factor rule: commit the longest confidence-sorted prefix with
+    /// c_j ≥ 1 − F/(j+1) (at least one token; replaces the steps schedule).
+    #[arg(long)]
+    pub(crate) factor: Option<f64>,
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
@@ -95,38 +133,8 @@ struct GenerateArgs {
     /// Prompt token ids, comma separated; repeat for a batch (left-padded).
     #[arg(long = "prompt-ids")]
     prompt_ids: Vec<String>,
-    #[arg(long, default_value_t = 128)]
-    gen_length: usize,
-    #[arg(long, default_value_t = 128)]
-    steps: usize,
-    #[arg(long, default_value_t = 32)]
-    block_length: usize,
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f64,
-    #[arg(long, default_value_t = 0.0)]
-    cfg_scale: f64,
-    /// low_confidence | random
-    #[arg(long, default_value = "low_confidence")]
-    remasking: String,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Never sample EOS (upstream `logits_eos_inf`).
-    #[arg(long)]
-    logits_eos_inf: bool,
-    /// Commit EOS/EOT predictions last within a block (upstream `confidence_eos_eot_inf`).
-    #[arg(long)]
-    confidence_eos_eot_inf: bool,
-    /// Fast-dLLM KV cache: none | prefix | dual (refilled by a full pass at each block start).
-    #[arg(long, default_value = "none")]
-    cache: String,
-    /// Fast-dLLM parallel decoding: commit the top-1 and every candidate with confidence ≥ F
-    /// (replaces the steps schedule; Fast-dLLM's default is 0.9).
-    #[arg(long, conflicts_with = "factor")]
-    threshold: Option<f64>,
-    /// Fast-dLLM factor rule: commit the longest confidence-sorted prefix with
-    /// c_j ≥ 1 − F/(j+1) (at least one token; replaces the steps schedule).
-    #[arg(long)]
-    factor: Option<f64>,
+    #[command(flatten)]
+    gen: GenFlags,
     /// auto | cpu | cuda | cuda:N
     #[arg(long, default_value = "auto")]
     device: String,
@@ -251,7 +259,7 @@ fn cmd_forward(a: ForwardArgs) -> Result<()> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let remasking: Remasking = a.remasking.parse()?;
+    let remasking: Remasking = a.gen.remasking.parse()?;
     let device: DeviceChoice = a.device.parse()?;
     let json = match a.format.as_str() {
         "json" => true,
@@ -282,15 +290,15 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         bail!("--chat applies to --prompt TEXT, not to --prompt-ids");
     }
     let mut params = GenerateParams {
-        steps: a.steps,
-        gen_length: a.gen_length,
-        block_length: a.block_length,
-        temperature: a.temperature,
-        cfg_scale: a.cfg_scale,
+        steps: a.gen.steps,
+        gen_length: a.gen.gen_length,
+        block_length: a.gen.block_length,
+        temperature: a.gen.temperature,
+        cfg_scale: a.gen.cfg_scale,
         remasking,
-        seed: a.seed,
-        logits_eos_inf: a.logits_eos_inf,
-        confidence_eos_eot_inf: a.confidence_eos_eot_inf,
+        seed: a.gen.seed,
+        logits_eos_inf: a.gen.logits_eos_inf,
+        confidence_eos_eot_inf: a.gen.confidence_eos_eot_inf,
         mask_id: 0,
         eos_id: 0,
         eot_id: None,
@@ -302,9 +310,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     opened.apply_ids(&mut params);
     params.block_plan()?;
     let decode = Decode {
-        cache: a.cache.parse()?,
-        threshold: a.threshold,
-        factor: a.factor,
+        cache: a.gen.cache.parse()?,
+        threshold: a.gen.threshold,
+        factor: a.gen.factor,
     };
     let (mut eng, notice) = engine::load(&opened, device)?;
     if let Some(n) = notice {
@@ -361,7 +369,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             "seconds": secs,
             "params": {
                 "steps": params.steps, "gen_length": params.gen_length, "block_length": params.block_length,
-                "temperature": params.temperature, "cfg_scale": params.cfg_scale, "remasking": a.remasking,
+                "temperature": params.temperature, "cfg_scale": params.cfg_scale, "remasking": a.gen.remasking,
                 "seed": params.seed, "logits_eos_inf": params.logits_eos_inf,
                 "confidence_eos_eot_inf": params.confidence_eos_eot_inf,
                 "cache": decode.cache.to_string(), "threshold": decode.threshold, "factor": decode.factor,
