@@ -805,6 +805,9 @@ pub struct ModelPredictor<'m, B: Backend> {
     mask: Vec<u8>,
     rows: Vec<u32>,
     keys: Vec<i32>,
+    /// Host copies of the head's outputs, grown once.
+    tok_host: Vec<i32>,
+    conf_host: Vec<f32>,
     params: Option<SelectParams>,
     /// Graph setting chosen with [`ModelPredictor::set_graphs`] (None: the default).
     graphs: Option<bool>,
@@ -832,6 +835,8 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             mask: Vec::new(),
             rows: Vec::new(),
             keys: Vec::new(),
+            tok_host: Vec::new(),
+            conf_host: Vec::new(),
             params: None,
             graphs: None,
         }
@@ -914,10 +919,18 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             model.cfg.embedding_size,
             p,
         )?;
-        let tok = be.read_ints(&ws.tok, r)?;
-        let conf = be.read_f32s(&ws.conf, r)?;
+        // Host scratch grown once (no allocation per step).
+        if self.tok_host.len() < r {
+            self.tok_host.resize(r, 0);
+            self.conf_host.resize(r, 0.0);
+        }
+        be.read_ints_into(&ws.tok, &mut self.tok_host[..r])?;
+        be.read_f32s_into(&ws.conf, &mut self.conf_host[..r])?;
         be.prof_mark(None);
-        for (o, (&tk, &cf)) in out.iter_mut().zip(tok.iter().zip(&conf)) {
+        for (o, (&tk, &cf)) in out
+            .iter_mut()
+            .zip(self.tok_host.iter().zip(&self.conf_host))
+        {
             *o = (tk as u32, cf);
         }
         Ok(())

@@ -523,6 +523,16 @@ impl Backend for CpuBackend {
         need("read_f32s", "src", src.len(), n)?;
         Ok(src[..n].to_vec())
     }
+    fn read_ints_into(&self, src: &Vec<i32>, dst: &mut [i32]) -> Result<()> {
+        need("read_ints_into", "src", src.len(), dst.len())?;
+        dst.copy_from_slice(&src[..dst.len()]);
+        Ok(())
+    }
+    fn read_f32s_into(&self, src: &Vec<f32>, dst: &mut [f32]) -> Result<()> {
+        need("read_f32s_into", "src", src.len(), dst.len())?;
+        dst.copy_from_slice(&src[..dst.len()]);
+        Ok(())
+    }
 
     fn embedding(
         &self,

@@ -558,13 +558,19 @@ impl CudaBackend {
 
     fn dtoh<T: Clone + Default>(&self, src: u64, n: usize) -> Result<Vec<T>> {
         let mut out = vec![T::default(); n];
-        if n > 0 {
-            // SAFETY: callers checked the source holds `n` elements; we synchronize before use.
-            unsafe { dres::memcpy_dtoh_async(&mut out, src, self.stream.cu_stream()) }
+        self.dtoh_into(src, &mut out)?;
+        Ok(out)
+    }
+
+    /// Copy `dst.len()` elements from device address `src` into `dst`, then synchronize.
+    fn dtoh_into<T>(&self, src: u64, dst: &mut [T]) -> Result<()> {
+        if !dst.is_empty() {
+            // SAFETY: callers checked the source holds `dst.len()` elements; we synchronize
+            // before `dst` is used.
+            unsafe { dres::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
                 .map_err(|e| anyhow!("device→host copy: {e:?}"))?;
         }
-        self.synchronize()?;
-        Ok(out)
+        self.synchronize()
     }
 
     /// Fill `n` bf16 at `dst` from one weight source (see [`WeightSource`]).
@@ -865,6 +871,14 @@ impl Backend for CudaBackend {
     fn read_f32s(&self, src: &Self::F32s, n: usize) -> Result<Vec<f32>> {
         check_len("read_f32s", "src", src.len(), n)?;
         self.dtoh(dptr(src, &self.stream), n)
+    }
+    fn read_ints_into(&self, src: &Self::Ints, dst: &mut [i32]) -> Result<()> {
+        check_len("read_ints_into", "src", src.len(), dst.len())?;
+        self.dtoh_into(dptr(src, &self.stream), dst)
+    }
+    fn read_f32s_into(&self, src: &Self::F32s, dst: &mut [f32]) -> Result<()> {
+        check_len("read_f32s_into", "src", src.len(), dst.len())?;
+        self.dtoh_into(dptr(src, &self.stream), dst)
     }
 
     fn embedding(

@@ -129,6 +129,18 @@ pub trait Backend {
     fn read_act(&self, src: &Self::Act, n: usize) -> Result<Vec<f32>>;
     fn read_ints(&self, src: &Self::Ints, n: usize) -> Result<Vec<i32>>;
     fn read_f32s(&self, src: &Self::F32s, n: usize) -> Result<Vec<f32>>;
+    /// Read the first `dst.len()` ints into `dst` (no allocation: the denoising loop uses it).
+    fn read_ints_into(&self, src: &Self::Ints, dst: &mut [i32]) -> Result<()> {
+        let v = self.read_ints(src, dst.len())?;
+        dst.copy_from_slice(&v);
+        Ok(())
+    }
+    /// Read the first `dst.len()` f32s into `dst` (no allocation).
+    fn read_f32s_into(&self, src: &Self::F32s, dst: &mut [f32]) -> Result<()> {
+        let v = self.read_f32s(src, dst.len())?;
+        dst.copy_from_slice(&v);
+        Ok(())
+    }
 
     /// `out[i, :] = wte[ids[i], :]` for `i < n`; `wte` is `[V, C]`.
     fn embedding(

@@ -1,0 +1,75 @@
+//! No allocation inside the denoising loop: the whole generation through the real model on the
+//! CPU backend allocates (almost) the same number of times for 8 and for 32 steps — the work
+//! per step differs, the buffers do not. "Almost": rayon's job injector allocates one block of
+//! queue slots per ~63 parallel calls it receives, so the count grows by a few over hundreds of
+//! ops; one allocation per step anywhere in our code would add at least 24.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use llada::backend::cpu::CpuBackend;
+use llada::dtype::DType;
+use llada::model::{Model, ModelPredictor};
+use llada::presets;
+use llada::sampler::{generate, GenerateParams};
+
+struct Counting;
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarding to the system allocator with the caller's layout.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: `p` came from `alloc` above with the same layout.
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static A: Counting = Counting;
+
+#[test]
+fn generation_allocates_the_same_for_8_and_32_steps() {
+    // One thread: rayon's pool would otherwise allocate on its own schedule.
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build_global()
+        .ok();
+    let cfg = presets::preset_config("tiny").unwrap();
+    let ck = presets::preset_checkpoint("tiny", 3, DType::BF16).unwrap();
+    let m = Model::load(CpuBackend::new(DType::BF16), cfg.clone(), |n| {
+        ck.get(n).cloned()
+    })
+    .unwrap();
+    let prompts = vec![(1..20).collect::<Vec<u32>>()];
+    let run = |steps: usize| {
+        let p = GenerateParams {
+            steps,
+            gen_length: 32,
+            block_length: 8,
+            mask_id: cfg.mask_token_id,
+            eos_id: cfg.eos_token_id,
+            pad_id: cfg.pad_token_id,
+            eot_id: None,
+            logits_dtype: DType::BF16,
+            ..GenerateParams::default()
+        };
+        let mut pred = ModelPredictor::new(&m);
+        let before = ALLOCS.load(Ordering::Relaxed);
+        let out = generate(&mut pred, &prompts, &p, None).unwrap();
+        let n = ALLOCS.load(Ordering::Relaxed) - before;
+        assert_eq!(out.nfe, steps);
+        n
+    };
+    run(8); // warm anything lazily initialised
+    let a = run(8);
+    let b = run(32);
+    eprintln!("allocations: 8 steps {a}, 32 steps {b}");
+    assert!(
+        b < a + (32 - 8) / 3,
+        "allocations grow with the number of steps: {a} for 8 steps, {b} for 32"
+    );
+}
