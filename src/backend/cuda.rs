@@ -228,7 +228,7 @@ macro_rules! launch {
 }
 
 /// `Err` naming `op` and `arg` unless `have >= need`.
-fn check_len(op: &str, arg: &str, have: usize, need: usize) -> Result<()> {
+pub(crate) fn check_len(op: &str, arg: &str, have: usize, need: usize) -> Result<()> {
     if have < need {
         bail!("{op}: buffer `{arg}` holds {have} elements, needs at least {need}");
     }
@@ -236,7 +236,7 @@ fn check_len(op: &str, arg: &str, have: usize, need: usize) -> Result<()> {
 }
 
 /// A size as the kernels' `int`, or an error naming it.
-fn int(op: &str, arg: &str, v: usize) -> Result<i32> {
+pub(crate) fn int(op: &str, arg: &str, v: usize) -> Result<i32> {
     i32::try_from(v)
         .map_err(|_| anyhow!("{op}: `{arg}` = {v} exceeds the kernels' 32-bit int range"))
 }

@@ -19,6 +19,7 @@
 //!
 //! Kernel launches are asynchronous; a fault surfaces at the next read-back.
 
+use crate::backend::cuda::{check_len, int};
 use std::ffi::c_void;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -74,18 +75,6 @@ const SUMSQ_BLOCKS: usize = 512;
 const ATT_THREADS: u32 = 128;
 /// Dynamic shared memory the attention kernels may use without an opt-in.
 const MAX_DYN_SMEM: usize = 48 * 1024;
-
-fn check_len(op: &str, arg: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        bail!("{op}: buffer `{arg}` holds {have} elements, needs at least {need}");
-    }
-    Ok(())
-}
-
-fn int(op: &str, arg: &str, v: usize) -> Result<i32> {
-    i32::try_from(v)
-        .map_err(|_| anyhow!("{op}: `{arg}` = {v} exceeds the kernels' 32-bit int range"))
-}
 
 /// Every one of the first `n` host values lies in `[0, hi)`.
 fn check_ints(op: &str, arg: &str, v: &DevInts, n: usize, hi: usize, what: &str) -> Result<()> {
