@@ -235,6 +235,18 @@ pub(crate) fn check_len(op: &str, arg: &str, have: usize, need: usize) -> Result
     Ok(())
 }
 
+/// A norm weight must hold exactly `C` elements.
+fn check_norm_weight(op: &str, w: &CudaWeight, c: usize) -> Result<()> {
+    if w.numel() != c {
+        bail!(
+            "{op}: weight `{}` has {} elements, C = {c}",
+            w.name,
+            w.numel()
+        );
+    }
+    Ok(())
+}
+
 /// A size as the kernels' `int`, or an error naming it.
 pub(crate) fn int(op: &str, arg: &str, v: usize) -> Result<i32> {
     i32::try_from(v)
@@ -935,13 +947,7 @@ impl Backend for CudaBackend {
         eps: f32,
     ) -> Result<()> {
         let op = "rms_norm";
-        if w.numel() != c {
-            bail!(
-                "{op}: weight `{}` has {} elements, C = {c}",
-                w.name,
-                w.numel()
-            );
-        }
+        check_norm_weight(op, w, c)?;
         check_len(op, "out", out.len(), n * c)?;
         check_len(op, "x", x.len(), n * c)?;
         if n == 0 {
@@ -978,13 +984,7 @@ impl Backend for CudaBackend {
         eps: f32,
     ) -> Result<()> {
         let op = "add_rms_norm";
-        if w.numel() != c {
-            bail!(
-                "{op}: weight `{}` has {} elements, C = {c}",
-                w.name,
-                w.numel()
-            );
-        }
+        check_norm_weight(op, w, c)?;
         check_len(op, "out", out.len(), n * c)?;
         check_len(op, "x", x.len(), n * c)?;
         check_len(op, "d", d.len(), n * c)?;
