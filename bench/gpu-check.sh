@@ -99,11 +99,20 @@ run() {
     timeout 60 nvidia-smi 2>&1 | tee "$res/nvidia-smi.log" || echo "(nvidia-smi failed or missing)"
 
     export LLADA_REQUIRE_GPU=1
+    # Tests that start the CLI use the bundle's copy; NCCL (data-parallel tests) from the
+    # environment, else from PyTorch's pip wheel when there is one.
+    export LLADA_BIN="$here/bin/llada"
+    if [ -z "${LLADA_NCCL_LIB:-}" ]; then
+        local nccl
+        nccl=$(python3 -c "import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], 'lib', 'libnccl.so.2'))" 2>/dev/null)
+        [ -n "$nccl" ] && [ -f "$nccl" ] && export LLADA_NCCL_LIB="$nccl"
+    fi
+    echo "== NCCL: ${LLADA_NCCL_LIB:-libnccl.so.2 from the loader path, if any}"
     [ -f COMMIT ] && export LLADA_COMMIT="$(cat COMMIT)"
     local t name log rc passed failed
     # The GPU tests by default (CPU-only tests ran on the dev machine and refer to its paths).
     # GPU_CHECK_TESTS: space-separated "binary[:filter]" entries ('*' = every bundled binary).
-    local entries=${GPU_CHECK_TESTS:-"test-cuda_parity test-cuda_model test-cache:gpu_ test-cuda_train"}
+    local entries=${GPU_CHECK_TESTS:-"test-cuda_parity test-cuda_model test-cache:gpu_ test-cuda_train test-cuda_dist"}
     [ "$entries" = "*" ] && entries=$(cd test-bins && ls)
     local entry filter
     for entry in $entries; do

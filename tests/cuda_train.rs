@@ -979,6 +979,7 @@ fn n_steps_loss_close_to_cpu() {
         seed: 5,
         sft: false,
         truncate: false,
+        world: 1,
     };
     let mut cpu_t = Trainer::new(
         cfg.clone(),

@@ -567,7 +567,8 @@ fn adamw_matches_the_pytorch_update_rule() {
 // Runs.
 
 use llada::train::data::Sample;
-use llada::train::{average_grads, TrainOptions, Trainer};
+use llada::train::dist::{DistEnv, HostGroup};
+use llada::train::{StepStats, TrainOptions, Trainer};
 
 fn run_config() -> ModelConfig {
     ModelConfig {
@@ -644,6 +645,7 @@ fn opts(steps: u64) -> TrainOptions {
         seed: 11,
         sft: false,
         truncate: true,
+        world: 1,
     }
 }
 
@@ -706,54 +708,192 @@ fn resume_equals_an_uninterrupted_run() {
     assert_eq!(resumed.opt.v.data, full.opt.v.data);
 }
 
-#[test]
-fn data_parallel_average_equals_one_process() {
-    // Two "ranks" each take half of a global batch and normalise by their own B·L; the mean of
-    // their gradients is the gradient of the whole batch normalised by the global B·L.
+/// `o.world` ranks, each a thread with its own [`Trainer`] joined over a localhost
+/// [`HostGroup`], run `steps` optimizer steps. Returns every rank's step statistics and final
+/// parameters.
+fn run_ranks(
+    cfg: &ModelConfig,
+    o: &TrainOptions,
+    samples: &[Sample],
+    steps: u64,
+) -> Vec<(Vec<StepStats>, Params<f32>)> {
+    let world = o.world;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let secs = std::time::Duration::from_secs(60);
+    let mut listener = Some(l);
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let (cfg, o, samples) = (cfg.clone(), o.clone(), samples.to_vec());
+            let l = if rank == 0 { listener.take() } else { None };
+            std::thread::spawn(move || {
+                let mut tr = Trainer::new(cfg.clone(), run_params(&cfg), o, samples).unwrap();
+                let fp = tr.options_fingerprint().unwrap();
+                let g = match l {
+                    Some(l) => HostGroup::serve(l, world, fp, secs, secs).unwrap(),
+                    None => {
+                        let env = DistEnv {
+                            rank,
+                            world,
+                            local_rank: rank,
+                            master_addr: "127.0.0.1".into(),
+                            master_port: port,
+                            source: "test",
+                        };
+                        HostGroup::connect(&env, fp, secs, secs).unwrap()
+                    }
+                };
+                tr.join_group(g).unwrap();
+                let stats: Vec<StepStats> = (0..steps).map(|_| tr.train_step().unwrap()).collect();
+                (stats, tr.params)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Data parallel over `world` ranks of `b` sequences each equals one process with `b·world`.
+fn check_data_parallel(o: TrainOptions, samples: Vec<Sample>, steps: u64) {
     let cfg = run_config();
-    let p = run_params(&cfg);
-    let (b, t) = (4, 16);
-    let clean: Vec<u32> = (0..b * t).map(|i| 1 + (i * 3 % 38) as u32).collect();
-    let full = loss::pretrain_batch(&clean, b, t, cfg.mask_token_id, 2, 0, false, 1.0).unwrap();
-    let half = |lo: usize| -> Batch {
-        let mut out = Batch {
-            ids: full.ids[lo * t..(lo + 2) * t].to_vec(),
-            b: 2,
-            t,
-            ..Batch::default()
-        };
-        for i in 0..full.rows.len() {
-            let r = full.rows[i] as usize;
-            if r / t >= lo && r / t < lo + 2 {
-                out.rows.push((r - lo * t) as u32);
-                out.targets.push(full.targets[i]);
-                out.weights.push(full.weights[i] * 2.0); // local normaliser B/2
-            }
-        }
-        out
+    let world = o.world;
+    let ranks = run_ranks(&cfg, &o, &samples, steps);
+    let one_opts = TrainOptions {
+        batch_size: o.batch_size * world,
+        world: 1,
+        ..o.clone()
     };
-    let mut g_full = Params::<f32>::zeros(&cfg);
-    let l_full = forward_backward(&cfg, &p, &full, &mut g_full).unwrap();
-    let mut parts = Vec::new();
-    let mut l_mean = 0.0;
-    for lo in [0, 2] {
-        let mut g = Params::<f32>::zeros(&cfg);
-        l_mean += forward_backward(&cfg, &p, &half(lo), &mut g).unwrap() / 2.0;
-        parts.push(g);
+    let mut one = Trainer::new(cfg.clone(), run_params(&cfg), one_opts, samples).unwrap();
+    let one_stats: Vec<StepStats> = (0..steps).map(|_| one.train_step().unwrap()).collect();
+    // Every rank took the same steps: identical weights, bit for bit (the sums are rank 0's,
+    // sent to all).
+    for (r, (stats, p)) in ranks.iter().enumerate().skip(1) {
+        assert_eq!(
+            stats, &ranks[0].0,
+            "rank {r}'s statistics differ from rank 0's"
+        );
+        assert_eq!(
+            p.data, ranks[0].1.data,
+            "rank {r}'s weights differ from rank 0's"
+        );
     }
-    let avg = average_grads(&parts).unwrap();
-    assert!((l_full - l_mean).abs() < 1e-5 * l_full);
-    for i in 0..avg.data.len() {
-        let scale = g_full.data[i].iter().fold(0f32, |a, &b| a.max(b.abs()));
-        for (a, b) in avg.data[i].iter().zip(&g_full.data[i]) {
-            // Same f32 terms summed in a different grouping: ~1e-6 relative.
-            assert!(
-                (a - b).abs() <= 1e-4 * scale + 1e-9,
-                "{}: {a} vs {b}",
-                avg.names[i]
-            );
+    let (stats, p) = &ranks[0];
+    for (a, b) in stats.iter().zip(&one_stats) {
+        assert_eq!((a.step, a.tokens, a.masked), (b.step, b.tokens, b.masked));
+        // The same terms summed in another grouping (per rank, then across ranks): f32/f64
+        // rounding only, ~1e-7 relative; a wrong split (other rows, masks or normaliser) moves
+        // the loss by whole percents.
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-5 * b.loss.abs(),
+            "step {}: loss {} vs one process {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        assert!((a.grad_norm - b.grad_norm).abs() <= 1e-4 * b.grad_norm);
+        assert!((a.flops - b.flops).abs() <= 1e-9 * b.flops);
+    }
+    let mut worst = 0f32;
+    for (x, y) in p.data.iter().zip(&one.params.data) {
+        for (a, b) in x.iter().zip(y) {
+            worst = worst.max((a - b).abs());
         }
     }
+    // AdamW moves each weight by at most ~lr per step; gradients that differ by f32 rounding
+    // (~1e-6 relative) move the weights apart by far less than lr/100 over a few steps, while
+    // one wrong row in a batch moves them by ~lr.
+    let lr = o.lr as f32;
+    eprintln!("data parallel x{world}: worst weight difference {worst:e} (lr {lr})");
+    assert!(
+        worst < 1e-2 * lr,
+        "weights differ by {worst} from one process"
+    );
+}
+
+#[test]
+fn data_parallel_pretraining_equals_one_process_with_the_global_batch() {
+    let o = TrainOptions {
+        batch_size: 2,
+        world: 2,
+        ..opts(4)
+    };
+    check_data_parallel(o, counting_samples(11, 24), 4);
+}
+
+#[test]
+fn data_parallel_sft_over_three_ranks_equals_one_process() {
+    let samples: Vec<Sample> = counting_samples(9, 24)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            s.prompt_len = 3 + i % 7;
+            s
+        })
+        .collect();
+    let o = TrainOptions {
+        batch_size: 1,
+        accum: 1,
+        world: 3,
+        sft: true,
+        ..opts(3)
+    };
+    check_data_parallel(o, samples, 3);
+}
+
+#[test]
+fn a_global_batch_resplits_over_another_number_of_ranks() {
+    let mut o = TrainOptions {
+        batch_size: 4,
+        world: 2,
+        ..opts(4)
+    };
+    o.rescale_world(4).unwrap();
+    assert_eq!((o.batch_size, o.world), (2, 4));
+    o.rescale_world(1).unwrap();
+    assert_eq!((o.batch_size, o.world), (8, 1));
+    let e = o.rescale_world(3).unwrap_err().to_string();
+    assert!(e.contains("does not split over 3 ranks"), "{e}");
+}
+
+#[test]
+fn ranks_with_different_data_refuse_to_train() {
+    let cfg = run_config();
+    let o = TrainOptions {
+        batch_size: 2,
+        world: 2,
+        ..opts(2)
+    };
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let secs = std::time::Duration::from_secs(30);
+    let run = |rank: usize, samples: Vec<Sample>, l: Option<std::net::TcpListener>| {
+        let (cfg, o) = (cfg.clone(), o.clone());
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut tr = Trainer::new(cfg.clone(), run_params(&cfg), o, samples)?;
+            let fp = tr.options_fingerprint()?;
+            let g = match l {
+                Some(l) => HostGroup::serve(l, 2, fp, secs, secs)?,
+                None => {
+                    let env = DistEnv {
+                        rank,
+                        world: 2,
+                        local_rank: rank,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                        source: "test",
+                    };
+                    HostGroup::connect(&env, fp, secs, secs)?
+                }
+            };
+            tr.join_group(g)
+        })
+    };
+    let a = run(0, counting_samples(8, 24), Some(l));
+    let b = run(1, counting_samples(9, 24), None);
+    let (ea, eb) = (a.join().unwrap(), b.join().unwrap());
+    let ea = ea.unwrap_err().to_string();
+    let eb = eb.unwrap_err().to_string();
+    assert!(ea.contains("different training data"), "{ea}");
+    assert!(eb.contains("different training data"), "{eb}");
 }
 
 #[test]

@@ -1528,6 +1528,8 @@ pub struct CudaTrainState {
     pub m: DeviceParams,
     pub v: DeviceParams,
     partial: CudaSlice<f64>,
+    /// The data-parallel communicator, when this GPU is one rank of several.
+    nccl: Option<super::nccl::NcclComm>,
 }
 
 impl CudaTrainState {
@@ -1555,7 +1557,40 @@ impl CudaTrainState {
             m: dm,
             v: dv,
             partial,
+            nccl: None,
         })
+    }
+
+    /// Join the NCCL communicator of rank `rank` of `world` (every rank calls this with the
+    /// same `id`; it blocks until all have).
+    pub fn attach_nccl(
+        &mut self,
+        id: &super::nccl::UniqueId,
+        rank: usize,
+        world: usize,
+    ) -> Result<()> {
+        self.ops.bind()?;
+        self.nccl = Some(super::nccl::NcclComm::init(id, rank, world)?);
+        Ok(())
+    }
+
+    /// Sum the gradients over the data-parallel ranks, in place on the device (one grouped NCCL
+    /// all-reduce on the training stream). Without a communicator: an error.
+    pub fn all_reduce_grads(&mut self) -> Result<()> {
+        let Some(comm) = self.nccl.as_ref() else {
+            bail!("data-parallel training on CUDA needs NCCL: attach_nccl was not called");
+        };
+        self.ops.bind()?;
+        let mut bufs = Vec::with_capacity(self.grad.data.len());
+        for d in &mut self.grad.data {
+            let len = d.len();
+            bufs.push((self.ops.ptr_mut(d), len));
+        }
+        let stream = self.ops.be.stream().cu_stream() as *mut c_void;
+        // SAFETY: every pointer is a live gradient buffer of its length on this device, used
+        // only by the training stream, on which the all-reduce is queued.
+        unsafe { comm.all_reduce_sum_f32(&bufs, stream) }?;
+        comm.async_error()
     }
 
     pub fn zero_grad(&mut self) -> Result<()> {

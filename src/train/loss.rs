@@ -70,6 +70,59 @@ pub fn pretrain_batch(
     truncate: bool,
     scale: f64,
 ) -> Result<Batch> {
+    pretrain_batch_span(
+        clean,
+        b,
+        t,
+        mask_id,
+        seed,
+        step,
+        truncate,
+        scale,
+        RowSpan::whole(b),
+    )
+}
+
+/// Which rows of a global micro-batch a process holds (data parallelism, see
+/// [`super::dist`]): its `b` rows are global rows `first .. first + b` of `global`. Mask draws
+/// are keyed by the global row, and loss weights normalise by the global batch, so the sum over
+/// ranks of their losses (and gradients) is the one-process loss of the global batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowSpan {
+    pub first: usize,
+    pub global: usize,
+}
+
+impl RowSpan {
+    /// All `b` rows (one process).
+    pub fn whole(b: usize) -> RowSpan {
+        RowSpan {
+            first: 0,
+            global: b,
+        }
+    }
+}
+
+/// [`pretrain_batch`] for the rows `span` of a global batch.
+#[allow(clippy::too_many_arguments)]
+pub fn pretrain_batch_span(
+    clean: &[u32],
+    b: usize,
+    t: usize,
+    mask_id: u32,
+    seed: u64,
+    step: u64,
+    truncate: bool,
+    scale: f64,
+    span: RowSpan,
+) -> Result<Batch> {
+    ensure!(
+        span.first + b <= span.global,
+        "pretrain batch: rows {}..{} of a global batch of {}",
+        span.first,
+        span.first + b,
+        span.global
+    );
     ensure!(
         clean.len() == b * t && b > 0 && t > 0,
         "pretrain batch: {} tokens for b·t = {b}·{t}",
@@ -86,11 +139,12 @@ pub fn pretrain_batch(
         ..Batch::default()
     };
     for row in 0..b {
-        let p = mask_prob(seed, step, row as u64);
-        let w = scale / (p * (b * l) as f64);
+        let g = (span.first + row) as u64;
+        let p = mask_prob(seed, step, g);
+        let w = scale / (p * (span.global * l) as f64);
         for pos in 0..l {
             let id = clean[row * t + pos];
-            if is_masked(seed, step, row as u64, pos as u64, p) {
+            if is_masked(seed, step, g, pos as u64, p) {
                 out.ids.push(mask_id);
                 out.rows.push((row * l + pos) as u32);
                 out.targets.push(id);
@@ -118,6 +172,39 @@ pub fn sft_batch(
     step: u64,
     scale: f64,
 ) -> Result<Batch> {
+    sft_batch_span(
+        clean,
+        prompt_lens,
+        b,
+        t,
+        mask_id,
+        seed,
+        step,
+        scale,
+        RowSpan::whole(b),
+    )
+}
+
+/// [`sft_batch`] for the rows `span` of a global batch (see [`RowSpan`]).
+#[allow(clippy::too_many_arguments)]
+pub fn sft_batch_span(
+    clean: &[u32],
+    prompt_lens: &[usize],
+    b: usize,
+    t: usize,
+    mask_id: u32,
+    seed: u64,
+    step: u64,
+    scale: f64,
+    span: RowSpan,
+) -> Result<Batch> {
+    ensure!(
+        span.first + b <= span.global,
+        "sft batch: rows {}..{} of a global batch of {}",
+        span.first,
+        span.first + b,
+        span.global
+    );
     ensure!(
         clean.len() == b * t && b > 0 && prompt_lens.len() == b,
         "sft batch: {} tokens and {} prompt lengths for b·t = {b}·{t}",
@@ -134,11 +221,12 @@ pub fn sft_batch(
             pl < t,
             "sft batch: row {row} has a prompt of {pl} tokens, leaving no answer in {t}"
         );
-        let p = mask_prob(seed, step, row as u64);
-        let w = scale / (p * (t - pl) as f64 * b as f64);
+        let g = (span.first + row) as u64;
+        let p = mask_prob(seed, step, g);
+        let w = scale / (p * (t - pl) as f64 * span.global as f64);
         for pos in 0..t {
             let id = clean[row * t + pos];
-            if pos >= pl && is_masked(seed, step, row as u64, pos as u64, p) {
+            if pos >= pl && is_masked(seed, step, g, pos as u64, p) {
                 out.ids.push(mask_id);
                 out.rows.push((row * t + pos) as u32);
                 out.targets.push(id);

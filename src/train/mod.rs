@@ -12,16 +12,18 @@
 //!
 //! - [`cuda`]: the same step on one CUDA GPU (f32 kernels + cuBLAS f32 GEMMs, AdamW on the
 //!   device), driven by [`Trainer::train_step_cuda`]; the CPU path stays the reference.
-//!
-//! Not implemented: multi-GPU data parallelism (NCCL). [`average_grads`] is the data-parallel
-//! reduction such a run would do (mean over ranks of per-rank gradients, each normalised by its
-//! local batch), tested against one process with the same global batch.
+//! - [`dist`] + [`nccl`]: data parallelism, one process per GPU (or CPU process): each rank
+//!   computes the gradient of its rows of the global batch, the gradients are summed (NCCL on
+//!   the GPU, TCP on the CPU) and every rank takes the same AdamW step
+//!   ([`Trainer::join_group`]).
 
 pub mod checkpoint;
 pub mod cuda;
 pub mod data;
+pub mod dist;
 pub mod loss;
 pub mod model;
+pub mod nccl;
 pub mod ops;
 pub mod optim;
 
@@ -38,7 +40,7 @@ use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
 pub struct TrainOptions {
     /// Total optimizer steps.
     pub steps: u64,
-    /// Sequences per micro-batch.
+    /// Sequences per micro-batch on each rank (the global micro-batch is `batch_size·world`).
     pub batch_size: usize,
     /// Micro-batches per optimizer step (gradient accumulation).
     pub accum: usize,
@@ -56,6 +58,37 @@ pub struct TrainOptions {
     pub sft: bool,
     /// Pretraining: cut 1 % of the batches to a random length (upstream); tests turn it off.
     pub truncate: bool,
+    /// Data-parallel ranks the batch is split over (1: one process).
+    #[serde(default = "one")]
+    pub world: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl TrainOptions {
+    /// The sequences of one global micro-batch (all ranks).
+    pub fn global_batch(&self) -> usize {
+        self.batch_size * self.world
+    }
+
+    /// The same global batch split over `world` ranks instead (a resume on another number of
+    /// GPUs): errors unless it divides evenly.
+    pub fn rescale_world(&mut self, world: usize) -> Result<()> {
+        let global = self.global_batch();
+        ensure!(world > 0, "a world of 0 ranks");
+        ensure!(
+            global % world == 0,
+            "the run's global batch of {global} sequences ({} per rank × {} ranks) does not \
+             split over {world} ranks",
+            self.batch_size,
+            self.world
+        );
+        self.batch_size = global / world;
+        self.world = world;
+        Ok(())
+    }
 }
 
 impl Default for TrainOptions {
@@ -73,6 +106,7 @@ impl Default for TrainOptions {
             seed: 0,
             sft: false,
             truncate: true,
+            world: 1,
         }
     }
 }
@@ -112,25 +146,6 @@ pub fn step_flops(cfg: &ModelConfig, b: usize, t: usize, rows: usize) -> f64 {
         + 12.0 * l * b as f64 * (t * t) as f64 * qw
 }
 
-/// Mean over ranks of per-rank gradients: what an all-reduce (sum) followed by `1/world`
-/// computes. With each rank's loss normalised by its own (equal-sized) batch, this equals the
-/// gradient of one process over the concatenated global batch.
-pub fn average_grads(parts: &[Params<f32>]) -> Result<Params<f32>> {
-    ensure!(!parts.is_empty(), "average_grads: no ranks");
-    let mut out = parts[0].clone();
-    let w = parts.len() as f32;
-    for i in 0..out.data.len() {
-        for j in 0..out.data[i].len() {
-            let mut s = 0.0f32;
-            for p in parts {
-                s += p.data[i][j];
-            }
-            out.data[i][j] = s / w;
-        }
-    }
-    Ok(out)
-}
-
 /// A training run on the host.
 pub struct Trainer {
     pub cfg: ModelConfig,
@@ -143,6 +158,9 @@ pub struct Trainer {
     samples: Vec<Sample>,
     schedule: Schedule,
     order: Option<(u64, Vec<usize>)>,
+    /// This process's rank (0 without data parallelism).
+    pub rank: usize,
+    group: Option<dist::HostGroup>,
 }
 
 impl Trainer {
@@ -174,8 +192,8 @@ impl Trainer {
     ) -> Result<Trainer> {
         ensure!(!samples.is_empty(), "no training samples");
         ensure!(
-            opts.batch_size > 0 && opts.accum > 0,
-            "--batch-size and --accum must be positive"
+            opts.batch_size > 0 && opts.accum > 0 && opts.world > 0,
+            "--batch-size, --accum and the world size must be positive"
         );
         ensure!(
             opts.seq_len <= cfg.max_sequence_length,
@@ -213,18 +231,72 @@ impl Trainer {
             samples,
             schedule,
             order: None,
+            rank: 0,
+            group: None,
         })
     }
 
-    /// The masked micro-batch `k` of optimizer step `step`.
+    /// Take part in a data-parallel run as `group.rank` of `group.world` (= `opts.world`):
+    /// checks that every rank has the same options, data and starting weights, then each step
+    /// computes this rank's rows of the global batch and sums gradients and statistics over the
+    /// group ([`Trainer::train_step`] on the CPU; on the GPU the gradients go through the
+    /// state's NCCL communicator, [`cuda::CudaTrainState::attach_nccl`]).
+    pub fn join_group(&mut self, mut group: dist::HostGroup) -> Result<()> {
+        ensure!(
+            group.world == self.opts.world,
+            "the group has {} ranks, the options say {}",
+            group.world,
+            self.opts.world
+        );
+        group.check_same("training options", self.options_fingerprint()?)?;
+        group.check_same("training data", self.data_fingerprint())?;
+        group.check_same(
+            "starting weights or optimizer state",
+            dist::checksum_f32(&self.params.data)
+                ^ dist::checksum_f32(&self.opt.m.data).rotate_left(1)
+                ^ dist::checksum_f32(&self.opt.v.data).rotate_left(2)
+                ^ self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        )?;
+        self.rank = group.rank;
+        self.group = Some(group);
+        Ok(())
+    }
+
+    /// The group of a data-parallel run, if any.
+    pub fn group(&mut self) -> Option<&mut dist::HostGroup> {
+        self.group.as_mut()
+    }
+
+    /// A hash of the options (what every rank must agree on).
+    pub fn options_fingerprint(&self) -> Result<u64> {
+        let j = serde_json::to_vec(&self.opts)?;
+        Ok(dist::fnv1a(dist::FNV_START, &j))
+    }
+
+    /// A hash of the training samples.
+    pub fn data_fingerprint(&self) -> u64 {
+        let mut h = dist::FNV_START;
+        for s in &self.samples {
+            h = dist::fnv1a(h, bytemuck::cast_slice(&s.ids));
+            h = dist::fnv1a(h, &(s.prompt_len as u64).to_le_bytes());
+        }
+        h
+    }
+
+    /// This rank's rows of the masked micro-batch `k` of optimizer step `step`: global rows
+    /// `rank·B .. (rank+1)·B` of the `B·world` rows (see [`dist`]).
     pub fn micro_batch(&mut self, step: u64, k: usize) -> Result<Batch> {
         let o = &self.opts;
         let (b, t) = (o.batch_size, o.seq_len);
+        let span = loss::RowSpan {
+            first: self.rank * b,
+            global: o.global_batch(),
+        };
         let micro = step * o.accum as u64 + k as u64;
         let mut clean = Vec::with_capacity(b * t);
         let mut prompt_lens = Vec::with_capacity(b);
         for i in 0..b {
-            let g = micro * b as u64 + i as u64;
+            let g = micro * span.global as u64 + (span.first + i) as u64;
             let idx = data::sample_index(o.seed, g, self.samples.len(), &mut self.order);
             clean.extend_from_slice(&self.samples[idx].ids);
             prompt_lens.push(self.samples[idx].prompt_len);
@@ -232,9 +304,9 @@ impl Trainer {
         let scale = 1.0 / o.accum as f64;
         let mask = self.cfg.mask_token_id;
         if o.sft {
-            loss::sft_batch(&clean, &prompt_lens, b, t, mask, o.seed, micro, scale)
+            loss::sft_batch_span(&clean, &prompt_lens, b, t, mask, o.seed, micro, scale, span)
         } else {
-            loss::pretrain_batch(&clean, b, t, mask, o.seed, micro, o.truncate, scale)
+            loss::pretrain_batch_span(&clean, b, t, mask, o.seed, micro, o.truncate, scale, span)
         }
     }
 
@@ -279,6 +351,23 @@ impl Trainer {
             tokens += batch.b * batch.t;
             masked += batch.rows.len();
             flops += step_flops(&self.cfg, batch.b, batch.t, batch.rows.len());
+        }
+        if let Some(group) = self.group.as_mut() {
+            // Every rank's share, summed: the global batch's loss and gradient.
+            let mut st = [loss, tokens as f64, masked as f64, flops];
+            group.all_reduce_f64(&mut st)?;
+            loss = st[0];
+            tokens = st[1] as usize;
+            masked = st[2] as usize;
+            flops = st[3];
+            match gpu.as_deref_mut() {
+                Some(g) => g.all_reduce_grads()?,
+                None => {
+                    for d in &mut self.grad.data {
+                        group.all_reduce_f32(d)?;
+                    }
+                }
+            }
         }
         ensure!(
             loss.is_finite(),

@@ -1,6 +1,7 @@
-//! `llada train`: pretraining or SFT (reference §6) on the CPU or one CUDA GPU (f32, see
+//! `llada train`: pretraining or SFT (reference §6) on the CPU or CUDA GPUs (f32, see
 //! `llada::train::cuda`), saving Hugging Face folders that `llada generate` loads, with exact
-//! resume.
+//! resume. Data parallel over several processes (one per GPU) when the environment gives ranks
+//! (`srun`, or `RANK`/`WORLD_SIZE`; see `llada::train::dist`).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use llada::tokenizer::Tokenizer;
 use llada::train::checkpoint;
 use llada::train::cuda::{CudaOps, CudaTrainState};
 use llada::train::data::{load_pretrain, load_sft};
+use llada::train::dist::{DistEnv, HostGroup};
 use llada::train::model::Params;
 use llada::train::{TrainOptions, Trainer};
 
@@ -40,6 +42,8 @@ pub struct TrainArgs {
     /// Total optimizer steps (on --resume: defaults to the checkpoint's).
     #[arg(long)]
     steps: Option<u64>,
+    /// Sequences per micro-batch on each process (data parallel: the global batch is this
+    /// times the number of ranks).
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
     /// Micro-batches per optimizer step (gradient accumulation).
@@ -70,10 +74,13 @@ pub struct TrainArgs {
     /// Peak FLOP/s of the device in TFLOP/s, for the model FLOP utilisation column.
     #[arg(long)]
     peak_tflops: Option<f64>,
-    /// cpu | cuda | cuda:N (auto means cpu: the CPU is the reference; CUDA trains in f32 on one
-    /// GPU, multi-GPU is not implemented)
+    /// cpu | cuda | cuda:N (auto means cpu: the CPU is the reference; CUDA trains in f32).
+    /// Data parallel, `cuda` means GPU `LOCAL_RANK mod <visible GPUs>`.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Ignore RANK/WORLD_SIZE and SLURM task variables: train as one process.
+    #[arg(long)]
+    no_dist: bool,
 }
 
 fn tokenizer_for(
@@ -81,9 +88,18 @@ fn tokenizer_for(
     tiny: bool,
     out: &Path,
     cfg: &llada::config::ModelConfig,
+    lead: bool,
 ) -> Result<Tokenizer> {
     if let Some(t) = opened_tok {
         return Ok(t);
+    }
+    if tiny && !lead {
+        // Only rank 0 writes into --out; the others build the same tokenizer privately.
+        let tmp = std::env::temp_dir().join(format!("llada-tiny-tok-{}", std::process::id()));
+        llada::tokenizer::write_tiny_tokenizer(&tmp)?;
+        let t = Tokenizer::from_dir(&tmp, cfg);
+        let _ = std::fs::remove_dir_all(&tmp);
+        return t;
     }
     if tiny {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -94,14 +110,43 @@ fn tokenizer_for(
 }
 
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
+    let dist = if a.no_dist {
+        None
+    } else {
+        DistEnv::from_env()?
+    };
+    let world = dist.as_ref().map_or(1, |d| d.world);
+    let rank = dist.as_ref().map_or(0, |d| d.rank);
+    // Rank 0 speaks for the run; the others only report their errors.
+    let lead = rank == 0;
     let cuda_device = match a.device.parse::<DeviceChoice>()? {
         DeviceChoice::Cpu | DeviceChoice::Auto => None,
         DeviceChoice::Cuda(i) => {
             llada::device::cuda_available()
-                .map_err(|e| anyhow::anyhow!("--device cuda:{i}: CUDA unavailable: {e}"))?;
-            Some(i)
+                .map_err(|e| anyhow::anyhow!("--device {}: CUDA unavailable: {e}", a.device))?;
+            let bare = matches!(
+                a.device.trim().to_ascii_lowercase().as_str(),
+                "cuda" | "gpu"
+            );
+            match &dist {
+                Some(d) if bare => {
+                    let n = llada::backend::cuda::device_count()
+                        .map_err(|e| anyhow::anyhow!("counting CUDA devices: {e}"))?;
+                    anyhow::ensure!(n > 0, "--device cuda: no CUDA device is visible");
+                    Some(d.local_rank % n)
+                }
+                _ => Some(i),
+            }
         }
     };
+    if let Some(d) = &dist {
+        if lead {
+            eprintln!(
+                "data parallel: {} ranks ({}), rendezvous at {}:{}",
+                d.world, d.source, d.master_addr, d.master_port
+            );
+        }
+    }
     let (mut trainer, tok, tok_src, tiny) = if let Some(dir) = &a.resume {
         let r = checkpoint::load(dir)?;
         let mut opts: TrainOptions = serde_json::from_value(r.state.options.clone())
@@ -116,18 +161,31 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             }
             opts.steps = s;
         }
+        if opts.world != world {
+            let before = (opts.batch_size, opts.world);
+            opts.rescale_world(world)?;
+            if lead {
+                eprintln!(
+                    "note: the checkpoint ran on {} ranks × {} sequences; this run splits the same \
+                     global batch over {} ranks × {}",
+                    before.1, before.0, opts.world, opts.batch_size
+                );
+            }
+        }
         let tok = Tokenizer::from_dir(dir, &r.cfg)?;
         let samples = if opts.sft {
             load_sft(&a.data, &tok, opts.seq_len)?
         } else {
             load_pretrain(&a.data, &tok, opts.seq_len)?
         };
-        eprintln!(
-            "resuming {} at step {}/{}",
-            dir.display(),
-            r.state.step,
-            opts.steps
-        );
+        if lead {
+            eprintln!(
+                "resuming {} at step {}/{}",
+                dir.display(),
+                r.state.step,
+                opts.steps
+            );
+        }
         let t = Trainer::with_state(r.cfg, r.params, r.opt, r.state.step, opts, samples)?;
         (t, tok, Some(dir.clone()), false)
     } else {
@@ -140,7 +198,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         let opened = Opened::open(&spec)?;
         let cfg = opened.cfg.clone();
         let params = Params::<f32>::from_checkpoint(&cfg, &opened.ckpt)?;
-        let tok = tokenizer_for(opened.tokenizer, tiny, &a.out, &cfg)?;
+        let tok = tokenizer_for(opened.tokenizer, tiny, &a.out, &cfg, lead)?;
         let opts = TrainOptions {
             steps: a.steps.unwrap_or(100),
             batch_size: a.batch_size,
@@ -154,20 +212,26 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             seed: a.seed,
             sft: a.sft,
             truncate: !a.no_truncate,
+            world,
         };
         let samples = if a.sft {
             load_sft(&a.data, &tok, a.seq_len)?
         } else {
             load_pretrain(&a.data, &tok, a.seq_len)?
         };
-        eprintln!(
-            "training {} ({} parameters) on {} sequences of {} tokens, {} f32",
-            opened.label,
-            params.numel(),
-            samples.len(),
-            a.seq_len,
-            if cuda_device.is_some() { "CUDA" } else { "CPU" }
-        );
+        if lead {
+            eprintln!(
+                "training {} ({} parameters) on {} sequences of {} tokens, {} f32, global batch \
+                 {} × {} accumulation",
+                opened.label,
+                params.numel(),
+                samples.len(),
+                a.seq_len,
+                if cuda_device.is_some() { "CUDA" } else { "CPU" },
+                a.batch_size * world,
+                a.accum
+            );
+        }
         (Trainer::new(cfg, params, opts, samples)?, tok, src, tiny)
     };
     let _ = &tok;
@@ -175,7 +239,12 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         Some(i) => {
             let ops = CudaOps::new(i)?;
             eprintln!(
-                "device: cuda:{i} ({}), f32 weights, activations and GEMMs",
+                "{}device: cuda:{i} ({}), f32 weights, activations and GEMMs",
+                if dist.is_some() {
+                    format!("rank {rank}: ")
+                } else {
+                    String::new()
+                },
                 ops.be.device_name()
             );
             Some(CudaTrainState::new(
@@ -187,7 +256,32 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         }
         None => None,
     };
+    if let Some(d) = &dist {
+        let group = HostGroup::join(d, trainer.options_fingerprint()?)?;
+        trainer.join_group(group)?;
+        if let Some(g) = gpu.as_mut() {
+            // Rank 0 makes the NCCL id; the TCP group hands it to everyone.
+            let mut id = if rank == 0 {
+                llada::train::nccl::unique_id()?.to_bytes()
+            } else {
+                Vec::new()
+            };
+            let group = trainer
+                .group()
+                .ok_or_else(|| anyhow::anyhow!("no process group after joining"))?;
+            group.broadcast(&mut id)?;
+            let id = llada::train::nccl::UniqueId::from_bytes(&id)?;
+            g.attach_nccl(&id, rank, world)?;
+            if lead {
+                let (v, path) = llada::train::nccl::version()?;
+                eprintln!("NCCL {v} ({path}): gradients summed on the GPUs");
+            }
+        }
+    }
     let save = |t: &Trainer| -> Result<()> {
+        if !lead {
+            return Ok(());
+        }
         checkpoint::save(
             &a.out,
             &t.cfg,
@@ -207,7 +301,8 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             None => trainer.train_step()?,
         };
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
-        let flops = s.flops / secs;
+        // Per GPU: the step's global FLOPs over the ranks that shared them.
+        let flops = s.flops / secs / world as f64;
         let mfu = match a.peak_tflops {
             Some(p) if p > 0.0 => format!("{:.1}%", 100.0 * flops / (p * 1e12)),
             _ => "-".into(),
@@ -227,7 +322,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             flops / 1e9,
             mfu
         );
-        if show {
+        if !lead {
+            // quiet
+        } else if show {
             eprint!("\r{line}");
             let _ = std::io::stderr().flush();
         } else {
@@ -240,13 +337,20 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             save(&trainer)?;
         }
     }
-    if show {
+    if show && lead {
         eprintln!();
     }
     if let Some(g) = &gpu {
         trainer.pull_from_cuda(g)?;
     }
     save(&trainer)?;
-    eprintln!("saved {} (step {})", a.out.display(), trainer.step);
+    if let Some(group) = trainer.group() {
+        // Nobody leaves before rank 0 has saved (a failed save stops rank 0, and the others
+        // see it here).
+        group.barrier()?;
+    }
+    if lead {
+        eprintln!("saved {} (step {})", a.out.display(), trainer.step);
+    }
     Ok(())
 }

@@ -1,0 +1,542 @@
+//! Data-parallel training plumbing: ranks from the environment, the TCP process group
+//! (rendezvous, collectives, failures that must be errors rather than hangs), NCCL loading, and
+//! `llada train` as two processes against one.
+//!
+//! The equivalence of a data-parallel step with one process over the global batch is tested in
+//! `tests/train.rs` (`data_parallel_*`); the NCCL all-reduce on GPUs in `tests/cuda_train.rs`.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use llada::train::dist::{first_host, DistEnv, HostGroup};
+
+fn env_of(pairs: &[(&str, &str)]) -> anyhow::Result<Option<DistEnv>> {
+    let m: HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    DistEnv::from_vars(&|k| m.get(k).cloned())
+}
+
+#[test]
+fn ranks_come_from_torchrun_or_srun_variables() {
+    assert_eq!(env_of(&[]).unwrap(), None);
+    let e = env_of(&[
+        ("RANK", "3"),
+        ("WORLD_SIZE", "4"),
+        ("LOCAL_RANK", "1"),
+        ("MASTER_ADDR", "10.0.0.7"),
+        ("MASTER_PORT", "12345"),
+    ])
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (
+            e.rank,
+            e.world,
+            e.local_rank,
+            e.master_addr.as_str(),
+            e.master_port
+        ),
+        (3, 4, 1, "10.0.0.7", 12345)
+    );
+    // An srun step: ranks from SLURM, rendezvous at the first node, port from the job id.
+    let e = env_of(&[
+        ("SLURM_STEP_ID", "0"),
+        ("SLURM_PROCID", "5"),
+        ("SLURM_NTASKS", "8"),
+        ("SLURM_STEP_NUM_TASKS", "8"),
+        ("SLURM_LOCALID", "1"),
+        ("SLURM_JOB_ID", "4242"),
+        ("SLURM_JOB_NODELIST", "gpu[017-018,020],login1"),
+    ])
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (
+            e.rank,
+            e.world,
+            e.local_rank,
+            e.master_addr.as_str(),
+            e.master_port
+        ),
+        (5, 8, 1, "gpu017", 29500 + 4242 % 2000)
+    );
+    // torchrun variables win over SLURM's.
+    let e = env_of(&[
+        ("SLURM_STEP_ID", "0"),
+        ("SLURM_PROCID", "0"),
+        ("SLURM_NTASKS", "1"),
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "h"),
+    ])
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (e.rank, e.world, e.local_rank, e.master_port),
+        (1, 2, 1, 29500)
+    );
+    // A batch script outside srun (no step) and a world of one are single processes.
+    assert_eq!(
+        env_of(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4")]).unwrap(),
+        None
+    );
+    assert_eq!(env_of(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap(), None);
+}
+
+#[test]
+fn bad_rank_variables_are_named_errors() {
+    let err = |pairs: &[(&str, &str)]| env_of(pairs).unwrap_err().to_string();
+    assert!(err(&[("WORLD_SIZE", "2")]).contains("RANK is not"));
+    assert!(
+        err(&[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "h")])
+            .contains("rank 2 is not below the world size 2")
+    );
+    assert!(err(&[("WORLD_SIZE", "two"), ("RANK", "0")]).contains("WORLD_SIZE=\"two\""));
+    assert!(err(&[("WORLD_SIZE", "2"), ("RANK", "0")]).contains("MASTER_ADDR is not set"));
+    assert!(err(&[
+        ("WORLD_SIZE", "2"),
+        ("RANK", "0"),
+        ("MASTER_ADDR", "h"),
+        ("MASTER_PORT", "70000")
+    ])
+    .contains("MASTER_PORT=\"70000\""));
+}
+
+#[test]
+fn the_first_host_of_a_slurm_node_list() {
+    assert_eq!(first_host("node07").unwrap(), "node07");
+    assert_eq!(first_host("a,b,c").unwrap(), "a");
+    assert_eq!(first_host("gpu[003-010,017]").unwrap(), "gpu003");
+    assert_eq!(first_host("gpu[5,7-9],cpu1").unwrap(), "gpu5");
+    assert_eq!(first_host("rack[1-2]-n[07-09]").unwrap(), "rack1-n07");
+    assert!(first_host("gpu[003-").is_err());
+    assert!(first_host("gpu[x-y]").is_err());
+    assert!(first_host("").is_err());
+}
+
+const T: Duration = Duration::from_secs(30);
+
+fn rank_env(rank: usize, world: usize, port: u16) -> DistEnv {
+    DistEnv {
+        rank,
+        world,
+        local_rank: rank,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+        source: "test",
+    }
+}
+
+/// `world` ranks in threads, each running `f` on its joined group.
+fn with_group<R: Send + 'static>(
+    world: usize,
+    f: impl Fn(&mut HostGroup) -> R + Send + Sync + Clone + 'static,
+) -> Vec<R> {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut l = Some(l);
+    let hs: Vec<_> = (0..world)
+        .map(|rank| {
+            let f = f.clone();
+            let l = if rank == 0 { l.take() } else { None };
+            std::thread::spawn(move || {
+                let mut g = match l {
+                    Some(l) => HostGroup::serve(l, world, 7, T, T).unwrap(),
+                    None => HostGroup::connect(&rank_env(rank, world, port), 7, T, T).unwrap(),
+                };
+                f(&mut g)
+            })
+        })
+        .collect();
+    hs.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn collectives_give_every_rank_the_same_sums() {
+    let out = with_group(3, |g| {
+        let r = g.rank as f64;
+        let mut a = [r + 0.1, 1e16 * (r - 1.0), 1.0 + r];
+        g.all_reduce_f64(&mut a).unwrap();
+        // Over a chunk boundary (1 Mi values).
+        let n = (1 << 20) + 5;
+        let mut b: Vec<f32> = (0..n)
+            .map(|i| (i % 97) as f32 * (g.rank as f32 + 1.0))
+            .collect();
+        g.all_reduce_f32(&mut b).unwrap();
+        let mut msg = if g.rank == 0 {
+            b"hello".to_vec()
+        } else {
+            vec![1, 2]
+        };
+        g.broadcast(&mut msg).unwrap();
+        g.barrier().unwrap();
+        (a, b, msg)
+    });
+    for (a, b, msg) in &out {
+        assert_eq!(a, &out[0].0, "all-reduce bits differ between ranks");
+        // Rank order: (0.1 + 1.1) + 2.1 in f64.
+        assert_eq!(a[0], (0.1 + 1.1) + 2.1);
+        assert_eq!(a[1], 0.0);
+        assert_eq!(a[2], 6.0);
+        assert_eq!(b.len(), (1 << 20) + 5);
+        for (i, v) in b.iter().enumerate() {
+            assert_eq!(*v, (i % 97) as f32 * 6.0, "element {i}");
+        }
+        assert_eq!(msg, b"hello");
+    }
+}
+
+#[test]
+fn a_value_that_differs_between_ranks_fails_on_every_rank() {
+    let out = with_group(3, |g| {
+        let v = if g.rank == 2 { 9 } else { 4 };
+        g.check_same("weights", v).map_err(|e| e.to_string())
+    });
+    for r in out {
+        let e = r.unwrap_err();
+        assert!(e.contains("ranks 2 have different weights"), "{e}");
+    }
+    let ok = with_group(2, |g| g.check_same("weights", 4).is_ok());
+    assert_eq!(ok, vec![true, true]);
+}
+
+#[test]
+fn the_rendezvous_refuses_mismatched_ranks() {
+    let try_pair = |w0: usize, r1: usize, w1: usize, fp1: u64| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = std::thread::spawn(move || {
+            HostGroup::serve(l, w0, 7, T, Duration::from_secs(10))
+                .err()
+                .map(|e| e.to_string())
+        });
+        let c = HostGroup::connect(&rank_env(r1, w1, port), fp1, T, T)
+            .err()
+            .map(|e| e.to_string());
+        (h.join().unwrap(), c)
+    };
+    let (s, c) = try_pair(2, 1, 3, 7);
+    assert!(s.unwrap().contains("world size is 3, rank 0 says 2"));
+    assert!(c.unwrap().contains("refused"));
+    let (s, c) = try_pair(2, 1, 2, 8);
+    assert!(s.unwrap().contains("different options, data or weights"));
+    assert!(c.unwrap().contains("different options"));
+}
+
+#[test]
+fn a_rank_that_dies_is_an_error_not_a_hang() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        let mut g = HostGroup::serve(l, 2, 7, T, T).unwrap();
+        let t0 = Instant::now();
+        let e = g.all_reduce_f64(&mut [1.0]).unwrap_err().to_string();
+        (e, t0.elapsed())
+    });
+    let g = HostGroup::connect(&rank_env(1, 2, port), 7, T, T).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(g); // rank 1 stops
+    let (e, took) = h.join().unwrap();
+    assert!(e.contains("rank 1 closed the connection"), "{e}");
+    assert!(
+        took < Duration::from_secs(10),
+        "noticed only after {took:?}"
+    );
+}
+
+#[test]
+fn missing_ranks_time_out_with_a_message() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    // A stranger connects and says nothing useful: ignored, not a rank.
+    let stranger = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n-------------");
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let e = HostGroup::serve(l, 3, 7, T, Duration::from_millis(400))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("ranks 1, 2 did not connect"), "{e}");
+    stranger.join().unwrap();
+    // Nobody listening: the connecting rank gives up with the address it tried.
+    let free = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let e = HostGroup::connect(&rank_env(1, 2, port), 7, T, Duration::from_millis(300))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(&format!("cannot reach rank 0 at 127.0.0.1:{port}")),
+        "{e}"
+    );
+}
+
+#[test]
+fn nccl_loads_and_makes_ids_when_installed() {
+    use llada::train::nccl;
+    let e = nccl::UniqueId::from_bytes(&[0u8; 12])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("128 bytes"), "{e}");
+    match nccl::version() {
+        Err(e) => {
+            assert!(
+                std::env::var("LLADA_REQUIRE_NCCL").is_err(),
+                "LLADA_REQUIRE_NCCL is set but NCCL does not load: {e}"
+            );
+            let e = e.to_string();
+            assert!(e.contains("LLADA_NCCL_LIB"), "{e}");
+            eprintln!("SKIP nccl: {e}");
+        }
+        Ok((v, path)) => {
+            eprintln!("NCCL {v} from {path}");
+            assert!((20000..100000).contains(&v), "NCCL version code {v}");
+            // A unique id needs no GPU; two are different, and survive the byte round trip
+            // the TCP group sends them through.
+            let (a, b) = (nccl::unique_id().unwrap(), nccl::unique_id().unwrap());
+            assert_ne!(a.to_bytes(), b.to_bytes());
+            let back = nccl::UniqueId::from_bytes(&a.to_bytes()).unwrap();
+            assert_eq!(back.to_bytes(), a.to_bytes());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `llada train` as processes.
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("llada-dist-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn train_cmd(args: &[&str], env: &[(&str, String)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_llada"));
+    c.arg("train").args(args);
+    for v in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_STEP_ID",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "SLURM_JOB_ID",
+    ] {
+        c.env_remove(v);
+    }
+    c.env("LLADA_DIST_CONNECT_TIMEOUT", "60");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+fn corpus(dir: &std::path::Path) -> PathBuf {
+    let data = dir.join("corpus.jsonl");
+    let mut text = String::new();
+    for i in 0..24 {
+        text.push_str(&format!(
+            "{{\"text\": \"a dog ran to the park {i} times. \"}}\n"
+        ));
+    }
+    std::fs::write(&data, text).unwrap();
+    data
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn ok(o: &Output) {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn two_processes_train_like_one_with_the_global_batch() {
+    let dir = tmpdir("cli");
+    let data = corpus(&dir);
+    let data = data.to_str().unwrap();
+    let common = |out: &PathBuf, b: &'static str| -> Vec<String> {
+        [
+            "--preset",
+            "tiny",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--lr",
+            "3e-3",
+            "--seq-len",
+            "16",
+            "--accum",
+            "2",
+            "--no-truncate",
+            "--device",
+            "cpu",
+            "--data",
+            data,
+            "--batch-size",
+            b,
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let one = dir.join("one");
+    let a = common(&one, "4");
+    let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    ok(&train_cmd(&a, &[]).output().unwrap());
+
+    let two = dir.join("two");
+    let port = free_port().to_string();
+    let spawn = |rank: usize| {
+        let a = common(&two, "2");
+        let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        train_cmd(
+            &a,
+            &[
+                ("RANK", rank.to_string()),
+                ("WORLD_SIZE", "2".into()),
+                ("MASTER_ADDR", "127.0.0.1".into()),
+                ("MASTER_PORT", port.clone()),
+            ],
+        )
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let (r0, r1) = (spawn(0), spawn(1));
+    let (o0, o1) = (
+        r0.wait_with_output().unwrap(),
+        r1.wait_with_output().unwrap(),
+    );
+    ok(&o0);
+    ok(&o1);
+    let log0 = String::from_utf8_lossy(&o0.stderr);
+    assert!(
+        log0.contains("data parallel: 2 ranks (RANK/WORLD_SIZE)"),
+        "{log0}"
+    );
+    assert!(log0.contains("global batch 4"), "{log0}");
+    // Only rank 0 reports progress.
+    assert!(!String::from_utf8_lossy(&o1.stderr).contains("step 1/3"));
+
+    let a = llada::train::checkpoint::load(&one).unwrap();
+    let b = llada::train::checkpoint::load(&two).unwrap();
+    assert_eq!(a.state.step, 3);
+    assert_eq!(b.state.step, 3);
+    let mut worst = 0f32;
+    for (x, y) in a.params.data.iter().zip(&b.params.data) {
+        for (p, q) in x.iter().zip(y) {
+            worst = worst.max((p - q).abs());
+        }
+    }
+    // Equal up to f32 summation order (see tests/train.rs: ~1e-7 after a few steps); a wrong
+    // batch split moves weights by ~lr (3e-3).
+    assert!(
+        worst < 3e-5,
+        "two ranks vs one process: weights differ by {worst}"
+    );
+    // The two-rank checkpoint records its split; a one-process resume re-splits it.
+    let o = &b.state.options;
+    assert_eq!(
+        (o["batch_size"].as_u64(), o["world"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let r = train_cmd(
+        &[
+            "--resume",
+            two.to_str().unwrap(),
+            "--steps",
+            "4",
+            "--data",
+            data,
+            "--out",
+            dir.join("resumed").to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+        &[],
+    )
+    .output()
+    .unwrap();
+    ok(&r);
+    let log = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        log.contains("splits the same global batch over 1 ranks × 4"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_rank_without_peers_fails_instead_of_waiting_forever() {
+    let dir = tmpdir("alone");
+    let data = corpus(&dir);
+    let o = train_cmd(
+        &[
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--seq-len",
+            "16",
+            "--device",
+            "cpu",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            dir.join("o").to_str().unwrap(),
+        ],
+        &[
+            ("RANK", "0".into()),
+            ("WORLD_SIZE", "2".into()),
+            ("MASTER_ADDR", "127.0.0.1".into()),
+            ("MASTER_PORT", free_port().to_string()),
+            ("LLADA_DIST_CONNECT_TIMEOUT", "1".into()),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("ranks 1 did not connect within 1 s"), "{e}");
+    assert!(!dir.join("o").join("model.safetensors").exists());
+    // --no-dist ignores the variables.
+    let o = train_cmd(
+        &[
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--seq-len",
+            "16",
+            "--device",
+            "cpu",
+            "--no-dist",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            dir.join("o").to_str().unwrap(),
+        ],
+        &[("RANK", "0".into()), ("WORLD_SIZE", "2".into())],
+    )
+    .output()
+    .unwrap();
+    ok(&o);
+}
