@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session (runs from the bundle on the GPU machine; no cargo there):
 # the GPU check (parity tests, CPU/GPU CLI comparison, standard benchmark, PyTorch reference),
-# then the Fast-dLLM cache rows and the offline batch rows, each beside its PyTorch reference.
+# then the Fast-dLLM cache rows and the offline batch rows, each beside its PyTorch reference,
+# the likelihood rows, and training throughput (llada-1b, bf16 and f32 GEMMs).
 #   bash gpu-bundle/gpu-session.sh RESULTS_DIR
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -31,5 +32,19 @@ for bs in 8 32; do
         --prompt-ids "$prompt" --answer-ids "$answer" --mc-num 128 --batch-size $bs \
         >"$res/loglik-8b-bs$bs.json" 2>>"$res/loglik-8b.log"
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f'batch {sys.argv[2]}: {d[\"forward_passes\"]} forwards in {d[\"seconds\"]:.3f} s = {1/d[\"seconds\"]:.2f} loglik evaluations/s (mc_num 128)')" "$res/loglik-8b-bs$bs.json" $bs 2>&1
+done
+echo "== llada train: llada-1b preset (1.24 B parameters), batch 8 x 512 tokens, bf16 vs f32 GEMMs"
+# Random token ids (no tokenizer for the presets): 160 documents of 1000 ids below 126000.
+python3 -c "import json,random; random.seed(0); print('\n'.join(json.dumps({'ids':[random.randrange(126000) for _ in range(1000)]}) for _ in range(160)))" >"$res/train-ids.jsonl"
+# MFU against PEAK_TFLOPS (default: H100 SXM dense bf16, 989 TFLOP/s; the f32 run is measured
+# against the same peak, for comparison).
+for prec in bf16 f32; do
+    [ $prec = bf16 ] && steps=6 || steps=3
+    timeout "${T_TRAIN:-300}" bin/llada train --preset llada-1b --device cuda --precision $prec \
+        --data "$res/train-ids.jsonl" --out "$res/train-1b" --steps $steps --batch-size 8 --seq-len 512 \
+        --warmup 1 --no-truncate --no-save --peak-tflops "${PEAK_TFLOPS:-989}" \
+        >"$res/train-1b-$prec.log" 2>&1
+    echo "exit $? ($prec); $(grep -m1 '^device:' "$res/train-1b-$prec.log")"
+    grep '\] step ' "$res/train-1b-$prec.log" | tail -n 1 | sed 's/^.*\] //'
 done
 echo "== done"; tail -n 12 "$res/gpu-check.log"

@@ -24,7 +24,7 @@ use crate::tokenizer::Tokenizer;
 pub enum ModelSpec {
     /// A Hugging Face model folder.
     Dir(PathBuf),
-    /// A random-weight preset (`tiny`, `llada-8b`) with a seed.
+    /// A random-weight preset (`tiny`, `llada-1b`, `llada-8b`) with a seed.
     Preset { name: String, seed: u64 },
 }
 

@@ -1,4 +1,4 @@
-//! Random-weight presets (`tiny`, `llada-8b`) for smoke tests and benchmarks.
+//! Random-weight presets (`tiny`, `llada-1b`, `llada-8b`) for smoke tests and benchmarks.
 //!
 //! A preset is a [`ModelConfig`] plus a [`Checkpoint`] of lazily generated weights: every matrix
 //! (embedding and LM head included) is [`WeightSource::Random`] with standard deviation 0.02 and
@@ -20,13 +20,20 @@ use crate::dtype::DType;
 use crate::tokenizer::{write_tiny_tokenizer, TINY_VOCAB};
 
 /// Names accepted by [`preset_config`].
-pub const PRESETS: [&str; 2] = ["tiny", "llada-8b"];
+pub const PRESETS: [&str; 3] = ["tiny", "llada-1b", "llada-8b"];
 
 /// Standard deviation of the random matrices (upstream's `init_std`).
 pub const INIT_STD: f32 = 0.02;
 
-/// The config of a preset: `tiny` (C 128, NH = NKV 2 (head dim 64, which the CUDA attention
-/// kernel supports), 2 layers, F 320, V 512, ids of the tiny tokenizer) or `llada-8b` (exactly LLaDA-8B's `config.json`, reference §1.1).
+/// The config of a preset:
+/// - `tiny`: C 128, NH = NKV 2 (head dim 64, which the CUDA attention kernel supports),
+///   2 layers, F 320, V 512, ids of the tiny tokenizer;
+/// - `llada-1b`: a LLaDA-shaped model for the training benchmark (not a released model): C 2048,
+///   NH = NKV 16 (head dim 128, as LLaDA-8B), 14 layers, F 5632, and LLaDA-8B's vocabulary
+///   (126464), special ids, RoPE θ, eps and max sequence length. Exactly 1,237,379,072
+///   parameters: 2·126464·2048 = 517,996,544 in the embedding and the untied LM head,
+///   14·(4·2048² + 3·2048·5632 + 2·2048) = 719,380,480 in the blocks, 2048 in the final norm;
+/// - `llada-8b`: exactly LLaDA-8B's `config.json` (reference §1.1).
 pub fn preset_config(name: &str) -> Result<ModelConfig> {
     let cfg = match name {
         "tiny" => ModelConfig {
@@ -43,6 +50,21 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
             mask_token_id: TINY_VOCAB.mask,
             eos_token_id: TINY_VOCAB.eos,
             pad_token_id: TINY_VOCAB.eos,
+        },
+        "llada-1b" => ModelConfig {
+            d_model: 2048,
+            n_heads: 16,
+            n_kv_heads: 16,
+            n_layers: 14,
+            mlp_hidden_size: 5632,
+            vocab_size: 126464,
+            embedding_size: 126464,
+            max_sequence_length: 4096,
+            rope_theta: 500000.0,
+            rms_norm_eps: 1e-5,
+            mask_token_id: 126336,
+            eos_token_id: 126081,
+            pad_token_id: 126081,
         },
         "llada-8b" => ModelConfig {
             d_model: 4096,
@@ -145,6 +167,38 @@ mod tests {
             .sum();
         assert_eq!(n, 8_015_581_184);
         assert_eq!(expected_tensors(&cfg).len(), 291);
+    }
+
+    #[test]
+    fn llada_1b_parameter_count() {
+        // The count stated in `preset_config`'s docs, from its own terms.
+        let cfg = preset_config("llada-1b").unwrap();
+        let n: usize = expected_tensors(&cfg)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        let (v, c, f, l) = (126464, 2048, 5632, 14);
+        assert_eq!(n, 2 * v * c + l * (4 * c * c + 3 * c * f + 2 * c) + c);
+        assert_eq!(n, 1_237_379_072);
+        assert_eq!(expected_tensors(&cfg).len(), 3 + 9 * 14);
+        assert_eq!(cfg.head_dim(), 128);
+        // Same vocabulary and special ids as LLaDA-8B.
+        let big = preset_config("llada-8b").unwrap();
+        assert_eq!(
+            (
+                cfg.vocab_size,
+                cfg.embedding_size,
+                cfg.mask_token_id,
+                cfg.eos_token_id
+            ),
+            (
+                big.vocab_size,
+                big.embedding_size,
+                big.mask_token_id,
+                big.eos_token_id
+            )
+        );
+        assert!(preset_config("llada-2b").is_err());
     }
 
     #[test]

@@ -14,12 +14,18 @@
 //! - `expf` (CUDA, ≤ 2 ulp) vs libm `exp` (≤ 1 ulp) in swiglu, softmax, cross-entropy: each
 //!   transcendental contributes ≤ 4u relative; the bounds per op are written next to its test.
 //!
+//! bf16 compute ([`TrainPrecision::Bf16`]) is checked twice: each GEMM against the CPU model
+//! of what it computes (`ops::linear_bf16`: bf16 inputs, exact sums), and one whole training
+//! pass against the f32 CPU reference with tolerances loose enough for bf16 inputs.
+//!
 //! Without a usable GPU every test prints `SKIP: <why>` and passes, unless
 //! `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
 
 use llada::config::ModelConfig;
 use llada::rng;
-use llada::train::cuda::{self, AdamWScalars, CudaOps, CudaTrainState, DeviceParams};
+use llada::train::cuda::{
+    self, AdamWScalars, CudaOps, CudaTrainState, DeviceParams, TrainPrecision,
+};
 use llada::train::data::Sample;
 use llada::train::model::{forward_backward, Batch, Params};
 use llada::train::ops::{self, AttnDims};
@@ -1023,4 +1029,244 @@ fn n_steps_loss_close_to_cpu() {
             cpu_t.params.names[i]
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 compute (TrainPrecision::Bf16)
+
+/// `v` with bit 15 of every f32 cleared: the 16 bits a conversion to bf16 drops are then below
+/// half a bf16 ulp, so round-to-nearest-even, round-to-nearest-away and truncation all give the
+/// same bf16 value (the top 16 bits). cuBLAS does not document how `..._FAST_16BF` converts;
+/// on such inputs the CPU model (RNE) is exact whichever of those it does.
+fn bf16_unambiguous(v: Vec<f32>) -> Vec<f32> {
+    v.into_iter()
+        .map(|x| f32::from_bits(x.to_bits() & !0x8000))
+        .collect()
+}
+
+fn bf16_abs(v: &[f32]) -> Vec<f64> {
+    v.iter()
+        .map(|&x| (llada::dtype::DType::BF16.round(x) as f64).abs())
+        .collect()
+}
+
+/// How many elements of `other` lie outside `tol` of `want`.
+fn outside(want: &[f32], other: &[f32], tol: impl Fn(usize) -> f64) -> usize {
+    (0..want.len())
+        .filter(|&i| (want[i] as f64 - other[i] as f64).abs() > tol(i))
+        .count()
+}
+
+/// `linear` / `linear_bwd` in bf16 mode against `ops::linear_bf16` / `ops::linear_bwd_bf16`
+/// (inputs rounded to bf16, products exact, sums in f64, one final rounding to f32), at odd and
+/// at aligned sizes.
+///
+/// Tolerance: the two sides round their inputs identically (see [`bf16_unambiguous`]), and a
+/// product of two bf16 values (8-bit significands) is exact in f32, so they differ only in how
+/// the K products are summed. The CPU sum is exact to f64 precision, then rounded once (≤ u
+/// relative). The GPU adds in f32 in some order (tensor-core blocks, split-K, the `beta·C`
+/// epilogue): ≤ K + 1 additions, each off by at most one ulp of its result even where the
+/// tensor core truncates instead of rounding (≤ 2u relative), so to first order
+/// |Δ| ≤ (K + 1)·2u·Σ|terms| + u·|y| ≤ **2(K + 2)·u·Σ|terms|** (Σ over the bf16-rounded
+/// inputs; for `dw` the f32 start value counts as one more term) — the bound of the f32 test.
+///
+/// The test can fail: rounding the inputs moves each product by up to 2^-7 relative, ~√K·2^-9
+/// of Σ|terms| after cancellation, far above 2(K + 2)u = 8e-6 for K = 67; the f32 GEMM of the
+/// unrounded inputs is checked (on the CPU) to fall outside the tolerance for most elements,
+/// so a GPU that ignored the setting (or a cuBLAS that chose an f32 kernel) fails here.
+#[test]
+fn linear_bf16_fwd_bwd() {
+    let mut g = gpu();
+    if let Some(g) = g.as_mut() {
+        g.set_precision(TrainPrecision::Bf16);
+        assert_eq!(g.precision(), TrainPrecision::Bf16);
+    }
+    for (case, &(n, k, m)) in [(37, 67, 29), (64, 128, 96)].iter().enumerate() {
+        let tag = 300 + 10 * case as u64;
+        let x = bf16_unambiguous(rand_vec(tag, n * k, 1.0));
+        let w = bf16_unambiguous(rand_vec(tag + 1, m * k, 1.0));
+        let dy = bf16_unambiguous(rand_vec(tag + 2, n * m, 1.0));
+        // `dw`'s start value is cuBLAS's C operand: f32, never rounded.
+        let dw0 = rand_vec(tag + 3, m * k, 0.5);
+        // CPU model of bf16 mode.
+        let mut y = vec![0f32; n * m];
+        ops::linear_bf16(&mut y, &x, &w, n, k, m);
+        let mut dx = vec![0f32; n * k];
+        let mut dw = dw0.clone();
+        ops::linear_bwd_bf16(Some(&mut dx), &mut dw, &dy, &x, &w, n, k, m);
+        // What full f32 would give (must be told apart).
+        let mut y32 = vec![0f32; n * m];
+        ops::linear(&mut y32, &x, &w, n, k, m);
+        let mut dx32 = vec![0f32; n * k];
+        let mut dw32 = dw0.clone();
+        ops::linear_bwd(Some(&mut dx32), &mut dw32, &dy, &x, &w, n, k, m);
+        let (ax, aw, ady) = (bf16_abs(&x), bf16_abs(&w), bf16_abs(&dy));
+        let gy = |i: usize| {
+            let (r, j) = (i / m, i % m);
+            let s: f64 = (0..k).map(|t| ax[r * k + t] * aw[j * k + t]).sum();
+            2.0 * (k as f64 + 2.0) * U * s
+        };
+        let gdx = |i: usize| {
+            let (r, c) = (i / k, i % k);
+            let s: f64 = (0..m).map(|j| ady[r * m + j] * aw[j * k + c]).sum();
+            2.0 * (m as f64 + 2.0) * U * s
+        };
+        let gdw = |e: usize| {
+            let (j, c) = (e / k, e % k);
+            let s: f64 =
+                (0..n).map(|i| ady[i * m + j] * ax[i * k + c]).sum::<f64>() + dw0[e].abs() as f64;
+            2.0 * (n as f64 + 3.0) * U * s
+        };
+        for (what, want, f32_result, len, tol) in [
+            ("y", &y, &y32, n * m, &gy as &dyn Fn(usize) -> f64),
+            ("dx", &dx, &dx32, n * k, &gdx),
+            ("dw", &dw, &dw32, m * k, &gdw),
+        ] {
+            let out = outside(want, f32_result, tol);
+            eprintln!(
+                "bf16 {what} {n}x{k}x{m}: the f32 GEMM is outside the tolerance at {out} of {len}"
+            );
+            assert!(
+                2 * out > len,
+                "{what} {n}x{k}x{m}: the tolerance cannot tell bf16 from f32 ({out} of {len} apart)"
+            );
+        }
+        let Some(g) = g.as_ref() else { continue };
+        let (xd, wd, dyd) = (
+            g.upload(&x).unwrap(),
+            g.upload(&w).unwrap(),
+            g.upload(&dy).unwrap(),
+        );
+        let mut yd = g.upload(&vec![f32::NAN; n * m]).unwrap();
+        g.linear(&mut yd, &xd, &wd, n, k, m).unwrap();
+        let mut dxd = g.upload(&vec![f32::NAN; n * k]).unwrap();
+        let mut dwd = g.upload(&dw0).unwrap();
+        g.linear_bwd(Some(&mut dxd), false, &mut dwd, &dyd, &xd, &wd, n, k, m)
+            .unwrap();
+        let (gy_, gdx_, gdw_) = (
+            g.download(&yd, n * m).unwrap(),
+            g.download(&dxd, n * k).unwrap(),
+            g.download(&dwd, m * k).unwrap(),
+        );
+        for (what, want, f32_result, got, tol) in [
+            ("y", &y, &y32, &gy_, &gy as &dyn Fn(usize) -> f64),
+            ("dx", &dx, &dx32, &gdx_, &gdx),
+            ("dw", &dw, &dw32, &gdw_, &gdw),
+        ] {
+            // Name the likely cause before the element-wise report: a GPU result that is the
+            // f32 GEMM's means cuBLAS did not use bf16 (FAST_16BF allows it, does not force it).
+            assert!(
+                outside(f32_result, got, tol) * 10 >= got.len()
+                    || outside(want, got, tol) * 10 < got.len(),
+                "bf16 linear {what} {n}x{k}x{m}: the GPU computed the f32 GEMM, not the bf16 one \
+                 (cuBLAS chose an f32 kernel under CUBLAS_COMPUTE_32F_FAST_16BF at this size?)"
+            );
+            compare(&format!("bf16 linear {what} {n}x{k}x{m}"), want, got, tol);
+        }
+        // dx accumulation (beta = 1, C = the f32 dx, unrounded): dx + dy·w ≈ 2·dx.
+        let mut dx2 = g.upload(&dx).unwrap();
+        let mut scratch = g.zeros(m * k).unwrap();
+        g.linear_bwd(Some(&mut dx2), true, &mut scratch, &dyd, &xd, &wd, n, k, m)
+            .unwrap();
+        let want: Vec<f32> = dx.iter().map(|&a| 2.0 * a).collect();
+        compare(
+            &format!("bf16 linear dx accumulate {n}x{k}x{m}"),
+            &want,
+            &g.download(&dx2, n * k).unwrap(),
+            |i| 2.0 * gdx(i) + 2.0 * U * want[i].abs() as f64,
+        );
+    }
+    // Back to f32: the same handle computes the f32 GEMM again (bound of `linear_fwd_bwd`).
+    let Some(mut g) = g else { return };
+    g.set_precision(TrainPrecision::F32);
+    let (n, k, m) = (37, 67, 29);
+    let x = rand_vec(390, n * k, 1.0);
+    let w = rand_vec(391, m * k, 1.0);
+    let mut y = vec![0f32; n * m];
+    ops::linear(&mut y, &x, &w, n, k, m);
+    let (xd, wd) = (g.upload(&x).unwrap(), g.upload(&w).unwrap());
+    let mut yd = g.zeros(n * m).unwrap();
+    g.linear(&mut yd, &xd, &wd, n, k, m).unwrap();
+    let (ax, aw) = (abs(&x), abs(&w));
+    compare(
+        "f32 linear after bf16",
+        &y,
+        &g.download(&yd, n * m).unwrap(),
+        |i| {
+            let (r, j) = (i / m, i % m);
+            let s: f64 = (0..k).map(|t| ax[r * k + t] * aw[j * k + t]).sum();
+            2.0 * (k as f64 + 2.0) * U * s
+        },
+    );
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb).max(1e-300)
+}
+
+/// One forward/backward of the tiny preset (as `model_step_matches_cpu`) with bf16 GEMMs,
+/// against the **f32** CPU reference: this shows bf16 mode is wired through the whole model,
+/// not that it is as accurate as f32.
+///
+/// Tolerances: every GEMM input is rounded to bf16 (≤ 2^-9 relative with round-to-nearest,
+/// ≤ 2^-8 with truncation), so each GEMM output moves by ~2^-8 relative (random signs) and the
+/// ~50 GEMMs of the pass add up to percent-level normwise gradient differences; the loss, a
+/// mean of log-softmax terms over the masked rows, moves much less. A CPU emulation of exactly
+/// this test (inputs of every GEMM rounded, by RNE or by truncation, everything else f32) gave:
+/// loss relative error 1.1e-4 (RNE) / 6.6e-4 (truncation); gradient normwise relative errors
+/// 6e-3 … 2.6e-2 and cosine similarities ≥ 0.99975 for every tensor. Bounds, with ≥ 4× margin:
+/// loss ≤ 5e-3 relative; per tensor, relative error ≤ 0.1 and cosine ≥ 0.995 (scale-free:
+/// truncation shrinks magnitudes slightly but does not turn directions). A wiring error (wrong
+/// operand, transposition, lost accumulation) gives O(1) errors and cosines far from 1.
+/// And bf16 must be in effect: the same GPU pass in f32 differs from the bf16 one by more than
+/// the f32 parity bound (1e-3 normwise) for at least half of the tensors (emulation: ≥ 6e-3
+/// for every tensor).
+#[test]
+fn model_step_bf16_close_to_cpu() {
+    let Some(mut g) = gpu() else { return };
+    let cfg = tiny();
+    let p = tiny_params(&cfg);
+    let batch = tiny_batch(&cfg, 2, 40);
+    let mut grad = Params::<f32>::zeros(&cfg);
+    let loss = forward_backward(&cfg, &p, &batch, &mut grad).unwrap();
+    let dp = DeviceParams::upload(&g, &p).unwrap();
+    g.set_precision(TrainPrecision::Bf16);
+    let mut dg = DeviceParams::upload(&g, &Params::<f32>::zeros(&cfg)).unwrap();
+    let gl = cuda::forward_backward(&g, &cfg, &dp, &batch, &mut dg).unwrap();
+    let gb = dg.download(&g).unwrap();
+    g.set_precision(TrainPrecision::F32);
+    let mut dg32 = DeviceParams::upload(&g, &Params::<f32>::zeros(&cfg)).unwrap();
+    let gl32 = cuda::forward_backward(&g, &cfg, &dp, &batch, &mut dg32).unwrap();
+    let g32 = dg32.download(&g).unwrap();
+    eprintln!("tiny loss: cpu f32 {loss}, gpu bf16 {gl}, gpu f32 {gl32}");
+    assert!(
+        (loss - gl).abs() <= 5e-3 * loss.abs(),
+        "loss cpu {loss} gpu bf16 {gl}"
+    );
+    let mut differs = 0;
+    for (i, name) in grad.names.iter().enumerate() {
+        let (e, c) = (
+            rel_err(&grad.data[i], &gb.data[i]),
+            cosine(&grad.data[i], &gb.data[i]),
+        );
+        let from_f32 = rel_err(&g32.data[i], &gb.data[i]);
+        eprintln!(
+            "bf16 grad `{name}`: relative error {e:.2e}, cosine {c:.6}, vs GPU f32 {from_f32:.2e}"
+        );
+        assert!(
+            e <= 0.1 && c >= 0.995,
+            "bf16 gradient of `{name}`: relative error {e:e}, cosine {c}"
+        );
+        if from_f32 > 1e-3 {
+            differs += 1;
+        }
+    }
+    assert!(
+        2 * differs >= grad.names.len(),
+        "bf16 mode changed only {differs} of {} gradients beyond f32 rounding: is it in effect?",
+        grad.names.len()
+    );
 }

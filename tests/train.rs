@@ -1040,3 +1040,257 @@ fn data_loading_packing_and_sft_format() {
     seen.sort_unstable();
     assert_eq!(seen, (0..10).collect::<Vec<_>>());
 }
+
+/// The CPU model of a bf16 GEMM: inputs rounded to bf16 (RNE), exact sums.
+#[test]
+fn linear_bf16_rounds_inputs_and_sums_exactly() {
+    use llada::dtype::DType;
+    let (n, k, m) = (3, 5, 4);
+    // 1 + 2^-10 is not a bf16 (8 significand bits): it rounds to 1.
+    let x = vec![1.0 + 1.0 / 1024.0; n * k];
+    let w = vec![1.0 - 1.0 / 1024.0; m * k];
+    let mut y = vec![0f32; n * m];
+    ops::linear_bf16(&mut y, &x, &w, n, k, m);
+    assert!(y.iter().all(|&v| v == k as f32), "{y:?}");
+    let mut y32 = vec![0f32; n * m];
+    ops::linear(&mut y32, &x, &w, n, k, m);
+    assert!(y32.iter().all(|&v| v != k as f32));
+    // Random inputs: equal to the f64 GEMM of the rounded inputs, rounded once.
+    let (n, k, m) = (7, 33, 5);
+    let to32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+    let x = to32(rand_vec(81, n * k, 1.0));
+    let w = to32(rand_vec(82, m * k, 1.0));
+    let dy = to32(rand_vec(83, n * m, 1.0));
+    let dw0 = to32(rand_vec(84, m * k, 1.0));
+    let r = |v: &[f32]| {
+        v.iter()
+            .map(|&a| DType::BF16.round(a) as f64)
+            .collect::<Vec<f64>>()
+    };
+    let (xr, wr, dyr) = (r(&x), r(&w), r(&dy));
+    let mut y = vec![0f32; n * m];
+    ops::linear_bf16(&mut y, &x, &w, n, k, m);
+    let mut dx = vec![0f32; n * k];
+    let mut dw = dw0.clone();
+    ops::linear_bwd_bf16(Some(&mut dx), &mut dw, &dy, &x, &w, n, k, m);
+    for i in 0..n {
+        for j in 0..m {
+            let s: f64 = (0..k).map(|t| xr[i * k + t] * wr[j * k + t]).sum();
+            assert!((y[i * m + j] as f64 - s).abs() <= 1e-6 * s.abs().max(1e-3));
+        }
+        for c in 0..k {
+            let s: f64 = (0..m).map(|j| dyr[i * m + j] * wr[j * k + c]).sum();
+            assert!((dx[i * k + c] as f64 - s).abs() <= 1e-6 * s.abs().max(1e-3));
+        }
+    }
+    for j in 0..m {
+        for c in 0..k {
+            let s: f64 =
+                dw0[j * k + c] as f64 + (0..n).map(|i| dyr[i * m + j] * xr[i * k + c]).sum::<f64>();
+            assert!((dw[j * k + c] as f64 - s).abs() <= 1e-6 * s.abs().max(1e-3));
+        }
+    }
+}
+
+#[test]
+fn pretrain_token_id_lines() {
+    use llada::train::data;
+    let dir = tmpdir("ids");
+    let f = dir.join("ids.jsonl");
+    std::fs::write(&f, "{\"ids\": [5, 6, 7]}\n\n{\"ids\": [8, 9]}\n").unwrap();
+    // Without a tokenizer: the documents as given, EOS after each, packed.
+    let s = data::load_pretrain_with(&f, None, 2, 3).unwrap();
+    let want = data::pack(&[vec![5, 6, 7], vec![8, 9]], 2, 3).unwrap();
+    assert_eq!(s, want);
+    // With one: the same (ids lines are not tokenized), and text lines mix in.
+    llada::tokenizer::write_tiny_tokenizer(&dir).unwrap();
+    let cfg = llada::presets::preset_config("tiny").unwrap();
+    let tok = llada::tokenizer::Tokenizer::from_dir(&dir, &cfg).unwrap();
+    let eos = tok.special.eos;
+    assert_eq!(
+        data::load_pretrain(&f, &tok, 3).unwrap(),
+        data::pack(&[vec![5, 6, 7], vec![8, 9]], eos, 3).unwrap()
+    );
+    std::fs::write(&f, "{\"ids\": [5, 6]}\n{\"text\": \"the cat\"}\n").unwrap();
+    let mixed = data::load_pretrain(&f, &tok, 2).unwrap();
+    let cat = tok.encode("the cat", false).unwrap();
+    let mut stream = vec![5, 6, eos];
+    stream.extend_from_slice(&cat);
+    stream.push(eos);
+    let flat: Vec<u32> = mixed.iter().flat_map(|s| s.ids.clone()).collect();
+    assert_eq!(flat, stream[..stream.len() / 2 * 2]);
+    // Errors name the file, the line and the problem.
+    let e = format!(
+        "{:#}",
+        data::load_pretrain_with(&f, None, 2, 2).unwrap_err()
+    );
+    assert!(
+        e.contains("ids.jsonl:2") && e.contains("no tokenizer"),
+        "{e}"
+    );
+    for (bad, what) in [
+        ("{\"ids\": [1, -2]}", "ids[1] = -2"),
+        ("{\"ids\": [1, 2.5]}", "ids[1] = 2.5"),
+        ("{\"ids\": [4294967296]}", "ids[0]"),
+        ("{\"ids\": \"1 2\"}", "must be an array"),
+        ("{\"tokens\": [1]}", "`text` or an array `ids`"),
+    ] {
+        std::fs::write(&f, format!("{{\"ids\": [1]}}\n{bad}\n")).unwrap();
+        let e = format!(
+            "{:#}",
+            data::load_pretrain_with(&f, None, 2, 1).unwrap_err()
+        );
+        assert!(e.contains("ids.jsonl:2") && e.contains(what), "{bad}: {e}");
+    }
+    let txt = dir.join("plain.txt");
+    std::fs::write(&txt, "the cat").unwrap();
+    let e = format!(
+        "{:#}",
+        data::load_pretrain_with(&txt, None, 2, 1).unwrap_err()
+    );
+    assert!(e.contains("plain.txt") && e.contains("no tokenizer"), "{e}");
+}
+
+/// `llada train` on a model without a tokenizer (the tiny folder minus its tokenizer, as the
+/// `llada-1b` / `llada-8b` presets are): token-id data trains and resumes, text is refused;
+/// `--no-save` writes no checkpoint; `--precision` is checked.
+#[test]
+fn cli_train_token_ids_no_save_and_precision() {
+    let dir = tmpdir("cli-ids");
+    let model = dir.join("model");
+    let o = llada(&["init-tiny", model.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        let _ = std::fs::remove_file(model.join(f));
+    }
+    let data = dir.join("ids.jsonl");
+    let mut text = String::new();
+    for i in 0..20u32 {
+        let ids: Vec<String> = (0..13)
+            .map(|j| ((i * 13 + j) % 400 + 10).to_string())
+            .collect();
+        text.push_str(&format!("{{\"ids\": [{}]}}\n", ids.join(", ")));
+    }
+    std::fs::write(&data, text).unwrap();
+    let out = dir.join("ck");
+    let (m, d, o_) = (
+        model.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let common = [
+        "--data",
+        d,
+        "--out",
+        o_,
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--device",
+        "cpu",
+    ];
+    let run = |extra: &[&str]| {
+        let mut a: Vec<&str> = vec!["train"];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&common);
+        llada(&a)
+    };
+    // --no-save: trains, writes nothing.
+    let o = run(&["--model", m, "--steps", "2", "--no-save"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("step 2/2") && err.contains("--no-save"),
+        "{err}"
+    );
+    assert!(!out.join("model.safetensors").exists());
+    assert!(!out.join("optimizer.safetensors").exists());
+    // Saved, then resumed (the checkpoint has no tokenizer either).
+    let o = run(&["--model", m, "--steps", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.safetensors").is_file());
+    assert!(!out.join("tokenizer.json").exists());
+    let o = run(&["--resume", o_, "--steps", "3"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(llada::train::checkpoint::load(&out).unwrap().state.step, 3);
+    // Text needs a tokenizer; SFT too.
+    let txt = dir.join("corpus.txt");
+    std::fs::write(&txt, "the cat sat on the mat ".repeat(20)).unwrap();
+    let o = llada(&[
+        "train",
+        "--model",
+        m,
+        "--data",
+        txt.to_str().unwrap(),
+        "--out",
+        o_,
+        "--steps",
+        "1",
+        "--seq-len",
+        "16",
+        "--device",
+        "cpu",
+        "--no-save",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no tokenizer.json"),
+        "{err}"
+    );
+    let o = run(&["--model", m, "--steps", "1", "--sft", "--no-save"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--sft"), "{err}");
+    // --no-save and --save-every exclude each other.
+    let o = run(&[
+        "--model",
+        m,
+        "--steps",
+        "1",
+        "--no-save",
+        "--save-every",
+        "1",
+    ]);
+    assert!(!o.status.success());
+    // Precision: bf16 is GPU-only; anything else is not a precision.
+    let o = run(&[
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--precision",
+        "bf16",
+        "--no-save",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && err
+                .contains("--precision bf16 needs --device cuda: the CPU reference trains in f32"),
+        "{err}"
+    );
+    let o = run(&[
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--precision",
+        "fp16",
+        "--no-save",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("expected f32 or bf16"),
+        "{err}"
+    );
+    let o = run(&[
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--precision",
+        "f32",
+        "--no-save",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -1,6 +1,7 @@
 //! Training on one CUDA device: the f32 training kernels (`kernels/train_fwd.cu`,
-//! `kernels/*_bwd.cu`, `kernels/adamw.cu`; contract in `kernels/ABI.md`) and cuBLAS f32 GEMMs,
-//! launched on a [`CudaBackend`]'s context, stream and cuBLAS handle.
+//! `kernels/*_bwd.cu`, `kernels/adamw.cu`; contract in `kernels/ABI.md`) and cuBLAS GEMMs (f32,
+//! or bf16 tensor-core compute on f32 data), launched on a [`CudaBackend`]'s context, stream
+//! and cuBLAS handle.
 //!
 //! - [`CudaOps`]: one launcher per op of [`super::ops`] (same shapes, same argument meaning),
 //!   each validating buffer lengths and every host-known id / row / position before launching.
@@ -9,10 +10,23 @@
 //! - [`CudaTrainState`]: parameters, gradients and AdamW moments resident on the device; the
 //!   optimizer step ([`CudaTrainState::adamw_step`]) and the global gradient norm run there.
 //!
-//! Precision: everything is **f32** on the GPU — master weights, moments, activations,
-//! gradients — and the GEMMs are `cublasGemmEx` with `CUDA_R_32F` operands and
-//! `CUBLAS_COMPUTE_32F` (full f32, no TF32, no bf16): a first correct version that matches the
-//! f32 CPU reference to f32 rounding. bf16 tensor-core GEMMs for the big matmuls are not done.
+//! Precision ([`TrainPrecision`], set with [`CudaOps::set_precision`]): storage is **f32**
+//! throughout — master weights, AdamW moments, activations, gradients — and every non-GEMM
+//! kernel (norms, RoPE, attention, SwiGLU, cross-entropy, AdamW) computes in f32 whatever the
+//! setting. Only the GEMMs (`cublasGemmEx`, `CUDA_R_32F` A/B/C, f32 host `alpha`/`beta`)
+//! change:
+//! - [`TrainPrecision::F32`] (the default): `CUBLAS_COMPUTE_32F` — full f32, no TF32, no bf16;
+//!   matches the f32 CPU reference to f32 rounding.
+//! - [`TrainPrecision::Bf16`]: `CUBLAS_COMPUTE_32F_FAST_16BF` — cuBLAS may down-convert A and B
+//!   to bf16 inside the GEMM and multiply them on the tensor cores, accumulating in f32
+//!   (products of two bf16 values are exact in f32); C and the outputs stay f32. This is the
+//!   `bf16 compute, f32 master weights` of mixed-precision training, without bf16 storage: no
+//!   activation memory is saved, and the conversion's rounding direction is cuBLAS's (not
+//!   documented; the CPU model of it, [`super::ops::linear_bf16`], rounds to nearest even and
+//!   the parity tests use inputs on which round-to-nearest and truncation agree). cuBLAS is
+//!   *allowed*, not forced, to use bf16: tests/cuda_train.rs checks that it does at the sizes
+//!   it tests.
+//!
 //! Memory: 16 bytes per parameter (weights, gradients, two moments) plus f32 activations of
 //! every layer, so one 80 GB GPU trains models up to roughly 3–4 B parameters at short
 //! sequences; the 8B preset does not fit on one GPU, and multi-GPU (NCCL) is not implemented.
@@ -91,10 +105,65 @@ fn check_ints(op: &str, arg: &str, v: &DevInts, n: usize, hi: usize, what: &str)
     Ok(())
 }
 
+/// What the training GEMMs compute in (see the module docs); storage is f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TrainPrecision {
+    /// `CUBLAS_COMPUTE_32F`: full f32.
+    #[default]
+    F32,
+    /// `CUBLAS_COMPUTE_32F_FAST_16BF`: f32 data, bf16 tensor-core products, f32 accumulation.
+    Bf16,
+}
+
+impl TrainPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainPrecision::F32 => "f32",
+            TrainPrecision::Bf16 => "bf16",
+        }
+    }
+
+    /// One line for logs: what is stored and what the GEMMs compute in.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TrainPrecision::F32 => "f32 weights, activations and GEMMs",
+            TrainPrecision::Bf16 => {
+                "f32 weights and activations, bf16 tensor-core GEMMs with f32 accumulation"
+            }
+        }
+    }
+
+    fn compute_type(self) -> cublas::sys::cublasComputeType_t {
+        use cublas::sys::cublasComputeType_t as C;
+        match self {
+            TrainPrecision::F32 => C::CUBLAS_COMPUTE_32F,
+            TrainPrecision::Bf16 => C::CUBLAS_COMPUTE_32F_FAST_16BF,
+        }
+    }
+}
+
+impl std::str::FromStr for TrainPrecision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<TrainPrecision> {
+        match s {
+            "f32" => Ok(TrainPrecision::F32),
+            "bf16" => Ok(TrainPrecision::Bf16),
+            _ => bail!("unknown training precision `{s}` (expected f32 or bf16)"),
+        }
+    }
+}
+
+impl std::fmt::Display for TrainPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The training launchers over one [`CudaBackend`].
 pub struct CudaOps {
     pub be: CudaBackend,
     k: TrainKernels,
+    precision: TrainPrecision,
 }
 
 /// Launch `$f` on `$self`'s stream; every argument must be a local variable.
@@ -148,7 +217,20 @@ impl CudaOps {
             adamw: f("adamw_f32")?,
             sumsq: f("sumsq_f32")?,
         };
-        Ok(CudaOps { be, k })
+        Ok(CudaOps {
+            be,
+            k,
+            precision: TrainPrecision::F32,
+        })
+    }
+
+    /// What the GEMMs compute in from now on (the default is [`TrainPrecision::F32`]).
+    pub fn set_precision(&mut self, p: TrainPrecision) {
+        self.precision = p;
+    }
+
+    pub fn precision(&self) -> TrainPrecision {
+        self.precision
     }
 
     fn bind(&self) -> Result<()> {
@@ -247,9 +329,10 @@ impl CudaOps {
             .map_err(|e| anyhow!("clearing a GPU buffer: {e:?}"))
     }
 
-    // ---- GEMMs (cuBLAS, f32) ----
+    // ---- GEMMs (cuBLAS, f32 data) ----
 
-    /// Column-major `C[m×n] = op(A)·op(B) + beta·C`, f32 operands, f32 compute.
+    /// Column-major `C[m×n] = op(A)·op(B) + beta·C`, f32 operands, computed in
+    /// `self.precision` (f32, or bf16 products with f32 accumulation).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -265,9 +348,7 @@ impl CudaOps {
         c: u64,
         ldc: usize,
     ) -> Result<()> {
-        use cublas::sys::{
-            cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
-        };
+        use cublas::sys::{cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -285,9 +366,11 @@ impl CudaOps {
             int(op, "ldc", ldc.max(1))?,
         );
         let alpha = 1.0f32;
+        let precision = self.precision;
         self.bind()?;
         // SAFETY: the callers checked every operand's length against (m, n, k) and the leading
-        // dimensions; alpha and beta are host f32 as CUBLAS_COMPUTE_32F requires.
+        // dimensions; alpha and beta are host f32, the scale type both CUBLAS_COMPUTE_32F and
+        // CUBLAS_COMPUTE_32F_FAST_16BF require (the handle's pointer mode is host).
         unsafe {
             cublas::result::gemm_ex(
                 self.be.blas_handle(),
@@ -307,11 +390,16 @@ impl CudaOps {
                 c as *mut c_void,
                 cudaDataType_t::CUDA_R_32F,
                 ldc,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                precision.compute_type(),
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| anyhow!("{op}: cuBLAS f32 GEMM (m {m}, n {n}, k {k}) failed: {e:?}"))
+        .map_err(|e| {
+            anyhow!(
+                "{op}: cuBLAS GEMM (f32 data, {precision} compute, m {m}, n {n}, k {k}) \
+                 failed: {e:?}"
+            )
+        })
     }
 
     /// `y[N, M] = x[N, K]·wᵀ` ([`super::ops::linear`]). Row-major buffers read column-major

@@ -1,9 +1,11 @@
 //! Training data: loading, tokenizing, packing, and the deterministic order of samples.
 //!
-//! - Pretraining: a plain-text file is one document; a `.jsonl` file holds one `{"text": …}`
-//!   document per line. Each document is tokenized without special tokens and followed by EOS;
-//!   the token stream is packed into sequences of exactly `seq_len` (the last, partial sequence
-//!   is dropped; a corpus shorter than one sequence is an error).
+//! - Pretraining: a plain-text file is one document; a `.jsonl` file holds one document per
+//!   line, either `{"text": …}` (tokenized without special tokens) or `{"ids": [token ids…]}`
+//!   (used as given, so models without a tokenizer — random-weight presets — can train). Each
+//!   document is followed by EOS; the token stream is packed into sequences of exactly
+//!   `seq_len` (the last, partial sequence is dropped; a corpus shorter than one sequence is an
+//!   error).
 //! - SFT (`.jsonl`): `{"prompt", "response"}` or `{"messages": [{"role", "content"}, …]}` (the
 //!   last message must be the assistant's answer). The prompt is the chat template over the
 //!   messages before the answer with the generation prompt (`…assistant<end_id>\n`); the answer
@@ -74,28 +76,65 @@ fn json_lines(path: &Path) -> Result<Vec<(usize, Value)>> {
     Ok(out)
 }
 
-/// Pretraining sequences from `path` (plain text or JSONL `{"text"}`).
+/// Pretraining sequences from `path` (plain text, or JSONL `{"text"}` / `{"ids"}` lines).
 pub fn load_pretrain(path: &Path, tok: &Tokenizer, seq_len: usize) -> Result<Vec<Sample>> {
-    let texts: Vec<String> = if is_jsonl(path) {
+    load_pretrain_with(path, Some(tok), tok.special.eos, seq_len)
+}
+
+/// [`load_pretrain`] with an optional tokenizer: without one, only JSONL `{"ids": [...]}`
+/// lines are accepted (text is an error naming the line). `eos` ends every document. Ids are
+/// checked to be non-negative 32-bit integers here and against the vocabulary by the trainer.
+pub fn load_pretrain_with(
+    path: &Path,
+    tok: Option<&Tokenizer>,
+    eos: u32,
+    seq_len: usize,
+) -> Result<Vec<Sample>> {
+    let no_tok =
+        "the model has no tokenizer.json; give token ids as JSONL `{\"ids\": [...]}` lines";
+    let encode = |t: &str| match tok {
+        Some(tok) => tok.encode(t, false),
+        None => bail!("text needs a tokenizer: {no_tok}"),
+    };
+    let docs: Vec<Vec<u32>> = if is_jsonl(path) {
         json_lines(path)?
             .into_iter()
-            .map(|(line, v)| match v.get("text").and_then(Value::as_str) {
-                Some(s) => Ok(s.to_string()),
-                None => bail!(
-                    "{}:{line}: expected an object with a string field `text`",
-                    path.display()
-                ),
+            .map(|(line, v)| {
+                let at = || format!("{}:{line}", path.display());
+                if let Some(ids) = v.get("ids") {
+                    let ids = ids
+                        .as_array()
+                        .ok_or_else(|| anyhow::anyhow!("{}: `ids` must be an array", at()))?;
+                    ids.iter()
+                        .enumerate()
+                        .map(|(i, x)| {
+                            x.as_u64()
+                                .and_then(|x| u32::try_from(x).ok())
+                                .ok_or_else(|| {
+                                    anyhow::anyhow!(
+                                        "{}: ids[{i}] = {x} is not a token id \
+                                         (an integer in 0..2^32)",
+                                        at()
+                                    )
+                                })
+                        })
+                        .collect()
+                } else if let Some(t) = v.get("text").and_then(Value::as_str) {
+                    encode(t).with_context(at)
+                } else {
+                    bail!(
+                        "{}: expected an object with a string field `text` or an array `ids`",
+                        at()
+                    )
+                }
             })
             .collect::<Result<_>>()?
     } else {
-        vec![std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?]
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        vec![encode(&text).with_context(|| format!("{}: plain text", path.display()))?]
     };
-    let docs: Vec<Vec<u32>> = texts
-        .iter()
-        .map(|t| tok.encode(t, false))
-        .collect::<Result<_>>()?;
-    pack(&docs, tok.special.eos, seq_len).with_context(|| format!("packing {}", path.display()))
+    pack(&docs, eos, seq_len).with_context(|| format!("packing {}", path.display()))
 }
 
 /// One SFT sample from prompt ids and answer ids: `prompt | answer | eot? | EOS…` to `seq_len`.

@@ -152,6 +152,60 @@ pub fn linear_bwd<T: Real>(
         });
 }
 
+/// f64 copies of `v` rounded to bf16 (round-to-nearest-even).
+fn bf16_f64(v: &[f32]) -> Vec<f64> {
+    v.iter()
+        .map(|&x| crate::dtype::DType::BF16.round(x) as f64)
+        .collect()
+}
+
+/// The CPU model of a bf16 GEMM on f32 data ([`crate::train::cuda::TrainPrecision::Bf16`]):
+/// [`linear`] with `x` and `w` rounded to bf16 (RNE), the products (exact) summed in f64 and
+/// the result rounded once to f32 — the exact value of the bf16-input GEMM, which an f32
+/// accumulation approaches within its own rounding error.
+pub fn linear_bf16(y: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: usize) {
+    let (xd, wd) = (bf16_f64(&x[..n * k]), bf16_f64(&w[..m * k]));
+    let mut yd = vec![0f64; n * m];
+    linear(&mut yd, &xd, &wd, n, k, m);
+    for (o, v) in y[..n * m].iter_mut().zip(&yd) {
+        *o = *v as f32;
+    }
+}
+
+/// [`linear_bwd`] as [`linear_bf16`] models it: `dy`, `x` and `w` rounded to bf16, `dw`'s
+/// previous (f32) value added unrounded, sums in f64, each output rounded once to f32.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_bf16(
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    k: usize,
+    m: usize,
+) {
+    let (dyd, xd, wd) = (
+        bf16_f64(&dy[..n * m]),
+        bf16_f64(&x[..n * k]),
+        bf16_f64(&w[..m * k]),
+    );
+    let mut dwd: Vec<f64> = dw[..m * k].iter().map(|&v| v as f64).collect();
+    match dx {
+        Some(dx) => {
+            let mut dxd = vec![0f64; n * k];
+            linear_bwd(Some(&mut dxd), &mut dwd, &dyd, &xd, &wd, n, k, m);
+            for (o, v) in dx[..n * k].iter_mut().zip(&dxd) {
+                *o = *v as f32;
+            }
+        }
+        None => linear_bwd(None, &mut dwd, &dyd, &xd, &wd, n, k, m),
+    }
+    for (o, v) in dw[..m * k].iter_mut().zip(&dwd) {
+        *o = *v as f32;
+    }
+}
+
 /// `y[i, :] = w ⊙ x[i, :] · r_i`, `r_i = 1/√(mean(x[i]²) + eps)`; writes `r` (`[N]`) for the
 /// backward pass.
 pub fn rms_norm<T: Real>(y: &mut [T], r: &mut [T], x: &[T], w: &[T], n: usize, c: usize, eps: f64) {

@@ -61,7 +61,7 @@ struct ModelArgs {
     /// A Hugging Face model folder (config.json, safetensors, tokenizer.json).
     #[arg(long, conflicts_with = "preset")]
     model: Option<PathBuf>,
-    /// A random-weight preset instead of a folder: tiny | llada-8b.
+    /// A random-weight preset instead of a folder: tiny | llada-1b | llada-8b.
     #[arg(long)]
     preset: Option<String>,
     /// Seed of the preset's random weights.

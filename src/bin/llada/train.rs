@@ -1,7 +1,8 @@
-//! `llada train`: pretraining or SFT (reference §6) on the CPU or CUDA GPUs (f32, see
-//! `llada::train::cuda`), saving Hugging Face folders that `llada generate` loads, with exact
-//! resume. Data parallel over several processes (one per GPU) when the environment gives ranks
-//! (`srun`, or `RANK`/`WORLD_SIZE`; see `llada::train::dist`).
+//! `llada train`: pretraining or SFT (reference §6) on the CPU or CUDA GPUs (f32, or bf16
+//! GEMMs with `--precision bf16`; see `llada::train::cuda`), saving Hugging Face folders that
+//! `llada generate` loads, with exact resume. Data parallel over several processes (one per
+//! GPU) when the environment gives ranks (`srun`, or `RANK`/`WORLD_SIZE`; see
+//! `llada::train::dist`).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -14,8 +15,8 @@ use llada::device::DeviceChoice;
 use llada::engine::{ModelSpec, Opened};
 use llada::tokenizer::Tokenizer;
 use llada::train::checkpoint;
-use llada::train::cuda::{CudaOps, CudaTrainState};
-use llada::train::data::{load_pretrain, load_sft};
+use llada::train::cuda::{CudaOps, CudaTrainState, TrainPrecision};
+use llada::train::data::{load_pretrain_with, load_sft, Sample};
 use llada::train::dist::{DistEnv, HostGroup};
 use llada::train::model::Params;
 use llada::train::{TrainOptions, Trainer};
@@ -29,8 +30,9 @@ pub struct TrainArgs {
     /// Continue from a checkpoint written by `llada train` (its options are reused).
     #[arg(long, conflicts_with_all = ["model", "preset"])]
     resume: Option<PathBuf>,
-    /// Training data: plain text or JSONL `{"text"}` (pretraining); JSONL `{"prompt",
-    /// "response"}` or `{"messages"}` with --sft.
+    /// Training data: plain text, or JSONL lines `{"text": "..."}` or `{"ids": [token ids]}`
+    /// (pretraining; `ids` needs no tokenizer, e.g. for the random-weight presets); JSONL
+    /// `{"prompt", "response"}` or `{"messages"}` with --sft.
     #[arg(long)]
     data: PathBuf,
     /// Supervised fine-tuning loss (the prompt is never masked).
@@ -71,11 +73,18 @@ pub struct TrainArgs {
     /// Save every N steps (0 = only at the end).
     #[arg(long, default_value_t = 0)]
     save_every: u64,
+    /// Save nothing (benchmarks: a large model's checkpoint takes long to write).
+    #[arg(long, conflicts_with = "save_every")]
+    no_save: bool,
+    /// What the GPU's GEMMs compute in: f32, or bf16 (tensor cores, f32 accumulation; weights,
+    /// moments and activations stay f32). The CPU trains in f32 only.
+    #[arg(long, default_value = "f32")]
+    precision: TrainPrecision,
     /// Peak FLOP/s of the device in TFLOP/s, for the model FLOP utilisation column.
     #[arg(long)]
     peak_tflops: Option<f64>,
-    /// cpu | cuda | cuda:N (auto means cpu: the CPU is the reference; CUDA trains in f32).
-    /// Data parallel, `cuda` means GPU `LOCAL_RANK mod <visible GPUs>`.
+    /// cpu | cuda | cuda:N (auto means cpu: the CPU is the reference; CUDA trains in f32 or
+    /// --precision bf16). Data parallel, `cuda` means GPU `LOCAL_RANK mod <visible GPUs>`.
     #[arg(long, default_value = "auto")]
     device: String,
     /// Ignore RANK/WORLD_SIZE and SLURM task variables: train as one process.
@@ -83,15 +92,16 @@ pub struct TrainArgs {
     no_dist: bool,
 }
 
+/// The model's tokenizer; `None` for a model without one (only token-id data then).
 fn tokenizer_for(
     opened_tok: Option<Tokenizer>,
     tiny: bool,
     out: &Path,
     cfg: &llada::config::ModelConfig,
     lead: bool,
-) -> Result<Tokenizer> {
+) -> Result<Option<Tokenizer>> {
     if let Some(t) = opened_tok {
-        return Ok(t);
+        return Ok(Some(t));
     }
     if tiny && !lead {
         // Only rank 0 writes into --out; the others build the same tokenizer privately.
@@ -99,14 +109,34 @@ fn tokenizer_for(
         llada::tokenizer::write_tiny_tokenizer(&tmp)?;
         let t = Tokenizer::from_dir(&tmp, cfg);
         let _ = std::fs::remove_dir_all(&tmp);
-        return t;
+        return t.map(Some);
     }
     if tiny {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
         llada::tokenizer::write_tiny_tokenizer(out)?;
-        return Tokenizer::from_dir(out, cfg);
+        return Tokenizer::from_dir(out, cfg).map(Some);
     }
-    bail!("the model has no tokenizer.json; training data cannot be tokenized")
+    Ok(None)
+}
+
+/// The run's samples: SFT needs a tokenizer; pretraining data may be token ids without one.
+fn load_samples(
+    data: &Path,
+    sft: bool,
+    tok: Option<&Tokenizer>,
+    cfg: &llada::config::ModelConfig,
+    seq_len: usize,
+) -> Result<Vec<Sample>> {
+    match (sft, tok) {
+        (true, Some(t)) => load_sft(data, t, seq_len),
+        (true, None) => bail!("the model has no tokenizer.json; --sft data cannot be tokenized"),
+        (false, t) => load_pretrain_with(
+            data,
+            t,
+            t.map_or(cfg.eos_token_id, |t| t.special.eos),
+            seq_len,
+        ),
+    }
 }
 
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
@@ -147,6 +177,12 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             );
         }
     }
+    if cuda_device.is_none() && a.precision != TrainPrecision::F32 {
+        bail!(
+            "--precision {} needs --device cuda: the CPU reference trains in f32",
+            a.precision
+        );
+    }
     let (mut trainer, tok, tok_src, tiny) = if let Some(dir) = &a.resume {
         let r = checkpoint::load(dir)?;
         let mut opts: TrainOptions = serde_json::from_value(r.state.options.clone())
@@ -172,12 +208,12 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
                 );
             }
         }
-        let tok = Tokenizer::from_dir(dir, &r.cfg)?;
-        let samples = if opts.sft {
-            load_sft(&a.data, &tok, opts.seq_len)?
+        let tok = if dir.join("tokenizer.json").is_file() {
+            Some(Tokenizer::from_dir(dir, &r.cfg)?)
         } else {
-            load_pretrain(&a.data, &tok, opts.seq_len)?
+            None
         };
+        let samples = load_samples(&a.data, opts.sft, tok.as_ref(), &r.cfg, opts.seq_len)?;
         if lead {
             eprintln!(
                 "resuming {} at step {}/{}",
@@ -214,20 +250,17 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             truncate: !a.no_truncate,
             world,
         };
-        let samples = if a.sft {
-            load_sft(&a.data, &tok, a.seq_len)?
-        } else {
-            load_pretrain(&a.data, &tok, a.seq_len)?
-        };
+        let samples = load_samples(&a.data, a.sft, tok.as_ref(), &cfg, a.seq_len)?;
         if lead {
             eprintln!(
-                "training {} ({} parameters) on {} sequences of {} tokens, {} f32, global batch \
+                "training {} ({} parameters) on {} sequences of {} tokens, {} {}, global batch \
                  {} × {} accumulation",
                 opened.label,
                 params.numel(),
                 samples.len(),
                 a.seq_len,
                 if cuda_device.is_some() { "CUDA" } else { "CPU" },
+                a.precision,
                 a.batch_size * world,
                 a.accum
             );
@@ -237,15 +270,18 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let _ = &tok;
     let mut gpu = match cuda_device {
         Some(i) => {
-            let ops = CudaOps::new(i)?;
+            let mut ops = CudaOps::new(i)?;
+            ops.set_precision(a.precision);
             eprintln!(
-                "{}device: cuda:{i} ({}), f32 weights, activations and GEMMs",
+                "{}device: cuda:{i} ({}), precision {}: {}",
                 if dist.is_some() {
                     format!("rank {rank}: ")
                 } else {
                     String::new()
                 },
-                ops.be.device_name()
+                ops.be.device_name(),
+                a.precision,
+                a.precision.describe()
             );
             Some(CudaTrainState::new(
                 ops,
@@ -330,7 +366,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         } else {
             eprintln!("{line}");
         }
-        if a.save_every > 0 && s.step % a.save_every == 0 && s.step < total {
+        if !a.no_save && a.save_every > 0 && s.step % a.save_every == 0 && s.step < total {
             if let Some(g) = &gpu {
                 trainer.pull_from_cuda(g)?;
             }
@@ -339,6 +375,12 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     if show && lead {
         eprintln!();
+    }
+    if a.no_save {
+        if lead {
+            eprintln!("not saved (--no-save), step {}", trainer.step);
+        }
+        return Ok(());
     }
     if let Some(g) = &gpu {
         trainer.pull_from_cuda(g)?;
