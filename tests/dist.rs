@@ -333,7 +333,12 @@ fn train_cmd(args: &[&str], env: &[(&str, String)]) -> Command {
         "SLURM_STEP_ID",
         "SLURM_PROCID",
         "SLURM_NTASKS",
+        "SLURM_STEP_NUM_TASKS",
+        "SLURM_LOCALID",
         "SLURM_JOB_ID",
+        "SLURM_JOB_NODELIST",
+        "SLURM_STEP_NODELIST",
+        "SLURM_NODELIST",
     ] {
         c.env_remove(v);
     }
@@ -539,4 +544,58 @@ fn a_rank_without_peers_fails_instead_of_waiting_forever() {
     .output()
     .unwrap();
     ok(&o);
+}
+
+#[test]
+fn srun_variables_launch_a_data_parallel_run() {
+    // What `srun --ntasks=2` gives each task: no MASTER_ADDR/PORT, so the rendezvous is at the
+    // first node of the job (here this machine) on 29500 + SLURM_JOB_ID mod 2000.
+    let dir = tmpdir("srun");
+    let data = corpus(&dir);
+    let job = (0..2000u16)
+        .map(|i| (i + std::process::id() as u16 % 2000) % 2000)
+        .find(|&i| TcpListener::bind(("0.0.0.0", 29500 + i)).is_ok())
+        .expect("a free port in 29500..31500");
+    let spawn = |rank: usize| {
+        train_cmd(
+            &[
+                "--preset",
+                "tiny",
+                "--steps",
+                "1",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "1",
+                "--device",
+                "cpu",
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                dir.join("o").to_str().unwrap(),
+            ],
+            &[
+                ("SLURM_STEP_ID", "0".into()),
+                ("SLURM_PROCID", rank.to_string()),
+                ("SLURM_NTASKS", "2".into()),
+                ("SLURM_LOCALID", rank.to_string()),
+                ("SLURM_JOB_ID", job.to_string()),
+                ("SLURM_JOB_NODELIST", "127.0.0.1".into()),
+            ],
+        )
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let (a, b) = (spawn(0), spawn(1));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    ok(&a);
+    ok(&b);
+    let log = String::from_utf8_lossy(&a.stderr);
+    let want = format!(
+        "data parallel: 2 ranks (SLURM_PROCID/SLURM_NTASKS), rendezvous at 127.0.0.1:{}",
+        29500 + job
+    );
+    assert!(log.contains(&want), "{log}");
+    assert!(dir.join("o").join("model.safetensors").is_file());
 }
