@@ -1618,6 +1618,8 @@ pub struct CudaTrainState {
     partial: CudaSlice<f64>,
     /// The data-parallel communicator, when this GPU is one rank of several.
     nccl: Option<super::nccl::NcclComm>,
+    /// Recorded after each gradient all-reduce, polled by its watchdog.
+    reduced: Option<cudarc::driver::CudaEvent>,
 }
 
 impl CudaTrainState {
@@ -1646,6 +1648,7 @@ impl CudaTrainState {
             v: dv,
             partial,
             nccl: None,
+            reduced: None,
         })
     }
 
@@ -1664,6 +1667,11 @@ impl CudaTrainState {
 
     /// Sum the gradients over the data-parallel ranks, in place on the device (one grouped NCCL
     /// all-reduce on the training stream). Without a communicator: an error.
+    ///
+    /// A watchdog waits for the all-reduce: a peer that died or hangs would otherwise block
+    /// this rank forever at its next read-back. It polls the stream and NCCL's asynchronous
+    /// error; on an error, or after `LLADA_DIST_TIMEOUT` seconds, it aborts the communicator
+    /// and returns an error.
     pub fn all_reduce_grads(&mut self) -> Result<()> {
         let Some(comm) = self.nccl.as_ref() else {
             bail!("data-parallel training on CUDA needs NCCL: attach_nccl was not called");
@@ -1674,11 +1682,50 @@ impl CudaTrainState {
             let len = d.len();
             bufs.push((self.ops.ptr_mut(d), len));
         }
-        let stream = self.ops.be.stream().cu_stream() as *mut c_void;
+        let stream = self.ops.be.stream();
         // SAFETY: every pointer is a live gradient buffer of its length on this device, used
         // only by the training stream, on which the all-reduce is queued.
-        unsafe { comm.all_reduce_sum_f32(&bufs, stream) }?;
-        comm.async_error()
+        unsafe { comm.all_reduce_sum_f32(&bufs, stream.cu_stream() as *mut c_void) }?;
+        if self.reduced.is_none() {
+            self.reduced = Some(
+                stream
+                    .context()
+                    .new_event(None)
+                    .map_err(|e| anyhow!("creating the all-reduce event: {e:?}"))?,
+            );
+        }
+        let ev = self.reduced.as_ref().ok_or_else(|| anyhow!("no event"))?;
+        ev.record(stream)
+            .map_err(|e| anyhow!("recording the all-reduce event: {e:?}"))?;
+        let (limit, _) = super::dist::timeouts()?;
+        let t0 = std::time::Instant::now();
+        let failure = loop {
+            match ev.try_is_complete() {
+                Ok(true) => break None,
+                Ok(false) => {}
+                Err(e) => break Some(anyhow!("the gradient all-reduce failed on the GPU: {e:?}")),
+            }
+            if let Err(e) = comm.async_error() {
+                break Some(e.context("the gradient all-reduce (a peer may have stopped)"));
+            }
+            if t0.elapsed() > limit {
+                break Some(anyhow!(
+                    "the gradient all-reduce did not finish within {:.0} s (LLADA_DIST_TIMEOUT): \
+                     a peer is stuck or gone",
+                    limit.as_secs_f64()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        };
+        match failure {
+            None => Ok(()),
+            Some(e) => {
+                if let Some(c) = self.nccl.take() {
+                    c.abort();
+                }
+                Err(e)
+            }
+        }
     }
 
     pub fn zero_grad(&mut self) -> Result<()> {

@@ -252,6 +252,20 @@ impl NcclComm {
     }
 }
 
+impl NcclComm {
+    /// Abandon the communicator (after an error or a timeout: outstanding operations are
+    /// cancelled, nothing waits for the peers).
+    pub fn abort(self) {
+        if let Ok(a) = api() {
+            // SAFETY: a live communicator, released here and never again (no Drop below).
+            unsafe {
+                let _ = (a.comm_abort)(self.comm);
+            }
+        }
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for NcclComm {
     fn drop(&mut self) {
         if let Ok(a) = api() {
