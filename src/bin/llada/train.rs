@@ -366,7 +366,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         } else {
             eprintln!("{line}");
         }
-        if !a.no_save && a.save_every > 0 && s.step % a.save_every == 0 && s.step < total {
+        if lead && !a.no_save && a.save_every > 0 && s.step % a.save_every == 0 && s.step < total {
             if let Some(g) = &gpu {
                 trainer.pull_from_cuda(g)?;
             }
@@ -382,10 +382,12 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         }
         return Ok(());
     }
-    if let Some(g) = &gpu {
-        trainer.pull_from_cuda(g)?;
+    if lead {
+        if let Some(g) = &gpu {
+            trainer.pull_from_cuda(g)?;
+        }
+        save(&trainer)?;
     }
-    save(&trainer)?;
     if let Some(group) = trainer.group() {
         // Nobody leaves before rank 0 has saved (a failed save stops rank 0, and the others
         // see it here).
