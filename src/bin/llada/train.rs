@@ -169,6 +169,12 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             }
         }
     };
+    if dist.is_some() && cuda_device.is_some() {
+        // Every rank checks before the rendezvous, so a missing library is one clear error
+        // per rank rather than peers waiting for a rank that already stopped.
+        llada::train::nccl::version()
+            .context("data-parallel training on CUDA sums gradients with NCCL")?;
+    }
     if let Some(d) = &dist {
         if lead {
             eprintln!(
