@@ -599,3 +599,30 @@ fn srun_variables_launch_a_data_parallel_run() {
     assert!(log.contains(&want), "{log}");
     assert!(dir.join("o").join("model.safetensors").is_file());
 }
+
+#[test]
+fn a_peer_announcing_a_huge_message_is_refused_not_allocated() {
+    use std::io::{Read, Write};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        let mut g = HostGroup::serve(l, 2, 7, T, T).unwrap();
+        g.all_reduce_f64(&mut [1.0, 2.0]).unwrap_err().to_string()
+    });
+    // A hand-made rank 1: a valid hello (magic, rank, world, fingerprint), then a reduce frame
+    // that claims 2^60 bytes.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut hello = b"LLADADP1".to_vec();
+    for v in [1u64, 2, 7] {
+        hello.extend_from_slice(&v.to_le_bytes());
+    }
+    s.write_all(&hello).unwrap();
+    let mut ack = [0u8; 9];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, [3, 0, 0, 0, 0, 0, 0, 0, 0], "rank 0 accepts the hello");
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(&(1u64 << 60).to_le_bytes());
+    s.write_all(&frame).unwrap();
+    let e = h.join().unwrap();
+    assert!(e.contains("more than the 16 expected"), "{e}");
+}

@@ -199,6 +199,9 @@ pub fn timeouts() -> Result<(Duration, Duration)> {
 const T_REDUCE: u8 = 1;
 const T_BCAST: u8 = 2;
 const T_CHECK: u8 = 3;
+/// Largest message (an error text) and broadcast (an NCCL id, options) a rank accepts.
+const MAX_MSG: usize = 1 << 16;
+const MAX_BCAST: usize = 1 << 24;
 
 fn tag_name(t: u8) -> &'static str {
     match t {
@@ -240,7 +243,15 @@ fn send_frame(s: &mut TcpStream, tag: u8, payload: &[u8], peer: usize) -> Result
         .map_err(|e| io_err(e, tag_name(tag), peer))
 }
 
-fn recv_frame(s: &mut TcpStream, tag: u8, buf: &mut Vec<u8>, peer: usize) -> Result<()> {
+/// Receive one frame of `tag`, at most `max` bytes (a corrupt or hostile length is an error,
+/// not an allocation).
+fn recv_frame(
+    s: &mut TcpStream,
+    tag: u8,
+    buf: &mut Vec<u8>,
+    peer: usize,
+    max: usize,
+) -> Result<()> {
     let mut head = [0u8; 9];
     s.read_exact(&mut head)
         .map_err(|e| io_err(e, tag_name(tag), peer))?;
@@ -250,7 +261,13 @@ fn recv_frame(s: &mut TcpStream, tag: u8, buf: &mut Vec<u8>, peer: usize) -> Res
         tag_name(head[0]),
         tag_name(tag)
     );
-    let len = u64::from_le_bytes(head[1..].try_into().unwrap_or([0; 8])) as usize;
+    let len = u64::from_le_bytes(head[1..].try_into().unwrap_or([0; 8]));
+    ensure!(
+        len <= max as u64,
+        "rank {peer} sent a {} of {len} bytes, more than the {max} expected",
+        tag_name(tag)
+    );
+    let len = len as usize;
     buf.clear();
     buf.resize(len, 0);
     s.read_exact(buf)
@@ -416,7 +433,7 @@ impl HostGroup {
         s.write_all(&hello)
             .map_err(|e| io_err(e, "rendezvous", 0))?;
         let mut reply = Vec::new();
-        recv_frame(&mut s, T_CHECK, &mut reply, 0)?;
+        recv_frame(&mut s, T_CHECK, &mut reply, 0, MAX_MSG)?;
         ensure!(
             reply.is_empty(),
             "rendezvous refused by rank 0: {}",
@@ -462,7 +479,7 @@ impl HostGroup {
         let n = acc.len();
         if self.rank == 0 {
             for (i, c) in self.conns.iter_mut().enumerate() {
-                recv_frame(c, T_REDUCE, &mut self.scratch, i + 1)?;
+                recv_frame(c, T_REDUCE, &mut self.scratch, i + 1, 8 * n)?;
                 ensure!(
                     self.scratch.len() == 8 * n,
                     "all-reduce: rank {} sent {} values, rank 0 has {n}",
@@ -485,7 +502,7 @@ impl HostGroup {
                 .extend(acc.iter().flat_map(|v| v.to_le_bytes()));
             let c = &mut self.conns[0];
             send_frame(c, T_REDUCE, &self.scratch, 0)?;
-            recv_frame(c, T_REDUCE, &mut self.scratch, 0)?;
+            recv_frame(c, T_REDUCE, &mut self.scratch, 0, 8 * n)?;
             ensure!(
                 self.scratch.len() == 8 * n,
                 "all-reduce: rank 0 sent {} values, this rank has {n}",
@@ -498,14 +515,19 @@ impl HostGroup {
         Ok(())
     }
 
-    /// Rank 0's `data` replaces everyone's.
+    /// Rank 0's `data` (at most 16 MiB) replaces everyone's.
     pub fn broadcast(&mut self, data: &mut Vec<u8>) -> Result<()> {
         if self.rank == 0 {
+            ensure!(
+                data.len() <= MAX_BCAST,
+                "broadcast: {} bytes, more than {MAX_BCAST}",
+                data.len()
+            );
             for (i, c) in self.conns.iter_mut().enumerate() {
                 send_frame(c, T_BCAST, data, i + 1)?;
             }
         } else if self.world > 1 {
-            recv_frame(&mut self.conns[0], T_BCAST, data, 0)?;
+            recv_frame(&mut self.conns[0], T_BCAST, data, 0, MAX_BCAST)?;
         }
         Ok(())
     }
@@ -518,7 +540,7 @@ impl HostGroup {
         if self.rank == 0 {
             let mut bad = Vec::new();
             for (i, c) in self.conns.iter_mut().enumerate() {
-                recv_frame(c, T_CHECK, &mut self.scratch, i + 1)?;
+                recv_frame(c, T_CHECK, &mut self.scratch, i + 1, 8)?;
                 let v = u64::from_le_bytes(self.scratch[..].try_into().unwrap_or([0; 8]));
                 if self.scratch.len() != 8 || v != value {
                     bad.push(i + 1);
@@ -542,7 +564,7 @@ impl HostGroup {
         } else {
             let c = &mut self.conns[0];
             send_frame(c, T_CHECK, &value.to_le_bytes(), 0)?;
-            recv_frame(c, T_CHECK, &mut self.scratch, 0)?;
+            recv_frame(c, T_CHECK, &mut self.scratch, 0, MAX_MSG)?;
             ensure!(
                 self.scratch.is_empty(),
                 "{}",
