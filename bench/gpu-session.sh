@@ -2,7 +2,8 @@
 # One prepared GPU session (runs from the bundle on the GPU machine; no cargo there):
 # the GPU check (parity tests, CPU/GPU CLI comparison, standard benchmark, PyTorch reference),
 # then the Fast-dLLM cache rows and the offline batch rows, each beside its PyTorch reference,
-# the likelihood rows, and training throughput (llada-1b, bf16 and f32 GEMMs).
+# the likelihood rows, and training throughput (llada-1b, bf16 and f32 GEMMs) beside the PyTorch
+# training reference (torch_reference.py --train), with the ratio.
 #   bash gpu-bundle/gpu-session.sh RESULTS_DIR
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -47,4 +48,38 @@ for prec in bf16 f32; do
     echo "exit $? ($prec); $(grep -m1 '^device:' "$res/train-1b-$prec.log")"
     grep '\] step ' "$res/train-1b-$prec.log" | tail -n 1 | sed 's/^.*\] //'
 done
+echo "== torch_reference --train: the same training step in PyTorch (llada-1b, batch 8 x 512)"
+# bf16 = torch.autocast to bf16 around forward + loss with f32 master weights (the counterpart of
+# --precision bf16); f32 = plain f32 with TF32 off. One process per precision.
+for prec in bf16 f32; do
+    timeout "${T_TRAIN:-300}" python3 torch_reference.py --train --preset llada-1b --device cuda \
+        --train-precision $prec --train-batch 8 --train-seq 512 --train-steps 6 \
+        --peak-tflops "${PEAK_TFLOPS:-989}" --json "$res/torch-train-$prec.json" \
+        >"$res/torch-train-$prec.log" 2>&1
+    echo "exit $? ($prec); $(grep '^torch train' "$res/torch-train-$prec.log" | tail -n 1)"
+done
+echo "== training throughput: llada train vs PyTorch (same GPU, same run; ratio = llada / torch)"
+python3 - "$res" <<'PY' || echo "comparison: n/a (python3 failed)"
+import json, re, sys
+res = sys.argv[1]
+print(f"{'precision':>9} {'llada tok/s':>12} {'llada MFU':>10} {'torch tok/s':>12} {'torch MFU':>10} {'ratio':>7}")
+for prec in ("bf16", "f32"):
+    lt = lm = tt = tm = None
+    try:
+        steps = [l for l in open(f"{res}/train-1b-{prec}.log", errors="replace") if "] step " in l]
+        m = re.search(r"tok/s (\S+) GFLOP/s \S+ MFU (\S+)", steps[-1]) if steps else None
+        if m:
+            lt, lm = float(m.group(1)), m.group(2)
+    except (OSError, ValueError):
+        pass
+    try:
+        r = [r for r in json.load(open(f"{res}/torch-train-{prec}.json"))["rows"] if r["precision"] == prec][0]
+        tt = r["tokens_per_s"]
+        tm = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        pass
+    f = lambda x: f"{x:.0f}" if x is not None else "n/a"
+    ratio = f"{lt / tt:.2f}" if lt and tt else "n/a"
+    print(f"{prec:>9} {f(lt):>12} {lm or 'n/a':>10} {f(tt):>12} {tm or 'n/a':>10} {ratio:>7}")
+PY
 echo "== done"; tail -n 12 "$res/gpu-check.log"

@@ -14,6 +14,18 @@ download is needed.
 
 Prints the same table as `llada-bench` (steps, forward passes, tokens/s, ms per step) and, with
 --json FILE, the same JSON fields (`device`, rows with `steps` and `tokens_per_s`).
+
+--train: the training counterpart of `llada train` (the llada-1b preset on the GPU): upstream's
+pretraining loss (reference §6.1, LM head + cross entropy on the masked rows only), backward,
+gradient clipping at 1.0, fused AdamW (lr 1e-4, wd 0.1 on matrices), f32 master weights, random
+N(0, 0.02²) init and random ids. `--train-precision bf16` autocasts forward + loss to bf16 (the
+usual mixed precision, the counterpart of `llada train --precision bf16`); `f32` is plain f32
+with TF32 off. The first steps are warm-up; tokens/s = B·T / median step time; TFLOP/s uses the
+FLOP count of `llada::train::step_flops`; MFU is against --peak-tflops.
+
+    python3 bench/torch_reference.py --train --preset llada-1b --train-precision bf16,f32
+    python3 bench/torch_reference.py --train --preset tiny --device cpu --train-steps 3 \
+        --train-batch 2 --train-seq 32
 """
 import argparse
 import json
@@ -28,19 +40,27 @@ import torch.nn.functional as F
 PRESETS = {
     # d_model, n_heads, n_layers, mlp, vocab, mask_id
     "llada-8b": dict(d=4096, nh=32, nl=32, f=12288, v=126464, mask=126336),
+    # The training benchmark's preset (src/presets.rs): 1,237,379,072 parameters.
+    "llada-1b": dict(d=2048, nh=16, nl=14, f=5632, v=126464, mask=126336),
     "tiny": dict(d=128, nh=2, nl=2, f=320, v=512, mask=502),
 }
 
 
 class Model:
-    def __init__(self, cfg, device, dtype, seed):
+    """`init="uniform"` (inference benchmark) or `"normal"` (training, as the presets: N(0, 0.02²));
+    `trainable=True` makes every tensor a leaf that requires grad (the forward has no no_grad)."""
+
+    def __init__(self, cfg, device, dtype, seed, init="uniform", trainable=False):
         g = torch.Generator(device=device).manual_seed(seed)
         d, f, v = cfg["d"], cfg["f"], cfg["v"]
         self.nh, self.hd = cfg["nh"], d // cfg["nh"]
 
         def w(*shape):
             t = torch.empty(*shape, device=device, dtype=dtype)
-            t.uniform_(-0.02 * math.sqrt(3), 0.02 * math.sqrt(3), generator=g)
+            if init == "normal":
+                t.normal_(0.0, 0.02, generator=g)
+            else:
+                t.uniform_(-0.02 * math.sqrt(3), 0.02 * math.sqrt(3), generator=g)
             return t
 
         self.wte = w(v, d)
@@ -56,6 +76,16 @@ class Model:
         self.f = f
         self.rope_cache = {}
         self.device = device
+        if trainable:
+            for t in self.parameters():
+                t.requires_grad_(True)
+
+    def parameters(self):
+        """Every tensor of the model (embedding, blocks, final norm, LM head)."""
+        out = [self.wte]
+        for L in self.layers:
+            out += [L[k] for k in ("attn_norm", "wqkv", "wo", "ff_norm", "wgu", "wdown")]
+        return out + [self.ln_f, self.lm_head]
 
     def rope(self, t):
         if t not in self.rope_cache:
@@ -71,11 +101,12 @@ class Model:
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)
         return w * y.to(x.dtype)
 
-    def forward(self, ids, rows=None, cache=None, q0=0):
+    def forward(self, ids, rows=None, cache=None, q0=0, flat_rows=None):
         """Without `cache`: the whole sequence. With `cache` (list per layer of [K, V], each
         [B, NH, L, HD], keys stored after RoPE): `ids` are the tokens at positions [q0, q0+T);
         their K/V overwrite those cache rows and attention reads all L rows (Fast-dLLM
-        prefix/dual cache, same design as the engine)."""
+        prefix/dual cache, same design as the engine). `rows`: the LM head on those positions of
+        every sequence; `flat_rows`: on those rows `b·T + pos` only ([R, V] logits, training)."""
         b, t = ids.shape
         x = self.wte[ids]
         cos, sin = self.rope(q0 + t)
@@ -103,6 +134,8 @@ class Model:
             x = x + (F.silu(g) * u) @ L["wdown"].t()
         if rows is not None:
             x = x[:, rows]
+        if flat_rows is not None:
+            x = x.reshape(b * t, -1)[flat_rows]
         return self.rms(x, self.ln_f) @ self.lm_head.t()
 
 
@@ -182,6 +215,113 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
+def step_flops(cfg, b, t, rows):
+    """Model FLOPs of one forward + backward, exactly `llada::train::step_flops`
+    (src/train/mod.rs): 6·(block matrix parameters per token) on every token, 6·V·C per loss
+    row for the LM head, 12·L·B·T²·NH·HD for attention. NKV = NH in these presets."""
+    c, f, l = float(cfg["d"]), float(cfg["f"]), float(cfg["nl"])
+    hd = c / cfg["nh"]
+    qw = kw = cfg["nh"] * hd
+    per_tok = l * (c * (qw + 2.0 * kw) + qw * c + 3.0 * c * f)
+    return 6.0 * per_tok * (b * t) + 6.0 * cfg["v"] * c * rows + 12.0 * l * b * (t * t) * qw
+
+
+def pretrain_loss(model, ids, mask_id, gen, precision):
+    """Reference §6.1 (upstream's pretraining loss): per row t ~ U(0,1), p = (1−1e-3)·t + 1e-3,
+    every token masked with probability p, loss = Σ_masked CE/p / (B·L). The LM head and the
+    cross entropy run on the masked rows only (as `llada train`). Returns (loss, masked rows)."""
+    b, t = ids.shape
+    eps = 1e-3
+    p = (1 - eps) * torch.rand(b, 1, device=ids.device, generator=gen) + eps
+    masked = torch.rand(b, t, device=ids.device, generator=gen) < p
+    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    rows = masked.reshape(-1).nonzero().squeeze(1)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model.forward(noisy, flat_rows=rows)
+        ce = F.cross_entropy(logits, ids.reshape(-1)[rows], reduction="none")
+    w = p.expand(b, t).reshape(-1)[rows]
+    return (ce.float() / w).sum() / (b * t), int(rows.numel())
+
+
+def train_bench(cfg, preset, dev, precision, a, name):
+    """`--train`: AdamW steps of `pretrain_loss` on random ids; the last steps are timed."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(a.train_seed)
+    model = Model(cfg, dev, torch.float32, seed=a.train_seed, init="normal", trainable=True)
+    params = model.parameters()
+    # Weight decay on matrices only (the RMSNorm weights are not decayed), as `llada train`.
+    groups = [dict(params=[q for q in params if q.dim() >= 2], weight_decay=a.train_wd),
+              dict(params=[q for q in params if q.dim() < 2], weight_decay=0.0)]
+    opt = torch.optim.AdamW(groups, lr=a.train_lr, betas=(0.9, 0.999), eps=1e-8,
+                            fused=dev.startswith("cuda"))
+    gen = torch.Generator(device=dev).manual_seed(a.train_seed + 1)
+    hi = min(126000, cfg["mask"])  # clean ids never equal the mask id
+    b, t, n = a.train_batch, a.train_seq, a.train_steps
+    warm = 2 if n >= 5 else (1 if n >= 2 else 0)
+    steps = []
+    for i in range(n):
+        ids = torch.randint(0, hi, (b, t), device=dev, generator=gen)
+        sync(dev)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss, rows = pretrain_loss(model, ids, cfg["mask"], gen, precision)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sync(dev)
+        secs = time.perf_counter() - t0
+        flops = step_flops(cfg, b, t, rows)
+        loss, gnorm = float(loss.detach()), float(gnorm)
+        steps.append(dict(step=i + 1, loss=loss, grad_norm=gnorm, rows=rows,
+                          seconds=secs, flops=flops, timed=i >= warm))
+        print(f"# {precision} step {i + 1}/{n} loss {loss:.4f} gnorm {gnorm:.3f} "
+              f"masked {rows} {secs * 1e3:.1f} ms{'' if i >= warm else ' (warm-up)'}", flush=True)
+    timed = [s for s in steps if s["timed"]]
+    sec = statistics.median(s["seconds"] for s in timed)
+    tflops = statistics.median(s["flops"] / s["seconds"] for s in timed) / 1e12
+    mem = torch.cuda.max_memory_allocated() / 2**30 if dev.startswith("cuda") else None
+    row = dict(precision=precision, batch=b, seq_len=t, steps=n, warmup_steps=warm,
+               step_seconds_median=sec, tokens_per_s=b * t / sec, tflops=tflops,
+               mfu=tflops / a.peak_tflops if a.peak_tflops > 0 else None,
+               max_memory_gib=mem, step_log=steps)
+    mfu = f"{100 * row['mfu']:.3g}%" if row["mfu"] is not None else "-"
+    print(f"torch train {preset} {precision}: B={b} T={t}  {sec * 1e3:.1f} ms/step (median of "
+          f"{len(timed)})  tok/s {row['tokens_per_s']:.0f}  TFLOP/s {tflops:.4g}  MFU {mfu} "
+          f"(peak {a.peak_tflops:g})  loss {steps[-1]['loss']:.4f}", flush=True)
+    return row
+
+
+def train_main(a, dev):
+    preset = a.preset or ("llada-1b" if dev.startswith("cuda") else "tiny")
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown preset `{preset}` (known: {', '.join(PRESETS)})")
+    precs = [x for x in a.train_precision.split(",") if x]
+    bad = [x for x in precs if x not in ("bf16", "f32")]
+    if bad or not precs:
+        raise SystemExit(f"--train-precision: `{a.train_precision}` (give bf16, f32 or bf16,f32)")
+    if a.train_batch < 1 or a.train_seq < 1 or a.train_steps < 1:
+        raise SystemExit("--train-batch, --train-seq and --train-steps must be at least 1")
+    cfg = PRESETS[preset]
+    name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
+    print(f"# torch reference training  device: {name}  torch {torch.__version__}  preset {preset}"
+          f"  batch {a.train_batch} x {a.train_seq}  AdamW lr {a.train_lr:g} wd {a.train_wd:g}"
+          f"  clip 1.0", flush=True)
+    rows = []
+    for prec in precs:
+        rows.append(train_bench(cfg, preset, dev, prec, a, name))
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    if a.json:
+        out = dict(engine="torch_reference", mode="train", torch=torch.__version__, device=name,
+                   preset=preset, batch=a.train_batch, seq_len=a.train_seq, steps=a.train_steps,
+                   lr=a.train_lr, weight_decay=a.train_wd, peak_tflops=a.peak_tflops, rows=rows)
+        with open(a.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default=None)
@@ -196,8 +336,22 @@ def main():
     ap.add_argument("--cache", default="", help="Fast-dLLM modes to add, comma separated: none,prefix,dual")
     ap.add_argument("--threshold", default="", help="Fast-dLLM thresholds, comma separated (rows per cache mode)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--train", action="store_true",
+                    help="training throughput instead (upstream's pretraining loss, AdamW)")
+    ap.add_argument("--train-precision", default="bf16",
+                    help="bf16 (autocast, f32 master weights), f32 (no TF32), or bf16,f32")
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train-seq", type=int, default=512)
+    ap.add_argument("--train-steps", type=int, default=6)
+    ap.add_argument("--train-lr", type=float, default=1e-4)
+    ap.add_argument("--train-wd", type=float, default=0.1)
+    ap.add_argument("--train-seed", type=int, default=0)
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="MFU denominator (default: H100 SXM dense bf16)")
     a = ap.parse_args()
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.train:
+        return train_main(a, dev)
     preset = a.preset or ("llada-8b" if dev.startswith("cuda") else "tiny")
     cfg = PRESETS[preset]
     dtype = torch.bfloat16
