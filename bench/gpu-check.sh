@@ -5,8 +5,10 @@
 #   bash DIR/gpu-check.sh run [RESULTS_DIR]  # GPU machine (no cargo): run tests + bench, summarise
 #
 # build: release binaries (`cargo build --release --bins`) and every test executable
-#   (`cargo test --release --no-run --message-format=json`), compiled with LLADA_REQUIRE_KERNELS=1
-#   so a missing nvcc fails loudly, copied into DIR (default gpu-bundle/, git-ignored) with this
+#   (`cargo test --release --no-run --message-format=json`; only the GPU tests unless
+#   GPU_CHECK_ALL_TESTS=1), compiled with LLADA_REQUIRE_KERNELS=1
+#   so a missing nvcc fails loudly, copied into DIR (default gpu-bundle/, git-ignored, also packed
+#   as DIR.tgz) with this
 #   script, bench/torch_reference.py (if present), tests/fixtures (if present) and a tiny checkpoint
 #   (`llada init-tiny`, if that command exists).
 # run: prints nvidia-smi, runs each test executable with LLADA_REQUIRE_GPU=1 (a missing GPU is a
@@ -16,6 +18,10 @@
 set -uo pipefail
 
 die() { echo "gpu-check: $*" >&2; exit 2; }
+
+# The test executables that need a GPU ("binary[:filter]"); `run` runs these by default and
+# `build` bundles only these unless GPU_CHECK_ALL_TESTS=1.
+GPU_TESTS_DEFAULT="test-cuda_parity test-cuda_model test-cache:gpu_ test-cuda_train test-cuda_dist"
 
 # Seconds allowed per step (override from the environment).
 T_TEST=${GPU_CHECK_TEST_TIMEOUT:-600}
@@ -58,6 +64,14 @@ for line in open(sys.argv[1]):
         print(f'{t["kind"][0]}-{t["name"]} {m["executable"]}')
 EOF
     rm -f "$json"
+    if [ "${GPU_CHECK_ALL_TESTS:-0}" != 1 ]; then
+        # CPU-only tests ran here; leaving them out keeps the bundle small enough to carry.
+        local keep=" " e f
+        for e in $GPU_TESTS_DEFAULT; do keep+="${e%%:*} "; done
+        for f in "$dir"/test-bins/*; do
+            [[ "$keep" == *" $(basename "$f") "* ]] || rm -f "$f"
+        done
+    fi
 
     cp "$root/bench/gpu-check.sh" "$dir/gpu-check.sh"
     cp "$root/bench/gpu-session.sh" "$dir/gpu-session.sh"
@@ -83,7 +97,10 @@ EOF
             echo "== no tiny checkpoint (llada init-tiny unavailable or failed)"
         fi
     fi
-    echo "== bundle ready: $dir ($(du -sh "$dir" | cut -f1)); on the GPU machine: bash $(basename "$dir")/gpu-check.sh run"
+    # One compressed file as well (the kernels' fatbins compress about 3×), for transfers
+    # limited in size: tar xzf gpu-bundle.tgz && bash gpu-bundle/gpu-session.sh results
+    tar czf "$dir.tgz" -C "$(dirname "$dir")" "$(basename "$dir")" || die "cannot write $dir.tgz"
+    echo "== bundle ready: $dir ($(du -sh "$dir" | cut -f1)), $dir.tgz ($(du -sh "$dir.tgz" | cut -f1)); on the GPU machine: bash $(basename "$dir")/gpu-check.sh run"
 }
 
 run() {
@@ -112,7 +129,7 @@ run() {
     local t name log rc passed failed
     # The GPU tests by default (CPU-only tests ran on the dev machine and refer to its paths).
     # GPU_CHECK_TESTS: space-separated "binary[:filter]" entries ('*' = every bundled binary).
-    local entries=${GPU_CHECK_TESTS:-"test-cuda_parity test-cuda_model test-cache:gpu_ test-cuda_train test-cuda_dist"}
+    local entries=${GPU_CHECK_TESTS:-$GPU_TESTS_DEFAULT}
     [ "$entries" = "*" ] && entries=$(cd test-bins && ls)
     local entry filter
     for entry in $entries; do
