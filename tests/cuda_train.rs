@@ -1148,18 +1148,35 @@ fn linear_bf16_fwd_bwd() {
             g.download(&dxd, n * k).unwrap(),
             g.download(&dwd, m * k).unwrap(),
         );
+        // FAST_16BF allows bf16 but does not force it: at the odd size (unaligned rows),
+        // cuBLAS may pick an f32 kernel. There a result that is the f32 GEMM's is accepted (and
+        // said); at the aligned size (the model's shapes) it must be the bf16 one.
+        let mut chose_f32 = false;
         for (what, want, f32_result, got, tol) in [
             ("y", &y, &y32, &gy_, &gy as &dyn Fn(usize) -> f64),
             ("dx", &dx, &dx32, &gdx_, &gdx),
             ("dw", &dw, &dw32, &gdw_, &gdw),
         ] {
-            // Name the likely cause before the element-wise report: a GPU result that is the
-            // f32 GEMM's means cuBLAS did not use bf16 (FAST_16BF allows it, does not force it).
+            let is_f32 = outside(f32_result, got, tol) * 10 < got.len()
+                && outside(want, got, tol) * 10 >= got.len();
+            if is_f32 && case == 0 {
+                eprintln!(
+                    "NOTE: bf16 linear {what} {n}x{k}x{m}: cuBLAS computed this unaligned GEMM \
+                     in f32 (allowed under CUBLAS_COMPUTE_32F_FAST_16BF)"
+                );
+                chose_f32 = true;
+                compare(
+                    &format!("bf16-mode linear {what} {n}x{k}x{m} (f32 kernel)"),
+                    f32_result,
+                    got,
+                    tol,
+                );
+                continue;
+            }
             assert!(
-                outside(f32_result, got, tol) * 10 >= got.len()
-                    || outside(want, got, tol) * 10 < got.len(),
+                !is_f32,
                 "bf16 linear {what} {n}x{k}x{m}: the GPU computed the f32 GEMM, not the bf16 one \
-                 (cuBLAS chose an f32 kernel under CUBLAS_COMPUTE_32F_FAST_16BF at this size?)"
+                 at an aligned size: --precision bf16 is not reaching cuBLAS"
             );
             compare(&format!("bf16 linear {what} {n}x{k}x{m}"), want, got, tol);
         }
@@ -1168,7 +1185,11 @@ fn linear_bf16_fwd_bwd() {
         let mut scratch = g.zeros(m * k).unwrap();
         g.linear_bwd(Some(&mut dx2), true, &mut scratch, &dyd, &xd, &wd, n, k, m)
             .unwrap();
-        let want: Vec<f32> = dx.iter().map(|&a| 2.0 * a).collect();
+        let want: Vec<f32> = if chose_f32 {
+            dx.iter().zip(&dx32).map(|(&a, &b)| a + b).collect()
+        } else {
+            dx.iter().map(|&a| 2.0 * a).collect()
+        };
         compare(
             &format!("bf16 linear dx accumulate {n}x{k}x{m}"),
             &want,
