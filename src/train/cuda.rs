@@ -29,7 +29,8 @@
 //!
 //! Memory: 16 bytes per parameter (weights, gradients, two moments) plus f32 activations of
 //! every layer, so one 80 GB GPU trains models up to roughly 3–4 B parameters at short
-//! sequences; the 8B preset does not fit on one GPU, and multi-GPU (NCCL) is not implemented.
+//! sequences; the 8B preset does not fit on one GPU. Several GPUs train data parallel
+//! ([`super::dist`]): every GPU holds the whole state, so that does not raise the limit.
 //!
 //! Kernel launches are asynchronous; a fault surfaces at the next read-back.
 
