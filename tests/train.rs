@@ -708,6 +708,34 @@ fn resume_equals_an_uninterrupted_run() {
     assert_eq!(resumed.opt.v.data, full.opt.v.data);
 }
 
+/// Join `tr` to a localhost group as `rank` of `world`: rank 0 serves on `listener`, the
+/// others connect to `port`.
+fn join_local(
+    tr: &mut Trainer,
+    rank: usize,
+    world: usize,
+    port: u16,
+    listener: Option<std::net::TcpListener>,
+) -> anyhow::Result<()> {
+    let secs = std::time::Duration::from_secs(60);
+    let fp = tr.options_fingerprint()?;
+    let g = match listener {
+        Some(l) => HostGroup::serve(l, world, fp, secs, secs)?,
+        None => {
+            let env = DistEnv {
+                rank,
+                world,
+                local_rank: rank,
+                master_addr: "127.0.0.1".into(),
+                master_port: port,
+                source: "test",
+            };
+            HostGroup::connect(&env, fp, secs, secs)?
+        }
+    };
+    tr.join_group(g)
+}
+
 /// `o.world` ranks, each a thread with its own [`Trainer`] joined over a localhost
 /// [`HostGroup`], run `steps` optimizer steps. Returns every rank's step statistics and final
 /// parameters.
@@ -720,7 +748,6 @@ fn run_ranks(
     let world = o.world;
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    let secs = std::time::Duration::from_secs(60);
     let mut listener = Some(l);
     let handles: Vec<_> = (0..world)
         .map(|rank| {
@@ -728,22 +755,7 @@ fn run_ranks(
             let l = if rank == 0 { listener.take() } else { None };
             std::thread::spawn(move || {
                 let mut tr = Trainer::new(cfg.clone(), run_params(&cfg), o, samples).unwrap();
-                let fp = tr.options_fingerprint().unwrap();
-                let g = match l {
-                    Some(l) => HostGroup::serve(l, world, fp, secs, secs).unwrap(),
-                    None => {
-                        let env = DistEnv {
-                            rank,
-                            world,
-                            local_rank: rank,
-                            master_addr: "127.0.0.1".into(),
-                            master_port: port,
-                            source: "test",
-                        };
-                        HostGroup::connect(&env, fp, secs, secs).unwrap()
-                    }
-                };
-                tr.join_group(g).unwrap();
+                join_local(&mut tr, rank, world, port, l).unwrap();
                 let stats: Vec<StepStats> = (0..steps).map(|_| tr.train_step().unwrap()).collect();
                 (stats, tr.params)
             })
@@ -864,27 +876,11 @@ fn ranks_with_different_data_refuse_to_train() {
     };
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
-    let secs = std::time::Duration::from_secs(30);
     let run = |rank: usize, samples: Vec<Sample>, l: Option<std::net::TcpListener>| {
         let (cfg, o) = (cfg.clone(), o.clone());
         std::thread::spawn(move || -> anyhow::Result<()> {
             let mut tr = Trainer::new(cfg.clone(), run_params(&cfg), o, samples)?;
-            let fp = tr.options_fingerprint()?;
-            let g = match l {
-                Some(l) => HostGroup::serve(l, 2, fp, secs, secs)?,
-                None => {
-                    let env = DistEnv {
-                        rank,
-                        world: 2,
-                        local_rank: rank,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                        source: "test",
-                    };
-                    HostGroup::connect(&env, fp, secs, secs)?
-                }
-            };
-            tr.join_group(g)
+            join_local(&mut tr, rank, 2, port, l)
         })
     };
     let a = run(0, counting_samples(8, 24), Some(l));

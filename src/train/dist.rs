@@ -450,10 +450,7 @@ impl HostGroup {
     /// Sum `x` over all ranks, in place; every rank gets the same bits (rank 0 adds in rank
     /// order, in f64).
     pub fn all_reduce_f64(&mut self, x: &mut [f64]) -> Result<()> {
-        let mut acc: Vec<f64> = x.to_vec();
-        self.reduce_with(&mut acc)?;
-        x.copy_from_slice(&acc);
-        Ok(())
+        self.reduce_with(x)
     }
 
     /// Sum `x` over all ranks in place (f64 sums, rounded once to f32), in chunks so the f64

@@ -101,6 +101,18 @@ impl RowSpan {
             global: b,
         }
     }
+
+    /// `b` rows starting at `first` must lie inside the global batch.
+    fn check(&self, b: usize, what: &str) -> Result<()> {
+        ensure!(
+            self.first + b <= self.global,
+            "{what}: rows {}..{} of a global batch of {}",
+            self.first,
+            self.first + b,
+            self.global
+        );
+        Ok(())
+    }
 }
 
 /// [`pretrain_batch`] for the rows `span` of a global batch.
@@ -116,13 +128,7 @@ pub fn pretrain_batch_span(
     scale: f64,
     span: RowSpan,
 ) -> Result<Batch> {
-    ensure!(
-        span.first + b <= span.global,
-        "pretrain batch: rows {}..{} of a global batch of {}",
-        span.first,
-        span.first + b,
-        span.global
-    );
+    span.check(b, "pretrain batch")?;
     ensure!(
         clean.len() == b * t && b > 0 && t > 0,
         "pretrain batch: {} tokens for b·t = {b}·{t}",
@@ -198,13 +204,7 @@ pub fn sft_batch_span(
     scale: f64,
     span: RowSpan,
 ) -> Result<Batch> {
-    ensure!(
-        span.first + b <= span.global,
-        "sft batch: rows {}..{} of a global batch of {}",
-        span.first,
-        span.first + b,
-        span.global
-    );
+    span.check(b, "sft batch")?;
     ensure!(
         clean.len() == b * t && b > 0 && prompt_lens.len() == b,
         "sft batch: {} tokens and {} prompt lengths for b·t = {b}·{t}",
