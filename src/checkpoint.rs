@@ -61,6 +61,13 @@ pub enum WeightSource {
         shape: Vec<usize>,
         name: String,
     },
+    /// `base` with a LoRA update merged in as it is read ([`crate::lora::Delta`]): element
+    /// `(i, j)` is `W[i, j] + scale·Σ_k B[i, k]·A[k, j]` in f32, rounded once to `base`'s dtype.
+    /// Nothing is materialised until a backend (or a writer) reads it.
+    Lora {
+        base: Box<WeightSource>,
+        delta: Arc<crate::lora::Delta>,
+    },
 }
 
 impl WeightSource {
@@ -70,6 +77,7 @@ impl WeightSource {
             | WeightSource::Random { shape, .. }
             | WeightSource::Const { shape, .. }
             | WeightSource::Host { shape, .. } => shape,
+            WeightSource::Lora { base, .. } => base.shape(),
         }
     }
     pub fn dtype(&self) -> DType {
@@ -78,6 +86,7 @@ impl WeightSource {
             | WeightSource::Random { dtype, .. }
             | WeightSource::Const { dtype, .. }
             | WeightSource::Host { dtype, .. } => *dtype,
+            WeightSource::Lora { base, .. } => base.dtype(),
         }
     }
     pub fn name(&self) -> &str {
@@ -86,6 +95,7 @@ impl WeightSource {
             | WeightSource::Random { name, .. }
             | WeightSource::Const { name, .. }
             | WeightSource::Host { name, .. } => name,
+            WeightSource::Lora { base, .. } => base.name(),
         }
     }
     pub fn numel(&self) -> usize {
@@ -114,6 +124,7 @@ impl WeightSource {
             }
             WeightSource::Const { value, dtype, .. } => out.fill(dtype.round(*value)),
             WeightSource::Host { data, .. } => out.copy_from_slice(&data[from..to]),
+            WeightSource::Lora { base, delta } => delta.read_range(base, from, to, out),
         }
     }
 }
@@ -529,6 +540,13 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Replace (or add) the source of tensor `name`: how a LoRA adapter is merged in
+    /// ([`crate::lora::Adapter::apply`]). Call [`Checkpoint::check_against`] again after adding
+    /// tensors.
+    pub fn set(&mut self, name: &str, src: WeightSource) {
+        self.tensors.insert(name.to_string(), src);
+    }
+
     /// The source of tensor `name`.
     pub fn get(&self, name: &str) -> Result<&WeightSource> {
         self.tensors
@@ -703,6 +721,164 @@ pub fn write_hf_folder(
         let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, shards);
         total += write_safetensors(&dir.join(&file), part)?;
         for (name, ..) in part {
+            weight_map.insert(name.clone(), Value::String(file.clone()));
+        }
+    }
+    let idx = serde_json::json!({
+        "metadata": {"total_size": total},
+        "weight_map": weight_map,
+    });
+    write_text_atomic(&index, &(serde_json::to_string_pretty(&idx)? + "\n"))?;
+    if single.exists() {
+        std::fs::remove_file(&single)
+            .with_context(|| format!("cannot remove stale {}", single.display()))?;
+    }
+    Ok(())
+}
+
+/// Map one safetensors file (an adapter, a side file) and return its tensors sorted by name,
+/// each checked as [`Checkpoint::open`] checks a shard's: header length, data offsets, a
+/// supported dtype and a byte count that matches the shape, with the file and tensor named.
+pub fn open_safetensors(path: &Path) -> Result<Vec<WeightSource>> {
+    let mmap = map_file(path)?;
+    let header = parse_header(path, &mmap)?;
+    let mut names: Vec<&String> = header.keys().collect();
+    names.sort();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let e = &header[name];
+        let Some(dtype) = parse_safetensors_dtype(&e.dtype) else {
+            bail!(
+                "{}: tensor `{name}` has dtype {}; only BF16, F16 and F32 are supported",
+                path.display(),
+                e.dtype
+            );
+        };
+        let numel = e.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if numel.and_then(|n| n.checked_mul(dtype.size())) != Some(e.end - e.start) {
+            bail!(
+                "{}: tensor `{name}`: {} data bytes do not match shape {:?} of {}",
+                path.display(),
+                e.end - e.start,
+                e.shape,
+                e.dtype
+            );
+        }
+        out.push(WeightSource::Mapped {
+            mmap: mmap.clone(),
+            start: e.start,
+            end: e.end,
+            dtype,
+            shape: e.shape.clone(),
+            name: name.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// Append `values` encoded in `dtype` (little-endian, RNE rounding) to `out`.
+fn encode_values(dtype: DType, values: &[f32], out: &mut Vec<u8>) {
+    for &x in values {
+        match dtype {
+            DType::BF16 => out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+            DType::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+            DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
+        }
+    }
+}
+
+/// Write `(name, source)` pairs into one safetensors file without holding the tensors in
+/// memory: the header (as [`write_safetensors`] writes it), then every tensor read through
+/// [`WeightSource::read_range`] and encoded in the source's own dtype, a chunk at a time
+/// (atomically: temporary file, then rename). Returns the number of data bytes.
+pub fn write_safetensors_sources(path: &Path, tensors: &[(String, &WeightSource)]) -> Result<u64> {
+    const CHUNK: usize = 1 << 20;
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for (name, src) in tensors {
+        if header.contains_key(name) {
+            bail!("{}: tensor `{name}` given twice", path.display());
+        }
+        let end = offset + src.numel() * src.dtype().size();
+        header.insert(
+            name.clone(),
+            serde_json::json!({
+                "dtype": safetensors_dtype_name(src.dtype()),
+                "shape": src.shape(),
+                "data_offsets": [offset, end],
+            }),
+        );
+        offset = end;
+    }
+    let mut h = serde_json::to_string(&Value::Object(header))?.into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    write_atomic(path, |f| {
+        let mut w = std::io::BufWriter::with_capacity(8 << 20, f);
+        w.write_all(&(h.len() as u64).to_le_bytes())?;
+        w.write_all(&h)?;
+        let mut vals = Vec::new();
+        let mut bytes = Vec::new();
+        for (_, src) in tensors {
+            let n = src.numel();
+            let mut from = 0;
+            while from < n {
+                let to = (from + CHUNK).min(n);
+                vals.resize(to - from, 0.0);
+                src.read_range(from, to, &mut vals);
+                bytes.clear();
+                encode_values(src.dtype(), &vals, &mut bytes);
+                w.write_all(&bytes)?;
+                from = to;
+            }
+        }
+        w.flush()
+    })?;
+    Ok(offset as u64)
+}
+
+/// Write the weight files of a Hugging Face folder from sources, streamed: `model.safetensors`
+/// when everything fits in `max_shard_bytes`, else `model-0000k-of-0000n.safetensors` shards of
+/// at most that size (a larger tensor gets a shard of its own) plus
+/// `model.safetensors.index.json`. Stale weight files of the other layout are removed.
+pub fn write_weight_files(
+    dir: &Path,
+    tensors: &[(String, &WeightSource)],
+    max_shard_bytes: u64,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut shards: Vec<Vec<(String, &WeightSource)>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for (name, src) in tensors {
+        let bytes = (src.numel() * src.dtype().size()) as u64;
+        if size > 0 && size + bytes > max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        if let Some(last) = shards.last_mut() {
+            last.push((name.clone(), *src));
+        }
+    }
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if shards.len() == 1 {
+        write_safetensors_sources(&single, &shards[0])?;
+        if index.exists() {
+            std::fs::remove_file(&index)
+                .with_context(|| format!("cannot remove stale {}", index.display()))?;
+        }
+        return Ok(());
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0u64;
+    for (k, part) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, n);
+        total += write_safetensors_sources(&dir.join(&file), part)?;
+        for (name, _) in part {
             weight_map.insert(name.clone(), Value::String(file.clone()));
         }
     }

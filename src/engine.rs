@@ -69,6 +69,17 @@ impl Opened {
         }
     }
 
+    /// Merge the PEFT LoRA adapter folder `dir` into the weights ([`crate::lora`]): every
+    /// module its tensors name is read as `W + scale·B·A` (f32, rounded once to `W`'s dtype)
+    /// when a backend loads it. Call before [`load`]; returns a one-line summary. Every
+    /// command's `--lora DIR` (and `serve`) goes through here.
+    pub fn apply_lora(&mut self, dir: &Path) -> Result<String> {
+        let adapter = crate::lora::Adapter::open(dir, &self.cfg)?;
+        adapter.apply(&mut self.ckpt)?;
+        self.label = format!("{} + LoRA {}", self.label, dir.display());
+        Ok(format!("LoRA {}: {}", dir.display(), adapter.summary()))
+    }
+
     /// Generation defaults that come from the model: special ids and limits.
     pub fn apply_ids(&self, p: &mut GenerateParams) {
         p.mask_id = self.cfg.mask_token_id;

@@ -9,6 +9,7 @@
 //! - [`sampler`]: upstream `generate` (blocks, schedule, remasking, CFG, EOS rules) over a
 //!   [`sampler::Predictor`].
 //! - [`batch`]: offline JSONL batch generation (sharding, bucketing, resume, merge).
+//! - [`lora`]: PEFT LoRA adapters (read, write, merge at load) and their training math.
 //! - [`loglik`] and [`eval`]: upstream's Monte-Carlo log-likelihood (ELBO) and lm-eval-style
 //!   multiple-choice scoring over a [`loglik::Scorer`].
 
@@ -22,6 +23,7 @@ pub mod engine;
 pub mod eval;
 pub mod head;
 pub mod loglik;
+pub mod lora;
 pub mod model;
 pub mod nvtx;
 pub mod presets;

@@ -282,6 +282,7 @@ fn check_source(src: &WeightSource) -> Result<()> {
             src.shape()
         ),
         WeightSource::Random { .. } | WeightSource::Const { .. } => {}
+        WeightSource::Lora { base, .. } => check_source(base)?,
     }
     Ok(())
 }

@@ -108,29 +108,75 @@ impl AdamW {
     /// One update of `p` with gradient `g` at learning rate `lr`.
     pub fn step(&mut self, p: &mut Params<f32>, g: &Params<f32>, lr: f64) {
         self.t += 1;
-        let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
-        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-        let step_size = (lr / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let eps = c.eps as f32;
+        let s = AdamWStep::new(&self.cfg, self.t, lr);
         for i in 0..p.data.len() {
-            let decay = if p.shapes[i].len() >= 2 {
-                1.0 - (lr * c.weight_decay) as f32
-            } else {
-                1.0
-            };
-            let (pd, gd) = (&mut p.data[i], &g.data[i]);
-            let (md, vd) = (&mut self.m.data[i], &mut self.v.data[i]);
-            for j in 0..pd.len() {
-                let gj = gd[j];
-                md[j] = b1 * md[j] + (1.0 - b1) * gj;
-                vd[j] = b2 * vd[j] + (1.0 - b2) * gj * gj;
-                pd[j] *= decay;
-                pd[j] -= step_size * md[j] / (vd[j].sqrt() / bc2_sqrt + eps);
-            }
+            let decay = s.decay(p.shapes[i].len());
+            adamw_update(
+                &mut p.data[i],
+                &g.data[i],
+                &mut self.m.data[i],
+                &mut self.v.data[i],
+                decay,
+                &s,
+            );
         }
+    }
+}
+
+/// The f32 scalars of AdamW update number `t` (1-based) at learning rate `lr`.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub b1: f32,
+    pub b2: f32,
+    /// `lr / (1 − β1ᵗ)`.
+    pub step_size: f32,
+    /// `√(1 − β2ᵗ)`.
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    /// `1 − lr·weight_decay`.
+    pub matrix_decay: f32,
+}
+
+impl AdamWStep {
+    pub fn new(c: &AdamWConfig, t: u64, lr: f64) -> AdamWStep {
+        let bc1 = 1.0 - c.beta1.powi(t as i32);
+        let bc2 = 1.0 - c.beta2.powi(t as i32);
+        AdamWStep {
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            step_size: (lr / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: c.eps as f32,
+            matrix_decay: 1.0 - (lr * c.weight_decay) as f32,
+        }
+    }
+    /// The decay factor of a tensor with `ndim` dimensions (matrices only are decayed).
+    pub fn decay(&self, ndim: usize) -> f32 {
+        if ndim >= 2 {
+            self.matrix_decay
+        } else {
+            1.0
+        }
+    }
+}
+
+/// One AdamW update of one tensor `p` with gradient `g` and moments `m`, `v` (see the module
+/// docs); every optimizer of the trainer (full weights, LoRA adapters) runs this.
+pub fn adamw_update(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    decay: f32,
+    s: &AdamWStep,
+) {
+    let (b1, b2) = (s.b1, s.b2);
+    for j in 0..p.len() {
+        let gj = g[j];
+        m[j] = b1 * m[j] + (1.0 - b1) * gj;
+        v[j] = b2 * v[j] + (1.0 - b2) * gj * gj;
+        p[j] *= decay;
+        p[j] -= s.step_size * m[j] / (v[j].sqrt() / s.bc2_sqrt + s.eps);
     }
 }
 

@@ -28,6 +28,8 @@ pub struct BatchArgs {
     cmd: Option<BatchCmd>,
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    lora: super::lora::LoraArg,
     /// Requests, one JSON object a line: `id` and one of `prompt`, `messages`, `prompt_ids`,
     /// optionally overriding any generation flag (`steps`, `gen_length`, `temperature`, ...).
     #[arg(long)]
@@ -245,7 +247,8 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
         std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
     }
 
-    let opened = Opened::open(&a.model.spec()?)?;
+    let mut opened = Opened::open(&a.model.spec()?)?;
+    a.lora.apply(&mut opened)?;
     opened.apply_ids(&mut base);
     let text = std::fs::read_to_string(&input)
         .with_context(|| format!("reading the input file {}", input.display()))?;

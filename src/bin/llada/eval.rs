@@ -18,6 +18,8 @@ use super::ModelArgs;
 pub struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    lora: super::lora::LoraArg,
     /// JSON lines: {"context": str, "choices": [str, ...], "answer": index or choice text}.
     #[arg(long)]
     tasks: PathBuf,
@@ -80,7 +82,8 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
     if let Some(n) = a.limit {
         items.truncate(n);
     }
-    let opened = Opened::open(&a.model.spec()?)?;
+    let mut opened = Opened::open(&a.model.spec()?)?;
+    a.lora.apply(&mut opened)?;
     let tok = opened
         .tokenizer
         .as_ref()

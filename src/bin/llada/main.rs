@@ -20,6 +20,7 @@ use llada::sampler::{Decode, GenerateParams, Progress};
 mod eval;
 mod grad;
 mod loglik;
+mod lora;
 mod train;
 
 #[derive(Parser)]
@@ -54,6 +55,8 @@ enum Cmd {
     Train(train::TrainArgs),
     /// Write the masked-token loss and every parameter's gradient (f32) to a safetensors file.
     Grad(grad::GradArgs),
+    /// Merge a PEFT LoRA adapter into a model and write the merged Hugging Face folder.
+    MergeLora(lora::MergeLoraArgs),
 }
 
 #[derive(Args, Clone)]
@@ -124,6 +127,8 @@ pub(crate) struct GenFlags {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    lora: lora::LoraArg,
     /// Prompt text (tokenized with the model's tokenizer).
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -147,6 +152,8 @@ struct GenerateArgs {
 struct ForwardArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    lora: lora::LoraArg,
     /// Token ids, comma separated.
     #[arg(long)]
     ids: String,
@@ -204,6 +211,7 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => eval::cmd_eval(a),
         Cmd::Train(a) => train::cmd_train(a),
         Cmd::Grad(a) => grad::cmd_grad(a),
+        Cmd::MergeLora(a) => lora::cmd_merge_lora(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -241,7 +249,8 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
 
 fn cmd_forward(a: ForwardArgs) -> Result<()> {
     let ids = engine::parse_ids(&a.ids)?;
-    let opened = Opened::open(&a.model.spec()?)?;
+    let mut opened = Opened::open(&a.model.spec()?)?;
+    a.lora.apply(&mut opened)?;
     let device: DeviceChoice = a.device.parse()?;
     let (mut eng, notice) = engine::load(&opened, device)?;
     if let Some(n) = notice {
@@ -266,7 +275,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         "text" => false,
         f => bail!("unknown --format {f:?}: expected text or json"),
     };
-    let opened = Opened::open(&a.model.spec()?)?;
+    let mut opened = Opened::open(&a.model.spec()?)?;
+    a.lora.apply(&mut opened)?;
     let prompts: Vec<Vec<u32>> = if let Some(text) = &a.prompt {
         let tok = opened
             .tokenizer
