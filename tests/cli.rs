@@ -356,3 +356,46 @@ fn bad_input_is_a_clear_error() {
     );
     assert!(!out.exists());
 }
+
+/// `llada grad` takes `--device` like every command: `cpu` equals the default (the CPU
+/// reference), and `cuda` without a usable GPU is a clear error, not a silent CPU run.
+#[test]
+fn grad_takes_device() {
+    let dir = tmpdir("grad-device");
+    let model = fixture("f32");
+    let grad = |device: Option<&str>, out: &str| -> Output {
+        let mut c = llada();
+        c.args([
+            "grad",
+            "--model",
+            model.to_str().unwrap(),
+            "--ids",
+            "5,17,42,99",
+        ])
+        .args(["--masked", "1,3", "--p-mask", "0.5", "--out"])
+        .arg(dir.join(out));
+        if let Some(d) = device {
+            c.args(["--device", d]);
+        }
+        run(&mut c)
+    };
+    assert!(grad(None, "a.st").status.success());
+    assert!(grad(Some("cpu"), "b.st").status.success());
+    assert_eq!(
+        std::fs::read(dir.join("a.st")).unwrap(),
+        std::fs::read(dir.join("b.st")).unwrap()
+    );
+    if llada::device::cuda_available().is_err() {
+        let o = grad(Some("cuda"), "c.st");
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("--device cuda"), "{e}");
+    } else {
+        eprintln!(
+            "note: a GPU is present; `llada grad --device cuda` is compared in tests/cuda_train.rs"
+        );
+    }
+    let o = grad(Some("tpu"), "d.st");
+    assert!(!o.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,14 +1,17 @@
 //! `llada grad`: the pretraining loss of one sequence with given masked positions, and the
-//! gradient of every parameter (f32), for parity debugging against PyTorch autograd.
+//! gradient of every parameter (f32), for parity debugging against PyTorch autograd; on the CPU
+//! reference or (`--device cuda`) the CUDA training step.
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::Args;
 
 use llada::checkpoint::{write_safetensors, HostTensor};
+use llada::device::DeviceChoice;
 use llada::dtype::DType;
 use llada::engine::{self, Opened};
+use llada::train::cuda::{self, CudaOps, DeviceParams};
 use llada::train::loss::fixed_mask_batch;
 use llada::train::model::{forward_backward, Params};
 
@@ -31,6 +34,10 @@ pub struct GradArgs {
     /// Output safetensors file: `loss` (f32 [1]) and one f32 gradient per checkpoint tensor.
     #[arg(long)]
     out: PathBuf,
+    /// auto | cpu | cuda | cuda:N. auto means the CPU (the f32 reference); cuda runs the CUDA
+    /// training step (f32).
+    #[arg(long, default_value = "auto")]
+    device: String,
 }
 
 pub fn cmd_grad(a: GradArgs) -> Result<()> {
@@ -47,7 +54,21 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
     let params = Params::<f32>::from_checkpoint(cfg, &opened.ckpt)?;
     let batch = fixed_mask_batch(&ids, &masked, a.p_mask, cfg.mask_token_id)?;
     let mut grad = Params::<f32>::zeros(cfg);
-    let loss = forward_backward(cfg, &params, &batch, &mut grad)?;
+    let loss = match a.device.parse::<DeviceChoice>()? {
+        DeviceChoice::Cpu | DeviceChoice::Auto => {
+            forward_backward(cfg, &params, &batch, &mut grad)?
+        }
+        DeviceChoice::Cuda(i) => {
+            llada::device::cuda_available()
+                .map_err(|e| anyhow!("--device {}: CUDA unavailable: {e}", a.device))?;
+            let ops = CudaOps::new(i)?;
+            let dp = DeviceParams::upload(&ops, &params)?;
+            let mut dg = DeviceParams::upload(&ops, &grad)?;
+            let loss = cuda::forward_backward(&ops, cfg, &dp, &batch, &mut dg)?;
+            grad = dg.download(&ops)?;
+            loss
+        }
+    };
     let mut out: Vec<HostTensor> = vec![("loss".into(), DType::F32, vec![1], vec![loss as f32])];
     for i in 0..grad.data.len() {
         out.push((

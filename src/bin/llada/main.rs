@@ -51,9 +51,12 @@ enum Cmd {
     Loglik(loglik::LoglikArgs),
     /// Multiple-choice evaluation (lm-eval-harness scoring) from a JSON-lines file.
     Eval(eval::EvalArgs),
-    /// Train (pretraining or SFT, CPU) and save Hugging Face checkpoints.
+    /// Train (pretraining or SFT) and save Hugging Face checkpoints: on the CPU (f32 reference;
+    /// the default, --device auto|cpu) or a CUDA GPU (--device cuda|cuda:N, f32 or --precision
+    /// bf16), data parallel over several processes when RANK/WORLD_SIZE or srun give ranks.
     Train(train::TrainArgs),
-    /// Write the masked-token loss and every parameter's gradient (f32) to a safetensors file.
+    /// Write the masked-token loss and every parameter's gradient (f32) to a safetensors file
+    /// (CPU reference, or --device cuda).
     Grad(grad::GradArgs),
     /// Merge a PEFT LoRA adapter into a model and write the merged Hugging Face folder.
     MergeLora(lora::MergeLoraArgs),
