@@ -391,28 +391,20 @@ impl LoraAdamW {
         let mut o = LoraAdamW::new(cfg, ad);
         o.t = t;
         for (prefix, st) in [("exp_avg", &mut o.m), ("exp_avg_sq", &mut o.v)] {
-            for (n, _, _, _) in ad.tensors() {
-                let v = get(&format!("{prefix}.{n}"))?;
-                let module = n.strip_prefix(super::PEFT_PREFIX).and_then(|x| {
-                    x.strip_suffix(".lora_A.weight")
-                        .or(x.strip_suffix(".lora_B.weight"))
-                });
-                let (Some(module), Some(is_a)) = (module, Some(n.ends_with(".lora_A.weight")))
-                else {
-                    bail!("LoRA optimizer state: unexpected tensor {n}");
-                };
-                let Some((a, b)) = st.modules.get_mut(module) else {
-                    bail!("LoRA optimizer state: unknown module {module}");
-                };
-                let dst = if is_a { a } else { b };
-                if v.len() != dst.len() {
-                    bail!(
-                        "LoRA optimizer state: {prefix}.{n} holds {} values, expected {}",
-                        v.len(),
-                        dst.len()
-                    );
+            for (module, (a, b)) in st.modules.iter_mut() {
+                for (part, dst) in [("A", a), ("B", b)] {
+                    let name =
+                        format!("{prefix}.{}{module}.lora_{part}.weight", super::PEFT_PREFIX);
+                    let v = get(&name)?;
+                    if v.len() != dst.len() {
+                        bail!(
+                            "LoRA optimizer state: {name} holds {} values, expected {}",
+                            v.len(),
+                            dst.len()
+                        );
+                    }
+                    dst.copy_from_slice(&v);
                 }
-                dst.copy_from_slice(&v);
             }
         }
         Ok(o)
