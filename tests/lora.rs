@@ -831,6 +831,24 @@ fn merge_lora_folder_runs_like_lora_at_load() {
     let (x, y) = (batch(&with_lora, "b1.jsonl"), batch(&on_merged, "b2.jsonl"));
     assert!(x["ids"].is_array(), "{x}");
     assert_eq!(x["ids"], y["ids"]);
+    // Sharded output (a tiny shard limit) holds the same tensors as the single file.
+    let sharded = dir.join("sharded");
+    let cfg = ModelConfig::from_file(&base.join("config.json")).unwrap();
+    let mut o = Opened::open(&ModelSpec::Dir(base.clone())).unwrap();
+    o.apply_lora(&adir).unwrap();
+    llada::lora::write_merged_folder(&base, &cfg, &o.ckpt, &sharded, 100_000).unwrap();
+    assert!(sharded.join("model.safetensors.index.json").is_file());
+    assert!(!sharded.join("model.safetensors").exists());
+    let a = Checkpoint::open(&sharded, &cfg).unwrap();
+    let b = Checkpoint::open(&merged, &cfg).unwrap();
+    assert!(a.files().len() > 2, "{} shards", a.files().len());
+    for (name, _) in llada::checkpoint::expected_tensors(&cfg) {
+        assert_eq!(
+            a.read_f32(&name).unwrap(),
+            b.read_f32(&name).unwrap(),
+            "{name}"
+        );
+    }
     // Refuses to write into its input, and names a bad adapter.
     let o = llada(&[
         "merge-lora",
@@ -1020,6 +1038,16 @@ fn hostile_adapters_get_clear_errors() {
     )
     .unwrap();
     assert!(open_err(&d, &cfg).contains("malformed JSON"));
+    std::fs::write(
+        d.join(ADAPTER_CONFIG),
+        "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 1e999}",
+    )
+    .unwrap();
+    let e = open_err(&d, &cfg);
+    assert!(
+        e.contains(ADAPTER_CONFIG) && e.contains("out of range"),
+        "{e}"
+    );
     let d = root.join("link");
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(d.join(ADAPTER_CONFIG), good_config().to_string()).unwrap();

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
 
 use llada::engine::{ModelSpec, Opened};
@@ -44,14 +44,6 @@ pub struct MergeLoraArgs {
 }
 
 pub fn cmd_merge_lora(a: MergeLoraArgs) -> Result<()> {
-    if a.out.join("model.safetensors").exists()
-        || a.out.join("model.safetensors.index.json").exists()
-    {
-        eprintln!("note: overwriting the weights in {}", a.out.display());
-    }
-    if a.out == a.model {
-        bail!("--out must differ from --model");
-    }
     let mut opened = Opened::open(&ModelSpec::Dir(a.model.clone()))?;
     let summary = opened.apply_lora(&a.lora)?;
     eprintln!("{summary}");
