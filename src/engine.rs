@@ -95,6 +95,16 @@ pub trait Engine {
         decode: &Decode,
         progress: Option<&mut dyn FnMut(Progress)>,
     ) -> Result<GenerateOutput>;
+    /// [`Engine::generate`] with `observe` called before every forward pass with the current
+    /// tokens `[b·t]`, `b` and `t`; an error from it aborts the generation with that error. The
+    /// server streams committed blocks and cancels abandoned requests through it.
+    fn generate_observed(
+        &mut self,
+        prompts: &[Vec<u32>],
+        params: &GenerateParams,
+        decode: &Decode,
+        observe: &mut Observer<'_>,
+    ) -> Result<GenerateOutput>;
     /// Full logits `[T, V]` (f32 values of the compute dtype) for one unpadded sequence.
     fn forward_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
     /// Wait for queued device work.
@@ -150,6 +160,26 @@ impl<B: Backend> Engine for EngineImpl<B> {
             sampler::generate(&mut pred, prompts, &p, progress)
         } else {
             sampler::generate_fast(&mut pred, prompts, &p, decode, progress)
+        }
+    }
+    fn generate_observed(
+        &mut self,
+        prompts: &[Vec<u32>],
+        params: &GenerateParams,
+        decode: &Decode,
+        observe: &mut Observer<'_>,
+    ) -> Result<GenerateOutput> {
+        check_ids(&self.model.cfg, prompts.iter().flatten().copied())?;
+        let mut p = params.clone();
+        p.logits_dtype = self.model.backend.compute_dtype();
+        let mut pred = Observed {
+            inner: ModelPredictor::new(&self.model),
+            observe,
+        };
+        if decode.is_plain() {
+            sampler::generate(&mut pred, prompts, &p, None)
+        } else {
+            sampler::generate_fast(&mut pred, prompts, &p, decode, None)
         }
     }
     fn forward_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
@@ -228,6 +258,34 @@ impl<B: Backend> Engine for EngineImpl<B> {
         be.synchronize()?;
         let s = t0.elapsed().as_secs_f64() / iters as f64;
         Ok(Some(2.0 * (n * k * m) as f64 / s / 1e12))
+    }
+}
+
+/// What [`Engine::generate_observed`] calls before every forward pass: the current tokens
+/// `[b·t]`, `b` and `t`.
+pub type Observer<'a> = dyn FnMut(&[u32], usize, usize) -> Result<()> + 'a;
+
+/// A predictor that shows `observe` the tokens of every request before passing it on.
+struct Observed<'o, P> {
+    inner: P,
+    observe: &'o mut Observer<'o>,
+}
+
+impl<P: sampler::Predictor> sampler::Predictor for Observed<'_, P> {
+    fn predict(&mut self, req: &sampler::PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+        (self.observe)(req.x, req.b, req.t)?;
+        self.inner.predict(req, out)
+    }
+}
+
+impl<P: sampler::SpanPredictor> sampler::SpanPredictor for Observed<'_, P> {
+    fn predict_span(
+        &mut self,
+        req: &sampler::SpanRequest<'_>,
+        out: &mut [(u32, f32)],
+    ) -> Result<()> {
+        (self.observe)(req.x, req.b, req.t)?;
+        self.inner.predict_span(req, out)
     }
 }
 

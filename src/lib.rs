@@ -11,6 +11,7 @@
 //! - [`batch`]: offline JSONL batch generation (sharding, bucketing, resume, merge).
 //! - [`loglik`] and [`eval`]: upstream's Monte-Carlo log-likelihood (ELBO) and lm-eval-style
 //!   multiple-choice scoring over a [`loglik::Scorer`].
+//! - [`serve`]: `llada serve`, the OpenAI-compatible HTTP server.
 
 pub mod backend;
 pub mod batch;
@@ -27,5 +28,6 @@ pub mod nvtx;
 pub mod presets;
 pub mod rng;
 pub mod sampler;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;

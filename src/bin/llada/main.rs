@@ -20,6 +20,7 @@ use llada::sampler::{Decode, GenerateParams, Progress};
 mod eval;
 mod grad;
 mod loglik;
+mod serve;
 mod train;
 
 #[derive(Parser)]
@@ -52,6 +53,9 @@ enum Cmd {
     Eval(eval::EvalArgs),
     /// Train (pretraining or SFT, CPU) and save Hugging Face checkpoints.
     Train(train::TrainArgs),
+    /// OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models,
+    /// /v1/loglikelihood, /health, /metrics.
+    Serve(serve::ServeArgs),
     /// Write the masked-token loss and every parameter's gradient (f32) to a safetensors file.
     Grad(grad::GradArgs),
 }
@@ -204,6 +208,7 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => eval::cmd_eval(a),
         Cmd::Train(a) => train::cmd_train(a),
         Cmd::Grad(a) => grad::cmd_grad(a),
+        Cmd::Serve(a) => serve::cmd_serve(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
