@@ -717,27 +717,60 @@ fn sigterm_drains_in_flight() {
     assert!(TcpStream::connect(&srv.addr).is_err());
 }
 
+/// Whether `python3` can import `module`; without it the caller skips (printing why), unless
+/// `LLADA_REQUIRE_PY=1` (CI), which turns the skip into a failure.
+fn python_has(module: &str) -> bool {
+    let require = std::env::var("LLADA_REQUIRE_PY").is_ok_and(|v| v == "1");
+    let probe = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output();
+    let why = match probe {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => format!(
+            "`import {module}` fails: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("no python3: {e}"),
+    };
+    assert!(!require, "LLADA_REQUIRE_PY=1 but {why}");
+    eprintln!("SKIP: {why}");
+    false
+}
+
+/// lm-evaluation-harness through the `llada` model (python/llada_lm_eval) on local tasks: a
+/// multiple-choice task equals `llada eval`, a generation task equals `llada generate`.
+#[test]
+fn lm_eval_harness_equals_cli() {
+    if !python_has("lm_eval") {
+        return;
+    }
+    let srv = Server::folder(&[]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let work = std::env::temp_dir().join(format!("llada-serve-lmeval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let out = Command::new("python3")
+        .arg(root.join("tests/lm_eval_local.py"))
+        .arg(env!("CARGO_BIN_EXE_llada"))
+        .arg(tiny_dir())
+        .arg(format!("http://{}", srv.addr))
+        .arg(&work)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lm-eval: ok"));
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 /// The unmodified `openai` Python client: complete, chat and stream.
 #[test]
 fn openai_python_client() {
-    let require = std::env::var("LLADA_REQUIRE_PY").is_ok_and(|v| v == "1");
-    let probe = Command::new("python3")
-        .args(["-c", "import openai"])
-        .output();
-    match probe {
-        Ok(o) if o.status.success() => {}
-        Ok(o) if !require => {
-            eprintln!(
-                "SKIP: the openai Python package is not importable: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            );
-            return;
-        }
-        Err(e) if !require => {
-            eprintln!("SKIP: no python3: {e}");
-            return;
-        }
-        other => panic!("LLADA_REQUIRE_PY=1 but `import openai` fails: {other:?}"),
+    if !python_has("openai") {
+        return;
     }
     let srv = Server::folder(&["--api-key", "k"]);
     let cli = generate_cli(&["--prompt", "Hello world"]);
