@@ -15,6 +15,7 @@
 
 pub mod backend;
 pub mod batch;
+pub mod batch_openai;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
