@@ -35,6 +35,19 @@ pub struct Opened {
     /// The tokenizer, when the folder has one (presets: `tiny` carries a tiny one).
     pub tokenizer: Option<Tokenizer>,
     pub label: String,
+    /// The dtype to compute in (`--dtype`); `None`: the checkpoint's ([`Checkpoint::dtype`]).
+    pub compute: Option<DType>,
+}
+
+/// `--dtype auto|bf16|f32`: the compute dtype, like transformers' `torch_dtype` (`auto` = the
+/// checkpoint's). Weights are converted while loading ([`crate::checkpoint::cast_source`]).
+pub fn parse_compute_dtype(s: &str) -> Result<Option<DType>> {
+    match s {
+        "auto" => Ok(None),
+        "bf16" | "bfloat16" => Ok(Some(DType::BF16)),
+        "f32" | "float32" => Ok(Some(DType::F32)),
+        _ => bail!("unknown --dtype {s:?}: expected auto, bf16 or f32"),
+    }
 }
 
 impl Opened {
@@ -54,6 +67,7 @@ impl Opened {
                     ckpt,
                     tokenizer,
                     label: dir.display().to_string(),
+                    compute: None,
                 })
             }
             ModelSpec::Preset { name, seed } => {
@@ -64,6 +78,7 @@ impl Opened {
                     ckpt,
                     tokenizer: None,
                     label: format!("preset {name} (random weights, seed {seed})"),
+                    compute: None,
                 })
             }
         }
@@ -316,16 +331,24 @@ pub fn load(opened: &Opened, choice: DeviceChoice) -> Result<(Box<dyn Engine>, O
             {
                 bail!("the {} preset is too large for the CPU reference backend (it would materialise its random weights); use --device cuda or the tiny preset", opened.label);
             }
-            let backend = CpuBackend::new(opened.ckpt.dtype());
+            let compute = opened.compute.unwrap_or(opened.ckpt.dtype());
+            let backend = CpuBackend::new(compute);
             let threads = rayon::current_num_threads();
-            let model = Model::load(backend, opened.cfg.clone(), get)
+            let cast = |name: &str| {
+                let src = opened.ckpt.get(name)?;
+                Ok(crate::checkpoint::cast_source(src, compute))
+            };
+            let model = Model::load(backend, opened.cfg.clone(), cast)
                 .with_context(|| format!("loading {} on the CPU", opened.label))?;
             Box::new(EngineImpl {
                 model,
-                device: format!("cpu ({threads} threads, {} compute)", opened.ckpt.dtype()),
+                device: format!("cpu ({threads} threads, {compute} compute)"),
             })
         }
         Resolved::Cuda(i) => {
+            if let Some(d) = opened.compute.filter(|&d| d != DType::BF16) {
+                bail!("--dtype {d}: the CUDA backend computes in bf16 only (every checkpoint dtype is converted to bf16 at load); use --dtype bf16/auto, or --device cpu for {d}");
+            }
             let backend = CudaBackend::new(i)?;
             let name = format!("{} (cuda:{i})", backend.device_name());
             let model = Model::load(backend, opened.cfg.clone(), get)

@@ -14,7 +14,7 @@ use clap::{Args, Subcommand};
 use llada::batch::{self, GenOptions, LineError, OutputLog, ParseContext, RunOptions, Shard};
 use llada::batch_openai::OpenAiBatch;
 use llada::device::DeviceChoice;
-use llada::engine::{self, Opened};
+use llada::engine;
 use llada::sampler::GenerateParams;
 
 use super::ModelArgs;
@@ -251,7 +251,7 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
         std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
     }
 
-    let opened = Opened::open(&a.model.spec()?)?;
+    let opened = a.model.open()?;
     opened.apply_ids(&mut base);
     let text = std::fs::read_to_string(&input)
         .with_context(|| format!("reading the input file {}", input.display()))?;

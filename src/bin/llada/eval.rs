@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use llada::device::DeviceChoice;
-use llada::engine::{self, Opened};
+use llada::engine;
 use llada::eval::{self, EvalParams};
 use llada::loglik::LoglikParams;
 
@@ -80,7 +80,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
     if let Some(n) = a.limit {
         items.truncate(n);
     }
-    let opened = Opened::open(&a.model.spec()?)?;
+    let opened = a.model.open()?;
     let tok = opened
         .tokenizer
         .as_ref()

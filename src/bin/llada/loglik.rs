@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use llada::device::DeviceChoice;
-use llada::engine::{self, Opened};
+use llada::engine;
 use llada::eval::encode_pair;
 use llada::loglik::{self, LoglikParams};
 
@@ -66,7 +66,7 @@ pub fn cmd_loglik(a: LoglikArgs) -> Result<()> {
         seed: a.seed,
     };
     params.validate()?;
-    let opened = Opened::open(&a.model.spec()?)?;
+    let opened = a.model.open()?;
     let (prompt, answer) = match (&a.prompt, &a.answer, &a.prompt_ids, &a.answer_ids) {
         (Some(p), Some(ans), None, None) => {
             let tok = opened.tokenizer.as_ref().context(

@@ -57,7 +57,7 @@ pub struct ServeArgs {
 pub fn cmd_serve(a: ServeArgs) -> Result<()> {
     let device: DeviceChoice = a.device.parse()?;
     let spec = a.model.spec()?;
-    let mut opened = Opened::open(&spec)?;
+    let mut opened = a.model.open()?;
     let name = match (&a.served_model_name, &spec) {
         (Some(n), _) => n.clone(),
         (None, ModelSpec::Dir(d)) => d
