@@ -709,6 +709,9 @@ pub struct OutputLog {
     pub done: HashSet<String>,
     /// Bytes of a torn last line that opening cut off (0 when the file ended cleanly).
     pub truncated: usize,
+    /// Rewrites each record before it is written (the OpenAI batch format,
+    /// [`crate::batch_openai`]); it must keep the record's `id`.
+    pub wrap: Option<crate::batch_openai::RecordWrap>,
 }
 
 impl OutputLog {
@@ -754,13 +757,15 @@ impl OutputLog {
             path: path.to_path_buf(),
             done,
             truncated,
+            wrap: None,
         })
     }
 
     /// Append one record as one whole line: a single `write` of the serialized line and its
     /// newline, then a flush.
     pub fn append(&mut self, record: &Value) -> Result<()> {
-        let mut line = serde_json::to_vec(record)?;
+        let wrapped = self.wrap.as_ref().map(|w| w(record));
+        let mut line = serde_json::to_vec(wrapped.as_ref().unwrap_or(record))?;
         line.push(b'\n');
         self.file
             .write_all(&line)

@@ -129,6 +129,42 @@ impl WeightSource {
     }
 }
 
+/// `src` as a source of `to` values (`--dtype`): the values the checkpoint holds, rounded to
+/// `to`. A mapped tensor stays mapped (no host copy of a whole checkpoint): every backend decodes
+/// any stored dtype and rounds it to its compute dtype while uploading, which is this same
+/// rounding. Random and host tensors become host tensors already in `to`; constants are rounded.
+pub fn cast_source(src: &WeightSource, to: DType) -> WeightSource {
+    if src.dtype() == to {
+        return src.clone();
+    }
+    match src {
+        WeightSource::Mapped { .. } => src.clone(),
+        WeightSource::Const {
+            value,
+            dtype,
+            shape,
+            name,
+        } => WeightSource::Const {
+            value: to.round(dtype.round(*value)),
+            dtype: to,
+            shape: shape.clone(),
+            name: name.clone(),
+        },
+        WeightSource::Random { shape, name, .. } | WeightSource::Host { shape, name, .. } => {
+            let n = src.numel();
+            let mut data = vec![0f32; n];
+            src.read_range(0, n, &mut data);
+            to.round_slice(&mut data);
+            WeightSource::Host {
+                data: Arc::new(data),
+                dtype: to,
+                shape: shape.clone(),
+                name: name.clone(),
+            }
+        }
+    }
+}
+
 /// Name of the token embedding, `[V, C]`.
 pub const WTE: &str = "model.transformer.wte.weight";
 /// Name of the final RMSNorm weight, `[C]`.

@@ -35,6 +35,19 @@ pub struct Opened {
     /// The tokenizer, when the folder has one (presets: `tiny` carries a tiny one).
     pub tokenizer: Option<Tokenizer>,
     pub label: String,
+    /// The dtype to compute in (`--dtype`); `None`: the checkpoint's ([`Checkpoint::dtype`]).
+    pub compute: Option<DType>,
+}
+
+/// `--dtype auto|bf16|f32`: the compute dtype, like transformers' `torch_dtype` (`auto` = the
+/// checkpoint's). Weights are converted while loading ([`crate::checkpoint::cast_source`]).
+pub fn parse_compute_dtype(s: &str) -> Result<Option<DType>> {
+    match s {
+        "auto" => Ok(None),
+        "bf16" | "bfloat16" => Ok(Some(DType::BF16)),
+        "f32" | "float32" => Ok(Some(DType::F32)),
+        _ => bail!("unknown --dtype {s:?}: expected auto, bf16 or f32"),
+    }
 }
 
 impl Opened {
@@ -54,6 +67,7 @@ impl Opened {
                     ckpt,
                     tokenizer,
                     label: dir.display().to_string(),
+                    compute: None,
                 })
             }
             ModelSpec::Preset { name, seed } => {
@@ -64,6 +78,7 @@ impl Opened {
                     ckpt,
                     tokenizer: None,
                     label: format!("preset {name} (random weights, seed {seed})"),
+                    compute: None,
                 })
             }
         }
@@ -105,6 +120,16 @@ pub trait Engine {
         params: &GenerateParams,
         decode: &Decode,
         progress: Option<&mut dyn FnMut(Progress)>,
+    ) -> Result<GenerateOutput>;
+    /// [`Engine::generate`] with `observe` called before every forward pass with the current
+    /// tokens `[b·t]`, `b` and `t`; an error from it aborts the generation with that error. The
+    /// server streams committed blocks and cancels abandoned requests through it.
+    fn generate_observed(
+        &mut self,
+        prompts: &[Vec<u32>],
+        params: &GenerateParams,
+        decode: &Decode,
+        observe: &mut Observer<'_>,
     ) -> Result<GenerateOutput>;
     /// Full logits `[T, V]` (f32 values of the compute dtype) for one unpadded sequence.
     fn forward_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
@@ -161,6 +186,26 @@ impl<B: Backend> Engine for EngineImpl<B> {
             sampler::generate(&mut pred, prompts, &p, progress)
         } else {
             sampler::generate_fast(&mut pred, prompts, &p, decode, progress)
+        }
+    }
+    fn generate_observed(
+        &mut self,
+        prompts: &[Vec<u32>],
+        params: &GenerateParams,
+        decode: &Decode,
+        observe: &mut Observer<'_>,
+    ) -> Result<GenerateOutput> {
+        check_ids(&self.model.cfg, prompts.iter().flatten().copied())?;
+        let mut p = params.clone();
+        p.logits_dtype = self.model.backend.compute_dtype();
+        let mut pred = Observed {
+            inner: ModelPredictor::new(&self.model),
+            observe,
+        };
+        if decode.is_plain() {
+            sampler::generate(&mut pred, prompts, &p, None)
+        } else {
+            sampler::generate_fast(&mut pred, prompts, &p, decode, None)
         }
     }
     fn forward_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
@@ -242,6 +287,34 @@ impl<B: Backend> Engine for EngineImpl<B> {
     }
 }
 
+/// What [`Engine::generate_observed`] calls before every forward pass: the current tokens
+/// `[b·t]`, `b` and `t`.
+pub type Observer<'a> = dyn FnMut(&[u32], usize, usize) -> Result<()> + 'a;
+
+/// A predictor that shows `observe` the tokens of every request before passing it on.
+struct Observed<'o, P> {
+    inner: P,
+    observe: &'o mut Observer<'o>,
+}
+
+impl<P: sampler::Predictor> sampler::Predictor for Observed<'_, P> {
+    fn predict(&mut self, req: &sampler::PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+        (self.observe)(req.x, req.b, req.t)?;
+        self.inner.predict(req, out)
+    }
+}
+
+impl<P: sampler::SpanPredictor> sampler::SpanPredictor for Observed<'_, P> {
+    fn predict_span(
+        &mut self,
+        req: &sampler::SpanRequest<'_>,
+        out: &mut [(u32, f32)],
+    ) -> Result<()> {
+        (self.observe)(req.x, req.b, req.t)?;
+        self.inner.predict_span(req, out)
+    }
+}
+
 fn check_ids(cfg: &ModelConfig, ids: impl Iterator<Item = u32>) -> Result<()> {
     for id in ids {
         if id as usize >= cfg.embedding_size {
@@ -269,16 +342,24 @@ pub fn load(opened: &Opened, choice: DeviceChoice) -> Result<(Box<dyn Engine>, O
             {
                 bail!("the {} preset is too large for the CPU reference backend (it would materialise its random weights); use --device cuda or the tiny preset", opened.label);
             }
-            let backend = CpuBackend::new(opened.ckpt.dtype());
+            let compute = opened.compute.unwrap_or(opened.ckpt.dtype());
+            let backend = CpuBackend::new(compute);
             let threads = rayon::current_num_threads();
-            let model = Model::load(backend, opened.cfg.clone(), get)
+            let cast = |name: &str| {
+                let src = opened.ckpt.get(name)?;
+                Ok(crate::checkpoint::cast_source(src, compute))
+            };
+            let model = Model::load(backend, opened.cfg.clone(), cast)
                 .with_context(|| format!("loading {} on the CPU", opened.label))?;
             Box::new(EngineImpl {
                 model,
-                device: format!("cpu ({threads} threads, {} compute)", opened.ckpt.dtype()),
+                device: format!("cpu ({threads} threads, {compute} compute)"),
             })
         }
         Resolved::Cuda(i) => {
+            if let Some(d) = opened.compute.filter(|&d| d != DType::BF16) {
+                bail!("--dtype {d}: the CUDA backend computes in bf16 only (every checkpoint dtype is converted to bf16 at load); use --dtype bf16/auto, or --device cpu for {d}");
+            }
             let backend = CudaBackend::new(i)?;
             let name = format!("{} (cuda:{i})", backend.device_name());
             let model = Model::load(backend, opened.cfg.clone(), get)

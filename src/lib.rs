@@ -12,9 +12,11 @@
 //! - [`lora`]: PEFT LoRA adapters (read, write, merge at load) and their training math.
 //! - [`loglik`] and [`eval`]: upstream's Monte-Carlo log-likelihood (ELBO) and lm-eval-style
 //!   multiple-choice scoring over a [`loglik::Scorer`].
+//! - [`serve`]: `llada serve`, the OpenAI-compatible HTTP server.
 
 pub mod backend;
 pub mod batch;
+pub mod batch_openai;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
@@ -29,5 +31,6 @@ pub mod nvtx;
 pub mod presets;
 pub mod rng;
 pub mod sampler;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;

@@ -12,8 +12,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use llada::batch::{self, GenOptions, LineError, OutputLog, ParseContext, RunOptions, Shard};
+use llada::batch_openai::OpenAiBatch;
 use llada::device::DeviceChoice;
-use llada::engine::{self, Opened};
+use llada::engine;
 use llada::sampler::GenerateParams;
 
 use super::ModelArgs;
@@ -167,10 +168,15 @@ fn report_errors(errs: &[LineError]) {
     }
 }
 
-fn write_errors(path: &std::path::Path, errs: &[LineError]) -> Result<()> {
+fn write_errors(
+    path: &std::path::Path,
+    errs: &[LineError],
+    oa: Option<&OpenAiBatch>,
+) -> Result<()> {
     let mut body = String::new();
     for e in errs {
-        body.push_str(&e.to_json().to_string());
+        let line = oa.map_or_else(|| e.to_json(), |b| b.error_line(e));
+        body.push_str(&line.to_string());
         body.push('\n');
     }
     batch::write_atomic(path, body.as_bytes())
@@ -247,16 +253,34 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
         std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
     }
 
-    let mut opened = Opened::open(&a.model.spec()?)?;
+    let mut opened = a.model.open()?;
     a.lora.apply(&mut opened)?;
     opened.apply_ids(&mut base);
     let text = std::fs::read_to_string(&input)
         .with_context(|| format!("reading the input file {}", input.display()))?;
+    // The OpenAI batch format (detected per file) is translated line for line.
+    let openai = llada::batch_openai::is_openai(&text).then(|| {
+        let eos = [Some(base.eos_id), base.eot_id]
+            .into_iter()
+            .flatten()
+            .collect();
+        std::rc::Rc::new(OpenAiBatch::translate(&text, eos))
+    });
+    let text = openai.as_ref().map_or(text, |b| b.text.clone());
     let ctx = ParseContext::new(&opened.cfg, opened.tokenizer.as_ref(), &defaults);
-    let parsed = batch::parse_input(&text, &ctx, shard.as_ref());
+    let mut parsed = batch::parse_input(&text, &ctx, shard.as_ref());
+    if let Some(b) = &openai {
+        let owned = |l: usize| shard.as_ref().map_or(true, |s| s.owns(l));
+        parsed
+            .errors
+            .extend(b.errors.iter().filter(|e| owned(e.line)).cloned());
+        parsed.lines_owned += b.errors.iter().filter(|e| owned(e.line)).count();
+        parsed.errors.sort_by_key(|e| e.line);
+    }
+    let oa = openai.as_deref();
     let mut errors = parsed.errors;
     report_errors(&errors);
-    write_errors(&errors_file, &errors)?;
+    write_errors(&errors_file, &errors, oa)?;
     if a.strict && !errors.is_empty() {
         bail!(
             "{} bad input lines (--strict); see {}",
@@ -266,6 +290,10 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
     }
 
     let mut log = OutputLog::open(&output)?;
+    if let Some(b) = &openai {
+        let b = b.clone();
+        log.wrap = Some(Box::new(move |r| b.result_line(r)));
+    }
     if log.truncated > 0 {
         eprintln!(
             "note: {}: cut off a torn last line ({} bytes) left by an interrupted run",
@@ -383,7 +411,7 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
         summary = res?;
         report_errors(&summary.failed);
         errors.extend(summary.failed.iter().cloned());
-        write_errors(&errors_file, &errors)?;
+        write_errors(&errors_file, &errors, oa)?;
     }
 
     let s = &summary;

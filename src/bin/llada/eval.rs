@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use llada::device::DeviceChoice;
-use llada::engine::{self, Opened};
+use llada::engine;
 use llada::eval::{self, EvalParams};
 use llada::loglik::LoglikParams;
 
@@ -82,7 +82,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
     if let Some(n) = a.limit {
         items.truncate(n);
     }
-    let mut opened = Opened::open(&a.model.spec()?)?;
+    let mut opened = a.model.open()?;
     a.lora.apply(&mut opened)?;
     let tok = opened
         .tokenizer

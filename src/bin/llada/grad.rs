@@ -49,6 +49,7 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
     if masked.is_empty() {
         bail!("--masked lists no positions");
     }
+    a.model.require_f32_compute("llada grad")?;
     let opened = Opened::open(&a.model.spec()?)?;
     let cfg = &opened.cfg;
     let params = Params::<f32>::from_checkpoint(cfg, &opened.ckpt)?;

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use llada::device::DeviceChoice;
-use llada::engine::{self, Opened};
+use llada::engine;
 use llada::eval::encode_pair;
 use llada::loglik::{self, LoglikParams};
 
@@ -68,7 +68,7 @@ pub fn cmd_loglik(a: LoglikArgs) -> Result<()> {
         seed: a.seed,
     };
     params.validate()?;
-    let mut opened = Opened::open(&a.model.spec()?)?;
+    let mut opened = a.model.open()?;
     a.lora.apply(&mut opened)?;
     let (prompt, answer) = match (&a.prompt, &a.answer, &a.prompt_ids, &a.answer_ids) {
         (Some(p), Some(ans), None, None) => {

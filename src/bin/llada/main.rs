@@ -21,6 +21,7 @@ mod eval;
 mod grad;
 mod loglik;
 mod lora;
+mod serve;
 mod train;
 
 #[derive(Parser)]
@@ -55,6 +56,9 @@ enum Cmd {
     /// the default, --device auto|cpu) or a CUDA GPU (--device cuda|cuda:N, f32 or --precision
     /// bf16), data parallel over several processes when RANK/WORLD_SIZE or srun give ranks.
     Train(train::TrainArgs),
+    /// OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models,
+    /// /v1/loglikelihood, /health, /metrics.
+    Serve(serve::ServeArgs),
     /// Write the masked-token loss and every parameter's gradient (f32) to a safetensors file
     /// (CPU reference, or --device cuda).
     Grad(grad::GradArgs),
@@ -73,9 +77,30 @@ struct ModelArgs {
     /// Seed of the preset's random weights.
     #[arg(long, default_value_t = 0)]
     weights_seed: u64,
+    /// Compute dtype: auto (the checkpoint's) | bf16 | f32; weights are converted at load
+    /// (CUDA computes in bf16 only).
+    #[arg(long, default_value = "auto")]
+    dtype: String,
 }
 
 impl ModelArgs {
+    /// Open the folder or preset with the `--dtype` choice.
+    fn open(&self) -> Result<Opened> {
+        let compute = engine::parse_compute_dtype(&self.dtype)?;
+        let mut opened = Opened::open(&self.spec()?)?;
+        opened.compute = compute;
+        Ok(opened)
+    }
+
+    /// For commands that compute in f32 whatever the checkpoint (training): `--dtype` must be
+    /// auto or f32.
+    fn require_f32_compute(&self, what: &str) -> Result<()> {
+        match engine::parse_compute_dtype(&self.dtype)? {
+            None | Some(DType::F32) => Ok(()),
+            Some(d) => bail!("--dtype {d}: {what} computes in f32 (see --precision)"),
+        }
+    }
+
     fn spec(&self) -> Result<ModelSpec> {
         match (&self.model, &self.preset) {
             (Some(dir), None) => Ok(ModelSpec::Dir(dir.clone())),
@@ -215,6 +240,7 @@ fn main() -> ExitCode {
         Cmd::Train(a) => train::cmd_train(a),
         Cmd::Grad(a) => grad::cmd_grad(a),
         Cmd::MergeLora(a) => lora::cmd_merge_lora(a),
+        Cmd::Serve(a) => serve::cmd_serve(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -226,7 +252,7 @@ fn main() -> ExitCode {
 }
 
 fn cmd_info(a: ModelArgs) -> Result<()> {
-    let opened = Opened::open(&a.spec()?)?;
+    let opened = a.open()?;
     let c = &opened.cfg;
     println!("model: {}", opened.label);
     println!(
@@ -239,6 +265,10 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
         c.mask_token_id, c.eos_token_id, c.pad_token_id
     );
     println!("weights dtype: {}", opened.ckpt.dtype());
+    println!(
+        "compute dtype: {}",
+        opened.compute.unwrap_or(opened.ckpt.dtype())
+    );
     if let Some(t) = &opened.tokenizer {
         println!(
             "tokenizer: {} entries, eot {:?}, bos {:?}",
@@ -252,7 +282,7 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
 
 fn cmd_forward(a: ForwardArgs) -> Result<()> {
     let ids = engine::parse_ids(&a.ids)?;
-    let mut opened = Opened::open(&a.model.spec()?)?;
+    let mut opened = a.model.open()?;
     a.lora.apply(&mut opened)?;
     let device: DeviceChoice = a.device.parse()?;
     let (mut eng, notice) = engine::load(&opened, device)?;
@@ -278,7 +308,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         "text" => false,
         f => bail!("unknown --format {f:?}: expected text or json"),
     };
-    let mut opened = Opened::open(&a.model.spec()?)?;
+    let mut opened = a.model.open()?;
     a.lora.apply(&mut opened)?;
     let prompts: Vec<Vec<u32>> = if let Some(text) = &a.prompt {
         let tok = opened

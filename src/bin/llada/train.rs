@@ -140,6 +140,7 @@ fn load_samples(
 }
 
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
+    a.model.require_f32_compute("llada train")?;
     let dist = if a.no_dist {
         None
     } else {
