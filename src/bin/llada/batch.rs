@@ -247,11 +247,16 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
 
     let opened = Opened::open(&a.model.spec()?)?;
     opened.apply_ids(&mut base);
-    let text = std::fs::read_to_string(&input)
-        .with_context(|| format!("reading the input file {}", input.display()))?;
+    // Take the output's lock first: nothing (not even the errors file) is written by a second
+    // run on the same output.
+    let mut log = OutputLog::open(&output)?;
+    let text = llada::fsio::read_input_text(&input, "--input", batch::MAX_INPUT_BYTES)?;
     let ctx = ParseContext::new(&opened.cfg, opened.tokenizer.as_ref(), &defaults);
     let parsed = batch::parse_input(&text, &ctx, shard.as_ref());
     let mut errors = parsed.errors;
+    let total_good = parsed.requests.len();
+    let (todo, skipped, changed) = batch::split_done(parsed.requests, &log);
+    errors.extend(changed);
     report_errors(&errors);
     write_errors(&errors_file, &errors)?;
     if a.strict && !errors.is_empty() {
@@ -262,7 +267,6 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
         );
     }
 
-    let mut log = OutputLog::open(&output)?;
     if log.truncated > 0 {
         eprintln!(
             "note: {}: cut off a torn last line ({} bytes) left by an interrupted run",
@@ -270,13 +274,6 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
             log.truncated
         );
     }
-    let total_good = parsed.requests.len();
-    let todo: Vec<_> = parsed
-        .requests
-        .into_iter()
-        .filter(|r| !log.done.contains(&r.id_key))
-        .collect();
-    let skipped = total_good - todo.len();
     eprintln!(
         "{}: {} lines, {} valid, {} bad, {} already done, {} to generate -> {}",
         input.display(),
