@@ -11,6 +11,8 @@ res=${1:-results}
 mkdir -p "$res"; res=$(cd "$res" && pwd)
 cd "$here"
 [ -f COMMIT ] && export LLADA_COMMIT="$(cat COMMIT)"
+# On the device NCCL must load: the data-parallel tests fail instead of printing SKIP.
+export LLADA_REQUIRE_NCCL=1
 
 GPU_CHECK_BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:---breakdown}" bash gpu-check.sh run "$res" 2>&1 | tee "$res/gpu-check.log" | tail -n 60
 

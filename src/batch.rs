@@ -519,6 +519,13 @@ fn parse_request(
     })
 }
 
+/// Longest input line accepted (a longer one is an error for that line only).
+pub const MAX_LINE_BYTES: usize = 16 << 20;
+/// Largest input file accepted (it is read whole).
+pub const MAX_INPUT_BYTES: u64 = 4 << 30;
+/// Largest result file `merge` reads.
+pub const MAX_RESULTS_BYTES: u64 = 16 << 30;
+
 /// Parse the JSONL `text`, keeping the lines `shard` owns (every line when `None`).
 ///
 /// Blank lines are skipped. Every line's `id` is read, owned or not, so a duplicate is found
@@ -537,19 +544,26 @@ pub fn parse_input(text: &str, ctx: &ParseContext<'_>, shard: Option<&Shard>) ->
             Some(s) => s.owns(line),
             None => true,
         };
-        let parsed: Result<Map<String, Value>, String> = match serde_json::from_str::<Value>(raw) {
-            Ok(Value::Object(o)) => Ok(o),
-            Ok(other) => Err(format!(
-                "expected a JSON object, got {}",
-                match other {
-                    Value::Array(_) => "an array",
-                    Value::String(_) => "a string",
-                    Value::Number(_) => "a number",
-                    Value::Bool(_) => "a boolean",
-                    _ => "null",
-                }
-            )),
-            Err(e) => Err(format!("invalid JSON: {e}")),
+        let parsed: Result<Map<String, Value>, String> = if raw.len() > MAX_LINE_BYTES {
+            Err(format!(
+                "the line has {} bytes, more than the {MAX_LINE_BYTES} an input line may have",
+                raw.len()
+            ))
+        } else {
+            match serde_json::from_str::<Value>(raw) {
+                Ok(Value::Object(o)) => Ok(o),
+                Ok(other) => Err(format!(
+                    "expected a JSON object, got {}",
+                    match other {
+                        Value::Array(_) => "an array",
+                        Value::String(_) => "a string",
+                        Value::Number(_) => "a number",
+                        Value::Bool(_) => "a boolean",
+                        _ => "null",
+                    }
+                )),
+                Err(e) => Err(format!("invalid JSON: {e}")),
+            }
         };
         let id = parsed.as_ref().ok().map(id_of);
         let mut dup_of = None;
@@ -707,6 +721,9 @@ pub struct OutputLog {
     path: PathBuf,
     /// `id` keys of the results already in the file.
     pub done: HashSet<String>,
+    /// The `params` recorded with each done `id` (`null` when the line has none), so a resumed
+    /// run can check them against its request ([`split_done`]).
+    pub done_params: HashMap<String, Value>,
     /// Bytes of a torn last line that opening cut off (0 when the file ended cleanly).
     pub truncated: usize,
     /// Rewrites each record before it is written (the OpenAI batch format,
@@ -719,12 +736,33 @@ impl OutputLog {
     /// `id`; its id counts as done. A last line without its newline (a write cut short by a
     /// killed process) is not a result: it is cut off here so the next append starts clean.
     pub fn open(path: &Path) -> Result<OutputLog> {
+        if crate::fsio::output_is_special(path) {
+            bail!(
+                "{}: the output must be a regular file (results are appended to it, locked and \
+                 resumed), not a directory, FIFO or device",
+                path.display()
+            );
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(path)
             .with_context(|| format!("opening the output file {}", path.display()))?;
+        // One writer per output: an advisory lock held as long as this log is open, so two runs
+        // on the same output (or shard) can never both generate the same ids.
+        // (`flock` through libc: `File::try_lock` needs Rust 1.89, above this crate's MSRV.)
+        crate::fsio::try_lock_exclusive(&file).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                anyhow::anyhow!(
+                    "{}: another llada batch is writing this output (it holds its lock); wait \
+                     for it or give another --output",
+                    path.display()
+                )
+            } else {
+                anyhow::anyhow!("locking the output file {}: {e}", path.display())
+            }
+        })?;
         let mut buf = Vec::new();
         file.read_to_end(&mut buf)
             .with_context(|| format!("reading {}", path.display()))?;
@@ -736,12 +774,14 @@ impl OutputLog {
             file.seek(SeekFrom::End(0))?;
         }
         let mut done = HashSet::new();
+        let mut done_params = HashMap::new();
         for (i, line) in buf[..complete].split(|&b| b == b'\n').enumerate() {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let key = serde_json::from_slice::<Value>(line)
-                .ok()
+            let v = serde_json::from_slice::<Value>(line).ok();
+            let key = v
+                .as_ref()
                 .and_then(|v| v.get("id").map(Value::to_string))
                 .with_context(|| {
                     format!(
@@ -750,12 +790,19 @@ impl OutputLog {
                         i + 1
                     )
                 })?;
+            let params = v
+                .as_ref()
+                .and_then(|v| v.get("params"))
+                .cloned()
+                .unwrap_or(Value::Null);
+            done_params.insert(key.clone(), params);
             done.insert(key);
         }
         Ok(OutputLog {
             file,
             path: path.to_path_buf(),
             done,
+            done_params,
             truncated,
             wrap: None,
         })
@@ -779,6 +826,38 @@ impl OutputLog {
             .sync_data()
             .with_context(|| format!("syncing {}", self.path.display()))
     }
+}
+
+/// Split `requests` for a resumed run: those still to generate, the number already done with
+/// the same parameters, and an error for each request whose id is done with different recorded
+/// parameters (a changed request is reported, neither silently trusted nor generated twice).
+pub fn split_done(
+    requests: Vec<Request>,
+    log: &OutputLog,
+) -> (Vec<Request>, usize, Vec<LineError>) {
+    let mut todo = Vec::with_capacity(requests.len());
+    let (mut same, mut changed) = (0, Vec::new());
+    for r in requests {
+        if !log.done.contains(&r.id_key) {
+            todo.push(r);
+            continue;
+        }
+        let want = r.opts.to_json();
+        match log.done_params.get(&r.id_key) {
+            Some(got) if *got == want => same += 1,
+            got => changed.push(LineError {
+                line: r.line,
+                id: Some(r.id.clone()),
+                message: format!(
+                    "id already done in {} with parameters {} but this request asks {want}; \
+                     not regenerated (remove that line, or use another --output)",
+                    log.path.display(),
+                    got.unwrap_or(&Value::Null)
+                ),
+            }),
+        }
+    }
+    (todo, same, changed)
 }
 
 /// Requests grouped by generation parameters, each group sorted by prompt length (then line),
@@ -973,7 +1052,19 @@ pub fn run(
                     batch_finished: false,
                 })
             };
-            engine.generate(&prompts, &params, &fast, Some(&mut cb))
+            // A panic on one batch (a bug, not a hostile line: lines are validated) fails that
+            // batch like a device error instead of ending the run.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine.generate(&prompts, &params, &fast, Some(&mut cb))
+            }))
+            .unwrap_or_else(|p| {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(anyhow::anyhow!("internal error (panic): {what}"))
+            })
         };
         match res {
             Ok(out) => {
@@ -1110,8 +1201,7 @@ pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<MergeReport> {
     // (input line or MAX, file index, line index, text)
     let mut rows: Vec<(usize, usize, usize, String)> = Vec::new();
     for (fi, path) in inputs.iter().enumerate() {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::fsio::read_input_text(path, "batch merge", MAX_RESULTS_BYTES)?;
         let complete = text.rfind('\n').map_or(0, |i| i + 1);
         if complete < text.len() {
             report.torn.push((path.clone(), text.len() - complete));
@@ -1154,7 +1244,16 @@ pub fn merge(inputs: &[PathBuf], output: &Path) -> Result<MergeReport> {
 }
 
 /// Write `bytes` to a temporary file next to `path`, sync it, and rename it over `path`.
+/// The directory is synced after the rename, so the new file survives a crash. A target that
+/// exists and is not a regular file (a FIFO, `/dev/stdout`) is written through, never replaced
+/// ([`crate::fsio::create_output`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if crate::fsio::output_is_special(path) {
+        let mut f = crate::fsio::create_output(path, "output")?;
+        return f
+            .write_all(bytes)
+            .with_context(|| format!("writing {}", path.display()));
+    }
     let (stem, ext) = stem_ext(path);
     let tmp = path.with_file_name(format!(".{stem}{ext}.tmp-{}", std::process::id()));
     let r = (|| -> Result<()> {
@@ -1162,7 +1261,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        crate::fsio::sync_parent_dir(path)
     })();
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -138,7 +138,9 @@ pub fn cast_source(src: &WeightSource, to: DType) -> WeightSource {
         return src.clone();
     }
     match src {
-        WeightSource::Mapped { .. } => src.clone(),
+        // A merged LoRA reads like a mapped tensor (merged values in the base's dtype), and is
+        // rounded to `to` by the backend while uploading, like a mapped one.
+        WeightSource::Mapped { .. } | WeightSource::Lora { .. } => src.clone(),
         WeightSource::Const {
             value,
             dtype,
@@ -267,13 +269,16 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, HeaderEntry
     }
     let data_start = 8 + n as usize;
     let data_len = bytes.len() - data_start;
-    let header: Value = serde_json::from_slice(&bytes[8..data_start])
+    // Read the top-level object as a list of entries, so a name given twice (which a JSON map
+    // would silently collapse to its last value) is refused, as the format requires.
+    let entries: HeaderEntries = serde_json::from_slice(&bytes[8..data_start])
         .map_err(|e| anyhow!("{file}: malformed safetensors header JSON: {e}"))?;
-    let obj = header
-        .as_object()
-        .ok_or_else(|| anyhow!("{file}: safetensors header is not a JSON object"))?;
-    let mut out = HashMap::with_capacity(obj.len());
-    for (name, v) in obj {
+    let mut out: HashMap<String, HeaderEntry> = HashMap::with_capacity(entries.0.len());
+    let mut seen = std::collections::HashSet::with_capacity(entries.0.len());
+    for (name, v) in &entries.0 {
+        if !seen.insert(name.as_str()) {
+            bail!("{file}: tensor `{name}` appears twice in the safetensors header");
+        }
         if name == "__metadata__" {
             continue;
         }
@@ -316,7 +321,56 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, HeaderEntry
             },
         );
     }
+    // No two tensors may share bytes (the format lays them out back to back); empty tensors
+    // occupy nothing and may sit anywhere.
+    let mut spans: Vec<(usize, usize, &str)> = out
+        .iter()
+        .filter(|(_, e)| e.end > e.start)
+        .map(|(n, e)| (e.start, e.end, n.as_str()))
+        .collect();
+    spans.sort_unstable();
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            bail!(
+                "{file}: tensors `{}` and `{}` have overlapping data_offsets (bytes {}..{} and \
+                 {}..{} of the data section): corrupt or hostile file",
+                w[0].2,
+                w[1].2,
+                w[0].0 - data_start,
+                w[0].1 - data_start,
+                w[1].0 - data_start,
+                w[1].1 - data_start
+            );
+        }
+    }
     Ok(out)
+}
+
+/// The top-level object of a safetensors header as its entries in file order, duplicates kept
+/// (so that [`parse_header`] can refuse them).
+struct HeaderEntries(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for HeaderEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HeaderEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object (the safetensors header)")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<HeaderEntries, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = m.next_entry::<String, Value>()? {
+                    v.push(e);
+                }
+                Ok(HeaderEntries(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Check that `name` is a plain file name and that `dir/name` stays inside `dir` once symlinks
@@ -642,8 +696,14 @@ impl Checkpoint {
 pub type HostTensor = (String, DType, Vec<usize>, Vec<f32>);
 
 /// Write `bytes` to `path` through a temporary file in the same folder and a rename, so that a
-/// reader never sees a half-written file.
+/// reader never sees a half-written file. A target that exists and is not a regular file is
+/// never replaced: a FIFO or a device (`/dev/stdout`) is written through, anything else refused
+/// ([`crate::fsio::create_output`]).
 fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+    if crate::fsio::output_is_special(path) {
+        let mut f = crate::fsio::create_output(path, "output")?;
+        return write(&mut f).with_context(|| format!("cannot write {}", path.display()));
+    }
     let file_name = path
         .file_name()
         .ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
@@ -656,7 +716,9 @@ fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()
         let mut f = File::create(&tmp)?;
         write(&mut f)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename is durable once the directory is synced.
+        crate::fsio::sync_parent_dir(path).map_err(std::io::Error::other)
     })();
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);

@@ -12,6 +12,27 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 
+/// Upper limits of the sizes of a model config ([`ModelConfig::validate`]). With these, every
+/// weight has fewer than 2^43 elements (`embedding_size · d_model`) and every shape product
+/// fits `usize`; the per-layer tensor list has at most 9 · 1024 entries; the RoPE tables of
+/// `max_sequence_length · head_dim / 2` f32 pairs stay below 2^31 bytes.
+pub const LIMITS: [(&str, usize); 8] = [
+    ("d_model", 1 << 16),
+    ("n_heads", 1 << 10),
+    ("n_kv_heads", 1 << 10),
+    ("n_layers", 1 << 10),
+    ("mlp_hidden_size", 1 << 20),
+    ("vocab_size", 1 << 22),
+    ("embedding_size", 1 << 22),
+    ("max_sequence_length", 1 << 20),
+];
+
+/// Largest head width accepted (`d_model / n_heads`; real models use 64–256).
+pub const MAX_HEAD_DIM: usize = 1024;
+
+/// Largest `max_sequence_length · head_dim` accepted (the size of the RoPE tables).
+pub const MAX_ROPE_VALUES: usize = 1 << 26;
+
 /// The parts of `config.json` this engine uses, validated.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
@@ -219,6 +240,9 @@ impl ModelConfig {
             (Some(k), _) => k,
         };
         let mlp_ratio = f.usize("mlp_ratio")?.unwrap_or(4);
+        if mlp_ratio > 64 {
+            bail!("{source_name}: field `mlp_ratio` = {mlp_ratio} is larger than any real model has (at most 64)");
+        }
         let mlp_hidden_size = match f.usize("mlp_hidden_size")? {
             Some(m) => m,
             None => mlp_ratio
@@ -261,6 +285,11 @@ impl ModelConfig {
     }
 
     /// Check sizes and ids for consistency (also used for configs built in code).
+    ///
+    /// Every size must lie in `1..=limit` ([`LIMITS`]): the limits sit far above any released
+    /// model (LLaDA-8B: 32 layers, d_model 4096, 126 464 embeddings, 4096 positions) and far
+    /// below what would make a tensor list, a shape product or the RoPE tables exhaust memory,
+    /// so a hostile `config.json` is refused here, before anything is allocated from it.
     pub fn validate(&self) -> Result<()> {
         for (name, v) in [
             ("d_model", self.d_model),
@@ -275,12 +304,40 @@ impl ModelConfig {
             if v == 0 {
                 bail!("`{name}` must be > 0");
             }
+            let limit = LIMITS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(usize::MAX, |&(_, l)| l);
+            if v > limit {
+                bail!(
+                    "`{name}` = {v} is larger than any real model has (this engine accepts at \
+                     most {limit})"
+                );
+            }
         }
         if self.d_model % self.n_heads != 0 {
             bail!(
                 "`d_model` = {} is not a multiple of `n_heads` = {}",
                 self.d_model,
                 self.n_heads
+            );
+        }
+        if self.head_dim() > MAX_HEAD_DIM {
+            bail!(
+                "head dim d_model/n_heads = {} is larger than any real model has (this engine \
+                 accepts at most {MAX_HEAD_DIM})",
+                self.head_dim()
+            );
+        }
+        // The RoPE tables hold `max_sequence_length · head_dim` f32 (cos and sin halves),
+        // allocated when a model is built: at most 2^26 values = 256 MiB (LLaDA-8B: 2^19).
+        let rope_values = self.max_sequence_length.saturating_mul(self.head_dim());
+        if rope_values > MAX_ROPE_VALUES {
+            bail!(
+                "`max_sequence_length` = {} × head dim {} = {rope_values} RoPE table entries, \
+                 more than the {MAX_ROPE_VALUES} this engine accepts (lower max_sequence_length)",
+                self.max_sequence_length,
+                self.head_dim()
             );
         }
         if self.head_dim() % 2 != 0 {

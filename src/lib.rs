@@ -23,6 +23,7 @@ pub mod device;
 pub mod dtype;
 pub mod engine;
 pub mod eval;
+pub mod fsio;
 pub mod head;
 pub mod loglik;
 pub mod lora;

@@ -163,6 +163,13 @@ pub fn draw_perm(seed: u64, it: u64, row: u64, t: usize, perm: &mut Vec<usize>) 
     }
 }
 
+/// Most Monte-Carlo samples per estimate (upstream: 128; lm-eval configurations ≤ 1024).
+pub const MAX_MC_NUM: usize = 1 << 16;
+/// Most sequences in one scoring forward pass.
+pub const MAX_BATCH_SIZE: usize = 1 << 12;
+/// Most tokens (`batch_size × sequence length`) in one scoring forward pass.
+pub const MAX_TOKENS_PER_PASS: usize = 1 << 24;
+
 #[derive(Clone, Debug)]
 pub struct LoglikParams {
     /// Monte-Carlo samples (upstream `mc_num`, default 128).
@@ -186,7 +193,17 @@ impl LoglikParams {
 
     pub fn validate(&self) -> Result<()> {
         ensure!(self.mc_num > 0, "mc_num must be at least 1");
+        ensure!(
+            self.mc_num <= MAX_MC_NUM,
+            "mc_num {} is more than the {MAX_MC_NUM} Monte-Carlo samples accepted (upstream uses 128)",
+            self.mc_num
+        );
         ensure!(self.batch_size > 0, "batch_size must be at least 1");
+        ensure!(
+            self.batch_size <= MAX_BATCH_SIZE,
+            "batch_size {} is more than the {MAX_BATCH_SIZE} sequences per forward pass accepted",
+            self.batch_size
+        );
         ensure!(
             self.mc_num % self.batch_size == 0,
             "mc_num {} is not a multiple of batch_size {} (upstream asserts the same)",
@@ -248,6 +265,11 @@ pub fn estimate(
     let cfg = p.cfg_scale > 0.0;
     let mask = scorer.mask_id();
     let iters = p.mc_num / b;
+    ensure!(
+        b.checked_mul(len).is_some_and(|n| n <= MAX_TOKENS_PER_PASS),
+        "batch_size {b} × {len} tokens is more than the {MAX_TOKENS_PER_PASS} tokens one scoring \
+         pass may hold (lower batch_size)"
+    );
 
     // The most rows any mini-batch can ask for: max over k of Σ_r l_r.
     let mut counts = Vec::with_capacity(b);

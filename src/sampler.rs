@@ -106,6 +106,10 @@ pub trait Predictor {
     fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()>;
 }
 
+/// Longest `gen_length` accepted: the longest sequence [`crate::config::LIMITS`] allows. With
+/// `steps ≤ gen_length` it also bounds the steps and every schedule allocated from them.
+pub const MAX_GEN_LENGTH: usize = 1 << 20;
+
 /// Upstream `generate` arguments plus the ids the model defines.
 #[derive(Clone, Debug)]
 pub struct GenerateParams {
@@ -175,6 +179,21 @@ impl GenerateParams {
         }
         if self.steps == 0 {
             bail!("steps must be > 0");
+        }
+        if self.gen_length > MAX_GEN_LENGTH {
+            bail!(
+                "gen_length {} is more than the {MAX_GEN_LENGTH} tokens this engine generates at once",
+                self.gen_length
+            );
+        }
+        // Upstream's rule: every step commits at least one token on average. More steps than
+        // tokens would run forward passes that commit nothing.
+        if self.steps > self.gen_length {
+            bail!(
+                "steps {} is more than gen_length {}: a step commits at least one token (steps ≤ gen_length)",
+                self.steps,
+                self.gen_length
+            );
         }
         if self.gen_length % self.block_length != 0 {
             bail!(

@@ -368,7 +368,7 @@ fn kill_and_resume_writes_every_line_once() {
         let have = std::fs::read_to_string(&out)
             .map(|s| s.lines().count())
             .unwrap_or(0);
-        if have >= 6 {
+        if have >= 6 && child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
             killed_early = true;
             break;
@@ -384,9 +384,18 @@ fn kill_and_resume_writes_every_line_once() {
         "killed: {killed_early}, {} of {n} results written before the kill",
         before.len()
     );
-    if killed_early {
-        assert!(before.len() < n_us, "the kill came after the end");
-    }
+    // The test is only worth something if the kill came mid-run: it must have been sent while
+    // the child was still running (not after it exited), and fewer than all lines written.
+    assert!(
+        killed_early,
+        "the run ended (or took > 120 s) before it could be killed mid-run; {} lines written",
+        before.len()
+    );
+    assert!(
+        before.len() < n_us,
+        "the kill came after the end: {} of {n} lines written",
+        before.len()
+    );
     // A torn last line: the first half of a real result line, no newline.
     let torn = {
         let mut r = before[0].clone();

@@ -300,8 +300,8 @@ fn check_spans_reproduce_full<B: Backend>(m: &Model<B>, exact: bool) -> f32 {
             .unwrap();
             let got = m.logits(&ws, flat.len()).unwrap();
             for (i, (a, g)) in want.iter().zip(&got).enumerate() {
-                let d = (a - g).abs();
-                worst = worst.max(d);
+                let d = common::cmp::abs_diff(*g, *a);
+                worst = common::cmp::nan_max(worst, d);
                 if exact {
                     assert!(
                         a.to_bits() == g.to_bits(),

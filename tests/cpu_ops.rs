@@ -3,6 +3,9 @@
 //! Expected values come from closed forms evaluated in f64 here (or worked out by hand in the
 //! comments), never from the implementation under test.
 
+#[path = "common/cmp.rs"]
+mod cmp;
+
 use std::io::Write;
 use std::sync::Arc;
 
@@ -617,10 +620,7 @@ fn left_padding_invariance() {
             m.logits(ws, 5).unwrap()
         };
         let padded = run(1, true, &mut ws);
-        let mut worst = 0f32;
-        for (a, b) in padded.iter().zip(&base) {
-            worst = worst.max((a - b).abs());
-        }
+        let worst = cmp::max_abs_diff(&padded, &base);
         eprintln!("{dt}: padded vs unpadded worst |diff| {worst}, logit scale {scale}");
         assert!(worst <= tol * scale, "{dt}: worst {worst} > {tol}·{scale}");
         for r in 0..5 {
@@ -644,11 +644,40 @@ fn left_padding_invariance() {
         let leak = unmasked
             .iter()
             .zip(&padded)
-            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            .fold(0f32, |a, (x, y)| cmp::nan_max(a, cmp::abs_diff(*x, *y)));
         eprintln!("{dt}: unmasked pads change logits by {leak}");
         assert!(
             leak > 2.0 * tol * scale,
             "{dt}: without the mask pads should matter ({leak})"
         );
     }
+}
+
+/// The comparison helpers every parity test uses (tests/common/cmp.rs): a NaN or an infinity
+/// where the reference is finite fails any tolerance, where `f32::max` folds let it pass.
+#[test]
+fn comparison_helpers_fail_on_nan() {
+    let want = [1.0f32, -2.0, 3.5, f32::NEG_INFINITY];
+    let all_nan = [f32::NAN; 4];
+    // What the old folds computed: NaN differences dropped, an all-NaN output "matches".
+    let old = all_nan
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert_eq!(old, 0.0, "f32::max drops NaN (the reason for cmp)");
+    assert_eq!(cmp::max_abs_diff(&all_nan, &want), f32::INFINITY);
+    assert!(cmp::max_abs_diff(&all_nan, &want) > 1e30);
+    let one_nan = [1.0f32, f32::NAN, 3.5, f32::NEG_INFINITY];
+    assert_eq!(cmp::max_abs_diff(&one_nan, &want), f32::INFINITY);
+    // A finite value where the reference masks (−∞), and +∞ for a finite reference.
+    assert_eq!(cmp::abs_diff(0.0, f32::NEG_INFINITY), f32::INFINITY);
+    assert_eq!(cmp::abs_diff(f32::INFINITY, 1.0), f32::INFINITY);
+    // Equal masks and equal values are no difference; ordinary differences are exact.
+    assert_eq!(cmp::max_abs_diff(&want, &want), 0.0);
+    assert_eq!(cmp::abs_diff(1.5, 1.0), 0.5);
+    assert_eq!(cmp::nan_max(0.25, f32::NAN), f32::INFINITY);
+    assert_eq!(cmp::nan_max(f32::NAN, 0.0), f32::INFINITY);
+    assert_eq!(cmp::max_abs(&[1.0, f32::NAN]), f32::INFINITY);
+    assert_eq!(cmp::max_abs_diff(&[1.0], &[1.0, 2.0]), f32::INFINITY);
+    assert_eq!(cmp::abs_diff64(f64::NAN, 0.0), f64::INFINITY);
 }

@@ -11,13 +11,16 @@
 //! NCCL (`LLADA_NCCL_LIB` or `libnccl.so.2` on the library path) they print `SKIP` too, a failure
 //! under `LLADA_REQUIRE_NCCL=1`. The multi-GPU test skips on machines with one GPU.
 
+#[path = "common/cmp.rs"]
+mod cmp;
+
 use std::path::PathBuf;
 use std::process::Command;
 
 use llada::config::ModelConfig;
 use llada::train::cuda::{CudaOps, CudaTrainState};
 use llada::train::data::Sample;
-use llada::train::dist::HostGroup;
+use llada::train::dist::{HostGroup, JobKey};
 use llada::train::model::Params;
 use llada::train::{nccl, TrainOptions, Trainer};
 
@@ -119,7 +122,8 @@ fn world_of_one_through_nccl_equals_a_plain_gpu_run() {
     let mut dp = Trainer::new(cfg.clone(), tiny_params(&cfg), opts(), samples()).unwrap();
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let secs = std::time::Duration::from_secs(30);
-    let g = HostGroup::serve(l, 1, dp.options_fingerprint().unwrap(), secs, secs).unwrap();
+    let key = JobKey::from_secret(b"a test job secret", None);
+    let g = HostGroup::serve(l, 1, dp.options_fingerprint().unwrap(), &key, secs, secs).unwrap();
     dp.join_group(g).unwrap();
     let mut st =
         CudaTrainState::new(CudaOps::new(0).unwrap(), &dp.params, &dp.opt.m, &dp.opt.v).unwrap();
@@ -207,6 +211,7 @@ fn two_gpus_train_like_one_with_the_global_batch() {
             ("WORLD_SIZE", "2".to_string()),
             ("MASTER_ADDR", "127.0.0.1".to_string()),
             ("MASTER_PORT", port.clone()),
+            ("LLADA_DIST_SECRET", "a test job secret".to_string()),
         ]
     };
     let (p0, p1) = (run("two", "2", &env(0)), run("two", "2", &env(1)));
@@ -221,11 +226,10 @@ fn two_gpus_train_like_one_with_the_global_batch() {
     assert!(log.contains("gradients summed on the GPUs"), "{log}");
     let a = llada::train::checkpoint::load(&dir.join("one")).unwrap();
     let b = llada::train::checkpoint::load(&dir.join("two")).unwrap();
+    // NaN-aware: a NaN weight in either run is an infinite difference.
     let mut worst = 0f32;
     for (x, y) in a.params.data.iter().zip(&b.params.data) {
-        for (p, q) in x.iter().zip(y) {
-            worst = worst.max((p - q).abs());
-        }
+        worst = cmp::nan_max(worst, cmp::max_abs_diff(y, x));
     }
     // As on the CPU (tests/dist.rs): f32 summation order only; a wrong split moves weights by
     // ~lr = 3e-3.

@@ -205,4 +205,31 @@ fn lockstep_harness_detects_differences() {
     );
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ls.assert_agree("other")));
     assert!(r.is_err(), "assert_agree must fail for a different model");
+    // A model whose every logit is NaN (a NaN final norm) must fail too: the harness counts a
+    // NaN where the reference is finite as an infinite difference.
+    let ck = presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
+    let nan = Model::load(CpuBackend::new(DType::BF16), cfg.clone(), |n| {
+        match ck.get(n)?.clone() {
+            llada::checkpoint::WeightSource::Const {
+                dtype, shape, name, ..
+            } if n == llada::checkpoint::LN_F => Ok(llada::checkpoint::WeightSource::Const {
+                value: f32::NAN,
+                dtype,
+                shape,
+                name,
+            }),
+            other => Ok(other),
+        }
+    })
+    .unwrap();
+    let mut ls = common::Lockstep::new(&a, &nan);
+    let _ = generate(&mut ls, &prompts, &p, None);
+    assert!(ls.predictions > 0);
+    assert_eq!(
+        ls.logit_violations, ls.predictions,
+        "every all-NaN row must violate the logits tolerance"
+    );
+    assert!(ls.worst_logit_diff.is_infinite());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ls.assert_agree("nan")));
+    assert!(r.is_err(), "assert_agree must fail for an all-NaN model");
 }

@@ -5,13 +5,16 @@
 //! The equivalence of a data-parallel step with one process over the global batch is tested in
 //! `tests/train.rs` (`data_parallel_*`); the NCCL all-reduce on GPUs in `tests/cuda_train.rs`.
 
+#[path = "common/cmp.rs"]
+mod cmp;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use llada::train::dist::{first_host, DistEnv, HostGroup};
+use llada::train::dist::{first_host, DistEnv, HostGroup, JobKey};
 
 fn env_of(pairs: &[(&str, &str)]) -> anyhow::Result<Option<DistEnv>> {
     let m: HashMap<String, String> = pairs
@@ -121,6 +124,11 @@ fn the_first_host_of_a_slurm_node_list() {
 
 const T: Duration = Duration::from_secs(30);
 
+/// The job key of the in-process groups.
+fn key() -> JobKey {
+    JobKey::from_secret(b"the secret of this test job", None)
+}
+
 fn rank_env(rank: usize, world: usize, port: u16) -> DistEnv {
     DistEnv {
         rank,
@@ -146,8 +154,10 @@ fn with_group<R: Send + 'static>(
             let l = if rank == 0 { l.take() } else { None };
             std::thread::spawn(move || {
                 let mut g = match l {
-                    Some(l) => HostGroup::serve(l, world, 7, T, T).unwrap(),
-                    None => HostGroup::connect(&rank_env(rank, world, port), 7, T, T).unwrap(),
+                    Some(l) => HostGroup::serve(l, world, 7, &key(), T, T).unwrap(),
+                    None => {
+                        HostGroup::connect(&rank_env(rank, world, port), 7, &key(), T, T).unwrap()
+                    }
                 };
                 f(&mut g)
             })
@@ -211,11 +221,11 @@ fn the_rendezvous_refuses_mismatched_ranks() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let h = std::thread::spawn(move || {
-            HostGroup::serve(l, w0, 7, T, Duration::from_secs(10))
+            HostGroup::serve(l, w0, 7, &key(), T, Duration::from_secs(10))
                 .err()
                 .map(|e| e.to_string())
         });
-        let c = HostGroup::connect(&rank_env(r1, w1, port), fp1, T, T)
+        let c = HostGroup::connect(&rank_env(r1, w1, port), fp1, &key(), T, T)
             .err()
             .map(|e| e.to_string());
         (h.join().unwrap(), c)
@@ -233,12 +243,12 @@ fn a_rank_that_dies_is_an_error_not_a_hang() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let h = std::thread::spawn(move || {
-        let mut g = HostGroup::serve(l, 2, 7, T, T).unwrap();
+        let mut g = HostGroup::serve(l, 2, 7, &key(), T, T).unwrap();
         let t0 = Instant::now();
         let e = g.all_reduce_f64(&mut [1.0]).unwrap_err().to_string();
         (e, t0.elapsed())
     });
-    let g = HostGroup::connect(&rank_env(1, 2, port), 7, T, T).unwrap();
+    let g = HostGroup::connect(&rank_env(1, 2, port), 7, &key(), T, T).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     drop(g); // rank 1 stops
     let (e, took) = h.join().unwrap();
@@ -260,7 +270,7 @@ fn missing_ranks_time_out_with_a_message() {
         let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n-------------");
         std::thread::sleep(Duration::from_millis(500));
     });
-    let e = HostGroup::serve(l, 3, 7, T, Duration::from_millis(400))
+    let e = HostGroup::serve(l, 3, 7, &key(), T, Duration::from_millis(400))
         .err()
         .unwrap()
         .to_string();
@@ -270,10 +280,16 @@ fn missing_ranks_time_out_with_a_message() {
     let free = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = free.local_addr().unwrap().port();
     drop(free);
-    let e = HostGroup::connect(&rank_env(1, 2, port), 7, T, Duration::from_millis(300))
-        .err()
-        .unwrap()
-        .to_string();
+    let e = HostGroup::connect(
+        &rank_env(1, 2, port),
+        7,
+        &key(),
+        T,
+        Duration::from_millis(300),
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(
         e.contains(&format!("cannot reach rank 0 at 127.0.0.1:{port}")),
         "{e}"
@@ -353,6 +369,8 @@ fn train_cmd(args: &[&str], env: &[(&str, String)]) -> Command {
         c.env_remove(v);
     }
     c.env("LLADA_DIST_CONNECT_TIMEOUT", "60");
+    c.env("LLADA_DIST_SECRET", "the secret of this test job");
+    c.env_remove("LLADA_DIST_SECRET_FILE");
     for (k, v) in env {
         c.env(k, v);
     }
@@ -456,11 +474,10 @@ fn two_processes_train_like_one_with_the_global_batch() {
     let b = llada::train::checkpoint::load(&two).unwrap();
     assert_eq!(a.state.step, 3);
     assert_eq!(b.state.step, 3);
+    // NaN-aware: a NaN weight in either run is an infinite difference.
     let mut worst = 0f32;
     for (x, y) in a.params.data.iter().zip(&b.params.data) {
-        for (p, q) in x.iter().zip(y) {
-            worst = worst.max((p - q).abs());
-        }
+        worst = cmp::nan_max(worst, cmp::max_abs_diff(y, x));
     }
     // Equal up to f32 summation order (see tests/train.rs: ~1e-7 after a few steps); a wrong
     // batch split moves weights by ~lr (3e-3).
@@ -562,6 +579,14 @@ fn srun_variables_launch_a_data_parallel_run() {
     // first node of the job (here this machine) on 29500 + SLURM_JOB_ID mod 2000.
     let dir = tmpdir("srun");
     let data = corpus(&dir);
+    // Under SLURM the key comes from the per-user secret file and the job id: no variable to
+    // share, no network round trip.
+    let home = dir.join("home");
+    std::fs::create_dir_all(home.join(".llada")).unwrap();
+    let secret = home.join(".llada").join("dist-secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     let job = (0..2000u16)
         .map(|i| (i + std::process::id() as u16 % 2000) % 2000)
         .find(|&i| TcpListener::bind(("0.0.0.0", 29500 + i)).is_ok())
@@ -591,6 +616,9 @@ fn srun_variables_launch_a_data_parallel_run() {
                 ("SLURM_LOCALID", rank.to_string()),
                 ("SLURM_JOB_ID", job.to_string()),
                 ("SLURM_JOB_NODELIST", "127.0.0.1".into()),
+                ("HOME", home.to_str().unwrap().into()),
+                // No LLADA_DIST_SECRET: the file is the only source.
+                ("LLADA_DIST_SECRET", String::new()),
             ],
         )
         .stderr(std::process::Stdio::piped())
@@ -616,23 +644,239 @@ fn a_peer_announcing_a_huge_message_is_refused_not_allocated() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let h = std::thread::spawn(move || {
-        let mut g = HostGroup::serve(l, 2, 7, T, T).unwrap();
+        let mut g = HostGroup::serve(l, 2, 7, &key(), T, T).unwrap();
         g.all_reduce_f64(&mut [1.0, 2.0]).unwrap_err().to_string()
     });
-    // A hand-made rank 1: a valid hello (magic, rank, world, fingerprint), then a reduce frame
-    // that claims 2^60 bytes.
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let mut hello = b"LLADADP1".to_vec();
-    for v in [1u64, 2, 7] {
-        hello.extend_from_slice(&v.to_le_bytes());
-    }
-    s.write_all(&hello).unwrap();
-    let mut ack = [0u8; 9];
+    // A hand-made rank 1 that knows the secret: a valid authenticated hello, then a reduce
+    // frame that claims 2^60 bytes.
+    let mut s = hand_made_peer(port, b"the secret of this test job", [1, 2, 7]);
+    let mut ack = [0u8; 32 + 9];
     s.read_exact(&mut ack).unwrap();
-    assert_eq!(ack, [3, 0, 0, 0, 0, 0, 0, 0, 0], "rank 0 accepts the hello");
+    assert_eq!(
+        ack[32..],
+        [3, 0, 0, 0, 0, 0, 0, 0, 0],
+        "rank 0 accepts the hello"
+    );
     let mut frame = vec![1u8];
     frame.extend_from_slice(&(1u64 << 60).to_le_bytes());
     s.write_all(&frame).unwrap();
     let e = h.join().unwrap();
     assert!(e.contains("more than the 16 expected"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The job secret: strangers cannot join, disturb or delay the rendezvous.
+
+/// A peer speaking the rendezvous protocol by hand with `secret` (the key derivation and the
+/// MACs as the module documentation of `llada::train::dist` specifies them): reads the
+/// challenge, sends its authenticated hello `[rank, world, fingerprint]`, returns the stream.
+fn hand_made_peer(port: u16, secret: &[u8], fields: [u64; 3]) -> std::net::TcpStream {
+    use hmac::{Hmac, Mac};
+    use std::io::{Read, Write};
+    type H = Hmac<sha2::Sha256>;
+    let mac = |key: &[u8], parts: &[&[u8]]| -> Vec<u8> {
+        let mut m = <H as Mac>::new_from_slice(key).unwrap();
+        for p in parts {
+            m.update(p);
+        }
+        m.finalize().into_bytes().to_vec()
+    };
+    let key = mac(secret, &[b"llada data-parallel job key v1\0", b""]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut c = [0u8; 40];
+    s.read_exact(&mut c).unwrap();
+    assert_eq!(&c[..8], b"LLADADP2");
+    let nc = [7u8; 32];
+    let mut f = Vec::new();
+    for v in fields {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    let tag = mac(&key, &[b"llada-dp2 client", &c[8..], &nc, &f]);
+    let mut hello = b"LLADADP2".to_vec();
+    hello.extend_from_slice(&nc);
+    hello.extend_from_slice(&f);
+    hello.extend_from_slice(&tag);
+    s.write_all(&hello).unwrap();
+    s
+}
+
+/// The collectives of the undisturbed-run comparison.
+fn some_collectives(g: &mut HostGroup) -> (Vec<f64>, Vec<u8>) {
+    let mut a = vec![g.rank as f64 + 0.25, 3.0 * g.rank as f64];
+    g.all_reduce_f64(&mut a).unwrap();
+    let mut m = if g.rank == 0 {
+        b"id".to_vec()
+    } else {
+        Vec::new()
+    };
+    g.broadcast(&mut m).unwrap();
+    (a, m)
+}
+
+#[test]
+fn strangers_without_the_secret_cannot_join_abort_or_delay_the_job() {
+    use std::io::{Read, Write};
+    let undisturbed = with_group(3, some_collectives);
+
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let t0 = Instant::now();
+    let rank0 = std::thread::spawn(move || {
+        let mut g = HostGroup::serve(l, 3, 7, &key(), T, Duration::from_secs(60)).unwrap();
+        let joined = t0.elapsed();
+        (some_collectives(&mut g), joined)
+    });
+    // Before the real ranks: a flood of connections that stay silent (more than the handshakes
+    // rank 0 runs at once), one more silent peer, a peer that speaks the old unauthenticated
+    // hello (no secret at all), and one with a wrong secret claiming rank 1 with the right
+    // fingerprint.
+    let flood: Vec<_> = (0..300)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    let silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut no_secret = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut hello = b"LLADADP1".to_vec();
+    for v in [1u64, 3, 7] {
+        hello.extend_from_slice(&v.to_le_bytes());
+    }
+    let _ = no_secret.write_all(&hello);
+    let mut wrong = hand_made_peer(port, b"a guessed secret, not the job's", [1, 3, 7]);
+    // The impostor learns nothing: rank 0 closes without an answer.
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        wrong.read(&mut buf).unwrap_or(0),
+        0,
+        "the impostor got an answer"
+    );
+    // The real ranks, after the strangers.
+    let hs: Vec<_> = (1..3)
+        .map(|r| {
+            std::thread::spawn(move || {
+                let mut g = HostGroup::connect(&rank_env(r, 3, port), 7, &key(), T, T).unwrap();
+                some_collectives(&mut g)
+            })
+        })
+        .collect();
+    let mut out = vec![];
+    let (r0, joined) = rank0.join().unwrap();
+    out.push(r0);
+    out.extend(hs.into_iter().map(|h| h.join().unwrap()));
+    assert_eq!(
+        out, undisturbed,
+        "the disturbed job computed something else"
+    );
+    // Silent peers hold a handshake for at most HANDSHAKE_TIMEOUT (10 s) each, in parallel:
+    // the real ranks joined long before that.
+    assert!(
+        joined < Duration::from_secs(8),
+        "the strangers delayed the rendezvous to {joined:?}"
+    );
+    drop((flood, silent, no_secret));
+}
+
+#[test]
+fn a_rank_with_another_secret_is_refused_with_a_clear_error() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let rank0 = std::thread::spawn(move || {
+        HostGroup::serve(l, 2, 7, &key(), T, Duration::from_secs(2))
+            .err()
+            .unwrap()
+            .to_string()
+    });
+    let other = JobKey::from_secret(b"the secret of another job", None);
+    let e = HostGroup::connect(&rank_env(1, 2, port), 7, &other, T, Duration::from_secs(1))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("job secret differs"), "{e}");
+    // Rank 0 was not aborted by it: it timed out waiting for a real rank 1.
+    let e0 = rank0.join().unwrap();
+    assert!(e0.contains("ranks 1 did not connect"), "{e0}");
+}
+
+#[test]
+fn a_fake_rank_0_without_the_secret_is_detected() {
+    use std::io::{Read, Write};
+    // A stranger squats the port and plays rank 0: sends a challenge, reads the hello, and
+    // answers "accepted" without knowing the key.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut c = b"LLADADP2".to_vec();
+        c.extend_from_slice(&[1u8; 32]);
+        s.write_all(&c).unwrap();
+        let mut hello = [0u8; 96];
+        s.read_exact(&mut hello).unwrap();
+        let mut answer = vec![0u8; 32];
+        answer.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0, 0]);
+        s.write_all(&answer).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let e = HostGroup::connect(&rank_env(1, 2, port), 7, &key(), T, T)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("failed to prove it knows the job secret"), "{e}");
+    fake.join().unwrap();
+}
+
+#[test]
+fn the_job_key_comes_from_the_environment_or_a_private_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let from = |pairs: &[(&str, &str)]| {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        JobKey::from_vars(&|k| m.get(k).cloned())
+    };
+    let e = from(&[]).unwrap_err().to_string();
+    assert!(e.contains("LLADA_DIST_SECRET"), "{e}");
+    let e = from(&[("LLADA_DIST_SECRET", "short")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at least 16"), "{e}");
+    assert!(from(&[("LLADA_DIST_SECRET", "sixteen bytes ok")]).is_ok());
+
+    let dir = tmpdir("secret");
+    let f = dir.join("s");
+    std::fs::write(&f, "0123456789abcdef-secret\n").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = format!(
+        "{:#}",
+        from(&[("LLADA_DIST_SECRET_FILE", f.to_str().unwrap())]).unwrap_err()
+    );
+    assert!(e.contains("chmod 600"), "{e}");
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let k = from(&[("LLADA_DIST_SECRET_FILE", f.to_str().unwrap())]).unwrap();
+    assert!(k.source.contains("LLADA_DIST_SECRET_FILE"), "{}", k.source);
+
+    // Under SLURM: ~/.llada/dist-secret and the job id; the same on every rank of a job,
+    // different between jobs (checked through a handshake: keys are opaque).
+    std::fs::create_dir_all(dir.join(".llada")).unwrap();
+    std::fs::rename(&f, dir.join(".llada/dist-secret")).unwrap();
+    let home = dir.to_str().unwrap();
+    let job = |id: &str| from(&[("SLURM_JOB_ID", id), ("HOME", home)]).unwrap();
+    let pair_joins = |k0: JobKey, k1: JobKey| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = std::thread::spawn(move || {
+            HostGroup::serve(l, 2, 7, &k0, T, Duration::from_secs(2)).is_ok()
+        });
+        let c = HostGroup::connect(&rank_env(1, 2, port), 7, &k1, T, Duration::from_secs(1));
+        c.is_ok() && h.join().unwrap()
+    };
+    assert!(
+        pair_joins(job("41"), job("41")),
+        "two ranks of one job disagree"
+    );
+    assert!(!pair_joins(job("41"), job("42")), "two jobs share a key");
+    let e = format!(
+        "{:#}",
+        from(&[("SLURM_JOB_ID", "1"), ("HOME", "/nonexistent")]).unwrap_err()
+    );
+    assert!(e.contains("dist-secret"), "{e}");
 }

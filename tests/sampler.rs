@@ -433,7 +433,8 @@ fn matches_upstream_transliteration_on_random_settings() {
         }
         let num_blocks = g.range(1, 4);
         let block_length = g.range(1, 6);
-        let steps_per_block = g.range(1, block_length + 2);
+        // steps ≤ gen_length (the engine's rule): at most block_length steps per block.
+        let steps_per_block = g.range(1, block_length);
         let mut p = params(
             num_blocks * steps_per_block,
             num_blocks * block_length,
@@ -572,17 +573,29 @@ fn block_boundaries_schedule_and_nfe() {
 }
 
 #[test]
-fn more_steps_than_tokens_gives_empty_steps() {
-    // steps per block (6) > block_length (4): upstream runs 2 passes that commit nothing.
+fn more_steps_than_tokens_is_refused() {
+    // steps per block (6) > block_length (4): upstream would run 2 passes per block that
+    // commit nothing; `--steps 100000 --gen-length 8` would run for minutes. The engine refuses
+    // steps > gen_length before any forward pass.
     let mut rec = Recorder::new(Scripted {
         f: |_, p, _| (p % 7, 0.5),
     });
-    let out = generate(&mut rec, &[vec![1, 2]], &params(12, 8, 4), None).unwrap();
-    assert_eq!(out.nfe, 12);
-    let c = commits(&rec.calls, &out);
-    let counts: Vec<usize> = c.iter().map(Vec::len).collect();
-    assert_eq!(counts, vec![1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 0]);
-    assert!(out.ids.iter().flatten().all(|&v| v != MASK));
+    let e = generate(&mut rec, &[vec![1, 2]], &params(12, 8, 4), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("steps 12 is more than gen_length 8"), "{e}");
+    assert!(rec.calls.is_empty(), "a forward pass ran before the check");
+    // gen_length itself is bounded, so no schedule is allocated from a hostile one.
+    let e = generate(&mut rec, &[vec![1, 2]], &params(8, 1 << 62, 8), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("gen_length 4611686018427387904 is more than"),
+        "{e}"
+    );
+    // steps = gen_length (one token per step) still runs.
+    let out = generate(&mut rec, &[vec![1, 2]], &params(8, 8, 4), None).unwrap();
+    assert_eq!(out.nfe, 8);
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! losses' masking rules, AdamW, data, and end-to-end runs (loss falls, save → load → generate,
 //! resume equals an uninterrupted run).
 
+#[path = "common/cmp.rs"]
+mod cmp;
+
 use llada::config::ModelConfig;
 use llada::rng::{bits, cell_key, uniform};
 use llada::train::loss;
@@ -567,7 +570,7 @@ fn adamw_matches_the_pytorch_update_rule() {
 // Runs.
 
 use llada::train::data::Sample;
-use llada::train::dist::{DistEnv, HostGroup};
+use llada::train::dist::{DistEnv, HostGroup, JobKey};
 use llada::train::{StepStats, TrainOptions, Trainer};
 
 fn run_config() -> ModelConfig {
@@ -719,8 +722,9 @@ fn join_local(
 ) -> anyhow::Result<()> {
     let secs = std::time::Duration::from_secs(60);
     let fp = tr.options_fingerprint()?;
+    let key = JobKey::from_secret(b"a test job secret", None);
     let g = match listener {
-        Some(l) => HostGroup::serve(l, world, fp, secs, secs)?,
+        Some(l) => HostGroup::serve(l, world, fp, &key, secs, secs)?,
         None => {
             let env = DistEnv {
                 rank,
@@ -730,7 +734,7 @@ fn join_local(
                 master_port: port,
                 source: "test",
             };
-            HostGroup::connect(&env, fp, secs, secs)?
+            HostGroup::connect(&env, fp, &key, secs, secs)?
         }
     };
     tr.join_group(g)
@@ -804,11 +808,10 @@ fn check_data_parallel(o: TrainOptions, samples: Vec<Sample>, steps: u64) {
         assert!((a.grad_norm - b.grad_norm).abs() <= 1e-4 * b.grad_norm);
         assert!((a.flops - b.flops).abs() <= 1e-9 * b.flops);
     }
+    // NaN-aware: a NaN weight on a rank is an infinite difference.
     let mut worst = 0f32;
     for (x, y) in p.data.iter().zip(&one.params.data) {
-        for (a, b) in x.iter().zip(y) {
-            worst = worst.max((a - b).abs());
-        }
+        worst = cmp::nan_max(worst, cmp::max_abs_diff(x, y));
     }
     // AdamW moves each weight by at most ~lr per step; gradients that differ by f32 rounding
     // (~1e-6 relative) move the weights apart by far less than lr/100 over a few steps, while

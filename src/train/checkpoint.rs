@@ -94,6 +94,68 @@ pub fn save(
     Ok(())
 }
 
+/// Largest values of the training options ([`check_options`]).
+pub const MAX_BATCH_SIZE: usize = 1 << 12;
+pub const MAX_ACCUM: usize = 1 << 16;
+pub const MAX_STEPS: u64 = 1 << 40;
+/// Most tokens in one micro-batch of one rank (`batch_size · seq_len`).
+pub const MAX_MICRO_BATCH_TOKENS: usize = 1 << 24;
+pub const MAX_WORLD: usize = 1 << 16;
+
+/// Check training options (from the command line or a checkpoint's `trainer_state.json`)
+/// against clear limits before anything is allocated from them, naming the option.
+pub fn check_options(o: &super::TrainOptions, cfg: &ModelConfig) -> Result<()> {
+    ensure!(
+        (1..=MAX_BATCH_SIZE).contains(&o.batch_size),
+        "--batch-size {} must be between 1 and {MAX_BATCH_SIZE}",
+        o.batch_size
+    );
+    ensure!(
+        (1..=MAX_ACCUM).contains(&o.accum),
+        "--accum {} must be between 1 and {MAX_ACCUM}",
+        o.accum
+    );
+    ensure!(
+        (1..=MAX_WORLD).contains(&o.world),
+        "the world size {} must be between 1 and {MAX_WORLD}",
+        o.world
+    );
+    ensure!(
+        o.seq_len >= 2 && o.seq_len <= cfg.max_sequence_length,
+        "--seq-len {} must be between 2 and the model's max_sequence_length {}",
+        o.seq_len,
+        cfg.max_sequence_length
+    );
+    ensure!(
+        o.batch_size.saturating_mul(o.seq_len) <= MAX_MICRO_BATCH_TOKENS,
+        "--batch-size {} × --seq-len {} is more than the {MAX_MICRO_BATCH_TOKENS} tokens a \
+         micro-batch may hold (use --accum for larger batches)",
+        o.batch_size,
+        o.seq_len
+    );
+    ensure!(
+        (1..=MAX_STEPS).contains(&o.steps),
+        "--steps {} must be between 1 and {MAX_STEPS}",
+        o.steps
+    );
+    ensure!(
+        o.warmup <= MAX_STEPS,
+        "--warmup {} must be at most {MAX_STEPS}",
+        o.warmup
+    );
+    for (name, v) in [
+        ("--lr", o.lr),
+        ("--weight-decay", o.weight_decay),
+        ("--clip", o.clip),
+    ] {
+        ensure!(
+            v.is_finite() && v >= 0.0,
+            "{name} {v} must be a finite number ≥ 0"
+        );
+    }
+    Ok(())
+}
+
 /// What [`load`] restores.
 pub struct Resumed {
     pub cfg: ModelConfig,
@@ -106,20 +168,66 @@ pub struct Resumed {
 pub fn load(dir: &Path) -> Result<Resumed> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let state_path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&state_path).with_context(|| {
+    let text = crate::checkpoint::read_text_file(&state_path, crate::checkpoint::MAX_CONFIG_BYTES)
+        .with_context(|| {
+            format!(
+                "cannot read {} (is {} a training checkpoint?)",
+                state_path.display(),
+                dir.display()
+            )
+        })?;
+    let state: TrainerState = serde_json::from_str(&text).with_context(|| {
         format!(
-            "cannot read {} (is {} a training checkpoint?)",
-            state_path.display(),
-            dir.display()
+            "{}: not a trainer state (truncated, or not written by llada train)",
+            state_path.display()
         )
     })?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
+    for (name, v, lo, hi) in [
+        ("beta1", state.beta1, 0.0, 1.0),
+        ("beta2", state.beta2, 0.0, 1.0),
+        ("eps", state.eps, f64::MIN_POSITIVE, 1.0),
+        ("weight_decay", state.weight_decay, 0.0, f64::MAX),
+    ] {
+        ensure!(
+            v.is_finite() && v >= lo && v < hi,
+            "{}: `{name}` = {v} is out of range",
+            state_path.display()
+        );
+    }
+    ensure!(
+        state.adam_t <= state.step.saturating_mul(MAX_ACCUM as u64) && state.step <= MAX_STEPS,
+        "{}: step {} / AdamW step {} are inconsistent",
+        state_path.display(),
+        state.step,
+        state.adam_t
+    );
     let opt_path = dir.join("optimizer.safetensors");
+    // Expected size: 3 f32 copies of every parameter plus a header; a truncated or foreign file
+    // is refused before it is read.
+    let numel: u64 = crate::checkpoint::expected_tensors(&cfg)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum();
+    let meta = std::fs::metadata(&opt_path)
+        .with_context(|| format!("cannot read {} (a resume needs it)", opt_path.display()))?;
+    ensure!(meta.is_file(), "{}: not a regular file", opt_path.display());
+    let data_bytes = 3 * 4 * numel;
+    ensure!(
+        meta.len() >= data_bytes + 8 && meta.len() <= data_bytes + 8 + (100 << 20),
+        "{}: {} bytes, but the optimizer state of this model ({} parameters, 3 f32 copies) takes \
+         {data_bytes} bytes plus a header: truncated, or from another model",
+        opt_path.display(),
+        meta.len(),
+        numel
+    );
     let bytes =
         std::fs::read(&opt_path).with_context(|| format!("cannot read {}", opt_path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a safetensors file", opt_path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| {
+        format!(
+            "{}: not a safetensors file (truncated or corrupt)",
+            opt_path.display()
+        )
+    })?;
     let mut sets: Vec<Params<f32>> = (0..3).map(|_| Params::zeros(&cfg)).collect();
     for (k, prefix) in ["master.", "exp_avg.", "exp_avg_sq."].iter().enumerate() {
         let p = &mut sets[k];

@@ -56,13 +56,15 @@ pub fn pack(docs: &[Vec<u32>], eos: u32, seq_len: usize) -> Result<Vec<Sample>> 
         .collect())
 }
 
+/// Largest training data file accepted (it is read whole).
+pub const MAX_DATA_BYTES: u64 = 16 << 30;
+
 fn is_jsonl(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()) == Some("jsonl")
 }
 
 fn json_lines(path: &Path) -> Result<Vec<(usize, Value)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = crate::fsio::read_input_text(path, "--data", MAX_DATA_BYTES)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -130,8 +132,7 @@ pub fn load_pretrain_with(
             })
             .collect::<Result<_>>()?
     } else {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = crate::fsio::read_input_text(path, "--data", MAX_DATA_BYTES)?;
         vec![encode(&text).with_context(|| format!("{}: plain text", path.display()))?]
     };
     pack(&docs, eos, seq_len).with_context(|| format!("packing {}", path.display()))

@@ -20,17 +20,300 @@
 //!
 //! Collectives are deterministic: rank 0 sums in rank order (in f64) and sends the result to
 //! everyone, so all ranks see bit-identical values.
+//!
+//! ## The job secret and what it protects
+//!
+//! Rank 0 listens on a TCP port; anything that can reach it could otherwise take a rank's slot,
+//! receive the NCCL id and add arbitrary gradients, or abort the job with one bad hello. Every
+//! job therefore has a secret key ([`JobKey::from_env`]): `LLADA_DIST_SECRET` (at least 16
+//! bytes), or the file `LLADA_DIST_SECRET_FILE`, or under SLURM (`SLURM_JOB_ID` set) the per-user
+//! file `~/.llada/dist-secret`; a secret file must be a regular file of the current user that
+//! nobody else may read or write (mode `0600`/`0400`). Under SLURM the key is derived from the
+//! file and the job id, so every rank of a job computes the same key without talking to the
+//! others, and each job has its own. Before anything else is exchanged both ends prove they know
+//! the key: rank 0 sends a fresh 32-byte nonce, the peer answers with its own nonce, its hello
+//! and HMAC-SHA256(key, both nonces, hello); rank 0 checks it and answers with its own HMAC over
+//! the nonces, the hello and its verdict, which the peer checks. A peer that fails, says nothing
+//! or is too slow is dropped and logged; handshakes run in parallel (at most
+//! [`MAX_PENDING_HANDSHAKES`] at a time, the oldest cut off beyond), each bounded by
+//! [`HANDSHAKE_TIMEOUT`] and by the rendezvous deadline, so strangers can neither abort the job
+//! nor delay rank 0 past its deadline. Rank 0 listens only on the addresses `MASTER_ADDR`
+//! resolves to (`LLADA_DIST_BIND` overrides, e.g. `0.0.0.0`); peers try every address it
+//! resolves to, IPv6 included.
+//!
+//! Not protected: after the handshake, frames are neither encrypted nor authenticated, so an
+//! attacker who can read and rewrite the TCP stream between two ranks (on the path, not merely
+//! able to connect) can still see and alter the host collectives; the NCCL traffic itself is
+//! NCCL's. Anyone who can read the secret (the environment of the processes, the file) is a
+//! member of the job. Run multi-node jobs on a network you trust.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 /// Default rendezvous port (as torchrun), offset by the SLURM job id when there is one.
 pub const DEFAULT_PORT: u16 = 29500;
 
-const MAGIC: &[u8; 8] = b"LLADADP1";
+const MAGIC: &[u8; 8] = b"LLADADP2";
+
+/// How long one peer may take over its half of the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most handshakes rank 0 runs at once (each on a thread with a small stack); when a new
+/// connection arrives with this many running, the oldest is cut off.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Shortest secret accepted (bytes).
+pub const MIN_SECRET_BYTES: usize = 16;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The key every rank of a job shares (see the module documentation).
+#[derive(Clone)]
+pub struct JobKey {
+    key: [u8; 32],
+    /// Where it came from (for messages).
+    pub source: String,
+}
+
+impl std::fmt::Debug for JobKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JobKey(from {})", self.source)
+    }
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    // HMAC accepts keys of any length: `new_from_slice` cannot fail.
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+fn hmac_verify(key: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
+    let Ok(mut m) = <HmacSha256 as Mac>::new_from_slice(key) else {
+        return false;
+    };
+    for p in parts {
+        m.update(p);
+    }
+    // Constant-time comparison.
+    m.verify_slice(tag).is_ok()
+}
+
+impl JobKey {
+    /// A key from secret bytes and an optional job id (the key differs per job).
+    pub fn from_secret(secret: &[u8], job: Option<&str>) -> JobKey {
+        let key = hmac(
+            secret,
+            &[
+                b"llada data-parallel job key v1\0",
+                job.unwrap_or("").as_bytes(),
+            ],
+        );
+        JobKey {
+            key,
+            source: "a given secret".into(),
+        }
+    }
+
+    /// The job's key from the process environment.
+    pub fn from_env() -> Result<JobKey> {
+        JobKey::from_vars(&|k| std::env::var(k).ok())
+    }
+
+    /// [`JobKey::from_env`] over any variable lookup (tests): `LLADA_DIST_SECRET`, else the file
+    /// `LLADA_DIST_SECRET_FILE`, else under SLURM `$HOME/.llada/dist-secret`; with
+    /// `SLURM_JOB_ID` set the job id is mixed in.
+    pub fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<JobKey> {
+        let job = get("SLURM_JOB_ID").filter(|s| !s.trim().is_empty());
+        let job = job.as_deref().map(str::trim);
+        if let Some(s) = get("LLADA_DIST_SECRET").filter(|s| !s.is_empty()) {
+            ensure!(
+                s.len() >= MIN_SECRET_BYTES,
+                "LLADA_DIST_SECRET has {} bytes; give at least {MIN_SECRET_BYTES} (e.g. \
+                 `export LLADA_DIST_SECRET=$(head -c 32 /dev/urandom | base64)`)",
+                s.len()
+            );
+            let mut k = JobKey::from_secret(s.as_bytes(), job);
+            k.source = "LLADA_DIST_SECRET".into();
+            return Ok(k);
+        }
+        let (path, why) = match get("LLADA_DIST_SECRET_FILE").filter(|s| !s.is_empty()) {
+            Some(p) => (PathBuf::from(p), "LLADA_DIST_SECRET_FILE"),
+            None => match (job, get("HOME").filter(|h| !h.is_empty())) {
+                (Some(_), Some(home)) => (
+                    Path::new(&home).join(".llada").join("dist-secret"),
+                    "the per-user secret file (under SLURM)",
+                ),
+                _ => bail!(
+                    "data-parallel training needs a job secret, so that nobody else who can reach \
+                     the rendezvous port can join the job: set LLADA_DIST_SECRET (the same value, \
+                     at least {MIN_SECRET_BYTES} bytes, on every rank) or LLADA_DIST_SECRET_FILE \
+                     (a file only you can read, on a file system every rank sees); under SLURM, \
+                     ~/.llada/dist-secret is used by default"
+                ),
+            },
+        };
+        let secret =
+            read_secret_file(&path).with_context(|| format!("{why}: {}", path.display()))?;
+        let mut k = JobKey::from_secret(&secret, job);
+        k.source = format!("{why} {}", path.display());
+        Ok(k)
+    }
+}
+
+/// Read a secret file: a regular file of the current user, mode without group/other bits,
+/// 16 bytes to 64 KiB.
+fn read_secret_file(path: &Path) -> Result<Vec<u8>> {
+    use std::os::unix::fs::MetadataExt;
+    let create_hint = "create it with `mkdir -p ~/.llada && (umask 077; head -c 32 /dev/urandom \
+                       | base64 > ~/.llada/dist-secret)`";
+    let m = std::fs::metadata(path).with_context(|| format!("cannot read it; {create_hint}"))?;
+    ensure!(m.is_file(), "not a regular file");
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    ensure!(
+        m.uid() == me,
+        "owned by uid {}, not by this user (uid {me})",
+        m.uid()
+    );
+    ensure!(
+        m.mode() & 0o077 == 0,
+        "mode {:o} lets other users read or write it; run `chmod 600` on it",
+        m.mode() & 0o777
+    );
+    ensure!(
+        m.len() <= 1 << 16,
+        "{} bytes, more than a secret needs",
+        m.len()
+    );
+    let bytes = std::fs::read(path)?;
+    let trimmed = bytes.trim_ascii();
+    ensure!(
+        trimmed.len() >= MIN_SECRET_BYTES,
+        "holds {} bytes; a secret needs at least {MIN_SECRET_BYTES}; {create_hint}",
+        trimmed.len()
+    );
+    Ok(trimmed.to_vec())
+}
+
+/// 32 fresh random bytes.
+fn nonce() -> Result<[u8; 32]> {
+    let mut n = [0u8; 32];
+    getrandom::fill(&mut n).map_err(|e| anyhow!("cannot draw a random nonce: {e}"))?;
+    Ok(n)
+}
+
+/// Read exactly `buf.len()` bytes before `deadline` (each read's timeout is the time left, so
+/// a peer that trickles bytes cannot stretch it).
+fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::from(ErrorKind::TimedOut));
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[off..]) {
+            Ok(0) => return Err(std::io::Error::from(ErrorKind::UnexpectedEof)),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The addresses `host:port` resolves to (all of them, IPv4 and IPv6).
+fn resolve_all(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    // `host` may be a bare IPv6 address (`::1`): `(host, port)` handles it, `"host:port"` not.
+    let mut v: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
+    v.dedup();
+    Ok(v)
+}
+
+/// What the client's and the server's MACs cover.
+const CLIENT_LABEL: &[u8] = b"llada-dp2 client";
+const SERVER_LABEL: &[u8] = b"llada-dp2 server";
+
+/// A peer's authenticated hello.
+struct Hello {
+    rank: usize,
+    world: usize,
+    fingerprint: u64,
+    fields: [u8; 24],
+    server_nonce: [u8; 32],
+    client_nonce: [u8; 32],
+}
+
+/// Rank 0's half of the handshake with one connection: nonce out, authenticated hello in.
+fn authenticate_peer(
+    s: &mut TcpStream,
+    key: &JobKey,
+    deadline: Instant,
+) -> std::result::Result<Hello, String> {
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let ns = nonce().map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(40);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&ns);
+    s.write_all(&out)
+        .map_err(|e| format!("sending the challenge: {e}"))?;
+    let mut msg = [0u8; 8 + 32 + 24 + 32];
+    read_exact_by(s, &mut msg, deadline).map_err(|e| match e.kind() {
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => {
+            "said nothing (or too little) within the handshake time".to_string()
+        }
+        ErrorKind::UnexpectedEof => "closed the connection during the handshake".to_string(),
+        _ => format!("handshake: {e}"),
+    })?;
+    if &msg[..8] != MAGIC {
+        return Err("is not a llada rank of this version (bad magic)".into());
+    }
+    let mut nc = [0u8; 32];
+    nc.copy_from_slice(&msg[8..40]);
+    let mut fields = [0u8; 24];
+    fields.copy_from_slice(&msg[40..64]);
+    if !hmac_verify(&key.key, &[CLIENT_LABEL, &ns, &nc, &fields], &msg[64..96]) {
+        return Err("failed authentication (a different or missing job secret)".into());
+    }
+    let word = |i: usize| u64::from_le_bytes(fields[8 * i..8 * i + 8].try_into().unwrap_or([0; 8]));
+    Ok(Hello {
+        rank: usize::try_from(word(0)).unwrap_or(usize::MAX),
+        world: usize::try_from(word(1)).unwrap_or(usize::MAX),
+        fingerprint: word(2),
+        fields,
+        server_nonce: ns,
+        client_nonce: nc,
+    })
+}
+
+/// Rank 0's answer to an authenticated hello: its MAC over the nonces, the hello and the
+/// verdict (empty: accepted), then the verdict as a frame.
+fn answer_peer(s: &mut TcpStream, key: &JobKey, h: &Hello, verdict: &str) -> Result<()> {
+    let mac = hmac(
+        &key.key,
+        &[
+            SERVER_LABEL,
+            &h.client_nonce,
+            &h.server_nonce,
+            &h.fields,
+            verdict.as_bytes(),
+        ],
+    );
+    s.write_all(&mac)
+        .map_err(|e| io_err(e, "rendezvous", h.rank))?;
+    send_frame(s, T_CHECK, verdict.as_bytes(), h.rank)
+}
 
 /// Where this process sits in a data-parallel run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -275,21 +558,50 @@ fn recv_frame(
 }
 
 impl HostGroup {
-    /// Join the group of `env`: rank 0 listens on `MASTER_PORT` (all interfaces), the others
-    /// connect to `MASTER_ADDR:MASTER_PORT`, retrying until `connect_timeout`. `fingerprint`
-    /// (a hash of the run's options and data) must agree on every rank.
+    /// Join the group of `env` with the job's key ([`JobKey::from_env`]): rank 0 listens on
+    /// `MASTER_PORT` at the addresses `MASTER_ADDR` resolves to (or `LLADA_DIST_BIND`), the
+    /// others connect to `MASTER_ADDR:MASTER_PORT`, retrying until `connect_timeout`.
+    /// `fingerprint` (a hash of the run's options and data) must agree on every rank.
     pub fn join(env: &DistEnv, fingerprint: u64) -> Result<HostGroup> {
         let (op, connect) = timeouts()?;
+        let key = JobKey::from_env()?;
         if env.rank == 0 {
-            let l = TcpListener::bind(("0.0.0.0", env.master_port)).with_context(|| {
-                format!(
-                    "rank 0 cannot listen on port {} (MASTER_PORT): another run may hold it",
-                    env.master_port
-                )
+            let bind = std::env::var("LLADA_DIST_BIND")
+                .ok()
+                .filter(|s| !s.trim().is_empty());
+            let host = bind.as_deref().unwrap_or(&env.master_addr).trim();
+            let addrs = resolve_all(host, env.master_port).with_context(|| {
+                format!("rank 0 cannot resolve {host:?} (MASTER_ADDR or LLADA_DIST_BIND)")
             })?;
-            HostGroup::serve(l, env.world, fingerprint, op, connect)
+            let mut listeners = Vec::new();
+            let mut errors = Vec::new();
+            for a in &addrs {
+                match TcpListener::bind(a) {
+                    Ok(l) => listeners.push(l),
+                    Err(e) => errors.push(format!("{a}: {e}")),
+                }
+            }
+            ensure!(
+                !listeners.is_empty(),
+                "rank 0 cannot listen on port {} at {host:?} ({}): another run may hold the \
+                 port, or the address is not one of this host's (set LLADA_DIST_BIND to the \
+                 local address, or 0.0.0.0 for every interface)",
+                env.master_port,
+                errors.join("; ")
+            );
+            eprintln!(
+                "rendezvous: rank 0 listening on {} (job secret from {})",
+                listeners
+                    .iter()
+                    .filter_map(|l| l.local_addr().ok())
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                key.source
+            );
+            HostGroup::serve_on(listeners, env.world, fingerprint, &key, op, connect)
         } else {
-            HostGroup::connect(env, fingerprint, op, connect)
+            HostGroup::connect(env, fingerprint, &key, op, connect)
         }
     }
 
@@ -298,82 +610,174 @@ impl HostGroup {
         l: TcpListener,
         world: usize,
         fingerprint: u64,
+        key: &JobKey,
+        op_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Result<HostGroup> {
+        HostGroup::serve_on(
+            vec![l],
+            world,
+            fingerprint,
+            key,
+            op_timeout,
+            connect_timeout,
+        )
+    }
+
+    /// Rank 0 on bound listeners: accept until every rank has joined or `connect_timeout`
+    /// passes. Every connection is authenticated on its own thread (see the module
+    /// documentation); strangers are dropped and logged, never fatal. An authenticated rank
+    /// that runs other options, claims a taken rank or another world size stops the job.
+    pub fn serve_on(
+        listeners: Vec<TcpListener>,
+        world: usize,
+        fingerprint: u64,
+        key: &JobKey,
         op_timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<HostGroup> {
         ensure!(world >= 1, "world size 0");
-        l.set_nonblocking(true)
-            .context("rendezvous: setting the listener non-blocking")?;
+        ensure!(!listeners.is_empty(), "rendezvous: no listener");
+        for l in &listeners {
+            l.set_nonblocking(true)
+                .context("rendezvous: setting the listener non-blocking")?;
+        }
         let deadline = Instant::now() + connect_timeout;
+        let key = Arc::new(key.clone());
         let mut conns: Vec<Option<TcpStream>> = (1..world).map(|_| None).collect();
         let mut joined = 0;
+        type Done = (
+            u64,
+            SocketAddr,
+            TcpStream,
+            std::result::Result<Hello, String>,
+        );
+        let (tx, rx) = mpsc::channel::<Done>();
+        // Running handshakes, oldest first: (id, a handle to cut it off).
+        let mut pending: std::collections::VecDeque<(u64, TcpStream)> = Default::default();
+        let mut next_id = 0u64;
+        let mut cut_off = 0usize;
         while joined < world - 1 {
-            match l.accept() {
-                Ok((mut s, addr)) => {
-                    s.set_nonblocking(false)?;
-                    s.set_nodelay(true)?;
-                    // A stranger that connects and says nothing must not stall the rendezvous.
-                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                    s.set_write_timeout(Some(op_timeout))?;
-                    let mut hello = [0u8; 32];
-                    if s.read_exact(&mut hello).is_err() || &hello[..8] != MAGIC {
-                        eprintln!("rendezvous: ignoring a connection from {addr} that is not a llada rank");
+            let mut idle = true;
+            for l in &listeners {
+                match l.accept() {
+                    Ok((s, addr)) => {
+                        idle = false;
+                        if pending.len() >= MAX_PENDING_HANDSHAKES {
+                            // A flood: cut off the oldest handshake (a real rank finishes its
+                            // own in milliseconds), log a count now and then.
+                            if let Some((_, old)) = pending.pop_front() {
+                                let _ = old.shutdown(std::net::Shutdown::Both);
+                            }
+                            cut_off += 1;
+                            if cut_off.is_power_of_two() {
+                                eprintln!(
+                                    "rendezvous: {cut_off} handshakes cut off so far \
+                                     ({MAX_PENDING_HANDSHAKES} running at once)"
+                                );
+                            }
+                        }
+                        let Ok(handle) = s.try_clone() else {
+                            continue;
+                        };
+                        let id = next_id;
+                        next_id += 1;
+                        let (tx, key) = (tx.clone(), key.clone());
+                        let hs_deadline = (Instant::now() + HANDSHAKE_TIMEOUT).min(deadline);
+                        let spawned = std::thread::Builder::new()
+                            .name("llada-rendezvous".into())
+                            .stack_size(256 << 10)
+                            .spawn(move || {
+                                let mut s = s;
+                                let r = s
+                                    .set_nonblocking(false)
+                                    .map_err(|e| e.to_string())
+                                    .and_then(|_| authenticate_peer(&mut s, &key, hs_deadline));
+                                let _ = tx.send((id, addr, s, r));
+                            });
+                        match spawned {
+                            Ok(_) => pending.push_back((id, handle)),
+                            Err(e) => {
+                                eprintln!("rendezvous: dropped a connection from {addr}: {e}")
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        // E.g. out of file descriptors under a flood: not fatal, try again.
+                        eprintln!("rendezvous: accepting a connection: {e}");
+                    }
+                }
+            }
+            while let Ok((id, addr, mut s, r)) = rx.try_recv() {
+                idle = false;
+                pending.retain(|(p, _)| *p != id);
+                let h = match r {
+                    Ok(h) => h,
+                    Err(why) => {
+                        eprintln!("rendezvous: dropped a connection from {addr}: it {why}");
                         continue;
                     }
-                    let word = |i: usize| {
-                        u64::from_le_bytes(
-                            hello[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0; 8]),
-                        )
-                    };
-                    let (r, w, fp) = (word(0) as usize, word(1) as usize, word(2));
-                    let refuse = if w != world {
-                        Some(format!(
-                            "rank {r} says the world size is {w}, rank 0 says {world}"
-                        ))
-                    } else if r == 0 || r >= world {
-                        Some(format!("a process claims rank {r} in a world of {world}"))
-                    } else if conns[r - 1].is_some() {
-                        Some(format!("two processes claim rank {r}"))
-                    } else if fp != fingerprint {
-                        Some(format!(
-                            "rank {r} runs different options, data or weights than rank 0 \
-                             (fingerprint {fp:016x} vs {fingerprint:016x})"
-                        ))
-                    } else {
-                        None
-                    };
-                    match refuse {
-                        Some(msg) => {
-                            let _ = send_frame(&mut s, T_CHECK, msg.as_bytes(), r);
-                            bail!("rendezvous: {msg}");
+                };
+                let r = h.rank;
+                let refuse = if h.world != world {
+                    Some(format!(
+                        "rank {r} says the world size is {}, rank 0 says {world}",
+                        h.world
+                    ))
+                } else if r == 0 || r >= world {
+                    Some(format!("a process claims rank {r} in a world of {world}"))
+                } else if conns[r - 1].is_some() {
+                    Some(format!("two processes claim rank {r}"))
+                } else if h.fingerprint != fingerprint {
+                    Some(format!(
+                        "rank {r} runs different options, data or weights than rank 0 \
+                         (fingerprint {:016x} vs {fingerprint:016x})",
+                        h.fingerprint
+                    ))
+                } else {
+                    None
+                };
+                match refuse {
+                    Some(msg) => {
+                        let _ = answer_peer(&mut s, &key, &h, &msg);
+                        bail!("rendezvous: {msg}");
+                    }
+                    None => {
+                        s.set_write_timeout(Some(op_timeout))?;
+                        if let Err(e) = answer_peer(&mut s, &key, &h, "") {
+                            eprintln!(
+                                "rendezvous: rank {r} from {addr} left during the handshake: {e:#}"
+                            );
+                            continue;
                         }
-                        None => {
-                            send_frame(&mut s, T_CHECK, b"", r)?;
-                            s.set_read_timeout(Some(op_timeout))?;
-                            conns[r - 1] = Some(s);
-                            joined += 1;
-                        }
+                        s.set_read_timeout(Some(op_timeout))?;
+                        conns[r - 1] = Some(s);
+                        joined += 1;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        let missing: Vec<String> = conns
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, c)| c.is_none())
-                            .map(|(i, _)| (i + 1).to_string())
-                            .collect();
-                        bail!(
-                            "rendezvous: ranks {} did not connect within {:.0} s \
-                             (LLADA_DIST_CONNECT_TIMEOUT); were they started, and can they reach \
-                             this host at the MASTER_ADDR they were given?",
-                            missing.join(", "),
-                            connect_timeout.as_secs_f64()
-                        );
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(anyhow!("rendezvous: accepting a connection: {e}")),
+            }
+            if joined == world - 1 {
+                break;
+            }
+            if Instant::now() > deadline {
+                let missing: Vec<String> = conns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.is_none())
+                    .map(|(i, _)| (i + 1).to_string())
+                    .collect();
+                bail!(
+                    "rendezvous: ranks {} did not connect within {:.0} s \
+                     (LLADA_DIST_CONNECT_TIMEOUT); were they started, with the same job secret, \
+                     and can they reach this host at the MASTER_ADDR they were given?",
+                    missing.join(", "),
+                    connect_timeout.as_secs_f64()
+                );
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
         Ok(HostGroup {
@@ -384,10 +788,12 @@ impl HostGroup {
         })
     }
 
-    /// Rank `env.rank > 0`: connect to rank 0.
+    /// Rank `env.rank > 0`: connect to rank 0 (every address `MASTER_ADDR` resolves to, in
+    /// turn, until `connect_timeout`), then the mutual authentication.
     pub fn connect(
         env: &DistEnv,
         fingerprint: u64,
+        key: &JobKey,
         op_timeout: Duration,
         connect_timeout: Duration,
     ) -> Result<HostGroup> {
@@ -399,17 +805,38 @@ impl HostGroup {
         );
         let deadline = Instant::now() + connect_timeout;
         let target = format!("{}:{}", env.master_addr, env.master_port);
-        let mut s = loop {
-            let attempt = target
-                .to_socket_addrs()
-                .map_err(|e| e.to_string())
-                .and_then(|mut a| a.next().ok_or_else(|| "no address".to_string()))
-                .and_then(|a| {
-                    TcpStream::connect_timeout(&a, Duration::from_secs(5))
-                        .map_err(|e| e.to_string())
-                });
-            let last = match attempt {
-                Ok(s) => break s,
+        // Try every address in turn: the first that answers with a challenge is rank 0.
+        let try_once = || -> std::result::Result<(TcpStream, [u8; 32]), String> {
+            let addrs =
+                resolve_all(&env.master_addr, env.master_port).map_err(|e| e.to_string())?;
+            let mut last = String::from("no address");
+            for a in addrs {
+                let mut s = match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        last = format!("{a}: {e}");
+                        continue;
+                    }
+                };
+                let mut c = [0u8; 40];
+                let by = Instant::now() + HANDSHAKE_TIMEOUT;
+                if let Err(e) = read_exact_by(&mut s, &mut c, by) {
+                    last = format!("{a}: no challenge from rank 0: {e}");
+                    continue;
+                }
+                if &c[..8] != MAGIC {
+                    last = format!("{a}: not a llada rank 0 of this version");
+                    continue;
+                }
+                let mut ns = [0u8; 32];
+                ns.copy_from_slice(&c[8..]);
+                return Ok((s, ns));
+            }
+            Err(last)
+        };
+        let (mut s, ns) = loop {
+            let last = match try_once() {
+                Ok(x) => break x,
                 Err(e) => e,
             };
             if Instant::now() > deadline {
@@ -423,21 +850,50 @@ impl HostGroup {
             std::thread::sleep(Duration::from_millis(100));
         };
         s.set_nodelay(true)?;
-        s.set_read_timeout(Some(op_timeout))?;
         s.set_write_timeout(Some(op_timeout))?;
-        let mut hello = [0u8; 32];
-        hello[..8].copy_from_slice(MAGIC);
-        hello[8..16].copy_from_slice(&(env.rank as u64).to_le_bytes());
-        hello[16..24].copy_from_slice(&(env.world as u64).to_le_bytes());
-        hello[24..32].copy_from_slice(&fingerprint.to_le_bytes());
+        let nc = nonce()?;
+        let mut fields = [0u8; 24];
+        fields[..8].copy_from_slice(&(env.rank as u64).to_le_bytes());
+        fields[8..16].copy_from_slice(&(env.world as u64).to_le_bytes());
+        fields[16..24].copy_from_slice(&fingerprint.to_le_bytes());
+        let mac = hmac(&key.key, &[CLIENT_LABEL, &ns, &nc, &fields]);
+        let mut hello = Vec::with_capacity(96);
+        hello.extend_from_slice(MAGIC);
+        hello.extend_from_slice(&nc);
+        hello.extend_from_slice(&fields);
+        hello.extend_from_slice(&mac);
         s.write_all(&hello)
             .map_err(|e| io_err(e, "rendezvous", 0))?;
-        let mut reply = Vec::new();
-        recv_frame(&mut s, T_CHECK, &mut reply, 0, MAX_MSG)?;
+        let mut server_mac = [0u8; 32];
+        read_exact_by(&mut s, &mut server_mac, Instant::now() + op_timeout).map_err(|e| {
+            if e.kind() == ErrorKind::UnexpectedEof {
+                anyhow!(
+                    "rank {}: rank 0 at {target} closed the connection during the handshake: the \
+                     job secret differs between the ranks ({} here), or it is not this job's rank 0",
+                    env.rank,
+                    key.source
+                )
+            } else {
+                io_err(e, "rendezvous", 0)
+            }
+        })?;
+        s.set_read_timeout(Some(op_timeout))?;
+        let mut verdict = Vec::new();
+        recv_frame(&mut s, T_CHECK, &mut verdict, 0, MAX_MSG)?;
         ensure!(
-            reply.is_empty(),
+            hmac_verify(
+                &key.key,
+                &[SERVER_LABEL, &nc, &ns, &fields, &verdict],
+                &server_mac
+            ),
+            "rank {}: the process at {target} failed to prove it knows the job secret: not this \
+             job's rank 0",
+            env.rank
+        );
+        ensure!(
+            verdict.is_empty(),
             "rendezvous refused by rank 0: {}",
-            String::from_utf8_lossy(&reply)
+            String::from_utf8_lossy(&verdict)
         );
         Ok(HostGroup {
             rank: env.rank,

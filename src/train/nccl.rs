@@ -186,12 +186,28 @@ impl NcclComm {
             c_int::try_from(world).map_err(|_| anyhow!("world size {world} too large"))?,
             c_int::try_from(rank).map_err(|_| anyhow!("rank {rank} too large"))?,
         );
+        // ncclCommInitRank blocks until every rank has called it: a rank that never comes would
+        // hold this one forever. It gets the all-reduce's limit (LLADA_DIST_TIMEOUT): a watchdog
+        // ends the process with an error when the call has not returned by then (the call
+        // cannot be cancelled from outside, and the device context stays on this thread).
+        let (limit, _) = super::dist::timeouts()?;
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
+                eprintln!(
+                    "error: ncclCommInitRank (rank {rank} of {world}) did not finish within \
+                     {:.0} s (LLADA_DIST_TIMEOUT): a rank is missing or stuck",
+                    limit.as_secs_f64()
+                );
+                // SAFETY: ends the process at once; nothing of it is used afterwards.
+                unsafe { libc::_exit(1) }
+            }
+        });
         // SAFETY: a valid out-pointer; the id is passed by value as nccl.h declares.
-        check(
-            a,
-            unsafe { (a.comm_init_rank)(&mut comm, w, *id, r) },
-            &format!("ncclCommInitRank (rank {rank} of {world})"),
-        )?;
+        let r = unsafe { (a.comm_init_rank)(&mut comm, w, *id, r) };
+        drop(done);
+        let _ = watchdog.join();
+        check(a, r, &format!("ncclCommInitRank (rank {rank} of {world})"))?;
         ensure!(!comm.is_null(), "ncclCommInitRank returned no communicator");
         Ok(NcclComm { comm, rank, world })
     }

@@ -2,6 +2,8 @@
 //! runs the CPU reference and the GPU in lockstep.
 #![allow(dead_code)]
 
+pub mod cmp;
+
 use anyhow::Result;
 
 use llada::backend::cpu::CpuBackend;
@@ -118,14 +120,11 @@ impl<'a, G: Backend> Lockstep<'a, G> {
                 .iter()
                 .filter(|x| x.is_finite())
                 .fold(0f32, |m, x| m.max(x.abs()));
-            let diff = rc
-                .iter()
-                .zip(rg)
-                .filter(|(a, b)| a.is_finite() || b.is_finite())
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            self.worst_logit_diff = self
-                .worst_logit_diff
-                .max(diff / scale.max(f32::MIN_POSITIVE));
+            // A NaN (or an infinity) where the CPU has a finite logit counts as an infinite
+            // difference (cmp::abs_diff, never NaN): an all-NaN GPU output cannot pass.
+            let diff = cmp::max_abs_diff(rg, rc);
+            self.worst_logit_diff =
+                cmp::nan_max(self.worst_logit_diff, diff / scale.max(f32::MIN_POSITIVE));
             if diff > 16.0 * scale * 2f32.powi(-8) + ulp_bf16(scale) {
                 self.logit_violations += 1;
             }
@@ -142,9 +141,9 @@ impl<'a, G: Backend> Lockstep<'a, G> {
                 }
             } else {
                 let m = cc.abs().max(gc.abs());
-                let d = (cc - gc).abs();
-                if m > 0.0 {
-                    self.worst_conf_rel = self.worst_conf_rel.max(d / m);
+                let d = cmp::abs_diff(gc, cc);
+                if m > 0.0 || d.is_infinite() {
+                    self.worst_conf_rel = cmp::nan_max(self.worst_conf_rel, d / m);
                 }
                 if d > ((2.0 * diff).exp() - 1.0) * m + 2.0 * ulp_bf16(m) {
                     eprintln!(

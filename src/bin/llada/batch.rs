@@ -256,8 +256,10 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
     let mut opened = a.model.open()?;
     a.lora.apply(&mut opened)?;
     opened.apply_ids(&mut base);
-    let text = std::fs::read_to_string(&input)
-        .with_context(|| format!("reading the input file {}", input.display()))?;
+    // Take the output's lock first: nothing (not even the errors file) is written by a second
+    // run on the same output.
+    let mut log = OutputLog::open(&output)?;
+    let text = llada::fsio::read_input_text(&input, "--input", batch::MAX_INPUT_BYTES)?;
     // The OpenAI batch format (detected per file) is translated line for line.
     let openai = llada::batch_openai::is_openai(&text).then(|| {
         let eos = [Some(base.eos_id), base.eot_id]
@@ -267,6 +269,10 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
         std::rc::Rc::new(OpenAiBatch::translate(&text, eos))
     });
     let text = openai.as_ref().map_or(text, |b| b.text.clone());
+    if let Some(b) = &openai {
+        let b = b.clone();
+        log.wrap = Some(Box::new(move |r| b.result_line(r)));
+    }
     let ctx = ParseContext::new(&opened.cfg, opened.tokenizer.as_ref(), &defaults);
     let mut parsed = batch::parse_input(&text, &ctx, shard.as_ref());
     if let Some(b) = &openai {
@@ -279,6 +285,9 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
     }
     let oa = openai.as_deref();
     let mut errors = parsed.errors;
+    let total_good = parsed.requests.len();
+    let (todo, skipped, changed) = batch::split_done(parsed.requests, &log);
+    errors.extend(changed);
     report_errors(&errors);
     write_errors(&errors_file, &errors, oa)?;
     if a.strict && !errors.is_empty() {
@@ -289,11 +298,6 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
         );
     }
 
-    let mut log = OutputLog::open(&output)?;
-    if let Some(b) = &openai {
-        let b = b.clone();
-        log.wrap = Some(Box::new(move |r| b.result_line(r)));
-    }
     if log.truncated > 0 {
         eprintln!(
             "note: {}: cut off a torn last line ({} bytes) left by an interrupted run",
@@ -301,13 +305,6 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
             log.truncated
         );
     }
-    let total_good = parsed.requests.len();
-    let todo: Vec<_> = parsed
-        .requests
-        .into_iter()
-        .filter(|r| !log.done.contains(&r.id_key))
-        .collect();
-    let skipped = total_good - todo.len();
     eprintln!(
         "{}: {} lines, {} valid, {} bad, {} already done, {} to generate -> {}",
         input.display(),

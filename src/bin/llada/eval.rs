@@ -76,8 +76,14 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
         target_delimiter: a.target_delimiter.clone(),
     };
     params.loglik.validate()?;
-    let text = std::fs::read_to_string(&a.tasks)
-        .with_context(|| format!("reading {}", a.tasks.display()))?;
+    // A FIFO or device output is opened now, so a FIFO nobody reads fails before the work.
+    let mut special_out = match &a.output {
+        Some(p) if llada::fsio::output_is_special(p) => {
+            Some(llada::fsio::create_output(p, "--output")?)
+        }
+        _ => None,
+    };
+    let text = llada::fsio::read_input_text(&a.tasks, "--tasks", 4 << 30)?;
     let mut items = eval::parse_items(&text, &a.tasks.display().to_string())?;
     if let Some(n) = a.limit {
         items.truncate(n);
@@ -113,9 +119,11 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
         eprintln!();
     }
     if let Some(path) = &a.output {
-        let mut f = std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
+        let file = match special_out.take() {
+            Some(f) => f,
+            None => llada::fsio::create_output(path, "--output")?,
+        };
+        let mut f = std::io::BufWriter::new(file);
         for r in &results {
             let line = serde_json::json!({
                 "index": r.index, "lls": r.lls, "tokens": r.tokens, "pred": r.pred,

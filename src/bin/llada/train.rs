@@ -146,6 +146,10 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     } else {
         DistEnv::from_env()?
     };
+    if dist.is_some() {
+        // The job secret is checked before any work, so a rank without one stops at once.
+        llada::train::dist::JobKey::from_env()?;
+    }
     let world = dist.as_ref().map_or(1, |d| d.world);
     let rank = dist.as_ref().map_or(0, |d| d.rank);
     // Rank 0 speaks for the run; the others only report their errors.
@@ -220,6 +224,8 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         } else {
             None
         };
+        checkpoint::check_options(&opts, &r.cfg)
+            .with_context(|| format!("{}: trainer_state.json options", dir.display()))?;
         let samples = load_samples(&a.data, opts.sft, tok.as_ref(), &r.cfg, opts.seq_len)?;
         if lead {
             eprintln!(
@@ -257,6 +263,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             truncate: !a.no_truncate,
             world,
         };
+        checkpoint::check_options(&opts, &cfg)?;
         let samples = load_samples(&a.data, a.sft, tok.as_ref(), &cfg, a.seq_len)?;
         if lead {
             eprintln!(

@@ -1,0 +1,54 @@
+//! NaN-aware comparisons for the tests. `f32::max` drops NaN (`0f32.max(NaN) == 0`), so a
+//! worst-difference fold built on it passes an all-NaN output; these helpers count a NaN or an
+//! infinity where the reference is finite as an infinite difference, which fails every
+//! tolerance. Equal non-finite values (a −∞ mask in both) count as no difference.
+#![allow(dead_code)]
+
+/// |got − want|, +∞ where they are not both finite and not bitwise-equal specials (a NaN where
+/// the reference has none, a finite value where it has a mask).
+pub fn abs_diff(got: f32, want: f32) -> f32 {
+    if got.is_finite() && want.is_finite() {
+        (got - want).abs()
+    } else if got == want {
+        0.0
+    } else {
+        f32::INFINITY
+    }
+}
+
+/// The f64 version of [`abs_diff`].
+pub fn abs_diff64(got: f64, want: f64) -> f64 {
+    if got.is_finite() && want.is_finite() {
+        (got - want).abs()
+    } else if got == want {
+        0.0
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// The larger of a running maximum and `x`; a NaN makes it +∞ (never drops out).
+pub fn nan_max(m: f32, x: f32) -> f32 {
+    if m.is_nan() || x.is_nan() {
+        f32::INFINITY
+    } else {
+        m.max(x)
+    }
+}
+
+/// The largest [`abs_diff`] of two slices; +∞ when their lengths differ.
+pub fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
+    if got.len() != want.len() {
+        return f32::INFINITY;
+    }
+    got.iter()
+        .zip(want)
+        .fold(0.0, |m, (&g, &w)| nan_max(m, abs_diff(g, w)))
+}
+
+/// The largest |x| of a reference (its scale for relative tolerances); +∞ if it holds a NaN,
+/// so that a NaN reference cannot silently widen a tolerance to nothing either way: callers
+/// assert the scale is finite.
+pub fn max_abs(x: &[f32]) -> f32 {
+    x.iter().fold(0.0, |m, &v| nan_max(m, v.abs()))
+}
