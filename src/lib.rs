@@ -11,6 +11,7 @@
 //! - [`batch`]: offline JSONL batch generation (sharding, bucketing, resume, merge).
 //! - [`loglik`] and [`eval`]: upstream's Monte-Carlo log-likelihood (ELBO) and lm-eval-style
 //!   multiple-choice scoring over a [`loglik::Scorer`].
+//! - [`quant`]: FP8 (E4M3) weights and activations: format, quantized checkpoints, CPU reference.
 
 pub mod backend;
 pub mod batch;
@@ -25,6 +26,7 @@ pub mod loglik;
 pub mod model;
 pub mod nvtx;
 pub mod presets;
+pub mod quant;
 pub mod rng;
 pub mod sampler;
 pub mod tokenizer;

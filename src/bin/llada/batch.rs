@@ -13,7 +13,7 @@ use clap::{Args, Subcommand};
 
 use llada::batch::{self, GenOptions, LineError, OutputLog, ParseContext, RunOptions, Shard};
 use llada::device::DeviceChoice;
-use llada::engine::{self, Opened};
+use llada::engine;
 use llada::sampler::GenerateParams;
 
 use super::ModelArgs;
@@ -28,6 +28,8 @@ pub struct BatchArgs {
     cmd: Option<BatchCmd>,
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    weights: super::WeightsArg,
     /// Requests, one JSON object a line: `id` and one of `prompt`, `messages`, `prompt_ids`,
     /// optionally overriding any generation flag (`steps`, `gen_length`, `temperature`, ...).
     #[arg(long)]
@@ -245,7 +247,7 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
         std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
     }
 
-    let opened = Opened::open(&a.model.spec()?)?;
+    let opened = a.weights.open(&a.model.spec()?)?;
     opened.apply_ids(&mut base);
     let text = std::fs::read_to_string(&input)
         .with_context(|| format!("reading the input file {}", input.display()))?;

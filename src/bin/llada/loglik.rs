@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use llada::device::DeviceChoice;
-use llada::engine::{self, Opened};
+use llada::engine;
 use llada::eval::encode_pair;
 use llada::loglik::{self, LoglikParams};
 
@@ -16,6 +16,8 @@ use super::ModelArgs;
 pub struct LoglikArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    weights: super::WeightsArg,
     /// Prompt text; the prompt/answer split follows lm-eval's `_encode_pair`.
     #[arg(long, conflicts_with = "prompt_ids", requires = "answer")]
     prompt: Option<String>,
@@ -66,7 +68,7 @@ pub fn cmd_loglik(a: LoglikArgs) -> Result<()> {
         seed: a.seed,
     };
     params.validate()?;
-    let opened = Opened::open(&a.model.spec()?)?;
+    let opened = a.weights.open(&a.model.spec()?)?;
     let (prompt, answer) = match (&a.prompt, &a.answer, &a.prompt_ids, &a.answer_ids) {
         (Some(p), Some(ans), None, None) => {
             let tok = opened.tokenizer.as_ref().context(

@@ -20,6 +20,7 @@ use llada::sampler::{Decode, GenerateParams, Progress};
 mod eval;
 mod grad;
 mod loglik;
+mod quantize;
 mod train;
 
 #[derive(Parser)]
@@ -54,6 +55,27 @@ enum Cmd {
     Train(train::TrainArgs),
     /// Write the masked-token loss and every parameter's gradient (f32) to a safetensors file.
     Grad(grad::GradArgs),
+    /// Write an FP8 (E4M3) copy of a model folder, or measure FP8 against bf16 and f32.
+    Quantize(quantize::QuantizeArgs),
+}
+
+/// `--weights`: how the linear layers are held on the device.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct WeightsArg {
+    /// checkpoint (as stored; a quantized folder is FP8) | fp8 (E4M3 weights per output
+    /// channel, activations quantized per token; a bf16 folder is quantized at load).
+    #[arg(long, default_value = "checkpoint")]
+    pub(crate) weights: String,
+}
+
+impl WeightsArg {
+    /// Open the model and set its weights mode.
+    pub(crate) fn open(&self, spec: &ModelSpec) -> Result<Opened> {
+        let mode: llada::quant::WeightsMode = self.weights.parse()?;
+        let mut o = Opened::open(spec)?;
+        o.weights = mode;
+        Ok(o)
+    }
 }
 
 #[derive(Args, Clone)]
@@ -135,6 +157,8 @@ struct GenerateArgs {
     prompt_ids: Vec<String>,
     #[command(flatten)]
     gen: GenFlags,
+    #[command(flatten)]
+    weights: WeightsArg,
     /// auto | cpu | cuda | cuda:N
     #[arg(long, default_value = "auto")]
     device: String,
@@ -153,6 +177,8 @@ struct ForwardArgs {
     /// Output safetensors file.
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    weights: WeightsArg,
     #[arg(long, default_value = "auto")]
     device: String,
 }
@@ -204,6 +230,7 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => eval::cmd_eval(a),
         Cmd::Train(a) => train::cmd_train(a),
         Cmd::Grad(a) => grad::cmd_grad(a),
+        Cmd::Quantize(a) => quantize::cmd_quantize(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -228,6 +255,9 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
         c.mask_token_id, c.eos_token_id, c.pad_token_id
     );
     println!("weights dtype: {}", opened.ckpt.dtype());
+    if opened.ckpt.has_fp8() {
+        println!("linear layers: FP8 E4M3, per-channel scales (quantization_config fp8)");
+    }
     if let Some(t) = &opened.tokenizer {
         println!(
             "tokenizer: {} entries, eot {:?}, bos {:?}",
@@ -241,7 +271,7 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
 
 fn cmd_forward(a: ForwardArgs) -> Result<()> {
     let ids = engine::parse_ids(&a.ids)?;
-    let opened = Opened::open(&a.model.spec()?)?;
+    let opened = a.weights.open(&a.model.spec()?)?;
     let device: DeviceChoice = a.device.parse()?;
     let (mut eng, notice) = engine::load(&opened, device)?;
     if let Some(n) = notice {
@@ -266,7 +296,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         "text" => false,
         f => bail!("unknown --format {f:?}: expected text or json"),
     };
-    let opened = Opened::open(&a.model.spec()?)?;
+    let opened = a.weights.open(&a.model.spec()?)?;
     let prompts: Vec<Vec<u32>> = if let Some(text) = &a.prompt {
         let tok = opened
             .tokenizer
