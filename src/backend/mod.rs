@@ -22,6 +22,7 @@ use crate::head::SelectParams;
 
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_fp8;
 
 /// Shape of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
