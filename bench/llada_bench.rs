@@ -36,6 +36,10 @@ struct Args {
     /// auto | cpu | cuda | cuda:N
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Linear-layer weights: checkpoint (as stored) | fp8 (E4M3 per channel, activations per
+    /// token; a bf16 model is quantized at load).
+    #[arg(long, default_value = "checkpoint")]
+    weights: String,
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
     #[arg(long, default_value_t = 256)]
@@ -76,6 +80,8 @@ struct Args {
 
 #[derive(Clone, Debug, serde::Serialize)]
 struct Row {
+    /// `checkpoint` or `fp8` (`--weights`).
+    weights: String,
     batch: usize,
     cache: String,
     threshold: Option<f64>,
@@ -199,7 +205,8 @@ fn run(a: Args) -> Result<()> {
         rules.extend(list_f64(f, "factor")?.into_iter().map(|f| (None, Some(f))));
     }
     let batches = list(&a.batch, "batch")?;
-    let opened = Opened::open(&spec)?;
+    let mut opened = Opened::open(&spec)?;
+    opened.weights = a.weights.parse()?;
     let t_load = Instant::now();
     let (mut eng, notice) = engine::load(&opened, choice)?;
     if let Some(n) = notice {
@@ -218,8 +225,8 @@ fn run(a: Args) -> Result<()> {
         commit()
     );
     println!(
-        "# model: {}  prompt {}  gen_length {}  block_length {}  temperature 0  low_confidence  (load {:.1}s)",
-        opened.label, a.prompt_len, a.gen_length, a.block_length, load_s
+        "# model: {}  weights {}  prompt {}  gen_length {}  block_length {}  temperature 0  low_confidence  (load {:.1}s)",
+        opened.label, opened.weights, a.prompt_len, a.gen_length, a.block_length, load_s
     );
     if let Some(c) = ceiling {
         println!(
@@ -317,6 +324,7 @@ fn run(a: Args) -> Result<()> {
                 step_flops(eng.as_ref(), b, t, b * a.block_length) * nfe as f64 / secs / 1e12
             });
             let row = Row {
+                weights: opened.weights.to_string(),
                 batch: b,
                 cache: decode.cache.to_string(),
                 threshold: decode.threshold,
@@ -401,6 +409,7 @@ fn run(a: Args) -> Result<()> {
             "driver": eng.driver(),
             "commit": commit(),
             "model": opened.label,
+            "weights": opened.weights.to_string(),
             "prompt_len": a.prompt_len,
             "gen_length": a.gen_length,
             "block_length": a.block_length,

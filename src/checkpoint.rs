@@ -454,10 +454,44 @@ fn map_file(path: &Path) -> Result<Arc<memmap2::Mmap>> {
     Ok(Arc::new(m))
 }
 
+/// An `F8_E4M3` tensor of a quantized checkpoint (see [`crate::quant`]): memory-mapped codes,
+/// byte length checked against the shape. Its per-row scales are the tensor `<name>_scale`.
+#[derive(Clone, Debug)]
+pub struct Fp8Tensor {
+    pub mmap: Arc<memmap2::Mmap>,
+    pub start: usize,
+    pub end: usize,
+    pub shape: Vec<usize>,
+    pub name: String,
+}
+
+/// The safetensors dtype of E4M3 tensors.
+pub const F8_E4M3: &str = "F8_E4M3";
+
+/// The linear-layer parts of a block (the tensors FP8 quantization applies to).
+pub const LINEAR_PARTS: [&str; 7] = [
+    "q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out",
+];
+
+/// Whether `name` is a block's linear-layer weight (`model.transformer.blocks.N.<part>.weight`,
+/// part in [`LINEAR_PARTS`]).
+pub fn is_linear_weight(name: &str) -> bool {
+    name.strip_prefix("model.transformer.blocks.")
+        .and_then(|r| r.split_once('.'))
+        .is_some_and(|(layer, rest)| {
+            layer.parse::<usize>().is_ok()
+                && LINEAR_PARTS
+                    .iter()
+                    .any(|p| rest.strip_prefix(p) == Some(".weight"))
+        })
+}
+
 /// A set of named weight tensors: a loaded checkpoint or a preset.
 #[derive(Clone, Debug, Default)]
 pub struct Checkpoint {
     tensors: HashMap<String, WeightSource>,
+    /// `F8_E4M3` tensors (quantized checkpoints).
+    fp8: HashMap<String, Fp8Tensor>,
     /// File each mapped tensor lives in (for messages).
     origin: HashMap<String, PathBuf>,
     files: Vec<PathBuf>,
@@ -528,6 +562,30 @@ impl Checkpoint {
                         path.display()
                     );
                 };
+                if e.dtype == F8_E4M3 {
+                    let numel = e.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+                    if numel != Some(e.end - e.start) {
+                        bail!(
+                            "{}: tensor `{name}`: {} data bytes do not match shape {:?} of {}",
+                            path.display(),
+                            e.end - e.start,
+                            e.shape,
+                            e.dtype
+                        );
+                    }
+                    ck.origin.insert(name.clone(), path.clone());
+                    ck.fp8.insert(
+                        name.clone(),
+                        Fp8Tensor {
+                            mmap: mmap.clone(),
+                            start: e.start,
+                            end: e.end,
+                            shape: e.shape,
+                            name,
+                        },
+                    );
+                    continue;
+                }
                 let Some(dtype) = parse_safetensors_dtype(&e.dtype) else {
                     unsupported.insert(name, (e.dtype, path.clone()));
                     continue;
@@ -562,7 +620,7 @@ impl Checkpoint {
         for (name, _) in expected_tensors(cfg) {
             if let Some((dtype, path)) = unsupported.get(&name) {
                 bail!(
-                    "{}: tensor `{name}` has dtype {dtype}; only BF16, F16 and F32 are supported",
+                    "{}: tensor `{name}` has dtype {dtype}; only BF16, F16 and F32 are supported (and F8_E4M3 for the linear layers of an FP8 folder)",
                     path.display()
                 );
             }
@@ -596,7 +654,45 @@ impl Checkpoint {
         locate: impl Fn(&str) -> String,
     ) -> Result<()> {
         let expected = expected_tensors(cfg);
+        let mut scales: Vec<String> = Vec::new();
         for (name, shape) in &expected {
+            if let (None, Some(q)) = (self.tensors.get(name), self.fp8.get(name)) {
+                if !is_linear_weight(name) {
+                    bail!(
+                        "{}: tensor `{name}` is {F8_E4M3}; only the linear layers ({}) may be FP8 \
+                         (embeddings, norms and the LM head stay in bf16/f16/f32)",
+                        locate(name),
+                        LINEAR_PARTS.join(", ")
+                    );
+                }
+                if q.shape != *shape {
+                    bail!(
+                        "{}: tensor `{name}` has shape {:?}, but config.json implies {shape:?}",
+                        locate(name),
+                        q.shape
+                    );
+                }
+                let sname = format!("{name}_scale");
+                let Some(s) = self.tensors.get(&sname) else {
+                    bail!(
+                        "{}: tensor `{name}` is {F8_E4M3} but its per-channel scale `{sname}` \
+                         (F32, shape [{}, 1]) is missing",
+                        locate(name),
+                        shape[0]
+                    );
+                };
+                if s.shape() != [shape[0], 1] && s.shape() != [shape[0]] {
+                    bail!(
+                        "{}: tensor `{sname}` has shape {:?}; a per-output-channel scale of \
+                         `{name}` must be [{}, 1]",
+                        locate(&sname),
+                        s.shape(),
+                        shape[0]
+                    );
+                }
+                scales.push(sname);
+                continue;
+            }
             let Some(t) = self.tensors.get(name) else {
                 bail!(
                     "{}: missing tensor `{name}` (expected shape {shape:?})",
@@ -617,11 +713,15 @@ impl Checkpoint {
                 );
             }
         }
-        let used: std::collections::HashSet<&str> =
-            expected.iter().map(|(n, _)| n.as_str()).collect();
+        let used: std::collections::HashSet<&str> = expected
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(scales.iter().map(String::as_str))
+            .collect();
         let mut ignored: Vec<String> = self
             .tensors
             .keys()
+            .chain(self.fp8.keys())
             .filter(|n| !used.contains(n.as_str()))
             .cloned()
             .collect();
@@ -635,6 +735,16 @@ impl Checkpoint {
     /// tensors.
     pub fn set(&mut self, name: &str, src: WeightSource) {
         self.tensors.insert(name.to_string(), src);
+    }
+
+    /// The `F8_E4M3` tensor `name`, if the checkpoint stores it quantized.
+    pub fn fp8_tensor(&self, name: &str) -> Option<&Fp8Tensor> {
+        self.fp8.get(name)
+    }
+
+    /// Whether any tensor is stored as `F8_E4M3` (a quantized checkpoint).
+    pub fn has_fp8(&self) -> bool {
+        !self.fp8.is_empty()
     }
 
     /// The source of tensor `name`.

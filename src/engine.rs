@@ -16,6 +16,7 @@ use crate::device::{self, DeviceChoice, Resolved};
 use crate::dtype::DType;
 use crate::model::{Model, ModelPredictor};
 use crate::presets;
+use crate::quant::WeightsMode;
 use crate::sampler::{self, Decode, GenerateOutput, GenerateParams, Progress};
 use crate::tokenizer::Tokenizer;
 
@@ -37,6 +38,9 @@ pub struct Opened {
     pub label: String,
     /// The dtype to compute in (`--dtype`); `None`: the checkpoint's ([`Checkpoint::dtype`]).
     pub compute: Option<DType>,
+    /// How [`load`] holds the linear layers (`--weights`; set it after [`Opened::open`]). A
+    /// quantized folder is FP8 either way.
+    pub weights: WeightsMode,
 }
 
 /// `--dtype auto|bf16|f32`: the compute dtype, like transformers' `torch_dtype` (`auto` = the
@@ -57,6 +61,13 @@ impl Opened {
                 let cfg_path = crate::checkpoint::resolve_in_folder(dir, "config.json", dir)?;
                 let cfg = ModelConfig::from_file(&cfg_path)?;
                 let ckpt = Checkpoint::open(dir, &cfg)?;
+                let source = cfg_path.display().to_string();
+                let cfg_text = crate::checkpoint::read_text_file(
+                    &cfg_path,
+                    crate::checkpoint::MAX_CONFIG_BYTES,
+                )?;
+                let quantized = crate::quant::check_quantization_config(&cfg_text, &source)?;
+                crate::quant::check_consistent(quantized, &ckpt, &cfg, &source)?;
                 let tokenizer = if dir.join("tokenizer.json").is_file() {
                     Some(Tokenizer::from_dir(dir, &cfg)?)
                 } else {
@@ -68,6 +79,7 @@ impl Opened {
                     tokenizer,
                     label: dir.display().to_string(),
                     compute: None,
+                    weights: WeightsMode::Checkpoint,
                 })
             }
             ModelSpec::Preset { name, seed } => {
@@ -79,6 +91,7 @@ impl Opened {
                     tokenizer: None,
                     label: format!("preset {name} (random weights, seed {seed})"),
                     compute: None,
+                    weights: WeightsMode::Checkpoint,
                 })
             }
         }
@@ -332,6 +345,8 @@ fn check_ids(cfg: &ModelConfig, ids: impl Iterator<Item = u32>) -> Result<()> {
 pub fn load(opened: &Opened, choice: DeviceChoice) -> Result<(Box<dyn Engine>, Option<String>)> {
     let (dev, notice) = device::resolve(choice)?;
     let get = |name: &str| opened.ckpt.get(name).cloned();
+    let fp8 = opened.weights == WeightsMode::Fp8 || opened.ckpt.has_fp8();
+    let get_fp8 = |name: &str| crate::quant::fp8_weight(&opened.ckpt, name);
     let engine: Box<dyn Engine> = match dev {
         Resolved::Cpu => {
             if opened.cfg.d_model >= 2048
@@ -349,11 +364,16 @@ pub fn load(opened: &Opened, choice: DeviceChoice) -> Result<(Box<dyn Engine>, O
                 let src = opened.ckpt.get(name)?;
                 Ok(crate::checkpoint::cast_source(src, compute))
             };
-            let model = Model::load(backend, opened.cfg.clone(), cast)
-                .with_context(|| format!("loading {} on the CPU", opened.label))?;
+            let model = if fp8 {
+                Model::load_fp8(backend, opened.cfg.clone(), cast, get_fp8)
+            } else {
+                Model::load(backend, opened.cfg.clone(), cast)
+            }
+            .with_context(|| format!("loading {} on the CPU", opened.label))?;
+            let w = if fp8 { ", fp8 weights" } else { "" };
             Box::new(EngineImpl {
                 model,
-                device: format!("cpu ({threads} threads, {compute} compute)"),
+                device: format!("cpu ({threads} threads, {compute} compute{w})"),
             })
         }
         Resolved::Cuda(i) => {
@@ -362,8 +382,12 @@ pub fn load(opened: &Opened, choice: DeviceChoice) -> Result<(Box<dyn Engine>, O
             }
             let backend = CudaBackend::new(i)?;
             let name = format!("{} (cuda:{i})", backend.device_name());
-            let model = Model::load(backend, opened.cfg.clone(), get)
-                .with_context(|| format!("loading {} on cuda:{i}", opened.label))?;
+            let model = if fp8 {
+                Model::load_fp8(backend, opened.cfg.clone(), get, get_fp8)
+            } else {
+                Model::load(backend, opened.cfg.clone(), get)
+            }
+            .with_context(|| format!("loading {} on cuda:{i}", opened.label))?;
             Box::new(EngineImpl {
                 model,
                 device: name,

@@ -13,6 +13,7 @@
 //! - [`loglik`] and [`eval`]: upstream's Monte-Carlo log-likelihood (ELBO) and lm-eval-style
 //!   multiple-choice scoring over a [`loglik::Scorer`].
 //! - [`serve`]: `llada serve`, the OpenAI-compatible HTTP server.
+//! - [`quant`]: FP8 (E4M3) weights and activations: format, quantized checkpoints, CPU reference.
 
 pub mod backend;
 pub mod batch;
@@ -30,6 +31,7 @@ pub mod lora;
 pub mod model;
 pub mod nvtx;
 pub mod presets;
+pub mod quant;
 pub mod rng;
 pub mod sampler;
 pub mod serve;

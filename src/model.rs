@@ -29,6 +29,7 @@ use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
 use crate::head::SelectParams;
 use crate::nvtx;
+use crate::quant::fp8::Fp8Weight;
 use crate::sampler::{PredictRequest, Predictor, SpanPredictor, SpanRequest};
 
 /// NVTX names of the layer ranges (static: no allocation per call); deeper layers are `layer`.
@@ -98,6 +99,9 @@ static LAYER_NAMES: [&CStr; 64] = [
     c"layer 62",
     c"layer 63",
 ];
+
+/// How [`Model::load_fp8`] obtains a linear layer's FP8 weight by tensor name.
+type GetFp8<'a> = dyn Fn(&str) -> Result<Fp8Weight> + 'a;
 
 /// Unique ids of models and KV caches, so a graph is replayed only on the buffers it captured.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -345,6 +349,27 @@ impl<B: Backend> Model<B> {
         cfg: ModelConfig,
         get: impl Fn(&str) -> Result<WeightSource>,
     ) -> Result<Self> {
+        Self::load_impl(backend, cfg, &get, None)
+    }
+
+    /// [`Model::load`] with the linear layers of every block (q|k|v, `attn_out`, gate|up, down)
+    /// in FP8: `get_fp8(name)` gives each one ([`crate::quant::fp8_weight`]), uploaded with
+    /// [`Backend::load_weight_fp8`]. Embedding, norms and LM head come from `get` as usual.
+    pub fn load_fp8(
+        backend: B,
+        cfg: ModelConfig,
+        get: impl Fn(&str) -> Result<WeightSource>,
+        get_fp8: impl Fn(&str) -> Result<Fp8Weight>,
+    ) -> Result<Self> {
+        Self::load_impl(backend, cfg, &get, Some(&get_fp8))
+    }
+
+    fn load_impl(
+        backend: B,
+        cfg: ModelConfig,
+        get: &dyn Fn(&str) -> Result<WeightSource>,
+        get_fp8: Option<&GetFp8<'_>>,
+    ) -> Result<Self> {
         let c = cfg.d_model;
         ensure!(
             cfg.n_heads > 0 && c % cfg.n_heads == 0,
@@ -384,17 +409,48 @@ impl<B: Backend> Model<B> {
         for i in 0..cfg.n_layers {
             let bp = format!("{p}blocks.{i}.");
             let t = |n: &str, shape: &[usize]| fetch(&format!("{bp}{n}.weight"), shape);
+            // A linear layer: the parts stacked by rows, FP8 when `get_fp8` is given.
+            let lin = |parts: &[(&str, [usize; 2])]| -> Result<B::Weight> {
+                let Some(g) = get_fp8 else {
+                    let srcs = parts
+                        .iter()
+                        .map(|(n, s)| t(n, s))
+                        .collect::<Result<Vec<_>>>()?;
+                    return load(&srcs);
+                };
+                let mut ws = Vec::with_capacity(parts.len());
+                for (n, s) in parts {
+                    let name = format!("{bp}{n}.weight");
+                    let w = g(&name).with_context(|| format!("loading FP8 tensor `{name}`"))?;
+                    ensure!(
+                        [w.rows, w.cols] == *s,
+                        "tensor `{name}` has shape [{}, {}], the config implies {s:?}",
+                        w.rows,
+                        w.cols
+                    );
+                    ws.push(w);
+                }
+                backend.load_weight_fp8(&ws).with_context(|| {
+                    format!(
+                        "uploading FP8 `{}`",
+                        ws.iter()
+                            .map(|w| w.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join("|")
+                    )
+                })
+            };
             layers.push(Layer {
                 attn_norm: load(&[t("attn_norm", &[c])?])?,
-                qkv: load(&[
-                    t("q_proj", &[nh * hd, c])?,
-                    t("k_proj", &[nkv * hd, c])?,
-                    t("v_proj", &[nkv * hd, c])?,
+                qkv: lin(&[
+                    ("q_proj", [nh * hd, c]),
+                    ("k_proj", [nkv * hd, c]),
+                    ("v_proj", [nkv * hd, c]),
                 ])?,
-                attn_out: load(&[t("attn_out", &[c, nh * hd])?])?,
+                attn_out: lin(&[("attn_out", [c, nh * hd])])?,
                 ff_norm: load(&[t("ff_norm", &[c])?])?,
-                gate_up: load(&[t("ff_proj", &[f, c])?, t("up_proj", &[f, c])?])?,
-                down: load(&[t("ff_out", &[c, f])?])?,
+                gate_up: lin(&[("ff_proj", [f, c]), ("up_proj", [f, c])])?,
+                down: lin(&[("ff_out", [c, f])])?,
             });
         }
         let ln_f = load(&[fetch(&format!("{p}ln_f.weight"), &[c])?])?;

@@ -79,6 +79,8 @@ enum Store {
         src: WeightSource,
         round: Option<DType>,
     },
+    /// An FP8 weight (codes + per-row scales); rows decode dequantized.
+    Fp8(crate::quant::fp8::Fp8Weight),
 }
 
 #[derive(Debug)]
@@ -96,6 +98,8 @@ pub struct CpuWeight {
     cols: usize,
     parts: Vec<Part>,
     name: String,
+    /// The FP8 parts again, in order, when this is an FP8 weight (`matmul` takes the FP8 path).
+    fp8: Vec<crate::quant::fp8::Fp8Weight>,
 }
 
 impl CpuWeight {
@@ -128,6 +132,10 @@ impl CpuWeight {
                 if let Some(dt) = round {
                     dt.round_slice(buf);
                 }
+                buf
+            }
+            Store::Fp8(w) => {
+                w.dequant_row(lr, buf);
                 buf
             }
         }
@@ -490,6 +498,41 @@ impl Backend for CpuBackend {
             cols,
             parts: out,
             name,
+            fp8: Vec::new(),
+        })
+    }
+
+    fn load_weight_fp8(&self, parts: &[crate::quant::fp8::Fp8Weight]) -> Result<CpuWeight> {
+        ensure!(!parts.is_empty(), "load_weight_fp8: no parts given");
+        let name = parts
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join("|");
+        let cols = parts[0].cols;
+        let mut out = Vec::with_capacity(parts.len());
+        let mut rows = 0usize;
+        for p in parts {
+            ensure!(
+                p.cols == cols,
+                "load_weight_fp8: tensor `{}` has {} columns, the first part `{}` has {cols}",
+                p.name,
+                p.cols,
+                parts[0].name
+            );
+            out.push(Part {
+                first_row: rows,
+                rows: p.rows,
+                store: Store::Fp8(p.clone()),
+            });
+            rows += p.rows;
+        }
+        Ok(CpuWeight {
+            rows,
+            cols,
+            parts: out,
+            name,
+            fp8: parts.to_vec(),
         })
     }
 
@@ -668,6 +711,9 @@ impl Backend for CpuBackend {
             w.rows,
             w.cols
         );
+        if !w.fp8.is_empty() {
+            return crate::quant::fp8::matmul(self.dtype, out, x, &w.fp8, n, k, m);
+        }
         if n == 0 || m == 0 {
             return Ok(());
         }

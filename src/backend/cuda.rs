@@ -93,6 +93,8 @@ pub struct CudaWeight {
     pub cols: usize,
     /// The first checkpoint tensor's name (plus `+N` when merged), for error messages.
     pub name: String,
+    /// An FP8 linear weight ([`super::cuda_fp8`]; then `buf` is a placeholder, rows = cols = 0).
+    pub fp8: Option<Box<super::cuda_fp8::Fp8DeviceWeight>>,
 }
 
 impl CudaWeight {
@@ -270,6 +272,8 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 
 pub struct CudaBackend {
     // Field order is drop order: handles before the modules, modules before the context.
+    /// FP8 GEMM state (cuBLASLt handle, activation scratch), created on the first FP8 weight.
+    pub(crate) fp8: super::cuda_fp8::Fp8State,
     blas: CudaBlas,
     _blas_workspace: CudaSlice<u8>,
     k: Kernels,
@@ -398,6 +402,7 @@ impl CudaBackend {
             .alloc_zeros::<f32>(ATTN_SCRATCH)
             .map_err(|e| anyhow!("allocating the attention scratch: {e:?}"))?;
         Ok(CudaBackend {
+            fp8: Default::default(),
             blas,
             _blas_workspace: ws,
             k,
@@ -796,6 +801,10 @@ impl Backend for CudaBackend {
         DType::BF16
     }
 
+    fn load_weight_fp8(&self, parts: &[crate::quant::fp8::Fp8Weight]) -> Result<CudaWeight> {
+        super::cuda_fp8::load_weight(self, parts)
+    }
+
     fn load_weight(&self, parts: &[WeightSource]) -> Result<CudaWeight> {
         let first = parts
             .first()
@@ -839,6 +848,7 @@ impl Backend for CudaBackend {
             rows,
             cols,
             name,
+            fp8: None,
         })
     }
 
@@ -1039,6 +1049,9 @@ impl Backend for CudaBackend {
         m: usize,
     ) -> Result<()> {
         let op = "matmul";
+        if let Some(f) = &w.fp8 {
+            return super::cuda_fp8::matmul(self, out, x, f, &w.name, n, k, m);
+        }
         if w.rows != m || w.cols != k {
             bail!(
                 "{op}: weight `{}` is [{}, {}], expected [M={m}, K={k}]",

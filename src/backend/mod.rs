@@ -22,6 +22,7 @@ use crate::head::SelectParams;
 
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_fp8;
 
 /// Shape of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -117,6 +118,17 @@ pub trait Backend {
     /// Make a weight from one or more sources concatenated along the first (output) dimension:
     /// `parts[i]` has shape `[rows_i, cols]` (or `[cols]` for norm weights, one part).
     fn load_weight(&self, parts: &[WeightSource]) -> Result<Self::Weight>;
+
+    /// Make an FP8 linear weight ([`crate::quant::fp8`]) from parts stacked along the rows like
+    /// [`Backend::load_weight`]; [`Backend::matmul`] on it quantizes the activations per token
+    /// and runs the FP8 GEMM. Backends without an FP8 path refuse.
+    fn load_weight_fp8(&self, parts: &[crate::quant::fp8::Fp8Weight]) -> Result<Self::Weight> {
+        let _ = parts;
+        anyhow::bail!(
+            "{}: FP8 weights (--weights fp8) are not supported on this backend",
+            self.name()
+        )
+    }
 
     fn alloc_act(&self, len: usize) -> Result<Self::Act>;
     fn alloc_ints(&self, len: usize) -> Result<Self::Ints>;

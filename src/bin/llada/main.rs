@@ -21,6 +21,7 @@ mod eval;
 mod grad;
 mod loglik;
 mod lora;
+mod quantize;
 mod serve;
 mod train;
 
@@ -64,6 +65,8 @@ enum Cmd {
     Grad(grad::GradArgs),
     /// Merge a PEFT LoRA adapter into a model and write the merged Hugging Face folder.
     MergeLora(lora::MergeLoraArgs),
+    /// Write an FP8 (E4M3) copy of a model folder, or measure FP8 against bf16 and f32.
+    Quantize(quantize::QuantizeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -81,24 +84,36 @@ struct ModelArgs {
     /// (CUDA computes in bf16 only).
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// checkpoint (as stored; a quantized folder is FP8) | fp8 (E4M3 linear weights per output
+    /// channel, activations quantized per token; a bf16 folder is quantized at load).
+    #[arg(long, default_value = "checkpoint")]
+    weights: String,
 }
 
 impl ModelArgs {
-    /// Open the folder or preset with the `--dtype` choice.
+    /// Open the folder or preset with the `--dtype` and `--weights` choices.
     fn open(&self) -> Result<Opened> {
         let compute = engine::parse_compute_dtype(&self.dtype)?;
+        let mode: llada::quant::WeightsMode = self.weights.parse()?;
         let mut opened = Opened::open(&self.spec()?)?;
         opened.compute = compute;
+        opened.weights = mode;
         Ok(opened)
     }
 
     /// For commands that compute in f32 whatever the checkpoint (training): `--dtype` must be
     /// auto or f32.
     fn require_f32_compute(&self, what: &str) -> Result<()> {
-        match engine::parse_compute_dtype(&self.dtype)? {
-            None | Some(DType::F32) => Ok(()),
-            Some(d) => bail!("--dtype {d}: {what} computes in f32 (see --precision)"),
+        if let Some(d) = engine::parse_compute_dtype(&self.dtype)?.filter(|&d| d != DType::F32) {
+            bail!("--dtype {d}: {what} computes in f32 (see --precision)");
         }
+        if self.weights != "checkpoint" {
+            bail!(
+                "--weights {}: {what} trains the checkpoint's weights",
+                self.weights
+            );
+        }
+        Ok(())
     }
 
     fn spec(&self) -> Result<ModelSpec> {
@@ -241,6 +256,7 @@ fn main() -> ExitCode {
         Cmd::Grad(a) => grad::cmd_grad(a),
         Cmd::MergeLora(a) => lora::cmd_merge_lora(a),
         Cmd::Serve(a) => serve::cmd_serve(a),
+        Cmd::Quantize(a) => quantize::cmd_quantize(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -269,6 +285,9 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
         "compute dtype: {}",
         opened.compute.unwrap_or(opened.ckpt.dtype())
     );
+    if opened.ckpt.has_fp8() {
+        println!("linear layers: FP8 E4M3, per-channel scales (quantization_config fp8)");
+    }
     if let Some(t) = &opened.tokenizer {
         println!(
             "tokenizer: {} entries, eot {:?}, bos {:?}",

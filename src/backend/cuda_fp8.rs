@@ -1,0 +1,468 @@
+//! FP8 linear layers on CUDA (`--weights fp8 --device cuda`): E4M3 weights with per-output-channel
+//! scales resident on the device, activations quantized per token by `kernels/fp8_quant.cu`
+//! (`fp8_quant_bf16`), and a cuBLASLt FP8 GEMM with per-row / per-column scale vectors
+//! (`CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F`), f32 accumulation and bf16 output.
+//!
+//! The math is exactly the CPU reference [`crate::quant::fp8::matmul`] up to the order of the f32
+//! sum: `out[i, j] = bf16(s_x[i] · s_w[j] · Σ_k e4m3(x̂[i, k]) · e4m3(ŵ[j, k]))`.
+//! Hopper's FP8 tensor cores accumulate in reduced precision unless cuBLASLt promotes the partial
+//! sums; `CUBLASLT_MATMUL_DESC_FAST_ACCUM` is left off (the default), so it does.
+//!
+//! Supported: sm_89 (Ada) and sm_90 (Hopper) only; elsewhere loading an FP8 weight fails with an
+//! error naming the GPU. Row-major `out[N, M] = x[N, K] · Wᵀ` is column-major `Wᵀ·x` with `W` the
+//! "A" operand transposed and `x` the "B" operand (the TN layout FP8 GEMMs require); K and M must
+//! be multiples of 16 (16-byte leading dimensions).
+//!
+//! **Status: compiled, never run.** No GPU has executed this file or `fp8_quant.cu`; the parity
+//! test `tests/cuda_fp8.rs` skips without one. Only `--weights fp8` on a CUDA device reaches it.
+//!
+//! Memory: the activation codes and scales live in a scratch allocated once on the first FP8
+//! weight load (64 MiB of codes); a GEMM whose `N·K` exceeds it runs in groups of rows, so a
+//! forward pass allocates nothing and stays capturable into a CUDA graph.
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::cublaslt::{result as lt, sys as ltsys};
+use cudarc::driver::{result as dres, sys as dsys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use super::cuda::{CudaBackend, CudaWeight};
+use crate::quant::fp8::Fp8Weight;
+
+/// Bytes of the activation-code scratch (rows are processed in groups that fit).
+const XQ_BYTES: usize = 64 << 20;
+/// cuBLASLt workspace for the FP8 GEMMs.
+const LT_WORKSPACE: usize = 32 << 20;
+/// Threads per block of `fp8_quant_bf16`.
+const QUANT_THREADS: u32 = 256;
+
+/// An FP8 linear weight on the device: E4M3 codes `[M, K]` and f32 scales `[M]`.
+pub struct Fp8DeviceWeight {
+    pub codes: CudaSlice<u8>,
+    pub scale: CudaSlice<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Per-backend FP8 state, created on the first FP8 weight load.
+#[derive(Default)]
+pub struct Fp8State {
+    inner: RefCell<Option<Inner>>,
+}
+
+struct Inner {
+    lt: ltsys::cublasLtHandle_t,
+    /// Activation codes `[rows, K]` of the current group of rows.
+    xq: CudaSlice<u8>,
+    /// Activation scales, one per row of the group.
+    xs: CudaSlice<f32>,
+    ws: CudaSlice<u8>,
+    quant: dsys::CUfunction,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by `lt::create_handle` and is destroyed once.
+        let _ = unsafe { lt::destroy_handle(self.lt) };
+    }
+}
+
+fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+
+fn dptr_mut<T>(s: &mut CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr_mut(stream).0
+}
+
+/// Whether this GPU runs the FP8 path (sm_89 or sm_90), or the error saying why not.
+pub fn check_arch(be: &CudaBackend) -> Result<()> {
+    let (maj, min) = be.compute_capability()?;
+    if (maj, min) != (8, 9) && (maj, min) != (9, 0) {
+        bail!(
+            "FP8 GEMMs (--weights fp8) need an sm_89 (Ada) or sm_90 (Hopper) GPU; {} is \
+             sm_{maj}{min}. Use --weights checkpoint (bf16) on this GPU",
+            be.device_name()
+        );
+    }
+    Ok(())
+}
+
+fn init(be: &CudaBackend) -> Result<Inner> {
+    check_arch(be)?;
+    // SAFETY: dlopen probe only.
+    if !unsafe { ltsys::is_culib_present() } {
+        bail!("cuBLASLt (libcublasLt.so.13) was not found on the library path");
+    }
+    let stream = be.stream();
+    let lt = lt::create_handle().map_err(|e| anyhow!("creating the cuBLASLt handle: {e:?}"))?;
+    let alloc = || -> Result<(CudaSlice<u8>, CudaSlice<f32>, CudaSlice<u8>)> {
+        Ok((
+            stream.alloc_zeros::<u8>(XQ_BYTES)?,
+            stream.alloc_zeros::<f32>(XQ_BYTES / 16)?,
+            stream.alloc_zeros::<u8>(LT_WORKSPACE)?,
+        ))
+    };
+    let (xq, xs, ws) = match alloc() {
+        Ok(b) => b,
+        Err(e) => {
+            // SAFETY: created above, not yet owned by an `Inner`.
+            let _ = unsafe { lt::destroy_handle(lt) };
+            return Err(e.context("allocating the FP8 scratch"));
+        }
+    };
+    let quant = match be.function("fp8_quant_bf16") {
+        Ok(f) => f,
+        Err(e) => {
+            // SAFETY: as above.
+            let _ = unsafe { lt::destroy_handle(lt) };
+            return Err(e);
+        }
+    };
+    Ok(Inner {
+        lt,
+        xq,
+        xs,
+        ws,
+        quant,
+    })
+}
+
+/// Upload FP8 parts stacked by rows ([`crate::backend::Backend::load_weight_fp8`]). The returned
+/// weight has no bf16 data (`rows = cols = 0`, so every bf16 op refuses it); `matmul` sees `fp8`.
+pub fn load_weight(be: &CudaBackend, parts: &[Fp8Weight]) -> Result<CudaWeight> {
+    let state = &be.fp8;
+    if parts.is_empty() {
+        bail!("load_weight_fp8: no parts given");
+    }
+    {
+        let mut st = state.inner.borrow_mut();
+        if st.is_none() {
+            *st = Some(init(be)?);
+        }
+    }
+    let cols = parts[0].cols;
+    let rows: usize = parts.iter().map(|p| p.rows).sum();
+    let name = parts
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect::<Vec<_>>()
+        .join("|");
+    let mut codes = Vec::with_capacity(rows * cols);
+    let mut scale = Vec::with_capacity(rows);
+    for p in parts {
+        if p.cols != cols {
+            bail!(
+                "load_weight_fp8: tensor `{}` has {} columns, the first part `{}` has {cols}",
+                p.name,
+                p.cols,
+                parts[0].name
+            );
+        }
+        codes.extend_from_slice(p.codes());
+        scale.extend_from_slice(p.scale());
+    }
+    if cols % 16 != 0 || rows % 16 != 0 {
+        bail!(
+            "load_weight_fp8: `{name}` is [{rows}, {cols}]; FP8 GEMMs need both dimensions to be \
+             multiples of 16"
+        );
+    }
+    let stream = be.stream();
+    let d = Fp8DeviceWeight {
+        codes: stream
+            .clone_htod(&codes)
+            .map_err(|e| anyhow!("uploading FP8 `{name}`: {e:?}"))?,
+        scale: stream
+            .clone_htod(&scale)
+            .map_err(|e| anyhow!("uploading the scales of `{name}`: {e:?}"))?,
+        rows,
+        cols,
+    };
+    let placeholder = stream
+        .alloc_zeros::<bf16>(1)
+        .map_err(|e| anyhow!("allocating `{name}`: {e:?}"))?;
+    Ok(CudaWeight {
+        buf: placeholder,
+        rows: 0,
+        cols: 0,
+        name,
+        fp8: Some(Box::new(d)),
+    })
+}
+
+/// RAII guards of the cuBLASLt descriptors of one GEMM.
+struct Desc(ltsys::cublasLtMatmulDesc_t);
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: created once by `create_matmul_desc`.
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+struct Layout(ltsys::cublasLtMatrixLayout_t);
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: created once by `create_matrix_layout`.
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+struct Pref(ltsys::cublasLtMatmulPreference_t);
+impl Drop for Pref {
+    fn drop(&mut self) {
+        // SAFETY: created once by `create_matmul_pref`.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
+
+fn set_desc<T>(d: &Desc, attr: ltsys::cublasLtMatmulDescAttributes_t, v: &T) -> Result<()> {
+    // SAFETY: `v` is a live value of the attribute's type and size.
+    unsafe {
+        lt::set_matmul_desc_attribute(
+            d.0,
+            attr,
+            v as *const T as *const c_void,
+            std::mem::size_of::<T>(),
+        )
+    }
+    .map_err(|e| anyhow!("cuBLASLt: setting {attr:?}: {e:?}"))
+}
+
+/// `out[N, M] = x[N, K] · Wᵀ` with `W` FP8 (see the module docs); `name` names the weight.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    be: &CudaBackend,
+    out: &mut CudaSlice<bf16>,
+    x: &CudaSlice<bf16>,
+    w: &Fp8DeviceWeight,
+    name: &str,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Result<()> {
+    let op = "matmul_fp8";
+    if w.rows != m || w.cols != k {
+        bail!(
+            "{op}: weight `{name}` is [{}, {}], expected [M={m}, K={k}]",
+            w.rows,
+            w.cols
+        );
+    }
+    if out.len() < n * m {
+        bail!(
+            "{op}: buffer `out` holds {} elements, needs at least {}",
+            out.len(),
+            n * m
+        );
+    }
+    if x.len() < n * k {
+        bail!(
+            "{op}: buffer `x` holds {} elements, needs at least {}",
+            x.len(),
+            n * k
+        );
+    }
+    if n == 0 || m == 0 {
+        return Ok(());
+    }
+    let mut st = be.fp8.inner.borrow_mut();
+    let inner = st
+        .as_mut()
+        .ok_or_else(|| anyhow!("{op}: FP8 state not initialised (no FP8 weight was loaded)"))?;
+    let stream = be.stream().clone();
+    let group = (XQ_BYTES / k).min(inner.xs.len()).max(1);
+    let i32_of = |v: usize, arg: &str| {
+        i32::try_from(v).map_err(|_| anyhow!("{op}: `{arg}` = {v} exceeds 32-bit int range"))
+    };
+    let (k_, m_) = (i32_of(k, "k")?, i32_of(m, "m")?);
+    let (wp, wsp) = (dptr(&w.codes, &stream), dptr(&w.scale, &stream));
+    let (xp, op_) = (dptr(x, &stream), dptr_mut(out, &stream));
+    let (xqp, xsp) = (
+        dptr_mut(&mut inner.xq, &stream),
+        dptr_mut(&mut inner.xs, &stream),
+    );
+    let wsp_lt = dptr_mut(&mut inner.ws, &stream);
+    let mut r0 = 0;
+    while r0 < n {
+        let nr = group.min(n - r0);
+        let nr_ = i32_of(nr, "n")?;
+        // 1. Quantize the rows [r0, r0 + nr) of x into the scratch.
+        let xrow = xp + (r0 * k * 2) as u64;
+        let mut args: Vec<*mut c_void> = vec![
+            &xqp as *const u64 as *mut c_void,
+            &xsp as *const u64 as *mut c_void,
+            &xrow as *const u64 as *mut c_void,
+            &nr_ as *const i32 as *mut c_void,
+            &k_ as *const i32 as *mut c_void,
+        ];
+        // SAFETY: `fp8_quant_bf16(u8* q, f32* scale, const bf16* x, int n, int k)` (ABI.md);
+        // `xq` holds ≥ nr·K bytes and `xs` ≥ nr floats (group size), x ≥ (r0 + nr)·K (checked).
+        unsafe {
+            dres::launch_kernel(
+                inner.quant,
+                (nr as u32, 1, 1),
+                (QUANT_THREADS, 1, 1),
+                0,
+                stream.cu_stream(),
+                &mut args,
+            )
+        }
+        .map_err(|e| anyhow!("{op}: fp8_quant_bf16 launch failed: {e:?}"))?;
+        // 2. D[M, nr] (col-major, ld M) = (A = W: [K, M] col-major, transposed) · (B = x̂: [K, nr]).
+        let dp = op_ + (r0 * m * 2) as u64;
+        gemm(
+            inner.lt, &stream, wp, wsp, xqp, xsp, dp, wsp_lt, m_, nr_, k_,
+        )
+        .map_err(|e| anyhow!("{op}: `{name}` [N={nr}, K={k}] x [M={m}, K={k}]^T: {e}"))?;
+        r0 += nr;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    handle: ltsys::cublasLtHandle_t,
+    stream: &CudaStream,
+    a: u64,
+    a_scale: u64,
+    b: u64,
+    b_scale: u64,
+    d: u64,
+    ws: u64,
+    m: i32,
+    n: i32,
+    k: i32,
+) -> Result<()> {
+    use ltsys::cublasLtMatmulDescAttributes_t as A;
+    use ltsys::cudaDataType_t as T;
+    let desc = Desc(
+        lt::create_matmul_desc(
+            ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            T::CUDA_R_32F,
+        )
+        .map_err(|e| anyhow!("cuBLASLt matmul descriptor: {e:?}"))?,
+    );
+    set_desc(
+        &desc,
+        A::CUBLASLT_MATMUL_DESC_TRANSA,
+        &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+    )?;
+    set_desc(
+        &desc,
+        A::CUBLASLT_MATMUL_DESC_TRANSB,
+        &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+    )?;
+    let vec = ltsys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    set_desc(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &vec)?;
+    set_desc(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec)?;
+    set_desc(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale)?;
+    set_desc(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale)?;
+    let layout = |t: T, r: i32, c: i32, ld: i32| -> Result<Layout> {
+        Ok(Layout(
+            lt::create_matrix_layout(t, r as u64, c as u64, ld as i64)
+                .map_err(|e| anyhow!("cuBLASLt layout: {e:?}"))?,
+        ))
+    };
+    let la = layout(T::CUDA_R_8F_E4M3, k, m, k)?;
+    let lb = layout(T::CUDA_R_8F_E4M3, k, n, k)?;
+    let ld = layout(T::CUDA_R_16BF, m, n, m)?;
+    let pref = Pref(lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?);
+    let wsz = LT_WORKSPACE as u64;
+    // SAFETY: `wsz` is a live u64 of the attribute's size.
+    unsafe {
+        lt::set_matmul_pref_attribute(
+            pref.0,
+            ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            &wsz as *const u64 as *const c_void,
+            8,
+        )
+    }
+    .map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?;
+    // SAFETY: every descriptor is live (guards above).
+    let heur = unsafe { lt::get_matmul_algo_heuristic(handle, desc.0, la.0, lb.0, ld.0, ld.0, pref.0) }
+        .map_err(|e| {
+            anyhow!("cuBLASLt has no FP8 GEMM with per-channel/per-token scales for this shape on this GPU: {e:?}")
+        })?;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: a, b, d, the scale vectors and the workspace are live device allocations of the
+    // sizes the layouts describe (checked by the caller); alpha/beta are host f32 (scale type).
+    unsafe {
+        lt::matmul(
+            handle,
+            desc.0,
+            &alpha as *const f32 as *const c_void,
+            &beta as *const f32 as *const c_void,
+            a as *const c_void,
+            la.0,
+            b as *const c_void,
+            lb.0,
+            d as *const c_void,
+            ld.0,
+            d as *mut c_void,
+            ld.0,
+            &heur.algo,
+            ws as *mut c_void,
+            LT_WORKSPACE,
+            stream.cu_stream() as ltsys::cudaStream_t,
+        )
+    }
+    .map_err(|e| anyhow!("cublasLtMatmul failed: {e:?}"))
+}
+
+/// Run `fp8_quant_bf16` alone (parity tests): quantize `x` `[N, K]` into codes and scales.
+pub fn quantize_act(
+    be: &CudaBackend,
+    x: &CudaSlice<bf16>,
+    n: usize,
+    k: usize,
+) -> Result<(Vec<u8>, Vec<f32>)> {
+    let op = "fp8_quant";
+    if x.len() < n * k {
+        bail!(
+            "{op}: buffer `x` holds {} elements, needs at least {}",
+            x.len(),
+            n * k
+        );
+    }
+    {
+        let mut st = be.fp8.inner.borrow_mut();
+        if st.is_none() {
+            *st = Some(init(be)?);
+        }
+    }
+    let st = be.fp8.inner.borrow();
+    let inner = st.as_ref().ok_or_else(|| anyhow!("{op}: no FP8 state"))?;
+    let stream = be.stream().clone();
+    let mut q = stream.alloc_zeros::<u8>(n * k)?;
+    let mut s = stream.alloc_zeros::<f32>(n)?;
+    let (qp, sp, xp) = (
+        dptr_mut(&mut q, &stream),
+        dptr_mut(&mut s, &stream),
+        dptr(x, &stream),
+    );
+    let n_ = i32::try_from(n)?;
+    let k_ = i32::try_from(k)?;
+    let mut args: Vec<*mut c_void> = vec![
+        &qp as *const u64 as *mut c_void,
+        &sp as *const u64 as *mut c_void,
+        &xp as *const u64 as *mut c_void,
+        &n_ as *const i32 as *mut c_void,
+        &k_ as *const i32 as *mut c_void,
+    ];
+    // SAFETY: as in `matmul`; q holds N·K bytes, s N floats.
+    unsafe {
+        dres::launch_kernel(
+            inner.quant,
+            (n.max(1) as u32, 1, 1),
+            (QUANT_THREADS, 1, 1),
+            0,
+            stream.cu_stream(),
+            &mut args,
+        )
+    }
+    .map_err(|e| anyhow!("{op}: launch failed: {e:?}"))?;
+    let qh = stream.clone_dtoh(&q)?;
+    let sh = stream.clone_dtoh(&s)?;
+    Ok((qh, sh))
+}
