@@ -790,9 +790,13 @@ impl OutputLog {
                         i + 1
                     )
                 })?;
+            // Native lines carry `params`; OpenAI-format lines carry them in the response body.
             let params = v
                 .as_ref()
-                .and_then(|v| v.get("params"))
+                .and_then(|v| {
+                    v.get("params")
+                        .or_else(|| v.pointer("/response/body/params"))
+                })
                 .cloned()
                 .unwrap_or(Value::Null);
             done_params.insert(key.clone(), params);

@@ -308,6 +308,8 @@ impl OpenAiBatch {
             "choices": [choice],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                       "total_tokens": prompt + completion, "nfe": rec.get("nfe")},
+            // The generation parameters, so a resume can check a done line against its request.
+            "params": rec.get("params"),
         });
         json!({
             "id": id,
