@@ -25,7 +25,8 @@
 //! whenever the tensor is read: when a backend loads it, or when `llada merge-lora` writes it.
 //! That is PEFT's `merge_and_unload()` with f32 adapter weights (the default: `bf16 W += f32
 //! ΔW` computes in f32 and rounds once), up to the summation order of the rank-r product.
-//! Nothing is materialised beforehand, so a merged 8B model loads in the memory the base needs.
+//! Nothing is materialised beforehand, so a merged 8B model loads in the memory the base needs
+//! (the CPU backend merges a row each time it reads one; the CUDA backend once, at upload).
 //!
 //! Adapter folders come from strangers: files are read through the model-folder checks
 //! ([`checkpoint::resolve_in_folder`], size limits, the safetensors header checks), and every
@@ -861,15 +862,21 @@ impl Delta {
         base.read_range(from, to, out);
         let dtype = base.dtype();
         let cols = self.cols.max(1);
+        let merge = |first: usize, chunk: &mut [f32]| {
+            for (o, idx) in chunk.iter_mut().zip(first..) {
+                *o = dtype.round(*o + self.at(idx / cols, idx % cols));
+            }
+        };
+        // One row at a time (the CPU backend's matmul) stays on the calling thread; whole
+        // tensors (loaders, writers) are merged in parallel.
         const BLOCK: usize = 1 << 14;
-        out.par_chunks_mut(BLOCK)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                let first = from + c * BLOCK;
-                for (o, idx) in chunk.iter_mut().zip(first..) {
-                    *o = dtype.round(*o + self.at(idx / cols, idx % cols));
-                }
-            });
+        if out.len() <= BLOCK {
+            merge(from, out);
+        } else {
+            out.par_chunks_mut(BLOCK)
+                .enumerate()
+                .for_each(|(c, chunk)| merge(from + c * BLOCK, chunk));
+        }
     }
 }
 
