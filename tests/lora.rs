@@ -553,7 +553,8 @@ fn adapter_round_trip_and_target_modules() {
 
 /// Merged on read: any chunking of `read_range` (the CUDA loader reads in chunks) gives the same
 /// values as a whole read, equal to W + s·B·A computed independently; the embedding's update is
-/// (B·A)ᵀ; a whole replaced tensor (PEFT modules_to_save) replaces the base.
+/// (B·A)ᵀ; a whole replaced tensor (PEFT modules_to_save, or an embedding saved as
+/// `<module>.base_layer.weight`) replaces the base, under the module's LoRA update.
 #[test]
 fn merge_on_read_linear_embedding_and_replaced() {
     let cfg = tiny_cfg();
@@ -574,6 +575,7 @@ fn merge_on_read_linear_embedding_and_replaced() {
     let ea = rand_vec(23, r * v, 0.5);
     let eb = rand_vec(24, c * r, 0.5);
     let ln = rand_vec(25, c, 1.0);
+    let wrep = rand_vec(26, v * c, 0.5);
     let sources = vec![
         host(
             format!("{PEFT_PREFIX}{q}.lora_A.weight"),
@@ -599,6 +601,12 @@ fn merge_on_read_linear_embedding_and_replaced() {
             format!("{PEFT_PREFIX}model.transformer.ln_f.weight"),
             vec![c],
             ln.clone(),
+        ),
+        // The embedding saved whole too (save_embedding_layers): the new base under the LoRA.
+        host(
+            format!("{PEFT_PREFIX}model.transformer.wte.base_layer.weight"),
+            vec![v, c],
+            wrep.clone(),
         ),
     ];
     let ad = Adapter::from_sources(LoraConfig::new(r, 3.0, false), &sources, &cfg).unwrap();
@@ -633,7 +641,7 @@ fn merge_on_read_linear_embedding_and_replaced() {
         from = to;
     }
     assert_eq!(chunked, got);
-    let we = ck0.read_f32(llada::checkpoint::WTE).unwrap();
+    let we: Vec<f32> = wrep.iter().map(|&x| x as f32).collect();
     let ge = ck.read_f32(llada::checkpoint::WTE).unwrap();
     for tok in [0usize, 3, v - 1] {
         for j in [0usize, 5, c - 1] {

@@ -479,7 +479,8 @@ impl Backend for CpuBackend {
                 WeightSource::Const { value, .. } if one_d => {
                     Store::Scalar(self.dtype.round(p.dtype().round(*value)))
                 }
-                WeightSource::Mapped { .. } if !one_d => Store::Lazy {
+                // A LoRA-merged tensor is merged row by row as it is read (no f32 copy of it).
+                WeightSource::Mapped { .. } | WeightSource::Lora { .. } if !one_d => Store::Lazy {
                     src: p.clone(),
                     round: (p.dtype() != self.dtype && self.dtype != DType::F32)
                         .then_some(self.dtype),

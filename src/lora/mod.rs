@@ -25,7 +25,8 @@
 //! whenever the tensor is read: when a backend loads it, or when `llada merge-lora` writes it.
 //! That is PEFT's `merge_and_unload()` with f32 adapter weights (the default: `bf16 W += f32
 //! ΔW` computes in f32 and rounds once), up to the summation order of the rank-r product.
-//! Nothing is materialised beforehand, so a merged 8B model loads in the memory the base needs.
+//! Nothing is materialised beforehand, so a merged 8B model loads in the memory the base needs
+//! (the CPU backend merges a row each time it reads one; the CUDA backend once, at upload).
 //!
 //! Adapter folders come from strangers: files are read through the model-folder checks
 //! ([`checkpoint::resolve_in_folder`], size limits, the safetensors header checks), and every
@@ -430,7 +431,10 @@ fn parse_tensor_name(name: &str) -> Result<(String, ModuleKind, Option<Part>)> {
     }
     if let Some(m) = rest.strip_suffix(".weight") {
         if !m.contains("lora_") {
-            // A whole module (modules_to_save): the module must be known, checked by the caller.
+            // A whole module (modules_to_save, or an embedding saved with
+            // save_embedding_layers, which PEFT names `<module>.base_layer.weight` when the
+            // embedding also carries LoRA): the caller checks that the module is known.
+            let m = m.strip_suffix(".base_layer").unwrap_or(m);
             return Ok((m.to_string(), ModuleKind::Linear, None));
         }
     }
@@ -511,7 +515,9 @@ impl Adapter {
                     );
                 }
                 read_values(src)?;
-                replaced.insert(tensor, src.clone());
+                if replaced.insert(tensor.clone(), src.clone()).is_some() {
+                    bail!("{ADAPTER_WEIGHTS}: `{tensor}` is given whole twice");
+                }
                 continue;
             };
             let Some((want_kind, _)) = known.get(&module) else {
@@ -618,8 +624,22 @@ impl Adapter {
 
     /// Merge this adapter into `ckpt` (see the module docs): each adapted tensor becomes a
     /// [`WeightSource::Lora`] over its current source (so adapters stack when applied in turn);
-    /// whole-module tensors replace the base, rounded to its dtype.
+    /// whole-module tensors first replace the base (rounded to its dtype), so a module saved
+    /// whole and adapted gets its update on top of the saved tensor, as in PEFT.
     pub fn apply(&self, ckpt: &mut Checkpoint) -> Result<()> {
+        for (tensor, src) in &self.replaced {
+            let base = ckpt.get(tensor)?;
+            let dtype = base.dtype();
+            let mut v = read_values(src)?;
+            dtype.round_slice(&mut v);
+            let s = WeightSource::Host {
+                data: Arc::new(v),
+                dtype,
+                shape: base.shape().to_vec(),
+                name: tensor.clone(),
+            };
+            ckpt.set(tensor, s);
+        }
         for (module, m) in &self.modules {
             let tensor = format!("{module}.weight");
             let base = ckpt.get(&tensor)?.clone();
@@ -646,19 +666,6 @@ impl Adapter {
                     delta: Arc::new(delta),
                 },
             );
-        }
-        for (tensor, src) in &self.replaced {
-            let base = ckpt.get(tensor)?;
-            let dtype = base.dtype();
-            let mut v = read_values(src)?;
-            dtype.round_slice(&mut v);
-            let s = WeightSource::Host {
-                data: Arc::new(v),
-                dtype,
-                shape: base.shape().to_vec(),
-                name: tensor.clone(),
-            };
-            ckpt.set(tensor, s);
         }
         Ok(())
     }
@@ -861,15 +868,21 @@ impl Delta {
         base.read_range(from, to, out);
         let dtype = base.dtype();
         let cols = self.cols.max(1);
+        let merge = |first: usize, chunk: &mut [f32]| {
+            for (o, idx) in chunk.iter_mut().zip(first..) {
+                *o = dtype.round(*o + self.at(idx / cols, idx % cols));
+            }
+        };
+        // One row at a time (the CPU backend's matmul) stays on the calling thread; whole
+        // tensors (loaders, writers) are merged in parallel.
         const BLOCK: usize = 1 << 14;
-        out.par_chunks_mut(BLOCK)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                let first = from + c * BLOCK;
-                for (o, idx) in chunk.iter_mut().zip(first..) {
-                    *o = dtype.round(*o + self.at(idx / cols, idx % cols));
-                }
-            });
+        if out.len() <= BLOCK {
+            merge(from, out);
+        } else {
+            out.par_chunks_mut(BLOCK)
+                .enumerate()
+                .for_each(|(c, chunk)| merge(from + c * BLOCK, chunk));
+        }
     }
 }
 
