@@ -71,6 +71,8 @@ pub struct Tokenizer {
     /// Special ids (from the config and the vocabulary).
     pub special: SpecialIds,
     source: PathBuf,
+    /// The file the chat template came from (`None`: the built-in one).
+    template_source: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -159,6 +161,7 @@ impl Tokenizer {
             let jinja = resolve_in_folder(dir, "chat_template.jinja", dir)?;
             t.chat_template = read_text_file(&jinja, MAX_CONFIG_BYTES)?;
             t.template_is_fallback = false;
+            t.template_source = Some(jinja);
         }
         Ok(t)
     }
@@ -214,9 +217,9 @@ impl Tokenizer {
             eot: vocab.get("<|eot_id|>").copied(),
             bos: bos_token.as_ref().and_then(|b| vocab.get(b).copied()),
         };
-        let (chat_template, template_is_fallback) = match tc.chat_template {
-            Some(t) => (t, false),
-            None => (LLADA_INSTRUCT_TEMPLATE.to_string(), true),
+        let (chat_template, template_is_fallback, template_source) = match tc.chat_template {
+            Some(t) => (t, false, tokenizer_config.map(Path::to_path_buf)),
+            None => (LLADA_INSTRUCT_TEMPLATE.to_string(), true, None),
         };
         Ok(Tokenizer {
             inner,
@@ -227,6 +230,7 @@ impl Tokenizer {
             pad_token: tc.pad_token,
             special,
             source: tokenizer_json.to_path_buf(),
+            template_source,
         })
     }
 
@@ -294,7 +298,8 @@ impl Tokenizer {
             let what = if self.template_is_fallback {
                 "the built-in LLaDA-Instruct chat template".to_string()
             } else {
-                format!("the chat template of {}", self.source.display())
+                let file = self.template_source.as_deref().unwrap_or(&self.source);
+                format!("the chat template of {}", file.display())
             };
             anyhow!("cannot render {what}: {e:#}")
         })
