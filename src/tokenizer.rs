@@ -447,7 +447,9 @@ pub fn check_template_source(template: &str) -> Result<()> {
 /// child runs out of its budget, its stack or [`TEMPLATE_TIMEOUT`] and ends; the parent reports
 /// an error and is untouched. The child only runs minijinja and this module's code on the
 /// forking thread's copy of memory (no locks of other threads are taken: its output goes
-/// through `libc::write`), and leaves with `_exit`.
+/// through `libc::write`), and leaves with `_exit`. If `fork` itself fails (a system that
+/// refuses to duplicate a large process), the render runs in-process, bounded by the source
+/// checks and the fuel only.
 #[cfg(target_os = "linux")]
 fn render_bounded(template: &str, ctx: &JValue) -> Result<String> {
     use std::io::Read;
@@ -468,10 +470,9 @@ fn render_bounded(template: &str, ctx: &JValue) -> Result<String> {
             libc::close(rd);
             libc::close(wr);
         }
-        bail!(
-            "cannot fork to render the template: {}",
-            std::io::Error::last_os_error()
-        );
+        // No child (e.g. strict overcommit refusing to duplicate a large process): render
+        // here, with the source checks and the fuel but without the memory budget.
+        return render_in_env(template, ctx).map_err(|e| anyhow!(e));
     }
     if pid == 0 {
         // The child.
