@@ -325,6 +325,9 @@ pub fn render_chat_template<S: serde::Serialize>(template: &str, ctx: &S) -> Res
     render_bounded(template, &ctx)
 }
 
+/// Largest `tojson` indent accepted (templates use 2 or 4).
+pub const TOJSON_MAX_INDENT: usize = 64;
+
 /// Largest chat template accepted (real ones are a few KiB; the longest on the Hub ~30 KiB).
 pub const TEMPLATE_MAX_BYTES: usize = 1 << 20;
 /// Deepest nesting of brackets inside one tag, and of blocks (`if`, `for`, `macro`, ...).
@@ -637,6 +640,12 @@ fn tojson(value: JValue, indent: Option<usize>, kwargs: Kwargs) -> Result<String
         Some(i) => Some(i),
         None => indent,
     };
+    if let Some(i) = indent.filter(|&i| i > TOJSON_MAX_INDENT) {
+        return Err(JError::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: indent {i} is more than the {TOJSON_MAX_INDENT} accepted"),
+        ));
+    }
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     let _: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
@@ -727,7 +736,27 @@ fn python_method(
                 "upper" => Ok(s.to_uppercase().into()),
                 "lower" => Ok(s.to_lowercase().into()),
                 "replace" => match (arg_str(0)?, arg_str(1)?) {
-                    (Some(a), Some(b)) => Ok(s.replace(a, b).into()),
+                    (Some(a), Some(b)) => {
+                        // The result's size before building it: `''` matches between every
+                        // character (s.len() + 1 times), any other pattern at most
+                        // s.len() / a.len() times.
+                        let hits = if a.is_empty() {
+                            s.chars().count() + 1
+                        } else {
+                            s.len() / a.len()
+                        };
+                        let size = hits.saturating_mul(b.len()).saturating_add(s.len());
+                        if size > TEMPLATE_MAX_OUTPUT {
+                            return Err(JError::new(
+                                ErrorKind::InvalidOperation,
+                                format!(
+                                    "replace would build up to {size} bytes, more than the \
+                                     {TEMPLATE_MAX_OUTPUT} a template value may have"
+                                ),
+                            ));
+                        }
+                        Ok(s.replace(a, b).into())
+                    }
                     _ => Err(JError::new(
                         ErrorKind::InvalidOperation,
                         "replace needs two strings",

@@ -166,7 +166,15 @@ fn chat_template_bombs_end_with_an_error_naming_the_template() {
         (
             "replace('', s)",
             "{% set s = 'y' * 200000 %}{{ s.replace('', s)|length }}".into(),
-            "memory budget",
+            "replace would build",
+        ),
+        (
+            "replace doubling",
+            format!(
+                "{{% set s = 'y' * 4000000 %}}{}{{{{ s|length }}}}",
+                "{% set s = s.replace('y', 'yy') %}".repeat(12)
+            ),
+            "",
         ),
         (
             "list repetition",
@@ -181,6 +189,11 @@ fn chat_template_bombs_end_with_an_error_naming_the_template() {
         (
             "tojson indent",
             "{{ messages|tojson(indent=3000000000) }}".into(),
+            "indent 3000000000",
+        ),
+        (
+            "tojson deep indent",
+            "{{ ([[[[[[[[messages]]]]]]]] * 100000)|tojson(indent=64) }}".into(),
             "memory budget",
         ),
         (
