@@ -519,6 +519,9 @@ fn parse_request(
     })
 }
 
+/// Most prompts in one generation batch (`--batch-size`, `--max-batch-size`).
+pub const MAX_BATCH_SIZE: usize = 1 << 12;
+
 /// Longest input line accepted (a longer one is an error for that line only).
 pub const MAX_LINE_BYTES: usize = 16 << 20;
 /// Largest input file accepted (it is read whole).

@@ -9,7 +9,8 @@
 //! - Outputs ([`create_output`], [`output_is_special`]): a target that exists and is not a
 //!   regular file is never replaced by a rename. A directory is refused; a FIFO or a character
 //!   device (`/dev/stdout`, `/dev/null`) is written through, opened without blocking so that a
-//!   FIFO without a reader is an error instead of a hang.
+//!   FIFO without a reader is an error instead of a hang; `/dev/stdout` redirected to a file is
+//!   appended to.
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -137,7 +138,13 @@ pub fn read_input_text(path: &Path, what: &str, max_bytes: u64) -> Result<String
 /// Whether `path` exists and is something other than a regular file (after following
 /// symlinks): such a target is written through ([`create_output`]), never replaced.
 pub fn output_is_special(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| !m.is_file())
+    std::fs::metadata(path).is_ok_and(|m| !m.is_file()) || is_fd_alias(path)
+}
+
+/// `/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N` and the like: names of already-open files,
+/// which must be written through (a temporary file cannot be created, or renamed, beside them).
+fn is_fd_alias(path: &Path) -> bool {
+    (path.starts_with("/dev") || path.starts_with("/proc")) && path.exists()
 }
 
 /// Open `path` for writing (`what` names it in errors). A missing path or a regular file is
@@ -165,6 +172,12 @@ pub fn create_output(path: &Path, what: &str) -> Result<File> {
         Ok(m) if !m.is_file() => {
             bail!("{what}: {shown} exists and is not a regular file, a FIFO or a device")
         }
+        // `/dev/stdout` redirected to a file: append, so `>>` keeps what is there and `>` (the
+        // shell truncated already) is unchanged.
+        Ok(_) if is_fd_alias(path) => OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("{what}: cannot open {shown}")),
         _ => File::create(path).with_context(|| format!("{what}: cannot create {shown}")),
     }
 }

@@ -71,6 +71,8 @@ pub struct Tokenizer {
     /// Special ids (from the config and the vocabulary).
     pub special: SpecialIds,
     source: PathBuf,
+    /// The file the chat template came from (`None`: the built-in one).
+    template_source: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -159,6 +161,7 @@ impl Tokenizer {
             let jinja = resolve_in_folder(dir, "chat_template.jinja", dir)?;
             t.chat_template = read_text_file(&jinja, MAX_CONFIG_BYTES)?;
             t.template_is_fallback = false;
+            t.template_source = Some(jinja);
         }
         Ok(t)
     }
@@ -214,9 +217,9 @@ impl Tokenizer {
             eot: vocab.get("<|eot_id|>").copied(),
             bos: bos_token.as_ref().and_then(|b| vocab.get(b).copied()),
         };
-        let (chat_template, template_is_fallback) = match tc.chat_template {
-            Some(t) => (t, false),
-            None => (LLADA_INSTRUCT_TEMPLATE.to_string(), true),
+        let (chat_template, template_is_fallback, template_source) = match tc.chat_template {
+            Some(t) => (t, false, tokenizer_config.map(Path::to_path_buf)),
+            None => (LLADA_INSTRUCT_TEMPLATE.to_string(), true, None),
         };
         Ok(Tokenizer {
             inner,
@@ -227,6 +230,7 @@ impl Tokenizer {
             pad_token: tc.pad_token,
             special,
             source: tokenizer_json.to_path_buf(),
+            template_source,
         })
     }
 
@@ -294,7 +298,8 @@ impl Tokenizer {
             let what = if self.template_is_fallback {
                 "the built-in LLaDA-Instruct chat template".to_string()
             } else {
-                format!("the chat template of {}", self.source.display())
+                let file = self.template_source.as_deref().unwrap_or(&self.source);
+                format!("the chat template of {}", file.display())
             };
             anyhow!("cannot render {what}: {e:#}")
         })
@@ -319,6 +324,9 @@ pub fn render_chat_template<S: serde::Serialize>(template: &str, ctx: &S) -> Res
     let ctx = JValue::from_serialize(ctx);
     render_bounded(template, &ctx)
 }
+
+/// Largest `tojson` indent accepted (templates use 2 or 4).
+pub const TOJSON_MAX_INDENT: usize = 64;
 
 /// Largest chat template accepted (real ones are a few KiB; the longest on the Hub ~30 KiB).
 pub const TEMPLATE_MAX_BYTES: usize = 1 << 20;
@@ -442,7 +450,9 @@ pub fn check_template_source(template: &str) -> Result<()> {
 /// child runs out of its budget, its stack or [`TEMPLATE_TIMEOUT`] and ends; the parent reports
 /// an error and is untouched. The child only runs minijinja and this module's code on the
 /// forking thread's copy of memory (no locks of other threads are taken: its output goes
-/// through `libc::write`), and leaves with `_exit`.
+/// through `libc::write`), and leaves with `_exit`. If `fork` itself fails (a system that
+/// refuses to duplicate a large process), the render runs in-process, bounded by the source
+/// checks and the fuel only.
 #[cfg(target_os = "linux")]
 fn render_bounded(template: &str, ctx: &JValue) -> Result<String> {
     use std::io::Read;
@@ -463,10 +473,9 @@ fn render_bounded(template: &str, ctx: &JValue) -> Result<String> {
             libc::close(rd);
             libc::close(wr);
         }
-        bail!(
-            "cannot fork to render the template: {}",
-            std::io::Error::last_os_error()
-        );
+        // No child (e.g. strict overcommit refusing to duplicate a large process): render
+        // here, with the source checks and the fuel but without the memory budget.
+        return render_in_env(template, ctx).map_err(|e| anyhow!(e));
     }
     if pid == 0 {
         // The child.
@@ -631,6 +640,12 @@ fn tojson(value: JValue, indent: Option<usize>, kwargs: Kwargs) -> Result<String
         Some(i) => Some(i),
         None => indent,
     };
+    if let Some(i) = indent.filter(|&i| i > TOJSON_MAX_INDENT) {
+        return Err(JError::new(
+            ErrorKind::InvalidOperation,
+            format!("tojson: indent {i} is more than the {TOJSON_MAX_INDENT} accepted"),
+        ));
+    }
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     let _: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
@@ -721,7 +736,27 @@ fn python_method(
                 "upper" => Ok(s.to_uppercase().into()),
                 "lower" => Ok(s.to_lowercase().into()),
                 "replace" => match (arg_str(0)?, arg_str(1)?) {
-                    (Some(a), Some(b)) => Ok(s.replace(a, b).into()),
+                    (Some(a), Some(b)) => {
+                        // The result's size before building it: `''` matches between every
+                        // character (s.len() + 1 times), any other pattern at most
+                        // s.len() / a.len() times.
+                        let hits = if a.is_empty() {
+                            s.chars().count() + 1
+                        } else {
+                            s.len() / a.len()
+                        };
+                        let size = hits.saturating_mul(b.len()).saturating_add(s.len());
+                        if size > TEMPLATE_MAX_OUTPUT {
+                            return Err(JError::new(
+                                ErrorKind::InvalidOperation,
+                                format!(
+                                    "replace would build up to {size} bytes, more than the \
+                                     {TEMPLATE_MAX_OUTPUT} a template value may have"
+                                ),
+                            ));
+                        }
+                        Ok(s.replace(a, b).into())
+                    }
                     _ => Err(JError::new(
                         ErrorKind::InvalidOperation,
                         "replace needs two strings",

@@ -880,3 +880,23 @@ fn the_job_key_comes_from_the_environment_or_a_private_file() {
     );
     assert!(e.contains("dist-secret"), "{e}");
 }
+
+#[test]
+fn master_addr_may_be_an_ipv6_address() {
+    // `MASTER_ADDR=::1`: resolved as a host, not pasted into "host:port" (which IPv6 breaks).
+    let Ok(l) = TcpListener::bind("[::1]:0") else {
+        eprintln!("note: no IPv6 loopback here; the IPv6 rendezvous is not exercised");
+        return;
+    };
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        let mut g = HostGroup::serve(l, 2, 7, &key(), T, T).unwrap();
+        some_collectives(&mut g)
+    });
+    let mut env = rank_env(1, 2, port);
+    env.master_addr = "::1".into();
+    let mut g = HostGroup::connect(&env, 7, &key(), T, T).unwrap();
+    let b = some_collectives(&mut g);
+    assert_eq!(h.join().unwrap(), b);
+    assert_eq!(b.0, vec![0.25 + 1.25, 3.0]);
+}

@@ -219,8 +219,13 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
     if a.batch_sampling {
         eprintln!("note: --batch-sampling has no effect any more: sampled requests are always batched, each with its own random stream");
     }
-    if a.batch_size == Some(0) {
-        bail!("--batch-size must be > 0");
+    for (flag, v) in [
+        ("--batch-size", a.batch_size),
+        ("--max-batch-size", Some(a.max_batch_size)),
+    ] {
+        if let Some(n) = v.filter(|&n| n == 0 || n > batch::MAX_BATCH_SIZE) {
+            bail!("{flag} {n} must be between 1 and {}", batch::MAX_BATCH_SIZE);
+        }
     }
     if !(a.memory_fraction > 0.0 && a.memory_fraction <= 1.0) {
         bail!("--memory-fraction must be in (0, 1]");
