@@ -475,7 +475,7 @@ fn embedding_rows_add_exact() {
 // Cross-entropy
 
 #[test]
-fn cross_entropy_fwd_bwd() {
+fn cross_entropy() {
     let Some(g) = gpu() else { return };
     for (case, &(r, v)) in [(1, 1), (3, 50), (17, 512), (5, 1001), (2, 126_464)]
         .iter()
@@ -489,7 +489,7 @@ fn cross_entropy_fwd_bwd() {
             .map(|w| w.abs() + 0.01)
             .collect();
         let mut z = z0.clone();
-        let loss = ops::cross_entropy_fwd_bwd(&mut z, &targets, &weights, v);
+        let loss = ops::cross_entropy(&mut z, &targets, &weights, v);
         let mut zd = g.upload(&z0).unwrap();
         let mut lr = g.zeros(r).unwrap();
         let td = g.upload_ints(&ints(&targets)).unwrap();

@@ -23,11 +23,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::{self, CudaBlas};
 use cudarc::driver::{
     result as dres, sys as dsys, CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream,
-    DevicePtr, DevicePtrMut,
+    DevicePtr, DevicePtrMut, DriverError,
 };
 use half::bf16;
 
-use super::{AttnShape, Backend, CachedAttnShape, GraphExec, OpClass};
+use super::{AttnShape, Backend, CachedAttnShape, DeviceError, GraphExec, OpClass};
 use crate::checkpoint::WeightSource;
 use crate::dtype::DType;
 use crate::head::{Remasking, SelectParams};
@@ -223,8 +223,29 @@ macro_rules! launch {
         // matches the kernel's signature in kernels/ABI.md (checked by the parity tests); every
         // pointer argument is a live device allocation whose length the caller validated.
         unsafe { dres::launch_kernel($f, g.grid, g.block, g.smem, $self.stream.cu_stream(), &mut params) }
-            .map_err(|e| anyhow!("{}: kernel launch failed: {e:?}", $name))
+            .map_err(|e| driver_err(format!("{}: kernel launch failed", $name), e))
     }};
+}
+
+/// A driver error with `msg` (which should say what was being done), typed where a caller
+/// branches on it: out of memory, or a sticky fault that leaves the context unusable.
+pub(crate) fn driver_err(msg: String, e: DriverError) -> anyhow::Error {
+    use dsys::cudaError_enum as E;
+    let text = format!("{msg}: {e:?}");
+    match e.0 {
+        E::CUDA_ERROR_OUT_OF_MEMORY => DeviceError::OutOfMemory(text).into(),
+        E::CUDA_ERROR_ILLEGAL_ADDRESS
+        | E::CUDA_ERROR_LAUNCH_FAILED
+        | E::CUDA_ERROR_LAUNCH_TIMEOUT
+        | E::CUDA_ERROR_ILLEGAL_INSTRUCTION
+        | E::CUDA_ERROR_MISALIGNED_ADDRESS
+        | E::CUDA_ERROR_INVALID_ADDRESS_SPACE
+        | E::CUDA_ERROR_INVALID_PC
+        | E::CUDA_ERROR_HARDWARE_STACK_ERROR
+        | E::CUDA_ERROR_ASSERT
+        | E::CUDA_ERROR_ECC_UNCORRECTABLE => DeviceError::Fault(text).into(),
+        _ => anyhow!(text),
+    }
 }
 
 /// `Err` naming `op` and `arg` unless `have >= need`.
@@ -245,6 +266,43 @@ fn check_norm_weight(op: &str, w: &CudaWeight, c: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// CUDA's limit on `gridDim.y` and `gridDim.z` (`gridDim.x` allows 2³¹ − 1).
+pub(crate) const GRID_YZ_MAX: usize = 65_535;
+
+/// A grid's y or z extent, or an error naming what it counts.
+pub(crate) fn grid_yz(op: &str, arg: &str, v: usize) -> Result<u32> {
+    if v > GRID_YZ_MAX {
+        bail!("{op}: `{arg}` = {v} exceeds CUDA's grid limit of {GRID_YZ_MAX} blocks in y and z");
+    }
+    Ok(v as u32)
+}
+
+/// `Err` naming `op` unless kernel `f` can be launched with `smem` bytes of dynamic shared
+/// memory: the driver's own limit for the function (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`,
+/// 48 KiB less the kernel's static shared memory unless raised), so the check is the kernel's.
+pub(crate) fn check_dyn_smem(
+    op: &str,
+    f: dsys::CUfunction,
+    smem: usize,
+    what: &str,
+) -> Result<u32> {
+    // SAFETY: `f` is a function of a module the caller keeps loaded.
+    let max = unsafe {
+        dres::function::get_function_attribute(
+            f,
+            dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        )
+    }
+    .map_err(|e| anyhow!("{op}: querying the kernel's shared-memory limit: {e:?}"))?;
+    let max = usize::try_from(max).unwrap_or(0);
+    if smem > max {
+        bail!(
+            "{op}: {what} need {smem} bytes of dynamic shared memory, more than the kernel's {max}"
+        );
+    }
+    Ok(smem as u32)
 }
 
 /// A size as the kernels' `int`, or an error naming it.
@@ -492,7 +550,7 @@ impl CudaBackend {
     /// Launch a captured graph on this backend's stream (asynchronous).
     pub fn replay(&self, g: &Graph) -> Result<()> {
         g.0.launch()
-            .map_err(|e| anyhow!("launching a CUDA graph: {e:?}"))
+            .map_err(|e| driver_err("launching a CUDA graph".into(), e))
     }
 
     /// Check the first `n` values of `buf` lie in `[0, hi)` when the host wrote them.
@@ -532,13 +590,14 @@ impl CudaBackend {
         }
         let (free, total) = self.mem_info()?;
         if bytes > free {
-            bail!(
+            return Err(DeviceError::OutOfMemory(format!(
                 "out of GPU memory for {what}: need {:.1} MiB, {:.1} MiB free of {:.1} MiB on {}",
                 bytes as f64 / MIB,
                 free as f64 / MIB,
                 total as f64 / MIB,
                 self.device_name
-            );
+            ))
+            .into());
         }
         Ok(())
     }
@@ -551,9 +610,12 @@ impl CudaBackend {
         let bytes = len.max(1) * std::mem::size_of::<T>();
         self.ensure_free(what, bytes)?;
         self.stream.alloc_zeros::<T>(len.max(1)).map_err(|e| {
-            anyhow!(
-                "allocating {what} ({len} elements, {:.1} MiB): {e:?}",
-                bytes as f64 / MIB
+            driver_err(
+                format!(
+                    "allocating {what} ({len} elements, {:.1} MiB)",
+                    bytes as f64 / MIB
+                ),
+                e,
             )
         })
     }
@@ -565,7 +627,7 @@ impl CudaBackend {
         // SAFETY: callers pass a destination with room for `src.len()` elements; a copy from
         // pageable memory returns after the source has been staged.
         unsafe { dres::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
-            .map_err(|e| anyhow!("host→device copy: {e:?}"))
+            .map_err(|e| driver_err("host→device copy".into(), e))
     }
 
     fn dtoh<T: Clone + Default>(&self, src: u64, n: usize) -> Result<Vec<T>> {
@@ -580,7 +642,7 @@ impl CudaBackend {
             // SAFETY: callers checked the source holds `dst.len()` elements; we synchronize
             // before `dst` is used.
             unsafe { dres::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
-                .map_err(|e| anyhow!("device→host copy: {e:?}"))?;
+                .map_err(|e| driver_err("device→host copy".into(), e))?;
         }
         self.synchronize()
     }
@@ -1207,7 +1269,7 @@ impl Backend for CudaBackend {
             self,
             op,
             self.k.attention,
-            attention_geom(b, t, nh, hd),
+            attention_geom(op, b, t, nh)?,
             o,
             q,
             kv,
@@ -1351,7 +1413,7 @@ impl Backend for CudaBackend {
             self,
             op,
             self.k.attention_cached,
-            attention_geom(b, tq, nh, hd),
+            attention_geom(op, b, tq, nh)?,
             o,
             q,
             kc,
@@ -1374,8 +1436,8 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (o, g) = (dptr_mut(out, &self.stream), dptr(gate_up, &self.stream));
+        // The kernel indexes elements in 64 bits: only n and f themselves are ints.
         let (n_, f_) = (int(op, "n", n)?, int(op, "f", f)?);
-        int(op, "n·f", n * 2 * f)?;
         launch!(self, op, self.k.swiglu, stride_geom(n * f), o, g, n_, f_)
     }
 
@@ -1436,7 +1498,8 @@ impl Backend for CudaBackend {
         check_len(op, "conf", conf.len(), r)?;
         check_len(op, "logits", logits.len(), lrows * v)?;
         check_len(op, "keys", keys.len(), 2 * r)?;
-        int(op, "rows·V", lrows * v)?;
+        // The kernel offsets logit rows in 64 bits; it indexes `keys` at 2·row in int.
+        int(op, "2·r", 2 * r)?;
         if r == 0 {
             return Ok(());
         }
@@ -1569,7 +1632,10 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| {
-            anyhow!("CUDA stream synchronize failed (an earlier kernel faulted?): {e:?}")
+            driver_err(
+                "CUDA stream synchronize failed (an earlier kernel faulted?)".into(),
+                e,
+            )
         })
     }
 
@@ -1595,14 +1661,18 @@ impl Backend for CudaBackend {
 pub const ATTN_HEAD_DIMS: [usize; 2] = [64, 128];
 
 /// Attention launch geometry, as documented in `kernels/attention.cu`: grid (⌈T/64⌉, NH, B),
-/// block 128 (4 warps × 16 query rows), static shared memory only.
-fn attention_geom(b: usize, t: usize, nh: usize, _hd: usize) -> Geom {
+/// block 128 (4 warps × 16 query rows), static shared memory only. NH and B are grid y and z.
+fn attention_geom(op: &str, b: usize, t: usize, nh: usize) -> Result<Geom> {
     const BLOCK_Q: usize = 64;
-    Geom {
-        grid: (t.div_ceil(BLOCK_Q) as u32, nh as u32, b as u32),
+    Ok(Geom {
+        grid: (
+            t.div_ceil(BLOCK_Q) as u32,
+            grid_yz(op, "nh", nh)?,
+            grid_yz(op, "b", b)?,
+        ),
         block: (128, 1, 1),
         smem: 0,
-    }
+    })
 }
 
 /// Keys per split of the split-KV attention path.
@@ -1657,7 +1727,15 @@ impl CudaBackend {
                 a.hd
             );
         }
-        int(op, "b·splits", a.b * splits)?;
+        // Blocks (qt, h, b·splits + s): NH and (batch rows)·splits are grid y and z.
+        grid_yz(op, "nh", a.nh)?;
+        let max_b = GRID_YZ_MAX / splits;
+        if max_b == 0 {
+            bail!(
+                "{op}: {splits} key splits (L = {}) exceed CUDA's grid limit of {GRID_YZ_MAX}",
+                a.l
+            );
+        }
         let scratch = dptr(&self.attn_scratch, &self.stream);
         let esz = 2u64; // bf16 bytes
                         // Groups: (first batch row, batch rows, first query row, query rows).
@@ -1686,7 +1764,11 @@ impl CudaBackend {
                 int(op, "splits", splits)?,
             );
             let g = Geom {
-                grid: (nq.div_ceil(64) as u32, a.nh as u32, (nb * splits) as u32),
+                grid: (
+                    nq.div_ceil(64) as u32,
+                    grid_yz(op, "nh", a.nh)?,
+                    grid_yz(op, "b·splits", nb * splits)?,
+                ),
                 block: (128, 1, 1),
                 smem: 0,
             };
@@ -1715,7 +1797,7 @@ impl CudaBackend {
             )?;
             let rows_ = int(op, "rows", rows)?;
             let cg = Geom {
-                grid: (rows as u32, a.nh as u32, 1),
+                grid: (rows as u32, grid_yz(op, "nh", a.nh)?, 1),
                 block: (a.hd as u32, 1, 1),
                 smem: 0,
             };
@@ -1733,10 +1815,10 @@ impl CudaBackend {
                 sp_
             )
         };
-        if cap_rows >= a.b * a.tq {
+        if cap_rows >= a.b * a.tq && a.b <= max_b {
             launch_group(0, a.b, 0, a.tq)
         } else if cap_rows >= a.tq {
-            let per = cap_rows / a.tq;
+            let per = (cap_rows / a.tq).min(max_b);
             let mut b0 = 0;
             while b0 < a.b {
                 let nb = per.min(a.b - b0);
@@ -1787,7 +1869,8 @@ impl CudaBackend {
         check_len(op, "out", out.len(), r)?;
         check_len(op, "logits", logits.len(), lrows * v)?;
         check_len(op, "targets", targets.len(), r)?;
-        int(op, "rows·V", lrows * v)?;
+        // The kernel offsets logit rows (up to 2·r with CFG) in 64 bits: only r, v are ints.
+        int(op, "rows", lrows)?;
         self.check_ints(op, "targets", targets, r, v, "the vocabulary")?;
         if r == 0 {
             return Ok(());

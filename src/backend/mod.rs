@@ -12,7 +12,8 @@
 //! A merged `gate_up` row is `[gate (F) | up (F)]`.
 //!
 //! Ops return `Result` because a device launch can fail; shapes are validated by the launcher
-//! (the backend method) and reported with the op's name.
+//! (the backend method) and reported with the op's name. Failures a caller branches on
+//! (out of memory, a sticky device fault) carry an [`error::DeviceError`].
 
 use anyhow::Result;
 
@@ -22,6 +23,9 @@ use crate::head::SelectParams;
 
 pub mod cpu;
 pub mod cuda;
+pub mod error;
+
+pub use error::DeviceError;
 
 /// Shape of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,5 +1,5 @@
-//! Training on one CUDA device: the f32 training kernels (`kernels/train_fwd.cu`,
-//! `kernels/*_bwd.cu`, `kernels/adamw.cu`; contract in `kernels/ABI.md`) and cuBLAS GEMMs (f32,
+//! Training on one CUDA device: the f32 training kernels (the `*_f32` symbols of each op's
+//! `kernels/<op>.cu`, and `kernels/adamw.cu`; contract in `kernels/ABI.md`) and cuBLAS GEMMs (f32,
 //! or bf16 tensor-core compute on f32 data), launched on a [`CudaBackend`]'s context, stream
 //! and cuBLAS handle.
 //!
@@ -34,7 +34,7 @@
 //!
 //! Kernel launches are asynchronous; a fault surfaces at the next read-back.
 
-use crate::backend::cuda::{check_len, int};
+use crate::backend::cuda::{check_dyn_smem, check_len, driver_err, grid_yz, int};
 use std::ffi::c_void;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -61,7 +61,7 @@ pub struct DevInts {
 struct TrainKernels {
     embedding: dsys::CUfunction,
     rms_norm_fwd: dsys::CUfunction,
-    rope_fwd: dsys::CUfunction,
+    rope: dsys::CUfunction,
     swiglu_fwd: dsys::CUfunction,
     add: dsys::CUfunction,
     gather_rows: dsys::CUfunction,
@@ -70,9 +70,8 @@ struct TrainKernels {
     rms_norm_bwd: dsys::CUfunction,
     rms_norm_bwd_dw: dsys::CUfunction,
     swiglu_bwd: dsys::CUfunction,
-    rope_bwd: dsys::CUfunction,
     embedding_bwd: dsys::CUfunction,
-    cross_entropy_bwd: dsys::CUfunction,
+    cross_entropy: dsys::CUfunction,
     attention_bwd_dq: dsys::CUfunction,
     attention_bwd_dkv: dsys::CUfunction,
     adamw: dsys::CUfunction,
@@ -88,8 +87,6 @@ fn stride_grid(numel: usize) -> u32 {
 const SUMSQ_BLOCKS: usize = 512;
 /// Threads per block of `attention_*_f32` (the kernels assume a multiple of 32).
 const ATT_THREADS: u32 = 128;
-/// Dynamic shared memory the attention kernels may use without an opt-in.
-const MAX_DYN_SMEM: usize = 48 * 1024;
 
 /// Every one of the first `n` host values lies in `[0, hi)`.
 fn check_ints(op: &str, arg: &str, v: &DevInts, n: usize, hi: usize, what: &str) -> Result<()> {
@@ -185,7 +182,7 @@ macro_rules! launch {
                 &mut params,
             )
         }
-        .map_err(|e| anyhow!("{}: kernel launch failed: {e:?}", $name))
+        .map_err(|e| driver_err(format!("{}: kernel launch failed", $name), e))
     }};
 }
 
@@ -201,7 +198,7 @@ impl CudaOps {
         let k = TrainKernels {
             embedding: f("embedding_f32")?,
             rms_norm_fwd: f("rms_norm_fwd_f32")?,
-            rope_fwd: f("rope_fwd_f32")?,
+            rope: f("rope_f32")?,
             swiglu_fwd: f("swiglu_fwd_f32")?,
             add: f("add_f32")?,
             gather_rows: f("gather_rows_f32")?,
@@ -210,9 +207,8 @@ impl CudaOps {
             rms_norm_bwd: f("rms_norm_bwd_f32")?,
             rms_norm_bwd_dw: f("rms_norm_bwd_dw_f32")?,
             swiglu_bwd: f("swiglu_bwd_f32")?,
-            rope_bwd: f("rope_bwd_f32")?,
             embedding_bwd: f("embedding_bwd_f32")?,
-            cross_entropy_bwd: f("cross_entropy_bwd_f32")?,
+            cross_entropy: f("cross_entropy_f32")?,
             attention_bwd_dq: f("attention_bwd_dq_f32")?,
             attention_bwd_dkv: f("attention_bwd_dkv_f32")?,
             adamw: f("adamw_f32")?,
@@ -258,7 +254,7 @@ impl CudaOps {
         self.be
             .stream()
             .alloc_zeros::<f32>(len.max(1))
-            .map_err(|e| anyhow!("allocating {len} f32 on the GPU: {e:?}"))
+            .map_err(|e| driver_err(format!("allocating {len} f32 on the GPU"), e))
     }
 
     pub fn upload(&self, host: &[f32]) -> Result<Buf> {
@@ -267,7 +263,7 @@ impl CudaOps {
             self.be
                 .stream()
                 .memcpy_htod(host, &mut b)
-                .map_err(|e| anyhow!("host→device copy of {} f32: {e:?}", host.len()))?;
+                .map_err(|e| driver_err(format!("host→device copy of {} f32", host.len()), e))?;
         }
         Ok(b)
     }
@@ -282,7 +278,7 @@ impl CudaOps {
         self.be
             .stream()
             .memcpy_htod(host, &mut view)
-            .map_err(|e| anyhow!("host→device copy of {} f32: {e:?}", host.len()))
+            .map_err(|e| driver_err(format!("host→device copy of {} f32", host.len()), e))
     }
 
     pub fn upload_ints(&self, host: &[i32]) -> Result<DevInts> {
@@ -290,12 +286,12 @@ impl CudaOps {
             .be
             .stream()
             .alloc_zeros::<i32>(host.len().max(1))
-            .map_err(|e| anyhow!("allocating {} ints on the GPU: {e:?}", host.len()))?;
+            .map_err(|e| driver_err(format!("allocating {} ints on the GPU", host.len()), e))?;
         if !host.is_empty() {
             self.be
                 .stream()
                 .memcpy_htod(host, &mut buf)
-                .map_err(|e| anyhow!("host→device copy of {} ints: {e:?}", host.len()))?;
+                .map_err(|e| driver_err(format!("host→device copy of {} ints", host.len()), e))?;
         }
         Ok(DevInts {
             buf,
@@ -311,7 +307,7 @@ impl CudaOps {
             self.be
                 .stream()
                 .memcpy_dtoh(&src.slice(..n), &mut out)
-                .map_err(|e| anyhow!("device→host copy: {e:?}"))?;
+                .map_err(|e| driver_err("device→host copy".into(), e))?;
         }
         self.sync()?;
         Ok(out)
@@ -319,7 +315,10 @@ impl CudaOps {
 
     pub fn sync(&self) -> Result<()> {
         self.be.stream().synchronize().map_err(|e| {
-            anyhow!("CUDA stream synchronize failed (an earlier training kernel faulted?): {e:?}")
+            driver_err(
+                "CUDA stream synchronize failed (an earlier training kernel faulted?)".into(),
+                e,
+            )
         })
     }
 
@@ -327,7 +326,7 @@ impl CudaOps {
         self.be
             .stream()
             .memset_zeros(b)
-            .map_err(|e| anyhow!("clearing a GPU buffer: {e:?}"))
+            .map_err(|e| driver_err("clearing a GPU buffer".into(), e))
     }
 
     // ---- GEMMs (cuBLAS, f32 data) ----
@@ -669,7 +668,7 @@ impl CudaOps {
         hd: usize,
         inverse: bool,
     ) -> Result<()> {
-        let op = if inverse { "rope_bwd" } else { "rope" };
+        let op = "rope";
         ensure!(
             hd > 0 && hd % 2 == 0,
             "{op}: head dim {hd} must be even and positive"
@@ -698,11 +697,9 @@ impl CudaOps {
             int(op, "heads", heads)?,
             int(op, "hd", hd)?,
         );
-        let f = if inverse {
-            self.k.rope_bwd
-        } else {
-            self.k.rope_fwd
-        };
+        // +1 rotates, −1 rotates back (the kernel multiplies sin by it: exact either way).
+        let sign: f32 = if inverse { -1.0 } else { 1.0 };
+        let f = self.k.rope;
         launch!(
             self,
             op,
@@ -716,7 +713,8 @@ impl CudaOps {
             pp,
             n_,
             h_,
-            hd_
+            hd_,
+            sign
         )
     }
 
@@ -885,10 +883,8 @@ impl CudaOps {
             "{op}: NH = {nh} must be a positive multiple of NKV = {nkv}"
         );
         ensure!(hd > 0, "{op}: head dim must be positive");
-        ensure!(
-            b <= 65535 && nh <= 65535,
-            "{op}: B = {b} and NH = {nh} must be at most 65535 (grid limits)"
-        );
+        grid_yz(op, "b", b)?;
+        grid_yz(op, "nh", nh)?;
         Ok(())
     }
 
@@ -912,11 +908,9 @@ impl CudaOps {
         check_len(op, "q", q.len(), n * nh * hd)?;
         check_len(op, "k", k.len(), n * nkv * hd)?;
         check_len(op, "v", v.len(), n * nkv * hd)?;
-        let smem = (t + hd) * 4;
-        ensure!(
-            smem <= MAX_DYN_SMEM,
-            "{op}: T = {t}, HD = {hd} need {smem} bytes of shared memory, more than the simple training attention kernel's {MAX_DYN_SMEM}"
-        );
+        let what = format!("T = {t}, HD = {hd}");
+        self.bind()?;
+        let smem = check_dyn_smem(op, self.k.attention_fwd, (t + hd) * 4, &what)?;
         if n == 0 || nh == 0 {
             return Ok(());
         }
@@ -940,7 +934,7 @@ impl CudaOps {
             self.k.attention_fwd,
             (t as u32, nh as u32, b as u32),
             ATT_THREADS,
-            smem as u32,
+            smem,
             op_,
             lp,
             qp,
@@ -989,12 +983,10 @@ impl CudaOps {
         ] {
             check_len(op, a, l, need)?;
         }
-        let smem_q = (t + 2 * hd) * 4;
-        let smem_kv = (2 * t + 4 * hd) * 4;
-        ensure!(
-            smem_kv <= MAX_DYN_SMEM,
-            "{op}: T = {t}, HD = {hd} need {smem_kv} bytes of shared memory, more than the simple training attention kernel's {MAX_DYN_SMEM}"
-        );
+        let what = format!("T = {t}, HD = {hd}");
+        self.bind()?;
+        let smem_q = check_dyn_smem(op, self.k.attention_bwd_dq, (t + 2 * hd) * 4, &what)?;
+        let smem_kv = check_dyn_smem(op, self.k.attention_bwd_dkv, (2 * t + 4 * hd) * 4, &what)?;
         if n == 0 {
             return Ok(());
         }
@@ -1029,7 +1021,7 @@ impl CudaOps {
             self.k.attention_bwd_dq,
             (t as u32, nh as u32, b as u32),
             ATT_THREADS,
-            smem_q as u32,
+            smem_q,
             dqp,
             dlp,
             dop,
@@ -1050,7 +1042,7 @@ impl CudaOps {
             self.k.attention_bwd_dkv,
             (t as u32, nkv as u32, b as u32),
             ATT_THREADS,
-            smem_kv as u32,
+            smem_kv,
             dkp,
             dvp,
             dlp,
@@ -1067,7 +1059,7 @@ impl CudaOps {
         )
     }
 
-    /// [`super::ops::cross_entropy_fwd_bwd`] on the first `r` rows of `z` `[R, V]` (overwritten
+    /// [`super::ops::cross_entropy`] on the first `r` rows of `z` `[R, V]` (overwritten
     /// with the gradient); returns `Σ_r loss_r` summed on the host in f64, in row order (as the
     /// CPU does). `loss_rows` is scratch `[R]`.
     pub fn cross_entropy(
@@ -1097,7 +1089,7 @@ impl CudaOps {
         launch!(
             self,
             op,
-            self.k.cross_entropy_bwd,
+            self.k.cross_entropy,
             (r as u32, 1, 1),
             1024,
             0,
@@ -1137,7 +1129,7 @@ impl CudaOps {
         self.be
             .stream()
             .memcpy_dtoh(&partial.slice(..SUMSQ_BLOCKS), &mut h)
-            .map_err(|e| anyhow!("{op}: device→host copy: {e:?}"))?;
+            .map_err(|e| driver_err(format!("{op}: device→host copy"), e))?;
         self.sync()?;
         Ok(h.iter().sum())
     }
@@ -1355,7 +1347,7 @@ fn copy(ops: &CudaOps, dst: &mut Buf, src: &Buf) -> Result<()> {
     ops.be
         .stream()
         .memcpy_dtod(src, dst)
-        .map_err(|e| anyhow!("device copy: {e:?}"))
+        .map_err(|e| driver_err("device copy".into(), e))
 }
 
 /// Loss of `batch` under `p` on the GPU, with every parameter's gradient **added** to `grad`:
@@ -1640,7 +1632,7 @@ impl CudaTrainState {
             .be
             .stream()
             .alloc_zeros::<f64>(SUMSQ_BLOCKS)
-            .map_err(|e| anyhow!("allocating the gradient-norm partials: {e:?}"))?;
+            .map_err(|e| driver_err("allocating the gradient-norm partials".into(), e))?;
         Ok(CudaTrainState {
             ops,
             params: dp,

@@ -262,7 +262,7 @@ pub fn forward_backward<T: Real>(
     let mut logits = zeros(r * v);
     ops::linear(&mut logits, &hf, &p.data[p.lm_head()], r, c, v);
     let weights: Vec<T> = batch.weights.iter().map(|&w| T::from_f64(w)).collect();
-    let loss = ops::cross_entropy_fwd_bwd(&mut logits, &batch.targets, &weights, v);
+    let loss = ops::cross_entropy(&mut logits, &batch.targets, &weights, v);
 
     // ---- backward ----
     let (i_lm, i_lnf) = (p.lm_head(), p.ln_f());

@@ -429,12 +429,7 @@ pub fn embedding_bwd<T: Real>(dwte: &mut [T], dx: &[T], ids: &[u32], c: usize) {
 /// Weighted cross-entropy over `R` logit rows `[R, V]`: returns
 /// `Σ_r weight[r]·(logsumexp(z_r) − z_r[target[r]])` and overwrites `z` with its gradient
 /// `weight[r]·(softmax(z_r) − onehot(target[r]))`.
-pub fn cross_entropy_fwd_bwd<T: Real>(
-    z: &mut [T],
-    targets: &[u32],
-    weights: &[T],
-    v: usize,
-) -> f64 {
+pub fn cross_entropy<T: Real>(z: &mut [T], targets: &[u32], weights: &[T], v: usize) -> f64 {
     let mut loss = 0.0f64;
     for (r, zr) in z.chunks_exact_mut(v).enumerate() {
         let mx = zr.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
