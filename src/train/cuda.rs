@@ -34,12 +34,14 @@
 //!
 //! Kernel launches are asynchronous; a fault surfaces at the next read-back.
 
-use crate::backend::cuda::{check_dyn_smem, check_len, driver_err, grid_yz, int};
+use crate::backend::cuda::{
+    check_dyn_smem, check_len, driver_err, grid_yz, int, stride_blocks, Gemm, Geom,
+};
 use std::ffi::c_void;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas;
-use cudarc::driver::{result as dres, sys as dsys, CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{sys as dsys, CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use super::model::{i_block, Batch, Params, I_WTE};
@@ -80,7 +82,7 @@ struct TrainKernels {
 
 /// Blocks of 256 for the grid-stride kernels, capped (they loop).
 fn stride_grid(numel: usize) -> u32 {
-    numel.div_ceil(256).clamp(1, 4096) as u32
+    stride_blocks(numel, 4096)
 }
 
 /// Blocks of `sumsq_f32` (fixed, so the partial sums and their order are deterministic).
@@ -164,25 +166,11 @@ pub struct CudaOps {
     precision: TrainPrecision,
 }
 
-/// Launch `$f` on `$self`'s stream; every argument must be a local variable.
+/// The backend's `launch!` on this state's stream, after binding the backend's context.
 macro_rules! launch {
-    ($self:expr, $name:expr, $f:expr, $grid:expr, $block:expr, $smem:expr, $($arg:ident),+ $(,)?) => {{
-        let mut params: Vec<*mut c_void> = vec![$( &$arg as *const _ as *mut c_void ),+];
+    ($self:expr, $($rest:tt)+) => {{
         $self.bind()?;
-        // SAFETY: `$f` belongs to a module the backend keeps loaded; the parameter list matches
-        // the kernel's signature in kernels/ABI.md (checked by tests/cuda_train.rs); every
-        // pointer is a live device allocation whose length the launcher validated.
-        unsafe {
-            dres::launch_kernel(
-                $f,
-                $grid,
-                ($block, 1, 1),
-                $smem,
-                $self.be.stream().cu_stream(),
-                &mut params,
-            )
-        }
-        .map_err(|e| driver_err(format!("{}: kernel launch failed", $name), e))
+        crate::backend::cuda::launch!($self.be.stream(), $($rest)+)
     }};
 }
 
@@ -348,58 +336,26 @@ impl CudaOps {
         c: u64,
         ldc: usize,
     ) -> Result<()> {
-        use cublas::sys::{cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let t = |x: bool| {
-            if x {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let (m_, n_, k_) = (int(op, "m", m)?, int(op, "n", n)?, int(op, "k", k)?);
-        let (lda, ldb, ldc) = (
-            int(op, "lda", lda.max(1))?,
-            int(op, "ldb", ldb.max(1))?,
-            int(op, "ldc", ldc.max(1))?,
-        );
-        let alpha = 1.0f32;
         let precision = self.precision;
         self.bind()?;
-        // SAFETY: the callers checked every operand's length against (m, n, k) and the leading
-        // dimensions; alpha and beta are host f32, the scale type both CUBLAS_COMPUTE_32F and
-        // CUBLAS_COMPUTE_32F_FAST_16BF require (the handle's pointer mode is host).
-        unsafe {
-            cublas::result::gemm_ex(
-                self.be.blas_handle(),
-                t(ta),
-                t(tb),
-                m_,
-                n_,
-                k_,
-                &alpha as *const f32 as *const c_void,
-                a as *const c_void,
-                cudaDataType_t::CUDA_R_32F,
-                lda,
-                b as *const c_void,
-                cudaDataType_t::CUDA_R_32F,
-                ldb,
-                &beta as *const f32 as *const c_void,
-                c as *mut c_void,
-                cudaDataType_t::CUDA_R_32F,
-                ldc,
-                precision.compute_type(),
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+        Gemm {
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            a,
+            lda,
+            b,
+            ldb,
+            beta,
+            c,
+            ldc,
+            data: cublas::sys::cudaDataType_t::CUDA_R_32F,
+            compute: precision.compute_type(),
         }
-        .map_err(|e| {
-            anyhow!(
-                "{op}: cuBLAS GEMM (f32 data, {precision} compute, m {m}, n {n}, k {k}) \
-                 failed: {e:?}"
-            )
-        })
+        .run(op, self.be.blas_handle())
+        .with_context(|| format!("{op}: f32 data, {precision} compute"))
     }
 
     /// `y[N, M] = x[N, K]·wᵀ` ([`super::ops::linear`]). Row-major buffers read column-major
@@ -481,19 +437,7 @@ impl CudaOps {
         }
         let (o, w, i) = (self.ptr_mut(out), self.ptr(wte), self.ptr(&ids.buf));
         let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
-        launch!(
-            self,
-            op,
-            self.k.embedding,
-            (n as u32, 1, 1),
-            256,
-            0,
-            o,
-            w,
-            i,
-            n_,
-            c_
-        )
+        launch!(self, op, self.k.embedding, Geom::new((n as u32, 1, 1), 256, 0); o, w, i, n_, c_)
     }
 
     /// Backward of the embedding: `dwte[ids[i]] += dx[i]` (rows in ascending order; the CSR
@@ -535,21 +479,8 @@ impl CudaOps {
             self.ptr(&ord.buf),
         );
         let (nu_, c_) = (int(op, "nuniq", nu)?, int(op, "c", c)?);
-        launch!(
-            self,
-            op,
-            self.k.embedding_bwd,
-            (nu as u32, 1, 1),
-            256,
-            0,
-            dp,
-            xp,
-            up,
-            op_,
-            orp,
-            nu_,
-            c_
-        )?;
+        launch!(self, op, self.k.embedding_bwd, Geom::new((nu as u32, 1, 1), 256, 0); dp, xp, up,
+            op_, orp, nu_, c_)?;
         // The index buffers are freed on drop: finish the launch first.
         self.sync()
     }
@@ -575,21 +506,8 @@ impl CudaOps {
         }
         let (yp, rp, xp, wp) = (self.ptr_mut(y), self.ptr_mut(r), self.ptr(x), self.ptr(w));
         let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
-        launch!(
-            self,
-            op,
-            self.k.rms_norm_fwd,
-            (n as u32, 1, 1),
-            256,
-            0,
-            yp,
-            rp,
-            xp,
-            wp,
-            n_,
-            c_,
-            eps
-        )
+        launch!(self, op, self.k.rms_norm_fwd, Geom::new((n as u32, 1, 1), 256, 0); yp, rp, xp, wp,
+            n_, c_, eps)
     }
 
     /// [`super::ops::rms_norm_bwd`]: `dx` written, `dw` accumulated.
@@ -624,35 +542,10 @@ impl CudaOps {
             self.ptr(w),
         );
         let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
-        launch!(
-            self,
-            op,
-            self.k.rms_norm_bwd,
-            (n as u32, 1, 1),
-            256,
-            0,
-            dxp,
-            dyp,
-            xp,
-            rp,
-            wp,
-            n_,
-            c_
-        )?;
-        launch!(
-            self,
-            op,
-            self.k.rms_norm_bwd_dw,
-            (c.div_ceil(256) as u32, 1, 1),
-            256,
-            0,
-            dwp,
-            dyp,
-            xp,
-            rp,
-            n_,
-            c_
-        )
+        launch!(self, op, self.k.rms_norm_bwd, Geom::new((n as u32, 1, 1), 256, 0); dxp, dyp, xp,
+            rp, wp, n_, c_)?;
+        launch!(self, op, self.k.rms_norm_bwd_dw, Geom::new((c.div_ceil(256) as u32, 1, 1), 256, 0);
+            dwp, dyp, xp, rp, n_, c_)
     }
 
     /// RoPE in place on `x` `[N, heads·hd]` (`inverse`: the backward rotation).
@@ -700,22 +593,8 @@ impl CudaOps {
         // +1 rotates, −1 rotates back (the kernel multiplies sin by it: exact either way).
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
         let f = self.k.rope;
-        launch!(
-            self,
-            op,
-            f,
-            (n as u32, 1, 1),
-            256,
-            0,
-            xp,
-            cp,
-            sp,
-            pp,
-            n_,
-            h_,
-            hd_,
-            sign
-        )
+        launch!(self, op, f, Geom::new((n as u32, 1, 1), 256, 0); xp, cp, sp, pp, n_, h_, hd_,
+            sign)
     }
 
     pub fn swiglu(&self, m: &mut Buf, g: &Buf, u: &Buf, len: usize) -> Result<()> {
@@ -728,18 +607,8 @@ impl CudaOps {
         }
         let (mp, gp, up) = (self.ptr_mut(m), self.ptr(g), self.ptr(u));
         let numel = len as i64;
-        launch!(
-            self,
-            op,
-            self.k.swiglu_fwd,
-            (stride_grid(len), 1, 1),
-            256,
-            0,
-            mp,
-            gp,
-            up,
-            numel
-        )
+        launch!(self, op, self.k.swiglu_fwd, Geom::new((stride_grid(len), 1, 1), 256, 0); mp, gp,
+            up, numel)
     }
 
     pub fn swiglu_bwd(
@@ -772,20 +641,8 @@ impl CudaOps {
             self.ptr(u),
         );
         let numel = len as i64;
-        launch!(
-            self,
-            op,
-            self.k.swiglu_bwd,
-            (stride_grid(len), 1, 1),
-            256,
-            0,
-            dgp,
-            dup,
-            dmp,
-            gp,
-            up,
-            numel
-        )
+        launch!(self, op, self.k.swiglu_bwd, Geom::new((stride_grid(len), 1, 1), 256, 0); dgp, dup,
+            dmp, gp, up, numel)
     }
 
     /// `x += d` over `len` elements.
@@ -798,17 +655,7 @@ impl CudaOps {
         }
         let (xp, dp) = (self.ptr_mut(x), self.ptr(d));
         let numel = len as i64;
-        launch!(
-            self,
-            op,
-            self.k.add,
-            (stride_grid(len), 1, 1),
-            256,
-            0,
-            xp,
-            dp,
-            numel
-        )
+        launch!(self, op, self.k.add, Geom::new((stride_grid(len), 1, 1), 256, 0); xp, dp, numel)
     }
 
     pub fn gather_rows(
@@ -828,19 +675,8 @@ impl CudaOps {
         }
         let (o, xp, r) = (self.ptr_mut(out), self.ptr(x), self.ptr(&rows.buf));
         let (nr, c_) = (int(op, "nrows", nrows)?, int(op, "c", c)?);
-        launch!(
-            self,
-            op,
-            self.k.gather_rows,
-            (nrows as u32, 1, 1),
-            256,
-            0,
-            o,
-            xp,
-            r,
-            nr,
-            c_
-        )
+        launch!(self, op, self.k.gather_rows, Geom::new((nrows as u32, 1, 1), 256, 0); o, xp, r,
+            nr, c_)
     }
 
     /// `dx[rows[i]] += src[i]`, i ascending (repeated rows add up).
@@ -861,19 +697,8 @@ impl CudaOps {
         }
         let (d, s, r) = (self.ptr_mut(dx), self.ptr(src), self.ptr(&rows.buf));
         let (nr, c_) = (int(op, "nrows", nrows)?, int(op, "c", c)?);
-        launch!(
-            self,
-            op,
-            self.k.scatter_add_rows,
-            (c.div_ceil(256) as u32, 1, 1),
-            256,
-            0,
-            d,
-            s,
-            r,
-            nr,
-            c_
-        )
+        launch!(self, op, self.k.scatter_add_rows, Geom::new((c.div_ceil(256) as u32, 1, 1), 256, 0);
+            d, s, r, nr, c_)
     }
 
     fn attn_checks(op: &str, d: AttnDims) -> Result<()> {
@@ -928,24 +753,8 @@ impl CudaOps {
             int(op, "nkv", nkv)?,
             int(op, "hd", hd)?,
         );
-        launch!(
-            self,
-            op,
-            self.k.attention_fwd,
-            (t as u32, nh as u32, b as u32),
-            ATT_THREADS,
-            smem,
-            op_,
-            lp,
-            qp,
-            kp,
-            vp,
-            b_,
-            t_,
-            nh_,
-            nkv_,
-            hd_
-        )
+        launch!(self, op, self.k.attention_fwd, Geom::new((t as u32, nh as u32, b as u32), ATT_THREADS, smem);
+            op_, lp, qp, kp, vp, b_, t_, nh_, nkv_, hd_)
     }
 
     /// [`super::ops::attention_bwd`]: writes `dq`, `dk`, `dv`; `delta` is scratch `[N, NH]`.
@@ -1015,48 +824,10 @@ impl CudaOps {
             int(op, "nkv", nkv)?,
             int(op, "hd", hd)?,
         );
-        launch!(
-            self,
-            op,
-            self.k.attention_bwd_dq,
-            (t as u32, nh as u32, b as u32),
-            ATT_THREADS,
-            smem_q,
-            dqp,
-            dlp,
-            dop,
-            qp,
-            kp,
-            vp,
-            opp,
-            lp,
-            b_,
-            t_,
-            nh_,
-            nkv_,
-            hd_
-        )?;
-        launch!(
-            self,
-            op,
-            self.k.attention_bwd_dkv,
-            (t as u32, nkv as u32, b as u32),
-            ATT_THREADS,
-            smem_kv,
-            dkp,
-            dvp,
-            dlp,
-            dop,
-            qp,
-            kp,
-            vp,
-            lp,
-            b_,
-            t_,
-            nh_,
-            nkv_,
-            hd_
-        )
+        launch!(self, op, self.k.attention_bwd_dq, Geom::new((t as u32, nh as u32, b as u32), ATT_THREADS, smem_q);
+            dqp, dlp, dop, qp, kp, vp, opp, lp, b_, t_, nh_, nkv_, hd_)?;
+        launch!(self, op, self.k.attention_bwd_dkv, Geom::new((t as u32, nkv as u32, b as u32), ATT_THREADS, smem_kv);
+            dkp, dvp, dlp, dop, qp, kp, vp, lp, b_, t_, nh_, nkv_, hd_)
     }
 
     /// [`super::ops::cross_entropy`] on the first `r` rows of `z` `[R, V]` (overwritten
@@ -1086,20 +857,8 @@ impl CudaOps {
             self.ptr(weights),
         );
         let (r_, v_) = (int(op, "r", r)?, int(op, "v", v)?);
-        launch!(
-            self,
-            op,
-            self.k.cross_entropy,
-            (r as u32, 1, 1),
-            1024,
-            0,
-            zp,
-            lp,
-            tp,
-            wp,
-            r_,
-            v_
-        )?;
+        launch!(self, op, self.k.cross_entropy, Geom::new((r as u32, 1, 1), 1024, 0); zp, lp, tp,
+            wp, r_, v_)?;
         let rows = self.download(loss_rows, r)?;
         Ok(rows.iter().map(|&x| x as f64).sum())
     }
@@ -1114,17 +873,8 @@ impl CudaOps {
         }
         let (pp, xp) = (self.ptr_mut(partial), self.ptr(x));
         let numel = len as i64;
-        launch!(
-            self,
-            op,
-            self.k.sumsq,
-            (SUMSQ_BLOCKS as u32, 1, 1),
-            256,
-            0,
-            pp,
-            xp,
-            numel
-        )?;
+        launch!(self, op, self.k.sumsq, Geom::new((SUMSQ_BLOCKS as u32, 1, 1), 256, 0); pp, xp,
+            numel)?;
         let mut h = vec![0f64; SUMSQ_BLOCKS];
         self.be
             .stream()
@@ -1183,29 +933,8 @@ impl CudaOps {
             bc2_sqrt,
             eps,
         } = *h;
-        launch!(
-            self,
-            op,
-            self.k.adamw,
-            (stride_grid(len), 1, 1),
-            256,
-            0,
-            pp,
-            mp,
-            vp,
-            pb,
-            gp,
-            numel,
-            b1,
-            omb1,
-            b2,
-            omb2,
-            step_size,
-            bc2_sqrt,
-            eps,
-            decay,
-            gscale
-        )
+        launch!(self, op, self.k.adamw, Geom::new((stride_grid(len), 1, 1), 256, 0); pp, mp, vp,
+            pb, gp, numel, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps, decay, gscale)
     }
 }
 
