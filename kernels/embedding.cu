@@ -25,27 +25,12 @@
 
 extern "C" __global__ void __launch_bounds__(1024)
 embedding_bf16(bf16* __restrict__ out, const bf16* __restrict__ wte, const int* __restrict__ ids, int n, int c) {
-    const int i = blockIdx.x;
-    if (i >= n) return;
-    const long long id = ids[i];
-    const bf16* src = wte + id * (long long)c;
-    bf16* dst = out + (long long)i * c;
-    if ((c & 7) == 0 && aligned16(wte) && aligned16(out)) {
-        const uint4* s = reinterpret_cast<const uint4*>(src);
-        uint4* d = reinterpret_cast<uint4*>(dst);
-        for (int j = threadIdx.x; j < c / 8; j += blockDim.x) d[j] = s[j];
-    } else {
-        for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
-    }
+    if ((int)blockIdx.x < n) gather_row(out, wte, ids[blockIdx.x], c);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
 embedding_f32(float* __restrict__ out, const float* __restrict__ wte, const int* __restrict__ ids, int n, int c) {
-    const int i = blockIdx.x;
-    if (i >= n) return;
-    const float* src = wte + (long long)ids[i] * c;
-    float* dst = out + (long long)i * c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
+    if ((int)blockIdx.x < n) gather_row(out, wte, ids[blockIdx.x], c);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)

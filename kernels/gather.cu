@@ -16,27 +16,12 @@
 
 extern "C" __global__ void __launch_bounds__(1024)
 gather_rows_bf16(bf16* __restrict__ out, const bf16* __restrict__ x, const int* __restrict__ rows, int nrows, int c) {
-    const int r = blockIdx.x;
-    if (r >= nrows) return;
-    const long long src_row = rows[r];
-    const bf16* src = x + src_row * (long long)c;
-    bf16* dst = out + (long long)r * c;
-    if ((c & 7) == 0 && aligned16(x) && aligned16(out)) {
-        const uint4* s = reinterpret_cast<const uint4*>(src);
-        uint4* d = reinterpret_cast<uint4*>(dst);
-        for (int j = threadIdx.x; j < c / 8; j += blockDim.x) d[j] = s[j];
-    } else {
-        for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
-    }
+    if ((int)blockIdx.x < nrows) gather_row(out, x, rows[blockIdx.x], c);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
 gather_rows_f32(float* __restrict__ out, const float* __restrict__ x, const int* __restrict__ rows, int nrows, int c) {
-    const int i = blockIdx.x;
-    if (i >= nrows) return;
-    const float* src = x + (long long)rows[i] * c;
-    float* dst = out + (long long)i * c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
+    if ((int)blockIdx.x < nrows) gather_row(out, x, rows[blockIdx.x], c);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)

@@ -6,7 +6,7 @@ use llada::config::ModelConfig;
 use llada::rng::{bits, cell_key, uniform};
 use llada::train::loss;
 use llada::train::model::{forward_backward, Batch, Params};
-use llada::train::ops::{self, AttnDims};
+use llada::train::ops::{self, AttnShape};
 
 /// Deterministic values in [-scale, scale].
 fn rand_vec(seed: u64, n: usize, scale: f64) -> Vec<f64> {
@@ -134,7 +134,7 @@ fn fd_rope_and_identity_at_zero() {
 
 #[test]
 fn fd_attention_gqa() {
-    let d = AttnDims {
+    let d = AttnShape {
         b: 2,
         t: 4,
         nh: 4,

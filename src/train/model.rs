@@ -9,7 +9,7 @@
 
 use anyhow::{ensure, Context, Result};
 
-use super::ops::{self, AttnDims, Real};
+use super::ops::{self, AttnShape, Real};
 use crate::backend::rope_tables;
 use crate::checkpoint::{expected_tensors, Checkpoint};
 use crate::config::ModelConfig;
@@ -200,7 +200,7 @@ pub fn forward_backward<T: Real>(
     );
     let (qw, kw) = (nh * hd, nkv * hd);
     let eps = cfg.rms_norm_eps as f64;
-    let dims = AttnDims { b, t, nh, nkv, hd };
+    let dims = AttnShape { b, t, nh, nkv, hd };
     let (cos, sin) = rope_tables(cfg.rope_theta, hd, t.max(1));
     let pos: Vec<usize> = (0..n).map(|i| i % t).collect();
     let zeros = |len: usize| vec![T::zero(); len];

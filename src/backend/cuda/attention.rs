@@ -21,6 +21,18 @@ pub(crate) fn attention_geom(op: &str, b: usize, t: usize, nh: usize) -> Result<
     })
 }
 
+/// The attention kernels' head limits: HD one of [`ATTN_HEAD_DIMS`], NH a positive multiple
+/// of NKV.
+fn check_heads(op: &str, nh: usize, nkv: usize, hd: usize) -> Result<()> {
+    if !ATTN_HEAD_DIMS.contains(&hd) {
+        bail!("{op}: head dim {hd} is not supported by the CUDA attention kernel (supported: {ATTN_HEAD_DIMS:?})");
+    }
+    if nkv == 0 || nh % nkv != 0 {
+        bail!("{op}: NH = {nh} must be a positive multiple of NKV = {nkv}");
+    }
+    Ok(())
+}
+
 /// Keys per split of the split-KV attention path.
 pub const ATTN_SPLIT_CHUNK: usize = 96;
 
@@ -162,12 +174,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let op = "attention";
         let AttnShape { b, t, nh, nkv, hd } = s;
-        if !ATTN_HEAD_DIMS.contains(&hd) {
-            bail!("{op}: head dim {hd} is not supported by the CUDA attention kernel (supported: {ATTN_HEAD_DIMS:?})");
-        }
-        if nkv == 0 || nh % nkv != 0 {
-            bail!("{op}: NH = {nh} must be a positive multiple of NKV = {nkv}");
-        }
+        check_heads(op, nh, nkv, hd)?;
         let rows = b * t;
         check_len(op, "out", out.len(), rows * nh * hd)?;
         check_len(op, "qkv", qkv.len(), rows * (nh + 2 * nkv) * hd)?;
@@ -200,15 +207,9 @@ impl CudaBackend {
             };
             return self.attention_split(op, o, a);
         }
-        let (b_, t_, nh_, nkv_, hd_) = (
-            int(op, "b", b)?,
-            int(op, "t", t)?,
-            int(op, "nh", nh)?,
-            int(op, "nkv", nkv)?,
-            int(op, "hd", hd)?,
-        );
-        launch!(&self.stream, op, self.k.attention, attention_geom(op, b, t, nh)?; o, q, kv, b_,
-            t_, nh_, nkv_, hd_)
+        launch!(&self.stream, op, self.k.attention, attention_geom(op, b, t, nh)?; o, q, kv,
+            int(op, "b", b)?, int(op, "t", t)?, int(op, "nh", nh)?, int(op, "nkv", nkv)?,
+            int(op, "hd", hd)?)
     }
 
     pub(crate) fn launch_kv_store(
@@ -240,21 +241,11 @@ impl CudaBackend {
         if b * tq == 0 || nkv * hd == 0 {
             return Ok(());
         }
-        let kc = dptr_mut(k_cache, &self.stream);
-        let vc = dptr_mut(v_cache, &self.stream);
-        let q = dptr(qkv, &self.stream);
-        let (b_, tq_, l_, q0_, nh_, nkv_, hd_) = (
-            int(op, "b", b)?,
-            int(op, "tq", tq)?,
-            int(op, "l", l)?,
-            int(op, "q0", q0)?,
-            int(op, "nh", nh)?,
-            int(op, "nkv", nkv)?,
-            int(op, "hd", hd)?,
-        );
         int(op, "b·tq", b * tq)?;
-        launch!(&self.stream, op, self.k.kv_store, rows_geom(b * tq, 256); kc, vc, q, b_, tq_, l_,
-            q0_, nh_, nkv_, hd_)
+        launch!(&self.stream, op, self.k.kv_store, rows_geom(b * tq, 256);
+            dptr_mut(k_cache, &self.stream), dptr_mut(v_cache, &self.stream), dptr(qkv, &self.stream),
+            int(op, "b", b)?, int(op, "tq", tq)?, int(op, "l", l)?, int(op, "q0", q0)?,
+            int(op, "nh", nh)?, int(op, "nkv", nkv)?, int(op, "hd", hd)?)
     }
 
     pub(crate) fn launch_attention_cached(
@@ -275,12 +266,7 @@ impl CudaBackend {
             nkv,
             hd,
         } = s;
-        if !ATTN_HEAD_DIMS.contains(&hd) {
-            bail!("{op}: head dim {hd} is not supported by the CUDA attention kernel (supported: {ATTN_HEAD_DIMS:?})");
-        }
-        if nkv == 0 || nh % nkv != 0 {
-            bail!("{op}: NH = {nh} must be a positive multiple of NKV = {nkv}");
-        }
+        check_heads(op, nh, nkv, hd)?;
         if tq > l {
             bail!("{op}: {tq} queries per row exceed the {l} cached keys");
         }
@@ -317,15 +303,8 @@ impl CudaBackend {
             };
             return self.attention_split(op, o, a);
         }
-        let (b_, tq_, l_, nh_, nkv_, hd_) = (
-            int(op, "b", b)?,
-            int(op, "tq", tq)?,
-            int(op, "l", l)?,
-            int(op, "nh", nh)?,
-            int(op, "nkv", nkv)?,
-            int(op, "hd", hd)?,
-        );
-        launch!(&self.stream, op, self.k.attention_cached, attention_geom(op, b, tq, nh)?; o, q,
-            kc, vc, kv, b_, tq_, l_, nh_, nkv_, hd_)
+        launch!(&self.stream, op, self.k.attention_cached, attention_geom(op, b, tq, nh)?;
+            o, q, kc, vc, kv, int(op, "b", b)?, int(op, "tq", tq)?, int(op, "l", l)?,
+            int(op, "nh", nh)?, int(op, "nkv", nkv)?, int(op, "hd", hd)?)
     }
 }
