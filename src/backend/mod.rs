@@ -287,7 +287,7 @@ pub trait Backend {
     /// `log_softmax` on a bf16 tensor also computes in f32 and returns bf16). With
     /// `cfg_scale > 0`, `logits` holds `2R` rows, rows `R..2R` being the unconditional logits of
     /// rows `0..R`, and `l` is first mixed exactly as [`crate::head::cfg_mix`] (each op rounded).
-    /// CPU reference: [`crate::loglik::log_prob_one`]. NaN logits give NaN; a row whose logits
+    /// CPU reference: [`crate::backend::cpu::log_prob_one`]. NaN logits give NaN; a row whose logits
     /// are all −∞ gives −∞. Targets must lie in `[0, V)`.
     #[allow(clippy::too_many_arguments)]
     fn log_prob(

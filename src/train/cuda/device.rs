@@ -263,7 +263,7 @@ impl CudaOps {
         .with_context(|| format!("{op}: f32 data, {precision} compute"))
     }
 
-    /// `y[N, M] = x[N, K]·wᵀ` ([`super::ops::linear`]). Row-major buffers read column-major
+    /// `y[N, M] = x[N, K]·wᵀ` ([`crate::train::ops::linear`]). Row-major buffers read column-major
     /// are transposes: `yᵀ = W·xᵀ` with `W` stored `[M, K]` = column-major `K×M`, so
     /// `op(A) = Aᵀ` (lda K), `B = xᵀ` (ldb K), ldc M.
     pub fn linear(
@@ -283,7 +283,7 @@ impl CudaOps {
         self.gemm(op, true, false, (m, n, k), wp, k, xp, k, 0.0, yp, m)
     }
 
-    /// Backward of [`CudaOps::linear`] ([`super::ops::linear_bwd`]): `dx = dy·w` (written, or
+    /// Backward of [`CudaOps::linear`] ([`crate::train::ops::linear_bwd`]): `dx = dy·w` (written, or
     /// added when `dx_accumulate`), `dw += dyᵀ·x`.
     #[allow(clippy::too_many_arguments)]
     pub fn linear_bwd(
@@ -324,7 +324,7 @@ impl CudaOps {
     }
 }
 
-/// The f32 scalars of one AdamW step, computed exactly as [`super::optim::AdamW::step`] does.
+/// The f32 scalars of one AdamW step, computed exactly as [`crate::train::optim::AdamW::step`] does.
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWScalars {
     pub b1: f32,

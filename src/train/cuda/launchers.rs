@@ -97,7 +97,7 @@ impl CudaOps {
             n_, c_, eps)
     }
 
-    /// [`super::ops::rms_norm_bwd`]: `dx` written, `dw` accumulated.
+    /// [`crate::train::ops::rms_norm_bwd`]: `dx` written, `dw` accumulated.
     #[allow(clippy::too_many_arguments)]
     pub fn rms_norm_bwd(
         &self,
@@ -300,7 +300,7 @@ impl CudaOps {
         Ok(())
     }
 
-    /// [`super::ops::attention`]: `o`, and `lse` `[N, NH]` for the backward pass.
+    /// [`crate::train::ops::attention`]: `o`, and `lse` `[N, NH]` for the backward pass.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -344,7 +344,7 @@ impl CudaOps {
             op_, lp, qp, kp, vp, b_, t_, nh_, nkv_, hd_)
     }
 
-    /// [`super::ops::attention_bwd`]: writes `dq`, `dk`, `dv`; `delta` is scratch `[N, NH]`.
+    /// [`crate::train::ops::attention_bwd`]: writes `dq`, `dk`, `dv`; `delta` is scratch `[N, NH]`.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_bwd(
         &self,
@@ -417,7 +417,7 @@ impl CudaOps {
             dkp, dvp, dlp, dop, qp, kp, vp, lp, b_, t_, nh_, nkv_, hd_)
     }
 
-    /// [`super::ops::cross_entropy`] on the first `r` rows of `z` `[R, V]` (overwritten
+    /// [`crate::train::ops::cross_entropy`] on the first `r` rows of `z` `[R, V]` (overwritten
     /// with the gradient); returns `Σ_r loss_r` summed on the host in f64, in row order (as the
     /// CPU does). `loss_rows` is scratch `[R]`.
     pub fn cross_entropy(
@@ -471,7 +471,7 @@ impl CudaOps {
         Ok(h.iter().sum())
     }
 
-    /// One AdamW update of one tensor (`adamw_f32`, see [`super::optim::AdamW::step`]).
+    /// One AdamW update of one tensor (`adamw_f32`, see [`crate::train::optim::AdamW::step`]).
     #[allow(clippy::too_many_arguments)]
     pub fn adamw(
         &self,

@@ -106,7 +106,7 @@ pub(super) fn copy(ops: &CudaOps, dst: &mut Buf, src: &Buf) -> Result<()> {
 }
 
 /// Loss of `batch` under `p` on the GPU, with every parameter's gradient **added** to `grad`:
-/// [`super::model::forward_backward`] step by step (same ops, same order), f32 throughout.
+/// [`crate::train::model::forward_backward`] step by step (same ops, same order), f32 throughout.
 /// Activation buffers are allocated per call (stream-ordered) and freed at the end.
 pub fn forward_backward(
     ops: &CudaOps,
