@@ -27,6 +27,24 @@ pub(crate) struct Gemm {
 }
 
 impl Gemm {
+    /// An empty f32 GEMM (no operands, `C = 0·C`), the base of `Gemm { .., ..Gemm::F32 }`.
+    pub(crate) const F32: Gemm = Gemm {
+        ta: false,
+        tb: false,
+        m: 0,
+        n: 0,
+        k: 0,
+        a: 0,
+        lda: 0,
+        b: 0,
+        ldb: 0,
+        beta: 0.0,
+        c: 0,
+        ldc: 0,
+        data: cudaDataType_t::CUDA_R_32F,
+        compute: cublasComputeType_t::CUBLAS_COMPUTE_32F,
+    };
+
     /// Run on `handle` (bound to the caller's stream). Nothing to do when `m` or `n` is 0. The
     /// caller checked every operand's length against (m, n, k) and the leading dimensions.
     pub(crate) fn run(&self, op: &str, handle: cublas::sys::cublasHandle_t) -> Result<()> {

@@ -128,27 +128,33 @@ pub(crate) fn grid_yz(op: &str, arg: &str, v: usize) -> Result<u32> {
     Ok(v as u32)
 }
 
+/// Shared memory a block may use without an opt-in (static plus dynamic).
+const SMEM_DEFAULT: usize = 48 * 1024;
+
 /// `Err` naming `op` unless kernel `f` can be launched with `smem` bytes of dynamic shared
-/// memory: the driver's own limit for the function (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`,
-/// 48 KiB less the kernel's static shared memory unless raised), so the check is the kernel's.
+/// memory: 48 KiB less the kernel's static shared memory (`CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES`,
+/// e.g. the block reductions' 256 bytes), or the function's raised limit
+/// (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`) when that is larger.
 pub(crate) fn check_dyn_smem(
     op: &str,
     f: dsys::CUfunction,
     smem: usize,
     what: &str,
 ) -> Result<u32> {
-    // SAFETY: `f` is a function of a module the caller keeps loaded.
-    let max = unsafe {
-        dres::function::get_function_attribute(
-            f,
-            dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        )
-    }
-    .map_err(|e| anyhow!("{op}: querying the kernel's shared-memory limit: {e:?}"))?;
-    let max = usize::try_from(max).unwrap_or(0);
+    use dsys::CUfunction_attribute as A;
+    let attr = |a: A| -> Result<usize> {
+        // SAFETY: `f` is a function of a module the caller keeps loaded.
+        let v = unsafe { dres::function::get_function_attribute(f, a) }
+            .map_err(|e| anyhow!("{op}: querying the kernel's {a:?}: {e:?}"))?;
+        Ok(usize::try_from(v).unwrap_or(0))
+    };
+    let static_smem = attr(A::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+    let raised = attr(A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)?;
+    let max = SMEM_DEFAULT.saturating_sub(static_smem).max(raised);
     if smem > max {
         bail!(
-            "{op}: {what} need {smem} bytes of dynamic shared memory, more than the kernel's {max}"
+            "{op}: {what} need {smem} bytes of dynamic shared memory, more than the kernel's \
+             {max} ({static_smem} bytes of its shared memory are static)"
         );
     }
     Ok(smem as u32)

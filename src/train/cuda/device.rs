@@ -224,40 +224,16 @@ impl CudaOps {
 
     // ---- GEMMs (cuBLAS, f32 data) ----
 
-    /// Column-major `C[m×n] = op(A)·op(B) + beta·C`, f32 operands, computed in
-    /// `self.precision` (f32, or bf16 products with f32 accumulation).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm(
-        &self,
-        op: &str,
-        ta: bool,
-        tb: bool,
-        (m, n, k): (usize, usize, usize),
-        a: u64,
-        lda: usize,
-        b: u64,
-        ldb: usize,
-        beta: f32,
-        c: u64,
-        ldc: usize,
-    ) -> Result<()> {
+    /// Run `g` (column-major `C[m×n] = op(A)·op(B) + beta·C` on f32 operands; its `data` and
+    /// `compute` are set here) in `self.precision` (f32, or bf16 products with f32
+    /// accumulation).
+    pub(super) fn gemm(&self, op: &str, g: Gemm) -> Result<()> {
         let precision = self.precision;
         self.bind()?;
         Gemm {
-            ta,
-            tb,
-            m,
-            n,
-            k,
-            a,
-            lda,
-            b,
-            ldb,
-            beta,
-            c,
-            ldc,
             data: cublas::sys::cudaDataType_t::CUDA_R_32F,
             compute: precision.compute_type(),
+            ..g
         }
         .run(op, self.be.blas_handle())
         .with_context(|| format!("{op}: f32 data, {precision} compute"))
@@ -280,7 +256,24 @@ impl CudaOps {
         check_len(op, "x", x.len(), n * k)?;
         check_len(op, "w", w.len(), m * k)?;
         let (yp, xp, wp) = (self.ptr_mut(y), self.ptr(x), self.ptr(w));
-        self.gemm(op, true, false, (m, n, k), wp, k, xp, k, 0.0, yp, m)
+        self.gemm(
+            op,
+            Gemm {
+                ta: true,
+                tb: false,
+                m,
+                n,
+                k,
+                a: wp,
+                lda: k,
+                b: xp,
+                ldb: k,
+                beta: 0.0,
+                c: yp,
+                ldc: m,
+                ..Gemm::F32
+            },
+        )
     }
 
     /// Backward of [`CudaOps::linear`] ([`crate::train::ops::linear_bwd`]): `dx = dy·w` (written, or
@@ -312,13 +305,47 @@ impl CudaOps {
             if k > 0 && n > 0 && m == 0 && !dx_accumulate {
                 self.zero_fill(dx)?;
             } else {
-                self.gemm(op, false, false, (k, n, m), wp, k, dyp, m, beta, dxp, k)?;
+                self.gemm(
+                    op,
+                    Gemm {
+                        ta: false,
+                        tb: false,
+                        m: k,
+                        n,
+                        k: m,
+                        a: wp,
+                        lda: k,
+                        b: dyp,
+                        ldb: m,
+                        beta,
+                        c: dxp,
+                        ldc: k,
+                        ..Gemm::F32
+                    },
+                )?;
             }
         }
         // dWᵀ (K×M) += xᵀ (col-major K×N, as stored) · dy (N×M = transpose of the stored M×N).
         let dwp = self.ptr_mut(dw);
         if n > 0 {
-            self.gemm(op, false, true, (k, m, n), xp, k, dyp, m, 1.0, dwp, k)?;
+            self.gemm(
+                op,
+                Gemm {
+                    ta: false,
+                    tb: true,
+                    m: k,
+                    n: m,
+                    k: n,
+                    a: xp,
+                    lda: k,
+                    b: dyp,
+                    ldb: m,
+                    beta: 1.0,
+                    c: dwp,
+                    ldc: k,
+                    ..Gemm::F32
+                },
+            )?;
         }
         Ok(())
     }
