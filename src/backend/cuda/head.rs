@@ -12,6 +12,15 @@ pub(crate) const TOPK_THREADS: u32 = 1024;
 /// Threads per block of `log_prob_bf16`.
 pub(crate) const LOG_PROB_THREADS: u32 = 1024;
 
+/// The buffers of one [`Backend::select`] call: outputs `tok`, `conf` `[R]`, the logits `[R, V]`
+/// (or `[2R, V]` with CFG; modified in place) and the row keys `[2R]`.
+pub(crate) struct SelectIo<'a> {
+    pub tok: &'a mut Ints,
+    pub conf: &'a mut F32s,
+    pub logits: &'a mut Act,
+    pub keys: &'a Ints,
+}
+
 impl CudaBackend {
     /// Per row, the `k[row]` best columns of `conf` `[nrows, ncols]` (confidence descending, ties
     /// to the lowest column, NaN = −∞) written in order into `sel` `[nrows, ncols]`, the rest -1.
@@ -99,17 +108,20 @@ impl CudaBackend {
             cfg_scale)
     }
 
-    #[allow(clippy::too_many_arguments)] // the signature of Backend::select
+    /// Launcher of `kernels/head_select.cu` ([`Backend::select`]).
     pub(crate) fn launch_select(
         &self,
-        tok: &mut Ints,
-        conf: &mut F32s,
-        logits: &mut Act,
-        keys: &Ints,
+        io: SelectIo<'_>,
         r: usize,
         v: usize,
         p: &SelectParams,
     ) -> Result<()> {
+        let SelectIo {
+            tok,
+            conf,
+            logits,
+            keys,
+        } = io;
         let op = "select";
         if p.dtype != DType::BF16 {
             bail!(

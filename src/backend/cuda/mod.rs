@@ -56,6 +56,7 @@ pub use device::{
 pub(crate) use gemm::Gemm;
 use graph::*;
 pub use graph::{Graph, Timer};
+use head::SelectIo;
 use launch::*;
 pub(crate) use launch::{
     check_dyn_smem, check_len, driver_err, grid_yz, int, launch, stride_blocks, Geom, GRID_YZ_MAX,
@@ -538,7 +539,13 @@ impl Backend for CudaBackend {
         v: usize,
         p: &SelectParams,
     ) -> Result<()> {
-        self.launch_select(tok, conf, logits, keys, r, v, p)
+        let io = SelectIo {
+            tok,
+            conf,
+            logits,
+            keys,
+        };
+        self.launch_select(io, r, v, p)
     }
 
     fn attention(
