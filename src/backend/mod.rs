@@ -55,6 +55,13 @@ pub struct CachedAttnShape {
     pub hd: usize,
 }
 
+impl CachedAttnShape {
+    /// `(b, tq, l, nh, nkv, hd)`, in the fields' order.
+    pub fn dims(&self) -> (usize, usize, usize, usize, usize, usize) {
+        (self.b, self.tq, self.l, self.nh, self.nkv, self.hd)
+    }
+}
+
 /// Op classes of the per-step time breakdown (`llada-bench --breakdown`, [`Backend::prof_mark`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum OpClass {

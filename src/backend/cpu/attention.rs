@@ -29,14 +29,7 @@ pub(super) fn attend(
     key_valid: Option<&[i32]>,
     s: CachedAttnShape,
 ) {
-    let CachedAttnShape {
-        b,
-        tq,
-        l,
-        nh,
-        nkv,
-        hd,
-    } = s;
+    let (b, tq, l, nh, nkv, hd) = s.dims();
     let n = b * tq;
     if n == 0 || nh == 0 || hd == 0 {
         return;

@@ -566,14 +566,7 @@ impl Backend for CpuBackend {
         s: CachedAttnShape,
     ) -> Result<()> {
         const OP: &str = "kv_store";
-        let CachedAttnShape {
-            b,
-            tq,
-            l,
-            nh,
-            nkv,
-            hd,
-        } = s;
+        let (b, tq, l, nh, nkv, hd) = s.dims();
         ensure!(
             q0 + tq <= l,
             "{OP}: query rows [{q0}, {}) exceed the cache length {l}",
@@ -605,14 +598,7 @@ impl Backend for CpuBackend {
         s: CachedAttnShape,
     ) -> Result<()> {
         const OP: &str = "attention_cached";
-        let CachedAttnShape {
-            b,
-            tq,
-            l,
-            nh,
-            nkv,
-            hd,
-        } = s;
+        let (b, tq, l, nh, nkv, hd) = s.dims();
         ensure!(
             nkv > 0 && nh % nkv == 0,
             "{OP}: NH = {nh} must be a positive multiple of NKV = {nkv}"

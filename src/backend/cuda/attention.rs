@@ -221,14 +221,7 @@ impl CudaBackend {
         s: CachedAttnShape,
     ) -> Result<()> {
         let op = "kv_store";
-        let CachedAttnShape {
-            b,
-            tq,
-            l,
-            nh,
-            nkv,
-            hd,
-        } = s;
+        let (b, tq, l, nh, nkv, hd) = s.dims();
         if q0 + tq > l {
             bail!(
                 "{op}: query rows [{q0}, {}) exceed the cache length {l}",
@@ -258,14 +251,7 @@ impl CudaBackend {
         s: CachedAttnShape,
     ) -> Result<()> {
         let op = "attention_cached";
-        let CachedAttnShape {
-            b,
-            tq,
-            l,
-            nh,
-            nkv,
-            hd,
-        } = s;
+        let (b, tq, l, nh, nkv, hd) = s.dims();
         check_heads(op, nh, nkv, hd)?;
         if tq > l {
             bail!("{op}: {tq} queries per row exceed the {l} cached keys");
