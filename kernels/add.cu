@@ -5,6 +5,8 @@
 // Layouts: x, d flat bf16 [numel]. Launch: grid-stride (any grid, block 256). The vector path
 // handles 8 elements (16 bytes) per step when both pointers are 16-byte aligned; the tail and
 // unaligned buffers take the scalar path. Bit-exact against the CPU reference.
+//
+// add_f32(x, d, numel): x += d (training, f32; `__fadd_rn`), grid-stride. Bit-exact.
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(1024)
@@ -27,4 +29,10 @@ add_bf16(bf16* __restrict__ x, const bf16* __restrict__ d, long long numel) {
         done = nvec * 8;
     }
     for (long long i = done + tid; i < numel; i += stride) x[i] = to_bf16(__fadd_rn(ld_bf16(x + i), ld_bf16(d + i)));
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+add_f32(float* __restrict__ x, const float* __restrict__ d, long long numel) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += (long long)gridDim.x * blockDim.x)
+        x[i] = __fadd_rn(x[i], d[i]);
 }

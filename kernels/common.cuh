@@ -1,7 +1,7 @@
 // Shared device helpers for every kernel in kernels/*.cu.
 //
 // - bf16 <-> f32 conversion (round-to-nearest-even), 16-byte vector helpers;
-// - warp / block reductions (f32 sum, f32 max);
+// - warp / block reductions (f32 sum, f32 max); the row gather of embedding_* and gather_rows_*;
 // - the bit-exact twin of src/rng.rs: llada_mix64, llada_cell_key, llada_bits, llada_uniform,
 //   llada_ln, llada_gumbel. Every f64 operation is written with an explicit IEEE intrinsic
 //   (__dadd_rn, __dsub_rn, __dmul_rn, __ddiv_rn, __fma_rn) in the same order as the Rust code, so
@@ -56,6 +56,26 @@ LLADA_DEVICE uint4 pack8(const float* f) {
 }
 
 LLADA_DEVICE bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Row gather, the body of embedding_* and gather_rows_*: block blockIdx.x copies row
+// `row` of src [*, C] to row blockIdx.x of out [*, C]. 16-byte copies when C % 8 == 0 and both
+// base pointers are 16-byte aligned (bf16), else scalar. Pure copy: bit-exact.
+LLADA_DEVICE void gather_row(bf16* __restrict__ out, const bf16* __restrict__ src, long long row, int c) {
+    const bf16* s = src + row * c;
+    bf16* d = out + (long long)blockIdx.x * c;
+    if ((c & 7) == 0 && aligned16(src) && aligned16(out)) {
+        const uint4* sv = reinterpret_cast<const uint4*>(s);
+        uint4* dv = reinterpret_cast<uint4*>(d);
+        for (int j = threadIdx.x; j < c / 8; j += blockDim.x) dv[j] = sv[j];
+    } else {
+        for (int j = threadIdx.x; j < c; j += blockDim.x) d[j] = s[j];
+    }
+}
+LLADA_DEVICE void gather_row(float* __restrict__ out, const float* __restrict__ src, long long row, int c) {
+    const float* s = src + row * c;
+    float* d = out + (long long)blockIdx.x * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) d[j] = s[j];
+}
 
 // ---------------------------------------------------------------------------------------------
 // Reductions. Block helpers work for any blockDim.x that is a multiple of 32 (≤ 1024) and must be

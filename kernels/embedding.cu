@@ -6,20 +6,43 @@
 // launcher validates ids on the host (the kernel does not know V).
 // Launch: grid n (one block per row), block 256 (any multiple of 32). 16-byte copies when C % 8 == 0
 // and both base pointers are 16-byte aligned, else a scalar copy. Pure copy: bit-exact.
+//
+// Training (f32) kernels below: the forward and backward of the training step. Training keeps f32
+// activations and f32 master weights (the CPU reference `src/train/ops.rs` is plain f32 without
+// bf16 rounding); kernels follow the reference's order with explicit IEEE intrinsics (__fmul_rn,
+// __fadd_rn, ...) so nvcc cannot contract them into FMAs. Where the reference sums sequentially and
+// a kernel reduces as a tree, results differ by f32 rounding only.
+// embedding_f32(out, wte, ids, n, c):           out[i,:] = wte[ids[i],:]; ids in [0,V) (launcher
+//   checks); grid n, block 256. Pure copy: bit-exact.
+// embedding_bwd_f32: backward of the embedding lookup (`ops::embedding_bwd`), f32, deterministic.
+//   dwte[id, :] += Σ_{i : ids[i] = id} dx[i, :]      rows added in ascending i (the CPU's order)
+// No atomics: the launcher groups the (host-known) ids into CSR form — `uniq[u]` the distinct
+// ids, `order[off[u] .. off[u+1]]` the rows holding id uniq[u], ascending — and one block owns
+// one distinct id, so every dwte element has a single writer and the result is bit-exact.
+// Layouts: dwte [V, C]; dx [N, C]; uniq [nuniq] in [0, V) (launcher checks); off [nuniq + 1];
+// order [N]. Grid nuniq, block 256.
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(1024)
 embedding_bf16(bf16* __restrict__ out, const bf16* __restrict__ wte, const int* __restrict__ ids, int n, int c) {
-    const int i = blockIdx.x;
-    if (i >= n) return;
-    const long long id = ids[i];
-    const bf16* src = wte + id * (long long)c;
-    bf16* dst = out + (long long)i * c;
-    if ((c & 7) == 0 && aligned16(wte) && aligned16(out)) {
-        const uint4* s = reinterpret_cast<const uint4*>(src);
-        uint4* d = reinterpret_cast<uint4*>(dst);
-        for (int j = threadIdx.x; j < c / 8; j += blockDim.x) d[j] = s[j];
-    } else {
-        for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
+    if ((int)blockIdx.x < n) gather_row(out, wte, ids[blockIdx.x], c);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+embedding_f32(float* __restrict__ out, const float* __restrict__ wte, const int* __restrict__ ids, int n, int c) {
+    if ((int)blockIdx.x < n) gather_row(out, wte, ids[blockIdx.x], c);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+embedding_bwd_f32(float* __restrict__ dwte, const float* __restrict__ dx, const int* __restrict__ uniq,
+                  const int* __restrict__ off, const int* __restrict__ order, int nuniq, int c) {
+    const int u = blockIdx.x;
+    if (u >= nuniq) return;
+    float* dst = dwte + (long long)uniq[u] * c;
+    const int from = off[u], to = off[u + 1];
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        float acc = dst[j];
+        for (int e = from; e < to; ++e) acc = __fadd_rn(acc, dx[(long long)order[e] * c + j]);
+        dst[j] = acc;
     }
 }

@@ -5,20 +5,32 @@
 // Layouts: out [R, C] bf16, x [N, C] bf16, rows [R] int32, each in [0, N) (validated by the
 // launcher). Launch: grid nrows, block 256 (any multiple of 32). 16-byte copies when C % 8 == 0
 // and the base pointers are 16-byte aligned, else scalar. Pure copy: bit-exact.
+//
+// Training (f32):
+// gather_rows_f32(out, x, rows, nrows, c)        out[i,:] = x[rows[i],:]; grid nrows, block 256.
+// scatter_add_rows_f32(dx, src, rows, nrows, c)  dx[rows[i],:] += src[i,:] for i ascending; one
+//                                                thread per column loops over i in order, so
+//                                                repeated rows are safe and the sums are in the
+//                                                CPU's order (bit-exact); grid-stride over c.
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(1024)
 gather_rows_bf16(bf16* __restrict__ out, const bf16* __restrict__ x, const int* __restrict__ rows, int nrows, int c) {
-    const int r = blockIdx.x;
-    if (r >= nrows) return;
-    const long long src_row = rows[r];
-    const bf16* src = x + src_row * (long long)c;
-    bf16* dst = out + (long long)r * c;
-    if ((c & 7) == 0 && aligned16(x) && aligned16(out)) {
-        const uint4* s = reinterpret_cast<const uint4*>(src);
-        uint4* d = reinterpret_cast<uint4*>(dst);
-        for (int j = threadIdx.x; j < c / 8; j += blockDim.x) d[j] = s[j];
-    } else {
-        for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = src[j];
+    if ((int)blockIdx.x < nrows) gather_row(out, x, rows[blockIdx.x], c);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+gather_rows_f32(float* __restrict__ out, const float* __restrict__ x, const int* __restrict__ rows, int nrows, int c) {
+    if ((int)blockIdx.x < nrows) gather_row(out, x, rows[blockIdx.x], c);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+scatter_add_rows_f32(float* __restrict__ dx, const float* __restrict__ src, const int* __restrict__ rows, int nrows,
+                     int c) {
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < c; j += gridDim.x * blockDim.x) {
+        for (int i = 0; i < nrows; ++i) {
+            float* d = dx + (long long)rows[i] * c + j;
+            *d = __fadd_rn(*d, src[(long long)i * c + j]);
+        }
     }
 }

@@ -13,6 +13,23 @@
 // differently from the CPU (tree instead of sequential), so r may differ by an f32 ulp and the
 // bf16 output by one ulp, rarely. 16-byte vector path when C % 8 == 0 and all pointers are
 // 16-byte aligned; scalar otherwise.
+//
+// Training (f32) kernels below: the forward and backward of the training step. Training keeps f32
+// activations and f32 master weights (the CPU reference `src/train/ops.rs` is plain f32 without
+// bf16 rounding); kernels follow the reference's order with explicit IEEE intrinsics (__fmul_rn,
+// __fadd_rn, ...) so nvcc cannot contract them into FMAs. Where the reference sums sequentially and
+// a kernel reduces as a tree, results differ by f32 rounding only.
+// rms_norm_fwd_f32(y, r, x, w, n, c, eps):          r[i] = 1/sqrt(Σ_j x²/c + eps) (block tree sum),
+//   y = w·(x·r); grid n, block 256 (multiple of 32). Layouts: y, x [N, C]; r [N]; w [C].
+// rms_norm_bwd_f32(dx, dy, x, r, w, n, c):           written
+//   gx[i]   = Σ_j dy[i,j]·w[j]·x[i,j]                (block tree sum; CPU: sequential)
+//   coef[i] = r³·gx/c                                 ((r·r)·r)·gx / c, CPU order
+//   dx[i,j] = r·w[j]·dy[i,j] − x[i,j]·coef
+//   grid n, block 256 (multiple of 32).
+// rms_norm_bwd_dw_f32(dw, dy, x, r, n, c):           accumulated (+=)
+//   dw[j] += Σ_i (dy[i,j]·x[i,j])·r[i], one thread per column, rows in ascending order: the
+//   CPU's order and roundings, bit-exact. Grid-stride over c (block 256).
+// Layouts: dx, dy, x [N, C]; r [N]; w, dw [C].
 #include "common.cuh"
 
 template <bool ADD>
@@ -79,4 +96,48 @@ add_rms_norm_bf16(bf16* __restrict__ out, bf16* __restrict__ x, const bf16* __re
                   int n, int c, float eps) {
     if ((int)blockIdx.x >= n) return;
     rms_norm_row<true>(out, x, d, w, c, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+rms_norm_fwd_f32(float* __restrict__ y, float* __restrict__ r, const float* __restrict__ x, const float* __restrict__ w,
+                 int n, int c, float eps) {
+    const int i = blockIdx.x;
+    if (i >= n) return;
+    const float* xr = x + (long long)i * c;
+    float* yr = y + (long long)i * c;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) ss = __fadd_rn(ss, __fmul_rn(xr[j], xr[j]));
+    ss = block_sum(ss);
+    const float ri = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, (float)c), eps)));
+    if (threadIdx.x == 0) r[i] = ri;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) yr[j] = __fmul_rn(w[j], __fmul_rn(xr[j], ri));
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+rms_norm_bwd_f32(float* __restrict__ dx, const float* __restrict__ dy, const float* __restrict__ x,
+                 const float* __restrict__ r, const float* __restrict__ w, int n, int c) {
+    const int i = blockIdx.x;
+    if (i >= n) return;
+    const long long base = (long long)i * c;
+    float gx = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x)
+        gx = __fadd_rn(gx, __fmul_rn(__fmul_rn(dy[base + j], w[j]), x[base + j]));
+    gx = block_sum(gx);
+    const float ri = r[i];
+    const float coef = __fdiv_rn(__fmul_rn(__fmul_rn(__fmul_rn(ri, ri), ri), gx), (float)c);
+    for (int j = threadIdx.x; j < c; j += blockDim.x)
+        dx[base + j] = __fsub_rn(__fmul_rn(__fmul_rn(ri, w[j]), dy[base + j]), __fmul_rn(x[base + j], coef));
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+rms_norm_bwd_dw_f32(float* __restrict__ dw, const float* __restrict__ dy, const float* __restrict__ x,
+                    const float* __restrict__ r, int n, int c) {
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < c; j += gridDim.x * blockDim.x) {
+        float acc = dw[j];
+        for (int i = 0; i < n; ++i) {
+            const long long e = (long long)i * c + j;
+            acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(dy[e], x[e]), r[i]));
+        }
+        dw[j] = acc;
+    }
 }

@@ -10,6 +10,14 @@
 // Layouts: qkv [N, (NH + 2·NKV)·HD] bf16; cos, sin [max_pos, HD/2] f32 (backend::rope_tables);
 // pos [N] int32 in [0, max_pos) (validated by the launcher). V is untouched.
 // Launch: grid n (one block per row), block 256 (any size): threads stride over (NH+NKV)·HD/2.
+//
+// rope_f32(x, cos, sin, pos, n, heads, hd, sign): training (f32), in place on x [N, heads·HD]
+// (separate q or k buffers), row i at position pos[i]. sign = +1 rotates (forward, `ops::rope(..,
+// inverse = false)`); sign = −1 rotates back (the backward: a rotation's Jacobian is the rotation,
+// so the gradient is rotated by −θ, `ops::rope(.., inverse = true)`). With s = sign·sin[p, j]:
+//   a' = a·c − b·s,  b' = b·c + a·s      (a, b) = (x[j], x[j + hd/2]), c = cos[p, j]
+// Negation and multiplication by ±1 are exact, so both directions are bit-exact with the CPU.
+// pos in [0, max_pos) (launcher checks). Grid n, block 256.
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(1024)
@@ -32,5 +40,22 @@ rope_bf16(bf16* __restrict__ qkv, const float* __restrict__ cos_t, const float* 
         const float o2 = __fadd_rn(__fmul_rn(x2, c), __fmul_rn(x1, s));
         h[j] = to_bf16(o1);
         h[j + half] = to_bf16(o2);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+rope_f32(float* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+         const int* __restrict__ pos, int n, int heads, int hd, float sign) {
+    const int i = blockIdx.x;
+    if (i >= n) return;
+    const int half = hd / 2;
+    const long long p = pos[i];
+    for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
+        const int h = idx / half, j = idx - h * half;
+        float* base = x + (long long)i * heads * hd + (long long)h * hd;
+        const float c = cos_t[p * half + j], s = sign * sin_t[p * half + j];
+        const float a = base[j], b = base[j + half];
+        base[j] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+        base[j + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
     }
 }

@@ -8,6 +8,19 @@
 // bf16 rounding: rare 1-ulp bf16 differences are expected.
 // Layouts: gate_up [N, 2F] bf16, out [N, F] bf16. Launch: grid-stride over N·F (block 256);
 // 8-wide vector path when F % 8 == 0 and pointers are 16-byte aligned, else scalar.
+//
+// Training (f32) kernels below: the forward and backward of the training step. Training keeps f32
+// activations and f32 master weights (the CPU reference `src/train/ops.rs` is plain f32 without
+// bf16 rounding); kernels follow the reference's order with explicit IEEE intrinsics (__fmul_rn,
+// __fadd_rn, ...) so nvcc cannot contract them into FMAs. Where the reference sums sequentially and
+// a kernel reduces as a tree, results differ by f32 rounding only.
+// swiglu_fwd_f32(m, g, u, numel):               m = g·σ(g)·u, σ(x) = 1/(1+exp(−x)); grid-stride.
+// swiglu_bwd_f32(dg, du, dm, g, u, numel): backward of m = silu(g)·u (`ops::swiglu_bwd`), element-wise.
+//   s  = 1/(1 + exp(−g))
+//   dg = dm·u·s·(1 + g·(1 − s))        (((dm·u)·s)·(1 + g·(1−s))), CPU order
+//   du = dm·g·s                        ((dm·g)·s)
+// Layouts: dg, du, dm, g, u [numel] (any shape). Grid-stride, block 256. Explicit IEEE
+// intrinsics (no FMA contraction); only expf differs from the CPU's libm exp (≤ 2 f32 ulps).
 #include "common.cuh"
 
 LLADA_DEVICE float silu_f32(float g) { return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g))); }
@@ -37,5 +50,25 @@ swiglu_bf16(bf16* __restrict__ out, const bf16* __restrict__ gate_up, int n, int
             const float u = ld_bf16(gate_up + row * 2 * f + f + col);
             out[i] = to_bf16(__fmul_rn(round_bf16(silu_f32(g)), u));
         }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+swiglu_fwd_f32(float* __restrict__ m, const float* __restrict__ g, const float* __restrict__ u, long long numel) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += (long long)gridDim.x * blockDim.x) {
+        const float gv = g[i];
+        const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-gv)));
+        m[i] = __fmul_rn(__fmul_rn(gv, s), u[i]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+swiglu_bwd_f32(float* __restrict__ dg, float* __restrict__ du, const float* __restrict__ dm,
+               const float* __restrict__ g, const float* __restrict__ u, long long numel) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += (long long)gridDim.x * blockDim.x) {
+        const float gv = g[i], d = dm[i];
+        const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-gv)));
+        dg[i] = __fmul_rn(__fmul_rn(__fmul_rn(d, u[i]), s), __fadd_rn(1.0f, __fmul_rn(gv, __fsub_rn(1.0f, s))));
+        du[i] = __fmul_rn(__fmul_rn(d, gv), s);
     }
 }

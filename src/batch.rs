@@ -1101,6 +1101,8 @@ pub fn run(
                 sum.batches += 1;
                 done += batch.len();
             }
+            // A sticky device fault: no retry can succeed on this context (out of memory can).
+            Err(e) if crate::backend::DeviceError::is_fault(&e) => return Err(e),
             Err(e) if batch.len() > 1 => {
                 let mid = batch.len() / 2;
                 queue.push_front(batch[mid..].to_vec());

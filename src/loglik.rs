@@ -38,7 +38,6 @@
 
 use anyhow::{bail, ensure, Result};
 
-use crate::dtype::DType;
 use crate::rng;
 
 /// One batch of noisy sequences whose masked positions are to be scored.
@@ -73,49 +72,6 @@ pub trait Scorer {
     fn max_len(&self) -> usize {
         usize::MAX
     }
-}
-
-/// CPU reference of the `log_prob` op for one row: `cond` (and, with CFG, `uncond` and the
-/// scale) are the stored logits of one position; returns `round(l[t] − m − ln Σ exp(l − m))`
-/// in `dtype`, everything in f32 (sequential sum). NaN anywhere gives NaN; all −∞ gives −∞.
-pub fn log_prob_one(
-    cond: &[f32],
-    uncond: Option<(&[f32], f64)>,
-    target: usize,
-    dtype: DType,
-) -> f32 {
-    let s = uncond.map(|(_, c)| (c + 1.0) as f32).unwrap_or(1.0);
-    let val = |j: usize| -> f32 {
-        match uncond {
-            Some((u, _)) => {
-                // Exactly head::cfg_mix on one element.
-                let d = dtype.round(cond[j] - u[j]);
-                let m = dtype.round(s * d);
-                dtype.round(u[j] + m)
-            }
-            None => cond[j],
-        }
-    };
-    let mut m = f32::NEG_INFINITY;
-    let mut nan = false;
-    for j in 0..cond.len() {
-        let l = val(j);
-        nan |= l.is_nan();
-        if l > m {
-            m = l;
-        }
-    }
-    if nan {
-        return f32::NAN;
-    }
-    if m == f32::NEG_INFINITY {
-        return f32::NEG_INFINITY;
-    }
-    let mut sum = 0.0f32;
-    for j in 0..cond.len() {
-        sum += (val(j) - m).exp();
-    }
-    dtype.round((val(target) - m) - sum.ln())
 }
 
 /// Stratified mask counts of one mini-batch (upstream `forward_process`): for `k` in 1..=T,
@@ -494,25 +450,6 @@ mod tests {
                 "{hist:?} {first:?}"
             );
         }
-    }
-
-    #[test]
-    fn log_prob_one_matches_f64_log_softmax() {
-        let l: Vec<f32> = (0..50)
-            .map(|i| ((i * 37) % 23) as f32 * 0.3 - 3.0)
-            .collect();
-        let m = l.iter().cloned().fold(f32::MIN, f32::max) as f64;
-        let z: f64 = l.iter().map(|&v| (v as f64 - m).exp()).sum();
-        for t in [0, 7, 49] {
-            let want = l[t] as f64 - m - z.ln();
-            let got = log_prob_one(&l, None, t, DType::F32) as f64;
-            assert!((got - want).abs() < 1e-5, "{got} {want}");
-        }
-        let mut bad = l.clone();
-        bad[3] = f32::NAN;
-        assert!(log_prob_one(&bad, None, 0, DType::F32).is_nan());
-        let ninf = vec![f32::NEG_INFINITY; 4];
-        assert_eq!(log_prob_one(&ninf, None, 0, DType::F32), f32::NEG_INFINITY);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! GPU parity of the FP8 path (`kernels/fp8_quant.cu`, `src/backend/cuda_fp8.rs`) against the CPU
+//! GPU parity of the FP8 path (`kernels/fp8_quant.cu`, `src/backend/cuda/fp8.rs`) against the CPU
 //! reference `llada::quant::fp8`. **Never run yet: no GPU was available when it was written.**
 //!
 //! Tolerances:
@@ -22,8 +22,8 @@
 use std::sync::Arc;
 
 use llada::backend::cpu::CpuBackend;
+use llada::backend::cuda::fp8 as cuda_fp8;
 use llada::backend::cuda::CudaBackend;
-use llada::backend::cuda_fp8;
 use llada::backend::Backend;
 use llada::checkpoint::WeightSource;
 use llada::dtype::DType;

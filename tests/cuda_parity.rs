@@ -999,7 +999,7 @@ fn launchers_name_bad_arguments() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// log_prob (kernels/log_prob.cu) against the CPU reference (loglik::log_prob_one).
+// log_prob (kernels/log_prob.cu) against the CPU reference (backend::cpu::log_prob_one).
 
 fn run_log_prob<B: Backend>(
     b: &B,

@@ -28,7 +28,7 @@ use llada::train::cuda::{
 };
 use llada::train::data::Sample;
 use llada::train::model::{forward_backward, Batch, Params};
-use llada::train::ops::{self, AttnDims};
+use llada::train::ops::{self, AttnShape};
 use llada::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use llada::train::{TrainOptions, Trainer};
 
@@ -475,7 +475,7 @@ fn embedding_rows_add_exact() {
 // Cross-entropy
 
 #[test]
-fn cross_entropy_fwd_bwd() {
+fn cross_entropy() {
     let Some(g) = gpu() else { return };
     for (case, &(r, v)) in [(1, 1), (3, 50), (17, 512), (5, 1001), (2, 126_464)]
         .iter()
@@ -489,7 +489,7 @@ fn cross_entropy_fwd_bwd() {
             .map(|w| w.abs() + 0.01)
             .collect();
         let mut z = z0.clone();
-        let loss = ops::cross_entropy_fwd_bwd(&mut z, &targets, &weights, v);
+        let loss = ops::cross_entropy(&mut z, &targets, &weights, v);
         let mut zd = g.upload(&z0).unwrap();
         let mut lr = g.zeros(r).unwrap();
         let td = g.upload_ints(&ints(&targets)).unwrap();
@@ -543,13 +543,13 @@ fn cross_entropy_fwd_bwd() {
 // Attention
 
 struct AttnCase {
-    d: AttnDims,
+    d: AttnShape,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
 }
 
-fn attn_case(tag: u64, d: AttnDims) -> AttnCase {
+fn attn_case(tag: u64, d: AttnShape) -> AttnCase {
     let n = d.b * d.t;
     AttnCase {
         d,
@@ -570,7 +570,7 @@ const ATTN_SHAPES: [(usize, usize, usize, usize, usize); 6] = [
 
 /// (score bound per side ES[b,h,i,j] = (HD + 2)u·scale·Σ|q||k|, exact P[b,h,i,j]) in f64.
 fn attn_terms(a: &AttnCase, lse: &[f32]) -> (Vec<f64>, Vec<f64>) {
-    let AttnDims { b, t, nh, nkv, hd } = a.d;
+    let AttnShape { b, t, nh, nkv, hd } = a.d;
     let scale = 1.0 / (hd as f64).sqrt();
     let (qw, kw) = (nh * hd, nkv * hd);
     let mut es = vec![0f64; b * nh * t * t];
@@ -601,7 +601,7 @@ fn attn_terms(a: &AttnCase, lse: &[f32]) -> (Vec<f64>, Vec<f64>) {
 fn attention_fwd() {
     let Some(g) = gpu() else { return };
     for (case, &(b, t, nh, nkv, hd)) in ATTN_SHAPES.iter().enumerate() {
-        let d = AttnDims { b, t, nh, nkv, hd };
+        let d = AttnShape { b, t, nh, nkv, hd };
         let a = attn_case(700 + 10 * case as u64, d);
         let n = b * t;
         let mut o = vec![0f32; n * nh * hd];
@@ -660,7 +660,7 @@ fn attention_fwd() {
 fn attention_bwd() {
     let Some(g) = gpu() else { return };
     for (case, &(b, t, nh, nkv, hd)) in ATTN_SHAPES.iter().enumerate() {
-        let d = AttnDims { b, t, nh, nkv, hd };
+        let d = AttnShape { b, t, nh, nkv, hd };
         let a = attn_case(800 + 10 * case as u64, d);
         let n = b * t;
         let (qw, kw) = (nh * hd, nkv * hd);

@@ -9,7 +9,7 @@ use llada::config::ModelConfig;
 use llada::rng::{bits, cell_key, uniform};
 use llada::train::loss;
 use llada::train::model::{forward_backward, Batch, Params};
-use llada::train::ops::{self, AttnDims};
+use llada::train::ops::{self, AttnShape};
 
 /// Deterministic values in [-scale, scale].
 fn rand_vec(seed: u64, n: usize, scale: f64) -> Vec<f64> {
@@ -137,7 +137,7 @@ fn fd_rope_and_identity_at_zero() {
 
 #[test]
 fn fd_attention_gqa() {
-    let d = AttnDims {
+    let d = AttnShape {
         b: 2,
         t: 4,
         nh: 4,
@@ -202,7 +202,7 @@ fn fd_swiglu_embedding_cross_entropy() {
     let targets = [2u32, 6, 0];
     let weights = [0.5, 2.0, 1.25];
     let mut dz = z.clone();
-    let l0 = ops::cross_entropy_fwd_bwd(&mut dz, &targets, &weights, v);
+    let l0 = ops::cross_entropy(&mut dz, &targets, &weights, v);
     // Loss against a direct evaluation.
     let mut direct = 0.0;
     for rr in 0..3 {
@@ -213,7 +213,7 @@ fn fd_swiglu_embedding_cross_entropy() {
     assert!((l0 - direct).abs() < 1e-12, "{l0} vs {direct}");
     check_grad("cross_entropy", &mut z.clone(), &dz, &mut |x| {
         let mut y = x.to_vec();
-        ops::cross_entropy_fwd_bwd(&mut y, &targets, &weights, v)
+        ops::cross_entropy(&mut y, &targets, &weights, v)
     });
 }
 

@@ -12,7 +12,8 @@
 //! A merged `gate_up` row is `[gate (F) | up (F)]`.
 //!
 //! Ops return `Result` because a device launch can fail; shapes are validated by the launcher
-//! (the backend method) and reported with the op's name.
+//! (the backend method) and reported with the op's name. Failures a caller branches on
+//! (out of memory, a sticky device fault) carry an [`error::DeviceError`].
 
 use anyhow::Result;
 
@@ -22,7 +23,9 @@ use crate::head::SelectParams;
 
 pub mod cpu;
 pub mod cuda;
-pub mod cuda_fp8;
+pub mod error;
+
+pub use error::DeviceError;
 
 /// Shape of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,6 +53,13 @@ pub struct CachedAttnShape {
     pub nh: usize,
     pub nkv: usize,
     pub hd: usize,
+}
+
+impl CachedAttnShape {
+    /// `(b, tq, l, nh, nkv, hd)`, in the fields' order.
+    pub fn dims(&self) -> (usize, usize, usize, usize, usize, usize) {
+        (self.b, self.tq, self.l, self.nh, self.nkv, self.hd)
+    }
 }
 
 /// Op classes of the per-step time breakdown (`llada-bench --breakdown`, [`Backend::prof_mark`]).
@@ -295,7 +305,7 @@ pub trait Backend {
     /// `log_softmax` on a bf16 tensor also computes in f32 and returns bf16). With
     /// `cfg_scale > 0`, `logits` holds `2R` rows, rows `R..2R` being the unconditional logits of
     /// rows `0..R`, and `l` is first mixed exactly as [`crate::head::cfg_mix`] (each op rounded).
-    /// CPU reference: [`crate::loglik::log_prob_one`]. NaN logits give NaN; a row whose logits
+    /// CPU reference: [`crate::backend::cpu::log_prob_one`]. NaN logits give NaN; a row whose logits
     /// are all −∞ gives −∞. Targets must lie in `[0, V)`.
     #[allow(clippy::too_many_arguments)]
     fn log_prob(

@@ -9,7 +9,7 @@
 
 use anyhow::{ensure, Context, Result};
 
-use super::ops::{self, AttnDims, Real};
+use super::ops::{self, AttnShape, Real};
 use crate::backend::rope_tables;
 use crate::checkpoint::{expected_tensors, Checkpoint};
 use crate::config::ModelConfig;
@@ -200,7 +200,7 @@ pub fn forward_backward<T: Real>(
     );
     let (qw, kw) = (nh * hd, nkv * hd);
     let eps = cfg.rms_norm_eps as f64;
-    let dims = AttnDims { b, t, nh, nkv, hd };
+    let dims = AttnShape { b, t, nh, nkv, hd };
     let (cos, sin) = rope_tables(cfg.rope_theta, hd, t.max(1));
     let pos: Vec<usize> = (0..n).map(|i| i % t).collect();
     let zeros = |len: usize| vec![T::zero(); len];
@@ -262,7 +262,7 @@ pub fn forward_backward<T: Real>(
     let mut logits = zeros(r * v);
     ops::linear(&mut logits, &hf, &p.data[p.lm_head()], r, c, v);
     let weights: Vec<T> = batch.weights.iter().map(|&w| T::from_f64(w)).collect();
-    let loss = ops::cross_entropy_fwd_bwd(&mut logits, &batch.targets, &weights, v);
+    let loss = ops::cross_entropy(&mut logits, &batch.targets, &weights, v);
 
     // ---- backward ----
     let (i_lm, i_lnf) = (p.lm_head(), p.ln_f());

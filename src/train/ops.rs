@@ -278,23 +278,16 @@ pub fn rope<T: Real>(
     }
 }
 
-/// Shape of one training attention call: `b` rows of `t` tokens, `nh` query heads, `nkv`
-/// key/value heads (GQA: query head `h` reads kv head `h / (nh/nkv)`), head dim `hd`.
-#[derive(Clone, Copy, Debug)]
-pub struct AttnDims {
-    pub b: usize,
-    pub t: usize,
-    pub nh: usize,
-    pub nkv: usize,
-    pub hd: usize,
-}
+/// Training attention takes the inference shape type: `b` rows of `t` tokens, `nh` query heads,
+/// `nkv` key/value heads (GQA: query head `h` reads kv head `h / (nh/nkv)`), head dim `hd`.
+pub use crate::backend::AttnShape;
 
 /// Bidirectional attention without a mask (upstream pretraining/SFT pass none), scale 1/√HD.
 /// `q` `[N, NH·HD]`, `k`, `v` `[N, NKV·HD]`, `o` `[N, NH·HD]`; writes the log-sum-exp of every
 /// (row, head) score row to `lse` (`[N, NH]`) so the backward pass recomputes the
 /// probabilities instead of storing `[T, T]` per head (flash-attention style).
-pub fn attention<T: Real>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: &[T], d: AttnDims) {
-    let AttnDims { b, t, nh, nkv, hd } = d;
+pub fn attention<T: Real>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: &[T], d: AttnShape) {
+    let AttnShape { b, t, nh, nkv, hd } = d;
     let (qw, kw) = (nh * hd, nkv * hd);
     let scale = T::from_f64(1.0 / (hd as f64).sqrt());
     let group = nh / nkv;
@@ -345,9 +338,9 @@ pub fn attention_bwd<T: Real>(
     v: &[T],
     o: &[T],
     lse: &[T],
-    d: AttnDims,
+    d: AttnShape,
 ) {
-    let AttnDims { b, t, nh, nkv, hd } = d;
+    let AttnShape { b, t, nh, nkv, hd } = d;
     let (qw, kw) = (nh * hd, nkv * hd);
     let scale = T::from_f64(1.0 / (hd as f64).sqrt());
     let group = nh / nkv;
@@ -429,12 +422,7 @@ pub fn embedding_bwd<T: Real>(dwte: &mut [T], dx: &[T], ids: &[u32], c: usize) {
 /// Weighted cross-entropy over `R` logit rows `[R, V]`: returns
 /// `Σ_r weight[r]·(logsumexp(z_r) − z_r[target[r]])` and overwrites `z` with its gradient
 /// `weight[r]·(softmax(z_r) − onehot(target[r]))`.
-pub fn cross_entropy_fwd_bwd<T: Real>(
-    z: &mut [T],
-    targets: &[u32],
-    weights: &[T],
-    v: usize,
-) -> f64 {
+pub fn cross_entropy<T: Real>(z: &mut [T], targets: &[u32], weights: &[T], v: usize) -> f64 {
     let mut loss = 0.0f64;
     for (r, zr) in z.chunks_exact_mut(v).enumerate() {
         let mx = zr.iter().fold(T::neg_infinity(), |a, &b| a.max(b));

@@ -27,6 +27,18 @@ use crate::checkpoint::WeightSource;
 use crate::dtype::DType;
 use crate::head::{cfg_mix, select_one, SelectParams};
 
+mod attention;
+mod log_prob;
+mod norm;
+mod weights;
+
+use attention::*;
+pub use log_prob::log_prob_one;
+use log_prob::*;
+use norm::*;
+pub use weights::CpuWeight;
+use weights::*;
+
 /// The CPU reference backend.
 #[derive(Debug)]
 pub struct CpuBackend {
@@ -63,93 +75,6 @@ impl CpuBackend {
     fn prof_lock(&self) -> std::sync::MutexGuard<'_, CpuProf> {
         // A poisoned profiler only holds timings: keep using it.
         self.prof.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Where the rows of one part of a [`CpuWeight`] live.
-#[derive(Debug)]
-enum Store {
-    /// Row-major f32 values, representable in the compute dtype.
-    Dense(Vec<f32>),
-    /// Every element equal to this value.
-    Scalar(f32),
-    /// A memory-mapped tensor, decoded on use (and rounded to the compute dtype if it is a
-    /// different dtype: `round` is `Some` then).
-    Lazy {
-        src: WeightSource,
-        round: Option<DType>,
-    },
-    /// An FP8 weight (codes + per-row scales); rows decode dequantized.
-    Fp8(crate::quant::fp8::Fp8Weight),
-}
-
-#[derive(Debug)]
-struct Part {
-    first_row: usize,
-    rows: usize,
-    store: Store,
-}
-
-/// A weight on the CPU: one or more parts stacked along the rows (`[rows, cols]`; a 1-D norm
-/// weight is one row).
-#[derive(Debug)]
-pub struct CpuWeight {
-    rows: usize,
-    cols: usize,
-    parts: Vec<Part>,
-    name: String,
-    /// The FP8 parts again, in order, when this is an FP8 weight (`matmul` takes the FP8 path).
-    fp8: Vec<crate::quant::fp8::Fp8Weight>,
-}
-
-impl CpuWeight {
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Row `r` (`r < rows`), either borrowed from dense storage or decoded into `buf`
-    /// (`buf.len() == cols`).
-    fn row<'a>(&'a self, r: usize, buf: &'a mut [f32]) -> &'a [f32] {
-        // Invariant: parts cover 0..rows contiguously (built by `load_weight`), callers check r.
-        let part = self
-            .parts
-            .iter()
-            .find(|p| r < p.first_row + p.rows)
-            .unwrap_or(&self.parts[self.parts.len() - 1]);
-        let lr = r - part.first_row;
-        let c = self.cols;
-        match &part.store {
-            Store::Dense(d) => &d[lr * c..(lr + 1) * c],
-            Store::Scalar(v) => {
-                buf.fill(*v);
-                buf
-            }
-            Store::Lazy { src, round } => {
-                src.read_range(lr * c, (lr + 1) * c, buf);
-                if let Some(dt) = round {
-                    dt.round_slice(buf);
-                }
-                buf
-            }
-            Store::Fp8(w) => {
-                w.dequant_row(lr, buf);
-                buf
-            }
-        }
-    }
-
-    /// All elements as one dense vector (small weights only: norm weights).
-    fn is_dense_single(&self) -> Option<&[f32]> {
-        match self.parts.as_slice() {
-            [Part {
-                store: Store::Dense(d),
-                ..
-            }] => Some(d),
-            _ => None,
-        }
     }
 }
 
@@ -199,194 +124,6 @@ fn need(op: &str, arg: &str, have: usize, want: usize) -> Result<()> {
 fn rows_per_task(n: usize) -> usize {
     let t = rayon::current_num_threads().max(1);
     n.div_ceil(t).max(1)
-}
-
-/// `x · rsqrt(mean(x²) + eps)` in f32, rounded to `dt`, then times the weight, rounded.
-fn rms_row(dt: DType, out: &mut [f32], x: &[f32], w: &WeightRow<'_>, eps: f32) {
-    let c = x.len();
-    let mut ss = 0.0f32;
-    for &v in x {
-        ss += v * v;
-    }
-    let r = 1.0f32 / (ss / c as f32 + eps).sqrt();
-    for (j, (o, &v)) in out.iter_mut().zip(x).enumerate() {
-        let y = dt.round(v * r);
-        let wj = match w {
-            WeightRow::Scalar(s) => *s,
-            WeightRow::Slice(s) => s[j],
-        };
-        *o = dt.round(wj * y);
-    }
-}
-
-enum WeightRow<'a> {
-    Scalar(f32),
-    Slice(&'a [f32]),
-}
-
-impl CpuBackend {
-    fn norm_weight<'a>(&self, op: &str, w: &'a CpuWeight, c: usize) -> Result<WeightRow<'a>> {
-        ensure!(
-            w.rows == 1 && w.cols == c,
-            "{op}: weight `{}` is [{}, {}], expected a norm weight of {c} elements",
-            w.name,
-            w.rows,
-            w.cols
-        );
-        if let [Part {
-            store: Store::Scalar(s),
-            ..
-        }] = w.parts.as_slice()
-        {
-            return Ok(WeightRow::Scalar(*s));
-        }
-        match w.is_dense_single() {
-            Some(d) => Ok(WeightRow::Slice(d)),
-            None => bail!(
-                "{op}: weight `{}` is not a materialised norm weight",
-                w.name
-            ),
-        }
-    }
-
-    fn materialise(&self, src: &WeightSource, numel: usize) -> Vec<f32> {
-        let mut v = vec![0.0f32; numel];
-        src.read_range(0, numel, &mut v);
-        if src.dtype() != self.dtype {
-            self.dtype.round_slice(&mut v);
-        }
-        v
-    }
-}
-
-fn check_source(src: &WeightSource) -> Result<()> {
-    let numel = src.numel();
-    match src {
-        WeightSource::Mapped {
-            mmap,
-            start,
-            end,
-            dtype,
-            name,
-            ..
-        } => {
-            ensure!(
-                start <= end && *end <= mmap.len(),
-                "load_weight: tensor `{name}` byte range {start}..{end} lies outside its file ({} bytes)",
-                mmap.len()
-            );
-            ensure!(
-                end - start == numel * dtype.size(),
-                "load_weight: tensor `{name}` holds {} bytes, its shape {:?} in {dtype} needs {}",
-                end - start,
-                src.shape(),
-                numel * dtype.size()
-            );
-        }
-        WeightSource::Host { data, name, .. } => ensure!(
-            data.len() == numel,
-            "load_weight: host tensor `{name}` holds {} values, its shape {:?} needs {numel}",
-            data.len(),
-            src.shape()
-        ),
-        WeightSource::Random { .. } | WeightSource::Const { .. } => {}
-        WeightSource::Lora { base, .. } => check_source(base)?,
-    }
-    Ok(())
-}
-
-/// Row `r` of a row-major matrix stored at column offset `off` with row stride `stride`.
-#[derive(Clone, Copy)]
-struct Strided<'a> {
-    data: &'a [f32],
-    off: usize,
-    stride: usize,
-}
-
-impl<'a> Strided<'a> {
-    fn row(&self, r: usize, len: usize) -> &'a [f32] {
-        &self.data[r * self.stride + self.off..][..len]
-    }
-}
-
-/// The attention reference shared by [`Backend::attention`] and [`Backend::attention_cached`]:
-/// query row `bi·TQ + i` (head `h` at columns `h·HD` of `q`) attends to key/value rows
-/// `bi·L .. (bi+1)·L` (kv head `h / (NH/NKV)`), scores in f32, exact softmax in f32, output
-/// rounded once. A query with no valid key gets zeros. Shapes are checked by the callers.
-fn attend(
-    dt: DType,
-    out: &mut [f32],
-    q: Strided<'_>,
-    k: Strided<'_>,
-    v: Strided<'_>,
-    key_valid: Option<&[i32]>,
-    s: CachedAttnShape,
-) {
-    let CachedAttnShape {
-        b,
-        tq,
-        l,
-        nh,
-        nkv,
-        hd,
-    } = s;
-    let n = b * tq;
-    if n == 0 || nh == 0 || hd == 0 {
-        return;
-    }
-    let scale = 1.0f32 / (hd as f32).sqrt();
-    let group = nh / nkv;
-    // One task per query row (b, i); all heads of that row.
-    out[..n * nh * hd]
-        .par_chunks_mut(nh * hd)
-        .enumerate()
-        .for_each(|(qi, orow)| {
-            let bi = qi / tq;
-            let keys = bi * l..(bi + 1) * l;
-            let valid = |j: usize| key_valid.map_or(true, |kv| kv[j] != 0);
-            with_scratch(l + hd, |scr| {
-                let (sc, acc) = scr.split_at_mut(l);
-                for h in 0..nh {
-                    let kvh = h / group;
-                    let qr = &q.row(qi, nh * hd)[h * hd..(h + 1) * hd];
-                    let mut mx = f32::NEG_INFINITY;
-                    for (jj, j) in keys.clone().enumerate() {
-                        if valid(j) {
-                            let kr = &k.row(j, nkv * hd)[kvh * hd..(kvh + 1) * hd];
-                            let sv = dot(qr, kr) * scale;
-                            sc[jj] = sv;
-                            if sv > mx {
-                                mx = sv;
-                            }
-                        } else {
-                            sc[jj] = f32::NEG_INFINITY;
-                        }
-                    }
-                    let o = &mut orow[h * hd..(h + 1) * hd];
-                    if mx == f32::NEG_INFINITY {
-                        // No valid key (or all scores −∞): defined as a zero output.
-                        o.fill(0.0);
-                        continue;
-                    }
-                    acc.fill(0.0);
-                    let mut sum = 0.0f32;
-                    for (jj, j) in keys.clone().enumerate() {
-                        if !valid(j) {
-                            continue;
-                        }
-                        let e = (sc[jj] - mx).exp();
-                        sum += e;
-                        let vr = &v.row(j, nkv * hd)[kvh * hd..(kvh + 1) * hd];
-                        for (a, &vv) in acc.iter_mut().zip(vr) {
-                            *a += e * vv;
-                        }
-                    }
-                    for (ov, &a) in o.iter_mut().zip(acc.iter()) {
-                        *ov = dt.round(a / sum);
-                    }
-                }
-            })
-        });
 }
 
 impl Backend for CpuBackend {
@@ -868,14 +605,7 @@ impl Backend for CpuBackend {
         s: CachedAttnShape,
     ) -> Result<()> {
         const OP: &str = "kv_store";
-        let CachedAttnShape {
-            b,
-            tq,
-            l,
-            nh,
-            nkv,
-            hd,
-        } = s;
+        let (b, tq, l, nh, nkv, hd) = s.dims();
         ensure!(
             q0 + tq <= l,
             "{OP}: query rows [{q0}, {}) exceed the cache length {l}",
@@ -907,14 +637,7 @@ impl Backend for CpuBackend {
         s: CachedAttnShape,
     ) -> Result<()> {
         const OP: &str = "attention_cached";
-        let CachedAttnShape {
-            b,
-            tq,
-            l,
-            nh,
-            nkv,
-            hd,
-        } = s;
+        let (b, tq, l, nh, nkv, hd) = s.dims();
         ensure!(
             nkv > 0 && nh % nkv == 0,
             "{OP}: NH = {nh} must be a positive multiple of NKV = {nkv}"
@@ -1063,114 +786,5 @@ impl Backend for CpuBackend {
     }
 }
 
-/// [`Backend::log_prob`] on the CPU: [`crate::loglik::log_prob_one`] per row.
-fn cpu_log_prob(
-    dtype: DType,
-    out: &mut [f32],
-    logits: &[f32],
-    targets: &[i32],
-    r: usize,
-    v: usize,
-    cfg_scale: f64,
-) -> Result<()> {
-    const OP: &str = "log_prob";
-    ensure!(
-        cfg_scale.is_finite() && cfg_scale >= 0.0,
-        "{OP}: cfg_scale must be finite and >= 0, got {cfg_scale}"
-    );
-    let cfg = cfg_scale > 0.0;
-    let rr = if cfg { 2 * r } else { r };
-    need(OP, "logits", logits.len(), rr * v)?;
-    need(OP, "targets", targets.len(), r)?;
-    need(OP, "out", out.len(), r)?;
-    if let Some((i, &t)) = targets[..r]
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t < 0 || t as usize >= v)
-    {
-        bail!("{OP}: targets[{i}] = {t} is outside the vocabulary (V = {v})");
-    }
-    if r == 0 {
-        return Ok(());
-    }
-    let (cond, uncond) = logits[..rr * v].split_at(r * v);
-    out[..r]
-        .par_iter_mut()
-        .zip(cond.par_chunks(v))
-        .enumerate()
-        .for_each(|(i, (o, l))| {
-            let un = cfg.then(|| (&uncond[i * v..(i + 1) * v], cfg_scale));
-            *o = crate::loglik::log_prob_one(l, un, targets[i] as usize, dtype);
-        });
-    Ok(())
-}
-
 #[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use super::*;
-
-    fn host(name: &str, shape: &[usize], data: Vec<f32>) -> WeightSource {
-        WeightSource::Host {
-            data: Arc::new(data),
-            dtype: DType::F32,
-            shape: shape.to_vec(),
-            name: name.into(),
-        }
-    }
-
-    #[test]
-    fn matmul_matches_naive_and_merges_parts() {
-        let be = CpuBackend::new(DType::F32);
-        let (n, k, m1, m2) = (5, 19, 3, 4);
-        let wa: Vec<f32> = (0..m1 * k)
-            .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.25)
-            .collect();
-        let wb: Vec<f32> = (0..m2 * k)
-            .map(|i| ((i * 3 % 13) as f32 - 6.0) * 0.5)
-            .collect();
-        let w = be
-            .load_weight(&[
-                host("a", &[m1, k], wa.clone()),
-                host("b", &[m2, k], wb.clone()),
-            ])
-            .unwrap();
-        let x: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 5 % 9) as f32 - 4.0) * 0.125)
-            .collect();
-        let m = m1 + m2;
-        let mut out = vec![f32::NAN; n * m];
-        be.matmul(&mut out, &x, &w, n, k, m).unwrap();
-        let wall: Vec<f32> = wa.into_iter().chain(wb).collect();
-        for i in 0..n {
-            for j in 0..m {
-                // Small dyadic values: every partial sum is exact, so the order does not matter.
-                let e: f32 = (0..k).map(|l| x[i * k + l] * wall[j * k + l]).sum();
-                assert_eq!(out[i * m + j], e, "({i},{j})");
-            }
-        }
-        assert!(be.matmul(&mut out, &x, &w, n, k + 1, m).is_err());
-    }
-
-    #[test]
-    fn ops_reject_short_buffers() {
-        let be = CpuBackend::new(DType::BF16);
-        let w = be
-            .load_weight(&[WeightSource::Const {
-                value: 1.0,
-                dtype: DType::BF16,
-                shape: vec![4],
-                name: "ln".into(),
-            }])
-            .unwrap();
-        let mut out = vec![0.0; 7];
-        let e = be
-            .rms_norm(&mut out, &vec![0.0; 8], &w, 2, 4, 1e-5)
-            .unwrap_err();
-        assert!(
-            e.to_string().contains("rms_norm") && e.to_string().contains("out"),
-            "{e}"
-        );
-    }
-}
+mod tests;

@@ -1,5 +1,5 @@
-// cross_entropy_bwd_f32: weighted cross-entropy forward + backward over R selected logit rows
-// (`ops::cross_entropy_fwd_bwd`), f32, in place.
+// cross_entropy_f32: weighted cross-entropy forward + backward over R selected logit rows
+// (`ops::cross_entropy`), f32, in place.
 //   lse_r    = max_v z + ln Σ_v exp(z − max)          block tree reductions (CPU: sequential)
 //   loss[r]  = w_r·(lse_r − z[r, t_r])                per row; the host sums rows in f64
 //   z[r, v]  = w_r·exp(z − lse_r)  (− w_r at v = t_r)  the gradient, overwriting the logits
@@ -9,7 +9,7 @@
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(1024)
-cross_entropy_bwd_f32(float* __restrict__ z, float* __restrict__ loss, const int* __restrict__ targets,
+cross_entropy_f32(float* __restrict__ z, float* __restrict__ loss, const int* __restrict__ targets,
                       const float* __restrict__ weights, int r, int v) {
     const int row = blockIdx.x;
     if (row >= r) return;

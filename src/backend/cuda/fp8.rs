@@ -28,7 +28,7 @@ use cudarc::cublaslt::{result as lt, sys as ltsys};
 use cudarc::driver::{result as dres, sys as dsys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use super::cuda::{CudaBackend, CudaWeight};
+use super::{CudaBackend, CudaWeight};
 use crate::quant::fp8::Fp8Weight;
 
 /// Bytes of the activation-code scratch (rows are processed in groups that fit).

@@ -1,0 +1,596 @@
+//! CUDA backend: the hand-written kernels of `kernels/*.cu` (contract: `kernels/ABI.md`) plus
+//! cuBLAS for the GEMMs, driven through cudarc's driver API.
+//!
+//! - Storage and compute dtype is always bf16 ([`Backend::compute_dtype`]); f32/f16 checkpoints are
+//!   converted on upload (RNE, by the `convert` kernels), random and constant weights are generated
+//!   on the device by the `init` kernels with the same formula as [`WeightSource::read_range`].
+//! - Everything runs on one non-default stream (capturable into a CUDA graph, see
+//!   [`CudaBackend::capture`]); cudarc's per-buffer event tracking is disabled (single stream).
+//! - Every launcher validates its buffers' lengths and sizes and returns an error naming the op
+//!   and the argument; kernels only hold bounds guards.
+//! - Kernel launches are asynchronous: a fault inside a kernel surfaces at the next
+//!   [`Backend::synchronize`] or read-back.
+//!
+//! Construction never panics on a machine without CUDA: the driver and cuBLAS libraries are
+//! probed before the first call into them (cudarc panics on a missing library).
+//!
+//! Files: `launch` (the launch convention and argument checks, shared with training),
+//! `device` (context, stream, modules, memory), `weights` (weight upload), `gemm` (the one cuBLAS
+//! wrapper, shared with training), `graph` (CUDA graphs, timers, profiling), `attention`,
+//! `head` (select, log_prob, top-k); the short row-wise ops (embedding, norms, add, rope,
+//! swiglu, gather) are launched directly in the [`Backend`] impl below.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublas::{self, CudaBlas};
+use cudarc::driver::{
+    result as dres, sys as dsys, CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream,
+    DevicePtr, DevicePtrMut, DriverError,
+};
+use half::bf16;
+
+use super::{AttnShape, Backend, CachedAttnShape, DeviceError, GraphExec, OpClass};
+use crate::checkpoint::WeightSource;
+use crate::dtype::DType;
+use crate::head::{Remasking, SelectParams};
+
+#[macro_use]
+mod launch;
+mod attention;
+mod device;
+pub mod fp8;
+mod gemm;
+mod graph;
+mod head;
+mod weights;
+
+use attention::*;
+pub use attention::{attn_split_chunk, ATTN_HEAD_DIMS, ATTN_SPLIT_CHUNK, ATTN_SPLIT_MIN_KEYS};
+use device::*;
+pub use device::{
+    device_count, driver_present, driver_version, KERNELS, KERNELS_BUILT, NO_KERNELS_MSG,
+};
+pub(crate) use gemm::Gemm;
+use graph::*;
+pub use graph::{Graph, Timer};
+use head::SelectIo;
+use launch::*;
+pub(crate) use launch::{
+    check_dyn_smem, check_len, driver_err, grid_yz, int, launch, stride_blocks, Geom, GRID_YZ_MAX,
+};
+pub use weights::CudaWeight;
+
+/// Buffer types of the [`Backend`] impl, named for the launchers outside it.
+type Act = CudaSlice<bf16>;
+type Ints = CudaSlice<i32>;
+type F32s = CudaSlice<f32>;
+
+/// Function handles of every kernel in the ABI.
+struct Kernels {
+    embedding: dsys::CUfunction,
+    rms_norm: dsys::CUfunction,
+    add_rms_norm: dsys::CUfunction,
+    add: dsys::CUfunction,
+    rope: dsys::CUfunction,
+    attention: dsys::CUfunction,
+    attention_cached: dsys::CUfunction,
+    attention_split: dsys::CUfunction,
+    attention_combine: dsys::CUfunction,
+    kv_store: dsys::CUfunction,
+    swiglu: dsys::CUfunction,
+    gather_rows: dsys::CUfunction,
+    head_select: dsys::CUfunction,
+    topk_select: dsys::CUfunction,
+    threshold_select: dsys::CUfunction,
+    fill_random: dsys::CUfunction,
+    fill_const: dsys::CUfunction,
+    f32_to_bf16: dsys::CUfunction,
+    f16_to_bf16: dsys::CUfunction,
+}
+
+pub struct CudaBackend {
+    // Field order is drop order: handles before the modules, modules before the context.
+    /// FP8 GEMM state (cuBLASLt handle, activation scratch), created on the first FP8 weight.
+    pub(crate) fp8: fp8::Fp8State,
+    blas: CudaBlas,
+    _blas_workspace: CudaSlice<u8>,
+    k: Kernels,
+    _modules: Vec<Module>,
+    stream: Arc<CudaStream>,
+    ctx: Arc<CudaContext>,
+    device_id: usize,
+    device_name: String,
+    /// Host copies of int buffers written with `write_ints` (device pointer → values), so the
+    /// launchers can check ids, rows and positions against their bounds without reading the
+    /// device. Buffers written by kernels (`select`, top-k) have no entry and are not checked.
+    shadow: RefCell<HashMap<u64, Vec<i32>>>,
+    prof: RefCell<CudaProf>,
+    /// Scratch of the split-KV attention path (partial outputs, row maxima and sums, f32),
+    /// allocated once at construction so captured graphs never see it move.
+    attn_scratch: CudaSlice<f32>,
+}
+
+// SAFETY: the raw CUfunction/CUmodule handles are plain driver handles valid in any thread once
+// the context is bound (every entry point binds it); cudarc's own types are Send.
+unsafe impl Send for CudaBackend {}
+
+/// Threads per block of the row-wise kernels (norms, embedding, gather).
+const ROW_THREADS: u32 = 256;
+
+impl Backend for CudaBackend {
+    type Act = CudaSlice<bf16>;
+    type Weight = CudaWeight;
+    type Ints = CudaSlice<i32>;
+    type F32s = CudaSlice<f32>;
+
+    fn name(&self) -> String {
+        format!("cuda:{} ({})", self.device_id, self.device_name)
+    }
+
+    fn compute_dtype(&self) -> DType {
+        DType::BF16
+    }
+
+    fn alloc_act(&self, len: usize) -> Result<Self::Act> {
+        self.alloc("activation buffer", len)
+    }
+    fn alloc_ints(&self, len: usize) -> Result<Self::Ints> {
+        let b = self.alloc("int buffer", len)?;
+        self.forget_ints(&b);
+        Ok(b)
+    }
+    fn alloc_f32s(&self, len: usize) -> Result<Self::F32s> {
+        self.alloc("f32 buffer", len)
+    }
+
+    fn write_ints(&self, dst: &mut Self::Ints, src: &[i32]) -> Result<()> {
+        check_len("write_ints", "dst", dst.len(), src.len())?;
+        let p = dptr_mut(dst, &self.stream);
+        self.htod(p, src)?;
+        let mut sh = self.shadow.borrow_mut();
+        let vals = sh.entry(p).or_default();
+        if vals.len() < src.len() {
+            vals.resize(src.len(), 0);
+        }
+        vals[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+    fn write_f32s(&self, dst: &mut Self::F32s, src: &[f32]) -> Result<()> {
+        check_len("write_f32s", "dst", dst.len(), src.len())?;
+        let p = dptr_mut(dst, &self.stream);
+        self.htod(p, src)
+    }
+    fn read_act(&self, src: &Self::Act, n: usize) -> Result<Vec<f32>> {
+        check_len("read_act", "src", src.len(), n)?;
+        let h: Vec<bf16> = self.dtoh(dptr(src, &self.stream), n)?;
+        Ok(h.into_iter().map(|x| x.to_f32()).collect())
+    }
+    fn read_ints(&self, src: &Self::Ints, n: usize) -> Result<Vec<i32>> {
+        check_len("read_ints", "src", src.len(), n)?;
+        self.dtoh(dptr(src, &self.stream), n)
+    }
+    fn read_f32s(&self, src: &Self::F32s, n: usize) -> Result<Vec<f32>> {
+        check_len("read_f32s", "src", src.len(), n)?;
+        self.dtoh(dptr(src, &self.stream), n)
+    }
+    fn read_ints_into(&self, src: &Self::Ints, dst: &mut [i32]) -> Result<()> {
+        check_len("read_ints_into", "src", src.len(), dst.len())?;
+        self.dtoh_into(dptr(src, &self.stream), dst)
+    }
+    fn read_f32s_into(&self, src: &Self::F32s, dst: &mut [f32]) -> Result<()> {
+        check_len("read_f32s_into", "src", src.len(), dst.len())?;
+        self.dtoh_into(dptr(src, &self.stream), dst)
+    }
+
+    fn embedding(
+        &self,
+        out: &mut Self::Act,
+        wte: &CudaWeight,
+        ids: &Self::Ints,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "embedding";
+        if wte.cols != c {
+            bail!("{op}: `{}` has {} columns, C = {c}", wte.name, wte.cols);
+        }
+        check_len(op, "out", out.len(), n * c)?;
+        check_len(op, "ids", ids.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.check_ints(
+            op,
+            "ids",
+            ids,
+            n,
+            wte.rows,
+            &format!("the vocabulary of `{}`", wte.name),
+        )?;
+        let (o, w, i) = (
+            dptr_mut(out, &self.stream),
+            dptr(&wte.buf, &self.stream),
+            dptr(ids, &self.stream),
+        );
+        let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
+        launch!(&self.stream, op, self.k.embedding, rows_geom(n, ROW_THREADS); o, w, i, n_, c_)
+    }
+
+    fn rms_norm(
+        &self,
+        out: &mut Self::Act,
+        x: &Self::Act,
+        w: &CudaWeight,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let op = "rms_norm";
+        check_norm_weight(op, w, c)?;
+        check_len(op, "out", out.len(), n * c)?;
+        check_len(op, "x", x.len(), n * c)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (o, xp, wp) = (
+            dptr_mut(out, &self.stream),
+            dptr(x, &self.stream),
+            dptr(&w.buf, &self.stream),
+        );
+        let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
+        launch!(&self.stream, op, self.k.rms_norm, rows_geom(n, ROW_THREADS); o, xp, wp, n_, c_,
+            eps)
+    }
+
+    fn add_rms_norm(
+        &self,
+        out: &mut Self::Act,
+        x: &mut Self::Act,
+        d: &Self::Act,
+        w: &CudaWeight,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let op = "add_rms_norm";
+        check_norm_weight(op, w, c)?;
+        check_len(op, "out", out.len(), n * c)?;
+        check_len(op, "x", x.len(), n * c)?;
+        check_len(op, "d", d.len(), n * c)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (o, xp, dp, wp) = (
+            dptr_mut(out, &self.stream),
+            dptr_mut(x, &self.stream),
+            dptr(d, &self.stream),
+            dptr(&w.buf, &self.stream),
+        );
+        let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
+        launch!(&self.stream, op, self.k.add_rms_norm, rows_geom(n, ROW_THREADS); o, xp, dp, wp,
+            n_, c_, eps)
+    }
+
+    fn add(&self, x: &mut Self::Act, d: &Self::Act, n: usize, c: usize) -> Result<()> {
+        let op = "add";
+        check_len(op, "x", x.len(), n * c)?;
+        check_len(op, "d", d.len(), n * c)?;
+        if n * c == 0 {
+            return Ok(());
+        }
+        let (xp, dp) = (dptr_mut(x, &self.stream), dptr(d, &self.stream));
+        let numel = (n * c) as i64;
+        launch!(&self.stream, op, self.k.add, stride_geom(n * c); xp, dp, numel)
+    }
+
+    /// Row-major `out[N, M] = x[N, K] · W[M, K]ᵀ`. cuBLAS is column-major: the row-major buffers
+    /// read as column-major are `outᵀ` (M×N, ld M), `xᵀ` (K×N, ld K) and `Wᵀ` (K×M, ld K), so
+    /// `outᵀ = W · xᵀ = op(A)·B` with `A = W` transposed (`transa = T`, lda = K) and `B = x` as is
+    /// (`transb = N`, ldb = K), `m = M`, `n = N`, `k = K`, ldc = M.
+    fn matmul(
+        &self,
+        out: &mut Self::Act,
+        x: &Self::Act,
+        w: &CudaWeight,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        let op = "matmul";
+        if let Some(f) = &w.fp8 {
+            return fp8::matmul(self, out, x, f, &w.name, n, k, m);
+        }
+        if w.rows != m || w.cols != k {
+            bail!(
+                "{op}: weight `{}` is [{}, {}], expected [M={m}, K={k}]",
+                w.name,
+                w.rows,
+                w.cols
+            );
+        }
+        check_len(op, "out", out.len(), n * m)?;
+        check_len(op, "x", x.len(), n * k)?;
+        if n == 0 || m == 0 {
+            return Ok(());
+        }
+        use cublas::sys::{cublasComputeType_t, cudaDataType_t};
+        // outᵀ (M×N) = W (stored [M, K] = column-major K×M, transposed) · xᵀ (K×N).
+        Gemm {
+            ta: true,
+            tb: false,
+            m,
+            n,
+            k,
+            a: dptr(&w.buf, &self.stream),
+            lda: k,
+            b: dptr(x, &self.stream),
+            ldb: k,
+            beta: 0.0,
+            c: dptr_mut(out, &self.stream),
+            ldc: m,
+            data: cudaDataType_t::CUDA_R_16BF,
+            compute: cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        }
+        .run(op, *self.blas.handle())
+    }
+
+    fn rope(
+        &self,
+        qkv: &mut Self::Act,
+        pos: &Self::Ints,
+        cos: &Self::F32s,
+        sin: &Self::F32s,
+        n: usize,
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+    ) -> Result<()> {
+        let op = "rope";
+        if hd == 0 || hd % 2 != 0 {
+            bail!("{op}: head dim {hd} must be even and positive");
+        }
+        check_len(op, "qkv", qkv.len(), n * (nh + 2 * nkv) * hd)?;
+        check_len(op, "pos", pos.len(), n)?;
+        if cos.len() != sin.len() || cos.len() < hd / 2 {
+            bail!(
+                "{op}: tables `cos` ({}) and `sin` ({}) must be [max_pos, HD/2 = {}]",
+                cos.len(),
+                sin.len(),
+                hd / 2
+            );
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let max_pos = cos.len() / (hd / 2);
+        self.check_ints(op, "pos", pos, n, max_pos, "the RoPE tables")?;
+        let (q, c, s, p) = (
+            dptr_mut(qkv, &self.stream),
+            dptr(cos, &self.stream),
+            dptr(sin, &self.stream),
+            dptr(pos, &self.stream),
+        );
+        let (n_, nh_, nkv_, hd_) = (
+            int(op, "n", n)?,
+            int(op, "nh", nh)?,
+            int(op, "nkv", nkv)?,
+            int(op, "hd", hd)?,
+        );
+        let threads = ((nh + nkv) * hd / 2).clamp(32, 1024).next_multiple_of(32) as u32;
+        launch!(&self.stream, op, self.k.rope, rows_geom(n, threads.min(1024)); q, c, s, p, n_,
+            nh_, nkv_, hd_)
+    }
+
+    fn swiglu(&self, out: &mut Self::Act, gate_up: &Self::Act, n: usize, f: usize) -> Result<()> {
+        let op = "swiglu";
+        check_len(op, "out", out.len(), n * f)?;
+        check_len(op, "gate_up", gate_up.len(), n * 2 * f)?;
+        if n * f == 0 {
+            return Ok(());
+        }
+        let (o, g) = (dptr_mut(out, &self.stream), dptr(gate_up, &self.stream));
+        // The kernel indexes elements in 64 bits: only n and f themselves are ints.
+        let (n_, f_) = (int(op, "n", n)?, int(op, "f", f)?);
+        launch!(&self.stream, op, self.k.swiglu, stride_geom(n * f); o, g, n_, f_)
+    }
+
+    fn gather_rows(
+        &self,
+        out: &mut Self::Act,
+        x: &Self::Act,
+        rows: &Self::Ints,
+        nrows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let op = "gather_rows";
+        check_len(op, "out", out.len(), nrows * c)?;
+        check_len(op, "rows", rows.len(), nrows)?;
+        check_len(op, "x", x.len(), c)?;
+        if nrows == 0 || c == 0 {
+            return Ok(());
+        }
+        self.check_ints(op, "rows", rows, nrows, x.len() / c, "the rows of `x`")?;
+        let (o, xp, r) = (
+            dptr_mut(out, &self.stream),
+            dptr(x, &self.stream),
+            dptr(rows, &self.stream),
+        );
+        let (nr, c_) = (int(op, "nrows", nrows)?, int(op, "c", c)?);
+        launch!(&self.stream, op, self.k.gather_rows, rows_geom(nrows, ROW_THREADS); o, xp, r, nr,
+            c_)
+    }
+
+    fn log_prob(
+        &self,
+        out: &mut Self::F32s,
+        logits: &Self::Act,
+        targets: &Self::Ints,
+        r: usize,
+        v: usize,
+        cfg_scale: f64,
+    ) -> Result<()> {
+        self.launch_log_prob(out, logits, targets, r, v, cfg_scale)
+    }
+
+    fn graphs_supported(&self) -> bool {
+        true
+    }
+
+    fn graph_capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<GraphExec> {
+        let g = self.capture(|_| f())?;
+        // Upload now so the first replay does not pay for it.
+        g.0.upload()
+            .map_err(|e| anyhow!("uploading a CUDA graph: {e:?}"))?;
+        Ok(GraphExec(Box::new(g)))
+    }
+
+    fn graph_replay(&self, g: &GraphExec) -> Result<()> {
+        match g.0.downcast_ref::<Graph>() {
+            Some(g) => self.replay(g),
+            None => bail!("graph_replay: the graph was not captured by the CUDA backend"),
+        }
+    }
+
+    fn prof_enable(&self, on: bool) {
+        let mut p = self.prof.borrow_mut();
+        p.on = on;
+        let marks = std::mem::take(&mut p.marks);
+        p.pool.extend(marks.into_iter().map(|(_, e)| e));
+    }
+
+    fn prof_enabled(&self) -> bool {
+        self.prof.borrow().on
+    }
+
+    fn prof_mark(&self, class: Option<OpClass>) {
+        let mut p = self.prof.borrow_mut();
+        if !p.on {
+            return;
+        }
+        let ev = match p.pool.pop() {
+            Some(e) => e,
+            None => match self
+                .ctx
+                .new_event(Some(dsys::CUevent_flags::CU_EVENT_DEFAULT))
+            {
+                Ok(e) => e,
+                // Profiling is best effort: a missing mark merges two intervals.
+                Err(_) => return,
+            },
+        };
+        if ev.record(&self.stream).is_err() {
+            p.pool.push(ev);
+            return;
+        }
+        p.marks.push((class, ev));
+        if class.is_none() && p.marks.len() >= PROF_FOLD {
+            let _ = self.prof_fold(&mut p);
+        }
+    }
+
+    fn prof_take(&self) -> Result<Vec<(OpClass, f64)>> {
+        let mut p = self.prof.borrow_mut();
+        self.prof_fold(&mut p)?;
+        let out = OpClass::ALL
+            .iter()
+            .filter(|&&c| p.seen[c as usize])
+            .map(|&c| (c, p.totals[c as usize]))
+            .collect();
+        p.totals = Default::default();
+        p.seen = Default::default();
+        Ok(out)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| {
+            driver_err(
+                "CUDA stream synchronize failed (an earlier kernel faulted?)".into(),
+                e,
+            )
+        })
+    }
+
+    fn memory_in_use(&self) -> Option<usize> {
+        self.mem_info()
+            .ok()
+            .map(|(free, total)| total.saturating_sub(free))
+    }
+
+    fn memory_free(&self) -> Option<usize> {
+        self.mem_info().ok().map(|(free, _)| free)
+    }
+
+    fn driver(&self) -> String {
+        match driver_version() {
+            Ok((a, b)) => format!("CUDA {a}.{b}"),
+            Err(_) => "CUDA (version unknown)".to_string(),
+        }
+    }
+
+    fn load_weight(&self, parts: &[WeightSource]) -> Result<CudaWeight> {
+        self.upload_weight(parts)
+    }
+
+    fn load_weight_fp8(&self, parts: &[crate::quant::fp8::Fp8Weight]) -> Result<CudaWeight> {
+        fp8::load_weight(self, parts)
+    }
+
+    fn select(
+        &self,
+        tok: &mut Self::Ints,
+        conf: &mut Self::F32s,
+        logits: &mut Self::Act,
+        keys: &Self::Ints,
+        r: usize,
+        v: usize,
+        p: &SelectParams,
+    ) -> Result<()> {
+        let io = SelectIo {
+            tok,
+            conf,
+            logits,
+            keys,
+        };
+        self.launch_select(io, r, v, p)
+    }
+
+    fn attention(
+        &self,
+        out: &mut Self::Act,
+        qkv: &Self::Act,
+        key_valid: Option<&Self::Ints>,
+        s: AttnShape,
+    ) -> Result<()> {
+        self.launch_attention(out, qkv, key_valid, s)
+    }
+
+    fn kv_store(
+        &self,
+        k_cache: &mut Self::Act,
+        v_cache: &mut Self::Act,
+        qkv: &Self::Act,
+        q0: usize,
+        s: CachedAttnShape,
+    ) -> Result<()> {
+        self.launch_kv_store(k_cache, v_cache, qkv, q0, s)
+    }
+
+    fn attention_cached(
+        &self,
+        out: &mut Self::Act,
+        qkv: &Self::Act,
+        k_cache: &Self::Act,
+        v_cache: &Self::Act,
+        key_valid: Option<&Self::Ints>,
+        s: CachedAttnShape,
+    ) -> Result<()> {
+        self.launch_attention_cached(out, qkv, k_cache, v_cache, key_valid, s)
+    }
+}
+
+// Accessors for the training path (`crate::train::cuda`), which launches its own f32 kernels
+// on this backend's context, stream and cuBLAS handle.

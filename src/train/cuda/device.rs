@@ -1,0 +1,391 @@
+//! [`CudaOps`]: the training launchers' state (the backend, the f32 kernels, the GEMM
+//! precision), device buffers, the GEMMs, and the f32 scalars of an AdamW step.
+
+use super::*;
+
+/// An f32 device buffer.
+pub type Buf = CudaSlice<f32>;
+
+/// An int buffer on the device with its host copy (for bounds checks before launches).
+pub struct DevInts {
+    pub buf: CudaSlice<i32>,
+    pub host: Vec<i32>,
+}
+
+pub(super) struct TrainKernels {
+    pub(super) embedding: dsys::CUfunction,
+    pub(super) rms_norm_fwd: dsys::CUfunction,
+    pub(super) rope: dsys::CUfunction,
+    pub(super) swiglu_fwd: dsys::CUfunction,
+    pub(super) add: dsys::CUfunction,
+    pub(super) gather_rows: dsys::CUfunction,
+    pub(super) scatter_add_rows: dsys::CUfunction,
+    pub(super) attention_fwd: dsys::CUfunction,
+    pub(super) rms_norm_bwd: dsys::CUfunction,
+    pub(super) rms_norm_bwd_dw: dsys::CUfunction,
+    pub(super) swiglu_bwd: dsys::CUfunction,
+    pub(super) embedding_bwd: dsys::CUfunction,
+    pub(super) cross_entropy: dsys::CUfunction,
+    pub(super) attention_bwd_dq: dsys::CUfunction,
+    pub(super) attention_bwd_dkv: dsys::CUfunction,
+    pub(super) adamw: dsys::CUfunction,
+    pub(super) sumsq: dsys::CUfunction,
+}
+
+/// Blocks of 256 for the grid-stride kernels, capped (they loop).
+pub(super) fn stride_grid(numel: usize) -> u32 {
+    stride_blocks(numel, 4096)
+}
+
+/// Blocks of `sumsq_f32` (fixed, so the partial sums and their order are deterministic).
+pub(super) const SUMSQ_BLOCKS: usize = 512;
+/// Threads per block of `attention_*_f32` (the kernels assume a multiple of 32).
+pub(super) const ATT_THREADS: u32 = 128;
+
+/// Every one of the first `n` host values lies in `[0, hi)`.
+pub(super) fn check_ints(
+    op: &str,
+    arg: &str,
+    v: &DevInts,
+    n: usize,
+    hi: usize,
+    what: &str,
+) -> Result<()> {
+    check_len(op, arg, v.host.len().min(v.buf.len()), n)?;
+    if let Some((i, &x)) = v
+        .host
+        .iter()
+        .take(n)
+        .enumerate()
+        .find(|(_, &x)| x < 0 || x as usize >= hi)
+    {
+        bail!("{op}: {arg}[{i}] = {x} is outside {what} (0..{hi})");
+    }
+    Ok(())
+}
+
+/// The training launchers over one [`CudaBackend`].
+pub struct CudaOps {
+    pub be: CudaBackend,
+    pub(super) k: TrainKernels,
+    pub(super) precision: TrainPrecision,
+}
+
+/// The backend's `launch!` on this state's stream, after binding the backend's context.
+macro_rules! launch {
+    ($self:expr, $($rest:tt)+) => {{
+        $self.bind()?;
+        crate::backend::cuda::launch!($self.be.stream(), $($rest)+)
+    }};
+}
+
+impl CudaOps {
+    /// Open CUDA device `device` and look up every training kernel.
+    pub fn new(device: usize) -> Result<CudaOps> {
+        let be = CudaBackend::new(device)?;
+        CudaOps::from_backend(be)
+    }
+
+    pub fn from_backend(be: CudaBackend) -> Result<CudaOps> {
+        let f = |s: &str| be.function(s);
+        let k = TrainKernels {
+            embedding: f("embedding_f32")?,
+            rms_norm_fwd: f("rms_norm_fwd_f32")?,
+            rope: f("rope_f32")?,
+            swiglu_fwd: f("swiglu_fwd_f32")?,
+            add: f("add_f32")?,
+            gather_rows: f("gather_rows_f32")?,
+            scatter_add_rows: f("scatter_add_rows_f32")?,
+            attention_fwd: f("attention_fwd_f32")?,
+            rms_norm_bwd: f("rms_norm_bwd_f32")?,
+            rms_norm_bwd_dw: f("rms_norm_bwd_dw_f32")?,
+            swiglu_bwd: f("swiglu_bwd_f32")?,
+            embedding_bwd: f("embedding_bwd_f32")?,
+            cross_entropy: f("cross_entropy_f32")?,
+            attention_bwd_dq: f("attention_bwd_dq_f32")?,
+            attention_bwd_dkv: f("attention_bwd_dkv_f32")?,
+            adamw: f("adamw_f32")?,
+            sumsq: f("sumsq_f32")?,
+        };
+        Ok(CudaOps {
+            be,
+            k,
+            precision: TrainPrecision::F32,
+        })
+    }
+
+    /// What the GEMMs compute in from now on (the default is [`TrainPrecision::F32`]).
+    pub fn set_precision(&mut self, p: TrainPrecision) {
+        self.precision = p;
+    }
+
+    pub fn precision(&self) -> TrainPrecision {
+        self.precision
+    }
+
+    pub(super) fn bind(&self) -> Result<()> {
+        self.be
+            .stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))
+    }
+
+    pub(super) fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        // Event tracking is disabled on the backend's context: the guard records nothing.
+        s.device_ptr(self.be.stream()).0
+    }
+
+    pub(super) fn ptr_mut<T>(&self, s: &mut CudaSlice<T>) -> u64 {
+        s.device_ptr_mut(self.be.stream()).0
+    }
+
+    // ---- buffers ----
+
+    /// `len` zeros.
+    pub fn zeros(&self, len: usize) -> Result<Buf> {
+        self.be
+            .stream()
+            .alloc_zeros::<f32>(len.max(1))
+            .map_err(|e| driver_err(format!("allocating {len} f32 on the GPU"), e))
+    }
+
+    pub fn upload(&self, host: &[f32]) -> Result<Buf> {
+        let mut b = self.zeros(host.len())?;
+        if !host.is_empty() {
+            self.be
+                .stream()
+                .memcpy_htod(host, &mut b)
+                .map_err(|e| driver_err(format!("host→device copy of {} f32", host.len()), e))?;
+        }
+        Ok(b)
+    }
+
+    /// Overwrite the first `host.len()` elements of `dst`.
+    pub fn write(&self, dst: &mut Buf, host: &[f32]) -> Result<()> {
+        check_len("write", "dst", dst.len(), host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        let mut view = dst.slice_mut(..host.len());
+        self.be
+            .stream()
+            .memcpy_htod(host, &mut view)
+            .map_err(|e| driver_err(format!("host→device copy of {} f32", host.len()), e))
+    }
+
+    pub fn upload_ints(&self, host: &[i32]) -> Result<DevInts> {
+        let mut buf = self
+            .be
+            .stream()
+            .alloc_zeros::<i32>(host.len().max(1))
+            .map_err(|e| driver_err(format!("allocating {} ints on the GPU", host.len()), e))?;
+        if !host.is_empty() {
+            self.be
+                .stream()
+                .memcpy_htod(host, &mut buf)
+                .map_err(|e| driver_err(format!("host→device copy of {} ints", host.len()), e))?;
+        }
+        Ok(DevInts {
+            buf,
+            host: host.to_vec(),
+        })
+    }
+
+    /// The first `n` elements of `src` (synchronizes the stream).
+    pub fn download(&self, src: &Buf, n: usize) -> Result<Vec<f32>> {
+        check_len("download", "src", src.len(), n)?;
+        let mut out = vec![0f32; n];
+        if n > 0 {
+            self.be
+                .stream()
+                .memcpy_dtoh(&src.slice(..n), &mut out)
+                .map_err(|e| driver_err("device→host copy".into(), e))?;
+        }
+        self.sync()?;
+        Ok(out)
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.be.stream().synchronize().map_err(|e| {
+            driver_err(
+                "CUDA stream synchronize failed (an earlier training kernel faulted?)".into(),
+                e,
+            )
+        })
+    }
+
+    pub(super) fn zero_fill(&self, b: &mut Buf) -> Result<()> {
+        self.be
+            .stream()
+            .memset_zeros(b)
+            .map_err(|e| driver_err("clearing a GPU buffer".into(), e))
+    }
+
+    // ---- GEMMs (cuBLAS, f32 data) ----
+
+    /// Run `g` (column-major `C[m×n] = op(A)·op(B) + beta·C` on f32 operands; its `data` and
+    /// `compute` are set here) in `self.precision` (f32, or bf16 products with f32
+    /// accumulation).
+    pub(super) fn gemm(&self, op: &str, g: Gemm) -> Result<()> {
+        let precision = self.precision;
+        self.bind()?;
+        Gemm {
+            data: cublas::sys::cudaDataType_t::CUDA_R_32F,
+            compute: precision.compute_type(),
+            ..g
+        }
+        .run(op, self.be.blas_handle())
+        .with_context(|| format!("{op}: f32 data, {precision} compute"))
+    }
+
+    /// `y[N, M] = x[N, K]·wᵀ` ([`crate::train::ops::linear`]). Row-major buffers read column-major
+    /// are transposes: `yᵀ = W·xᵀ` with `W` stored `[M, K]` = column-major `K×M`, so
+    /// `op(A) = Aᵀ` (lda K), `B = xᵀ` (ldb K), ldc M.
+    pub fn linear(
+        &self,
+        y: &mut Buf,
+        x: &Buf,
+        w: &Buf,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        let op = "linear";
+        check_len(op, "y", y.len(), n * m)?;
+        check_len(op, "x", x.len(), n * k)?;
+        check_len(op, "w", w.len(), m * k)?;
+        let (yp, xp, wp) = (self.ptr_mut(y), self.ptr(x), self.ptr(w));
+        self.gemm(
+            op,
+            Gemm {
+                ta: true,
+                tb: false,
+                m,
+                n,
+                k,
+                a: wp,
+                lda: k,
+                b: xp,
+                ldb: k,
+                beta: 0.0,
+                c: yp,
+                ldc: m,
+                ..Gemm::F32
+            },
+        )
+    }
+
+    /// Backward of [`CudaOps::linear`] ([`crate::train::ops::linear_bwd`]): `dx = dy·w` (written, or
+    /// added when `dx_accumulate`), `dw += dyᵀ·x`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_bwd(
+        &self,
+        dx: Option<&mut Buf>,
+        dx_accumulate: bool,
+        dw: &mut Buf,
+        dy: &Buf,
+        x: &Buf,
+        w: &Buf,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        let op = "linear_bwd";
+        check_len(op, "dw", dw.len(), m * k)?;
+        check_len(op, "dy", dy.len(), n * m)?;
+        check_len(op, "x", x.len(), n * k)?;
+        check_len(op, "w", w.len(), m * k)?;
+        let (dyp, xp, wp) = (self.ptr(dy), self.ptr(x), self.ptr(w));
+        if let Some(dx) = dx {
+            check_len(op, "dx", dx.len(), n * k)?;
+            let dxp = self.ptr_mut(dx);
+            // dxᵀ (K×N) = Wᵀ (col-major K×M, as stored) · dyᵀ (M×N, as stored).
+            let beta = if dx_accumulate { 1.0 } else { 0.0 };
+            if k > 0 && n > 0 && m == 0 && !dx_accumulate {
+                self.zero_fill(dx)?;
+            } else {
+                self.gemm(
+                    op,
+                    Gemm {
+                        ta: false,
+                        tb: false,
+                        m: k,
+                        n,
+                        k: m,
+                        a: wp,
+                        lda: k,
+                        b: dyp,
+                        ldb: m,
+                        beta,
+                        c: dxp,
+                        ldc: k,
+                        ..Gemm::F32
+                    },
+                )?;
+            }
+        }
+        // dWᵀ (K×M) += xᵀ (col-major K×N, as stored) · dy (N×M = transpose of the stored M×N).
+        let dwp = self.ptr_mut(dw);
+        if n > 0 {
+            self.gemm(
+                op,
+                Gemm {
+                    ta: false,
+                    tb: true,
+                    m: k,
+                    n: m,
+                    k: n,
+                    a: xp,
+                    lda: k,
+                    b: dyp,
+                    ldb: m,
+                    beta: 1.0,
+                    c: dwp,
+                    ldc: k,
+                    ..Gemm::F32
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The f32 scalars of one AdamW step, computed exactly as [`crate::train::optim::AdamW::step`] does.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWScalars {
+    pub b1: f32,
+    pub omb1: f32,
+    pub b2: f32,
+    pub omb2: f32,
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+}
+
+impl AdamWScalars {
+    /// Scalars of update number `t` (1-based) at learning rate `lr`.
+    pub fn new(c: &AdamWConfig, t: u64, lr: f64) -> AdamWScalars {
+        let bc1 = 1.0 - c.beta1.powi(t as i32);
+        let bc2 = 1.0 - c.beta2.powi(t as i32);
+        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+        AdamWScalars {
+            b1,
+            omb1: 1.0 - b1,
+            b2,
+            omb2: 1.0 - b2,
+            step_size: (lr / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: c.eps as f32,
+        }
+    }
+
+    /// The decoupled weight-decay factor of a tensor of shape `shape` (matrices only).
+    pub fn decay(c: &AdamWConfig, lr: f64, shape: &[usize]) -> f32 {
+        if shape.len() >= 2 {
+            1.0 - (lr * c.weight_decay) as f32
+        } else {
+            1.0
+        }
+    }
+}

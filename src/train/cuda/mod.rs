@@ -1,0 +1,298 @@
+//! Training on one CUDA device: the f32 training kernels (the `*_f32` symbols of each op's
+//! `kernels/<op>.cu`, and `kernels/adamw.cu`; contract in `kernels/ABI.md`) and cuBLAS GEMMs (f32,
+//! or bf16 tensor-core compute on f32 data), launched on a [`CudaBackend`]'s context, stream
+//! and cuBLAS handle.
+//!
+//! - [`CudaOps`]: one launcher per op of [`super::ops`] (same shapes, same argument meaning),
+//!   each validating buffer lengths and every host-known id / row / position before launching.
+//! - [`DeviceParams`] + [`forward_backward`]: the whole model, the same math and order as
+//!   [`super::model::forward_backward`].
+//! - [`CudaTrainState`]: parameters, gradients and AdamW moments resident on the device; the
+//!   optimizer step ([`CudaTrainState::adamw_step`]) and the global gradient norm run there.
+//!
+//! Precision ([`TrainPrecision`], set with [`CudaOps::set_precision`]): storage is **f32**
+//! throughout — master weights, AdamW moments, activations, gradients — and every non-GEMM
+//! kernel (norms, RoPE, attention, SwiGLU, cross-entropy, AdamW) computes in f32 whatever the
+//! setting. Only the GEMMs (`cublasGemmEx`, `CUDA_R_32F` A/B/C, f32 host `alpha`/`beta`)
+//! change:
+//! - [`TrainPrecision::F32`] (the default): `CUBLAS_COMPUTE_32F` — full f32, no TF32, no bf16;
+//!   matches the f32 CPU reference to f32 rounding.
+//! - [`TrainPrecision::Bf16`]: `CUBLAS_COMPUTE_32F_FAST_16BF` — cuBLAS may down-convert A and B
+//!   to bf16 inside the GEMM and multiply them on the tensor cores, accumulating in f32
+//!   (products of two bf16 values are exact in f32); C and the outputs stay f32. This is the
+//!   `bf16 compute, f32 master weights` of mixed-precision training, without bf16 storage: no
+//!   activation memory is saved, and the conversion's rounding direction is cuBLAS's (not
+//!   documented; the CPU model of it, [`super::ops::linear_bf16`], rounds to nearest even and
+//!   the parity tests use inputs on which round-to-nearest and truncation agree). cuBLAS is
+//!   *allowed*, not forced, to use bf16: tests/cuda_train.rs checks that it does at the sizes
+//!   it tests.
+//!
+//! Memory: 16 bytes per parameter (weights, gradients, two moments) plus f32 activations of
+//! every layer, so one 80 GB GPU trains models up to roughly 3–4 B parameters at short
+//! sequences; the 8B preset does not fit on one GPU. Several GPUs train data parallel
+//! ([`super::dist`]): every GPU holds the whole state, so that does not raise the limit.
+//!
+//! Kernel launches are asynchronous; a fault surfaces at the next read-back.
+
+use crate::backend::cuda::{
+    check_dyn_smem, check_len, driver_err, grid_yz, int, stride_blocks, Gemm, Geom,
+};
+use std::ffi::c_void;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use cudarc::cublas;
+use cudarc::driver::{sys as dsys, CudaSlice, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use super::model::{i_block, Batch, Params, I_WTE};
+use super::ops::AttnShape;
+use super::optim::AdamWConfig;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::rope_tables;
+use crate::config::ModelConfig;
+
+// device: CudaOps (backend, kernels, precision), buffers, GEMMs; launchers: one f32 launcher
+// per training op; pass: the model's forward and backward pass on the device.
+#[macro_use]
+mod device;
+mod launchers;
+mod pass;
+
+use device::*;
+pub use device::{AdamWScalars, Buf, CudaOps, DevInts};
+pub use pass::{forward_backward, DeviceParams};
+
+/// What the training GEMMs compute in (see the module docs); storage is f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TrainPrecision {
+    /// `CUBLAS_COMPUTE_32F`: full f32.
+    #[default]
+    F32,
+    /// `CUBLAS_COMPUTE_32F_FAST_16BF`: f32 data, bf16 tensor-core products, f32 accumulation.
+    Bf16,
+}
+
+impl TrainPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainPrecision::F32 => "f32",
+            TrainPrecision::Bf16 => "bf16",
+        }
+    }
+
+    /// One line for logs: what is stored and what the GEMMs compute in.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TrainPrecision::F32 => "f32 weights, activations and GEMMs",
+            TrainPrecision::Bf16 => {
+                "f32 weights and activations, bf16 tensor-core GEMMs with f32 accumulation"
+            }
+        }
+    }
+
+    fn compute_type(self) -> cublas::sys::cublasComputeType_t {
+        use cublas::sys::cublasComputeType_t as C;
+        match self {
+            TrainPrecision::F32 => C::CUBLAS_COMPUTE_32F,
+            TrainPrecision::Bf16 => C::CUBLAS_COMPUTE_32F_FAST_16BF,
+        }
+    }
+}
+
+impl std::str::FromStr for TrainPrecision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<TrainPrecision> {
+        match s {
+            "f32" => Ok(TrainPrecision::F32),
+            "bf16" => Ok(TrainPrecision::Bf16),
+            _ => bail!("unknown training precision `{s}` (expected f32 or bf16)"),
+        }
+    }
+}
+
+impl std::fmt::Display for TrainPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parameters, gradients and AdamW moments of a run, resident on one GPU.
+pub struct CudaTrainState {
+    pub ops: CudaOps,
+    pub params: DeviceParams,
+    pub grad: DeviceParams,
+    pub m: DeviceParams,
+    pub v: DeviceParams,
+    partial: CudaSlice<f64>,
+    /// The data-parallel communicator, when this GPU is one rank of several.
+    nccl: Option<super::nccl::NcclComm>,
+    /// Recorded after each gradient all-reduce, polled by its watchdog.
+    reduced: Option<cudarc::driver::CudaEvent>,
+}
+
+impl CudaTrainState {
+    /// Upload `params` and the optimizer moments `m`, `v`; gradients start at zero.
+    pub fn new(
+        ops: CudaOps,
+        params: &Params<f32>,
+        m: &Params<f32>,
+        v: &Params<f32>,
+    ) -> Result<CudaTrainState> {
+        let dp = DeviceParams::upload(&ops, params)?;
+        let mut grad = DeviceParams::upload(&ops, params)?;
+        grad.fill_zero(&ops)?;
+        let dm = DeviceParams::upload(&ops, m)?;
+        let dv = DeviceParams::upload(&ops, v)?;
+        let partial = ops
+            .be
+            .stream()
+            .alloc_zeros::<f64>(SUMSQ_BLOCKS)
+            .map_err(|e| driver_err("allocating the gradient-norm partials".into(), e))?;
+        Ok(CudaTrainState {
+            ops,
+            params: dp,
+            grad,
+            m: dm,
+            v: dv,
+            partial,
+            nccl: None,
+            reduced: None,
+        })
+    }
+
+    /// Join the NCCL communicator of rank `rank` of `world` (every rank calls this with the
+    /// same `id`; it blocks until all have).
+    pub fn attach_nccl(
+        &mut self,
+        id: &super::nccl::UniqueId,
+        rank: usize,
+        world: usize,
+    ) -> Result<()> {
+        self.ops.bind()?;
+        self.nccl = Some(super::nccl::NcclComm::init(id, rank, world)?);
+        Ok(())
+    }
+
+    /// Sum the gradients over the data-parallel ranks, in place on the device (one grouped NCCL
+    /// all-reduce on the training stream). Without a communicator: an error.
+    ///
+    /// A watchdog waits for the all-reduce: a peer that died or hangs would otherwise block
+    /// this rank forever at its next read-back. It polls the stream and NCCL's asynchronous
+    /// error; on an error, or after `LLADA_DIST_TIMEOUT` seconds, it aborts the communicator
+    /// and returns an error.
+    pub fn all_reduce_grads(&mut self) -> Result<()> {
+        let Some(comm) = self.nccl.as_ref() else {
+            bail!("data-parallel training on CUDA needs NCCL: attach_nccl was not called");
+        };
+        self.ops.bind()?;
+        let mut bufs = Vec::with_capacity(self.grad.data.len());
+        for d in &mut self.grad.data {
+            let len = d.len();
+            bufs.push((self.ops.ptr_mut(d), len));
+        }
+        let stream = self.ops.be.stream();
+        // SAFETY: every pointer is a live gradient buffer of its length on this device, used
+        // only by the training stream, on which the all-reduce is queued.
+        unsafe { comm.all_reduce_sum_f32(&bufs, stream.cu_stream() as *mut c_void) }?;
+        if self.reduced.is_none() {
+            self.reduced = Some(
+                stream
+                    .context()
+                    .new_event(None)
+                    .map_err(|e| anyhow!("creating the all-reduce event: {e:?}"))?,
+            );
+        }
+        let ev = self.reduced.as_ref().ok_or_else(|| anyhow!("no event"))?;
+        ev.record(stream)
+            .map_err(|e| anyhow!("recording the all-reduce event: {e:?}"))?;
+        let (limit, _) = super::dist::timeouts()?;
+        let t0 = std::time::Instant::now();
+        let failure = loop {
+            match ev.try_is_complete() {
+                Ok(true) => break None,
+                Ok(false) => {}
+                Err(e) => break Some(anyhow!("the gradient all-reduce failed on the GPU: {e:?}")),
+            }
+            if let Err(e) = comm.async_error() {
+                break Some(e.context("the gradient all-reduce (a peer may have stopped)"));
+            }
+            if t0.elapsed() > limit {
+                break Some(anyhow!(
+                    "the gradient all-reduce did not finish within {:.0} s (LLADA_DIST_TIMEOUT): \
+                     a peer is stuck or gone",
+                    limit.as_secs_f64()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        };
+        match failure {
+            None => Ok(()),
+            Some(e) => {
+                if let Some(c) = self.nccl.take() {
+                    c.abort();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub fn zero_grad(&mut self) -> Result<()> {
+        self.grad.fill_zero(&self.ops)
+    }
+
+    /// [`forward_backward`] adding into the resident gradients.
+    pub fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
+        forward_backward(&self.ops, cfg, &self.params, batch, &mut self.grad)
+    }
+
+    /// Global L2 norm of the gradients (f64).
+    pub fn grad_norm(&mut self) -> Result<f64> {
+        let mut s = 0.0f64;
+        for d in &self.grad.data {
+            s += self.ops.sumsq(d, d.len(), &mut self.partial)?;
+        }
+        Ok(s.sqrt())
+    }
+
+    /// Clip (PyTorch `clip_grad_norm_`, folded into the update as a gradient scale) and take
+    /// AdamW update number `t` at learning rate `lr`. Returns the norm before clipping.
+    pub fn clip_and_step(
+        &mut self,
+        cfg: &AdamWConfig,
+        t: u64,
+        lr: f64,
+        max_norm: f64,
+    ) -> Result<f64> {
+        let norm = self.grad_norm()?;
+        let mut gscale = 1.0f32;
+        if max_norm > 0.0 {
+            let coef = max_norm / (norm + 1e-6);
+            if coef < 1.0 {
+                gscale = coef as f32;
+            }
+        }
+        self.adamw_step(cfg, t, lr, gscale)?;
+        Ok(norm)
+    }
+
+    /// AdamW update number `t` (1-based) of every tensor, gradients scaled by `gscale`.
+    pub fn adamw_step(&mut self, cfg: &AdamWConfig, t: u64, lr: f64, gscale: f32) -> Result<()> {
+        let h = AdamWScalars::new(cfg, t, lr);
+        for i in 0..self.params.data.len() {
+            let decay = AdamWScalars::decay(cfg, lr, &self.params.shapes[i]);
+            let len = self.params.data[i].len();
+            self.ops.adamw(
+                &mut self.params.data[i],
+                &mut self.m.data[i],
+                &mut self.v.data[i],
+                None,
+                &self.grad.data[i],
+                len,
+                &h,
+                decay,
+                gscale,
+            )?;
+        }
+        Ok(())
+    }
+}
