@@ -424,6 +424,9 @@ fn quantized_folder_loads_and_equals_quantizing_at_load() {
     let (mut e_b, _) = engine::load(&o, DeviceChoice::Cpu).unwrap();
     let c = e_b.forward_logits(&ids).unwrap();
     assert_ne!(a, c, "FP8 must actually change the math");
+    // Commands that need the unquantized tensors say why they cannot read them.
+    let e = format!("{:#}", q.ckpt.get(&block_tensor(1, "ff_out")).unwrap_err());
+    assert!(e.contains("F8_E4M3") && e.contains("bf16 folder"), "{e}");
     // A quantized folder cannot be quantized again.
     let e = format!(
         "{:#}",

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use llada::device::DeviceChoice;
-use llada::engine::{self, Opened};
+use llada::engine;
 use llada::eval::{self, EvalParams};
 use llada::loglik::LoglikParams;
 
@@ -18,6 +18,8 @@ use super::ModelArgs;
 pub struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    weights: super::WeightsArg,
     /// JSON lines: {"context": str, "choices": [str, ...], "answer": index or choice text}.
     #[arg(long)]
     tasks: PathBuf,
@@ -80,7 +82,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
     if let Some(n) = a.limit {
         items.truncate(n);
     }
-    let opened = Opened::open(&a.model.spec()?)?;
+    let opened = a.weights.open(&a.model.spec()?)?;
     let tok = opened
         .tokenizer
         .as_ref()
