@@ -18,6 +18,7 @@ use llada::device::{self, DeviceChoice, Resolved};
 use llada::dtype::DType;
 use llada::engine::{self, Engine, ModelSpec, Opened};
 use llada::head::Remasking;
+use llada::quant::WeightsMode;
 use llada::sampler::{CacheMode, Decode, GenerateParams, Progress};
 
 #[derive(Parser)]
@@ -36,8 +37,9 @@ struct Args {
     /// auto | cpu | cuda | cuda:N
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Linear-layer weights: checkpoint (as stored) | fp8 (E4M3 per channel, activations per
-    /// token; a bf16 model is quantized at load).
+    /// Linear-layer weights, comma separated, one block of rows each in the same run:
+    /// checkpoint (as stored) | fp8 (E4M3 per channel, activations per token; a bf16 model is
+    /// quantized at load). E.g. `checkpoint,fp8`.
     #[arg(long, default_value = "checkpoint")]
     weights: String,
     #[arg(long, default_value_t = 128)]
@@ -161,7 +163,38 @@ fn commit() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
+/// Run the workload once per `--weights` mode (e.g. `checkpoint,fp8`: FP8 rows beside bf16 in
+/// the same run) and write one JSON with every row (each names its `weights`).
 fn run(a: Args) -> Result<()> {
+    let modes: Vec<WeightsMode> = a
+        .weights
+        .split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| x.trim().parse())
+        .collect::<Result<_>>()?;
+    if modes.is_empty() {
+        bail!("--weights needs at least one of checkpoint, fp8");
+    }
+    let mut all_rows = Vec::new();
+    let mut head = None;
+    for (i, &mode) in modes.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let (h, rows) = run_one(&a, mode)?;
+        head.get_or_insert(h);
+        all_rows.extend(rows);
+    }
+    if let (Some(path), Some(mut v)) = (&a.json, head) {
+        v["rows"] = serde_json::to_value(&all_rows)?;
+        v["weights"] = serde_json::json!(a.weights);
+        llada::checkpoint::write_text_atomic(path, &serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+/// One engine (`mode`) through every configuration: the JSON header fields and the rows.
+fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)> {
     let choice: DeviceChoice = a.device.parse()?;
     let (dev, _) = device::resolve(choice)?;
     let spec = match (&a.model, &a.preset) {
@@ -206,7 +239,7 @@ fn run(a: Args) -> Result<()> {
     }
     let batches = list(&a.batch, "batch")?;
     let mut opened = Opened::open(&spec)?;
-    opened.weights = a.weights.parse()?;
+    opened.weights = mode;
     let t_load = Instant::now();
     let (mut eng, notice) = engine::load(&opened, choice)?;
     if let Some(n) = notice {
@@ -402,23 +435,19 @@ fn run(a: Args) -> Result<()> {
             rows.push(row);
         }
     }
-    if let Some(path) = &a.json {
-        let v = serde_json::json!({
-            "engine": "llada",
-            "device": eng.device(),
-            "driver": eng.driver(),
-            "commit": commit(),
-            "model": opened.label,
-            "weights": opened.weights.to_string(),
-            "prompt_len": a.prompt_len,
-            "gen_length": a.gen_length,
-            "block_length": a.block_length,
-            "gemm_ceiling_tflops": ceiling,
-            "rows": rows,
-        });
-        llada::checkpoint::write_text_atomic(path, &serde_json::to_string_pretty(&v)?)?;
-    }
-    Ok(())
+    let v = serde_json::json!({
+        "engine": "llada",
+        "device": eng.device(),
+        "driver": eng.driver(),
+        "commit": commit(),
+        "model": opened.label,
+        "weights": opened.weights.to_string(),
+        "prompt_len": a.prompt_len,
+        "gen_length": a.gen_length,
+        "block_length": a.block_length,
+        "gemm_ceiling_tflops": ceiling,
+    });
+    Ok((v, rows))
 }
 
 fn main() -> ExitCode {

@@ -749,9 +749,17 @@ impl Checkpoint {
 
     /// The source of tensor `name`.
     pub fn get(&self, name: &str) -> Result<&WeightSource> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| anyhow!("tensor `{name}` is not in the checkpoint"))
+        self.tensors.get(name).ok_or_else(|| {
+            if self.fp8.contains_key(name) {
+                anyhow!(
+                    "tensor `{name}` is stored as {F8_E4M3} (an FP8-quantized folder); only \
+                     inference (generate, forward, batch, loglik, eval, llada-bench) reads it: use the \
+                     bf16 folder for this command"
+                )
+            } else {
+                anyhow!("tensor `{name}` is not in the checkpoint")
+            }
+        })
     }
 
     /// The weights' dtype: that of `wte` when present, else the most common one (F32 when empty).

@@ -31,8 +31,12 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static A: Counting = Counting;
 
+/// The tests count allocations process-wide, so they run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn generation_allocates_the_same_for_8_and_32_steps() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // One thread: rayon's pool would otherwise allocate on its own schedule.
     rayon::ThreadPoolBuilder::new()
         .num_threads(1)
@@ -44,6 +48,31 @@ fn generation_allocates_the_same_for_8_and_32_steps() {
         ck.get(n).cloned()
     })
     .unwrap();
+    check_steps(&m);
+}
+
+/// The same with FP8 linear layers (activations quantized per token into thread-local scratch).
+#[test]
+fn fp8_generation_allocates_the_same_for_8_and_32_steps() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build_global()
+        .ok();
+    let cfg = presets::preset_config("tiny").unwrap();
+    let ck = presets::preset_checkpoint("tiny", 3, DType::BF16).unwrap();
+    let m = Model::load_fp8(
+        CpuBackend::new(DType::BF16),
+        cfg.clone(),
+        |n| ck.get(n).cloned(),
+        |n| llada::quant::fp8_weight(&ck, n),
+    )
+    .unwrap();
+    check_steps(&m);
+}
+
+fn check_steps(m: &Model<CpuBackend>) {
+    let cfg = &m.cfg;
     let prompts = vec![(1..20).collect::<Vec<u32>>()];
     let run = |steps: usize| {
         let p = GenerateParams {
@@ -57,7 +86,7 @@ fn generation_allocates_the_same_for_8_and_32_steps() {
             logits_dtype: DType::BF16,
             ..GenerateParams::default()
         };
-        let mut pred = ModelPredictor::new(&m);
+        let mut pred = ModelPredictor::new(m);
         let before = ALLOCS.load(Ordering::Relaxed);
         let out = generate(&mut pred, &prompts, &p, None).unwrap();
         let n = ALLOCS.load(Ordering::Relaxed) - before;

@@ -424,6 +424,9 @@ fn quantized_folder_loads_and_equals_quantizing_at_load() {
     let (mut e_b, _) = engine::load(&o, DeviceChoice::Cpu).unwrap();
     let c = e_b.forward_logits(&ids).unwrap();
     assert_ne!(a, c, "FP8 must actually change the math");
+    // Commands that need the unquantized tensors say why they cannot read them.
+    let e = format!("{:#}", q.ckpt.get(&block_tensor(1, "ff_out")).unwrap_err());
+    assert!(e.contains("F8_E4M3") && e.contains("bf16 folder"), "{e}");
     // A quantized folder cannot be quantized again.
     let e = format!(
         "{:#}",
@@ -706,4 +709,117 @@ fn flips_only_at_near_ties() {
         }
     }
     eprintln!("argmax flips: {flips} of {} positions", 4 * 32);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line.
+
+fn run(bin: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(bin).args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_quantize_generate_and_bench() {
+    let t = TempDir::new("cli");
+    let llada = env!("CARGO_BIN_EXE_llada");
+    let (src, out) = (t.path().join("bf16"), t.path().join("fp8"));
+    let (s, so) = (src.to_str().unwrap(), out.to_str().unwrap());
+    assert!(run(llada, &["init-tiny", s]).0);
+    let (ok, _, err) = run(
+        llada,
+        &["quantize", "--model", s, "--out", so, "--scheme", "fp8"],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(
+        llada,
+        &["quantize", "--model", s, "--out", so, "--scheme", "int4"],
+    );
+    assert!(!ok && err.contains("only fp8"), "{err}");
+    let gen = |model: &str, weights: &str| {
+        let (ok, stdout, err) = run(
+            llada,
+            &[
+                "generate",
+                "--model",
+                model,
+                "--weights",
+                weights,
+                "--prompt-ids",
+                "1,2,3",
+                "--gen-length",
+                "8",
+                "--steps",
+                "8",
+                "--block-length",
+                "8",
+                "--device",
+                "cpu",
+                "--format",
+                "json",
+            ],
+        );
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        (v["ids"].clone(), v["device"].as_str().unwrap().to_string())
+    };
+    let (a, da) = gen(so, "checkpoint");
+    let (b, db) = gen(s, "fp8");
+    assert_eq!(a, b, "the FP8 folder and FP8 at load generate the same ids");
+    assert!(da.contains("fp8") && db.contains("fp8"), "{da} / {db}");
+    let (ok, _, err) = run(
+        llada,
+        &[
+            "generate",
+            "--model",
+            s,
+            "--weights",
+            "int8",
+            "--prompt-ids",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(!ok && err.contains("--weights \"int8\""), "{err}");
+
+    let json = t.path().join("bench.json");
+    let (ok, stdout, err) = run(
+        env!("CARGO_BIN_EXE_llada-bench"),
+        &[
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--prompt-len",
+            "8",
+            "--gen-length",
+            "8",
+            "--block-length",
+            "8",
+            "--steps",
+            "8",
+            "--warmup",
+            "0",
+            "--weights",
+            "checkpoint,fp8",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(stdout.contains("weights fp8"), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let w: Vec<&str> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["weights"].as_str().unwrap())
+        .collect();
+    assert_eq!(w, ["checkpoint", "fp8"]);
 }

@@ -8,8 +8,8 @@
 //!   (`--weights fp8` on a bf16 folder).
 //!
 //! **Checkpoint layout.** Every linear layer of every block (`q_proj`, `k_proj`, `v_proj`,
-//! `attn_out`, `ff_proj`, `up_proj`, `ff_out`) is stored as `<name>` (`…​.weight`, dtype
-//! `F8_E4M3`, shape `[out, in]`) plus `<name>_scale` (`…​.weight_scale`, F32, `[out, 1]`):
+//! `attn_out`, `ff_proj`, `up_proj`, `ff_out`) is stored as `<name>` (`….weight`, dtype
+//! `F8_E4M3`, shape `[out, in]`) plus `<name>_scale` (`….weight_scale`, F32, `[out, 1]`):
 //! `W ≈ e4m3(weight) · weight_scale` row by row, the compressed-tensors / vLLM naming of a
 //! per-channel FP8 weight. The embedding, the norms and the LM head stay in the source dtype.
 //! `config.json` gains [`QUANTIZATION_CONFIG`].
@@ -162,7 +162,7 @@ pub fn check_consistent(
     }
 }
 
-/// The FP8 weight `name` (a linear layer's `…​.weight`): read from the checkpoint when it is
+/// The FP8 weight `name` (a linear layer's `….weight`): read from the checkpoint when it is
 /// stored as `F8_E4M3` (codes stay memory-mapped, scales from `<name>_scale` are checked finite
 /// and positive), else quantized per output channel from its bf16/f16/f32 values.
 pub fn fp8_weight(ckpt: &Checkpoint, name: &str) -> Result<Fp8Weight> {
