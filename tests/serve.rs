@@ -667,6 +667,37 @@ fn disconnect_frees_the_slot() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A plain (non-streamed) request abandoned mid-generation: its batch is aborted between
+    // forward passes and the slot comes back.
+    let cancelled = |srv: &Server| -> f64 {
+        http(&srv.addr, "GET", "/metrics", "", &[])
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix("llada_cancelled_batches_total "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = cancelled(&srv);
+    let body =
+        json!({"prompt": "z", "max_tokens": 512, "steps": 512, "block_length": 512}).to_string();
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    s.write_all(request_bytes(&srv.addr, "POST", "/v1/completions", &body, &[]).as_bytes())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = cancelled(&srv);
+        if now > before && srv.post("/v1/completions", &json!({"prompt": "y"})).status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned batch was not cancelled ({before} -> {now})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// SIGTERM lets a request in flight finish, then the server exits cleanly.
