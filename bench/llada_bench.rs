@@ -36,6 +36,9 @@ struct Args {
     /// auto | cpu | cuda | cuda:N
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Compute dtype: auto (the checkpoint's) | bf16 | f32 (CUDA computes in bf16 only).
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
     #[arg(long, default_value_t = 256)]
@@ -199,7 +202,8 @@ fn run(a: Args) -> Result<()> {
         rules.extend(list_f64(f, "factor")?.into_iter().map(|f| (None, Some(f))));
     }
     let batches = list(&a.batch, "batch")?;
-    let opened = Opened::open(&spec)?;
+    let mut opened = Opened::open(&spec)?;
+    opened.compute = engine::parse_compute_dtype(&a.dtype)?;
     let t_load = Instant::now();
     let (mut eng, notice) = engine::load(&opened, choice)?;
     if let Some(n) = notice {
