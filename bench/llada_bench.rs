@@ -42,6 +42,9 @@ struct Args {
     /// quantized at load). E.g. `checkpoint,fp8`.
     #[arg(long, default_value = "checkpoint")]
     weights: String,
+    /// Compute dtype: auto (the checkpoint's) | bf16 | f32 (CUDA computes in bf16 only).
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
     #[arg(long, default_value_t = 256)]
@@ -240,6 +243,7 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
     let batches = list(&a.batch, "batch")?;
     let mut opened = Opened::open(&spec)?;
     opened.weights = mode;
+    opened.compute = engine::parse_compute_dtype(&a.dtype)?;
     let t_load = Instant::now();
     let (mut eng, notice) = engine::load(&opened, choice)?;
     if let Some(n) = notice {

@@ -362,6 +362,35 @@ fn stream_sends_a_chunk_per_block_and_done() {
     let first: Value = serde_json::from_str(&ev[0]).unwrap();
     assert_eq!(first["object"], "chat.completion.chunk");
     assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+
+    // n = 2, streamed: every choice gets its role, then its text, equal to the plain answer.
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "n": 2, "temperature": 0.9, "seed": 4});
+    let whole = srv.post("/v1/chat/completions", &body).json();
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let ev = srv.post("/v1/chat/completions", &streamed).events();
+    let mut text = [String::new(), String::new()];
+    let mut roles = [0, 0];
+    for e in &ev[..ev.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        for ch in c["choices"].as_array().unwrap() {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            if ch["delta"]["role"] == "assistant" {
+                roles[i] += 1;
+            }
+            if let Some(t) = ch["delta"]["content"].as_str() {
+                text[i].push_str(t);
+            }
+        }
+    }
+    assert_eq!(roles, [1, 1]);
+    for (i, t) in text.iter().enumerate() {
+        assert_eq!(
+            t,
+            whole["choices"][i]["message"]["content"].as_str().unwrap(),
+            "choice {i}"
+        );
+    }
 }
 
 #[test]
@@ -666,6 +695,37 @@ fn disconnect_frees_the_slot() {
             "the abandoned request kept its slot"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // A plain (non-streamed) request abandoned mid-generation: its batch is aborted between
+    // forward passes and the slot comes back.
+    let cancelled = |srv: &Server| -> f64 {
+        http(&srv.addr, "GET", "/metrics", "", &[])
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix("llada_cancelled_batches_total "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = cancelled(&srv);
+    let body =
+        json!({"prompt": "z", "max_tokens": 512, "steps": 512, "block_length": 512}).to_string();
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    s.write_all(request_bytes(&srv.addr, "POST", "/v1/completions", &body, &[]).as_bytes())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = cancelled(&srv);
+        if now > before && srv.post("/v1/completions", &json!({"prompt": "y"})).status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned batch was not cancelled ({before} -> {now})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

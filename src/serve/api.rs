@@ -257,15 +257,27 @@ fn finite_nonneg(name: &str, v: f64) -> Result<f64, ApiError> {
     }
 }
 
-/// Fast-dLLM's argument checks (the same ones `sampler::generate_fast` makes), so that a bad
-/// request is a 400 before it reaches the engine.
+/// The generation settings' combination checks: the ones `llada batch` makes on each line
+/// ([`crate::batch::GenOptions::check`]), plus the finiteness checks `sampler::generate_fast`
+/// makes, so that a bad request is a 400 before it reaches the engine.
 pub fn validate_decode(params: &GenerateParams, decode: &Decode) -> Result<(), ApiError> {
-    if decode.threshold.is_some() && decode.factor.is_some() {
-        return Err(ApiError::param(
-            "factor",
-            "give either a threshold or a factor, not both",
-        ));
-    }
+    let opts = crate::batch::GenOptions {
+        steps: params.steps,
+        gen_length: params.gen_length,
+        block_length: params.block_length,
+        temperature: params.temperature,
+        cfg_scale: params.cfg_scale,
+        remasking: params.remasking,
+        seed: params.seed,
+        logits_eos_inf: params.logits_eos_inf,
+        confidence_eos_eot_inf: params.confidence_eos_eot_inf,
+        cache: decode.cache,
+        threshold: decode.threshold,
+        factor: decode.factor,
+        ..crate::batch::GenOptions::default()
+    };
+    opts.check()
+        .map_err(|m| ApiError::bad(format!("impossible settings: {m}")))?;
     if let Some(th) = decode.threshold {
         if !th.is_finite() {
             return Err(ApiError::param(
@@ -281,12 +293,6 @@ pub fn validate_decode(params: &GenerateParams, decode: &Decode) -> Result<(), A
                 format!("factor {f} must be a positive finite number"),
             ));
         }
-    }
-    if !decode.is_plain() && params.cfg_scale > 0.0 {
-        return Err(ApiError::param(
-            "cfg_scale",
-            "cfg_scale > 0 is not supported with Fast-dLLM decoding (cache / threshold / factor)",
-        ));
     }
     Ok(())
 }

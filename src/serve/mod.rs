@@ -388,6 +388,7 @@ async fn generate_endpoint(
         st.next_id.fetch_add(1, Ordering::Relaxed)
     );
     let info = RespInfo {
+        choices: prompts.len() * n,
         id,
         created: now(),
         kind,
@@ -415,6 +416,8 @@ async fn generate_endpoint(
 }
 
 struct RespInfo {
+    /// Choices in the response (prompts × n).
+    choices: usize,
     id: String,
     created: u64,
     kind: Kind,
@@ -554,7 +557,9 @@ fn sse_response(
         let mut out = String::new();
         if s.first && s.info.kind == Kind::Chat {
             // The role comes first, as OpenAI's stream does.
-            out.push_str(&sse(&chunk(&s.st, &s.info, 0, "", None, true)));
+            for i in 0..s.info.choices {
+                out.push_str(&sse(&chunk(&s.st, &s.info, i, "", None, true)));
+            }
         }
         s.first = false;
         match s.rx.recv().await {
