@@ -14,12 +14,12 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Parser;
 
-use llada::device::{self, DeviceChoice, Resolved};
-use llada::dtype::DType;
+use llada::engine::device::{self, DeviceChoice, Resolved};
+use llada::engine::head::Remasking;
+use llada::engine::sampler::{CacheMode, Decode, GenerateParams, Progress};
 use llada::engine::{self, Engine, ModelSpec, Opened};
-use llada::head::Remasking;
+use llada::hf::dtype::DType;
 use llada::quant::WeightsMode;
-use llada::sampler::{CacheMode, Decode, GenerateParams, Progress};
 
 #[derive(Parser)]
 #[command(
@@ -191,7 +191,7 @@ fn run(a: Args) -> Result<()> {
     if let (Some(path), Some(mut v)) = (&a.json, head) {
         v["rows"] = serde_json::to_value(&all_rows)?;
         v["weights"] = serde_json::json!(a.weights);
-        llada::checkpoint::write_text_atomic(path, &serde_json::to_string_pretty(&v)?)?;
+        llada::hf::checkpoint::write_text_atomic(path, &serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
 }
@@ -277,7 +277,8 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
             .map(|r| {
                 (0..a.prompt_len)
                     .map(|i| {
-                        (llada::rng::mix64((r * 1_000_003 + i) as u64) % vocab_hi as u64) as u32
+                        (llada::engine::rng::mix64((r * 1_000_003 + i) as u64) % vocab_hi as u64)
+                            as u32
                     })
                     .collect()
             })

@@ -17,23 +17,12 @@
 
 pub mod backend;
 pub mod batch;
-pub mod batch_openai;
-pub mod checkpoint;
-pub mod config;
-pub mod device;
-pub mod dtype;
 pub mod engine;
 pub mod eval;
-pub mod fsio;
-pub mod head;
+pub mod hf;
 pub mod loglik;
 pub mod lora;
-pub mod model;
 pub mod nvtx;
-pub mod presets;
 pub mod quant;
-pub mod rng;
-pub mod sampler;
 pub mod serve;
-pub mod tokenizer;
 pub mod train;

@@ -13,7 +13,7 @@
 //! positions masked per row (a uniform random subset), each masked log-probability weighted by
 //! `T / l_r`, summed per row, averaged over the `mc_num` samples. With CFG (`cfg_scale > 0`) the
 //! unconditional batch is the same noisy batch with every prompt token masked, mixed as
-//! `un + (cfg+1)(cond − un)` (each op rounded to the logits dtype, like [`crate::head::cfg_mix`]).
+//! `un + (cfg+1)(cond − un)` (each op rounded to the logits dtype, like [`crate::engine::head::cfg_mix`]).
 //! With a one-token answer every sample masks that token with weight 1, so the estimate is the
 //! exact log-probability of the token, whatever `mc_num`.
 //!
@@ -38,7 +38,7 @@
 
 use anyhow::{bail, ensure, Result};
 
-use crate::rng;
+use crate::engine::rng;
 
 /// One batch of noisy sequences whose masked positions are to be scored.
 pub struct ScoreRequest<'a> {
@@ -57,7 +57,7 @@ pub struct ScoreRequest<'a> {
     pub targets: &'a [u32],
 }
 
-/// Scores masked positions: the model ([`crate::model::ModelScorer`]) or a fake in tests.
+/// Scores masked positions: the model ([`crate::engine::model::ModelScorer`]) or a fake in tests.
 pub trait Scorer {
     /// `out[i] = log p(targets[i] | x)` at `rows[i]` (CFG-mixed when `cfg_scale > 0`).
     fn score(&mut self, req: &ScoreRequest<'_>, out: &mut [f32]) -> Result<()>;

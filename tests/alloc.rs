@@ -8,10 +8,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use llada::backend::cpu::CpuBackend;
-use llada::dtype::DType;
-use llada::model::{Model, ModelPredictor};
-use llada::presets;
-use llada::sampler::{generate, GenerateParams};
+use llada::engine::model::{Model, ModelPredictor};
+use llada::engine::sampler::{generate, GenerateParams};
+use llada::hf::dtype::DType;
+use llada::hf::presets;
 
 struct Counting;
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);

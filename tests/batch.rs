@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use llada::dtype::DType;
+use llada::hf::dtype::DType;
 use serde_json::{json, Value};
 
 fn llada() -> Command {
@@ -37,7 +37,7 @@ fn tmpdir(name: &str) -> PathBuf {
 /// The `tiny` preset (with its tokenizer and chat template) as an f32 folder.
 fn tiny(dir: &Path) -> PathBuf {
     let m = dir.join("tiny");
-    llada::presets::write_preset_folder("tiny", &m, 3, DType::F32, 1).unwrap();
+    llada::hf::presets::write_preset_folder("tiny", &m, 3, DType::F32, 1).unwrap();
     m
 }
 

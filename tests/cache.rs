@@ -14,15 +14,15 @@ use std::path::{Path, PathBuf};
 
 use llada::backend::cpu::CpuBackend;
 use llada::backend::Backend;
-use llada::dtype::DType;
-use llada::engine::{ModelSpec, Opened};
-use llada::head::Remasking;
-use llada::model::{Model, ModelPredictor};
-use llada::presets;
-use llada::sampler::{
+use llada::engine::head::Remasking;
+use llada::engine::model::{Model, ModelPredictor};
+use llada::engine::sampler::{
     generate_fast, CacheMode, Decode, GenerateParams, PredictRequest, Predictor, SpanPredictor,
     SpanRequest,
 };
+use llada::engine::{ModelSpec, Opened};
+use llada::hf::dtype::DType;
+use llada::hf::presets;
 use serde_json::Value;
 
 fn fixture_dir() -> PathBuf {
@@ -51,7 +51,7 @@ fn ints(v: &Value) -> Vec<u32> {
 }
 
 fn params_for(
-    cfg: &llada::config::ModelConfig,
+    cfg: &llada::hf::config::ModelConfig,
     steps: usize,
     gen: usize,
     blk: usize,
@@ -270,7 +270,7 @@ fn check_spans_reproduce_full<B: Backend>(m: &Model<B>, exact: bool) -> f32 {
     let (b, l) = (2usize, 19usize);
     let v = m.cfg.vocab_size as u64;
     let x: Vec<u32> = (0..b * l)
-        .map(|i| (llada::rng::mix64(i as u64 + 77) % v) as u32)
+        .map(|i| (llada::engine::rng::mix64(i as u64 + 77) % v) as u32)
         .collect();
     let kv: Vec<u8> = (0..b * l).map(|i| u8::from(i >= 3)).collect();
     let mut worst = 0f32;
@@ -378,7 +378,7 @@ fn gpu_fast_dllm_generation_agrees_with_cpu() {
     let cfg = cm.cfg.clone();
     let ids = |n: usize, salt: u64| -> Vec<u32> {
         (0..n)
-            .map(|i| (llada::rng::mix64(i as u64 ^ (salt << 32)) % 400) as u32)
+            .map(|i| (llada::engine::rng::mix64(i as u64 ^ (salt << 32)) % 400) as u32)
             .collect()
     };
     let prompts = vec![ids(20, 1), ids(13, 2)];

@@ -391,7 +391,7 @@ fn grad_takes_device() {
         std::fs::read(dir.join("a.st")).unwrap(),
         std::fs::read(dir.join("b.st")).unwrap()
     );
-    if llada::device::cuda_available().is_err() {
+    if llada::engine::device::cuda_available().is_err() {
         let o = grad(Some("cuda"), "c.st");
         assert!(!o.status.success());
         let e = String::from_utf8_lossy(&o.stderr);

@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use llada::backend::cpu::{CpuBackend, CpuWeight};
 use llada::backend::{rope_tables, AttnShape, Backend};
-use llada::checkpoint::WeightSource;
-use llada::config::ModelConfig;
-use llada::dtype::DType;
-use llada::head::{Remasking, SelectParams};
-use llada::model::Model;
+use llada::engine::head::{Remasking, SelectParams};
+use llada::engine::model::Model;
+use llada::hf::checkpoint::WeightSource;
+use llada::hf::config::ModelConfig;
+use llada::hf::dtype::DType;
 
 fn host(name: &str, shape: &[usize], data: Vec<f32>) -> WeightSource {
     WeightSource::Host {
@@ -599,7 +599,7 @@ fn left_padding_invariance() {
             .unwrap();
         let base = m.logits(&ws, 5).unwrap();
         let scale = base.iter().fold(0f32, |a, x| a.max(x.abs()));
-        let run = |pad: u32, mask: bool, ws: &mut llada::model::Workspace<CpuBackend>| {
+        let run = |pad: u32, mask: bool, ws: &mut llada::engine::model::Workspace<CpuBackend>| {
             // Row 0: 3 pads + seq; row 1: an unrelated full-length sequence.
             let ids: Vec<u32> = [pad, pad, pad]
                 .iter()

@@ -17,7 +17,7 @@ mod cmp;
 use std::path::PathBuf;
 use std::process::Command;
 
-use llada::config::ModelConfig;
+use llada::hf::config::ModelConfig;
 use llada::train::cuda::{CudaOps, CudaTrainState};
 use llada::train::data::Sample;
 use llada::train::dist::{HostGroup, JobKey};
@@ -32,7 +32,7 @@ fn skip_or_fail(var: &str, why: String) {
 }
 
 fn gpu() -> Option<CudaOps> {
-    let r = llada::device::cuda_available()
+    let r = llada::engine::device::cuda_available()
         .map_err(anyhow::Error::msg)
         .and_then(|()| CudaOps::new(0));
     match r {
@@ -58,15 +58,15 @@ fn nccl_ok() -> bool {
 }
 
 fn tiny() -> ModelConfig {
-    llada::presets::preset_config("tiny").unwrap()
+    llada::hf::presets::preset_config("tiny").unwrap()
 }
 
 fn tiny_params(cfg: &ModelConfig) -> Params<f32> {
     let mut p = Params::<f32>::zeros(cfg);
     for (i, d) in p.data.iter_mut().enumerate() {
-        let key = llada::rng::cell_key(0xD15, 1, i as u64, 0, 0);
+        let key = llada::engine::rng::cell_key(0xD15, 1, i as u64, 0, 0);
         for (j, x) in d.iter_mut().enumerate() {
-            let u = llada::rng::uniform(llada::rng::bits(key, j as u64)) as f32;
+            let u = llada::engine::rng::uniform(llada::engine::rng::bits(key, j as u64)) as f32;
             *x = 0.2 * u - 0.1;
         }
         if p.shapes[i].len() == 1 {

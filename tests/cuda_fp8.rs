@@ -25,16 +25,16 @@ use llada::backend::cpu::CpuBackend;
 use llada::backend::cuda::fp8 as cuda_fp8;
 use llada::backend::cuda::CudaBackend;
 use llada::backend::Backend;
-use llada::checkpoint::WeightSource;
-use llada::dtype::DType;
-use llada::model::Model;
-use llada::presets;
+use llada::engine::model::Model;
+use llada::engine::rng;
+use llada::hf::checkpoint::WeightSource;
+use llada::hf::dtype::DType;
+use llada::hf::presets;
 use llada::quant::fp8::{self, e4m3_table, quantize_row_codes, Fp8Weight};
-use llada::rng;
 
 fn gpu() -> Option<CudaBackend> {
     let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let r = llada::device::cuda_available()
+    let r = llada::engine::device::cuda_available()
         .map_err(anyhow::Error::msg)
         .and_then(|()| CudaBackend::new(0));
     match r {

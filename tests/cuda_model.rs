@@ -10,11 +10,11 @@
 
 use llada::backend::cpu::CpuBackend;
 use llada::backend::Backend;
-use llada::dtype::DType;
-use llada::head::Remasking;
-use llada::model::{Model, ModelPredictor};
-use llada::presets;
-use llada::sampler::{generate, GenerateParams};
+use llada::engine::head::Remasking;
+use llada::engine::model::{Model, ModelPredictor};
+use llada::engine::sampler::{generate, GenerateParams};
+use llada::hf::dtype::DType;
+use llada::hf::presets;
 
 mod common;
 
@@ -39,7 +39,7 @@ fn logits<B: Backend>(
 
 fn ids(n: usize, salt: u64, vocab: u32) -> Vec<u32> {
     (0..n)
-        .map(|i| (llada::rng::mix64(i as u64 ^ (salt << 32)) % vocab as u64) as u32)
+        .map(|i| (llada::engine::rng::mix64(i as u64 ^ (salt << 32)) % vocab as u64) as u32)
         .collect()
 }
 
@@ -220,14 +220,16 @@ fn lockstep_harness_detects_differences() {
     let ck = presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
     let nan = Model::load(CpuBackend::new(DType::BF16), cfg.clone(), |n| {
         match ck.get(n)?.clone() {
-            llada::checkpoint::WeightSource::Const {
+            llada::hf::checkpoint::WeightSource::Const {
                 dtype, shape, name, ..
-            } if n == llada::checkpoint::LN_F => Ok(llada::checkpoint::WeightSource::Const {
-                value: f32::NAN,
-                dtype,
-                shape,
-                name,
-            }),
+            } if n == llada::hf::checkpoint::LN_F => {
+                Ok(llada::hf::checkpoint::WeightSource::Const {
+                    value: f32::NAN,
+                    dtype,
+                    shape,
+                    name,
+                })
+            }
             other => Ok(other),
         }
     })

@@ -35,17 +35,17 @@ use std::sync::Arc;
 use llada::backend::cpu::CpuBackend;
 use llada::backend::cuda::CudaBackend;
 use llada::backend::{rope_tables, AttnShape, Backend, CachedAttnShape};
-use llada::checkpoint::WeightSource;
-use llada::dtype::DType;
-use llada::head::{self, Remasking, SelectParams};
-use llada::rng;
+use llada::engine::head::{self, Remasking, SelectParams};
+use llada::engine::rng;
+use llada::hf::checkpoint::WeightSource;
+use llada::hf::dtype::DType;
 
 // ---------------------------------------------------------------------------------------------
 // Harness
 
 fn gpu() -> Option<CudaBackend> {
     let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let r = llada::device::cuda_available()
+    let r = llada::engine::device::cuda_available()
         .map_err(anyhow::Error::msg)
         .and_then(|()| CudaBackend::new(0));
     match r {
@@ -1119,8 +1119,8 @@ fn log_prob_matches_cpu_reference() {
 // ---------------------------------------------------------------------------------------------
 // CUDA graphs in the model: generation with graphs equals generation without, bit for bit.
 
-use llada::model::{Model, ModelPredictor};
-use llada::sampler::{
+use llada::engine::model::{Model, ModelPredictor};
+use llada::engine::sampler::{
     generate, generate_fast, CacheMode, Decode, GenerateParams, PredictRequest, Predictor,
     SpanPredictor, SpanRequest,
 };
@@ -1159,8 +1159,8 @@ impl<B: Backend> SpanPredictor for Recording<'_, B> {
 #[test]
 fn generation_with_graphs_equals_without() {
     let Some(g) = gpu() else { return };
-    let cfg = llada::presets::preset_config("tiny").unwrap();
-    let ck = llada::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
+    let cfg = llada::hf::presets::preset_config("tiny").unwrap();
+    let ck = llada::hf::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
     let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
     let prompts: Vec<Vec<u32>> = (0..2u64)
         .map(|r| {
@@ -1230,8 +1230,8 @@ fn generation_with_graphs_equals_without() {
 #[test]
 fn graphs_follow_a_replaced_kv_cache() {
     let Some(g) = gpu() else { return };
-    let cfg = llada::presets::preset_config("tiny").unwrap();
-    let ck = llada::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
+    let cfg = llada::hf::presets::preset_config("tiny").unwrap();
+    let ck = llada::hf::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
     let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
     let (b, l, q0, q1) = (1usize, 48usize, 16usize, 32usize);
     let x: Vec<u32> = (0..l as u64)
@@ -1275,8 +1275,8 @@ fn graphs_follow_a_replaced_kv_cache() {
 #[test]
 fn cuda_profiling_breakdown() {
     let Some(g) = gpu() else { return };
-    let cfg = llada::presets::preset_config("tiny").unwrap();
-    let ck = llada::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
+    let cfg = llada::hf::presets::preset_config("tiny").unwrap();
+    let ck = llada::hf::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
     let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
     let prompts = vec![(0..40u32).map(|i| i * 13 % 400).collect::<Vec<_>>()];
     let p = GenerateParams {

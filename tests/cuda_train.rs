@@ -21,8 +21,8 @@
 //! Without a usable GPU every test prints `SKIP: <why>` and passes, unless
 //! `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
 
-use llada::config::ModelConfig;
-use llada::rng;
+use llada::engine::rng;
+use llada::hf::config::ModelConfig;
 use llada::train::cuda::{
     self, AdamWScalars, CudaOps, CudaTrainState, DeviceParams, TrainPrecision,
 };
@@ -39,7 +39,7 @@ const U: f64 = 1.0 / 16_777_216.0; // 2^-24
 
 fn gpu() -> Option<CudaOps> {
     let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let r = llada::device::cuda_available()
+    let r = llada::engine::device::cuda_available()
         .map_err(anyhow::Error::msg)
         .and_then(|()| CudaOps::new(0));
     match r {
@@ -873,7 +873,7 @@ fn adamw_exact_and_grad_norm() {
             g.sync().unwrap();
             let want: Vec<f32> = cpu_p.data[i]
                 .iter()
-                .map(|&x| llada::dtype::DType::BF16.round(x))
+                .map(|&x| llada::hf::dtype::DType::BF16.round(x))
                 .collect();
             exact(&format!("{w} bf16 copy"), &want, &b);
         }
@@ -884,7 +884,7 @@ fn adamw_exact_and_grad_norm() {
 // Whole model
 
 fn tiny() -> ModelConfig {
-    llada::presets::preset_config("tiny").unwrap()
+    llada::hf::presets::preset_config("tiny").unwrap()
 }
 
 /// Random f32 parameters (matrices ±0.1, norms around 1), so the loss is O(ln V).
@@ -1049,7 +1049,7 @@ fn bf16_unambiguous(v: Vec<f32>) -> Vec<f32> {
 
 fn bf16_abs(v: &[f32]) -> Vec<f64> {
     v.iter()
-        .map(|&x| (llada::dtype::DType::BF16.round(x) as f64).abs())
+        .map(|&x| (llada::hf::dtype::DType::BF16.round(x) as f64).abs())
         .collect()
 }
 

@@ -323,7 +323,7 @@ fn nccl_loads_and_makes_ids_when_installed() {
             assert_ne!(a.to_bytes(), b.to_bytes());
             let back = nccl::UniqueId::from_bytes(&a.to_bytes()).unwrap();
             assert_eq!(back.to_bytes(), a.to_bytes());
-            if llada::device::cuda_available().is_err() {
+            if llada::engine::device::cuda_available().is_err() {
                 // No GPU: making a communicator must fail with NCCL's error, not crash.
                 let e = nccl::NcclComm::init(&a, 0, 1).err().unwrap().to_string();
                 eprintln!("without a GPU: {e}");

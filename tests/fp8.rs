@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use llada::backend::cpu::CpuBackend;
 use llada::backend::Backend;
-use llada::checkpoint::{block_tensor, WeightSource, WTE};
-use llada::device::DeviceChoice;
-use llada::dtype::DType;
+use llada::engine::device::DeviceChoice;
 use llada::engine::{self, ModelSpec, Opened};
+use llada::hf::checkpoint::{block_tensor, WeightSource, WTE};
+use llada::hf::dtype::DType;
 use llada::quant::fp8::{
     amax, e4m3_to_f32, f32_to_e4m3, matmul, quantize_row_values, round_e4m3, Fp8Weight, E4M3_MAX,
     E4M3_MIN_NORMAL, E4M3_MIN_SUBNORMAL,

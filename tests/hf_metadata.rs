@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use llada::config::ModelConfig;
-use llada::presets;
-use llada::tokenizer::{write_tiny_tokenizer, Tokenizer};
+use llada::hf::config::ModelConfig;
+use llada::hf::presets;
+use llada::hf::tokenizer::{write_tiny_tokenizer, Tokenizer};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use llada::dtype::DType;
+use llada::hf::dtype::DType;
 use serde_json::{json, Value};
 
 fn bin() -> &'static str {
@@ -26,7 +26,7 @@ fn tmpdir(name: &str) -> PathBuf {
 /// The `tiny` preset (tokenizer and chat template included) as an f32 folder.
 fn tiny(dir: &Path) -> PathBuf {
     let m = dir.join("tiny");
-    llada::presets::write_preset_folder("tiny", &m, 3, DType::F32, 1).unwrap();
+    llada::hf::presets::write_preset_folder("tiny", &m, 3, DType::F32, 1).unwrap();
     m
 }
 
@@ -486,7 +486,7 @@ fn batch_output_has_one_writer_and_resume_checks_parameters() {
         .append(true)
         .open(&out)
         .unwrap();
-    llada::fsio::try_lock_exclusive(&held).unwrap();
+    llada::hf::fsio::try_lock_exclusive(&held).unwrap();
     let o = run("8");
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
@@ -764,14 +764,14 @@ fn raw_safetensors(path: &Path, header: &str, data: &[u8]) {
 fn safetensors_headers_with_overlaps_or_duplicates_are_refused() {
     let d = tmpdir("st");
     let m = tiny(&d);
-    let cfg = llada::config::ModelConfig::from_file(&m.join("config.json")).unwrap();
+    let cfg = llada::hf::config::ModelConfig::from_file(&m.join("config.json")).unwrap();
     let open = |header: &str, data: &[u8]| {
         let c = d.join("c");
         copy_dir(&m, &c);
         raw_safetensors(&c.join("model.safetensors"), header, data);
         format!(
             "{:#}",
-            llada::checkpoint::Checkpoint::open(&c, &cfg).unwrap_err()
+            llada::hf::checkpoint::Checkpoint::open(&c, &cfg).unwrap_err()
         )
     };
     let e = open(

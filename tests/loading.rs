@@ -3,13 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use llada::checkpoint::{
+use llada::hf::checkpoint::{
     block_tensor, expected_tensors, write_hf_folder, write_safetensors, Checkpoint, HostTensor,
     LN_F, WTE,
 };
-use llada::config::ModelConfig;
-use llada::dtype::DType;
-use llada::presets::{preset_checkpoint, preset_config, write_preset_folder};
+use llada::hf::config::ModelConfig;
+use llada::hf::dtype::DType;
+use llada::hf::presets::{preset_checkpoint, preset_config, write_preset_folder};
 
 /// A fresh folder under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -86,7 +86,10 @@ fn single_and_sharded_folders_load_identical_tensors() {
                 .map(|(n, shape)| {
                     let t = ck.get(&n).unwrap();
                     assert_eq!(t.shape(), shape.as_slice(), "{n}");
-                    assert!(matches!(t, llada::checkpoint::WeightSource::Mapped { .. }));
+                    assert!(matches!(
+                        t,
+                        llada::hf::checkpoint::WeightSource::Mapped { .. }
+                    ));
                     let v = ck.read_f32(&n).unwrap();
                     // Preset values are already representable in `dtype`: storing is exact.
                     assert_eq!(v, preset.read_f32(&n).unwrap(), "{n} ({dtype})");
@@ -497,7 +500,10 @@ fn llada_8b_preset_is_lazy() {
     let ck = preset_checkpoint("llada-8b", 0, DType::BF16).unwrap();
     let w = ck.get(WTE).unwrap();
     assert_eq!(w.shape(), [126464, 4096]);
-    assert!(matches!(w, llada::checkpoint::WeightSource::Random { .. }));
+    assert!(matches!(
+        w,
+        llada::hf::checkpoint::WeightSource::Random { .. }
+    ));
     let mut row = vec![0.0; 4096];
     w.read_range(126336 * 4096, 126337 * 4096, &mut row);
     assert!(row.iter().all(|x| x.abs() <= 0.02 * 3f32.sqrt() + 1e-3));

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::Result;
-use llada::device::DeviceChoice;
+use llada::engine::device::DeviceChoice;
 use llada::engine::{self, Engine, ModelSpec, Opened};
 use llada::loglik::{self, LoglikParams, ScoreRequest, Scorer};
 use serde_json::Value;

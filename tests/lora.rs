@@ -6,17 +6,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use llada::checkpoint::{write_safetensors, Checkpoint, HostTensor, WeightSource};
-use llada::config::ModelConfig;
-use llada::device::DeviceChoice;
-use llada::dtype::DType;
+use llada::engine::device::DeviceChoice;
+use llada::engine::rng::{bits, cell_key, uniform};
 use llada::engine::{self, ModelSpec, Opened};
+use llada::hf::checkpoint::{write_safetensors, Checkpoint, HostTensor, WeightSource};
+use llada::hf::config::ModelConfig;
+use llada::hf::dtype::DType;
 use llada::lora::train::{
     init_adapter, lora_grads_from_dense, lora_linear, lora_linear_bwd, select_modules, LoraAdamW,
     LoraGrads,
 };
 use llada::lora::{Adapter, LoraConfig, ModuleKind, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX};
-use llada::rng::{bits, cell_key, uniform};
 use llada::train::optim::AdamWConfig;
 use serde_json::{json, Value};
 
@@ -232,7 +232,7 @@ fn adapter_gradients_match_peft_autograd() {
         "--out",
         g_path.to_str().unwrap(),
     ]));
-    let sources = llada::checkpoint::open_safetensors(&g_path).unwrap();
+    let sources = llada::hf::checkpoint::open_safetensors(&g_path).unwrap();
     let read = |name: &str| -> Vec<f32> {
         let s = sources.iter().find(|s| s.name() == name).unwrap();
         let mut v = vec![0.0; s.numel()];
@@ -385,7 +385,7 @@ fn fd_lora_linear() {
 /// falls by orders of magnitude while W stays untouched, and the optimizer state round-trips.
 #[test]
 fn lora_adamw_fits_a_low_rank_change() {
-    let cfg = llada::presets::preset_config("tiny").unwrap();
+    let cfg = llada::hf::presets::preset_config("tiny").unwrap();
     let targets = vec!["model.transformer.blocks.0.q_proj".to_string()];
     let mut ad = init_adapter(&cfg, &targets, 2, 4.0, false, 7).unwrap();
     assert_eq!(ad.modules.len(), 1);
@@ -465,7 +465,7 @@ fn lora_adamw_fits_a_low_rank_change() {
 // Writing adapters.
 
 fn tiny_cfg() -> ModelConfig {
-    llada::presets::preset_config("tiny").unwrap()
+    llada::hf::presets::preset_config("tiny").unwrap()
 }
 
 /// An adapter on `targets` with random non-zero factors.
@@ -519,7 +519,7 @@ fn adapter_round_trip_and_target_modules() {
     );
     let back = Adapter::open(&dir, &cfg).unwrap();
     assert_eq!(back.modules, ad.modules);
-    let names: Vec<String> = llada::checkpoint::open_safetensors(&dir.join(ADAPTER_WEIGHTS))
+    let names: Vec<String> = llada::hf::checkpoint::open_safetensors(&dir.join(ADAPTER_WEIGHTS))
         .unwrap()
         .iter()
         .map(|s| s.name().to_string())
@@ -558,7 +558,7 @@ fn adapter_round_trip_and_target_modules() {
 #[test]
 fn merge_on_read_linear_embedding_and_replaced() {
     let cfg = tiny_cfg();
-    let ck0 = llada::presets::preset_checkpoint("tiny", 1, DType::F32).unwrap();
+    let ck0 = llada::hf::presets::preset_checkpoint("tiny", 1, DType::F32).unwrap();
     let c = cfg.d_model;
     let v = cfg.embedding_size;
     let r = 2;
@@ -642,7 +642,7 @@ fn merge_on_read_linear_embedding_and_replaced() {
     }
     assert_eq!(chunked, got);
     let we: Vec<f32> = wrep.iter().map(|&x| x as f32).collect();
-    let ge = ck.read_f32(llada::checkpoint::WTE).unwrap();
+    let ge = ck.read_f32(llada::hf::checkpoint::WTE).unwrap();
     for tok in [0usize, 3, v - 1] {
         for j in [0usize, 5, c - 1] {
             let d: f64 = (0..r)
@@ -655,7 +655,7 @@ fn merge_on_read_linear_embedding_and_replaced() {
             );
         }
     }
-    let gl = ck.read_f32(llada::checkpoint::LN_F).unwrap();
+    let gl = ck.read_f32(llada::hf::checkpoint::LN_F).unwrap();
     assert_eq!(gl, ln.iter().map(|&x| x as f32).collect::<Vec<_>>());
     // Untouched tensors are untouched.
     let k = "model.transformer.blocks.0.k_proj.weight";
@@ -740,7 +740,7 @@ fn merge_lora_folder_runs_like_lora_at_load() {
         ];
         a.extend_from_slice(args);
         ok(&llada(&a));
-        let s = llada::checkpoint::open_safetensors(&p).unwrap();
+        let s = llada::hf::checkpoint::open_safetensors(&p).unwrap();
         let mut v = vec![0.0; s[0].numel()];
         s[0].read_range(0, v.len(), &mut v);
         v
@@ -850,7 +850,7 @@ fn merge_lora_folder_runs_like_lora_at_load() {
     let a = Checkpoint::open(&sharded, &cfg).unwrap();
     let b = Checkpoint::open(&merged, &cfg).unwrap();
     assert!(a.files().len() > 2, "{} shards", a.files().len());
-    for (name, _) in llada::checkpoint::expected_tensors(&cfg) {
+    for (name, _) in llada::hf::checkpoint::expected_tensors(&cfg) {
         assert_eq!(
             a.read_f32(&name).unwrap(),
             b.read_f32(&name).unwrap(),

@@ -13,12 +13,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use llada::backend::cpu::CpuBackend;
-use llada::checkpoint::WeightSource;
-use llada::config::ModelConfig;
-use llada::dtype::DType;
-use llada::head::{conf_order, Remasking, SelectParams};
-use llada::model::{Model, ModelPredictor};
-use llada::sampler::{PredictRequest, Predictor};
+use llada::engine::head::{conf_order, Remasking, SelectParams};
+use llada::engine::model::{Model, ModelPredictor};
+use llada::engine::sampler::{PredictRequest, Predictor};
+use llada::hf::checkpoint::WeightSource;
+use llada::hf::config::ModelConfig;
+use llada::hf::dtype::DType;
 use serde_json::Value;
 
 fn fixture_dir() -> PathBuf {
@@ -307,7 +307,7 @@ fn generate_cases() -> Vec<Case> {
 }
 
 /// Upstream `generate` (reference §4.3, greedy) written out in the test over `ModelPredictor`,
-/// independent of `llada::sampler`: checks the predictor's batching (CFG doubling, key-padding
+/// independent of `llada::engine::sampler`: checks the predictor's batching (CFG doubling, key-padding
 /// mask, row order) and the model end to end against the PyTorch run.
 #[test]
 #[allow(clippy::needless_range_loop)]
@@ -399,11 +399,11 @@ fn greedy_generate_matches_pytorch_via_predictor() {
     }
 }
 
-/// The same cases through `llada::sampler::generate` (which left-pads the unpadded prompts
+/// The same cases through `llada::engine::sampler::generate` (which left-pads the unpadded prompts
 /// itself and passes a key-padding mask only when lengths differ, like upstream).
 #[test]
 fn greedy_generate_matches_pytorch_via_sampler() {
-    use llada::sampler::{generate, GenerateParams};
+    use llada::engine::sampler::{generate, GenerateParams};
     let model = load_model("f32", DType::F32);
     for c in generate_cases() {
         let params = GenerateParams {

@@ -5,10 +5,10 @@ use std::time::{Duration, Instant};
 
 use llada::backend::cpu::CpuBackend;
 use llada::backend::{Backend, OpClass};
-use llada::dtype::DType;
-use llada::model::{Model, ModelPredictor};
-use llada::presets;
-use llada::sampler::{generate, generate_fast, CacheMode, Decode, GenerateParams};
+use llada::engine::model::{Model, ModelPredictor};
+use llada::engine::sampler::{generate, generate_fast, CacheMode, Decode, GenerateParams};
+use llada::hf::dtype::DType;
+use llada::hf::presets;
 
 fn tiny() -> Model<CpuBackend> {
     let cfg = presets::preset_config("tiny").unwrap();

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use llada::presets::preset_config;
-use llada::tokenizer::{write_tiny_tokenizer, Tokenizer, TINY_VOCAB};
+use llada::hf::presets::preset_config;
+use llada::hf::tokenizer::{write_tiny_tokenizer, Tokenizer, TINY_VOCAB};
 
 struct TempDir(PathBuf);
 

@@ -5,8 +5,8 @@
 #[path = "common/cmp.rs"]
 mod cmp;
 
-use llada::config::ModelConfig;
-use llada::rng::{bits, cell_key, uniform};
+use llada::engine::rng::{bits, cell_key, uniform};
+use llada::hf::config::ModelConfig;
 use llada::train::loss;
 use llada::train::model::{forward_backward, Batch, Params};
 use llada::train::ops::{self, AttnShape};
@@ -955,13 +955,14 @@ fn cli_train_saves_a_folder_generate_loads_and_resume_continues() {
     assert_eq!(v["ids"][0].as_array().unwrap().len(), 8, "generated ids");
     // Its bf16 weights are the rounded master weights, and training moved them.
     let r = llada::train::checkpoint::load(&out).unwrap();
-    let init = llada::presets::preset_checkpoint("tiny", 0, llada::dtype::DType::BF16).unwrap();
-    let w0 = init.read_f32(llada::checkpoint::WTE).unwrap();
+    let init =
+        llada::hf::presets::preset_checkpoint("tiny", 0, llada::hf::dtype::DType::BF16).unwrap();
+    let w0 = init.read_f32(llada::hf::checkpoint::WTE).unwrap();
     assert_ne!(
         w0,
         r.params.data[0]
             .iter()
-            .map(|&x| llada::dtype::DType::BF16.round(x))
+            .map(|&x| llada::hf::dtype::DType::BF16.round(x))
             .collect::<Vec<_>>()
     );
     // Resume to 6 steps.
@@ -975,7 +976,7 @@ fn cli_train_saves_a_folder_generate_loads_and_resume_continues() {
     a.extend_from_slice(&base[..8]);
     a.extend_from_slice(&["--device", "cuda"]);
     let o = llada(&a);
-    match llada::device::cuda_available() {
+    match llada::engine::device::cuda_available() {
         Ok(()) => assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr)),
         Err(_) => {
             assert!(!o.status.success());
@@ -988,9 +989,9 @@ fn cli_train_saves_a_folder_generate_loads_and_resume_continues() {
 fn data_loading_packing_and_sft_format() {
     use llada::train::data;
     let dir = tmpdir("data");
-    llada::tokenizer::write_tiny_tokenizer(&dir).unwrap();
-    let cfg = llada::presets::preset_config("tiny").unwrap();
-    let tok = llada::tokenizer::Tokenizer::from_dir(&dir, &cfg).unwrap();
+    llada::hf::tokenizer::write_tiny_tokenizer(&dir).unwrap();
+    let cfg = llada::hf::presets::preset_config("tiny").unwrap();
+    let tok = llada::hf::tokenizer::Tokenizer::from_dir(&dir, &cfg).unwrap();
     let eos = tok.special.eos;
     // Packing: EOS after each document, exact chunks, remainder dropped.
     let packed = data::pack(&[vec![5, 6, 7], vec![8, 9]], eos, 3).unwrap();
@@ -1043,7 +1044,7 @@ fn data_loading_packing_and_sft_format() {
 /// The CPU model of a bf16 GEMM: inputs rounded to bf16 (RNE), exact sums.
 #[test]
 fn linear_bf16_rounds_inputs_and_sums_exactly() {
-    use llada::dtype::DType;
+    use llada::hf::dtype::DType;
     let (n, k, m) = (3, 5, 4);
     // 1 + 2^-10 is not a bf16 (8 significand bits): it rounds to 1.
     let x = vec![1.0 + 1.0 / 1024.0; n * k];
@@ -1102,9 +1103,9 @@ fn pretrain_token_id_lines() {
     let want = data::pack(&[vec![5, 6, 7], vec![8, 9]], 2, 3).unwrap();
     assert_eq!(s, want);
     // With one: the same (ids lines are not tokenized), and text lines mix in.
-    llada::tokenizer::write_tiny_tokenizer(&dir).unwrap();
-    let cfg = llada::presets::preset_config("tiny").unwrap();
-    let tok = llada::tokenizer::Tokenizer::from_dir(&dir, &cfg).unwrap();
+    llada::hf::tokenizer::write_tiny_tokenizer(&dir).unwrap();
+    let cfg = llada::hf::presets::preset_config("tiny").unwrap();
+    let tok = llada::hf::tokenizer::Tokenizer::from_dir(&dir, &cfg).unwrap();
     let eos = tok.special.eos;
     assert_eq!(
         data::load_pretrain(&f, &tok, 3).unwrap(),

@@ -39,13 +39,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use rayon::prelude::*;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
-use crate::checkpoint::{self, Checkpoint, HostTensor, WeightSource};
-use crate::config::ModelConfig;
-use crate::dtype::DType;
+use crate::hf::checkpoint::{self, Checkpoint, HostTensor, WeightSource};
+use crate::hf::config::ModelConfig;
+use crate::hf::dtype::DType;
+pub use crate::hf::lowrank::{Delta, ModuleKind};
 
 /// Prefix of every tensor name: PEFT's `PeftModel.base_model` (the `LoraModel`) `.model` (the
 /// Hugging Face model).
@@ -60,15 +60,6 @@ pub const LINEAR_PARTS: [&str; 7] = [
 ];
 /// Largest rank accepted.
 pub const MAX_RANK: usize = 1 << 16;
-
-/// What kind of module an adapter updates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModuleKind {
-    /// `nn.Linear` `[out, in]`: `A` `[r, in]`, `B` `[out, r]`, `ΔW = s·B·A`.
-    Linear,
-    /// `nn.Embedding` `[V, C]`: `A` `[r, V]`, `B` `[C, r]`, `ΔW = s·(B·A)ᵀ`.
-    Embedding,
-}
 
 /// The low-rank factors of one module, in f32.
 #[derive(Clone, Debug, PartialEq)]
@@ -826,64 +817,6 @@ fn target_modules_value<'a>(modules: impl Iterator<Item = &'a String>, cfg: &Mod
     }
     let alt: Vec<String> = chosen.iter().map(|m| regex::escape(m)).collect();
     Value::from(alt.join("|"))
-}
-
-/// The low-rank update of one tensor, applied as [`WeightSource::Lora`] reads it.
-#[derive(Debug, PartialEq)]
-pub struct Delta {
-    pub kind: ModuleKind,
-    pub rank: usize,
-    /// Columns of the base tensor.
-    pub cols: usize,
-    pub scale: f32,
-    pub a: Vec<f32>,
-    pub b: Vec<f32>,
-}
-
-impl Delta {
-    /// `scale·Σ_k B[i,k]·A[k,j]` (linear) or `scale·Σ_k B[j,k]·A[k,i]` (embedding), f32.
-    #[inline]
-    pub fn at(&self, i: usize, j: usize) -> f32 {
-        let r = self.rank;
-        let mut s = 0.0f32;
-        match self.kind {
-            ModuleKind::Linear => {
-                let cols = self.cols;
-                for (k, &bk) in self.b[i * r..(i + 1) * r].iter().enumerate() {
-                    s += bk * self.a[k * cols + j];
-                }
-            }
-            ModuleKind::Embedding => {
-                let rows = self.a.len() / r;
-                for (k, &bk) in self.b[j * r..(j + 1) * r].iter().enumerate() {
-                    s += bk * self.a[k * rows + i];
-                }
-            }
-        }
-        s * self.scale
-    }
-
-    /// Elements `[from, to)` of `base + Δ`, each rounded once to `base`'s dtype.
-    pub fn read_range(&self, base: &WeightSource, from: usize, to: usize, out: &mut [f32]) {
-        base.read_range(from, to, out);
-        let dtype = base.dtype();
-        let cols = self.cols.max(1);
-        let merge = |first: usize, chunk: &mut [f32]| {
-            for (o, idx) in chunk.iter_mut().zip(first..) {
-                *o = dtype.round(*o + self.at(idx / cols, idx % cols));
-            }
-        };
-        // One row at a time (the CPU backend's matmul) stays on the calling thread; whole
-        // tensors (loaders, writers) are merged in parallel.
-        const BLOCK: usize = 1 << 14;
-        if out.len() <= BLOCK {
-            merge(from, out);
-        } else {
-            out.par_chunks_mut(BLOCK)
-                .enumerate()
-                .for_each(|(c, chunk)| merge(from + c * BLOCK, chunk));
-        }
-    }
 }
 
 /// Files of a model folder that are weights (not copied by [`write_merged_folder`]).

@@ -37,9 +37,9 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 use super::{adaptable_modules, Adapter, LoraConfig, LoraModule, ModuleKind, Targets};
-use crate::checkpoint::HostTensor;
-use crate::config::ModelConfig;
-use crate::dtype::DType;
+use crate::hf::checkpoint::HostTensor;
+use crate::hf::config::ModelConfig;
+use crate::hf::dtype::DType;
 use crate::train::ops::Real;
 use crate::train::optim::{adamw_update, AdamWConfig, AdamWStep};
 
@@ -244,10 +244,12 @@ pub fn init_adapter(
     for (mi, name) in modules.iter().enumerate() {
         let [rows, cols] = shapes[name].1;
         let bound = 1.0 / (cols as f64).sqrt();
-        let key = crate::rng::cell_key(seed, STREAM_LORA_INIT, mi as u64, 0, 0);
+        let key = crate::engine::rng::cell_key(seed, STREAM_LORA_INIT, mi as u64, 0, 0);
         let a = (0..r * cols)
             .map(|i| {
-                (bound * (2.0 * crate::rng::uniform(crate::rng::bits(key, i as u64)) - 1.0)) as f32
+                (bound
+                    * (2.0 * crate::engine::rng::uniform(crate::engine::rng::bits(key, i as u64))
+                        - 1.0)) as f32
             })
             .collect();
         out.insert(

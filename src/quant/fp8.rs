@@ -32,8 +32,8 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use crate::checkpoint::WeightSource;
-use crate::dtype::DType;
+use crate::hf::checkpoint::WeightSource;
+use crate::hf::dtype::DType;
 
 /// Largest finite E4M3 value.
 pub const E4M3_MAX: f32 = 448.0;

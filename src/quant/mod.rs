@@ -23,11 +23,11 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
-use crate::checkpoint::{
+use crate::hf::checkpoint::{
     expected_tensors, is_linear_weight, safetensors_dtype_name, Checkpoint, F8_E4M3,
 };
-use crate::config::ModelConfig;
-use crate::dtype::DType;
+use crate::hf::config::ModelConfig;
+use crate::hf::dtype::DType;
 use fp8::{Fp8Codes, Fp8Weight};
 
 /// How the linear layers' weights are held on the device (`--weights`).
@@ -358,8 +358,8 @@ pub fn quantize_folder(
     // config.json: the source's own text (every field kept) or the preset's, plus the config.
     let mut cfg_json: Value = match src_dir {
         Some(src) => {
-            let p = crate::checkpoint::resolve_in_folder(src, "config.json", src)?;
-            let text = crate::checkpoint::read_text_file(&p, crate::checkpoint::MAX_CONFIG_BYTES)?;
+            let p = crate::hf::checkpoint::resolve_in_folder(src, "config.json", src)?;
+            let text = crate::hf::fsio::read_text_file(&p, crate::hf::fsio::MAX_CONFIG_BYTES)?;
             serde_json::from_str(&text)
                 .map_err(|e| anyhow!("{}: malformed JSON: {e}", p.display()))?
         }
@@ -372,7 +372,7 @@ pub fn quantize_folder(
         "quantization_config".into(),
         serde_json::from_str(QUANTIZATION_CONFIG)?,
     );
-    crate::checkpoint::write_text_atomic(
+    crate::hf::checkpoint::write_text_atomic(
         &out.join("config.json"),
         &(serde_json::to_string_pretty(&cfg_json)? + "\n"),
     )?;
@@ -380,7 +380,7 @@ pub fn quantize_folder(
         for f in COPIED_FILES {
             let p = src.join(f);
             if p.is_file() {
-                let p = crate::checkpoint::resolve_in_folder(src, f, src)?;
+                let p = crate::hf::checkpoint::resolve_in_folder(src, f, src)?;
                 std::fs::copy(&p, out.join(f))
                     .with_context(|| format!("cannot copy {} to {}", p.display(), out.display()))?;
             }

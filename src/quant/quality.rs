@@ -9,13 +9,13 @@ use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
-use crate::dtype::DType;
-use crate::head::Remasking;
+use crate::engine::head::Remasking;
+use crate::engine::model::{Model, ModelPredictor, ModelScorer};
+use crate::engine::sampler::{self, GenerateParams};
+use crate::hf::checkpoint::Checkpoint;
+use crate::hf::config::ModelConfig;
+use crate::hf::dtype::DType;
 use crate::loglik::{self, LoglikParams};
-use crate::model::{Model, ModelPredictor, ModelScorer};
-use crate::sampler::{self, GenerateParams};
 
 /// What the three models are run on.
 #[derive(Clone, Debug)]
@@ -67,7 +67,9 @@ impl QualityInputs {
         let windows: Vec<Vec<u32>> = (0..n.max(1))
             .map(|r| {
                 (0..len)
-                    .map(|i| (crate::rng::mix64(seed ^ ((r * 1_000_003 + i) as u64)) % hi) as u32)
+                    .map(|i| {
+                        (crate::engine::rng::mix64(seed ^ ((r * 1_000_003 + i) as u64)) % hi) as u32
+                    })
                     .collect()
             })
             .collect();

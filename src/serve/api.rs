@@ -10,8 +10,8 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::head::Remasking;
-use crate::sampler::{CacheMode, Decode, GenerateParams};
+use crate::engine::head::Remasking;
+use crate::engine::sampler::{CacheMode, Decode, GenerateParams};
 
 /// An error answered to the client: HTTP status plus OpenAI's `{"error": {...}}` body.
 #[derive(Clone, Debug, PartialEq)]
@@ -439,13 +439,7 @@ pub fn check_prompts(
     Ok(())
 }
 
-/// Cut `text` at the first occurrence of any stop sequence: the cut text and whether one matched.
-pub fn apply_stop(text: &str, stop: &[String]) -> (String, bool) {
-    match stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-        Some(i) => (text[..i].to_string(), true),
-        None => (text.to_string(), false),
-    }
-}
+pub use crate::batch::apply_stop;
 
 #[cfg(test)]
 mod tests {

@@ -30,12 +30,12 @@ use axum::Router;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::device::DeviceChoice;
+use crate::engine::device::DeviceChoice;
+use crate::engine::sampler::GenerateParams;
 use crate::engine::{self, Opened};
 use crate::eval::encode_pair;
+use crate::hf::tokenizer::Tokenizer;
 use crate::loglik::LoglikParams;
-use crate::sampler::GenerateParams;
-use crate::tokenizer::Tokenizer;
 
 use api::{
     apply_stop, check_prompts, parse_body, ChatRequest, CompletionRequest, GenFields,

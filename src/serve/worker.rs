@@ -12,9 +12,9 @@ use std::time::Instant;
 use anyhow::anyhow;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::engine::sampler::{Decode, GenerateParams};
 use crate::engine::Engine;
 use crate::loglik::{self, LoglikOutput, LoglikParams};
-use crate::sampler::{Decode, GenerateParams};
 
 /// What the worker tells a waiting request.
 #[derive(Debug)]

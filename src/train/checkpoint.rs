@@ -17,11 +17,11 @@ use serde::{Deserialize, Serialize};
 
 use super::model::Params;
 use super::optim::{AdamW, AdamWConfig};
-use crate::checkpoint::{
+use crate::hf::checkpoint::{
     write_hf_folder, write_safetensors, write_text_atomic, Checkpoint, HostTensor,
 };
-use crate::config::ModelConfig;
-use crate::dtype::DType;
+use crate::hf::config::ModelConfig;
+use crate::hf::dtype::DType;
 
 /// Everything of a run that is not a tensor.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -60,7 +60,7 @@ pub fn save(
         .collect();
     write_hf_folder(dir, cfg, &tensors, 1)?;
     if tiny_tokenizer {
-        crate::tokenizer::write_tiny_tokenizer(dir)?;
+        crate::hf::tokenizer::write_tiny_tokenizer(dir)?;
     } else if let Some(src) = tokenizer_from {
         for f in ["tokenizer.json", "tokenizer_config.json"] {
             let from = src.join(f);
@@ -168,7 +168,7 @@ pub struct Resumed {
 pub fn load(dir: &Path) -> Result<Resumed> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let state_path = dir.join("trainer_state.json");
-    let text = crate::checkpoint::read_text_file(&state_path, crate::checkpoint::MAX_CONFIG_BYTES)
+    let text = crate::hf::fsio::read_text_file(&state_path, crate::hf::fsio::MAX_CONFIG_BYTES)
         .with_context(|| {
             format!(
                 "cannot read {} (is {} a training checkpoint?)",
@@ -204,7 +204,7 @@ pub fn load(dir: &Path) -> Result<Resumed> {
     let opt_path = dir.join("optimizer.safetensors");
     // Expected size: 3 f32 copies of every parameter plus a header; a truncated or foreign file
     // is refused before it is read.
-    let numel: u64 = crate::checkpoint::expected_tensors(&cfg)
+    let numel: u64 = crate::hf::checkpoint::expected_tensors(&cfg)
         .iter()
         .map(|(_, s)| s.iter().product::<usize>() as u64)
         .sum();
@@ -268,7 +268,7 @@ pub fn load(dir: &Path) -> Result<Resumed> {
     // The bf16 model weights must be the rounded master weights (a hand-edited folder would
     // otherwise silently train something else than it generates with).
     let ck = Checkpoint::open(dir, &cfg)?;
-    let wte = ck.read_f32(crate::checkpoint::WTE)?;
+    let wte = ck.read_f32(crate::hf::checkpoint::WTE)?;
     let same = wte
         .iter()
         .zip(&params.data[0])

@@ -24,8 +24,8 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 use super::loss::STREAM_TRAIN_DATA;
-use crate::rng::{bits, cell_key};
-use crate::tokenizer::Tokenizer;
+use crate::engine::rng::{bits, cell_key};
+use crate::hf::tokenizer::Tokenizer;
 
 /// One training sequence: `seq_len` clean ids and the prompt length (0 for pretraining).
 #[derive(Clone, Debug, PartialEq)]
@@ -64,7 +64,7 @@ fn is_jsonl(path: &Path) -> bool {
 }
 
 fn json_lines(path: &Path) -> Result<Vec<(usize, Value)>> {
-    let text = crate::fsio::read_input_text(path, "--data", MAX_DATA_BYTES)?;
+    let text = crate::hf::fsio::read_input_text(path, "--data", MAX_DATA_BYTES)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -132,7 +132,7 @@ pub fn load_pretrain_with(
             })
             .collect::<Result<_>>()?
     } else {
-        let text = crate::fsio::read_input_text(path, "--data", MAX_DATA_BYTES)?;
+        let text = crate::hf::fsio::read_input_text(path, "--data", MAX_DATA_BYTES)?;
         vec![encode(&text).with_context(|| format!("{}: plain text", path.display()))?]
     };
     pack(&docs, eos, seq_len).with_context(|| format!("packing {}", path.display()))

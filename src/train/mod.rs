@@ -30,7 +30,7 @@ pub mod optim;
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ModelConfig;
+use crate::hf::config::ModelConfig;
 use data::Sample;
 use model::{forward_backward, Batch, Params};
 use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};

@@ -1,6 +1,6 @@
 //! Whole-model forward and backward on the host, over the checkpoint's own tensors
-//! ([`crate::checkpoint::expected_tensors`]: q/k/v and gate/up are separate here, unlike the
-//! merged inference weights of [`crate::model`]).
+//! ([`crate::hf::checkpoint::expected_tensors`]: q/k/v and gate/up are separate here, unlike the
+//! merged inference weights of [`crate::engine::model`]).
 //!
 //! The forward pass is reference §2.2 in plain f32 (or f64 for gradient checks) without a
 //! padding mask (upstream training passes none); the LM head and the cross-entropy run only on
@@ -11,8 +11,8 @@ use anyhow::{ensure, Context, Result};
 
 use super::ops::{self, AttnShape, Real};
 use crate::backend::rope_tables;
-use crate::checkpoint::{expected_tensors, Checkpoint};
-use crate::config::ModelConfig;
+use crate::hf::checkpoint::{expected_tensors, Checkpoint};
+use crate::hf::config::ModelConfig;
 
 /// Every parameter (or gradient, or optimizer moment) of a model, one flat vector per
 /// checkpoint tensor, in the order of [`expected_tensors`].
@@ -25,7 +25,7 @@ pub struct Params<T> {
 
 /// Index of `wte` in [`Params::data`].
 pub const I_WTE: usize = 0;
-/// Index of per-block tensor `part` (0..9, order of [`crate::checkpoint::BLOCK_PARTS`]) of
+/// Index of per-block tensor `part` (0..9, order of [`crate::hf::checkpoint::BLOCK_PARTS`]) of
 /// layer `l`.
 pub fn i_block(l: usize, part: usize) -> usize {
     1 + 9 * l + part

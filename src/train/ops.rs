@@ -155,7 +155,7 @@ pub fn linear_bwd<T: Real>(
 /// f64 copies of `v` rounded to bf16 (round-to-nearest-even).
 fn bf16_f64(v: &[f32]) -> Vec<f64> {
     v.iter()
-        .map(|&x| crate::dtype::DType::BF16.round(x) as f64)
+        .map(|&x| crate::hf::dtype::DType::BF16.round(x) as f64)
         .collect()
 }
 

@@ -9,16 +9,16 @@ use anyhow::Result;
 use llada::backend::cpu::CpuBackend;
 use llada::backend::cuda::CudaBackend;
 use llada::backend::Backend;
-use llada::checkpoint::WeightSource;
-use llada::dtype::DType;
-use llada::model::{Model, ModelPredictor};
-use llada::presets;
-use llada::sampler::{PredictRequest, Predictor, SpanPredictor, SpanRequest};
+use llada::engine::model::{Model, ModelPredictor};
+use llada::engine::sampler::{PredictRequest, Predictor, SpanPredictor, SpanRequest};
+use llada::hf::checkpoint::WeightSource;
+use llada::hf::dtype::DType;
+use llada::hf::presets;
 
 /// The GPU, or `None` with a printed reason; `LLADA_REQUIRE_GPU=1` turns the skip into a panic.
 pub fn gpu() -> Option<CudaBackend> {
     let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let r = llada::device::cuda_available()
+    let r = llada::engine::device::cuda_available()
         .map_err(anyhow::Error::msg)
         .and_then(|()| CudaBackend::new(0));
     match r {

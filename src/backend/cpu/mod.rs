@@ -23,9 +23,9 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::{AttnShape, Backend, CachedAttnShape, OpClass};
-use crate::checkpoint::WeightSource;
-use crate::dtype::DType;
-use crate::head::{cfg_mix, select_one, SelectParams};
+use crate::engine::head::{cfg_mix, select_one, SelectParams};
+use crate::hf::checkpoint::WeightSource;
+use crate::hf::dtype::DType;
 
 mod attention;
 mod log_prob;

@@ -34,9 +34,9 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::{AttnShape, Backend, CachedAttnShape, DeviceError, GraphExec, OpClass};
-use crate::checkpoint::WeightSource;
-use crate::dtype::DType;
-use crate::head::{Remasking, SelectParams};
+use crate::engine::head::{Remasking, SelectParams};
+use crate::hf::checkpoint::WeightSource;
+use crate::hf::dtype::DType;
 
 #[macro_use]
 mod launch;

@@ -11,11 +11,11 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
+use llada::batch::openai::OpenAiBatch;
 use llada::batch::{self, GenOptions, LineError, OutputLog, ParseContext, RunOptions, Shard};
-use llada::batch_openai::OpenAiBatch;
-use llada::device::DeviceChoice;
 use llada::engine;
-use llada::sampler::GenerateParams;
+use llada::engine::device::DeviceChoice;
+use llada::engine::sampler::GenerateParams;
 
 use super::ModelArgs;
 
@@ -264,9 +264,9 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
     // Take the output's lock first: nothing (not even the errors file) is written by a second
     // run on the same output.
     let mut log = OutputLog::open(&output)?;
-    let text = llada::fsio::read_input_text(&input, "--input", batch::MAX_INPUT_BYTES)?;
+    let text = llada::hf::fsio::read_input_text(&input, "--input", batch::MAX_INPUT_BYTES)?;
     // The OpenAI batch format (detected per file) is translated line for line.
-    let openai = llada::batch_openai::is_openai(&text).then(|| {
+    let openai = llada::batch::openai::is_openai(&text).then(|| {
         let eos = [Some(base.eos_id), base.eot_id]
             .into_iter()
             .flatten()

@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use llada::device::DeviceChoice;
 use llada::engine;
+use llada::engine::device::DeviceChoice;
 use llada::eval::{self, EvalParams};
 use llada::loglik::LoglikParams;
 
@@ -78,12 +78,12 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
     params.loglik.validate()?;
     // A FIFO or device output is opened now, so a FIFO nobody reads fails before the work.
     let mut special_out = match &a.output {
-        Some(p) if llada::fsio::output_is_special(p) => {
-            Some(llada::fsio::create_output(p, "--output")?)
+        Some(p) if llada::hf::fsio::output_is_special(p) => {
+            Some(llada::hf::fsio::create_output(p, "--output")?)
         }
         _ => None,
     };
-    let text = llada::fsio::read_input_text(&a.tasks, "--tasks", 4 << 30)?;
+    let text = llada::hf::fsio::read_input_text(&a.tasks, "--tasks", 4 << 30)?;
     let mut items = eval::parse_items(&text, &a.tasks.display().to_string())?;
     if let Some(n) = a.limit {
         items.truncate(n);
@@ -121,7 +121,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
     if let Some(path) = &a.output {
         let file = match special_out.take() {
             Some(f) => f,
-            None => llada::fsio::create_output(path, "--output")?,
+            None => llada::hf::fsio::create_output(path, "--output")?,
         };
         let mut f = std::io::BufWriter::new(file);
         for r in &results {

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
 
-use llada::checkpoint::{write_safetensors, HostTensor};
-use llada::device::DeviceChoice;
-use llada::dtype::DType;
+use llada::engine::device::DeviceChoice;
 use llada::engine::{self, Opened};
+use llada::hf::checkpoint::{write_safetensors, HostTensor};
+use llada::hf::dtype::DType;
 use llada::train::cuda::{self, CudaOps, DeviceParams};
 use llada::train::loss::fixed_mask_batch;
 use llada::train::model::{forward_backward, Params};
@@ -60,7 +60,7 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
             forward_backward(cfg, &params, &batch, &mut grad)?
         }
         DeviceChoice::Cuda(i) => {
-            llada::device::cuda_available()
+            llada::engine::device::cuda_available()
                 .map_err(|e| anyhow!("--device {}: CUDA unavailable: {e}", a.device))?;
             let ops = CudaOps::new(i)?;
             let dp = DeviceParams::upload(&ops, &params)?;

@@ -5,8 +5,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use llada::device::DeviceChoice;
 use llada::engine;
+use llada::engine::device::DeviceChoice;
 use llada::eval::encode_pair;
 use llada::loglik::{self, LoglikParams};
 

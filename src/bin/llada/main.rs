@@ -10,12 +10,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use llada::checkpoint::write_safetensors;
-use llada::device::DeviceChoice;
-use llada::dtype::DType;
+use llada::engine::device::DeviceChoice;
+use llada::engine::head::Remasking;
+use llada::engine::sampler::{Decode, GenerateParams, Progress};
 use llada::engine::{self, ModelSpec, Opened};
-use llada::head::Remasking;
-use llada::sampler::{Decode, GenerateParams, Progress};
+use llada::hf::checkpoint::write_safetensors;
+use llada::hf::dtype::DType;
 
 mod eval;
 mod grad;

@@ -3,12 +3,12 @@
 use anyhow::{Context, Result};
 use clap::Args;
 
-use llada::device::DeviceChoice;
+use llada::engine::device::DeviceChoice;
+use llada::engine::sampler::Decode;
 use llada::engine::{ModelSpec, Opened};
+use llada::hf::tokenizer::Tokenizer;
 use llada::loglik::LoglikParams;
-use llada::sampler::Decode;
 use llada::serve::{GenDefaults, Limits, ServeConfig};
-use llada::tokenizer::Tokenizer;
 
 use super::{GenFlags, ModelArgs};
 
@@ -103,7 +103,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         anyhow::bail!("--max-queue, --max-n and --max-body-bytes must be > 0");
     }
     // The defaults must make a valid request on their own.
-    let mut base = llada::sampler::GenerateParams::default();
+    let mut base = llada::engine::sampler::GenerateParams::default();
     opened.apply_ids(&mut base);
     llada::serve::api::GenFields::default()
         .resolve(
@@ -138,7 +138,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
 /// folder so that `--preset tiny` serves text like the folder does.
 fn tiny_tokenizer(opened: &Opened) -> Result<Tokenizer> {
     let dir = std::env::temp_dir().join(format!("llada-serve-tokenizer-{}", std::process::id()));
-    llada::tokenizer::write_tiny_tokenizer(&dir)?;
+    llada::hf::tokenizer::write_tiny_tokenizer(&dir)?;
     let t = Tokenizer::from_dir(&dir, &opened.cfg);
     let _ = std::fs::remove_dir_all(&dir);
     t.context("building the tiny preset's tokenizer")

@@ -11,9 +11,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use llada::device::DeviceChoice;
+use llada::engine::device::DeviceChoice;
 use llada::engine::{ModelSpec, Opened};
-use llada::tokenizer::Tokenizer;
+use llada::hf::tokenizer::Tokenizer;
 use llada::train::checkpoint;
 use llada::train::cuda::{CudaOps, CudaTrainState, TrainPrecision};
 use llada::train::data::{load_pretrain_with, load_sft, Sample};
@@ -97,7 +97,7 @@ fn tokenizer_for(
     opened_tok: Option<Tokenizer>,
     tiny: bool,
     out: &Path,
-    cfg: &llada::config::ModelConfig,
+    cfg: &llada::hf::config::ModelConfig,
     lead: bool,
 ) -> Result<Option<Tokenizer>> {
     if let Some(t) = opened_tok {
@@ -106,14 +106,14 @@ fn tokenizer_for(
     if tiny && !lead {
         // Only rank 0 writes into --out; the others build the same tokenizer privately.
         let tmp = std::env::temp_dir().join(format!("llada-tiny-tok-{}", std::process::id()));
-        llada::tokenizer::write_tiny_tokenizer(&tmp)?;
+        llada::hf::tokenizer::write_tiny_tokenizer(&tmp)?;
         let t = Tokenizer::from_dir(&tmp, cfg);
         let _ = std::fs::remove_dir_all(&tmp);
         return t.map(Some);
     }
     if tiny {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        llada::tokenizer::write_tiny_tokenizer(out)?;
+        llada::hf::tokenizer::write_tiny_tokenizer(out)?;
         return Tokenizer::from_dir(out, cfg).map(Some);
     }
     Ok(None)
@@ -124,7 +124,7 @@ fn load_samples(
     data: &Path,
     sft: bool,
     tok: Option<&Tokenizer>,
-    cfg: &llada::config::ModelConfig,
+    cfg: &llada::hf::config::ModelConfig,
     seq_len: usize,
 ) -> Result<Vec<Sample>> {
     match (sft, tok) {
@@ -157,7 +157,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let cuda_device = match a.device.parse::<DeviceChoice>()? {
         DeviceChoice::Cpu | DeviceChoice::Auto => None,
         DeviceChoice::Cuda(i) => {
-            llada::device::cuda_available()
+            llada::engine::device::cuda_available()
                 .map_err(|e| anyhow::anyhow!("--device {}: CUDA unavailable: {e}", a.device))?;
             let bare = matches!(
                 a.device.trim().to_ascii_lowercase().as_str(),

@@ -49,7 +49,7 @@ use super::ops::AttnShape;
 use super::optim::AdamWConfig;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::rope_tables;
-use crate::config::ModelConfig;
+use crate::hf::config::ModelConfig;
 
 // device: CudaOps (backend, kernels, precision), buffers, GEMMs; launchers: one f32 launcher
 // per training op; pass: the model's forward and backward pass on the device.

@@ -25,12 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{bail, ensure, Context, Result};
 
 use crate::backend::{rope_tables, AttnShape, Backend, CachedAttnShape, GraphExec, OpClass};
-use crate::checkpoint::WeightSource;
-use crate::config::ModelConfig;
-use crate::head::SelectParams;
+use crate::engine::head::SelectParams;
+use crate::engine::sampler::{PredictRequest, Predictor, SpanPredictor, SpanRequest};
+use crate::hf::checkpoint::WeightSource;
+use crate::hf::config::ModelConfig;
 use crate::nvtx;
 use crate::quant::fp8::Fp8Weight;
-use crate::sampler::{PredictRequest, Predictor, SpanPredictor, SpanRequest};
 
 /// NVTX names of the layer ranges (static: no allocation per call); deeper layers are `layer`.
 static LAYER_NAMES: [&CStr; 64] = [

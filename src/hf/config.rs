@@ -182,7 +182,7 @@ impl ModelConfig {
 
     /// Read and validate `config.json` at `path`.
     pub fn from_file(path: &Path) -> Result<ModelConfig> {
-        let text = crate::checkpoint::read_text_file(path, crate::checkpoint::MAX_CONFIG_BYTES)
+        let text = crate::hf::fsio::read_text_file(path, crate::hf::fsio::MAX_CONFIG_BYTES)
             .with_context(|| format!("cannot read model config {}", path.display()))?;
         Self::from_json_str(&text, &path.display().to_string())
     }

@@ -25,8 +25,10 @@ use minijinja::value::{Kwargs, Value as JValue, ValueKind};
 use minijinja::{Environment, Error as JError, ErrorKind, State};
 use serde_json::Value;
 
-use crate::checkpoint::{read_text_file, resolve_in_folder, MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES};
-use crate::config::ModelConfig;
+use crate::hf::checkpoint::{
+    read_text_file, resolve_in_folder, MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES,
+};
+use crate::hf::config::ModelConfig;
 
 /// LLaDA-8B-Instruct's chat template (reference §3), written for this engine: BOS before the
 /// first message, each message as `<|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT|trim<|eot_id|>`,
@@ -937,11 +939,11 @@ pub fn write_tiny_tokenizer(dir: &Path) -> Result<()> {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "chat_template": LLADA_INSTRUCT_TEMPLATE,
     });
-    crate::checkpoint::write_text_atomic(
+    crate::hf::checkpoint::write_text_atomic(
         &dir.join("tokenizer.json"),
         &(serde_json::to_string_pretty(&tok)? + "\n"),
     )?;
-    crate::checkpoint::write_text_atomic(
+    crate::hf::checkpoint::write_text_atomic(
         &dir.join("tokenizer_config.json"),
         &(serde_json::to_string_pretty(&config)? + "\n"),
     )?;

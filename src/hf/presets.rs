@@ -6,7 +6,7 @@
 //! loads it. Each tensor gets its own seed, `mix64(seed ^ fnv1a64(name))`, so tensors differ
 //! from each other and do not depend on the order they are created in.
 //!
-//! `tiny` matches the tiny tokenizer of [`crate::tokenizer::write_tiny_tokenizer`], and
+//! `tiny` matches the tiny tokenizer of [`crate::hf::tokenizer::write_tiny_tokenizer`], and
 //! [`write_preset_folder`] writes it as a complete Hugging Face model folder.
 
 use std::collections::HashMap;
@@ -14,10 +14,12 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use crate::checkpoint::{expected_tensors, write_hf_folder, Checkpoint, HostTensor, WeightSource};
-use crate::config::ModelConfig;
-use crate::dtype::DType;
-use crate::tokenizer::{write_tiny_tokenizer, TINY_VOCAB};
+use crate::hf::checkpoint::{
+    expected_tensors, write_hf_folder, Checkpoint, HostTensor, WeightSource,
+};
+use crate::hf::config::ModelConfig;
+use crate::hf::dtype::DType;
+use crate::hf::tokenizer::{write_tiny_tokenizer, TINY_VOCAB};
 
 /// Names accepted by [`preset_config`].
 pub const PRESETS: [&str; 3] = ["tiny", "llada-1b", "llada-8b"];
@@ -96,7 +98,7 @@ fn fnv1a64(s: &str) -> u64 {
 
 /// Seed of tensor `name` in a preset with seed `seed`.
 pub fn tensor_seed(seed: u64, name: &str) -> u64 {
-    crate::rng::mix64(seed ^ fnv1a64(name))
+    crate::engine::rng::mix64(seed ^ fnv1a64(name))
 }
 
 /// The random weights of a preset, stored as `dtype`; nothing is materialised.

@@ -3,6 +3,12 @@
 //! [`Engine`] hides the backend type so the CLI and the benchmark are written once; the model,
 //! sampler and backends stay generic underneath.
 
+pub mod device;
+pub mod head;
+pub mod model;
+pub mod rng;
+pub mod sampler;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -10,15 +16,15 @@ use anyhow::{bail, Context, Result};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
-use crate::checkpoint::Checkpoint;
-use crate::config::ModelConfig;
-use crate::device::{self, DeviceChoice, Resolved};
-use crate::dtype::DType;
-use crate::model::{Model, ModelPredictor};
-use crate::presets;
+use crate::engine::device::{DeviceChoice, Resolved};
+use crate::engine::model::{Model, ModelPredictor};
+use crate::engine::sampler::{Decode, GenerateOutput, GenerateParams, Progress};
+use crate::hf::checkpoint::Checkpoint;
+use crate::hf::config::ModelConfig;
+use crate::hf::dtype::DType;
+use crate::hf::presets;
+use crate::hf::tokenizer::Tokenizer;
 use crate::quant::WeightsMode;
-use crate::sampler::{self, Decode, GenerateOutput, GenerateParams, Progress};
-use crate::tokenizer::Tokenizer;
 
 /// Where the weights come from.
 #[derive(Clone, Debug)]
@@ -44,7 +50,7 @@ pub struct Opened {
 }
 
 /// `--dtype auto|bf16|f32`: the compute dtype, like transformers' `torch_dtype` (`auto` = the
-/// checkpoint's). Weights are converted while loading ([`crate::checkpoint::cast_source`]).
+/// checkpoint's). Weights are converted while loading ([`crate::hf::checkpoint::cast_source`]).
 pub fn parse_compute_dtype(s: &str) -> Result<Option<DType>> {
     match s {
         "auto" => Ok(None),
@@ -58,14 +64,12 @@ impl Opened {
     pub fn open(spec: &ModelSpec) -> Result<Opened> {
         match spec {
             ModelSpec::Dir(dir) => {
-                let cfg_path = crate::checkpoint::resolve_in_folder(dir, "config.json", dir)?;
+                let cfg_path = crate::hf::checkpoint::resolve_in_folder(dir, "config.json", dir)?;
                 let cfg = ModelConfig::from_file(&cfg_path)?;
                 let ckpt = Checkpoint::open(dir, &cfg)?;
                 let source = cfg_path.display().to_string();
-                let cfg_text = crate::checkpoint::read_text_file(
-                    &cfg_path,
-                    crate::checkpoint::MAX_CONFIG_BYTES,
-                )?;
+                let cfg_text =
+                    crate::hf::fsio::read_text_file(&cfg_path, crate::hf::fsio::MAX_CONFIG_BYTES)?;
                 let quantized = crate::quant::check_quantization_config(&cfg_text, &source)?;
                 crate::quant::check_consistent(quantized, &ckpt, &cfg, &source)?;
                 let tokenizer = if dir.join("tokenizer.json").is_file() {
@@ -251,7 +255,7 @@ impl<B: Backend> Engine for EngineImpl<B> {
         self.model.backend.driver()
     }
     fn scorer(&self) -> Box<dyn crate::loglik::Scorer + '_> {
-        Box::new(crate::model::ModelScorer::new(&self.model))
+        Box::new(crate::engine::model::ModelScorer::new(&self.model))
     }
     fn set_profiling(&mut self, on: bool) {
         self.model.backend.prof_enable(on);
@@ -265,14 +269,14 @@ impl<B: Backend> Engine for EngineImpl<B> {
         }
         let (n, k, m) = (4096usize, 4096usize, 8192usize);
         let be = &self.model.backend;
-        let w = be.load_weight(&[crate::checkpoint::WeightSource::Random {
+        let w = be.load_weight(&[crate::hf::checkpoint::WeightSource::Random {
             seed: 1,
             std: 0.02,
             dtype: DType::BF16,
             shape: vec![m, k],
             name: "gemm-ceiling".into(),
         }])?;
-        let x = be.load_weight(&[crate::checkpoint::WeightSource::Random {
+        let x = be.load_weight(&[crate::hf::checkpoint::WeightSource::Random {
             seed: 2,
             std: 1.0,
             dtype: DType::BF16,
@@ -352,7 +356,7 @@ pub fn load(opened: &Opened, choice: DeviceChoice) -> Result<(Box<dyn Engine>, O
             if opened.cfg.d_model >= 2048
                 && matches!(
                     opened.ckpt.get("model.transformer.wte.weight"),
-                    Ok(crate::checkpoint::WeightSource::Random { .. })
+                    Ok(crate::hf::checkpoint::WeightSource::Random { .. })
                 )
             {
                 bail!("the {} preset is too large for the CPU reference backend (it would materialise its random weights); use --device cuda or the tiny preset", opened.label);
@@ -362,7 +366,7 @@ pub fn load(opened: &Opened, choice: DeviceChoice) -> Result<(Box<dyn Engine>, O
             let threads = rayon::current_num_threads();
             let cast = |name: &str| {
                 let src = opened.ckpt.get(name)?;
-                Ok(crate::checkpoint::cast_source(src, compute))
+                Ok(crate::hf::checkpoint::cast_source(src, compute))
             };
             let model = if fp8 {
                 Model::load_fp8(backend, opened.cfg.clone(), cast, get_fp8)

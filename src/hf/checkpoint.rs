@@ -19,8 +19,11 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
-use crate::config::ModelConfig;
-use crate::dtype::DType;
+// The folder's text files are read through the bounded readers of `fsio` (re-exported for the
+// callers that open a folder's files beside the weights).
+use crate::hf::config::ModelConfig;
+use crate::hf::dtype::DType;
+pub use crate::hf::fsio::{read_text_file, MAX_CONFIG_BYTES, MAX_INDEX_BYTES, MAX_TOKENIZER_BYTES};
 
 /// Where the values of one weight tensor come from. Backends turn these into resident weights.
 #[derive(Clone, Debug)]
@@ -61,12 +64,12 @@ pub enum WeightSource {
         shape: Vec<usize>,
         name: String,
     },
-    /// `base` with a LoRA update merged in as it is read ([`crate::lora::Delta`]): element
+    /// `base` with a LoRA update merged in as it is read ([`crate::hf::lowrank::Delta`]): element
     /// `(i, j)` is `W[i, j] + scale·Σ_k B[i, k]·A[k, j]` in f32, rounded once to `base`'s dtype.
     /// Nothing is materialised until a backend (or a writer) reads it.
     Lora {
         base: Box<WeightSource>,
-        delta: Arc<crate::lora::Delta>,
+        delta: Arc<crate::hf::lowrank::Delta>,
     },
 }
 
@@ -115,16 +118,26 @@ impl WeightSource {
             WeightSource::Random {
                 seed, std, dtype, ..
             } => {
-                let key = crate::rng::cell_key(*seed, crate::rng::STREAM_WEIGHTS, 0, 0, 0);
+                let key = crate::engine::rng::cell_key(
+                    *seed,
+                    crate::engine::rng::STREAM_WEIGHTS,
+                    0,
+                    0,
+                    0,
+                );
                 let a = std * 3f32.sqrt();
                 for (o, i) in out.iter_mut().zip(from..to) {
-                    let u = crate::rng::uniform(crate::rng::bits(key, i as u64)) as f32;
+                    let u =
+                        crate::engine::rng::uniform(crate::engine::rng::bits(key, i as u64)) as f32;
                     *o = dtype.round(a * (2.0 * u - 1.0));
                 }
             }
             WeightSource::Const { value, dtype, .. } => out.fill(dtype.round(*value)),
             WeightSource::Host { data, .. } => out.copy_from_slice(&data[from..to]),
-            WeightSource::Lora { base, delta } => delta.read_range(base, from, to, out),
+            WeightSource::Lora { base, delta } => {
+                base.read_range(from, to, out);
+                delta.merge_into(base.dtype(), from, out);
+            }
         }
     }
 }
@@ -420,30 +433,6 @@ pub fn resolve_in_folder(dir: &Path, name: &str, listed_in: &Path) -> Result<Pat
     }
     Ok(path)
 }
-
-/// Read a small text file (JSON, a template) of a model folder: it must be a regular file (a
-/// FIFO or a device would block or never end) of at most `max_bytes`, so a hostile folder can
-/// neither hang the loader nor exhaust memory.
-pub fn read_text_file(path: &Path, max_bytes: u64) -> Result<String> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if !meta.is_file() {
-        bail!("{}: not a regular file", path.display());
-    }
-    if meta.len() > max_bytes {
-        bail!(
-            "{}: {} bytes, more than the {max_bytes} this file may have",
-            path.display(),
-            meta.len()
-        );
-    }
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
-}
-
-/// Size limits of the text files of a model folder.
-pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
-pub const MAX_INDEX_BYTES: u64 = 64 << 20;
-pub const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
 
 fn map_file(path: &Path) -> Result<Arc<memmap2::Mmap>> {
     let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -816,10 +805,10 @@ pub type HostTensor = (String, DType, Vec<usize>, Vec<f32>);
 /// Write `bytes` to `path` through a temporary file in the same folder and a rename, so that a
 /// reader never sees a half-written file. A target that exists and is not a regular file is
 /// never replaced: a FIFO or a device (`/dev/stdout`) is written through, anything else refused
-/// ([`crate::fsio::create_output`]).
+/// ([`crate::hf::fsio::create_output`]).
 fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
-    if crate::fsio::output_is_special(path) {
-        let mut f = crate::fsio::create_output(path, "output")?;
+    if crate::hf::fsio::output_is_special(path) {
+        let mut f = crate::hf::fsio::create_output(path, "output")?;
         return write(&mut f).with_context(|| format!("cannot write {}", path.display()));
     }
     let file_name = path
@@ -836,7 +825,7 @@ fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         // The rename is durable once the directory is synced.
-        crate::fsio::sync_parent_dir(path).map_err(std::io::Error::other)
+        crate::hf::fsio::sync_parent_dir(path).map_err(std::io::Error::other)
     })();
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);

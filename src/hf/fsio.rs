@@ -207,3 +207,27 @@ pub fn try_lock_exclusive(f: &File) -> std::io::Result<()> {
         }
     }
 }
+
+/// Read a small text file (JSON, a template) of a model folder: it must be a regular file (a
+/// FIFO or a device would block or never end) of at most `max_bytes`, so a hostile folder can
+/// neither hang the loader nor exhaust memory.
+pub fn read_text_file(path: &Path, max_bytes: u64) -> Result<String> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
+    if meta.len() > max_bytes {
+        bail!(
+            "{}: {} bytes, more than the {max_bytes} this file may have",
+            path.display(),
+            meta.len()
+        );
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Size limits of the text files of a model folder.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+pub const MAX_INDEX_BYTES: u64 = 64 << 20;
+pub const MAX_TOKENIZER_BYTES: u64 = 512 << 20;

@@ -4,7 +4,7 @@
 //! ([`num_transfer_tokens`]), classifier-free guidance inputs, the EOS rules and the per-row
 //! top-k commit. It knows nothing of weights or devices: a [`Predictor`] turns the current tokens
 //! into one `(token, confidence)` pair per requested position (the model runs the LM head and
-//! [`crate::head::select_one`] semantics on its side).
+//! [`crate::engine::head::select_one`] semantics on its side).
 //!
 //! Algorithm, as upstream (`generate.py`, reference §4.3):
 //!
@@ -37,8 +37,8 @@
 
 use anyhow::{bail, Context, Result};
 
-use crate::dtype::DType;
-use crate::head::{conf_order, Remasking, SelectParams};
+use crate::engine::head::{conf_order, Remasking, SelectParams};
+use crate::hf::dtype::DType;
 
 /// One call to the model: predict (token, confidence) at `rows`.
 pub struct PredictRequest<'a> {
@@ -106,7 +106,7 @@ pub trait Predictor {
     fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()>;
 }
 
-/// Longest `gen_length` accepted: the longest sequence [`crate::config::LIMITS`] allows. With
+/// Longest `gen_length` accepted: the longest sequence [`crate::hf::config::LIMITS`] allows. With
 /// `steps ≤ gen_length` it also bounds the steps and every schedule allocated from them.
 pub const MAX_GEN_LENGTH: usize = 1 << 20;
 

@@ -17,11 +17,7 @@ use std::collections::HashMap;
 
 use serde_json::{json, Map, Value};
 
-use crate::batch::{LineError, PARAM_KEYS};
-use crate::serve::api::apply_stop;
-
-/// How [`crate::batch::OutputLog`] rewrites a record before writing it.
-pub type RecordWrap = Box<dyn Fn(&Value) -> Value>;
+use super::request::{apply_stop, LineError, PARAM_KEYS};
 
 /// The prefix of the native id of a request (`batch_req_<custom_id>`).
 pub const ID_PREFIX: &str = "batch_req_";
