@@ -57,7 +57,7 @@ pub struct ScoreRequest<'a> {
     pub targets: &'a [u32],
 }
 
-/// Scores masked positions: the model ([`crate::engine::model::ModelScorer`]) or a fake in tests.
+/// Scores masked positions: the model ([`crate::engine::predictor::ModelScorer`]) or a fake in tests.
 pub trait Scorer {
     /// `out[i] = log p(targets[i] | x)` at `rows[i]` (CFG-mixed when `cfg_scale > 0`).
     fn score(&mut self, req: &ScoreRequest<'_>, out: &mut [f32]) -> Result<()>;

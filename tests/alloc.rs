@@ -8,7 +8,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use llada::backend::cpu::CpuBackend;
-use llada::engine::model::{Model, ModelPredictor};
+use llada::engine::model::Model;
+use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{generate, GenerateParams};
 use llada::hf::dtype::DType;
 use llada::hf::presets;

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use llada::backend::cpu::CpuBackend;
 use llada::backend::Backend;
 use llada::engine::head::Remasking;
-use llada::engine::model::{Model, ModelPredictor};
+use llada::engine::model::Model;
+use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{
     generate_fast, CacheMode, Decode, GenerateParams, PredictRequest, Predictor, SpanPredictor,
     SpanRequest,

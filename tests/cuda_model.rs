@@ -11,7 +11,8 @@
 use llada::backend::cpu::CpuBackend;
 use llada::backend::Backend;
 use llada::engine::head::Remasking;
-use llada::engine::model::{Model, ModelPredictor};
+use llada::engine::model::Model;
+use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{generate, GenerateParams};
 use llada::hf::dtype::DType;
 use llada::hf::presets;

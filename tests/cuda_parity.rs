@@ -1119,7 +1119,8 @@ fn log_prob_matches_cpu_reference() {
 // ---------------------------------------------------------------------------------------------
 // CUDA graphs in the model: generation with graphs equals generation without, bit for bit.
 
-use llada::engine::model::{Model, ModelPredictor};
+use llada::engine::model::Model;
+use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{
     generate, generate_fast, CacheMode, Decode, GenerateParams, PredictRequest, Predictor,
     SpanPredictor, SpanRequest,

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use llada::backend::cpu::CpuBackend;
 use llada::backend::{Backend, OpClass};
-use llada::engine::model::{Model, ModelPredictor};
+use llada::engine::model::Model;
+use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{generate, generate_fast, CacheMode, Decode, GenerateParams};
 use llada::hf::dtype::DType;
 use llada::hf::presets;

@@ -4,8 +4,10 @@
 //! sampler and backends stay generic underneath.
 
 pub mod device;
+pub mod graphs;
 pub mod head;
 pub mod model;
+pub mod predictor;
 pub mod rng;
 pub mod sampler;
 
@@ -17,7 +19,8 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
 use crate::engine::device::{DeviceChoice, Resolved};
-use crate::engine::model::{Model, ModelPredictor};
+use crate::engine::model::Model;
+use crate::engine::predictor::ModelPredictor;
 use crate::engine::sampler::{Decode, GenerateOutput, GenerateParams, Progress};
 use crate::hf::checkpoint::Checkpoint;
 use crate::hf::config::ModelConfig;
@@ -255,7 +258,7 @@ impl<B: Backend> Engine for EngineImpl<B> {
         self.model.backend.driver()
     }
     fn scorer(&self) -> Box<dyn crate::loglik::Scorer + '_> {
-        Box::new(crate::engine::model::ModelScorer::new(&self.model))
+        Box::new(crate::engine::predictor::ModelScorer::new(&self.model))
     }
     fn set_profiling(&mut self, on: bool) {
         self.model.backend.prof_enable(on);

@@ -323,7 +323,7 @@ struct BatchLayout {
 }
 
 impl BatchLayout {
-    fn new(prompts: &[Vec<u32>], params: &GenerateParams) -> Result<BatchLayout> {
+    pub(crate) fn new(prompts: &[Vec<u32>], params: &GenerateParams) -> Result<BatchLayout> {
         if prompts.is_empty() {
             bail!("no prompts given");
         }

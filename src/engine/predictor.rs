@@ -1,0 +1,434 @@
+//! The model as the sampler and the likelihood code see it: [`ModelPredictor`] (forward pass +
+//! fused head, one call per denoising step) and [`ModelScorer`] (masked-token log-probabilities).
+
+use super::model::*;
+use crate::backend::{Backend, OpClass};
+use crate::engine::head::SelectParams;
+use crate::engine::sampler::{PredictRequest, Predictor, SpanPredictor, SpanRequest};
+use crate::nvtx;
+use anyhow::{bail, ensure, Context, Result};
+
+/// A [`Predictor`] running a [`Model`]: one forward pass per call (the conditional and, with
+/// CFG, the unconditional batch together), then the backend's fused head (`select`).
+///
+/// Rows are laid out as `req.rows` (conditional) followed, with CFG, by the same rows of the
+/// unconditional half (batch rows `b..2b`); the key-padding mask is duplicated for that half.
+/// `select` may overwrite the logits, so [`Model::logits`] is not meaningful after `predict`.
+pub struct ModelPredictor<'m, B: Backend> {
+    model: &'m Model<B>,
+    ws: Option<Workspace<B>>,
+    cache: Option<KvCache<B>>,
+    ids: Vec<u32>,
+    mask: Vec<u8>,
+    rows: Vec<u32>,
+    keys: Vec<i32>,
+    /// Host copies of the head's outputs, grown once.
+    tok_host: Vec<i32>,
+    conf_host: Vec<f32>,
+    params: Option<SelectParams>,
+    /// Graph setting chosen with [`ModelPredictor::set_graphs`] (None: the default).
+    graphs: Option<bool>,
+}
+
+impl<'m, B: Backend> ModelPredictor<'m, B> {
+    /// The final logits `[R, V]` of the last prediction (CFG-mixed and with the forbidden token
+    /// at −∞, as the head saw them), for tests that explain a disagreement between devices.
+    pub fn last_logits(&self, r: usize) -> Result<Vec<f32>> {
+        let ws = self
+            .ws
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("last_logits: no prediction has run yet"))?;
+        self.model.logits(ws, r)
+    }
+
+    /// A predictor over `model`; the workspace is allocated on the first call and grows only
+    /// when a request exceeds it.
+    pub fn new(model: &'m Model<B>) -> Self {
+        ModelPredictor {
+            model,
+            ws: None,
+            cache: None,
+            ids: Vec::new(),
+            mask: Vec::new(),
+            rows: Vec::new(),
+            keys: Vec::new(),
+            tok_host: Vec::new(),
+            conf_host: Vec::new(),
+            params: None,
+            graphs: None,
+        }
+    }
+
+    /// Allocate the workspace up front for `b` batch rows of `t` tokens and `r` requested rows
+    /// (CFG doubling included by the caller if wanted).
+    pub fn reserve(&mut self, max_tokens: usize, max_rows: usize) -> Result<()> {
+        let grow = match &self.ws {
+            Some(ws) => ws.max_tokens < max_tokens || ws.max_rows < max_rows,
+            None => true,
+        };
+        if grow {
+            let (mt, mr) = match &self.ws {
+                Some(ws) => (ws.max_tokens.max(max_tokens), ws.max_rows.max(max_rows)),
+                None => (max_tokens, max_rows),
+            };
+            // Drop the old workspace (and its graphs) before allocating the new one.
+            self.ws = None;
+            let mut ws = self.model.workspace(mt, mr)?;
+            if let Some(on) = self.graphs {
+                ws.set_graphs(on);
+            }
+            self.ws = Some(ws);
+        }
+        Ok(())
+    }
+
+    pub fn model(&self) -> &Model<B> {
+        self.model
+    }
+
+    /// Replay repeated shapes from graphs (default on unless `LLADA_NO_GRAPHS=1`, see
+    /// [`Workspace::set_graphs`]); applies to the current workspace and any later one.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = Some(on);
+        if let Some(ws) = self.ws.as_mut() {
+            ws.set_graphs(on);
+        }
+    }
+
+    /// (graphs captured, graph replays) of the current workspace.
+    pub fn graph_stats(&self) -> (usize, usize) {
+        self.ws.as_ref().map_or((0, 0), |ws| ws.graph_stats())
+    }
+
+    /// Run the LM-head sampler on the first `r` rows of the last forward pass (keys in
+    /// `self.keys`) and copy the results to `out`.
+    fn select_into(
+        &mut self,
+        r: usize,
+        select: &SelectParams,
+        out: &mut [(u32, f32)],
+    ) -> Result<()> {
+        let model = self.model;
+        let ws = self
+            .ws
+            .as_mut()
+            .context("predict: workspace missing after reserve")?;
+        // The head rounds to the model's compute dtype whatever the caller set.
+        let dtype = model.backend.compute_dtype();
+        let p: &SelectParams = if select.dtype == dtype {
+            select
+        } else {
+            let p = self.params.get_or_insert_with(|| select.clone());
+            p.clone_from(select);
+            p.dtype = dtype;
+            p
+        };
+        let be = &model.backend;
+        be.prof_mark(Some(OpClass::Head));
+        let _r = nvtx::range(c"select");
+        be.write_ints(&mut ws.keys, &self.keys)?;
+        be.select(
+            &mut ws.tok,
+            &mut ws.conf,
+            &mut ws.logits,
+            &ws.keys,
+            r,
+            model.cfg.embedding_size,
+            p,
+        )?;
+        // Host scratch grown once (no allocation per step).
+        if self.tok_host.len() < r {
+            self.tok_host.resize(r, 0);
+            self.conf_host.resize(r, 0.0);
+        }
+        be.read_ints_into(&ws.tok, &mut self.tok_host[..r])?;
+        be.read_f32s_into(&ws.conf, &mut self.conf_host[..r])?;
+        be.prof_mark(None);
+        for (o, (&tk, &cf)) in out
+            .iter_mut()
+            .zip(self.tok_host.iter().zip(&self.conf_host))
+        {
+            *o = (tk as u32, cf);
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
+    /// The cache and workspace are sized for `b·t` tokens on the first call (or when a request
+    /// outgrows them); later calls allocate nothing on the device.
+    fn predict_span(&mut self, req: &SpanRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+        let _step = nvtx::range(c"step");
+        let (b, t, q0, q1) = (req.b, req.t, req.q0, req.q1);
+        let n = b * t;
+        let r = req.rows.len();
+        ensure!(
+            out.len() == r,
+            "predict_span: `out` holds {} entries for {r} rows",
+            out.len()
+        );
+        ensure!(
+            req.x.len() == n,
+            "predict_span: `x` holds {} tokens, expected b·t = {b}·{t}",
+            req.x.len()
+        );
+        ensure!(
+            q0 < q1 && q1 <= t,
+            "predict_span: span [{q0}, {q1}) is empty or exceeds the row length {t}"
+        );
+        ensure!(
+            req.select.cfg_scale <= 0.0,
+            "predict_span: classifier-free guidance is not supported with a KV cache"
+        );
+        self.reserve(n, n)?;
+        if self.cache.as_ref().map_or(true, |c| c.max_tokens < n) {
+            self.cache = None;
+            self.cache = Some(self.model.kv_cache(n)?);
+        }
+        let tq = q1 - q0;
+        self.ids.clear();
+        for row in req.x.chunks_exact(t) {
+            self.ids.extend_from_slice(&row[q0..q1]);
+        }
+        self.rows.clear();
+        self.keys.clear();
+        for (i, &(br, pos)) in req.rows.iter().enumerate() {
+            ensure!(
+                (br as usize) < b && (q0..q1).contains(&(pos as usize)),
+                "predict_span: rows[{i}] = ({br}, {pos}) is outside the batch [{b}] × span [{q0}, {q1})"
+            );
+            self.rows.push(br * tq as u32 + (pos - q0 as u32));
+            let (kr, kp) = req.rng_key(br, pos)?;
+            self.keys.push(kr as i32);
+            self.keys.push(kp as i32);
+        }
+        if let Some(kv) = req.key_valid {
+            ensure!(
+                kv.len() == n,
+                "predict_span: `key_valid` holds {} entries, expected {n}",
+                kv.len()
+            );
+        }
+        let model = self.model;
+        let ws = self
+            .ws
+            .as_mut()
+            .context("predict_span: workspace missing after reserve")?;
+        let cache = self
+            .cache
+            .as_mut()
+            .context("predict_span: KV cache missing after reserve")?;
+        model.forward_span(
+            ws,
+            cache,
+            &self.ids,
+            b,
+            t,
+            q0,
+            q1,
+            req.key_valid,
+            &self.rows,
+        )?;
+        self.select_into(r, req.select, out)
+    }
+}
+
+impl<B: Backend> Predictor for ModelPredictor<'_, B> {
+    fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+        let _step = nvtx::range(c"step");
+        let (b, t) = (req.b, req.t);
+        let n = b * t;
+        let r = req.rows.len();
+        ensure!(
+            out.len() == r,
+            "predict: `out` holds {} entries for {r} rows",
+            out.len()
+        );
+        ensure!(
+            req.x.len() == n,
+            "predict: `x` holds {} tokens, expected b·t = {b}·{t}",
+            req.x.len()
+        );
+        let cfg = req.select.cfg_scale > 0.0;
+        let nb = if cfg { 2 * b } else { b };
+        let rr = if cfg { 2 * r } else { r };
+        self.reserve(nb * t, rr)?;
+
+        self.ids.clear();
+        self.ids.extend_from_slice(req.x);
+        if cfg {
+            let un = req
+                .uncond_x
+                .context("predict: cfg_scale > 0 but the request has no unconditional tokens")?;
+            ensure!(
+                un.len() == n,
+                "predict: `uncond_x` holds {} tokens, expected {n}",
+                un.len()
+            );
+            self.ids.extend_from_slice(un);
+        }
+        let mask = match req.key_valid {
+            Some(kv) => {
+                ensure!(
+                    kv.len() == n,
+                    "predict: `key_valid` holds {} entries, expected {n}",
+                    kv.len()
+                );
+                self.mask.clear();
+                self.mask.extend_from_slice(kv);
+                if cfg {
+                    self.mask.extend_from_slice(kv);
+                }
+                Some(self.mask.as_slice())
+            }
+            None => None,
+        };
+        self.rows.clear();
+        self.keys.clear();
+        for (i, &(br, pos)) in req.rows.iter().enumerate() {
+            ensure!(
+                (br as usize) < b && (pos as usize) < t,
+                "predict: rows[{i}] = ({br}, {pos}) is outside the batch [{b}, {t}]"
+            );
+            self.rows.push(br * t as u32 + pos);
+            let (kr, kp) = req.rng_key(br, pos)?;
+            self.keys.push(kr as i32);
+            self.keys.push(kp as i32);
+        }
+        if cfg {
+            for &(br, pos) in req.rows {
+                self.rows.push((b as u32 + br) * t as u32 + pos);
+            }
+        }
+        let model = self.model;
+        let ws = self
+            .ws
+            .as_mut()
+            .context("predict: workspace missing after reserve")?;
+        model.forward(ws, &self.ids, nb, t, mask, &self.rows)?;
+        self.select_into(r, req.select, out)
+    }
+}
+
+/// A [`crate::loglik::Scorer`] running a [`Model`]: one forward pass per call over the noisy
+/// batch (and, with CFG, the unconditional batch as rows `b..2b`), the LM head on the scored
+/// rows only, then the backend's `log_prob` at the targets.
+pub struct ModelScorer<'m, B: Backend> {
+    model: &'m Model<B>,
+    ws: Option<Workspace<B>>,
+    ids: Vec<u32>,
+    rows: Vec<u32>,
+    targets: Vec<i32>,
+}
+
+impl<'m, B: Backend> ModelScorer<'m, B> {
+    pub fn new(model: &'m Model<B>) -> Self {
+        ModelScorer {
+            model,
+            ws: None,
+            ids: Vec::new(),
+            rows: Vec::new(),
+            targets: Vec::new(),
+        }
+    }
+
+    fn grow(&mut self, max_tokens: usize, max_rows: usize) -> Result<()> {
+        let (mt, mr) = match &self.ws {
+            Some(ws) if ws.max_tokens >= max_tokens && ws.max_rows >= max_rows => return Ok(()),
+            Some(ws) => (ws.max_tokens.max(max_tokens), ws.max_rows.max(max_rows)),
+            None => (max_tokens, max_rows),
+        };
+        self.ws = Some(self.model.workspace(mt, mr)?);
+        self.ids.reserve(mt);
+        self.rows.reserve(mr);
+        self.targets.reserve(mr);
+        Ok(())
+    }
+}
+
+impl<B: Backend> crate::loglik::Scorer for ModelScorer<'_, B> {
+    fn reserve(&mut self, max_tokens: usize, max_rows: usize, cfg: bool) -> Result<()> {
+        let k = if cfg { 2 } else { 1 };
+        self.grow(k * max_tokens, k * max_rows)
+    }
+
+    fn mask_id(&self) -> u32 {
+        self.model.cfg.mask_token_id
+    }
+
+    fn max_len(&self) -> usize {
+        self.model.cfg.max_sequence_length
+    }
+
+    fn score(&mut self, req: &crate::loglik::ScoreRequest<'_>, out: &mut [f32]) -> Result<()> {
+        let (b, t) = (req.b, req.t);
+        let n = b * t;
+        let r = req.rows.len();
+        let v = self.model.cfg.embedding_size;
+        ensure!(
+            req.x.len() == n,
+            "score: `x` holds {} tokens, expected b·t = {b}·{t}",
+            req.x.len()
+        );
+        ensure!(
+            req.targets.len() == r && out.len() == r,
+            "score: {} rows, {} targets and {} outputs differ",
+            r,
+            req.targets.len(),
+            out.len()
+        );
+        if let Some((i, &tg)) = req
+            .targets
+            .iter()
+            .enumerate()
+            .find(|(_, &tg)| tg as usize >= v)
+        {
+            bail!("score: targets[{i}] = {tg} is outside the vocabulary of {v}");
+        }
+        if let Some((i, &rw)) = req
+            .rows
+            .iter()
+            .enumerate()
+            .find(|(_, &rw)| rw as usize >= n)
+        {
+            bail!("score: rows[{i}] = {rw} is outside the {n} tokens");
+        }
+        if r == 0 {
+            return Ok(());
+        }
+        let cfg = req.cfg_scale > 0.0;
+        let (nb, rr) = if cfg { (2 * b, 2 * r) } else { (b, r) };
+        self.grow(nb * t, rr)?;
+        self.ids.clear();
+        self.ids.extend_from_slice(req.x);
+        self.rows.clear();
+        self.rows.extend_from_slice(req.rows);
+        if cfg {
+            let un = req
+                .uncond_x
+                .context("score: cfg_scale > 0 but the request has no unconditional tokens")?;
+            ensure!(
+                un.len() == n,
+                "score: `uncond_x` holds {} tokens, expected {n}",
+                un.len()
+            );
+            self.ids.extend_from_slice(un);
+            self.rows.extend(req.rows.iter().map(|&rw| rw + n as u32));
+        }
+        self.targets.clear();
+        self.targets.extend(req.targets.iter().map(|&tg| tg as i32));
+        let model = self.model;
+        let ws = self
+            .ws
+            .as_mut()
+            .context("score: workspace missing after reserve")?;
+        model.forward(ws, &self.ids, nb, t, None, &self.rows)?;
+        let be = &model.backend;
+        // `tok` [R] and `conf` [R] are free here: targets in, log-probabilities out.
+        be.write_ints(&mut ws.tok, &self.targets)?;
+        be.log_prob(&mut ws.conf, &ws.logits, &ws.tok, r, v, req.cfg_scale)?;
+        let lp = be.read_f32s(&ws.conf, r)?;
+        out.copy_from_slice(&lp);
+        Ok(())
+    }
+}
