@@ -191,7 +191,7 @@ fn run(a: Args) -> Result<()> {
     if let (Some(path), Some(mut v)) = (&a.json, head) {
         v["rows"] = serde_json::to_value(&all_rows)?;
         v["weights"] = serde_json::json!(a.weights);
-        llada::hf::checkpoint::write_text_atomic(path, &serde_json::to_string_pretty(&v)?)?;
+        llada::hf::write::write_text_atomic(path, &serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
 }

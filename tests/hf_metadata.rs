@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use llada::hf::config::ModelConfig;
 use llada::hf::presets;
-use llada::hf::tokenizer::{write_tiny_tokenizer, Tokenizer};
+use llada::hf::tiny::write_tiny_tokenizer;
+use llada::hf::tokenizer::Tokenizer;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -3,13 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use llada::hf::checkpoint::{
-    block_tensor, expected_tensors, write_hf_folder, write_safetensors, Checkpoint, HostTensor,
-    LN_F, WTE,
-};
+use llada::hf::checkpoint::{block_tensor, expected_tensors, Checkpoint, LN_F, WTE};
 use llada::hf::config::ModelConfig;
 use llada::hf::dtype::DType;
 use llada::hf::presets::{preset_checkpoint, preset_config, write_preset_folder};
+use llada::hf::write::{write_hf_folder, write_safetensors, HostTensor};
 
 /// A fresh folder under the system temp dir, removed on drop.
 struct TempDir(PathBuf);

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use llada::engine::device::DeviceChoice;
 use llada::engine::rng::{bits, cell_key, uniform};
 use llada::engine::{self, ModelSpec, Opened};
-use llada::hf::checkpoint::{write_safetensors, Checkpoint, HostTensor, WeightSource};
+use llada::hf::checkpoint::{Checkpoint, WeightSource};
 use llada::hf::config::ModelConfig;
 use llada::hf::dtype::DType;
+use llada::hf::write::{write_safetensors, HostTensor};
 use llada::lora::train::{
     init_adapter, lora_grads_from_dense, lora_linear, lora_linear_bwd, select_modules, LoraAdamW,
     LoraGrads,

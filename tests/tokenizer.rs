@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use llada::hf::presets::preset_config;
-use llada::hf::tokenizer::{write_tiny_tokenizer, Tokenizer, TINY_VOCAB};
+use llada::hf::tiny::{write_tiny_tokenizer, TINY_VOCAB};
+use llada::hf::tokenizer::Tokenizer;
 
 struct TempDir(PathBuf);
 

@@ -989,7 +989,7 @@ fn cli_train_saves_a_folder_generate_loads_and_resume_continues() {
 fn data_loading_packing_and_sft_format() {
     use llada::train::data;
     let dir = tmpdir("data");
-    llada::hf::tokenizer::write_tiny_tokenizer(&dir).unwrap();
+    llada::hf::tiny::write_tiny_tokenizer(&dir).unwrap();
     let cfg = llada::hf::presets::preset_config("tiny").unwrap();
     let tok = llada::hf::tokenizer::Tokenizer::from_dir(&dir, &cfg).unwrap();
     let eos = tok.special.eos;
@@ -1103,7 +1103,7 @@ fn pretrain_token_id_lines() {
     let want = data::pack(&[vec![5, 6, 7], vec![8, 9]], 2, 3).unwrap();
     assert_eq!(s, want);
     // With one: the same (ids lines are not tokenized), and text lines mix in.
-    llada::hf::tokenizer::write_tiny_tokenizer(&dir).unwrap();
+    llada::hf::tiny::write_tiny_tokenizer(&dir).unwrap();
     let cfg = llada::hf::presets::preset_config("tiny").unwrap();
     let tok = llada::hf::tokenizer::Tokenizer::from_dir(&dir, &cfg).unwrap();
     let eos = tok.special.eos;

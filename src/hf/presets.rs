@@ -6,7 +6,7 @@
 //! loads it. Each tensor gets its own seed, `mix64(seed ^ fnv1a64(name))`, so tensors differ
 //! from each other and do not depend on the order they are created in.
 //!
-//! `tiny` matches the tiny tokenizer of [`crate::hf::tokenizer::write_tiny_tokenizer`], and
+//! `tiny` matches the tiny tokenizer of [`crate::hf::tiny::write_tiny_tokenizer`], and
 //! [`write_preset_folder`] writes it as a complete Hugging Face model folder.
 
 use std::collections::HashMap;
@@ -14,12 +14,11 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use crate::hf::checkpoint::{
-    expected_tensors, write_hf_folder, Checkpoint, HostTensor, WeightSource,
-};
+use crate::hf::checkpoint::{expected_tensors, Checkpoint, WeightSource};
 use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;
-use crate::hf::tokenizer::{write_tiny_tokenizer, TINY_VOCAB};
+use crate::hf::tiny::{write_tiny_tokenizer, TINY_VOCAB};
+use crate::hf::write::{write_hf_folder, HostTensor};
 
 /// Names accepted by [`preset_config`].
 pub const PRESETS: [&str; 3] = ["tiny", "llada-1b", "llada-8b"];

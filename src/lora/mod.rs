@@ -42,10 +42,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
-use crate::hf::checkpoint::{self, Checkpoint, HostTensor, WeightSource};
+use crate::hf::checkpoint::{self, Checkpoint, WeightSource};
 use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;
 pub use crate::hf::lowrank::{Delta, ModuleKind};
+use crate::hf::write;
+use crate::hf::write::HostTensor;
 
 /// Prefix of every tensor name: PEFT's `PeftModel.base_model` (the `LoraModel`) `.model` (the
 /// Hugging Face model).
@@ -762,9 +764,9 @@ impl Adapter {
             bail!("saving adapters with whole replaced tensors is not supported");
         }
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        checkpoint::write_safetensors(&dir.join(ADAPTER_WEIGHTS), &self.tensors())?;
+        write::write_safetensors(&dir.join(ADAPTER_WEIGHTS), &self.tensors())?;
         let text = serde_json::to_string_pretty(&self.config_json(cfg))? + "\n";
-        checkpoint::write_text_atomic(&dir.join(ADAPTER_CONFIG), &text)
+        write::write_text_atomic(&dir.join(ADAPTER_CONFIG), &text)
     }
 }
 
@@ -899,7 +901,7 @@ pub fn write_merged_folder(
         report.copied.push(name);
     }
     if !report.copied.iter().any(|n| n == "config.json") {
-        checkpoint::write_text_atomic(&dst.join("config.json"), &cfg.to_json())?;
+        write::write_text_atomic(&dst.join("config.json"), &cfg.to_json())?;
         report.copied.push("config.json (written)".into());
     }
     let mut names: Vec<String> = checkpoint::expected_tensors(cfg)
@@ -916,6 +918,6 @@ pub fn write_merged_folder(
         .iter()
         .map(|(_, s)| (s.numel() * s.dtype().size()) as u64)
         .sum();
-    checkpoint::write_weight_files(&dst, &sources, max_shard_bytes)?;
+    write::write_weight_files(&dst, &sources, max_shard_bytes)?;
     Ok(report)
 }

@@ -37,9 +37,9 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 use super::{adaptable_modules, Adapter, LoraConfig, LoraModule, ModuleKind, Targets};
-use crate::hf::checkpoint::HostTensor;
 use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;
+use crate::hf::write::HostTensor;
 use crate::train::ops::Real;
 use crate::train::optim::{adamw_update, AdamWConfig, AdamWStep};
 

@@ -372,7 +372,7 @@ pub fn quantize_folder(
         "quantization_config".into(),
         serde_json::from_str(QUANTIZATION_CONFIG)?,
     );
-    crate::hf::checkpoint::write_text_atomic(
+    crate::hf::write::write_text_atomic(
         &out.join("config.json"),
         &(serde_json::to_string_pretty(&cfg_json)? + "\n"),
     )?;

@@ -17,11 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use super::model::Params;
 use super::optim::{AdamW, AdamWConfig};
-use crate::hf::checkpoint::{
-    write_hf_folder, write_safetensors, write_text_atomic, Checkpoint, HostTensor,
-};
+use crate::hf::checkpoint::Checkpoint;
 use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;
+use crate::hf::write::{write_hf_folder, write_safetensors, write_text_atomic, HostTensor};
 
 /// Everything of a run that is not a tensor.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -60,7 +59,7 @@ pub fn save(
         .collect();
     write_hf_folder(dir, cfg, &tensors, 1)?;
     if tiny_tokenizer {
-        crate::hf::tokenizer::write_tiny_tokenizer(dir)?;
+        crate::hf::tiny::write_tiny_tokenizer(dir)?;
     } else if let Some(src) = tokenizer_from {
         for f in ["tokenizer.json", "tokenizer_config.json"] {
             let from = src.join(f);

@@ -9,8 +9,8 @@ use clap::Args;
 
 use llada::engine::device::DeviceChoice;
 use llada::engine::{self, Opened};
-use llada::hf::checkpoint::{write_safetensors, HostTensor};
 use llada::hf::dtype::DType;
+use llada::hf::write::{write_safetensors, HostTensor};
 use llada::train::cuda::{self, CudaOps, DeviceParams};
 use llada::train::loss::fixed_mask_batch;
 use llada::train::model::{forward_backward, Params};

@@ -14,8 +14,8 @@ use llada::engine::device::DeviceChoice;
 use llada::engine::head::Remasking;
 use llada::engine::sampler::{Decode, GenerateParams, Progress};
 use llada::engine::{self, ModelSpec, Opened};
-use llada::hf::checkpoint::write_safetensors;
 use llada::hf::dtype::DType;
+use llada::hf::write::write_safetensors;
 
 mod eval;
 mod grad;

@@ -138,7 +138,7 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
 /// folder so that `--preset tiny` serves text like the folder does.
 fn tiny_tokenizer(opened: &Opened) -> Result<Tokenizer> {
     let dir = std::env::temp_dir().join(format!("llada-serve-tokenizer-{}", std::process::id()));
-    llada::hf::tokenizer::write_tiny_tokenizer(&dir)?;
+    llada::hf::tiny::write_tiny_tokenizer(&dir)?;
     let t = Tokenizer::from_dir(&dir, &opened.cfg);
     let _ = std::fs::remove_dir_all(&dir);
     t.context("building the tiny preset's tokenizer")

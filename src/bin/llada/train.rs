@@ -106,14 +106,14 @@ fn tokenizer_for(
     if tiny && !lead {
         // Only rank 0 writes into --out; the others build the same tokenizer privately.
         let tmp = std::env::temp_dir().join(format!("llada-tiny-tok-{}", std::process::id()));
-        llada::hf::tokenizer::write_tiny_tokenizer(&tmp)?;
+        llada::hf::tiny::write_tiny_tokenizer(&tmp)?;
         let t = Tokenizer::from_dir(&tmp, cfg);
         let _ = std::fs::remove_dir_all(&tmp);
         return t.map(Some);
     }
     if tiny {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        llada::hf::tokenizer::write_tiny_tokenizer(out)?;
+        llada::hf::tiny::write_tiny_tokenizer(out)?;
         return Tokenizer::from_dir(out, cfg).map(Some);
     }
     Ok(None)
