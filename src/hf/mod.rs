@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod fsio;
 pub mod lowrank;
 pub mod presets;
+pub mod safetensors;
 pub mod template;
 pub mod tiny;
 pub mod tokenizer;
