@@ -23,6 +23,7 @@
 
 use llada::config::ModelConfig;
 use llada::rng;
+use llada::train::backend::TrainOps;
 use llada::train::cuda::{
     self, AdamWScalars, CudaOps, CudaTrainState, DeviceParams, TrainPrecision,
 };
@@ -356,10 +357,7 @@ fn rope_fwd_bwd_exact() {
         let tag = 400 + 10 * case as u64;
         let max_pos = 37;
         let (cos, sin) = llada::backend::rope_tables(10000.0, hd, max_pos);
-        let pos: Vec<usize> = rand_ids(tag, n, max_pos)
-            .iter()
-            .map(|&p| p as usize)
-            .collect();
+        let pos: Vec<u32> = rand_ids(tag, n, max_pos);
         let x = rand_vec(tag + 1, n * heads * hd, 3.0);
         let (cd, sd) = (g.upload(&cos).unwrap(), g.upload(&sin).unwrap());
         let pd = g
