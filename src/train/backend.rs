@@ -21,6 +21,10 @@ pub trait TrainOps {
 
     /// `len` zeros.
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer holding `host`.
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    /// The first `n` elements of `src`, as f32 (a device synchronizes).
+    fn download(&self, src: &Self::Buf, n: usize) -> Result<Vec<f32>>;
     /// A buffer holding `host` in the buffer's precision.
     fn upload_f64(&self, host: &[f64]) -> Result<Self::Buf>;
     /// An index buffer holding `host` (values are checked by the ops that read them).
@@ -199,6 +203,17 @@ impl<T: Real> TrainOps for HostOps<T> {
 
     fn zeros(&self, len: usize) -> Result<Vec<T>> {
         Ok(vec![T::zero(); len])
+    }
+    fn upload(&self, host: &[f32]) -> Result<Vec<T>> {
+        Ok(host.iter().map(|&x| T::from_f64(x as f64)).collect())
+    }
+    fn download(&self, src: &Vec<T>, n: usize) -> Result<Vec<f32>> {
+        ensure!(
+            src.len() >= n,
+            "download: `src` holds {}, asked for {n}",
+            src.len()
+        );
+        Ok(src[..n].iter().map(|x| x.to_f64() as f32).collect())
     }
     fn upload_f64(&self, host: &[f64]) -> Result<Vec<T>> {
         Ok(host.iter().map(|&x| T::from_f64(x)).collect())

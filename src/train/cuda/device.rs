@@ -142,17 +142,6 @@ impl CudaOps {
 
     // ---- buffers ----
 
-    pub fn upload(&self, host: &[f32]) -> Result<Buf> {
-        let mut b = self.zeros(host.len())?;
-        if !host.is_empty() {
-            self.be
-                .stream()
-                .memcpy_htod(host, &mut b)
-                .map_err(|e| driver_err(format!("host→device copy of {} f32", host.len()), e))?;
-        }
-        Ok(b)
-    }
-
     /// Overwrite the first `host.len()` elements of `dst`.
     pub fn write(&self, dst: &mut Buf, host: &[f32]) -> Result<()> {
         check_len("write", "dst", dst.len(), host.len())?;
@@ -182,20 +171,6 @@ impl CudaOps {
             buf,
             host: host.to_vec(),
         })
-    }
-
-    /// The first `n` elements of `src` (synchronizes the stream).
-    pub fn download(&self, src: &Buf, n: usize) -> Result<Vec<f32>> {
-        check_len("download", "src", src.len(), n)?;
-        let mut out = vec![0f32; n];
-        if n > 0 {
-            self.be
-                .stream()
-                .memcpy_dtoh(&src.slice(..n), &mut out)
-                .map_err(|e| driver_err("device→host copy".into(), e))?;
-        }
-        self.sync()?;
-        Ok(out)
     }
 
     pub fn sync(&self) -> Result<()> {

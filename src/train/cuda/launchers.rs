@@ -15,6 +15,31 @@ impl TrainOps for CudaOps {
             .map_err(|e| driver_err(format!("allocating {len} f32 on the GPU"), e))
     }
 
+    fn upload(&self, host: &[f32]) -> Result<Buf> {
+        let mut b = self.zeros(host.len())?;
+        if !host.is_empty() {
+            self.be
+                .stream()
+                .memcpy_htod(host, &mut b)
+                .map_err(|e| driver_err(format!("host→device copy of {} f32", host.len()), e))?;
+        }
+        Ok(b)
+    }
+
+    /// The first `n` elements of `src` (synchronizes the stream).
+    fn download(&self, src: &Buf, n: usize) -> Result<Vec<f32>> {
+        check_len("download", "src", src.len(), n)?;
+        let mut out = vec![0f32; n];
+        if n > 0 {
+            self.be
+                .stream()
+                .memcpy_dtoh(&src.slice(..n), &mut out)
+                .map_err(|e| driver_err("device→host copy".into(), e))?;
+        }
+        self.sync()?;
+        Ok(out)
+    }
+
     /// Rounded to f32.
     fn upload_f64(&self, host: &[f64]) -> Result<Buf> {
         self.upload(&host.iter().map(|&x| x as f32).collect::<Vec<_>>())
