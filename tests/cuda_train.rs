@@ -2,6 +2,11 @@
 //! reference op of `llada::train::ops` (f32 on both sides, same inputs), then one whole-model
 //! training step and a few optimizer steps against the CPU trainer.
 //!
+//! The op and whole-pass test bodies are written once over [`TrainOps`] (`*_on<B: TrainOps>`)
+//! and run twice by `on_each_device!`: on `HostOps<f32>` (the trait's host path against the
+//! `ops` reference; runs everywhere) and on `CudaOps`. The optimizer, the trainer and the bf16
+//! GEMM tests are device-only.
+//!
 //! Notation: u = 2^-24 (f32 unit roundoff). Both sides compute in f32 from identical inputs, so
 //! each differs from the exact result by at most the classic rounding-error bound of its own
 //! evaluation order, and their difference by at most twice that. Tolerances, per element:
@@ -23,11 +28,12 @@
 
 use llada::engine::rng;
 use llada::hf::config::ModelConfig;
+use llada::train::backend::{HostOps, TrainOps};
 use llada::train::cuda::{
     self, AdamWScalars, CudaOps, CudaTrainState, DeviceParams, TrainPrecision,
 };
 use llada::train::data::Sample;
-use llada::train::model::{forward_backward, Batch, Params};
+use llada::train::model::{forward_backward, forward_backward_on, Batch, Params};
 use llada::train::ops::{self, AttnShape};
 use llada::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use llada::train::{TrainOptions, Trainer};
@@ -36,6 +42,21 @@ const U: f64 = 1.0 / 16_777_216.0; // 2^-24
 
 // ---------------------------------------------------------------------------------------------
 // Harness
+
+/// Run the test body `$body` (generic over [`TrainOps`]) on the host ops — the CPU
+/// instantiation: the trait's host path against the `ops` reference, same assertions and
+/// tolerances — then on the GPU. Evaluates to the GPU's ops (`None` after a printed SKIP) for
+/// the checks only the device launchers make.
+macro_rules! on_each_device {
+    ($body:ident) => {{
+        $body(&HostOps::<f32>::new());
+        let g = gpu();
+        if let Some(g) = &g {
+            $body(g);
+        }
+        g
+    }};
+}
 
 fn gpu() -> Option<CudaOps> {
     let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
@@ -65,10 +86,6 @@ fn rand_ids(tag: u64, len: usize, hi: usize) -> Vec<u32> {
     (0..len)
         .map(|i| ((rng::uniform(rng::bits(key, i as u64)) * hi as f64) as usize).min(hi - 1) as u32)
         .collect()
-}
-
-fn ints(ids: &[u32]) -> Vec<i32> {
-    ids.iter().map(|&x| x as i32).collect()
 }
 
 /// Compare element-wise with an allowed |difference| per element; NaN anywhere fails. Panics
@@ -125,7 +142,10 @@ fn abs(v: &[f32]) -> Vec<f64> {
 
 #[test]
 fn linear_fwd_bwd() {
-    let Some(g) = gpu() else { return };
+    on_each_device!(linear_fwd_bwd_on);
+}
+
+fn linear_fwd_bwd_on<B: TrainOps>(g: &B) {
     for (case, &(n, k, m)) in [(3, 5, 4), (17, 33, 9), (64, 128, 96), (1, 1, 1)]
         .iter()
         .enumerate()
@@ -210,7 +230,10 @@ fn linear_fwd_bwd() {
 
 #[test]
 fn rms_norm_fwd_bwd() {
-    let Some(g) = gpu() else { return };
+    on_each_device!(rms_norm_fwd_bwd_on);
+}
+
+fn rms_norm_fwd_bwd_on<B: TrainOps>(g: &B) {
     let eps = 1e-5f32;
     for (case, &(n, c)) in [(1, 1), (3, 7), (5, 128), (9, 1000), (2, 4096)]
         .iter()
@@ -289,7 +312,10 @@ fn rms_norm_fwd_bwd() {
 
 #[test]
 fn swiglu_fwd_bwd() {
-    let Some(gp) = gpu() else { return };
+    on_each_device!(swiglu_fwd_bwd_on);
+}
+
+fn swiglu_fwd_bwd_on<B: TrainOps>(gp: &B) {
     for (case, &len) in [1usize, 7, 1000, 65_537].iter().enumerate() {
         let tag = 300 + 10 * case as u64;
         let g = rand_vec(tag, len, 6.0);
@@ -348,7 +374,19 @@ fn swiglu_fwd_bwd() {
 
 #[test]
 fn rope_fwd_bwd_exact() {
-    let Some(g) = gpu() else { return };
+    let Some(g) = on_each_device!(rope_fwd_bwd_exact_on) else {
+        return;
+    };
+    // A position outside the tables is refused on the host.
+    let (cos, sin) = llada::backend::rope_tables(10000.0, 4, 3);
+    let (cd, sd) = (g.upload(&cos).unwrap(), g.upload(&sin).unwrap());
+    let pd = g.upload_ints(&[0, 3]).unwrap();
+    let mut xd = g.zeros(2 * 4).unwrap();
+    let e = g.rope(&mut xd, &pd, &cd, &sd, 2, 1, 4, false).unwrap_err();
+    assert!(format!("{e:#}").contains("pos[1] = 3"), "{e:#}");
+}
+
+fn rope_fwd_bwd_exact_on<B: TrainOps>(g: &B) {
     for (case, &(n, heads, hd)) in [(1, 1, 2), (5, 3, 64), (7, 2, 128), (4, 5, 10)]
         .iter()
         .enumerate()
@@ -356,15 +394,10 @@ fn rope_fwd_bwd_exact() {
         let tag = 400 + 10 * case as u64;
         let max_pos = 37;
         let (cos, sin) = llada::backend::rope_tables(10000.0, hd, max_pos);
-        let pos: Vec<usize> = rand_ids(tag, n, max_pos)
-            .iter()
-            .map(|&p| p as usize)
-            .collect();
+        let pos: Vec<u32> = rand_ids(tag, n, max_pos);
         let x = rand_vec(tag + 1, n * heads * hd, 3.0);
         let (cd, sd) = (g.upload(&cos).unwrap(), g.upload(&sin).unwrap());
-        let pd = g
-            .upload_ints(&pos.iter().map(|&p| p as i32).collect::<Vec<_>>())
-            .unwrap();
+        let pd = g.ints(&pos).unwrap();
         for inverse in [false, true] {
             let mut want = x.clone();
             ops::rope(&mut want, &pos, &cos, &sin, n, heads, hd, inverse);
@@ -378,18 +411,25 @@ fn rope_fwd_bwd_exact() {
             );
         }
     }
-    // A position outside the tables is refused on the host.
-    let (cos, sin) = llada::backend::rope_tables(10000.0, 4, 3);
-    let (cd, sd) = (g.upload(&cos).unwrap(), g.upload(&sin).unwrap());
-    let pd = g.upload_ints(&[0, 3]).unwrap();
-    let mut xd = g.zeros(2 * 4).unwrap();
-    let e = g.rope(&mut xd, &pd, &cd, &sd, 2, 1, 4, false).unwrap_err();
-    assert!(format!("{e:#}").contains("pos[1] = 3"), "{e:#}");
 }
 
 #[test]
 fn embedding_rows_add_exact() {
-    let Some(g) = gpu() else { return };
+    let Some(g) = on_each_device!(embedding_rows_add_exact_on) else {
+        return;
+    };
+    // Ids outside the table are refused on the host, naming the index.
+    let wd = g.upload(&[0.0; 6]).unwrap();
+    let idd = g.upload_ints(&[1, 3]).unwrap();
+    let mut xd = g.zeros(4).unwrap();
+    let e = g.embedding(&mut xd, &wd, &idd, 2, 2).unwrap_err();
+    assert!(format!("{e:#}").contains("ids[1] = 3"), "{e:#}");
+    let mut dwd = g.zeros(6).unwrap();
+    let e = g.embedding_bwd(&mut dwd, &xd, &[0, 7], 2).unwrap_err();
+    assert!(format!("{e:#}").contains("ids[1] = 7"), "{e:#}");
+}
+
+fn embedding_rows_add_exact_on<B: TrainOps>(g: &B) {
     for (case, &(n, v, c)) in [(1, 1, 1), (9, 5, 7), (64, 50, 128), (300, 3, 33)]
         .iter()
         .enumerate()
@@ -403,7 +443,7 @@ fn embedding_rows_add_exact() {
         ops::embedding(&mut x, &wte, &ids, c);
         let mut dwte = dw0.clone();
         ops::embedding_bwd(&mut dwte, &dx, &ids, c);
-        let idd = g.upload_ints(&ints(&ids)).unwrap();
+        let idd = g.ints(&ids).unwrap();
         let wd = g.upload(&wte).unwrap();
         let mut xd = g.upload(&vec![f32::NAN; n * c]).unwrap();
         g.embedding(&mut xd, &wd, &idd, n, c).unwrap();
@@ -429,7 +469,7 @@ fn embedding_rows_add_exact() {
             want_g[i * c..(i + 1) * c]
                 .copy_from_slice(&x[row as usize * c..(row as usize + 1) * c]);
         }
-        let rd = g.upload_ints(&ints(&rows)).unwrap();
+        let rd = g.ints(&rows).unwrap();
         let mut god = g.upload(&vec![f32::NAN; r * c]).unwrap();
         g.gather_rows(&mut god, &xd, &rd, r, c).unwrap();
         exact(
@@ -460,15 +500,6 @@ fn embedding_rows_add_exact() {
             &g.download(&xd, n * c).unwrap(),
         );
     }
-    // Ids outside the table are refused on the host, naming the index.
-    let wd = g.upload(&[0.0; 6]).unwrap();
-    let idd = g.upload_ints(&[1, 3]).unwrap();
-    let mut xd = g.zeros(4).unwrap();
-    let e = g.embedding(&mut xd, &wd, &idd, 2, 2).unwrap_err();
-    assert!(format!("{e:#}").contains("ids[1] = 3"), "{e:#}");
-    let mut dwd = g.zeros(6).unwrap();
-    let e = g.embedding_bwd(&mut dwd, &xd, &[0, 7], 2).unwrap_err();
-    assert!(format!("{e:#}").contains("ids[1] = 7"), "{e:#}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -476,7 +507,10 @@ fn embedding_rows_add_exact() {
 
 #[test]
 fn cross_entropy() {
-    let Some(g) = gpu() else { return };
+    on_each_device!(cross_entropy_on);
+}
+
+fn cross_entropy_on<B: TrainOps>(g: &B) {
     for (case, &(r, v)) in [(1, 1), (3, 50), (17, 512), (5, 1001), (2, 126_464)]
         .iter()
         .enumerate()
@@ -492,7 +526,7 @@ fn cross_entropy() {
         let loss = ops::cross_entropy(&mut z, &targets, &weights, v);
         let mut zd = g.upload(&z0).unwrap();
         let mut lr = g.zeros(r).unwrap();
-        let td = g.upload_ints(&ints(&targets)).unwrap();
+        let td = g.ints(&targets).unwrap();
         let wd = g.upload(&weights).unwrap();
         let gl = g.cross_entropy(&mut zd, &mut lr, &td, &wd, r, v).unwrap();
         // lse = max + ln Σ exp(z − max): the sum of V positive terms is within (V+2)u relative
@@ -599,7 +633,10 @@ fn attn_terms(a: &AttnCase, lse: &[f32]) -> (Vec<f64>, Vec<f64>) {
 
 #[test]
 fn attention_fwd() {
-    let Some(g) = gpu() else { return };
+    on_each_device!(attention_fwd_on);
+}
+
+fn attention_fwd_on<B: TrainOps>(g: &B) {
     for (case, &(b, t, nh, nkv, hd)) in ATTN_SHAPES.iter().enumerate() {
         let d = AttnShape { b, t, nh, nkv, hd };
         let a = attn_case(700 + 10 * case as u64, d);
@@ -658,7 +695,10 @@ fn attention_fwd() {
 
 #[test]
 fn attention_bwd() {
-    let Some(g) = gpu() else { return };
+    on_each_device!(attention_bwd_on);
+}
+
+fn attention_bwd_on<B: TrainOps>(g: &B) {
     for (case, &(b, t, nh, nkv, hd)) in ATTN_SHAPES.iter().enumerate() {
         let d = AttnShape { b, t, nh, nkv, hd };
         let a = attn_case(800 + 10 * case as u64, d);
@@ -921,31 +961,48 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 /// 1e-3. A wrong term (index, transposition, missing accumulation) gives O(1) errors.
 #[test]
 fn model_step_matches_cpu() {
-    let Some(g) = gpu() else { return };
+    on_each_device!(model_step_matches_cpu_on);
+}
+
+/// Every tensor of `p` as buffers of `g`.
+fn upload_params<B: TrainOps>(g: &B, p: &Params<f32>) -> Vec<B::Buf> {
+    p.data.iter().map(|d| g.upload(d).unwrap()).collect()
+}
+
+/// Every buffer of `d` back, shaped like `like`.
+fn download_params<B: TrainOps>(g: &B, d: &[B::Buf], like: &Params<f32>) -> Params<f32> {
+    let mut out = like.clone();
+    for (o, b) in out.data.iter_mut().zip(d) {
+        *o = g.download(b, o.len()).unwrap();
+    }
+    out
+}
+
+fn model_step_matches_cpu_on<B: TrainOps>(g: &B) {
     let cfg = tiny();
     let p = tiny_params(&cfg);
     let batch = tiny_batch(&cfg, 2, 40);
     assert!(!batch.rows.is_empty());
     let mut grad = Params::<f32>::zeros(&cfg);
     let loss = forward_backward(&cfg, &p, &batch, &mut grad).unwrap();
-    let dp = DeviceParams::upload(&g, &p).unwrap();
-    let mut dg = DeviceParams::upload(&g, &Params::<f32>::zeros(&cfg)).unwrap();
-    let gl = cuda::forward_backward(&g, &cfg, &dp, &batch, &mut dg).unwrap();
+    let dp = upload_params(g, &p);
+    let mut dg = upload_params(g, &Params::<f32>::zeros(&cfg));
+    let gl = forward_backward_on(g, &cfg, &dp, &batch, &mut dg).unwrap();
     eprintln!("tiny loss: cpu {loss} gpu {gl}");
     assert!(
         (loss - gl).abs() <= 1e-4 * loss.abs(),
         "loss cpu {loss} gpu {gl}"
     );
-    let gg = dg.download(&g).unwrap();
+    let gg = download_params(g, &dg, &grad);
     for (i, name) in grad.names.iter().enumerate() {
         let e = rel_err(&grad.data[i], &gg.data[i]);
         eprintln!("grad `{name}`: relative error {e:.2e}");
         assert!(e <= 1e-3, "gradient of `{name}`: relative error {e:e}");
     }
     // Gradients accumulate: a second pass doubles them.
-    let gl2 = cuda::forward_backward(&g, &cfg, &dp, &batch, &mut dg).unwrap();
+    let gl2 = forward_backward_on(g, &cfg, &dp, &batch, &mut dg).unwrap();
     assert_eq!(gl, gl2, "the GPU pass is deterministic");
-    let gg2 = dg.download(&g).unwrap();
+    let gg2 = download_params(g, &dg, &grad);
     for i in 0..gg.data.len() {
         let twice: Vec<f32> = gg.data[i].iter().map(|x| 2.0 * x).collect();
         let e = rel_err(&twice, &gg2.data[i]);

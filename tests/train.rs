@@ -115,7 +115,7 @@ fn fd_rms_norm() {
 fn fd_rope_and_identity_at_zero() {
     let (n, heads, hd) = (4, 2, 6);
     let (cos, sin) = llada::backend::rope_tables(10000.0, hd, 8);
-    let pos = vec![0usize, 3, 7, 1];
+    let pos = vec![0u32, 3, 7, 1];
     let mut x = rand_vec(7, n * heads * hd, 1.0);
     let r = rand_vec(8, n * heads * hd, 1.0);
     let mut dx = r.clone();

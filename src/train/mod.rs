@@ -3,12 +3,16 @@
 //!
 //! - [`ops`]: every op's forward (keeping what the backward needs) and backward, generic over
 //!   f32/f64 ([`ops::Real`]) so gradients are checked by finite differences in f64.
-//! - [`model`]: whole-model forward + backward over the checkpoint's tensor names ([`Params`]).
+//! - [`backend`]: [`backend::TrainOps`], the training ops as one interface, on the host
+//!   ([`backend::HostOps`], over [`ops`]) and on CUDA ([`cuda::CudaOps`]).
+//! - [`model`]: whole-model forward + backward over the checkpoint's tensor names ([`Params`]),
+//!   written once over [`backend::TrainOps`] ([`model::forward_backward_on`]).
 //! - [`loss`]: pretraining / SFT masking and loss weights, counter-based RNG streams 16–19.
 //! - [`optim`]: AdamW (f32 master weights and moments), schedules, clipping.
 //! - [`data`]: text / JSONL loading, packing, SFT formatting, deterministic sample order.
 //! - [`checkpoint`]: Hugging Face folder + optimizer state; exact resume.
-//! - [`Trainer`]: one optimizer step = `accum` micro-batches of `batch_size` sequences.
+//! - [`Trainer`]: one optimizer step = `accum` micro-batches of `batch_size` sequences, written
+//!   once over [`StepState`] (the host's tensors, [`HostStep`], or a GPU's resident state).
 //!
 //! - [`cuda`]: the same step on one CUDA GPU (f32 kernels + cuBLAS f32 GEMMs, AdamW on the
 //!   device), driven by [`Trainer::train_step_cuda`]; the CPU path stays the reference.
@@ -17,6 +21,7 @@
 //!   the GPU, TCP on the CPU) and every rank takes the same AdamW step
 //!   ([`Trainer::join_group`]).
 
+pub mod backend;
 pub mod checkpoint;
 pub mod cuda;
 pub mod data;
@@ -144,6 +149,47 @@ pub fn step_flops(cfg: &ModelConfig, b: usize, t: usize, rows: usize) -> f64 {
     6.0 * per_tok * n
         + 6.0 * cfg.embedding_size as f64 * c * rows as f64
         + 12.0 * l * b as f64 * (t * t) as f64 * qw
+}
+
+/// Where a step's gradients and update live: the trainer's host tensors ([`HostStep`]) or a
+/// GPU's resident state ([`cuda::CudaTrainState`]). [`Trainer`]'s step is written once over it.
+pub trait StepState {
+    /// Clear the gradients before the step's micro-batches.
+    fn zero_grad(&mut self) -> Result<()>;
+    /// [`model::forward_backward_on`] of `batch`, adding into the gradients; returns the loss.
+    fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64>;
+    /// Sum the gradients over the data-parallel ranks (`group` on the host, NCCL on the GPU).
+    fn all_reduce_grads(&mut self, group: &mut dist::HostGroup) -> Result<()>;
+    /// Clip to the global norm `max_norm` (0 = off) and take AdamW update number `opt.t + 1`
+    /// at `lr` (advancing `opt.t`). Returns the gradient norm before clipping.
+    fn clip_and_step(&mut self, opt: &mut AdamW, lr: f64, max_norm: f64) -> Result<f64>;
+}
+
+/// The host's step state: f32 parameters and gradients, AdamW's moments in the [`AdamW`].
+pub struct HostStep {
+    pub params: Params<f32>,
+    pub grad: Params<f32>,
+}
+
+impl StepState for HostStep {
+    fn zero_grad(&mut self) -> Result<()> {
+        self.grad.fill_zero();
+        Ok(())
+    }
+    fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
+        forward_backward(cfg, &self.params, batch, &mut self.grad)
+    }
+    fn all_reduce_grads(&mut self, group: &mut dist::HostGroup) -> Result<()> {
+        for d in &mut self.grad.data {
+            group.all_reduce_f32(d)?;
+        }
+        Ok(())
+    }
+    fn clip_and_step(&mut self, opt: &mut AdamW, lr: f64, max_norm: f64) -> Result<f64> {
+        let norm = clip_grad_norm(&mut self.grad, max_norm);
+        opt.step(&mut self.params, &self.grad, lr);
+        Ok(norm)
+    }
 }
 
 /// A training run on the host.
@@ -312,7 +358,14 @@ impl Trainer {
 
     /// One optimizer step: accumulate the micro-batches' gradients, clip, AdamW.
     pub fn train_step(&mut self) -> Result<StepStats> {
-        self.step_on(None)
+        // The host state is the trainer's own tensors: lent to the step, returned even on error.
+        let mut host = HostStep {
+            params: std::mem::take(&mut self.params),
+            grad: std::mem::take(&mut self.grad),
+        };
+        let stats = self.step_on(&mut host);
+        (self.params, self.grad) = (host.params, host.grad);
+        stats
     }
 
     /// [`Trainer::train_step`] on the GPU: forward/backward, gradient norm, clipping and AdamW
@@ -320,7 +373,7 @@ impl Trainer {
     /// hyper-parameters). The host copies in `self.params` / `self.opt` go stale until
     /// [`Trainer::pull_from_cuda`].
     pub fn train_step_cuda(&mut self, gpu: &mut cuda::CudaTrainState) -> Result<StepStats> {
-        self.step_on(Some(gpu))
+        self.step_on(gpu)
     }
 
     /// Copy the GPU's parameters and AdamW moments into `self.params` / `self.opt` (before a
@@ -331,23 +384,17 @@ impl Trainer {
         gpu.v.download_into(&gpu.ops, &mut self.opt.v)
     }
 
-    fn step_on(&mut self, mut gpu: Option<&mut cuda::CudaTrainState>) -> Result<StepStats> {
+    fn step_on<S: StepState>(&mut self, state: &mut S) -> Result<StepStats> {
         ensure!(
             self.step < self.opts.steps,
             "the run is complete ({} steps)",
             self.opts.steps
         );
-        match gpu.as_deref_mut() {
-            Some(g) => g.zero_grad()?,
-            None => self.grad.fill_zero(),
-        }
+        state.zero_grad()?;
         let (mut loss, mut tokens, mut masked, mut flops) = (0.0, 0, 0, 0.0);
         for k in 0..self.opts.accum {
             let batch = self.micro_batch(self.step, k)?;
-            loss += match gpu.as_deref_mut() {
-                Some(g) => g.forward_backward(&self.cfg, &batch)?,
-                None => forward_backward(&self.cfg, &self.params, &batch, &mut self.grad)?,
-            };
+            loss += state.forward_backward(&self.cfg, &batch)?;
             tokens += batch.b * batch.t;
             masked += batch.rows.len();
             flops += step_flops(&self.cfg, batch.b, batch.t, batch.rows.len());
@@ -360,14 +407,7 @@ impl Trainer {
             tokens = st[1] as usize;
             masked = st[2] as usize;
             flops = st[3];
-            match gpu.as_deref_mut() {
-                Some(g) => g.all_reduce_grads()?,
-                None => {
-                    for d in &mut self.grad.data {
-                        group.all_reduce_f32(d)?;
-                    }
-                }
-            }
+            state.all_reduce_grads(group)?;
         }
         ensure!(
             loss.is_finite(),
@@ -377,18 +417,7 @@ impl Trainer {
         let lr = self
             .schedule
             .lr(self.opts.lr, self.opts.warmup, self.step, self.opts.steps);
-        let grad_norm = match gpu {
-            Some(g) => {
-                let norm = g.clip_and_step(&self.opt.cfg, self.opt.t + 1, lr, self.opts.clip)?;
-                self.opt.t += 1;
-                norm
-            }
-            None => {
-                let norm = clip_grad_norm(&mut self.grad, self.opts.clip);
-                self.opt.step(&mut self.params, &self.grad, lr);
-                norm
-            }
-        };
+        let grad_norm = state.clip_and_step(&mut self.opt, lr, self.opts.clip)?;
         self.step += 1;
         Ok(StepStats {
             step: self.step,

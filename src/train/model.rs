@@ -9,14 +9,15 @@
 
 use anyhow::{ensure, Context, Result};
 
-use super::ops::{self, AttnShape, Real};
+use super::backend::{HostOps, TrainOps};
+use super::ops::{AttnShape, Real};
 use crate::backend::rope_tables;
 use crate::hf::checkpoint::{expected_tensors, Checkpoint};
 use crate::hf::config::ModelConfig;
 
 /// Every parameter (or gradient, or optimizer moment) of a model, one flat vector per
 /// checkpoint tensor, in the order of [`expected_tensors`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Params<T> {
     pub names: Vec<String>,
     pub shapes: Vec<Vec<usize>>,
@@ -88,13 +89,6 @@ impl<T: Real> Params<T> {
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.names.iter().position(|n| n == name)
     }
-
-    fn lm_head(&self) -> usize {
-        self.data.len() - 1
-    }
-    fn ln_f(&self) -> usize {
-        self.data.len() - 2
-    }
 }
 
 /// One (micro-)batch for [`forward_backward`]: model input ids (masked tokens already replaced
@@ -157,34 +151,48 @@ impl Batch {
 }
 
 /// What one layer's forward pass keeps for the backward pass.
-struct Saved<T> {
-    x_in: Vec<T>,
-    r1: Vec<T>,
-    h1: Vec<T>,
-    q: Vec<T>,
-    k: Vec<T>,
-    v: Vec<T>,
-    lse: Vec<T>,
-    a: Vec<T>,
-    x_mid: Vec<T>,
-    r2: Vec<T>,
-    h2: Vec<T>,
-    g: Vec<T>,
-    u: Vec<T>,
-    m: Vec<T>,
+struct Saved<B> {
+    x_in: B,
+    r1: B,
+    h1: B,
+    q: B,
+    k: B,
+    v: B,
+    lse: B,
+    a: B,
+    x_mid: B,
+    r2: B,
+    h2: B,
+    g: B,
+    u: B,
+    m: B,
 }
 
-/// Loss of `batch` under `p`, with the gradient of every parameter **added** to `grad`
-/// (so micro-batches accumulate). Returns the loss `Σ_r weight[r]·CE_r` in f64.
+/// Loss of `batch` under `p` on the host, with the gradient of every parameter **added** to
+/// `grad` (so micro-batches accumulate): [`forward_backward_on`] over [`HostOps`]. Returns the
+/// loss `Σ_r weight[r]·CE_r` in f64.
 pub fn forward_backward<T: Real>(
     cfg: &ModelConfig,
     p: &Params<T>,
     batch: &Batch,
     grad: &mut Params<T>,
 ) -> Result<f64> {
+    forward_backward_on(&HostOps::<T>::new(), cfg, &p.data, batch, &mut grad.data)
+}
+
+/// The model's forward and backward pass over any [`TrainOps`]: loss of `batch` under the
+/// parameters `p` (the tensors of [`Params`], in its order), with every parameter's gradient
+/// **added** to `grad`. Activation buffers live for the call.
+pub fn forward_backward_on<B: TrainOps>(
+    ops: &B,
+    cfg: &ModelConfig,
+    p: &[B::Buf],
+    batch: &Batch,
+    grad: &mut [B::Buf],
+) -> Result<f64> {
     batch.validate(cfg)?;
     ensure!(
-        p.data.len() == 3 + 9 * cfg.n_layers && grad.data.len() == p.data.len(),
+        p.len() == 3 + 9 * cfg.n_layers && grad.len() == p.len(),
         "forward_backward: parameter sets do not match the config's {} layers",
         cfg.n_layers
     );
@@ -199,221 +207,185 @@ pub fn forward_backward<T: Real>(
         cfg.embedding_size,
     );
     let (qw, kw) = (nh * hd, nkv * hd);
-    let eps = cfg.rms_norm_eps as f64;
+    let eps = cfg.rms_norm_eps;
     let dims = AttnShape { b, t, nh, nkv, hd };
-    let (cos, sin) = rope_tables(cfg.rope_theta, hd, t.max(1));
-    let pos: Vec<usize> = (0..n).map(|i| i % t).collect();
-    let zeros = |len: usize| vec![T::zero(); len];
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let (cos_h, sin_h) = rope_tables(cfg.rope_theta, hd, t.max(1));
+    let (cos, sin) = (
+        ops.upload_f64(&f64s(&cos_h))?,
+        ops.upload_f64(&f64s(&sin_h))?,
+    );
+    let pos: Vec<u32> = (0..n).map(|i| (i % t.max(1)) as u32).collect();
+    let pos = ops.ints(&pos)?;
+    let ids = ops.ints(&batch.ids)?;
+    let z = |len: usize| ops.zeros(len);
 
     // ---- forward ----
-    let mut x = zeros(n * c);
-    ops::embedding(&mut x, &p.data[I_WTE], &batch.ids, c);
-    let mut saved: Vec<Saved<T>> = Vec::with_capacity(cfg.n_layers);
-    let mut tmp_c = zeros(n * c);
+    let mut x = z(n * c)?;
+    ops.embedding(&mut x, &p[I_WTE], &ids, n, c)?;
+    let mut saved: Vec<Saved<B::Buf>> = Vec::with_capacity(cfg.n_layers);
+    let mut tmp_c = z(n * c)?;
     for l in 0..cfg.n_layers {
-        let w = |part: usize| &p.data[i_block(l, part)];
+        let w = |part: usize| &p[i_block(l, part)];
         let mut s = Saved {
-            x_in: x.clone(),
-            r1: zeros(n),
-            h1: zeros(n * c),
-            q: zeros(n * qw),
-            k: zeros(n * kw),
-            v: zeros(n * kw),
-            lse: zeros(n * nh),
-            a: zeros(n * qw),
-            x_mid: Vec::new(),
-            r2: zeros(n),
-            h2: zeros(n * c),
-            g: zeros(n * f),
-            u: zeros(n * f),
-            m: zeros(n * f),
+            x_in: z(n * c)?,
+            r1: z(n)?,
+            h1: z(n * c)?,
+            q: z(n * qw)?,
+            k: z(n * kw)?,
+            v: z(n * kw)?,
+            lse: z(n * nh)?,
+            a: z(n * qw)?,
+            x_mid: z(n * c)?,
+            r2: z(n)?,
+            h2: z(n * c)?,
+            g: z(n * f)?,
+            u: z(n * f)?,
+            m: z(n * f)?,
         };
-        ops::rms_norm(&mut s.h1, &mut s.r1, &x, w(ATTN_NORM), n, c, eps);
-        ops::linear(&mut s.q, &s.h1, w(Q), n, c, qw);
-        ops::linear(&mut s.k, &s.h1, w(K), n, c, kw);
-        ops::linear(&mut s.v, &s.h1, w(V), n, c, kw);
-        ops::rope(&mut s.q, &pos, &cos, &sin, n, nh, hd, false);
-        ops::rope(&mut s.k, &pos, &cos, &sin, n, nkv, hd, false);
-        ops::attention(&mut s.a, &mut s.lse, &s.q, &s.k, &s.v, dims);
-        ops::linear(&mut tmp_c, &s.a, w(ATTN_OUT), n, qw, c);
-        for (xv, &d) in x.iter_mut().zip(&tmp_c) {
-            *xv += d;
-        }
-        s.x_mid = x.clone();
-        ops::rms_norm(&mut s.h2, &mut s.r2, &x, w(FF_NORM), n, c, eps);
-        ops::linear(&mut s.g, &s.h2, w(GATE), n, c, f);
-        ops::linear(&mut s.u, &s.h2, w(UP), n, c, f);
-        ops::swiglu(&mut s.m, &s.g, &s.u);
-        ops::linear(&mut tmp_c, &s.m, w(DOWN), n, f, c);
-        for (xv, &d) in x.iter_mut().zip(&tmp_c) {
-            *xv += d;
-        }
+        ops.copy(&mut s.x_in, &x)?;
+        ops.rms_norm(&mut s.h1, &mut s.r1, &x, w(ATTN_NORM), n, c, eps)?;
+        ops.linear(&mut s.q, &s.h1, w(Q), n, c, qw)?;
+        ops.linear(&mut s.k, &s.h1, w(K), n, c, kw)?;
+        ops.linear(&mut s.v, &s.h1, w(V), n, c, kw)?;
+        ops.rope(&mut s.q, &pos, &cos, &sin, n, nh, hd, false)?;
+        ops.rope(&mut s.k, &pos, &cos, &sin, n, nkv, hd, false)?;
+        ops.attention(&mut s.a, &mut s.lse, &s.q, &s.k, &s.v, dims)?;
+        ops.linear(&mut tmp_c, &s.a, w(ATTN_OUT), n, qw, c)?;
+        ops.add(&mut x, &tmp_c, n * c)?;
+        ops.copy(&mut s.x_mid, &x)?;
+        ops.rms_norm(&mut s.h2, &mut s.r2, &x, w(FF_NORM), n, c, eps)?;
+        ops.linear(&mut s.g, &s.h2, w(GATE), n, c, f)?;
+        ops.linear(&mut s.u, &s.h2, w(UP), n, c, f)?;
+        ops.swiglu(&mut s.m, &s.g, &s.u, n * f)?;
+        ops.linear(&mut tmp_c, &s.m, w(DOWN), n, f, c)?;
+        ops.add(&mut x, &tmp_c, n * c)?;
         saved.push(s);
     }
     let r = batch.rows.len();
-    let mut xr = zeros(r * c);
-    for (i, &row) in batch.rows.iter().enumerate() {
-        let row = row as usize;
-        xr[i * c..(i + 1) * c].copy_from_slice(&x[row * c..(row + 1) * c]);
-    }
-    let mut rf = zeros(r);
-    let mut hf = zeros(r * c);
-    ops::rms_norm(&mut hf, &mut rf, &xr, &p.data[p.ln_f()], r, c, eps);
-    let mut logits = zeros(r * v);
-    ops::linear(&mut logits, &hf, &p.data[p.lm_head()], r, c, v);
-    let weights: Vec<T> = batch.weights.iter().map(|&w| T::from_f64(w)).collect();
-    let loss = ops::cross_entropy(&mut logits, &batch.targets, &weights, v);
+    let rows = ops.ints(&batch.rows)?;
+    let mut xr = z(r * c)?;
+    ops.gather_rows(&mut xr, &x, &rows, r, c)?;
+    let mut rf = z(r)?;
+    let mut hf = z(r * c)?;
+    let (i_lm, i_lnf) = (p.len() - 1, p.len() - 2);
+    ops.rms_norm(&mut hf, &mut rf, &xr, &p[i_lnf], r, c, eps)?;
+    let mut logits = z(r * v)?;
+    ops.linear(&mut logits, &hf, &p[i_lm], r, c, v)?;
+    let weights = ops.upload_f64(&batch.weights)?;
+    let targets = ops.ints(&batch.targets)?;
+    let mut loss_rows = z(r)?;
+    let loss = ops.cross_entropy(&mut logits, &mut loss_rows, &targets, &weights, r, v)?;
 
     // ---- backward ----
-    let (i_lm, i_lnf) = (p.lm_head(), p.ln_f());
-    let mut dhf = zeros(r * c);
-    ops::linear_bwd(
-        Some(&mut dhf),
-        &mut grad.data[i_lm],
-        &logits,
-        &hf,
-        &p.data[i_lm],
-        r,
-        c,
-        v,
-    );
-    let mut dxr = zeros(r * c);
-    ops::rms_norm_bwd(
-        &mut dxr,
-        &mut grad.data[i_lnf],
-        &dhf,
-        &xr,
-        &rf,
-        &p.data[i_lnf],
-        r,
-        c,
-    );
-    let mut dx = zeros(n * c);
-    for (i, &row) in batch.rows.iter().enumerate() {
-        let row = row as usize;
-        for (o, &g) in dx[row * c..(row + 1) * c]
-            .iter_mut()
-            .zip(&dxr[i * c..(i + 1) * c])
-        {
-            *o += g;
-        }
-    }
-    let mut dm = zeros(n * f);
-    let mut dg = zeros(n * f);
-    let mut du = zeros(n * f);
-    let mut dh = zeros(n * c);
-    let mut dh_b = zeros(n * c);
-    let mut da = zeros(n * qw);
-    let mut dq = zeros(n * qw);
-    let mut dk = zeros(n * kw);
-    let mut dv = zeros(n * kw);
+    let mut dhf = z(r * c)?;
+    let (gl, gp) = (&mut grad[i_lm], &p[i_lm]);
+    ops.linear_bwd(Some(&mut dhf), false, gl, &logits, &hf, gp, r, c, v)?;
+    let mut dxr = z(r * c)?;
+    let (gn, pn) = (&mut grad[i_lnf], &p[i_lnf]);
+    ops.rms_norm_bwd(&mut dxr, gn, &dhf, &xr, &rf, pn, r, c)?;
+    let mut dx = z(n * c)?;
+    ops.scatter_add_rows(&mut dx, &dxr, &rows, r, c)?;
+    let mut dm = z(n * f)?;
+    let mut dg = z(n * f)?;
+    let mut du = z(n * f)?;
+    let mut dh = z(n * c)?;
+    let mut da = z(n * qw)?;
+    let mut dq = z(n * qw)?;
+    let mut dk = z(n * kw)?;
+    let mut dv = z(n * kw)?;
+    let mut delta = z(n * nh)?;
     for l in (0..cfg.n_layers).rev() {
         let s = &saved[l];
+        let w = |part: usize| &p[i_block(l, part)];
         let gi = |part: usize| i_block(l, part);
-        let w = |part: usize| &p.data[i_block(l, part)];
         // x_out = x_mid + m·W_downᵀ
-        ops::linear_bwd(
+        ops.linear_bwd(
             Some(&mut dm),
-            &mut grad.data[gi(DOWN)],
+            false,
+            &mut grad[gi(DOWN)],
             &dx,
             &s.m,
             w(DOWN),
             n,
             f,
             c,
-        );
-        ops::swiglu_bwd(&mut dg, &mut du, &dm, &s.g, &s.u);
-        ops::linear_bwd(
+        )?;
+        ops.swiglu_bwd(&mut dg, &mut du, &dm, &s.g, &s.u, n * f)?;
+        ops.linear_bwd(
             Some(&mut dh),
-            &mut grad.data[gi(GATE)],
+            false,
+            &mut grad[gi(GATE)],
             &dg,
             &s.h2,
             w(GATE),
             n,
             c,
             f,
-        );
-        ops::linear_bwd(
-            Some(&mut dh_b),
-            &mut grad.data[gi(UP)],
+        )?;
+        ops.linear_bwd(
+            Some(&mut dh),
+            true,
+            &mut grad[gi(UP)],
             &du,
             &s.h2,
             w(UP),
             n,
             c,
             f,
-        );
-        for (a, &bv) in dh.iter_mut().zip(&dh_b) {
-            *a += bv;
-        }
-        ops::rms_norm_bwd(
-            &mut tmp_c,
-            &mut grad.data[gi(FF_NORM)],
-            &dh,
-            &s.x_mid,
-            &s.r2,
-            w(FF_NORM),
-            n,
-            c,
-        );
-        for (a, &bv) in dx.iter_mut().zip(&tmp_c) {
-            *a += bv;
-        }
+        )?;
+        let gn = &mut grad[gi(FF_NORM)];
+        ops.rms_norm_bwd(&mut tmp_c, gn, &dh, &s.x_mid, &s.r2, w(FF_NORM), n, c)?;
+        ops.add(&mut dx, &tmp_c, n * c)?;
         // x_mid = x_in + a·W_oᵀ
-        ops::linear_bwd(
-            Some(&mut da),
-            &mut grad.data[gi(ATTN_OUT)],
-            &dx,
-            &s.a,
-            w(ATTN_OUT),
-            n,
-            qw,
-            c,
-        );
-        ops::attention_bwd(
-            &mut dq, &mut dk, &mut dv, &da, &s.q, &s.k, &s.v, &s.a, &s.lse, dims,
-        );
-        ops::rope(&mut dq, &pos, &cos, &sin, n, nh, hd, true);
-        ops::rope(&mut dk, &pos, &cos, &sin, n, nkv, hd, true);
-        ops::linear_bwd(
+        let go = &mut grad[gi(ATTN_OUT)];
+        ops.linear_bwd(Some(&mut da), false, go, &dx, &s.a, w(ATTN_OUT), n, qw, c)?;
+        let (sq, sk, sv) = (&s.q, &s.k, &s.v);
+        ops.attention_bwd(
+            &mut dq, &mut dk, &mut dv, &mut delta, &da, sq, sk, sv, &s.a, &s.lse, dims,
+        )?;
+        ops.rope(&mut dq, &pos, &cos, &sin, n, nh, hd, true)?;
+        ops.rope(&mut dk, &pos, &cos, &sin, n, nkv, hd, true)?;
+        ops.linear_bwd(
             Some(&mut dh),
-            &mut grad.data[gi(Q)],
+            false,
+            &mut grad[gi(Q)],
             &dq,
             &s.h1,
             w(Q),
             n,
             c,
             qw,
-        );
-        for (part, d) in [(K, &dk), (V, &dv)] {
-            ops::linear_bwd(
-                Some(&mut dh_b),
-                &mut grad.data[gi(part)],
-                d,
-                &s.h1,
-                w(part),
-                n,
-                c,
-                kw,
-            );
-            for (a, &bv) in dh.iter_mut().zip(&dh_b) {
-                *a += bv;
-            }
-        }
-        ops::rms_norm_bwd(
-            &mut tmp_c,
-            &mut grad.data[gi(ATTN_NORM)],
-            &dh,
-            &s.x_in,
-            &s.r1,
-            w(ATTN_NORM),
+        )?;
+        ops.linear_bwd(
+            Some(&mut dh),
+            true,
+            &mut grad[gi(K)],
+            &dk,
+            &s.h1,
+            w(K),
             n,
             c,
-        );
-        for (a, &bv) in dx.iter_mut().zip(&tmp_c) {
-            *a += bv;
-        }
+            kw,
+        )?;
+        ops.linear_bwd(
+            Some(&mut dh),
+            true,
+            &mut grad[gi(V)],
+            &dv,
+            &s.h1,
+            w(V),
+            n,
+            c,
+            kw,
+        )?;
+        let gn = &mut grad[gi(ATTN_NORM)];
+        ops.rms_norm_bwd(&mut tmp_c, gn, &dh, &s.x_in, &s.r1, w(ATTN_NORM), n, c)?;
+        ops.add(&mut dx, &tmp_c, n * c)?;
     }
-    ops::embedding_bwd(&mut grad.data[I_WTE], &dx, &batch.ids, c);
+    ops.embedding_bwd(&mut grad[I_WTE], &dx, &batch.ids, c)?;
+    // The activation buffers are freed on return: make sure the work using them is done (a
+    // device surfaces a kernel fault here, naming the step).
+    ops.finish("the forward/backward pass")?;
     Ok(loss)
 }

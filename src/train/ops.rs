@@ -248,15 +248,16 @@ pub fn rms_norm_bwd<T: Real>(
 }
 
 /// Half-rotation RoPE in place on `heads` heads of width `hd` per row (`x` `[N, heads·hd]`),
-/// row `i` at position `pos[i]`, tables `[max_pos, hd/2]` from [`crate::backend::rope_tables`].
+/// row `i` at position `pos[i]`, tables `[max_pos, hd/2]` from [`crate::backend::rope_tables`]
+/// (f32, or the same values in `T`).
 /// `inverse` applies the transposed rotation, which is the backward pass (a rotation's
 /// Jacobian is the rotation itself).
 #[allow(clippy::too_many_arguments)]
-pub fn rope<T: Real>(
+pub fn rope<T: Real, F: Real>(
     x: &mut [T],
-    pos: &[usize],
-    cos: &[f32],
-    sin: &[f32],
+    pos: &[u32],
+    cos: &[F],
+    sin: &[F],
     n: usize,
     heads: usize,
     hd: usize,
@@ -264,11 +265,12 @@ pub fn rope<T: Real>(
 ) {
     let half = hd / 2;
     for (i, &p) in pos.iter().enumerate().take(n) {
+        let p = p as usize;
         for h in 0..heads {
             let base = i * heads * hd + h * hd;
             for j in 0..half {
-                let c = T::from_f64(cos[p * half + j] as f64);
-                let s = T::from_f64(sin[p * half + j] as f64);
+                let c = T::from_f64(cos[p * half + j].to_f64());
+                let s = T::from_f64(sin[p * half + j].to_f64());
                 let s = if inverse { -s } else { s };
                 let (a, b) = (x[base + j], x[base + j + half]);
                 x[base + j] = a * c - b * s;

@@ -142,25 +142,6 @@ impl CudaOps {
 
     // ---- buffers ----
 
-    /// `len` zeros.
-    pub fn zeros(&self, len: usize) -> Result<Buf> {
-        self.be
-            .stream()
-            .alloc_zeros::<f32>(len.max(1))
-            .map_err(|e| driver_err(format!("allocating {len} f32 on the GPU"), e))
-    }
-
-    pub fn upload(&self, host: &[f32]) -> Result<Buf> {
-        let mut b = self.zeros(host.len())?;
-        if !host.is_empty() {
-            self.be
-                .stream()
-                .memcpy_htod(host, &mut b)
-                .map_err(|e| driver_err(format!("host→device copy of {} f32", host.len()), e))?;
-        }
-        Ok(b)
-    }
-
     /// Overwrite the first `host.len()` elements of `dst`.
     pub fn write(&self, dst: &mut Buf, host: &[f32]) -> Result<()> {
         check_len("write", "dst", dst.len(), host.len())?;
@@ -190,20 +171,6 @@ impl CudaOps {
             buf,
             host: host.to_vec(),
         })
-    }
-
-    /// The first `n` elements of `src` (synchronizes the stream).
-    pub fn download(&self, src: &Buf, n: usize) -> Result<Vec<f32>> {
-        check_len("download", "src", src.len(), n)?;
-        let mut out = vec![0f32; n];
-        if n > 0 {
-            self.be
-                .stream()
-                .memcpy_dtoh(&src.slice(..n), &mut out)
-                .map_err(|e| driver_err("device→host copy".into(), e))?;
-        }
-        self.sync()?;
-        Ok(out)
     }
 
     pub fn sync(&self) -> Result<()> {
@@ -237,117 +204,6 @@ impl CudaOps {
         }
         .run(op, self.be.blas_handle())
         .with_context(|| format!("{op}: f32 data, {precision} compute"))
-    }
-
-    /// `y[N, M] = x[N, K]·wᵀ` ([`crate::train::ops::linear`]). Row-major buffers read column-major
-    /// are transposes: `yᵀ = W·xᵀ` with `W` stored `[M, K]` = column-major `K×M`, so
-    /// `op(A) = Aᵀ` (lda K), `B = xᵀ` (ldb K), ldc M.
-    pub fn linear(
-        &self,
-        y: &mut Buf,
-        x: &Buf,
-        w: &Buf,
-        n: usize,
-        k: usize,
-        m: usize,
-    ) -> Result<()> {
-        let op = "linear";
-        check_len(op, "y", y.len(), n * m)?;
-        check_len(op, "x", x.len(), n * k)?;
-        check_len(op, "w", w.len(), m * k)?;
-        let (yp, xp, wp) = (self.ptr_mut(y), self.ptr(x), self.ptr(w));
-        self.gemm(
-            op,
-            Gemm {
-                ta: true,
-                tb: false,
-                m,
-                n,
-                k,
-                a: wp,
-                lda: k,
-                b: xp,
-                ldb: k,
-                beta: 0.0,
-                c: yp,
-                ldc: m,
-                ..Gemm::F32
-            },
-        )
-    }
-
-    /// Backward of [`CudaOps::linear`] ([`crate::train::ops::linear_bwd`]): `dx = dy·w` (written, or
-    /// added when `dx_accumulate`), `dw += dyᵀ·x`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear_bwd(
-        &self,
-        dx: Option<&mut Buf>,
-        dx_accumulate: bool,
-        dw: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        w: &Buf,
-        n: usize,
-        k: usize,
-        m: usize,
-    ) -> Result<()> {
-        let op = "linear_bwd";
-        check_len(op, "dw", dw.len(), m * k)?;
-        check_len(op, "dy", dy.len(), n * m)?;
-        check_len(op, "x", x.len(), n * k)?;
-        check_len(op, "w", w.len(), m * k)?;
-        let (dyp, xp, wp) = (self.ptr(dy), self.ptr(x), self.ptr(w));
-        if let Some(dx) = dx {
-            check_len(op, "dx", dx.len(), n * k)?;
-            let dxp = self.ptr_mut(dx);
-            // dxᵀ (K×N) = Wᵀ (col-major K×M, as stored) · dyᵀ (M×N, as stored).
-            let beta = if dx_accumulate { 1.0 } else { 0.0 };
-            if k > 0 && n > 0 && m == 0 && !dx_accumulate {
-                self.zero_fill(dx)?;
-            } else {
-                self.gemm(
-                    op,
-                    Gemm {
-                        ta: false,
-                        tb: false,
-                        m: k,
-                        n,
-                        k: m,
-                        a: wp,
-                        lda: k,
-                        b: dyp,
-                        ldb: m,
-                        beta,
-                        c: dxp,
-                        ldc: k,
-                        ..Gemm::F32
-                    },
-                )?;
-            }
-        }
-        // dWᵀ (K×M) += xᵀ (col-major K×N, as stored) · dy (N×M = transpose of the stored M×N).
-        let dwp = self.ptr_mut(dw);
-        if n > 0 {
-            self.gemm(
-                op,
-                Gemm {
-                    ta: false,
-                    tb: true,
-                    m: k,
-                    n: m,
-                    k: n,
-                    a: xp,
-                    lda: k,
-                    b: dyp,
-                    ldb: m,
-                    beta: 1.0,
-                    c: dwp,
-                    ldc: k,
-                    ..Gemm::F32
-                },
-            )?;
-        }
-        Ok(())
     }
 }
 

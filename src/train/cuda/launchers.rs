@@ -4,17 +4,69 @@
 
 use super::*;
 
-impl CudaOps {
+impl TrainOps for CudaOps {
+    type Buf = Buf;
+    type Ints = DevInts;
+
+    fn zeros(&self, len: usize) -> Result<Buf> {
+        self.be
+            .stream()
+            .alloc_zeros::<f32>(len.max(1))
+            .map_err(|e| driver_err(format!("allocating {len} f32 on the GPU"), e))
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<Buf> {
+        let mut b = self.zeros(host.len())?;
+        if !host.is_empty() {
+            self.be
+                .stream()
+                .memcpy_htod(host, &mut b)
+                .map_err(|e| driver_err(format!("host→device copy of {} f32", host.len()), e))?;
+        }
+        Ok(b)
+    }
+
+    /// The first `n` elements of `src` (synchronizes the stream).
+    fn download(&self, src: &Buf, n: usize) -> Result<Vec<f32>> {
+        check_len("download", "src", src.len(), n)?;
+        let mut out = vec![0f32; n];
+        if n > 0 {
+            self.be
+                .stream()
+                .memcpy_dtoh(&src.slice(..n), &mut out)
+                .map_err(|e| driver_err("device→host copy".into(), e))?;
+        }
+        self.sync()?;
+        Ok(out)
+    }
+
+    /// Rounded to f32.
+    fn upload_f64(&self, host: &[f64]) -> Result<Buf> {
+        self.upload(&host.iter().map(|&x| x as f32).collect::<Vec<_>>())
+    }
+
+    /// Values above `i32::MAX` become negative, which every launcher's check refuses.
+    fn ints(&self, host: &[u32]) -> Result<DevInts> {
+        self.upload_ints(&host.iter().map(|&x| x as i32).collect::<Vec<_>>())
+    }
+
+    fn copy(&self, dst: &mut Buf, src: &Buf) -> Result<()> {
+        check_len("copy", "dst", dst.len(), src.len())?;
+        self.bind()?;
+        let mut view = dst.slice_mut(..src.len());
+        self.be
+            .stream()
+            .memcpy_dtod(src, &mut view)
+            .map_err(|e| driver_err("device copy".into(), e))
+    }
+
+    fn finish(&self, what: &str) -> Result<()> {
+        self.sync().with_context(|| what.to_string())
+    }
+
     // ---- element-wise and row ops ----
 
-    pub fn embedding(
-        &self,
-        out: &mut Buf,
-        wte: &Buf,
-        ids: &DevInts,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
+    fn embedding(&self, out: &mut Buf, wte: &Buf, ids: &DevInts, n: usize, c: usize) -> Result<()> {
         let op = "embedding";
         check_len(op, "out", out.len(), n * c)?;
         ensure!(c > 0, "{op}: C must be positive");
@@ -29,7 +81,7 @@ impl CudaOps {
 
     /// Backward of the embedding: `dwte[ids[i]] += dx[i]` (rows in ascending order; the CSR
     /// grouping is built here from the host ids, no atomics: deterministic, bit-exact).
-    pub fn embedding_bwd(&self, dwte: &mut Buf, dx: &Buf, ids: &[u32], c: usize) -> Result<()> {
+    fn embedding_bwd(&self, dwte: &mut Buf, dx: &Buf, ids: &[u32], c: usize) -> Result<()> {
         let op = "embedding_bwd";
         let n = ids.len();
         check_len(op, "dx", dx.len(), n * c)?;
@@ -73,7 +125,7 @@ impl CudaOps {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn rms_norm(
+    fn rms_norm(
         &self,
         y: &mut Buf,
         r: &mut Buf,
@@ -99,7 +151,7 @@ impl CudaOps {
 
     /// [`crate::train::ops::rms_norm_bwd`]: `dx` written, `dw` accumulated.
     #[allow(clippy::too_many_arguments)]
-    pub fn rms_norm_bwd(
+    fn rms_norm_bwd(
         &self,
         dx: &mut Buf,
         dw: &mut Buf,
@@ -137,7 +189,7 @@ impl CudaOps {
 
     /// RoPE in place on `x` `[N, heads·hd]` (`inverse`: the backward rotation).
     #[allow(clippy::too_many_arguments)]
-    pub fn rope(
+    fn rope(
         &self,
         x: &mut Buf,
         pos: &DevInts,
@@ -184,7 +236,7 @@ impl CudaOps {
             sign)
     }
 
-    pub fn swiglu(&self, m: &mut Buf, g: &Buf, u: &Buf, len: usize) -> Result<()> {
+    fn swiglu(&self, m: &mut Buf, g: &Buf, u: &Buf, len: usize) -> Result<()> {
         let op = "swiglu";
         check_len(op, "m", m.len(), len)?;
         check_len(op, "g", g.len(), len)?;
@@ -198,7 +250,7 @@ impl CudaOps {
             up, numel)
     }
 
-    pub fn swiglu_bwd(
+    fn swiglu_bwd(
         &self,
         dg: &mut Buf,
         du: &mut Buf,
@@ -233,7 +285,7 @@ impl CudaOps {
     }
 
     /// `x += d` over `len` elements.
-    pub fn add(&self, x: &mut Buf, d: &Buf, len: usize) -> Result<()> {
+    fn add(&self, x: &mut Buf, d: &Buf, len: usize) -> Result<()> {
         let op = "add";
         check_len(op, "x", x.len(), len)?;
         check_len(op, "d", d.len(), len)?;
@@ -245,7 +297,7 @@ impl CudaOps {
         launch!(self, op, self.k.add, Geom::new((stride_grid(len), 1, 1), 256, 0); xp, dp, numel)
     }
 
-    pub fn gather_rows(
+    fn gather_rows(
         &self,
         out: &mut Buf,
         x: &Buf,
@@ -267,7 +319,7 @@ impl CudaOps {
     }
 
     /// `dx[rows[i]] += src[i]`, i ascending (repeated rows add up).
-    pub fn scatter_add_rows(
+    fn scatter_add_rows(
         &self,
         dx: &mut Buf,
         src: &Buf,
@@ -288,21 +340,9 @@ impl CudaOps {
             d, s, r, nr, c_)
     }
 
-    pub(super) fn attn_checks(op: &str, d: AttnShape) -> Result<()> {
-        let AttnShape { b, nh, nkv, hd, .. } = d;
-        ensure!(
-            nkv > 0 && nh % nkv == 0,
-            "{op}: NH = {nh} must be a positive multiple of NKV = {nkv}"
-        );
-        ensure!(hd > 0, "{op}: head dim must be positive");
-        grid_yz(op, "b", b)?;
-        grid_yz(op, "nh", nh)?;
-        Ok(())
-    }
-
     /// [`crate::train::ops::attention`]: `o`, and `lse` `[N, NH]` for the backward pass.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(
+    fn attention(
         &self,
         o: &mut Buf,
         lse: &mut Buf,
@@ -346,7 +386,7 @@ impl CudaOps {
 
     /// [`crate::train::ops::attention_bwd`]: writes `dq`, `dk`, `dv`; `delta` is scratch `[N, NH]`.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention_bwd(
+    fn attention_bwd(
         &self,
         dq: &mut Buf,
         dk: &mut Buf,
@@ -420,7 +460,7 @@ impl CudaOps {
     /// [`crate::train::ops::cross_entropy`] on the first `r` rows of `z` `[R, V]` (overwritten
     /// with the gradient); returns `Σ_r loss_r` summed on the host in f64, in row order (as the
     /// CPU does). `loss_rows` is scratch `[R]`.
-    pub fn cross_entropy(
+    fn cross_entropy(
         &self,
         z: &mut Buf,
         loss_rows: &mut Buf,
@@ -448,6 +488,123 @@ impl CudaOps {
             wp, r_, v_)?;
         let rows = self.download(loss_rows, r)?;
         Ok(rows.iter().map(|&x| x as f64).sum())
+    }
+
+    /// `y[N, M] = x[N, K]·wᵀ` ([`crate::train::ops::linear`]). Row-major buffers read column-major
+    /// are transposes: `yᵀ = W·xᵀ` with `W` stored `[M, K]` = column-major `K×M`, so
+    /// `op(A) = Aᵀ` (lda K), `B = xᵀ` (ldb K), ldc M.
+    fn linear(&self, y: &mut Buf, x: &Buf, w: &Buf, n: usize, k: usize, m: usize) -> Result<()> {
+        let op = "linear";
+        check_len(op, "y", y.len(), n * m)?;
+        check_len(op, "x", x.len(), n * k)?;
+        check_len(op, "w", w.len(), m * k)?;
+        let (yp, xp, wp) = (self.ptr_mut(y), self.ptr(x), self.ptr(w));
+        self.gemm(
+            op,
+            Gemm {
+                ta: true,
+                tb: false,
+                m,
+                n,
+                k,
+                a: wp,
+                lda: k,
+                b: xp,
+                ldb: k,
+                beta: 0.0,
+                c: yp,
+                ldc: m,
+                ..Gemm::F32
+            },
+        )
+    }
+
+    /// Backward of [`CudaOps::linear`] ([`crate::train::ops::linear_bwd`]): `dx = dy·w` (written, or
+    /// added when `dx_accumulate`), `dw += dyᵀ·x`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd(
+        &self,
+        dx: Option<&mut Buf>,
+        dx_accumulate: bool,
+        dw: &mut Buf,
+        dy: &Buf,
+        x: &Buf,
+        w: &Buf,
+        n: usize,
+        k: usize,
+        m: usize,
+    ) -> Result<()> {
+        let op = "linear_bwd";
+        check_len(op, "dw", dw.len(), m * k)?;
+        check_len(op, "dy", dy.len(), n * m)?;
+        check_len(op, "x", x.len(), n * k)?;
+        check_len(op, "w", w.len(), m * k)?;
+        let (dyp, xp, wp) = (self.ptr(dy), self.ptr(x), self.ptr(w));
+        if let Some(dx) = dx {
+            check_len(op, "dx", dx.len(), n * k)?;
+            let dxp = self.ptr_mut(dx);
+            // dxᵀ (K×N) = Wᵀ (col-major K×M, as stored) · dyᵀ (M×N, as stored).
+            let beta = if dx_accumulate { 1.0 } else { 0.0 };
+            if k > 0 && n > 0 && m == 0 && !dx_accumulate {
+                self.zero_fill(dx)?;
+            } else {
+                self.gemm(
+                    op,
+                    Gemm {
+                        ta: false,
+                        tb: false,
+                        m: k,
+                        n,
+                        k: m,
+                        a: wp,
+                        lda: k,
+                        b: dyp,
+                        ldb: m,
+                        beta,
+                        c: dxp,
+                        ldc: k,
+                        ..Gemm::F32
+                    },
+                )?;
+            }
+        }
+        // dWᵀ (K×M) += xᵀ (col-major K×N, as stored) · dy (N×M = transpose of the stored M×N).
+        let dwp = self.ptr_mut(dw);
+        if n > 0 {
+            self.gemm(
+                op,
+                Gemm {
+                    ta: false,
+                    tb: true,
+                    m: k,
+                    n: m,
+                    k: n,
+                    a: xp,
+                    lda: k,
+                    b: dyp,
+                    ldb: m,
+                    beta: 1.0,
+                    c: dwp,
+                    ldc: k,
+                    ..Gemm::F32
+                },
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl CudaOps {
+    pub(super) fn attn_checks(op: &str, d: AttnShape) -> Result<()> {
+        let AttnShape { b, nh, nkv, hd, .. } = d;
+        ensure!(
+            nkv > 0 && nh % nkv == 0,
+            "{op}: NH = {nh} must be a positive multiple of NKV = {nkv}"
+        );
+        ensure!(hd > 0, "{op}: head dim must be positive");
+        grid_yz(op, "b", b)?;
+        grid_yz(op, "nh", nh)?;
+        Ok(())
     }
 
     /// Σ x² over the first `len` elements, f64 (fixed partial-sum grid: deterministic).

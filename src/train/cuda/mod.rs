@@ -3,8 +3,9 @@
 //! or bf16 tensor-core compute on f32 data), launched on a [`CudaBackend`]'s context, stream
 //! and cuBLAS handle.
 //!
-//! - [`CudaOps`]: one launcher per op of [`super::ops`] (same shapes, same argument meaning),
-//!   each validating buffer lengths and every host-known id / row / position before launching.
+//! - [`CudaOps`]: [`TrainOps`] on the device, one launcher per op of [`super::ops`] (same shapes,
+//!   same argument meaning), each validating buffer lengths and every host-known id / row /
+//!   position before launching.
 //! - [`DeviceParams`] + [`forward_backward`]: the whole model, the same math and order as
 //!   [`super::model::forward_backward`].
 //! - [`CudaTrainState`]: parameters, gradients and AdamW moments resident on the device; the
@@ -44,11 +45,11 @@ use cudarc::cublas;
 use cudarc::driver::{sys as dsys, CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use super::model::{i_block, Batch, Params, I_WTE};
+use super::backend::TrainOps;
+use super::model::{forward_backward_on, Batch, Params};
 use super::ops::AttnShape;
-use super::optim::AdamWConfig;
+use super::optim::{AdamW, AdamWConfig};
 use crate::backend::cuda::CudaBackend;
-use crate::backend::rope_tables;
 use crate::hf::config::ModelConfig;
 
 // device: CudaOps (backend, kernels, precision), buffers, GEMMs; launchers: one f32 launcher
@@ -173,14 +174,47 @@ impl CudaTrainState {
         Ok(())
     }
 
-    /// Sum the gradients over the data-parallel ranks, in place on the device (one grouped NCCL
+    /// Global L2 norm of the gradients (f64).
+    pub fn grad_norm(&mut self) -> Result<f64> {
+        let mut s = 0.0f64;
+        for d in &self.grad.data {
+            s += self.ops.sumsq(d, d.len(), &mut self.partial)?;
+        }
+        Ok(s.sqrt())
+    }
+
+    /// AdamW update number `t` (1-based) of every tensor, gradients scaled by `gscale`.
+    pub fn adamw_step(&mut self, cfg: &AdamWConfig, t: u64, lr: f64, gscale: f32) -> Result<()> {
+        let h = AdamWScalars::new(cfg, t, lr);
+        for i in 0..self.params.data.len() {
+            let decay = AdamWScalars::decay(cfg, lr, &self.params.shapes[i]);
+            let len = self.params.data[i].len();
+            self.ops.adamw(
+                &mut self.params.data[i],
+                &mut self.m.data[i],
+                &mut self.v.data[i],
+                None,
+                &self.grad.data[i],
+                len,
+                &h,
+                decay,
+                gscale,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The resident state as [`super::Trainer`]'s step target ([`super::Trainer::train_step_cuda`]).
+impl super::StepState for CudaTrainState {
+    /// Sum the gradients over the data-parallel ranks (the NCCL communicator, not `group`), in place on the device (one grouped NCCL
     /// all-reduce on the training stream). Without a communicator: an error.
     ///
     /// A watchdog waits for the all-reduce: a peer that died or hangs would otherwise block
     /// this rank forever at its next read-back. It polls the stream and NCCL's asynchronous
     /// error; on an error, or after `LLADA_DIST_TIMEOUT` seconds, it aborts the communicator
     /// and returns an error.
-    pub fn all_reduce_grads(&mut self) -> Result<()> {
+    fn all_reduce_grads(&mut self, _group: &mut super::dist::HostGroup) -> Result<()> {
         let Some(comm) = self.nccl.as_ref() else {
             bail!("data-parallel training on CUDA needs NCCL: attach_nccl was not called");
         };
@@ -236,33 +270,18 @@ impl CudaTrainState {
         }
     }
 
-    pub fn zero_grad(&mut self) -> Result<()> {
+    fn zero_grad(&mut self) -> Result<()> {
         self.grad.fill_zero(&self.ops)
     }
 
     /// [`forward_backward`] adding into the resident gradients.
-    pub fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
+    fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
         forward_backward(&self.ops, cfg, &self.params, batch, &mut self.grad)
     }
 
-    /// Global L2 norm of the gradients (f64).
-    pub fn grad_norm(&mut self) -> Result<f64> {
-        let mut s = 0.0f64;
-        for d in &self.grad.data {
-            s += self.ops.sumsq(d, d.len(), &mut self.partial)?;
-        }
-        Ok(s.sqrt())
-    }
-
     /// Clip (PyTorch `clip_grad_norm_`, folded into the update as a gradient scale) and take
-    /// AdamW update number `t` at learning rate `lr`. Returns the norm before clipping.
-    pub fn clip_and_step(
-        &mut self,
-        cfg: &AdamWConfig,
-        t: u64,
-        lr: f64,
-        max_norm: f64,
-    ) -> Result<f64> {
+    /// AdamW update number `opt.t + 1` at learning rate `lr`. Returns the norm before clipping.
+    fn clip_and_step(&mut self, opt: &mut AdamW, lr: f64, max_norm: f64) -> Result<f64> {
         let norm = self.grad_norm()?;
         let mut gscale = 1.0f32;
         if max_norm > 0.0 {
@@ -271,28 +290,8 @@ impl CudaTrainState {
                 gscale = coef as f32;
             }
         }
-        self.adamw_step(cfg, t, lr, gscale)?;
+        self.adamw_step(&opt.cfg, opt.t + 1, lr, gscale)?;
+        opt.t += 1;
         Ok(norm)
-    }
-
-    /// AdamW update number `t` (1-based) of every tensor, gradients scaled by `gscale`.
-    pub fn adamw_step(&mut self, cfg: &AdamWConfig, t: u64, lr: f64, gscale: f32) -> Result<()> {
-        let h = AdamWScalars::new(cfg, t, lr);
-        for i in 0..self.params.data.len() {
-            let decay = AdamWScalars::decay(cfg, lr, &self.params.shapes[i]);
-            let len = self.params.data[i].len();
-            self.ops.adamw(
-                &mut self.params.data[i],
-                &mut self.m.data[i],
-                &mut self.v.data[i],
-                None,
-                &self.grad.data[i],
-                len,
-                &h,
-                decay,
-                gscale,
-            )?;
-        }
-        Ok(())
     }
 }
