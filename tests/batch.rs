@@ -5,58 +5,22 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use llada::dtype::DType;
+mod common;
+
+use common::cli::{fixture, llada, run, stderr, tiny, tmpdir};
 use serde_json::{json, Value};
 
-fn llada() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_llada"));
-    // Never shard by accident when the tests themselves run under Slurm.
-    for k in [
-        "SLURM_ARRAY_TASK_ID",
-        "SLURM_ARRAY_TASK_COUNT",
-        "SLURM_ARRAY_TASK_MIN",
-        "SLURM_PROCID",
-        "SLURM_NTASKS",
-        "SLURM_LOCALID",
-    ] {
-        c.env_remove(k);
-    }
-    c
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-batch-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// The `tiny` preset (with its tokenizer and chat template) as an f32 folder.
-fn tiny(dir: &Path) -> PathBuf {
-    let m = dir.join("tiny");
-    llada::presets::write_preset_folder("tiny", &m, 3, DType::F32, 1).unwrap();
-    m
-}
-
 fn parity_f32() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/f32")
+    fixture("parity/f32")
 }
 
 fn write_lines(path: &Path, lines: &[String]) {
     let mut s = lines.join("\n");
     s.push('\n');
     std::fs::write(path, s).unwrap();
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("spawn llada")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Every line of a results file, parsed; panics on a line that is not whole JSON.

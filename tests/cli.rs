@@ -2,44 +2,17 @@
 //! recorded by the independent PyTorch implementation in `tests/fixtures/make_fixture.py`) and
 //! on the `tiny` preset written as a Hugging Face folder.
 
-#[path = "common/cmp.rs"]
-mod cmp;
+mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use common::cli::{err_of, llada, ok_json, run, tmpdir};
+use common::cmp;
 use serde_json::Value;
 
-fn llada() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llada"))
-}
-
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/parity")
-        .join(p)
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("spawn llada")
-}
-
-fn ok_json(cmd: &mut Command) -> Value {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "llada failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::cli::fixture(&format!("parity/{p}"))
 }
 
 fn ids_arg(v: &[u64]) -> String {
@@ -265,18 +238,6 @@ fn tiny_folder_single_and_sharded_agree() {
     let p = a["prompt_ids"][0].as_array().unwrap();
     assert_eq!(p[p.len() - 2], 198);
     assert_eq!(p[p.len() - 1], 198);
-}
-
-fn err_of(cmd: &mut Command) -> String {
-    let o = run(cmd);
-    assert!(
-        !o.status.success(),
-        "expected failure, got {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    let e = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!e.contains("panicked"), "panic instead of an error: {e}");
-    e
 }
 
 #[test]

@@ -30,33 +30,21 @@
 //! Without a usable GPU (no driver, no device, binary built without kernels) every test prints
 //! `SKIP: <why>` and passes, unless `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
 
+mod common;
+
 use std::sync::Arc;
 
 use llada::backend::cpu::CpuBackend;
-use llada::backend::cuda::CudaBackend;
 use llada::backend::{rope_tables, AttnShape, Backend, CachedAttnShape};
 use llada::checkpoint::WeightSource;
 use llada::dtype::DType;
 use llada::head::{self, Remasking, SelectParams};
 use llada::rng;
 
+use common::{gpu, host_bf16 as host};
+
 // ---------------------------------------------------------------------------------------------
 // Harness
-
-fn gpu() -> Option<CudaBackend> {
-    let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let r = llada::device::cuda_available()
-        .map_err(anyhow::Error::msg)
-        .and_then(|()| CudaBackend::new(0));
-    match r {
-        Ok(b) => Some(b),
-        Err(e) if require => panic!("LLADA_REQUIRE_GPU=1 but no usable GPU: {e:#}"),
-        Err(e) => {
-            eprintln!("SKIP: {e:#}");
-            None
-        }
-    }
-}
 
 fn cpu() -> CpuBackend {
     CpuBackend::new(DType::BF16)
@@ -64,22 +52,7 @@ fn cpu() -> CpuBackend {
 
 /// Deterministic bf16-representable values uniform in [-scale, scale), distinct per `tag`.
 fn rand_vec(tag: u64, len: usize, scale: f32) -> Vec<f32> {
-    let key = rng::cell_key(0xC0DA, 7, tag, 0, 0);
-    (0..len)
-        .map(|i| {
-            let u = rng::uniform(rng::bits(key, i as u64)) as f32;
-            DType::BF16.round(scale * (2.0 * u - 1.0))
-        })
-        .collect()
-}
-
-fn host(name: &str, shape: &[usize], data: Vec<f32>) -> WeightSource {
-    WeightSource::Host {
-        data: Arc::new(data),
-        dtype: DType::BF16,
-        shape: shape.to_vec(),
-        name: name.to_string(),
-    }
+    common::rand_bf16(0xC0DA, tag, len, scale)
 }
 
 fn ints<B: Backend>(b: &B, v: &[i32]) -> B::Ints {
@@ -1119,7 +1092,7 @@ fn log_prob_matches_cpu_reference() {
 // ---------------------------------------------------------------------------------------------
 // CUDA graphs in the model: generation with graphs equals generation without, bit for bit.
 
-use llada::model::{Model, ModelPredictor};
+use llada::model::ModelPredictor;
 use llada::sampler::{
     generate, generate_fast, CacheMode, Decode, GenerateParams, PredictRequest, Predictor,
     SpanPredictor, SpanRequest,
@@ -1159,9 +1132,8 @@ impl<B: Backend> SpanPredictor for Recording<'_, B> {
 #[test]
 fn generation_with_graphs_equals_without() {
     let Some(g) = gpu() else { return };
-    let cfg = llada::presets::preset_config("tiny").unwrap();
-    let ck = llada::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
-    let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
+    let m = common::tiny_model(g, 7);
+    let cfg = m.cfg.clone();
     let prompts: Vec<Vec<u32>> = (0..2u64)
         .map(|r| {
             (0..200u64)
@@ -1170,18 +1142,9 @@ fn generation_with_graphs_equals_without() {
         })
         .collect();
     let p = GenerateParams {
-        steps: 16,
-        gen_length: 64,
-        block_length: 16,
         temperature: 0.0,
         seed: 5,
-        mask_id: cfg.mask_token_id,
-        eos_id: cfg.eos_token_id,
-        pad_id: cfg.pad_token_id,
-        eot_id: None,
-        logits_dtype: DType::BF16,
-        max_sequence_length: Some(cfg.max_sequence_length),
-        ..GenerateParams::default()
+        ..common::gen_params(&cfg, 16, 64, 16)
     };
     for mode in ["none", "dual", "prefix"] {
         let run = |graphs: bool| {
@@ -1230,9 +1193,7 @@ fn generation_with_graphs_equals_without() {
 #[test]
 fn graphs_follow_a_replaced_kv_cache() {
     let Some(g) = gpu() else { return };
-    let cfg = llada::presets::preset_config("tiny").unwrap();
-    let ck = llada::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
-    let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
+    let m = common::tiny_model(g, 7);
     let (b, l, q0, q1) = (1usize, 48usize, 16usize, 32usize);
     let x: Vec<u32> = (0..l as u64)
         .map(|i| (rng::mix64(i) % 400) as u32)
@@ -1275,22 +1236,10 @@ fn graphs_follow_a_replaced_kv_cache() {
 #[test]
 fn cuda_profiling_breakdown() {
     let Some(g) = gpu() else { return };
-    let cfg = llada::presets::preset_config("tiny").unwrap();
-    let ck = llada::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
-    let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
+    let m = common::tiny_model(g, 7);
+    let cfg = m.cfg.clone();
     let prompts = vec![(0..40u32).map(|i| i * 13 % 400).collect::<Vec<_>>()];
-    let p = GenerateParams {
-        steps: 8,
-        gen_length: 16,
-        block_length: 8,
-        mask_id: cfg.mask_token_id,
-        eos_id: cfg.eos_token_id,
-        pad_id: cfg.pad_token_id,
-        eot_id: None,
-        logits_dtype: DType::BF16,
-        max_sequence_length: Some(cfg.max_sequence_length),
-        ..GenerateParams::default()
-    };
+    let p = common::gen_params(&cfg, 8, 16, 8);
     let plain = generate(&mut ModelPredictor::new(&m), &prompts, &p, None).unwrap();
     m.backend.prof_enable(true);
     let t0 = std::time::Instant::now();

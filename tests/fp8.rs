@@ -3,6 +3,8 @@
 //! checkpoints (write, load, every validation error), `--weights fp8` at load, and the quality
 //! of FP8 against bf16 and f32 on the tiny parity model.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,37 +21,9 @@ use llada::quant::fp8::{
 use llada::quant::quality::{self, QualityInputs};
 use llada::quant::{self, WeightsMode};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "llada-fp8-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
+use common::cli::{
+    bench, copy_dir, err_of, fixture, llada, llada_out, ok, ok_json, read_json, run, TempDir,
+};
 
 // ---------------------------------------------------------------------------------------------
 // The format.
@@ -478,14 +452,6 @@ fn open_err(dir: &Path) -> String {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 #[test]
 fn quantized_folder_errors_name_the_tensor() {
     let (t, _src, out) = tiny_pair();
@@ -714,107 +680,45 @@ fn flips_only_at_near_ties() {
 // ---------------------------------------------------------------------------------------------
 // The command line.
 
-fn run(bin: &str, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(bin).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn cli_quantize_generate_and_bench() {
     let t = TempDir::new("cli");
-    let llada = env!("CARGO_BIN_EXE_llada");
     let (src, out) = (t.path().join("bf16"), t.path().join("fp8"));
     let (s, so) = (src.to_str().unwrap(), out.to_str().unwrap());
-    assert!(run(llada, &["init-tiny", s]).0);
-    let (ok, _, err) = run(
-        llada,
-        &["quantize", "--model", s, "--out", so, "--scheme", "fp8"],
-    );
-    assert!(ok, "{err}");
-    let (ok, _, err) = run(
-        llada,
-        &["quantize", "--model", s, "--out", so, "--scheme", "int4"],
-    );
-    assert!(!ok && err.contains("only fp8"), "{err}");
+    ok(&llada_out(&["init-tiny", s]));
+    ok(&llada_out(&[
+        "quantize", "--model", s, "--out", so, "--scheme", "fp8",
+    ]));
+    let e = err_of(llada().args(["quantize", "--model", s, "--out", so, "--scheme", "int4"]));
+    assert!(e.contains("only fp8"), "{e}");
     let gen = |model: &str, weights: &str| {
-        let (ok, stdout, err) = run(
-            llada,
-            &[
-                "generate",
-                "--model",
-                model,
-                "--weights",
-                weights,
-                "--prompt-ids",
-                "1,2,3",
-                "--gen-length",
-                "8",
-                "--steps",
-                "8",
-                "--block-length",
-                "8",
-                "--device",
-                "cpu",
-                "--format",
-                "json",
-            ],
+        let v = ok_json(
+            llada()
+                .args(["generate", "--model", model, "--weights", weights])
+                .args(["--prompt-ids", "1,2,3", "--gen-length", "8", "--steps", "8"])
+                .args(["--block-length", "8", "--device", "cpu", "--format", "json"]),
         );
-        assert!(ok, "{err}");
-        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
         (v["ids"].clone(), v["device"].as_str().unwrap().to_string())
     };
     let (a, da) = gen(so, "checkpoint");
     let (b, db) = gen(s, "fp8");
     assert_eq!(a, b, "the FP8 folder and FP8 at load generate the same ids");
     assert!(da.contains("fp8") && db.contains("fp8"), "{da} / {db}");
-    let (ok, _, err) = run(
-        llada,
-        &[
-            "generate",
-            "--model",
-            s,
-            "--weights",
-            "int8",
-            "--prompt-ids",
-            "1",
-            "--device",
-            "cpu",
-        ],
+    let e = err_of(
+        llada()
+            .args(["generate", "--model", s, "--weights", "int8"])
+            .args(["--prompt-ids", "1", "--device", "cpu"]),
     );
-    assert!(!ok && err.contains("--weights \"int8\""), "{err}");
+    assert!(e.contains("--weights \"int8\""), "{e}");
 
     let json = t.path().join("bench.json");
-    let (ok, stdout, err) = run(
-        env!("CARGO_BIN_EXE_llada-bench"),
-        &[
-            "--device",
-            "cpu",
-            "--preset",
-            "tiny",
-            "--prompt-len",
-            "8",
-            "--gen-length",
-            "8",
-            "--block-length",
-            "8",
-            "--steps",
-            "8",
-            "--warmup",
-            "0",
-            "--weights",
-            "checkpoint,fp8",
-            "--json",
-            json.to_str().unwrap(),
-        ],
-    );
-    assert!(ok, "{err}");
+    let stdout = ok(&run(bench()
+        .args(["--device", "cpu", "--preset", "tiny", "--prompt-len", "8"])
+        .args(["--gen-length", "8", "--block-length", "8", "--steps", "8"])
+        .args(["--warmup", "0", "--weights", "checkpoint,fp8", "--json"])
+        .arg(&json)));
     assert!(stdout.contains("weights fp8"), "{stdout}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     let w: Vec<&str> = v["rows"]
         .as_array()
         .unwrap()

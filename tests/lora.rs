@@ -3,7 +3,7 @@
 //! linear's backward by finite differences, adapter gradients against PEFT autograd, the
 //! adapter optimizer, and hostile adapter folders.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use llada::checkpoint::{write_safetensors, Checkpoint, HostTensor, WeightSource};
@@ -18,54 +18,15 @@ use llada::lora::train::{
 use llada::lora::{Adapter, LoraConfig, ModuleKind, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX};
 use llada::rng::{bits, cell_key, uniform};
 use llada::train::optim::AdamWConfig;
+mod common;
+
+use common::cli::{
+    f64s as floats, fixture, llada_out as llada, ok, read_json, tmpdir, u32s as ints,
+};
 use serde_json::{json, Value};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn expected() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("lora/expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-fn ints(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-lora-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn llada(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args(args)
-        .output()
-        .expect("run llada")
-}
-
-fn ok(o: &std::process::Output) -> String {
-    assert!(
-        o.status.success(),
-        "llada failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    read_json(&fixture("lora/expected.json"))
 }
 
 fn logits(opened: &Opened, ids: &[u32]) -> Vec<f32> {
@@ -104,13 +65,13 @@ fn worst(got: &[f32], want: &[f64]) -> (f64, f64) {
 fn merged_logits_match_peft() {
     let e = expected();
     let noisy = ints(&e["noisy"]);
-    let model = fixtures().join("parity/f32");
+    let model = fixture("parity/f32");
     let base = Opened::open(&ModelSpec::Dir(model.clone())).unwrap();
     let (w, scale) = worst(&logits(&base, &noisy), &floats(&e["base_logits"]));
     assert!(w <= 1e-4 * scale, "base: worst {w} (scale {scale})");
     for (dir, key, modules) in [("peft", "peft_logits", 15), ("rslora", "rslora_logits", 2)] {
         let mut o = Opened::open(&ModelSpec::Dir(model.clone())).unwrap();
-        let summary = o.apply_lora(&fixtures().join("lora").join(dir)).unwrap();
+        let summary = o.apply_lora(&fixture("lora").join(dir)).unwrap();
         assert!(summary.contains(&format!("{modules} modules")), "{summary}");
         let got = logits(&o, &noisy);
         let want = floats(&e[key]);
@@ -139,9 +100,9 @@ fn merge_lora_matches_peft_merge_and_unload_in_bf16() {
     ok(&llada(&[
         "merge-lora",
         "--model",
-        fixtures().join("parity/bf16").to_str().unwrap(),
+        fixture("parity/bf16").to_str().unwrap(),
         "--lora",
-        fixtures().join("lora/peft").to_str().unwrap(),
+        fixture("lora/peft").to_str().unwrap(),
         "--out",
         merged.to_str().unwrap(),
     ]));
@@ -172,8 +133,8 @@ fn merge_lora_matches_peft_merge_and_unload_in_bf16() {
     // The merged folder runs like the adapter applied at load: the same rounded weights.
     let ids = [5u32, 17, 42, 126, 99, 126, 7, 150];
     let m = Opened::open(&ModelSpec::Dir(merged.clone())).unwrap();
-    let mut on_load = Opened::open(&ModelSpec::Dir(fixtures().join("parity/bf16"))).unwrap();
-    on_load.apply_lora(&fixtures().join("lora/peft")).unwrap();
+    let mut on_load = Opened::open(&ModelSpec::Dir(fixture("parity/bf16"))).unwrap();
+    on_load.apply_lora(&fixture("lora/peft")).unwrap();
     assert_eq!(logits(&m, &ids), logits(&on_load, &ids));
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -200,8 +161,8 @@ fn adapter_gradients_match_peft_autograd() {
     let e = expected();
     let out = tmpdir("grad");
     let merged = out.join("m");
-    let model = fixtures().join("parity/f32");
-    let adir = fixtures().join("lora/peft");
+    let model = fixture("parity/f32");
+    let adir = fixture("lora/peft");
     ok(&llada(&[
         "merge-lora",
         "--model",
@@ -1103,10 +1064,10 @@ fn llada_written_adapter(cfg: &ModelConfig) -> Adapter {
 /// it (tolerance as in `merged_logits_match_peft`).
 #[test]
 fn peft_loads_what_llada_writes() {
-    let model = fixtures().join("parity/f32");
+    let model = fixture("parity/f32");
     let cfg = ModelConfig::from_file(&model.join("config.json")).unwrap();
     let ad = llada_written_adapter(&cfg);
-    let committed = fixtures().join("lora/llada");
+    let committed = fixture("lora/llada");
     if std::env::var("LLADA_UPDATE_FIXTURES").as_deref() == Ok("1") {
         ad.save(&committed, &cfg).unwrap();
     }

@@ -2,6 +2,7 @@
 //! runs the CPU reference and the GPU in lockstep.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod cmp;
 
 use anyhow::Result;
@@ -10,10 +11,13 @@ use llada::backend::cpu::CpuBackend;
 use llada::backend::cuda::CudaBackend;
 use llada::backend::Backend;
 use llada::checkpoint::WeightSource;
+use llada::config::ModelConfig;
 use llada::dtype::DType;
 use llada::model::{Model, ModelPredictor};
 use llada::presets;
-use llada::sampler::{PredictRequest, Predictor, SpanPredictor, SpanRequest};
+use llada::rng;
+use llada::sampler::{GenerateParams, PredictRequest, Predictor, SpanPredictor, SpanRequest};
+use std::sync::Arc;
 
 /// The GPU, or `None` with a printed reason; `LLADA_REQUIRE_GPU=1` turns the skip into a panic.
 pub fn gpu() -> Option<CudaBackend> {
@@ -29,6 +33,69 @@ pub fn gpu() -> Option<CudaBackend> {
             None
         }
     }
+}
+
+/// The `tiny` preset with its random weights from `seed` (bf16) on `b`.
+pub fn tiny_model<B: Backend>(b: B, seed: u64) -> Model<B> {
+    let cfg = presets::preset_config("tiny").unwrap();
+    let ck = presets::preset_checkpoint("tiny", seed, DType::BF16).unwrap();
+    Model::load(b, cfg, |n| ck.get(n).cloned()).unwrap()
+}
+
+/// Greedy generation parameters for `cfg`'s model: its mask, EOS and pad ids, no EOT, bf16
+/// logits, its max_sequence_length; upstream defaults otherwise.
+pub fn gen_params(cfg: &ModelConfig, steps: usize, gen: usize, block: usize) -> GenerateParams {
+    GenerateParams {
+        steps,
+        gen_length: gen,
+        block_length: block,
+        mask_id: cfg.mask_token_id,
+        eos_id: cfg.eos_token_id,
+        pad_id: cfg.pad_token_id,
+        eot_id: None,
+        logits_dtype: DType::BF16,
+        max_sequence_length: Some(cfg.max_sequence_length),
+        ..GenerateParams::default()
+    }
+}
+
+/// Deterministic bf16-representable values uniform in [-scale, scale), distinct per `(salt,
+/// tag)`.
+pub fn rand_bf16(salt: u64, tag: u64, len: usize, scale: f32) -> Vec<f32> {
+    let key = rng::cell_key(salt, 7, tag, 0, 0);
+    (0..len)
+        .map(|i| {
+            let u = rng::uniform(rng::bits(key, i as u64)) as f32;
+            DType::BF16.round(scale * (2.0 * u - 1.0))
+        })
+        .collect()
+}
+
+/// A bf16 host weight.
+pub fn host_bf16(name: &str, shape: &[usize], data: Vec<f32>) -> WeightSource {
+    WeightSource::Host {
+        data: Arc::new(data),
+        dtype: DType::BF16,
+        shape: shape.to_vec(),
+        name: name.to_string(),
+    }
+}
+
+/// Free-running generations on two devices: a single near-tie flip changes everything after it
+/// in its block, but a systematic error would leave almost nothing in common, so at least half
+/// of the ids must agree.
+pub fn assert_mostly_same(what: &str, cpu: &[Vec<u32>], gpu: &[Vec<u32>]) {
+    let total: usize = cpu.iter().map(Vec::len).sum();
+    let same: usize = cpu
+        .iter()
+        .zip(gpu)
+        .map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x == y).count())
+        .sum();
+    eprintln!("{what}: free-running {same}/{total} ids agree\n cpu {cpu:?}\n gpu {gpu:?}");
+    assert!(
+        same * 2 >= total,
+        "{what}: only {same}/{total} ids agree free-running"
+    );
 }
 
 /// The `tiny` preset's shapes with random matrices of std 0.2 instead of 0.02: logits spread

@@ -361,13 +361,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         seed: a.gen.seed,
         logits_eos_inf: a.gen.logits_eos_inf,
         confidence_eos_eot_inf: a.gen.confidence_eos_eot_inf,
-        mask_id: 0,
-        eos_id: 0,
-        eot_id: None,
-        pad_id: 0,
-        logits_dtype: DType::F32,
-        max_sequence_length: None,
-        row_keys: None,
+        // The ids and max_sequence_length come from `apply_ids`.
+        ..GenerateParams::default()
     };
     opened.apply_ids(&mut params);
     params.block_plan()?;
