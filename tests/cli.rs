@@ -7,19 +7,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::cli::{err_of, llada, ok_json, run, tmpdir};
+use common::cli::{err_of, ids_arg, llada, ok_json, run, tmpdir, u64s};
 use common::cmp;
 use serde_json::Value;
 
 fn fixture(p: &str) -> PathBuf {
     common::cli::fixture(&format!("parity/{p}"))
-}
-
-fn ids_arg(v: &[u64]) -> String {
-    v.iter()
-        .map(|x| x.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// `llada generate --format json --device cpu --temperature 0` gives exactly the ids the
@@ -150,12 +143,7 @@ fn forward_matches_pytorch_reference() {
             continue;
         }
         let variant = case["variant"].as_str().unwrap();
-        let ids: Vec<u64> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect();
+        let ids = u64s(&case["ids"]);
         let t = ids.len();
         let out = dir.join(format!("{variant}.safetensors"));
         let o = run(llada()
@@ -243,73 +231,45 @@ fn tiny_folder_single_and_sharded_agree() {
 #[test]
 fn bad_input_is_a_clear_error() {
     let f = fixture("f32");
-    let base = |extra: &[&str]| {
-        let mut c = llada();
-        c.args(["generate", "--device", "cpu", "--prompt-ids", "5,6,7"])
-            .arg("--model")
-            .arg(&f)
-            .args(extra);
-        c
-    };
-    let e = err_of(&mut base(&[
-        "--gen-length",
-        "10",
-        "--block-length",
-        "4",
-        "--steps",
-        "4",
-    ]));
-    assert!(e.contains("gen_length") && e.contains("10"), "{e}");
-    let e = err_of(&mut base(&[
-        "--gen-length",
-        "8",
-        "--block-length",
-        "4",
-        "--steps",
-        "3",
-    ]));
-    assert!(e.contains("steps") && e.contains('3'), "{e}");
-    let e = err_of(&mut base(&[
-        "--gen-length",
-        "64",
-        "--block-length",
-        "64",
-        "--steps",
-        "64",
-    ]));
-    assert!(e.contains("max_sequence_length") || e.contains("64"), "{e}");
-    let e = err_of(&mut base(&["--remasking", "sideways"]));
-    assert!(e.contains("sideways"), "{e}");
-    let e = err_of(
-        llada()
-            .args(["generate", "--device", "cpu", "--prompt-ids", "5,x"])
-            .arg("--model")
-            .arg(&f),
-    );
-    assert!(e.contains("\"x\""), "{e}");
-    let e = err_of(
-        llada()
-            .args(["generate", "--device", "cpu", "--prompt-ids", "5,100000"])
-            .arg("--model")
-            .arg(&f),
-    );
-    assert!(e.contains("100000"), "{e}");
     let missing = tmpdir("missing");
-    let e = err_of(
-        llada()
-            .args(["generate", "--prompt-ids", "5"])
-            .arg("--model")
-            .arg(&missing),
+    let gen = |model: &Path, args: &str| {
+        err_of(
+            llada()
+                .args(["generate", "--model"])
+                .arg(model)
+                .args(args.split(' ')),
+        )
+    };
+    // Bad generation flags on a valid prompt, and what the error names.
+    for (flags, want) in [
+        (
+            "--gen-length 10 --block-length 4 --steps 4",
+            &["gen_length", "10"][..],
+        ),
+        ("--gen-length 8 --block-length 4 --steps 3", &["steps", "3"]),
+        ("--remasking sideways", &["sideways"]),
+    ] {
+        let e = gen(&f, &format!("--device cpu --prompt-ids 5,6,7 {flags}"));
+        for w in want {
+            assert!(e.contains(w), "{flags}: {e}");
+        }
+    }
+    // Bad prompts and folders.
+    for (model, args, want) in [
+        (&f, "--device cpu --prompt-ids 5,x", "\"x\""),
+        (&f, "--device cpu --prompt-ids 5,100000", "100000"),
+        (&missing, "--prompt-ids 5", "config.json"),
+        // --prompt text on a folder without tokenizer.json
+        (&f, "--device cpu --prompt hi", "tokenizer"),
+    ] {
+        let e = gen(model, args);
+        assert!(e.contains(want), "{args}: {e}");
+    }
+    let e = gen(
+        &f,
+        "--device cpu --prompt-ids 5,6,7 --gen-length 64 --block-length 64 --steps 64",
     );
-    assert!(e.contains("config.json"), "{e}");
-    // --prompt text on a folder without tokenizer.json
-    let e = err_of(
-        llada()
-            .args(["generate", "--device", "cpu", "--prompt", "hi"])
-            .arg("--model")
-            .arg(&f),
-    );
-    assert!(e.contains("tokenizer"), "{e}");
+    assert!(e.contains("max_sequence_length") || e.contains("64"), "{e}");
     // A forward output is never left half-written when the input is bad.
     let d = tmpdir("fwd-bad");
     let out = d.join("x.safetensors");

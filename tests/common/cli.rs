@@ -172,6 +172,11 @@ pub fn u64s(v: &Value) -> Vec<u64> {
         .collect()
 }
 
+/// Ids as a `--prompt-ids` / `--ids` argument: `1,2,3`.
+pub fn ids_arg<T: ToString>(v: &[T]) -> String {
+    v.iter().map(T::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// A JSON array of token ids.
 pub fn u32s(v: &Value) -> Vec<u32> {
     u64s(v).into_iter().map(|x| x as u32).collect()
