@@ -10,7 +10,7 @@
 //! - a threshold above 1 degenerates to one token per call;
 //! - CPU/GPU agreement (skipped without a GPU; `LLADA_REQUIRE_GPU=1` makes that a failure).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use llada::backend::cpu::CpuBackend;
 use llada::backend::Backend;
@@ -24,7 +24,7 @@ use llada::sampler::{
 use serde_json::Value;
 
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+    common::cli::fixture("parity")
 }
 
 fn fixture_model(variant: &str, dtype: DType) -> Model<CpuBackend> {
@@ -36,17 +36,10 @@ fn fixture_model(variant: &str, dtype: DType) -> Model<CpuBackend> {
 }
 
 fn expected() -> Value {
-    let p = fixture_dir().join("expected.json");
-    serde_json::from_str(&std::fs::read_to_string(p).expect("expected.json")).expect("json")
+    common::cli::read_json(&fixture_dir().join("expected.json"))
 }
 
-fn ints(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("int") as u32)
-        .collect()
-}
+use common::cli::u32s as ints;
 
 fn params_for(
     cfg: &llada::config::ModelConfig,
@@ -133,6 +126,19 @@ struct FirstStepCheck<'m> {
     mask_id: u32,
 }
 
+impl<'m> FirstStepCheck<'m> {
+    fn new(model: &'m Model<CpuBackend>) -> Self {
+        FirstStepCheck {
+            cached: ModelPredictor::new(model),
+            plain: ModelPredictor::new(model),
+            full_calls: 0,
+            calls: 0,
+            masks_before: Vec::new(),
+            mask_id: model.cfg.mask_token_id,
+        }
+    }
+}
+
 impl SpanPredictor for FirstStepCheck<'_> {
     fn predict_span(
         &mut self,
@@ -178,14 +184,7 @@ fn first_step_of_every_block_equals_uncached_step() {
         for cache in [CacheMode::Prefix, CacheMode::Dual] {
             let mut p = params_for(&cfg, 8, 16, 4);
             p.logits_dtype = dt;
-            let mut w = FirstStepCheck {
-                cached: ModelPredictor::new(&model),
-                plain: ModelPredictor::new(&model),
-                full_calls: 0,
-                calls: 0,
-                masks_before: Vec::new(),
-                mask_id: cfg.mask_token_id,
-            };
+            let mut w = FirstStepCheck::new(&model);
             let d = Decode {
                 cache,
                 ..Decode::default()
@@ -211,14 +210,7 @@ fn threshold_above_one_commits_one_token_per_call() {
     let prompts = vec![vec![5, 17, 42, 99, 7, 150]];
     for cache in [CacheMode::None, CacheMode::Prefix, CacheMode::Dual] {
         let p = params_for(&cfg, 2, 12, 6);
-        let mut w = FirstStepCheck {
-            cached: ModelPredictor::new(&model),
-            plain: ModelPredictor::new(&model),
-            full_calls: 0,
-            calls: 0,
-            masks_before: Vec::new(),
-            mask_id: cfg.mask_token_id,
-        };
+        let mut w = FirstStepCheck::new(&model);
         let d = Decode {
             cache,
             threshold: Some(1.01),

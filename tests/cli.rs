@@ -51,12 +51,7 @@ fn generate_matches_pytorch_reference() {
         }
         let prompts = case["prompt"].as_array().unwrap();
         for (i, p) in prompts.iter().enumerate() {
-            let p: Vec<u64> = p
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap())
-                .collect();
+            let p = u64s(p);
             // Strip the left padding: the CLI pads (and masks) itself.
             let keep: Vec<u64> = match case["attention_mask"].as_array() {
                 Some(m) => p
@@ -75,27 +70,11 @@ fn generate_matches_pytorch_reference() {
             .unwrap()
             .iter()
             .map(|r| {
-                let r: Vec<u64> = r
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap())
-                    .collect();
+                let r = u64s(r);
                 r[r.len() - gen..].to_vec()
             })
             .collect();
-        let got_ids: Vec<Vec<u64>> = got["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap())
-                    .collect()
-            })
-            .collect();
+        let got_ids: Vec<Vec<u64>> = got["ids"].as_array().unwrap().iter().map(u64s).collect();
         assert_eq!(got_ids, want, "case {name}");
         let steps = case["steps"].as_u64().unwrap();
         assert_eq!(got["nfe"].as_u64().unwrap(), steps, "case {name}: nfe");
@@ -110,12 +89,7 @@ fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     let t = &header["logits"];
     assert_eq!(t["dtype"], "F32");
-    let shape: Vec<usize> = t["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
+    let shape: Vec<usize> = u64s(&t["shape"]).iter().map(|&x| x as usize).collect();
     let off = t["data_offsets"].as_array().unwrap();
     let (a, b) = (
         off[0].as_u64().unwrap() as usize,

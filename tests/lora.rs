@@ -537,39 +537,19 @@ fn merge_on_read_linear_embedding_and_replaced() {
     let eb = rand_vec(24, c * r, 0.5);
     let ln = rand_vec(25, c, 1.0);
     let wrep = rand_vec(26, v * c, 0.5);
-    let sources = vec![
-        host(
-            format!("{PEFT_PREFIX}{q}.lora_A.weight"),
-            vec![r, qk],
-            qa.clone(),
-        ),
-        host(
-            format!("{PEFT_PREFIX}{q}.lora_B.weight"),
-            vec![qm, r],
-            qb.clone(),
-        ),
-        host(
-            format!("{PEFT_PREFIX}model.transformer.wte.lora_embedding_A"),
-            vec![r, v],
-            ea.clone(),
-        ),
-        host(
-            format!("{PEFT_PREFIX}model.transformer.wte.lora_embedding_B"),
-            vec![c, r],
-            eb.clone(),
-        ),
-        host(
-            format!("{PEFT_PREFIX}model.transformer.ln_f.weight"),
-            vec![c],
-            ln.clone(),
-        ),
+    let wte = "model.transformer.wte";
+    let sources: Vec<WeightSource> = [
+        (format!("{q}.lora_A.weight"), vec![r, qk], &qa),
+        (format!("{q}.lora_B.weight"), vec![qm, r], &qb),
+        (format!("{wte}.lora_embedding_A"), vec![r, v], &ea),
+        (format!("{wte}.lora_embedding_B"), vec![c, r], &eb),
+        ("model.transformer.ln_f.weight".into(), vec![c], &ln),
         // The embedding saved whole too (save_embedding_layers): the new base under the LoRA.
-        host(
-            format!("{PEFT_PREFIX}model.transformer.wte.base_layer.weight"),
-            vec![v, c],
-            wrep.clone(),
-        ),
-    ];
+        (format!("{wte}.base_layer.weight"), vec![v, c], &wrep),
+    ]
+    .into_iter()
+    .map(|(n, shape, vals)| host(format!("{PEFT_PREFIX}{n}"), shape, vals.clone()))
+    .collect();
     let ad = Adapter::from_sources(LoraConfig::new(r, 3.0, false), &sources, &cfg).unwrap();
     assert_eq!(
         ad.modules["model.transformer.wte"].kind,

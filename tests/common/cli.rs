@@ -163,13 +163,18 @@ pub fn json_lines(p: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// A JSON array of unsigned integers.
-pub fn u64s(v: &Value) -> Vec<u64> {
+/// The elements of a JSON array through `item`; panics on a non-array or a bad element.
+fn array<T>(v: &Value, item: impl Fn(&Value) -> Option<T>) -> Vec<T> {
     v.as_array()
         .unwrap_or_else(|| panic!("not an array: {v}"))
         .iter()
-        .map(|x| x.as_u64().unwrap())
+        .map(|x| item(x).unwrap_or_else(|| panic!("bad element {x} in {v}")))
         .collect()
+}
+
+/// A JSON array of unsigned integers.
+pub fn u64s(v: &Value) -> Vec<u64> {
+    array(v, Value::as_u64)
 }
 
 /// Ids as a `--prompt-ids` / `--ids` argument: `1,2,3`.
@@ -184,11 +189,7 @@ pub fn u32s(v: &Value) -> Vec<u32> {
 
 /// A JSON array of numbers.
 pub fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("not an array: {v}"))
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    array(v, Value::as_f64)
 }
 
 /// Generation flags shared by tests that compare `generate`, `batch` and `serve`: 16 tokens in
