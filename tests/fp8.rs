@@ -22,7 +22,8 @@ use llada::quant::quality::{self, QualityInputs};
 use llada::quant::{self, WeightsMode};
 
 use common::cli::{
-    bench, copy_dir, err_of, fixture, llada, llada_out, ok, ok_json, read_json, run, TempDir,
+    bench, copy_dir, edit_json, err_of, fixture, llada, llada_out, ok, ok_json, read_json, run,
+    TempDir,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -409,17 +410,12 @@ fn quantized_folder_loads_and_equals_quantizing_at_load() {
     assert!(e.contains("already"), "{e}");
 }
 
+/// A safetensors entry: name, dtype, shape, bytes.
+type Tensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
 /// Rewrite `dir/model.safetensors` through `f(name, dtype, shape, bytes)`, which returns the
 /// new entry or `None` to drop it.
-fn rewrite(
-    dir: &Path,
-    f: impl Fn(
-        &str,
-        safetensors::Dtype,
-        &[usize],
-        &[u8],
-    ) -> Option<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
-) {
+fn rewrite(dir: &Path, f: impl Fn(&str, safetensors::Dtype, &[usize], &[u8]) -> Option<Tensor>) {
     let p = dir.join("model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -466,68 +462,61 @@ fn quantized_folder_errors_name_the_tensor() {
         Some((n.to_string(), d, s.to_vec(), b.to_vec()))
     };
 
-    // A negative, a zero, a NaN and an infinite scale.
-    for (tag, bad) in [
-        ("neg", -1.0f32),
-        ("zero", 0.0),
-        ("nan", f32::NAN),
-        ("inf", f32::INFINITY),
-    ] {
-        let d = case(tag);
-        rewrite(&d, |n, dt, s, b| {
+    // Each case rewrites the quantized tensors; the error names the tensor and the fault.
+    type Edit<'a> = Box<dyn Fn(&str, safetensors::Dtype, &[usize], &[u8]) -> Option<Tensor> + 'a>;
+    let set_scale = |bad: f32| -> Edit {
+        let scale = &scale;
+        Box::new(move |n, dt, s, b| {
             let mut b = b.to_vec();
             if n == scale {
                 b[4..8].copy_from_slice(&bad.to_le_bytes());
             }
             keep(n, dt, s, &b)
-        });
-        let e = open_err(&d);
-        assert!(
-            e.contains(&format!("`{scale}`")) && e.contains("scale[1]"),
-            "{tag}: {e}"
-        );
-    }
-    // A missing scale.
-    let d = case("noscale");
-    rewrite(&d, |n, dt, s, b| {
-        (n != scale).then(|| keep(n, dt, s, b)).flatten()
-    });
-    let e = open_err(&d);
-    assert!(
-        e.contains(&format!("`{scale}`")) && e.contains("missing"),
-        "{e}"
-    );
-    // A scale of the wrong shape.
-    let d = case("scaleshape");
-    rewrite(&d, |n, dt, s, b| {
-        if n == scale {
-            keep(n, dt, &[1, s[0]], b)
-        } else {
-            keep(n, dt, s, b)
-        }
-    });
-    let e = open_err(&d);
-    assert!(
-        e.contains(&format!("`{scale}`")) && e.contains("[128, 1]"),
-        "{e}"
-    );
+        })
+    };
+    let scale_named = format!("`{scale}`");
+    let cases: Vec<(&str, Edit, Vec<&str>)> = vec![
+        // A negative, a zero, a NaN and an infinite scale.
+        ("neg", set_scale(-1.0), vec![&scale_named, "scale[1]"]),
+        ("zero", set_scale(0.0), vec![&scale_named, "scale[1]"]),
+        ("nan", set_scale(f32::NAN), vec![&scale_named, "scale[1]"]),
+        (
+            "inf",
+            set_scale(f32::INFINITY),
+            vec![&scale_named, "scale[1]"],
+        ),
+        // A missing scale.
+        (
+            "noscale",
+            Box::new(|n, dt, s, b| (n != scale).then(|| keep(n, dt, s, b)).flatten()),
+            vec![&scale_named, "missing"],
+        ),
+        // A scale of the wrong shape.
+        (
+            "scaleshape",
+            Box::new(|n, dt, s, b| {
+                let s = if n == scale {
+                    vec![1, s[0]]
+                } else {
+                    s.to_vec()
+                };
+                keep(n, dt, &s, b)
+            }),
+            vec![&scale_named, "[128, 1]"],
+        ),
+    ];
     // An E4M3 NaN code inside a weight.
-    let d = case("nancode");
-    rewrite(&d, |n, dt, s, b| {
+    let q0_named = format!("`{q0}`");
+    let nan_code: Edit = Box::new(|n, dt, s, b| {
         let mut b = b.to_vec();
         if n == q0 {
             b[130] = 0x7F;
         }
         keep(n, dt, s, &b)
     });
-    let e = open_err(&d);
-    assert!(
-        e.contains(&format!("`{q0}`")) && e.contains("NaN") && e.contains("row 1"),
-        "{e}"
-    );
     // The embedding in FP8: not allowed.
-    let d = case("wte");
-    rewrite(&d, |n, dt, s, b| {
+    let wte_named = format!("`{WTE}`");
+    let fp8_wte: Edit = Box::new(|n, dt, s, b| {
         if n == WTE {
             let codes: Vec<u8> = b.chunks(2).map(|_| 0x38).collect();
             keep(n, safetensors::Dtype::F8_E4M3, s, &codes)
@@ -535,18 +524,23 @@ fn quantized_folder_errors_name_the_tensor() {
             keep(n, dt, s, b)
         }
     });
-    let e = open_err(&d);
-    assert!(
-        e.contains(&format!("`{WTE}`")) && e.contains("only the linear layers"),
-        "{e}"
-    );
+    let cases = cases.into_iter().chain([
+        ("nancode", nan_code, vec![&q0_named, "NaN", "row 1"]),
+        ("wte", fp8_wte, vec![&wte_named, "only the linear layers"]),
+    ]);
+    for (tag, edit, want) in cases {
+        let d = case(tag);
+        rewrite(&d, &*edit);
+        let e = open_err(&d);
+        for w in want {
+            assert!(e.contains(w), "{tag}: {e}");
+        }
+    }
     // FP8 tensors without a quantization_config, and a config naming another method.
     let d = case("nocfg");
-    let cfg_path = d.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg.as_object_mut().unwrap().remove("quantization_config");
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    edit_json(&d.join("config.json"), |o| {
+        o.remove("quantization_config");
+    });
     let e = open_err(&d);
     assert!(e.contains("no `quantization_config`"), "{e}");
     for (key, val, needle) in [
@@ -568,11 +562,9 @@ fn quantized_folder_errors_name_the_tensor() {
         ("fmt", serde_json::json!("e5m2"), "fmt = \"e5m2\""),
     ] {
         let d = case(&format!("cfg-{key}"));
-        let cfg_path = d.join("config.json");
-        let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-        cfg["quantization_config"][key] = val;
-        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        edit_json(&d.join("config.json"), |o| {
+            o["quantization_config"][key] = val;
+        });
         let e = open_err(&d);
         assert!(e.contains(needle), "{key}: {e}");
     }
