@@ -21,12 +21,21 @@ use llada::train::optim::AdamWConfig;
 mod common;
 
 use common::cli::{
-    f64s as floats, fixture, llada_out as llada, ok, read_json, tmpdir, u32s as ints,
+    err_of, f64s as floats, fixture, ids_arg, llada_out as llada, ok, read_json, run, tmpdir,
+    u32s as ints, words,
 };
 use serde_json::{json, Value};
 
 fn expected() -> Value {
     read_json(&fixture("lora/expected.json"))
+}
+
+/// `llada merge-lora --model MODEL --lora ADAPTER --out OUT`.
+fn merge_lora(model: &Path, adapter: &Path, out: &Path) -> std::process::Output {
+    let mut c = common::cli::llada();
+    c.arg("merge-lora").arg("--model").arg(model);
+    c.arg("--lora").arg(adapter).arg("--out").arg(out);
+    run(&mut c)
 }
 
 fn logits(opened: &Opened, ids: &[u32]) -> Vec<f32> {
@@ -97,15 +106,11 @@ fn merge_lora_matches_peft_merge_and_unload_in_bf16() {
     let e = expected();
     let out = tmpdir("merge-bf16");
     let merged = out.join("m");
-    ok(&llada(&[
-        "merge-lora",
-        "--model",
-        fixture("parity/bf16").to_str().unwrap(),
-        "--lora",
-        fixture("lora/peft").to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]));
+    ok(&merge_lora(
+        &fixture("parity/bf16"),
+        &fixture("lora/peft"),
+        &merged,
+    ));
     let cfg = ModelConfig::from_file(&merged.join("config.json")).unwrap();
     let ck = Checkpoint::open(&merged, &cfg).unwrap();
     assert_eq!(ck.dtype(), DType::BF16);
@@ -163,22 +168,8 @@ fn adapter_gradients_match_peft_autograd() {
     let merged = out.join("m");
     let model = fixture("parity/f32");
     let adir = fixture("lora/peft");
-    ok(&llada(&[
-        "merge-lora",
-        "--model",
-        model.to_str().unwrap(),
-        "--lora",
-        adir.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]));
-    let join = |k: &str| {
-        ints(&e[k])
-            .iter()
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    ok(&merge_lora(&model, &adir, &merged));
+    let join = |k: &str| ids_arg(&ints(&e[k]));
     let g_path = out.join("g.safetensors");
     ok(&llada(&[
         "grad",
@@ -620,15 +611,7 @@ fn merge_lora_folder_runs_like_lora_at_load() {
     let adir = dir.join("adapter");
     ad.save(&adir, &cfg).unwrap();
     let merged = dir.join("merged");
-    let stdout = ok(&llada(&[
-        "merge-lora",
-        "--model",
-        base.to_str().unwrap(),
-        "--lora",
-        adir.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]));
+    let stdout = ok(&merge_lora(&base, &adir, &merged));
     assert!(stdout.contains("wrote"), "{stdout}");
     for f in std::fs::read_dir(&base).unwrap() {
         let name = f.unwrap().file_name().into_string().unwrap();
@@ -637,48 +620,32 @@ fn merge_lora_folder_runs_like_lora_at_load() {
             "{name} not in the merged folder"
         );
     }
+    let (bs, ads, ms) = (
+        base.to_str().unwrap(),
+        adir.to_str().unwrap(),
+        merged.to_str().unwrap(),
+    );
+    let with_lora = ["--model", bs, "--lora", ads];
+    let on_merged = ["--model", ms];
     let gen = |args: &[&str]| -> Value {
-        let mut a = vec![
-            "generate",
-            "--prompt",
-            "hello world",
-            "--gen-length",
-            "8",
-            "--steps",
-            "4",
-            "--block-length",
-            "8",
-            "--format",
-            "json",
-            "--device",
-            "cpu",
-        ];
+        let mut a = vec!["generate", "--prompt", "hello world"];
+        a.extend(words(
+            "--gen-length 8 --steps 4 --block-length 8 --format json --device cpu",
+        ));
         a.extend_from_slice(args);
         serde_json::from_str(&ok(&llada(&a))).unwrap()
     };
-    let on_load = gen(&[
-        "--model",
-        base.to_str().unwrap(),
-        "--lora",
-        adir.to_str().unwrap(),
-    ]);
-    let from_merged = gen(&["--model", merged.to_str().unwrap()]);
-    let plain = gen(&["--model", base.to_str().unwrap()]);
+    let on_load = gen(&with_lora);
+    let from_merged = gen(&on_merged);
+    let plain = gen(&["--model", bs]);
     assert_eq!(on_load["ids"], from_merged["ids"]);
     assert_eq!(on_load["text"], from_merged["text"]);
     // Logits through both paths are bit-identical; the adapter changes them.
     let ids = "5,17,42,99";
     let out = |name: &str, args: &[&str]| -> Vec<f32> {
         let p = dir.join(name);
-        let mut a = vec![
-            "forward",
-            "--ids",
-            ids,
-            "--device",
-            "cpu",
-            "--out",
-            p.to_str().unwrap(),
-        ];
+        let mut a = vec!["forward", "--ids", ids, "--device", "cpu", "--out"];
+        a.push(p.to_str().unwrap());
         a.extend_from_slice(args);
         ok(&llada(&a));
         let s = llada::checkpoint::open_safetensors(&p).unwrap();
@@ -686,42 +653,16 @@ fn merge_lora_folder_runs_like_lora_at_load() {
         s[0].read_range(0, v.len(), &mut v);
         v
     };
-    let l1 = out(
-        "a.st",
-        &[
-            "--model",
-            base.to_str().unwrap(),
-            "--lora",
-            adir.to_str().unwrap(),
-        ],
-    );
-    let l2 = out("b.st", &["--model", merged.to_str().unwrap()]);
-    let l0 = out("c.st", &["--model", base.to_str().unwrap()]);
+    let l1 = out("a.st", &with_lora);
+    let l2 = out("b.st", &on_merged);
+    let l0 = out("c.st", &["--model", bs]);
     assert_eq!(l1, l2);
     assert_ne!(l1, l0);
     let _ = plain;
     // loglik, eval and batch with --lora give what they give on the merged folder.
-    let with_lora = [
-        "--model",
-        base.to_str().unwrap(),
-        "--lora",
-        adir.to_str().unwrap(),
-    ];
-    let on_merged = ["--model", merged.to_str().unwrap()];
     let loglik = |m: &[&str]| -> Value {
-        let mut a = vec![
-            "loglik",
-            "--prompt-ids",
-            "5,17",
-            "--answer-ids",
-            "42,7",
-            "--mc-num",
-            "4",
-            "--format",
-            "json",
-            "--device",
-            "cpu",
-        ];
+        let mut a = words("loglik --prompt-ids 5,17 --answer-ids 42,7 --mc-num 4");
+        a.extend(words("--format json --device cpu"));
         a.extend_from_slice(m);
         serde_json::from_str(&ok(&llada(&a))).unwrap()
     };
@@ -736,17 +677,9 @@ fn merge_lora_folder_runs_like_lora_at_load() {
     .unwrap();
     let eval = |m: &[&str], name: &str| -> String {
         let o = dir.join(name);
-        let mut a = vec![
-            "eval",
-            "--tasks",
-            tasks.to_str().unwrap(),
-            "--mc-num",
-            "2",
-            "--device",
-            "cpu",
-            "--output",
-            o.to_str().unwrap(),
-        ];
+        let mut a = vec!["eval", "--tasks", tasks.to_str().unwrap()];
+        a.extend(["--mc-num", "2", "--device", "cpu", "--output"]);
+        a.push(o.to_str().unwrap());
         a.extend_from_slice(m);
         ok(&llada(&a));
         std::fs::read_to_string(&o).unwrap()
@@ -758,21 +691,11 @@ fn merge_lora_folder_runs_like_lora_at_load() {
     std::fs::write(&input, "{\"id\": \"a\", \"prompt_ids\": [5, 17, 42]}\n").unwrap();
     let batch = |m: &[&str], name: &str| -> Value {
         let o = dir.join(name);
-        let mut a = vec![
-            "batch",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            o.to_str().unwrap(),
-            "--gen-length",
-            "8",
-            "--steps",
-            "4",
-            "--block-length",
-            "8",
-            "--device",
-            "cpu",
-        ];
+        let mut a = vec!["batch", "--input", input.to_str().unwrap(), "--output"];
+        a.push(o.to_str().unwrap());
+        a.extend(words(
+            "--gen-length 8 --steps 4 --block-length 8 --device cpu",
+        ));
         a.extend_from_slice(m);
         ok(&llada(&a));
         serde_json::from_str(std::fs::read_to_string(&o).unwrap().lines().next().unwrap()).unwrap()
@@ -799,29 +722,17 @@ fn merge_lora_folder_runs_like_lora_at_load() {
         );
     }
     // Refuses to write into its input, and names a bad adapter.
-    let o = llada(&[
-        "merge-lora",
-        "--model",
-        base.to_str().unwrap(),
-        "--lora",
-        adir.to_str().unwrap(),
-        "--out",
-        base.to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
-    let o = llada(&[
-        "forward",
-        "--model",
-        base.to_str().unwrap(),
-        "--lora",
-        dir.join("nope").to_str().unwrap(),
-        "--ids",
-        "1",
-        "--out",
-        dir.join("x").to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not a folder"));
+    assert!(!merge_lora(&base, &adir, &base).status.success());
+    let e = err_of(
+        common::cli::llada()
+            .args(["forward", "--ids", "1", "--model"])
+            .arg(&base)
+            .arg("--lora")
+            .arg(dir.join("nope"))
+            .arg("--out")
+            .arg(dir.join("x")),
+    );
+    assert!(e.contains("not a folder"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
