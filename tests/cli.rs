@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::cli::{err_of, ids_arg, llada, ok_json, run, tmpdir, u64s};
+use common::cli::{err_of, f64s, ids_arg, llada, ok_json, run, tmpdir, u64s};
 use common::cmp;
 use serde_json::Value;
 
@@ -130,18 +130,8 @@ fn forward_matches_pytorch_reference() {
         let (shape, got) = read_logits(&out);
         let v = exp["config"]["embedding_size"].as_u64().unwrap() as usize;
         assert_eq!(shape, vec![1, t, v]);
-        let rows: Vec<usize> = case["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
-        let want: Vec<f32> = case["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
+        let rows: Vec<usize> = u64s(&case["rows"]).iter().map(|&x| x as usize).collect();
+        let want: Vec<f32> = f64s(&case["logits"]).iter().map(|&x| x as f32).collect();
         let scale = cmp::max_abs(&want);
         assert!(scale.is_finite(), "{variant}: the reference has a NaN");
         let mut worst = 0f32;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::cli::{gen_flags, generate_json, llada, ok, ok_json, run, u64s as ids};
+use common::cli::{gen_flags, generate_json, llada, ok, ok_json, run, u64s as ids, words};
 use serde_json::{json, Value};
 
 /// The tiny preset written once as a folder (weights, tokenizer, chat template).
@@ -186,30 +186,13 @@ fn completion_and_chat_equal_llada_generate() {
     check_usage(&v, cli["nfe"].as_u64().unwrap());
 
     // The OpenAI names and the LLaDA extras map onto the CLI flags.
-    let d = tiny_dir().to_str().unwrap().to_string();
-    let cli2 = cli_json(&[
-        "generate",
-        "--model",
-        &d,
-        "--format",
-        "json",
-        "--device",
-        "cpu",
-        "--prompt",
-        "abc",
-        "--gen-length",
-        "8",
-        "--steps",
-        "4",
-        "--block-length",
-        "4",
-        "--remasking",
-        "random",
-        "--seed",
-        "3",
-        "--temperature",
-        "0.7",
-    ]);
+    let cli2 = generate_json(
+        tiny_dir(),
+        &words(concat!(
+            "--device cpu --prompt abc --gen-length 8 --steps 4 --block-length 4",
+            " --remasking random --seed 3 --temperature 0.7"
+        )),
+    );
     let v = srv
         .post(
             "/v1/completions",
@@ -276,15 +259,7 @@ fn completion_and_chat_equal_llada_generate() {
 #[test]
 fn preset_with_token_ids_equals_generate() {
     let srv = Server::start(&["--preset", "tiny"], &[]);
-    let mut args = vec![
-        "generate",
-        "--preset",
-        "tiny",
-        "--prompt-ids",
-        "5,6,7,8",
-        "--format",
-        "json",
-    ];
+    let mut args = words("generate --preset tiny --prompt-ids 5,6,7,8 --format json");
     args.extend(gen_flags());
     let cli = cli_json(&args);
     let v = srv
@@ -446,24 +421,13 @@ fn api_key_is_required_on_v1() {
 #[test]
 fn loglikelihood_equals_llada_loglik() {
     let srv = Server::folder(&[]);
-    let d = tiny_dir().to_str().unwrap().to_string();
-    let cli = cli_json(&[
-        "loglik",
-        "--model",
-        &d,
-        "--prompt",
-        "The capital is",
-        "--answer",
-        " Paris",
-        "--mc-num",
-        "8",
-        "--seed",
-        "2",
-        "--device",
-        "cpu",
-        "--format",
-        "json",
-    ]);
+    let cli = ok_json(
+        llada()
+            .args(["loglik", "--prompt", "The capital is", "--answer", " Paris"])
+            .args(words("--mc-num 8 --seed 2 --device cpu --format json"))
+            .arg("--model")
+            .arg(tiny_dir()),
+    );
     let v = srv
         .post(
             "/v1/loglikelihood",
