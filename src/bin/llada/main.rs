@@ -322,11 +322,7 @@ fn cmd_forward(a: ForwardArgs) -> Result<()> {
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let remasking: Remasking = a.gen.remasking.parse()?;
     let device: DeviceChoice = a.device.parse()?;
-    let json = match a.format.as_str() {
-        "json" => true,
-        "text" => false,
-        f => bail!("unknown --format {f:?}: expected text or json"),
-    };
+    let json = format_is_json(&a.format)?;
     let mut opened = a.model.open()?;
     a.lora.apply(&mut opened)?;
     let prompts: Vec<Vec<u32>> = if let Some(text) = &a.prompt {
@@ -439,4 +435,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--format text|json`: whether the output is JSON.
+fn format_is_json(format: &str) -> Result<bool> {
+    match format {
+        "json" => Ok(true),
+        "text" => Ok(false),
+        f => bail!("unknown --format {f:?}: expected text or json"),
+    }
 }
