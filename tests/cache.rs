@@ -233,10 +233,8 @@ fn full_logits<B: Backend>(
     kv: Option<&[u8]>,
     rows: &[(usize, usize)],
 ) -> Vec<f32> {
-    let mut ws = m.workspace(b * l, b * l).unwrap();
     let flat: Vec<u32> = rows.iter().map(|&(r, p)| (r * l + p) as u32).collect();
-    m.forward(&mut ws, x, b, l, kv, &flat).unwrap();
-    m.logits(&ws, flat.len()).unwrap()
+    common::forward_logits(m, x, (b, l), kv, &flat)
 }
 
 fn span_ids(x: &[u32], l: usize, q0: usize, q1: usize) -> Vec<u32> {
@@ -304,18 +302,15 @@ fn cached_spans_over_unchanged_tokens_reproduce_the_full_pass() {
 fn bad_spans_are_named() {
     let m = fixture_model("f32", DType::F32);
     let mut ws = m.workspace(8, 8).unwrap();
-    let mut cache = m.kv_cache(8).unwrap();
-    let e = m
-        .forward_span(&mut ws, &mut cache, &[1, 2], 1, 8, 7, 9, None, &[0])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("span [7, 9)"), "{e}");
-    let mut small = m.kv_cache(4).unwrap();
-    let e = m
-        .forward_span(&mut ws, &mut small, &[1, 2], 1, 8, 0, 2, None, &[0])
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("KV cache capacity"), "{e}");
+    // (KV cache capacity, span, what the error names)
+    for (cap, (q0, q1), want) in [(8, (7, 9), "span [7, 9)"), (4, (0, 2), "KV cache capacity")] {
+        let mut cache = m.kv_cache(cap).unwrap();
+        let e = m
+            .forward_span(&mut ws, &mut cache, &[1, 2], 1, 8, q0, q1, None, &[0])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{e}");
+    }
     let p = params_for(&m.cfg, 4, 8, 4);
     let d = Decode {
         cache: CacheMode::Dual,

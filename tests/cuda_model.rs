@@ -29,10 +29,8 @@ fn logits<B: Backend>(
     t: usize,
     kv: Option<&[u8]>,
 ) -> Vec<f32> {
-    let mut ws = m.workspace(b * t, b * t).unwrap();
     let rows: Vec<u32> = (0..(b * t) as u32).collect();
-    m.forward(&mut ws, ids, b, t, kv, &rows).unwrap();
-    m.logits(&ws, b * t).unwrap()
+    common::forward_logits(m, ids, (b, t), kv, &rows)
 }
 
 fn ids(n: usize, salt: u64, vocab: u32) -> Vec<u32> {

@@ -42,6 +42,19 @@ pub fn tiny_model<B: Backend>(b: B, seed: u64) -> Model<B> {
     Model::load(b, cfg, |n| ck.get(n).cloned()).unwrap()
 }
 
+/// Logits of `rows` (flat indices into the `b × l` tokens `x`) from one uncached forward.
+pub fn forward_logits<B: Backend>(
+    m: &Model<B>,
+    x: &[u32],
+    (b, l): (usize, usize),
+    kv: Option<&[u8]>,
+    rows: &[u32],
+) -> Vec<f32> {
+    let mut ws = m.workspace(b * l, b * l).unwrap();
+    m.forward(&mut ws, x, b, l, kv, rows).unwrap();
+    m.logits(&ws, rows.len()).unwrap()
+}
+
 /// Greedy generation parameters for `cfg`'s model: its mask, EOS and pad ids, no EOT, bf16
 /// logits, its max_sequence_length; upstream defaults otherwise.
 pub fn gen_params(cfg: &ModelConfig, steps: usize, gen: usize, block: usize) -> GenerateParams {
@@ -258,24 +271,35 @@ impl<'a, G: Backend> Lockstep<'a, G> {
     }
 }
 
-impl<G: Backend> Predictor for Lockstep<'_, G> {
-    fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+impl<'a, G: Backend> Lockstep<'a, G> {
+    /// Runs one request on the GPU into the scratch, then on the CPU into `out`, and records.
+    fn both(
+        &mut self,
+        out: &mut [(u32, f32)],
+        gpu: impl FnOnce(&mut ModelPredictor<'a, G>, &mut [(u32, f32)]) -> Result<()>,
+        cpu: impl FnOnce(&mut ModelPredictor<'a, CpuBackend>, &mut [(u32, f32)]) -> Result<()>,
+    ) -> Result<()> {
         self.scratch.resize(out.len(), (0, 0.0));
         let mut s = std::mem::take(&mut self.scratch);
-        self.gpu.predict(req, &mut s)?;
+        gpu(&mut self.gpu, &mut s)?;
         self.scratch = s;
-        self.cpu.predict(req, out)?;
+        cpu(&mut self.cpu, out)?;
         self.record(out)
+    }
+}
+
+impl<G: Backend> Predictor for Lockstep<'_, G> {
+    fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+        self.both(out, |g, o| g.predict(req, o), |c, o| c.predict(req, o))
     }
 }
 
 impl<G: Backend> SpanPredictor for Lockstep<'_, G> {
     fn predict_span(&mut self, req: &SpanRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
-        self.scratch.resize(out.len(), (0, 0.0));
-        let mut s = std::mem::take(&mut self.scratch);
-        self.gpu.predict_span(req, &mut s)?;
-        self.scratch = s;
-        self.cpu.predict_span(req, out)?;
-        self.record(out)
+        self.both(
+            out,
+            |g, o| g.predict_span(req, o),
+            |c, o| c.predict_span(req, o),
+        )
     }
 }
