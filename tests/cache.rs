@@ -224,19 +224,6 @@ fn threshold_above_one_commits_one_token_per_call() {
     }
 }
 
-/// Logits of `rows` (absolute (batch row, position)) from a full uncached pass.
-fn full_logits<B: Backend>(
-    m: &Model<B>,
-    x: &[u32],
-    b: usize,
-    l: usize,
-    kv: Option<&[u8]>,
-    rows: &[(usize, usize)],
-) -> Vec<f32> {
-    let flat: Vec<u32> = rows.iter().map(|&(r, p)| (r * l + p) as u32).collect();
-    common::forward_logits(m, x, (b, l), kv, &flat)
-}
-
 fn span_ids(x: &[u32], l: usize, q0: usize, q1: usize) -> Vec<u32> {
     x.chunks_exact(l).flat_map(|r| r[q0..q1].to_vec()).collect()
 }
@@ -259,9 +246,11 @@ fn check_spans_reproduce_full<B: Backend>(m: &Model<B>, exact: bool) -> f32 {
             .unwrap();
         for (q0, q1) in [(5usize, 19usize), (5, 9), (0, 4), (18, 19)] {
             let tq = q1 - q0;
-            let rows: Vec<(usize, usize)> =
-                (0..b).flat_map(|r| (q0..q1).map(move |p| (r, p))).collect();
-            let want = full_logits(m, &x, b, l, mask, &rows);
+            // The span's rows in the full pass: (batch row r, position p) at r·l + p.
+            let rows: Vec<u32> = (0..b)
+                .flat_map(|r| (q0..q1).map(move |p| (r * l + p) as u32))
+                .collect();
+            let want = common::forward_logits(m, &x, (b, l), mask, &rows);
             let flat: Vec<u32> = (0..(b * tq) as u32).collect();
             m.forward_span(
                 &mut ws,
