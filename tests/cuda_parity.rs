@@ -46,6 +46,14 @@ use common::{gpu, host_bf16 as host};
 // ---------------------------------------------------------------------------------------------
 // Harness
 
+/// The error of a call that must fail, as text.
+fn err<T, E: std::fmt::Display>(r: Result<T, E>) -> String {
+    match r {
+        Ok(_) => panic!("the call succeeded"),
+        Err(e) => e.to_string(),
+    }
+}
+
 fn cpu() -> CpuBackend {
     CpuBackend::new(DType::BF16)
 }
@@ -323,10 +331,7 @@ fn embedding_and_gather_are_exact() {
         .unwrap();
     let ids = ints(&g, &[0, 4]);
     let mut out = g.alloc_act(128).unwrap();
-    let e = g
-        .embedding(&mut out, &w, &ids, 2, 64)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.embedding(&mut out, &w, &ids, 2, 64));
     assert!(e.contains("ids[1] = 4"), "{e}");
 }
 
@@ -426,9 +431,9 @@ fn matmul_matches_within_f32_accumulation_bound() {
         .unwrap();
     let x = g.alloc_act(16).unwrap();
     let mut o = g.alloc_act(16).unwrap();
-    let e = g.matmul(&mut o, &x, &w, 2, 8, 5).unwrap_err().to_string();
+    let e = err(g.matmul(&mut o, &x, &w, 2, 8, 5));
     assert!(e.contains("w_q"), "{e}");
-    let e = g.matmul(&mut o, &x, &w, 3, 8, 4).unwrap_err().to_string();
+    let e = err(g.matmul(&mut o, &x, &w, 3, 8, 4));
     assert!(e.contains("`x`"), "{e}");
 }
 
@@ -556,7 +561,7 @@ fn attention_matches_within_bound() {
         nkv: 1,
         hd: 96,
     };
-    let e = g.attention(&mut o, &q, None, s).unwrap_err().to_string();
+    let e = err(g.attention(&mut o, &q, None, s));
     assert!(e.contains("head dim 96"), "{e}");
 }
 
@@ -696,17 +701,11 @@ fn kv_store_and_cached_attention_match() {
     let q = g.alloc_act(4 * 3 * 64).unwrap();
     let mut kc = g.alloc_act(8 * 64).unwrap();
     let mut vc = g.alloc_act(8 * 64).unwrap();
-    let e = g
-        .kv_store(&mut kc, &mut vc, &q, 6, s)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.kv_store(&mut kc, &mut vc, &q, 6, s));
     assert!(e.contains("exceed the cache length"), "{e}");
     let mut o = g.alloc_act(4 * 96).unwrap();
     let bad = CachedAttnShape { hd: 96, ..s };
-    let e = g
-        .attention_cached(&mut o, &q, &kc, &vc, None, bad)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.attention_cached(&mut o, &q, &kc, &vc, None, bad));
     assert!(e.contains("head dim 96"), "{e}");
 }
 
@@ -897,7 +896,7 @@ fn load_weight_matches_cpu() {
         host("a", &[2, 8], vec![0.0; 16]),
         host("b", &[2, 9], vec![0.0; 18]),
     ];
-    let e = g.load_weight(&bad).map(|_| ()).unwrap_err().to_string();
+    let e = err(g.load_weight(&bad));
     assert!(e.contains("`b`") && e.contains("`a`"), "{e}");
     drop(mmap);
     let _ = std::fs::remove_file(&path);
@@ -945,7 +944,7 @@ fn launchers_name_bad_arguments() {
     let Some(g) = gpu() else { return };
     let x = g.alloc_act(10).unwrap();
     let mut o = g.alloc_act(10).unwrap();
-    let e = g.swiglu(&mut o, &x, 2, 5).unwrap_err().to_string();
+    let e = err(g.swiglu(&mut o, &x, 2, 5));
     assert!(e.contains("swiglu") && e.contains("gate_up"), "{e}");
     let p = SelectParams {
         dtype: DType::F32,
@@ -955,19 +954,13 @@ fn launchers_name_bad_arguments() {
     let mut conf = g.alloc_f32s(1).unwrap();
     let keys = g.alloc_ints(2).unwrap();
     let mut l = g.alloc_act(10).unwrap();
-    let e = g
-        .select(&mut tok, &mut conf, &mut l, &keys, 1, 10, &p)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.select(&mut tok, &mut conf, &mut l, &keys, 1, 10, &p));
     assert!(e.contains("bf16"), "{e}");
     let (cos, sin) = rope_tables(10000.0, 64, 4);
     let (cb, sb) = (f32s(&g, &cos), f32s(&g, &sin));
     let pos = ints(&g, &[4]);
     let mut q = g.alloc_act(3 * 64).unwrap();
-    let e = g
-        .rope(&mut q, &pos, &cb, &sb, 1, 1, 1, 64)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.rope(&mut q, &pos, &cb, &sb, 1, 1, 1, 64));
     assert!(e.contains("pos[0] = 4"), "{e}");
 }
 
@@ -1074,18 +1067,12 @@ fn log_prob_matches_cpu_reference() {
     let l = g.alloc_act(2 * 10).unwrap();
     let t = ints(&g, &[3, 10]);
     let mut o = g.alloc_f32s(2).unwrap();
-    let e = g
-        .log_prob(&mut o, &l, &t, 2, 10, 0.0)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.log_prob(&mut o, &l, &t, 2, 10, 0.0));
     assert!(
         e.contains("log_prob") && e.contains("targets[1] = 10"),
         "{e}"
     );
-    let e = g
-        .log_prob(&mut o, &l, &t, 2, 10, 1.0)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.log_prob(&mut o, &l, &t, 2, 10, 1.0));
     assert!(e.contains("logits"), "{e}");
 }
 
