@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::cli::{copy_dir, edit_json, json_lines, run, tiny, tmpdir, words};
+use common::cli::{copy_dir, edit_json, json_lines, ok, run, tiny, tmpdir, words};
 use serde_json::{json, Value};
 
 fn bin() -> &'static str {
@@ -216,7 +216,7 @@ fn chat_template_bombs_end_with_an_error_naming_the_template() {
     }
     // An ordinary template still renders after all of that (and within the budget).
     let o = chat(&m);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
 }
 
 #[test]
@@ -431,7 +431,7 @@ fn batch_output_has_one_writer_and_resume_checks_parameters() {
     assert!(!d.join("out.errors.jsonl").exists());
     drop(held);
     let o = run("8");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     let first = std::fs::read_to_string(&out).unwrap();
     assert_eq!(first.lines().count(), 4);
     // The same output with other parameters: the done lines are reported, not trusted or
@@ -449,7 +449,7 @@ fn batch_output_has_one_writer_and_resume_checks_parameters() {
     );
     // Same parameters: nothing to do, nothing reported.
     let o = run("8");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     assert!(String::from_utf8_lossy(&o.stderr).contains("4 already done"));
 }
 
@@ -493,7 +493,7 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
         ],
         &[],
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     let o = quick(
         &["eval", "--model", m, "--tasks", f, "--device", "cpu"],
         &[],
@@ -590,7 +590,7 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
     };
     std::thread::sleep(Duration::from_millis(200));
     let o = forward(f);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     let got = reader.join().unwrap();
     let n = u64::from_le_bytes(got[..8].try_into().unwrap()) as usize;
     let header: Value = serde_json::from_slice(&got[8..8 + n]).unwrap();
@@ -602,7 +602,7 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
     );
     // /dev/stdout: a pipe here, written through.
     let o = forward("/dev/stdout");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     assert!(
         o.stdout.len() > 3 * 512 * 4,
         "{} bytes on stdout",
@@ -624,7 +624,7 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
         )
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     let got = std::fs::read(&file).unwrap();
     assert!(got.starts_with(b"kept") && got.len() > 3 * 512 * 4);
     // A device is written through. Only as an ordinary user: as root a regression would replace
@@ -633,7 +633,7 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         let o = forward("/dev/null");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ok(&o);
         assert!(std::fs::metadata("/dev/null")
             .unwrap()
             .file_type()
@@ -749,7 +749,7 @@ fn resume_from_a_broken_checkpoint_fails_before_any_step() {
         "--out",
         ck.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     type Spoil = Box<dyn Fn(&Path)>;
     let cases: Vec<(&str, Spoil, &str)> = vec![
         (
