@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::cli::{fixture, ids_arg, llada, ok_json, run, stderr, tiny, tmpdir, u64s};
+use common::cli::{fixture, ids_arg, llada, ok, ok_json, run, stderr, tiny, tmpdir, u64s};
 use serde_json::{json, Value};
 
 fn parity_f32() -> PathBuf {
@@ -166,7 +166,7 @@ fn bad_lines_are_reported_and_skipped() {
     for _ in 0..2 {
         let o =
             run(batch(&[], &model, &good, &d.join("good-out.jsonl")).args(gen_flags(16, 16, 8)));
-        assert!(o.status.success(), "{}", stderr(&o));
+        ok(&o);
     }
     assert_eq!(results(&d.join("good-out.jsonl")).len(), 2);
 }
@@ -216,7 +216,7 @@ fn padded_batch_equals_each_prompt_alone() {
         let o = run(batch(&[], &model, &input, &out)
             .args(["--batch-size", &bs.to_string()])
             .args(&flags));
-        assert!(o.status.success(), "{}", stderr(&o));
+        ok(&o);
         results(&out)
     };
     let batched = go(8, "b8.jsonl");
@@ -371,7 +371,7 @@ fn shards_and_merge() {
             .arg(&base)
             .args(&flags);
         let o = run(c);
-        assert!(o.status.success(), "{}", stderr(&o));
+        ok(&o);
         stderr(&o)
     };
     let e0 = shard_run(&mut llada(), &["--shard", "0/3"]);
@@ -400,7 +400,7 @@ fn shards_and_merge() {
     assert_eq!(all.len(), n as usize);
 
     let o = run(llada().args(["batch", "merge", "--output"]).arg(&base));
-    assert!(o.status.success(), "{}", stderr(&o));
+    ok(&o);
     let merged = results(&base);
     let order: Vec<u64> = merged.iter().map(|r| r["id"].as_u64().unwrap()).collect();
     assert_eq!(order, (0..n).collect::<Vec<_>>());
@@ -408,7 +408,7 @@ fn shards_and_merge() {
     // The merged results equal one unsharded run's.
     let one = d.join("one.jsonl");
     let o = run(batch(&["--shard", "0/1"], &model, &input, &one).args(&flags));
-    assert!(o.status.success(), "{}", stderr(&o));
+    ok(&o);
     assert_eq!(by_id(&results(&one)), by_id(&merged));
 
     // Overlap: the same shard twice.
@@ -451,7 +451,7 @@ fn same_length_batches_are_exact_in_bf16() {
         let o = run(batch(&["--same-length"], &model, &input, &out)
             .args(["--batch-size", &bs.to_string()])
             .args(gen_flags(16, 8, 8)));
-        assert!(o.status.success(), "{}", stderr(&o));
+        ok(&o);
         results(&out)
     };
     let batched = go(8, "b8.jsonl");
@@ -477,7 +477,7 @@ fn generate_ids(model: &Path, prompt: &[u32], flags: &[String]) -> Vec<u64> {
 /// `llada batch` over `input` into `out` with `flags`; the results.
 fn batch_results(model: &Path, input: &Path, out: &Path, flags: &[String]) -> Vec<Value> {
     let o = run(batch(&[], model, input, out).args(flags));
-    assert!(o.status.success(), "{}", stderr(&o));
+    ok(&o);
     results(out)
 }
 

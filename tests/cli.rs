@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::cli::{err_of, f64s, ids_arg, llada, ok_json, run, tmpdir, u64s};
+use common::cli::{err_of, f64s, ids_arg, llada, ok, ok_json, run, tmpdir, u64s};
 use common::cmp;
 use serde_json::Value;
 
@@ -126,7 +126,7 @@ fn forward_matches_pytorch_reference() {
             .arg(fixture(variant))
             .arg("--out")
             .arg(&out));
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ok(&o);
         let (shape, got) = read_logits(&out);
         let v = exp["config"]["embedding_size"].as_u64().unwrap() as usize;
         assert_eq!(shape, vec![1, t, v]);
