@@ -15,10 +15,8 @@ use anyhow::{bail, Result};
 use clap::Parser;
 
 use llada::engine::device::{self, DeviceChoice, Resolved};
-use llada::engine::head::Remasking;
 use llada::engine::sampler::{CacheMode, Decode, GenerateParams, Progress};
 use llada::engine::{self, Engine, ModelSpec, Opened};
-use llada::hf::dtype::DType;
 use llada::quant::WeightsMode;
 
 #[derive(Parser)]
@@ -107,27 +105,23 @@ struct Row {
     breakdown_ms_per_step: Option<Vec<(String, f64)>>,
 }
 
-fn list_f64(s: &str, what: &str) -> Result<Vec<f64>> {
+/// The comma-separated values of `--what` (blanks skipped), or an error naming the bad one.
+fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> Result<Vec<T>>
+where
+    T::Err: std::fmt::Display,
+{
     s.split(',')
         .filter(|x| !x.trim().is_empty())
         .map(|x| {
             x.trim()
-                .parse::<f64>()
-                .map_err(|_| anyhow::anyhow!("bad {what} {x:?} in {s:?}"))
+                .parse::<T>()
+                .map_err(|e| anyhow::anyhow!("bad {what} {x:?} in {s:?}: {e}"))
         })
         .collect()
 }
 
 fn list(s: &str, what: &str) -> Result<Vec<usize>> {
-    let v: Vec<usize> = s
-        .split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| {
-            x.trim()
-                .parse::<usize>()
-                .map_err(|_| anyhow::anyhow!("bad {what} {x:?} in {s:?}"))
-        })
-        .collect::<Result<_>>()?;
+    let v: Vec<usize> = parse_list(s, what)?;
     if v.is_empty() || v.contains(&0) {
         bail!("--{what} needs positive integers, got {s:?}");
     }
@@ -169,12 +163,7 @@ fn commit() -> String {
 /// Run the workload once per `--weights` mode (e.g. `checkpoint,fp8`: FP8 rows beside bf16 in
 /// the same run) and write one JSON with every row (each names its `weights`).
 fn run(a: Args) -> Result<()> {
-    let modes: Vec<WeightsMode> = a
-        .weights
-        .split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| x.trim().parse())
-        .collect::<Result<_>>()?;
+    let modes: Vec<WeightsMode> = parse_list(&a.weights, "weights")?;
     if modes.is_empty() {
         bail!("--weights needs at least one of checkpoint, fp8");
     }
@@ -222,23 +211,22 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
         }
     };
     let steps_list = list(&a.steps, "steps")?;
-    let caches: Vec<CacheMode> = a
-        .cache
-        .split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| x.trim().parse())
-        .collect::<Result<_>>()?;
+    let caches: Vec<CacheMode> = parse_list(&a.cache, "cache")?;
     // (threshold, factor) rules; (None, None) = the steps schedule.
     let mut rules: Vec<(Option<f64>, Option<f64>)> = vec![(None, None)];
     if let Some(t) = &a.threshold {
         rules.extend(
-            list_f64(t, "threshold")?
+            parse_list::<f64>(t, "threshold")?
                 .into_iter()
                 .map(|t| (Some(t), None)),
         );
     }
     if let Some(f) = &a.factor {
-        rules.extend(list_f64(f, "factor")?.into_iter().map(|f| (None, Some(f))));
+        rules.extend(
+            parse_list::<f64>(f, "factor")?
+                .into_iter()
+                .map(|f| (None, Some(f))),
+        );
     }
     let batches = list(&a.batch, "batch")?;
     let mut opened = Opened::open(&spec)?;
@@ -316,23 +304,12 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
             }
         }
         for &(decode, steps) in &configs {
+            // Greedy, low-confidence remasking; the model's ids from `apply_ids`.
             let mut p = GenerateParams {
                 steps,
                 gen_length: a.gen_length,
                 block_length: a.block_length,
-                temperature: 0.0,
-                cfg_scale: 0.0,
-                remasking: Remasking::LowConfidence,
-                seed: 0,
-                logits_eos_inf: false,
-                confidence_eos_eot_inf: false,
-                mask_id: 0,
-                eos_id: 0,
-                eot_id: None,
-                pad_id: 0,
-                logits_dtype: DType::F32,
-                max_sequence_length: None,
-                row_keys: None,
+                ..GenerateParams::default()
             };
             opened.apply_ids(&mut p);
             p.block_plan()?;

@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use llada::backend::cpu::CpuBackend;
 use llada::engine::model::Model;
 use llada::engine::predictor::ModelPredictor;
-use llada::engine::sampler::{generate, GenerateParams};
+use llada::engine::sampler::generate;
 use llada::hf::dtype::DType;
 use llada::hf::presets;
+
+mod common;
 
 struct Counting;
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);
@@ -35,31 +37,27 @@ static A: Counting = Counting;
 /// The tests count allocations process-wide, so they run one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-#[test]
-fn generation_allocates_the_same_for_8_and_32_steps() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // One thread: rayon's pool would otherwise allocate on its own schedule.
+/// Takes the lock and pins rayon to one thread: its pool would otherwise allocate on its own
+/// schedule.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    let g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build_global()
         .ok();
-    let cfg = presets::preset_config("tiny").unwrap();
-    let ck = presets::preset_checkpoint("tiny", 3, DType::BF16).unwrap();
-    let m = Model::load(CpuBackend::new(DType::BF16), cfg.clone(), |n| {
-        ck.get(n).cloned()
-    })
-    .unwrap();
-    check_steps(&m);
+    g
+}
+
+#[test]
+fn generation_allocates_the_same_for_8_and_32_steps() {
+    let _g = serial();
+    check_steps(&common::tiny_model(CpuBackend::new(DType::BF16), 3));
 }
 
 /// The same with FP8 linear layers (activations quantized per token into thread-local scratch).
 #[test]
 fn fp8_generation_allocates_the_same_for_8_and_32_steps() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build_global()
-        .ok();
+    let _g = serial();
     let cfg = presets::preset_config("tiny").unwrap();
     let ck = presets::preset_checkpoint("tiny", 3, DType::BF16).unwrap();
     let m = Model::load_fp8(
@@ -76,17 +74,7 @@ fn check_steps(m: &Model<CpuBackend>) {
     let cfg = &m.cfg;
     let prompts = vec![(1..20).collect::<Vec<u32>>()];
     let run = |steps: usize| {
-        let p = GenerateParams {
-            steps,
-            gen_length: 32,
-            block_length: 8,
-            mask_id: cfg.mask_token_id,
-            eos_id: cfg.eos_token_id,
-            pad_id: cfg.pad_token_id,
-            eot_id: None,
-            logits_dtype: DType::BF16,
-            ..GenerateParams::default()
-        };
+        let p = common::gen_params(cfg, steps, 32, 8);
         let mut pred = ModelPredictor::new(m);
         let before = ALLOCS.load(Ordering::Relaxed);
         let out = generate(&mut pred, &prompts, &p, None).unwrap();

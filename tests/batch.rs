@@ -5,44 +5,16 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use llada::hf::dtype::DType;
+mod common;
+
+use common::cli::{fixture, ids_arg, llada, ok, ok_json, run, stderr, tiny, tmpdir, u64s};
 use serde_json::{json, Value};
 
-fn llada() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_llada"));
-    // Never shard by accident when the tests themselves run under Slurm.
-    for k in [
-        "SLURM_ARRAY_TASK_ID",
-        "SLURM_ARRAY_TASK_COUNT",
-        "SLURM_ARRAY_TASK_MIN",
-        "SLURM_PROCID",
-        "SLURM_NTASKS",
-        "SLURM_LOCALID",
-    ] {
-        c.env_remove(k);
-    }
-    c
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-batch-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// The `tiny` preset (with its tokenizer and chat template) as an f32 folder.
-fn tiny(dir: &Path) -> PathBuf {
-    let m = dir.join("tiny");
-    llada::hf::presets::write_preset_folder("tiny", &m, 3, DType::F32, 1).unwrap();
-    m
-}
-
 fn parity_f32() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/f32")
+    fixture("parity/f32")
 }
 
 fn write_lines(path: &Path, lines: &[String]) {
@@ -51,12 +23,21 @@ fn write_lines(path: &Path, lines: &[String]) {
     std::fs::write(path, s).unwrap();
 }
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("spawn llada")
+/// `llada batch EXTRA --model MODEL --input INPUT --output OUT`, for the caller to add flags.
+fn batch(extra: &[&str], model: &Path, input: &Path, out: &Path) -> Command {
+    let mut c = llada();
+    c.arg("batch").args(extra).arg("--model").arg(model);
+    c.arg("--input").arg(input).arg("--output").arg(out);
+    c
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+/// Some line of `err` names input line `line` and says `what`.
+fn assert_line_error(err: &str, line: usize, what: &str) {
+    let needle = format!("line {line}");
+    assert!(
+        err.lines().any(|l| l.contains(&needle) && l.contains(what)),
+        "stderr lacks `{needle}` with `{what}`:\n{err}"
+    );
 }
 
 /// Every line of a results file, parsed; panics on a line that is not whole JSON.
@@ -76,12 +57,7 @@ fn results(path: &Path) -> Vec<Value> {
 fn by_id(rs: &[Value]) -> HashMap<String, Vec<u64>> {
     let mut m = HashMap::new();
     for r in rs {
-        let ids = r["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
+        let ids = u64s(&r["ids"]);
         assert!(
             m.insert(r["id"].to_string(), ids).is_none(),
             "id {} written twice",
@@ -92,16 +68,10 @@ fn by_id(rs: &[Value]) -> HashMap<String, Vec<u64>> {
 }
 
 fn gen_flags(gen: usize, steps: usize, block: usize) -> Vec<String> {
-    vec![
-        "--device".into(),
-        "cpu".into(),
-        "--gen-length".into(),
-        gen.to_string(),
-        "--steps".into(),
-        steps.to_string(),
-        "--block-length".into(),
-        block.to_string(),
-    ]
+    format!("--device cpu --gen-length {gen} --steps {steps} --block-length {block}")
+        .split(' ')
+        .map(String::from)
+        .collect()
 }
 
 /// Each kind of bad line is reported with its line number on stderr and in the errors file,
@@ -144,22 +114,11 @@ fn bad_lines_are_reported_and_skipped() {
     let input = d.join("in.jsonl");
     write_lines(&input, &lines);
     let out = d.join("out.jsonl");
-    let o = run(llada()
-        .args(["batch", "--model"])
-        .arg(&model)
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&out)
-        .args(gen_flags(16, 16, 8)));
+    let o = run(batch(&[], &model, &input, &out).args(gen_flags(16, 16, 8)));
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(3), "exit status; stderr:\n{err}");
     for (line, what) in &bad {
-        let needle = format!("line {line}");
-        assert!(
-            err.lines().any(|l| l.contains(&needle) && l.contains(what)),
-            "stderr lacks `{needle}` with `{what}`:\n{err}"
-        );
+        assert_line_error(&err, *line, what);
     }
     // The errors file: one line per bad line, nothing else.
     let errs = results(&d.join("out.errors.jsonl"));
@@ -194,14 +153,7 @@ fn bad_lines_are_reported_and_skipped() {
 
     // --strict: the bad lines stop the run before anything is generated.
     let out2 = d.join("strict.jsonl");
-    let o = run(llada()
-        .args(["batch", "--strict", "--model"])
-        .arg(&model)
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&out2)
-        .args(gen_flags(16, 16, 8)));
+    let o = run(batch(&["--strict"], &model, &input, &out2).args(gen_flags(16, 16, 8)));
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("--strict"));
     assert!(std::fs::read_to_string(&out2)
@@ -212,15 +164,9 @@ fn bad_lines_are_reported_and_skipped() {
     let good = d.join("good.jsonl");
     write_lines(&good, &[lines[2].clone(), lines[14].clone()]);
     for _ in 0..2 {
-        let o = run(llada()
-            .args(["batch", "--model"])
-            .arg(&model)
-            .arg("--input")
-            .arg(&good)
-            .arg("--output")
-            .arg(d.join("good-out.jsonl"))
-            .args(gen_flags(16, 16, 8)));
-        assert!(o.status.success(), "{}", stderr(&o));
+        let o =
+            run(batch(&[], &model, &good, &d.join("good-out.jsonl")).args(gen_flags(16, 16, 8)));
+        ok(&o);
     }
     assert_eq!(results(&d.join("good-out.jsonl")).len(), 2);
 }
@@ -267,16 +213,10 @@ fn padded_batch_equals_each_prompt_alone() {
     let flags = gen_flags(16, 8, 8);
     let go = |bs: usize, name: &str| {
         let out = d.join(name);
-        let o = run(llada()
-            .args(["batch", "--model"])
-            .arg(&model)
-            .arg("--input")
-            .arg(&input)
-            .arg("--output")
-            .arg(&out)
+        let o = run(batch(&[], &model, &input, &out)
             .args(["--batch-size", &bs.to_string()])
             .args(&flags));
-        assert!(o.status.success(), "{}", stderr(&o));
+        ok(&o);
         results(&out)
     };
     let batched = go(8, "b8.jsonl");
@@ -296,32 +236,14 @@ fn padded_batch_equals_each_prompt_alone() {
     // And against `llada generate` with one prompt, for a few of them.
     for key in ["\"p0\"", "\"p8\"", "\"q0\"", "\"q1\""] {
         let (p, extra) = &prompts[key];
-        let mut cmd = llada();
-        cmd.args(["generate", "--format", "json", "--model"])
-            .arg(&model)
-            .arg("--prompt-ids")
-            .arg(
-                p.iter()
-                    .map(|x| x.to_string())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            )
-            .args(&flags);
+        let mut f = flags.clone();
         if let Some(c) = extra.get("cfg_scale") {
-            cmd.args(["--cfg-scale", &c.to_string()]);
+            f.extend(["--cfg-scale".to_string(), c.to_string()]);
         }
         if extra.get("logits_eos_inf").is_some() {
-            cmd.args(["--logits-eos-inf", "--confidence-eos-eot-inf"]);
+            f.extend(strings(&["--logits-eos-inf", "--confidence-eos-eot-inf"]));
         }
-        let o = run(&mut cmd);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-        let ids: Vec<u64> = v["ids"][0]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect();
+        let ids = generate_ids(&model, p, &f);
         assert_eq!(b[key], ids, "{key}: batch vs llada generate");
     }
 }
@@ -346,14 +268,8 @@ fn kill_and_resume_writes_every_line_once() {
     write_lines(&input, &lines);
     let flags = gen_flags(32, 32, 16);
     let cmd = |out: &Path| {
-        let mut c = llada();
-        c.args(["batch", "--batch-size", "2", "--model"])
-            .arg(&model)
-            .arg("--input")
-            .arg(&input)
-            .arg("--output")
-            .arg(out)
-            .args(&flags);
+        let mut c = batch(&["--batch-size", "2"], &model, &input, out);
+        c.args(&flags);
         c
     };
     let out = d.join("out.jsonl");
@@ -455,7 +371,7 @@ fn shards_and_merge() {
             .arg(&base)
             .args(&flags);
         let o = run(c);
-        assert!(o.status.success(), "{}", stderr(&o));
+        ok(&o);
         stderr(&o)
     };
     let e0 = shard_run(&mut llada(), &["--shard", "0/3"]);
@@ -484,22 +400,15 @@ fn shards_and_merge() {
     assert_eq!(all.len(), n as usize);
 
     let o = run(llada().args(["batch", "merge", "--output"]).arg(&base));
-    assert!(o.status.success(), "{}", stderr(&o));
+    ok(&o);
     let merged = results(&base);
     let order: Vec<u64> = merged.iter().map(|r| r["id"].as_u64().unwrap()).collect();
     assert_eq!(order, (0..n).collect::<Vec<_>>());
 
     // The merged results equal one unsharded run's.
     let one = d.join("one.jsonl");
-    let o = run(llada()
-        .args(["batch", "--shard", "0/1", "--model"])
-        .arg(&model)
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&one)
-        .args(&flags));
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(batch(&["--shard", "0/1"], &model, &input, &one).args(&flags));
+    ok(&o);
     assert_eq!(by_id(&results(&one)), by_id(&merged));
 
     // Overlap: the same shard twice.
@@ -539,16 +448,10 @@ fn same_length_batches_are_exact_in_bf16() {
     write_lines(&input, &lines);
     let go = |bs: usize, name: &str| {
         let out = d.join(name);
-        let o = run(llada()
-            .args(["batch", "--same-length", "--model"])
-            .arg(&model)
-            .arg("--input")
-            .arg(&input)
-            .arg("--output")
-            .arg(&out)
+        let o = run(batch(&["--same-length"], &model, &input, &out)
             .args(["--batch-size", &bs.to_string()])
             .args(gen_flags(16, 8, 8)));
-        assert!(o.status.success(), "{}", stderr(&o));
+        ok(&o);
         results(&out)
     };
     let batched = go(8, "b8.jsonl");
@@ -561,39 +464,20 @@ fn same_length_batches_are_exact_in_bf16() {
 
 /// `llada generate` on one prompt with `flags`; its generated ids.
 fn generate_ids(model: &Path, prompt: &[u32], flags: &[String]) -> Vec<u64> {
-    let o = run(llada()
-        .args(["generate", "--format", "json", "--model"])
-        .arg(model)
-        .arg("--prompt-ids")
-        .arg(
-            prompt
-                .iter()
-                .map(|x| x.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-        )
-        .args(flags));
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    v["ids"][0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
+    let v = ok_json(
+        llada()
+            .args(["generate", "--format", "json", "--model"])
+            .arg(model)
+            .args(["--prompt-ids", &ids_arg(prompt)])
+            .args(flags),
+    );
+    u64s(&v["ids"][0])
 }
 
 /// `llada batch` over `input` into `out` with `flags`; the results.
 fn batch_results(model: &Path, input: &Path, out: &Path, flags: &[String]) -> Vec<Value> {
-    let o = run(llada()
-        .args(["batch", "--model"])
-        .arg(model)
-        .arg("--input")
-        .arg(input)
-        .arg("--output")
-        .arg(out)
-        .args(flags));
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(batch(&[], model, input, out).args(flags));
+    ok(&o);
     results(out)
 }
 
@@ -654,12 +538,7 @@ fn fast_dllm_flags_match_generate() {
         fewer_passes |= r["nfe"].as_u64().unwrap() < 16;
         let mut g = gen_flags(16, 8, 8);
         g.extend(strings(gflags));
-        let ids: Vec<u64> = r["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect();
+        let ids = u64s(&r["ids"]);
         assert_eq!(
             ids,
             generate_ids(&model, &prompt(i), &g),
@@ -690,14 +569,7 @@ fn bad_fast_dllm_values_are_bad_lines() {
     let out = d.join("out.jsonl");
     let mut flags = gen_flags(8, 8, 8);
     flags.extend(strings(&["--threshold", "0.9"]));
-    let o = run(llada()
-        .args(["batch", "--model"])
-        .arg(&model)
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&out)
-        .args(&flags));
+    let o = run(batch(&[], &model, &input, &out).args(&flags));
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(3), "{err}");
     for (line, what) in [
@@ -707,11 +579,7 @@ fn bad_fast_dllm_values_are_bad_lines() {
         (5, "`cache` must be a string"),
         (6, "cfg_scale"),
     ] {
-        let needle = format!("line {line}");
-        assert!(
-            err.lines().any(|l| l.contains(&needle) && l.contains(what)),
-            "stderr lacks `{needle}` with `{what}`:\n{err}"
-        );
+        assert_line_error(&err, line, what);
     }
     let errs = results(&d.join("out.errors.jsonl"));
     let got: HashSet<u64> = errs.iter().map(|e| e["line"].as_u64().unwrap()).collect();
@@ -724,14 +592,7 @@ fn bad_fast_dllm_values_are_bad_lines() {
     // Both rules as command-line defaults: refused before anything runs.
     let mut both = gen_flags(8, 8, 8);
     both.extend(strings(&["--threshold", "0.9", "--factor", "1"]));
-    let o = run(llada()
-        .args(["batch", "--model"])
-        .arg(&model)
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(d.join("both.jsonl"))
-        .args(&both));
+    let o = run(batch(&[], &model, &input, &d.join("both.jsonl")).args(&both));
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o)); // clap: conflicting flags
 }
 

@@ -1,61 +1,15 @@
 //! `llada batch` on OpenAI batch files: results equal `llada generate`, bad lines land in the
 //! errors file in OpenAI's shape, reruns resume, shards merge.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::Path;
+
+use common::cli::{gen_flags, generate_json, json_lines as lines, llada, ok, run, stderr, tmpdir};
 use serde_json::{json, Value};
 
-fn llada() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llada"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-batch-openai-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-const GEN: [&str; 8] = [
-    "--gen-length",
-    "16",
-    "--steps",
-    "8",
-    "--block-length",
-    "8",
-    "--device",
-    "cpu",
-];
-
-fn lines(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn generate(model: &Path, extra: &[&str]) -> Value {
-    let out = llada()
-        .args([
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--format",
-            "json",
-        ])
-        .args(GEN)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    generate_json(model, &[gen_flags(), extra.to_vec()].concat())
 }
 
 fn batch(model: &Path, input: &Path, output: &Path, extra: &[&str]) -> std::process::Output {
@@ -65,7 +19,7 @@ fn batch(model: &Path, input: &Path, output: &Path, extra: &[&str]) -> std::proc
         .arg(input)
         .arg("--output")
         .arg(output)
-        .args(GEN)
+        .args(gen_flags())
         .args(extra)
         .output()
         .unwrap()
@@ -97,12 +51,7 @@ fn openai_batch_file_round_trip() {
     std::fs::write(&input, text).unwrap();
     let output = d.join("out.jsonl");
     let out = batch(&model, &input, &output, &[]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let got = lines(&output);
     let by: std::collections::HashMap<String, &Value> = got
         .iter()
@@ -123,19 +72,14 @@ fn openai_batch_file_round_trip() {
     let rb = &by["b"]["response"]["body"];
     assert_eq!(rb["object"], "chat.completion");
     assert_eq!(rb["choices"][0]["message"]["content"], b["text"][0]);
-    let dd = llada()
-        .args([
-            "generate",
-            "--model",
-            model.to_str().unwrap(),
-            "--format",
-            "json",
-        ])
-        .args(["--prompt-ids", "5,6,7", "--gen-length", "8", "--steps", "4"])
-        .args(["--block-length", "4", "--device", "cpu"])
-        .output()
-        .unwrap();
-    let dd: Value = serde_json::from_slice(&dd.stdout).unwrap();
+    let dd = generate_json(
+        &model,
+        &[
+            &["--prompt-ids", "5,6,7", "--gen-length", "8", "--steps", "4"][..],
+            &["--block-length", "4", "--device", "cpu"],
+        ]
+        .concat(),
+    );
     assert_eq!(
         by["d"]["response"]["body"]["choices"][0]["token_ids"],
         dd["ids"][0]
@@ -155,7 +99,7 @@ fn openai_batch_file_round_trip() {
     // Rerunning resumes: nothing is generated twice.
     let out = batch(&model, &input, &output, &[]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("3 already done, 0 to generate"));
+    assert!(stderr(&out).contains("3 already done, 0 to generate"));
     assert_eq!(lines(&output).len(), 3);
 
     // Shards cover every line once and merge into the same results.
@@ -166,18 +110,11 @@ fn openai_batch_file_round_trip() {
         assert_eq!(out.status.code(), Some(if i == 0 { 3 } else { 0 }));
     }
     let merged = d.join("merged.jsonl");
-    let st = llada()
+    ok(&run(llada()
         .args(["batch", "merge", "--output"])
         .arg(&merged)
         .arg(d.join("sh.shard-00000-of-00002.jsonl"))
-        .arg(d.join("sh.shard-00001-of-00002.jsonl"))
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+        .arg(d.join("sh.shard-00001-of-00002.jsonl"))));
     let mut m: Vec<Value> = lines(&merged);
     m.sort_by_key(|v| v["custom_id"].as_str().unwrap().to_string());
     let mut g = got.clone();

@@ -2,51 +2,17 @@
 //! recorded by the independent PyTorch implementation in `tests/fixtures/make_fixture.py`) and
 //! on the `tiny` preset written as a Hugging Face folder.
 
-#[path = "common/cmp.rs"]
-mod cmp;
+mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use common::cli::{err_of, f64s, ids_arg, llada, ok, ok_json, run, tmpdir, u64s};
+use common::cmp;
 use serde_json::Value;
 
-fn llada() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llada"))
-}
-
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/parity")
-        .join(p)
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("spawn llada")
-}
-
-fn ok_json(cmd: &mut Command) -> Value {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "llada failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ids_arg(v: &[u64]) -> String {
-    v.iter()
-        .map(|x| x.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+    common::cli::fixture(&format!("parity/{p}"))
 }
 
 /// `llada generate --format json --device cpu --temperature 0` gives exactly the ids the
@@ -85,12 +51,7 @@ fn generate_matches_pytorch_reference() {
         }
         let prompts = case["prompt"].as_array().unwrap();
         for (i, p) in prompts.iter().enumerate() {
-            let p: Vec<u64> = p
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap())
-                .collect();
+            let p = u64s(p);
             // Strip the left padding: the CLI pads (and masks) itself.
             let keep: Vec<u64> = match case["attention_mask"].as_array() {
                 Some(m) => p
@@ -109,27 +70,11 @@ fn generate_matches_pytorch_reference() {
             .unwrap()
             .iter()
             .map(|r| {
-                let r: Vec<u64> = r
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap())
-                    .collect();
+                let r = u64s(r);
                 r[r.len() - gen..].to_vec()
             })
             .collect();
-        let got_ids: Vec<Vec<u64>> = got["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap())
-                    .collect()
-            })
-            .collect();
+        let got_ids: Vec<Vec<u64>> = got["ids"].as_array().unwrap().iter().map(u64s).collect();
         assert_eq!(got_ids, want, "case {name}");
         let steps = case["steps"].as_u64().unwrap();
         assert_eq!(got["nfe"].as_u64().unwrap(), steps, "case {name}: nfe");
@@ -144,12 +89,7 @@ fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     let t = &header["logits"];
     assert_eq!(t["dtype"], "F32");
-    let shape: Vec<usize> = t["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as usize)
-        .collect();
+    let shape: Vec<usize> = u64s(&t["shape"]).iter().map(|&x| x as usize).collect();
     let off = t["data_offsets"].as_array().unwrap();
     let (a, b) = (
         off[0].as_u64().unwrap() as usize,
@@ -177,12 +117,7 @@ fn forward_matches_pytorch_reference() {
             continue;
         }
         let variant = case["variant"].as_str().unwrap();
-        let ids: Vec<u64> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap())
-            .collect();
+        let ids = u64s(&case["ids"]);
         let t = ids.len();
         let out = dir.join(format!("{variant}.safetensors"));
         let o = run(llada()
@@ -191,22 +126,12 @@ fn forward_matches_pytorch_reference() {
             .arg(fixture(variant))
             .arg("--out")
             .arg(&out));
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ok(&o);
         let (shape, got) = read_logits(&out);
         let v = exp["config"]["embedding_size"].as_u64().unwrap() as usize;
         assert_eq!(shape, vec![1, t, v]);
-        let rows: Vec<usize> = case["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect();
-        let want: Vec<f32> = case["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
+        let rows: Vec<usize> = u64s(&case["rows"]).iter().map(|&x| x as usize).collect();
+        let want: Vec<f32> = f64s(&case["logits"]).iter().map(|&x| x as f32).collect();
         let scale = cmp::max_abs(&want);
         assert!(scale.is_finite(), "{variant}: the reference has a NaN");
         let mut worst = 0f32;
@@ -267,88 +192,48 @@ fn tiny_folder_single_and_sharded_agree() {
     assert_eq!(p[p.len() - 1], 198);
 }
 
-fn err_of(cmd: &mut Command) -> String {
-    let o = run(cmd);
-    assert!(
-        !o.status.success(),
-        "expected failure, got {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
-    let e = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!e.contains("panicked"), "panic instead of an error: {e}");
-    e
-}
-
 #[test]
 fn bad_input_is_a_clear_error() {
     let f = fixture("f32");
-    let base = |extra: &[&str]| {
-        let mut c = llada();
-        c.args(["generate", "--device", "cpu", "--prompt-ids", "5,6,7"])
-            .arg("--model")
-            .arg(&f)
-            .args(extra);
-        c
-    };
-    let e = err_of(&mut base(&[
-        "--gen-length",
-        "10",
-        "--block-length",
-        "4",
-        "--steps",
-        "4",
-    ]));
-    assert!(e.contains("gen_length") && e.contains("10"), "{e}");
-    let e = err_of(&mut base(&[
-        "--gen-length",
-        "8",
-        "--block-length",
-        "4",
-        "--steps",
-        "3",
-    ]));
-    assert!(e.contains("steps") && e.contains('3'), "{e}");
-    let e = err_of(&mut base(&[
-        "--gen-length",
-        "64",
-        "--block-length",
-        "64",
-        "--steps",
-        "64",
-    ]));
-    assert!(e.contains("max_sequence_length") || e.contains("64"), "{e}");
-    let e = err_of(&mut base(&["--remasking", "sideways"]));
-    assert!(e.contains("sideways"), "{e}");
-    let e = err_of(
-        llada()
-            .args(["generate", "--device", "cpu", "--prompt-ids", "5,x"])
-            .arg("--model")
-            .arg(&f),
-    );
-    assert!(e.contains("\"x\""), "{e}");
-    let e = err_of(
-        llada()
-            .args(["generate", "--device", "cpu", "--prompt-ids", "5,100000"])
-            .arg("--model")
-            .arg(&f),
-    );
-    assert!(e.contains("100000"), "{e}");
     let missing = tmpdir("missing");
-    let e = err_of(
-        llada()
-            .args(["generate", "--prompt-ids", "5"])
-            .arg("--model")
-            .arg(&missing),
+    let gen = |model: &Path, args: &str| {
+        err_of(
+            llada()
+                .args(["generate", "--model"])
+                .arg(model)
+                .args(args.split(' ')),
+        )
+    };
+    // Bad generation flags on a valid prompt, and what the error names.
+    for (flags, want) in [
+        (
+            "--gen-length 10 --block-length 4 --steps 4",
+            &["gen_length", "10"][..],
+        ),
+        ("--gen-length 8 --block-length 4 --steps 3", &["steps", "3"]),
+        ("--remasking sideways", &["sideways"]),
+    ] {
+        let e = gen(&f, &format!("--device cpu --prompt-ids 5,6,7 {flags}"));
+        for w in want {
+            assert!(e.contains(w), "{flags}: {e}");
+        }
+    }
+    // Bad prompts and folders.
+    for (model, args, want) in [
+        (&f, "--device cpu --prompt-ids 5,x", "\"x\""),
+        (&f, "--device cpu --prompt-ids 5,100000", "100000"),
+        (&missing, "--prompt-ids 5", "config.json"),
+        // --prompt text on a folder without tokenizer.json
+        (&f, "--device cpu --prompt hi", "tokenizer"),
+    ] {
+        let e = gen(model, args);
+        assert!(e.contains(want), "{args}: {e}");
+    }
+    let e = gen(
+        &f,
+        "--device cpu --prompt-ids 5,6,7 --gen-length 64 --block-length 64 --steps 64",
     );
-    assert!(e.contains("config.json"), "{e}");
-    // --prompt text on a folder without tokenizer.json
-    let e = err_of(
-        llada()
-            .args(["generate", "--device", "cpu", "--prompt", "hi"])
-            .arg("--model")
-            .arg(&f),
-    );
-    assert!(e.contains("tokenizer"), "{e}");
+    assert!(e.contains("max_sequence_length") || e.contains("64"), "{e}");
     // A forward output is never left half-written when the input is bad.
     let d = tmpdir("fwd-bad");
     let out = d.join("x.safetensors");

@@ -17,17 +17,16 @@ use llada::hf::checkpoint::WeightSource;
 use llada::hf::config::ModelConfig;
 use llada::hf::dtype::DType;
 
-fn host(name: &str, shape: &[usize], data: Vec<f32>) -> WeightSource {
-    WeightSource::Host {
+/// An f32 host weight of `shape` loaded on `be`.
+fn weight(be: &CpuBackend, shape: &[usize], data: Vec<f32>) -> CpuWeight {
+    let shape = shape.to_vec();
+    let w = WeightSource::Host {
         data: Arc::new(data),
         dtype: DType::F32,
-        shape: shape.to_vec(),
-        name: name.into(),
-    }
-}
-
-fn weight(be: &CpuBackend, shape: &[usize], data: Vec<f32>) -> CpuWeight {
-    be.load_weight(&[host("w", shape, data)]).unwrap()
+        shape,
+        name: "w".into(),
+    };
+    be.load_weight(&[w]).unwrap()
 }
 
 /// Deterministic pseudo-random values in [-1, 1) (an LCG; any spread of values will do).
@@ -163,14 +162,13 @@ fn rms_norm_bf16_rounds_before_the_weight() {
 #[test]
 fn rms_norm_const_weight_is_a_scalar() {
     let be = CpuBackend::new(DType::BF16);
-    let w = be
-        .load_weight(&[WeightSource::Const {
-            value: 2.0,
-            dtype: DType::BF16,
-            shape: vec![2],
-            name: "ln".into(),
-        }])
-        .unwrap();
+    let two = WeightSource::Const {
+        value: 2.0,
+        dtype: DType::BF16,
+        shape: vec![2],
+        name: "ln".into(),
+    };
+    let w = be.load_weight(&[two]).unwrap();
     let mut out = vec![0.0; 2];
     be.rms_norm(&mut out, &vec![1.0, 2.0], &w, 1, 2, 1e-5)
         .unwrap();
@@ -293,12 +291,27 @@ fn matmul_with_mapped_weights() {
 
 // ---------------------------------------------------------------- attention
 
-fn attn_qkv(q: &[[f32; 2]], k: &[[f32; 2]], v: &[[f32; 2]]) -> Vec<f32> {
+/// Three tokens of one head with HD 2: queries [2,0], [0,0], [0,0]; keys [1,0], [0,0],
+/// [−1,0]; values `v`.
+fn attn_qkv(v: &[[f32; 2]; 3]) -> Vec<f32> {
+    let q = [[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]];
+    let k = [[1.0, 0.0], [0.0, 0.0], [-1.0, 0.0]];
     q.iter()
-        .zip(k)
+        .zip(&k)
         .zip(v)
         .flat_map(|((a, b), c)| a.iter().chain(b).chain(c).copied())
         .collect()
+}
+
+/// `b` rows of three tokens, one head of HD 2.
+fn attn_shape(b: usize) -> AttnShape {
+    AttnShape {
+        b,
+        t: 3,
+        nh: 1,
+        nkv: 1,
+        hd: 2,
+    }
 }
 
 /// One head, HD 2, three tokens. Query 0 = [2, 0]; keys [1,0], [0,0], [−1,0]: scores
@@ -306,18 +319,8 @@ fn attn_qkv(q: &[[f32; 2]], k: &[[f32; 2]], v: &[[f32; 2]]) -> Vec<f32> {
 #[test]
 fn attention_is_bidirectional_with_known_values() {
     let be = CpuBackend::new(DType::F32);
-    let s = AttnShape {
-        b: 1,
-        t: 3,
-        nh: 1,
-        nkv: 1,
-        hd: 2,
-    };
-    let qkv = attn_qkv(
-        &[[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
-        &[[1.0, 0.0], [0.0, 0.0], [-1.0, 0.0]],
-        &[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]],
-    );
+    let s = attn_shape(1);
+    let qkv = attn_qkv(&[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]);
     let mut out = vec![0.0; 6];
     be.attention(&mut out, &qkv, None, s).unwrap();
     let r2 = 2f64.sqrt();
@@ -330,11 +333,7 @@ fn attention_is_bidirectional_with_known_values() {
     // Query 1 = 0: uniform weights, mean of the values.
     assert!((out[2] - 1.0 / 3.0).abs() < 1e-6 && (out[3] - 1.0 / 3.0).abs() < 1e-6);
     // Not causal: a later key's value changes query 0's output.
-    let qkv2 = attn_qkv(
-        &[[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
-        &[[1.0, 0.0], [0.0, 0.0], [-1.0, 0.0]],
-        &[[1.0, 0.0], [0.0, 1.0], [5.0, 0.0]],
-    );
+    let qkv2 = attn_qkv(&[[1.0, 0.0], [0.0, 1.0], [5.0, 0.0]]);
     let mut out2 = vec![0.0; 6];
     be.attention(&mut out2, &qkv2, None, s).unwrap();
     let want = e0[0] + 5.0 * (-r2).exp() / z;
@@ -348,18 +347,8 @@ fn attention_is_bidirectional_with_known_values() {
 #[test]
 fn attention_key_mask_and_fully_masked_rows() {
     let be = CpuBackend::new(DType::F32);
-    let s = AttnShape {
-        b: 2,
-        t: 3,
-        nh: 1,
-        nkv: 1,
-        hd: 2,
-    };
-    let row = attn_qkv(
-        &[[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
-        &[[1.0, 0.0], [0.0, 0.0], [-1.0, 0.0]],
-        &[[1.0, 0.0], [0.0, 1.0], [7.0, 7.0]],
-    );
+    let s = attn_shape(2);
+    let row = attn_qkv(&[[1.0, 0.0], [0.0, 1.0], [7.0, 7.0]]);
     let qkv: Vec<f32> = row.iter().chain(&row).copied().collect();
     // Batch row 0: key 2 masked; batch row 1: all keys masked.
     let kv = vec![1, 1, 0, 0, 0, 0];

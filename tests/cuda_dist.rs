@@ -164,28 +164,12 @@ fn two_gpus_train_like_one_with_the_global_batch() {
     std::fs::write(&data, text).unwrap();
     let run = |out: &str, batch: &str, env: &[(&str, String)]| {
         let mut c = Command::new(llada_bin());
-        c.args([
-            "train",
-            "--preset",
-            "tiny",
-            "--steps",
-            "3",
-            "--warmup",
-            "1",
-            "--lr",
-            "3e-3",
-            "--seq-len",
-            "16",
-            "--no-truncate",
-            "--device",
-            "cuda",
-            "--batch-size",
-            batch,
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            dir.join(out).to_str().unwrap(),
-        ]);
+        c.args("train --preset tiny --steps 3 --warmup 1 --lr 3e-3 --seq-len 16".split(' '))
+            .args("--no-truncate --device cuda --batch-size".split(' '))
+            .args([batch, "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(dir.join(out));
         for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_ID"] {
             c.env_remove(v);
         }

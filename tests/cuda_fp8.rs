@@ -19,33 +19,18 @@
 //! Without a usable GPU every test prints `SKIP: <why>` and passes (`LLADA_REQUIRE_GPU=1` makes
 //! that a failure). On a GPU that is neither sm_89 nor sm_90 the tests check the error instead.
 
-use std::sync::Arc;
+mod common;
 
 use llada::backend::cpu::CpuBackend;
 use llada::backend::cuda::fp8 as cuda_fp8;
 use llada::backend::cuda::CudaBackend;
 use llada::backend::Backend;
 use llada::engine::model::Model;
-use llada::engine::rng;
-use llada::hf::checkpoint::WeightSource;
 use llada::hf::dtype::DType;
 use llada::hf::presets;
 use llada::quant::fp8::{self, e4m3_table, quantize_row_codes, Fp8Weight};
 
-fn gpu() -> Option<CudaBackend> {
-    let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let r = llada::engine::device::cuda_available()
-        .map_err(anyhow::Error::msg)
-        .and_then(|()| CudaBackend::new(0));
-    match r {
-        Ok(b) => Some(b),
-        Err(e) if require => panic!("LLADA_REQUIRE_GPU=1 but no usable GPU: {e:#}"),
-        Err(e) => {
-            eprintln!("SKIP: {e:#}");
-            None
-        }
-    }
-}
+use common::{gpu, host_bf16 as host};
 
 /// The GPU if it runs FP8; otherwise checks the refusal names the arch and returns `None`.
 fn fp8_gpu() -> Option<CudaBackend> {
@@ -65,22 +50,7 @@ fn fp8_gpu() -> Option<CudaBackend> {
 }
 
 fn rand_vec(tag: u64, len: usize, scale: f32) -> Vec<f32> {
-    let key = rng::cell_key(0xF8, 7, tag, 0, 0);
-    (0..len)
-        .map(|i| {
-            let u = rng::uniform(rng::bits(key, i as u64)) as f32;
-            DType::BF16.round(scale * (2.0 * u - 1.0))
-        })
-        .collect()
-}
-
-fn host(name: &str, shape: &[usize], data: Vec<f32>) -> WeightSource {
-    WeightSource::Host {
-        data: Arc::new(data),
-        dtype: DType::BF16,
-        shape: shape.to_vec(),
-        name: name.into(),
-    }
+    common::rand_bf16(0xF8, tag, len, scale)
 }
 
 fn upload(g: &CudaBackend, v: &[f32]) -> cudarc::driver::CudaSlice<half::bf16> {

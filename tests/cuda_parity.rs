@@ -30,31 +30,27 @@
 //! Without a usable GPU (no driver, no device, binary built without kernels) every test prints
 //! `SKIP: <why>` and passes, unless `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
 
+mod common;
+
 use std::sync::Arc;
 
 use llada::backend::cpu::CpuBackend;
-use llada::backend::cuda::CudaBackend;
 use llada::backend::{rope_tables, AttnShape, Backend, CachedAttnShape};
 use llada::engine::head::{self, Remasking, SelectParams};
 use llada::engine::rng;
 use llada::hf::checkpoint::WeightSource;
 use llada::hf::dtype::DType;
 
+use common::{gpu, host_bf16 as host};
+
 // ---------------------------------------------------------------------------------------------
 // Harness
 
-fn gpu() -> Option<CudaBackend> {
-    let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let r = llada::engine::device::cuda_available()
-        .map_err(anyhow::Error::msg)
-        .and_then(|()| CudaBackend::new(0));
+/// The error of a call that must fail, as text.
+fn err<T, E: std::fmt::Display>(r: Result<T, E>) -> String {
     match r {
-        Ok(b) => Some(b),
-        Err(e) if require => panic!("LLADA_REQUIRE_GPU=1 but no usable GPU: {e:#}"),
-        Err(e) => {
-            eprintln!("SKIP: {e:#}");
-            None
-        }
+        Ok(_) => panic!("the call succeeded"),
+        Err(e) => e.to_string(),
     }
 }
 
@@ -64,22 +60,7 @@ fn cpu() -> CpuBackend {
 
 /// Deterministic bf16-representable values uniform in [-scale, scale), distinct per `tag`.
 fn rand_vec(tag: u64, len: usize, scale: f32) -> Vec<f32> {
-    let key = rng::cell_key(0xC0DA, 7, tag, 0, 0);
-    (0..len)
-        .map(|i| {
-            let u = rng::uniform(rng::bits(key, i as u64)) as f32;
-            DType::BF16.round(scale * (2.0 * u - 1.0))
-        })
-        .collect()
-}
-
-fn host(name: &str, shape: &[usize], data: Vec<f32>) -> WeightSource {
-    WeightSource::Host {
-        data: Arc::new(data),
-        dtype: DType::BF16,
-        shape: shape.to_vec(),
-        name: name.to_string(),
-    }
+    common::rand_bf16(0xC0DA, tag, len, scale)
 }
 
 fn ints<B: Backend>(b: &B, v: &[i32]) -> B::Ints {
@@ -350,10 +331,7 @@ fn embedding_and_gather_are_exact() {
         .unwrap();
     let ids = ints(&g, &[0, 4]);
     let mut out = g.alloc_act(128).unwrap();
-    let e = g
-        .embedding(&mut out, &w, &ids, 2, 64)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.embedding(&mut out, &w, &ids, 2, 64));
     assert!(e.contains("ids[1] = 4"), "{e}");
 }
 
@@ -453,9 +431,9 @@ fn matmul_matches_within_f32_accumulation_bound() {
         .unwrap();
     let x = g.alloc_act(16).unwrap();
     let mut o = g.alloc_act(16).unwrap();
-    let e = g.matmul(&mut o, &x, &w, 2, 8, 5).unwrap_err().to_string();
+    let e = err(g.matmul(&mut o, &x, &w, 2, 8, 5));
     assert!(e.contains("w_q"), "{e}");
-    let e = g.matmul(&mut o, &x, &w, 3, 8, 4).unwrap_err().to_string();
+    let e = err(g.matmul(&mut o, &x, &w, 3, 8, 4));
     assert!(e.contains("`x`"), "{e}");
 }
 
@@ -583,7 +561,7 @@ fn attention_matches_within_bound() {
         nkv: 1,
         hd: 96,
     };
-    let e = g.attention(&mut o, &q, None, s).unwrap_err().to_string();
+    let e = err(g.attention(&mut o, &q, None, s));
     assert!(e.contains("head dim 96"), "{e}");
 }
 
@@ -723,17 +701,11 @@ fn kv_store_and_cached_attention_match() {
     let q = g.alloc_act(4 * 3 * 64).unwrap();
     let mut kc = g.alloc_act(8 * 64).unwrap();
     let mut vc = g.alloc_act(8 * 64).unwrap();
-    let e = g
-        .kv_store(&mut kc, &mut vc, &q, 6, s)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.kv_store(&mut kc, &mut vc, &q, 6, s));
     assert!(e.contains("exceed the cache length"), "{e}");
     let mut o = g.alloc_act(4 * 96).unwrap();
     let bad = CachedAttnShape { hd: 96, ..s };
-    let e = g
-        .attention_cached(&mut o, &q, &kc, &vc, None, bad)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.attention_cached(&mut o, &q, &kc, &vc, None, bad));
     assert!(e.contains("head dim 96"), "{e}");
 }
 
@@ -924,7 +896,7 @@ fn load_weight_matches_cpu() {
         host("a", &[2, 8], vec![0.0; 16]),
         host("b", &[2, 9], vec![0.0; 18]),
     ];
-    let e = g.load_weight(&bad).map(|_| ()).unwrap_err().to_string();
+    let e = err(g.load_weight(&bad));
     assert!(e.contains("`b`") && e.contains("`a`"), "{e}");
     drop(mmap);
     let _ = std::fs::remove_file(&path);
@@ -972,7 +944,7 @@ fn launchers_name_bad_arguments() {
     let Some(g) = gpu() else { return };
     let x = g.alloc_act(10).unwrap();
     let mut o = g.alloc_act(10).unwrap();
-    let e = g.swiglu(&mut o, &x, 2, 5).unwrap_err().to_string();
+    let e = err(g.swiglu(&mut o, &x, 2, 5));
     assert!(e.contains("swiglu") && e.contains("gate_up"), "{e}");
     let p = SelectParams {
         dtype: DType::F32,
@@ -982,19 +954,13 @@ fn launchers_name_bad_arguments() {
     let mut conf = g.alloc_f32s(1).unwrap();
     let keys = g.alloc_ints(2).unwrap();
     let mut l = g.alloc_act(10).unwrap();
-    let e = g
-        .select(&mut tok, &mut conf, &mut l, &keys, 1, 10, &p)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.select(&mut tok, &mut conf, &mut l, &keys, 1, 10, &p));
     assert!(e.contains("bf16"), "{e}");
     let (cos, sin) = rope_tables(10000.0, 64, 4);
     let (cb, sb) = (f32s(&g, &cos), f32s(&g, &sin));
     let pos = ints(&g, &[4]);
     let mut q = g.alloc_act(3 * 64).unwrap();
-    let e = g
-        .rope(&mut q, &pos, &cb, &sb, 1, 1, 1, 64)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.rope(&mut q, &pos, &cb, &sb, 1, 1, 1, 64));
     assert!(e.contains("pos[0] = 4"), "{e}");
 }
 
@@ -1101,25 +1067,18 @@ fn log_prob_matches_cpu_reference() {
     let l = g.alloc_act(2 * 10).unwrap();
     let t = ints(&g, &[3, 10]);
     let mut o = g.alloc_f32s(2).unwrap();
-    let e = g
-        .log_prob(&mut o, &l, &t, 2, 10, 0.0)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.log_prob(&mut o, &l, &t, 2, 10, 0.0));
     assert!(
         e.contains("log_prob") && e.contains("targets[1] = 10"),
         "{e}"
     );
-    let e = g
-        .log_prob(&mut o, &l, &t, 2, 10, 1.0)
-        .unwrap_err()
-        .to_string();
+    let e = err(g.log_prob(&mut o, &l, &t, 2, 10, 1.0));
     assert!(e.contains("logits"), "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------
 // CUDA graphs in the model: generation with graphs equals generation without, bit for bit.
 
-use llada::engine::model::Model;
 use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{
     generate, generate_fast, CacheMode, Decode, GenerateParams, PredictRequest, Predictor,
@@ -1160,9 +1119,8 @@ impl<B: Backend> SpanPredictor for Recording<'_, B> {
 #[test]
 fn generation_with_graphs_equals_without() {
     let Some(g) = gpu() else { return };
-    let cfg = llada::hf::presets::preset_config("tiny").unwrap();
-    let ck = llada::hf::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
-    let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
+    let m = common::tiny_model(g, 7);
+    let cfg = m.cfg.clone();
     let prompts: Vec<Vec<u32>> = (0..2u64)
         .map(|r| {
             (0..200u64)
@@ -1171,18 +1129,9 @@ fn generation_with_graphs_equals_without() {
         })
         .collect();
     let p = GenerateParams {
-        steps: 16,
-        gen_length: 64,
-        block_length: 16,
         temperature: 0.0,
         seed: 5,
-        mask_id: cfg.mask_token_id,
-        eos_id: cfg.eos_token_id,
-        pad_id: cfg.pad_token_id,
-        eot_id: None,
-        logits_dtype: DType::BF16,
-        max_sequence_length: Some(cfg.max_sequence_length),
-        ..GenerateParams::default()
+        ..common::gen_params(&cfg, 16, 64, 16)
     };
     for mode in ["none", "dual", "prefix"] {
         let run = |graphs: bool| {
@@ -1231,9 +1180,7 @@ fn generation_with_graphs_equals_without() {
 #[test]
 fn graphs_follow_a_replaced_kv_cache() {
     let Some(g) = gpu() else { return };
-    let cfg = llada::hf::presets::preset_config("tiny").unwrap();
-    let ck = llada::hf::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
-    let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
+    let m = common::tiny_model(g, 7);
     let (b, l, q0, q1) = (1usize, 48usize, 16usize, 32usize);
     let x: Vec<u32> = (0..l as u64)
         .map(|i| (rng::mix64(i) % 400) as u32)
@@ -1276,22 +1223,10 @@ fn graphs_follow_a_replaced_kv_cache() {
 #[test]
 fn cuda_profiling_breakdown() {
     let Some(g) = gpu() else { return };
-    let cfg = llada::hf::presets::preset_config("tiny").unwrap();
-    let ck = llada::hf::presets::preset_checkpoint("tiny", 7, DType::BF16).unwrap();
-    let m = Model::load(g, cfg.clone(), |n| ck.get(n).cloned()).unwrap();
+    let m = common::tiny_model(g, 7);
+    let cfg = m.cfg.clone();
     let prompts = vec![(0..40u32).map(|i| i * 13 % 400).collect::<Vec<_>>()];
-    let p = GenerateParams {
-        steps: 8,
-        gen_length: 16,
-        block_length: 8,
-        mask_id: cfg.mask_token_id,
-        eos_id: cfg.eos_token_id,
-        pad_id: cfg.pad_token_id,
-        eot_id: None,
-        logits_dtype: DType::BF16,
-        max_sequence_length: Some(cfg.max_sequence_length),
-        ..GenerateParams::default()
-    };
+    let p = common::gen_params(&cfg, 8, 16, 8);
     let plain = generate(&mut ModelPredictor::new(&m), &prompts, &p, None).unwrap();
     m.backend.prof_enable(true);
     let t0 = std::time::Instant::now();

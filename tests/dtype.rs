@@ -1,28 +1,10 @@
 //! `--dtype auto|bf16|f32`: the compute dtype chosen at load, whatever the checkpoint's.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn llada() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llada"))
-}
+use std::path::Path;
 
-fn tmpdir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-dtype-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::cli::{llada, ok_run as ok, tmpdir};
 
 /// `llada forward` logits of ids 1..=12 as f32 values.
 fn logits(model: &[&str], dtype: &str, out: &Path) -> Vec<f32> {
@@ -46,7 +28,7 @@ fn logits(model: &[&str], dtype: &str, out: &Path) -> Vec<f32> {
 
 #[test]
 fn dtype_converts_at_load() {
-    let d = tmpdir();
+    let d = tmpdir("out");
     let bf = d.join("bf16");
     let f32_dir = d.join("f32");
     ok(llada().arg("init-tiny").arg(&bf).args(["--dtype", "bf16"]));

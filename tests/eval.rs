@@ -3,11 +3,13 @@
 //! eval` command end to end on the tiny preset.
 
 use std::collections::HashMap;
-use std::process::Command;
 
 use anyhow::Result;
 use llada::eval::{self, EvalParams, McItem};
 use llada::loglik::{LoglikParams, ScoreRequest, Scorer};
+mod common;
+
+use common::cli::{err_of, llada, ok, ok_json, run, tmpdir};
 use serde_json::Value;
 
 /// A toy tokenizer: a space joins the following character into one token (" b"), every other
@@ -184,26 +186,16 @@ fn jsonl_parsing_names_file_and_line() {
     bad("\n\n", "no items");
 }
 
-fn tmpdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-eval-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// `llada eval` on the tiny preset folder (with its tokenizer): metrics in range, per-item
 /// file, deterministic, and the per-item log-likelihoods equal `llada loglik --prompt/--answer`
 /// on the same split.
 #[test]
 fn cli_eval_end_to_end() {
     let dir = tmpdir("model");
-    let st = Command::new(env!("CARGO_BIN_EXE_llada"))
+    ok(&run(llada()
         .args(["init-tiny"])
         .arg(&dir)
-        .args(["--dtype", "f32"])
-        .status()
-        .unwrap();
-    assert!(st.success());
+        .args(["--dtype", "f32"])));
     let tasks = dir.join("tasks.jsonl");
     std::fs::write(
         &tasks,
@@ -212,31 +204,30 @@ fn cli_eval_end_to_end() {
          {\"context\": \"a b c\", \"choices\": [\"d\", \"e f\"], \"answer\": 1}\n",
     )
     .unwrap();
-    let run = |out: &std::path::Path| -> Value {
-        let o = Command::new(env!("CARGO_BIN_EXE_llada"))
-            .args(["eval", "--model"])
-            .arg(&dir)
-            .arg("--tasks")
-            .arg(&tasks)
-            .args([
-                "--mc-num",
-                "4",
-                "--batch-size",
-                "2",
-                "--device",
-                "cpu",
-                "--format",
-                "json",
-            ])
-            .arg("--output")
-            .arg(out)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).unwrap()
+    const FLAGS: [&str; 8] = [
+        "--mc-num",
+        "4",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+    ];
+    let run_eval = |out: &std::path::Path| -> Value {
+        ok_json(
+            llada()
+                .args(["eval", "--model"])
+                .arg(&dir)
+                .arg("--tasks")
+                .arg(&tasks)
+                .args(FLAGS)
+                .arg("--output")
+                .arg(out),
+        )
     };
     let (o1, o2) = (dir.join("r1.jsonl"), dir.join("r2.jsonl"));
-    let v = run(&o1);
+    let v = run_eval(&o1);
     assert_eq!(v["n"], 3);
     let acc = v["acc"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
@@ -244,7 +235,7 @@ fn cli_eval_end_to_end() {
     assert_eq!(v["forward_passes"], 7 * 2);
     let lines1 = std::fs::read_to_string(&o1).unwrap();
     assert_eq!(lines1.lines().count(), 3);
-    run(&o2);
+    run_eval(&o2);
     assert_eq!(
         lines1,
         std::fs::read_to_string(&o2).unwrap(),
@@ -252,24 +243,13 @@ fn cli_eval_end_to_end() {
     );
     // Item 1, choice 0: context "one two " → the trailing space moves onto " three".
     let item: Value = serde_json::from_str(lines1.lines().nth(1).unwrap()).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args(["loglik", "--model"])
-        .arg(&dir)
-        .args(["--prompt", "one two ", "--answer", " three"])
-        .args([
-            "--mc-num",
-            "4",
-            "--batch-size",
-            "2",
-            "--device",
-            "cpu",
-            "--format",
-            "json",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let ll: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ll = ok_json(
+        llada()
+            .args(["loglik", "--model"])
+            .arg(&dir)
+            .args(["--prompt", "one two ", "--answer", " three"])
+            .args(FLAGS),
+    );
     assert_eq!(ll["loglik"].as_f64(), item["lls"][0].as_f64());
     // A bad task file names the line.
     std::fs::write(
@@ -277,16 +257,14 @@ fn cli_eval_end_to_end() {
         "{\"context\": \"x\", \"choices\": [\"a\"], \"answer\": 0}\n{oops\n",
     )
     .unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args(["eval", "--model"])
-        .arg(&dir)
-        .arg("--tasks")
-        .arg(&tasks)
-        .args(["--device", "cpu"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    let e = String::from_utf8_lossy(&o.stderr);
+    let e = err_of(
+        llada()
+            .args(["eval", "--model"])
+            .arg(&dir)
+            .arg("--tasks")
+            .arg(&tasks)
+            .args(["--device", "cpu"]),
+    );
     assert!(e.contains("tasks.jsonl:2"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }

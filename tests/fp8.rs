@@ -3,6 +3,8 @@
 //! checkpoints (write, load, every validation error), `--weights fp8` at load, and the quality
 //! of FP8 against bf16 and f32 on the tiny parity model.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,37 +21,10 @@ use llada::quant::fp8::{
 use llada::quant::quality::{self, QualityInputs};
 use llada::quant::{self, WeightsMode};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "llada-fp8-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
+use common::cli::{
+    bench, copy_dir, edit_json, err_of, fixture, llada, llada_out, ok, ok_json, read_json, run,
+    TempDir,
+};
 
 // ---------------------------------------------------------------------------------------------
 // The format.
@@ -435,17 +410,12 @@ fn quantized_folder_loads_and_equals_quantizing_at_load() {
     assert!(e.contains("already"), "{e}");
 }
 
+/// A safetensors entry: name, dtype, shape, bytes.
+type Tensor = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
 /// Rewrite `dir/model.safetensors` through `f(name, dtype, shape, bytes)`, which returns the
 /// new entry or `None` to drop it.
-fn rewrite(
-    dir: &Path,
-    f: impl Fn(
-        &str,
-        safetensors::Dtype,
-        &[usize],
-        &[u8],
-    ) -> Option<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>,
-) {
+fn rewrite(dir: &Path, f: impl Fn(&str, safetensors::Dtype, &[usize], &[u8]) -> Option<Tensor>) {
     let p = dir.join("model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -478,14 +448,6 @@ fn open_err(dir: &Path) -> String {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 #[test]
 fn quantized_folder_errors_name_the_tensor() {
     let (t, _src, out) = tiny_pair();
@@ -500,68 +462,61 @@ fn quantized_folder_errors_name_the_tensor() {
         Some((n.to_string(), d, s.to_vec(), b.to_vec()))
     };
 
-    // A negative, a zero, a NaN and an infinite scale.
-    for (tag, bad) in [
-        ("neg", -1.0f32),
-        ("zero", 0.0),
-        ("nan", f32::NAN),
-        ("inf", f32::INFINITY),
-    ] {
-        let d = case(tag);
-        rewrite(&d, |n, dt, s, b| {
+    // Each case rewrites the quantized tensors; the error names the tensor and the fault.
+    type Edit<'a> = Box<dyn Fn(&str, safetensors::Dtype, &[usize], &[u8]) -> Option<Tensor> + 'a>;
+    let set_scale = |bad: f32| -> Edit {
+        let scale = &scale;
+        Box::new(move |n, dt, s, b| {
             let mut b = b.to_vec();
             if n == scale {
                 b[4..8].copy_from_slice(&bad.to_le_bytes());
             }
             keep(n, dt, s, &b)
-        });
-        let e = open_err(&d);
-        assert!(
-            e.contains(&format!("`{scale}`")) && e.contains("scale[1]"),
-            "{tag}: {e}"
-        );
-    }
-    // A missing scale.
-    let d = case("noscale");
-    rewrite(&d, |n, dt, s, b| {
-        (n != scale).then(|| keep(n, dt, s, b)).flatten()
-    });
-    let e = open_err(&d);
-    assert!(
-        e.contains(&format!("`{scale}`")) && e.contains("missing"),
-        "{e}"
-    );
-    // A scale of the wrong shape.
-    let d = case("scaleshape");
-    rewrite(&d, |n, dt, s, b| {
-        if n == scale {
-            keep(n, dt, &[1, s[0]], b)
-        } else {
-            keep(n, dt, s, b)
-        }
-    });
-    let e = open_err(&d);
-    assert!(
-        e.contains(&format!("`{scale}`")) && e.contains("[128, 1]"),
-        "{e}"
-    );
+        })
+    };
+    let scale_named = format!("`{scale}`");
+    let cases: Vec<(&str, Edit, Vec<&str>)> = vec![
+        // A negative, a zero, a NaN and an infinite scale.
+        ("neg", set_scale(-1.0), vec![&scale_named, "scale[1]"]),
+        ("zero", set_scale(0.0), vec![&scale_named, "scale[1]"]),
+        ("nan", set_scale(f32::NAN), vec![&scale_named, "scale[1]"]),
+        (
+            "inf",
+            set_scale(f32::INFINITY),
+            vec![&scale_named, "scale[1]"],
+        ),
+        // A missing scale.
+        (
+            "noscale",
+            Box::new(|n, dt, s, b| (n != scale).then(|| keep(n, dt, s, b)).flatten()),
+            vec![&scale_named, "missing"],
+        ),
+        // A scale of the wrong shape.
+        (
+            "scaleshape",
+            Box::new(|n, dt, s, b| {
+                let s = if n == scale {
+                    vec![1, s[0]]
+                } else {
+                    s.to_vec()
+                };
+                keep(n, dt, &s, b)
+            }),
+            vec![&scale_named, "[128, 1]"],
+        ),
+    ];
     // An E4M3 NaN code inside a weight.
-    let d = case("nancode");
-    rewrite(&d, |n, dt, s, b| {
+    let q0_named = format!("`{q0}`");
+    let nan_code: Edit = Box::new(|n, dt, s, b| {
         let mut b = b.to_vec();
         if n == q0 {
             b[130] = 0x7F;
         }
         keep(n, dt, s, &b)
     });
-    let e = open_err(&d);
-    assert!(
-        e.contains(&format!("`{q0}`")) && e.contains("NaN") && e.contains("row 1"),
-        "{e}"
-    );
     // The embedding in FP8: not allowed.
-    let d = case("wte");
-    rewrite(&d, |n, dt, s, b| {
+    let wte_named = format!("`{WTE}`");
+    let fp8_wte: Edit = Box::new(|n, dt, s, b| {
         if n == WTE {
             let codes: Vec<u8> = b.chunks(2).map(|_| 0x38).collect();
             keep(n, safetensors::Dtype::F8_E4M3, s, &codes)
@@ -569,18 +524,23 @@ fn quantized_folder_errors_name_the_tensor() {
             keep(n, dt, s, b)
         }
     });
-    let e = open_err(&d);
-    assert!(
-        e.contains(&format!("`{WTE}`")) && e.contains("only the linear layers"),
-        "{e}"
-    );
+    let cases = cases.into_iter().chain([
+        ("nancode", nan_code, vec![&q0_named, "NaN", "row 1"]),
+        ("wte", fp8_wte, vec![&wte_named, "only the linear layers"]),
+    ]);
+    for (tag, edit, want) in cases {
+        let d = case(tag);
+        rewrite(&d, &*edit);
+        let e = open_err(&d);
+        for w in want {
+            assert!(e.contains(w), "{tag}: {e}");
+        }
+    }
     // FP8 tensors without a quantization_config, and a config naming another method.
     let d = case("nocfg");
-    let cfg_path = d.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg.as_object_mut().unwrap().remove("quantization_config");
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    edit_json(&d.join("config.json"), |o| {
+        o.remove("quantization_config");
+    });
     let e = open_err(&d);
     assert!(e.contains("no `quantization_config`"), "{e}");
     for (key, val, needle) in [
@@ -602,11 +562,9 @@ fn quantized_folder_errors_name_the_tensor() {
         ("fmt", serde_json::json!("e5m2"), "fmt = \"e5m2\""),
     ] {
         let d = case(&format!("cfg-{key}"));
-        let cfg_path = d.join("config.json");
-        let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-        cfg["quantization_config"][key] = val;
-        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        edit_json(&d.join("config.json"), |o| {
+            o["quantization_config"][key] = val;
+        });
         let e = open_err(&d);
         assert!(e.contains(needle), "{key}: {e}");
     }
@@ -714,107 +672,45 @@ fn flips_only_at_near_ties() {
 // ---------------------------------------------------------------------------------------------
 // The command line.
 
-fn run(bin: &str, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(bin).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn cli_quantize_generate_and_bench() {
     let t = TempDir::new("cli");
-    let llada = env!("CARGO_BIN_EXE_llada");
     let (src, out) = (t.path().join("bf16"), t.path().join("fp8"));
     let (s, so) = (src.to_str().unwrap(), out.to_str().unwrap());
-    assert!(run(llada, &["init-tiny", s]).0);
-    let (ok, _, err) = run(
-        llada,
-        &["quantize", "--model", s, "--out", so, "--scheme", "fp8"],
-    );
-    assert!(ok, "{err}");
-    let (ok, _, err) = run(
-        llada,
-        &["quantize", "--model", s, "--out", so, "--scheme", "int4"],
-    );
-    assert!(!ok && err.contains("only fp8"), "{err}");
+    ok(&llada_out(&["init-tiny", s]));
+    ok(&llada_out(&[
+        "quantize", "--model", s, "--out", so, "--scheme", "fp8",
+    ]));
+    let e = err_of(llada().args(["quantize", "--model", s, "--out", so, "--scheme", "int4"]));
+    assert!(e.contains("only fp8"), "{e}");
     let gen = |model: &str, weights: &str| {
-        let (ok, stdout, err) = run(
-            llada,
-            &[
-                "generate",
-                "--model",
-                model,
-                "--weights",
-                weights,
-                "--prompt-ids",
-                "1,2,3",
-                "--gen-length",
-                "8",
-                "--steps",
-                "8",
-                "--block-length",
-                "8",
-                "--device",
-                "cpu",
-                "--format",
-                "json",
-            ],
+        let v = ok_json(
+            llada()
+                .args(["generate", "--model", model, "--weights", weights])
+                .args(["--prompt-ids", "1,2,3", "--gen-length", "8", "--steps", "8"])
+                .args(["--block-length", "8", "--device", "cpu", "--format", "json"]),
         );
-        assert!(ok, "{err}");
-        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
         (v["ids"].clone(), v["device"].as_str().unwrap().to_string())
     };
     let (a, da) = gen(so, "checkpoint");
     let (b, db) = gen(s, "fp8");
     assert_eq!(a, b, "the FP8 folder and FP8 at load generate the same ids");
     assert!(da.contains("fp8") && db.contains("fp8"), "{da} / {db}");
-    let (ok, _, err) = run(
-        llada,
-        &[
-            "generate",
-            "--model",
-            s,
-            "--weights",
-            "int8",
-            "--prompt-ids",
-            "1",
-            "--device",
-            "cpu",
-        ],
+    let e = err_of(
+        llada()
+            .args(["generate", "--model", s, "--weights", "int8"])
+            .args(["--prompt-ids", "1", "--device", "cpu"]),
     );
-    assert!(!ok && err.contains("--weights \"int8\""), "{err}");
+    assert!(e.contains("--weights \"int8\""), "{e}");
 
     let json = t.path().join("bench.json");
-    let (ok, stdout, err) = run(
-        env!("CARGO_BIN_EXE_llada-bench"),
-        &[
-            "--device",
-            "cpu",
-            "--preset",
-            "tiny",
-            "--prompt-len",
-            "8",
-            "--gen-length",
-            "8",
-            "--block-length",
-            "8",
-            "--steps",
-            "8",
-            "--warmup",
-            "0",
-            "--weights",
-            "checkpoint,fp8",
-            "--json",
-            json.to_str().unwrap(),
-        ],
-    );
-    assert!(ok, "{err}");
+    let stdout = ok(&run(bench()
+        .args(["--device", "cpu", "--preset", "tiny", "--prompt-len", "8"])
+        .args(["--gen-length", "8", "--block-length", "8", "--steps", "8"])
+        .args(["--warmup", "0", "--weights", "checkpoint,fp8", "--json"])
+        .arg(&json)));
     assert!(stdout.contains("weights fp8"), "{stdout}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = read_json(&json);
     let w: Vec<&str> = v["rows"]
         .as_array()
         .unwrap()

@@ -3,7 +3,9 @@
 //! (from its `tokenizer_config.json`, including its 1e30 `model_max_length`) renders exactly like
 //! the built-in fallback template and like Hugging Face's `apply_chat_template`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use llada::hf::config::ModelConfig;
 use llada::hf::presets;
@@ -11,9 +13,7 @@ use llada::hf::tiny::write_tiny_tokenizer;
 use llada::hf::tokenizer::Tokenizer;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/llada-8b-instruct")
-        .join(name)
+    common::cli::fixture("llada-8b-instruct").join(name)
 }
 
 #[test]

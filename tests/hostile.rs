@@ -5,29 +5,17 @@
 //! template: never an abort, a panic, a signal or a hang.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use llada::hf::dtype::DType;
+mod common;
+
+use common::cli::{copy_dir, edit_json, json_lines, ok, run, tiny, tmpdir, words};
 use serde_json::{json, Value};
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_llada")
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-hostile-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// The `tiny` preset (tokenizer and chat template included) as an f32 folder.
-fn tiny(dir: &Path) -> PathBuf {
-    let m = dir.join("tiny");
-    llada::hf::presets::write_preset_folder("tiny", &m, 3, DType::F32, 1).unwrap();
-    m
 }
 
 /// Wait for `child` at most `limit`; kill it and fail past that.
@@ -82,21 +70,6 @@ fn assert_clean_error(o: &Output, what: &str, want: &[&str]) {
     );
     for w in want {
         assert!(e.contains(w), "{what}: stderr lacks {w:?}: {e}");
-    }
-}
-
-fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    f(v.as_object_mut().unwrap());
-    std::fs::write(path, v.to_string()).unwrap();
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    let _ = std::fs::remove_dir_all(to);
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
 
@@ -216,6 +189,14 @@ fn chat_template_bombs_end_with_an_error_naming_the_template() {
             "",
         ),
     ];
+    // `llada generate --chat` on the folder `model`, 8 tokens.
+    let chat = |model: &Path| {
+        let mut a = vec!["generate", "--model", model.to_str().unwrap(), "--prompt"];
+        a.extend(words(
+            "hello --chat --gen-length 8 --steps 8 --block-length 8 --device cpu",
+        ));
+        limited(&a)
+    };
     for (what, tpl, want) in cases {
         let c = d.join("c");
         copy_dir(&m, &c);
@@ -223,22 +204,7 @@ fn chat_template_bombs_end_with_an_error_naming_the_template() {
             o.insert("chat_template".into(), Value::String(tpl.clone()));
         });
         let t0 = Instant::now();
-        let o = limited(&[
-            "generate",
-            "--model",
-            c.to_str().unwrap(),
-            "--prompt",
-            "hello",
-            "--chat",
-            "--gen-length",
-            "8",
-            "--steps",
-            "8",
-            "--block-length",
-            "8",
-            "--device",
-            "cpu",
-        ]);
+        let o = chat(&c);
         let took = t0.elapsed();
         assert_clean_error(
             &o,
@@ -249,23 +215,8 @@ fn chat_template_bombs_end_with_an_error_naming_the_template() {
         assert!(took < Duration::from_secs(30), "{what}: took {took:?}");
     }
     // An ordinary template still renders after all of that (and within the budget).
-    let o = limited(&[
-        "generate",
-        "--model",
-        m.to_str().unwrap(),
-        "--prompt",
-        "hello",
-        "--chat",
-        "--gen-length",
-        "8",
-        "--steps",
-        "8",
-        "--block-length",
-        "8",
-        "--device",
-        "cpu",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = chat(&m);
+    ok(&o);
 }
 
 #[test]
@@ -274,15 +225,8 @@ fn request_bombs_are_refused_with_their_limits() {
     let m = tiny(&d);
     let m = m.to_str().unwrap();
     let gen = |extra: &[&str]| {
-        let mut a = vec![
-            "generate",
-            "--model",
-            m,
-            "--prompt-ids",
-            "1,2,3",
-            "--device",
-            "cpu",
-        ];
+        let mut a = vec!["generate", "--model", m];
+        a.extend(words("--prompt-ids 1,2,3 --device cpu"));
         a.extend_from_slice(extra);
         limited(&a)
     };
@@ -411,31 +355,20 @@ fn batch_lines_with_bombs_fail_alone() {
     let input = d.join("in.jsonl");
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let out = d.join("out.jsonl");
-    let o = limited(&[
-        "batch",
-        "--model",
+    let (m, input, out_s) = (
         m.to_str().unwrap(),
-        "--input",
         input.to_str().unwrap(),
-        "--output",
         out.to_str().unwrap(),
-        "--gen-length",
-        "8",
-        "--steps",
-        "8",
-        "--block-length",
-        "8",
-        "--device",
-        "cpu",
-    ]);
+    );
+    let mut a = vec!["batch", "--model", m, "--input", input, "--output", out_s];
+    a.extend(words(
+        "--gen-length 8 --steps 8 --block-length 8 --device cpu",
+    ));
+    let o = limited(&a);
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{e}");
     assert!(!e.contains("panicked"), "{e}");
-    let done: Vec<Value> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let done = json_lines(&out);
     let ids: Vec<&str> = done.iter().map(|v| v["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 3, "{ids:?}");
     for g in ["good1", "good2", "good3"] {
@@ -498,7 +431,7 @@ fn batch_output_has_one_writer_and_resume_checks_parameters() {
     assert!(!d.join("out.errors.jsonl").exists());
     drop(held);
     let o = run("8");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     let first = std::fs::read_to_string(&out).unwrap();
     assert_eq!(first.lines().count(), 4);
     // The same output with other parameters: the done lines are reported, not trusted or
@@ -516,7 +449,7 @@ fn batch_output_has_one_writer_and_resume_checks_parameters() {
     );
     // Same parameters: nothing to do, nothing reported.
     let o = run("8");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     assert!(String::from_utf8_lossy(&o.stderr).contains("4 already done"));
 }
 
@@ -560,7 +493,7 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
         ],
         &[],
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     let o = quick(
         &["eval", "--model", m, "--tasks", f, "--device", "cpu"],
         &[],
@@ -657,7 +590,7 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
     };
     std::thread::sleep(Duration::from_millis(200));
     let o = forward(f);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     let got = reader.join().unwrap();
     let n = u64::from_le_bytes(got[..8].try_into().unwrap()) as usize;
     let header: Value = serde_json::from_slice(&got[8..8 + n]).unwrap();
@@ -669,7 +602,7 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
     );
     // /dev/stdout: a pipe here, written through.
     let o = forward("/dev/stdout");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     assert!(
         o.stdout.len() > 3 * 512 * 4,
         "{} bytes on stdout",
@@ -691,7 +624,7 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
         )
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     let got = std::fs::read(&file).unwrap();
     assert!(got.starts_with(b"kept") && got.len() > 3 * 512 * 4);
     // A device is written through. Only as an ordinary user: as root a regression would replace
@@ -700,7 +633,7 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         let o = forward("/dev/null");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ok(&o);
         assert!(std::fs::metadata("/dev/null")
             .unwrap()
             .file_type()
@@ -802,21 +735,11 @@ fn resume_from_a_broken_checkpoint_fails_before_any_step() {
     std::fs::write(&data, text).unwrap();
     let ck = d.join("ck");
     let train = |extra: &[&str]| {
-        let mut c = Command::new(bin());
-        c.args([
-            "train",
-            "--device",
-            "cpu",
-            "--no-dist",
-            "--seq-len",
-            "16",
-            "--batch-size",
-            "1",
-        ])
-        .arg("--data")
-        .arg(&data)
-        .args(extra);
-        c.output().unwrap()
+        run(Command::new(bin())
+            .args(["train", "--device", "cpu", "--no-dist"])
+            .args(["--seq-len", "16", "--batch-size", "1", "--data"])
+            .arg(&data)
+            .args(extra))
     };
     let o = train(&[
         "--preset",
@@ -826,7 +749,7 @@ fn resume_from_a_broken_checkpoint_fails_before_any_step() {
         "--out",
         ck.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(&o);
     type Spoil = Box<dyn Fn(&Path)>;
     let cases: Vec<(&str, Spoil, &str)> = vec![
         (

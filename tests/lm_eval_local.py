@@ -32,30 +32,31 @@ for path, rows in ((mc_path, mc), (gen_path, gen)):
 
 tasks = os.path.join(work, "tasks")
 os.makedirs(tasks, exist_ok=True)
-with open(os.path.join(tasks, "llada_local_mc.yaml"), "w") as f:
-    f.write(f"""task: llada_local_mc
+
+
+def write_task(name, data, body):
+    """A local lm-eval task `name` over the JSON-lines file `data`; `body` is the rest of its
+    YAML (output type, prompts, metrics)."""
+    with open(os.path.join(tasks, name + ".yaml"), "w") as f:
+        f.write(f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {json.dumps(mc_path)}
+    test: {json.dumps(data)}
 test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
+""" + body)
+
+
+write_task("llada_local_mc", mc_path, """output_type: multiple_choice
+doc_to_text: "{{context}}"
+doc_to_choice: "{{choices}}"
 doc_to_target: answer
 target_delimiter: " "
 metric_list:
   - metric: acc
   - metric: acc_norm
 """)
-with open(os.path.join(tasks, "llada_local_gen.yaml"), "w") as f:
-    f.write(f"""task: llada_local_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(gen_path)}
-test_split: test
-output_type: generate_until
+write_task("llada_local_gen", gen_path, f"""output_type: generate_until
 doc_to_text: "{{{{question}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:

@@ -1,7 +1,9 @@
 //! Loading Hugging Face model folders: config.json, single-file and sharded safetensors, and the
 //! errors a bad folder must produce (each naming the file, tensor or field at fault).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use llada::hf::checkpoint::{block_tensor, expected_tensors, Checkpoint, LN_F, WTE};
 use llada::hf::config::ModelConfig;
@@ -9,32 +11,7 @@ use llada::hf::dtype::DType;
 use llada::hf::presets::{preset_checkpoint, preset_config, write_preset_folder};
 use llada::hf::write::{write_hf_folder, write_safetensors, HostTensor};
 
-/// A fresh folder under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "llada-loading-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::cli::TempDir;
 
 fn tiny_tensors(dtype: DType) -> (ModelConfig, Vec<HostTensor>) {
     let cfg = preset_config("tiny").unwrap();

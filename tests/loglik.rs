@@ -8,32 +8,17 @@
 //!   any-order chain rule below);
 //! - fake scorers with known conditionals.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
 use anyhow::Result;
+use common::cli::{err_of, fixture, llada, ok_json, read_json, u32s as ids};
 use llada::engine::device::DeviceChoice;
 use llada::engine::{self, Engine, ModelSpec, Opened};
 use llada::loglik::{self, LoglikParams, ScoreRequest, Scorer};
 use serde_json::Value;
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
-
 fn expected() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture("loglik/expected.json")).unwrap())
-        .unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    read_json(&fixture("loglik/expected.json"))
 }
 
 fn engine(variant: &str) -> Box<dyn Engine> {
@@ -130,21 +115,15 @@ fn cli_one_token_matches_upstream() {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        let out = Command::new(env!("CARGO_BIN_EXE_llada"))
-            .args(["loglik", "--model"])
-            .arg(fixture("parity/f32"))
-            .args(["--prompt-ids", &join(&case["prompt"])])
-            .args(["--answer-ids", &join(&case["answer"])])
-            .args(["--mc-num", "1", "--device", "cpu", "--format", "json"])
-            .args(["--cfg-scale", &case["cfg_scale"].to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let v = ok_json(
+            llada()
+                .args(["loglik", "--model"])
+                .arg(fixture("parity/f32"))
+                .args(["--prompt-ids", &join(&case["prompt"])])
+                .args(["--answer-ids", &join(&case["answer"])])
+                .args(["--mc-num", "1", "--device", "cpu", "--format", "json"])
+                .args(["--cfg-scale", &case["cfg_scale"].to_string()]),
         );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         let got = v["loglik"].as_f64().unwrap();
         let want = case["loglik"].as_f64().unwrap();
         assert!((got - want).abs() <= 1e-4, "{got} vs {want}");
@@ -388,57 +367,32 @@ fn fake_scorer_weights_and_batching() {
 fn bad_input_is_rejected_with_a_reason() {
     let eng = engine("f32");
     let mut s = eng.scorer();
-    let err = |r: Result<loglik::LoglikOutput>| format!("{:#}", r.unwrap_err());
-    let e = err(loglik::estimate(
-        s.as_mut(),
-        &[1, 2],
-        &[],
-        &params(1, 1, 0.0, 0),
-    ));
-    assert!(e.contains("answer is empty"), "{e}");
-    let e = err(loglik::estimate(
-        s.as_mut(),
-        &[1],
-        &[2],
-        &params(6, 4, 0.0, 0),
-    ));
-    assert!(e.contains("not a multiple of batch_size"), "{e}");
-    let e = err(loglik::estimate(
-        s.as_mut(),
-        &[1],
-        &[2],
-        &params(0, 1, 0.0, 0),
-    ));
-    assert!(e.contains("mc_num"), "{e}");
-    let e = err(loglik::estimate(
-        s.as_mut(),
-        &[1],
-        &[126],
-        &params(1, 1, 0.0, 0),
-    ));
-    assert!(e.contains("mask token"), "{e}");
-    let e = err(loglik::estimate(
-        s.as_mut(),
-        &[1],
-        &[2],
-        &params(1, 1, -1.0, 0),
-    ));
-    assert!(e.contains("cfg_scale"), "{e}");
     let long = vec![5u32; 64];
-    let e = err(loglik::estimate(
-        s.as_mut(),
-        &long,
-        &[2],
-        &params(1, 1, 0.0, 0),
-    ));
-    assert!(e.contains("max_sequence_length"), "{e}");
-    let e = err(loglik::estimate(
-        s.as_mut(),
-        &[1],
-        &[500],
-        &params(1, 1, 0.0, 0),
-    ));
-    assert!(e.contains("500") && e.contains("vocabulary"), "{e}");
+    // (prompt, answer, parameters, what the error names)
+    type Case<'a> = (&'a [u32], &'a [u32], LoglikParams, &'a [&'a str]);
+    let cases: [Case; 7] = [
+        (&[1, 2], &[], params(1, 1, 0.0, 0), &["answer is empty"]),
+        (
+            &[1],
+            &[2],
+            params(6, 4, 0.0, 0),
+            &["not a multiple of batch_size"],
+        ),
+        (&[1], &[2], params(0, 1, 0.0, 0), &["mc_num"]),
+        (&[1], &[126], params(1, 1, 0.0, 0), &["mask token"]),
+        (&[1], &[2], params(1, 1, -1.0, 0), &["cfg_scale"]),
+        (&long, &[2], params(1, 1, 0.0, 0), &["max_sequence_length"]),
+        (&[1], &[500], params(1, 1, 0.0, 0), &["500", "vocabulary"]),
+    ];
+    for (prompt, answer, p, want) in cases {
+        let e = format!(
+            "{:#}",
+            loglik::estimate(s.as_mut(), prompt, answer, &p).unwrap_err()
+        );
+        for w in want {
+            assert!(e.contains(w), "{prompt:?}→{answer:?}: {e}");
+        }
+    }
     let e = format!(
         "{:#}",
         loglik::elbo_exact(s.as_mut(), &[1], &[2; 13], 0.0, 4).unwrap_err()
@@ -446,15 +400,13 @@ fn bad_input_is_rejected_with_a_reason() {
     assert!(e.contains("at most 12"), "{e}");
 
     let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_llada"))
-            .args(["loglik", "--model"])
-            .arg(fixture("parity/f32"))
-            .args(["--device", "cpu"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{args:?} succeeded");
-        String::from_utf8_lossy(&out.stderr).to_string()
+        err_of(
+            llada()
+                .args(["loglik", "--model"])
+                .arg(fixture("parity/f32"))
+                .args(["--device", "cpu"])
+                .args(args),
+        )
     };
     let e = cli(&["--prompt-ids", "1,2", "--answer-ids", "3,x"]);
     assert!(e.contains("bad token id \"x\""), "{e}");

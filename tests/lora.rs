@@ -3,7 +3,7 @@
 //! linear's backward by finite differences, adapter gradients against PEFT autograd, the
 //! adapter optimizer, and hostile adapter folders.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use llada::engine::device::DeviceChoice;
@@ -19,54 +19,24 @@ use llada::lora::train::{
 };
 use llada::lora::{Adapter, LoraConfig, ModuleKind, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX};
 use llada::train::optim::AdamWConfig;
+mod common;
+
+use common::cli::{
+    err_of, f64s as floats, fixture, ids_arg, llada_out as llada, ok, read_json, run, tmpdir,
+    u32s as ints, words,
+};
 use serde_json::{json, Value};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
 fn expected() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("lora/expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    read_json(&fixture("lora/expected.json"))
 }
 
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-fn ints(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-lora-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn llada(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args(args)
-        .output()
-        .expect("run llada")
-}
-
-fn ok(o: &std::process::Output) -> String {
-    assert!(
-        o.status.success(),
-        "llada failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+/// `llada merge-lora --model MODEL --lora ADAPTER --out OUT`.
+fn merge_lora(model: &Path, adapter: &Path, out: &Path) -> std::process::Output {
+    let mut c = common::cli::llada();
+    c.arg("merge-lora").arg("--model").arg(model);
+    c.arg("--lora").arg(adapter).arg("--out").arg(out);
+    run(&mut c)
 }
 
 fn logits(opened: &Opened, ids: &[u32]) -> Vec<f32> {
@@ -105,13 +75,13 @@ fn worst(got: &[f32], want: &[f64]) -> (f64, f64) {
 fn merged_logits_match_peft() {
     let e = expected();
     let noisy = ints(&e["noisy"]);
-    let model = fixtures().join("parity/f32");
+    let model = fixture("parity/f32");
     let base = Opened::open(&ModelSpec::Dir(model.clone())).unwrap();
     let (w, scale) = worst(&logits(&base, &noisy), &floats(&e["base_logits"]));
     assert!(w <= 1e-4 * scale, "base: worst {w} (scale {scale})");
     for (dir, key, modules) in [("peft", "peft_logits", 15), ("rslora", "rslora_logits", 2)] {
         let mut o = Opened::open(&ModelSpec::Dir(model.clone())).unwrap();
-        let summary = o.apply_lora(&fixtures().join("lora").join(dir)).unwrap();
+        let summary = o.apply_lora(&fixture("lora").join(dir)).unwrap();
         assert!(summary.contains(&format!("{modules} modules")), "{summary}");
         let got = logits(&o, &noisy);
         let want = floats(&e[key]);
@@ -137,15 +107,11 @@ fn merge_lora_matches_peft_merge_and_unload_in_bf16() {
     let e = expected();
     let out = tmpdir("merge-bf16");
     let merged = out.join("m");
-    ok(&llada(&[
-        "merge-lora",
-        "--model",
-        fixtures().join("parity/bf16").to_str().unwrap(),
-        "--lora",
-        fixtures().join("lora/peft").to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]));
+    ok(&merge_lora(
+        &fixture("parity/bf16"),
+        &fixture("lora/peft"),
+        &merged,
+    ));
     let cfg = ModelConfig::from_file(&merged.join("config.json")).unwrap();
     let ck = Checkpoint::open(&merged, &cfg).unwrap();
     assert_eq!(ck.dtype(), DType::BF16);
@@ -173,8 +139,8 @@ fn merge_lora_matches_peft_merge_and_unload_in_bf16() {
     // The merged folder runs like the adapter applied at load: the same rounded weights.
     let ids = [5u32, 17, 42, 126, 99, 126, 7, 150];
     let m = Opened::open(&ModelSpec::Dir(merged.clone())).unwrap();
-    let mut on_load = Opened::open(&ModelSpec::Dir(fixtures().join("parity/bf16"))).unwrap();
-    on_load.apply_lora(&fixtures().join("lora/peft")).unwrap();
+    let mut on_load = Opened::open(&ModelSpec::Dir(fixture("parity/bf16"))).unwrap();
+    on_load.apply_lora(&fixture("lora/peft")).unwrap();
     assert_eq!(logits(&m, &ids), logits(&on_load, &ids));
     let _ = std::fs::remove_dir_all(&out);
 }
@@ -201,24 +167,10 @@ fn adapter_gradients_match_peft_autograd() {
     let e = expected();
     let out = tmpdir("grad");
     let merged = out.join("m");
-    let model = fixtures().join("parity/f32");
-    let adir = fixtures().join("lora/peft");
-    ok(&llada(&[
-        "merge-lora",
-        "--model",
-        model.to_str().unwrap(),
-        "--lora",
-        adir.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]));
-    let join = |k: &str| {
-        ints(&e[k])
-            .iter()
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let model = fixture("parity/f32");
+    let adir = fixture("lora/peft");
+    ok(&merge_lora(&model, &adir, &merged));
+    let join = |k: &str| ids_arg(&ints(&e[k]));
     let g_path = out.join("g.safetensors");
     ok(&llada(&[
         "grad",
@@ -577,39 +529,19 @@ fn merge_on_read_linear_embedding_and_replaced() {
     let eb = rand_vec(24, c * r, 0.5);
     let ln = rand_vec(25, c, 1.0);
     let wrep = rand_vec(26, v * c, 0.5);
-    let sources = vec![
-        host(
-            format!("{PEFT_PREFIX}{q}.lora_A.weight"),
-            vec![r, qk],
-            qa.clone(),
-        ),
-        host(
-            format!("{PEFT_PREFIX}{q}.lora_B.weight"),
-            vec![qm, r],
-            qb.clone(),
-        ),
-        host(
-            format!("{PEFT_PREFIX}model.transformer.wte.lora_embedding_A"),
-            vec![r, v],
-            ea.clone(),
-        ),
-        host(
-            format!("{PEFT_PREFIX}model.transformer.wte.lora_embedding_B"),
-            vec![c, r],
-            eb.clone(),
-        ),
-        host(
-            format!("{PEFT_PREFIX}model.transformer.ln_f.weight"),
-            vec![c],
-            ln.clone(),
-        ),
+    let wte = "model.transformer.wte";
+    let sources: Vec<WeightSource> = [
+        (format!("{q}.lora_A.weight"), vec![r, qk], &qa),
+        (format!("{q}.lora_B.weight"), vec![qm, r], &qb),
+        (format!("{wte}.lora_embedding_A"), vec![r, v], &ea),
+        (format!("{wte}.lora_embedding_B"), vec![c, r], &eb),
+        ("model.transformer.ln_f.weight".into(), vec![c], &ln),
         // The embedding saved whole too (save_embedding_layers): the new base under the LoRA.
-        host(
-            format!("{PEFT_PREFIX}model.transformer.wte.base_layer.weight"),
-            vec![v, c],
-            wrep.clone(),
-        ),
-    ];
+        (format!("{wte}.base_layer.weight"), vec![v, c], &wrep),
+    ]
+    .into_iter()
+    .map(|(n, shape, vals)| host(format!("{PEFT_PREFIX}{n}"), shape, vals.clone()))
+    .collect();
     let ad = Adapter::from_sources(LoraConfig::new(r, 3.0, false), &sources, &cfg).unwrap();
     assert_eq!(
         ad.modules["model.transformer.wte"].kind,
@@ -680,15 +612,7 @@ fn merge_lora_folder_runs_like_lora_at_load() {
     let adir = dir.join("adapter");
     ad.save(&adir, &cfg).unwrap();
     let merged = dir.join("merged");
-    let stdout = ok(&llada(&[
-        "merge-lora",
-        "--model",
-        base.to_str().unwrap(),
-        "--lora",
-        adir.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]));
+    let stdout = ok(&merge_lora(&base, &adir, &merged));
     assert!(stdout.contains("wrote"), "{stdout}");
     for f in std::fs::read_dir(&base).unwrap() {
         let name = f.unwrap().file_name().into_string().unwrap();
@@ -697,48 +621,32 @@ fn merge_lora_folder_runs_like_lora_at_load() {
             "{name} not in the merged folder"
         );
     }
+    let (bs, ads, ms) = (
+        base.to_str().unwrap(),
+        adir.to_str().unwrap(),
+        merged.to_str().unwrap(),
+    );
+    let with_lora = ["--model", bs, "--lora", ads];
+    let on_merged = ["--model", ms];
     let gen = |args: &[&str]| -> Value {
-        let mut a = vec![
-            "generate",
-            "--prompt",
-            "hello world",
-            "--gen-length",
-            "8",
-            "--steps",
-            "4",
-            "--block-length",
-            "8",
-            "--format",
-            "json",
-            "--device",
-            "cpu",
-        ];
+        let mut a = vec!["generate", "--prompt", "hello world"];
+        a.extend(words(
+            "--gen-length 8 --steps 4 --block-length 8 --format json --device cpu",
+        ));
         a.extend_from_slice(args);
         serde_json::from_str(&ok(&llada(&a))).unwrap()
     };
-    let on_load = gen(&[
-        "--model",
-        base.to_str().unwrap(),
-        "--lora",
-        adir.to_str().unwrap(),
-    ]);
-    let from_merged = gen(&["--model", merged.to_str().unwrap()]);
-    let plain = gen(&["--model", base.to_str().unwrap()]);
+    let on_load = gen(&with_lora);
+    let from_merged = gen(&on_merged);
+    let plain = gen(&["--model", bs]);
     assert_eq!(on_load["ids"], from_merged["ids"]);
     assert_eq!(on_load["text"], from_merged["text"]);
     // Logits through both paths are bit-identical; the adapter changes them.
     let ids = "5,17,42,99";
     let out = |name: &str, args: &[&str]| -> Vec<f32> {
         let p = dir.join(name);
-        let mut a = vec![
-            "forward",
-            "--ids",
-            ids,
-            "--device",
-            "cpu",
-            "--out",
-            p.to_str().unwrap(),
-        ];
+        let mut a = vec!["forward", "--ids", ids, "--device", "cpu", "--out"];
+        a.push(p.to_str().unwrap());
         a.extend_from_slice(args);
         ok(&llada(&a));
         let s = llada::hf::checkpoint::open_safetensors(&p).unwrap();
@@ -746,42 +654,16 @@ fn merge_lora_folder_runs_like_lora_at_load() {
         s[0].read_range(0, v.len(), &mut v);
         v
     };
-    let l1 = out(
-        "a.st",
-        &[
-            "--model",
-            base.to_str().unwrap(),
-            "--lora",
-            adir.to_str().unwrap(),
-        ],
-    );
-    let l2 = out("b.st", &["--model", merged.to_str().unwrap()]);
-    let l0 = out("c.st", &["--model", base.to_str().unwrap()]);
+    let l1 = out("a.st", &with_lora);
+    let l2 = out("b.st", &on_merged);
+    let l0 = out("c.st", &["--model", bs]);
     assert_eq!(l1, l2);
     assert_ne!(l1, l0);
     let _ = plain;
     // loglik, eval and batch with --lora give what they give on the merged folder.
-    let with_lora = [
-        "--model",
-        base.to_str().unwrap(),
-        "--lora",
-        adir.to_str().unwrap(),
-    ];
-    let on_merged = ["--model", merged.to_str().unwrap()];
     let loglik = |m: &[&str]| -> Value {
-        let mut a = vec![
-            "loglik",
-            "--prompt-ids",
-            "5,17",
-            "--answer-ids",
-            "42,7",
-            "--mc-num",
-            "4",
-            "--format",
-            "json",
-            "--device",
-            "cpu",
-        ];
+        let mut a = words("loglik --prompt-ids 5,17 --answer-ids 42,7 --mc-num 4");
+        a.extend(words("--format json --device cpu"));
         a.extend_from_slice(m);
         serde_json::from_str(&ok(&llada(&a))).unwrap()
     };
@@ -796,17 +678,9 @@ fn merge_lora_folder_runs_like_lora_at_load() {
     .unwrap();
     let eval = |m: &[&str], name: &str| -> String {
         let o = dir.join(name);
-        let mut a = vec![
-            "eval",
-            "--tasks",
-            tasks.to_str().unwrap(),
-            "--mc-num",
-            "2",
-            "--device",
-            "cpu",
-            "--output",
-            o.to_str().unwrap(),
-        ];
+        let mut a = vec!["eval", "--tasks", tasks.to_str().unwrap()];
+        a.extend(["--mc-num", "2", "--device", "cpu", "--output"]);
+        a.push(o.to_str().unwrap());
         a.extend_from_slice(m);
         ok(&llada(&a));
         std::fs::read_to_string(&o).unwrap()
@@ -818,21 +692,11 @@ fn merge_lora_folder_runs_like_lora_at_load() {
     std::fs::write(&input, "{\"id\": \"a\", \"prompt_ids\": [5, 17, 42]}\n").unwrap();
     let batch = |m: &[&str], name: &str| -> Value {
         let o = dir.join(name);
-        let mut a = vec![
-            "batch",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            o.to_str().unwrap(),
-            "--gen-length",
-            "8",
-            "--steps",
-            "4",
-            "--block-length",
-            "8",
-            "--device",
-            "cpu",
-        ];
+        let mut a = vec!["batch", "--input", input.to_str().unwrap(), "--output"];
+        a.push(o.to_str().unwrap());
+        a.extend(words(
+            "--gen-length 8 --steps 4 --block-length 8 --device cpu",
+        ));
         a.extend_from_slice(m);
         ok(&llada(&a));
         serde_json::from_str(std::fs::read_to_string(&o).unwrap().lines().next().unwrap()).unwrap()
@@ -859,29 +723,17 @@ fn merge_lora_folder_runs_like_lora_at_load() {
         );
     }
     // Refuses to write into its input, and names a bad adapter.
-    let o = llada(&[
-        "merge-lora",
-        "--model",
-        base.to_str().unwrap(),
-        "--lora",
-        adir.to_str().unwrap(),
-        "--out",
-        base.to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
-    let o = llada(&[
-        "forward",
-        "--model",
-        base.to_str().unwrap(),
-        "--lora",
-        dir.join("nope").to_str().unwrap(),
-        "--ids",
-        "1",
-        "--out",
-        dir.join("x").to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not a folder"));
+    assert!(!merge_lora(&base, &adir, &base).status.success());
+    let e = err_of(
+        common::cli::llada()
+            .args(["forward", "--ids", "1", "--model"])
+            .arg(&base)
+            .arg("--lora")
+            .arg(dir.join("nope"))
+            .arg("--out")
+            .arg(dir.join("x")),
+    );
+    assert!(e.contains("not a folder"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1104,10 +956,10 @@ fn llada_written_adapter(cfg: &ModelConfig) -> Adapter {
 /// it (tolerance as in `merged_logits_match_peft`).
 #[test]
 fn peft_loads_what_llada_writes() {
-    let model = fixtures().join("parity/f32");
+    let model = fixture("parity/f32");
     let cfg = ModelConfig::from_file(&model.join("config.json")).unwrap();
     let ad = llada_written_adapter(&cfg);
-    let committed = fixtures().join("lora/llada");
+    let committed = fixture("lora/llada");
     if std::env::var("LLADA_UPDATE_FIXTURES").as_deref() == Ok("1") {
         ad.save(&committed, &cfg).unwrap();
     }

@@ -7,6 +7,8 @@
 //! The safetensors reader below is deliberately minimal and local to this test, so the model is
 //! checked independently of the real checkpoint loader.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,7 +25,7 @@ use llada::hf::dtype::DType;
 use serde_json::Value;
 
 fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+    common::cli::fixture("parity")
 }
 
 /// Minimal safetensors reader: 8-byte little-endian header length, JSON header, data.
@@ -114,25 +116,13 @@ fn load_model(variant: &str, dtype: DType) -> Model<CpuBackend> {
 }
 
 fn expected() -> Value {
-    let p = fixture_dir().join("expected.json");
-    serde_json::from_str(&std::fs::read_to_string(&p).expect("expected.json"))
-        .expect("parse expected.json")
+    common::cli::read_json(&fixture_dir().join("expected.json"))
 }
 
-fn ints(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("int") as u32)
-        .collect()
-}
+use common::cli::u32s as ints;
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("float") as f32)
-        .collect()
+    common::cli::f64s(v).into_iter().map(|x| x as f32).collect()
 }
 
 /// Runs every logits case of `variant` and returns (name, worst |diff|, max |expected|).

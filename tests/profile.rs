@@ -9,28 +9,15 @@ use llada::engine::model::Model;
 use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{generate, generate_fast, CacheMode, Decode, GenerateParams};
 use llada::hf::dtype::DType;
-use llada::hf::presets;
+
+mod common;
 
 fn tiny() -> Model<CpuBackend> {
-    let cfg = presets::preset_config("tiny").unwrap();
-    let ck = presets::preset_checkpoint("tiny", 3, DType::BF16).unwrap();
-    Model::load(CpuBackend::new(DType::BF16), cfg, |n| ck.get(n).cloned()).unwrap()
+    common::tiny_model(CpuBackend::new(DType::BF16), 3)
 }
 
 fn params(m: &Model<CpuBackend>) -> GenerateParams {
-    let cfg = &m.cfg;
-    GenerateParams {
-        steps: 4,
-        gen_length: 16,
-        block_length: 8,
-        mask_id: cfg.mask_token_id,
-        eos_id: cfg.eos_token_id,
-        pad_id: cfg.pad_token_id,
-        eot_id: None,
-        logits_dtype: DType::BF16,
-        max_sequence_length: Some(cfg.max_sequence_length),
-        ..GenerateParams::default()
-    }
+    common::gen_params(&m.cfg, 4, 16, 8)
 }
 
 #[test]

@@ -9,11 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+mod common;
 
-fn llada() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llada"))
-}
+use common::cli::{gen_flags, generate_json, llada, ok, ok_json, run, u64s as ids, words};
+use serde_json::{json, Value};
 
 /// The tiny preset written once as a folder (weights, tokenizer, chat template).
 fn tiny_dir() -> &'static Path {
@@ -21,27 +20,10 @@ fn tiny_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let d = std::env::temp_dir().join(format!("llada-serve-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
-        let out = llada().arg("init-tiny").arg(&d).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ok(&run(llada().arg("init-tiny").arg(&d)));
         d
     })
 }
-
-/// Generation flags shared by the server and the CLI it is compared with.
-const GEN: [&str; 8] = [
-    "--gen-length",
-    "16",
-    "--steps",
-    "8",
-    "--block-length",
-    "8",
-    "--device",
-    "cpu",
-];
 
 struct Server {
     child: Child,
@@ -53,7 +35,7 @@ impl Server {
         let mut child = llada()
             .arg("serve")
             .args(model)
-            .args(GEN)
+            .args(gen_flags())
             .args(["--port", "0"])
             .args(extra)
             .stdout(Stdio::piped())
@@ -170,29 +152,18 @@ fn parse_response(raw: &[u8]) -> Resp {
 }
 
 fn cli_json(args: &[&str]) -> Value {
-    let out = llada().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "llada {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    ok_json(llada().args(args))
 }
 
+/// `llada generate` on the tiny folder with [`gen_flags`] and `extra`.
 fn generate_cli(extra: &[&str]) -> Value {
-    let d = tiny_dir().to_str().unwrap().to_string();
-    let mut args = vec!["generate", "--model", &d, "--format", "json"];
-    args.extend(GEN);
-    args.extend(extra);
-    cli_json(&args)
+    generate_json(tiny_dir(), &[gen_flags(), extra.to_vec()].concat())
 }
 
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
+/// Runs a Python script to the end and asserts it succeeded and printed `want`.
+fn python_ok(cmd: &mut Command, want: &str) {
+    let out = ok(&run(cmd));
+    assert!(out.contains(want), "{out}");
 }
 
 fn check_usage(v: &Value, nfe: u64) {
@@ -215,30 +186,13 @@ fn completion_and_chat_equal_llada_generate() {
     check_usage(&v, cli["nfe"].as_u64().unwrap());
 
     // The OpenAI names and the LLaDA extras map onto the CLI flags.
-    let d = tiny_dir().to_str().unwrap().to_string();
-    let cli2 = cli_json(&[
-        "generate",
-        "--model",
-        &d,
-        "--format",
-        "json",
-        "--device",
-        "cpu",
-        "--prompt",
-        "abc",
-        "--gen-length",
-        "8",
-        "--steps",
-        "4",
-        "--block-length",
-        "4",
-        "--remasking",
-        "random",
-        "--seed",
-        "3",
-        "--temperature",
-        "0.7",
-    ]);
+    let cli2 = generate_json(
+        tiny_dir(),
+        &words(concat!(
+            "--device cpu --prompt abc --gen-length 8 --steps 4 --block-length 4",
+            " --remasking random --seed 3 --temperature 0.7"
+        )),
+    );
     let v = srv
         .post(
             "/v1/completions",
@@ -305,16 +259,8 @@ fn completion_and_chat_equal_llada_generate() {
 #[test]
 fn preset_with_token_ids_equals_generate() {
     let srv = Server::start(&["--preset", "tiny"], &[]);
-    let mut args = vec![
-        "generate",
-        "--preset",
-        "tiny",
-        "--prompt-ids",
-        "5,6,7,8",
-        "--format",
-        "json",
-    ];
-    args.extend(GEN);
+    let mut args = words("generate --preset tiny --prompt-ids 5,6,7,8 --format json");
+    args.extend(gen_flags());
     let cli = cli_json(&args);
     let v = srv
         .post("/v1/completions", &json!({"prompt": [5, 6, 7, 8]}))
@@ -504,24 +450,13 @@ fn api_key_is_required_on_v1() {
 #[test]
 fn loglikelihood_equals_llada_loglik() {
     let srv = Server::folder(&[]);
-    let d = tiny_dir().to_str().unwrap().to_string();
-    let cli = cli_json(&[
-        "loglik",
-        "--model",
-        &d,
-        "--prompt",
-        "The capital is",
-        "--answer",
-        " Paris",
-        "--mc-num",
-        "8",
-        "--seed",
-        "2",
-        "--device",
-        "cpu",
-        "--format",
-        "json",
-    ]);
+    let cli = ok_json(
+        llada()
+            .args(["loglik", "--prompt", "The capital is", "--answer", " Paris"])
+            .args(words("--mc-num 8 --seed 2 --device cpu --format json"))
+            .arg("--model")
+            .arg(tiny_dir()),
+    );
     let v = srv
         .post(
             "/v1/loglikelihood",
@@ -808,21 +743,15 @@ fn lm_eval_harness_equals_cli() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let work = std::env::temp_dir().join(format!("llada-serve-lmeval-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
-    let out = Command::new("python3")
-        .arg(root.join("tests/lm_eval_local.py"))
-        .arg(env!("CARGO_BIN_EXE_llada"))
-        .arg(tiny_dir())
-        .arg(format!("http://{}", srv.addr))
-        .arg(&work)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    python_ok(
+        Command::new("python3")
+            .arg(root.join("tests/lm_eval_local.py"))
+            .arg(env!("CARGO_BIN_EXE_llada"))
+            .arg(tiny_dir())
+            .arg(format!("http://{}", srv.addr))
+            .arg(&work),
+        "lm-eval: ok",
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("lm-eval: ok"));
     let _ = std::fs::remove_dir_all(&work);
 }
 
@@ -835,19 +764,12 @@ fn openai_python_client() {
     let srv = Server::folder(&["--api-key", "k"]);
     let cli = generate_cli(&["--prompt", "Hello world"]);
     let chat = generate_cli(&["--prompt", "Hi there", "--chat"]);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve_openai.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(format!("http://{}/v1", srv.addr))
-        .arg(cli["text"][0].as_str().unwrap())
-        .arg(chat["text"][0].as_str().unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    python_ok(
+        Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve_openai.py"))
+            .arg(format!("http://{}/v1", srv.addr))
+            .arg(cli["text"][0].as_str().unwrap())
+            .arg(chat["text"][0].as_str().unwrap()),
+        "openai client: ok",
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("openai client: ok"));
 }

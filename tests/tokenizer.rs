@@ -1,6 +1,8 @@
 //! The tokenizer and the chat template: expected strings written from reference §3, id round
 //! trips, template precedence, and hostile templates failing instead of hanging.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -8,31 +10,7 @@ use llada::hf::presets::preset_config;
 use llada::hf::tiny::{write_tiny_tokenizer, TINY_VOCAB};
 use llada::hf::tokenizer::Tokenizer;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "llada-tok-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::cli::TempDir;
 
 fn tiny(dir: &Path) -> Tokenizer {
     write_tiny_tokenizer(dir).unwrap();

@@ -162,16 +162,7 @@ impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
         let (b, t, q0, q1) = (req.b, req.t, req.q0, req.q1);
         let n = b * t;
         let r = req.rows.len();
-        ensure!(
-            out.len() == r,
-            "predict_span: `out` holds {} entries for {r} rows",
-            out.len()
-        );
-        ensure!(
-            req.x.len() == n,
-            "predict_span: `x` holds {} tokens, expected b·t = {b}·{t}",
-            req.x.len()
-        );
+        check_request("predict_span", out.len(), r, req.x.len(), (b, t))?;
         ensure!(
             q0 < q1 && q1 <= t,
             "predict_span: span [{q0}, {q1}) is empty or exceeds the row length {t}"
@@ -239,34 +230,13 @@ impl<B: Backend> Predictor for ModelPredictor<'_, B> {
         let (b, t) = (req.b, req.t);
         let n = b * t;
         let r = req.rows.len();
-        ensure!(
-            out.len() == r,
-            "predict: `out` holds {} entries for {r} rows",
-            out.len()
-        );
-        ensure!(
-            req.x.len() == n,
-            "predict: `x` holds {} tokens, expected b·t = {b}·{t}",
-            req.x.len()
-        );
+        check_request("predict", out.len(), r, req.x.len(), (b, t))?;
         let cfg = req.select.cfg_scale > 0.0;
         let nb = if cfg { 2 * b } else { b };
         let rr = if cfg { 2 * r } else { r };
         self.reserve(nb * t, rr)?;
 
-        self.ids.clear();
-        self.ids.extend_from_slice(req.x);
-        if cfg {
-            let un = req
-                .uncond_x
-                .context("predict: cfg_scale > 0 but the request has no unconditional tokens")?;
-            ensure!(
-                un.len() == n,
-                "predict: `uncond_x` holds {} tokens, expected {n}",
-                un.len()
-            );
-            self.ids.extend_from_slice(un);
-        }
+        stage_tokens(&mut self.ids, "predict", req.x, req.uncond_x, cfg)?;
         let mask = match req.key_valid {
             Some(kv) => {
                 ensure!(
@@ -399,20 +369,10 @@ impl<B: Backend> crate::loglik::Scorer for ModelScorer<'_, B> {
         let cfg = req.cfg_scale > 0.0;
         let (nb, rr) = if cfg { (2 * b, 2 * r) } else { (b, r) };
         self.grow(nb * t, rr)?;
-        self.ids.clear();
-        self.ids.extend_from_slice(req.x);
+        stage_tokens(&mut self.ids, "score", req.x, req.uncond_x, cfg)?;
         self.rows.clear();
         self.rows.extend_from_slice(req.rows);
         if cfg {
-            let un = req
-                .uncond_x
-                .context("score: cfg_scale > 0 but the request has no unconditional tokens")?;
-            ensure!(
-                un.len() == n,
-                "score: `uncond_x` holds {} tokens, expected {n}",
-                un.len()
-            );
-            self.ids.extend_from_slice(un);
             self.rows.extend(req.rows.iter().map(|&rw| rw + n as u32));
         }
         self.targets.clear();
@@ -431,4 +391,49 @@ impl<B: Backend> crate::loglik::Scorer for ModelScorer<'_, B> {
         out.copy_from_slice(&lp);
         Ok(())
     }
+}
+
+/// The checks every prediction request starts with: one output per row, `b·t` tokens.
+fn check_request(
+    op: &str,
+    out: usize,
+    rows: usize,
+    x: usize,
+    (b, t): (usize, usize),
+) -> Result<()> {
+    ensure!(
+        out == rows,
+        "{op}: `out` holds {out} entries for {rows} rows"
+    );
+    ensure!(
+        x == b * t,
+        "{op}: `x` holds {x} tokens, expected b·t = {b}·{t}"
+    );
+    Ok(())
+}
+
+/// Stages a request's tokens `x` in `ids`, followed with CFG by its unconditional tokens
+/// (which must be there, as many as `x`); `op` names the caller in errors.
+fn stage_tokens(
+    ids: &mut Vec<u32>,
+    op: &str,
+    x: &[u32],
+    uncond_x: Option<&[u32]>,
+    cfg: bool,
+) -> Result<()> {
+    ids.clear();
+    ids.extend_from_slice(x);
+    if cfg {
+        let un = uncond_x.with_context(|| {
+            format!("{op}: cfg_scale > 0 but the request has no unconditional tokens")
+        })?;
+        ensure!(
+            un.len() == x.len(),
+            "{op}: `uncond_x` holds {} tokens, expected {}",
+            un.len(),
+            x.len()
+        );
+        ids.extend_from_slice(un);
+    }
+    Ok(())
 }

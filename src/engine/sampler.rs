@@ -495,15 +495,14 @@ pub fn generate(
         }
     }
 
-    let ids = (0..b)
-        .map(|r| x[r * t + lp..(r + 1) * t].to_vec())
-        .collect();
-    Ok(GenerateOutput {
-        ids,
+    Ok(GenerateOutput::from_canvas(
+        &x,
+        b,
+        t,
+        lp,
         nfe,
-        prompt_len_padded: lp,
         rows_predicted,
-    })
+    ))
 }
 
 /// Which KV cache Fast-dLLM decoding uses (reference §7.3, §7.4).
@@ -788,15 +787,36 @@ pub fn generate_fast(
         }
     }
 
-    let ids = (0..b)
-        .map(|r| x[r * t + lp..(r + 1) * t].to_vec())
-        .collect();
-    Ok(GenerateOutput {
-        ids,
+    Ok(GenerateOutput::from_canvas(
+        &x,
+        b,
+        t,
+        lp,
         nfe,
-        prompt_len_padded: lp,
         rows_predicted,
-    })
+    ))
+}
+
+impl GenerateOutput {
+    /// The output of a finished generation on the canvas `x` (`b` rows of `t` tokens, prompts
+    /// left-padded to `lp`): each row's generated tail.
+    fn from_canvas(
+        x: &[u32],
+        b: usize,
+        t: usize,
+        lp: usize,
+        nfe: usize,
+        rows_predicted: usize,
+    ) -> Self {
+        GenerateOutput {
+            ids: (0..b)
+                .map(|r| x[r * t + lp..(r + 1) * t].to_vec())
+                .collect(),
+            nfe,
+            prompt_len_padded: lp,
+            rows_predicted,
+        }
+    }
 }
 
 #[cfg(test)]

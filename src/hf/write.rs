@@ -122,36 +122,10 @@ pub fn write_hf_folder(
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_text_atomic(&dir.join("config.json"), &cfg.to_json())?;
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    if shards == 1 {
-        write_safetensors(&single, tensors)?;
-        if index.exists() {
-            std::fs::remove_file(&index)
-                .with_context(|| format!("cannot remove stale {}", index.display()))?;
-        }
-        return Ok(());
-    }
-    let mut weight_map = serde_json::Map::new();
-    let mut total = 0u64;
-    for k in 0..shards {
-        let part = &tensors[k * tensors.len() / shards..(k + 1) * tensors.len() / shards];
-        let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, shards);
-        total += write_safetensors(&dir.join(&file), part)?;
-        for (name, ..) in part {
-            weight_map.insert(name.clone(), Value::String(file.clone()));
-        }
-    }
-    let idx = serde_json::json!({
-        "metadata": {"total_size": total},
-        "weight_map": weight_map,
-    });
-    write_text_atomic(&index, &(serde_json::to_string_pretty(&idx)? + "\n"))?;
-    if single.exists() {
-        std::fs::remove_file(&single)
-            .with_context(|| format!("cannot remove stale {}", single.display()))?;
-    }
-    Ok(())
+    let parts: Vec<&[HostTensor]> = (0..shards)
+        .map(|k| &tensors[k * tensors.len() / shards..(k + 1) * tensors.len() / shards])
+        .collect();
+    write_weight_layout(dir, &parts, |t| &t.0, write_safetensors)
 }
 
 /// Append `values` encoded in `dtype` (little-endian, RNE rounding) to `out`.
@@ -240,24 +214,40 @@ pub fn write_weight_files(
             last.push((name.clone(), *src));
         }
     }
+    let parts: Vec<&[(String, &WeightSource)]> = shards.iter().map(Vec::as_slice).collect();
+    write_weight_layout(dir, &parts, |t| &t.0, write_safetensors_sources)
+}
+
+/// Writes the weight files of a folder: `model.safetensors` for one part, else
+/// `model-0000k-of-0000n.safetensors` per part plus `model.safetensors.index.json`
+/// (`metadata.total_size` and `weight_map`), each file through `write` (which returns its bytes);
+/// removes the stale file of the other layout.
+fn write_weight_layout<T>(
+    dir: &Path,
+    parts: &[&[T]],
+    name: impl Fn(&T) -> &String,
+    write: impl Fn(&Path, &[T]) -> Result<u64>,
+) -> Result<()> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
-    if shards.len() == 1 {
-        write_safetensors_sources(&single, &shards[0])?;
-        if index.exists() {
-            std::fs::remove_file(&index)
-                .with_context(|| format!("cannot remove stale {}", index.display()))?;
+    let remove_stale = |p: &Path| -> Result<()> {
+        if p.exists() {
+            std::fs::remove_file(p)
+                .with_context(|| format!("cannot remove stale {}", p.display()))?;
         }
-        return Ok(());
+        Ok(())
+    };
+    if let [one] = parts {
+        write(&single, one)?;
+        return remove_stale(&index);
     }
-    let n = shards.len();
     let mut weight_map = serde_json::Map::new();
     let mut total = 0u64;
-    for (k, part) in shards.iter().enumerate() {
-        let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, n);
-        total += write_safetensors_sources(&dir.join(&file), part)?;
-        for (name, _) in part {
-            weight_map.insert(name.clone(), Value::String(file.clone()));
+    for (k, part) in parts.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, parts.len());
+        total += write(&dir.join(&file), part)?;
+        for t in part.iter() {
+            weight_map.insert(name(t).clone(), Value::String(file.clone()));
         }
     }
     let idx = serde_json::json!({
@@ -265,9 +255,5 @@ pub fn write_weight_files(
         "weight_map": weight_map,
     });
     write_text_atomic(&index, &(serde_json::to_string_pretty(&idx)? + "\n"))?;
-    if single.exists() {
-        std::fs::remove_file(&single)
-            .with_context(|| format!("cannot remove stale {}", single.display()))?;
-    }
-    Ok(())
+    remove_stale(&single)
 }

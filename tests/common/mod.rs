@@ -2,6 +2,7 @@
 //! runs the CPU reference and the GPU in lockstep.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod cmp;
 
 use anyhow::Result;
@@ -11,10 +12,15 @@ use llada::backend::cuda::CudaBackend;
 use llada::backend::Backend;
 use llada::engine::model::Model;
 use llada::engine::predictor::ModelPredictor;
-use llada::engine::sampler::{PredictRequest, Predictor, SpanPredictor, SpanRequest};
+use llada::engine::rng;
+use llada::engine::sampler::{
+    GenerateParams, PredictRequest, Predictor, SpanPredictor, SpanRequest,
+};
 use llada::hf::checkpoint::WeightSource;
+use llada::hf::config::ModelConfig;
 use llada::hf::dtype::DType;
 use llada::hf::presets;
+use std::sync::Arc;
 
 /// The GPU, or `None` with a printed reason; `LLADA_REQUIRE_GPU=1` turns the skip into a panic.
 pub fn gpu() -> Option<CudaBackend> {
@@ -30,6 +36,82 @@ pub fn gpu() -> Option<CudaBackend> {
             None
         }
     }
+}
+
+/// The `tiny` preset with its random weights from `seed` (bf16) on `b`.
+pub fn tiny_model<B: Backend>(b: B, seed: u64) -> Model<B> {
+    let cfg = presets::preset_config("tiny").unwrap();
+    let ck = presets::preset_checkpoint("tiny", seed, DType::BF16).unwrap();
+    Model::load(b, cfg, |n| ck.get(n).cloned()).unwrap()
+}
+
+/// Logits of `rows` (flat indices into the `b × l` tokens `x`) from one uncached forward.
+pub fn forward_logits<B: Backend>(
+    m: &Model<B>,
+    x: &[u32],
+    (b, l): (usize, usize),
+    kv: Option<&[u8]>,
+    rows: &[u32],
+) -> Vec<f32> {
+    let mut ws = m.workspace(b * l, b * l).unwrap();
+    m.forward(&mut ws, x, b, l, kv, rows).unwrap();
+    m.logits(&ws, rows.len()).unwrap()
+}
+
+/// Greedy generation parameters for `cfg`'s model: its mask, EOS and pad ids, no EOT, bf16
+/// logits, its max_sequence_length; upstream defaults otherwise.
+pub fn gen_params(cfg: &ModelConfig, steps: usize, gen: usize, block: usize) -> GenerateParams {
+    GenerateParams {
+        steps,
+        gen_length: gen,
+        block_length: block,
+        mask_id: cfg.mask_token_id,
+        eos_id: cfg.eos_token_id,
+        pad_id: cfg.pad_token_id,
+        eot_id: None,
+        logits_dtype: DType::BF16,
+        max_sequence_length: Some(cfg.max_sequence_length),
+        ..GenerateParams::default()
+    }
+}
+
+/// Deterministic bf16-representable values uniform in [-scale, scale), distinct per `(salt,
+/// tag)`.
+pub fn rand_bf16(salt: u64, tag: u64, len: usize, scale: f32) -> Vec<f32> {
+    let key = rng::cell_key(salt, 7, tag, 0, 0);
+    (0..len)
+        .map(|i| {
+            let u = rng::uniform(rng::bits(key, i as u64)) as f32;
+            DType::BF16.round(scale * (2.0 * u - 1.0))
+        })
+        .collect()
+}
+
+/// A bf16 host weight.
+pub fn host_bf16(name: &str, shape: &[usize], data: Vec<f32>) -> WeightSource {
+    WeightSource::Host {
+        data: Arc::new(data),
+        dtype: DType::BF16,
+        shape: shape.to_vec(),
+        name: name.to_string(),
+    }
+}
+
+/// Free-running generations on two devices: a single near-tie flip changes everything after it
+/// in its block, but a systematic error would leave almost nothing in common, so at least half
+/// of the ids must agree.
+pub fn assert_mostly_same(what: &str, cpu: &[Vec<u32>], gpu: &[Vec<u32>]) {
+    let total: usize = cpu.iter().map(Vec::len).sum();
+    let same: usize = cpu
+        .iter()
+        .zip(gpu)
+        .map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x == y).count())
+        .sum();
+    eprintln!("{what}: free-running {same}/{total} ids agree\n cpu {cpu:?}\n gpu {gpu:?}");
+    assert!(
+        same * 2 >= total,
+        "{what}: only {same}/{total} ids agree free-running"
+    );
 }
 
 /// The `tiny` preset's shapes with random matrices of std 0.2 instead of 0.02: logits spread
@@ -192,24 +274,35 @@ impl<'a, G: Backend> Lockstep<'a, G> {
     }
 }
 
-impl<G: Backend> Predictor for Lockstep<'_, G> {
-    fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+impl<'a, G: Backend> Lockstep<'a, G> {
+    /// Runs one request on the GPU into the scratch, then on the CPU into `out`, and records.
+    fn both(
+        &mut self,
+        out: &mut [(u32, f32)],
+        gpu: impl FnOnce(&mut ModelPredictor<'a, G>, &mut [(u32, f32)]) -> Result<()>,
+        cpu: impl FnOnce(&mut ModelPredictor<'a, CpuBackend>, &mut [(u32, f32)]) -> Result<()>,
+    ) -> Result<()> {
         self.scratch.resize(out.len(), (0, 0.0));
         let mut s = std::mem::take(&mut self.scratch);
-        self.gpu.predict(req, &mut s)?;
+        gpu(&mut self.gpu, &mut s)?;
         self.scratch = s;
-        self.cpu.predict(req, out)?;
+        cpu(&mut self.cpu, out)?;
         self.record(out)
+    }
+}
+
+impl<G: Backend> Predictor for Lockstep<'_, G> {
+    fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+        self.both(out, |g, o| g.predict(req, o), |c, o| c.predict(req, o))
     }
 }
 
 impl<G: Backend> SpanPredictor for Lockstep<'_, G> {
     fn predict_span(&mut self, req: &SpanRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
-        self.scratch.resize(out.len(), (0, 0.0));
-        let mut s = std::mem::take(&mut self.scratch);
-        self.gpu.predict_span(req, &mut s)?;
-        self.scratch = s;
-        self.cpu.predict_span(req, out)?;
-        self.record(out)
+        self.both(
+            out,
+            |g, o| g.predict_span(req, o),
+            |c, o| c.predict_span(req, o),
+        )
     }
 }

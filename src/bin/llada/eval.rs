@@ -4,15 +4,14 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 
 use llada::engine;
 use llada::engine::device::DeviceChoice;
 use llada::eval::{self, EvalParams};
-use llada::loglik::LoglikParams;
 
-use super::ModelArgs;
+use super::{format_is_json, ModelArgs};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -29,15 +28,8 @@ pub struct EvalArgs {
     /// Between the context and each choice (lm-eval's target_delimiter).
     #[arg(long, default_value = " ")]
     target_delimiter: String,
-    #[arg(long, default_value_t = 128)]
-    mc_num: usize,
-    /// Samples per forward pass; must divide --mc-num [default: the largest divisor ≤ 16].
-    #[arg(long)]
-    batch_size: Option<usize>,
-    #[arg(long, default_value_t = 0.0)]
-    cfg_scale: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    mc: super::loglik::McArgs,
     /// Write one JSON line per item (log-likelihoods, predictions) to this file.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -58,24 +50,12 @@ fn num(x: f64) -> serde_json::Value {
 }
 
 pub fn cmd_eval(a: EvalArgs) -> Result<()> {
-    let json = match a.format.as_str() {
-        "json" => true,
-        "text" => false,
-        f => bail!("unknown --format {f:?}: expected text or json"),
-    };
+    let json = format_is_json(&a.format)?;
     let device: DeviceChoice = a.device.parse()?;
     let params = EvalParams {
-        loglik: LoglikParams {
-            mc_num: a.mc_num,
-            batch_size: a
-                .batch_size
-                .unwrap_or_else(|| LoglikParams::default_batch_size(a.mc_num)),
-            cfg_scale: a.cfg_scale,
-            seed: a.seed,
-        },
+        loglik: a.mc.params()?,
         target_delimiter: a.target_delimiter.clone(),
     };
-    params.loglik.validate()?;
     // A FIFO or device output is opened now, so a FIFO nobody reads fails before the work.
     let mut special_out = match &a.output {
         Some(p) if llada::hf::fsio::output_is_special(p) => {

@@ -10,7 +10,7 @@ use llada::engine::device::DeviceChoice;
 use llada::eval::encode_pair;
 use llada::loglik::{self, LoglikParams};
 
-use super::ModelArgs;
+use super::{format_is_json, ModelArgs};
 
 #[derive(Args)]
 pub struct LoglikArgs {
@@ -30,17 +30,8 @@ pub struct LoglikArgs {
     /// Answer token ids, comma separated.
     #[arg(long = "answer-ids")]
     answer_ids: Option<String>,
-    /// Monte-Carlo samples (upstream default 128; 1 is exact for a one-token answer).
-    #[arg(long, default_value_t = 128)]
-    mc_num: usize,
-    /// Samples per forward pass; must divide --mc-num [default: the largest divisor ≤ 16].
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Unsupervised classifier-free guidance scale (prompt masked in the unconditional pass).
-    #[arg(long, default_value_t = 0.0)]
-    cfg_scale: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    mc: McArgs,
     /// Also compute the exact ELBO by enumerating every mask set (answers ≤ 12 tokens).
     #[arg(long)]
     exact: bool,
@@ -53,21 +44,9 @@ pub struct LoglikArgs {
 }
 
 pub fn cmd_loglik(a: LoglikArgs) -> Result<()> {
-    let json = match a.format.as_str() {
-        "json" => true,
-        "text" => false,
-        f => bail!("unknown --format {f:?}: expected text or json"),
-    };
+    let json = format_is_json(&a.format)?;
     let device: DeviceChoice = a.device.parse()?;
-    let params = LoglikParams {
-        mc_num: a.mc_num,
-        batch_size: a
-            .batch_size
-            .unwrap_or_else(|| LoglikParams::default_batch_size(a.mc_num)),
-        cfg_scale: a.cfg_scale,
-        seed: a.seed,
-    };
-    params.validate()?;
+    let params = a.mc.params()?;
     let mut opened = a.model.open()?;
     a.lora.apply(&mut opened)?;
     let (prompt, answer) = match (&a.prompt, &a.answer, &a.prompt_ids, &a.answer_ids) {
@@ -136,4 +115,36 @@ pub fn cmd_loglik(a: LoglikArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The estimator's flags, shared by `llada loglik` and `llada eval`.
+#[derive(Args)]
+pub struct McArgs {
+    /// Monte-Carlo samples (upstream default 128; 1 is exact for a one-token answer).
+    #[arg(long, default_value_t = 128)]
+    mc_num: usize,
+    /// Samples per forward pass; must divide --mc-num [default: the largest divisor ≤ 16].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Unsupervised classifier-free guidance scale (prompt masked in the unconditional pass).
+    #[arg(long, default_value_t = 0.0)]
+    cfg_scale: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl McArgs {
+    /// The estimator's parameters, checked.
+    pub fn params(&self) -> Result<LoglikParams> {
+        let p = LoglikParams {
+            mc_num: self.mc_num,
+            batch_size: self
+                .batch_size
+                .unwrap_or_else(|| LoglikParams::default_batch_size(self.mc_num)),
+            cfg_scale: self.cfg_scale,
+            seed: self.seed,
+        };
+        p.validate()?;
+        Ok(p)
+    }
 }

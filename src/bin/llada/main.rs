@@ -322,11 +322,7 @@ fn cmd_forward(a: ForwardArgs) -> Result<()> {
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let remasking: Remasking = a.gen.remasking.parse()?;
     let device: DeviceChoice = a.device.parse()?;
-    let json = match a.format.as_str() {
-        "json" => true,
-        "text" => false,
-        f => bail!("unknown --format {f:?}: expected text or json"),
-    };
+    let json = format_is_json(&a.format)?;
     let mut opened = a.model.open()?;
     a.lora.apply(&mut opened)?;
     let prompts: Vec<Vec<u32>> = if let Some(text) = &a.prompt {
@@ -361,13 +357,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         seed: a.gen.seed,
         logits_eos_inf: a.gen.logits_eos_inf,
         confidence_eos_eot_inf: a.gen.confidence_eos_eot_inf,
-        mask_id: 0,
-        eos_id: 0,
-        eot_id: None,
-        pad_id: 0,
-        logits_dtype: DType::F32,
-        max_sequence_length: None,
-        row_keys: None,
+        // The ids and max_sequence_length come from `apply_ids`.
+        ..GenerateParams::default()
     };
     opened.apply_ids(&mut params);
     params.block_plan()?;
@@ -444,4 +435,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--format text|json`: whether the output is JSON.
+fn format_is_json(format: &str) -> Result<bool> {
+    match format {
+        "json" => Ok(true),
+        "text" => Ok(false),
+        f => bail!("unknown --format {f:?}: expected text or json"),
+    }
 }
