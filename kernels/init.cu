@@ -2,7 +2,7 @@
 //
 // fill_random_bf16(out, n, key, a):
 //   out[i] = bf16( a · (2u − 1) ),  u = (f32) llada_uniform(llada_bits(key, i))   for i < n
-// exactly `WeightSource::Random` (src/checkpoint.rs) with key = rng::cell_key(seed,
+// exactly `WeightSource::Random` (src/hf/checkpoint.rs) with key = rng::cell_key(seed,
 // STREAM_WEIGHTS, 0, 0, 0) and a = std·√3 computed on the host in f32. The f32 ops are written
 // with __fmul_rn/__fsub_rn (no contraction), so the result is bit-exact against the CPU.
 // fill_const_bf16(out, n, value): out[i] = bf16(value) (RNE).

@@ -1,5 +1,5 @@
 // log_prob_bf16: log-probability of a target token under the softmax of each logits row
-// (twin of src/loglik.rs `log_prob_one` with dtype = bf16; upstream get_log_likelihood's
+// (twin of src/backend/cpu/log_prob.rs `log_prob_one` with dtype = bf16; upstream get_log_likelihood's
 // F.cross_entropy, negated).
 //
 // Math, per row i < r, with l = the row's logits (CFG-mixed when cfg_scale > 0):
