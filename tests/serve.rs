@@ -1,6 +1,6 @@
 //! `llada serve` end to end: the binary is started on port 0 and driven over loopback by a
-//! small std-only HTTP/1.1 client (and, when the `openai` Python package is importable, by the
-//! unmodified OpenAI client in `tests/serve_openai.py`).
+//! small std-only HTTP/1.1 client, by `curl` (when installed), and, when the `openai` Python
+//! package is importable, by the unmodified OpenAI client in `tests/serve_openai.py`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -772,4 +772,83 @@ fn openai_python_client() {
             .arg(chat["text"][0].as_str().unwrap()),
         "openai client: ok",
     );
+}
+
+/// `curl` as a user types it: POST a JSON body, read the answer (or the SSE stream) from stdout.
+fn curl(addr: &str, path: &str, body: &Value) -> String {
+    ok(&run(Command::new("curl").args([
+        "-sS",
+        "--fail-with-body",
+        "--max-time",
+        "120",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &body.to_string(),
+        &format!("http://{addr}{path}"),
+    ])))
+}
+
+/// `curl` completes, chats and streams against `llada serve --model DIR` and `--preset tiny`,
+/// with greedy results equal to `llada generate` (skipped, with a reason, where `curl` is absent).
+#[test]
+fn curl_completes_chats_and_streams() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("SKIP: curl is not installed");
+        return;
+    }
+    let srv = Server::folder(&[]);
+    let cli = generate_cli(&["--prompt", "Hello world"]);
+    let v: Value = serde_json::from_str(&curl(
+        &srv.addr,
+        "/v1/completions",
+        &json!({"prompt": "Hello world"}),
+    ))
+    .unwrap();
+    assert_eq!(ids(&v["choices"][0]["token_ids"]), ids(&cli["ids"][0]));
+    assert_eq!(v["choices"][0]["text"], cli["text"][0]);
+
+    let chat = generate_cli(&["--prompt", "Hi there", "--chat"]);
+    let body = json!({"messages": [{"role": "user", "content": "Hi there"}]});
+    let v: Value = serde_json::from_str(&curl(&srv.addr, "/v1/chat/completions", &body)).unwrap();
+    assert_eq!(ids(&v["choices"][0]["token_ids"]), ids(&chat["ids"][0]));
+    assert_eq!(v["choices"][0]["message"]["content"], chat["text"][0]);
+
+    // The stream's deltas add up to the same chat answer, and it ends with [DONE].
+    let mut body = body;
+    body["stream"] = json!(true);
+    let sse = curl(&srv.addr, "/v1/chat/completions", &body);
+    let events: Vec<&str> = sse
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last().copied(), Some("[DONE]"), "{sse}");
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(text, chat["text"][0].as_str().unwrap());
+
+    // The preset serves token ids the same way `llada generate --preset tiny` does.
+    let srv = Server::start(&["--preset", "tiny"], &[]);
+    let cli = cli_json(
+        &[
+            vec!["generate", "--preset", "tiny", "--format", "json"],
+            gen_flags(),
+            vec!["--prompt-ids", "5,6,7"],
+        ]
+        .concat(),
+    );
+    let v: Value = serde_json::from_str(&curl(
+        &srv.addr,
+        "/v1/completions",
+        &json!({"prompt": [5, 6, 7]}),
+    ))
+    .unwrap();
+    assert_eq!(ids(&v["choices"][0]["token_ids"]), ids(&cli["ids"][0]));
 }
