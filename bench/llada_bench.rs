@@ -265,8 +265,7 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
             .map(|r| {
                 (0..a.prompt_len)
                     .map(|i| {
-                        (llada::engine::rng::mix64((r * 1_000_003 + i) as u64) % vocab_hi as u64)
-                            as u32
+                        (llada::rng::mix64((r * 1_000_003 + i) as u64) % vocab_hi as u64) as u32
                     })
                     .collect()
             })

@@ -1,4 +1,4 @@
-// head_select_bf16: the sampler's per-position head, fused (twin of src/engine/head.rs: cfg_mix +
+// head_select_bf16: the sampler's per-position head, fused (twin of src/backend/head.rs: cfg_mix +
 // select_one with dtype = bf16).
 //
 // Inputs: logits [R', V] bf16 where R' = 2R when cfg_scale > 0 (rows R..2R are the unconditional

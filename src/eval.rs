@@ -19,7 +19,8 @@
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use crate::loglik::{self, LoglikParams, Scorer};
+use crate::engine::predictor::Scorer;
+use crate::loglik::{self, LoglikParams};
 
 /// One multiple-choice item.
 #[derive(Clone, Debug, PartialEq)]

@@ -13,7 +13,7 @@
 //! positions masked per row (a uniform random subset), each masked log-probability weighted by
 //! `T / l_r`, summed per row, averaged over the `mc_num` samples. With CFG (`cfg_scale > 0`) the
 //! unconditional batch is the same noisy batch with every prompt token masked, mixed as
-//! `un + (cfg+1)(cond − un)` (each op rounded to the logits dtype, like [`crate::engine::head::cfg_mix`]).
+//! `un + (cfg+1)(cond − un)` (each op rounded to the logits dtype, like [`crate::backend::head::cfg_mix`]).
 //! With a one-token answer every sample masks that token with weight 1, so the estimate is the
 //! exact log-probability of the token, whatever `mc_num`.
 //!
@@ -38,41 +38,8 @@
 
 use anyhow::{bail, ensure, Result};
 
-use crate::engine::rng;
-
-/// One batch of noisy sequences whose masked positions are to be scored.
-pub struct ScoreRequest<'a> {
-    /// Batch rows.
-    pub b: usize,
-    /// Tokens per row.
-    pub t: usize,
-    /// Noisy tokens `[b, t]`.
-    pub x: &'a [u32],
-    /// With `cfg_scale > 0`: the unconditional tokens `[b, t]` (prompt masked too).
-    pub uncond_x: Option<&'a [u32]>,
-    pub cfg_scale: f64,
-    /// Flat token indices `b_i·t + pos` to score `[R]`.
-    pub rows: &'a [u32],
-    /// The token whose log-probability is wanted at each row `[R]`.
-    pub targets: &'a [u32],
-}
-
-/// Scores masked positions: the model ([`crate::engine::predictor::ModelScorer`]) or a fake in tests.
-pub trait Scorer {
-    /// `out[i] = log p(targets[i] | x)` at `rows[i]` (CFG-mixed when `cfg_scale > 0`).
-    fn score(&mut self, req: &ScoreRequest<'_>, out: &mut [f32]) -> Result<()>;
-    /// Size buffers for at most `max_tokens` (= b·t, CFG doubling not included) tokens and
-    /// `max_rows` scored rows, so the Monte-Carlo loop allocates nothing.
-    fn reserve(&mut self, _max_tokens: usize, _max_rows: usize, _cfg: bool) -> Result<()> {
-        Ok(())
-    }
-    /// The mask token id of the model.
-    fn mask_id(&self) -> u32;
-    /// Longest sequence the model accepts.
-    fn max_len(&self) -> usize {
-        usize::MAX
-    }
-}
+use crate::engine::predictor::{ScoreRequest, Scorer};
+use crate::rng;
 
 /// Stratified mask counts of one mini-batch (upstream `forward_process`): for `k` in 1..=T,
 /// `x = round(linspace(k, k + (b−1)·T/b, b))` computed as `torch.linspace` does in f32 (first

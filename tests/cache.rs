@@ -235,7 +235,7 @@ fn check_spans_reproduce_full<B: Backend>(m: &Model<B>, exact: bool) -> f32 {
     let (b, l) = (2usize, 19usize);
     let v = m.cfg.vocab_size as u64;
     let x: Vec<u32> = (0..b * l)
-        .map(|i| (llada::engine::rng::mix64(i as u64 + 77) % v) as u32)
+        .map(|i| (llada::rng::mix64(i as u64 + 77) % v) as u32)
         .collect();
     let kv: Vec<u8> = (0..b * l).map(|i| u8::from(i >= 3)).collect();
     let mut worst = 0f32;
@@ -340,7 +340,7 @@ fn gpu_fast_dllm_generation_agrees_with_cpu() {
     let cfg = cm.cfg.clone();
     let ids = |n: usize, salt: u64| -> Vec<u32> {
         (0..n)
-            .map(|i| (llada::engine::rng::mix64(i as u64 ^ (salt << 32)) % 400) as u32)
+            .map(|i| (llada::rng::mix64(i as u64 ^ (salt << 32)) % 400) as u32)
             .collect()
     };
     let prompts = vec![ids(20, 1), ids(13, 2)];

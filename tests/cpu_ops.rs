@@ -10,8 +10,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 use llada::backend::cpu::{CpuBackend, CpuWeight};
+use llada::backend::head::{Remasking, SelectParams};
 use llada::backend::{rope_tables, AttnShape, Backend};
-use llada::engine::head::{Remasking, SelectParams};
 use llada::engine::model::Model;
 use llada::hf::checkpoint::WeightSource;
 use llada::hf::config::ModelConfig;

@@ -64,9 +64,9 @@ fn tiny() -> ModelConfig {
 fn tiny_params(cfg: &ModelConfig) -> Params<f32> {
     let mut p = Params::<f32>::zeros(cfg);
     for (i, d) in p.data.iter_mut().enumerate() {
-        let key = llada::engine::rng::cell_key(0xD15, 1, i as u64, 0, 0);
+        let key = llada::rng::cell_key(0xD15, 1, i as u64, 0, 0);
         for (j, x) in d.iter_mut().enumerate() {
-            let u = llada::engine::rng::uniform(llada::engine::rng::bits(key, j as u64)) as f32;
+            let u = llada::rng::uniform(llada::rng::bits(key, j as u64)) as f32;
             *x = 0.2 * u - 0.1;
         }
         if p.shapes[i].len() == 1 {

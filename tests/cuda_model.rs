@@ -9,8 +9,8 @@
 //! (16·2⁻⁸ of the logit scale) and require the argmax to agree on all but near-tie rows.
 
 use llada::backend::cpu::CpuBackend;
+use llada::backend::head::Remasking;
 use llada::backend::Backend;
-use llada::engine::head::Remasking;
 use llada::engine::model::Model;
 use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{generate, GenerateParams};
@@ -36,7 +36,7 @@ fn logits<B: Backend>(
 
 fn ids(n: usize, salt: u64, vocab: u32) -> Vec<u32> {
     (0..n)
-        .map(|i| (llada::engine::rng::mix64(i as u64 ^ (salt << 32)) % vocab as u64) as u32)
+        .map(|i| (llada::rng::mix64(i as u64 ^ (salt << 32)) % vocab as u64) as u32)
         .collect()
 }
 

@@ -35,11 +35,11 @@ mod common;
 use std::sync::Arc;
 
 use llada::backend::cpu::CpuBackend;
+use llada::backend::head::{self, Remasking, SelectParams};
 use llada::backend::{rope_tables, AttnShape, Backend, CachedAttnShape};
-use llada::engine::head::{self, Remasking, SelectParams};
-use llada::engine::rng;
 use llada::hf::checkpoint::WeightSource;
 use llada::hf::dtype::DType;
+use llada::rng;
 
 use common::{gpu, host_bf16 as host};
 

@@ -26,8 +26,8 @@
 //! Without a usable GPU every test prints `SKIP: <why>` and passes, unless
 //! `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
 
-use llada::engine::rng;
 use llada::hf::config::ModelConfig;
+use llada::rng;
 use llada::train::backend::{HostOps, TrainOps};
 use llada::train::cuda::{
     self, AdamWScalars, CudaOps, CudaTrainState, DeviceParams, TrainPrecision,

@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
+use llada::engine::predictor::{ScoreRequest, Scorer};
 use llada::eval::{self, EvalParams, McItem};
-use llada::loglik::{LoglikParams, ScoreRequest, Scorer};
+use llada::loglik::LoglikParams;
 mod common;
 
 use common::cli::{err_of, llada, ok, ok_json, run, tmpdir};

@@ -13,8 +13,9 @@ mod common;
 use anyhow::Result;
 use common::cli::{err_of, fixture, llada, ok_json, read_json, u32s as ids};
 use llada::engine::device::DeviceChoice;
+use llada::engine::predictor::{ScoreRequest, Scorer};
 use llada::engine::{self, Engine, ModelSpec, Opened};
-use llada::loglik::{self, LoglikParams, ScoreRequest, Scorer};
+use llada::loglik::{self, LoglikParams};
 use serde_json::Value;
 
 fn expected() -> Value {

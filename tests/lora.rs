@@ -7,7 +7,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use llada::engine::device::DeviceChoice;
-use llada::engine::rng::{bits, cell_key, uniform};
 use llada::engine::{self, ModelSpec, Opened};
 use llada::hf::checkpoint::{Checkpoint, WeightSource};
 use llada::hf::config::ModelConfig;
@@ -18,6 +17,7 @@ use llada::lora::train::{
     LoraGrads,
 };
 use llada::lora::{Adapter, LoraConfig, ModuleKind, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX};
+use llada::rng::{bits, cell_key, uniform};
 use llada::train::optim::AdamWConfig;
 mod common;
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use llada::backend::cpu::CpuBackend;
-use llada::engine::head::{conf_order, Remasking, SelectParams};
+use llada::backend::head::{conf_order, Remasking, SelectParams};
 use llada::engine::model::Model;
 use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{PredictRequest, Predictor};

@@ -10,13 +10,13 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use anyhow::{bail, Result};
-use llada::engine::head::{self, Remasking, SelectParams};
-use llada::engine::rng;
+use llada::backend::head::{self, Remasking, SelectParams};
 use llada::engine::sampler::{
     generate, num_transfer_tokens, GenerateOutput, GenerateParams, PredictRequest, Predictor,
     Progress,
 };
 use llada::hf::dtype::DType;
+use llada::rng;
 
 // ---------------------------------------------------------------------------------------------
 // Allocation counting (per thread, so parallel tests do not disturb each other).

@@ -5,8 +5,8 @@
 #[path = "common/cmp.rs"]
 mod cmp;
 
-use llada::engine::rng::{bits, cell_key, uniform};
 use llada::hf::config::ModelConfig;
+use llada::rng::{bits, cell_key, uniform};
 use llada::train::loss;
 use llada::train::model::{forward_backward, Batch, Params};
 use llada::train::ops::{self, AttnShape};

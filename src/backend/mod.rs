@@ -17,13 +17,14 @@
 
 use anyhow::Result;
 
-use crate::engine::head::SelectParams;
+use crate::backend::head::SelectParams;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+pub mod head;
 
 pub use error::DeviceError;
 
@@ -282,7 +283,7 @@ pub trait Backend {
         c: usize,
     ) -> Result<()>;
 
-    /// The sampler's per-position head (see [`crate::engine::head::select_one`]) on logits `[R', V]`:
+    /// The sampler's per-position head (see [`crate::backend::head::select_one`]) on logits `[R', V]`:
     /// with `p.cfg_scale > 0`, `R' = 2R` and rows `R..2R` are the unconditional logits of rows
     /// `0..R`. `keys` holds `2R` ints: (batch row, absolute position) per row for the RNG.
     /// Writes `tok[R]` and `conf[R]`. May overwrite `logits`.
@@ -304,7 +305,7 @@ pub trait Backend {
     /// computed in f32 from the stored values and rounded once to the compute dtype (PyTorch's
     /// `log_softmax` on a bf16 tensor also computes in f32 and returns bf16). With
     /// `cfg_scale > 0`, `logits` holds `2R` rows, rows `R..2R` being the unconditional logits of
-    /// rows `0..R`, and `l` is first mixed exactly as [`crate::engine::head::cfg_mix`] (each op rounded).
+    /// rows `0..R`, and `l` is first mixed exactly as [`crate::backend::head::cfg_mix`] (each op rounded).
     /// CPU reference: [`crate::backend::cpu::log_prob_one`]. NaN logits give NaN; a row whose logits
     /// are all −∞ gives −∞. Targets must lie in `[0, V)`.
     #[allow(clippy::too_many_arguments)]

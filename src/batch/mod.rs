@@ -52,8 +52,8 @@ pub use shard::*;
 mod tests {
     use super::request::{fnv1a64, GenOptions};
     use super::*;
-    use crate::engine::rng::mix64;
     use crate::engine::sampler::CacheMode;
+    use crate::rng::mix64;
     use serde_json::{json, Value};
     use std::collections::HashSet;
     use std::path::Path;

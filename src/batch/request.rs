@@ -1,11 +1,11 @@
 //! See [`super`]: the `request` part of offline batch generation.
 
 use super::shard::*;
-use crate::engine::head::Remasking;
-use crate::engine::rng::mix64;
+use crate::backend::head::Remasking;
 use crate::engine::sampler::{CacheMode, Decode, GenerateParams};
 use crate::hf::config::ModelConfig;
 use crate::hf::tokenizer::Tokenizer;
+use crate::rng::mix64;
 use anyhow::Result;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;

@@ -5,10 +5,8 @@
 
 pub mod device;
 pub mod graphs;
-pub mod head;
 pub mod model;
 pub mod predictor;
-pub mod rng;
 pub mod sampler;
 
 use std::path::{Path, PathBuf};
@@ -165,7 +163,7 @@ pub trait Engine {
     /// the ceiling the benchmark compares against. `None` on the CPU reference.
     fn gemm_ceiling_tflops(&mut self) -> Result<Option<f64>>;
     /// A log-likelihood scorer over this model (see [`crate::loglik`]).
-    fn scorer(&self) -> Box<dyn crate::loglik::Scorer + '_>;
+    fn scorer(&self) -> Box<dyn crate::engine::predictor::Scorer + '_>;
     /// Turn per-op-class timing on or off ([`Backend::prof_enable`]; graphs are off meanwhile).
     fn set_profiling(&mut self, on: bool) {
         let _ = on;
@@ -257,7 +255,7 @@ impl<B: Backend> Engine for EngineImpl<B> {
     fn driver(&self) -> String {
         self.model.backend.driver()
     }
-    fn scorer(&self) -> Box<dyn crate::loglik::Scorer + '_> {
+    fn scorer(&self) -> Box<dyn crate::engine::predictor::Scorer + '_> {
         Box::new(crate::engine::predictor::ModelScorer::new(&self.model))
     }
     fn set_profiling(&mut self, on: bool) {

@@ -2,8 +2,8 @@
 //! fused head, one call per denoising step) and [`ModelScorer`] (masked-token log-probabilities).
 
 use super::model::*;
+use crate::backend::head::SelectParams;
 use crate::backend::{Backend, OpClass};
-use crate::engine::head::SelectParams;
 use crate::engine::sampler::{PredictRequest, Predictor, SpanPredictor, SpanRequest};
 use crate::nvtx;
 use anyhow::{bail, ensure, Context, Result};
@@ -280,7 +280,7 @@ impl<B: Backend> Predictor for ModelPredictor<'_, B> {
     }
 }
 
-/// A [`crate::loglik::Scorer`] running a [`Model`]: one forward pass per call over the noisy
+/// A [`crate::engine::predictor::Scorer`] running a [`Model`]: one forward pass per call over the noisy
 /// batch (and, with CFG, the unconditional batch as rows `b..2b`), the LM head on the scored
 /// rows only, then the backend's `log_prob` at the targets.
 pub struct ModelScorer<'m, B: Backend> {
@@ -316,7 +316,7 @@ impl<'m, B: Backend> ModelScorer<'m, B> {
     }
 }
 
-impl<B: Backend> crate::loglik::Scorer for ModelScorer<'_, B> {
+impl<B: Backend> crate::engine::predictor::Scorer for ModelScorer<'_, B> {
     fn reserve(&mut self, max_tokens: usize, max_rows: usize, cfg: bool) -> Result<()> {
         let k = if cfg { 2 } else { 1 };
         self.grow(k * max_tokens, k * max_rows)
@@ -330,7 +330,11 @@ impl<B: Backend> crate::loglik::Scorer for ModelScorer<'_, B> {
         self.model.cfg.max_sequence_length
     }
 
-    fn score(&mut self, req: &crate::loglik::ScoreRequest<'_>, out: &mut [f32]) -> Result<()> {
+    fn score(
+        &mut self,
+        req: &crate::engine::predictor::ScoreRequest<'_>,
+        out: &mut [f32],
+    ) -> Result<()> {
         let (b, t) = (req.b, req.t);
         let n = b * t;
         let r = req.rows.len();
@@ -436,4 +440,38 @@ fn stage_tokens(
         ids.extend_from_slice(un);
     }
     Ok(())
+}
+
+/// One batch of noisy sequences whose masked positions are to be scored.
+pub struct ScoreRequest<'a> {
+    /// Batch rows.
+    pub b: usize,
+    /// Tokens per row.
+    pub t: usize,
+    /// Noisy tokens `[b, t]`.
+    pub x: &'a [u32],
+    /// With `cfg_scale > 0`: the unconditional tokens `[b, t]` (prompt masked too).
+    pub uncond_x: Option<&'a [u32]>,
+    pub cfg_scale: f64,
+    /// Flat token indices `b_i·t + pos` to score `[R]`.
+    pub rows: &'a [u32],
+    /// The token whose log-probability is wanted at each row `[R]`.
+    pub targets: &'a [u32],
+}
+
+/// Scores masked positions: the model ([`crate::engine::predictor::ModelScorer`]) or a fake in tests.
+pub trait Scorer {
+    /// `out[i] = log p(targets[i] | x)` at `rows[i]` (CFG-mixed when `cfg_scale > 0`).
+    fn score(&mut self, req: &ScoreRequest<'_>, out: &mut [f32]) -> Result<()>;
+    /// Size buffers for at most `max_tokens` (= b·t, CFG doubling not included) tokens and
+    /// `max_rows` scored rows, so the Monte-Carlo loop allocates nothing.
+    fn reserve(&mut self, _max_tokens: usize, _max_rows: usize, _cfg: bool) -> Result<()> {
+        Ok(())
+    }
+    /// The mask token id of the model.
+    fn mask_id(&self) -> u32;
+    /// Longest sequence the model accepts.
+    fn max_len(&self) -> usize {
+        usize::MAX
+    }
 }

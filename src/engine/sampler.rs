@@ -4,7 +4,7 @@
 //! ([`num_transfer_tokens`]), classifier-free guidance inputs, the EOS rules and the per-row
 //! top-k commit. It knows nothing of weights or devices: a [`Predictor`] turns the current tokens
 //! into one `(token, confidence)` pair per requested position (the model runs the LM head and
-//! [`crate::engine::head::select_one`] semantics on its side).
+//! [`crate::backend::head::select_one`] semantics on its side).
 //!
 //! Algorithm, as upstream (`generate.py`, reference §4.3):
 //!
@@ -37,7 +37,7 @@
 
 use anyhow::{bail, Context, Result};
 
-use crate::engine::head::{conf_order, Remasking, SelectParams};
+use crate::backend::head::{conf_order, Remasking, SelectParams};
 use crate::hf::dtype::DType;
 
 /// One call to the model: predict (token, confidence) at `rows`.

@@ -118,17 +118,10 @@ impl WeightSource {
             WeightSource::Random {
                 seed, std, dtype, ..
             } => {
-                let key = crate::engine::rng::cell_key(
-                    *seed,
-                    crate::engine::rng::STREAM_WEIGHTS,
-                    0,
-                    0,
-                    0,
-                );
+                let key = crate::rng::cell_key(*seed, crate::rng::STREAM_WEIGHTS, 0, 0, 0);
                 let a = std * 3f32.sqrt();
                 for (o, i) in out.iter_mut().zip(from..to) {
-                    let u =
-                        crate::engine::rng::uniform(crate::engine::rng::bits(key, i as u64)) as f32;
+                    let u = crate::rng::uniform(crate::rng::bits(key, i as u64)) as f32;
                     *o = dtype.round(a * (2.0 * u - 1.0));
                 }
             }

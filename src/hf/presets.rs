@@ -97,7 +97,7 @@ fn fnv1a64(s: &str) -> u64 {
 
 /// Seed of tensor `name` in a preset with seed `seed`.
 pub fn tensor_seed(seed: u64, name: &str) -> u64 {
-    crate::engine::rng::mix64(seed ^ fnv1a64(name))
+    crate::rng::mix64(seed ^ fnv1a64(name))
 }
 
 /// The random weights of a preset, stored as `dtype`; nothing is materialised.

@@ -244,12 +244,10 @@ pub fn init_adapter(
     for (mi, name) in modules.iter().enumerate() {
         let [rows, cols] = shapes[name].1;
         let bound = 1.0 / (cols as f64).sqrt();
-        let key = crate::engine::rng::cell_key(seed, STREAM_LORA_INIT, mi as u64, 0, 0);
+        let key = crate::rng::cell_key(seed, STREAM_LORA_INIT, mi as u64, 0, 0);
         let a = (0..r * cols)
             .map(|i| {
-                (bound
-                    * (2.0 * crate::engine::rng::uniform(crate::engine::rng::bits(key, i as u64))
-                        - 1.0)) as f32
+                (bound * (2.0 * crate::rng::uniform(crate::rng::bits(key, i as u64)) - 1.0)) as f32
             })
             .collect();
         out.insert(

@@ -8,8 +8,8 @@ use anyhow::{ensure, Result};
 use serde::Serialize;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::head::Remasking;
 use crate::backend::Backend;
-use crate::engine::head::Remasking;
 use crate::engine::model::Model;
 use crate::engine::predictor::{ModelPredictor, ModelScorer};
 use crate::engine::sampler::{self, GenerateParams};
@@ -68,9 +68,7 @@ impl QualityInputs {
         let windows: Vec<Vec<u32>> = (0..n.max(1))
             .map(|r| {
                 (0..len)
-                    .map(|i| {
-                        (crate::engine::rng::mix64(seed ^ ((r * 1_000_003 + i) as u64)) % hi) as u32
-                    })
+                    .map(|i| (crate::rng::mix64(seed ^ ((r * 1_000_003 + i) as u64)) % hi) as u32)
                     .collect()
             })
             .collect();

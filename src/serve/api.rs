@@ -10,7 +10,7 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::engine::head::Remasking;
+use crate::backend::head::Remasking;
 use crate::engine::sampler::{CacheMode, Decode, GenerateParams};
 
 /// An error answered to the client: HTTP status plus OpenAI's `{"error": {...}}` body.

@@ -24,8 +24,8 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 use super::loss::STREAM_TRAIN_DATA;
-use crate::engine::rng::{bits, cell_key};
 use crate::hf::tokenizer::Tokenizer;
+use crate::rng::{bits, cell_key};
 
 /// One training sequence: `seq_len` clean ids and the prompt length (0 for pretraining).
 #[derive(Clone, Debug, PartialEq)]

@@ -1052,9 +1052,7 @@ pub fn checksum_f32(tensors: &[Vec<f32>]) -> u64 {
     for t in tensors {
         let mut acc = 0u64;
         for (i, v) in t.iter().enumerate() {
-            acc = acc.wrapping_add(crate::engine::rng::mix64(
-                ((i as u64) << 32) ^ v.to_bits() as u64,
-            ));
+            acc = acc.wrapping_add(crate::rng::mix64(((i as u64) << 32) ^ v.to_bits() as u64));
         }
         h = fnv1a(h, &acc.to_le_bytes());
         h = fnv1a(h, &(t.len() as u64).to_le_bytes());

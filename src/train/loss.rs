@@ -2,7 +2,7 @@
 //! weight of each masked row. The model then computes `Σ_r weight[r]·CE_r`
 //! ([`super::model::forward_backward`]).
 //!
-//! Randomness is counter-based ([`crate::engine::rng`]), so a batch is a pure function of
+//! Randomness is counter-based ([`crate::rng`]), so a batch is a pure function of
 //! `(seed, micro-step, batch row, position)` and a resumed run masks exactly as an
 //! uninterrupted one. Streams (distinct from the sampler's 1–3):
 //! - [`STREAM_TRAIN_T`]: `t ~ U(0,1)` of batch row `row` at micro-step `s`:
@@ -20,7 +20,7 @@
 use anyhow::{ensure, Result};
 
 use super::model::Batch;
-use crate::engine::rng::{bits, cell_key, uniform};
+use crate::rng::{bits, cell_key, uniform};
 
 pub const STREAM_TRAIN_T: u64 = 16;
 pub const STREAM_TRAIN_MASK: u64 = 17;

@@ -12,7 +12,6 @@ use llada::backend::cuda::CudaBackend;
 use llada::backend::Backend;
 use llada::engine::model::Model;
 use llada::engine::predictor::ModelPredictor;
-use llada::engine::rng;
 use llada::engine::sampler::{
     GenerateParams, PredictRequest, Predictor, SpanPredictor, SpanRequest,
 };
@@ -20,6 +19,7 @@ use llada::hf::checkpoint::WeightSource;
 use llada::hf::config::ModelConfig;
 use llada::hf::dtype::DType;
 use llada::hf::presets;
+use llada::rng;
 use std::sync::Arc;
 
 /// The GPU, or `None` with a printed reason; `LLADA_REQUIRE_GPU=1` turns the skip into a panic.

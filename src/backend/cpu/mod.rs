@@ -23,7 +23,7 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use super::{AttnShape, Backend, CachedAttnShape, OpClass};
-use crate::engine::head::{cfg_mix, select_one, SelectParams};
+use crate::backend::head::{cfg_mix, select_one, SelectParams};
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 

@@ -34,7 +34,7 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::{AttnShape, Backend, CachedAttnShape, DeviceError, GraphExec, OpClass};
-use crate::engine::head::{Remasking, SelectParams};
+use crate::backend::head::{Remasking, SelectParams};
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 

@@ -84,13 +84,7 @@ impl CudaBackend {
             } if *dtype != DType::F16 => {
                 // bf16(a·(2u−1)) computed in f32: one rounding, as read_range (f32 or bf16 source)
                 // followed by the bf16 rounding of the CPU reference.
-                let key = crate::engine::rng::cell_key(
-                    *seed,
-                    crate::engine::rng::STREAM_WEIGHTS,
-                    0,
-                    0,
-                    0,
-                );
+                let key = crate::rng::cell_key(*seed, crate::rng::STREAM_WEIGHTS, 0, 0, 0);
                 let a = std * 3f32.sqrt();
                 let out = dst;
                 let cnt = n as i64;

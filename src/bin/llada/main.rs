@@ -10,8 +10,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use llada::backend::head::Remasking;
 use llada::engine::device::DeviceChoice;
-use llada::engine::head::Remasking;
 use llada::engine::sampler::{Decode, GenerateParams, Progress};
 use llada::engine::{self, ModelSpec, Opened};
 use llada::hf::dtype::DType;

@@ -9,8 +9,8 @@
 //! - argmax ties break to the **lowest token id**; NaN logits are never chosen;
 //! - top-k orders by confidence descending, ties to the **lowest position**; NaN counts as −∞.
 
-use crate::engine::rng;
 use crate::hf::dtype::DType;
+use crate::rng;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Remasking {
