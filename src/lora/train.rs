@@ -24,9 +24,9 @@
 //! uses that identity to check adapter gradients against PyTorch + PEFT through `llada grad`
 //! on a merged checkpoint.
 //!
-//! How the trainer uses this (see also the report that came with it): adapters are created by
-//! [`init_adapter`] (PEFT's initialisation: `A` kaiming-uniform, `B` zero, so step 0 is the base
-//! model), every targeted linear's forward runs [`lora_linear`] instead of the plain linear and
+//! How the trainer uses this (`llada train --lora-rank`, [`crate::train::lora`]): adapters are
+//! created by [`init_adapter`] (PEFT's initialisation: `A` kaiming-uniform, `B` zero, so step 0
+//! is the base model), every targeted linear's forward runs [`lora_linear`] instead of the plain linear and
 //! keeps `u`, its backward runs [`lora_linear_bwd`] instead of the plain backward (no `dW`),
 //! [`LoraGrads`] collects `dA`/`dB`, [`LoraGrads::clip`] and [`LoraAdamW::step`] update the
 //! adapter, and [`crate::lora::Adapter::save`] writes it in PEFT's format.

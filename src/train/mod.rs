@@ -26,6 +26,7 @@ pub mod checkpoint;
 pub mod cuda;
 pub mod data;
 pub mod dist;
+pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod nccl;
@@ -382,6 +383,12 @@ impl Trainer {
         gpu.params.download_into(&gpu.ops, &mut self.params)?;
         gpu.m.download_into(&gpu.ops, &mut self.opt.m)?;
         gpu.v.download_into(&gpu.ops, &mut self.opt.v)
+    }
+
+    /// [`Trainer::train_step`] over another step state, e.g. a LoRA run's
+    /// [`lora::LoraStep`] (the trainer's own parameters are then unused and may be empty).
+    pub fn train_step_on<S: StepState>(&mut self, state: &mut S) -> Result<StepStats> {
+        self.step_on(state)
     }
 
     fn step_on<S: StepState>(&mut self, state: &mut S) -> Result<StepStats> {

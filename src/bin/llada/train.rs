@@ -90,6 +90,24 @@ pub struct TrainArgs {
     /// Ignore RANK/WORLD_SIZE and SLURM task variables: train as one process.
     #[arg(long)]
     no_dist: bool,
+    /// Train a LoRA adapter of this rank on the frozen model instead of the full model (CPU,
+    /// one process); --out receives the adapter in PEFT's format (`llada generate --lora`).
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA alpha (scale alpha / rank, or alpha / √rank with --lora-rslora).
+    #[arg(long, default_value_t = 16.0, requires = "lora_rank")]
+    lora_alpha: f64,
+    /// Comma-separated module-name suffixes to adapt (PEFT `target_modules`; `ff_out` also
+    /// selects the LM head).
+    #[arg(
+        long,
+        default_value = "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out",
+        requires = "lora_rank"
+    )]
+    lora_targets: String,
+    /// rsLoRA scaling (alpha / √rank).
+    #[arg(long, requires = "lora_rank")]
+    lora_rslora: bool,
 }
 
 /// The model's tokenizer; `None` for a model without one (only token-id data then).
@@ -193,6 +211,18 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             "--precision {} needs --device cuda: the CPU reference trains in f32",
             a.precision
         );
+    }
+    if let Some(rank) = a.lora_rank {
+        if a.resume.is_some() {
+            bail!("--resume is not supported for LoRA runs (--lora-rank): start a new run");
+        }
+        if dist.is_some() {
+            bail!("LoRA training (--lora-rank) runs as one process for now; pass --no-dist");
+        }
+        if cuda_device.is_some() {
+            bail!("LoRA training (--lora-rank) runs on the CPU only for now; use --device cpu");
+        }
+        return train_lora(&a, rank);
     }
     let (mut trainer, tok, tok_src, tiny) = if let Some(dir) = &a.resume {
         let r = checkpoint::load(dir)?;
@@ -410,5 +440,117 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     if lead {
         eprintln!("saved {} (step {})", a.out.display(), trainer.step);
     }
+    Ok(())
+}
+
+/// `llada train --lora-rank R`: the frozen base model, a fresh adapter trained with
+/// [`llada::lora::train::LoraAdamW`] on the trainer's step (same batches, accumulation,
+/// clipping and schedule as full training), saved in PEFT's format to --out.
+fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
+    use llada::train::lora::LoraStep;
+    use llada::train::optim::AdamWConfig;
+    let spec = a.model.spec()?;
+    let tiny = matches!(&spec, ModelSpec::Preset { name, .. } if name == "tiny");
+    let opened = Opened::open(&spec)?;
+    let cfg = opened.cfg.clone();
+    let params = Params::<f32>::from_checkpoint(&cfg, &opened.ckpt)?;
+    let tok = tokenizer_for(opened.tokenizer, tiny, &a.out, &cfg, true)?;
+    let targets: Vec<String> = a
+        .lora_targets
+        .split(',')
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if targets.is_empty() {
+        bail!("--lora-targets is empty");
+    }
+    if !(a.lora_alpha.is_finite() && a.lora_alpha > 0.0) {
+        bail!(
+            "--lora-alpha must be a positive number, got {}",
+            a.lora_alpha
+        );
+    }
+    let adapter =
+        llada::lora::train::init_adapter(&cfg, &targets, rank, a.lora_alpha, a.lora_rslora, a.seed)
+            .context("--lora-rank / --lora-targets")?;
+    let opts = TrainOptions {
+        steps: a.steps.unwrap_or(100),
+        batch_size: a.batch_size,
+        accum: a.accum,
+        seq_len: a.seq_len,
+        lr: a.lr,
+        warmup: a.warmup,
+        schedule: a.schedule.clone(),
+        weight_decay: a.weight_decay,
+        clip: a.clip,
+        seed: a.seed,
+        sft: a.sft,
+        truncate: !a.no_truncate,
+        world: 1,
+    };
+    checkpoint::check_options(&opts, &cfg)?;
+    let samples = load_samples(&a.data, a.sft, tok.as_ref(), &cfg, a.seq_len)?;
+    let n_lora: usize = adapter
+        .modules
+        .values()
+        .map(|m| m.a.len() + m.b.len())
+        .sum();
+    eprintln!(
+        "training a rank-{rank} LoRA adapter ({} modules, {n_lora} parameters) on {} (frozen, \
+         {} parameters), {} sequences of {} tokens, CPU f32, batch {} × {} accumulation",
+        adapter.modules.len(),
+        opened.label,
+        params.numel(),
+        samples.len(),
+        a.seq_len,
+        a.batch_size,
+        a.accum
+    );
+    let adam = AdamWConfig {
+        weight_decay: a.weight_decay,
+        ..AdamWConfig::default()
+    };
+    let mut state = LoraStep::new(params, adapter, adam);
+    // The trainer only schedules and batches: its own (full-model) tensors stay empty.
+    let mut trainer = Trainer::new(cfg.clone(), Params::default(), opts, samples)?;
+    let show = std::io::stderr().is_terminal();
+    let total = trainer.opts.steps;
+    while trainer.step < total {
+        let t0 = Instant::now();
+        let s = trainer.train_step_on(&mut state)?;
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        let line = format!(
+            "step {}/{} loss {:.4} lr {:.2e} gnorm {:.3} tok/s {:.0}",
+            s.step,
+            total,
+            s.loss,
+            s.lr,
+            s.grad_norm,
+            s.tokens as f64 / secs
+        );
+        if show {
+            eprint!("\r{line}");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
+        if !a.no_save && a.save_every > 0 && s.step % a.save_every == 0 && s.step < total {
+            state.adapter.save(&a.out, &cfg)?;
+        }
+    }
+    if show {
+        eprintln!();
+    }
+    if a.no_save {
+        eprintln!("not saved (--no-save), step {}", trainer.step);
+        return Ok(());
+    }
+    state.adapter.save(&a.out, &cfg)?;
+    eprintln!(
+        "saved the LoRA adapter to {} (step {}; load it with llada generate --lora {})",
+        a.out.display(),
+        trainer.step,
+        a.out.display()
+    );
     Ok(())
 }
