@@ -26,6 +26,8 @@ pub mod checkpoint;
 pub mod cuda;
 pub mod data;
 pub mod dist;
+pub mod dist_auth;
+pub mod dist_env;
 pub mod lora;
 pub mod loss;
 pub mod model;

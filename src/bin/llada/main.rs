@@ -107,7 +107,9 @@ impl ModelArgs {
         if let Some(d) = engine::parse_compute_dtype(&self.dtype)?.filter(|&d| d != DType::F32) {
             bail!("--dtype {d}: {what} computes in f32 (see --precision)");
         }
-        if self.weights != "checkpoint" {
+        if self.weights.parse::<llada::quant::WeightsMode>()?
+            != llada::quant::WeightsMode::Checkpoint
+        {
             bail!(
                 "--weights {}: {what} trains the checkpoint's weights",
                 self.weights
