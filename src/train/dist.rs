@@ -8,7 +8,8 @@
 //!   from `MASTER_ADDR` / `MASTER_PORT` or the first host of the SLURM node list.
 //! - [`HostGroup`]: a small TCP process group (rank 0 the hub): the rendezvous, a check that
 //!   every rank runs the same options, data and weights, and host collectives (sum all-reduce,
-//!   broadcast, barrier). The CPU backend reduces its gradients through it; the GPU path only
+//!   broadcast, barrier; reduce-scatter, all-gather and gather of sharded tensors for ZeRO-1 in
+//!   `dist/shard.rs`). The CPU backend reduces its gradients through it; the GPU path only
 //!   uses it to hand out the NCCL id and to sum the loss statistics, the gradients go through
 //!   NCCL on the device ([`super::nccl`]).
 //!
@@ -48,8 +49,11 @@
 //! member of the job. Run multi-node jobs on a network you trust.
 
 use super::dist_auth::{hmac, hmac_verify, nonce};
+// Reduce-scatter, all-gather and gather of sharded tensors (ZeRO-1).
+mod shard;
 pub use super::dist_auth::{JobKey, MIN_SECRET_BYTES};
 pub use super::dist_env::{first_host, timeouts, DistEnv, DEFAULT_PORT};
+pub use shard::{check_bounds, WINDOW as SHARD_WINDOW};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::mpsc;
@@ -172,6 +176,8 @@ fn answer_peer(s: &mut TcpStream, key: &JobKey, h: &Hello, verdict: &str) -> Res
 const T_REDUCE: u8 = 1;
 const T_BCAST: u8 = 2;
 const T_CHECK: u8 = 3;
+const T_SCATTER: u8 = 4;
+const T_GATHER: u8 = 5;
 /// Largest message (an error text) and broadcast (an NCCL id, options) a rank accepts.
 const MAX_MSG: usize = 1 << 16;
 const MAX_BCAST: usize = 1 << 24;
@@ -181,6 +187,8 @@ fn tag_name(t: u8) -> &'static str {
         T_REDUCE => "all-reduce",
         T_BCAST => "broadcast",
         T_CHECK => "consistency check",
+        T_SCATTER => "reduce-scatter",
+        T_GATHER => "gather",
         _ => "unknown",
     }
 }

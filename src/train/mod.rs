@@ -20,6 +20,8 @@
 //!   computes the gradient of its rows of the global batch, the gradients are summed (NCCL on
 //!   the GPU, TCP on the CPU) and every rank takes the same AdamW step
 //!   ([`Trainer::join_group`]).
+//! - [`zero`]: ZeRO-1, the optimizer state sharded over those ranks
+//!   ([`Trainer::shard_optimizer`]); [`memory`]: bytes per rank of a run, by category.
 
 pub mod backend;
 pub mod checkpoint;
@@ -30,10 +32,12 @@ pub mod dist_auth;
 pub mod dist_env;
 pub mod lora;
 pub mod loss;
+pub mod memory;
 pub mod model;
 pub mod nccl;
 pub mod ops;
 pub mod optim;
+pub mod zero;
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -166,6 +170,18 @@ pub trait StepState {
     /// Clip to the global norm `max_norm` (0 = off) and take AdamW update number `opt.t + 1`
     /// at `lr` (advancing `opt.t`). Returns the gradient norm before clipping.
     fn clip_and_step(&mut self, opt: &mut AdamW, lr: f64, max_norm: f64) -> Result<f64>;
+    /// [`StepState::clip_and_step`] within the run's data-parallel `group` (a sharded
+    /// optimizer, [`zero::ZeroStep`], needs it for the global norm and the weights' all-gather).
+    fn clip_and_step_in(
+        &mut self,
+        group: Option<&mut dist::HostGroup>,
+        opt: &mut AdamW,
+        lr: f64,
+        max_norm: f64,
+    ) -> Result<f64> {
+        let _ = group;
+        self.clip_and_step(opt, lr, max_norm)
+    }
 }
 
 /// The host's step state: f32 parameters and gradients, AdamW's moments in the [`AdamW`].
@@ -426,7 +442,8 @@ impl Trainer {
         let lr = self
             .schedule
             .lr(self.opts.lr, self.opts.warmup, self.step, self.opts.steps);
-        let grad_norm = state.clip_and_step(&mut self.opt, lr, self.opts.clip)?;
+        let grad_norm =
+            state.clip_and_step_in(self.group.as_mut(), &mut self.opt, lr, self.opts.clip)?;
         self.step += 1;
         Ok(StepStats {
             step: self.step,

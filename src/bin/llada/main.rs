@@ -24,6 +24,7 @@ mod lora;
 mod quantize;
 mod serve;
 mod train;
+mod train_plan;
 
 #[derive(Parser)]
 #[command(

@@ -18,6 +18,7 @@ use llada::train::checkpoint;
 use llada::train::cuda::{CudaOps, CudaTrainState, TrainPrecision};
 use llada::train::data::{load_pretrain_with, load_sft, Sample};
 use llada::train::dist::{DistEnv, HostGroup};
+use llada::train::memory::{plan, render, Storage};
 use llada::train::model::Params;
 use llada::train::{TrainOptions, Trainer};
 
@@ -33,14 +34,14 @@ pub struct TrainArgs {
     /// Training data: plain text, or JSONL lines `{"text": "..."}` or `{"ids": [token ids]}`
     /// (pretraining; `ids` needs no tokenizer, e.g. for the random-weight presets); JSONL
     /// `{"prompt", "response"}` or `{"messages"}` with --sft.
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required_unless_present = "memory_plan")]
+    data: Option<PathBuf>,
     /// Supervised fine-tuning loss (the prompt is never masked).
     #[arg(long)]
     sft: bool,
     /// Folder to save checkpoints to (a Hugging Face model folder + optimizer state).
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "memory_plan")]
+    out: Option<PathBuf>,
     /// Total optimizer steps (on --resume: defaults to the checkpoint's).
     #[arg(long)]
     steps: Option<u64>,
@@ -90,6 +91,19 @@ pub struct TrainArgs {
     /// Ignore RANK/WORLD_SIZE and SLURM task variables: train as one process.
     #[arg(long)]
     no_dist: bool,
+    /// Shard the optimizer state over the data-parallel ranks: 0 (off) or 1 (ZeRO-1: each rank
+    /// keeps the f32 master weights and AdamW moments of 1/N of the parameters; the weights are
+    /// bit-identical to the unsharded run). Needs 2 or more ranks; CPU only for now.
+    #[arg(long, default_value = "0")]
+    zero: String,
+    /// Print the memory per rank by category (weights, master weights, moments, gradients,
+    /// activations) for these options and stop: no weights are loaded, nothing is trained.
+    #[arg(long)]
+    memory_plan: bool,
+    /// With --memory-plan: the number of data-parallel ranks to plan for (a run takes it from
+    /// RANK/WORLD_SIZE or srun).
+    #[arg(long, requires = "memory_plan")]
+    world_size: Option<usize>,
     /// Train a LoRA adapter of this rank on the frozen model instead of the full model (CPU,
     /// one process); --out receives the adapter in PEFT's format (`llada generate --lora`).
     #[arg(long)]
@@ -159,6 +173,10 @@ fn load_samples(
 
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
     a.model.require_f32_compute("llada train")?;
+    let zero = llada::train::zero::parse_stage(&a.zero)?;
+    if a.memory_plan {
+        return crate::train_plan::print_memory_plan(&a.model, &a.resume, a.plan_shape(), zero);
+    }
     let dist = if a.no_dist {
         None
     } else {
@@ -224,6 +242,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         }
         return train_lora(&a, rank);
     }
+    if zero == 1 {
+        crate::train_plan::check_zero(world, cuda_device.is_some())?;
+    }
     let (mut trainer, tok, tok_src, tiny) = if let Some(dir) = &a.resume {
         let r = checkpoint::load(dir)?;
         let mut opts: TrainOptions = serde_json::from_value(r.state.options.clone())
@@ -256,7 +277,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         };
         checkpoint::check_options(&opts, &r.cfg)
             .with_context(|| format!("{}: trainer_state.json options", dir.display()))?;
-        let samples = load_samples(&a.data, opts.sft, tok.as_ref(), &r.cfg, opts.seq_len)?;
+        let samples = load_samples(a.data(), opts.sft, tok.as_ref(), &r.cfg, opts.seq_len)?;
         if lead {
             eprintln!(
                 "resuming {} at step {}/{}",
@@ -277,7 +298,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         let opened = Opened::open(&spec)?;
         let cfg = opened.cfg.clone();
         let params = Params::<f32>::from_checkpoint(&cfg, &opened.ckpt)?;
-        let tok = tokenizer_for(opened.tokenizer, tiny, &a.out, &cfg, lead)?;
+        let tok = tokenizer_for(opened.tokenizer, tiny, a.out(), &cfg, lead)?;
         let opts = TrainOptions {
             steps: a.steps.unwrap_or(100),
             batch_size: a.batch_size,
@@ -294,7 +315,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             world,
         };
         checkpoint::check_options(&opts, &cfg)?;
-        let samples = load_samples(&a.data, a.sft, tok.as_ref(), &cfg, a.seq_len)?;
+        let samples = load_samples(a.data(), a.sft, tok.as_ref(), &cfg, a.seq_len)?;
         if lead {
             eprintln!(
                 "training {} ({} parameters) on {} sequences of {} tokens, {} {}, global batch \
@@ -312,6 +333,21 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         (Trainer::new(cfg, params, opts, samples)?, tok, src, tiny)
     };
     let _ = &tok;
+    if lead {
+        let o = &trainer.opts;
+        let p = plan(
+            &trainer.cfg,
+            o.batch_size,
+            o.seq_len,
+            world,
+            zero,
+            Storage::F32,
+        )?;
+        eprint!(
+            "memory per rank (estimate, llada train --memory-plan):\n{}",
+            render(&[p])
+        );
+    }
     let mut gpu = match cuda_device {
         Some(i) => {
             let mut ops = CudaOps::new(i)?;
@@ -336,9 +372,16 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         }
         None => None,
     };
+    let mut sharded = None;
     if let Some(d) = &dist {
         let group = HostGroup::join(d, trainer.options_fingerprint()?)?;
         trainer.join_group(group)?;
+        if let Some(g) = trainer.group() {
+            g.check_same("--zero stages", zero as u64)?;
+        }
+        if zero == 1 {
+            sharded = Some(trainer.shard_optimizer()?);
+        }
         if let Some(g) = gpu.as_mut() {
             // Rank 0 makes the NCCL id; the TCP group hands it to everyone.
             let mut id = if rank == 0 {
@@ -363,7 +406,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             return Ok(());
         }
         checkpoint::save(
-            &a.out,
+            a.out(),
             &t.cfg,
             &t.params,
             &t.opt,
@@ -376,9 +419,10 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let total = trainer.opts.steps;
     while trainer.step < total {
         let t0 = Instant::now();
-        let s = match gpu.as_mut() {
-            Some(g) => trainer.train_step_cuda(g)?,
-            None => trainer.train_step()?,
+        let s = match (gpu.as_mut(), sharded.as_mut()) {
+            (Some(g), _) => trainer.train_step_cuda(g)?,
+            (None, Some(z)) => trainer.train_step_on(z)?,
+            (None, None) => trainer.train_step()?,
         };
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         // Per GPU: the step's global FLOPs over the ranks that shared them.
@@ -410,7 +454,11 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         } else {
             eprintln!("{line}");
         }
-        if lead && !a.no_save && a.save_every > 0 && s.step % a.save_every == 0 && s.step < total {
+        let due = !a.no_save && a.save_every > 0 && s.step % a.save_every == 0 && s.step < total;
+        if let (true, Some(z)) = (due, &sharded) {
+            // Every rank sends its shard of the moments to rank 0, which saves.
+            trainer.save_sharded(z, save)?;
+        } else if lead && due {
             if let Some(g) = &gpu {
                 trainer.pull_from_cuda(g)?;
             }
@@ -426,7 +474,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         }
         return Ok(());
     }
-    if lead {
+    if let Some(z) = &sharded {
+        trainer.save_sharded(z, save)?;
+    } else if lead {
         if let Some(g) = &gpu {
             trainer.pull_from_cuda(g)?;
         }
@@ -438,7 +488,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         group.barrier()?;
     }
     if lead {
-        eprintln!("saved {} (step {})", a.out.display(), trainer.step);
+        eprintln!("saved {} (step {})", a.out().display(), trainer.step);
     }
     Ok(())
 }
@@ -454,7 +504,7 @@ fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
     let opened = Opened::open(&spec)?;
     let cfg = opened.cfg.clone();
     let params = Params::<f32>::from_checkpoint(&cfg, &opened.ckpt)?;
-    let tok = tokenizer_for(opened.tokenizer, tiny, &a.out, &cfg, true)?;
+    let tok = tokenizer_for(opened.tokenizer, tiny, a.out(), &cfg, true)?;
     let targets: Vec<String> = a
         .lora_targets
         .split(',')
@@ -489,7 +539,7 @@ fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
         world: 1,
     };
     checkpoint::check_options(&opts, &cfg)?;
-    let samples = load_samples(&a.data, a.sft, tok.as_ref(), &cfg, a.seq_len)?;
+    let samples = load_samples(a.data(), a.sft, tok.as_ref(), &cfg, a.seq_len)?;
     let n_lora: usize = adapter
         .modules
         .values()
@@ -535,7 +585,7 @@ fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
             eprintln!("{line}");
         }
         if !a.no_save && a.save_every > 0 && s.step % a.save_every == 0 && s.step < total {
-            state.adapter.save(&a.out, &cfg)?;
+            state.adapter.save(a.out(), &cfg)?;
         }
     }
     if show {
@@ -545,12 +595,27 @@ fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
         eprintln!("not saved (--no-save), step {}", trainer.step);
         return Ok(());
     }
-    state.adapter.save(&a.out, &cfg)?;
+    state.adapter.save(a.out(), &cfg)?;
     eprintln!(
         "saved the LoRA adapter to {} (step {}; load it with llada generate --lora {})",
-        a.out.display(),
+        a.out().display(),
         trainer.step,
-        a.out.display()
+        a.out().display()
     );
     Ok(())
+}
+
+impl TrainArgs {
+    /// --data (clap requires it unless --memory-plan).
+    fn data(&self) -> &Path {
+        self.data.as_deref().unwrap_or(Path::new(""))
+    }
+    /// --out (clap requires it unless --memory-plan).
+    fn out(&self) -> &Path {
+        self.out.as_deref().unwrap_or(Path::new(""))
+    }
+    /// (batch size, sequence length, world size) for --memory-plan.
+    fn plan_shape(&self) -> (usize, usize, usize) {
+        (self.batch_size, self.seq_len, self.world_size.unwrap_or(1))
+    }
 }
