@@ -9,7 +9,9 @@
 //!
 //! Only what training needs: the version, a unique id (rank 0 makes it, [`super::dist`] hands it
 //! out), one communicator per process, grouped in-place f32 sum all-reduces on the training
-//! stream, and destroy.
+//! stream, the collectives of sharded optimizer state (ZeRO-1, [`super::zero`]: reduce-scatter
+//! and all-gather of flat buffers, and per-range reduce / broadcast for tensors split unevenly,
+//! in `nccl_shard.rs`), and destroy.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::OnceLock;
@@ -31,13 +33,44 @@ const NCCL_SUM: c_int = 0;
 const NCCL_SUCCESS: NcclResult = 0;
 const NCCL_IN_PROGRESS: NcclResult = 7;
 
+/// `ncclAllReduce` / `ncclReduceScatter`: send, receive, count, dtype, op, comm, stream.
+type RedFn = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    c_int,
+    Comm,
+    *mut c_void,
+) -> NcclResult;
+
 struct Api {
     _lib: libloading::Library,
     path: String,
     get_version: unsafe extern "C" fn(*mut c_int) -> NcclResult,
     get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> NcclResult,
     comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> NcclResult,
-    all_reduce: unsafe extern "C" fn(
+    all_reduce: RedFn,
+    reduce_scatter: RedFn,
+    all_gather: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        Comm,
+        *mut c_void,
+    ) -> NcclResult,
+    reduce: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        c_int,
+        Comm,
+        *mut c_void,
+    ) -> NcclResult,
+    broadcast: unsafe extern "C" fn(
         *const c_void,
         *mut c_void,
         usize,
@@ -97,6 +130,10 @@ fn bind(lib: libloading::Library, path: String) -> std::result::Result<Api, Stri
         get_unique_id: sym!(b"ncclGetUniqueId\0"),
         comm_init_rank: sym!(b"ncclCommInitRank\0"),
         all_reduce: sym!(b"ncclAllReduce\0"),
+        reduce_scatter: sym!(b"ncclReduceScatter\0"),
+        all_gather: sym!(b"ncclAllGather\0"),
+        reduce: sym!(b"ncclReduce\0"),
+        broadcast: sym!(b"ncclBroadcast\0"),
         group_start: sym!(b"ncclGroupStart\0"),
         group_end: sym!(b"ncclGroupEnd\0"),
         comm_destroy: sym!(b"ncclCommDestroy\0"),
@@ -107,6 +144,11 @@ fn bind(lib: libloading::Library, path: String) -> std::result::Result<Api, Stri
         _lib: lib,
     })
 }
+
+// The sharded collectives (ZeRO-1).
+#[path = "nccl_shard.rs"]
+mod shard;
+pub use shard::RangeOp;
 
 fn api() -> Result<&'static Api> {
     API.get_or_init(load).as_ref().map_err(|e| anyhow!("{e}"))
