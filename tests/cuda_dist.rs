@@ -18,11 +18,11 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use llada::hf::config::ModelConfig;
-use llada::train::cuda::{CudaOps, CudaTrainState};
+use llada::train::cuda::{CudaOps, CudaTrainState, CudaZeroState};
 use llada::train::data::Sample;
 use llada::train::dist::{HostGroup, JobKey};
 use llada::train::model::Params;
-use llada::train::{nccl, TrainOptions, Trainer};
+use llada::train::{nccl, StepStats, TrainOptions, Trainer};
 
 fn skip_or_fail(var: &str, why: String) {
     if std::env::var(var).is_ok_and(|v| v == "1") {
@@ -103,28 +103,42 @@ fn opts() -> TrainOptions {
     }
 }
 
-#[test]
-fn world_of_one_through_nccl_equals_a_plain_gpu_run() {
-    let Some(ops) = gpu() else { return };
+/// Three steps of the plain GPU run (no group): its statistics, and the trainer with the
+/// weights and moments pulled back; `None` (a printed SKIP) without a GPU or NCCL.
+fn plain_gpu_run() -> Option<(Vec<StepStats>, Trainer)> {
+    let ops = gpu()?;
     if !nccl_ok() {
-        return;
+        return None;
     }
     let cfg = tiny();
-    // The plain run.
     let mut plain = Trainer::new(cfg.clone(), tiny_params(&cfg), opts(), samples()).unwrap();
     let mut st = CudaTrainState::new(ops, &plain.params, &plain.opt.m, &plain.opt.v).unwrap();
     let a: Vec<_> = (0..3)
         .map(|_| plain.train_step_cuda(&mut st).unwrap())
         .collect();
     plain.pull_from_cuda(&st).unwrap();
-    drop(st);
-    // The same run as rank 0 of 1, with the TCP group and NCCL attached.
+    Some((a, plain))
+}
+
+/// The same run's trainer as rank 0 of 1, with its TCP group joined.
+fn world_of_one() -> Trainer {
+    let cfg = tiny();
     let mut dp = Trainer::new(cfg.clone(), tiny_params(&cfg), opts(), samples()).unwrap();
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let secs = std::time::Duration::from_secs(30);
     let key = JobKey::from_secret(b"a test job secret", None);
     let g = HostGroup::serve(l, 1, dp.options_fingerprint().unwrap(), &key, secs, secs).unwrap();
     dp.join_group(g).unwrap();
+    dp
+}
+
+#[test]
+fn world_of_one_through_nccl_equals_a_plain_gpu_run() {
+    let Some((a, plain)) = plain_gpu_run() else {
+        return;
+    };
+    // The same run as rank 0 of 1, with the TCP group and NCCL attached.
+    let mut dp = world_of_one();
     let mut st =
         CudaTrainState::new(CudaOps::new(0).unwrap(), &dp.params, &dp.opt.m, &dp.opt.v).unwrap();
     st.attach_nccl(&nccl::unique_id().unwrap(), 0, 1).unwrap();
@@ -162,11 +176,11 @@ fn two_gpus_train_like_one_with_the_global_batch() {
         .map(|i| format!("{{\"text\": \"the gpu {i} sums its gradients. \"}}\n"))
         .collect();
     std::fs::write(&data, text).unwrap();
-    let run = |out: &str, batch: &str, env: &[(&str, String)]| {
+    let run = |out: &str, batch: &str, env: &[(&str, String)], zero: &str| {
         let mut c = Command::new(llada_bin());
         c.args("train --preset tiny --steps 3 --warmup 1 --lr 3e-3 --seq-len 16".split(' '))
             .args("--no-truncate --device cuda --batch-size".split(' '))
-            .args([batch, "--data"])
+            .args([batch, "--zero", zero, "--data"])
             .arg(&data)
             .arg("--out")
             .arg(dir.join(out));
@@ -178,7 +192,7 @@ fn two_gpus_train_like_one_with_the_global_batch() {
         }
         c.stderr(std::process::Stdio::piped()).spawn().unwrap()
     };
-    let one = run("one", "4", &[]).wait_with_output().unwrap();
+    let one = run("one", "4", &[], "0").wait_with_output().unwrap();
     assert!(
         one.status.success(),
         "{}",
@@ -198,24 +212,49 @@ fn two_gpus_train_like_one_with_the_global_batch() {
             ("LLADA_DIST_SECRET", "a test job secret".to_string()),
         ]
     };
-    let (p0, p1) = (run("two", "2", &env(0)), run("two", "2", &env(1)));
-    let (o0, o1) = (
-        p0.wait_with_output().unwrap(),
-        p1.wait_with_output().unwrap(),
-    );
-    for o in [&o0, &o1] {
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Unsharded, and with the optimizer state sharded over the two GPUs (--zero 1).
+    for (out, zero) in [("two", "0"), ("two-zero", "1")] {
+        let ranks = [run(out, "2", &env(0), zero), run(out, "2", &env(1), zero)];
+        let outs = ranks.map(|p| p.wait_with_output().unwrap());
+        for o in &outs {
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        let log = String::from_utf8_lossy(&outs[0].stderr);
+        assert!(log.contains("gradients summed on the GPUs"), "{log}");
+        let a = llada::train::checkpoint::load(&dir.join("one")).unwrap();
+        let b = llada::train::checkpoint::load(&dir.join(out)).unwrap();
+        // NaN-aware: a NaN weight in either run is an infinite difference.
+        let worst = (a.params.data.iter().zip(&b.params.data))
+            .map(|(x, y)| cmp::max_abs_diff(y, x))
+            .fold(0f32, cmp::nan_max);
+        // As on the CPU (tests/dist.rs): f32 summation order only; a wrong split (or a shard
+        // updated twice or not at all) moves weights by ~lr = 3e-3.
+        assert!(
+            worst < 3e-5,
+            "two GPUs (--zero {zero}) vs one: weights differ by {worst}"
+        );
     }
-    let log = String::from_utf8_lossy(&o0.stderr);
-    assert!(log.contains("gradients summed on the GPUs"), "{log}");
-    let a = llada::train::checkpoint::load(&dir.join("one")).unwrap();
-    let b = llada::train::checkpoint::load(&dir.join("two")).unwrap();
-    // NaN-aware: a NaN weight in either run is an infinite difference.
-    let mut worst = 0f32;
-    for (x, y) in a.params.data.iter().zip(&b.params.data) {
-        worst = cmp::nan_max(worst, cmp::max_abs_diff(y, x));
-    }
-    // As on the CPU (tests/dist.rs): f32 summation order only; a wrong split moves weights by
-    // ~lr = 3e-3.
-    assert!(worst < 3e-5, "two GPUs vs one: weights differ by {worst}");
+}
+
+#[test]
+fn zero1_world_of_one_through_nccl_equals_a_plain_gpu_run() {
+    // One rank's shard is the whole model, so the sharded step (per-piece sumsq_f32 and
+    // adamw_f32 at offsets, NCCL reduce and broadcast over one rank: identities) must take
+    // exactly the plain GPU run's steps.
+    let Some((a, plain)) = plain_gpu_run() else {
+        return;
+    };
+    let mut zt = world_of_one();
+    let ops = CudaOps::new(0).unwrap();
+    let mut z = CudaZeroState::new(ops, &zt.params, &zt.opt, 1, 0).unwrap();
+    z.store
+        .gpu
+        .attach_nccl(&nccl::unique_id().unwrap(), 0, 1)
+        .unwrap();
+    let b: Vec<_> = (0..3).map(|_| zt.train_step_on(&mut z).unwrap()).collect();
+    assert_eq!(a, b, "step statistics differ");
+    let (p, m, _) = z.download().unwrap();
+    assert_eq!(plain.params.data, p.data, "weights differ");
+    let flat: Vec<f32> = plain.opt.m.data.concat();
+    assert_eq!(flat, m, "first moments differ");
 }

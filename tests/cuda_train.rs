@@ -882,6 +882,7 @@ fn adamw_exact_and_grad_norm() {
             let decay = AdamWScalars::decay(&cfg, lr, &p0.shapes[i]);
             g.adamw(
                 &mut dp.data[i],
+                0,
                 &mut dm.data[i],
                 &mut dv.data[i],
                 Some(&mut bf[i]),

@@ -244,7 +244,7 @@ fn run(o: TrainOptions, zero: bool, steps: u64, start: Option<Start>) -> Vec<Ran
             .unwrap();
             RankRun {
                 stats,
-                params: z.host.params,
+                params: z.store.host.params,
                 saved,
             }
         } else {

@@ -25,6 +25,10 @@
 //! owns flat values `r·S .. min((r+1)·S, P)` with `S = ⌈P/N⌉` rounded up to [`SHARD_ALIGN`]
 //! values, so a shard may cut a tensor and the last shard is shorter (or empty).
 //!
+//! The step is written once ([`Sharded`]'s [`StepState`]) over a [`ShardStore`]: the host's
+//! tensors ([`HostShard`], the TCP group's collectives) or a GPU's
+//! ([`super::cuda::CudaShard`], NCCL; compiles, not run on a GPU yet).
+//!
 //! Checkpoints keep the unsharded format ([`super::checkpoint`]): before a save every rank
 //! sends its shard of the moments to rank 0 ([`Trainer::save_sharded`]), which writes the
 //! usual `optimizer.safetensors`, so a run resumes sharded or not, on any number of ranks.
@@ -34,7 +38,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use super::dist::HostGroup;
 use super::model::{Batch, Params};
-use super::optim::{adamw_update, AdamW, AdamWStep};
+use super::optim::{adamw_update, AdamW, AdamWConfig, AdamWStep};
 use super::{HostStep, StepState, Trainer};
 use crate::hf::config::ModelConfig;
 
@@ -151,18 +155,65 @@ impl ShardLayout {
     }
 }
 
-/// A rank's step state under ZeRO-1 on the host: the whole model and gradient, the AdamW
-/// moments of its shard only.
-pub struct ZeroStep {
-    /// The whole weights (identical on every rank after each step) and gradient.
-    pub host: HostStep,
+/// Where a sharded step's tensors live (the host, [`HostShard`]; a GPU,
+/// [`super::cuda::CudaShard`]): what [`Sharded`]'s step, written once, asks of them.
+pub trait ShardStore {
+    /// The whole weights and gradient as an unsharded step state (its `zero_grad` and
+    /// `forward_backward` are the sharded step's).
+    fn whole(&mut self) -> &mut dyn StepState;
+    /// Tensor `i`'s range `bounds[i][r]..bounds[i][r + 1]` of the gradient summed over the
+    /// ranks onto rank `r`.
+    fn reduce_scatter(&mut self, group: &mut HostGroup, bounds: &[Vec<usize>]) -> Result<()>;
+    /// f64 `Σ g²` over this rank's `pieces` of the gradient.
+    fn sumsq(&mut self, pieces: &[Piece]) -> Result<f64>;
+    /// The AdamW update `u` of this rank's `pieces`.
+    fn update(&mut self, pieces: &[Piece], u: &Update) -> Result<()>;
+    /// Every rank's ranges of the weights to every rank.
+    fn all_gather(&mut self, group: &mut HostGroup, bounds: &[Vec<usize>]) -> Result<()>;
+}
+
+/// One AdamW update of a shard: number `t` (1-based) at learning rate `lr`, the gradient
+/// scaled by `clip` first when it is set.
+pub struct Update {
+    pub cfg: AdamWConfig,
+    pub t: u64,
+    pub lr: f64,
+    pub clip: Option<f32>,
+}
+
+/// A rank's step state under ZeRO-1: the tensors in a [`ShardStore`], this rank's place in the
+/// [`ShardLayout`].
+pub struct Sharded<S> {
+    pub store: S,
     pub layout: ShardLayout,
-    pieces: Vec<Piece>,
-    tensor_bounds: Vec<Vec<usize>>,
-    /// AdamW moments of this rank's shard (flat, in shard order).
+    pub pieces: Vec<Piece>,
+    /// [`ShardLayout::tensor_bounds`] of every tensor.
+    pub bounds: Vec<Vec<usize>>,
+}
+
+impl<S> Sharded<S> {
+    /// Rank `rank` of `world` over tensors of `sizes` values, the tensors in `store`.
+    pub fn with_store(store: S, sizes: &[usize], world: usize, rank: usize) -> Result<Sharded<S>> {
+        let layout = ShardLayout::new(sizes, world, rank)?;
+        Ok(Sharded {
+            store,
+            pieces: layout.pieces(),
+            bounds: (0..sizes.len()).map(|i| layout.tensor_bounds(i)).collect(),
+            layout,
+        })
+    }
+}
+
+/// The host's [`ShardStore`]: the whole weights and gradient ([`HostStep`]), the AdamW moments
+/// of this rank's shard (flat, in shard order).
+pub struct HostShard {
+    pub host: HostStep,
     pub m: Vec<f32>,
     pub v: Vec<f32>,
 }
+
+/// ZeRO-1 on the host.
+pub type ZeroStep = Sharded<HostShard>;
 
 impl ZeroStep {
     /// The state of rank `rank` of `world` from the whole `params` and moments `opt` (only the
@@ -173,44 +224,72 @@ impl ZeroStep {
         let (m, v) = (layout.shard_of(&opt.m)?, layout.shard_of(&opt.v)?);
         let mut grad = params.clone();
         grad.fill_zero();
-        Ok(ZeroStep {
-            pieces: layout.pieces(),
-            tensor_bounds: (0..sizes.len()).map(|i| layout.tensor_bounds(i)).collect(),
-            host: HostStep { params, grad },
-            layout,
-            m,
-            v,
-        })
-    }
-
-    /// The f64 sum of squares of this rank's shard of the gradient.
-    fn shard_sumsq(&self) -> f64 {
-        self.pieces
-            .iter()
-            .flat_map(|p| self.host.grad.data[p.tensor][p.range.clone()].iter())
-            .map(|&x| (x as f64) * (x as f64))
-            .sum()
+        let host = HostStep { params, grad };
+        Sharded::with_store(HostShard { host, m, v }, &sizes, world, rank)
     }
 }
 
-impl StepState for ZeroStep {
-    fn zero_grad(&mut self) -> Result<()> {
-        self.host.zero_grad()
+impl ShardStore for HostShard {
+    fn whole(&mut self) -> &mut dyn StepState {
+        &mut self.host
     }
-    fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        self.host.forward_backward(cfg, batch)
-    }
-    /// The reduce-scatter: this rank's shard of the gradient summed over the ranks.
-    fn all_reduce_grads(&mut self, group: &mut HostGroup) -> Result<()> {
-        for (d, b) in self.host.grad.data.iter_mut().zip(&self.tensor_bounds) {
+    fn reduce_scatter(&mut self, group: &mut HostGroup, bounds: &[Vec<usize>]) -> Result<()> {
+        for (d, b) in self.host.grad.data.iter_mut().zip(bounds) {
             group.reduce_scatter_f32(d, b)?;
         }
         Ok(())
     }
-    fn clip_and_step(&mut self, _opt: &mut AdamW, _lr: f64, _max_norm: f64) -> Result<f64> {
-        bail!("a sharded optimizer (ZeRO-1) steps inside its data-parallel group")
+    fn sumsq(&mut self, pieces: &[Piece]) -> Result<f64> {
+        Ok(pieces
+            .iter()
+            .flat_map(|p| self.host.grad.data[p.tensor][p.range.clone()].iter())
+            .map(|&x| (x as f64) * (x as f64))
+            .sum())
     }
-    /// Global norm from the shard norms, clip and AdamW on the shard, all-gather the weights.
+    fn update(&mut self, pieces: &[Piece], u: &Update) -> Result<()> {
+        let s = AdamWStep::new(&u.cfg, u.t, u.lr);
+        let HostStep { params, grad } = &mut self.host;
+        for p in pieces {
+            let (i, r, n) = (p.tensor, p.range.clone(), p.range.len());
+            // PyTorch clip_grad_norm_, as optim::clip_grad_norm, on the piece.
+            if let Some(coef) = u.clip {
+                grad.data[i][r.clone()].iter_mut().for_each(|x| *x *= coef);
+            }
+            adamw_update(
+                &mut params.data[i][r.clone()],
+                &grad.data[i][r],
+                &mut self.m[p.at..p.at + n],
+                &mut self.v[p.at..p.at + n],
+                s.decay(params.shapes[i].len()),
+                &s,
+            );
+        }
+        Ok(())
+    }
+    fn all_gather(&mut self, group: &mut HostGroup, bounds: &[Vec<usize>]) -> Result<()> {
+        for (d, b) in self.host.params.data.iter_mut().zip(bounds) {
+            group.all_gather_f32(d, b)?;
+        }
+        Ok(())
+    }
+}
+
+impl<S: ShardStore> StepState for Sharded<S> {
+    fn zero_grad(&mut self) -> Result<()> {
+        self.store.whole().zero_grad()
+    }
+    fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
+        self.store.whole().forward_backward(cfg, batch)
+    }
+    /// The reduce-scatter: this rank's shard of the gradient summed over the ranks.
+    fn all_reduce_grads(&mut self, group: &mut HostGroup) -> Result<()> {
+        self.store.reduce_scatter(group, &self.bounds)
+    }
+    fn clip_and_step(&mut self, opt: &mut AdamW, lr: f64, max_norm: f64) -> Result<f64> {
+        self.clip_and_step_in(None, opt, lr, max_norm)
+    }
+    /// The global norm from the shards' (an all-reduce of their sums of squares, in rank
+    /// order), clipping and AdamW on the shard, then the weights' all-gather.
     fn clip_and_step_in(
         &mut self,
         group: Option<&mut HostGroup>,
@@ -218,7 +297,8 @@ impl StepState for ZeroStep {
         lr: f64,
         max_norm: f64,
     ) -> Result<f64> {
-        let group = group.context("a sharded optimizer (ZeRO-1) needs its data-parallel group")?;
+        let group =
+            group.context("a sharded optimizer (ZeRO-1) steps inside its data-parallel group")?;
         ensure!(
             group.world == self.layout.world && group.rank == self.layout.rank,
             "the optimizer is sharded for rank {} of {}, the group is rank {} of {}",
@@ -227,37 +307,20 @@ impl StepState for ZeroStep {
             group.rank,
             group.world
         );
-        let mut sq = [self.shard_sumsq()];
+        let mut sq = [self.store.sumsq(&self.pieces)?];
         group.all_reduce_f64(&mut sq)?;
         let norm = sq[0].sqrt();
-        // PyTorch clip_grad_norm_, as optim::clip_grad_norm, on the shard.
-        if max_norm > 0.0 {
-            let coef = max_norm / (norm + 1e-6);
-            if coef < 1.0 {
-                for p in &self.pieces {
-                    for x in &mut self.host.grad.data[p.tensor][p.range.clone()] {
-                        *x *= coef as f32;
-                    }
-                }
-            }
-        }
+        let coef = max_norm / (norm + 1e-6);
+        let clip = (max_norm > 0.0 && coef < 1.0).then_some(coef as f32);
+        let u = Update {
+            cfg: opt.cfg,
+            t: opt.t + 1,
+            lr,
+            clip,
+        };
+        self.store.update(&self.pieces, &u)?;
         opt.t += 1;
-        let s = AdamWStep::new(&opt.cfg, opt.t, lr);
-        let HostStep { params, grad } = &mut self.host;
-        for p in &self.pieces {
-            let (i, n) = (p.tensor, p.range.len());
-            adamw_update(
-                &mut params.data[i][p.range.clone()],
-                &grad.data[i][p.range.clone()],
-                &mut self.m[p.at..p.at + n],
-                &mut self.v[p.at..p.at + n],
-                s.decay(params.shapes[i].len()),
-                &s,
-            );
-        }
-        for (d, b) in params.data.iter_mut().zip(&self.tensor_bounds) {
-            group.all_gather_f32(d, b)?;
-        }
+        self.store.all_gather(group, &self.bounds)?;
         Ok(norm)
     }
 }
@@ -294,33 +357,60 @@ impl Trainer {
         z: &ZeroStep,
         save: impl FnOnce(&Trainer) -> Result<()>,
     ) -> Result<()> {
+        let h = &z.store;
+        self.save_shards(&h.host.params, &z.layout, &h.m, &h.v, save)
+    }
+
+    /// [`Trainer::save_sharded`] from the parts: the whole `params`, and this rank's shard of
+    /// the moments `m`, `v` (flat, in the shard order of `layout`), e.g. downloaded from a GPU
+    /// ([`super::cuda::CudaZeroState::download`]).
+    pub fn save_shards(
+        &mut self,
+        params: &Params<f32>,
+        layout: &ShardLayout,
+        m: &[f32],
+        v: &[f32],
+        save: impl FnOnce(&Trainer) -> Result<()>,
+    ) -> Result<()> {
         let group = self
             .group
             .as_mut()
             .context("a sharded optimizer is saved within its group")?;
-        let lead = group.rank == 0;
+        ensure!(
+            m.len() == layout.shard_len() && v.len() == layout.shard_len(),
+            "the moments hold {} and {} values, the shard {}",
+            m.len(),
+            v.len(),
+            layout.shard_len()
+        );
+        let (rank, lead) = (layout.rank, group.rank == 0);
         let mut full = [Params::default(), Params::default()];
         if lead {
             for f in &mut full {
-                *f = z.host.params.clone();
+                *f = params.clone();
                 f.fill_zero();
             }
         }
-        for (f, shard) in full.iter_mut().zip([&z.m, &z.v]) {
-            for (i, b) in z.tensor_bounds.iter().enumerate() {
-                let (lo, hi) = (b[z.layout.rank], b[z.layout.rank + 1]);
-                let at = (z.layout.offsets[i] + lo).saturating_sub(z.layout.bounds[z.layout.rank]);
-                let mine = &shard[at.min(shard.len())..(at + hi - lo).min(shard.len())];
+        for (f, shard) in full.iter_mut().zip([m, v]) {
+            for i in 0..layout.offsets.len() - 1 {
+                let b = layout.tensor_bounds(i);
+                let (lo, hi) = (b[rank], b[rank + 1]);
+                let at = (layout.offsets[i] + lo).saturating_sub(layout.bounds[rank]);
+                let mine = if lo < hi {
+                    &shard[at..at + hi - lo]
+                } else {
+                    &[][..]
+                };
                 let out: &mut [f32] = if lead { &mut f.data[i] } else { &mut [] };
-                group.gather_f32(mine, b, out)?;
+                group.gather_f32(mine, &b, out)?;
             }
         }
         if !lead {
             return Ok(());
         }
-        let [m, v] = full;
-        self.params = z.host.params.clone();
-        (self.opt.m, self.opt.v) = (m, v);
+        let [fm, fv] = full;
+        self.params = params.clone();
+        (self.opt.m, self.opt.v) = (fm, fv);
         let r = save(self);
         self.params = Params::default();
         self.opt.m = Params::default();

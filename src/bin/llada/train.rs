@@ -15,7 +15,7 @@ use llada::engine::device::DeviceChoice;
 use llada::engine::{ModelSpec, Opened};
 use llada::hf::tokenizer::Tokenizer;
 use llada::train::checkpoint;
-use llada::train::cuda::{CudaOps, CudaTrainState, TrainPrecision};
+use llada::train::cuda::{CudaOps, CudaTrainState, CudaZeroState, TrainPrecision};
 use llada::train::data::{load_pretrain_with, load_sft, Sample};
 use llada::train::dist::{DistEnv, HostGroup};
 use llada::train::memory::{plan, render, Storage};
@@ -93,7 +93,8 @@ pub struct TrainArgs {
     no_dist: bool,
     /// Shard the optimizer state over the data-parallel ranks: 0 (off) or 1 (ZeRO-1: each rank
     /// keeps the f32 master weights and AdamW moments of 1/N of the parameters; the weights are
-    /// bit-identical to the unsharded run). Needs 2 or more ranks; CPU only for now.
+    /// bit-identical to the unsharded run on the CPU). Needs 2 or more ranks; on CUDA the sharded
+    /// step compiles but has not run on a GPU yet.
     #[arg(long, default_value = "0")]
     zero: String,
     /// Print the memory per rank by category (weights, master weights, moments, gradients,
@@ -243,7 +244,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         return train_lora(&a, rank);
     }
     if zero == 1 {
-        crate::train_plan::check_zero(world, cuda_device.is_some())?;
+        crate::train_plan::check_zero(world)?;
     }
     let (mut trainer, tok, tok_src, tiny) = if let Some(dir) = &a.resume {
         let r = checkpoint::load(dir)?;
@@ -348,6 +349,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             render(&[p])
         );
     }
+    let mut gpu_zero = None;
     let mut gpu = match cuda_device {
         Some(i) => {
             let mut ops = CudaOps::new(i)?;
@@ -363,12 +365,24 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
                 a.precision,
                 a.precision.describe()
             );
-            Some(CudaTrainState::new(
-                ops,
-                &trainer.params,
-                &trainer.opt.m,
-                &trainer.opt.v,
-            )?)
+            if zero == 1 {
+                // Only this rank's shard of the moments goes to the GPU.
+                gpu_zero = Some(CudaZeroState::new(
+                    ops,
+                    &trainer.params,
+                    &trainer.opt,
+                    world,
+                    rank,
+                )?);
+                None
+            } else {
+                Some(CudaTrainState::new(
+                    ops,
+                    &trainer.params,
+                    &trainer.opt.m,
+                    &trainer.opt.v,
+                )?)
+            }
         }
         None => None,
     };
@@ -379,10 +393,19 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         if let Some(g) = trainer.group() {
             g.check_same("--zero stages", zero as u64)?;
         }
-        if zero == 1 {
+        if zero == 1 && gpu_zero.is_none() {
             sharded = Some(trainer.shard_optimizer()?);
+        } else if zero == 1 {
+            // The GPU holds the state: the host's whole moments are not needed any more.
+            trainer.opt.m = Params::default();
+            trainer.opt.v = Params::default();
         }
-        if let Some(g) = gpu.as_mut() {
+        let resident = match (gpu.as_mut(), gpu_zero.as_mut()) {
+            (Some(g), _) => Some(g),
+            (None, Some(z)) => Some(&mut z.store.gpu),
+            (None, None) => None,
+        };
+        if let Some(g) = resident {
             // Rank 0 makes the NCCL id; the TCP group hands it to everyone.
             let mut id = if rank == 0 {
                 llada::train::nccl::unique_id()?.to_bytes()
@@ -419,10 +442,11 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     let total = trainer.opts.steps;
     while trainer.step < total {
         let t0 = Instant::now();
-        let s = match (gpu.as_mut(), sharded.as_mut()) {
-            (Some(g), _) => trainer.train_step_cuda(g)?,
-            (None, Some(z)) => trainer.train_step_on(z)?,
-            (None, None) => trainer.train_step()?,
+        let s = match (gpu.as_mut(), gpu_zero.as_mut(), sharded.as_mut()) {
+            (Some(g), _, _) => trainer.train_step_cuda(g)?,
+            (None, Some(z), _) => trainer.train_step_on(z)?,
+            (None, None, Some(z)) => trainer.train_step_on(z)?,
+            (None, None, None) => trainer.train_step()?,
         };
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         // Per GPU: the step's global FLOPs over the ranks that shared them.
@@ -458,6 +482,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         if let (true, Some(z)) = (due, &sharded) {
             // Every rank sends its shard of the moments to rank 0, which saves.
             trainer.save_sharded(z, save)?;
+        } else if let (true, Some(z)) = (due, &gpu_zero) {
+            let (p, m, v) = z.download()?;
+            trainer.save_shards(&p, &z.layout, &m, &v, save)?;
         } else if lead && due {
             if let Some(g) = &gpu {
                 trainer.pull_from_cuda(g)?;
@@ -476,6 +503,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     if let Some(z) = &sharded {
         trainer.save_sharded(z, save)?;
+    } else if let Some(z) = &gpu_zero {
+        let (p, m, v) = z.download()?;
+        trainer.save_shards(&p, &z.layout, &m, &v, save)?;
     } else if lead {
         if let Some(g) = &gpu {
             trainer.pull_from_cuda(g)?;

@@ -71,19 +71,12 @@ pub fn print_memory_plan(
     Ok(())
 }
 
-/// `--zero 1` needs several ranks, on the CPU (the sharded step is not written for CUDA yet).
-pub fn check_zero(world: usize, cuda: bool) -> Result<()> {
+/// `--zero 1` needs several ranks.
+pub fn check_zero(world: usize) -> Result<()> {
     if world < 2 {
         bail!(
             "--zero 1 shards the optimizer state over data-parallel ranks, and this run is one \
              process: start it with RANK/WORLD_SIZE (torchrun style) or srun, or drop --zero"
-        );
-    }
-    if cuda {
-        bail!(
-            "--zero 1 runs on the CPU for now (--device cpu): the GPU step does not shard its \
-             optimizer state yet (the NCCL reduce-scatter and all-gather are bound in \
-             llada::train::nccl)"
         );
     }
     Ok(())

@@ -609,13 +609,24 @@ impl CudaOps {
 
     /// Σ x² over the first `len` elements, f64 (fixed partial-sum grid: deterministic).
     pub fn sumsq(&self, x: &Buf, len: usize, partial: &mut CudaSlice<f64>) -> Result<f64> {
+        self.sumsq_at(x, 0, len, partial)
+    }
+
+    /// [`CudaOps::sumsq`] of elements `at .. at + len` (a ZeRO-1 shard's piece of a tensor).
+    pub fn sumsq_at(
+        &self,
+        x: &Buf,
+        at: usize,
+        len: usize,
+        partial: &mut CudaSlice<f64>,
+    ) -> Result<f64> {
         let op = "sumsq";
-        check_len(op, "x", x.len(), len)?;
+        check_len(op, "x", x.len(), at.saturating_add(len))?;
         check_len(op, "partial", partial.len(), SUMSQ_BLOCKS)?;
         if len == 0 {
             return Ok(0.0);
         }
-        let (pp, xp) = (self.ptr_mut(partial), self.ptr(x));
+        let (pp, xp) = (self.ptr_mut(partial), self.ptr(x) + 4 * at as u64);
         let numel = len as i64;
         launch!(self, op, self.k.sumsq, Geom::new((SUMSQ_BLOCKS as u32, 1, 1), 256, 0); pp, xp,
             numel)?;
@@ -628,11 +639,15 @@ impl CudaOps {
         Ok(h.iter().sum())
     }
 
-    /// One AdamW update of one tensor (`adamw_f32`, see [`crate::train::optim::AdamW::step`]).
+    /// One AdamW update (`adamw_f32`, see [`crate::train::optim::AdamW::step`]) of elements
+    /// `at .. at + len` of the weights `p` (and their bf16 copy `p_bf16`) and the gradient `g`,
+    /// with moments `m`, `v` of `len` values: a whole tensor at `at = 0`, or a ZeRO-1 shard's
+    /// piece of one with its own moments.
     #[allow(clippy::too_many_arguments)]
     pub fn adamw(
         &self,
         p: &mut Buf,
+        at: usize,
         m: &mut Buf,
         v: &mut Buf,
         p_bf16: Option<&mut CudaSlice<bf16>>,
@@ -643,18 +658,19 @@ impl CudaOps {
         gscale: f32,
     ) -> Result<()> {
         let op = "adamw";
-        for (a, l) in [
-            ("p", p.len()),
-            ("m", m.len()),
-            ("v", v.len()),
-            ("g", g.len()),
+        let end = at.saturating_add(len);
+        for (a, l, need) in [
+            ("p", p.len(), end),
+            ("m", m.len(), len),
+            ("v", v.len(), len),
+            ("g", g.len(), end),
         ] {
-            check_len(op, a, l, len)?;
+            check_len(op, a, l, need)?;
         }
         let pb: u64 = match p_bf16 {
             Some(b) => {
-                check_len(op, "p_bf16", b.len(), len)?;
-                self.ptr_mut(b)
+                check_len(op, "p_bf16", b.len(), end)?;
+                self.ptr_mut(b) + 2 * at as u64
             }
             None => 0,
         };
@@ -662,10 +678,10 @@ impl CudaOps {
             return Ok(());
         }
         let (pp, mp, vp, gp) = (
-            self.ptr_mut(p),
+            self.ptr_mut(p) + 4 * at as u64,
             self.ptr_mut(m),
             self.ptr_mut(v),
-            self.ptr(g),
+            self.ptr(g) + 4 * at as u64,
         );
         let numel = len as i64;
         let AdamWScalars {

@@ -58,10 +58,12 @@ use crate::hf::config::ModelConfig;
 mod device;
 mod launchers;
 mod pass;
+mod zero;
 
 use device::*;
 pub use device::{AdamWScalars, Buf, CudaOps, DevInts};
 pub use pass::{forward_backward, DeviceParams};
+pub use zero::{CudaShard, CudaZeroState};
 
 /// What the training GEMMs compute in (see the module docs); storage is f32 either way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -174,6 +176,58 @@ impl CudaTrainState {
         Ok(())
     }
 
+    /// Wait for the NCCL collective just queued on the training stream (`what` names it): a
+    /// peer that died or hangs would otherwise block this rank forever at its next read-back.
+    /// Polls the stream and NCCL's asynchronous error; on an error, or after
+    /// `LLADA_DIST_TIMEOUT` seconds, aborts the communicator and returns an error.
+    pub(super) fn wait_for_nccl(&mut self, what: &str) -> Result<()> {
+        let comm = self
+            .nccl
+            .as_ref()
+            .ok_or_else(|| anyhow!("{what}: no NCCL communicator"))?;
+        let stream = self.ops.be.stream();
+        if self.reduced.is_none() {
+            self.reduced = Some(
+                stream
+                    .context()
+                    .new_event(None)
+                    .map_err(|e| anyhow!("creating the all-reduce event: {e:?}"))?,
+            );
+        }
+        let ev = self.reduced.as_ref().ok_or_else(|| anyhow!("no event"))?;
+        ev.record(stream)
+            .map_err(|e| anyhow!("recording the all-reduce event: {e:?}"))?;
+        let (limit, _) = super::dist::timeouts()?;
+        let t0 = std::time::Instant::now();
+        let failure = loop {
+            match ev.try_is_complete() {
+                Ok(true) => break None,
+                Ok(false) => {}
+                Err(e) => break Some(anyhow!("{what} failed on the GPU: {e:?}")),
+            }
+            if let Err(e) = comm.async_error() {
+                break Some(e.context(format!("{what} (a peer may have stopped)")));
+            }
+            if t0.elapsed() > limit {
+                break Some(anyhow!(
+                    "{what} did not finish within {:.0} s (LLADA_DIST_TIMEOUT): a peer is stuck \
+                     or gone",
+                    limit.as_secs_f64()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        };
+        match failure {
+            None => Ok(()),
+            Some(e) => {
+                if let Some(c) = self.nccl.take() {
+                    c.abort();
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Global L2 norm of the gradients (f64).
     pub fn grad_norm(&mut self) -> Result<f64> {
         let mut s = 0.0f64;
@@ -191,6 +245,7 @@ impl CudaTrainState {
             let len = self.params.data[i].len();
             self.ops.adamw(
                 &mut self.params.data[i],
+                0,
                 &mut self.m.data[i],
                 &mut self.v.data[i],
                 None,
@@ -228,46 +283,7 @@ impl super::StepState for CudaTrainState {
         // SAFETY: every pointer is a live gradient buffer of its length on this device, used
         // only by the training stream, on which the all-reduce is queued.
         unsafe { comm.all_reduce_sum_f32(&bufs, stream.cu_stream() as *mut c_void) }?;
-        if self.reduced.is_none() {
-            self.reduced = Some(
-                stream
-                    .context()
-                    .new_event(None)
-                    .map_err(|e| anyhow!("creating the all-reduce event: {e:?}"))?,
-            );
-        }
-        let ev = self.reduced.as_ref().ok_or_else(|| anyhow!("no event"))?;
-        ev.record(stream)
-            .map_err(|e| anyhow!("recording the all-reduce event: {e:?}"))?;
-        let (limit, _) = super::dist::timeouts()?;
-        let t0 = std::time::Instant::now();
-        let failure = loop {
-            match ev.try_is_complete() {
-                Ok(true) => break None,
-                Ok(false) => {}
-                Err(e) => break Some(anyhow!("the gradient all-reduce failed on the GPU: {e:?}")),
-            }
-            if let Err(e) = comm.async_error() {
-                break Some(e.context("the gradient all-reduce (a peer may have stopped)"));
-            }
-            if t0.elapsed() > limit {
-                break Some(anyhow!(
-                    "the gradient all-reduce did not finish within {:.0} s (LLADA_DIST_TIMEOUT): \
-                     a peer is stuck or gone",
-                    limit.as_secs_f64()
-                ));
-            }
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        };
-        match failure {
-            None => Ok(()),
-            Some(e) => {
-                if let Some(c) = self.nccl.take() {
-                    c.abort();
-                }
-                Err(e)
-            }
-        }
+        self.wait_for_nccl("the gradient all-reduce")
     }
 
     fn zero_grad(&mut self) -> Result<()> {
