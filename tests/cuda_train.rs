@@ -34,6 +34,7 @@ use llada::train::cuda::{
 };
 use llada::train::data::Sample;
 use llada::train::model::{forward_backward, forward_backward_on, Batch, Params};
+use llada::train::model::{forward_backward_with, PassOptions};
 use llada::train::ops::{self, AttnShape};
 use llada::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use llada::train::{TrainOptions, Trainer};
@@ -1350,4 +1351,48 @@ fn model_step_bf16_close_to_cpu() {
         "bf16 mode changed only {differs} of {} gradients beyond f32 rounding: is it in effect?",
         grad.names.len()
     );
+}
+
+/// Activation recomputation (`--recompute`) on each device: the same ops on the same inputs in
+/// the same order, so the loss and every gradient equal the kept-activation pass's bit for bit
+/// (the GPU's kernels and GEMMs are deterministic: see `model_step_matches_cpu`), with fewer
+/// activation floats held.
+#[test]
+fn model_step_recompute_is_bit_identical() {
+    on_each_device!(model_step_recompute_is_bit_identical_on);
+}
+
+fn model_step_recompute_is_bit_identical_on<B: TrainOps>(g: &B) {
+    let cfg = tiny();
+    let p = tiny_params(&cfg);
+    let batch = tiny_batch(&cfg, 2, 40);
+    let dp = upload_params(g, &p);
+    let zeros = Params::<f32>::zeros(&cfg);
+    let run = |recompute: bool| {
+        let mut dg = upload_params(g, &zeros);
+        let o = PassOptions { recompute };
+        let s = forward_backward_with(g, &cfg, o, &dp, &batch, &mut dg).unwrap();
+        (s, download_params(g, &dg, &zeros))
+    };
+    let (keep, gk) = run(false);
+    let (rec, gr) = run(true);
+    assert!(keep.loss.is_finite(), "loss {}", keep.loss);
+    assert_eq!(keep.loss.to_bits(), rec.loss.to_bits(), "loss");
+    assert!(rec.activation_floats < keep.activation_floats);
+    for (i, name) in gk.names.iter().enumerate() {
+        assert!(
+            gk.data[i].iter().all(|x| x.is_finite()),
+            "`{name}`: non-finite"
+        );
+        let bad = gk.data[i]
+            .iter()
+            .zip(&gr.data[i])
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        if let Some(j) = bad {
+            panic!(
+                "gradient `{name}`[{j}]: {} kept vs {} recomputed",
+                gk.data[i][j], gr.data[i][j]
+            );
+        }
+    }
 }

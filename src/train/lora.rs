@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use super::backend::{HostOps, TrainOps};
 use super::dist;
-use super::model::{forward_backward_on, Batch, Params};
+use super::model::{forward_backward_with, Batch, Params, PassOptions, PassStats};
 use super::ops::AttnShape;
 use super::optim::{AdamW, AdamWConfig};
 use super::StepState;
@@ -354,6 +354,20 @@ pub fn lora_forward_backward(
     batch: &Batch,
     grads: &mut LoraGrads,
 ) -> Result<f64> {
+    let opts = PassOptions::default();
+    Ok(lora_forward_backward_with(cfg, params, adapter, batch, grads, opts)?.loss)
+}
+
+/// [`lora_forward_backward`] with [`PassOptions`] (recomputation: the adapters' `u` `[N, r]`
+/// stay kept for every layer, the base activations are recomputed).
+pub fn lora_forward_backward_with(
+    cfg: &ModelConfig,
+    params: &Params<f32>,
+    adapter: &Adapter,
+    batch: &Batch,
+    grads: &mut LoraGrads,
+    opts: PassOptions,
+) -> Result<PassStats> {
     // Scratch for the frozen norms' `dw` (1-D tensors); the matrices get empty buffers, which
     // `LoraOps` never writes.
     let mut scratch: Vec<Vec<f32>> = params
@@ -365,7 +379,7 @@ pub fn lora_forward_backward(
         })
         .collect();
     let ops = LoraOps::new(params, adapter, grads)?;
-    forward_backward_on(&ops, cfg, &params.data, batch, &mut scratch)
+    forward_backward_with(&ops, cfg, opts, &params.data, batch, &mut scratch)
 }
 
 /// The step state of a LoRA run (module docs): frozen base, trained adapter, its gradients and
@@ -375,6 +389,8 @@ pub struct LoraStep {
     pub adapter: Adapter,
     pub grads: LoraGrads,
     pub opt: LoraAdamW,
+    /// Per-layer activation recomputation ([`PassOptions::recompute`]).
+    pub recompute: bool,
 }
 
 impl LoraStep {
@@ -384,6 +400,7 @@ impl LoraStep {
             opt: LoraAdamW::new(opt, &adapter),
             params,
             adapter,
+            recompute: false,
         }
     }
 }
@@ -394,7 +411,11 @@ impl StepState for LoraStep {
         Ok(())
     }
     fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        lora_forward_backward(cfg, &self.params, &self.adapter, batch, &mut self.grads)
+        let opts = PassOptions {
+            recompute: self.recompute,
+        };
+        let (p, ad, g) = (&self.params, &self.adapter, &mut self.grads);
+        Ok(lora_forward_backward_with(cfg, p, ad, batch, g, opts)?.loss)
     }
     fn all_reduce_grads(&mut self, group: &mut dist::HostGroup) -> Result<()> {
         for (a, b) in self.grads.modules.values_mut() {

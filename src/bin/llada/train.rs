@@ -108,6 +108,25 @@ pub struct TrainArgs {
     /// rsLoRA scaling (alpha / √rank).
     #[arg(long, requires = "lora_rank")]
     lora_rslora: bool,
+    /// Recompute each layer's activations in the backward pass instead of keeping them all:
+    /// activation memory becomes every layer's input plus one layer's activations (the same
+    /// losses and weights bit for bit, for about one more forward pass of compute).
+    #[arg(long)]
+    recompute: bool,
+}
+
+/// The start-of-run line on activation memory: the peak of one micro-batch of `b × t` tokens
+/// (at most every token a loss row), with and without recomputation.
+fn activation_note(cfg: &llada::hf::config::ModelConfig, b: usize, t: usize, on: bool) -> String {
+    use llada::train::model::activation_floats;
+    let mib = |r: bool| activation_floats(cfg, b, t, b * t, r) as f64 * 4.0 / (1u64 << 20) as f64;
+    format!(
+        "activations per micro-batch of {b} × {t} tokens: at most {:.1} MiB with \
+         --recompute, {:.1} MiB without ({})",
+        mib(true),
+        mib(false),
+        if on { "recomputing" } else { "keeping all" }
+    )
 }
 
 /// The model's tokenizer; `None` for a model without one (only token-id data then).
@@ -312,6 +331,14 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         (Trainer::new(cfg, params, opts, samples)?, tok, src, tiny)
     };
     let _ = &tok;
+    trainer.recompute = a.recompute;
+    if lead {
+        let o = &trainer.opts;
+        eprintln!(
+            "{}",
+            activation_note(&trainer.cfg, o.batch_size, o.seq_len, a.recompute)
+        );
+    }
     let mut gpu = match cuda_device {
         Some(i) => {
             let mut ops = CudaOps::new(i)?;
@@ -327,12 +354,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
                 a.precision,
                 a.precision.describe()
             );
-            Some(CudaTrainState::new(
-                ops,
-                &trainer.params,
-                &trainer.opt.m,
-                &trainer.opt.v,
-            )?)
+            let mut st = CudaTrainState::new(ops, &trainer.params, &trainer.opt.m, &trainer.opt.v)?;
+            st.recompute = a.recompute;
+            Some(st)
         }
         None => None,
     };
@@ -511,6 +535,11 @@ fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
         ..AdamWConfig::default()
     };
     let mut state = LoraStep::new(params, adapter, adam);
+    state.recompute = a.recompute;
+    eprintln!(
+        "{}",
+        activation_note(&cfg, a.batch_size, a.seq_len, a.recompute)
+    );
     // The trainer only schedules and batches: its own (full-model) tensors stay empty.
     let mut trainer = Trainer::new(cfg.clone(), Params::default(), opts, samples)?;
     let show = std::io::stderr().is_terminal();
