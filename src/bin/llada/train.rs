@@ -113,6 +113,31 @@ pub struct TrainArgs {
     /// losses and weights bit for bit, for about one more forward pass of compute).
     #[arg(long)]
     recompute: bool,
+    /// Debugging and parity: write every micro-batch (model input ids with the mask applied,
+    /// loss rows, targets, per-sequence mask probability `p`, loss weights) before its step,
+    /// and each step's loss, learning rate and gradient norm after it, as JSON lines to this
+    /// file (`bench/torch_reference.py --train-replay` replays them). Pretraining, one process.
+    #[arg(long, conflicts_with_all = ["sft", "lora_rank"])]
+    dump_batches: Option<PathBuf>,
+}
+
+/// The `--dump-batches` lines of optimizer step `trainer.step`'s micro-batches (one process:
+/// global row = row).
+fn dump_micro_batches(trainer: &mut Trainer, out: &mut impl Write) -> Result<()> {
+    let (step, o) = (trainer.step, trainer.opts.clone());
+    for k in 0..o.accum {
+        let b = trainer.micro_batch(step, k)?;
+        let micro = step * o.accum as u64 + k as u64;
+        let p: Vec<f64> = (0..b.b as u64)
+            .map(|row| llada::train::loss::mask_prob(o.seed, micro, row))
+            .collect();
+        let line = serde_json::json!({
+            "step": step, "micro": k, "b": b.b, "t": b.t, "ids": b.ids, "rows": b.rows,
+            "targets": b.targets, "p": p, "weights": b.weights,
+        });
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
 }
 
 /// The start-of-run line on activation memory: the peak of one micro-batch of `b × t` tokens
@@ -396,14 +421,34 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             tiny,
         )
     };
+    let mut dump = match &a.dump_batches {
+        Some(path) if dist.is_none() => {
+            let f = std::fs::File::create(path)
+                .with_context(|| format!("--dump-batches {}", path.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            writeln!(w, "{}", serde_json::json!({ "options": trainer.opts }))?;
+            Some(w)
+        }
+        Some(_) => bail!("--dump-batches runs as one process; pass --no-dist"),
+        None => None,
+    };
     let show = std::io::stderr().is_terminal();
     let total = trainer.opts.steps;
     while trainer.step < total {
+        if let Some(d) = dump.as_mut() {
+            dump_micro_batches(&mut trainer, d)?;
+        }
         let t0 = Instant::now();
         let s = match gpu.as_mut() {
             Some(g) => trainer.train_step_cuda(g)?,
             None => trainer.train_step()?,
         };
+        if let Some(d) = dump.as_mut() {
+            let line = serde_json::json!({
+                "step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm,
+            });
+            writeln!(d, "{line}")?;
+        }
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         // Per GPU: the step's global FLOPs over the ranks that shared them.
         let flops = s.flops / secs / world as f64;
@@ -443,6 +488,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     if show && lead {
         eprintln!();
+    }
+    if let Some(mut d) = dump.take() {
+        d.flush().context("--dump-batches")?;
     }
     if a.no_save {
         if lead {
