@@ -6,6 +6,11 @@
 //! padding mask (upstream training passes none); the LM head and the cross-entropy run only on
 //! the rows a [`Batch`] asks for (the masked tokens), each with its own loss weight, so every
 //! loss of [`super::loss`] is `Σ_r weight[r]·CE(logits[rows[r]], targets[r])`.
+//!
+//! [`forward_backward_with`] keeps every layer's activations for the backward pass, or, with
+//! [`PassOptions::recompute`], only every layer's input, recomputing a layer's activations
+//! just before its backward (bit-identical results); [`PassStats::activation_floats`] counts
+//! what it held and [`activation_floats`] gives the same number from the shapes.
 
 use std::cell::Cell;
 
