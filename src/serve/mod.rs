@@ -202,6 +202,18 @@ async fn health() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
 
+/// `type name help` of each single-value metric, in the order [`metrics`] gives the values.
+const METRICS: [&str; 8] = [
+    "gauge llada_queue_depth Requests queued or running.",
+    "counter llada_rejected_total Requests refused with 429.",
+    "counter llada_batches_total Engine batches run.",
+    "counter llada_cancelled_batches_total Batches aborted because every client left.",
+    "counter llada_generated_tokens_total Tokens generated (rows × gen_length).",
+    "counter llada_completion_tokens_total Completion tokens answered (before EOS).",
+    "counter llada_forward_passes_total Forward passes run.",
+    "counter llada_busy_seconds_total Seconds the engine was busy (tokens/s = rate(generated_tokens) / rate(busy_seconds)).",
+];
+
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let w = &st.stats;
     let mut s = String::new();
@@ -221,57 +233,20 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             st.responses[i].load(Ordering::Relaxed)
         ));
     }
-    let lines = [
-        (
-            "llada_queue_depth",
-            "gauge",
-            "Requests queued or running.",
-            st.inflight.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_rejected_total",
-            "counter",
-            "Requests refused with 429.",
-            st.rejected.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_batches_total",
-            "counter",
-            "Engine batches run.",
-            w.batches.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_cancelled_batches_total",
-            "counter",
-            "Batches aborted because every client left.",
-            w.cancelled_batches.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_generated_tokens_total",
-            "counter",
-            "Tokens generated (rows × gen_length).",
-            w.generated_tokens.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_completion_tokens_total",
-            "counter",
-            "Completion tokens answered (before EOS).",
-            st.completion_tokens.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_forward_passes_total",
-            "counter",
-            "Forward passes run.",
-            w.forward_passes.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_busy_seconds_total",
-            "counter",
-            "Seconds the engine was busy (tokens/s = rate(generated_tokens) / rate(busy_seconds)).",
-            w.busy_us.load(Ordering::Relaxed) as f64 / 1e6,
-        ),
+    let c = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let values = [
+        st.inflight.load(Ordering::Relaxed) as f64,
+        c(&st.rejected),
+        c(&w.batches),
+        c(&w.cancelled_batches),
+        c(&w.generated_tokens),
+        c(&st.completion_tokens),
+        c(&w.forward_passes),
+        c(&w.busy_us) / 1e6,
     ];
-    for (name, kind, help, v) in lines {
+    for (m, v) in METRICS.iter().zip(values) {
+        let (kind, rest) = m.split_once(' ').unwrap_or_default();
+        let (name, help) = rest.split_once(' ').unwrap_or_default();
         s.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
         ));
