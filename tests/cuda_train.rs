@@ -26,6 +26,9 @@
 //! Without a usable GPU every test prints `SKIP: <why>` and passes, unless
 //! `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
 
+#[path = "common/probe.rs"]
+mod probe;
+
 use llada::hf::config::ModelConfig;
 use llada::rng;
 use llada::train::backend::{HostOps, TrainOps};
@@ -59,18 +62,7 @@ macro_rules! on_each_device {
 }
 
 fn gpu() -> Option<CudaOps> {
-    let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let r = llada::engine::device::cuda_available()
-        .map_err(anyhow::Error::msg)
-        .and_then(|()| CudaOps::new(0));
-    match r {
-        Ok(b) => Some(b),
-        Err(e) if require => panic!("LLADA_REQUIRE_GPU=1 but no usable GPU: {e:#}"),
-        Err(e) => {
-            eprintln!("SKIP: {e:#}");
-            None
-        }
-    }
+    probe::device_or_skip(|| CudaOps::new(0))
 }
 
 /// Deterministic f32 values uniform in [-scale, scale), distinct per `tag`.
@@ -943,7 +935,14 @@ fn tiny_params(cfg: &ModelConfig) -> Params<f32> {
 
 fn tiny_batch(cfg: &ModelConfig, b: usize, t: usize) -> Batch {
     let clean = rand_ids(1100, b * t, 500);
-    llada::train::loss::pretrain_batch(&clean, b, t, cfg.mask_token_id, 3, 0, false, 1.0).unwrap()
+    llada::train::loss::pretrain_batch(
+        &clean,
+        b,
+        t,
+        false,
+        llada::train::loss::Draw::new(cfg.mask_token_id, 3, 0, 1.0),
+    )
+    .unwrap()
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {

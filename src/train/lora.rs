@@ -24,7 +24,7 @@ use super::model::{forward_backward_on, Batch, Params};
 use super::optim::{AdamW, AdamWConfig};
 use super::StepState;
 use crate::hf::config::ModelConfig;
-use crate::lora::train::{lora_linear, lora_linear_bwd, LoraAdamW, LoraGrads};
+use crate::lora::train::{lora_linear, lora_linear_bwd, Factors, LoraAdamW, LoraGrads};
 use crate::lora::{Adapter, ModuleKind};
 
 /// [`HostOps`] in f32 with an adapter's LoRA linears in place of the targeted base linears and
@@ -105,9 +105,10 @@ impl HostLinear<f32> for LoraLinear<'_> {
             return PlainLinear.forward(y, x, w, d);
         };
         let md = &self.adapter.modules[name];
-        let (r, LinearDims { n, k, m }) = (md.rank, d);
-        let mut u = vec![0.0f32; n * r];
-        lora_linear(y, &mut u, x, w, &md.a, &md.b, s, n, k, m, r);
+        let r = md.rank;
+        let mut u = vec![0.0f32; d.n * r];
+        let (a, b) = (&md.a[..], &md.b[..]);
+        lora_linear(y, &mut u, x, w, Factors { a, b, s, r }, d);
         self.saved_u.borrow_mut().insert(key(w), u);
         Ok(())
     }
@@ -127,9 +128,13 @@ impl HostLinear<f32> for LoraLinear<'_> {
         let Some((da, db)) = grads.modules.get_mut(name) else {
             bail!("LoRA training: no gradient buffers for module {name}");
         };
-        let LinearDims { n, k, m } = a.d;
-        let (fa, fb, r) = (&md.a, &md.b, md.rank);
-        lora_linear_bwd(dx, da, db, a.dy, a.x, &u, a.w, fa, fb, s, n, k, m, r);
+        let f = Factors {
+            a: &md.a,
+            b: &md.b,
+            s,
+            r: md.rank,
+        };
+        lora_linear_bwd(dx, (da, db), &u, f, a);
         Ok(())
     }
     /// The embedding is frozen (the norms' `dw` goes to the step's scratch).
