@@ -5,8 +5,12 @@
 //! The equivalence of a data-parallel step with one process over the global batch is tested in
 //! `tests/train.rs` (`data_parallel_*`); the NCCL all-reduce on GPUs in `tests/cuda_train.rs`.
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/cmp.rs"]
 mod cmp;
+#[path = "common/ranks.rs"]
+mod ranks;
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -14,7 +18,9 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use cli::text_corpus;
 use llada::train::dist::{first_host, DistEnv, HostGroup, JobKey};
+use ranks::rank_env;
 
 /// Rank, world, local rank, rendezvous address and port.
 fn placement(e: &DistEnv) -> (usize, usize, usize, &str, u16) {
@@ -115,17 +121,6 @@ const T: Duration = Duration::from_secs(30);
 /// The job key of the in-process groups.
 fn key() -> JobKey {
     JobKey::from_secret(b"the secret of this test job", None)
-}
-
-fn rank_env(rank: usize, world: usize, port: u16) -> DistEnv {
-    DistEnv {
-        rank,
-        world,
-        local_rank: rank,
-        master_addr: "127.0.0.1".into(),
-        master_port: port,
-        source: "test",
-    }
 }
 
 /// `world` ranks in threads, each running `f` on its joined group.
@@ -367,15 +362,9 @@ fn train_cmd(paths: &[&str], flags: &str, env: &[(&str, String)]) -> Command {
 }
 
 fn corpus(dir: &std::path::Path) -> PathBuf {
-    let data = dir.join("corpus.jsonl");
-    let mut text = String::new();
-    for i in 0..24 {
-        text.push_str(&format!(
-            "{{\"text\": \"a dog ran to the park {i} times. \"}}\n"
-        ));
-    }
-    std::fs::write(&data, text).unwrap();
-    data
+    text_corpus(&dir.join("corpus.jsonl"), 24, |i| {
+        format!("a dog ran to the park {i} times. ")
+    })
 }
 
 fn free_port() -> u16 {

@@ -2,11 +2,16 @@
 //! losses' masking rules, AdamW, data, and end-to-end runs (loss falls, save → load → generate,
 //! resume equals an uninterrupted run).
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/cmp.rs"]
 mod cmp;
 #[path = "common/fd.rs"]
 mod fd;
+#[path = "common/ranks.rs"]
+mod ranks;
 
+use cli::text_corpus;
 use fd::check_grad;
 use llada::hf::config::ModelConfig;
 use llada::rng::{bits, cell_key, uniform};
@@ -551,8 +556,9 @@ fn adamw_matches_the_pytorch_update_rule() {
 // Runs.
 
 use llada::train::data::Sample;
-use llada::train::dist::{DistEnv, HostGroup, JobKey};
+use llada::train::dist::{HostGroup, JobKey};
 use llada::train::{StepStats, TrainOptions, Trainer};
+use ranks::rank_env;
 
 fn run_config() -> ModelConfig {
     ModelConfig {
@@ -706,17 +712,7 @@ fn join_local(
     let key = JobKey::from_secret(b"a test job secret", None);
     let g = match listener {
         Some(l) => HostGroup::serve(l, world, fp, &key, secs, secs)?,
-        None => {
-            let env = DistEnv {
-                rank,
-                world,
-                local_rank: rank,
-                master_addr: "127.0.0.1".into(),
-                master_port: port,
-                source: "test",
-            };
-            HostGroup::connect(&env, fp, &key, secs, secs)?
-        }
+        None => HostGroup::connect(&rank_env(rank, world, port), fp, &key, secs, secs)?,
     };
     tr.join_group(g)
 }
@@ -879,14 +875,9 @@ fn ranks_with_different_data_refuse_to_train() {
 #[test]
 fn cli_train_saves_a_folder_generate_loads_and_resume_continues() {
     let dir = tmpdir("cli");
-    let data = dir.join("corpus.jsonl");
-    let mut text = String::new();
-    for i in 0..30 {
-        text.push_str(&format!(
-            "{{\"text\": \"the cat sat on mat number {i}. \"}}\n"
-        ));
-    }
-    std::fs::write(&data, text).unwrap();
+    let data = text_corpus(&dir.join("corpus.jsonl"), 30, |i| {
+        format!("the cat sat on mat number {i}. ")
+    });
     let out = dir.join("ck");
     let base = cpu_train_args(data.to_str().unwrap(), out.to_str().unwrap());
     let mut a = vec!["train", "--preset", "tiny", "--steps", "4"];
@@ -903,23 +894,13 @@ fn cli_train_saves_a_folder_generate_loads_and_resume_continues() {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     // The folder is a model `llada generate` loads.
-    let o = llada(&[
-        "generate",
-        "--model",
-        out.to_str().unwrap(),
-        "--prompt-ids",
-        "5,6,7",
-        "--gen-length",
-        "8",
-        "--steps",
-        "8",
-        "--block-length",
-        "8",
-        "--device",
-        "cpu",
-        "--format",
-        "json",
-    ]);
+    let mut a = vec!["generate", "--model", out.to_str().unwrap()];
+    a.extend(
+        "--prompt-ids 5,6,7 --gen-length 8 --steps 8 --block-length 8 --device cpu"
+            .split_whitespace(),
+    );
+    a.extend(["--format", "json"]);
+    let o = llada(&a);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["ids"][0].as_array().unwrap().len(), 8, "generated ids");

@@ -114,29 +114,9 @@ pub fn lora_linear_bwd<T: Real>(
             }
         });
     // dB[j, :] += s·Σ_i dy[i, j]·u[i, :]
-    db[..m * r]
-        .par_chunks_mut(r)
-        .enumerate()
-        .for_each(|(j, dbr)| {
-            for i in 0..n {
-                let g = s * dy[i * m + j];
-                for (o, &uv) in dbr.iter_mut().zip(&u[i * r..(i + 1) * r]) {
-                    *o += g * uv;
-                }
-            }
-        });
+    add_scaled_outer(&mut db[..m * r], s, (dy, m), (u, r), n);
     // dA[q, :] += s·Σ_i e[i, q]·x[i, :]
-    da[..r * k]
-        .par_chunks_mut(k)
-        .enumerate()
-        .for_each(|(q, dar)| {
-            for i in 0..n {
-                let g = s * e[i * r + q];
-                for (o, &xv) in dar.iter_mut().zip(&x[i * k..(i + 1) * k]) {
-                    *o += g * xv;
-                }
-            }
-        });
+    add_scaled_outer(&mut da[..r * k], s, (&e, r), (x, k), n);
     if let Some(dx) = dx {
         dx[..n * k]
             .par_chunks_mut(k)
@@ -157,6 +137,25 @@ pub fn lora_linear_bwd<T: Real>(
                 }
             });
     }
+}
+
+/// `out[j, :] += s·Σ_{i < n} g[i, j]·v[i, :]` (`g` rows of `gw`, `v` and `out` rows of `w`), i
+/// ascending.
+fn add_scaled_outer<T: Real>(
+    out: &mut [T],
+    s: T,
+    (g, gw): (&[T], usize),
+    (v, w): (&[T], usize),
+    n: usize,
+) {
+    out.par_chunks_mut(w).enumerate().for_each(|(j, or)| {
+        for i in 0..n {
+            let c = s * g[i * gw + j];
+            for (o, &vv) in or.iter_mut().zip(&v[i * w..(i + 1) * w]) {
+                *o += c * vv;
+            }
+        }
+    });
 }
 
 /// `dA += s·Bᵀ·G` `[r, K]` and `dB += s·G·Aᵀ` `[M, r]` from the dense gradient `G` `[M, K]` of

@@ -24,22 +24,16 @@ use super::api::{
 use super::state::{err_response, finish, json_response, now, read_body, AppState, Slot};
 use super::worker::{Event, GenJob, Work};
 
-pub(super) async fn completions(
+/// `POST /v1/completions` (`CHAT` false, endpoint 0) and `POST /v1/chat/completions` (`CHAT`
+/// true, endpoint 1).
+pub(super) async fn completions<const CHAT: bool>(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let r = generate_endpoint(&st, headers, body, Kind::Completion).await;
-    finish(&st, 0, r)
-}
-
-pub(super) async fn chat_completions(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let r = generate_endpoint(&st, headers, body, Kind::Chat).await;
-    finish(&st, 1, r)
+    let kind = if CHAT { Kind::Chat } else { Kind::Completion };
+    let r = generate_endpoint(&st, headers, body, kind).await;
+    finish(&st, usize::from(CHAT), r)
 }
 
 async fn generate_endpoint(

@@ -37,7 +37,7 @@ use crate::loglik::LoglikParams;
 
 use api::{parse_body, LoglikRequest, PromptOne};
 pub use api::{ApiError, GenDefaults, Limits};
-use generate::{chat_completions, completions};
+use generate::completions;
 pub use state::ServeConfig;
 use state::{err_response, finish, json_response, read_body, AppState, ENDPOINTS};
 use worker::{Event, Job, Work, WorkerStats};
@@ -336,8 +336,8 @@ pub fn run(cfg: ServeConfig, mut opened: Opened, device: DeviceChoice) -> Result
         rejected: AtomicU64::new(0),
     });
     let app = Router::new()
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions::<false>))
+        .route("/v1/chat/completions", post(completions::<true>))
         .route("/v1/loglikelihood", post(loglikelihood))
         .route("/v1/models", get(models))
         .route("/health", get(health))

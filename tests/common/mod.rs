@@ -105,6 +105,12 @@ pub fn assert_mostly_same(what: &str, cpu: &[Vec<u32>], gpu: &[Vec<u32>]) {
     );
 }
 
+/// [`sharp_tiny`] on the GPU and on the bf16 CPU reference, or `None` (skipped) without a GPU.
+pub fn sharp_pair() -> Option<(Model<CudaBackend>, Model<CpuBackend>)> {
+    let g = gpu()?;
+    Some((sharp_tiny(g), sharp_tiny(CpuBackend::new(DType::BF16))))
+}
+
 /// The `tiny` preset's shapes with random matrices of std 0.2 instead of 0.02: logits spread
 /// over several units, so argmax and top-k decisions are rarely decided by a bf16 near-tie
 /// (the std-0.02 preset gives nearly uniform logits, where every decision is a near-tie).
