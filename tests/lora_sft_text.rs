@@ -10,7 +10,7 @@ use llada::lora::train::{init_adapter, LoraGrads};
 use llada::lora::Adapter;
 use llada::train::data::Sample;
 use llada::train::lora::{lora_forward_backward, LoraStep};
-use llada::train::loss::sft_batch;
+use llada::train::loss::{sft_batch, Draw};
 use llada::train::model::Params;
 use llada::train::optim::AdamWConfig;
 use llada::train::{TrainOptions, Trainer};
@@ -62,10 +62,7 @@ fn held_out_loss(
             &prompts,
             held.len(),
             T,
-            cfg.mask_token_id,
-            seed,
-            0,
-            1.0,
+            Draw::new(cfg.mask_token_id, seed, 0, 1.0),
         );
         let mut g = LoraGrads::zeros_like(ad);
         total += lora_forward_backward(cfg, p, ad, &b.unwrap(), &mut g).unwrap();

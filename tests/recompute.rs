@@ -8,7 +8,7 @@ use llada::hf::presets::{preset_checkpoint, preset_config};
 use llada::lora::train::{init_adapter, LoraGrads};
 use llada::train::data::Sample;
 use llada::train::lora::{lora_forward_backward_with, LoraStep};
-use llada::train::loss::pretrain_batch;
+use llada::train::loss::{pretrain_batch, Draw};
 use llada::train::model::{
     activation_floats, forward_backward, forward_backward_host, layer_activation_floats, Batch,
     Params, PassOptions, PassStats,
@@ -43,7 +43,7 @@ fn batch(cfg: &ModelConfig, b: usize, t: usize, step: u64) -> Batch {
     let clean: Vec<u32> = (0..b * t)
         .map(|i| 1 + ((i * 37 + 11) % 499) as u32)
         .collect();
-    pretrain_batch(&clean, b, t, cfg.mask_token_id, 5, step, false, 1.0).unwrap()
+    pretrain_batch(&clean, b, t, false, Draw::new(cfg.mask_token_id, 5, step, 1.0)).unwrap()
 }
 
 /// Equal bit patterns (so a NaN on one side, or both, fails unless both are the same NaN —

@@ -359,12 +359,14 @@ impl Trainer {
             clean.extend_from_slice(&self.samples[idx].ids);
             prompt_lens.push(self.samples[idx].prompt_len);
         }
-        let scale = 1.0 / o.accum as f64;
-        let mask = self.cfg.mask_token_id;
+        let d = loss::Draw {
+            span: Some(span),
+            ..loss::Draw::new(self.cfg.mask_token_id, o.seed, micro, 1.0 / o.accum as f64)
+        };
         if o.sft {
-            loss::sft_batch_span(&clean, &prompt_lens, b, t, mask, o.seed, micro, scale, span)
+            loss::sft_batch(&clean, &prompt_lens, b, t, d)
         } else {
-            loss::pretrain_batch_span(&clean, b, t, mask, o.seed, micro, o.truncate, scale, span)
+            loss::pretrain_batch(&clean, b, t, o.truncate, d)
         }
     }
 

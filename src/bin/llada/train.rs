@@ -155,6 +155,28 @@ fn activation_note(cfg: &llada::hf::config::ModelConfig, b: usize, t: usize, on:
 }
 
 /// The model's tokenizer; `None` for a model without one (only token-id data then).
+impl TrainArgs {
+    /// The trainer's options for a run over `world` processes (`steps` defaults to 100).
+    fn options(&self, world: usize) -> TrainOptions {
+        let a = self;
+        TrainOptions {
+            steps: a.steps.unwrap_or(100),
+            batch_size: a.batch_size,
+            accum: a.accum,
+            seq_len: a.seq_len,
+            lr: a.lr,
+            warmup: a.warmup,
+            schedule: a.schedule.clone(),
+            weight_decay: a.weight_decay,
+            clip: a.clip,
+            seed: a.seed,
+            sft: a.sft,
+            truncate: !a.no_truncate,
+            world,
+        }
+    }
+}
+
 fn tokenizer_for(
     opened_tok: Option<Tokenizer>,
     tiny: bool,
@@ -322,21 +344,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         let cfg = opened.cfg.clone();
         let params = Params::<f32>::from_checkpoint(&cfg, &opened.ckpt)?;
         let tok = tokenizer_for(opened.tokenizer, tiny, &a.out, &cfg, lead)?;
-        let opts = TrainOptions {
-            steps: a.steps.unwrap_or(100),
-            batch_size: a.batch_size,
-            accum: a.accum,
-            seq_len: a.seq_len,
-            lr: a.lr,
-            warmup: a.warmup,
-            schedule: a.schedule.clone(),
-            weight_decay: a.weight_decay,
-            clip: a.clip,
-            seed: a.seed,
-            sft: a.sft,
-            truncate: !a.no_truncate,
-            world,
-        };
+        let opts = a.options(world);
         checkpoint::check_options(&opts, &cfg)?;
         let samples = load_samples(&a.data, a.sft, tok.as_ref(), &cfg, a.seq_len)?;
         if lead {
@@ -545,21 +553,7 @@ fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
     let adapter =
         llada::lora::train::init_adapter(&cfg, &targets, rank, a.lora_alpha, a.lora_rslora, a.seed)
             .context("--lora-rank / --lora-targets")?;
-    let opts = TrainOptions {
-        steps: a.steps.unwrap_or(100),
-        batch_size: a.batch_size,
-        accum: a.accum,
-        seq_len: a.seq_len,
-        lr: a.lr,
-        warmup: a.warmup,
-        schedule: a.schedule.clone(),
-        weight_decay: a.weight_decay,
-        clip: a.clip,
-        seed: a.seed,
-        sft: a.sft,
-        truncate: !a.no_truncate,
-        world: 1,
-    };
+    let opts = a.options(1);
     checkpoint::check_options(&opts, &cfg)?;
     let samples = load_samples(&a.data, a.sft, tok.as_ref(), &cfg, a.seq_len)?;
     let n_lora: usize = adapter
