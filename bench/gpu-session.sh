@@ -16,6 +16,21 @@ export LLADA_REQUIRE_NCCL=1
 
 GPU_CHECK_BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:---breakdown}" bash gpu-check.sh run "$res" 2>&1 | tee "$res/gpu-check.log" | tail -n 60
 
+# FA2-class attention (LLADA_ATTN=fa2, off by default until this passes): the GPU parity suite
+# (its fa2_* tests call the kernel explicitly; with the variable set every other test, the graph
+# and generation ones included, runs on it too) and the Fast-dLLM cache tests, then the same
+# llada-bench rows with and without it (the kernel harness above also times both kernels).
+echo "== LLADA_ATTN=fa2: cuda_parity and cache gpu_ tests on the FA2 attention kernels"
+for t in "test-cuda_parity" "test-cache gpu_"; do
+    LLADA_ATTN=fa2 LLADA_REQUIRE_GPU=1 timeout "${T_FA2_TEST:-300}" test-bins/$t >"$res/fa2-${t%% *}.log" 2>&1
+    echo "exit $? ($t): $(grep -E '^test result' "$res/fa2-${t%% *}.log" | tail -n 1)"
+    grep -E '^test .* FAILED$|panicked at' "$res/fa2-${t%% *}.log" | head -n 10
+done
+echo "== llada-bench: attention kernels, default vs LLADA_ATTN=fa2 (cache none and dual, steps 64, batch 1 and 8)"
+for attn in mma fa2; do
+    LLADA_ATTN=$attn timeout "${T_FA2_BENCH:-150}" bin/llada-bench --cache none,dual --steps 64 --batch 1,8 \
+        --json "$res/bench-attn-$attn.json" 2>&1 | tee "$res/bench-attn-$attn.log" | grep -v '^note'
+done
 echo "== llada-bench: Fast-dLLM caches (steps 256 schedule, and threshold 0.9)"
 timeout "${T_CACHE:-150}" bin/llada-bench --cache none,prefix,dual --threshold 0.9 --steps 256 \
     --json "$res/bench-cache.json" 2>&1 | tee "$res/bench-cache.log" | grep -v '^note'
