@@ -437,7 +437,7 @@ attention_combine_bf16(bf16* __restrict__ out, const float* __restrict__ part_o,
 // One symbol per (head dim, query rows): hd64/hd128 × q32 (2 warps) / q64 (4 warps); each warp
 // owns 16 query rows and does the same per-row arithmetic in every variant, so a row's result
 // does not depend on the variant, on the tile it sits in, or on which rows share the call.
-// Other head dims: no symbol (the launcher falls back to / errors like the kernels above).
+// Other head dims: no symbol (the launcher rejects them with the kernels' head-dim error).
 //
 // (out, part_o, part_ml, q, k, v, key_valid /* nullable [B·L] */, long long qstride,
 //  long long kvstride, int b, int tq, int l, int nh, int nkv, int chunk, int splits)
