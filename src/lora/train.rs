@@ -41,20 +41,11 @@ use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;
 use crate::hf::write::HostTensor;
 use crate::train::backend::{LinearBwd, LinearDims};
-use crate::train::ops::Real;
+use crate::train::ops::{dot, Real};
 use crate::train::optim::{adamw_update, AdamWConfig, AdamWStep};
 
 /// Counter-RNG stream of the adapters' initial `A` values (keyed by module index and element).
 pub const STREAM_LORA_INIT: u64 = 21;
-
-#[inline]
-fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    let mut s = T::zero();
-    for (&x, &y) in a.iter().zip(b) {
-        s += x * y;
-    }
-    s
-}
 
 /// The adapter of one linear: `A` `[r, K]`, `B` `[M, r]`, scale `s`.
 #[derive(Clone, Copy, Debug)]
