@@ -23,9 +23,10 @@
 //!   and loss rows' scalars, the logits, overwritten by their gradient);
 //! - the backward pass's scratch: `n·(2C + 3F + 2·QW + 2·KW + NH)`.
 //!
-//! All layers kept: `A = L·layer + rest`; with per-layer recomputation (`--recompute`, issue 17
-//! item 3) only the layers' inputs (`L·n·C`) stay, and one layer's activations are rebuilt at a
-//! time: `A = L·n·C + layer + rest`.
+//! All layers kept: `A = L·layer + rest`; with per-layer recomputation (`--recompute`) only the
+//! layers' inputs (`L·n·C`) stay, and one layer's activations beyond its input are rebuilt at a
+//! time: `A = L·n·C + (layer − n·C) + rest`. The numbers are
+//! [`super::model::activation_floats`]'s, the pass's own accounting.
 //!
 //! Not counted: the CUDA context and cuBLAS workspace (a few hundred MiB), allocator
 //! fragmentation, the data and token ids (small), and rank 0's host memory while it saves.
@@ -75,24 +76,12 @@ pub struct MemoryPlan {
     pub activations_recompute: u64,
 }
 
-/// Activation values (not bytes) of one micro-batch of `n` tokens: (all layers kept, with
-/// per-layer recomputation). See the module docs.
-pub fn activation_values(cfg: &ModelConfig, n: u64) -> (u64, u64) {
-    let (c, nh, f, v, l) = (
-        cfg.d_model as u64,
-        cfg.n_heads as u64,
-        cfg.mlp_hidden_size as u64,
-        cfg.embedding_size as u64,
-        cfg.n_layers as u64,
-    );
-    let (qw, kw) = (
-        nh * cfg.head_dim() as u64,
-        cfg.n_kv_heads as u64 * cfg.head_dim() as u64,
-    );
-    let layer = n * (4 * c + 2 * qw + 2 * kw + nh + 2 + 3 * f);
-    let r = n;
-    let rest = 2 * n * c + r * (4 * c + 2 + v) + n * (2 * c + 3 * f + 2 * qw + 2 * kw + nh);
-    (l * layer + rest, l * n * c + layer + rest)
+/// Activation values (not bytes) of one micro-batch of `b × t` tokens, every token a loss
+/// row: (all layers kept, with per-layer recomputation), from
+/// [`super::model::activation_floats`] (the buffers the pass allocates).
+pub fn activation_values(cfg: &ModelConfig, b: usize, t: usize) -> (u64, u64) {
+    let f = |r| super::model::activation_floats(cfg, b, t, b * t, r) as u64;
+    (f(false), f(true))
 }
 
 /// The plan of a run of `cfg` with micro-batches of `batch_size × seq_len` tokens per rank over
@@ -126,7 +115,7 @@ pub fn plan(
         Storage::F32 => (4, 0, 4),
         Storage::Bf16 => (2, 4 * shard, 2),
     };
-    let (kept, rec) = activation_values(cfg, (batch_size * seq_len) as u64);
+    let (kept, rec) = activation_values(cfg, batch_size, seq_len);
     Ok(MemoryPlan {
         storage,
         params: p,

@@ -224,7 +224,11 @@ impl ZeroStep {
         let (m, v) = (layout.shard_of(&opt.m)?, layout.shard_of(&opt.v)?);
         let mut grad = params.clone();
         grad.fill_zero();
-        let host = HostStep { params, grad };
+        let host = HostStep {
+            params,
+            grad,
+            recompute: false,
+        };
         Sharded::with_store(HostShard { host, m, v }, &sizes, world, rank)
     }
 }
@@ -248,7 +252,7 @@ impl ShardStore for HostShard {
     }
     fn update(&mut self, pieces: &[Piece], u: &Update) -> Result<()> {
         let s = AdamWStep::new(&u.cfg, u.t, u.lr);
-        let HostStep { params, grad } = &mut self.host;
+        let HostStep { params, grad, .. } = &mut self.host;
         for p in pieces {
             let (i, r, n) = (p.tensor, p.range.clone(), p.range.len());
             // PyTorch clip_grad_norm_, as optim::clip_grad_norm, on the piece.
@@ -342,7 +346,8 @@ impl Trainer {
             g.world
         );
         let (world, rank) = (g.world, g.rank);
-        let z = ZeroStep::new(std::mem::take(&mut self.params), &self.opt, world, rank)?;
+        let mut z = ZeroStep::new(std::mem::take(&mut self.params), &self.opt, world, rank)?;
+        z.store.host.recompute = self.recompute;
         self.grad = Params::default();
         self.opt.m = Params::default();
         self.opt.v = Params::default();
