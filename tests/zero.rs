@@ -616,3 +616,22 @@ fn cli_memory_plan_prints_without_loading_anything() {
     assert!(line("AdamW moments").contains("7.47 GiB"), "{s}");
     assert!(line("weights (whole model)").contains("29.86 GiB"), "{s}");
 }
+
+#[test]
+fn zero1_with_recompute_takes_the_same_steps() {
+    // The sharded state carries the trainer's --recompute (bit-identical by construction).
+    let o = options(2, 2, 2);
+    let kept = run(o.clone(), true, 2, None);
+    let recomputed = in_ranks(2, move |_, g| {
+        let mut tr = Trainer::new(small(), small_params(), o.clone(), samples()).unwrap();
+        tr.recompute = true;
+        tr.join_group(g).unwrap();
+        let mut z = tr.shard_optimizer().unwrap();
+        assert!(z.store.host.recompute, "the sharded state lost --recompute");
+        for _ in 0..2 {
+            tr.train_step_on(&mut z).unwrap();
+        }
+        z.store.host.params
+    });
+    assert_same_bits(&recomputed[0], &kept[0].params, "--recompute vs all kept");
+}
