@@ -21,6 +21,7 @@ use crate::backend::head::SelectParams;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 
+pub mod commit;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
@@ -297,6 +298,23 @@ pub trait Backend {
         r: usize,
         v: usize,
         p: &SelectParams,
+    ) -> Result<()>;
+
+    /// The step's commit selection on the device ([`commit::commit_rows`] is the reference): per
+    /// batch row `br`, the requested rows `seg[br]..seg[br+1]` whose token `ids[rows[i]]` is still
+    /// `s.mask_id` are ranked by `conf` ([`commit::commit_select`]) and the ones `s.rule` keeps
+    /// (with quota `plan[b + 1 + br]`) get `commit[i] = tok[i]`; every other of the `R` rows gets
+    /// −1. `plan` is `[2B + 1]`: the offsets `seg`, then the quotas.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_select(
+        &self,
+        commit: &mut Self::Ints,
+        tok: &Self::Ints,
+        conf: &Self::F32s,
+        rows: &Self::Ints,
+        ids: &Self::Ints,
+        plan: &Self::Ints,
+        s: commit::CommitShape,
     ) -> Result<()>;
 
     /// Log-probability of a target token under the softmax of each logits row (reference §5.1,

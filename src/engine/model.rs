@@ -159,13 +159,13 @@ pub struct Workspace<B: Backend> {
     pub max_tokens: usize,
     pub max_rows: usize,
     /// Token ids `[N]`.
-    ids: B::Ints,
+    pub(crate) ids: B::Ints,
     /// Positions `[N]`.
     pos: B::Ints,
     /// Key validity `[N]` (1 = attend).
     key_valid: B::Ints,
     /// Flat token indices of the LM-head rows `[R]`.
-    rows: B::Ints,
+    pub(crate) rows: B::Ints,
     /// RNG keys of the LM-head rows `[R, 2]`: (batch row, position).
     pub(crate) keys: B::Ints,
     /// Chosen tokens `[R]`.

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod cmp;
+pub mod select;
 
 use anyhow::Result;
 

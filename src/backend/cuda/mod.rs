@@ -86,6 +86,7 @@ struct Kernels {
     head_select: dsys::CUfunction,
     topk_select: dsys::CUfunction,
     threshold_select: dsys::CUfunction,
+    commit_select: dsys::CUfunction,
     fill_random: dsys::CUfunction,
     fill_const: dsys::CUfunction,
     f32_to_bf16: dsys::CUfunction,
@@ -422,6 +423,19 @@ impl Backend for CudaBackend {
         let (nr, c_) = (int(op, "nrows", nrows)?, int(op, "c", c)?);
         launch!(&self.stream, op, self.k.gather_rows, rows_geom(nrows, ROW_THREADS); o, xp, r, nr,
             c_)
+    }
+
+    fn commit_select(
+        &self,
+        commit: &mut Self::Ints,
+        tok: &Self::Ints,
+        conf: &Self::F32s,
+        rows: &Self::Ints,
+        ids: &Self::Ints,
+        plan: &Self::Ints,
+        s: crate::backend::commit::CommitShape,
+    ) -> Result<()> {
+        self.launch_commit_select(commit, tok, conf, rows, ids, plan, s)
     }
 
     fn log_prob(
