@@ -26,6 +26,8 @@
 //! - select: tokens **identical** (integer logits force ties; Gumbel noise is the bit-exact
 //!   counter RNG in f64); confidence **≤ 1 bf16 ulp** (its softmax sum order and `expf` differ).
 //! - top-k / threshold selection: **identical** to `head::top_k` / `head::threshold_select`.
+//! - rope_kv_store (fused RoPE + cache store): **bit-exact** against `rope` then `kv_store`
+//!   (the same f32 operations, rounded once); a cached generation with it equals the unfused one.
 //! - the step's commit selection (`commit_select`, quota / threshold / factor): **identical** to
 //!   `commit::commit_rows` (integer ranks and copied tokens; f64 compares of f32 values); and a
 //!   whole generation with the selection on the GPU equals the host-selected one in every mode.
@@ -940,6 +942,108 @@ fn device_select_generation_equals_host_select() {
     prompts[0][2] = m.cfg.mask_token_id;
     let base = common::gen_params(&m.cfg, 12, 24, 8);
     let n = common::select::assert_paths_agree(&m, &prompts, &base);
+    assert!(n > 0);
+}
+
+/// The host inputs of one RoPE + cache store: qkv, k_cache, v_cache, pos, cos, sin.
+type RopeKvIo<'a> = (
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+    &'a [i32],
+    &'a [f32],
+    &'a [f32],
+);
+
+/// `rope_kv_store` (`fused`) or `rope` then `kv_store` on `be`; returns (qkv, k_cache, v_cache).
+fn run_rope_kv<B: Backend>(
+    be: &B,
+    fused: bool,
+    (qkv, kc0, vc0, pos, cos, sin): RopeKvIo<'_>,
+    q0: usize,
+    s: CachedAttnShape,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (b, tq, l, nh, nkv, hd) = s.dims();
+    let (w, kw) = ((nh + 2 * nkv) * hd, nkv * hd);
+    let mut x = act(be, qkv, b * tq, w);
+    let mut kc = act(be, kc0, b * l, kw);
+    let mut vc = act(be, vc0, b * l, kw);
+    let (p, cs, sn) = (ints(be, pos), f32s(be, cos), f32s(be, sin));
+    if fused {
+        be.rope_kv_store(&mut x, (&mut kc, &mut vc), (&p, &cs, &sn), q0, s)
+            .unwrap();
+    } else {
+        be.rope(&mut x, &p, &cs, &sn, b * tq, nh, nkv, hd).unwrap();
+        be.kv_store(&mut kc, &mut vc, &x, q0, s).unwrap();
+    }
+    (
+        be.read_act(&x, b * tq * w).unwrap(),
+        be.read_act(&kc, b * l * kw).unwrap(),
+        be.read_act(&vc, b * l * kw).unwrap(),
+    )
+}
+
+/// `rope_kv_store` (one pass) against the CPU's default, `rope` then `kv_store`: the rotated
+/// qkv and both caches bit-exact, at odd shapes, spans at the start, middle and end of the cache;
+/// cache rows outside the span keep their (random) values.
+#[test]
+fn rope_kv_store_matches_rope_then_kv_store() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for &(b, tq, l, q0, nh, nkv, hd) in &[
+        (1usize, 1usize, 1usize, 0usize, 1usize, 1usize, 2usize),
+        (2, 5, 13, 4, 3, 1, 10),
+        (3, 7, 7, 0, 4, 2, 64),
+        (2, 32, 97, 65, 8, 8, 128),
+    ] {
+        let s = CachedAttnShape {
+            b,
+            tq,
+            l,
+            nh,
+            nkv,
+            hd,
+        };
+        let w = (nh + 2 * nkv) * hd;
+        let kw = nkv * hd;
+        let qkv = rand_vec(1200 + hd as u64, b * tq * w, 2.0);
+        let kc0 = rand_vec(1300 + l as u64, b * l * kw, 1.0);
+        let vc0 = rand_vec(1400 + l as u64, b * l * kw, 1.0);
+        let (cos, sin) = rope_tables(10000.0, hd, l);
+        let pos: Vec<i32> = (0..b).flat_map(|_| (q0 as i32)..(q0 + tq) as i32).collect();
+        let io = (&qkv[..], &kc0[..], &vc0[..], &pos[..], &cos[..], &sin[..]);
+        let want = run_rope_kv(&c, true, io, q0, s);
+        if q0 + tq > 1 {
+            assert_ne!(want.0, qkv, "RoPE changed nothing (weak case)");
+        }
+        for fused in [false, true] {
+            let got = run_rope_kv(&g, fused, io, q0, s);
+            let what = format!("rope_kv_store fused={fused} {s:?} q0={q0}");
+            for (name, gv, wv) in [
+                ("qkv", &got.0, &want.0),
+                ("k_cache", &got.1, &want.1),
+                ("v_cache", &got.2, &want.2),
+            ] {
+                if let Some(i) = (0..wv.len()).find(|&i| gv[i].to_bits() != wv[i].to_bits()) {
+                    panic!("{what} {name}[{i}]: got {} want {}", gv[i], wv[i]);
+                }
+            }
+        }
+    }
+}
+
+/// A whole cached generation with the fused glue on the GPU (`LLADA_FUSED=1`) against the
+/// unfused ops on the same GPU: identical in every decoding mode.
+#[test]
+fn fused_generation_equals_unfused() {
+    let Some(g) = gpu() else { return };
+    let Some(g2) = gpu() else { return };
+    let plain = common::sharp_tiny(g);
+    let mut fused = common::sharp_tiny(g2);
+    fused.set_fused(true);
+    let prompts = vec![vec![5, 17, 3, 9, 250, 12, 40], vec![31, 8, 77]];
+    let base = common::gen_params(&plain.cfg, 12, 24, 8);
+    let n = common::select::assert_runs_agree((&plain, false), (&fused, true), &prompts, &base);
     assert!(n > 0);
 }
 

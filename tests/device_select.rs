@@ -2,7 +2,8 @@
 //! `Backend::commit_select`) against the sampler's host selection, on the CPU backend: both
 //! run `backend::commit::commit_select`, so any difference is in the plumbing (segment offsets,
 //! quotas, which requested rows are still candidates, the commits written back). The CUDA
-//! kernel's own check is tests/cuda_parity.rs.
+//! kernel's own check is tests/cuda_parity.rs. Also the fused glue switch (`LLADA_FUSED=1`)
+//! against the unfused ops.
 
 mod common;
 
@@ -76,4 +77,18 @@ fn device_select_refuses_unsorted_rows_and_short_quotas() {
     let v = m.cfg.embedding_size as i32;
     assert!(out.iter().all(|&c| c < v), "{out:?}");
     let _ = m.backend.name();
+}
+
+/// `LLADA_FUSED=1` (`Model::set_fused`): the cached steps run RoPE and the cache store as one
+/// op (`Backend::rope_kv_store`; on the CPU its default, the two ops in turn) and skip the
+/// separate store: generation must not change, in any mode (the plain ones have no cache and
+/// must be untouched too). Would fail if the fused path forgot the store.
+#[test]
+fn fused_glue_equals_unfused_in_every_mode() {
+    let plain = common::sharp_tiny(CpuBackend::new(DType::BF16));
+    let mut fused = common::sharp_tiny(CpuBackend::new(DType::BF16));
+    fused.set_fused(true);
+    let base = common::gen_params(&plain.cfg, 12, 24, 8);
+    let n = common::select::assert_runs_agree((&plain, false), (&fused, true), &prompts(), &base);
+    assert!(n > 0);
 }

@@ -256,6 +256,24 @@ pub trait Backend {
         s: CachedAttnShape,
     ) -> Result<()>;
 
+    /// [`Backend::rope`] on the `B·TQ` rows of `qkv` (positions `rope.0`, tables `rope.1`,
+    /// `rope.2`) fused with [`Backend::kv_store`] of the rotated k and the v into rows
+    /// `[q0, q0 + TQ)` of `k_cache`, `v_cache`: one pass over the projection's output where the
+    /// backend has the kernel (CUDA: `rope_kv_store_bf16`). This default runs the two ops in
+    /// turn and is the reference; a fused kernel must equal it bit for bit.
+    fn rope_kv_store(
+        &self,
+        qkv: &mut Self::Act,
+        (k_cache, v_cache): (&mut Self::Act, &mut Self::Act),
+        rope: (&Self::Ints, &Self::F32s, &Self::F32s),
+        q0: usize,
+        s: CachedAttnShape,
+    ) -> Result<()> {
+        let (pos, cos, sin) = rope;
+        self.rope(qkv, pos, cos, sin, s.b * s.tq, s.nh, s.nkv, s.hd)?;
+        self.kv_store(k_cache, v_cache, qkv, q0, s)
+    }
+
     /// Bidirectional attention of the `TQ` queries per batch row in the q part of `qkv`
     /// (`[B·TQ, (NH+2·NKV)·HD]`; its k/v parts are ignored) over the `L` keys and values per batch
     /// row of `k_cache`, `v_cache` (`[B, L, NKV·HD]`), into `out` `[B·TQ, NH·HD]`, scale 1/√HD.

@@ -1,4 +1,5 @@
-//! Host-select against device-select (`LLADA_DEVICE_SELECT`): the same model generates with the
+//! Host-select against device-select (`LLADA_DEVICE_SELECT`), and fused glue against unfused
+//! (`LLADA_FUSED`): the same model generates with the
 //! commit selection on the host and on its backend (`Backend::commit_select`); the outputs must
 //! be identical, every step, in every decoding mode. Shared by tests/device_select.rs (CPU
 //! backend, runs everywhere) and tests/cuda_parity.rs (the CUDA kernel, needs a GPU).
@@ -70,11 +71,22 @@ pub fn assert_paths_agree<B: Backend>(
     prompts: &[Vec<u32>],
     base: &GenerateParams,
 ) -> usize {
+    assert_runs_agree((m, false), (m, true), prompts, base)
+}
+
+/// Asserts two (model, device-select) runs agree on every case: the same model selecting on the
+/// host and the device, or a model with fused glue (`Model::set_fused`) against one without.
+pub fn assert_runs_agree<B: Backend>(
+    a: (&Model<B>, bool),
+    b: (&Model<B>, bool),
+    prompts: &[Vec<u32>],
+    base: &GenerateParams,
+) -> usize {
     let mut compared = 0;
     for (what, p, d) in cases(base) {
-        let host = run(m, prompts, &p, &d, false);
-        let dev = run(m, prompts, &p, &d, true);
-        assert_eq!(host, dev, "{what}: device-select differs from host-select");
+        let host = run(a.0, prompts, &p, &d, a.1);
+        let dev = run(b.0, prompts, &p, &d, b.1);
+        assert_eq!(host, dev, "{what}: the two runs differ");
         // The model may predict the mask id itself (the sampler then leaves it), so count the
         // real tokens: most of them must be.
         let total: usize = host.ids.iter().map(Vec::len).sum();
