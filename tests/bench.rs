@@ -99,6 +99,7 @@ fn bad_flags_are_clear_errors() {
             "gen_length",
         ),
         (vec!["--preset", "huge"], "huge"),
+        (vec!["--bandwidth-gbs", "0"], "bandwidth"),
     ] {
         let out = bench()
             .args(["--device", "cpu"])
@@ -109,4 +110,43 @@ fn bad_flags_are_clear_errors() {
         assert!(!out.status.success(), "{args:?} should fail");
         assert!(e.contains(want) && !e.contains("panicked"), "{args:?}: {e}");
     }
+}
+
+/// `--breakdown` with a given bandwidth: each class's rate and floor in the JSON, the GEMM's
+/// TFLOP/s consistent with its measured time (the arithmetic itself is unit-tested in
+/// bench/floors.rs).
+#[test]
+fn breakdown_reports_floors() {
+    let dir = std::env::temp_dir().join(format!("llada-bench-floors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("bench.json");
+    let out = bench()
+        .args(["--device", "cpu", "--preset", "tiny", "--prompt-len", "8"])
+        .args(["--gen-length", "16", "--block-length", "8", "--steps", "4"])
+        .args(["--warmup", "0", "--cache", "dual", "--breakdown"])
+        .args(["--bandwidth-gbs", "50", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("GB/s") && stdout.contains("floor"),
+        "{stdout}"
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["bandwidth_gbs"].as_f64(), Some(50.0));
+    let floors = v["rows"][0]["floors"].as_array().expect("floors");
+    let gemm = floors.iter().find(|f| f["class"] == "gemm").expect("gemm");
+    let (ms, gbs) = (gemm["ms"].as_f64().unwrap(), gemm["gbs"].as_f64().unwrap());
+    let floor = gemm["floor_ms"].as_f64().unwrap();
+    assert!(ms > 0.0 && gbs > 0.0 && floor > 0.0, "{gemm}");
+    // On the CPU no GEMM ceiling is known: the floor is the weight read at 50 GB/s, so the
+    // achieved GB/s over the bandwidth is the share of the floor.
+    let share = gemm["of_floor"].as_f64().unwrap();
+    assert!((share - gbs / 50.0).abs() < 1e-9 * share.max(1.0), "{gemm}");
 }
