@@ -6,6 +6,7 @@
 # the likelihood rows, and training throughput (llada-1b, bf16 and f32 GEMMs) beside the PyTorch
 # training reference (torch_reference.py --train), with the ratio.
 #   bash gpu-bundle/gpu-session.sh RESULTS_DIR
+#   GPU_SESSION_ONLY=fa2 bash gpu-bundle/gpu-session.sh RESULTS_DIR   (only the FA2 attention checks)
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 res=${1:-results}
@@ -15,7 +16,35 @@ cd "$here"
 # On the device NCCL must load: the data-parallel tests fail instead of printing SKIP.
 export LLADA_REQUIRE_NCCL=1
 
+# FA2-class attention (LLADA_ATTN=fa2, off by default until this passes): the GPU parity suite
+# (its fa2_* tests call the kernel explicitly; with the variable set every other test, the graph
+# and generation ones included, runs on it too), the Fast-dLLM cache tests and the model tests
+# (lockstep generation), then the same llada-bench rows with and without it (the kernel harness,
+# run by gpu-check.sh, also checks and times both kernels).
+# GPU_SESSION_ONLY=fa2 runs just this and the kernel harness (a short device call).
+fa2_checks() {
+    echo "== LLADA_ATTN=fa2: cuda_parity, cache gpu_ and cuda_model tests on the FA2 attention kernels"
+    for t in "test-cuda_parity" "test-cache gpu_" "test-cuda_model"; do
+        LLADA_ATTN=fa2 LLADA_REQUIRE_GPU=1 timeout "${T_FA2_TEST:-180}" test-bins/$t >"$res/fa2-${t%% *}.log" 2>&1
+        echo "exit $? ($t): $(grep -E '^test result' "$res/fa2-${t%% *}.log" | tail -n 1)"
+        grep -E '^test .* FAILED$|panicked at' "$res/fa2-${t%% *}.log" | head -n 10
+    done
+    echo "== llada-bench: attention kernels, default vs LLADA_ATTN=fa2 (cache none and dual, steps 64, batch 1 and 8)"
+    for attn in mma fa2; do
+        LLADA_ATTN=$attn timeout "${T_FA2_BENCH:-150}" bin/llada-bench --cache none,dual --steps 64 --batch 1,8 \
+            --json "$res/bench-attn-$attn.json" 2>&1 | tee "$res/bench-attn-$attn.log" | grep -v '^note'
+    done
+}
+if [ "${GPU_SESSION_ONLY:-}" = fa2 ]; then
+    echo "== kernel-check (standalone kernel harness: FA2 parity and timings)"
+    timeout "${T_FA2_TEST:-180}" bin/kernel-check >"$res/kernel-check.log" 2>&1
+    echo "exit $?"; grep -E "attention_fa2|TIMING attention|FAIL|ALL OK" "$res/kernel-check.log"
+    fa2_checks
+    exit 0
+fi
+
 GPU_CHECK_BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:---breakdown}" bash gpu-check.sh run "$res" 2>&1 | tee "$res/gpu-check.log" | tail -n 60
+fa2_checks
 
 echo "== switches not yet passed on a GPU: LLADA_DEVICE_SELECT=1 (commit selection on the device), LLADA_FUSED=1 (rope_kv_store)"
 # Their parity tests (also inside gpu-check's cuda_parity run), then one bench line with both

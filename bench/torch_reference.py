@@ -26,6 +26,11 @@ FLOP count of `llada::train::step_flops`; MFU is against --peak-tflops.
     python3 bench/torch_reference.py --train --preset llada-1b --train-precision bf16,f32
     python3 bench/torch_reference.py --train --preset tiny --device cpu --train-steps 3 \
         --train-batch 2 --train-seq 32
+
+--train-replay DUMP --train-init DIR: loss-curve parity. Replays a `llada train --dump-batches
+DUMP` run (same starting weights, masked batches, schedule, clipping and AdamW) in f32 on the CPU
+and prints PyTorch's loss beside llada's at every step (tests/fixtures/make_loss_curve_fixture.py
+commits such a curve; needs the `safetensors` package).
 """
 import argparse
 import json
@@ -322,6 +327,117 @@ def train_main(a, dev):
     return 0
 
 
+def schedule_lr(o, step):
+    """`llada::train::optim::Schedule::lr` for the options `o` (TrainOptions as JSON)."""
+    peak, warmup, total = o["lr"], o["warmup"], o["steps"]
+    if step < warmup:
+        return peak * (step + 1) / warmup
+
+    def lin(start, length, final_frac):
+        f = min((step - start) / max(length, 1), 1.0)
+        return peak * (1.0 - f * (1.0 - final_frac))
+
+    if o["schedule"] == "constant":
+        return peak
+    if o["schedule"] == "linear":
+        return lin(warmup, max(total - warmup, 0), 0.1)
+    if o["schedule"] == "wsd":
+        start = max(max(total - max(total // 10, 1), 0), warmup)
+        return peak if step < start else lin(start, total - start, 0.1)
+    raise SystemExit(f"unknown schedule {o['schedule']!r}")
+
+
+def load_llada_folder(path):
+    """A llada / Hugging Face LLaDA folder's f32 weights as this file's `Model` (q/k/v and
+    gate/up concatenated into `wqkv` / `wgu`; exact copies) on the CPU, trainable."""
+    from safetensors.torch import load_file  # only this mode needs the package
+    import os
+    hf = json.load(open(os.path.join(path, "config.json")))
+    if hf["rope_theta"] != 500000.0 or hf["rms_norm_eps"] != 1e-5 or hf["n_kv_heads"] != hf["n_heads"]:
+        raise SystemExit(f"{path}: Model hard-codes rope_theta 5e5, eps 1e-5 and NKV = NH")
+    cfg = dict(d=hf["d_model"], nh=hf["n_heads"], nl=hf["n_layers"], f=hf["mlp_hidden_size"],
+               v=hf["embedding_size"], mask=hf["mask_token_id"])
+    st = load_file(os.path.join(path, "model.safetensors"))
+    w = {k[len("model.transformer."):]: v.float().clone() for k, v in st.items()}
+    m = Model(cfg, "cpu", torch.float32, seed=0)
+    m.wte, m.ln_f, m.lm_head = w["wte.weight"], w["ln_f.weight"], w["ff_out.weight"]
+    for i, L in enumerate(m.layers):
+        b = lambda n: w[f"blocks.{i}.{n}.weight"]  # noqa: E731
+        L.update(attn_norm=b("attn_norm"), wo=b("attn_out"), ff_norm=b("ff_norm"), wdown=b("ff_out"),
+                 wqkv=torch.cat([b("q_proj"), b("k_proj"), b("v_proj")]).contiguous(),
+                 wgu=torch.cat([b("ff_proj"), b("up_proj")]).contiguous())
+    for t in m.parameters():
+        t.requires_grad_(True)
+    return m, cfg
+
+
+def train_replay(a):
+    """`--train-replay DUMP --train-init DIR`: llada's training run, step for step, in f32 on the
+    CPU. DUMP is `llada train --dump-batches` (its options, every micro-batch's masked ids, loss
+    rows, targets and per-sequence mask probability p, llada's loss per step); DIR the starting
+    weights. The loss is upstream's (reference §6.1) from p alone, Σ_masked CE/p / (B·L), over
+    `accum` micro-batches; llada's loss weights are checked against it. Then PyTorch's
+    clip_grad_norm_ and AdamW (β 0.9/0.999, ε 1e-8, decay on matrices only) at llada's schedule,
+    which is recomputed here and checked. Prints both loss curves; --json writes them."""
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    lines = [json.loads(x) for x in open(a.train_replay) if x.strip()]
+    o = lines[0]["options"]
+    if o["sft"] or o["world"] != 1:
+        raise SystemExit("--train-replay: pretraining dumps of one process only")
+    model, cfg = load_llada_folder(a.train_init)
+    params = model.parameters()
+    groups = [dict(params=[q for q in params if q.dim() >= 2], weight_decay=o["weight_decay"]),
+              dict(params=[q for q in params if q.dim() < 2], weight_decay=0.0)]
+    opt = torch.optim.AdamW(groups, lr=o["lr"], betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    micro = {}
+    llada_steps = {}
+    for x in lines[1:]:
+        if "micro" in x:
+            micro.setdefault(x["step"], []).append(x)
+        else:
+            llada_steps[x["step"]] = x
+    out = []
+    for step in sorted(micro):
+        mbs = micro[step]
+        if len(mbs) != o["accum"]:
+            raise SystemExit(f"step {step}: {len(mbs)} micro-batches, accum is {o['accum']}")
+        lr = schedule_lr(o, step)
+        ll = llada_steps.get(step + 1)
+        if ll is not None and abs(lr - ll["lr"]) > 1e-12 * lr:
+            raise SystemExit(f"step {step + 1}: lr {lr} here, {ll['lr']} in llada")
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for mb in mbs:
+            b, t = mb["b"], mb["t"]
+            ids = torch.tensor(mb["ids"], dtype=torch.long).view(b, t)
+            rows = torch.tensor(mb["rows"], dtype=torch.long)
+            p = torch.tensor(mb["p"], dtype=torch.float64)[rows // t]
+            want = 1.0 / (p * (b * t) * o["accum"])
+            got = torch.tensor(mb["weights"], dtype=torch.float64)
+            if not torch.allclose(got, want, rtol=1e-12, atol=0):
+                raise SystemExit(f"step {step + 1}: llada's loss weights are not 1/(p·B·L·accum)")
+            logits = model.forward(ids, flat_rows=rows)
+            ce = F.cross_entropy(logits, torch.tensor(mb["targets"], dtype=torch.long), reduction="none")
+            loss = (ce / p.float()).sum() / (b * t) / o["accum"]
+            loss.backward()
+            total += float(loss.detach())
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, o["clip"])) if o["clip"] > 0 else 0.0
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        row = dict(step=step + 1, loss=total, grad_norm=gnorm, lr=lr,
+                   masked=sum(len(mb["rows"]) for mb in mbs), llada_loss=ll and ll["loss"])
+        out.append(row)
+        rel = "" if ll is None else f"  llada {ll['loss']:.7f} (rel {abs(total - ll['loss']) / total:.1e})"
+        print(f"# replay step {step + 1}: torch loss {total:.7f} gnorm {gnorm:.5f}{rel}", flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(dict(engine="torch_reference", mode="train_replay", torch=torch.__version__,
+                           options=o, steps=out), fh, indent=1)
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default=None)
@@ -346,9 +462,17 @@ def main():
     ap.add_argument("--train-lr", type=float, default=1e-4)
     ap.add_argument("--train-wd", type=float, default=0.1)
     ap.add_argument("--train-seed", type=int, default=0)
+    ap.add_argument("--train-replay", default=None, metavar="DUMP",
+                    help="replay `llada train --dump-batches DUMP` in f32 on the CPU (loss-curve parity)")
+    ap.add_argument("--train-init", default=None, metavar="DIR",
+                    help="with --train-replay: the starting weights (f32 llada folder)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="MFU denominator (default: H100 SXM dense bf16)")
     a = ap.parse_args()
+    if a.train_replay:
+        if not a.train_init:
+            raise SystemExit("--train-replay needs --train-init DIR (the starting weights)")
+        return train_replay(a)
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.train:
         return train_main(a, dev)

@@ -103,6 +103,48 @@ LLADA_DEVICE void ldmatrix_x4_trans(uint32_t* r, const bf16* p) {
 }
 
 
+// Max over the 4 lanes of a quad (the threads holding one row of an mma accumulator).
+LLADA_DEVICE float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// P of 8-key n-tile n (accumulator layout p[0..3]) as bf16 into its A fragment: the k-step's
+// registers 0, 1 (n even) or 2, 3 (n odd).
+LLADA_DEVICE void store_p_frag(uint32_t* a, int odd, const float* p) {
+    a[odd * 2 + 0] = pack_bf16x2(p[0], p[1]);
+    a[odd * 2 + 1] = pack_bf16x2(p[2], p[3]);
+}
+
+// Two mma n-tiles from one ldmatrix.x4: d0 += a · {r0, r1}, d1 += a · {r2, r3}.
+LLADA_DEVICE void mma_pair(float* d0, float* d1, const uint32_t* a, const uint32_t* r) {
+    const uint32_t b0[2] = {r[0], r[1]};
+    const uint32_t b1[2] = {r[2], r[3]};
+    mma_bf16_16816(d0, a, b0);
+    mma_bf16_16816(d1, a, b1);
+}
+
+// O += P · V for one warp's 16 rows: P as KS 16-key A fragments, V row-major in shared memory
+// (row stride LD, KS·16 keys). B fragment (k = key, n = head dim) of n-tile n: (keys 2tig,
+// 2tig+1; dim g) and (keys 2tig+8, 2tig+9; dim g), i.e. V's 8x8 blocks transposed: one
+// ldmatrix.x4.trans gives two n-tiles (matrices: keys 0-7 / 8-15 of the k-step at dims n·8..,
+// then the same at dims (n+1)·8..).
+template <int KS, int NT_O, int LD>
+LLADA_DEVICE void pv_mma(float (&o)[NT_O][4], const uint32_t (&pa)[KS][4], const bf16* sV, int lane) {
+    const int lm_key = ((lane >> 3) & 1) * 8 + (lane & 7);
+    const int lm_col = (lane >> 4) * 8;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        const bf16* vrow = sV + (ks * 16 + lm_key) * LD + lm_col;
+#pragma unroll
+        for (int n = 0; n < NT_O; n += 2) {
+            uint32_t r[4];
+            ldmatrix_x4_trans(r, vrow + n * 8);
+            mma_pair(o[n], o[n + 1], pa[ks], r);
+        }
+    }
+}
+
 // Copy `rows` rows of HD bf16 from global (row stride `gstride` elements) into shared memory
 // (row stride HD + ATT_PAD); rows ≥ valid are zero-filled.
 template <int HD>
@@ -219,8 +261,7 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, float* __restrict__ par
         float alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+            tmax[r] = quad_max(tmax[r]);
             const float mnew = fmaxf(mrow[r], tmax[r]);
             // mnew == −inf: every key so far is masked; keep O = 0, l = 0.
             alpha[r] = mnew == -INFINITY ? 1.0f : exp2f(mrow[r] - mnew);
@@ -238,8 +279,7 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, float* __restrict__ par
                 p[e] = mr == -INFINITY ? 0.0f : exp2f(s[n][e] - mr);
                 psum[e >> 1] += p[e];
             }
-            pa[n >> 1][(n & 1) * 2 + 0] = pack_bf16x2(p[0], p[1]);
-            pa[n >> 1][(n & 1) * 2 + 1] = pack_bf16x2(p[2], p[3]);
+            store_p_frag(pa[n >> 1], n & 1, p);
         }
         lrow[0] = lrow[0] * alpha[0] + psum[0];
         lrow[1] = lrow[1] * alpha[1] + psum[1];
@@ -251,25 +291,8 @@ LLADA_DEVICE void attention_tile(bf16* __restrict__ out, float* __restrict__ par
             o[i][3] *= alpha[1];
         }
 
-        // O += P · V. B fragment (k = key, n = head dim) of n-tile n: (keys 2tig, 2tig+1; dim g) and
-        // (keys 2tig+8, 2tig+9; dim g). V[key][d] is row-major in shared memory, so the fragments
-        // are its 8x8 blocks transposed: one ldmatrix.x4.trans gives two n-tiles (matrices: keys
-        // 0-7 / 8-15 of this k-step at dims n·8.., then the same at dims (n+1)·8..).
-        const int lm_key = ((lane >> 3) & 1) * 8 + (lane & 7);
-        const int lm_col = (lane >> 4) * 8;
-#pragma unroll
-        for (int ks = 0; ks < ATT_BK / 16; ++ks) {
-            const bf16* vrow = sV + (ks * 16 + lm_key) * LD + lm_col;
-#pragma unroll
-            for (int n = 0; n < NT_O; n += 2) {
-                uint32_t r[4];
-                ldmatrix_x4_trans(r, vrow + n * 8);
-                const uint32_t b0[2] = {r[0], r[1]};
-                const uint32_t b1[2] = {r[2], r[3]};
-                mma_bf16_16816(o[n], pa[ks], b0);
-                mma_bf16_16816(o[n + 1], pa[ks], b1);
-            }
-        }
+        // O += P · V (V's fragments from ldmatrix.x4.trans, see pv_mma).
+        pv_mma<ATT_BK / 16, NT_O, LD>(o, pa, sV, lane);
     }
 
     // Finish: full row sums over the quad, normalise, store bf16 pairs.
@@ -403,6 +426,380 @@ attention_combine_bf16(bf16* __restrict__ out, const float* __restrict__ part_o,
     }
     const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
     out[rh * hd + d] = __float2bfloat16_rn(acc * inv);
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention_fa2_bf16_hd{64,128}_q{32,64} + attention_fa2_combine_bf16: the same op (bidirectional
+// attention, bf16 in/out, the math and masking rules at the top of this file) as a
+// flash-attention-2-class kernel. Selected by the CUDA backend with LLADA_ATTN=fa2 (default: the
+// kernels above) until a GPU run has passed its parity tests (tests/cuda_parity.rs, fa2_*).
+//
+// One symbol per (head dim, query rows): hd64/hd128 × q32 (2 warps) / q64 (4 warps); each warp
+// owns 16 query rows and does the same per-row arithmetic in every variant, so a row's result
+// does not depend on the variant, on the tile it sits in, or on which rows share the call.
+// Other head dims: no symbol (the launcher rejects them with the kernels' head-dim error).
+//
+// (out, part_o, part_ml, q, k, v, key_valid /* nullable [B·L] */, long long qstride,
+//  long long kvstride, int b, int tq, int l, int nh, int nkv, int chunk, int splits)
+// q: query row bi·TQ + i at q + row·qstride (head h at h·HD); k, v: key row bi·L + j at
+// k/v + row·kvstride (kv head g = h / (NH/NKV) at g·HD). q, k, v 16-byte aligned and both strides
+// multiples of 8 elements (the launcher checks; cp.async moves 16 bytes).
+//
+// Chunks: the L keys are cut into ceil(L / chunk) chunks of `chunk` keys (a positive multiple of
+// 64 that the launcher derives from L alone). Each chunk is an independent online softmax over
+// its 64-key tiles giving (O_c unnormalised f32, m_c row max in the log2 domain, l_c row sum), and
+// the chunks are merged in ascending order from (M, L, O) = (−inf, 0, 0) by
+//   M' = max(M, m_c), a = exp2(M − M') (0 when M = −inf), b = exp2(m_c − M') (0 when m_c = −inf),
+//   O = O·a + O_c·b, L = L·a + l_c·b, M = M'   (each product and sum rounded: __fmul_rn/__fadd_rn)
+// and out = bf16(O · (1/L)) (zeros when L = 0: every key masked). `fa2_merge` is that step; the
+// kernel (splits = 1) runs it in registers, the combine kernel (splits > 1) runs it over the
+// partials, so split and unsplit launches give the same bits and the launcher may choose either
+// from the grid size (B·NH·ceil(TQ/rows) blocks vs the SM count) without changing any row.
+// splits = 1: grid (ceil(TQ/rows), NH, B), every chunk in one block, bf16 rows to `out`.
+// splits = ceil(L/chunk) > 1: grid (ceil(TQ/rows), NH, B·splits), block z = bi·splits + s writes
+// chunk s raw to part_o [splits, B·TQ, NH, HD] and (m_s, l_s) to part_ml [splits, B·TQ, NH, 2]
+// (the layout of attention_split_bf16), then attention_fa2_combine_bf16 merges them.
+//
+// Per 64-key tile: K, V and the tile's key mask (0/1 ints, 0 past the chunk end) go to shared
+// memory with cp.async into one of two stages while the other stage is computed (double
+// buffering; partial tiles are zero-filled by cp.async's src-size); S = Q·Kᵀ with
+// mma.sync.m16n8k16 (bf16 → f32), K's B fragments from ldmatrix.x4, Q's A fragments loaded once
+// with ldmatrix.x4; online softmax in registers (thread holds rows lane/4 and lane/4 + 8):
+//   m' = max(m, max_j s_j·c), c = log2(e)/sqrt(HD); α = exp2(m − m'); p_j = exp2(fma(s_j, c, −m'))
+//   l = fma(l, α, Σ p_j) per thread (quad-reduced at the chunk end); O = O·α + bf16(P)·V,
+// V's B fragments from ldmatrix.x4.trans. Q's shared tile aliases stage 1 (read into registers
+// before the first prefetch), so shared memory is 2 stages × (K + V) of [64][HD + 8] bf16 plus
+// 2 × 64 mask ints: 70,144 B at HD 128 (dynamic, opt-in above 48 KiB), 37,376 B at HD 64.
+// Block WARPS·32 threads (q64: 128, q32: 64).
+#define FA2_BK 64
+#define FA2_PAD 8
+
+template <int HD>
+struct Fa2Smem {
+    static constexpr int LD = HD + FA2_PAD;
+    static constexpr int TILE = FA2_BK * LD;  // elements of one K or V stage
+    static constexpr int BYTES = 4 * TILE * 2 + 2 * FA2_BK * 4;
+};
+
+LLADA_DEVICE void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
+}
+LLADA_DEVICE void cp_async4(void* smem, const void* gmem) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+LLADA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+LLADA_DEVICE void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8x8 b16 matrices from shared memory (not transposed): lanes 8i..8i+7 give the row
+// addresses of matrix i; register i of lane t holds elements (t/4, 2·(t%4)) and (t/4, 2·(t%4)+1).
+LLADA_DEVICE void ldmatrix_x4(uint32_t* r, const bf16* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
+// One merge step of the header's chunk merge: the weights of the running state (a) and of the
+// chunk (b), and the new running max. Shared by the kernel and the combine kernel (same bits).
+LLADA_DEVICE void fa2_merge(float& mrun, float mc, float& a, float& b) {
+    const float mn = fmaxf(mrun, mc);
+    a = mrun == -INFINITY ? 0.0f : exp2f(__fsub_rn(mrun, mn));
+    b = mc == -INFINITY ? 0.0f : exp2f(__fsub_rn(mc, mn));
+    mrun = mn;
+}
+LLADA_DEVICE float fa2_mix(float run, float a, float c, float b) { return __fadd_rn(__fmul_rn(run, a), __fmul_rn(c, b)); }
+LLADA_DEVICE float fa2_inv(float lrun) { return lrun > 0.0f ? __fdiv_rn(1.0f, lrun) : 0.0f; }
+
+// Online-softmax step of one row (log2 domain): the new max m' = max(m, tmax·c) from the tile's
+// raw max, the old state's rescale α = exp2(m − m') and −m' for the exponents (α = 1 and 0 while
+// every key of the chunk so far is masked, m' = −inf: O and l stay 0).
+LLADA_DEVICE void fa2_row_max(float& m, float tmax, float c, float& alpha, float& mneg) {
+    const float mnew = fmaxf(m, __fmul_rn(tmax, c));
+    alpha = mnew == -INFINITY ? 1.0f : exp2f(__fsub_rn(m, mnew));
+    mneg = mnew == -INFINITY ? 0.0f : -mnew;
+    m = mnew;
+}
+
+// P = exp2(fma(S, c, −m')) of one tile as bf16 A fragments (two 8-key n-tiles per 16-key
+// k-step) and the thread's f32 row sums of P (rows g, g + 8) in key order.
+template <int NT_S>
+LLADA_DEVICE void fa2_probs(uint32_t (&pa)[NT_S / 2][4], float (&psum)[2], const float (&s)[NT_S][4], float c,
+                            const float* mneg) {
+    psum[0] = psum[1] = 0.0f;
+#pragma unroll
+    for (int n = 0; n < NT_S; ++n) {
+        float p[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            p[e] = exp2f(__fmaf_rn(s[n][e], c, mneg[e >> 1]));
+            psum[e >> 1] = __fadd_rn(psum[e >> 1], p[e]);
+        }
+        store_p_frag(pa[n >> 1], n & 1, p);
+    }
+}
+
+// S = Q·Kᵀ for one warp's 16 rows × NT_S·8 keys: Q A-fragments in registers, K [keys][LD] in
+// shared memory read with ldmatrix.x4 at the lane offsets (k_row, k_col) (one load = b0, b1 of
+// two key n-tiles).
+template <int HD, int NT_S>
+LLADA_DEVICE void fa2_scores(float (&s)[NT_S][4], const uint32_t (&qf)[HD / 16][4], const bf16* kt, int k_row,
+                             int k_col) {
+    constexpr int LD = Fa2Smem<HD>::LD;
+#pragma unroll
+    for (int n = 0; n < NT_S; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < HD / 16; ++ks) {
+#pragma unroll
+        for (int np = 0; np < NT_S; np += 2) {
+            uint32_t r[4];
+            ldmatrix_x4(r, kt + (np * 8 + k_row) * LD + ks * 16 + k_col);
+            mma_pair(s[np], s[np + 1], qf[ks], r);
+        }
+    }
+}
+
+// K and V rows [k0, k0 + 64) (zero past kend) and their mask ints into stage `st`. Thread t
+// copies 16-byte column t % (HD/8) of rows t / (HD/8) + i·(NTHREADS / (HD/8)).
+template <int HD, int NTHREADS>
+LLADA_DEVICE void fa2_load_kv(bf16* sK, bf16* sV, int* sM, const bf16* kbase, const bf16* vbase, const int* kvalid_row,
+                              long long kvstride, int k0, int kend) {
+    constexpr int LD = Fa2Smem<HD>::LD, CH = HD / 8, RSTEP = NTHREADS / CH;
+    static_assert(NTHREADS % CH == 0 && FA2_BK % RSTEP == 0, "whole rows per pass");
+    const int r0 = (int)threadIdx.x / CH, c = (int)threadIdx.x % CH;
+    const long long off0 = (long long)(k0 + r0) * kvstride + c * 8;
+    const long long step = (long long)RSTEP * kvstride;
+#pragma unroll
+    for (int i = 0; i < FA2_BK / RSTEP; ++i) {
+        const int r = r0 + i * RSTEP;
+        const bool ok = k0 + r < kend;
+        const long long off = ok ? off0 + i * step : 0;
+        cp_async16(sK + r * LD + c * 8, kbase + off, ok ? 16 : 0);
+        cp_async16(sV + r * LD + c * 8, vbase + off, ok ? 16 : 0);
+    }
+    for (int r = threadIdx.x; r < FA2_BK; r += NTHREADS) {
+        const int key = k0 + r;
+        if (key < kend && kvalid_row != nullptr) {
+            cp_async4(sM + r, kvalid_row + key);
+        } else {
+            sM[r] = key < kend ? 1 : 0;
+        }
+    }
+}
+
+template <int HD, int WARPS>
+LLADA_DEVICE void fa2_body(bf16* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,
+                           const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+                           const int* __restrict__ key_valid, long long qstride, long long kvstride, int b, int tq,
+                           int l, int nh, int nkv, int chunk, int splits) {
+    constexpr int BQ = WARPS * 16, NTHREADS = WARPS * 32;
+    constexpr int LD = Fa2Smem<HD>::LD, TILE = Fa2Smem<HD>::TILE;
+    constexpr int NT_S = FA2_BK / 8;  // 8-key n-tiles of S per tile
+    constexpr int NT_O = HD / 8;      // 8-dim n-tiles of O
+    extern __shared__ __align__(16) unsigned char fa2_smem[];
+    bf16* sK = reinterpret_cast<bf16*>(fa2_smem);  // [2][64][LD]
+    bf16* sV = sK + 2 * TILE;                       // [2][64][LD]
+    int* sM = reinterpret_cast<int*>(sV + 2 * TILE);  // [2][64]
+    bf16* sQ = sK + TILE;                           // [BQ][LD], aliases K stage 1 until the first prefetch
+
+    if (nkv <= 0 || nh % nkv != 0 || chunk <= 0 || chunk % FA2_BK != 0 || splits <= 0) return;
+    const int nchunks = (l + chunk - 1) / chunk;
+    if (splits > 1 && splits != nchunks) return;
+    const int bi = (int)blockIdx.z / splits, sp = (int)blockIdx.z % splits;
+    const int h = blockIdx.y;
+    const int q0 = (int)blockIdx.x * BQ;
+    if (bi >= b || h >= nh || q0 >= tq) return;
+    const int kbeg = splits > 1 ? sp * chunk : 0;
+    const int kend = splits > 1 ? min(l, kbeg + chunk) : l;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const int kvh = h / (nh / nkv);
+    const long long qrow0 = (long long)bi * tq, krow0 = (long long)bi * l;
+    const bf16* qbase = q + (qrow0 + q0) * qstride + (long long)h * HD;
+    const bf16* kbase = k + krow0 * kvstride + (long long)kvh * HD;
+    const bf16* vbase = v + krow0 * kvstride + (long long)kvh * HD;
+    const int* kvalid_row = key_valid != nullptr ? key_valid + krow0 : nullptr;
+
+    // Prologue: Q (zero rows past TQ) into the stage-1 K buffer, tile 0 into stage 0.
+    {
+        constexpr int CH = HD / 8;
+        const int qvalid = min(BQ, tq - q0);
+#pragma unroll
+        for (int i = 0; i < BQ * CH / NTHREADS; ++i) {
+            const int idx = (int)threadIdx.x + i * NTHREADS;
+            const int r = idx / CH, c = idx - r * CH;
+            const bool ok = r < qvalid;
+            cp_async16(sQ + r * LD + c * 8, qbase + (ok ? (long long)r * qstride + c * 8 : 0), ok ? 16 : 0);
+        }
+    }
+    fa2_load_kv<HD, NTHREADS>(sK, sV, sM, kbase, vbase, kvalid_row, kvstride, kbeg, kend);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    // This warp's Q A-fragments: matrix i of ldmatrix.x4 = rows (i&1)·8.., dims (i>>1)·8.. of a
+    // 16-dim step, i.e. registers a0..a3 of the m16n8k16 A layout.
+    uint32_t qf[HD / 16][4];
+    {
+        const int mi = lane >> 3;
+        const bf16* qa = sQ + (warp * 16 + (mi & 1) * 8 + (lane & 7)) * LD + (mi >> 1) * 8;
+#pragma unroll
+        for (int ks = 0; ks < HD / 16; ++ks) ldmatrix_x4(qf[ks], qa + ks * 16);
+    }
+    __syncthreads();  // sQ is overwritten by the first prefetch
+
+    const float scale_log2 = (1.0f / sqrtf((float)HD)) * 1.4426950408889634f;
+    // Chunk state (reset per chunk) and the merged state (rows g and g + 8 of this warp).
+    float o[NT_O][4], oacc[NT_O][4];
+#pragma unroll
+    for (int i = 0; i < NT_O; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[i][e] = oacc[i][e] = 0.0f;
+    float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+    float macc[2] = {-INFINITY, -INFINITY}, lacc[2] = {0.0f, 0.0f};
+
+    // End of a chunk: full row sums over the quad; merge into the running state (splits = 1).
+    auto finish_chunk = [&]() {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            lrow[r] = __fadd_rn(lrow[r], __shfl_xor_sync(0xffffffffu, lrow[r], 1));
+            lrow[r] = __fadd_rn(lrow[r], __shfl_xor_sync(0xffffffffu, lrow[r], 2));
+        }
+        if (splits > 1) return;  // written raw below
+        float a[2], bw[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            fa2_merge(macc[r], mrow[r], a[r], bw[r]);
+            lacc[r] = fa2_mix(lacc[r], a[r], lrow[r], bw[r]);
+            mrow[r] = -INFINITY;
+            lrow[r] = 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < NT_O; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                oacc[i][e] = fa2_mix(oacc[i][e], a[e >> 1], o[i][e], bw[e >> 1]);
+                o[i][e] = 0.0f;
+            }
+    };
+
+    const int ntiles = (kend - kbeg + FA2_BK - 1) / FA2_BK;
+    // ldmatrix lane offsets for K: matrix i = keys (i>>1)·8.., dims (i&1)·8.. of a 16-key pair of
+    // n-tiles and a 16-dim step, i.e. b0, b1 of n-tile 2j and of n-tile 2j + 1.
+    const int k_row = ((lane >> 4) & 1) * 8 + (lane & 7), k_col = ((lane >> 3) & 1) * 8;
+    for (int it = 0; it < ntiles; ++it) {
+        const int k0 = kbeg + it * FA2_BK, st = it & 1;
+        if (it + 1 < ntiles) {
+            const int ns = st ^ 1;
+            fa2_load_kv<HD, NTHREADS>(sK + ns * TILE, sV + ns * TILE, sM + ns * FA2_BK, kbase, vbase, kvalid_row,
+                                      kvstride, k0 + FA2_BK, kend);
+            cp_async_commit();
+        }
+        if (k0 != kbeg && k0 % chunk == 0) finish_chunk();
+        if (it + 1 < ntiles) {
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16* kt = sK + st * TILE;
+        const bf16* vt = sV + st * TILE;
+        const int* mt = sM + st * FA2_BK;
+
+        float s[NT_S][4];
+        fa2_scores<HD, NT_S>(s, qf, kt, k_row, k_col);
+        // Mask and tile row max (log2 domain). Element (n, e): row g + 8·(e/2), key n·8 + 2·tig + (e&1).
+        float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n) {
+            const int2 mk = *reinterpret_cast<const int2*>(mt + n * 8 + tig * 2);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const bool ok = (e & 1) ? mk.y != 0 : mk.x != 0;
+                s[n][e] = ok ? s[n][e] : -INFINITY;
+                tmax[e >> 1] = fmaxf(tmax[e >> 1], s[n][e]);
+            }
+        }
+        float alpha[2], mneg[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) fa2_row_max(mrow[r], quad_max(tmax[r]), scale_log2, alpha[r], mneg[r]);
+        uint32_t pa[FA2_BK / 16][4];
+        float psum[2];
+        fa2_probs<NT_S>(pa, psum, s, scale_log2, mneg);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) lrow[r] = __fmaf_rn(lrow[r], alpha[r], psum[r]);
+#pragma unroll
+        for (int i = 0; i < NT_O; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[i][e] = __fmul_rn(o[i][e], alpha[e >> 1]);
+        // O += P·V (V's fragments from ldmatrix.x4.trans, two dim n-tiles per load).
+        pv_mma<FA2_BK / 16, NT_O, LD>(o, pa, vt, lane);
+        __syncthreads();  // stage st is refilled by the next iteration's prefetch
+    }
+    finish_chunk();
+
+    const long long ostride = (long long)nh * HD;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int qi = q0 + warp * 16 + g + r * 8;
+        if (qi >= tq) continue;
+        if (splits > 1) {
+            const long long prow = (long long)sp * b * tq + qrow0 + qi;
+            float* po = part_o + (prow * nh + h) * HD + tig * 2;
+#pragma unroll
+            for (int n = 0; n < NT_O; ++n) *reinterpret_cast<float2*>(po + n * 8) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+            if (tig == 0) {
+                float* pm = part_ml + (prow * nh + h) * 2;
+                pm[0] = mrow[r];
+                pm[1] = lrow[r];
+            }
+            continue;
+        }
+        const float inv = fa2_inv(lacc[r]);
+        bf16* orow = out + (qrow0 + qi) * ostride + (long long)h * HD + tig * 2;
+#pragma unroll
+        for (int n = 0; n < NT_O; ++n) {
+            const uint32_t w = pack_bf16x2(__fmul_rn(oacc[n][2 * r], inv), __fmul_rn(oacc[n][2 * r + 1], inv));
+            *reinterpret_cast<uint32_t*>(orow + n * 8) = w;
+        }
+    }
+}
+
+#define FA2_ENTRY(HD, BQ, WARPS)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) attention_fa2_bf16_hd##HD##_q##BQ(                       \
+        bf16* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml, const bf16* __restrict__ q, \
+        const bf16* __restrict__ k, const bf16* __restrict__ v, const int* __restrict__ key_valid,                   \
+        long long qstride, long long kvstride, int b, int tq, int l, int nh, int nkv, int chunk, int splits) {       \
+        fa2_body<HD, WARPS>(out, part_o, part_ml, q, k, v, key_valid, qstride, kvstride, b, tq, l, nh, nkv, chunk,   \
+                            splits);                                                                                 \
+    }
+FA2_ENTRY(64, 64, 4)
+FA2_ENTRY(64, 32, 2)
+FA2_ENTRY(128, 64, 4)
+FA2_ENTRY(128, 32, 2)
+
+// Merge the split partials in chunk order (the header's merge, the same bits as the in-block
+// merge): grid (rows = B·TQ, NH), block HD (one thread per output element).
+extern "C" __global__ void __launch_bounds__(1024)
+attention_fa2_combine_bf16(bf16* __restrict__ out, const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                           int rows, int nh, int hd, int splits) {
+    const int row = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    if (row >= rows || h >= nh || d >= hd) return;
+    const long long plane = (long long)rows * nh;
+    const long long rh = (long long)row * nh + h;
+    float mrun = -INFINITY, lrun = 0.0f, orun = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        const float* pm = part_ml + (s * plane + rh) * 2;
+        float a, bw;
+        fa2_merge(mrun, pm[0], a, bw);
+        lrun = fa2_mix(lrun, a, pm[1], bw);
+        orun = fa2_mix(orun, a, part_o[(s * plane + rh) * hd + d], bw);
+    }
+    out[rh * hd + d] = __float2bfloat16_rn(__fmul_rn(orun, fa2_inv(lrun)));
 }
 
 extern "C" __global__ void __launch_bounds__(128)

@@ -334,9 +334,9 @@ fn gpu_cached_spans_reproduce_the_full_pass() {
 /// Cached generation on both devices in lockstep (see tests/common/mod.rs), every mode.
 #[test]
 fn gpu_fast_dllm_generation_agrees_with_cpu() {
-    let Some(g) = common::gpu() else { return };
-    let gm = common::sharp_tiny(g);
-    let cm = common::sharp_tiny(CpuBackend::new(DType::BF16));
+    let Some((gm, cm)) = common::sharp_pair() else {
+        return;
+    };
     let cfg = cm.cfg.clone();
     let ids = |n: usize, salt: u64| -> Vec<u32> {
         (0..n)

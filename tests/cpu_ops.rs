@@ -448,19 +448,13 @@ fn select_greedy_and_cfg() {
         remasking: Remasking::LowConfidence,
         ..Default::default()
     };
-    let mut tok = vec![0; 2];
-    let mut conf = vec![0.0; 2];
-    let mut logits = cond.to_vec();
-    be.select(
-        &mut tok,
-        &mut conf,
-        &mut logits,
-        &vec![0, 5, 0, 6],
-        2,
-        v,
-        &p,
-    )
-    .unwrap();
+    // Token and confidence of the 2 rows (keys (0, 5), (0, 6)).
+    let select = |logits: &mut Vec<f32>, p: &SelectParams| {
+        let (mut tok, mut conf) = (vec![0; 2], vec![0.0; 2]);
+        let r = be.select(&mut tok, &mut conf, logits, &vec![0, 5, 0, 6], 2, v, p);
+        r.map(|()| (tok, conf))
+    };
+    let (tok, conf) = select(&mut cond.to_vec(), &p).unwrap();
     assert_eq!(tok, vec![1, 2]);
     let z0 = 1f64.exp() + 1.5f64.exp() + 2.0;
     assert!((conf[0] as f64 - 1.5f64.exp() / z0).abs() < 1e-6);
@@ -478,16 +472,7 @@ fn select_greedy_and_cfg() {
         .chain(&[0.0, 1.5, 0.0, 0.0, 0.0, 0.0, 3.0, 0.0])
         .copied()
         .collect();
-    be.select(
-        &mut tok,
-        &mut conf,
-        &mut logits,
-        &vec![0, 5, 0, 6],
-        2,
-        v,
-        &pc,
-    )
-    .unwrap();
+    let (tok, conf) = select(&mut logits, &pc).unwrap();
     assert_eq!(tok, vec![0, 2]);
     let z0 = 2f64.exp() + 1.5f64.exp() + 2.0;
     assert!(
@@ -497,18 +482,7 @@ fn select_greedy_and_cfg() {
     );
     assert!((conf[1] as f64 - 3f64.exp() / z1).abs() < 1e-6);
     // CFG needs 2R rows of logits.
-    let mut short = cond.to_vec();
-    assert!(be
-        .select(
-            &mut tok,
-            &mut conf,
-            &mut short,
-            &vec![0, 5, 0, 6],
-            2,
-            v,
-            &pc
-        )
-        .is_err());
+    assert!(select(&mut cond.to_vec(), &pc).is_err());
 }
 
 // ---------------------------------------------------------------- padding invariance

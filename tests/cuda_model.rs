@@ -111,9 +111,9 @@ fn tiny_logits_agree_with_cpu() {
 /// tokens; the CPU's decisions drive, so one near-tie cannot cascade), then free-running.
 #[test]
 fn tiny_greedy_generation_agrees_with_cpu() {
-    let Some(g) = common::gpu() else { return };
-    let gm = common::sharp_tiny(g);
-    let cm = common::sharp_tiny(CpuBackend::new(DType::BF16));
+    let Some((gm, cm)) = common::sharp_pair() else {
+        return;
+    };
     let cfg = cm.cfg.clone();
     let prompts = vec![ids(20, 1, 400), ids(13, 2, 400)];
     for (cfg_scale, temp, remasking) in [

@@ -473,14 +473,27 @@ fn rope_is_exact() {
 #[allow(clippy::needless_range_loop)]
 /// f64 softmax weights for the attention tolerance: returns Σ_j (p_j/Σp)·|v_j| per output element.
 fn attention_magnitude(qkv: &[f32], kv: Option<&[i32]>, s: AttnShape) -> Vec<f32> {
+    attention_magnitude_rows(qkv, kv, s, 0, s.t)
+}
+
+/// [`attention_magnitude`] of query rows `q0..q0 + tq` of each batch row only: `[b·tq, nh·hd]`.
+#[allow(clippy::needless_range_loop)]
+fn attention_magnitude_rows(
+    qkv: &[f32],
+    kv: Option<&[i32]>,
+    s: AttnShape,
+    q0: usize,
+    tq: usize,
+) -> Vec<f32> {
     let AttnShape { b, t, nh, nkv, hd } = s;
     let width = (nh + 2 * nkv) * hd;
-    let mut mag = vec![0f32; b * t * nh * hd];
+    let mut mag = vec![0f32; b * tq * nh * hd];
     let scale = 1.0 / (hd as f64).sqrt();
     let mut p = vec![0f64; t];
     for bi in 0..b {
-        for i in 0..t {
+        for i in q0..q0 + tq {
             let qi = bi * t + i;
+            let oi = bi * tq + i - q0;
             for h in 0..nh {
                 let kh = h / (nh / nkv);
                 let q = &qkv[qi * width + h * hd..][..hd];
@@ -510,7 +523,7 @@ fn attention_magnitude(qkv: &[f32], kv: Option<&[i32]>, s: AttnShape) -> Vec<f32
                     }
                     let v = &qkv[(bi * t + j) * width + (nh + nkv + kh) * hd..][..hd];
                     for (d, &vv) in v.iter().enumerate() {
-                        mag[qi * nh * hd + h * hd + d] += (w * vv.abs() as f64) as f32;
+                        mag[oi * nh * hd + h * hd + d] += (w * vv.abs() as f64) as f32;
                     }
                 }
             }
@@ -519,45 +532,77 @@ fn attention_magnitude(qkv: &[f32], kv: Option<&[i32]>, s: AttnShape) -> Vec<f32
     mag
 }
 
-#[test]
-fn attention_matches_within_bound() {
-    let Some(g) = gpu() else { return };
-    let c0 = cpu();
-    let mut case = 0u64;
+/// One dense attention case of [`attention_cases`]: its label, shape, qkv and mask.
+struct AttnCase<'a> {
+    what: String,
+    s: AttnShape,
+    qkv: Vec<f32>,
+    kv: Option<&'a [i32]>,
+}
+
+/// Every (HD ∈ {64, 128}) × (NH, NKV) ∈ {(8, 2), (4, 4)} × `shapes` (b, t) × (unmasked, masked
+/// by `mask(b, t)`) case, with fresh random qkv (tags from `tag`), passed to `f`.
+fn attention_cases(
+    tag: u64,
+    shapes: &[(usize, usize)],
+    mask: impl Fn(usize, usize) -> Vec<i32>,
+    mut f: impl FnMut(AttnCase<'_>),
+) {
+    let mut case = tag;
     for &hd in &[64usize, 128] {
         for &(nh, nkv) in &[(8usize, 2usize), (4, 4)] {
-            // t > 192 takes the split-KV path (chunks of 96 keys; 385 and 200 leave partial ones).
-            for &(b, t) in &[
-                (1usize, 1usize),
-                (2, 5),
-                (1, 37),
-                (2, 128),
-                (1, 192),
-                (2, 200),
-                (1, 385),
-            ] {
+            for &(b, t) in shapes {
+                let m = mask(b, t);
                 for masked in [false, true] {
                     case += 1;
-                    let s = AttnShape { b, t, nh, nkv, hd };
-                    let qkv = rand_vec(100 + case, b * t * (nh + 2 * nkv) * hd, 2.0);
-                    // Mask: every 3rd key padded; batch row 1 (when present) fully masked.
-                    let kv: Vec<i32> = (0..b * t)
-                        .map(|j| i32::from(j % 3 != 1 && j / t != 1))
-                        .collect();
-                    let kv = masked.then_some(kv.as_slice());
-                    let a = run_attention(&c0, &qkv, kv, s);
-                    let r = run_attention(&g, &qkv, kv, s);
-                    let mag = attention_magnitude(&qkv, kv, s);
-                    let what =
-                        format!("attention b={b} t={t} nh={nh} nkv={nkv} hd={hd} masked={masked}");
-                    compare(&what, &a, &r, |i, c, gv| {
-                        ulp_bf16(c.abs().max(gv.abs())) + 2.0 * 2f32.powi(-8) * mag[i]
+                    f(AttnCase {
+                        what: format!("b={b} t={t} nh={nh} nkv={nkv} hd={hd} masked={masked}"),
+                        s: AttnShape { b, t, nh, nkv, hd },
+                        qkv: rand_vec(case, b * t * (nh + 2 * nkv) * hd, 2.0),
+                        kv: masked.then_some(m.as_slice()),
                     });
                 }
             }
         }
     }
-    // Unsupported head dim: a clear error, not a launch.
+}
+
+/// (b, t) of the dense attention tests: one key, partial tiles, one and several tiles or chunks.
+const DENSE_SHAPES: [(usize, usize); 7] = [
+    (1, 1),
+    (2, 5),
+    (1, 37),
+    (2, 128),
+    (1, 192),
+    (2, 200),
+    (1, 385),
+];
+
+#[test]
+fn attention_matches_within_bound() {
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    // t > 192 takes the split-KV path (chunks of 96 keys; 385 and 200 leave partial ones).
+    let shapes = DENSE_SHAPES;
+    // Mask: every 3rd key padded; batch row 1 (when present) fully masked.
+    let mask = |b: usize, t: usize| -> Vec<i32> {
+        (0..b * t)
+            .map(|j| i32::from(j % 3 != 1 && j / t != 1))
+            .collect()
+    };
+    attention_cases(100, &shapes, mask, |c| {
+        let a = run_attention(&c0, &c.qkv, c.kv, c.s);
+        let r = run_attention(&g, &c.qkv, c.kv, c.s);
+        let mag = attention_magnitude(&c.qkv, c.kv, c.s);
+        compare(&format!("attention {}", c.what), &a, &r, |i, c, gv| {
+            ulp_bf16(c.abs().max(gv.abs())) + 2.0 * 2f32.powi(-8) * mag[i]
+        });
+    });
+    assert_rejects_head_dim_96(&g);
+}
+
+/// Unsupported head dim: a clear error, not a launch.
+fn assert_rejects_head_dim_96<B: Backend>(g: &B) {
     let q = g.alloc_act(3 * 96).unwrap();
     let mut o = g.alloc_act(96).unwrap();
     let s = AttnShape {
@@ -1473,4 +1518,218 @@ fn cuda_profiling_breakdown() {
         sum > 0.0 && sum <= wall * 1.01 + 0.5,
         "sum {sum} ms, wall {wall} ms"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// FA2-class attention (`attention_fa2_*`, selected by LLADA_ATTN=fa2), called explicitly here
+// through `set_attention_impl`, and the row-grouping branches of today's split-KV path.
+//
+// Tolerance against the CPU: the flash bound above (P rounded to bf16, online rescaling) plus
+// the chunk merge: at most 4 key chunks, each merge rounds O·a, O_c·b and their sum in f32 (L
+// likewise), a relative error ≤ 3·2^-24 per merge on the Σ_j (p_j/Σp)·|v_j| scale, so
+// **|Δ| ≤ ulp(o) + (2·2^-8 + 16·2^-24)·Σ_j (p_j/Σp)·|v_j|**. Split (chunks in separate blocks,
+// then the combine kernel) and unsplit launches run the same merge in the same order and must
+// agree **bit for bit**, as must cached rows and the full pass's rows (32- vs 64-row tiles).
+
+use llada::backend::cuda::{AttnImpl, CudaBackend, Fa2Split};
+
+fn fa2_tol(mag: &[f32]) -> impl Fn(usize, f32, f32) -> f32 + '_ {
+    move |i, c, g| {
+        ulp_bf16(c.abs().max(g.abs())) + (2.0 * 2f32.powi(-8) + 16.0 * 2f32.powi(-24)) * mag[i]
+    }
+}
+
+/// `f` with the attention kernels `i` selected on `g` (restored afterwards).
+fn with_attn<R>(g: &CudaBackend, i: AttnImpl, f: impl FnOnce(&CudaBackend) -> R) -> R {
+    let prev = g.attention_impl();
+    g.set_attention_impl(i);
+    let r = f(g);
+    g.set_attention_impl(prev);
+    r
+}
+
+/// Padding masks: batch row 0 right-padded (its last `l/7 + 1` keys), batch row 1
+/// left-padded (its first `l/5` keys) with every 5th key also masked, further rows fully masked
+/// (their outputs are zeros).
+fn padding_mask(b: usize, l: usize) -> Vec<i32> {
+    (0..b * l)
+        .map(|j| {
+            let (bi, k) = (j / l, j % l);
+            i32::from(match bi {
+                0 => k + l / 7 + 1 < l || l == 1,
+                1 => k >= l / 5 && k % 5 != 3,
+                _ => false,
+            })
+        })
+        .collect()
+}
+
+const FA2_MODES: [Fa2Split; 3] = [Fa2Split::Never, Fa2Split::Always, Fa2Split::Auto];
+
+#[test]
+fn fa2_attention_matches_within_bound() {
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    // One tile, partial tiles, one chunk, several chunks (T not a multiple of 64), a batch row
+    // fully masked (b = 3).
+    let shapes = [&DENSE_SHAPES[..], &[(3, 70), (2, 130), (2, 385)]].concat();
+    attention_cases(9000, &shapes, padding_mask, |c| {
+        let want = run_attention(&c0, &c.qkv, c.kv, c.s);
+        let mag = attention_magnitude(&c.qkv, c.kv, c.s);
+        let what = format!("fa2 {}", c.what);
+        let outs: Vec<Vec<f32>> = FA2_MODES
+            .iter()
+            .map(|&m| {
+                with_attn(&g, AttnImpl::Fa2(m), |g| {
+                    run_attention(g, &c.qkv, c.kv, c.s)
+                })
+            })
+            .collect();
+        compare(&what, &want, &outs[0], fa2_tol(&mag));
+        exact(&format!("{what}: split vs unsplit"), &outs[0], &outs[1]);
+        exact(&format!("{what}: auto vs unsplit"), &outs[0], &outs[2]);
+    });
+    // L = 1024 (4 chunks), B = 2, padding: one larger case per head dim.
+    for &hd in &[64usize, 128] {
+        let s = AttnShape {
+            b: 2,
+            t: 1024,
+            nh: 4,
+            nkv: 2,
+            hd,
+        };
+        let qkv = rand_vec(9500 + hd as u64, 2 * 1024 * 8 * hd, 2.0);
+        let kv = padding_mask(2, 1024);
+        let want = run_attention(&c0, &qkv, Some(&kv), s);
+        let mag = attention_magnitude(&qkv, Some(&kv), s);
+        let never = with_attn(&g, AttnImpl::Fa2(Fa2Split::Never), |g| {
+            run_attention(g, &qkv, Some(&kv), s)
+        });
+        let always = with_attn(&g, AttnImpl::Fa2(Fa2Split::Always), |g| {
+            run_attention(g, &qkv, Some(&kv), s)
+        });
+        let what = format!("fa2 b=2 t=1024 hd={hd} padded");
+        compare(&what, &want, &never, fa2_tol(&mag));
+        exact(&format!("{what}: split vs unsplit"), &never, &always);
+    }
+    // Unsupported head dim: the same clear error as the default kernels.
+    with_attn(
+        &g,
+        AttnImpl::Fa2(Fa2Split::Auto),
+        assert_rejects_head_dim_96,
+    );
+}
+
+/// The cached shape (b, tq, l, nh, nkv, hd) and the dense shape of the full pass over its l keys.
+fn cached_and_dense(dims: [usize; 6]) -> (CachedAttnShape, AttnShape) {
+    let [b, tq, l, nh, nkv, hd] = dims;
+    let s = CachedAttnShape {
+        b,
+        tq,
+        l,
+        nh,
+        nkv,
+        hd,
+    };
+    (
+        s,
+        AttnShape {
+            b,
+            t: l,
+            nh,
+            nkv,
+            hd,
+        },
+    )
+}
+
+/// Cached attention with the FA2 kernels: CPU vs GPU within the bound; every split policy gives
+/// the same bits; the cached rows equal the full pass's rows bit for bit (the dual-cache step's
+/// 32 queries take 32-row tiles and usually the split path, the full pass 64-row tiles unsplit).
+#[test]
+fn fa2_cached_matches_and_rows_are_independent() {
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    // (b, l, tq), queries from q0 = (l − tq) / 2: dual-cache blocks (TQ = 32), TQ = 200 / 400 at
+    // L = 1024, odd sizes; each at HD 64 and 128.
+    let cases = [
+        (2, 1024, 32),
+        (2, 1024, 200),
+        (1, 1024, 400),
+        (1, 385, 32),
+        (2, 200, 61),
+        (1, 7, 1),
+    ];
+    for (i, (b, l, tq)) in cases.into_iter().enumerate() {
+        for hd in [64, 128] {
+            let q0 = (l - tq) / 2;
+            let tag = 9700 + (i * 1000 + hd) as u64;
+            let (s, dense) = cached_and_dense([b, tq, l, 8, 2, hd]);
+            let full = rand_vec(tag, b * l * 12 * hd, 2.0);
+            let kv = padding_mask(b, l);
+            let kv = Some(kv.as_slice());
+            let (_, _, want) = run_cached(&c0, &full, kv, s, q0);
+            let mag = attention_magnitude_rows(&full, kv, dense, q0, tq);
+            let what = format!("fa2 cached b={b} l={l} q0={q0} tq={tq} hd={hd}");
+            let outs: Vec<Vec<f32>> = FA2_MODES
+                .iter()
+                .map(|&m| with_attn(&g, AttnImpl::Fa2(m), |g| run_cached(g, &full, kv, s, q0).2))
+                .collect();
+            compare(&what, &want, &outs[0], fa2_tol(&mag));
+            exact(&format!("{what}: split vs unsplit"), &outs[0], &outs[1]);
+            exact(&format!("{what}: auto vs unsplit"), &outs[0], &outs[2]);
+            let full_rows = with_attn(&g, AttnImpl::Fa2(Fa2Split::Auto), |g| {
+                run_attention(g, &full, kv, dense)
+            });
+            let want_rows = span_rows(&full_rows, b, l, 8 * hd, q0, tq);
+            exact(
+                &format!("{what}: cached vs full pass"),
+                &want_rows,
+                &outs[0],
+            );
+        }
+    }
+}
+
+/// Today's split-KV path (`attention_split_bf16` + combine) when the partials exceed the
+/// scratch: launched per group of batch rows (B = 2, TQ = 200 at L = 1024) or per group of query
+/// rows (B = 1, TQ = 400). Results: within the flash bound of the CPU, and the cached rows equal
+/// the full pass's rows bit for bit.
+#[test]
+fn split_path_row_groups_match() {
+    use llada::backend::cuda::{ATTN_SCRATCH, ATTN_SPLIT_CHUNK};
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    let (l, nh, nkv, hd) = (1024usize, 32usize, 8usize, 128usize);
+    // Rows whose partials fit the scratch at once (attention_split's `cap_rows`).
+    let cap_rows = ATTN_SCRATCH / (l.div_ceil(ATTN_SPLIT_CHUNK) * nh * (hd + 2));
+    for (i, &(b, tq, q0)) in [(2usize, 200usize, 700usize), (1, 400, 300)]
+        .iter()
+        .enumerate()
+    {
+        // (2, 200): B·TQ > cap ≥ TQ → groups of batch rows; (1, 400): TQ > cap → query rows.
+        assert!(
+            b * tq > cap_rows,
+            "b={b} tq={tq} fits the scratch ({cap_rows} rows)"
+        );
+        assert_eq!(tq <= cap_rows, b > 1, "b={b} tq={tq} cap={cap_rows}");
+        let (s, dense) = cached_and_dense([b, tq, l, nh, nkv, hd]);
+        let full = rand_vec(9900 + i as u64, b * l * (nh + 2 * nkv) * hd, 2.0);
+        let kv = padding_mask(b, l);
+        let kv = Some(kv.as_slice());
+        let (_, _, want) = run_cached(&c0, &full, kv, s, q0);
+        let mag = attention_magnitude_rows(&full, kv, dense, q0, tq);
+        let (got, full_rows) = with_attn(&g, AttnImpl::Mma, |g| {
+            (
+                run_cached(g, &full, kv, s, q0).2,
+                run_attention(g, &full, kv, dense),
+            )
+        });
+        let what = format!("split-KV groups b={b} tq={tq} l={l}");
+        compare(&what, &want, &got, |i, c, gv| {
+            ulp_bf16(c.abs().max(gv.abs())) + 2.0 * 2f32.powi(-8) * mag[i]
+        });
+        let want_rows = span_rows(&full_rows, b, l, nh * hd, q0, tq);
+        exact(&format!("{what}: cached vs full pass"), &want_rows, &got);
+    }
 }

@@ -26,6 +26,9 @@
 //! Without a usable GPU every test prints `SKIP: <why>` and passes, unless
 //! `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
 
+#[path = "common/probe.rs"]
+mod probe;
+
 use llada::hf::config::ModelConfig;
 use llada::rng;
 use llada::train::backend::{HostOps, TrainOps};
@@ -34,6 +37,7 @@ use llada::train::cuda::{
 };
 use llada::train::data::Sample;
 use llada::train::model::{forward_backward, forward_backward_on, Batch, Params};
+use llada::train::model::{forward_backward_with, PassOptions};
 use llada::train::ops::{self, AttnShape};
 use llada::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use llada::train::{TrainOptions, Trainer};
@@ -59,18 +63,7 @@ macro_rules! on_each_device {
 }
 
 fn gpu() -> Option<CudaOps> {
-    let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let r = llada::engine::device::cuda_available()
-        .map_err(anyhow::Error::msg)
-        .and_then(|()| CudaOps::new(0));
-    match r {
-        Ok(b) => Some(b),
-        Err(e) if require => panic!("LLADA_REQUIRE_GPU=1 but no usable GPU: {e:#}"),
-        Err(e) => {
-            eprintln!("SKIP: {e:#}");
-            None
-        }
-    }
+    probe::device_or_skip(|| CudaOps::new(0))
 }
 
 /// Deterministic f32 values uniform in [-scale, scale), distinct per `tag`.
@@ -133,6 +126,76 @@ fn exact(what: &str, cpu: &[f32], gpu: &[f32]) {
     compare(what, cpu, gpu, |_| 0.0);
 }
 
+/// Upload `x`, `w`, `dy` and run the linear and its backward on `g` (`dx` written, `dw` added to
+/// `dw0`): the device inputs, and `y`, `dx`, `dw` downloaded.
+fn linear_on<B: TrainOps>(
+    g: &B,
+    [x, w, dy]: [&[f32]; 3],
+    dw0: &[f32],
+    (n, k, m): (usize, usize, usize),
+) -> ([B::Buf; 3], [Vec<f32>; 3]) {
+    let [xd, wd, dyd] = [x, w, dy].map(|v| g.upload(v).unwrap());
+    let mut yd = g.upload(&vec![f32::NAN; n * m]).unwrap();
+    g.linear(&mut yd, &xd, &wd, n, k, m).unwrap();
+    let mut dxd = g.upload(&vec![f32::NAN; n * k]).unwrap();
+    let mut dwd = g.upload(dw0).unwrap();
+    g.linear_bwd(Some(&mut dxd), false, &mut dwd, &dyd, &xd, &wd, n, k, m)
+        .unwrap();
+    let got =
+        [(yd, n * m), (dxd, n * k), (dwd, m * k)].map(|(b, len)| g.download(&b, len).unwrap());
+    ([xd, wd, dyd], got)
+}
+
+/// Error bounds of a linear `y[N, M] = x[N, K]·wᵀ` and its backward from the absolute inputs
+/// (`Σ|terms|` in f64): `2·(terms + 2)·u·Σ|terms|` per element; `dw = dw0 + Σ_i dy·x` adds the
+/// initial value as one more term.
+struct LinearBounds<'a> {
+    ax: Vec<f64>,
+    aw: Vec<f64>,
+    ady: Vec<f64>,
+    dw0: &'a [f32],
+    nkm: (usize, usize, usize),
+}
+
+impl LinearBounds<'_> {
+    /// The bounds for `x`, `w`, `dy` (as `abs` makes them absolute) and the initial `dw0`.
+    fn new<'a>(
+        abs: fn(&[f32]) -> Vec<f64>,
+        [x, w, dy]: [&[f32]; 3],
+        dw0: &'a [f32],
+        nkm: (usize, usize, usize),
+    ) -> LinearBounds<'a> {
+        let (ax, aw, ady) = (abs(x), abs(w), abs(dy));
+        LinearBounds {
+            ax,
+            aw,
+            ady,
+            dw0,
+            nkm,
+        }
+    }
+    fn y(&self, i: usize) -> f64 {
+        let (_, k, m) = self.nkm;
+        let s = strided_dot((&self.ax[i / m * k..], 1), (&self.aw[i % m * k..], 1), k);
+        2.0 * (k as f64 + 2.0) * U * s
+    }
+    fn dx(&self, i: usize) -> f64 {
+        let (_, k, m) = self.nkm;
+        let s = strided_dot((&self.ady[i / k * m..], 1), (&self.aw[i % k..], k), m);
+        2.0 * (m as f64 + 2.0) * U * s
+    }
+    fn dw(&self, e: usize) -> f64 {
+        let (n, k, m) = self.nkm;
+        let s = strided_dot((&self.ady[e / k..], m), (&self.ax[e % k..], k), n);
+        2.0 * (n as f64 + 3.0) * U * (s + self.dw0[e].abs() as f64)
+    }
+}
+
+/// `Σ_{t < len} a[t·sa]·b[t·sb]`, t ascending.
+fn strided_dot((a, sa): (&[f64], usize), (b, sb): (&[f64], usize), len: usize) -> f64 {
+    (0..len).map(|t| a[t * sa] * b[t * sb]).sum()
+}
+
 fn abs(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| (x as f64).abs()).collect()
 }
@@ -162,54 +225,13 @@ fn linear_fwd_bwd_on<B: TrainOps>(g: &B) {
         let mut dw = dw0.clone();
         ops::linear_bwd(Some(&mut dx), &mut dw, &dy, &x, &w, n, k, m);
         // GPU
-        let (xd, wd, dyd) = (
-            g.upload(&x).unwrap(),
-            g.upload(&w).unwrap(),
-            g.upload(&dy).unwrap(),
-        );
-        let mut yd = g.upload(&vec![f32::NAN; n * m]).unwrap();
-        g.linear(&mut yd, &xd, &wd, n, k, m).unwrap();
-        let mut dxd = g.upload(&vec![f32::NAN; n * k]).unwrap();
-        let mut dwd = g.upload(&dw0).unwrap();
-        g.linear_bwd(Some(&mut dxd), false, &mut dwd, &dyd, &xd, &wd, n, k, m)
-            .unwrap();
+        let ([xd, wd, dyd], [gy_, gdx_, gdw_]) = linear_on(g, [&x, &w, &dy], &dw0, (n, k, m));
         // Σ|terms| in f64.
-        let (ax, aw, ady) = (abs(&x), abs(&w), abs(&dy));
-        let gy = |i: usize| {
-            let (r, j) = (i / m, i % m);
-            let s: f64 = (0..k).map(|t| ax[r * k + t] * aw[j * k + t]).sum();
-            2.0 * (k as f64 + 2.0) * U * s
-        };
-        let gdx = |i: usize| {
-            let (r, c) = (i / k, i % k);
-            let s: f64 = (0..m).map(|j| ady[r * m + j] * aw[j * k + c]).sum();
-            2.0 * (m as f64 + 2.0) * U * s
-        };
-        // dw = dw0 + Σ_i dy·x: N products plus the initial value.
-        let gdw = |e: usize| {
-            let (j, c) = (e / k, e % k);
-            let s: f64 =
-                (0..n).map(|i| ady[i * m + j] * ax[i * k + c]).sum::<f64>() + dw0[e].abs() as f64;
-            2.0 * (n as f64 + 3.0) * U * s
-        };
-        compare(
-            &format!("linear y {n}x{k}x{m}"),
-            &y,
-            &g.download(&yd, n * m).unwrap(),
-            gy,
-        );
-        compare(
-            &format!("linear dx {n}x{k}x{m}"),
-            &dx,
-            &g.download(&dxd, n * k).unwrap(),
-            gdx,
-        );
-        compare(
-            &format!("linear dw {n}x{k}x{m}"),
-            &dw,
-            &g.download(&dwd, m * k).unwrap(),
-            gdw,
-        );
+        let b = LinearBounds::new(abs, [&x, &w, &dy], &dw0, (n, k, m));
+        let (gy, gdx, gdw) = (|i| b.y(i), |i| b.dx(i), |e| b.dw(e));
+        compare(&format!("linear y {n}x{k}x{m}"), &y, &gy_, gy);
+        compare(&format!("linear dx {n}x{k}x{m}"), &dx, &gdx_, gdx);
+        compare(&format!("linear dw {n}x{k}x{m}"), &dw, &gdw_, gdw);
         // dx accumulation (beta = 1): dx2 = dx + dy·w, one more addition per element.
         let mut dx2 = g.upload(&dx).unwrap();
         let mut scratch = g.zeros(m * k).unwrap();
@@ -943,7 +965,14 @@ fn tiny_params(cfg: &ModelConfig) -> Params<f32> {
 
 fn tiny_batch(cfg: &ModelConfig, b: usize, t: usize) -> Batch {
     let clean = rand_ids(1100, b * t, 500);
-    llada::train::loss::pretrain_batch(&clean, b, t, cfg.mask_token_id, 3, 0, false, 1.0).unwrap()
+    llada::train::loss::pretrain_batch(
+        &clean,
+        b,
+        t,
+        false,
+        llada::train::loss::Draw::new(cfg.mask_token_id, 3, 0, 1.0),
+    )
+    .unwrap()
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
@@ -1160,23 +1189,8 @@ fn linear_bf16_fwd_bwd() {
         let mut dx32 = vec![0f32; n * k];
         let mut dw32 = dw0.clone();
         ops::linear_bwd(Some(&mut dx32), &mut dw32, &dy, &x, &w, n, k, m);
-        let (ax, aw, ady) = (bf16_abs(&x), bf16_abs(&w), bf16_abs(&dy));
-        let gy = |i: usize| {
-            let (r, j) = (i / m, i % m);
-            let s: f64 = (0..k).map(|t| ax[r * k + t] * aw[j * k + t]).sum();
-            2.0 * (k as f64 + 2.0) * U * s
-        };
-        let gdx = |i: usize| {
-            let (r, c) = (i / k, i % k);
-            let s: f64 = (0..m).map(|j| ady[r * m + j] * aw[j * k + c]).sum();
-            2.0 * (m as f64 + 2.0) * U * s
-        };
-        let gdw = |e: usize| {
-            let (j, c) = (e / k, e % k);
-            let s: f64 =
-                (0..n).map(|i| ady[i * m + j] * ax[i * k + c]).sum::<f64>() + dw0[e].abs() as f64;
-            2.0 * (n as f64 + 3.0) * U * s
-        };
+        let b = LinearBounds::new(bf16_abs, [&x, &w, &dy], &dw0, (n, k, m));
+        let (gy, gdx, gdw) = (|i| b.y(i), |i| b.dx(i), |e| b.dw(e));
         for (what, want, f32_result, len, tol) in [
             ("y", &y, &y32, n * m, &gy as &dyn Fn(usize) -> f64),
             ("dx", &dx, &dx32, n * k, &gdx),
@@ -1192,22 +1206,7 @@ fn linear_bf16_fwd_bwd() {
             );
         }
         let Some(g) = g.as_ref() else { continue };
-        let (xd, wd, dyd) = (
-            g.upload(&x).unwrap(),
-            g.upload(&w).unwrap(),
-            g.upload(&dy).unwrap(),
-        );
-        let mut yd = g.upload(&vec![f32::NAN; n * m]).unwrap();
-        g.linear(&mut yd, &xd, &wd, n, k, m).unwrap();
-        let mut dxd = g.upload(&vec![f32::NAN; n * k]).unwrap();
-        let mut dwd = g.upload(&dw0).unwrap();
-        g.linear_bwd(Some(&mut dxd), false, &mut dwd, &dyd, &xd, &wd, n, k, m)
-            .unwrap();
-        let (gy_, gdx_, gdw_) = (
-            g.download(&yd, n * m).unwrap(),
-            g.download(&dxd, n * k).unwrap(),
-            g.download(&dwd, m * k).unwrap(),
-        );
+        let ([xd, wd, dyd], [gy_, gdx_, gdw_]) = linear_on(g, [&x, &w, &dy], &dw0, (n, k, m));
         // FAST_16BF allows bf16 but does not force it: at the odd size (unaligned rows),
         // cuBLAS may pick an f32 kernel. There a result that is the f32 GEMM's is accepted (and
         // said); at the aligned size (the model's shapes) it must be the bf16 one.
@@ -1350,4 +1349,48 @@ fn model_step_bf16_close_to_cpu() {
         "bf16 mode changed only {differs} of {} gradients beyond f32 rounding: is it in effect?",
         grad.names.len()
     );
+}
+
+/// Activation recomputation (`--recompute`) on each device: the same ops on the same inputs in
+/// the same order, so the loss and every gradient equal the kept-activation pass's bit for bit
+/// (the GPU's kernels and GEMMs are deterministic: see `model_step_matches_cpu`), with fewer
+/// activation floats held.
+#[test]
+fn model_step_recompute_is_bit_identical() {
+    on_each_device!(model_step_recompute_is_bit_identical_on);
+}
+
+fn model_step_recompute_is_bit_identical_on<B: TrainOps>(g: &B) {
+    let cfg = tiny();
+    let p = tiny_params(&cfg);
+    let batch = tiny_batch(&cfg, 2, 40);
+    let dp = upload_params(g, &p);
+    let zeros = Params::<f32>::zeros(&cfg);
+    let run = |recompute: bool| {
+        let mut dg = upload_params(g, &zeros);
+        let o = PassOptions { recompute };
+        let s = forward_backward_with(g, &cfg, o, &dp, &batch, &mut dg).unwrap();
+        (s, download_params(g, &dg, &zeros))
+    };
+    let (keep, gk) = run(false);
+    let (rec, gr) = run(true);
+    assert!(keep.loss.is_finite(), "loss {}", keep.loss);
+    assert_eq!(keep.loss.to_bits(), rec.loss.to_bits(), "loss");
+    assert!(rec.activation_floats < keep.activation_floats);
+    for (i, name) in gk.names.iter().enumerate() {
+        assert!(
+            gk.data[i].iter().all(|x| x.is_finite()),
+            "`{name}`: non-finite"
+        );
+        let bad = gk.data[i]
+            .iter()
+            .zip(&gr.data[i])
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        if let Some(j) = bad {
+            panic!(
+                "gradient `{name}`[{j}]: {} kept vs {} recomputed",
+                gk.data[i][j], gr.data[i][j]
+            );
+        }
+    }
 }

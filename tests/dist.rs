@@ -5,8 +5,12 @@
 //! The equivalence of a data-parallel step with one process over the global batch is tested in
 //! `tests/train.rs` (`data_parallel_*`); the NCCL all-reduce on GPUs in `tests/cuda_train.rs`.
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/cmp.rs"]
 mod cmp;
+#[path = "common/ranks.rs"]
+mod ranks;
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -14,7 +18,15 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use cli::text_corpus;
 use llada::train::dist::{first_host, DistEnv, HostGroup, JobKey};
+use ranks::rank_env;
+
+/// Rank, world, local rank, rendezvous address and port.
+fn placement(e: &DistEnv) -> (usize, usize, usize, &str, u16) {
+    let addr = e.master_addr.as_str();
+    (e.rank, e.world, e.local_rank, addr, e.master_port)
+}
 
 fn env_of(pairs: &[(&str, &str)]) -> anyhow::Result<Option<DistEnv>> {
     let m: HashMap<String, String> = pairs
@@ -36,16 +48,7 @@ fn ranks_come_from_torchrun_or_srun_variables() {
     ])
     .unwrap()
     .unwrap();
-    assert_eq!(
-        (
-            e.rank,
-            e.world,
-            e.local_rank,
-            e.master_addr.as_str(),
-            e.master_port
-        ),
-        (3, 4, 1, "10.0.0.7", 12345)
-    );
+    assert_eq!(placement(&e), (3, 4, 1, "10.0.0.7", 12345));
     // An srun step: ranks from SLURM, rendezvous at the first node, port from the job id.
     let e = env_of(&[
         ("SLURM_STEP_ID", "0"),
@@ -58,16 +61,7 @@ fn ranks_come_from_torchrun_or_srun_variables() {
     ])
     .unwrap()
     .unwrap();
-    assert_eq!(
-        (
-            e.rank,
-            e.world,
-            e.local_rank,
-            e.master_addr.as_str(),
-            e.master_port
-        ),
-        (5, 8, 1, "gpu017", 29500 + 4242 % 2000)
-    );
+    assert_eq!(placement(&e), (5, 8, 1, "gpu017", 29500 + 4242 % 2000));
     // torchrun variables win over SLURM's.
     let e = env_of(&[
         ("SLURM_STEP_ID", "0"),
@@ -127,17 +121,6 @@ const T: Duration = Duration::from_secs(30);
 /// The job key of the in-process groups.
 fn key() -> JobKey {
     JobKey::from_secret(b"the secret of this test job", None)
-}
-
-fn rank_env(rank: usize, world: usize, port: u16) -> DistEnv {
-    DistEnv {
-        rank,
-        world,
-        local_rank: rank,
-        master_addr: "127.0.0.1".into(),
-        master_port: port,
-        source: "test",
-    }
 }
 
 /// `world` ranks in threads, each running `f` on its joined group.
@@ -347,9 +330,10 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-fn train_cmd(args: &[&str], env: &[(&str, String)]) -> Command {
+/// `llada train FLAGS… PATHS…` (PATHS: the arguments that hold paths) with `env` set.
+fn train_cmd(paths: &[&str], flags: &str, env: &[(&str, String)]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_llada"));
-    c.arg("train").args(args);
+    c.arg("train").args(flags.split_whitespace()).args(paths);
     for v in [
         "RANK",
         "WORLD_SIZE",
@@ -378,15 +362,9 @@ fn train_cmd(args: &[&str], env: &[(&str, String)]) -> Command {
 }
 
 fn corpus(dir: &std::path::Path) -> PathBuf {
-    let data = dir.join("corpus.jsonl");
-    let mut text = String::new();
-    for i in 0..24 {
-        text.push_str(&format!(
-            "{{\"text\": \"a dog ran to the park {i} times. \"}}\n"
-        ));
-    }
-    std::fs::write(&data, text).unwrap();
-    data
+    text_corpus(&dir.join("corpus.jsonl"), 24, |i| {
+        format!("a dog ran to the park {i} times. ")
+    })
 }
 
 fn free_port() -> u16 {
@@ -403,46 +381,22 @@ fn two_processes_train_like_one_with_the_global_batch() {
     let dir = tmpdir("cli");
     let data = corpus(&dir);
     let data = data.to_str().unwrap();
-    let common = |out: &PathBuf, b: &'static str| -> Vec<String> {
-        [
-            "--preset",
-            "tiny",
-            "--steps",
-            "3",
-            "--warmup",
-            "1",
-            "--lr",
-            "3e-3",
-            "--seq-len",
-            "16",
-            "--accum",
-            "2",
-            "--no-truncate",
-            "--device",
-            "cpu",
-            "--data",
-            data,
-            "--batch-size",
-            b,
-            "--out",
-            out.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let flags = |b: &str| {
+        "--preset tiny --steps 3 --warmup 1 --lr 3e-3 --seq-len 16 --accum 2 --no-truncate \
+         --device cpu --batch-size "
+            .to_string()
+            + b
     };
     let one = dir.join("one");
-    let a = common(&one, "4");
-    let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
-    ok(&train_cmd(&a, &[]).output().unwrap());
+    let paths = ["--data", data, "--out", one.to_str().unwrap()];
+    ok(&train_cmd(&paths, &flags("4"), &[]).output().unwrap());
 
     let two = dir.join("two");
     let port = free_port().to_string();
     let spawn = |rank: usize| {
-        let a = common(&two, "2");
-        let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
         train_cmd(
-            &a,
+            &["--data", data, "--out", two.to_str().unwrap()],
+            &flags("2"),
             &[
                 ("RANK", rank.to_string()),
                 ("WORLD_SIZE", "2".into()),
@@ -491,19 +445,11 @@ fn two_processes_train_like_one_with_the_global_batch() {
         (o["batch_size"].as_u64(), o["world"].as_u64()),
         (Some(2), Some(2))
     );
+    let resumed = dir.join("resumed");
+    let (two, resumed) = (two.to_str().unwrap(), resumed.to_str().unwrap());
     let r = train_cmd(
-        &[
-            "--resume",
-            two.to_str().unwrap(),
-            "--steps",
-            "4",
-            "--data",
-            data,
-            "--out",
-            dir.join("resumed").to_str().unwrap(),
-            "--device",
-            "cpu",
-        ],
+        &["--resume", two, "--data", data, "--out", resumed],
+        "--steps 4 --device cpu",
         &[],
     )
     .output()
@@ -520,21 +466,16 @@ fn two_processes_train_like_one_with_the_global_batch() {
 fn a_rank_without_peers_fails_instead_of_waiting_forever() {
     let dir = tmpdir("alone");
     let data = corpus(&dir);
+    let out = dir.join("o");
+    let paths = [
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
     let o = train_cmd(
-        &[
-            "--preset",
-            "tiny",
-            "--steps",
-            "1",
-            "--seq-len",
-            "16",
-            "--device",
-            "cpu",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            dir.join("o").to_str().unwrap(),
-        ],
+        &paths,
+        "--preset tiny --steps 1 --seq-len 16 --device cpu",
         &[
             ("RANK", "0".into()),
             ("WORLD_SIZE", "2".into()),
@@ -551,21 +492,8 @@ fn a_rank_without_peers_fails_instead_of_waiting_forever() {
     assert!(!dir.join("o").join("model.safetensors").exists());
     // --no-dist ignores the variables.
     let o = train_cmd(
-        &[
-            "--preset",
-            "tiny",
-            "--steps",
-            "1",
-            "--seq-len",
-            "16",
-            "--device",
-            "cpu",
-            "--no-dist",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            dir.join("o").to_str().unwrap(),
-        ],
+        &paths,
+        "--preset tiny --steps 1 --seq-len 16 --device cpu --no-dist",
         &[("RANK", "0".into()), ("WORLD_SIZE", "2".into())],
     )
     .output()
@@ -592,23 +520,15 @@ fn srun_variables_launch_a_data_parallel_run() {
         .find(|&i| TcpListener::bind(("0.0.0.0", 29500 + i)).is_ok())
         .expect("a free port in 29500..31500");
     let spawn = |rank: usize| {
+        let out = dir.join("o");
         train_cmd(
             &[
-                "--preset",
-                "tiny",
-                "--steps",
-                "1",
-                "--seq-len",
-                "16",
-                "--batch-size",
-                "1",
-                "--device",
-                "cpu",
                 "--data",
                 data.to_str().unwrap(),
                 "--out",
-                dir.join("o").to_str().unwrap(),
+                out.to_str().unwrap(),
             ],
+            "--preset tiny --steps 1 --seq-len 16 --batch-size 1 --device cpu",
             &[
                 ("SLURM_STEP_ID", "0".into()),
                 ("SLURM_PROCID", rank.to_string()),

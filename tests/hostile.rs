@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::cli::{copy_dir, edit_json, json_lines, ok, run, tiny, tmpdir, words};
+use common::cli::{copy_dir, edit_json, json_lines, ok, run, text_corpus, tiny, tmpdir, words};
 use serde_json::{json, Value};
 
 fn bin() -> &'static str {
@@ -727,12 +727,9 @@ fn safetensors_headers_with_overlaps_or_duplicates_are_refused() {
 #[test]
 fn resume_from_a_broken_checkpoint_fails_before_any_step() {
     let d = tmpdir("resume");
-    let data = d.join("data.jsonl");
-    let mut text = String::new();
-    for i in 0..8 {
-        text.push_str(&format!("{{\"text\": \"the dog ran {i} times\"}}\n"));
-    }
-    std::fs::write(&data, text).unwrap();
+    let data = text_corpus(&d.join("data.jsonl"), 8, |i| {
+        format!("the dog ran {i} times")
+    });
     let ck = d.join("ck");
     let train = |extra: &[&str]| {
         run(Command::new(bin())

@@ -13,11 +13,12 @@ use llada::hf::config::ModelConfig;
 use llada::hf::dtype::DType;
 use llada::hf::write::{write_safetensors, HostTensor};
 use llada::lora::train::{
-    init_adapter, lora_grads_from_dense, lora_linear, lora_linear_bwd, select_modules, LoraAdamW,
-    LoraGrads,
+    init_adapter, lora_grads_from_dense, lora_linear, lora_linear_bwd, select_modules, Factors,
+    LoraAdamW, LoraGrads,
 };
 use llada::lora::{Adapter, LoraConfig, ModuleKind, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX};
 use llada::rng::{bits, cell_key, uniform};
+use llada::train::backend::{LinearBwd, LinearDims};
 use llada::train::optim::AdamWConfig;
 mod common;
 
@@ -25,6 +26,7 @@ use common::cli::{
     err_of, f64s as floats, fixture, ids_arg, llada_out as llada, ok, read_json, run, tmpdir,
     u32s as ints, words,
 };
+use common::fd::check_grad;
 use serde_json::{json, Value};
 
 fn expected() -> Value {
@@ -214,7 +216,13 @@ fn adapter_gradients_match_peft_autograd() {
         let s = m.scale(ad.config.use_rslora) as f32;
         let mut da = vec![0.0f32; m.a.len()];
         let mut db = vec![0.0f32; m.b.len()];
-        lora_grads_from_dense(&mut da, &mut db, &g, &m.a, &m.b, s, cols, rows, m.rank);
+        let f = Factors {
+            a: &m.a,
+            b: &m.b,
+            s,
+            r: m.rank,
+        };
+        lora_grads_from_dense((&mut da, &mut db), &g, f, cols, rows);
         assert_close(&a_name, &da, &floats(want_a));
         assert_close(&format!("{module}.lora_B"), &db, &floats(want_b));
         checked += 2;
@@ -226,35 +234,10 @@ fn adapter_gradients_match_peft_autograd() {
 // ---------------------------------------------------------------------------------------------
 // The LoRA linear: finite differences in f64.
 
-/// Central differences, h = 1e-5, as tests/train.rs's `check_grad` (same derivation: truncation
-/// ~1e-10, rounding ~1e-11 for these O(1) losses; 1e-7 + 1e-6·max|grad| is far below any real
-/// mistake).
-fn check_grad(name: &str, x: &mut [f64], analytic: &[f64], f: &mut dyn FnMut(&[f64]) -> f64) {
-    let h = 1e-5;
-    let scale = analytic
-        .iter()
-        .fold(0.0f64, |a, &b| a.max(b.abs()))
-        .max(1e-3);
-    for i in 0..x.len() {
-        let x0 = x[i];
-        x[i] = x0 + h;
-        let fp = f(x);
-        x[i] = x0 - h;
-        let fm = f(x);
-        x[i] = x0;
-        let num = (fp - fm) / (2.0 * h);
-        let err = (num - analytic[i]).abs();
-        assert!(
-            err <= 1e-7 + 1e-6 * scale,
-            "{name}[{i}]: analytic {} numeric {num} (error {err})",
-            analytic[i]
-        );
-    }
-}
-
 #[test]
 fn fd_lora_linear() {
     let (n, k, m, r) = (3, 5, 4, 2);
+    let d = LinearDims { n, k, m };
     let s = 1.7f64;
     let mut x = rand_vec(1, n * k, 1.0);
     let w = rand_vec(2, m * k, 1.0);
@@ -265,12 +248,13 @@ fn fd_lora_linear() {
     let loss = |x: &[f64], a: &[f64], b: &[f64]| {
         let mut y = vec![0.0; n * m];
         let mut u = vec![0.0; n * r];
-        lora_linear(&mut y, &mut u, x, &w, a, b, s, n, k, m, r);
+        lora_linear(&mut y, &mut u, x, &w, Factors { a, b, s, r }, d);
         y.iter().zip(&rr).map(|(p, q)| p * q).sum::<f64>()
     };
     let mut y = vec![0.0; n * m];
     let mut u = vec![0.0; n * r];
-    lora_linear(&mut y, &mut u, &x, &w, &a, &b, s, n, k, m, r);
+    let f = Factors { a: &a, b: &b, s, r };
+    lora_linear(&mut y, &mut u, &x, &w, f, d);
     // The forward is x·Wᵀ + s·(x·Aᵀ)·Bᵀ.
     for i in 0..n {
         for j in 0..m {
@@ -288,27 +272,26 @@ fn fd_lora_linear() {
     let mut dx = vec![0.0; n * k];
     let mut da = vec![0.0; r * k];
     let mut db = vec![0.0; m * r];
-    lora_linear_bwd(
-        Some(&mut dx),
-        &mut da,
-        &mut db,
-        &rr,
-        &x,
-        &u,
-        &w,
-        &a,
-        &b,
-        s,
-        n,
-        k,
-        m,
-        r,
-    );
+    let io = LinearBwd {
+        dy: &rr,
+        x: &x,
+        w: &w,
+        d,
+    };
+    lora_linear_bwd(Some(&mut dx), (&mut da, &mut db), &u, f, io);
     let (a0, b0) = (a.clone(), b.clone());
     check_grad("dx", &mut x, &dx, &mut |x| loss(x, &a0, &b0));
     let x0 = x.clone();
     check_grad("dA", &mut a, &da, &mut |a| loss(&x0, a, &b0));
     check_grad("dB", &mut b, &db, &mut |b| loss(&x0, &a0, b));
+    // (The factors and inputs again, now that the checks have let go of them.)
+    let f = Factors { a: &a, b: &b, s, r };
+    let io = LinearBwd {
+        dy: &rr,
+        x: &x,
+        w: &w,
+        d,
+    };
     // The dense-gradient identity gives the same dA, dB: G = dyᵀ·x.
     let mut g = vec![0.0; m * k];
     for i in 0..n {
@@ -320,15 +303,13 @@ fn fd_lora_linear() {
     }
     let mut da2 = vec![0.0; r * k];
     let mut db2 = vec![0.0; m * r];
-    lora_grads_from_dense(&mut da2, &mut db2, &g, &a, &b, s, k, m, r);
+    lora_grads_from_dense((&mut da2, &mut db2), &g, f, k, m);
     for (p, q) in da.iter().zip(&da2).chain(db.iter().zip(&db2)) {
         assert!((p - q).abs() < 1e-12, "{p} vs {q}");
     }
     // Gradients accumulate.
     let before = da.clone();
-    lora_linear_bwd(
-        None, &mut da, &mut db, &rr, &x, &u, &w, &a, &b, s, n, k, m, r,
-    );
+    lora_linear_bwd(None, (&mut da, &mut db), &u, f, io);
     for (p, q) in da.iter().zip(&before) {
         assert!((p - 2.0 * q).abs() < 1e-12);
     }
@@ -382,7 +363,14 @@ fn lora_adamw_fits_a_low_rank_change() {
         let s = md.scale(false) as f32;
         let mut y = vec![0.0f32; n * mm];
         let mut u = vec![0.0f32; n * 2];
-        lora_linear(&mut y, &mut u, &x, &w, &md.a, &md.b, s, n, k, mm, 2);
+        let f = Factors {
+            a: &md.a,
+            b: &md.b,
+            s,
+            r: 2,
+        };
+        let d = LinearDims { n, k, m: mm };
+        lora_linear(&mut y, &mut u, &x, &w, f, d);
         let dy: Vec<f32> = y
             .iter()
             .zip(&target)
@@ -397,7 +385,13 @@ fn lora_adamw_fits_a_low_rank_change() {
         first.get_or_insert(last);
         g.fill_zero();
         let (da, db) = g.modules.get_mut(&name).unwrap();
-        lora_linear_bwd(None, da, db, &dy, &x, &u, &w, &md.a, &md.b, s, n, k, mm, 2);
+        let io = LinearBwd {
+            dy: &dy,
+            x: &x,
+            w: &w,
+            d,
+        };
+        lora_linear_bwd(None, (da, db), &u, f, io);
         assert!(g.norm().is_finite());
         g.clip(10.0);
         opt.step(&mut ad, &g, 1e-2).unwrap();

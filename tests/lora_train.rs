@@ -15,7 +15,9 @@ use llada::train::StepState;
 
 mod common;
 
-use common::cli::{f64s as floats, fixture, llada_out as llada, read_json, tiny, tmpdir, u32s};
+use common::cli::{
+    f64s as floats, fixture, llada_out as llada, read_json, tiny, tmpdir, u32s, words,
+};
 use common::cmp::abs_diff64;
 
 /// Worst |got − want| (NaN-proof: a non-finite value counts as ∞) and the reference's largest
@@ -231,21 +233,11 @@ fn cli_trains_a_lora_adapter() {
         ad.modules.values().any(|m| m.b.iter().any(|&x| x != 0.0)),
         "B never moved from zero"
     );
-    let g = llada(&[
-        "generate",
-        "--model",
-        m,
-        "--lora",
-        o,
-        "--prompt-ids",
-        "5,6,7",
-        "--gen-length",
-        "8",
-        "--steps",
-        "8",
-        "--block-length",
-        "8",
-    ]);
+    let mut a = vec!["generate", "--model", m, "--lora", o];
+    a.extend(words(
+        "--prompt-ids 5,6,7 --gen-length 8 --steps 8 --block-length 8",
+    ));
+    let g = llada(&a);
     assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
     // Refused with a clear error: resume, and CUDA.
     let a: Vec<&str> = args

@@ -2,12 +2,20 @@
 //! losses' masking rules, AdamW, data, and end-to-end runs (loss falls, save → load → generate,
 //! resume equals an uninterrupted run).
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/cmp.rs"]
 mod cmp;
+#[path = "common/fd.rs"]
+mod fd;
+#[path = "common/ranks.rs"]
+mod ranks;
 
+use cli::text_corpus;
+use fd::check_grad;
 use llada::hf::config::ModelConfig;
 use llada::rng::{bits, cell_key, uniform};
-use llada::train::loss;
+use llada::train::loss::{self, Draw};
 use llada::train::model::{forward_backward, Batch, Params};
 use llada::train::ops::{self, AttnShape};
 
@@ -17,36 +25,6 @@ fn rand_vec(seed: u64, n: usize, scale: f64) -> Vec<f64> {
     (0..n)
         .map(|i| scale * (2.0 * uniform(bits(k, i as u64)) - 1.0))
         .collect()
-}
-
-/// Central differences in f64 with step 1e-5: truncation error ~h²·f''' ≈ 1e-10 and rounding
-/// error ~ε·|f|/h ≈ 1e-11 for the O(1) losses here, so 1e-7 absolute plus 1e-6 relative to the
-/// largest gradient is far above the numerical noise and far below any real mistake (a wrong
-/// term changes gradients at the 1e-2 level).
-fn check_grad(name: &str, x: &mut [f64], analytic: &[f64], f: &mut dyn FnMut(&[f64]) -> f64) {
-    let h = 1e-5;
-    let scale = analytic
-        .iter()
-        .fold(0.0f64, |a, &b| a.max(b.abs()))
-        .max(1e-3);
-    let mut worst = 0.0f64;
-    for i in 0..x.len() {
-        let x0 = x[i];
-        x[i] = x0 + h;
-        let fp = f(x);
-        x[i] = x0 - h;
-        let fm = f(x);
-        x[i] = x0;
-        let num = (fp - fm) / (2.0 * h);
-        let err = (num - analytic[i]).abs();
-        worst = worst.max(err);
-        assert!(
-            err <= 1e-7 + 1e-6 * scale,
-            "{name}[{i}]: analytic {} numeric {num} (error {err}, max |grad| {scale})",
-            analytic[i]
-        );
-    }
-    eprintln!("{name}: {} elements, worst error {worst:.2e}", x.len());
 }
 
 fn dotv(a: &[f64], b: &[f64]) -> f64 {
@@ -258,7 +236,8 @@ fn fd_whole_model() {
     let (b, t) = (2, 5);
     let clean: Vec<u32> = (0..b * t).map(|i| (i * 7 % 15) as u32).collect();
     // Mask several positions in both rows; a repeated id exercises the embedding scatter.
-    let batch = loss::pretrain_batch(&clean, b, t, cfg.mask_token_id, 3, 0, false, 1.0).unwrap();
+    let batch =
+        loss::pretrain_batch(&clean, b, t, false, Draw::new(cfg.mask_token_id, 3, 0, 1.0)).unwrap();
     let batch = if batch.rows.len() >= 2 {
         batch
     } else {
@@ -298,6 +277,13 @@ fn tmpdir(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// `--data DATA --out OUT` and a small CPU run's batch (2 rows of 16 tokens).
+fn cpu_train_args<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
+    let mut a = vec!["--data", data, "--out", out];
+    a.extend("--batch-size 2 --seq-len 16 --device cpu".split_whitespace());
+    a
 }
 
 fn llada(args: &[&str]) -> std::process::Output {
@@ -424,7 +410,7 @@ fn pretrain_masking_rules() {
     let mut frac_err = 0.0;
     let mut truncs = 0;
     for step in 0..200u64 {
-        let bt = loss::pretrain_batch(&clean, b, t, 99, 5, step, true, 0.5).unwrap();
+        let bt = loss::pretrain_batch(&clean, b, t, true, Draw::new(99, 5, step, 0.5)).unwrap();
         let l = bt.t;
         if l != t {
             truncs += 1;
@@ -475,7 +461,7 @@ fn sft_never_masks_the_prompt() {
     let prompts = [7usize, 12];
     let mut seen_answer = [0usize; 2];
     for step in 0..300u64 {
-        let bt = loss::sft_batch(&clean, &prompts, b, t, 99, 3, step, 1.0).unwrap();
+        let bt = loss::sft_batch(&clean, &prompts, b, t, Draw::new(99, 3, step, 1.0)).unwrap();
         for (i, &r) in bt.rows.iter().enumerate() {
             let (row, pos) = (r as usize / t, r as usize % t);
             assert!(
@@ -497,13 +483,13 @@ fn sft_never_masks_the_prompt() {
     // The prompt's tokens never enter the loss: changing them changes no target and no weight.
     let mut other = clean.clone();
     other[..prompts[0]].fill(5);
-    let a = loss::sft_batch(&clean, &prompts, b, t, 99, 3, 7, 1.0).unwrap();
-    let c = loss::sft_batch(&other, &prompts, b, t, 99, 3, 7, 1.0).unwrap();
+    let a = loss::sft_batch(&clean, &prompts, b, t, Draw::new(99, 3, 7, 1.0)).unwrap();
+    let c = loss::sft_batch(&other, &prompts, b, t, Draw::new(99, 3, 7, 1.0)).unwrap();
     assert_eq!(
         (&a.rows, &a.targets, &a.weights),
         (&c.rows, &c.targets, &c.weights)
     );
-    assert!(loss::sft_batch(&clean, &[20, 3], b, t, 99, 3, 0, 1.0).is_err());
+    assert!(loss::sft_batch(&clean, &[20, 3], b, t, Draw::new(99, 3, 0, 1.0)).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -570,8 +556,9 @@ fn adamw_matches_the_pytorch_update_rule() {
 // Runs.
 
 use llada::train::data::Sample;
-use llada::train::dist::{DistEnv, HostGroup, JobKey};
+use llada::train::dist::{HostGroup, JobKey};
 use llada::train::{StepStats, TrainOptions, Trainer};
+use ranks::rank_env;
 
 fn run_config() -> ModelConfig {
     ModelConfig {
@@ -725,17 +712,7 @@ fn join_local(
     let key = JobKey::from_secret(b"a test job secret", None);
     let g = match listener {
         Some(l) => HostGroup::serve(l, world, fp, &key, secs, secs)?,
-        None => {
-            let env = DistEnv {
-                rank,
-                world,
-                local_rank: rank,
-                master_addr: "127.0.0.1".into(),
-                master_port: port,
-                source: "test",
-            };
-            HostGroup::connect(&env, fp, &key, secs, secs)?
-        }
+        None => HostGroup::connect(&rank_env(rank, world, port), fp, &key, secs, secs)?,
     };
     tr.join_group(g)
 }
@@ -898,27 +875,11 @@ fn ranks_with_different_data_refuse_to_train() {
 #[test]
 fn cli_train_saves_a_folder_generate_loads_and_resume_continues() {
     let dir = tmpdir("cli");
-    let data = dir.join("corpus.jsonl");
-    let mut text = String::new();
-    for i in 0..30 {
-        text.push_str(&format!(
-            "{{\"text\": \"the cat sat on mat number {i}. \"}}\n"
-        ));
-    }
-    std::fs::write(&data, text).unwrap();
+    let data = text_corpus(&dir.join("corpus.jsonl"), 30, |i| {
+        format!("the cat sat on mat number {i}. ")
+    });
     let out = dir.join("ck");
-    let base = [
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--device",
-        "cpu",
-    ];
+    let base = cpu_train_args(data.to_str().unwrap(), out.to_str().unwrap());
     let mut a = vec!["train", "--preset", "tiny", "--steps", "4"];
     a.extend_from_slice(&base);
     let o = llada(&a);
@@ -933,23 +894,13 @@ fn cli_train_saves_a_folder_generate_loads_and_resume_continues() {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     // The folder is a model `llada generate` loads.
-    let o = llada(&[
-        "generate",
-        "--model",
-        out.to_str().unwrap(),
-        "--prompt-ids",
-        "5,6,7",
-        "--gen-length",
-        "8",
-        "--steps",
-        "8",
-        "--block-length",
-        "8",
-        "--device",
-        "cpu",
-        "--format",
-        "json",
-    ]);
+    let mut a = vec!["generate", "--model", out.to_str().unwrap()];
+    a.extend(
+        "--prompt-ids 5,6,7 --gen-length 8 --steps 8 --block-length 8 --device cpu"
+            .split_whitespace(),
+    );
+    a.extend(["--format", "json"]);
+    let o = llada(&a);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["ids"][0].as_array().unwrap().len(), 8, "generated ids");
@@ -1178,26 +1129,24 @@ fn cli_train_token_ids_no_save_and_precision() {
         data.to_str().unwrap(),
         out.to_str().unwrap(),
     );
-    let common = [
-        "--data",
-        d,
-        "--out",
-        o_,
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--device",
-        "cpu",
-    ];
-    let run = |extra: &[&str]| {
+    let common = cpu_train_args(d, o_);
+    // `llada train HEAD FLAGS… COMMON` (HEAD: arguments that may hold paths).
+    let run = |head: &[&str], flags: &str| {
         let mut a: Vec<&str> = vec!["train"];
-        a.extend_from_slice(extra);
+        a.extend_from_slice(head);
+        a.extend(flags.split_whitespace());
         a.extend_from_slice(&common);
         llada(&a)
     };
+    // The run fails with `want` in its error.
+    let fails = |head: &[&str], flags: &str, want: &str| {
+        let o = run(head, flags);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{err}");
+    };
+    let (model, tiny) = (["--model", m], ["--preset", "tiny"]);
     // --no-save: trains, writes nothing.
-    let o = run(&["--model", m, "--steps", "2", "--no-save"]);
+    let o = run(&model, "--steps 2 --no-save");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(
@@ -1207,17 +1156,17 @@ fn cli_train_token_ids_no_save_and_precision() {
     assert!(!out.join("model.safetensors").exists());
     assert!(!out.join("optimizer.safetensors").exists());
     // Saved, then resumed (the checkpoint has no tokenizer either).
-    let o = run(&["--model", m, "--steps", "2"]);
+    let o = run(&model, "--steps 2");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.join("model.safetensors").is_file());
     assert!(!out.join("tokenizer.json").exists());
-    let o = run(&["--resume", o_, "--steps", "3"]);
+    let o = run(&["--resume", o_], "--steps 3");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(llada::train::checkpoint::load(&out).unwrap().state.step, 3);
     // Text needs a tokenizer; SFT too.
     let txt = dir.join("corpus.txt");
     std::fs::write(&txt, "the cat sat on the mat ".repeat(20)).unwrap();
-    let o = llada(&[
+    let mut a = vec![
         "train",
         "--model",
         m,
@@ -1225,72 +1174,25 @@ fn cli_train_token_ids_no_save_and_precision() {
         txt.to_str().unwrap(),
         "--out",
         o_,
-        "--steps",
-        "1",
-        "--seq-len",
-        "16",
-        "--device",
-        "cpu",
-        "--no-save",
-    ]);
+    ];
+    a.extend("--steps 1 --seq-len 16 --device cpu --no-save".split_whitespace());
+    let o = llada(&a);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && err.contains("no tokenizer.json"),
         "{err}"
     );
-    let o = run(&["--model", m, "--steps", "1", "--sft", "--no-save"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--sft"), "{err}");
+    fails(&model, "--steps 1 --sft --no-save", "--sft");
     // --no-save and --save-every exclude each other.
-    let o = run(&[
-        "--model",
-        m,
-        "--steps",
-        "1",
-        "--no-save",
-        "--save-every",
-        "1",
-    ]);
-    assert!(!o.status.success());
+    fails(&model, "--steps 1 --no-save --save-every 1", "");
     // Precision: bf16 is GPU-only; anything else is not a precision.
-    let o = run(&[
-        "--preset",
-        "tiny",
-        "--steps",
-        "1",
-        "--precision",
-        "bf16",
-        "--no-save",
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success()
-            && err
-                .contains("--precision bf16 needs --device cuda: the CPU reference trains in f32"),
-        "{err}"
+    let want = "--precision bf16 needs --device cuda: the CPU reference trains in f32";
+    fails(&tiny, "--steps 1 --precision bf16 --no-save", want);
+    fails(
+        &tiny,
+        "--steps 1 --precision fp16 --no-save",
+        "expected f32 or bf16",
     );
-    let o = run(&[
-        "--preset",
-        "tiny",
-        "--steps",
-        "1",
-        "--precision",
-        "fp16",
-        "--no-save",
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !o.status.success() && err.contains("expected f32 or bf16"),
-        "{err}"
-    );
-    let o = run(&[
-        "--preset",
-        "tiny",
-        "--steps",
-        "1",
-        "--precision",
-        "f32",
-        "--no-save",
-    ]);
+    let o = run(&tiny, "--steps 1 --precision f32 --no-save");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -3,7 +3,8 @@
 //
 // Covered here: add_bf16, rms_norm_bf16, add_rms_norm_bf16, swiglu_bf16, embedding_bf16,
 // gather_rows_bf16, rope_bf16, kv_store_bf16, fill_random_bf16, fill_const_bf16, f32_to_bf16,
-// f16_to_bf16, attention_fwd_bf16, head_select_bf16, topk_select_f32, threshold_select_f32, and
+// f16_to_bf16, attention_fwd_bf16, attention_fa2_bf16_hd{64,128}_q{32,64} and
+// attention_fa2_combine_bf16 (split and unsplit must agree bit for bit), head_select_bf16, topk_select_f32, threshold_select_f32, and
 // the exact training kernels add_f32, embedding_f32, gather_rows_f32, scatter_add_rows_f32,
 // rope_f32 (both directions).
 // Not covered here, and why: every kernel is also checked from Rust against the CPU reference on
@@ -533,6 +534,28 @@ static void test_attention(int b, int t, int nh, int nkv, int hd, bool mask, boo
            unaligned, worst);
 }
 
+// Median of 20 repetitions of 32 calls, in ms.
+template <typename F>
+static float time32(F launch) {
+    for (int i = 0; i < 10; ++i) launch();
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    std::vector<float> ms;
+    for (int rep = 0; rep < 20; ++rep) {
+        cudaEventRecord(e0);
+        for (int i = 0; i < 32; ++i) launch();
+        cudaEventRecord(e1);
+        cudaEventSynchronize(e1);
+        float m;
+        cudaEventElapsedTime(&m, e0, e1);
+        ms.push_back(m);
+    }
+    CK(cudaGetLastError());
+    std::sort(ms.begin(), ms.end());
+    return ms[10];
+}
+
 static void time_attention() {
     const int b = 1, t = 384, nh = 32, nkv = 32, hd = 128, stride = (nh + 2 * nkv) * hd;
     auto qkv = rand_bf16((size_t)b * t * stride, 1.0f);
@@ -540,22 +563,8 @@ static void time_attention() {
     bf16* dout;
     CK(cudaMalloc(&dout, (size_t)b * t * nh * hd * 2));
     dim3 grid((t + 63) / 64, nh, b);
-    for (int i = 0; i < 10; ++i) attention_fwd_bf16<<<grid, 128>>>(dout, dq, nullptr, b, t, nh, nkv, hd);
-    cudaEvent_t e0, e1;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    std::vector<float> ms;
-    for (int rep = 0; rep < 20; ++rep) {
-        cudaEventRecord(e0);
-        for (int i = 0; i < 32; ++i) attention_fwd_bf16<<<grid, 128>>>(dout, dq, nullptr, b, t, nh, nkv, hd);
-        cudaEventRecord(e1);
-        cudaEventSynchronize(e1);
-        float m;
-        cudaEventElapsedTime(&m, e0, e1);
-        ms.push_back(m);
-    }
-    std::sort(ms.begin(), ms.end());
-    printf("TIMING attention B=1 T=384 NH=32 HD=128: 32 calls median %.3f ms (%.2f us/call)\n", ms[10], ms[10] * 1000 / 32);
+    float m = time32([&] { attention_fwd_bf16<<<grid, 128>>>(dout, dq, nullptr, b, t, nh, nkv, hd); });
+    printf("TIMING attention B=1 T=384 NH=32 HD=128: 32 calls median %.3f ms (%.2f us/call)\n", m, m * 1000 / 32);
     // B=8
     const int b8 = 8;
     auto q8 = rand_bf16((size_t)b8 * t * stride, 1.0f);
@@ -563,19 +572,124 @@ static void time_attention() {
     bf16* do8;
     CK(cudaMalloc(&do8, (size_t)b8 * t * nh * hd * 2));
     dim3 g8((t + 63) / 64, nh, b8);
-    ms.clear();
-    for (int rep = 0; rep < 20; ++rep) {
-        cudaEventRecord(e0);
-        for (int i = 0; i < 32; ++i) attention_fwd_bf16<<<g8, 128>>>(do8, dq8, nullptr, b8, t, nh, nkv, hd);
-        cudaEventRecord(e1);
-        cudaEventSynchronize(e1);
-        float m;
-        cudaEventElapsedTime(&m, e0, e1);
-        ms.push_back(m);
-    }
-    std::sort(ms.begin(), ms.end());
+    m = time32([&] { attention_fwd_bf16<<<g8, 128>>>(do8, dq8, nullptr, b8, t, nh, nkv, hd); });
     double flops = 4.0 * b8 * t * t * nh * hd * 32;
-    printf("TIMING attention B=8 T=384: 32 calls median %.3f ms (%.1f TFLOP/s)\n", ms[10], flops / (ms[10] * 1e-3) / 1e12);
+    printf("TIMING attention B=8 T=384: 32 calls median %.3f ms (%.1f TFLOP/s)\n", m, flops / (m * 1e-3) / 1e12);
+}
+
+// ---- attention, FA2-class kernels (attention_fa2_*, LLADA_ATTN=fa2) ----
+// Keys per chunk: the launcher's fa2_chunk (src/backend/cuda/attention_fa2.rs): ceil(L/4)
+// rounded up to 64, at least 128.
+static int fa2_chunk(int l) { return std::max(128, ((l + 3) / 4 + 63) / 64 * 64); }
+static size_t fa2_smem_bytes(int hd) { return hd == 64 ? Fa2Smem<64>::BYTES : Fa2Smem<128>::BYTES; }
+typedef void (*Fa2Fn)(bf16*, float*, float*, const bf16*, const bf16*, const bf16*, const int*, long long, long long,
+                      int, int, int, int, int, int, int);
+static Fa2Fn fa2_fn(int hd, int rows) {
+    Fa2Fn f = hd == 64 ? (rows == 32 ? attention_fa2_bf16_hd64_q32 : attention_fa2_bf16_hd64_q64)
+                       : (rows == 32 ? attention_fa2_bf16_hd128_q32 : attention_fa2_bf16_hd128_q64);
+    CK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)fa2_smem_bytes(hd)));
+    return f;
+}
+// Full-pass attention over qkv (b rows of t tokens) with the FA2 kernel: `rows` query rows per
+// block, split = chunks in separate blocks + the combine kernel. part: scratch of
+// chunks·b·t·nh·(hd + 2) floats.
+static void fa2_launch(bf16* out, float* part, const bf16* qkv, const int* kv, int b, int t, int nh, int nkv, int hd,
+                       int rows, bool split, int tq = -1) {
+    const long long stride = (long long)(nh + 2 * nkv) * hd;
+    if (tq < 0) tq = t;  // tq < t: the first tq rows are the queries (b must be 1)
+    const int chunk = fa2_chunk(t), chunks = (t + chunk - 1) / chunk;
+    const int splits = split && chunks > 1 ? chunks : 1;
+    float* part_ml = part + (size_t)splits * b * tq * nh * hd;
+    dim3 grid((tq + rows - 1) / rows, nh, b * splits);
+    fa2_fn(hd, rows)<<<grid, rows * 2, fa2_smem_bytes(hd)>>>(out, part, part_ml, qkv, qkv + (size_t)nh * hd,
+                                                      qkv + (size_t)(nh + nkv) * hd, kv, stride, stride, b, tq, t, nh,
+                                                      nkv, chunk, splits);
+    if (splits > 1) attention_fa2_combine_bf16<<<dim3(b * tq, nh), hd>>>(out, part, part_ml, b * tq, nh, hd, splits);
+}
+
+static void test_attention_fa2(int b, int t, int nh, int nkv, int hd, bool mask) {
+    const int stride = (nh + 2 * nkv) * hd;
+    auto qkv = rand_bf16((size_t)b * t * stride, 1.0f);
+    std::vector<int> kv(b * t, 1);
+    if (mask) {
+        for (int i = 0; i < t; ++i) kv[i] = i + t / 7 + 1 < t;  // batch 0: right padding
+        if (b > 1)
+            for (int i = 0; i < t; ++i) kv[t + i] = 0;  // batch 1: everything masked -> zeros
+    }
+    std::vector<float> ref;
+    attn_ref(ref, qkv, mask ? &kv : nullptr, b, t, nh, nkv, hd);
+    auto dq = devb(qkv);
+    auto dkv = dev(kv);
+    const size_t on = (size_t)b * t * nh * hd;
+    float* part;
+    CK(cudaMalloc(&part, (size_t)4 * b * t * nh * (hd + 2) * sizeof(float)));
+    std::vector<uint16_t> first;
+    int variant = 0;
+    for (int rows : {64, 32})
+        for (bool split : {false, true}) {
+            bf16* dout;
+            CK(cudaMalloc(&dout, on * 2));
+            CK(cudaMemset(dout, 0xff, on * 2));  // poison (NaN)
+            fa2_launch(dout, part, dq, mask ? dkv : nullptr, b, t, nh, nkv, hd, rows, split);
+            CK(cudaGetLastError());
+            auto r = backb(dout, on);
+            CK(cudaFree(dout));
+            double worst = 0;
+            size_t bad = 0;
+            for (size_t i = 0; i < on; ++i) {
+                float gv = h_bf16_f(r[i]);
+                double err = std::fabs(gv - ref[i]);
+                double tol = 1e-2 + 1.5e-2 * std::fabs(ref[i]);  // as test_attention
+                if (!(err <= tol)) ++bad;
+                worst = err == err ? std::max(worst, err) : INFINITY;
+            }
+            CHECK(bad == 0, "attention_fa2 b=%d t=%d nh=%d nkv=%d hd=%d mask=%d rows=%d split=%d: %zu bad, worst %g", b, t,
+                  nh, nkv, hd, mask, rows, split, bad, worst);
+            // Every variant and split choice gives the same bits (row independence).
+            if (variant++ == 0) first = r;
+            CHECK(r == first, "attention_fa2 b=%d t=%d hd=%d rows=%d split=%d: differs from rows=64 unsplit", b, t, hd,
+                  rows, split);
+            printf("attention_fa2 b=%d t=%d nh=%d nkv=%d hd=%d mask=%d rows=%d split=%d: worst abs err %.3g\n", b, t, nh,
+                   nkv, hd, mask, rows, split, worst);
+        }
+    CK(cudaFree(part));
+}
+
+// The issue #14 shapes: full step (B=1 and 8, T=384, NH=32, HD=128) and the dual-cache step
+// (B=1, 32 queries over 384 keys), today's kernel beside FA2 with the launcher's choices.
+static void time_attention_fa2() {
+    const int t = 384, nh = 32, nkv = 32, hd = 128, stride = (nh + 2 * nkv) * hd;
+    for (int b : {1, 8}) {
+        auto qkv = rand_bf16((size_t)b * t * stride, 1.0f);
+        auto dq = devb(qkv);
+        bf16* dout;
+        float* part;
+        CK(cudaMalloc(&dout, (size_t)b * t * nh * hd * 2));
+        CK(cudaMalloc(&part, (size_t)4 * b * t * nh * (hd + 2) * sizeof(float)));
+        const double flops = 4.0 * b * t * t * nh * hd * 32;
+        for (int rows : {64, 32}) {
+            float m = time32([&] { fa2_launch(dout, part, dq, nullptr, b, t, nh, nkv, hd, rows, false); });
+            printf("TIMING attention_fa2 B=%d T=%d NH=%d HD=%d rows=%d: %.2f us/call (%.1f TFLOP/s)\n", b, t, nh, hd,
+                   rows, m * 1000 / 32, flops / (m * 1e-3) / 1e12);
+        }
+        CK(cudaFree(dout));
+        CK(cudaFree(part));
+    }
+    // Dual-cache step: 32 queries (the first 32 rows) over all 384 keys, B=1.
+    auto qkv = rand_bf16((size_t)t * stride, 1.0f);
+    auto dq = devb(qkv);
+    bf16* dout;
+    float* part;
+    CK(cudaMalloc(&dout, (size_t)32 * nh * hd * 2));
+    CK(cudaMalloc(&part, (size_t)4 * 32 * nh * (hd + 2) * sizeof(float)));
+    const double flops = 4.0 * 32 * t * nh * hd * 32;
+    for (bool split : {false, true}) {
+        float m = time32([&] { fa2_launch(dout, part, dq, nullptr, 1, t, nh, nkv, hd, 32, split, 32); });
+        printf("TIMING attention_fa2 dual-cache B=1 TQ=32 L=%d split=%d: %.2f us/call (%.1f TFLOP/s)\n", t, split,
+               m * 1000 / 32, flops / (m * 1e-3) / 1e12);
+    }
+    CK(cudaFree(dout));
+    CK(cudaFree(part));
 }
 
 // ---- head select ----
@@ -763,6 +877,12 @@ int main() {
     test_attention(1, 5, 2, 1, 64, false, true);
     test_attention(1, 384, 8, 8, 128, false, false);
     test_attention(3, 1, 2, 2, 128, false, false);
+    test_attention_fa2(2, 77, 4, 2, 64, true);
+    test_attention_fa2(2, 77, 4, 2, 128, true);
+    test_attention_fa2(1, 130, 4, 4, 128, false);
+    test_attention_fa2(2, 385, 4, 2, 128, true);
+    test_attention_fa2(1, 1024, 2, 1, 64, true);
+    test_attention_fa2(3, 1, 2, 2, 128, false);
     HP p0{0.0, 0.0, 0, 7, 3, -1, -1, -1};
     test_head(8, 1000, p0, false);
     test_head(8, 1000, p0, true);
@@ -783,6 +903,7 @@ int main() {
     test_topk(3, 4096);
     test_topk(4, 5000);
     time_attention();
+    time_attention_fa2();
     time_head();
     printf(g_fail == 0 ? "ALL OK\n" : "FAILURES: %d\n", g_fail);
     return g_fail != 0;

@@ -228,6 +228,10 @@ impl GenOptions {
             v.as_bool()
                 .ok_or_else(|| format!("`{k}` must be true or false, got {v}"))
         }
+        fn text<'v>(k: &str, v: &'v Value) -> Result<&'v str, String> {
+            v.as_str()
+                .ok_or_else(|| format!("`{k}` must be a string, got {v}"))
+        }
         for (k, v) in obj {
             match k.as_str() {
                 "steps" => self.steps = size(k, v)?,
@@ -235,21 +239,11 @@ impl GenOptions {
                 "block_length" => self.block_length = size(k, v)?,
                 "temperature" => self.temperature = num(k, v)?,
                 "cfg_scale" => self.cfg_scale = num(k, v)?,
-                "remasking" => {
-                    let s = v
-                        .as_str()
-                        .ok_or_else(|| format!("`remasking` must be a string, got {v}"))?;
-                    self.remasking = s.parse().map_err(|e| format!("{e}"))?;
-                }
+                "remasking" => self.remasking = text(k, v)?.parse().map_err(|e| format!("{e}"))?,
                 "seed" => self.seed = uint(k, v)?,
                 "logits_eos_inf" => self.logits_eos_inf = flag(k, v)?,
                 "confidence_eos_eot_inf" => self.confidence_eos_eot_inf = flag(k, v)?,
-                "cache" => {
-                    let s = v
-                        .as_str()
-                        .ok_or_else(|| format!("`cache` must be a string, got {v}"))?;
-                    self.cache = s.parse().map_err(|e| format!("`cache`: {e}"))?;
-                }
+                "cache" => self.cache = text(k, v)?.parse().map_err(|e| format!("`cache`: {e}"))?,
                 "threshold" => self.threshold = opt_num(k, v, f64::is_finite, "a finite number")?,
                 "factor" => {
                     self.factor =

@@ -247,6 +247,15 @@ fn expect_shape(src: &WeightSource, want: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Positions `[q0, q1)` of `b` rows of length `l` (one forward pass's tokens).
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    b: usize,
+    l: usize,
+    q0: usize,
+    q1: usize,
+}
+
 impl<B: Backend> Model<B> {
     /// Load every tensor of reference §2.1 through `get(name)`, check its shape against `cfg`,
     /// and upload it (q|k|v and gate|up merged).
@@ -458,7 +467,13 @@ impl<B: Backend> Model<B> {
         key_valid: Option<&[u8]>,
         rows: &[u32],
     ) -> Result<()> {
-        self.run(ws, None, ids, b, t, 0, t, key_valid, rows)
+        let span = Span {
+            b,
+            l: t,
+            q0: 0,
+            q1: t,
+        };
+        self.run(ws, None, ids, span, key_valid, rows)
     }
 
     /// One cached step (Fast-dLLM, reference §7): run the tokens at absolute positions
@@ -495,24 +510,21 @@ impl<B: Backend> Model<B> {
             cache.k.len(),
             self.layers.len()
         );
-        self.run(ws, Some(cache), ids, b, l, q0, q1, key_valid, rows)
+        let span = Span { b, l, q0, q1 };
+        self.run(ws, Some(cache), ids, span, key_valid, rows)
     }
 
-    /// The forward pass over positions `[q0, q1)` of `b` rows of length `l`; without a cache
-    /// the span must be the whole row.
-    #[allow(clippy::too_many_arguments)]
+    /// The forward pass over `span`; without a cache the span must be the whole row.
     fn run(
         &self,
         ws: &mut Workspace<B>,
         cache: Option<&mut KvCache<B>>,
         ids: &[u32],
-        b: usize,
-        l: usize,
-        q0: usize,
-        q1: usize,
+        span: Span,
         key_valid: Option<&[u8]>,
         rows: &[u32],
     ) -> Result<()> {
+        let Span { b, l, q0, q1 } = span;
         let tq = q1 - q0;
         let n = b * tq;
         ensure!(

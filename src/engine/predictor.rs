@@ -513,20 +513,10 @@ impl<B: Backend> crate::engine::predictor::Scorer for ModelScorer<'_, B> {
             req.targets.len(),
             out.len()
         );
-        if let Some((i, &tg)) = req
-            .targets
-            .iter()
-            .enumerate()
-            .find(|(_, &tg)| tg as usize >= v)
-        {
+        if let Some((i, tg)) = first_at_or_above(req.targets, v) {
             bail!("score: targets[{i}] = {tg} is outside the vocabulary of {v}");
         }
-        if let Some((i, &rw)) = req
-            .rows
-            .iter()
-            .enumerate()
-            .find(|(_, &rw)| rw as usize >= n)
-        {
+        if let Some((i, rw)) = first_at_or_above(req.rows, n) {
             bail!("score: rows[{i}] = {rw} is outside the {n} tokens");
         }
         if r == 0 {
@@ -636,4 +626,12 @@ pub trait Scorer {
     fn max_len(&self) -> usize {
         usize::MAX
     }
+}
+
+/// The first index and value of `v` that is `≥ bound`.
+fn first_at_or_above(v: &[u32], bound: usize) -> Option<(usize, u32)> {
+    v.iter()
+        .enumerate()
+        .find(|(_, &x)| x as usize >= bound)
+        .map(|(i, &x)| (i, x))
 }

@@ -74,32 +74,32 @@ pub enum WeightSource {
 }
 
 impl WeightSource {
-    pub fn shape(&self) -> &[usize] {
+    /// Shape, dtype and name (a LoRA-merged tensor's are its base's).
+    fn meta(&self) -> (&[usize], DType, &str) {
         match self {
-            WeightSource::Mapped { shape, .. }
-            | WeightSource::Random { shape, .. }
-            | WeightSource::Const { shape, .. }
-            | WeightSource::Host { shape, .. } => shape,
-            WeightSource::Lora { base, .. } => base.shape(),
+            WeightSource::Mapped {
+                shape, dtype, name, ..
+            }
+            | WeightSource::Random {
+                shape, dtype, name, ..
+            }
+            | WeightSource::Const {
+                shape, dtype, name, ..
+            }
+            | WeightSource::Host {
+                shape, dtype, name, ..
+            } => (shape, *dtype, name),
+            WeightSource::Lora { base, .. } => base.meta(),
         }
+    }
+    pub fn shape(&self) -> &[usize] {
+        self.meta().0
     }
     pub fn dtype(&self) -> DType {
-        match self {
-            WeightSource::Mapped { dtype, .. }
-            | WeightSource::Random { dtype, .. }
-            | WeightSource::Const { dtype, .. }
-            | WeightSource::Host { dtype, .. } => *dtype,
-            WeightSource::Lora { base, .. } => base.dtype(),
-        }
+        self.meta().1
     }
     pub fn name(&self) -> &str {
-        match self {
-            WeightSource::Mapped { name, .. }
-            | WeightSource::Random { name, .. }
-            | WeightSource::Const { name, .. }
-            | WeightSource::Host { name, .. } => name,
-            WeightSource::Lora { base, .. } => base.name(),
-        }
+        self.meta().2
     }
     pub fn numel(&self) -> usize {
         self.shape().iter().product()
@@ -400,57 +400,38 @@ impl Checkpoint {
                         path.display()
                     );
                 };
-                if e.dtype == F8_E4M3 {
-                    let numel = e.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-                    if numel != Some(e.end - e.start) {
-                        bail!(
-                            "{}: tensor `{name}`: {} data bytes do not match shape {:?} of {}",
-                            path.display(),
-                            e.end - e.start,
-                            e.shape,
-                            e.dtype
-                        );
-                    }
-                    ck.origin.insert(name.clone(), path.clone());
-                    ck.fp8.insert(
-                        name.clone(),
-                        Fp8Tensor {
-                            mmap: mmap.clone(),
-                            start: e.start,
-                            end: e.end,
-                            shape: e.shape,
-                            name,
-                        },
-                    );
-                    continue;
-                }
-                let Some(dtype) = parse_safetensors_dtype(&e.dtype) else {
+                // FP8 tensors are kept apart (`dtype` None): one byte an element.
+                let dtype = if e.dtype == F8_E4M3 {
+                    None
+                } else if let Some(d) = parse_safetensors_dtype(&e.dtype) {
+                    Some(d)
+                } else {
                     unsupported.insert(name, (e.dtype, path.clone()));
                     continue;
                 };
-                let numel = e.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-                let want = numel.and_then(|n| n.checked_mul(dtype.size()));
-                if want != Some(e.end - e.start) {
-                    bail!(
-                        "{}: tensor `{name}`: {} data bytes do not match shape {:?} of {}",
-                        path.display(),
-                        e.end - e.start,
-                        e.shape,
-                        e.dtype
-                    );
-                }
+                e.check_bytes(&path, &name, dtype.map_or(1, |d| d.size()))?;
                 ck.origin.insert(name.clone(), path.clone());
-                ck.tensors.insert(
-                    name.clone(),
-                    WeightSource::Mapped {
-                        mmap: mmap.clone(),
-                        start: e.start,
-                        end: e.end,
+                let (mmap, start, end, shape) = (mmap.clone(), e.start, e.end, e.shape);
+                if let Some(dtype) = dtype {
+                    let w = WeightSource::Mapped {
+                        mmap,
+                        start,
+                        end,
                         dtype,
-                        shape: e.shape,
-                        name,
-                    },
-                );
+                        shape,
+                        name: name.clone(),
+                    };
+                    ck.tensors.insert(name, w);
+                } else {
+                    let w = Fp8Tensor {
+                        mmap,
+                        start,
+                        end,
+                        shape,
+                        name: name.clone(),
+                    };
+                    ck.fp8.insert(name, w);
+                }
             }
             ck.files.push(path);
         }
@@ -665,16 +646,7 @@ pub fn open_safetensors(path: &Path) -> Result<Vec<WeightSource>> {
                 e.dtype
             );
         };
-        let numel = e.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        if numel.and_then(|n| n.checked_mul(dtype.size())) != Some(e.end - e.start) {
-            bail!(
-                "{}: tensor `{name}`: {} data bytes do not match shape {:?} of {}",
-                path.display(),
-                e.end - e.start,
-                e.shape,
-                e.dtype
-            );
-        }
+        e.check_bytes(path, name, dtype.size())?;
         out.push(WeightSource::Mapped {
             mmap: mmap.clone(),
             start: e.start,

@@ -67,48 +67,43 @@ impl Fields<'_> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
+    /// Field `key` converted by `conv`, or an error saying it `must be {what}`.
+    fn typed<'s, T>(
+        &'s self,
+        key: &str,
+        what: &str,
+        conv: impl FnOnce(&'s Value) -> Option<T>,
+    ) -> Result<Option<T>> {
+        let Some(v) = self.raw(key) else {
+            return Ok(None);
+        };
+        let source = self.source;
+        conv(v)
+            .map(Some)
+            .ok_or_else(|| anyhow!("{source}: field `{key}` = {v} must be {what}"))
+    }
+
     fn usize(&self, key: &str) -> Result<Option<usize>> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(n) => usize::try_from(n)
-                    .map(Some)
-                    .map_err(|_| anyhow!("{}: field `{key}` = {v} is too large", self.source)),
-                None => bail!(
-                    "{}: field `{key}` = {v} must be a non-negative integer",
-                    self.source
-                ),
-            },
-        }
+        let n = self.typed(key, "a non-negative integer", Value::as_u64)?;
+        n.map(|n| {
+            usize::try_from(n)
+                .map_err(|_| anyhow!("{}: field `{key}` = {n} is too large", self.source))
+        })
+        .transpose()
     }
 
     fn f64(&self, key: &str) -> Result<Option<f64>> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(v) => match v.as_f64() {
-                Some(x) if x.is_finite() => Ok(Some(x)),
-                _ => bail!(
-                    "{}: field `{key}` = {v} must be a finite number",
-                    self.source
-                ),
-            },
-        }
+        self.typed(key, "a finite number", |v| {
+            v.as_f64().filter(|x| x.is_finite())
+        })
     }
 
     fn bool(&self, key: &str) -> Result<Option<bool>> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => bail!("{}: field `{key}` = {v} must be true or false", self.source),
-        }
+        self.typed(key, "true or false", Value::as_bool)
     }
 
     fn str(&self, key: &str) -> Result<Option<&str>> {
-        match self.raw(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => bail!("{}: field `{key}` = {v} must be a string", self.source),
-        }
+        self.typed(key, "a string", Value::as_str)
     }
 
     /// A field with an alias (`n_heads` / `num_attention_heads`); both present must agree.
@@ -135,9 +130,14 @@ impl Fields<'_> {
         }
     }
 
-    /// A string-valued setting that must equal `want` (`default` when absent).
-    fn require_str(&self, key: &str, default: &str, want: &str) -> Result<()> {
-        let got = self.str(key)?;
+    /// A setting that must equal `want` (`default` when absent), shown as `show` shows it.
+    fn require<T: PartialEq + Copy>(
+        &self,
+        key: &str,
+        got: Option<T>,
+        (default, want): (T, T),
+        show: impl Fn(T) -> String,
+    ) -> Result<()> {
         let v = got.unwrap_or(default);
         if v != want {
             let note = if got.is_none() {
@@ -146,31 +146,26 @@ impl Fields<'_> {
                 ""
             };
             bail!(
-                "{}: unsupported setting `{key}` = \"{v}\"{note}; this engine implements only \
-                 `{key}` = \"{want}\" (the LLaDA architecture)",
-                self.source
+                "{}: unsupported setting `{key}` = {}{note}; this engine implements only \
+                 `{key}` = {} (the LLaDA architecture)",
+                self.source,
+                show(v),
+                show(want)
             );
         }
         Ok(())
     }
 
+    /// A string-valued setting that must equal `want` (`default` when absent).
+    fn require_str(&self, key: &str, default: &str, want: &str) -> Result<()> {
+        let got = self.str(key)?;
+        self.require(key, got, (default, want), |v| format!("\"{v}\""))
+    }
+
     /// A boolean setting that must equal `want` (`default` when absent).
     fn require_bool(&self, key: &str, default: bool, want: bool) -> Result<()> {
         let got = self.bool(key)?;
-        let v = got.unwrap_or(default);
-        if v != want {
-            let note = if got.is_none() {
-                " (the default when absent)"
-            } else {
-                ""
-            };
-            bail!(
-                "{}: unsupported setting `{key}` = {v}{note}; this engine implements only \
-                 `{key}` = {want} (the LLaDA architecture)",
-                self.source
-            );
-        }
-        Ok(())
+        self.require(key, got, (default, want), |v| v.to_string())
     }
 }
 

@@ -73,14 +73,8 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
             n_kv_heads: 32,
             n_layers: 32,
             mlp_hidden_size: 12288,
-            vocab_size: 126464,
-            embedding_size: 126464,
-            max_sequence_length: 4096,
-            rope_theta: 500000.0,
-            rms_norm_eps: 1e-5,
-            mask_token_id: 126336,
-            eos_token_id: 126081,
-            pad_token_id: 126081,
+            // LLaDA-8B's vocabulary, special ids, RoPE θ, eps and max sequence length.
+            ..preset_config("llada-1b")?
         },
         _ => bail!("unknown preset `{name}` (known: {})", PRESETS.join(", ")),
     };
@@ -158,30 +152,33 @@ pub fn write_preset_folder(
 mod tests {
     use super::*;
 
+    /// Parameters of preset `name`, and its tensor count.
+    fn count(name: &str) -> (usize, usize) {
+        let cfg = preset_config(name).unwrap();
+        let t = expected_tensors(&cfg);
+        (
+            t.iter().map(|(_, s)| s.iter().product::<usize>()).sum(),
+            t.len(),
+        )
+    }
+
     #[test]
     fn llada_8b_parameter_count() {
         // Reference §2.1: 8,015,581,184 parameters.
-        let cfg = preset_config("llada-8b").unwrap();
-        let n: usize = expected_tensors(&cfg)
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
+        let (n, tensors) = count("llada-8b");
         assert_eq!(n, 8_015_581_184);
-        assert_eq!(expected_tensors(&cfg).len(), 291);
+        assert_eq!(tensors, 291);
     }
 
     #[test]
     fn llada_1b_parameter_count() {
         // The count stated in `preset_config`'s docs, from its own terms.
-        let cfg = preset_config("llada-1b").unwrap();
-        let n: usize = expected_tensors(&cfg)
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
+        let (n, tensors) = count("llada-1b");
         let (v, c, f, l) = (126464, 2048, 5632, 14);
         assert_eq!(n, 2 * v * c + l * (4 * c * c + 3 * c * f + 2 * c) + c);
         assert_eq!(n, 1_237_379_072);
-        assert_eq!(expected_tensors(&cfg).len(), 3 + 9 * 14);
+        assert_eq!(tensors, 3 + 9 * 14);
+        let cfg = preset_config("llada-1b").unwrap();
         assert_eq!(cfg.head_dim(), 128);
         // Same vocabulary and special ids as LLaDA-8B.
         let big = preset_config("llada-8b").unwrap();

@@ -27,6 +27,24 @@ pub(crate) struct HeaderEntry {
     pub(crate) end: usize,
 }
 
+impl HeaderEntry {
+    /// The data bytes must be the shape's element count times `elem_size` (error names the
+    /// tensor `name` of file `path`).
+    pub(crate) fn check_bytes(&self, path: &Path, name: &str, elem_size: usize) -> Result<()> {
+        let numel = self.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if numel.and_then(|n| n.checked_mul(elem_size)) != Some(self.end - self.start) {
+            bail!(
+                "{}: tensor `{name}`: {} data bytes do not match shape {:?} of {}",
+                path.display(),
+                self.end - self.start,
+                self.shape,
+                self.dtype
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Parse and check the header of a mapped safetensors file.
 pub(crate) fn parse_header(path: &Path, bytes: &[u8]) -> Result<HashMap<String, HeaderEntry>> {
     let file = path.display();

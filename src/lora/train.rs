@@ -40,36 +40,32 @@ use super::{adaptable_modules, Adapter, LoraConfig, LoraModule, ModuleKind, Targ
 use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;
 use crate::hf::write::HostTensor;
-use crate::train::ops::Real;
+use crate::train::backend::{LinearBwd, LinearDims};
+use crate::train::ops::{dot, Real};
 use crate::train::optim::{adamw_update, AdamWConfig, AdamWStep};
 
 /// Counter-RNG stream of the adapters' initial `A` values (keyed by module index and element).
 pub const STREAM_LORA_INIT: u64 = 21;
 
-#[inline]
-fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    let mut s = T::zero();
-    for (&x, &y) in a.iter().zip(b) {
-        s += x * y;
-    }
-    s
+/// The adapter of one linear: `A` `[r, K]`, `B` `[M, r]`, scale `s`.
+#[derive(Clone, Copy, Debug)]
+pub struct Factors<'a, T> {
+    pub a: &'a [T],
+    pub b: &'a [T],
+    pub s: T,
+    pub r: usize,
 }
 
 /// Forward of a LoRA linear (module docs): writes `u` `[N, r]` and `y` `[N, M]`.
-#[allow(clippy::too_many_arguments)]
 pub fn lora_linear<T: Real>(
     y: &mut [T],
     u: &mut [T],
     x: &[T],
     w: &[T],
-    a: &[T],
-    b: &[T],
-    s: T,
-    n: usize,
-    k: usize,
-    m: usize,
-    r: usize,
+    f: Factors<'_, T>,
+    d: LinearDims,
 ) {
+    let (Factors { a, b, s, r }, LinearDims { n, k, m }) = (f, d);
     debug_assert!(y.len() >= n * m && u.len() >= n * r && x.len() >= n * k);
     debug_assert!(w.len() >= m * k && a.len() >= r * k && b.len() >= m * r);
     y[..n * m]
@@ -88,23 +84,15 @@ pub fn lora_linear<T: Real>(
 
 /// Backward of [`lora_linear`] (module docs): `dA`, `dB` accumulated (`+=`), `dx` written when
 /// given. `u` is the forward's. Allocates one `[N, r]` scratch buffer.
-#[allow(clippy::too_many_arguments)]
 pub fn lora_linear_bwd<T: Real>(
     dx: Option<&mut [T]>,
-    da: &mut [T],
-    db: &mut [T],
-    dy: &[T],
-    x: &[T],
+    (da, db): (&mut [T], &mut [T]),
     u: &[T],
-    w: &[T],
-    a: &[T],
-    b: &[T],
-    s: T,
-    n: usize,
-    k: usize,
-    m: usize,
-    r: usize,
+    f: Factors<'_, T>,
+    io: LinearBwd<'_, T>,
 ) {
+    let (Factors { a, b, s, r }, LinearBwd { dy, x, w, d }) = (f, io);
+    let LinearDims { n, k, m } = d;
     // e = dy·B [N, r]
     let mut e = vec![T::zero(); n * r];
     e.par_chunks_mut(r)
@@ -117,29 +105,9 @@ pub fn lora_linear_bwd<T: Real>(
             }
         });
     // dB[j, :] += s·Σ_i dy[i, j]·u[i, :]
-    db[..m * r]
-        .par_chunks_mut(r)
-        .enumerate()
-        .for_each(|(j, dbr)| {
-            for i in 0..n {
-                let g = s * dy[i * m + j];
-                for (o, &uv) in dbr.iter_mut().zip(&u[i * r..(i + 1) * r]) {
-                    *o += g * uv;
-                }
-            }
-        });
+    add_scaled_outer(&mut db[..m * r], s, (dy, m), (u, r), n);
     // dA[q, :] += s·Σ_i e[i, q]·x[i, :]
-    da[..r * k]
-        .par_chunks_mut(k)
-        .enumerate()
-        .for_each(|(q, dar)| {
-            for i in 0..n {
-                let g = s * e[i * r + q];
-                for (o, &xv) in dar.iter_mut().zip(&x[i * k..(i + 1) * k]) {
-                    *o += g * xv;
-                }
-            }
-        });
+    add_scaled_outer(&mut da[..r * k], s, (&e, r), (x, k), n);
     if let Some(dx) = dx {
         dx[..n * k]
             .par_chunks_mut(k)
@@ -162,21 +130,36 @@ pub fn lora_linear_bwd<T: Real>(
     }
 }
 
+/// `out[j, :] += s·Σ_{i < n} g[i, j]·v[i, :]` (`g` rows of `gw`, `v` and `out` rows of `w`), i
+/// ascending.
+fn add_scaled_outer<T: Real>(
+    out: &mut [T],
+    s: T,
+    (g, gw): (&[T], usize),
+    (v, w): (&[T], usize),
+    n: usize,
+) {
+    out.par_chunks_mut(w).enumerate().for_each(|(j, or)| {
+        for i in 0..n {
+            let c = s * g[i * gw + j];
+            for (o, &vv) in or.iter_mut().zip(&v[i * w..(i + 1) * w]) {
+                *o += c * vv;
+            }
+        }
+    });
+}
+
 /// `dA += s·Bᵀ·G` `[r, K]` and `dB += s·G·Aᵀ` `[M, r]` from the dense gradient `G` `[M, K]` of
 /// the merged weight `W + s·B·A` (the same numbers [`lora_linear_bwd`] gives, summed in
 /// another order).
-#[allow(clippy::too_many_arguments)]
 pub fn lora_grads_from_dense<T: Real>(
-    da: &mut [T],
-    db: &mut [T],
+    (da, db): (&mut [T], &mut [T]),
     g: &[T],
-    a: &[T],
-    b: &[T],
-    s: T,
+    f: Factors<'_, T>,
     k: usize,
     m: usize,
-    r: usize,
 ) {
+    let Factors { a, b, s, r } = f;
     for j in 0..m {
         let gr = &g[j * k..(j + 1) * k];
         for q in 0..r {

@@ -32,6 +32,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
+use crate::backend::cpu::dot::dot;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 
@@ -305,25 +306,6 @@ thread_local! {
     /// Per-thread scratch of [`matmul`] (quantized activation rows and decoded weight rows);
     /// grows once, so a forward pass allocates nothing after the first.
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// Dot product in f32 with 8 interleaved partial sums (the CPU backend's fixed order).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = 0.0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// The FP8 linear layer, CPU reference: `out[N, M] = x[N, K] · wᵀ` with the weight given as

@@ -12,13 +12,13 @@
 //! ctrl-c stops accepting connections and lets in-flight requests finish.
 
 pub mod api;
+mod generate;
+mod state;
 pub mod worker;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use axum::body::Body;
@@ -28,609 +28,19 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::engine::device::DeviceChoice;
 use crate::engine::sampler::GenerateParams;
 use crate::engine::{self, Opened};
 use crate::eval::encode_pair;
-use crate::hf::tokenizer::Tokenizer;
 use crate::loglik::LoglikParams;
 
-use api::{
-    apply_stop, check_prompts, parse_body, ChatRequest, CompletionRequest, GenFields,
-    LoglikRequest, PromptInput, PromptOne, Resolved,
-};
+use api::{parse_body, LoglikRequest, PromptOne};
 pub use api::{ApiError, GenDefaults, Limits};
-use worker::{Event, GenJob, Job, Work, WorkerStats};
-
-/// Everything `llada serve` is configured with.
-pub struct ServeConfig {
-    pub host: String,
-    pub port: u16,
-    pub api_key: Option<String>,
-    /// The name `/v1/models` lists and requests may give as `model`.
-    pub model_name: String,
-    pub defaults: GenDefaults,
-    pub limits: Limits,
-    /// Requests admitted at once (queued or running); more get 429.
-    pub max_queue: usize,
-    /// Most rows (prompts × n) one engine batch holds.
-    pub max_batch: usize,
-    /// Largest accepted request body in bytes (413 beyond).
-    pub max_body_bytes: usize,
-    /// Log-likelihood defaults (`mc_num`, `batch_size`, `cfg_scale`, `seed`).
-    pub loglik: LoglikParams,
-    /// Most log-likelihood pairs in one request.
-    pub max_loglik_pairs: usize,
-}
-
-struct AppState {
-    cfg: ServeConfig,
-    tokenizer: Option<Arc<Tokenizer>>,
-    base: GenerateParams,
-    embedding_size: usize,
-    max_sequence_length: usize,
-    eos_ids: Vec<u32>,
-    tx: std::sync::Mutex<std::sync::mpsc::Sender<Job>>,
-    inflight: AtomicUsize,
-    next_id: AtomicU64,
-    stats: Arc<WorkerStats>,
-    requests: [AtomicU64; 5],
-    responses: [AtomicU64; 3],
-    completion_tokens: AtomicU64,
-    rejected: AtomicU64,
-}
-
-const ENDPOINTS: [&str; 5] = [
-    "completions",
-    "chat_completions",
-    "loglikelihood",
-    "models",
-    "other",
-];
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn err_response(e: &ApiError) -> Response {
-    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    json_response(status, &e.body())
-}
-
-fn json_response(status: StatusCode, v: &Value) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        v.to_string(),
-    )
-        .into_response()
-}
-
-/// A request's place in the queue: dropping it (done, or the client went away) frees the slot
-/// and tells the worker nobody waits any more.
-struct Slot {
-    st: Arc<AppState>,
-    cancel: Arc<AtomicBool>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.cancel.store(true, Ordering::Relaxed);
-        self.st.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl AppState {
-    fn count(&self, endpoint: usize, status: u16) {
-        self.requests[endpoint].fetch_add(1, Ordering::Relaxed);
-        let class = match status {
-            200..=299 => 0,
-            400..=499 => 1,
-            _ => 2,
-        };
-        self.responses[class].fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn check_auth(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(key) = &self.cfg.api_key else {
-            return Ok(());
-        };
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given.map(str::trim) == Some(key.as_str()) {
-            Ok(())
-        } else {
-            Err(ApiError {
-                status: 401,
-                message: "invalid or missing API key (send Authorization: Bearer KEY)".into(),
-                kind: "authentication_error",
-                param: None,
-                code: Some("invalid_api_key"),
-            })
-        }
-    }
-
-    fn check_model(&self, model: &Option<String>) -> Result<(), ApiError> {
-        match model {
-            Some(m) if m != &self.cfg.model_name => Err(ApiError::param(
-                "model",
-                format!(
-                    "the model {m:?} does not exist: this server serves {:?}",
-                    self.cfg.model_name
-                ),
-            )
-            .with_code(404, "model_not_found")),
-            _ => Ok(()),
-        }
-    }
-
-    fn tokenizer(&self, what: &str) -> Result<&Tokenizer, ApiError> {
-        self.tokenizer.as_deref().ok_or_else(|| {
-            ApiError::bad(format!(
-                "{what} needs a tokenizer and this model has none: send token ids instead"
-            ))
-        })
-    }
-
-    fn encode(&self, text: &str) -> Result<Vec<u32>, ApiError> {
-        self.tokenizer("a text prompt")?
-            .encode(text, true)
-            .map_err(|e| ApiError::bad(format!("cannot tokenize the prompt: {e:#}")))
-    }
-
-    fn decode(&self, ids: &[u32]) -> String {
-        match &self.tokenizer {
-            Some(t) => t.decode(ids, true).unwrap_or_default(),
-            None => ids
-                .iter()
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join(" "),
-        }
-    }
-
-    /// Admit one request (429 when `max_queue` are in flight).
-    fn admit(self: &Arc<Self>) -> Result<Slot, ApiError> {
-        let prev = self.inflight.fetch_add(1, Ordering::Relaxed);
-        let slot = Slot {
-            st: self.clone(),
-            cancel: Arc::new(AtomicBool::new(false)),
-        };
-        if prev >= self.cfg.max_queue {
-            self.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(ApiError {
-                status: 429,
-                message: format!(
-                    "the server is busy: {} requests are queued or running; retry later",
-                    self.cfg.max_queue
-                ),
-                kind: "rate_limit_error",
-                param: None,
-                code: Some("rate_limit_exceeded"),
-            });
-        }
-        Ok(slot)
-    }
-
-    fn submit(&self, work: Work, slot: &Slot) -> Result<UnboundedReceiver<Event>, ApiError> {
-        let (tx, rx) = unbounded_channel();
-        let job = Job {
-            work,
-            tx,
-            cancel: slot.cancel.clone(),
-        };
-        self.tx
-            .lock()
-            .map_err(|_| ApiError::server("the job queue is poisoned"))?
-            .send(job)
-            .map_err(|_| ApiError::server("the engine has stopped"))?;
-        Ok(rx)
-    }
-
-    fn finish_reason(&self, ids: &[u32], stopped: bool) -> &'static str {
-        if stopped || ids.iter().any(|i| self.eos_ids.contains(i)) {
-            "stop"
-        } else {
-            "length"
-        }
-    }
-
-    /// Generated tokens before the first EOS/EOT.
-    fn completion_len(&self, ids: &[u32]) -> usize {
-        ids.iter()
-            .position(|i| self.eos_ids.contains(i))
-            .unwrap_or(ids.len())
-    }
-}
-
-async fn read_body(st: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(body, st.cfg.max_body_bytes)
-        .await
-        .map_err(|e| {
-            let too_big = std::error::Error::source(&e)
-                .map(|s| s.to_string().contains("length limit"))
-                .unwrap_or(false)
-                || e.to_string().contains("length limit");
-            if too_big {
-                ApiError::bad(format!(
-                    "the request body exceeds {} bytes",
-                    st.cfg.max_body_bytes
-                ))
-                .with_code(413, "request_too_large")
-            } else {
-                ApiError::bad(format!("cannot read the request body: {e}"))
-            }
-        })
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
-async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let r = generate_endpoint(&st, headers, body, Kind::Completion).await;
-    finish(&st, 0, r)
-}
-
-async fn chat_completions(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let r = generate_endpoint(&st, headers, body, Kind::Chat).await;
-    finish(&st, 1, r)
-}
-
-fn finish(st: &AppState, endpoint: usize, r: Result<Response, ApiError>) -> Response {
-    let resp = match r {
-        Ok(resp) => resp,
-        Err(e) => err_response(&e),
-    };
-    st.count(endpoint, resp.status().as_u16());
-    resp
-}
-
-async fn generate_endpoint(
-    st: &Arc<AppState>,
-    headers: HeaderMap,
-    body: Body,
-    kind: Kind,
-) -> Result<Response, ApiError> {
-    st.check_auth(&headers)?;
-    let bytes = read_body(st, body).await?;
-    let (fields, prompts): (GenFields, Vec<Vec<u32>>) = match kind {
-        Kind::Completion => {
-            let req: CompletionRequest = parse_body(&bytes)?;
-            st.check_model(&req.gen.model)?;
-            let prompts = match req.prompt {
-                PromptInput::Text(s) => vec![st.encode(&s)?],
-                PromptInput::Texts(v) => {
-                    v.iter().map(|s| st.encode(s)).collect::<Result<_, _>>()?
-                }
-                PromptInput::Ids(ids) => vec![ids],
-                PromptInput::IdLists(v) => v,
-            };
-            (req.gen, prompts)
-        }
-        Kind::Chat => {
-            let req: ChatRequest = parse_body(&bytes)?;
-            st.check_model(&req.gen.model)?;
-            if req.messages.is_empty() {
-                return Err(ApiError::param("messages", "messages is empty"));
-            }
-            let msgs = req
-                .messages
-                .iter()
-                .enumerate()
-                .map(|(i, m)| Ok((m.role.clone(), m.text(i)?)))
-                .collect::<Result<Vec<_>, ApiError>>()?;
-            let ids = st
-                .tokenizer("chat")?
-                .encode_chat(&msgs)
-                .map_err(|e| ApiError::param("messages", format!("{e:#}")))?;
-            (req.gen, vec![ids])
-        }
-    };
-    let Resolved {
-        params,
-        decode,
-        n,
-        stop,
-        stream,
-    } = fields.resolve(&st.cfg.defaults, &st.base, &st.cfg.limits)?;
-    if prompts.len() * n > st.cfg.limits.max_rows {
-        return Err(ApiError::param(
-            "n",
-            format!(
-                "{} prompts × n {n} exceed the limit of {} completions per request",
-                prompts.len(),
-                st.cfg.limits.max_rows
-            ),
-        ));
-    }
-    check_prompts(&prompts, &params, st.embedding_size, st.max_sequence_length)?;
-    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
-    let mut rows = Vec::with_capacity(prompts.len() * n);
-    let mut draws = Vec::with_capacity(prompts.len() * n);
-    for p in &prompts {
-        for d in 0..n {
-            rows.push(p.clone());
-            draws.push(d as u32);
-        }
-    }
-    let slot = st.admit()?;
-    let rx = st.submit(
-        Work::Generate(GenJob {
-            params,
-            decode,
-            prompts: rows,
-            draws,
-            stream,
-        }),
-        &slot,
-    )?;
-    let id = format!(
-        "{}-{}",
-        if kind == Kind::Chat {
-            "chatcmpl"
-        } else {
-            "cmpl"
-        },
-        st.next_id.fetch_add(1, Ordering::Relaxed)
-    );
-    let info = RespInfo {
-        choices: prompts.len() * n,
-        id,
-        created: now(),
-        kind,
-        prompt_tokens,
-        stop,
-    };
-    if stream {
-        Ok(sse_response(st.clone(), rx, slot, info))
-    } else {
-        let mut rx = rx;
-        let (ids, nfe) = loop {
-            match rx.recv().await {
-                Some(Event::Done { ids, nfe }) => break (ids, nfe),
-                Some(Event::Failed(m)) => return Err(ApiError::server(m)),
-                Some(_) => continue,
-                None => return Err(ApiError::server("the engine dropped the request")),
-            }
-        };
-        drop(slot);
-        Ok(json_response(
-            StatusCode::OK,
-            &final_body(st, &info, &ids, nfe),
-        ))
-    }
-}
-
-struct RespInfo {
-    /// Choices in the response (prompts × n).
-    choices: usize,
-    id: String,
-    created: u64,
-    kind: Kind,
-    prompt_tokens: usize,
-    stop: Vec<String>,
-}
-
-fn usage(st: &AppState, info: &RespInfo, ids: &[Vec<u32>], nfe: usize) -> Value {
-    let completion: usize = ids.iter().map(|i| st.completion_len(i)).sum();
-    st.completion_tokens
-        .fetch_add(completion as u64, Ordering::Relaxed);
-    json!({
-        "prompt_tokens": info.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": info.prompt_tokens + completion,
-        "nfe": nfe,
-    })
-}
-
-fn final_body(st: &AppState, info: &RespInfo, ids: &[Vec<u32>], nfe: usize) -> Value {
-    let choices: Vec<Value> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, ids)| {
-            let (text, stopped) = apply_stop(&st.decode(ids), &info.stop);
-            let reason = st.finish_reason(ids, stopped);
-            match info.kind {
-                Kind::Completion => json!({
-                    "index": i, "text": text, "logprobs": null, "finish_reason": reason,
-                    "token_ids": ids,
-                }),
-                Kind::Chat => json!({
-                    "index": i,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": null, "finish_reason": reason, "token_ids": ids,
-                }),
-            }
-        })
-        .collect();
-    json!({
-        "id": info.id,
-        "object": if info.kind == Kind::Chat { "chat.completion" } else { "text_completion" },
-        "created": info.created,
-        "model": st.cfg.model_name,
-        "choices": choices,
-        "usage": usage(st, info, ids, nfe),
-    })
-}
-
-/// Per-choice streaming state: what was sent, whether a stop sequence ended it.
-struct ChoiceState {
-    sent: String,
-    done: bool,
-}
-
-fn chunk(
-    st: &AppState,
-    info: &RespInfo,
-    index: usize,
-    text: &str,
-    reason: Option<&str>,
-    first: bool,
-) -> Value {
-    match info.kind {
-        Kind::Completion => json!({
-            "id": info.id, "object": "text_completion", "created": info.created,
-            "model": st.cfg.model_name,
-            "choices": [{"index": index, "text": text, "logprobs": null, "finish_reason": reason}],
-        }),
-        Kind::Chat => {
-            let delta = if first {
-                json!({"role": "assistant", "content": text})
-            } else if reason.is_some() && text.is_empty() {
-                json!({})
-            } else {
-                json!({"content": text})
-            };
-            json!({
-                "id": info.id, "object": "chat.completion.chunk", "created": info.created,
-                "model": st.cfg.model_name,
-                "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": reason}],
-            })
-        }
-    }
-}
-
-fn sse(v: &Value) -> String {
-    format!("data: {v}\n\n")
-}
-
-/// The text of `ids` that is safe to send now: no trailing replacement character (a partial
-/// UTF-8 sequence) and, with stop sequences, nothing a stop sequence could still start in.
-fn settled(full: &str, stop: &[String]) -> (String, bool) {
-    let (cut, stopped) = apply_stop(full, stop);
-    if stopped {
-        return (cut, true);
-    }
-    let mut s = cut.trim_end_matches('\u{FFFD}').to_string();
-    let hold = stop
-        .iter()
-        .map(|x| x.len())
-        .max()
-        .unwrap_or(1)
-        .saturating_sub(1);
-    let mut keep = s.len().saturating_sub(hold);
-    while !s.is_char_boundary(keep) {
-        keep -= 1;
-    }
-    s.truncate(keep);
-    (s, false)
-}
-
-fn sse_response(
-    st: Arc<AppState>,
-    rx: UnboundedReceiver<Event>,
-    slot: Slot,
-    info: RespInfo,
-) -> Response {
-    struct S {
-        st: Arc<AppState>,
-        rx: UnboundedReceiver<Event>,
-        slot: Option<Slot>,
-        info: RespInfo,
-        choices: Vec<ChoiceState>,
-        first: bool,
-    }
-    let state = S {
-        st,
-        rx,
-        slot: Some(slot),
-        info,
-        choices: Vec::new(),
-        first: true,
-    };
-    let stream = futures_util::stream::unfold(state, |mut s| async move {
-        s.slot.as_ref()?;
-        let mut out = String::new();
-        if s.first && s.info.kind == Kind::Chat {
-            // The role comes first, as OpenAI's stream does.
-            for i in 0..s.info.choices {
-                out.push_str(&sse(&chunk(&s.st, &s.info, i, "", None, true)));
-            }
-        }
-        s.first = false;
-        match s.rx.recv().await {
-            Some(Event::Block { choice, ids }) => {
-                while s.choices.len() <= choice {
-                    s.choices.push(ChoiceState {
-                        sent: String::new(),
-                        done: false,
-                    });
-                }
-                let c = &mut s.choices[choice];
-                if !c.done {
-                    let (text, stopped) = settled(&s.st.decode(&ids), &s.info.stop);
-                    if let Some(delta) = text.strip_prefix(c.sent.as_str()) {
-                        if !delta.is_empty() || stopped {
-                            let reason = stopped.then_some("stop");
-                            out.push_str(&sse(&chunk(
-                                &s.st, &s.info, choice, delta, reason, false,
-                            )));
-                            c.sent = text.clone();
-                            c.done = stopped;
-                        }
-                    }
-                }
-            }
-            Some(Event::Done { ids, nfe }) => {
-                for (i, row) in ids.iter().enumerate() {
-                    while s.choices.len() <= i {
-                        s.choices.push(ChoiceState {
-                            sent: String::new(),
-                            done: false,
-                        });
-                    }
-                    let c = &s.choices[i];
-                    if c.done {
-                        continue;
-                    }
-                    let (text, stopped) = apply_stop(&s.st.decode(row), &s.info.stop);
-                    let delta = text.strip_prefix(c.sent.as_str()).unwrap_or(&text);
-                    let reason = s.st.finish_reason(row, stopped);
-                    out.push_str(&sse(&chunk(&s.st, &s.info, i, delta, Some(reason), false)));
-                }
-                let mut last = chunk(&s.st, &s.info, 0, "", None, false);
-                last["choices"] = json!([]);
-                last["usage"] = usage(&s.st, &s.info, &ids, nfe);
-                out.push_str(&sse(&last));
-                out.push_str("data: [DONE]\n\n");
-                s.slot = None;
-            }
-            Some(Event::Failed(m)) => {
-                out.push_str(&sse(&ApiError::server(m).body()));
-                out.push_str("data: [DONE]\n\n");
-                s.slot = None;
-            }
-            Some(Event::Loglik(_)) | None => {
-                out.push_str(&sse(
-                    &ApiError::server("the engine dropped the request").body()
-                ));
-                out.push_str("data: [DONE]\n\n");
-                s.slot = None;
-            }
-        }
-        Some((Ok::<String, Infallible>(out), s))
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| err_response(&ApiError::server("cannot build the stream")))
-}
+use generate::completions;
+pub use state::ServeConfig;
+use state::{err_response, finish, json_response, read_body, AppState, ENDPOINTS};
+use worker::{Event, Job, Work, WorkerStats};
 
 async fn loglikelihood(
     State(st): State<Arc<AppState>>,
@@ -792,6 +202,18 @@ async fn health() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
 
+/// `type name help` of each single-value metric, in the order [`metrics`] gives the values.
+const METRICS: [&str; 8] = [
+    "gauge llada_queue_depth Requests queued or running.",
+    "counter llada_rejected_total Requests refused with 429.",
+    "counter llada_batches_total Engine batches run.",
+    "counter llada_cancelled_batches_total Batches aborted because every client left.",
+    "counter llada_generated_tokens_total Tokens generated (rows × gen_length).",
+    "counter llada_completion_tokens_total Completion tokens answered (before EOS).",
+    "counter llada_forward_passes_total Forward passes run.",
+    "counter llada_busy_seconds_total Seconds the engine was busy (tokens/s = rate(generated_tokens) / rate(busy_seconds)).",
+];
+
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let w = &st.stats;
     let mut s = String::new();
@@ -811,57 +233,20 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
             st.responses[i].load(Ordering::Relaxed)
         ));
     }
-    let lines = [
-        (
-            "llada_queue_depth",
-            "gauge",
-            "Requests queued or running.",
-            st.inflight.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_rejected_total",
-            "counter",
-            "Requests refused with 429.",
-            st.rejected.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_batches_total",
-            "counter",
-            "Engine batches run.",
-            w.batches.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_cancelled_batches_total",
-            "counter",
-            "Batches aborted because every client left.",
-            w.cancelled_batches.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_generated_tokens_total",
-            "counter",
-            "Tokens generated (rows × gen_length).",
-            w.generated_tokens.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_completion_tokens_total",
-            "counter",
-            "Completion tokens answered (before EOS).",
-            st.completion_tokens.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_forward_passes_total",
-            "counter",
-            "Forward passes run.",
-            w.forward_passes.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "llada_busy_seconds_total",
-            "counter",
-            "Seconds the engine was busy (tokens/s = rate(generated_tokens) / rate(busy_seconds)).",
-            w.busy_us.load(Ordering::Relaxed) as f64 / 1e6,
-        ),
+    let c = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let values = [
+        st.inflight.load(Ordering::Relaxed) as f64,
+        c(&st.rejected),
+        c(&w.batches),
+        c(&w.cancelled_batches),
+        c(&w.generated_tokens),
+        c(&st.completion_tokens),
+        c(&w.forward_passes),
+        c(&w.busy_us) / 1e6,
     ];
-    for (name, kind, help, v) in lines {
+    for (m, v) in METRICS.iter().zip(values) {
+        let (kind, rest) = m.split_once(' ').unwrap_or_default();
+        let (name, help) = rest.split_once(' ').unwrap_or_default();
         s.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
         ));
@@ -951,8 +336,8 @@ pub fn run(cfg: ServeConfig, mut opened: Opened, device: DeviceChoice) -> Result
         rejected: AtomicU64::new(0),
     });
     let app = Router::new()
-        .route("/v1/completions", post(completions))
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions::<false>))
+        .route("/v1/chat/completions", post(completions::<true>))
         .route("/v1/loglikelihood", post(loglikelihood))
         .route("/v1/models", get(models))
         .route("/health", get(health))

@@ -187,17 +187,77 @@ pub trait TrainOps {
     ) -> Result<f64>;
 }
 
-/// The host ops ([`super::ops`]) in `T` (f32 for training, f64 for gradient checks).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct HostOps<T>(PhantomData<T>);
+/// The sizes of one linear: `x` `[N, K]`, `w` `[M, K]`, `y` `[N, M]`.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearDims {
+    pub n: usize,
+    pub k: usize,
+    pub m: usize,
+}
 
-impl<T> HostOps<T> {
-    pub fn new() -> HostOps<T> {
-        HostOps(PhantomData)
+/// The inputs of a linear's backward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearBwd<'a, T> {
+    pub dy: &'a [T],
+    pub x: &'a [T],
+    pub w: &'a [T],
+    pub d: LinearDims,
+}
+
+/// What the linears of [`HostOps`] compute: [`PlainLinear`], or the LoRA linears over a frozen
+/// base ([`super::lora::LoraLinear`]). Every other host op is the same for both.
+pub trait HostLinear<T> {
+    /// [`TrainOps::linear`].
+    fn forward(&self, y: &mut [T], x: &[T], w: &[T], d: LinearDims) -> Result<()>;
+    /// [`TrainOps::linear_bwd`] with `dx` written (when given).
+    fn backward(&self, dx: Option<&mut [T]>, dw: &mut [T], a: LinearBwd<'_, T>) -> Result<()>;
+    /// Whether the base model's weights train (false: no embedding gradient is computed).
+    fn trains_base(&self) -> bool {
+        true
     }
 }
 
-impl<T: Real> TrainOps for HostOps<T> {
+/// [`ops::linear`] and [`ops::linear_bwd`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlainLinear;
+
+impl<T: Real> HostLinear<T> for PlainLinear {
+    fn forward(&self, y: &mut [T], x: &[T], w: &[T], d: LinearDims) -> Result<()> {
+        ops::linear(y, x, w, d.n, d.k, d.m);
+        Ok(())
+    }
+    fn backward(&self, dx: Option<&mut [T]>, dw: &mut [T], a: LinearBwd<'_, T>) -> Result<()> {
+        let LinearDims { n, k, m } = a.d;
+        ops::linear_bwd(dx, dw, a.dy, a.x, a.w, n, k, m);
+        Ok(())
+    }
+}
+
+/// The host ops ([`super::ops`]) in `T` (f32 for training, f64 for gradient checks), with the
+/// linears of `L`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostOps<T, L = PlainLinear> {
+    lin: L,
+    t: PhantomData<T>,
+}
+
+impl<T> HostOps<T> {
+    pub fn new() -> HostOps<T> {
+        HostOps::with_linear(PlainLinear)
+    }
+}
+
+impl<T, L> HostOps<T, L> {
+    /// Host ops whose linears are `lin`'s.
+    pub fn with_linear(lin: L) -> HostOps<T, L> {
+        HostOps {
+            lin,
+            t: PhantomData,
+        }
+    }
+}
+
+impl<T: Real, L: HostLinear<T>> TrainOps for HostOps<T, L> {
     type Buf = Vec<T>;
     type Ints = Vec<u32>;
 
@@ -247,7 +307,9 @@ impl<T: Real> TrainOps for HostOps<T> {
         Ok(())
     }
     fn embedding_bwd(&self, dwte: &mut Vec<T>, dx: &Vec<T>, ids: &[u32], c: usize) -> Result<()> {
-        ops::embedding_bwd(dwte, dx, ids, c);
+        if self.lin.trains_base() {
+            ops::embedding_bwd(dwte, dx, ids, c);
+        }
         Ok(())
     }
     fn rms_norm(
@@ -286,8 +348,7 @@ impl<T: Real> TrainOps for HostOps<T> {
         k: usize,
         m: usize,
     ) -> Result<()> {
-        ops::linear(y, x, w, n, k, m);
-        Ok(())
+        self.lin.forward(y, x, w, LinearDims { n, k, m })
     }
     fn linear_bwd(
         &self,
@@ -301,18 +362,24 @@ impl<T: Real> TrainOps for HostOps<T> {
         k: usize,
         m: usize,
     ) -> Result<()> {
+        let a = LinearBwd {
+            dy,
+            x,
+            w,
+            d: LinearDims { n, k, m },
+        };
         match dx {
             // Written into a scratch row set, then added: the same sums as writing `dx` alone.
             Some(dx) if dx_accumulate => {
                 let mut part = vec![T::zero(); n * k];
-                ops::linear_bwd(Some(&mut part), dw, dy, x, w, n, k, m);
+                self.lin.backward(Some(&mut part), dw, a)?;
                 for (a, &b) in dx.iter_mut().zip(&part) {
                     *a += b;
                 }
+                Ok(())
             }
-            dx => ops::linear_bwd(dx.map(|d| d.as_mut_slice()), dw, dy, x, w, n, k, m),
+            dx => self.lin.backward(dx.map(|d| d.as_mut_slice()), dw, a),
         }
-        Ok(())
     }
     fn rope(
         &self,

@@ -54,33 +54,65 @@ pub fn truncated_len(seed: u64, step: u64, t: usize) -> usize {
     }
 }
 
-/// Pretraining (reference §6.1) over clean sequences `clean` (`[b, t]`): per row
-/// `p = (1−eps)·t + eps`, every token masked independently with probability `p`, row weight
-/// `1/(p·B·L)` (`L` after truncation), so the loss is `Σ_masked CE/p / (B·L)`. With `truncate`,
-/// 1 % of the batches are cut to a random length first. `scale` multiplies every weight
-/// (`1/accumulation steps`).
-#[allow(clippy::too_many_arguments)]
-pub fn pretrain_batch(
-    clean: &[u32],
-    b: usize,
-    t: usize,
-    mask_id: u32,
-    seed: u64,
-    step: u64,
-    truncate: bool,
-    scale: f64,
-) -> Result<Batch> {
-    pretrain_batch_span(
-        clean,
-        b,
-        t,
-        mask_id,
-        seed,
-        step,
-        truncate,
-        scale,
-        RowSpan::whole(b),
-    )
+/// How the masks of one micro-batch are drawn and its loss rows weighted.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Draw {
+    /// The id that replaces a masked token.
+    pub mask_id: u32,
+    /// The run's seed.
+    pub seed: u64,
+    /// The micro-step: draws are keyed by it (and by the global row).
+    pub step: u64,
+    /// Multiplies every weight (`1/accumulation steps`).
+    pub scale: f64,
+    /// The rows of the global batch this process holds (`None`: all of them, one process).
+    pub span: Option<RowSpan>,
+}
+
+impl Draw {
+    /// Draws for a one-process batch.
+    pub fn new(mask_id: u32, seed: u64, step: u64, scale: f64) -> Draw {
+        Draw {
+            mask_id,
+            seed,
+            step,
+            scale,
+            span: None,
+        }
+    }
+
+    /// The span of a batch of `b` rows, checked (see [`RowSpan`]).
+    fn span(&self, b: usize, what: &str) -> Result<RowSpan> {
+        let span = self.span.unwrap_or(RowSpan::whole(b));
+        span.check(b, what)?;
+        Ok(span)
+    }
+
+    /// Append one row of clean `ids` (global row `g`) to `out`: its mask probability `p` is
+    /// drawn, each position drawn as masked (from `keep` on) is replaced by the mask id and made
+    /// a loss row (flat index `base + pos`) of weight `weight(p)`.
+    fn push_row(
+        &self,
+        out: &mut Batch,
+        ids: &[u32],
+        base: usize,
+        g: u64,
+        keep: usize,
+        weight: impl FnOnce(f64) -> f64,
+    ) {
+        let p = mask_prob(self.seed, self.step, g);
+        let w = weight(p);
+        for (pos, &id) in ids.iter().enumerate() {
+            if pos >= keep && is_masked(self.seed, self.step, g, pos as u64, p) {
+                out.ids.push(self.mask_id);
+                out.rows.push((base + pos) as u32);
+                out.targets.push(id);
+                out.weights.push(w);
+            } else {
+                out.ids.push(id);
+            }
+        }
+    }
 }
 
 /// Which rows of a global micro-batch a process holds (data parallelism, see
@@ -115,27 +147,20 @@ impl RowSpan {
     }
 }
 
-/// [`pretrain_batch`] for the rows `span` of a global batch.
-#[allow(clippy::too_many_arguments)]
-pub fn pretrain_batch_span(
-    clean: &[u32],
-    b: usize,
-    t: usize,
-    mask_id: u32,
-    seed: u64,
-    step: u64,
-    truncate: bool,
-    scale: f64,
-    span: RowSpan,
-) -> Result<Batch> {
-    span.check(b, "pretrain batch")?;
+/// Pretraining (reference §6.1) over clean sequences `clean` (`[b, t]`): per row
+/// `p = (1−eps)·t + eps`, every token masked independently with probability `p`, row weight
+/// `1/(p·B·L)` (`L` after truncation, `B` the global batch), so the loss is
+/// `Σ_masked CE/p / (B·L)`. With `truncate`, 1 % of the batches are cut to a random length
+/// first.
+pub fn pretrain_batch(clean: &[u32], b: usize, t: usize, truncate: bool, d: Draw) -> Result<Batch> {
+    let span = d.span(b, "pretrain batch")?;
     ensure!(
         clean.len() == b * t && b > 0 && t > 0,
         "pretrain batch: {} tokens for b·t = {b}·{t}",
         clean.len()
     );
     let l = if truncate {
-        truncated_len(seed, step, t)
+        truncated_len(d.seed, d.step, t)
     } else {
         t
     };
@@ -146,19 +171,10 @@ pub fn pretrain_batch_span(
     };
     for row in 0..b {
         let g = (span.first + row) as u64;
-        let p = mask_prob(seed, step, g);
-        let w = scale / (p * (span.global * l) as f64);
-        for pos in 0..l {
-            let id = clean[row * t + pos];
-            if is_masked(seed, step, g, pos as u64, p) {
-                out.ids.push(mask_id);
-                out.rows.push((row * l + pos) as u32);
-                out.targets.push(id);
-                out.weights.push(w);
-            } else {
-                out.ids.push(id);
-            }
-        }
+        let ids = &clean[row * t..row * t + l];
+        d.push_row(&mut out, ids, row * l, g, 0, |p| {
+            d.scale / (p * (span.global * l) as f64)
+        });
     }
     Ok(out)
 }
@@ -167,44 +183,14 @@ pub fn pretrain_batch_span(
 /// counts as answer) whose first `prompt_lens[row]` tokens are the prompt: the prompt is never
 /// masked; the answer is masked as in pretraining; row weight `1/(p·answer_len·B)`, so each
 /// row's loss is divided by its answer length and the rows are averaged.
-#[allow(clippy::too_many_arguments)]
 pub fn sft_batch(
     clean: &[u32],
     prompt_lens: &[usize],
     b: usize,
     t: usize,
-    mask_id: u32,
-    seed: u64,
-    step: u64,
-    scale: f64,
+    d: Draw,
 ) -> Result<Batch> {
-    sft_batch_span(
-        clean,
-        prompt_lens,
-        b,
-        t,
-        mask_id,
-        seed,
-        step,
-        scale,
-        RowSpan::whole(b),
-    )
-}
-
-/// [`sft_batch`] for the rows `span` of a global batch (see [`RowSpan`]).
-#[allow(clippy::too_many_arguments)]
-pub fn sft_batch_span(
-    clean: &[u32],
-    prompt_lens: &[usize],
-    b: usize,
-    t: usize,
-    mask_id: u32,
-    seed: u64,
-    step: u64,
-    scale: f64,
-    span: RowSpan,
-) -> Result<Batch> {
-    span.check(b, "sft batch")?;
+    let span = d.span(b, "sft batch")?;
     ensure!(
         clean.len() == b * t && b > 0 && prompt_lens.len() == b,
         "sft batch: {} tokens and {} prompt lengths for b·t = {b}·{t}",
@@ -222,19 +208,10 @@ pub fn sft_batch_span(
             "sft batch: row {row} has a prompt of {pl} tokens, leaving no answer in {t}"
         );
         let g = (span.first + row) as u64;
-        let p = mask_prob(seed, step, g);
-        let w = scale / (p * (t - pl) as f64 * span.global as f64);
-        for pos in 0..t {
-            let id = clean[row * t + pos];
-            if pos >= pl && is_masked(seed, step, g, pos as u64, p) {
-                out.ids.push(mask_id);
-                out.rows.push((row * t + pos) as u32);
-                out.targets.push(id);
-                out.weights.push(w);
-            } else {
-                out.ids.push(id);
-            }
-        }
+        let ids = &clean[row * t..(row + 1) * t];
+        d.push_row(&mut out, ids, row * t, g, pl, |p| {
+            d.scale / (p * (t - pl) as f64 * span.global as f64)
+        });
     }
     Ok(out)
 }

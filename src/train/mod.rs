@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hf::config::ModelConfig;
 use data::Sample;
-use model::{forward_backward, Batch, Params};
+use model::{forward_backward_host, Batch, Params, PassOptions};
 use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
 
 /// The options of a run (saved in the checkpoint; a resume reuses them).
@@ -172,6 +172,8 @@ pub trait StepState {
 pub struct HostStep {
     pub params: Params<f32>,
     pub grad: Params<f32>,
+    /// Per-layer activation recomputation ([`PassOptions::recompute`]).
+    pub recompute: bool,
 }
 
 impl StepState for HostStep {
@@ -180,7 +182,10 @@ impl StepState for HostStep {
         Ok(())
     }
     fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        forward_backward(cfg, &self.params, batch, &mut self.grad)
+        let opts = PassOptions {
+            recompute: self.recompute,
+        };
+        Ok(forward_backward_host(cfg, &self.params, batch, &mut self.grad, opts)?.loss)
     }
     fn all_reduce_grads(&mut self, group: &mut dist::HostGroup) -> Result<()> {
         for d in &mut self.grad.data {
@@ -210,6 +215,9 @@ pub struct Trainer {
     /// This process's rank (0 without data parallelism).
     pub rank: usize,
     group: Option<dist::HostGroup>,
+    /// Recompute each layer's activations in the backward pass of the host step
+    /// ([`PassOptions::recompute`]; the same results, less memory).
+    pub recompute: bool,
 }
 
 impl Trainer {
@@ -282,6 +290,7 @@ impl Trainer {
             order: None,
             rank: 0,
             group: None,
+            recompute: false,
         })
     }
 
@@ -350,12 +359,14 @@ impl Trainer {
             clean.extend_from_slice(&self.samples[idx].ids);
             prompt_lens.push(self.samples[idx].prompt_len);
         }
-        let scale = 1.0 / o.accum as f64;
-        let mask = self.cfg.mask_token_id;
+        let d = loss::Draw {
+            span: Some(span),
+            ..loss::Draw::new(self.cfg.mask_token_id, o.seed, micro, 1.0 / o.accum as f64)
+        };
         if o.sft {
-            loss::sft_batch_span(&clean, &prompt_lens, b, t, mask, o.seed, micro, scale, span)
+            loss::sft_batch(&clean, &prompt_lens, b, t, d)
         } else {
-            loss::pretrain_batch_span(&clean, b, t, mask, o.seed, micro, o.truncate, scale, span)
+            loss::pretrain_batch(&clean, b, t, o.truncate, d)
         }
     }
 
@@ -365,6 +376,7 @@ impl Trainer {
         let mut host = HostStep {
             params: std::mem::take(&mut self.params),
             grad: std::mem::take(&mut self.grad),
+            recompute: self.recompute,
         };
         let stats = self.step_on(&mut host);
         (self.params, self.grad) = (host.params, host.grad);

@@ -6,6 +6,13 @@
 //! padding mask (upstream training passes none); the LM head and the cross-entropy run only on
 //! the rows a [`Batch`] asks for (the masked tokens), each with its own loss weight, so every
 //! loss of [`super::loss`] is `Σ_r weight[r]·CE(logits[rows[r]], targets[r])`.
+//!
+//! [`forward_backward_with`] keeps every layer's activations for the backward pass, or, with
+//! [`PassOptions::recompute`], only every layer's input, recomputing a layer's activations
+//! just before its backward (bit-identical results); [`PassStats::activation_floats`] counts
+//! what it held and [`activation_floats`] gives the same number from the shapes.
+
+use std::cell::Cell;
 
 use anyhow::{ensure, Context, Result};
 
@@ -150,9 +157,72 @@ impl Batch {
     }
 }
 
-/// What one layer's forward pass keeps for the backward pass.
-struct Saved<B> {
-    x_in: B,
+/// How [`forward_backward_with`] keeps the activations between its forward and backward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassOptions {
+    /// Per-layer activation recomputation: the forward pass keeps only each layer's input; the
+    /// backward pass recomputes a layer's activations from it, into one layer's buffers, just
+    /// before that layer's backward. The same ops in the same order on the same inputs, so the
+    /// loss and gradients equal (bit for bit) those of keeping everything; it costs one more
+    /// forward pass of the blocks, less their down projections.
+    pub recompute: bool,
+}
+
+/// What one pass computed and held.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PassStats {
+    /// `Σ_r weight[r]·CE_r`.
+    pub loss: f64,
+    /// Floats in every activation buffer the pass allocated (all live until it returns, so
+    /// this is its peak), counted as they are allocated; [`activation_floats`] is the same
+    /// count from the shapes alone. Parameters, gradients, RoPE tables and index buffers are
+    /// not activations and not counted.
+    pub activation_floats: usize,
+}
+
+/// Floats of one layer's activations beyond its input ([`PassStats::activation_floats`]):
+/// `N·(3C + 2 + 2·NH·HD + 2·NKV·HD + NH + 3F)` — `r1`, `h1`, `q`, `k`, `v`, `lse`, `a`, `x_mid`,
+/// `r2`, `h2`, `g`, `u`, `m`.
+pub fn layer_activation_floats(cfg: &ModelConfig, n: usize) -> usize {
+    let (c, hd, f) = (cfg.d_model, cfg.head_dim(), cfg.mlp_hidden_size);
+    let (qw, kw) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+    n * (3 * c + 2 + 2 * qw + 2 * kw + cfg.n_heads + 3 * f)
+}
+
+/// The peak activation floats of one [`forward_backward_with`] pass over a `[b, t]` batch
+/// with `rows` loss rows, from the shapes: the kept layer activations (every layer's input and
+/// activations; with `recompute` every layer's input plus one layer's activations), the
+/// residual stream and its scratch (`2·N·C`), the head (`R·(2C + V + 2)`), and the backward's
+/// gradients (`R·2C + N·(2C + 3F + 2·NH·HD + 2·NKV·HD + NH)`). ×4 for bytes in f32.
+pub fn activation_floats(
+    cfg: &ModelConfig,
+    b: usize,
+    t: usize,
+    rows: usize,
+    recompute: bool,
+) -> usize {
+    let n = b * t;
+    let (c, hd, f, v) = (
+        cfg.d_model,
+        cfg.head_dim(),
+        cfg.mlp_hidden_size,
+        cfg.embedding_size,
+    );
+    let (qw, kw) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+    let layer = layer_activation_floats(cfg, n);
+    let inputs = cfg.n_layers * n * c;
+    let kept = if recompute {
+        inputs + layer
+    } else {
+        inputs + cfg.n_layers * layer
+    };
+    let head = rows * (2 * c + v + 2);
+    let bwd = rows * 2 * c + n * (2 * c + 3 * f + 2 * qw + 2 * kw + cfg.n_heads);
+    kept + 2 * n * c + head + bwd
+}
+
+/// One layer's activations beyond its input, kept for (or recomputed before) its backward.
+struct Acts<B> {
     r1: B,
     h1: B,
     q: B,
@@ -168,6 +238,165 @@ struct Saved<B> {
     m: B,
 }
 
+/// The backward pass's activation gradients, shared by the layers.
+struct Grads<B> {
+    dm: B,
+    dg: B,
+    du: B,
+    dh: B,
+    da: B,
+    dq: B,
+    dk: B,
+    dv: B,
+    delta: B,
+}
+
+/// The shapes, tables and allocation count one pass shares across its layers.
+struct Pass<'a, B: TrainOps> {
+    ops: &'a B,
+    n: usize,
+    c: usize,
+    qw: usize,
+    kw: usize,
+    f: usize,
+    eps: f32,
+    dims: AttnShape,
+    pos: B::Ints,
+    cos: B::Buf,
+    sin: B::Buf,
+    floats: Cell<usize>,
+}
+
+impl<B: TrainOps> Pass<'_, B> {
+    /// `len` zeros, counted as activations.
+    fn zeros(&self, len: usize) -> Result<B::Buf> {
+        self.floats.set(self.floats.get() + len);
+        self.ops.zeros(len)
+    }
+
+    fn acts(&self) -> Result<Acts<B::Buf>> {
+        let (n, c, qw, kw, f) = (self.n, self.c, self.qw, self.kw, self.f);
+        Ok(Acts {
+            r1: self.zeros(n)?,
+            h1: self.zeros(n * c)?,
+            q: self.zeros(n * qw)?,
+            k: self.zeros(n * kw)?,
+            v: self.zeros(n * kw)?,
+            lse: self.zeros(n * self.dims.nh)?,
+            a: self.zeros(n * qw)?,
+            x_mid: self.zeros(n * c)?,
+            r2: self.zeros(n)?,
+            h2: self.zeros(n * c)?,
+            g: self.zeros(n * f)?,
+            u: self.zeros(n * f)?,
+            m: self.zeros(n * f)?,
+        })
+    }
+
+    fn grads(&self) -> Result<Grads<B::Buf>> {
+        let (n, c, qw, kw, f) = (self.n, self.c, self.qw, self.kw, self.f);
+        Ok(Grads {
+            dm: self.zeros(n * f)?,
+            dg: self.zeros(n * f)?,
+            du: self.zeros(n * f)?,
+            dh: self.zeros(n * c)?,
+            da: self.zeros(n * qw)?,
+            dq: self.zeros(n * qw)?,
+            dk: self.zeros(n * kw)?,
+            dv: self.zeros(n * kw)?,
+            delta: self.zeros(n * self.dims.nh)?,
+        })
+    }
+
+    /// Layer `l`'s forward from its input in `x`, filling `s`. `x` becomes the layer's output,
+    /// or, without `through_down` (a recomputation), stays at `x_mid`: the down projection's
+    /// output is not needed by the backward pass.
+    fn layer_fwd(
+        &self,
+        p: &[B::Buf],
+        l: usize,
+        x: &mut B::Buf,
+        s: &mut Acts<B::Buf>,
+        tmp_c: &mut B::Buf,
+        through_down: bool,
+    ) -> Result<()> {
+        let (ops, n, c, qw, kw, f) = (self.ops, self.n, self.c, self.qw, self.kw, self.f);
+        let (nh, nkv, hd) = (self.dims.nh, self.dims.nkv, self.dims.hd);
+        let (pos, cos, sin) = (&self.pos, &self.cos, &self.sin);
+        let w = |part: usize| &p[i_block(l, part)];
+        ops.rms_norm(&mut s.h1, &mut s.r1, x, w(ATTN_NORM), n, c, self.eps)?;
+        ops.linear(&mut s.q, &s.h1, w(Q), n, c, qw)?;
+        ops.linear(&mut s.k, &s.h1, w(K), n, c, kw)?;
+        ops.linear(&mut s.v, &s.h1, w(V), n, c, kw)?;
+        ops.rope(&mut s.q, pos, cos, sin, n, nh, hd, false)?;
+        ops.rope(&mut s.k, pos, cos, sin, n, nkv, hd, false)?;
+        ops.attention(&mut s.a, &mut s.lse, &s.q, &s.k, &s.v, self.dims)?;
+        ops.linear(tmp_c, &s.a, w(ATTN_OUT), n, qw, c)?;
+        ops.add(x, tmp_c, n * c)?;
+        ops.copy(&mut s.x_mid, x)?;
+        ops.rms_norm(&mut s.h2, &mut s.r2, x, w(FF_NORM), n, c, self.eps)?;
+        ops.linear(&mut s.g, &s.h2, w(GATE), n, c, f)?;
+        ops.linear(&mut s.u, &s.h2, w(UP), n, c, f)?;
+        ops.swiglu(&mut s.m, &s.g, &s.u, n * f)?;
+        if through_down {
+            ops.linear(tmp_c, &s.m, w(DOWN), n, f, c)?;
+            ops.add(x, tmp_c, n * c)?;
+        }
+        Ok(())
+    }
+
+    /// Layer `l`'s backward: `dx` (the gradient of the layer's output) becomes that of its
+    /// input `x_in`; the weight gradients are added into `grad`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_bwd(
+        &self,
+        p: &[B::Buf],
+        grad: &mut [B::Buf],
+        l: usize,
+        dx: &mut B::Buf,
+        x_in: &B::Buf,
+        s: &Acts<B::Buf>,
+        d: &mut Grads<B::Buf>,
+        tmp_c: &mut B::Buf,
+    ) -> Result<()> {
+        let (ops, n, c, qw, kw, f) = (self.ops, self.n, self.c, self.qw, self.kw, self.f);
+        let (nh, nkv, hd) = (self.dims.nh, self.dims.nkv, self.dims.hd);
+        let (pos, cos, sin) = (&self.pos, &self.cos, &self.sin);
+        let w = |part: usize| &p[i_block(l, part)];
+        let gi = |part: usize| i_block(l, part);
+        // x_out = x_mid + m·W_downᵀ
+        let gd = &mut grad[gi(DOWN)];
+        ops.linear_bwd(Some(&mut d.dm), false, gd, dx, &s.m, w(DOWN), n, f, c)?;
+        ops.swiglu_bwd(&mut d.dg, &mut d.du, &d.dm, &s.g, &s.u, n * f)?;
+        let gg = &mut grad[gi(GATE)];
+        ops.linear_bwd(Some(&mut d.dh), false, gg, &d.dg, &s.h2, w(GATE), n, c, f)?;
+        let gu = &mut grad[gi(UP)];
+        ops.linear_bwd(Some(&mut d.dh), true, gu, &d.du, &s.h2, w(UP), n, c, f)?;
+        let gn = &mut grad[gi(FF_NORM)];
+        ops.rms_norm_bwd(tmp_c, gn, &d.dh, &s.x_mid, &s.r2, w(FF_NORM), n, c)?;
+        ops.add(dx, tmp_c, n * c)?;
+        // x_mid = x_in + a·W_oᵀ
+        let go = &mut grad[gi(ATTN_OUT)];
+        ops.linear_bwd(Some(&mut d.da), false, go, dx, &s.a, w(ATTN_OUT), n, qw, c)?;
+        let (dq, dk, dv, delta) = (&mut d.dq, &mut d.dk, &mut d.dv, &mut d.delta);
+        let (sq, sk, sv) = (&s.q, &s.k, &s.v);
+        ops.attention_bwd(
+            dq, dk, dv, delta, &d.da, sq, sk, sv, &s.a, &s.lse, self.dims,
+        )?;
+        ops.rope(dq, pos, cos, sin, n, nh, hd, true)?;
+        ops.rope(dk, pos, cos, sin, n, nkv, hd, true)?;
+        let gq = &mut grad[gi(Q)];
+        ops.linear_bwd(Some(&mut d.dh), false, gq, dq, &s.h1, w(Q), n, c, qw)?;
+        let gk = &mut grad[gi(K)];
+        ops.linear_bwd(Some(&mut d.dh), true, gk, dk, &s.h1, w(K), n, c, kw)?;
+        let gv = &mut grad[gi(V)];
+        ops.linear_bwd(Some(&mut d.dh), true, gv, dv, &s.h1, w(V), n, c, kw)?;
+        let gn = &mut grad[gi(ATTN_NORM)];
+        ops.rms_norm_bwd(tmp_c, gn, &d.dh, x_in, &s.r1, w(ATTN_NORM), n, c)?;
+        ops.add(dx, tmp_c, n * c)
+    }
+}
+
 /// Loss of `batch` under `p` on the host, with the gradient of every parameter **added** to
 /// `grad` (so micro-batches accumulate): [`forward_backward_on`] over [`HostOps`]. Returns the
 /// loss `Σ_r weight[r]·CE_r` in f64.
@@ -180,9 +409,22 @@ pub fn forward_backward<T: Real>(
     forward_backward_on(&HostOps::<T>::new(), cfg, &p.data, batch, &mut grad.data)
 }
 
+/// [`forward_backward`] with [`PassOptions`] (e.g. recomputation).
+pub fn forward_backward_host<T: Real>(
+    cfg: &ModelConfig,
+    p: &Params<T>,
+    batch: &Batch,
+    grad: &mut Params<T>,
+    opts: PassOptions,
+) -> Result<PassStats> {
+    let ops = HostOps::<T>::new();
+    forward_backward_with(&ops, cfg, opts, &p.data, batch, &mut grad.data)
+}
+
 /// The model's forward and backward pass over any [`TrainOps`]: loss of `batch` under the
 /// parameters `p` (the tensors of [`Params`], in its order), with every parameter's gradient
-/// **added** to `grad`. Activation buffers live for the call.
+/// **added** to `grad`, keeping every activation ([`forward_backward_with`] with the default
+/// options).
 pub fn forward_backward_on<B: TrainOps>(
     ops: &B,
     cfg: &ModelConfig,
@@ -190,6 +432,19 @@ pub fn forward_backward_on<B: TrainOps>(
     batch: &Batch,
     grad: &mut [B::Buf],
 ) -> Result<f64> {
+    Ok(forward_backward_with(ops, cfg, PassOptions::default(), p, batch, grad)?.loss)
+}
+
+/// [`forward_backward_on`] with [`PassOptions`]; also returns the activation floats it held.
+/// Activation buffers live for the call.
+pub fn forward_backward_with<B: TrainOps>(
+    ops: &B,
+    cfg: &ModelConfig,
+    opts: PassOptions,
+    p: &[B::Buf],
+    batch: &Batch,
+    grad: &mut [B::Buf],
+) -> Result<PassStats> {
     batch.validate(cfg)?;
     ensure!(
         p.len() == 3 + 9 * cfg.n_layers && grad.len() == p.len(),
@@ -198,69 +453,58 @@ pub fn forward_backward_on<B: TrainOps>(
     );
     let (b, t) = (batch.b, batch.t);
     let n = b * t;
-    let (c, nh, nkv, hd, f, v) = (
-        cfg.d_model,
-        cfg.n_heads,
-        cfg.n_kv_heads,
-        cfg.head_dim(),
-        cfg.mlp_hidden_size,
-        cfg.embedding_size,
-    );
-    let (qw, kw) = (nh * hd, nkv * hd);
-    let eps = cfg.rms_norm_eps;
-    let dims = AttnShape { b, t, nh, nkv, hd };
+    let (c, hd, v) = (cfg.d_model, cfg.head_dim(), cfg.embedding_size);
+    let dims = AttnShape {
+        b,
+        t,
+        nh: cfg.n_heads,
+        nkv: cfg.n_kv_heads,
+        hd,
+    };
     let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     let (cos_h, sin_h) = rope_tables(cfg.rope_theta, hd, t.max(1));
-    let (cos, sin) = (
-        ops.upload_f64(&f64s(&cos_h))?,
-        ops.upload_f64(&f64s(&sin_h))?,
-    );
     let pos: Vec<u32> = (0..n).map(|i| (i % t.max(1)) as u32).collect();
-    let pos = ops.ints(&pos)?;
+    let pass = Pass {
+        ops,
+        n,
+        c,
+        qw: cfg.n_heads * hd,
+        kw: cfg.n_kv_heads * hd,
+        f: cfg.mlp_hidden_size,
+        eps: cfg.rms_norm_eps,
+        dims,
+        pos: ops.ints(&pos)?,
+        cos: ops.upload_f64(&f64s(&cos_h))?,
+        sin: ops.upload_f64(&f64s(&sin_h))?,
+        floats: Cell::new(0),
+    };
     let ids = ops.ints(&batch.ids)?;
-    let z = |len: usize| ops.zeros(len);
+    let z = |len: usize| pass.zeros(len);
 
     // ---- forward ----
     let mut x = z(n * c)?;
     ops.embedding(&mut x, &p[I_WTE], &ids, n, c)?;
-    let mut saved: Vec<Saved<B::Buf>> = Vec::with_capacity(cfg.n_layers);
     let mut tmp_c = z(n * c)?;
+    // Every layer's input; and every layer's activations, or (recomputing) one layer's.
+    let mut inputs: Vec<B::Buf> = Vec::with_capacity(cfg.n_layers);
+    let mut kept: Vec<Acts<B::Buf>> = Vec::with_capacity(cfg.n_layers);
+    let mut work = if opts.recompute {
+        Some(pass.acts()?)
+    } else {
+        None
+    };
     for l in 0..cfg.n_layers {
-        let w = |part: usize| &p[i_block(l, part)];
-        let mut s = Saved {
-            x_in: z(n * c)?,
-            r1: z(n)?,
-            h1: z(n * c)?,
-            q: z(n * qw)?,
-            k: z(n * kw)?,
-            v: z(n * kw)?,
-            lse: z(n * nh)?,
-            a: z(n * qw)?,
-            x_mid: z(n * c)?,
-            r2: z(n)?,
-            h2: z(n * c)?,
-            g: z(n * f)?,
-            u: z(n * f)?,
-            m: z(n * f)?,
-        };
-        ops.copy(&mut s.x_in, &x)?;
-        ops.rms_norm(&mut s.h1, &mut s.r1, &x, w(ATTN_NORM), n, c, eps)?;
-        ops.linear(&mut s.q, &s.h1, w(Q), n, c, qw)?;
-        ops.linear(&mut s.k, &s.h1, w(K), n, c, kw)?;
-        ops.linear(&mut s.v, &s.h1, w(V), n, c, kw)?;
-        ops.rope(&mut s.q, &pos, &cos, &sin, n, nh, hd, false)?;
-        ops.rope(&mut s.k, &pos, &cos, &sin, n, nkv, hd, false)?;
-        ops.attention(&mut s.a, &mut s.lse, &s.q, &s.k, &s.v, dims)?;
-        ops.linear(&mut tmp_c, &s.a, w(ATTN_OUT), n, qw, c)?;
-        ops.add(&mut x, &tmp_c, n * c)?;
-        ops.copy(&mut s.x_mid, &x)?;
-        ops.rms_norm(&mut s.h2, &mut s.r2, &x, w(FF_NORM), n, c, eps)?;
-        ops.linear(&mut s.g, &s.h2, w(GATE), n, c, f)?;
-        ops.linear(&mut s.u, &s.h2, w(UP), n, c, f)?;
-        ops.swiglu(&mut s.m, &s.g, &s.u, n * f)?;
-        ops.linear(&mut tmp_c, &s.m, w(DOWN), n, f, c)?;
-        ops.add(&mut x, &tmp_c, n * c)?;
-        saved.push(s);
+        let mut x_in = z(n * c)?;
+        ops.copy(&mut x_in, &x)?;
+        inputs.push(x_in);
+        match work.as_mut() {
+            Some(s) => pass.layer_fwd(p, l, &mut x, s, &mut tmp_c, true)?,
+            None => {
+                let mut s = pass.acts()?;
+                pass.layer_fwd(p, l, &mut x, &mut s, &mut tmp_c, true)?;
+                kept.push(s);
+            }
+        }
     }
     let r = batch.rows.len();
     let rows = ops.ints(&batch.rows)?;
@@ -269,7 +513,7 @@ pub fn forward_backward_on<B: TrainOps>(
     let mut rf = z(r)?;
     let mut hf = z(r * c)?;
     let (i_lm, i_lnf) = (p.len() - 1, p.len() - 2);
-    ops.rms_norm(&mut hf, &mut rf, &xr, &p[i_lnf], r, c, eps)?;
+    ops.rms_norm(&mut hf, &mut rf, &xr, &p[i_lnf], r, c, cfg.rms_norm_eps)?;
     let mut logits = z(r * v)?;
     ops.linear(&mut logits, &hf, &p[i_lm], r, c, v)?;
     let weights = ops.upload_f64(&batch.weights)?;
@@ -286,106 +530,26 @@ pub fn forward_backward_on<B: TrainOps>(
     ops.rms_norm_bwd(&mut dxr, gn, &dhf, &xr, &rf, pn, r, c)?;
     let mut dx = z(n * c)?;
     ops.scatter_add_rows(&mut dx, &dxr, &rows, r, c)?;
-    let mut dm = z(n * f)?;
-    let mut dg = z(n * f)?;
-    let mut du = z(n * f)?;
-    let mut dh = z(n * c)?;
-    let mut da = z(n * qw)?;
-    let mut dq = z(n * qw)?;
-    let mut dk = z(n * kw)?;
-    let mut dv = z(n * kw)?;
-    let mut delta = z(n * nh)?;
+    let mut d = pass.grads()?;
     for l in (0..cfg.n_layers).rev() {
-        let s = &saved[l];
-        let w = |part: usize| &p[i_block(l, part)];
-        let gi = |part: usize| i_block(l, part);
-        // x_out = x_mid + m·W_downᵀ
-        ops.linear_bwd(
-            Some(&mut dm),
-            false,
-            &mut grad[gi(DOWN)],
-            &dx,
-            &s.m,
-            w(DOWN),
-            n,
-            f,
-            c,
-        )?;
-        ops.swiglu_bwd(&mut dg, &mut du, &dm, &s.g, &s.u, n * f)?;
-        ops.linear_bwd(
-            Some(&mut dh),
-            false,
-            &mut grad[gi(GATE)],
-            &dg,
-            &s.h2,
-            w(GATE),
-            n,
-            c,
-            f,
-        )?;
-        ops.linear_bwd(
-            Some(&mut dh),
-            true,
-            &mut grad[gi(UP)],
-            &du,
-            &s.h2,
-            w(UP),
-            n,
-            c,
-            f,
-        )?;
-        let gn = &mut grad[gi(FF_NORM)];
-        ops.rms_norm_bwd(&mut tmp_c, gn, &dh, &s.x_mid, &s.r2, w(FF_NORM), n, c)?;
-        ops.add(&mut dx, &tmp_c, n * c)?;
-        // x_mid = x_in + a·W_oᵀ
-        let go = &mut grad[gi(ATTN_OUT)];
-        ops.linear_bwd(Some(&mut da), false, go, &dx, &s.a, w(ATTN_OUT), n, qw, c)?;
-        let (sq, sk, sv) = (&s.q, &s.k, &s.v);
-        ops.attention_bwd(
-            &mut dq, &mut dk, &mut dv, &mut delta, &da, sq, sk, sv, &s.a, &s.lse, dims,
-        )?;
-        ops.rope(&mut dq, &pos, &cos, &sin, n, nh, hd, true)?;
-        ops.rope(&mut dk, &pos, &cos, &sin, n, nkv, hd, true)?;
-        ops.linear_bwd(
-            Some(&mut dh),
-            false,
-            &mut grad[gi(Q)],
-            &dq,
-            &s.h1,
-            w(Q),
-            n,
-            c,
-            qw,
-        )?;
-        ops.linear_bwd(
-            Some(&mut dh),
-            true,
-            &mut grad[gi(K)],
-            &dk,
-            &s.h1,
-            w(K),
-            n,
-            c,
-            kw,
-        )?;
-        ops.linear_bwd(
-            Some(&mut dh),
-            true,
-            &mut grad[gi(V)],
-            &dv,
-            &s.h1,
-            w(V),
-            n,
-            c,
-            kw,
-        )?;
-        let gn = &mut grad[gi(ATTN_NORM)];
-        ops.rms_norm_bwd(&mut tmp_c, gn, &dh, &s.x_in, &s.r1, w(ATTN_NORM), n, c)?;
-        ops.add(&mut dx, &tmp_c, n * c)?;
+        let x_in = &inputs[l];
+        let s = match work.as_mut() {
+            Some(s) => {
+                // The residual stream `x` is free after the head: the recomputation's scratch.
+                ops.copy(&mut x, x_in)?;
+                pass.layer_fwd(p, l, &mut x, s, &mut tmp_c, false)?;
+                &*s
+            }
+            None => &kept[l],
+        };
+        pass.layer_bwd(p, grad, l, &mut dx, x_in, s, &mut d, &mut tmp_c)?;
     }
     ops.embedding_bwd(&mut grad[I_WTE], &dx, &batch.ids, c)?;
     // The activation buffers are freed on return: make sure the work using them is done (a
     // device surfaces a kernel fault here, naming the step).
     ops.finish("the forward/backward pass")?;
-    Ok(loss)
+    Ok(PassStats {
+        loss,
+        activation_floats: pass.floats.get(),
+    })
 }

@@ -154,6 +154,15 @@ pub fn read_json(path: &Path) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
 
+/// Write a JSON-lines corpus `{"text": line(i)}`, `i < n`, to `path`; returns `path`.
+pub fn text_corpus(path: &Path, n: usize, line: impl Fn(usize) -> String) -> PathBuf {
+    let text: String = (0..n)
+        .map(|i| format!("{}\n", serde_json::json!({ "text": line(i) })))
+        .collect();
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}
+
 /// The non-blank lines of a JSON-lines file, parsed.
 pub fn json_lines(p: &Path) -> Vec<Value> {
     std::fs::read_to_string(p)

@@ -6,14 +6,9 @@
 
 /// |got − want|, +∞ where they are not both finite and not bitwise-equal specials (a NaN where
 /// the reference has none, a finite value where it has a mask).
+/// (Computed in f64: the f64 difference of two f32 values rounds to the f32 difference.)
 pub fn abs_diff(got: f32, want: f32) -> f32 {
-    if got.is_finite() && want.is_finite() {
-        (got - want).abs()
-    } else if got == want {
-        0.0
-    } else {
-        f32::INFINITY
-    }
+    abs_diff64(got.into(), want.into()) as f32
 }
 
 /// The f64 version of [`abs_diff`].

@@ -4,6 +4,8 @@
 
 pub mod cli;
 pub mod cmp;
+pub mod fd;
+pub mod probe;
 pub mod select;
 
 use anyhow::Result;
@@ -25,18 +27,7 @@ use std::sync::Arc;
 
 /// The GPU, or `None` with a printed reason; `LLADA_REQUIRE_GPU=1` turns the skip into a panic.
 pub fn gpu() -> Option<CudaBackend> {
-    let require = std::env::var("LLADA_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    let r = llada::engine::device::cuda_available()
-        .map_err(anyhow::Error::msg)
-        .and_then(|()| CudaBackend::new(0));
-    match r {
-        Ok(b) => Some(b),
-        Err(e) if require => panic!("LLADA_REQUIRE_GPU=1 but no usable GPU: {e:#}"),
-        Err(e) => {
-            eprintln!("SKIP: {e:#}");
-            None
-        }
-    }
+    probe::device_or_skip(|| CudaBackend::new(0))
 }
 
 /// The `tiny` preset with its random weights from `seed` (bf16) on `b`.
@@ -113,6 +104,12 @@ pub fn assert_mostly_same(what: &str, cpu: &[Vec<u32>], gpu: &[Vec<u32>]) {
         same * 2 >= total,
         "{what}: only {same}/{total} ids agree free-running"
     );
+}
+
+/// [`sharp_tiny`] on the GPU and on the bf16 CPU reference, or `None` (skipped) without a GPU.
+pub fn sharp_pair() -> Option<(Model<CudaBackend>, Model<CpuBackend>)> {
+    let g = gpu()?;
+    Some((sharp_tiny(g), sharp_tiny(CpuBackend::new(DType::BF16))))
 }
 
 /// The `tiny` preset's shapes with random matrices of std 0.2 instead of 0.02: logits spread

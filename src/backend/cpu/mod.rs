@@ -28,11 +28,13 @@ use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 
 mod attention;
+pub(crate) mod dot;
 mod log_prob;
 mod norm;
 mod weights;
 
 use attention::*;
+use dot::dot;
 pub use log_prob::log_prob_one;
 use log_prob::*;
 use norm::*;
@@ -91,25 +93,6 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         }
         f(&mut s[..len])
     })
-}
-
-/// Dot product in f32 with 8 interleaved partial sums (fixed order, vectorisable).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = 0.0f32;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 fn need(op: &str, arg: &str, have: usize, want: usize) -> Result<()> {

@@ -40,7 +40,7 @@ pub const ATTN_SPLIT_CHUNK: usize = 96;
 pub const ATTN_SPLIT_MIN_KEYS: usize = 2 * ATTN_SPLIT_CHUNK;
 
 /// f32 elements of the split-KV scratch (64 MiB, allocated once per backend).
-pub(crate) const ATTN_SCRATCH: usize = 16 << 20;
+pub const ATTN_SCRATCH: usize = 16 << 20;
 
 /// The split-KV chunk for `l` keys, or `None` for the single-pass kernel. A function of `l`
 /// alone: a query row's result must not depend on how many other rows share the call (the
@@ -49,7 +49,8 @@ pub fn attn_split_chunk(l: usize) -> Option<usize> {
     (l > ATTN_SPLIT_MIN_KEYS).then_some(ATTN_SPLIT_CHUNK)
 }
 
-/// One split-KV attention call (device addresses in bytes, strides in elements).
+/// One split-KV (or FA2) attention call (device addresses in bytes, strides in elements;
+/// `chunk` is the split-KV chunk, 0 for the single-pass kernel).
 #[derive(Clone, Copy)]
 pub(crate) struct SplitArgs {
     pub(crate) q: u64,
@@ -67,7 +68,46 @@ pub(crate) struct SplitArgs {
     pub(crate) chunk: usize,
 }
 
+impl SplitArgs {
+    /// The arguments of one call over `s` (queries: the q part of a merged qkv buffer at `q`;
+    /// keys and values at `k`, `v` with row stride `kvstride`); `chunk` from [`attn_split_chunk`].
+    fn new(q: u64, k: u64, v: u64, key_valid: u64, kvstride: usize, s: CachedAttnShape) -> Self {
+        let (b, tq, l, nh, nkv, hd) = s.dims();
+        SplitArgs {
+            q,
+            k,
+            v,
+            key_valid,
+            qstride: (nh + 2 * nkv) * hd,
+            kvstride,
+            b,
+            tq,
+            l,
+            nh,
+            nkv,
+            hd,
+            chunk: attn_split_chunk(l).unwrap_or(0),
+        }
+    }
+}
+
 impl CudaBackend {
+    /// Run one attention call on the selected kernels: FA2 (`LLADA_ATTN=fa2`), else split-KV
+    /// when `a.chunk > 0`, else `single` (the single-pass launch).
+    fn attention_route(
+        &self,
+        op: &str,
+        out: u64,
+        a: SplitArgs,
+        single: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        match self.attn_impl.get() {
+            AttnImpl::Fa2(split) => self.attention_fa2(op, out, a, split),
+            AttnImpl::Mma if a.chunk > 0 => self.attention_split(op, out, a),
+            AttnImpl::Mma => single(),
+        }
+    }
+
     /// Split-KV attention (kernels/attention.cu): partials into the fixed scratch, then the
     /// combine kernel into `out` (`[B·TQ, NH·HD]` at address `out`). Calls whose partials
     /// exceed the scratch run as several launches over groups of batch rows or query rows
@@ -187,29 +227,22 @@ impl CudaBackend {
         let o = dptr_mut(out, &self.stream);
         let q = dptr(qkv, &self.stream);
         let kv: u64 = key_valid.map(|k| dptr(k, &self.stream)).unwrap_or(0);
-        if let Some(chunk) = attn_split_chunk(t) {
-            let stride = (nh + 2 * nkv) * hd;
-            let (k, v) = (q + (nh * hd * 2) as u64, q + ((nh + nkv) * hd * 2) as u64);
-            let a = SplitArgs {
-                q,
-                k,
-                v,
-                key_valid: kv,
-                qstride: stride,
-                kvstride: stride,
-                b,
-                tq: t,
-                l: t,
-                nh,
-                nkv,
-                hd,
-                chunk,
-            };
-            return self.attention_split(op, o, a);
-        }
-        launch!(&self.stream, op, self.k.attention, attention_geom(op, b, t, nh)?; o, q, kv,
-            int(op, "b", b)?, int(op, "t", t)?, int(op, "nh", nh)?, int(op, "nkv", nkv)?,
-            int(op, "hd", hd)?)
+        let (k, v) = (q + (nh * hd * 2) as u64, q + ((nh + nkv) * hd * 2) as u64);
+        let (tq, l) = (t, t);
+        let shape = CachedAttnShape {
+            b,
+            tq,
+            l,
+            nh,
+            nkv,
+            hd,
+        };
+        let a = SplitArgs::new(q, k, v, kv, (nh + 2 * nkv) * hd, shape);
+        self.attention_route(op, o, a, || {
+            launch!(&self.stream, op, self.k.attention, attention_geom(op, b, t, nh)?; o, q, kv,
+                int(op, "b", b)?, int(op, "t", t)?, int(op, "nh", nh)?, int(op, "nkv", nkv)?,
+                int(op, "hd", hd)?)
+        })
     }
 
     pub(crate) fn launch_kv_store(
@@ -271,26 +304,11 @@ impl CudaBackend {
         let kc = dptr(k_cache, &self.stream);
         let vc = dptr(v_cache, &self.stream);
         let kv: u64 = key_valid.map(|k| dptr(k, &self.stream)).unwrap_or(0);
-        if let Some(chunk) = attn_split_chunk(l) {
-            let a = SplitArgs {
-                q,
-                k: kc,
-                v: vc,
-                key_valid: kv,
-                qstride: (nh + 2 * nkv) * hd,
-                kvstride: nkv * hd,
-                b,
-                tq,
-                l,
-                nh,
-                nkv,
-                hd,
-                chunk,
-            };
-            return self.attention_split(op, o, a);
-        }
-        launch!(&self.stream, op, self.k.attention_cached, attention_geom(op, b, tq, nh)?;
-            o, q, kc, vc, kv, int(op, "b", b)?, int(op, "tq", tq)?, int(op, "l", l)?,
-            int(op, "nh", nh)?, int(op, "nkv", nkv)?, int(op, "hd", hd)?)
+        let a = SplitArgs::new(q, kc, vc, kv, nkv * hd, s);
+        self.attention_route(op, o, a, || {
+            launch!(&self.stream, op, self.k.attention_cached, attention_geom(op, b, tq, nh)?;
+                o, q, kc, vc, kv, int(op, "b", b)?, int(op, "tq", tq)?, int(op, "l", l)?,
+                int(op, "nh", nh)?, int(op, "nkv", nkv)?, int(op, "hd", hd)?)
+        })
     }
 }

@@ -163,6 +163,8 @@ impl CudaBackend {
             f32_to_bf16: get("f32_to_bf16")?,
             f16_to_bf16: get("f16_to_bf16")?,
         };
+        let fa2 = Fa2Kernels::load(&get, &ctx)?;
+        let attn_impl = std::cell::Cell::new(AttnImpl::from_env()?);
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| anyhow!("creating the cuBLAS handle: {e:?}"))?;
         // SAFETY: allocation on our stream; the buffer outlives the handle (field order).
@@ -202,6 +204,8 @@ impl CudaBackend {
             shadow: RefCell::new(HashMap::new()),
             prof: RefCell::new(CudaProf::default()),
             attn_scratch,
+            attn_impl,
+            fa2,
         })
     }
 

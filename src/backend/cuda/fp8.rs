@@ -289,26 +289,10 @@ pub fn matmul(
         let nr_ = i32_of(nr, "n")?;
         // 1. Quantize the rows [r0, r0 + nr) of x into the scratch.
         let xrow = xp + (r0 * k * 2) as u64;
-        let mut args: Vec<*mut c_void> = vec![
-            &xqp as *const u64 as *mut c_void,
-            &xsp as *const u64 as *mut c_void,
-            &xrow as *const u64 as *mut c_void,
-            &nr_ as *const i32 as *mut c_void,
-            &k_ as *const i32 as *mut c_void,
-        ];
-        // SAFETY: `fp8_quant_bf16(u8* q, f32* scale, const bf16* x, int n, int k)` (ABI.md);
-        // `xq` holds ≥ nr·K bytes and `xs` ≥ nr floats (group size), x ≥ (r0 + nr)·K (checked).
-        unsafe {
-            dres::launch_kernel(
-                inner.quant,
-                (nr as u32, 1, 1),
-                (QUANT_THREADS, 1, 1),
-                0,
-                stream.cu_stream(),
-                &mut args,
-            )
-        }
-        .map_err(|e| anyhow!("{op}: fp8_quant_bf16 launch failed: {e:?}"))?;
+        // SAFETY: `xq` holds ≥ nr·K bytes and `xs` ≥ nr floats (group size), x ≥ (r0 + nr)·K
+        // (checked).
+        unsafe { launch_quant(inner, &stream, [xqp, xsp, xrow], nr_, k_) }
+            .map_err(|e| anyhow!("{op}: fp8_quant_bf16 launch failed: {e:?}"))?;
         // 2. D[M, nr] (col-major, ld M) = (A = W: [K, M] col-major, transposed) · (B = x̂: [K, nr]).
         let dp = op_ + (r0 * m * 2) as u64;
         gemm(
@@ -318,6 +302,35 @@ pub fn matmul(
         r0 += nr;
     }
     Ok(())
+}
+
+/// Launch `fp8_quant_bf16(u8* q, f32* scale, const bf16* x, int n, int k)` (ABI.md) on the
+/// device pointers `[q, scale, x]`, one block per row.
+///
+/// # Safety
+/// `q` must hold `n·k` bytes, `scale` `n` floats and `x` `n·k` bf16 values.
+unsafe fn launch_quant(
+    inner: &Inner,
+    stream: &CudaStream,
+    [q, scale, x]: [u64; 3],
+    n: i32,
+    k: i32,
+) -> Result<(), dres::DriverError> {
+    let mut args: Vec<*mut c_void> = vec![
+        &q as *const u64 as *mut c_void,
+        &scale as *const u64 as *mut c_void,
+        &x as *const u64 as *mut c_void,
+        &n as *const i32 as *mut c_void,
+        &k as *const i32 as *mut c_void,
+    ];
+    dres::launch_kernel(
+        inner.quant,
+        (n as u32, 1, 1),
+        (QUANT_THREADS, 1, 1),
+        0,
+        stream.cu_stream(),
+        &mut args,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -443,25 +456,11 @@ pub fn quantize_act(
     );
     let n_ = i32::try_from(n)?;
     let k_ = i32::try_from(k)?;
-    let mut args: Vec<*mut c_void> = vec![
-        &qp as *const u64 as *mut c_void,
-        &sp as *const u64 as *mut c_void,
-        &xp as *const u64 as *mut c_void,
-        &n_ as *const i32 as *mut c_void,
-        &k_ as *const i32 as *mut c_void,
-    ];
-    // SAFETY: as in `matmul`; q holds N·K bytes, s N floats.
-    unsafe {
-        dres::launch_kernel(
-            inner.quant,
-            (n.max(1) as u32, 1, 1),
-            (QUANT_THREADS, 1, 1),
-            0,
-            stream.cu_stream(),
-            &mut args,
-        )
+    if n > 0 {
+        // SAFETY: q holds N·K bytes, s N floats, x N·K bf16 (checked).
+        unsafe { launch_quant(inner, &stream, [qp, sp, xp], n_, k_) }
+            .map_err(|e| anyhow!("{op}: launch failed: {e:?}"))?;
     }
-    .map_err(|e| anyhow!("{op}: launch failed: {e:?}"))?;
     let qh = stream.clone_dtoh(&q)?;
     let sh = stream.clone_dtoh(&s)?;
     Ok((qh, sh))

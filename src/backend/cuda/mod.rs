@@ -41,6 +41,7 @@ use crate::hf::dtype::DType;
 #[macro_use]
 mod launch;
 mod attention;
+mod attention_fa2;
 mod device;
 pub mod fp8;
 mod fused;
@@ -50,7 +51,11 @@ mod head;
 mod weights;
 
 use attention::*;
-pub use attention::{attn_split_chunk, ATTN_HEAD_DIMS, ATTN_SPLIT_CHUNK, ATTN_SPLIT_MIN_KEYS};
+pub use attention::{
+    attn_split_chunk, ATTN_HEAD_DIMS, ATTN_SCRATCH, ATTN_SPLIT_CHUNK, ATTN_SPLIT_MIN_KEYS,
+};
+use attention_fa2::Fa2Kernels;
+pub use attention_fa2::{fa2_chunk, fa2_plan, AttnImpl, Fa2Plan, Fa2Split, ATTN_ENV};
 use device::*;
 pub use device::{
     device_count, driver_present, driver_version, KERNELS, KERNELS_BUILT, NO_KERNELS_MSG,
@@ -115,6 +120,10 @@ pub struct CudaBackend {
     /// Scratch of the split-KV attention path (partial outputs, row maxima and sums, f32),
     /// allocated once at construction so captured graphs never see it move.
     attn_scratch: CudaSlice<f32>,
+    /// The attention kernels in use (`LLADA_ATTN`, [`CudaBackend::set_attention_impl`]).
+    attn_impl: std::cell::Cell<AttnImpl>,
+    /// The FA2-class attention kernels (`attention_fa2.rs`).
+    fa2: Fa2Kernels,
 }
 
 // SAFETY: the raw CUfunction/CUmodule handles are plain driver handles valid in any thread once

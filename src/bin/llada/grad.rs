@@ -11,9 +11,9 @@ use llada::engine::device::DeviceChoice;
 use llada::engine::{self, Opened};
 use llada::hf::dtype::DType;
 use llada::hf::write::{write_safetensors, HostTensor};
-use llada::train::cuda::{self, CudaOps, DeviceParams};
+use llada::train::cuda::{CudaOps, DeviceParams};
 use llada::train::loss::fixed_mask_batch;
-use llada::train::model::{forward_backward, Params};
+use llada::train::model::{forward_backward_with, Params, PassOptions};
 
 use crate::ModelArgs;
 
@@ -38,6 +38,10 @@ pub struct GradArgs {
     /// training step (f32).
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Recompute each layer's activations in the backward pass (the same gradients, bit for
+    /// bit, from less memory; see `llada train --recompute`).
+    #[arg(long)]
+    recompute: bool,
 }
 
 pub fn cmd_grad(a: GradArgs) -> Result<()> {
@@ -55,9 +59,13 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
     let params = Params::<f32>::from_checkpoint(cfg, &opened.ckpt)?;
     let batch = fixed_mask_batch(&ids, &masked, a.p_mask, cfg.mask_token_id)?;
     let mut grad = Params::<f32>::zeros(cfg);
-    let loss = match a.device.parse::<DeviceChoice>()? {
+    let opts = PassOptions {
+        recompute: a.recompute,
+    };
+    let stats = match a.device.parse::<DeviceChoice>()? {
         DeviceChoice::Cpu | DeviceChoice::Auto => {
-            forward_backward(cfg, &params, &batch, &mut grad)?
+            let ops = llada::train::backend::HostOps::<f32>::new();
+            forward_backward_with(&ops, cfg, opts, &params.data, &batch, &mut grad.data)?
         }
         DeviceChoice::Cuda(i) => {
             llada::engine::device::cuda_available()
@@ -65,11 +73,12 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
             let ops = CudaOps::new(i)?;
             let dp = DeviceParams::upload(&ops, &params)?;
             let mut dg = DeviceParams::upload(&ops, &grad)?;
-            let loss = cuda::forward_backward(&ops, cfg, &dp, &batch, &mut dg)?;
+            let stats = forward_backward_with(&ops, cfg, opts, &dp.data, &batch, &mut dg.data)?;
             grad = dg.download(&ops)?;
-            loss
+            stats
         }
     };
+    let loss = stats.loss;
     let mut out: Vec<HostTensor> = vec![("loss".into(), DType::F32, vec![1], vec![loss as f32])];
     for i in 0..grad.data.len() {
         out.push((
@@ -81,9 +90,11 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
     }
     write_safetensors(&a.out, &out)?;
     eprintln!(
-        "loss {loss:.6}; wrote the loss and {} gradients to {}",
+        "loss {loss:.6}; wrote the loss and {} gradients to {} (activations: {:.2} MiB{})",
         out.len() - 1,
-        a.out.display()
+        a.out.display(),
+        stats.activation_floats as f64 * 4.0 / (1u64 << 20) as f64,
+        if a.recompute { ", recomputed" } else { "" }
     );
     Ok(())
 }

@@ -108,9 +108,75 @@ pub struct TrainArgs {
     /// rsLoRA scaling (alpha / √rank).
     #[arg(long, requires = "lora_rank")]
     lora_rslora: bool,
+    /// Recompute each layer's activations in the backward pass instead of keeping them all:
+    /// activation memory becomes every layer's input plus one layer's activations (the same
+    /// losses and weights bit for bit, for about one more forward pass of compute).
+    #[arg(long)]
+    recompute: bool,
+    /// Debugging and parity: write every micro-batch (model input ids with the mask applied,
+    /// loss rows, targets, per-sequence mask probability `p`, loss weights) before its step,
+    /// and each step's loss, learning rate and gradient norm after it, as JSON lines to this
+    /// file (`bench/torch_reference.py --train-replay` replays them). Pretraining, one process.
+    #[arg(long, conflicts_with_all = ["sft", "lora_rank"])]
+    dump_batches: Option<PathBuf>,
+}
+
+/// The `--dump-batches` lines of optimizer step `trainer.step`'s micro-batches (one process:
+/// global row = row).
+fn dump_micro_batches(trainer: &mut Trainer, out: &mut impl Write) -> Result<()> {
+    let (step, o) = (trainer.step, trainer.opts.clone());
+    for k in 0..o.accum {
+        let b = trainer.micro_batch(step, k)?;
+        let micro = step * o.accum as u64 + k as u64;
+        let p: Vec<f64> = (0..b.b as u64)
+            .map(|row| llada::train::loss::mask_prob(o.seed, micro, row))
+            .collect();
+        let line = serde_json::json!({
+            "step": step, "micro": k, "b": b.b, "t": b.t, "ids": b.ids, "rows": b.rows,
+            "targets": b.targets, "p": p, "weights": b.weights,
+        });
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+/// The start-of-run line on activation memory: the peak of one micro-batch of `b × t` tokens
+/// (at most every token a loss row), with and without recomputation.
+fn activation_note(cfg: &llada::hf::config::ModelConfig, b: usize, t: usize, on: bool) -> String {
+    use llada::train::model::activation_floats;
+    let mib = |r: bool| activation_floats(cfg, b, t, b * t, r) as f64 * 4.0 / (1u64 << 20) as f64;
+    format!(
+        "activations per micro-batch of {b} × {t} tokens: at most {:.1} MiB with \
+         --recompute, {:.1} MiB without ({})",
+        mib(true),
+        mib(false),
+        if on { "recomputing" } else { "keeping all" }
+    )
 }
 
 /// The model's tokenizer; `None` for a model without one (only token-id data then).
+impl TrainArgs {
+    /// The trainer's options for a run over `world` processes (`steps` defaults to 100).
+    fn options(&self, world: usize) -> TrainOptions {
+        let a = self;
+        TrainOptions {
+            steps: a.steps.unwrap_or(100),
+            batch_size: a.batch_size,
+            accum: a.accum,
+            seq_len: a.seq_len,
+            lr: a.lr,
+            warmup: a.warmup,
+            schedule: a.schedule.clone(),
+            weight_decay: a.weight_decay,
+            clip: a.clip,
+            seed: a.seed,
+            sft: a.sft,
+            truncate: !a.no_truncate,
+            world,
+        }
+    }
+}
+
 fn tokenizer_for(
     opened_tok: Option<Tokenizer>,
     tiny: bool,
@@ -278,21 +344,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         let cfg = opened.cfg.clone();
         let params = Params::<f32>::from_checkpoint(&cfg, &opened.ckpt)?;
         let tok = tokenizer_for(opened.tokenizer, tiny, &a.out, &cfg, lead)?;
-        let opts = TrainOptions {
-            steps: a.steps.unwrap_or(100),
-            batch_size: a.batch_size,
-            accum: a.accum,
-            seq_len: a.seq_len,
-            lr: a.lr,
-            warmup: a.warmup,
-            schedule: a.schedule.clone(),
-            weight_decay: a.weight_decay,
-            clip: a.clip,
-            seed: a.seed,
-            sft: a.sft,
-            truncate: !a.no_truncate,
-            world,
-        };
+        let opts = a.options(world);
         checkpoint::check_options(&opts, &cfg)?;
         let samples = load_samples(&a.data, a.sft, tok.as_ref(), &cfg, a.seq_len)?;
         if lead {
@@ -312,6 +364,14 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         (Trainer::new(cfg, params, opts, samples)?, tok, src, tiny)
     };
     let _ = &tok;
+    trainer.recompute = a.recompute;
+    if lead {
+        let o = &trainer.opts;
+        eprintln!(
+            "{}",
+            activation_note(&trainer.cfg, o.batch_size, o.seq_len, a.recompute)
+        );
+    }
     let mut gpu = match cuda_device {
         Some(i) => {
             let mut ops = CudaOps::new(i)?;
@@ -327,12 +387,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
                 a.precision,
                 a.precision.describe()
             );
-            Some(CudaTrainState::new(
-                ops,
-                &trainer.params,
-                &trainer.opt.m,
-                &trainer.opt.v,
-            )?)
+            let mut st = CudaTrainState::new(ops, &trainer.params, &trainer.opt.m, &trainer.opt.v)?;
+            st.recompute = a.recompute;
+            Some(st)
         }
         None => None,
     };
@@ -372,14 +429,34 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             tiny,
         )
     };
+    let mut dump = match &a.dump_batches {
+        Some(path) if dist.is_none() => {
+            let f = std::fs::File::create(path)
+                .with_context(|| format!("--dump-batches {}", path.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            writeln!(w, "{}", serde_json::json!({ "options": trainer.opts }))?;
+            Some(w)
+        }
+        Some(_) => bail!("--dump-batches runs as one process; pass --no-dist"),
+        None => None,
+    };
     let show = std::io::stderr().is_terminal();
     let total = trainer.opts.steps;
     while trainer.step < total {
+        if let Some(d) = dump.as_mut() {
+            dump_micro_batches(&mut trainer, d)?;
+        }
         let t0 = Instant::now();
         let s = match gpu.as_mut() {
             Some(g) => trainer.train_step_cuda(g)?,
             None => trainer.train_step()?,
         };
+        if let Some(d) = dump.as_mut() {
+            let line = serde_json::json!({
+                "step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm,
+            });
+            writeln!(d, "{line}")?;
+        }
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         // Per GPU: the step's global FLOPs over the ranks that shared them.
         let flops = s.flops / secs / world as f64;
@@ -419,6 +496,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     if show && lead {
         eprintln!();
+    }
+    if let Some(mut d) = dump.take() {
+        d.flush().context("--dump-batches")?;
     }
     if a.no_save {
         if lead {
@@ -473,21 +553,7 @@ fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
     let adapter =
         llada::lora::train::init_adapter(&cfg, &targets, rank, a.lora_alpha, a.lora_rslora, a.seed)
             .context("--lora-rank / --lora-targets")?;
-    let opts = TrainOptions {
-        steps: a.steps.unwrap_or(100),
-        batch_size: a.batch_size,
-        accum: a.accum,
-        seq_len: a.seq_len,
-        lr: a.lr,
-        warmup: a.warmup,
-        schedule: a.schedule.clone(),
-        weight_decay: a.weight_decay,
-        clip: a.clip,
-        seed: a.seed,
-        sft: a.sft,
-        truncate: !a.no_truncate,
-        world: 1,
-    };
+    let opts = a.options(1);
     checkpoint::check_options(&opts, &cfg)?;
     let samples = load_samples(&a.data, a.sft, tok.as_ref(), &cfg, a.seq_len)?;
     let n_lora: usize = adapter
@@ -511,6 +577,11 @@ fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
         ..AdamWConfig::default()
     };
     let mut state = LoraStep::new(params, adapter, adam);
+    state.recompute = a.recompute;
+    eprintln!(
+        "{}",
+        activation_note(&cfg, a.batch_size, a.seq_len, a.recompute)
+    );
     // The trainer only schedules and batches: its own (full-model) tensors stay empty.
     let mut trainer = Trainer::new(cfg.clone(), Params::default(), opts, samples)?;
     let show = std::io::stderr().is_terminal();

@@ -129,6 +129,8 @@ pub struct CudaTrainState {
     nccl: Option<super::nccl::NcclComm>,
     /// Recorded after each gradient all-reduce, polled by its watchdog.
     reduced: Option<cudarc::driver::CudaEvent>,
+    /// Per-layer activation recomputation ([`super::model::PassOptions::recompute`]).
+    pub recompute: bool,
 }
 
 impl CudaTrainState {
@@ -158,6 +160,7 @@ impl CudaTrainState {
             partial,
             nccl: None,
             reduced: None,
+            recompute: false,
         })
     }
 
@@ -276,7 +279,11 @@ impl super::StepState for CudaTrainState {
 
     /// [`forward_backward`] adding into the resident gradients.
     fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        forward_backward(&self.ops, cfg, &self.params, batch, &mut self.grad)
+        let opts = super::model::PassOptions {
+            recompute: self.recompute,
+        };
+        let (p, g) = (&self.params.data, &mut self.grad.data);
+        Ok(super::model::forward_backward_with(&self.ops, cfg, opts, p, batch, g)?.loss)
     }
 
     /// Clip (PyTorch `clip_grad_norm_`, folded into the update as a gradient scale) and take
