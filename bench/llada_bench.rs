@@ -5,7 +5,9 @@
 //! CPU). Prints a table per configuration headed by device, driver and commit; `--json FILE`
 //! writes the same as JSON. `--cache none,prefix,dual` and `--threshold 0.9` / `--factor 1`
 //! add Fast-dLLM rows (reference §7); there "ms/step" is per forward pass (the median is a
-//! cached pass when most passes are cached), and TFLOP/s is left out.
+//! cached pass when most passes are cached), and TFLOP/s is left out. `--breakdown` adds the time
+//! per op class and each class against its floor (bench/floors.rs: GEMM and attention TFLOP/s
+//! against the measured GEMM ceiling, bytes moved against the memory bandwidth).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +20,8 @@ use llada::engine::device::{self, DeviceChoice, Resolved};
 use llada::engine::sampler::{CacheMode, Decode, GenerateParams, Progress};
 use llada::engine::{self, Engine, ModelSpec, Opened};
 use llada::quant::WeightsMode;
+
+mod floors;
 
 #[derive(Parser)]
 #[command(
@@ -79,6 +83,10 @@ struct Args {
     /// events on CUDA (graphs off while profiling) or wall clock on the CPU.
     #[arg(long)]
     breakdown: bool,
+    /// Memory bandwidth in GB/s for the --breakdown floors (default: the vendor figure of a
+    /// known GPU by name, e.g. 4800 for an H200; none on other devices).
+    #[arg(long)]
+    bandwidth_gbs: Option<f64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -103,6 +111,9 @@ struct Row {
     /// With --breakdown: (op class, ms per forward pass) of a profiled run.
     #[serde(skip_serializing_if = "Option::is_none")]
     breakdown_ms_per_step: Option<Vec<(String, f64)>>,
+    /// With --breakdown: each class against its floor (bench/floors.rs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floors: Option<Vec<floors::Floor>>,
 }
 
 /// The comma-separated values of `--what` (blanks skipped), or an error naming the bad one.
@@ -163,6 +174,9 @@ fn commit() -> String {
 /// Run the workload once per `--weights` mode (e.g. `checkpoint,fp8`: FP8 rows beside bf16 in
 /// the same run) and write one JSON with every row (each names its `weights`).
 fn run(a: Args) -> Result<()> {
+    if let Some(bw) = a.bandwidth_gbs.filter(|bw| !(bw.is_finite() && *bw > 0.0)) {
+        bail!("--bandwidth-gbs must be a positive number of GB/s, got {bw}");
+    }
     let modes: Vec<WeightsMode> = parse_list(&a.weights, "weights")?;
     if modes.is_empty() {
         bail!("--weights needs at least one of checkpoint, fp8");
@@ -241,6 +255,10 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
     let load_s = t_load.elapsed().as_secs_f64();
     let ceiling = eng.gemm_ceiling_tflops()?;
     let cfg = eng.config().clone();
+    let dims = floors::Dims::of(&cfg);
+    let bandwidth = a
+        .bandwidth_gbs
+        .or_else(|| floors::known_bandwidth_gbs(&eng.device()));
     let vocab_hi = (cfg.mask_token_id.min(cfg.eos_token_id)).max(2);
 
     println!(
@@ -354,6 +372,7 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
                 gemm_ceiling_share: tflops.zip(ceiling).map(|(f, c)| f / c),
                 peak_memory_bytes: eng.memory_used(),
                 breakdown_ms_per_step: None,
+                floors: None,
             };
             println!(
                 "{:>7} {:>9} {:>6} {:>5} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>7} {:>10}",
@@ -399,19 +418,41 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
                     total / per,
                     wall / per
                 );
-                for (c, ms) in &prof {
+                let measured: Vec<(String, f64)> = prof
+                    .iter()
+                    .map(|(c, ms)| (c.name().to_string(), ms / per))
+                    .collect();
+                let passes = floors::passes(
+                    &row.cache,
+                    out.nfe,
+                    b,
+                    a.prompt_len,
+                    a.gen_length,
+                    a.block_length,
+                );
+                let wb = if mode == WeightsMode::Fp8 { 1.0 } else { 2.0 };
+                let work = floors::work(&dims, &passes, out.rows_predicted as f64, wb);
+                let fl = floors::floors(&measured, &work, per, ceiling, bandwidth);
+                let opt = |x: Option<f64>, unit: &str| {
+                    x.map(|v| format!("{v:.3} {unit}"))
+                        .unwrap_or_else(|| "-".into())
+                };
+                for f in &fl {
                     println!(
-                        "        {:>18} {:>9.3} ms/step {:>6.1}%",
-                        c.name(),
-                        ms / per,
-                        if total > 0.0 { 100.0 * ms / total } else { 0.0 }
+                        "        {:>18} {:>9.3} ms/step {:>6.1}%  {:>14} {:>12}  floor {:>9}  {:>5}",
+                        f.class,
+                        f.ms,
+                        if total > 0.0 { 100.0 * f.ms * per / total } else { 0.0 },
+                        opt(f.tflops, "TFLOP/s"),
+                        opt(f.gbs, "GB/s"),
+                        opt(f.floor_ms, "ms"),
+                        f.of_floor
+                            .map(|x| format!("{:.0}%", 100.0 * x))
+                            .unwrap_or_else(|| "-".into()),
                     );
                 }
-                row.breakdown_ms_per_step = Some(
-                    prof.iter()
-                        .map(|(c, ms)| (c.name().to_string(), ms / per))
-                        .collect(),
-                );
+                row.breakdown_ms_per_step = Some(measured);
+                row.floors = Some(fl);
             }
             rows.push(row);
         }
@@ -427,6 +468,7 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
         "gen_length": a.gen_length,
         "block_length": a.block_length,
         "gemm_ceiling_tflops": ceiling,
+        "bandwidth_gbs": bandwidth,
     });
     Ok((v, rows))
 }

@@ -8,42 +8,30 @@ fn bench() -> Command {
     Command::new(env!("CARGO_BIN_EXE_llada-bench"))
 }
 
-#[test]
-fn table_and_json_on_tiny_cpu() {
-    let dir = std::env::temp_dir().join(format!("llada-bench-test-{}", std::process::id()));
+/// Runs `llada-bench` on the CPU's `tiny` preset with `args` and `--json` into a fresh file;
+/// returns its stdout and the JSON (the run must succeed). `tag` names the temporary folder.
+fn run_json(tag: &str, args: &[&str]) -> (String, Value) {
+    let dir = std::env::temp_dir().join(format!("llada-bench-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("bench.json");
     let out = bench()
-        .args([
-            "--device",
-            "cpu",
-            "--preset",
-            "tiny",
-            "--prompt-len",
-            "8",
-            "--gen-length",
-            "16",
-        ])
-        .args([
-            "--block-length",
-            "8",
-            "--steps",
-            "16,4",
-            "--batch",
-            "1,2",
-            "--warmup",
-            "0",
-        ])
+        .args(["--device", "cpu", "--preset", "tiny", "--prompt-len", "8"])
+        .args(["--gen-length", "16", "--block-length", "8", "--warmup", "0"])
+        .args(args)
         .arg("--json")
         .arg(&json)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}\n{stdout}");
+    let v = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (stdout, v)
+}
+
+#[test]
+fn table_and_json_on_tiny_cpu() {
+    let (stdout, v) = run_json("test", &["--steps", "16,4", "--batch", "1,2"]);
     assert!(stdout.starts_with("# llada-bench  device: cpu"), "{stdout}");
     assert!(stdout.contains("commit: "), "{stdout}");
     let header = stdout
@@ -66,7 +54,6 @@ fn table_and_json_on_tiny_cpu() {
         assert!(r[4].parse::<f64>().unwrap() > 0.0);
     }
 
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(v["device"].as_str().unwrap().starts_with("cpu"));
     let jr = v["rows"].as_array().unwrap();
     assert_eq!(jr.len(), 4);
@@ -99,6 +86,7 @@ fn bad_flags_are_clear_errors() {
             "gen_length",
         ),
         (vec!["--preset", "huge"], "huge"),
+        (vec!["--bandwidth-gbs", "0"], "bandwidth"),
     ] {
         let out = bench()
             .args(["--device", "cpu"])
@@ -109,4 +97,37 @@ fn bad_flags_are_clear_errors() {
         assert!(!out.status.success(), "{args:?} should fail");
         assert!(e.contains(want) && !e.contains("panicked"), "{args:?}: {e}");
     }
+}
+
+/// `--breakdown` with a given bandwidth: each class's rate and floor in the JSON, the GEMM's
+/// TFLOP/s consistent with its measured time (the arithmetic itself is unit-tested in
+/// bench/floors.rs).
+#[test]
+fn breakdown_reports_floors() {
+    let (stdout, v) = run_json(
+        "floors",
+        &[
+            "--steps",
+            "4",
+            "--cache",
+            "dual",
+            "--breakdown",
+            "--bandwidth-gbs",
+            "50",
+        ],
+    );
+    assert!(
+        stdout.contains("GB/s") && stdout.contains("floor"),
+        "{stdout}"
+    );
+    assert_eq!(v["bandwidth_gbs"].as_f64(), Some(50.0));
+    let floors = v["rows"][0]["floors"].as_array().expect("floors");
+    let gemm = floors.iter().find(|f| f["class"] == "gemm").expect("gemm");
+    let (ms, gbs) = (gemm["ms"].as_f64().unwrap(), gemm["gbs"].as_f64().unwrap());
+    let floor = gemm["floor_ms"].as_f64().unwrap();
+    assert!(ms > 0.0 && gbs > 0.0 && floor > 0.0, "{gemm}");
+    // On the CPU no GEMM ceiling is known: the floor is the weight read at 50 GB/s, so the
+    // achieved GB/s over the bandwidth is the share of the floor.
+    let share = gemm["of_floor"].as_f64().unwrap();
+    assert!((share - gbs / 50.0).abs() < 1e-9 * share.max(1.0), "{gemm}");
 }

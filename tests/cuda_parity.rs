@@ -26,6 +26,11 @@
 //! - select: tokens **identical** (integer logits force ties; Gumbel noise is the bit-exact
 //!   counter RNG in f64); confidence **≤ 1 bf16 ulp** (its softmax sum order and `expf` differ).
 //! - top-k / threshold selection: **identical** to `head::top_k` / `head::threshold_select`.
+//! - rope_kv_store (fused RoPE + cache store): **bit-exact** against `rope` then `kv_store`
+//!   (the same f32 operations, rounded once); a cached generation with it equals the unfused one.
+//! - the step's commit selection (`commit_select`, quota / threshold / factor): **identical** to
+//!   `commit::commit_rows` (integer ranks and copied tokens; f64 compares of f32 values); and a
+//!   whole generation with the selection on the GPU equals the host-selected one in every mode.
 //!
 //! Without a usable GPU (no driver, no device, binary built without kernels) every test prints
 //! `SKIP: <why>` and passes, unless `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
@@ -34,6 +39,7 @@ mod common;
 
 use std::sync::Arc;
 
+use llada::backend::commit::{CommitRule, CommitShape};
 use llada::backend::cpu::CpuBackend;
 use llada::backend::head::{self, Remasking, SelectParams};
 use llada::backend::{rope_tables, AttnShape, Backend, CachedAttnShape};
@@ -865,6 +871,225 @@ fn topk_and_threshold_match_head_reference() {
             );
         }
     }
+}
+
+/// The host inputs of one `commit_select` call: tok, conf, rows, ids, plan.
+type CommitIo<'a> = (&'a [i32], &'a [f32], &'a [i32], &'a [i32], &'a [i32]);
+
+/// One `commit_select` call on `be`, returning `commit` (poisoned with -9 first, so an unwritten
+/// row shows).
+fn run_commit_select<B: Backend>(
+    be: &B,
+    (tok, conf, rows, ids, plan): CommitIo<'_>,
+    s: CommitShape,
+) -> Vec<i32> {
+    let mut commit = ints(be, &vec![-9; s.r]);
+    let (tb, cb, rb, ib, pb) = (
+        ints(be, tok),
+        f32s(be, conf),
+        ints(be, rows),
+        ints(be, ids),
+        ints(be, plan),
+    );
+    be.commit_select(&mut commit, &tb, &cb, &rb, &ib, &pb, s)
+        .unwrap();
+    be.read_ints(&commit, s.r).unwrap()
+}
+
+#[test]
+fn commit_select_matches_reference() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mask = 7i32;
+    // Segment sizes per case: odd, empty, one row, and one past the 4096-key shared-memory sort
+    // (the rank-counting path).
+    let cases: [&[usize]; 5] = [
+        &[1],
+        &[33, 0, 5],
+        &[257, 100, 1, 64],
+        &[1000; 3],
+        &[4099, 2],
+    ];
+    for (ci, segs) in cases.iter().enumerate() {
+        let b = segs.len();
+        let r: usize = segs.iter().sum();
+        let n = r + 3;
+        // Confidences on a coarse grid (ties), NaN, ±0, −inf, +inf; tokens distinct; about a
+        // quarter of the rows no longer masked (their token is not the mask id).
+        let raw = rand_vec(900 + ci as u64, r, 1.0);
+        let conf: Vec<f32> = raw
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| match i % 23 {
+                3 => f32::NAN,
+                7 => -0.0,
+                8 => 0.0,
+                11 => f32::NEG_INFINITY,
+                19 => f32::INFINITY,
+                _ => (x.abs() * 8.0).round() / 8.0,
+            })
+            .collect();
+        let tok: Vec<i32> = (0..r as i32).map(|i| 1000 + i).collect();
+        // rows[i] = i + 3 over ids of n tokens; ids[0..3] are never requested.
+        let rows: Vec<i32> = (3..n as i32).collect();
+        let ids: Vec<i32> = (0..n)
+            .map(|i| if (i * 7) % 4 == 2 { 2 } else { mask })
+            .collect();
+        let mut plan = vec![0i32];
+        for &k in segs.iter() {
+            plan.push(plan.last().unwrap() + k as i32);
+        }
+        for (br, &k) in segs.iter().enumerate() {
+            plan.push(((br * 5 + 3) % (k + 2)) as i32);
+        }
+        let mut committed = 0;
+        for rule in [
+            CommitRule::Quota,
+            CommitRule::Threshold(0.5),
+            CommitRule::Threshold(2.0),
+            CommitRule::Threshold(-1.0),
+            CommitRule::Factor(0.5),
+            CommitRule::Factor(1.0),
+            CommitRule::Factor(3.0),
+        ] {
+            let s = CommitShape {
+                r,
+                b,
+                n,
+                mask_id: mask as u32,
+                rule,
+            };
+            let io = (&tok[..], &conf[..], &rows[..], &ids[..], &plan[..]);
+            let want = run_commit_select(&c, io, s);
+            let got = run_commit_select(&g, io, s);
+            committed += want.iter().filter(|&&x| x >= 0).count();
+            if let Some(i) = (0..r).find(|&i| got[i] != want[i]) {
+                panic!(
+                    "commit_select case {ci} segs {segs:?} {rule:?}: row {i} got {} want {} (conf {}, ids {})",
+                    got[i], want[i], conf[i], ids[rows[i] as usize]
+                );
+            }
+        }
+        assert!(
+            committed > 0,
+            "case {ci}: the reference committed nothing (weak case)"
+        );
+    }
+}
+
+/// A whole generation with the commit selection on the GPU (`LLADA_DEVICE_SELECT=1`) against
+/// the same GPU model selecting on the host: identical in every decoding mode.
+#[test]
+fn device_select_generation_equals_host_select() {
+    let Some(g) = gpu() else { return };
+    let m = common::sharp_tiny(g);
+    let mut prompts = vec![vec![5, 17, 3, 9, 250, 12, 40], vec![31, 8, 77]];
+    prompts[0][2] = m.cfg.mask_token_id;
+    let base = common::gen_params(&m.cfg, 12, 24, 8);
+    let n = common::select::assert_paths_agree(&m, &prompts, &base);
+    assert!(n > 0);
+}
+
+/// The host inputs of one RoPE + cache store: qkv, k_cache, v_cache, pos, cos, sin.
+type RopeKvIo<'a> = (
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+    &'a [i32],
+    &'a [f32],
+    &'a [f32],
+);
+
+/// `rope_kv_store` (`fused`) or `rope` then `kv_store` on `be`; returns (qkv, k_cache, v_cache).
+fn run_rope_kv<B: Backend>(
+    be: &B,
+    fused: bool,
+    (qkv, kc0, vc0, pos, cos, sin): RopeKvIo<'_>,
+    q0: usize,
+    s: CachedAttnShape,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (b, tq, l, nh, nkv, hd) = s.dims();
+    let (w, kw) = ((nh + 2 * nkv) * hd, nkv * hd);
+    let mut x = act(be, qkv, b * tq, w);
+    let mut kc = act(be, kc0, b * l, kw);
+    let mut vc = act(be, vc0, b * l, kw);
+    let (p, cs, sn) = (ints(be, pos), f32s(be, cos), f32s(be, sin));
+    if fused {
+        be.rope_kv_store(&mut x, (&mut kc, &mut vc), (&p, &cs, &sn), q0, s)
+            .unwrap();
+    } else {
+        be.rope(&mut x, &p, &cs, &sn, b * tq, nh, nkv, hd).unwrap();
+        be.kv_store(&mut kc, &mut vc, &x, q0, s).unwrap();
+    }
+    (
+        be.read_act(&x, b * tq * w).unwrap(),
+        be.read_act(&kc, b * l * kw).unwrap(),
+        be.read_act(&vc, b * l * kw).unwrap(),
+    )
+}
+
+/// `rope_kv_store` (one pass) against the CPU's default, `rope` then `kv_store`: the rotated
+/// qkv and both caches bit-exact, at odd shapes, spans at the start, middle and end of the cache;
+/// cache rows outside the span keep their (random) values.
+#[test]
+fn rope_kv_store_matches_rope_then_kv_store() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    for &(b, tq, l, q0, nh, nkv, hd) in &[
+        (1usize, 1usize, 1usize, 0usize, 1usize, 1usize, 2usize),
+        (2, 5, 13, 4, 3, 1, 10),
+        (3, 7, 7, 0, 4, 2, 64),
+        (2, 32, 97, 65, 8, 8, 128),
+    ] {
+        let s = CachedAttnShape {
+            b,
+            tq,
+            l,
+            nh,
+            nkv,
+            hd,
+        };
+        let w = (nh + 2 * nkv) * hd;
+        let kw = nkv * hd;
+        let qkv = rand_vec(1200 + hd as u64, b * tq * w, 2.0);
+        let kc0 = rand_vec(1300 + l as u64, b * l * kw, 1.0);
+        let vc0 = rand_vec(1400 + l as u64, b * l * kw, 1.0);
+        let (cos, sin) = rope_tables(10000.0, hd, l);
+        let pos: Vec<i32> = (0..b).flat_map(|_| (q0 as i32)..(q0 + tq) as i32).collect();
+        let io = (&qkv[..], &kc0[..], &vc0[..], &pos[..], &cos[..], &sin[..]);
+        let want = run_rope_kv(&c, true, io, q0, s);
+        if q0 + tq > 1 {
+            assert_ne!(want.0, qkv, "RoPE changed nothing (weak case)");
+        }
+        for fused in [false, true] {
+            let got = run_rope_kv(&g, fused, io, q0, s);
+            let what = format!("rope_kv_store fused={fused} {s:?} q0={q0}");
+            for (name, gv, wv) in [
+                ("qkv", &got.0, &want.0),
+                ("k_cache", &got.1, &want.1),
+                ("v_cache", &got.2, &want.2),
+            ] {
+                if let Some(i) = (0..wv.len()).find(|&i| gv[i].to_bits() != wv[i].to_bits()) {
+                    panic!("{what} {name}[{i}]: got {} want {}", gv[i], wv[i]);
+                }
+            }
+        }
+    }
+}
+
+/// A whole cached generation with the fused glue on the GPU (`LLADA_FUSED=1`) against the
+/// unfused ops on the same GPU: identical in every decoding mode.
+#[test]
+fn fused_generation_equals_unfused() {
+    let Some(g) = gpu() else { return };
+    let Some(g2) = gpu() else { return };
+    let plain = common::sharp_tiny(g);
+    let mut fused = common::sharp_tiny(g2);
+    fused.set_fused(true);
+    let prompts = vec![vec![5, 17, 3, 9, 250, 12, 40], vec![31, 8, 77]];
+    let base = common::gen_params(&plain.cfg, 12, 24, 8);
+    let n = common::select::assert_runs_agree((&plain, false), (&fused, true), &prompts, &base);
+    assert!(n > 0);
 }
 
 /// Weight upload: random/const generation on the device, f32/f16/bf16 mapped files converted on

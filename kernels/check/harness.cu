@@ -14,6 +14,9 @@
 //   attention_cached_fwd_bf16, attention_split_bf16, attention_combine_bf16 (tests/cuda_parity.rs
 //     and tests/cuda_model.rs: cached and split results equal the single pass bit for bit);
 //   log_prob_bf16 (tests/cuda_parity.rs, against loglik's CPU log_prob);
+//   rope_kv_store_bf16 (tests/cuda_parity.rs: equal to rope then kv_store bit for bit);
+//   commit_select_f32 (tests/cuda_parity.rs, against backend::commit::commit_rows, plus a whole
+//     generation selected on the GPU against the host selection);
 //   rms_norm_fwd_f32, rms_norm_bwd_f32, rms_norm_bwd_dw_f32, swiglu_fwd_f32, swiglu_bwd_f32,
 //   attention_fwd_f32, attention_bwd_dq_f32, attention_bwd_dkv_f32, embedding_bwd_f32,
 //   cross_entropy_f32, adamw_f32, sumsq_f32 (tests/cuda_train.rs, against src/train/ops.rs and

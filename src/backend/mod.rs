@@ -21,6 +21,7 @@ use crate::backend::head::SelectParams;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 
+pub mod commit;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
@@ -255,6 +256,24 @@ pub trait Backend {
         s: CachedAttnShape,
     ) -> Result<()>;
 
+    /// [`Backend::rope`] on the `B·TQ` rows of `qkv` (positions `rope.0`, tables `rope.1`,
+    /// `rope.2`) fused with [`Backend::kv_store`] of the rotated k and the v into rows
+    /// `[q0, q0 + TQ)` of `k_cache`, `v_cache`: one pass over the projection's output where the
+    /// backend has the kernel (CUDA: `rope_kv_store_bf16`). This default runs the two ops in
+    /// turn and is the reference; a fused kernel must equal it bit for bit.
+    fn rope_kv_store(
+        &self,
+        qkv: &mut Self::Act,
+        (k_cache, v_cache): (&mut Self::Act, &mut Self::Act),
+        rope: (&Self::Ints, &Self::F32s, &Self::F32s),
+        q0: usize,
+        s: CachedAttnShape,
+    ) -> Result<()> {
+        let (pos, cos, sin) = rope;
+        self.rope(qkv, pos, cos, sin, s.b * s.tq, s.nh, s.nkv, s.hd)?;
+        self.kv_store(k_cache, v_cache, qkv, q0, s)
+    }
+
     /// Bidirectional attention of the `TQ` queries per batch row in the q part of `qkv`
     /// (`[B·TQ, (NH+2·NKV)·HD]`; its k/v parts are ignored) over the `L` keys and values per batch
     /// row of `k_cache`, `v_cache` (`[B, L, NKV·HD]`), into `out` `[B·TQ, NH·HD]`, scale 1/√HD.
@@ -297,6 +316,23 @@ pub trait Backend {
         r: usize,
         v: usize,
         p: &SelectParams,
+    ) -> Result<()>;
+
+    /// The step's commit selection on the device ([`commit::commit_rows`] is the reference): per
+    /// batch row `br`, the requested rows `seg[br]..seg[br+1]` whose token `ids[rows[i]]` is still
+    /// `s.mask_id` are ranked by `conf` ([`commit::commit_select`]) and the ones `s.rule` keeps
+    /// (with quota `plan[b + 1 + br]`) get `commit[i] = tok[i]`; every other of the `R` rows gets
+    /// −1. `plan` is `[2B + 1]`: the offsets `seg`, then the quotas.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_select(
+        &self,
+        commit: &mut Self::Ints,
+        tok: &Self::Ints,
+        conf: &Self::F32s,
+        rows: &Self::Ints,
+        ids: &Self::Ints,
+        plan: &Self::Ints,
+        s: commit::CommitShape,
     ) -> Result<()>;
 
     /// Log-probability of a target token under the softmax of each logits row (reference §5.1,

@@ -4,6 +4,7 @@
 //! sampler and backends stay generic underneath.
 
 pub mod device;
+pub mod fast;
 pub mod graphs;
 pub mod model;
 pub mod predictor;
@@ -320,6 +321,17 @@ impl<P: sampler::Predictor> sampler::Predictor for Observed<'_, P> {
         (self.observe)(req.x, req.b, req.t)?;
         self.inner.predict(req, out)
     }
+    fn selects_commits(&self) -> bool {
+        self.inner.selects_commits()
+    }
+    fn predict_commit(
+        &mut self,
+        req: &sampler::PredictRequest,
+        c: &mut sampler::Commits,
+    ) -> Result<()> {
+        (self.observe)(req.x, req.b, req.t)?;
+        self.inner.predict_commit(req, c)
+    }
 }
 
 impl<P: sampler::SpanPredictor> sampler::SpanPredictor for Observed<'_, P> {
@@ -330,6 +342,17 @@ impl<P: sampler::SpanPredictor> sampler::SpanPredictor for Observed<'_, P> {
     ) -> Result<()> {
         (self.observe)(req.x, req.b, req.t)?;
         self.inner.predict_span(req, out)
+    }
+    fn selects_commits(&self) -> bool {
+        self.inner.selects_commits()
+    }
+    fn predict_span_commit(
+        &mut self,
+        req: &sampler::SpanRequest,
+        c: &mut sampler::Commits,
+    ) -> Result<()> {
+        (self.observe)(req.x, req.b, req.t)?;
+        self.inner.predict_span_commit(req, c)
     }
 }
 

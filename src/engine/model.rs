@@ -151,6 +151,8 @@ pub struct Model<B: Backend> {
     rope_positions: usize,
     /// Unique per loaded model (keys the graphs of a workspace).
     id: u64,
+    /// Fused glue kernels where a backend has them ([`Model::set_fused`]).
+    fused: bool,
 }
 
 /// Buffers of one forward pass, sized once for at most `max_tokens` (= B·T) tokens and
@@ -159,13 +161,13 @@ pub struct Workspace<B: Backend> {
     pub max_tokens: usize,
     pub max_rows: usize,
     /// Token ids `[N]`.
-    ids: B::Ints,
+    pub(crate) ids: B::Ints,
     /// Positions `[N]`.
     pos: B::Ints,
     /// Key validity `[N]` (1 = attend).
     key_valid: B::Ints,
     /// Flat token indices of the LM-head rows `[R]`.
-    rows: B::Ints,
+    pub(crate) rows: B::Ints,
     /// RNG keys of the LM-head rows `[R, 2]`: (batch row, position).
     pub(crate) keys: B::Ints,
     /// Chosen tokens `[R]`.
@@ -385,7 +387,15 @@ impl<B: Backend> Model<B> {
             rope_sin,
             rope_positions,
             id: next_id(),
+            fused: std::env::var("LLADA_FUSED").is_ok_and(|v| v == "1"),
         })
+    }
+
+    /// Run the fused glue ops (today `rope_kv_store` in cached steps; default
+    /// `LLADA_FUSED=1`): bit-identical results, fewer launches. A new id drops captured graphs.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
+        self.id = next_id();
     }
 
     /// Buffers for forward passes of at most `max_tokens` (= B·T) tokens and `max_rows`
@@ -710,24 +720,28 @@ impl<B: Backend> Model<B> {
             op(be, OpClass::Gemm, c"qkv", || {
                 be.matmul(&mut ws.qkv, &ws.h, &layer.qkv, n, c, qkv_w)
             })?;
-            op(be, OpClass::NormElementwise, c"rope", || {
-                be.rope(
-                    &mut ws.qkv,
-                    &ws.pos,
-                    &self.rope_cos,
-                    &self.rope_sin,
-                    n,
-                    nh,
-                    nkv,
-                    hd,
-                )
-            })?;
+            let tables = (&ws.pos, &self.rope_cos, &self.rope_sin);
+            match cache.as_deref_mut() {
+                // LLADA_FUSED=1: RoPE and the cache store in one pass (charged to the glue).
+                Some(kc) if self.fused => {
+                    op(be, OpClass::NormElementwise, c"rope_kv_store", || {
+                        let kv = (&mut kc.k[i], &mut kc.v[i]);
+                        be.rope_kv_store(&mut ws.qkv, kv, tables, q0, cshape)
+                    })?
+                }
+                _ => op(be, OpClass::NormElementwise, c"rope", || {
+                    let (p, cos, sin) = tables;
+                    be.rope(&mut ws.qkv, p, cos, sin, n, nh, nkv, hd)
+                })?,
+            }
             op(be, OpClass::Attention, c"attention", || {
                 let mask = masked.then_some(&ws.key_valid);
                 match cache.as_deref_mut() {
                     None => be.attention(&mut ws.att, &ws.qkv, mask, shape),
                     Some(kc) => {
-                        be.kv_store(&mut kc.k[i], &mut kc.v[i], &ws.qkv, q0, cshape)?;
+                        if !self.fused {
+                            be.kv_store(&mut kc.k[i], &mut kc.v[i], &ws.qkv, q0, cshape)?;
+                        }
                         be.attention_cached(&mut ws.att, &ws.qkv, &kc.k[i], &kc.v[i], mask, cshape)
                     }
                 }

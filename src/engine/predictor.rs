@@ -2,9 +2,10 @@
 //! fused head, one call per denoising step) and [`ModelScorer`] (masked-token log-probabilities).
 
 use super::model::*;
+use crate::backend::commit::CommitShape;
 use crate::backend::head::SelectParams;
 use crate::backend::{Backend, OpClass};
-use crate::engine::sampler::{PredictRequest, Predictor, SpanPredictor, SpanRequest};
+use crate::engine::sampler::{Commits, PredictRequest, Predictor, SpanPredictor, SpanRequest};
 use crate::nvtx;
 use anyhow::{bail, ensure, Context, Result};
 
@@ -28,6 +29,25 @@ pub struct ModelPredictor<'m, B: Backend> {
     params: Option<SelectParams>,
     /// Graph setting chosen with [`ModelPredictor::set_graphs`] (None: the default).
     graphs: Option<bool>,
+    /// Make the commit selection on the backend ([`ModelPredictor::set_device_select`]).
+    device_select: bool,
+    /// The commit plan `[2b + 1]` staged on the host, and its backend buffers.
+    h_plan: Vec<i32>,
+    commit_bufs: Option<CommitBufs<B>>,
+}
+
+/// The backend buffers of the commit selection: the plan `[2b + 1]` and the commits `[R]`,
+/// allocated on the first step and grown only when a request outgrows them.
+struct CommitBufs<B: Backend> {
+    plan: B::Ints,
+    commit: B::Ints,
+    plan_len: usize,
+    commit_len: usize,
+}
+
+/// Whether `LLADA_DEVICE_SELECT=1` asks for the commit selection on the device.
+pub fn device_select_env() -> bool {
+    std::env::var("LLADA_DEVICE_SELECT").is_ok_and(|v| v == "1")
 }
 
 impl<'m, B: Backend> ModelPredictor<'m, B> {
@@ -56,7 +76,17 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             conf_host: Vec::new(),
             params: None,
             graphs: None,
+            device_select: device_select_env(),
+            h_plan: Vec::new(),
+            commit_bufs: None,
         }
+    }
+
+    /// Make each step's commit selection on the backend (`commit_select`) and read back only the
+    /// committed tokens, instead of every (token, confidence) pair (default: `LLADA_DEVICE_SELECT=1`).
+    /// Results are identical either way.
+    pub fn set_device_select(&mut self, on: bool) {
+        self.device_select = on;
     }
 
     /// Allocate the workspace up front for `b` batch rows of `t` tokens and `r` requested rows
@@ -100,14 +130,9 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
         self.ws.as_ref().map_or((0, 0), |ws| ws.graph_stats())
     }
 
-    /// Run the LM-head sampler on the first `r` rows of the last forward pass (keys in
-    /// `self.keys`) and copy the results to `out`.
-    fn select_into(
-        &mut self,
-        r: usize,
-        select: &SelectParams,
-        out: &mut [(u32, f32)],
-    ) -> Result<()> {
+    /// Queue the LM-head sampler (`select`) on the first `r` rows of the last forward pass
+    /// (keys in `self.keys`); its outputs stay in the workspace's `tok` and `conf`.
+    fn run_select(&mut self, r: usize, select: &SelectParams) -> Result<()> {
         let model = self.model;
         let ws = self
             .ws
@@ -136,6 +161,23 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             model.cfg.embedding_size,
             p,
         )?;
+        Ok(())
+    }
+
+    /// Run the LM-head sampler on the first `r` rows of the last forward pass (keys in
+    /// `self.keys`) and copy the results to `out`.
+    fn select_into(
+        &mut self,
+        r: usize,
+        select: &SelectParams,
+        out: &mut [(u32, f32)],
+    ) -> Result<()> {
+        self.run_select(r, select)?;
+        let be = &self.model.backend;
+        let ws = self
+            .ws
+            .as_ref()
+            .context("predict: workspace missing after reserve")?;
         // Host scratch grown once (no allocation per step).
         if self.tok_host.len() < r {
             self.tok_host.resize(r, 0);
@@ -152,17 +194,102 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
         }
         Ok(())
     }
+
+    /// The head, then the commit selection on the backend for the requested `rows` (batch row,
+    /// position; sorted) of a pass over `n` tokens in `b` batch rows; `out[i]` = the committed
+    /// token of `rows[i]` or −1. Reads back only `out`.
+    fn commit_into(
+        &mut self,
+        (rows, b, n): (&[(u32, u32)], usize, usize),
+        select: &SelectParams,
+        plan: &mut Commits<'_>,
+    ) -> Result<()> {
+        let r = rows.len();
+        let out = &mut *plan.out;
+        ensure!(
+            out.len() == r && plan.quota.len() == b,
+            "predict_commit: {} outputs and {} quotas for {r} rows of {b} batch rows",
+            out.len(),
+            plan.quota.len()
+        );
+        // Segment offsets of the batch rows: the backend ranks a row's candidates by their index,
+        // which equals the position order only if the rows are sorted.
+        if let Some(i) = (1..r).find(|&i| rows[i - 1] >= rows[i]) {
+            bail!(
+                "predict_commit: rows[{i}] = {:?} does not follow rows[{}] = {:?} (rows must be sorted by batch row, then position)",
+                rows[i],
+                i - 1,
+                rows[i - 1]
+            );
+        }
+        self.h_plan.clear();
+        self.h_plan.push(0);
+        for br in 0..b as u32 {
+            self.h_plan
+                .push(rows.partition_point(|&(rb, _)| rb <= br) as i32);
+        }
+        for &q in plan.quota {
+            self.h_plan
+                .push(i32::try_from(q.min(r)).context("predict_commit: quota overflows")?);
+        }
+        self.run_select(r, select)?;
+        let be = &self.model.backend;
+        if self
+            .commit_bufs
+            .as_ref()
+            .map_or(true, |c| c.plan_len < self.h_plan.len() || c.commit_len < r)
+        {
+            let (pl, cl) = match &self.commit_bufs {
+                Some(c) => (c.plan_len.max(self.h_plan.len()), c.commit_len.max(r)),
+                None => (self.h_plan.len(), r),
+            };
+            self.commit_bufs = Some(CommitBufs {
+                plan: be.alloc_ints(pl)?,
+                commit: be.alloc_ints(cl.max(1))?,
+                plan_len: pl,
+                commit_len: cl,
+            });
+        }
+        let bufs = self
+            .commit_bufs
+            .as_mut()
+            .context("predict_commit: buffers missing after allocation")?;
+        let ws = self
+            .ws
+            .as_ref()
+            .context("predict_commit: workspace missing after reserve")?;
+        let shape = CommitShape {
+            r,
+            b,
+            n,
+            mask_id: plan.mask_id,
+            rule: plan.rule,
+        };
+        be.write_ints(&mut bufs.plan, &self.h_plan)?;
+        be.commit_select(
+            &mut bufs.commit,
+            &ws.tok,
+            &ws.conf,
+            &ws.rows,
+            &ws.ids,
+            &bufs.plan,
+            shape,
+        )?;
+        be.read_ints_into(&bufs.commit, out)?;
+        be.prof_mark(None);
+        Ok(())
+    }
 }
 
-impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
-    /// The cache and workspace are sized for `b·t` tokens on the first call (or when a request
-    /// outgrows them); later calls allocate nothing on the device.
-    fn predict_span(&mut self, req: &SpanRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
-        let _step = nvtx::range(c"step");
+impl<B: Backend> ModelPredictor<'_, B> {
+    /// The forward pass of a span request (everything before the head); returns the number of
+    /// tokens in the pass. The cache and workspace are sized for `b·t` tokens on the first call
+    /// (or when a request outgrows them); later calls allocate nothing on the device.
+    fn span_forward(&mut self, req: &SpanRequest<'_>, outs: usize) -> Result<usize> {
         let (b, t, q0, q1) = (req.b, req.t, req.q0, req.q1);
         let n = b * t;
         let r = req.rows.len();
-        check_request("predict_span", out.len(), r, req.x.len(), (b, t))?;
+        check_request("predict_span", outs, r, req.x.len(), (b, t))?;
         ensure!(
             q0 < q1 && q1 <= t,
             "predict_span: span [{q0}, {q1}) is empty or exceeds the row length {t}"
@@ -220,17 +347,16 @@ impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
             req.key_valid,
             &self.rows,
         )?;
-        self.select_into(r, req.select, out)
+        Ok(b * tq)
     }
-}
 
-impl<B: Backend> Predictor for ModelPredictor<'_, B> {
-    fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
-        let _step = nvtx::range(c"step");
+    /// The forward pass of a full request (everything before the head); returns the number of
+    /// tokens in the pass (doubled with CFG).
+    fn full_forward(&mut self, req: &PredictRequest<'_>, outs: usize) -> Result<usize> {
         let (b, t) = (req.b, req.t);
         let n = b * t;
         let r = req.rows.len();
-        check_request("predict", out.len(), r, req.x.len(), (b, t))?;
+        check_request("predict", outs, r, req.x.len(), (b, t))?;
         let cfg = req.select.cfg_scale > 0.0;
         let nb = if cfg { 2 * b } else { b };
         let rr = if cfg { 2 * r } else { r };
@@ -276,7 +402,43 @@ impl<B: Backend> Predictor for ModelPredictor<'_, B> {
             .as_mut()
             .context("predict: workspace missing after reserve")?;
         model.forward(ws, &self.ids, nb, t, mask, &self.rows)?;
-        self.select_into(r, req.select, out)
+        Ok(nb * t)
+    }
+}
+
+impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
+    fn predict_span(&mut self, req: &SpanRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+        let _step = nvtx::range(c"step");
+        self.span_forward(req, out.len())?;
+        self.select_into(req.rows.len(), req.select, out)
+    }
+
+    fn selects_commits(&self) -> bool {
+        self.device_select
+    }
+
+    fn predict_span_commit(&mut self, req: &SpanRequest<'_>, c: &mut Commits<'_>) -> Result<()> {
+        let _step = nvtx::range(c"step");
+        let n = self.span_forward(req, c.out.len())?;
+        self.commit_into((req.rows, req.b, n), req.select, c)
+    }
+}
+
+impl<B: Backend> Predictor for ModelPredictor<'_, B> {
+    fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+        let _step = nvtx::range(c"step");
+        self.full_forward(req, out.len())?;
+        self.select_into(req.rows.len(), req.select, out)
+    }
+
+    fn selects_commits(&self) -> bool {
+        self.device_select
+    }
+
+    fn predict_commit(&mut self, req: &PredictRequest<'_>, c: &mut Commits<'_>) -> Result<()> {
+        let _step = nvtx::range(c"step");
+        let n = self.full_forward(req, c.out.len())?;
+        self.commit_into((req.rows, req.b, n), req.select, c)
     }
 }
 

@@ -37,8 +37,11 @@
 
 use anyhow::{bail, Context, Result};
 
-use crate::backend::head::{conf_order, Remasking, SelectParams};
+use crate::backend::commit::{commit_select, CommitRule};
+use crate::backend::head::{Remasking, SelectParams};
 use crate::hf::dtype::DType;
+
+pub use super::fast::{generate_fast, CacheMode, Decode, SpanPredictor, SpanRequest};
 
 /// One call to the model: predict (token, confidence) at `rows`.
 pub struct PredictRequest<'a> {
@@ -104,6 +107,43 @@ pub trait Predictor {
     /// Writes one `(token, confidence)` per entry of `req.rows` into `out`
     /// (`out.len() == req.rows.len()`).
     fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()>;
+
+    /// Whether [`Predictor::predict_commit`] makes the step's commit selection on the
+    /// predictor's side (the model's device, `LLADA_DEVICE_SELECT=1`); by default the sampler
+    /// reads the (token, confidence) pairs back and selects on the host.
+    fn selects_commits(&self) -> bool {
+        false
+    }
+
+    /// [`Predictor::predict`], then the commit selection of every batch row as
+    /// [`crate::backend::commit::commit_select`] on the rows still `[MASK]` in `req.x`:
+    /// `c.out[i]` = the token committed at `req.rows[i]`, or −1.
+    fn predict_commit(&mut self, req: &PredictRequest<'_>, c: &mut Commits<'_>) -> Result<()> {
+        let _ = (req, c);
+        bail!("this predictor does not make the commit selection (selects_commits is false)")
+    }
+}
+
+/// A step's commit selection, for a predictor that selects ([`Predictor::predict_commit`]).
+#[derive(Debug)]
+pub struct Commits<'a> {
+    /// The quota of each batch row `[b]` (read by [`CommitRule::Quota`]).
+    pub quota: &'a [usize],
+    pub rule: CommitRule,
+    /// Candidates are the requested positions whose token is still this id.
+    pub mask_id: u32,
+    /// Out: the token committed at each requested row, or −1.
+    pub out: &'a mut [i32],
+}
+
+/// Writes the committed tokens `commits[i] ≥ 0` at `rows[i]` (batch row, position) of the canvas
+/// `x` (rows of `t` tokens); −1 leaves the position as it is.
+pub(crate) fn apply_commits(x: &mut [u32], t: usize, rows: &[(u32, u32)], commits: &[i32]) {
+    for (&(br, p), &c) in rows.iter().zip(commits) {
+        if c >= 0 {
+            x[br as usize * t + p as usize] = c as u32;
+        }
+    }
 }
 
 /// Longest `gen_length` accepted: the longest sequence [`crate::hf::config::LIMITS`] allows. With
@@ -217,7 +257,11 @@ impl GenerateParams {
 
     /// The [`RowKey`]s of `prompts` left-padded to `lp` tokens, or `None` without
     /// [`GenerateParams::row_keys`]; an error when the keys do not fit the prompts.
-    fn row_keys_for(&self, prompts: &[Vec<u32>], lp: usize) -> Result<Option<Vec<RowKey>>> {
+    pub(super) fn row_keys_for(
+        &self,
+        prompts: &[Vec<u32>],
+        lp: usize,
+    ) -> Result<Option<Vec<RowKey>>> {
         let Some(keys) = &self.row_keys else {
             return Ok(None);
         };
@@ -310,16 +354,16 @@ pub fn num_transfer_tokens_into(mask_count: usize, out: &mut [usize]) {
 /// The initial batch of upstream `generate`: prompts left-padded with `pad_id` to the longest,
 /// then `gen_length` masks; a key-padding mask only when lengths differ (upstream passes none
 /// otherwise). Checks upstream's assertions and the model's length limit.
-struct BatchLayout {
-    b: usize,
+pub(super) struct BatchLayout {
+    pub(super) b: usize,
     /// Padded prompt length.
-    lp: usize,
-    t: usize,
-    n: usize,
+    pub(super) lp: usize,
+    pub(super) t: usize,
+    pub(super) n: usize,
     /// `[B·T]` tokens.
-    x: Vec<u32>,
+    pub(super) x: Vec<u32>,
     /// `[B·T]`, 1 = real token.
-    key_valid: Option<Vec<u8>>,
+    pub(super) key_valid: Option<Vec<u8>>,
 }
 
 impl BatchLayout {
@@ -412,6 +456,10 @@ pub fn generate(
     let mut cands: Vec<(f32, usize, u32)> = Vec::with_capacity(t);
     let mut sched = vec![0usize; b * steps_per_block];
     let mut select = params.select_params(0);
+    // With a predictor that selects (LLADA_DEVICE_SELECT=1): per-row quotas in, commits out.
+    let device_select = pred.selects_commits();
+    let mut quota = vec![0usize; b];
+    let mut commits = vec![-1i32; if device_select { n } else { 0 }];
 
     let total_steps = num_blocks * steps_per_block;
     let mut nfe = 0usize;
@@ -457,14 +505,28 @@ pub fn generate(
                 select: &select,
                 row_keys: row_keys.as_deref(),
             };
-            pred.predict(&req, &mut out[..nr])
-                .with_context(|| format!("forward pass at step {step} (block {block})"))?;
+            let context = || format!("forward pass at step {step} (block {block})");
+            if device_select {
+                for (r, q) in quota.iter_mut().enumerate() {
+                    *q = sched[r * steps_per_block + i];
+                }
+                let mut c = Commits {
+                    quota: &quota,
+                    rule: CommitRule::Quota,
+                    mask_id: mask,
+                    out: &mut commits[..nr],
+                };
+                pred.predict_commit(&req, &mut c).with_context(context)?;
+                apply_commits(&mut x, t, &rows, &commits[..nr]);
+            } else {
+                pred.predict(&req, &mut out[..nr]).with_context(context)?;
+            }
             nfe += 1;
             rows_predicted += nr;
 
             for r in 0..b {
                 let k = sched[r * steps_per_block + i];
-                if k == 0 {
+                if k == 0 || device_select {
                     continue;
                 }
                 cands.clear();
@@ -477,10 +539,8 @@ pub fn generate(
                         cands.push((conf, p, tok));
                     }
                 }
-                // Positions are distinct, so conf_order is a total order and an unstable
-                // (non-allocating) sort gives the same result as head::top_k.
-                cands.sort_unstable_by(|a, c| conf_order((a.0, a.1), (c.0, c.1)));
-                for &(_, p, tok) in cands.iter().take(k) {
+                let k = commit_select(&mut cands, k, CommitRule::Quota);
+                for &(_, p, tok) in &cands[..k] {
                     x[r * t + p] = tok;
                 }
             }
@@ -505,302 +565,10 @@ pub fn generate(
     ))
 }
 
-/// Which KV cache Fast-dLLM decoding uses (reference §7.3, §7.4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum CacheMode {
-    /// Every step is a full forward pass (Fast-dLLM's baseline `generate`, §7.2).
-    #[default]
-    None,
-    /// `generate_with_prefix_cache`: a full pass at each block start, then the current block and
-    /// everything after it run against the cached prefix.
-    Prefix,
-    /// `generate_with_dual_cache`: a full pass at each block start, then only the current block
-    /// runs against the cached prefix and suffix, overwriting its own cache rows.
-    Dual,
-}
-
-impl std::str::FromStr for CacheMode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "none" => Ok(CacheMode::None),
-            "prefix" => Ok(CacheMode::Prefix),
-            "dual" => Ok(CacheMode::Dual),
-            _ => bail!("unknown cache mode {s:?} (expected none, prefix or dual)"),
-        }
-    }
-}
-
-impl std::fmt::Display for CacheMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            CacheMode::None => "none",
-            CacheMode::Prefix => "prefix",
-            CacheMode::Dual => "dual",
-        })
-    }
-}
-
-/// How many tokens a step commits, and with which cache (Fast-dLLM, reference §7).
-#[derive(Clone, Copy, Debug, PartialEq, Default)]
-pub struct Decode {
-    pub cache: CacheMode,
-    /// `get_transfer_index(…, threshold)` (§7.5): the top-1 plus every candidate with
-    /// confidence ≥ threshold. Replaces the `steps` schedule.
-    pub threshold: Option<f64>,
-    /// `get_transfer_index_dynamic(…, factor)` (§7.6). Replaces the `steps` schedule.
-    pub factor: Option<f64>,
-}
-
-impl Decode {
-    /// Plain upstream LLaDA `generate` (no cache, fixed schedule).
-    pub fn is_plain(&self) -> bool {
-        self.cache == CacheMode::None && self.threshold.is_none() && self.factor.is_none()
-    }
-}
-
-/// One cached forward pass: the tokens at positions `[q0, q1)` of every batch row go through the
-/// network, their keys/values overwrite those rows of the predictor's KV cache, and attention
-/// reads all `t` rows of the cache. `[0, t)` is a full forward pass that (re)fills the cache.
-pub struct SpanRequest<'a> {
-    pub b: usize,
-    pub t: usize,
-    /// Current tokens `[b·t]` (only the span is read).
-    pub x: &'a [u32],
-    /// `[b·t]`, 1 = real token, 0 = left padding; `None` = no padding.
-    pub key_valid: Option<&'a [u8]>,
-    pub q0: usize,
-    pub q1: usize,
-    /// (batch row, absolute position) pairs in `[q0, q1)` whose prediction is wanted, sorted by
-    /// row, then position.
-    pub rows: &'a [(u32, u32)],
-    pub select: &'a SelectParams,
-    /// As [`PredictRequest::row_keys`].
-    pub row_keys: Option<&'a [RowKey]>,
-}
-
-impl SpanRequest<'_> {
-    /// The RNG key (row, position) of batch row `br` at absolute position `pos` ([`rng_key`]).
-    pub fn rng_key(&self, br: u32, pos: u32) -> Result<(u32, u32)> {
-        rng_key(self.row_keys, br, pos)
-    }
-}
-
-/// A predictor with a KV cache (the model, or a fake in tests).
-pub trait SpanPredictor {
-    /// Writes one `(token, confidence)` per entry of `req.rows` into `out`.
-    fn predict_span(&mut self, req: &SpanRequest<'_>, out: &mut [(u32, f32)]) -> Result<()>;
-}
-
-/// How many of `n` candidates, sorted by confidence descending (`sorted`), a step commits.
-fn commit_count(sorted: &[(f32, usize, u32)], quota: usize, d: &Decode) -> usize {
-    let n = sorted.len();
-    if n == 0 {
-        return 0;
-    }
-    if let Some(factor) = d.factor {
-        // get_transfer_index_dynamic: thresholds 1 − factor/(j+1) for the 1-based rank j ≥ 2
-        // (rank 1 always passes); stop at the first failing rank f (0-based) and commit f, except
-        // that a stop at the last rank (or none) commits all n (upstream quirk, §7.6).
-        let fail = (1..n).find(|&f| (sorted[f].0 as f64) < 1.0 - factor / (f as f64 + 2.0));
-        return match fail {
-            Some(f) if f < n - 1 => f,
-            _ => n,
-        };
-    }
-    if let Some(th) = d.threshold {
-        // get_transfer_index with a threshold: the top-1, then every candidate not `< th`.
-        return 1 + sorted[1..]
-            .iter()
-            .take_while(|c| (c.0 as f64) >= th)
-            .count();
-    }
-    quota.min(n)
-}
-
-/// Fast-dLLM decoding (reference §7): the baseline loop (`cache: None`),
-/// `generate_with_prefix_cache` or `generate_with_dual_cache`, each with the fixed `steps`
-/// schedule, a confidence `threshold` or a `factor`.
-///
-/// ```text
-/// for each block [s, e):
-///     sched = num_transfer_tokens(#MASK in [s, e), steps_per_block)
-///     call 0: full pass over [0, T) (refills the cache); candidates = MASKs in [0, e)
-///     then, while [s, e) still has a MASK (checked BEFORE each call, as FD-new does):
-///         call i: none → [0, T); prefix → [s, T); dual → [s, e); candidates = MASKs in [s, e)
-///     each call commits per row, by confidence (desc., then position asc.): sched[i] tokens,
-///     or the threshold / factor rule; nfe += 1 per call.
-/// ```
-///
-/// The first call of a block and the `none` baseline take candidates from `[0, e)` as upstream
-/// (`mask_index[:, e:] = 0`); cached calls only from the block. With the fixed schedule a block
-/// whose quota ran out with masks left (only possible when a `[MASK]` before the block took part
-/// of call 0's quota; upstream then indexes past the schedule) commits one token per further call.
-/// `select.step` is the call counter (0-based) for the Gumbel noise; with
-/// [`GenerateParams::row_keys`] it is `(block << 32) | call in block` instead, so that a prompt's
-/// random numbers do not depend on how many calls its batch neighbours needed. CFG is not part of
-/// Fast-dLLM and is rejected; the EOS options and left padding work as in [`generate`] (all rows
-/// share the block positions, since padding is on the left).
-pub fn generate_fast(
-    pred: &mut dyn SpanPredictor,
-    prompts: &[Vec<u32>],
-    params: &GenerateParams,
-    decode: &Decode,
-    mut progress: Option<&mut dyn FnMut(Progress)>,
-) -> Result<GenerateOutput> {
-    let (num_blocks, steps_per_block) = params.block_plan()?;
-    if params.cfg_scale > 0.0 {
-        bail!("cfg_scale > 0 is not supported with Fast-dLLM decoding (--cache / --threshold / --factor)");
-    }
-    if decode.threshold.is_some() && decode.factor.is_some() {
-        bail!("give either a threshold or a factor, not both (Fast-dLLM uses one rule at a time)");
-    }
-    if let Some(th) = decode.threshold {
-        if !th.is_finite() {
-            bail!("threshold {th} is not a finite number");
-        }
-    }
-    if let Some(f) = decode.factor {
-        if !(f.is_finite() && f > 0.0) {
-            bail!("factor {f} must be a positive finite number");
-        }
-    }
-    let BatchLayout {
-        b,
-        lp,
-        t,
-        n,
-        mut x,
-        key_valid,
-    } = BatchLayout::new(prompts, params)?;
-    let mask = params.mask_id;
-    let row_keys = params.row_keys_for(prompts, lp)?;
-
-    let mut rows: Vec<(u32, u32)> = Vec::with_capacity(n);
-    let mut row_off = vec![0usize; b + 1];
-    let mut out = vec![(0u32, 0f32); n];
-    let mut cands: Vec<(f32, usize, u32)> = Vec::with_capacity(t);
-    let mut sched = vec![0usize; b * steps_per_block];
-    let mut select = params.select_params(0);
-    let fixed = decode.threshold.is_none() && decode.factor.is_none();
-    let total_steps = if fixed {
-        num_blocks * steps_per_block
-    } else {
-        params.gen_length
-    };
-
-    let mut nfe = 0usize;
-    let mut rows_predicted = 0usize;
-    for block in 0..num_blocks {
-        let s = lp + block * params.block_length;
-        let e = s + params.block_length;
-        for r in 0..b {
-            let in_block = x[r * t + s..r * t + e]
-                .iter()
-                .filter(|&&v| v == mask)
-                .count();
-            num_transfer_tokens_into(
-                in_block,
-                &mut sched[r * steps_per_block..(r + 1) * steps_per_block],
-            );
-        }
-        let mut i = 0usize;
-        loop {
-            let block_done = !(0..b).any(|r| x[r * t + s..r * t + e].contains(&mask));
-            if i > 0 && block_done {
-                break;
-            }
-            let (q0, q1) = match decode.cache {
-                _ if i == 0 => (0, t),
-                CacheMode::None => (0, t),
-                CacheMode::Prefix => (s, t),
-                CacheMode::Dual => (s, e),
-            };
-            let c0 = if i == 0 || decode.cache == CacheMode::None {
-                0
-            } else {
-                s
-            };
-            rows.clear();
-            for r in 0..b {
-                let xr = &x[r * t..(r + 1) * t];
-                rows.extend(
-                    (c0..e)
-                        .filter(|&p| xr[p] == mask)
-                        .map(|p| (r as u32, p as u32)),
-                );
-                row_off[r + 1] = rows.len();
-            }
-            let nr = rows.len();
-            // With row keys, (block, call in block): a row's i-th call of a block is the same
-            // call in any batch (rows that finish early only get extra calls that commit
-            // nothing), whereas `nfe` counts the calls its batch neighbours needed too.
-            select.step = if row_keys.is_some() {
-                ((block as u64) << 32) | i as u64
-            } else {
-                nfe as u64
-            };
-            let req = SpanRequest {
-                b,
-                t,
-                x: &x,
-                key_valid: key_valid.as_deref(),
-                q0,
-                q1,
-                rows: &rows,
-                select: &select,
-                row_keys: row_keys.as_deref(),
-            };
-            pred.predict_span(&req, &mut out[..nr])
-                .with_context(|| format!("forward pass {nfe} (block {block}, step {i})"))?;
-            nfe += 1;
-            rows_predicted += nr;
-
-            for r in 0..b {
-                cands.clear();
-                for (&(_, p), &(tok, conf)) in rows[row_off[r]..row_off[r + 1]]
-                    .iter()
-                    .zip(&out[row_off[r]..row_off[r + 1]])
-                {
-                    cands.push((conf, p as usize, tok));
-                }
-                cands.sort_unstable_by(|a, c| conf_order((a.0, a.1), (c.0, c.1)));
-                let quota = if i < steps_per_block {
-                    sched[r * steps_per_block + i]
-                } else {
-                    1
-                };
-                let k = commit_count(&cands, quota, decode);
-                for &(_, p, tok) in cands.iter().take(k) {
-                    x[r * t + p] = tok;
-                }
-            }
-            i += 1;
-            if let Some(cb) = progress.as_mut() {
-                cb(Progress {
-                    step: nfe,
-                    total_steps: total_steps.max(nfe),
-                    block,
-                    num_blocks,
-                });
-            }
-        }
-    }
-
-    Ok(GenerateOutput::from_canvas(
-        &x,
-        b,
-        t,
-        lp,
-        nfe,
-        rows_predicted,
-    ))
-}
-
 impl GenerateOutput {
     /// The output of a finished generation on the canvas `x` (`b` rows of `t` tokens, prompts
     /// left-padded to `lp`): each row's generated tail.
-    fn from_canvas(
+    pub(super) fn from_canvas(
         x: &[u32],
         b: usize,
         t: usize,
@@ -831,41 +599,10 @@ mod tests {
         assert_eq!(num_transfer_tokens(8, 8), vec![1; 8]);
     }
 
-    fn c(confs: &[f32]) -> Vec<(f32, usize, u32)> {
-        confs.iter().enumerate().map(|(i, &c)| (c, i, 0)).collect()
-    }
-
     #[test]
-    fn threshold_rule_commits_top1_then_ties_at_threshold() {
-        let d = Decode {
-            threshold: Some(0.5),
-            ..Decode::default()
-        };
-        assert_eq!(commit_count(&c(&[0.4, 0.3]), 0, &d), 1);
-        assert_eq!(commit_count(&c(&[0.9, 0.5, 0.49]), 0, &d), 2);
-        assert_eq!(commit_count(&c(&[]), 0, &d), 0);
-        let never = Decode {
-            threshold: Some(1.01),
-            ..Decode::default()
-        };
-        assert_eq!(commit_count(&c(&[1.0, 1.0, 1.0]), 0, &never), 1);
-    }
-
-    #[test]
-    fn factor_rule_follows_upstream_quirks() {
-        // factor 1: thresholds (1-based rank j ≥ 2) 1 − 1/(j+1): 2/3, 3/4, 4/5, …
-        let d = Decode {
-            factor: Some(1.0),
-            ..Decode::default()
-        };
-        // rank 2 fails (0.6 < 2/3), not the last rank: commit 1.
-        assert_eq!(commit_count(&c(&[0.9, 0.6, 0.1]), 0, &d), 1);
-        // rank 3 fails (0.7 < 3/4) and is the last: upstream commits all 3.
-        assert_eq!(commit_count(&c(&[0.9, 0.7, 0.7]), 0, &d), 3);
-        // nothing fails: all.
-        assert_eq!(commit_count(&c(&[0.99, 0.9, 0.8]), 0, &d), 3);
-        // rank 3 fails with a 4th after it: commit 2.
-        assert_eq!(commit_count(&c(&[0.99, 0.9, 0.7, 0.7]), 0, &d), 2);
-        assert_eq!(commit_count(&c(&[0.01]), 0, &d), 1);
+    fn commits_apply_to_their_rows_only() {
+        let mut x = vec![9u32; 8];
+        apply_commits(&mut x, 4, &[(0, 1), (1, 0), (1, 3)], &[5, -1, 7]);
+        assert_eq!(x, [9, 5, 9, 9, 9, 9, 9, 7]);
     }
 }

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod cmp;
 pub mod fd;
 pub mod probe;
+pub mod select;
 
 use anyhow::Result;
 

@@ -714,6 +714,19 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn commit_select(
+        &self,
+        commit: &mut Vec<i32>,
+        tok: &Vec<i32>,
+        conf: &Vec<f32>,
+        rows: &Vec<i32>,
+        ids: &Vec<i32>,
+        plan: &Vec<i32>,
+        s: crate::backend::commit::CommitShape,
+    ) -> Result<()> {
+        crate::backend::commit::commit_rows(commit, (tok, conf), rows, ids, plan, s)
+    }
+
     fn select(
         &self,
         tok: &mut Vec<i32>,

@@ -156,6 +156,8 @@ impl CudaBackend {
             head_select: get("head_select_bf16")?,
             topk_select: get("topk_select_f32")?,
             threshold_select: get("threshold_select_f32")?,
+            commit_select: get("commit_select_f32")?,
+            rope_kv_store: get("rope_kv_store_bf16")?,
             fill_random: get("fill_random_bf16")?,
             fill_const: get("fill_const_bf16")?,
             f32_to_bf16: get("f32_to_bf16")?,

@@ -1,7 +1,9 @@
 //! The LM head's selection and scoring ops: `select` (`kernels/head_select.cu`), `log_prob`
-//! (`kernels/log_prob.cu`) and the top-k / threshold selection kernels (`kernels/topk.cu`).
+//! (`kernels/log_prob.cu`), the top-k / threshold selection kernels and the step's commit
+//! selection `commit_select` (`kernels/topk.cu`).
 
 use super::*;
+use crate::backend::commit::{check_plan, CommitShape};
 
 /// Threads per block of `head_select` (ABI: block 1024).
 pub(crate) const HEAD_THREADS: u32 = 1024;
@@ -71,6 +73,56 @@ impl CudaBackend {
         let (nr, nc) = (int(op, "nrows", nrows)?, int(op, "ncols", ncols)?);
         launch!(&self.stream, op, self.k.threshold_select, rows_geom(nrows, TOPK_THREADS); selp,
             confp, threshold, nr, nc)
+    }
+
+    /// Launcher of `commit_select_f32` (`kernels/topk.cu`, [`Backend::commit_select`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_commit_select(
+        &self,
+        commit: &mut CudaSlice<i32>,
+        tok: &CudaSlice<i32>,
+        conf: &CudaSlice<f32>,
+        rows: &CudaSlice<i32>,
+        ids: &CudaSlice<i32>,
+        plan: &CudaSlice<i32>,
+        s: CommitShape,
+    ) -> Result<()> {
+        let op = "commit_select";
+        let CommitShape { r, b, n, .. } = s;
+        check_len(op, "commit", commit.len(), r)?;
+        check_len(op, "tok", tok.len(), r)?;
+        check_len(op, "conf", conf.len(), r)?;
+        check_len(op, "rows", rows.len(), r)?;
+        check_len(op, "ids", ids.len(), n)?;
+        check_len(op, "plan", plan.len(), 2 * b + 1)?;
+        self.check_ints(op, "rows", rows, r, n, "the pass's tokens")?;
+        // The plan is written by the host: its shadow is checked like the CPU backend checks it.
+        if let Some(vals) = self.shadow.borrow().get(&dptr(plan, &self.stream)) {
+            if vals.len() > 2 * b {
+                check_plan(op, &vals[..2 * b + 1], r, b)?;
+            }
+        }
+        let (mode, param) = s.rule.mode();
+        if !param.is_finite() {
+            bail!("{op}: the rule's parameter {param} is not finite");
+        }
+        if b == 0 || r == 0 {
+            return Ok(());
+        }
+        self.forget_ints(commit);
+        let (cp, tp, fp, rp, ip, pp) = (
+            dptr_mut(commit, &self.stream),
+            dptr(tok, &self.stream),
+            dptr(conf, &self.stream),
+            dptr(rows, &self.stream),
+            dptr(ids, &self.stream),
+            dptr(plan, &self.stream),
+        );
+        let (r_, b_) = (int(op, "r", r)?, int(op, "b", b)?);
+        int(op, "n", n)?;
+        let mask = int(op, "mask_id", s.mask_id as usize)?;
+        launch!(&self.stream, op, self.k.commit_select, rows_geom(b, TOPK_THREADS); cp, tp, fp,
+            rp, ip, pp, r_, b_, mask, mode, param)
     }
 
     /// Launcher of `kernels/log_prob.cu` ([`Backend::log_prob`]).

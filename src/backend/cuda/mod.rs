@@ -44,6 +44,7 @@ mod attention;
 mod attention_fa2;
 mod device;
 pub mod fp8;
+mod fused;
 mod gemm;
 mod graph;
 mod head;
@@ -91,6 +92,8 @@ struct Kernels {
     head_select: dsys::CUfunction,
     topk_select: dsys::CUfunction,
     threshold_select: dsys::CUfunction,
+    commit_select: dsys::CUfunction,
+    rope_kv_store: dsys::CUfunction,
     fill_random: dsys::CUfunction,
     fill_const: dsys::CUfunction,
     f32_to_bf16: dsys::CUfunction,
@@ -363,20 +366,9 @@ impl Backend for CudaBackend {
             bail!("{op}: head dim {hd} must be even and positive");
         }
         check_len(op, "qkv", qkv.len(), n * (nh + 2 * nkv) * hd)?;
-        check_len(op, "pos", pos.len(), n)?;
-        if cos.len() != sin.len() || cos.len() < hd / 2 {
-            bail!(
-                "{op}: tables `cos` ({}) and `sin` ({}) must be [max_pos, HD/2 = {}]",
-                cos.len(),
-                sin.len(),
-                hd / 2
-            );
-        }
-        if n == 0 {
+        if !self.check_rope_inputs(op, (pos, cos, sin), n, hd)? {
             return Ok(());
         }
-        let max_pos = cos.len() / (hd / 2);
-        self.check_ints(op, "pos", pos, n, max_pos, "the RoPE tables")?;
         let (q, c, s, p) = (
             dptr_mut(qkv, &self.stream),
             dptr(cos, &self.stream),
@@ -431,6 +423,19 @@ impl Backend for CudaBackend {
         let (nr, c_) = (int(op, "nrows", nrows)?, int(op, "c", c)?);
         launch!(&self.stream, op, self.k.gather_rows, rows_geom(nrows, ROW_THREADS); o, xp, r, nr,
             c_)
+    }
+
+    fn commit_select(
+        &self,
+        commit: &mut Self::Ints,
+        tok: &Self::Ints,
+        conf: &Self::F32s,
+        rows: &Self::Ints,
+        ids: &Self::Ints,
+        plan: &Self::Ints,
+        s: crate::backend::commit::CommitShape,
+    ) -> Result<()> {
+        self.launch_commit_select(commit, tok, conf, rows, ids, plan, s)
     }
 
     fn log_prob(
@@ -586,6 +591,17 @@ impl Backend for CudaBackend {
         s: CachedAttnShape,
     ) -> Result<()> {
         self.launch_kv_store(k_cache, v_cache, qkv, q0, s)
+    }
+
+    fn rope_kv_store(
+        &self,
+        qkv: &mut Self::Act,
+        kv: (&mut Self::Act, &mut Self::Act),
+        rope: (&Self::Ints, &Self::F32s, &Self::F32s),
+        q0: usize,
+        s: CachedAttnShape,
+    ) -> Result<()> {
+        self.launch_rope_kv_store(qkv, kv, rope, q0, s)
     }
 
     fn attention_cached(
