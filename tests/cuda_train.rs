@@ -23,6 +23,10 @@
 //! of what it computes (`ops::linear_bf16`: bf16 inputs, exact sums), and one whole training
 //! pass against the f32 CPU reference with tolerances loose enough for bf16 inputs.
 //!
+//! LoRA over a frozen bf16 base (`CudaLoraState`) is checked against the CPU's LoRA step
+//! (`LoraStep`) on the same bf16-valued weights, with the bf16 bounds of the activations'
+//! rounding (derived beside the test).
+//!
 //! Without a usable GPU every test prints `SKIP: <why>` and passes, unless
 //! `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
 
@@ -40,7 +44,7 @@ use llada::train::model::{forward_backward, forward_backward_on, Batch, Params};
 use llada::train::model::{forward_backward_with, PassOptions};
 use llada::train::ops::{self, AttnShape};
 use llada::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use llada::train::{TrainOptions, Trainer};
+use llada::train::{StepState, TrainOptions, Trainer};
 
 const U: f64 = 1.0 / 16_777_216.0; // 2^-24
 
@@ -1392,5 +1396,160 @@ fn model_step_recompute_is_bit_identical_on<B: TrainOps>(g: &B) {
                 gk.data[i][j], gr.data[i][j]
             );
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA over a frozen bf16 base
+
+/// The tiny preset's random parameters rounded to bf16, as a checkpoint of bf16 tensors (what
+/// the GPU's LoRA run uploads as is) and as the f32 parameters of the CPU reference (the same
+/// values exactly).
+fn tiny_bf16_model(cfg: &ModelConfig) -> (llada::hf::checkpoint::Checkpoint, Params<f32>) {
+    use llada::hf::checkpoint::{Checkpoint, WeightSource};
+    use llada::hf::dtype::DType;
+    let mut p = tiny_params(cfg);
+    let mut map = std::collections::HashMap::new();
+    for (i, d) in p.data.iter_mut().enumerate() {
+        for x in d.iter_mut() {
+            *x = DType::BF16.round(*x);
+        }
+        let name = p.names[i].clone();
+        let src = WeightSource::Host {
+            data: std::sync::Arc::new(d.clone()),
+            dtype: DType::BF16,
+            shape: p.shapes[i].clone(),
+            name: name.clone(),
+        };
+        map.insert(name, src);
+    }
+    let mut ck = Checkpoint::from_sources(map);
+    ck.check_against(cfg).unwrap();
+    let back = Params::<f32>::from_checkpoint(cfg, &ck).unwrap();
+    assert_eq!(
+        back.data, p.data,
+        "bf16 values survive the checkpoint exactly"
+    );
+    (ck, p)
+}
+
+/// A rank-4 adapter on every default target with `B` random too (PEFT starts it at zero, which
+/// would make every `dA` zero and hide its errors).
+fn tiny_adapter(cfg: &ModelConfig) -> llada::lora::Adapter {
+    let targets: Vec<String> = "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out"
+        .split(',')
+        .map(String::from)
+        .collect();
+    let mut ad = llada::lora::train::init_adapter(cfg, &targets, 4, 8.0, false, 7).unwrap();
+    for (j, m) in ad.modules.values_mut().enumerate() {
+        m.b = rand_vec(1300 + j as u64, m.b.len(), 0.05);
+    }
+    ad
+}
+
+/// One LoRA step's pass on `s` (the trainer's step state: the CPU's `LoraStep` or the GPU's
+/// `CudaLoraState`): loss and adapter gradients of the tiny batch, then the same pass again
+/// without clearing, whose gradients must be exactly twice the first (a deterministic pass
+/// accumulating: f32 doubles exactly).
+fn lora_pass_on<S: StepState>(
+    s: &mut S,
+    grads: impl Fn(&S) -> llada::lora::train::LoraGrads,
+) -> (f64, llada::lora::train::LoraGrads) {
+    let cfg = tiny();
+    let batch = tiny_batch(&cfg, 2, 40);
+    s.zero_grad().unwrap();
+    let loss = s.forward_backward(&cfg, &batch).unwrap();
+    let g = grads(s);
+    let loss2 = s.forward_backward(&cfg, &batch).unwrap();
+    assert_eq!(loss.to_bits(), loss2.to_bits(), "the pass is deterministic");
+    let g2 = grads(s);
+    for (name, (a, b)) in &g.modules {
+        let (a2, b2) = &g2.modules[name];
+        for (what, one, two) in [("A", a, a2), ("B", b, b2)] {
+            assert!(
+                one.iter().all(|x| x.is_finite()),
+                "d{what} of {name}: non-finite"
+            );
+            let twice: Vec<f32> = one.iter().map(|x| 2.0 * x).collect();
+            let e = rel_err(&twice, two);
+            assert!(e <= 1e-6, "d{what} of {name} does not accumulate: {e:e}");
+        }
+    }
+    (loss, g)
+}
+
+/// LoRA training on the GPU (`CudaLoraState`: frozen bf16 base, f32 adapters) against the CPU's
+/// (`LoraStep`: `HostOps` with the LoRA linears, f32) on the same bf16-valued base, adapter and
+/// batch. The body runs on each: the CPU instance checks the harness (determinism,
+/// accumulation) and gives the reference.
+///
+/// Tolerances: the weights are bf16 values on both sides, so the only difference beyond f32
+/// rounding is that every base GEMM on the GPU rounds its activation operand (`x` forward,
+/// `dy` backward) to bf16 (RNE, ≤ 2^-9 relative per element). That is one of the two rounded
+/// operands of `model_step_bf16_close_to_cpu`, whose CPU emulation gave loss errors ≤ 6.6e-4
+/// relative and per-tensor normwise gradient errors ≤ 2.6e-2 with cosines ≥ 0.99975; the same
+/// bounds with ≥ 4× margin hold here: loss ≤ 5e-3 relative, each `dA` / `dB` relative error ≤
+/// 0.1 and cosine ≥ 0.995. The adapter GEMMs are f32. A wiring error (a transposed factor, a
+/// missing scale, a lost accumulation, the wrong module) gives O(1) errors; NaN fails (every
+/// comparison with NaN is false, and the body checks finiteness).
+#[test]
+fn lora_step_bf16_base_close_to_cpu() {
+    use llada::train::lora::LoraStep;
+    let cfg = tiny();
+    let (ck, p) = tiny_bf16_model(&cfg);
+    let ad = tiny_adapter(&cfg);
+    let mut cpu = LoraStep::new(p, ad.clone(), AdamWConfig::default());
+    let (loss, want) = lora_pass_on(&mut cpu, |s| s.grads.clone());
+    assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
+    assert!(
+        want.modules
+            .values()
+            .all(|(a, b)| a.iter().any(|&x| x != 0.0) && b.iter().any(|&x| x != 0.0)),
+        "every dA and dB is nonzero (B is not zero)"
+    );
+    let Some(g) = gpu() else { return };
+    let mut st = cuda::CudaLoraState::new(g, &cfg, &ck, &ad, AdamWConfig::default()).unwrap();
+    // The base is resident as bf16: 2 bytes per matrix element, 4 per norm element.
+    let (mats, norms): (usize, usize) = (ck.names().map(|n| ck.get(n).unwrap()))
+        .map(|t| (t.shape().len(), t.numel()))
+        .fold(
+            (0, 0),
+            |(m, v), (d, n)| if d == 2 { (m + n, v) } else { (m, v + n) },
+        );
+    assert_eq!(st.base_bytes().unwrap(), 2 * mats + 4 * norms);
+    let (gl, got) = lora_pass_on(&mut st, |s| s.grads(&ad).unwrap());
+    eprintln!("tiny LoRA loss: cpu f32 {loss}, gpu bf16 base {gl}");
+    assert!(
+        (loss - gl).abs() <= 5e-3 * loss.abs(),
+        "loss cpu {loss} gpu {gl}"
+    );
+    for (name, (a, b)) in &want.modules {
+        let (ga, gb) = &got.modules[name];
+        for (what, w, x) in [("A", a, ga), ("B", b, gb)] {
+            let (e, c) = (rel_err(w, x), cosine(w, x));
+            eprintln!("d{what} of {name}: relative error {e:.2e}, cosine {c:.6}");
+            assert!(
+                e <= 0.1 && c >= 0.995,
+                "d{what} of {name}: relative error {e:e}, cosine {c}"
+            );
+        }
+    }
+    // One update each: the adapters stay finite and move (same AdamW on both sides).
+    let mut o = AdamW::new(AdamWConfig::default(), &Params::<f32>::default());
+    let n_cpu = cpu.clip_and_step(&mut o, 1e-2, 1.0).unwrap();
+    let mut o = AdamW::new(AdamWConfig::default(), &Params::<f32>::default());
+    let n_gpu = st.clip_and_step(&mut o, 1e-2, 1.0).unwrap();
+    assert!(
+        (n_cpu - n_gpu).abs() <= 0.1 * n_cpu,
+        "grad norm cpu {n_cpu} gpu {n_gpu}"
+    );
+    let mut moved = ad.clone();
+    st.download_adapter(&mut moved).unwrap();
+    for (name, m) in &moved.modules {
+        assert!(
+            m.a.iter().chain(&m.b).all(|x| x.is_finite()),
+            "{name}: non-finite"
+        );
+        assert_ne!(m.b, ad.modules[name].b, "{name}: B did not move");
     }
 }

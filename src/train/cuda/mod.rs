@@ -45,7 +45,7 @@ use cudarc::cublas;
 use cudarc::driver::{sys as dsys, CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use super::backend::TrainOps;
+use super::backend::{LinearDims, TrainOps};
 use super::model::{forward_backward_on, Batch, Params};
 use super::ops::AttnShape;
 use super::optim::{AdamW, AdamWConfig};
@@ -57,10 +57,13 @@ use crate::hf::config::ModelConfig;
 #[macro_use]
 mod device;
 mod launchers;
+mod lora;
 mod pass;
 
 use device::*;
 pub use device::{AdamWScalars, Buf, CudaOps, DevInts};
+use lora::clip_scale;
+pub use lora::CudaLoraState;
 pub use pass::{forward_backward, DeviceParams};
 
 /// What the training GEMMs compute in (see the module docs); storage is f32 either way.
@@ -146,11 +149,7 @@ impl CudaTrainState {
         grad.fill_zero(&ops)?;
         let dm = DeviceParams::upload(&ops, m)?;
         let dv = DeviceParams::upload(&ops, v)?;
-        let partial = ops
-            .be
-            .stream()
-            .alloc_zeros::<f64>(SUMSQ_BLOCKS)
-            .map_err(|e| driver_err("allocating the gradient-norm partials".into(), e))?;
+        let partial = ops.sumsq_partials()?;
         Ok(CudaTrainState {
             ops,
             params: dp,
@@ -290,13 +289,7 @@ impl super::StepState for CudaTrainState {
     /// AdamW update number `opt.t + 1` at learning rate `lr`. Returns the norm before clipping.
     fn clip_and_step(&mut self, opt: &mut AdamW, lr: f64, max_norm: f64) -> Result<f64> {
         let norm = self.grad_norm()?;
-        let mut gscale = 1.0f32;
-        if max_norm > 0.0 {
-            let coef = max_norm / (norm + 1e-6);
-            if coef < 1.0 {
-                gscale = coef as f32;
-            }
-        }
+        let gscale = clip_scale(norm, max_norm);
         self.adamw_step(&opt.cfg, opt.t + 1, lr, gscale)?;
         opt.t += 1;
         Ok(norm)
