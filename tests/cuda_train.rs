@@ -1518,6 +1518,8 @@ fn lora_step_bf16_base_close_to_cpu() {
         );
     assert_eq!(st.base_bytes().unwrap(), 2 * mats + 4 * norms);
     let (gl, got) = lora_pass_on(&mut st, |s| s.grads(&ad).unwrap());
+    let peak = st.peak_bytes().unwrap();
+    assert!(peak >= st.base_bytes().unwrap(), "peak {peak} B sampled");
     eprintln!("tiny LoRA loss: cpu f32 {loss}, gpu bf16 base {gl}");
     assert!(
         (loss - gl).abs() <= 5e-3 * loss.abs(),

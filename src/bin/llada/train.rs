@@ -610,10 +610,11 @@ fn train_lora(a: &TrainArgs, rank: usize, cuda: Option<usize>) -> Result<()> {
                 st.download_adapter(&mut host)?;
                 host.save(out, &cfg)
             })?;
-            let (free, total) = state.ops.be.mem_info()?;
+            let (_, total) = state.ops.be.mem_info()?;
             eprintln!(
-                "GPU memory in use at the end (cuMemGetInfo total − free): {:.2} GiB of {:.2} GiB",
-                (total - free) as f64 / (1u64 << 30) as f64,
+                "peak GPU memory in use: {:.2} GiB of {:.2} GiB (cuMemGetInfo total − free, \
+                 sampled in the backward passes)",
+                state.peak_bytes()? as f64 / (1u64 << 30) as f64,
                 total as f64 / (1u64 << 30) as f64
             );
             Ok(())

@@ -20,7 +20,7 @@
 //! their AdamW moments are f32 (24 bytes per adapter parameter); the update is the full
 //! training's `adamw_f32` kernel per factor, clipping folded in as a gradient scale.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use super::*;
@@ -66,6 +66,9 @@ pub(crate) struct CudaLora {
     tmp: RefCell<Buf>,
     to_bf16: dsys::CUfunction,
     embed: dsys::CUfunction,
+    /// The most device memory seen in use (`cuMemGetInfo` total − free, the whole device),
+    /// sampled at every linear's backward: all kept activations are alive then.
+    peak: Cell<usize>,
 }
 
 /// `buf` holds at least `len` elements (reallocated, contents lost, when it does not).
@@ -296,6 +299,10 @@ impl CudaOps {
         check_len(op, "dy", dy.len(), n * m)?;
         check_len(op, "x", x.len(), n * k)?;
         let (bw, i) = self.lora_base(op, w, m, k)?;
+        if let Ok((free, total)) = self.be.mem_info() {
+            let l = self.lora_state()?;
+            l.peak.set(l.peak.get().max(total.saturating_sub(free)));
+        }
         let dxp = match dx {
             Some(dx) => {
                 check_len(op, "dx", dx.len(), n * k)?;
@@ -449,6 +456,7 @@ impl CudaLoraState {
             tmp: RefCell::new(ops.zeros(1)?),
             to_bf16: ops.be.function("f32_to_bf16")?,
             embed: ops.be.function("embedding_bf16_f32")?,
+            peak: Cell::new(0),
         };
         ops.lora = Some(Box::new(lora));
         let partial = ops.sumsq_partials()?;
@@ -472,6 +480,13 @@ impl CudaLoraState {
             .map(|(_, p)| 4 * p.len())
             .sum();
         Ok(mats + norms)
+    }
+
+    /// The most device memory seen in use so far (bytes; `cuMemGetInfo` total − free, sampled
+    /// in every linear's backward, so the whole device: other processes and the CUDA context
+    /// included).
+    pub fn peak_bytes(&self) -> Result<usize> {
+        Ok(self.ops.lora_state()?.peak.get())
     }
 
     /// Copy the device's factors into `into` (same modules).

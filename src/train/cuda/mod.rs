@@ -32,6 +32,9 @@
 //! every layer, so one 80 GB GPU trains models up to roughly 3–4 B parameters at short
 //! sequences; the 8B preset does not fit on one GPU. Several GPUs train data parallel
 //! ([`super::dist`]): every GPU holds the whole state, so that does not raise the limit.
+//! LoRA ([`CudaLoraState`], `lora.rs`) keeps the frozen base in bf16 (2 bytes per parameter)
+//! and f32 state only for the adapters: the 8B preset fits one GPU there
+//! ([`super::lora::lora_memory`]).
 //!
 //! Kernel launches are asynchronous; a fault surfaces at the next read-back.
 
