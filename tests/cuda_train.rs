@@ -1555,3 +1555,136 @@ fn lora_step_bf16_base_close_to_cpu() {
         assert_ne!(m.b, ad.modules[name].b, "{name}: B did not move");
     }
 }
+
+/// One LoRA linear (layer 0's `q_proj`, forward and backward) and the embedding of
+/// `CudaLoraState`'s ops against the CPU's `lora_linear` / `lora_linear_bwd` / `ops::embedding`
+/// on the same bf16-valued weights. The inputs `x`, `dy` are bf16 values too, so the GPU's
+/// rounding of them to bf16 is exact and only f32 summation order differs:
+/// - each side computes a sum of products within (terms + 2)·u·Σ|terms| of the exact value,
+///   and `u = x·Aᵀ` carries its own (K + 2)·u·Σ|x||A| into the adapter term; so per element
+///   |Δy| ≤ 2(K + r + 4)·u·(Σ|x||W| + |s|·Σ_q Σ|x||A|·|B|), and alike for `dx` (over M and r),
+///   `dB = s·dyᵀ·u` (over N, plus `u`'s K) and `dA = s·(dy·B)ᵀ·x` (over N, plus `dy·B`'s M),
+///   the Σ|terms| evaluated in f64 on absolute values;
+/// - the embedding converts bf16 to f32, which is exact: bit for bit.
+#[test]
+fn lora_linear_and_embedding_on_bf16_base() {
+    use llada::hf::dtype::DType;
+    use llada::lora::train::{lora_linear, lora_linear_bwd, Factors};
+    use llada::train::backend::{LinearBwd, LinearDims};
+    let cfg = tiny();
+    let (ck, p) = tiny_bf16_model(&cfg);
+    let ad = tiny_adapter(&cfg);
+    let iq = p
+        .names
+        .iter()
+        .position(|n| n.ends_with("q_proj.weight"))
+        .unwrap();
+    let module = p.names[iq].strip_suffix(".weight").unwrap();
+    let md = &ad.modules[module];
+    let ([m, k], n, r) = (md.base_shape, 40, md.rank);
+    let s = md.scale(ad.config.use_rslora) as f32;
+    let bf = |v: Vec<f32>| {
+        v.into_iter()
+            .map(|x| DType::BF16.round(x))
+            .collect::<Vec<f32>>()
+    };
+    let (x, dy, w) = (
+        bf(rand_vec(1400, n * k, 1.0)),
+        bf(rand_vec(1401, n * m, 1.0)),
+        &p.data[iq],
+    );
+    let (f, d) = (
+        Factors {
+            a: &md.a,
+            b: &md.b,
+            s,
+            r,
+        },
+        LinearDims { n, k, m },
+    );
+    let (mut y, mut u) = (vec![0f32; n * m], vec![0f32; n * r]);
+    lora_linear(&mut y, &mut u, &x, w, f, d);
+    let mut dx = vec![0f32; n * k];
+    let (mut da, mut db) = (vec![0f32; md.a.len()], vec![0f32; md.b.len()]);
+    let io = LinearBwd {
+        dy: &dy,
+        x: &x,
+        w,
+        d,
+    };
+    lora_linear_bwd(Some(&mut dx), (&mut da, &mut db), &u, f, io);
+    // Σ|terms| (f64, absolute values).
+    let ab = |v: &[f32]| v.iter().map(|&z| (z as f64).abs()).collect::<Vec<f64>>();
+    let (xa, dya, wa, aa, ba, sa) = (ab(&x), ab(&dy), ab(w), ab(&md.a), ab(&md.b), s.abs() as f64);
+    let ua: Vec<f64> = (0..n * r)
+        .map(|e| strided_dot((&xa[e / r * k..], 1), (&aa[e % r * k..], 1), k))
+        .collect();
+    let ea: Vec<f64> = (0..n * r)
+        .map(|e| strided_dot((&dya[e / r * m..], 1), (&ba[e % r..], r), m))
+        .collect();
+    let ty: Vec<f64> = (0..n * m)
+        .map(|e| {
+            let (i, o) = (e / m, e % m);
+            strided_dot((&xa[i * k..], 1), (&wa[o * k..], 1), k)
+                + sa * strided_dot((&ua[i * r..], 1), (&ba[o * r..], 1), r)
+        })
+        .collect();
+    let tdx: Vec<f64> = (0..n * k)
+        .map(|e| {
+            let (i, j) = (e / k, e % k);
+            strided_dot((&dya[i * m..], 1), (&wa[j..], k), m)
+                + sa * strided_dot((&ea[i * r..], 1), (&aa[j..], k), r)
+        })
+        .collect();
+    let tdb: Vec<f64> = (0..m * r)
+        .map(|e| sa * strided_dot((&dya[e / r..], m), (&ua[e % r..], r), n))
+        .collect();
+    let tda: Vec<f64> = (0..r * k)
+        .map(|e| sa * strided_dot((&ea[e / k..], r), (&xa[e % k..], k), n))
+        .collect();
+    // The bound holds for the CPU side against y in f64 (half of it: one side's error).
+    let f64s = |v: &[f32]| v.iter().map(|&z| z as f64).collect::<Vec<f64>>();
+    let (x6, w6, a6, b6) = (f64s(&x), f64s(w), f64s(&md.a), f64s(&md.b));
+    for e in 0..n * m {
+        let (i, o) = (e / m, e % m);
+        let uq = |q: usize| strided_dot((&x6[i * k..], 1), (&a6[q * k..], 1), k);
+        let exact_y = strided_dot((&x6[i * k..], 1), (&w6[o * k..], 1), k)
+            + s as f64 * (0..r).map(|q| uq(q) * b6[o * r + q]).sum::<f64>();
+        let bound = (k + r + 4) as f64 * U * ty[e];
+        assert!(
+            (y[e] as f64 - exact_y).abs() <= bound,
+            "CPU y[{e}] outside its own bound"
+        );
+    }
+    let Some(g) = gpu() else { return };
+    let st = cuda::CudaLoraState::new(g, &cfg, &ck, &ad, AdamWConfig::default()).unwrap();
+    let o = &st.ops;
+    let wd = &st.params()[iq];
+    let (xd, dyd) = (o.upload(&x).unwrap(), o.upload(&dy).unwrap());
+    let mut yd = o.zeros(n * m).unwrap();
+    o.linear(&mut yd, &xd, wd, n, k, m).unwrap();
+    let (mut dxd, mut unused) = (o.zeros(n * k).unwrap(), o.zeros(1).unwrap());
+    o.linear_bwd(Some(&mut dxd), false, &mut unused, &dyd, &xd, wd, n, k, m)
+        .unwrap();
+    let gg = st.grads(&ad).unwrap();
+    let (gda, gdb) = &gg.modules[module];
+    let c = |terms: usize| 2.0 * (terms + 4) as f64 * U;
+    compare("lora y", &y, &o.download(&yd, n * m).unwrap(), |e| {
+        c(k + r) * ty[e]
+    });
+    compare("lora dx", &dx, &o.download(&dxd, n * k).unwrap(), |e| {
+        c(m + r) * tdx[e]
+    });
+    compare("lora dB", &db, gdb, |e| c(n + k) * tdb[e]);
+    compare("lora dA", &da, gda, |e| c(n + m) * tda[e]);
+    // The embedding from the bf16 table.
+    let iw = p.index_of(llada::hf::checkpoint::WTE).unwrap();
+    let ch = cfg.d_model;
+    let ids = rand_ids(1402, n, cfg.embedding_size);
+    let mut want = vec![0f32; n * ch];
+    ops::embedding(&mut want, &p.data[iw], &ids, ch);
+    let mut out = o.zeros(n * ch).unwrap();
+    o.embedding(&mut out, &st.params()[iw], &o.ints(&ids).unwrap(), n, ch)
+        .unwrap();
+    exact("lora embedding", &want, &o.download(&out, n * ch).unwrap());
+}

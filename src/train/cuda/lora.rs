@@ -471,6 +471,13 @@ impl CudaLoraState {
         })
     }
 
+    /// The pass's parameter list ([`Params`]' order): one-float placeholders standing for the
+    /// bf16 matrices (what [`TrainOps::linear`] and [`TrainOps::embedding`] take as the weight
+    /// on these ops), the norms in f32.
+    pub fn params(&self) -> &[Buf] {
+        &self.p
+    }
+
     /// Bytes of the frozen base on the device (bf16 matrices + f32 norms).
     pub fn base_bytes(&self) -> Result<usize> {
         let l = self.ops.lora_state()?;
