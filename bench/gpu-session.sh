@@ -4,7 +4,8 @@
 # the switches not yet passed on a GPU (LLADA_DEVICE_SELECT, LLADA_FUSED: parity + one bench line),
 # then the Fast-dLLM cache rows and the offline batch rows, each beside its PyTorch reference,
 # the likelihood rows, and training throughput (llada-1b, bf16 and f32 GEMMs) beside the PyTorch
-# training reference (torch_reference.py --train), with the ratio.
+# training reference (torch_reference.py --train), with the ratio, and a short LoRA run of the
+# llada-8b preset at 2048 tokens (tokens/s, peak memory).
 #   bash gpu-bundle/gpu-session.sh RESULTS_DIR
 #   GPU_SESSION_ONLY=fa2 bash gpu-bundle/gpu-session.sh RESULTS_DIR   (only the FA2 attention checks)
 #   GPU_SESSION_ONLY=step bash gpu-bundle/gpu-session.sh RESULTS_DIR  (only the LLADA_DEVICE_SELECT /
@@ -157,4 +158,11 @@ for prec in ("bf16", "f32"):
     ratio = f"{lt / tt:.2f}" if lt and tt else "n/a"
     print(f"{prec:>9} {f(lt):>12} {lm or 'n/a':>10} {f(tt):>12} {tm or 'n/a':>10} {ratio:>7}")
 PY
+echo "== llada train --lora-rank 16: llada-8b preset, frozen bf16 base, 1 x 2048 tokens, 3 steps (<= 120 s)"
+# Token ids (the presets have no tokenizer, so the pretraining loss; an SFT step costs the same).
+python3 -c "import json,random; random.seed(1); print('\n'.join(json.dumps({'ids':[random.randrange(126000) for _ in range(2100)]}) for _ in range(8)))" >"$res/lora-ids.jsonl"
+timeout "${T_LORA:-120}" bin/llada train --preset llada-8b --device cuda --lora-rank 16 --data "$res/lora-ids.jsonl" \
+    --out "$res/lora-8b" --steps 3 --batch-size 1 --seq-len 2048 --warmup 1 --no-truncate --no-save >"$res/lora-8b.log" 2>&1
+echo "exit $?; $(grep -m1 '^LoRA GPU memory' "$res/lora-8b.log" | cut -c1-160)"
+grep -E '^step |peak GPU memory' "$res/lora-8b.log" | tail -n 2
 echo "== done"; tail -n 12 "$res/gpu-check.log"

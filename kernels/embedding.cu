@@ -14,6 +14,9 @@
 // a kernel reduces as a tree, results differ by f32 rounding only.
 // embedding_f32(out, wte, ids, n, c):           out[i,:] = wte[ids[i],:]; ids in [0,V) (launcher
 //   checks); grid n, block 256. Pure copy: bit-exact.
+// embedding_bf16_f32(out, wte, ids, n, c):      out[i,:] = f32(wte[ids[i],:]): the frozen bf16 table of
+//   LoRA training into the f32 activations; ids in [0,V) (launcher checks); grid n, block 256.
+//   bf16 -> f32 is exact: bit-exact.
 // embedding_bwd_f32: backward of the embedding lookup (`ops::embedding_bwd`), f32, deterministic.
 //   dwte[id, :] += Σ_{i : ids[i] = id} dx[i, :]      rows added in ascending i (the CPU's order)
 // No atomics: the launcher groups the (host-known) ids into CSR form — `uniq[u]` the distinct
@@ -31,6 +34,15 @@ embedding_bf16(bf16* __restrict__ out, const bf16* __restrict__ wte, const int* 
 extern "C" __global__ void __launch_bounds__(1024)
 embedding_f32(float* __restrict__ out, const float* __restrict__ wte, const int* __restrict__ ids, int n, int c) {
     if ((int)blockIdx.x < n) gather_row(out, wte, ids[blockIdx.x], c);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+embedding_bf16_f32(float* __restrict__ out, const bf16* __restrict__ wte, const int* __restrict__ ids, int n, int c) {
+    const int i = blockIdx.x;
+    if (i >= n) return;
+    const bf16* src = wte + (long long)ids[i] * c;
+    float* dst = out + (long long)i * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = __bfloat162float(src[j]);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)

@@ -23,6 +23,10 @@
 //! of what it computes (`ops::linear_bf16`: bf16 inputs, exact sums), and one whole training
 //! pass against the f32 CPU reference with tolerances loose enough for bf16 inputs.
 //!
+//! LoRA over a frozen bf16 base (`CudaLoraState`) is checked against the CPU's LoRA step
+//! (`LoraStep`) on the same bf16-valued weights, with the bf16 bounds of the activations'
+//! rounding (derived beside the test).
+//!
 //! Without a usable GPU every test prints `SKIP: <why>` and passes, unless
 //! `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
 
@@ -40,7 +44,7 @@ use llada::train::model::{forward_backward, forward_backward_on, Batch, Params};
 use llada::train::model::{forward_backward_with, PassOptions};
 use llada::train::ops::{self, AttnShape};
 use llada::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use llada::train::{TrainOptions, Trainer};
+use llada::train::{StepState, TrainOptions, Trainer};
 
 const U: f64 = 1.0 / 16_777_216.0; // 2^-24
 
@@ -1394,4 +1398,294 @@ fn model_step_recompute_is_bit_identical_on<B: TrainOps>(g: &B) {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA over a frozen bf16 base
+
+/// The tiny preset's random parameters rounded to bf16, as a checkpoint of bf16 tensors (what
+/// the GPU's LoRA run uploads as is) and as the f32 parameters of the CPU reference (the same
+/// values exactly).
+fn tiny_bf16_model(cfg: &ModelConfig) -> (llada::hf::checkpoint::Checkpoint, Params<f32>) {
+    use llada::hf::checkpoint::{Checkpoint, WeightSource};
+    use llada::hf::dtype::DType;
+    let mut p = tiny_params(cfg);
+    let mut map = std::collections::HashMap::new();
+    for (i, d) in p.data.iter_mut().enumerate() {
+        for x in d.iter_mut() {
+            *x = DType::BF16.round(*x);
+        }
+        let name = p.names[i].clone();
+        let src = WeightSource::Host {
+            data: std::sync::Arc::new(d.clone()),
+            dtype: DType::BF16,
+            shape: p.shapes[i].clone(),
+            name: name.clone(),
+        };
+        map.insert(name, src);
+    }
+    let mut ck = Checkpoint::from_sources(map);
+    ck.check_against(cfg).unwrap();
+    let back = Params::<f32>::from_checkpoint(cfg, &ck).unwrap();
+    assert_eq!(
+        back.data, p.data,
+        "bf16 values survive the checkpoint exactly"
+    );
+    (ck, p)
+}
+
+/// A rank-4 adapter on every default target with `B` random too (PEFT starts it at zero, which
+/// would make every `dA` zero and hide its errors).
+fn tiny_adapter(cfg: &ModelConfig) -> llada::lora::Adapter {
+    let targets: Vec<String> = "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out"
+        .split(',')
+        .map(String::from)
+        .collect();
+    let mut ad = llada::lora::train::init_adapter(cfg, &targets, 4, 8.0, false, 7).unwrap();
+    for (j, m) in ad.modules.values_mut().enumerate() {
+        m.b = rand_vec(1300 + j as u64, m.b.len(), 0.05);
+    }
+    ad
+}
+
+/// One LoRA step's pass on `s` (the trainer's step state: the CPU's `LoraStep` or the GPU's
+/// `CudaLoraState`): loss and adapter gradients of the tiny batch, then the same pass again
+/// without clearing, whose gradients must be exactly twice the first (a deterministic pass
+/// accumulating: f32 doubles exactly).
+fn lora_pass_on<S: StepState>(
+    s: &mut S,
+    grads: impl Fn(&S) -> llada::lora::train::LoraGrads,
+) -> (f64, llada::lora::train::LoraGrads) {
+    let cfg = tiny();
+    let batch = tiny_batch(&cfg, 2, 40);
+    s.zero_grad().unwrap();
+    let loss = s.forward_backward(&cfg, &batch).unwrap();
+    let g = grads(s);
+    let loss2 = s.forward_backward(&cfg, &batch).unwrap();
+    assert_eq!(loss.to_bits(), loss2.to_bits(), "the pass is deterministic");
+    let g2 = grads(s);
+    for (name, (a, b)) in &g.modules {
+        let (a2, b2) = &g2.modules[name];
+        for (what, one, two) in [("A", a, a2), ("B", b, b2)] {
+            assert!(
+                one.iter().all(|x| x.is_finite()),
+                "d{what} of {name}: non-finite"
+            );
+            let twice: Vec<f32> = one.iter().map(|x| 2.0 * x).collect();
+            let e = rel_err(&twice, two);
+            assert!(e <= 1e-6, "d{what} of {name} does not accumulate: {e:e}");
+        }
+    }
+    (loss, g)
+}
+
+/// LoRA training on the GPU (`CudaLoraState`: frozen bf16 base, f32 adapters) against the CPU's
+/// (`LoraStep`: `HostOps` with the LoRA linears, f32) on the same bf16-valued base, adapter and
+/// batch. The body runs on each: the CPU instance checks the harness (determinism,
+/// accumulation) and gives the reference.
+///
+/// Tolerances: the weights are bf16 values on both sides, so the only difference beyond f32
+/// rounding is that every base GEMM on the GPU rounds its activation operand (`x` forward,
+/// `dy` backward) to bf16 (RNE, ≤ 2^-9 relative per element). That is one of the two rounded
+/// operands of `model_step_bf16_close_to_cpu`, whose CPU emulation gave loss errors ≤ 6.6e-4
+/// relative and per-tensor normwise gradient errors ≤ 2.6e-2 with cosines ≥ 0.99975; the same
+/// bounds with ≥ 4× margin hold here: loss ≤ 5e-3 relative, each `dA` / `dB` relative error ≤
+/// 0.1 and cosine ≥ 0.995. The adapter GEMMs are f32. A wiring error (a transposed factor, a
+/// missing scale, a lost accumulation, the wrong module) gives O(1) errors; NaN fails (every
+/// comparison with NaN is false, and the body checks finiteness).
+#[test]
+fn lora_step_bf16_base_close_to_cpu() {
+    use llada::train::lora::LoraStep;
+    let cfg = tiny();
+    let (ck, p) = tiny_bf16_model(&cfg);
+    let ad = tiny_adapter(&cfg);
+    let mut cpu = LoraStep::new(p, ad.clone(), AdamWConfig::default());
+    let (loss, want) = lora_pass_on(&mut cpu, |s| s.grads.clone());
+    assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
+    assert!(
+        want.modules
+            .values()
+            .all(|(a, b)| a.iter().any(|&x| x != 0.0) && b.iter().any(|&x| x != 0.0)),
+        "every dA and dB is nonzero (B is not zero)"
+    );
+    let Some(g) = gpu() else { return };
+    let mut st = cuda::CudaLoraState::new(g, &cfg, &ck, &ad, AdamWConfig::default()).unwrap();
+    // The base is resident as bf16: 2 bytes per matrix element, 4 per norm element.
+    let (mats, norms): (usize, usize) = (ck.names().map(|n| ck.get(n).unwrap()))
+        .map(|t| (t.shape().len(), t.numel()))
+        .fold(
+            (0, 0),
+            |(m, v), (d, n)| if d == 2 { (m + n, v) } else { (m, v + n) },
+        );
+    assert_eq!(st.base_bytes().unwrap(), 2 * mats + 4 * norms);
+    let (gl, got) = lora_pass_on(&mut st, |s| s.grads(&ad).unwrap());
+    let peak = st.peak_bytes().unwrap();
+    assert!(peak >= st.base_bytes().unwrap(), "peak {peak} B sampled");
+    eprintln!("tiny LoRA loss: cpu f32 {loss}, gpu bf16 base {gl}");
+    assert!(
+        (loss - gl).abs() <= 5e-3 * loss.abs(),
+        "loss cpu {loss} gpu {gl}"
+    );
+    for (name, (a, b)) in &want.modules {
+        let (ga, gb) = &got.modules[name];
+        for (what, w, x) in [("A", a, ga), ("B", b, gb)] {
+            let (e, c) = (rel_err(w, x), cosine(w, x));
+            eprintln!("d{what} of {name}: relative error {e:.2e}, cosine {c:.6}");
+            assert!(
+                e <= 0.1 && c >= 0.995,
+                "d{what} of {name}: relative error {e:e}, cosine {c}"
+            );
+        }
+    }
+    // One update each: the adapters stay finite and move (same AdamW on both sides).
+    let mut o = AdamW::new(AdamWConfig::default(), &Params::<f32>::default());
+    let n_cpu = cpu.clip_and_step(&mut o, 1e-2, 1.0).unwrap();
+    let mut o = AdamW::new(AdamWConfig::default(), &Params::<f32>::default());
+    let n_gpu = st.clip_and_step(&mut o, 1e-2, 1.0).unwrap();
+    assert!(
+        (n_cpu - n_gpu).abs() <= 0.1 * n_cpu,
+        "grad norm cpu {n_cpu} gpu {n_gpu}"
+    );
+    let mut moved = ad.clone();
+    st.download_adapter(&mut moved).unwrap();
+    for (name, m) in &moved.modules {
+        assert!(
+            m.a.iter().chain(&m.b).all(|x| x.is_finite()),
+            "{name}: non-finite"
+        );
+        assert_ne!(m.b, ad.modules[name].b, "{name}: B did not move");
+    }
+}
+
+/// One LoRA linear (layer 0's `q_proj`, forward and backward) and the embedding of
+/// `CudaLoraState`'s ops against the CPU's `lora_linear` / `lora_linear_bwd` / `ops::embedding`
+/// on the same bf16-valued weights. The inputs `x`, `dy` are bf16 values too, so the GPU's
+/// rounding of them to bf16 is exact and only f32 summation order differs:
+/// - each side computes a sum of products within (terms + 2)·u·Σ|terms| of the exact value,
+///   and `u = x·Aᵀ` carries its own (K + 2)·u·Σ|x||A| into the adapter term; so per element
+///   |Δy| ≤ 2(K + r + 4)·u·(Σ|x||W| + |s|·Σ_q Σ|x||A|·|B|), and alike for `dx` (over M and r),
+///   `dB = s·dyᵀ·u` (over N, plus `u`'s K) and `dA = s·(dy·B)ᵀ·x` (over N, plus `dy·B`'s M),
+///   the Σ|terms| evaluated in f64 on absolute values;
+/// - the embedding converts bf16 to f32, which is exact: bit for bit.
+#[test]
+fn lora_linear_and_embedding_on_bf16_base() {
+    use llada::hf::dtype::DType;
+    use llada::lora::train::{lora_linear, lora_linear_bwd, Factors};
+    use llada::train::backend::{LinearBwd, LinearDims};
+    let cfg = tiny();
+    let (ck, p) = tiny_bf16_model(&cfg);
+    let ad = tiny_adapter(&cfg);
+    let iq = p
+        .names
+        .iter()
+        .position(|n| n.ends_with("q_proj.weight"))
+        .unwrap();
+    let module = p.names[iq].strip_suffix(".weight").unwrap();
+    let md = &ad.modules[module];
+    let ([m, k], n, r) = (md.base_shape, 40, md.rank);
+    let s = md.scale(ad.config.use_rslora) as f32;
+    let bf = |v: Vec<f32>| {
+        v.into_iter()
+            .map(|x| DType::BF16.round(x))
+            .collect::<Vec<f32>>()
+    };
+    let (x, dy, w) = (
+        bf(rand_vec(1400, n * k, 1.0)),
+        bf(rand_vec(1401, n * m, 1.0)),
+        &p.data[iq],
+    );
+    let (f, d) = (
+        Factors {
+            a: &md.a,
+            b: &md.b,
+            s,
+            r,
+        },
+        LinearDims { n, k, m },
+    );
+    let (mut y, mut u) = (vec![0f32; n * m], vec![0f32; n * r]);
+    lora_linear(&mut y, &mut u, &x, w, f, d);
+    let mut dx = vec![0f32; n * k];
+    let (mut da, mut db) = (vec![0f32; md.a.len()], vec![0f32; md.b.len()]);
+    let io = LinearBwd {
+        dy: &dy,
+        x: &x,
+        w,
+        d,
+    };
+    lora_linear_bwd(Some(&mut dx), (&mut da, &mut db), &u, f, io);
+    // Σ|terms| (f64, absolute values).
+    let ab = |v: &[f32]| v.iter().map(|&z| (z as f64).abs()).collect::<Vec<f64>>();
+    let (xa, dya, wa, aa, ba, sa) = (ab(&x), ab(&dy), ab(w), ab(&md.a), ab(&md.b), s.abs() as f64);
+    let ua: Vec<f64> = (0..n * r)
+        .map(|e| strided_dot((&xa[e / r * k..], 1), (&aa[e % r * k..], 1), k))
+        .collect();
+    let ea: Vec<f64> = (0..n * r)
+        .map(|e| strided_dot((&dya[e / r * m..], 1), (&ba[e % r..], r), m))
+        .collect();
+    let ty: Vec<f64> = (0..n * m)
+        .map(|e| {
+            let (i, o) = (e / m, e % m);
+            strided_dot((&xa[i * k..], 1), (&wa[o * k..], 1), k)
+                + sa * strided_dot((&ua[i * r..], 1), (&ba[o * r..], 1), r)
+        })
+        .collect();
+    let tdx: Vec<f64> = (0..n * k)
+        .map(|e| {
+            let (i, j) = (e / k, e % k);
+            strided_dot((&dya[i * m..], 1), (&wa[j..], k), m)
+                + sa * strided_dot((&ea[i * r..], 1), (&aa[j..], k), r)
+        })
+        .collect();
+    let tdb: Vec<f64> = (0..m * r)
+        .map(|e| sa * strided_dot((&dya[e / r..], m), (&ua[e % r..], r), n))
+        .collect();
+    let tda: Vec<f64> = (0..r * k)
+        .map(|e| sa * strided_dot((&ea[e / k..], r), (&xa[e % k..], k), n))
+        .collect();
+    // The bound holds for the CPU side against y in f64 (half of it: one side's error).
+    let f64s = |v: &[f32]| v.iter().map(|&z| z as f64).collect::<Vec<f64>>();
+    let (x6, w6, a6, b6) = (f64s(&x), f64s(w), f64s(&md.a), f64s(&md.b));
+    for e in 0..n * m {
+        let (i, o) = (e / m, e % m);
+        let uq = |q: usize| strided_dot((&x6[i * k..], 1), (&a6[q * k..], 1), k);
+        let exact_y = strided_dot((&x6[i * k..], 1), (&w6[o * k..], 1), k)
+            + s as f64 * (0..r).map(|q| uq(q) * b6[o * r + q]).sum::<f64>();
+        let bound = (k + r + 4) as f64 * U * ty[e];
+        assert!(
+            (y[e] as f64 - exact_y).abs() <= bound,
+            "CPU y[{e}] outside its own bound"
+        );
+    }
+    let Some(g) = gpu() else { return };
+    let st = cuda::CudaLoraState::new(g, &cfg, &ck, &ad, AdamWConfig::default()).unwrap();
+    let o = &st.ops;
+    let wd = &st.params()[iq];
+    let (xd, dyd) = (o.upload(&x).unwrap(), o.upload(&dy).unwrap());
+    let mut yd = o.zeros(n * m).unwrap();
+    o.linear(&mut yd, &xd, wd, n, k, m).unwrap();
+    let (mut dxd, mut unused) = (o.zeros(n * k).unwrap(), o.zeros(1).unwrap());
+    o.linear_bwd(Some(&mut dxd), false, &mut unused, &dyd, &xd, wd, n, k, m)
+        .unwrap();
+    let gg = st.grads(&ad).unwrap();
+    let (gda, gdb) = &gg.modules[module];
+    let c = |terms: usize| 2.0 * (terms + 4) as f64 * U;
+    compare("lora y", &y, &o.download(&yd, n * m).unwrap(), |e| {
+        c(k + r) * ty[e]
+    });
+    compare("lora dx", &dx, &o.download(&dxd, n * k).unwrap(), |e| {
+        c(m + r) * tdx[e]
+    });
+    compare("lora dB", &db, gdb, |e| c(n + k) * tdb[e]);
+    compare("lora dA", &da, gda, |e| c(n + m) * tda[e]);
+    // The embedding from the bf16 table.
+    let iw = p.index_of(llada::hf::checkpoint::WTE).unwrap();
+    let ch = cfg.d_model;
+    let ids = rand_ids(1402, n, cfg.embedding_size);
+    let mut want = vec![0f32; n * ch];
+    ops::embedding(&mut want, &p.data[iw], &ids, ch);
+    let mut out = o.zeros(n * ch).unwrap();
+    o.embedding(&mut out, &st.params()[iw], &o.ints(&ids).unwrap(), n, ch)
+        .unwrap();
+    exact("lora embedding", &want, &o.download(&out, n * ch).unwrap());
 }

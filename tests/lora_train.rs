@@ -239,18 +239,30 @@ fn cli_trains_a_lora_adapter() {
     ));
     let g = llada(&a);
     assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
-    // Refused with a clear error: resume, and CUDA.
+    // On CUDA: the same run trains there (bf16 base), or, without a GPU, stops with a clear
+    // error.
+    let out_gpu = dir.join("adapter-gpu");
+    let og = out_gpu.to_str().unwrap();
     let a: Vec<&str> = args
         .iter()
-        .map(|&x| if x == "cpu" { "cuda" } else { x })
+        .map(|&x| match x {
+            "cpu" => "cuda",
+            x if x == o => og,
+            x => x,
+        })
         .collect();
     let r = llada(&a);
-    assert!(!r.status.success());
     let e = String::from_utf8_lossy(&r.stderr);
-    assert!(
-        e.contains("CPU only") || e.contains("CUDA unavailable"),
-        "{e}"
-    );
+    if r.status.success() {
+        let lg = losses_of(&e);
+        assert_eq!(lg.len(), 40, "{e}");
+        assert!(lg.iter().all(|x| x.is_finite()), "{lg:?}");
+        assert!(e.contains("bf16 base"), "{e}");
+        assert!(Adapter::open(&out_gpu, &cfg).is_ok());
+    } else {
+        assert!(e.contains("CUDA unavailable"), "{e}");
+    }
+    // Refused with a clear error: resume.
     let r = llada(&[
         "train",
         "--resume",
@@ -265,4 +277,44 @@ fn cli_trains_a_lora_adapter() {
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("--resume is not supported"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The LoRA memory model (`llada::train::lora::lora_memory`, printed at the start of a LoRA run)
+/// for the `llada-8b` preset, rank 16 on every default target, one sequence of 2048 tokens:
+/// every term from the shapes, checked here by recomputing the two that dominate, and the
+/// total within the 60 GB target of issue 17 (computed, not measured on a GPU).
+#[test]
+fn lora_memory_of_the_8b_preset_fits_60_gb() {
+    use llada::train::lora::lora_memory;
+    let cfg = llada::hf::presets::preset_config("llada-8b").unwrap();
+    let targets: Vec<String> = "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out"
+        .split(',')
+        .map(String::from)
+        .collect();
+    let ad = llada::lora::train::init_adapter(&cfg, &targets, 16, 16.0, false, 0).unwrap();
+    let (keep, rec) = (
+        lora_memory(&cfg, &ad, 1, 2048, false),
+        lora_memory(&cfg, &ad, 1, 2048, true),
+    );
+    let gb = |b: usize| b as f64 / 1e9;
+    eprintln!(
+        "llada-8b LoRA r16, 1 x 2048: {:.2} GB keeping all activations ({}), {:.2} GB with \
+         --recompute ({})",
+        gb(keep.total()),
+        keep.describe(),
+        gb(rec.total()),
+        rec.describe()
+    );
+    // The base: 2 bytes per matrix element (+ 8 per norm element), ~8.0 B parameters.
+    let numel: usize = llada::hf::checkpoint::expected_tensors(&cfg)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    assert!(keep.base >= 2 * numel && keep.base < 2 * numel + 8 * 4096 * 65);
+    let n_ad: usize = ad.modules.values().map(|m| m.a.len() + m.b.len()).sum();
+    assert_eq!(keep.adapter, 24 * n_ad);
+    assert_eq!(keep.base, rec.base);
+    assert!(rec.activations < keep.activations / 4, "{rec:?} {keep:?}");
+    assert!(keep.total() as f64 <= 60e9, "{}", keep.describe());
+    assert!(rec.total() as f64 <= 60e9, "{}", rec.describe());
 }

@@ -1,7 +1,7 @@
 // Standalone GPU check of kernels/*.cu against C++ CPU references; not part of the crate.
 // Build with kernels/check/build.sh, run the binary on a GPU machine (needs only the driver).
 //
-// Covered here: add_bf16, rms_norm_bf16, add_rms_norm_bf16, swiglu_bf16, embedding_bf16,
+// Covered here: add_bf16, rms_norm_bf16, add_rms_norm_bf16, swiglu_bf16, embedding_bf16, embedding_bf16_f32,
 // gather_rows_bf16, rope_bf16, kv_store_bf16, fill_random_bf16, fill_const_bf16, f32_to_bf16,
 // f16_to_bf16, attention_fwd_bf16, attention_fa2_bf16_hd{64,128}_q{32,64} and
 // attention_fa2_combine_bf16 (split and unsplit must agree bit for bit), head_select_bf16, topk_select_f32, threshold_select_f32, and
@@ -272,6 +272,19 @@ static void test_elementwise() {
             for (int i = 0; i < n; ++i)
                 bad += memcmp(&r[(size_t)i * cc], &wte[(size_t)ids[i] * cc], cc * 2) != 0;
             CHECK(bad == 0, "gather c=%d: %d rows", cc, bad);
+            // embedding_bf16_f32 (LoRA training's frozen table): bf16 -> f32 is exact.
+            float* dof;
+            CK(cudaMalloc(&dof, (size_t)n * cc * 4));
+            embedding_bf16_f32<<<n, 256>>>(dof, dw, di, n, cc);
+            auto rf = back(dof, (size_t)n * cc);
+            bad = 0;
+            for (int i = 0; i < n; ++i)
+                for (int j = 0; j < cc; ++j) {
+                    float e = h_bf16_f(wte[(size_t)ids[i] * cc + j]);
+                    bad += memcmp(&rf[(size_t)i * cc + j], &e, 4) != 0;
+                }
+            CHECK(bad == 0, "embedding_bf16_f32 c=%d: %d elements", cc, bad);
+            CK(cudaFree(dof));
         }
     }
     // rope

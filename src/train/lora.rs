@@ -231,3 +231,78 @@ impl StepState for LoraStep {
         Ok(norm)
     }
 }
+
+/// Device bytes of a LoRA run on one GPU ([`super::cuda::CudaLoraState`]), by category, from
+/// the shapes alone ([`lora_memory`]): computed, not measured (the CUDA context, cuBLAS's
+/// workspace and the allocator's slack come on top).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraMemory {
+    /// The frozen base: bf16 matrices (2 bytes each), f32 norms and their discarded `dw`.
+    pub base: usize,
+    /// The adapters' factors, gradients and two AdamW moments: 24 bytes per parameter.
+    pub adapter: usize,
+    /// The pass's f32 activations ([`super::model::activation_floats`], every token a loss row).
+    pub activations: usize,
+    /// Every targeted linear's kept `u` `[N, r]` (all layers, also when recomputing) and the
+    /// `dy·B` buffer.
+    pub lora_acts: usize,
+    /// The bf16 copy of the largest base-GEMM input (`N × max(K, M)`, the head's `N × V`).
+    pub scratch: usize,
+}
+
+impl LoraMemory {
+    pub fn total(&self) -> usize {
+        self.base + self.adapter + self.activations + self.lora_acts + self.scratch
+    }
+
+    /// One line for the start of a run (GiB).
+    pub fn describe(&self) -> String {
+        let g = |b: usize| b as f64 / (1u64 << 30) as f64;
+        format!(
+            "{:.2} GiB = base {:.2} (bf16) + adapters {:.3} (f32 factors, grads, moments) + \
+             activations {:.2} + LoRA u {:.3} + bf16 scratch {:.2}",
+            g(self.total()),
+            g(self.base),
+            g(self.adapter),
+            g(self.activations),
+            g(self.lora_acts),
+            g(self.scratch)
+        )
+    }
+}
+
+/// [`LoraMemory`] of micro-batches of `b × t` tokens training `adapter` on `cfg`'s model, with
+/// or without per-layer recomputation.
+pub fn lora_memory(
+    cfg: &ModelConfig,
+    adapter: &Adapter,
+    b: usize,
+    t: usize,
+    recompute: bool,
+) -> LoraMemory {
+    let n = b * t;
+    let (mut base, mut widest) = (0usize, 0usize);
+    for (_, shape) in crate::hf::checkpoint::expected_tensors(cfg) {
+        let numel: usize = shape.iter().product();
+        match shape.as_slice() {
+            [rows, cols] => {
+                base += 2 * numel;
+                widest = widest.max(*rows.max(cols));
+            }
+            _ => base += 2 * 4 * numel,
+        }
+    }
+    let (mut adapter_bytes, mut u, mut r_max) = (0usize, 0usize, 0usize);
+    for m in adapter.modules.values() {
+        adapter_bytes += 24 * (m.a.len() + m.b.len());
+        u += 4 * n * m.rank;
+        r_max = r_max.max(m.rank);
+    }
+    LoraMemory {
+        base,
+        adapter: adapter_bytes,
+        activations: 4 * super::model::activation_floats(cfg, b, t, n, recompute),
+        lora_acts: u + 4 * n * r_max,
+        scratch: 2 * n * widest,
+    }
+}

@@ -4,8 +4,9 @@
 use super::*;
 use cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 
-/// Column-major `C[m×n] = op(A)·op(B) + beta·C` (alpha 1) on device addresses: `cublasGemmEx`
-/// with one data type for A, B and C, host-side f32 alpha/beta (the scale type of both
+/// Column-major `C[m×n] = alpha·op(A)·op(B) + beta·C` on device addresses: `cublasGemmEx` with
+/// one data type for A and B (and C, unless `c_data` names another: bf16 A/B with f32 C is the
+/// LoRA trainer's frozen-base GEMM), host-side f32 alpha/beta (the scale type of both
 /// `CUBLAS_COMPUTE_32F` and `CUBLAS_COMPUTE_32F_FAST_16BF`).
 pub(crate) struct Gemm {
     /// `A` is transposed (`op(A) = Aᵀ`).
@@ -24,6 +25,10 @@ pub(crate) struct Gemm {
     pub ldc: usize,
     pub data: cudaDataType_t,
     pub compute: cublasComputeType_t,
+    /// `alpha` (1 in [`Gemm::F32`]).
+    pub alpha: f32,
+    /// C's data type when it is not `data` (`None`: the same).
+    pub c_data: Option<cudaDataType_t>,
 }
 
 impl Gemm {
@@ -43,6 +48,8 @@ impl Gemm {
         ldc: 0,
         data: cudaDataType_t::CUDA_R_32F,
         compute: cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        alpha: 1.0,
+        c_data: None,
     };
 
     /// Run on `handle` (bound to the caller's stream). Nothing to do when `m` or `n` is 0. The
@@ -65,7 +72,8 @@ impl Gemm {
             int(op, "ldb", self.ldb.max(1))?,
             int(op, "ldc", self.ldc.max(1))?,
         );
-        let alpha = 1.0f32;
+        let alpha = self.alpha;
+        let c_data = self.c_data.unwrap_or(self.data);
         // SAFETY: the operands are live device allocations the caller validated against
         // (m, n, k) and the leading dimensions; alpha and beta are host f32 (pointer mode host).
         unsafe {
@@ -85,7 +93,7 @@ impl Gemm {
                 ldb,
                 &self.beta as *const f32 as *const c_void,
                 self.c as *mut c_void,
-                self.data,
+                c_data,
                 ldc,
                 self.compute,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -93,7 +101,7 @@ impl Gemm {
         }
         .map_err(|e| {
             anyhow!(
-                "{op}: cuBLAS GEMM ({:?} data, {:?}, m {m}, n {n}, k {k}) failed: {e:?}",
+                "{op}: cuBLAS GEMM ({:?} data, {c_data:?} C, {:?}, m {m}, n {n}, k {k}) failed: {e:?}",
                 self.data,
                 self.compute
             )

@@ -346,6 +346,7 @@ impl Backend for CudaBackend {
             ldc: m,
             data: cudaDataType_t::CUDA_R_16BF,
             compute: cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ..Gemm::F32
         }
         .run(op, *self.blas.handle())
     }

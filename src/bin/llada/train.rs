@@ -15,12 +15,12 @@ use llada::engine::device::DeviceChoice;
 use llada::engine::{ModelSpec, Opened};
 use llada::hf::tokenizer::Tokenizer;
 use llada::train::checkpoint;
-use llada::train::cuda::{CudaOps, CudaTrainState, CudaZeroState, TrainPrecision};
+use llada::train::cuda::{CudaLoraState, CudaOps, CudaTrainState, CudaZeroState, TrainPrecision};
 use llada::train::data::{load_pretrain_with, load_sft, Sample};
 use llada::train::dist::{DistEnv, HostGroup};
 use llada::train::memory::{plan, render, Storage};
 use llada::train::model::Params;
-use llada::train::{TrainOptions, Trainer};
+use llada::train::{StepState, TrainOptions, Trainer};
 
 use crate::ModelArgs;
 
@@ -105,8 +105,9 @@ pub struct TrainArgs {
     /// RANK/WORLD_SIZE or srun).
     #[arg(long, requires = "memory_plan")]
     world_size: Option<usize>,
-    /// Train a LoRA adapter of this rank on the frozen model instead of the full model (CPU,
-    /// one process); --out receives the adapter in PEFT's format (`llada generate --lora`).
+    /// Train a LoRA adapter of this rank on the frozen model instead of the full model (one
+    /// process; on CUDA the base stays bf16 on the GPU, only the adapters and their optimizer
+    /// state are f32); --out receives the adapter in PEFT's format (`llada generate --lora`).
     #[arg(long)]
     lora_rank: Option<usize>,
     /// LoRA alpha (scale alpha / rank, or alpha / √rank with --lora-rslora).
@@ -304,10 +305,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         if dist.is_some() {
             bail!("LoRA training (--lora-rank) runs as one process for now; pass --no-dist");
         }
-        if cuda_device.is_some() {
-            bail!("LoRA training (--lora-rank) runs on the CPU only for now; use --device cpu");
-        }
-        return train_lora(&a, rank);
+        return train_lora(&a, rank, cuda_device);
     }
     if zero == 1 {
         crate::train_plan::check_zero(world)?;
@@ -600,14 +598,13 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
 /// `llada train --lora-rank R`: the frozen base model, a fresh adapter trained with
 /// [`llada::lora::train::LoraAdamW`] on the trainer's step (same batches, accumulation,
 /// clipping and schedule as full training), saved in PEFT's format to --out.
-fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
-    use llada::train::lora::LoraStep;
+fn train_lora(a: &TrainArgs, rank: usize, cuda: Option<usize>) -> Result<()> {
+    use llada::train::lora::{lora_memory, LoraStep};
     use llada::train::optim::AdamWConfig;
     let spec = a.model.spec()?;
     let tiny = matches!(&spec, ModelSpec::Preset { name, .. } if name == "tiny");
     let opened = Opened::open(&spec)?;
     let cfg = opened.cfg.clone();
-    let params = Params::<f32>::from_checkpoint(&cfg, &opened.ckpt)?;
     let tok = tokenizer_for(opened.tokenizer, tiny, a.out(), &cfg, true)?;
     let targets: Vec<String> = a
         .lora_targets
@@ -635,14 +632,26 @@ fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
         .values()
         .map(|m| m.a.len() + m.b.len())
         .sum();
+    let base_numel: usize = opened
+        .ckpt
+        .names()
+        .filter_map(|n| opened.ckpt.get(n).ok())
+        .map(|t| t.numel())
+        .sum();
     eprintln!(
         "training a rank-{rank} LoRA adapter ({} modules, {n_lora} parameters) on {} (frozen, \
-         {} parameters), {} sequences of {} tokens, CPU f32, batch {} × {} accumulation",
+         {base_numel} parameters), {} sequences of {} tokens, {}, batch {} × {} accumulation",
         adapter.modules.len(),
         opened.label,
-        params.numel(),
         samples.len(),
         a.seq_len,
+        match cuda {
+            Some(_) => format!(
+                "CUDA: bf16 base, f32 adapters, {} adapter GEMMs",
+                a.precision
+            ),
+            None => "CPU f32".to_string(),
+        },
         a.batch_size,
         a.accum
     );
@@ -650,19 +659,61 @@ fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
         weight_decay: a.weight_decay,
         ..AdamWConfig::default()
     };
-    let mut state = LoraStep::new(params, adapter, adam);
-    state.recompute = a.recompute;
     eprintln!(
         "{}",
         activation_note(&cfg, a.batch_size, a.seq_len, a.recompute)
     );
+    let (b, t) = (a.batch_size, a.seq_len);
+    eprintln!(
+        "LoRA GPU memory (computed from the shapes, per micro-batch of {b} × {t}): {} with \
+         --recompute; {} without",
+        lora_memory(&cfg, &adapter, b, t, true).describe(),
+        lora_memory(&cfg, &adapter, b, t, false).describe()
+    );
     // The trainer only schedules and batches: its own (full-model) tensors stay empty.
-    let mut trainer = Trainer::new(cfg.clone(), Params::default(), opts, samples)?;
+    let trainer = Trainer::new(cfg.clone(), Params::default(), opts, samples)?;
+    match cuda {
+        Some(i) => {
+            let mut ops = CudaOps::new(i)?;
+            ops.set_precision(a.precision);
+            eprintln!("device: cuda:{i} ({})", ops.be.device_name());
+            let mut state = CudaLoraState::new(ops, &cfg, &opened.ckpt, &adapter, adam)?;
+            state.recompute = a.recompute;
+            let mut host = adapter;
+            lora_loop(a, trainer, &mut state, |st, out| {
+                st.download_adapter(&mut host)?;
+                host.save(out, &cfg)
+            })?;
+            let (_, total) = state.ops.be.mem_info()?;
+            eprintln!(
+                "peak GPU memory in use: {:.2} GiB of {:.2} GiB (cuMemGetInfo total − free, \
+                 sampled in the backward passes)",
+                state.peak_bytes()? as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            );
+            Ok(())
+        }
+        None => {
+            let params = Params::<f32>::from_checkpoint(&cfg, &opened.ckpt)?;
+            let mut state = LoraStep::new(params, adapter, adam);
+            state.recompute = a.recompute;
+            lora_loop(a, trainer, &mut state, |st, out| st.adapter.save(out, &cfg))
+        }
+    }
+}
+
+/// The steps of a LoRA run on `state`, saving the adapter through `save`.
+fn lora_loop<S: StepState>(
+    a: &TrainArgs,
+    mut trainer: Trainer,
+    state: &mut S,
+    mut save: impl FnMut(&S, &Path) -> Result<()>,
+) -> Result<()> {
     let show = std::io::stderr().is_terminal();
     let total = trainer.opts.steps;
     while trainer.step < total {
         let t0 = Instant::now();
-        let s = trainer.train_step_on(&mut state)?;
+        let s = trainer.train_step_on(state)?;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         let line = format!(
             "step {}/{} loss {:.4} lr {:.2e} gnorm {:.3} tok/s {:.0}",
@@ -680,7 +731,7 @@ fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
             eprintln!("{line}");
         }
         if !a.no_save && a.save_every > 0 && s.step % a.save_every == 0 && s.step < total {
-            state.adapter.save(a.out(), &cfg)?;
+            save(state, a.out())?;
         }
     }
     if show {
@@ -690,7 +741,7 @@ fn train_lora(a: &TrainArgs, rank: usize) -> Result<()> {
         eprintln!("not saved (--no-save), step {}", trainer.step);
         return Ok(());
     }
-    state.adapter.save(a.out(), &cfg)?;
+    save(state, a.out())?;
     eprintln!(
         "saved the LoRA adapter to {} (step {}; load it with llada generate --lora {})",
         a.out().display(),

@@ -69,6 +69,9 @@ pub struct CudaOps {
     pub be: CudaBackend,
     pub(super) k: TrainKernels,
     pub(super) precision: TrainPrecision,
+    /// LoRA training over a frozen bf16 base ([`super::lora`]): when set, every linear and the
+    /// embedding read the base through it.
+    pub(super) lora: Option<Box<super::lora::CudaLora>>,
 }
 
 /// The backend's `launch!` on this state's stream, after binding the backend's context.
@@ -111,6 +114,7 @@ impl CudaOps {
             be,
             k,
             precision: TrainPrecision::F32,
+            lora: None,
         })
     }
 

@@ -70,6 +70,9 @@ impl TrainOps for CudaOps {
         let op = "embedding";
         check_len(op, "out", out.len(), n * c)?;
         ensure!(c > 0, "{op}: C must be positive");
+        if self.lora.is_some() {
+            return self.lora_embedding(out, wte, ids, [n, c]);
+        }
         check_ints(op, "ids", ids, n, wte.len() / c, "the embedding rows")?;
         if n == 0 {
             return Ok(());
@@ -82,6 +85,9 @@ impl TrainOps for CudaOps {
     /// Backward of the embedding: `dwte[ids[i]] += dx[i]` (rows in ascending order; the CSR
     /// grouping is built here from the host ids, no atomics: deterministic, bit-exact).
     fn embedding_bwd(&self, dwte: &mut Buf, dx: &Buf, ids: &[u32], c: usize) -> Result<()> {
+        if self.lora.is_some() {
+            return Ok(()); // the embedding is frozen
+        }
         let op = "embedding_bwd";
         let n = ids.len();
         check_len(op, "dx", dx.len(), n * c)?;
@@ -494,6 +500,9 @@ impl TrainOps for CudaOps {
     /// are transposes: `yᵀ = W·xᵀ` with `W` stored `[M, K]` = column-major `K×M`, so
     /// `op(A) = Aᵀ` (lda K), `B = xᵀ` (ldb K), ldc M.
     fn linear(&self, y: &mut Buf, x: &Buf, w: &Buf, n: usize, k: usize, m: usize) -> Result<()> {
+        if self.lora.is_some() {
+            return self.lora_linear(y, x, w, LinearDims { n, k, m });
+        }
         let op = "linear";
         check_len(op, "y", y.len(), n * m)?;
         check_len(op, "x", x.len(), n * k)?;
@@ -534,6 +543,10 @@ impl TrainOps for CudaOps {
         k: usize,
         m: usize,
     ) -> Result<()> {
+        if self.lora.is_some() {
+            let d = LinearDims { n, k, m };
+            return self.lora_linear_bwd(dx, dx_accumulate, (dy, x, w), d);
+        }
         let op = "linear_bwd";
         check_len(op, "dw", dw.len(), m * k)?;
         check_len(op, "dy", dy.len(), n * m)?;

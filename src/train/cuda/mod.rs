@@ -32,6 +32,9 @@
 //! every layer, so one 80 GB GPU trains models up to roughly 3–4 B parameters at short
 //! sequences; the 8B preset does not fit on one GPU. Several GPUs train data parallel
 //! ([`super::dist`]): every GPU holds the whole state, so that does not raise the limit.
+//! LoRA ([`CudaLoraState`], `lora.rs`) keeps the frozen base in bf16 (2 bytes per parameter)
+//! and f32 state only for the adapters: the 8B preset fits one GPU there
+//! ([`super::lora::lora_memory`]).
 //!
 //! Kernel launches are asynchronous; a fault surfaces at the next read-back.
 
@@ -45,7 +48,7 @@ use cudarc::cublas;
 use cudarc::driver::{sys as dsys, CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use super::backend::TrainOps;
+use super::backend::{LinearDims, TrainOps};
 use super::model::{forward_backward_on, Batch, Params};
 use super::ops::AttnShape;
 use super::optim::{AdamW, AdamWConfig};
@@ -57,11 +60,14 @@ use crate::hf::config::ModelConfig;
 #[macro_use]
 mod device;
 mod launchers;
+mod lora;
 mod pass;
 mod zero;
 
 use device::*;
 pub use device::{AdamWScalars, Buf, CudaOps, DevInts};
+use lora::clip_scale;
+pub use lora::CudaLoraState;
 pub use pass::{forward_backward, DeviceParams};
 pub use zero::{CudaShard, CudaZeroState};
 
@@ -148,11 +154,7 @@ impl CudaTrainState {
         grad.fill_zero(&ops)?;
         let dm = DeviceParams::upload(&ops, m)?;
         let dv = DeviceParams::upload(&ops, v)?;
-        let partial = ops
-            .be
-            .stream()
-            .alloc_zeros::<f64>(SUMSQ_BLOCKS)
-            .map_err(|e| driver_err("allocating the gradient-norm partials".into(), e))?;
+        let partial = ops.sumsq_partials()?;
         Ok(CudaTrainState {
             ops,
             params: dp,
@@ -306,13 +308,7 @@ impl super::StepState for CudaTrainState {
     /// AdamW update number `opt.t + 1` at learning rate `lr`. Returns the norm before clipping.
     fn clip_and_step(&mut self, opt: &mut AdamW, lr: f64, max_norm: f64) -> Result<f64> {
         let norm = self.grad_norm()?;
-        let mut gscale = 1.0f32;
-        if max_norm > 0.0 {
-            let coef = max_norm / (norm + 1e-6);
-            if coef < 1.0 {
-                gscale = coef as f32;
-            }
-        }
+        let gscale = clip_scale(norm, max_norm);
         self.adamw_step(&opt.cfg, opt.t + 1, lr, gscale)?;
         opt.t += 1;
         Ok(norm)
