@@ -43,7 +43,14 @@ fn batch(cfg: &ModelConfig, b: usize, t: usize, step: u64) -> Batch {
     let clean: Vec<u32> = (0..b * t)
         .map(|i| 1 + ((i * 37 + 11) % 499) as u32)
         .collect();
-    pretrain_batch(&clean, b, t, false, Draw::new(cfg.mask_token_id, 5, step, 1.0)).unwrap()
+    pretrain_batch(
+        &clean,
+        b,
+        t,
+        false,
+        Draw::new(cfg.mask_token_id, 5, step, 1.0),
+    )
+    .unwrap()
 }
 
 /// Equal bit patterns (so a NaN on one side, or both, fails unless both are the same NaN —

@@ -95,7 +95,8 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-fn need(op: &str, arg: &str, have: usize, want: usize) -> Result<()> {
+/// `have >= want`, else an error naming the op and its argument.
+pub(crate) fn need(op: &str, arg: &str, have: usize, want: usize) -> Result<()> {
     ensure!(
         have >= want,
         "{op}: `{arg}` holds {have} elements, the op needs {want}"

@@ -224,12 +224,7 @@ struct InitTinyArgs {
 }
 
 fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        "f32" => Ok(DType::F32),
-        _ => bail!("unknown dtype {s:?}: expected bf16, f16 or f32"),
-    }
+    llada::names::parse("dtype", DType::NAMES, s)
 }
 
 fn main() -> ExitCode {
