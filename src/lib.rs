@@ -2,7 +2,8 @@
 //!
 //! The map, bottom up; each layer imports only the layers below it.
 //!
-//! 0. **Foundations** — [`rng`]: the counter-based RNG every device reproduces bit for bit.
+//! 0. **Foundations** — [`rng`]: the counter-based RNG every device reproduces bit for bit;
+//!    [`names`]: the name tables of the choices flags and files spell out.
 //! 1. **The model folder** — [`hf`]: `config.json`, safetensors weights (memory-mapped and
 //!    validated), the tokenizer and its sandboxed chat template, the random-weight presets, and
 //!    the bounded file I/O every stranger's file goes through.
@@ -29,6 +30,7 @@ pub mod eval;
 pub mod hf;
 pub mod loglik;
 pub mod lora;
+pub mod names;
 pub mod nvtx;
 pub mod quant;
 pub mod rng;

@@ -128,8 +128,7 @@ fn with_group<R: Send + 'static>(
     world: usize,
     f: impl Fn(&mut HostGroup) -> R + Send + Sync + Clone + 'static,
 ) -> Vec<R> {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
+    let (l, port) = listener();
     let mut l = Some(l);
     let hs: Vec<_> = (0..world)
         .map(|rank| {
@@ -201,8 +200,7 @@ fn a_value_that_differs_between_ranks_fails_on_every_rank() {
 #[test]
 fn the_rendezvous_refuses_mismatched_ranks() {
     let try_pair = |w0: usize, r1: usize, w1: usize, fp1: u64| {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
+        let (l, port) = listener();
         let h = std::thread::spawn(move || {
             HostGroup::serve(l, w0, 7, &key(), T, Duration::from_secs(10))
                 .err()
@@ -223,8 +221,7 @@ fn the_rendezvous_refuses_mismatched_ranks() {
 
 #[test]
 fn a_rank_that_dies_is_an_error_not_a_hang() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
+    let (l, port) = listener();
     let h = std::thread::spawn(move || {
         let mut g = HostGroup::serve(l, 2, 7, &key(), T, T).unwrap();
         let t0 = Instant::now();
@@ -244,8 +241,7 @@ fn a_rank_that_dies_is_an_error_not_a_hang() {
 
 #[test]
 fn missing_ranks_time_out_with_a_message() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
+    let (l, port) = listener();
     // A stranger connects and says nothing useful: ignored, not a rank.
     let stranger = std::thread::spawn(move || {
         use std::io::Write;
@@ -260,9 +256,7 @@ fn missing_ranks_time_out_with_a_message() {
     assert!(e.contains("ranks 1, 2 did not connect"), "{e}");
     stranger.join().unwrap();
     // Nobody listening: the connecting rank gives up with the address it tried.
-    let free = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = free.local_addr().unwrap().port();
-    drop(free);
+    let port = free_port();
     let e = HostGroup::connect(
         &rank_env(1, 2, port),
         7,
@@ -367,9 +361,16 @@ fn corpus(dir: &std::path::Path) -> PathBuf {
     })
 }
 
-fn free_port() -> u16 {
+/// A listener on a free loopback port, and the port.
+fn listener() -> (TcpListener, u16) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    listener().1
 }
 
 fn ok(o: &Output) {
@@ -561,8 +562,7 @@ fn srun_variables_launch_a_data_parallel_run() {
 #[test]
 fn a_peer_announcing_a_huge_message_is_refused_not_allocated() {
     use std::io::{Read, Write};
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
+    let (l, port) = listener();
     let h = std::thread::spawn(move || {
         let mut g = HostGroup::serve(l, 2, 7, &key(), T, T).unwrap();
         g.all_reduce_f64(&mut [1.0, 2.0]).unwrap_err().to_string()
@@ -639,8 +639,7 @@ fn strangers_without_the_secret_cannot_join_abort_or_delay_the_job() {
     use std::io::{Read, Write};
     let undisturbed = with_group(3, some_collectives);
 
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
+    let (l, port) = listener();
     let t0 = Instant::now();
     let rank0 = std::thread::spawn(move || {
         let mut g = HostGroup::serve(l, 3, 7, &key(), T, Duration::from_secs(60)).unwrap();
@@ -697,8 +696,7 @@ fn strangers_without_the_secret_cannot_join_abort_or_delay_the_job() {
 
 #[test]
 fn a_rank_with_another_secret_is_refused_with_a_clear_error() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
+    let (l, port) = listener();
     let rank0 = std::thread::spawn(move || {
         HostGroup::serve(l, 2, 7, &key(), T, Duration::from_secs(2))
             .err()
@@ -721,8 +719,7 @@ fn a_fake_rank_0_without_the_secret_is_detected() {
     use std::io::{Read, Write};
     // A stranger squats the port and plays rank 0: sends a challenge, reads the hello, and
     // answers "accepted" without knowing the key.
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
+    let (l, port) = listener();
     let fake = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
         let mut c = b"LLADADP2".to_vec();
@@ -781,8 +778,7 @@ fn the_job_key_comes_from_the_environment_or_a_private_file() {
     let home = dir.to_str().unwrap();
     let job = |id: &str| from(&[("SLURM_JOB_ID", id), ("HOME", home)]).unwrap();
     let pair_joins = |k0: JobKey, k1: JobKey| {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
+        let (l, port) = listener();
         let h = std::thread::spawn(move || {
             HostGroup::serve(l, 2, 7, &k0, T, Duration::from_secs(2)).is_ok()
         });

@@ -480,24 +480,20 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
         }
         wait_limited(c.spawn().unwrap(), Duration::from_secs(30), &args.join(" "))
     };
+    // `llada batch` reading the FIFO, writing `out` in the test folder.
+    let batch = |out: &str, env: &[(&str, &str)]| {
+        let out = d.join(out);
+        let out = out.to_str().unwrap();
+        quick(&["batch", "--model", m, "--input", f, "--output", out], env)
+    };
+    // `llada eval --tasks TASKS EXTRA...`.
+    let eval = |tasks: &str, extra: &[&str]| {
+        let args = ["eval", "--model", m, "--tasks", tasks];
+        quick(&[&args[..], extra].concat(), &[])
+    };
     // Inputs: a FIFO with no writer is read as empty at once (no hang).
-    let o = quick(
-        &[
-            "batch",
-            "--model",
-            m,
-            "--input",
-            f,
-            "--output",
-            d.join("o.jsonl").to_str().unwrap(),
-        ],
-        &[],
-    );
-    ok(&o);
-    let o = quick(
-        &["eval", "--model", m, "--tasks", f, "--device", "cpu"],
-        &[],
-    );
+    ok(&batch("o.jsonl", &[]));
+    let o = eval(f, &["--device", "cpu"]);
     assert!(!o.status.success());
     let o = quick(
         &[
@@ -526,18 +522,7 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
     };
     std::thread::sleep(Duration::from_millis(100));
     let t0 = Instant::now();
-    let o = quick(
-        &[
-            "batch",
-            "--model",
-            m,
-            "--input",
-            f,
-            "--output",
-            d.join("o2.jsonl").to_str().unwrap(),
-        ],
-        &[("LLADA_INPUT_TIMEOUT", "1")],
-    );
+    let o = batch("o2.jsonl", &[("LLADA_INPUT_TIMEOUT", "1")]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(
@@ -547,22 +532,11 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
     assert!(t0.elapsed() < Duration::from_secs(4));
     hold.join().unwrap();
     // A device that never ends: the size bound.
-    let o = quick(
-        &[
-            "eval",
-            "--model",
-            m,
-            "--tasks",
-            "/dev/zero",
-            "--device",
-            "cpu",
-        ],
-        &[],
-    );
+    let o = eval("/dev/zero", &["--device", "cpu"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
     // A directory.
-    let o = quick(&["eval", "--model", m, "--tasks", d.to_str().unwrap()], &[]);
+    let o = eval(d.to_str().unwrap(), &[]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("is a directory"));
 
     // Outputs: a FIFO without a reader is an error, not a hang; with a reader it is written
@@ -648,20 +622,7 @@ fn fifos_and_devices_are_read_with_bounds_and_never_replaced() {
         "{\"context\": \"a\", \"choices\": [\" b\", \" c\"], \"gold\": 0}\n",
     )
     .unwrap();
-    let o = quick(
-        &[
-            "eval",
-            "--model",
-            m,
-            "--tasks",
-            tasks.to_str().unwrap(),
-            "--output",
-            f,
-            "--device",
-            "cpu",
-        ],
-        &[],
-    );
+    let o = eval(tasks.to_str().unwrap(), &["--output", f, "--device", "cpu"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("FIFO that nobody reads"), "{e}");
@@ -748,58 +709,35 @@ fn resume_from_a_broken_checkpoint_fails_before_any_step() {
     ]);
     ok(&o);
     type Spoil = Box<dyn Fn(&Path)>;
-    let cases: Vec<(&str, Spoil, &str)> = vec![
-        (
-            "truncated optimizer",
-            Box::new(|c: &Path| {
-                let p = c.join("optimizer.safetensors");
-                let n = std::fs::metadata(&p).unwrap().len();
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&p)
-                    .unwrap()
-                    .set_len(n / 2)
-                    .unwrap();
-            }),
-            "optimizer.safetensors",
-        ),
-        (
-            "missing optimizer",
-            Box::new(|c: &Path| std::fs::remove_file(c.join("optimizer.safetensors")).unwrap()),
-            "optimizer.safetensors",
-        ),
-        (
-            "foreign optimizer",
-            Box::new(|c: &Path| {
-                std::fs::copy(c.join("model.safetensors"), c.join("optimizer.safetensors"))
-                    .unwrap();
-            }),
-            "from another model",
-        ),
-        (
-            "truncated trainer state",
-            Box::new(|c: &Path| {
-                let p = c.join("trainer_state.json");
-                let s = std::fs::read_to_string(&p).unwrap();
-                std::fs::write(&p, &s[..s.len() / 2]).unwrap();
-            }),
-            "trainer_state.json",
-        ),
-        (
-            "missing trainer state",
-            Box::new(|c: &Path| std::fs::remove_file(c.join("trainer_state.json")).unwrap()),
-            "trainer_state.json",
-        ),
-        (
-            "hostile options",
-            Box::new(|c: &Path| {
-                edit_json(&c.join("trainer_state.json"), |o| {
-                    o["options"]["batch_size"] = json!(1u64 << 40);
-                });
-            }),
-            "--batch-size 1099511627776",
-        ),
-    ];
+    let mut cases: Vec<(String, Spoil, &str)> = Vec::new();
+    for file in ["optimizer.safetensors", "trainer_state.json"] {
+        let truncate: Spoil = Box::new(move |c: &Path| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(c.join(file))
+                .unwrap();
+            f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+        });
+        let remove: Spoil = Box::new(move |c: &Path| std::fs::remove_file(c.join(file)).unwrap());
+        cases.push((format!("truncated {file}"), truncate, file));
+        cases.push((format!("missing {file}"), remove, file));
+    }
+    cases.push((
+        "foreign optimizer".into(),
+        Box::new(|c: &Path| {
+            std::fs::copy(c.join("model.safetensors"), c.join("optimizer.safetensors")).unwrap();
+        }),
+        "from another model",
+    ));
+    cases.push((
+        "hostile options".into(),
+        Box::new(|c: &Path| {
+            edit_json(&c.join("trainer_state.json"), |o| {
+                o["options"]["batch_size"] = json!(1u64 << 40);
+            });
+        }),
+        "--batch-size 1099511627776",
+    ));
     for (what, spoil, want) in cases {
         let c = d.join("bad");
         copy_dir(&ck, &c);

@@ -23,8 +23,8 @@ use llada::train::optim::AdamWConfig;
 mod common;
 
 use common::cli::{
-    err_of, f64s as floats, fixture, ids_arg, llada_out as llada, ok, read_json, run, tmpdir,
-    u32s as ints, words,
+    err_of, f64s as floats, fixture, grad_on_fixture, llada_out as llada, ok, read_json, run,
+    tmpdir, u32s as ints, words,
 };
 use common::fd::check_grad;
 use serde_json::{json, Value};
@@ -172,21 +172,8 @@ fn adapter_gradients_match_peft_autograd() {
     let model = fixture("parity/f32");
     let adir = fixture("lora/peft");
     ok(&merge_lora(&model, &adir, &merged));
-    let join = |k: &str| ids_arg(&ints(&e[k]));
     let g_path = out.join("g.safetensors");
-    ok(&llada(&[
-        "grad",
-        "--model",
-        merged.to_str().unwrap(),
-        "--ids",
-        &join("ids"),
-        "--masked",
-        &join("masked"),
-        "--p-mask",
-        &e["p_mask"].to_string(),
-        "--out",
-        g_path.to_str().unwrap(),
-    ]));
+    ok(&grad_on_fixture(&merged, &e, &g_path));
     let sources = llada::hf::checkpoint::open_safetensors(&g_path).unwrap();
     let read = |name: &str| -> Vec<f32> {
         let s = sources.iter().find(|s| s.name() == name).unwrap();
@@ -197,7 +184,7 @@ fn adapter_gradients_match_peft_autograd() {
     let loss = read("loss")[0] as f64;
     let want_loss = e["loss"].as_f64().unwrap();
     assert!(
-        (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+        common::cmp::rel_close(loss, want_loss, 1e-5),
         "loss {loss} vs PEFT {want_loss}"
     );
     let cfg = ModelConfig::from_file(&model.join("config.json")).unwrap();

@@ -812,14 +812,20 @@ fn temperature_sampling_is_seeded() {
     assert_ne!(run(0.0, 7), run(1.0, 7));
 }
 
-#[test]
-fn left_padded_batch_rows_equal_single_prompts() {
-    let prompts = vec![
+/// Prompts of different lengths (the longest, 6, sets the padded length), so a batch of them
+/// is left-padded.
+fn ragged_prompts() -> Vec<Vec<u32>> {
+    vec![
         vec![1, 2, 3],
         vec![4, 5, 6, 7, 8, 9],
         vec![10],
         vec![2, 2, 2, 2, 2, 2],
-    ];
+    ]
+}
+
+#[test]
+fn left_padded_batch_rows_equal_single_prompts() {
+    let prompts = ragged_prompts();
     for (cfg_scale, conf_rule) in [(0.0, false), (1.5, false), (0.0, true)] {
         let mut p = params(12, 12, 4);
         p.cfg_scale = cfg_scale;
@@ -859,13 +865,8 @@ fn left_padded_batch_rows_equal_single_prompts() {
 /// fail), and `row_keys: None` equals keying each row by its index with no padding.
 #[test]
 fn row_keys_make_sampling_independent_of_the_batch() {
-    let prompts = vec![
-        vec![1, 2, 3],
-        vec![4, 5, 6, 7, 8, 9],
-        vec![10],
-        vec![2, 2, 2, 2, 2, 2],
-        vec![7, 3],
-    ];
+    let mut prompts = ragged_prompts();
+    prompts.push(vec![7, 3]);
     let keys = [17u32, 5, 0x7fff_ffff, 3, 40];
     let model = || LogitModel {
         f: hash_logits(4.0, -30.0, DType::F32),

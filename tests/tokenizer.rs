@@ -12,13 +12,32 @@ use llada::hf::tokenizer::Tokenizer;
 
 use common::cli::TempDir;
 
-fn tiny(dir: &Path) -> Tokenizer {
-    write_tiny_tokenizer(dir).unwrap();
+/// The tokenizer of the folder `dir`, checked against the `tiny` preset.
+fn load(dir: &Path) -> Tokenizer {
     Tokenizer::from_dir(dir, &preset_config("tiny").unwrap()).unwrap()
 }
 
-/// Rewrite tokenizer_config.json's `key` (null removes it).
-fn set_config(dir: &Path, key: &str, value: serde_json::Value) {
+fn tiny(dir: &Path) -> Tokenizer {
+    write_tiny_tokenizer(dir).unwrap();
+    load(dir)
+}
+
+/// A temporary folder holding the tiny tokenizer files.
+fn tiny_dir(tag: &str) -> TempDir {
+    let dir = TempDir::new(tag);
+    write_tiny_tokenizer(dir.path()).unwrap();
+    dir
+}
+
+/// [`tiny_dir`] with tokenizer_config.json's `key` set to `value`, and its tokenizer.
+fn tiny_with(tag: &str, key: &str, value: serde_json::Value) -> (TempDir, Tokenizer) {
+    let dir = tiny_dir(tag);
+    let t = set_config(dir.path(), key, value);
+    (dir, t)
+}
+
+/// Rewrite tokenizer_config.json's `key` (null removes it) and load the folder again.
+fn set_config(dir: &Path, key: &str, value: serde_json::Value) -> Tokenizer {
     let p = dir.join("tokenizer_config.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
@@ -28,6 +47,7 @@ fn set_config(dir: &Path, key: &str, value: serde_json::Value) {
         v[key] = value;
     }
     std::fs::write(&p, v.to_string()).unwrap();
+    load(dir)
 }
 
 const ASSISTANT_HEADER: &str = "<|start_header_id|>assistant<|end_header_id|>\n\n";
@@ -123,15 +143,8 @@ fn ids_round_trip() {
 
 #[test]
 fn template_from_tokenizer_config_wins_over_fallback() {
-    let dir = TempDir::new("custom");
-    write_tiny_tokenizer(dir.path()).unwrap();
-    set_config(
-        dir.path(),
-        "chat_template",
-        "{% for m in messages %}[{{ m['role'] }}:{{ m['content'] }}]{% endfor %}".into(),
-    );
-    let cfg = preset_config("tiny").unwrap();
-    let t = Tokenizer::from_dir(dir.path(), &cfg).unwrap();
+    let tpl = "{% for m in messages %}[{{ m['role'] }}:{{ m['content'] }}]{% endfor %}";
+    let (dir, t) = tiny_with("custom", "chat_template", tpl.into());
     assert!(!t.template_is_fallback());
     assert_eq!(
         t.apply_chat_template(&[("user", "hi")]).unwrap(),
@@ -144,13 +157,12 @@ fn template_from_tokenizer_config_wins_over_fallback() {
         "J{{ messages|length }}",
     )
     .unwrap();
-    let t = Tokenizer::from_dir(dir.path(), &cfg).unwrap();
+    let t = load(dir.path());
     assert_eq!(t.apply_chat_template(&[("user", "hi")]).unwrap(), "J1");
     std::fs::remove_file(dir.path().join("chat_template.jinja")).unwrap();
 
     // No template at all: the built-in LLaDA-Instruct one.
-    set_config(dir.path(), "chat_template", serde_json::Value::Null);
-    let t = Tokenizer::from_dir(dir.path(), &cfg).unwrap();
+    let t = set_config(dir.path(), "chat_template", serde_json::Value::Null);
     assert!(t.template_is_fallback());
     assert_eq!(
         t.apply_chat_template(&[("user", "hi")]).unwrap(),
@@ -160,20 +172,14 @@ fn template_from_tokenizer_config_wins_over_fallback() {
 
     // No tokenizer_config.json either: BOS falls back to <|startoftext|> from the vocabulary.
     std::fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
-    let t = Tokenizer::from_dir(dir.path(), &cfg).unwrap();
+    let t = load(dir.path());
     assert_eq!(t.encode_chat(&[("user", "hi")]).unwrap()[0], TINY_VOCAB.bos);
 }
 
 #[test]
 fn special_tokens_as_content_objects() {
-    let dir = TempDir::new("objs");
-    write_tiny_tokenizer(dir.path()).unwrap();
-    set_config(
-        dir.path(),
-        "bos_token",
-        serde_json::json!({"content": "<|endoftext|>", "lstrip": false}),
-    );
-    let t = Tokenizer::from_dir(dir.path(), &preset_config("tiny").unwrap()).unwrap();
+    let bos = serde_json::json!({"content": "<|endoftext|>", "lstrip": false});
+    let (_dir, t) = tiny_with("objs", "bos_token", bos);
     assert_eq!(t.special.bos, Some(TINY_VOCAB.eos));
     assert!(t
         .apply_chat_template(&[("user", "x")])
@@ -183,13 +189,9 @@ fn special_tokens_as_content_objects() {
 
 #[test]
 fn hf_environment_features() {
-    let dir = TempDir::new("env");
-    write_tiny_tokenizer(dir.path()).unwrap();
-    let cfg = preset_config("tiny").unwrap();
+    let dir = tiny_dir("env");
     let render = |tpl: &str| {
-        set_config(dir.path(), "chat_template", tpl.into());
-        Tokenizer::from_dir(dir.path(), &cfg)
-            .unwrap()
+        set_config(dir.path(), "chat_template", tpl.into())
             .apply_chat_template(&[("user", "  Hi  ")])
     };
     // trim_blocks + lstrip_blocks: block tags leave no newline / indentation behind.
@@ -223,17 +225,14 @@ fn hf_environment_features() {
 
 #[test]
 fn hostile_templates_fail_instead_of_hanging() {
-    let dir = TempDir::new("hostile");
-    write_tiny_tokenizer(dir.path()).unwrap();
-    let cfg = preset_config("tiny").unwrap();
+    let dir = tiny_dir("hostile");
     for tpl in [
         // 10^10 iterations: only the fuel limit stops it.
         "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
         // Unbounded recursion.
         "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
     ] {
-        set_config(dir.path(), "chat_template", tpl.into());
-        let t = Tokenizer::from_dir(dir.path(), &cfg).unwrap();
+        let t = set_config(dir.path(), "chat_template", tpl.into());
         let start = Instant::now();
         let e = format!("{:#}", t.apply_chat_template(&[("user", "x")]).unwrap_err());
         assert!(
@@ -272,8 +271,7 @@ fn bad_tokenizer_files_are_named() {
 
 #[test]
 fn tokenizer_must_agree_with_config() {
-    let dir = TempDir::new("agree");
-    write_tiny_tokenizer(dir.path()).unwrap();
+    let dir = tiny_dir("agree");
     let mut cfg = preset_config("tiny").unwrap();
     cfg.mask_token_id = 7;
     let e = format!("{:#}", Tokenizer::from_dir(dir.path(), &cfg).unwrap_err());
@@ -327,22 +325,19 @@ fn llada_instruct_test_vector() {
 fn llama3_style_template_syntax_renders_like_the_fallback() {
     // The Llama-3-style form chat templates of this family are written in (`set` inside the
     // loop, `+` concatenation, `loop.index0`); it must render the same text as the built-in one.
-    let dir = TempDir::new("l3");
-    write_tiny_tokenizer(dir.path()).unwrap();
+    let dir = tiny_dir("l3");
     let tpl = "{% set loop_messages = messages %}{% for message in loop_messages %}\
         {% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + \
         message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}\
         {% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}\
         {{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}";
-    let cfg = preset_config("tiny").unwrap();
     let fallback = {
         std::fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
-        Tokenizer::from_dir(dir.path(), &cfg).unwrap()
+        load(dir.path())
     };
     assert!(fallback.template_is_fallback());
     write_tiny_tokenizer(dir.path()).unwrap();
-    set_config(dir.path(), "chat_template", tpl.into());
-    let custom = Tokenizer::from_dir(dir.path(), &cfg).unwrap();
+    let custom = set_config(dir.path(), "chat_template", tpl.into());
     for msgs in [
         vec![("user", " a ")],
         vec![

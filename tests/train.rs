@@ -335,40 +335,15 @@ fn grad_matches_pytorch_autograd() {
     let exp: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("grad/expected.json")).unwrap())
             .unwrap();
-    let join = |k: &str| {
-        exp[k]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
     let dir = tmpdir("grad");
     let out = dir.join("g.safetensors");
-    let model = root.join("parity/f32");
-    let o = llada(&[
-        "grad",
-        "--model",
-        model.to_str().unwrap(),
-        "--ids",
-        &join("ids"),
-        "--masked",
-        &join("masked"),
-        "--p-mask",
-        &exp["p_mask"].to_string(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let o = cli::grad_on_fixture(&root.join("parity/f32"), &exp, &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let t = read_f32_tensors(&out);
     let loss = t["loss"][0] as f64;
     let want = exp["loss"].as_f64().unwrap();
     // The loss is a sum of 5 CE terms of O(5) in f32: 1e-5 relative.
-    assert!(
-        (loss - want).abs() <= 1e-5 * want.abs(),
-        "loss {loss} vs {want}"
-    );
+    assert!(cmp::rel_close(loss, want, 1e-5), "loss {loss} vs {want}");
     let f = |v: &serde_json::Value| -> Vec<f64> {
         v.as_array()
             .unwrap()
@@ -775,15 +750,10 @@ fn check_data_parallel(o: TrainOptions, samples: Vec<Sample>, steps: u64) {
         // The same terms summed in another grouping (per rank, then across ranks): f32/f64
         // rounding only, ~1e-7 relative; a wrong split (other rows, masks or normaliser) moves
         // the loss by whole percents.
-        assert!(
-            (a.loss - b.loss).abs() <= 1e-5 * b.loss.abs(),
-            "step {}: loss {} vs one process {}",
-            a.step,
-            a.loss,
-            b.loss
-        );
-        assert!((a.grad_norm - b.grad_norm).abs() <= 1e-4 * b.grad_norm);
-        assert!((a.flops - b.flops).abs() <= 1e-9 * b.flops);
+        let msg = format!("step {}: {a:?} vs one process {b:?}", a.step);
+        assert!(cmp::rel_close(a.loss, b.loss, 1e-5), "{msg}");
+        assert!(cmp::rel_close(a.grad_norm, b.grad_norm, 1e-4), "{msg}");
+        assert!(cmp::rel_close(a.flops, b.flops, 1e-9), "{msg}");
     }
     // NaN-aware: a NaN weight on a rank is an infinite difference.
     let mut worst = 0f32;

@@ -22,12 +22,15 @@ impl DType {
         }
     }
 
+    /// The names flags and files use (`--dtype bf16`).
+    pub const NAMES: &'static [(&'static str, DType)] = &[
+        ("bf16", DType::BF16),
+        ("f16", DType::F16),
+        ("f32", DType::F32),
+    ];
+
     pub fn name(self) -> &'static str {
-        match self {
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            DType::F32 => "f32",
-        }
+        crate::names::name_of(Self::NAMES, &self)
     }
 
     /// Round an f32 to the nearest value representable in this dtype (RNE), returned as f32.

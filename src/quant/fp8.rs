@@ -33,6 +33,7 @@ use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
 use crate::backend::cpu::dot::dot;
+use crate::backend::cpu::need;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 
@@ -321,18 +322,8 @@ pub fn matmul(
     m: usize,
 ) -> Result<()> {
     const OP: &str = "matmul_fp8";
-    ensure!(
-        out.len() >= n * m,
-        "{OP}: `out` holds {} elements, needs {}",
-        out.len(),
-        n * m
-    );
-    ensure!(
-        x.len() >= n * k,
-        "{OP}: `x` holds {} elements, needs {}",
-        x.len(),
-        n * k
-    );
+    need(OP, "out", out.len(), n * m)?;
+    need(OP, "x", x.len(), n * k)?;
     let rows: usize = parts.iter().map(|p| p.rows).sum();
     if let Some(p) = parts.iter().find(|p| p.cols != k) {
         bail!(

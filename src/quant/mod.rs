@@ -40,23 +40,24 @@ pub enum WeightsMode {
     Fp8,
 }
 
+impl WeightsMode {
+    /// The `--weights` names.
+    pub const NAMES: &'static [(&'static str, WeightsMode)] = &[
+        ("checkpoint", WeightsMode::Checkpoint),
+        ("fp8", WeightsMode::Fp8),
+    ];
+}
+
 impl std::str::FromStr for WeightsMode {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "checkpoint" => Ok(WeightsMode::Checkpoint),
-            "fp8" => Ok(WeightsMode::Fp8),
-            _ => bail!("unknown --weights {s:?}: expected checkpoint or fp8"),
-        }
+        crate::names::parse("--weights", Self::NAMES, s)
     }
 }
 
 impl std::fmt::Display for WeightsMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            WeightsMode::Checkpoint => "checkpoint",
-            WeightsMode::Fp8 => "fp8",
-        })
+        f.write_str(crate::names::name_of(Self::NAMES, self))
     }
 }
 

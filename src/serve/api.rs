@@ -10,7 +10,6 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::backend::head::Remasking;
 use crate::engine::sampler::{CacheMode, Decode, GenerateParams};
 
 /// An error answered to the client: HTTP status plus OpenAI's `{"error": {...}}` body.
@@ -67,20 +66,10 @@ impl ApiError {
     }
 }
 
-/// Generation settings the command line gives (`llada serve`'s `--steps`, ... flags).
-#[derive(Clone, Debug)]
-pub struct GenDefaults {
-    pub gen_length: usize,
-    pub steps: usize,
-    pub block_length: usize,
-    pub temperature: f64,
-    pub cfg_scale: f64,
-    pub remasking: Remasking,
-    pub seed: u64,
-    pub logits_eos_inf: bool,
-    pub confidence_eos_eot_inf: bool,
-    pub decode: Decode,
-}
+/// Generation settings the command line gives (`llada serve`'s `--steps`, ... flags): the
+/// options of `llada generate` and of a `llada batch` line (`chat` is unused: the endpoint
+/// decides).
+pub type GenDefaults = crate::batch::GenOptions;
 
 /// Server limits on what one request may ask for.
 #[derive(Clone, Debug)]
@@ -337,7 +326,7 @@ impl GenFields {
                 .map_err(|e: anyhow::Error| ApiError::param("remasking", format!("{e:#}")))?,
             None => d.remasking,
         };
-        let mut decode = d.decode;
+        let mut decode = d.to_decode();
         if let Some(c) = &self.cache {
             decode.cache = c
                 .parse::<CacheMode>()
@@ -445,19 +434,9 @@ pub use crate::batch::apply_stop;
 mod tests {
     use super::*;
 
+    /// `llada generate`'s defaults (128 tokens, 128 steps, blocks of 32, greedy, no cache).
     fn defaults() -> GenDefaults {
-        GenDefaults {
-            gen_length: 128,
-            steps: 128,
-            block_length: 32,
-            temperature: 0.0,
-            cfg_scale: 0.0,
-            remasking: Remasking::LowConfidence,
-            seed: 0,
-            logits_eos_inf: false,
-            confidence_eos_eot_inf: false,
-            decode: Decode::default(),
-        }
+        GenDefaults::default()
     }
     const LIMITS: Limits = Limits {
         max_rows: 16,

@@ -192,6 +192,25 @@ pub fn ids_arg<T: ToString>(v: &[T]) -> String {
     v.iter().map(T::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// `llada grad --model MODEL ... --out OUT` on the batch of a gradient fixture (`ids`,
+/// `masked` and `p_mask` of its `expected.json`), run to the end.
+pub fn grad_on_fixture(model: &Path, exp: &Value, out: &Path) -> Output {
+    let ids = |k: &str| ids_arg(&u64s(&exp[k]));
+    llada_out(&[
+        "grad",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        &ids("ids"),
+        "--masked",
+        &ids("masked"),
+        "--p-mask",
+        &exp["p_mask"].to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 /// A JSON array of token ids.
 pub fn u32s(v: &Value) -> Vec<u32> {
     u64s(v).into_iter().map(|x| x as u32).collect()

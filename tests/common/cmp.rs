@@ -22,6 +22,11 @@ pub fn abs_diff64(got: f64, want: f64) -> f64 {
     }
 }
 
+/// `got` within `rel` of `want`, relative to |want|; false on a NaN (see [`abs_diff64`]).
+pub fn rel_close(got: f64, want: f64, rel: f64) -> bool {
+    abs_diff64(got, want) <= rel * want.abs()
+}
+
 /// The larger of a running maximum and `x`; a NaN makes it +∞ (never drops out).
 pub fn nan_max(m: f32, x: f32) -> f32 {
     if m.is_nan() || x.is_nan() {

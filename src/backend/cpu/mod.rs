@@ -95,7 +95,8 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-fn need(op: &str, arg: &str, have: usize, want: usize) -> Result<()> {
+/// `have >= want`, else an error naming the op and its argument.
+pub(crate) fn need(op: &str, arg: &str, have: usize, want: usize) -> Result<()> {
     ensure!(
         have >= want,
         "{op}: `{arg}` holds {have} elements, the op needs {want}"
@@ -354,18 +355,9 @@ impl Backend for CpuBackend {
         c: usize,
         eps: f32,
     ) -> Result<()> {
-        const OP: &str = "rms_norm";
-        need(OP, "out", out.len(), n * c)?;
-        need(OP, "x", x.len(), n * c)?;
-        let wr = self.norm_weight(OP, w, c)?;
-        if c == 0 {
-            return Ok(());
-        }
-        let dt = self.dtype;
-        out[..n * c]
-            .par_chunks_mut(c)
-            .zip(x[..n * c].par_chunks(c))
-            .for_each(|(o, xr)| rms_row(dt, o, xr, &wr, eps));
+        let args = [("out", out.len()), ("x", x.len())];
+        let wr = self.norm_args("rms_norm", &args, w, n, c)?;
+        rms_rows(self.dtype, &mut out[..n * c], &x[..n * c], &wr, c, eps);
         Ok(())
     }
 
@@ -379,25 +371,10 @@ impl Backend for CpuBackend {
         c: usize,
         eps: f32,
     ) -> Result<()> {
-        const OP: &str = "add_rms_norm";
-        need(OP, "out", out.len(), n * c)?;
-        need(OP, "x", x.len(), n * c)?;
-        need(OP, "d", d.len(), n * c)?;
-        let wr = self.norm_weight(OP, w, c)?;
-        if c == 0 {
-            return Ok(());
-        }
-        let dt = self.dtype;
-        out[..n * c]
-            .par_chunks_mut(c)
-            .zip(x[..n * c].par_chunks_mut(c))
-            .zip(d[..n * c].par_chunks(c))
-            .for_each(|((o, xr), dr)| {
-                for (a, &b) in xr.iter_mut().zip(dr) {
-                    *a = dt.round(*a + b);
-                }
-                rms_row(dt, o, xr, &wr, eps);
-            });
+        let args = [("out", out.len()), ("x", x.len()), ("d", d.len())];
+        let wr = self.norm_args("add_rms_norm", &args, w, n, c)?;
+        add_rounded(self.dtype, &mut x[..n * c], &d[..n * c]);
+        rms_rows(self.dtype, &mut out[..n * c], &x[..n * c], &wr, c, eps);
         Ok(())
     }
 
@@ -405,11 +382,7 @@ impl Backend for CpuBackend {
         const OP: &str = "add";
         need(OP, "x", x.len(), n * c)?;
         need(OP, "d", d.len(), n * c)?;
-        let dt = self.dtype;
-        x[..n * c]
-            .par_iter_mut()
-            .zip(d[..n * c].par_iter())
-            .for_each(|(a, &b)| *a = dt.round(*a + b));
+        add_rounded(self.dtype, &mut x[..n * c], &d[..n * c]);
         Ok(())
     }
 

@@ -20,12 +20,53 @@ pub(super) fn rms_row(dt: DType, out: &mut [f32], x: &[f32], w: &WeightRow<'_>, 
     }
 }
 
+/// [`rms_row`] over the rows of `c` elements of `x` into `out`.
+pub(super) fn rms_rows(
+    dt: DType,
+    out: &mut [f32],
+    x: &[f32],
+    w: &WeightRow<'_>,
+    c: usize,
+    eps: f32,
+) {
+    if c == 0 {
+        return;
+    }
+    out.par_chunks_mut(c)
+        .zip(x.par_chunks(c))
+        .for_each(|(o, xr)| rms_row(dt, o, xr, w, eps));
+}
+
+/// `x += d` elementwise, each sum rounded to `dt` ([`Backend::add`], and the residual add of
+/// [`Backend::add_rms_norm`] before its norm).
+pub(super) fn add_rounded(dt: DType, x: &mut [f32], d: &[f32]) {
+    x.par_iter_mut()
+        .zip(d.par_iter())
+        .for_each(|(a, &b)| *a = dt.round(*a + b));
+}
+
 pub(super) enum WeightRow<'a> {
     Scalar(f32),
     Slice(&'a [f32]),
 }
 
 impl CpuBackend {
+    /// The checks of the norms under the name `op`: each `(name, len)` of `args` holds `n·c`
+    /// elements and `w` is a norm weight of `c`.
+    pub(super) fn norm_args<'a>(
+        &self,
+        op: &str,
+        args: &[(&str, usize)],
+        w: &'a CpuWeight,
+        n: usize,
+        c: usize,
+    ) -> Result<WeightRow<'a>> {
+        for &(name, len) in args {
+            need(op, name, len, n * c)?;
+        }
+        self.norm_weight(op, w, c)
+    }
+
     pub(super) fn norm_weight<'a>(
         &self,
         op: &str,

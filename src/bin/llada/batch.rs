@@ -187,19 +187,8 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
     let input = a.input.clone().context("give --input FILE.jsonl")?;
     let base_out = a.output.clone().context("give --output FILE.jsonl")?;
     let defaults = GenOptions {
-        steps: a.gen.steps,
-        gen_length: a.gen.gen_length,
-        block_length: a.gen.block_length,
-        temperature: a.gen.temperature,
-        cfg_scale: a.gen.cfg_scale,
-        remasking: a.gen.remasking.parse()?,
-        seed: a.gen.seed,
-        logits_eos_inf: a.gen.logits_eos_inf,
-        confidence_eos_eot_inf: a.gen.confidence_eos_eot_inf,
-        cache: a.gen.cache.parse()?,
-        threshold: a.gen.threshold,
-        factor: a.gen.factor,
         chat: a.chat,
+        ..a.gen.options()?
     };
     if !(a.gen.temperature.is_finite() && a.gen.temperature >= 0.0) {
         bail!("--temperature must be a finite number >= 0");

@@ -10,9 +10,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use llada::backend::head::Remasking;
+use llada::batch::GenOptions;
 use llada::engine::device::DeviceChoice;
-use llada::engine::sampler::{Decode, GenerateParams, Progress};
+use llada::engine::sampler::{GenerateParams, Progress};
 use llada::engine::{self, ModelSpec, Opened};
 use llada::hf::dtype::DType;
 use llada::hf::write::write_safetensors;
@@ -169,6 +169,28 @@ pub(crate) struct GenFlags {
     pub(crate) factor: Option<f64>,
 }
 
+impl GenFlags {
+    /// These flags as a request's [`GenOptions`] (`chat` off), `--remasking` and `--cache`
+    /// parsed.
+    pub(crate) fn options(&self) -> Result<GenOptions> {
+        Ok(GenOptions {
+            steps: self.steps,
+            gen_length: self.gen_length,
+            block_length: self.block_length,
+            temperature: self.temperature,
+            cfg_scale: self.cfg_scale,
+            remasking: self.remasking.parse()?,
+            seed: self.seed,
+            logits_eos_inf: self.logits_eos_inf,
+            confidence_eos_eot_inf: self.confidence_eos_eot_inf,
+            cache: self.cache.parse()?,
+            threshold: self.threshold,
+            factor: self.factor,
+            chat: false,
+        })
+    }
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
@@ -225,12 +247,7 @@ struct InitTinyArgs {
 }
 
 fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        "f32" => Ok(DType::F32),
-        _ => bail!("unknown dtype {s:?}: expected bf16, f16 or f32"),
-    }
+    llada::names::parse("dtype", DType::NAMES, s)
 }
 
 fn main() -> ExitCode {
@@ -323,7 +340,7 @@ fn cmd_forward(a: ForwardArgs) -> Result<()> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let remasking: Remasking = a.gen.remasking.parse()?;
+    let opts = a.gen.options()?;
     let device: DeviceChoice = a.device.parse()?;
     let json = format_is_json(&a.format)?;
     let mut opened = a.model.open()?;
@@ -350,26 +367,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if a.chat && a.prompt.is_none() {
         bail!("--chat applies to --prompt TEXT, not to --prompt-ids");
     }
-    let mut params = GenerateParams {
-        steps: a.gen.steps,
-        gen_length: a.gen.gen_length,
-        block_length: a.gen.block_length,
-        temperature: a.gen.temperature,
-        cfg_scale: a.gen.cfg_scale,
-        remasking,
-        seed: a.gen.seed,
-        logits_eos_inf: a.gen.logits_eos_inf,
-        confidence_eos_eot_inf: a.gen.confidence_eos_eot_inf,
-        // The ids and max_sequence_length come from `apply_ids`.
-        ..GenerateParams::default()
-    };
+    // The ids and max_sequence_length come from `apply_ids`.
+    let mut params = opts.to_params(&GenerateParams::default());
     opened.apply_ids(&mut params);
     params.block_plan()?;
-    let decode = Decode {
-        cache: a.gen.cache.parse()?,
-        threshold: a.gen.threshold,
-        factor: a.gen.factor,
-    };
+    let decode = opts.to_decode();
     let (mut eng, notice) = engine::load(&opened, device)?;
     if let Some(n) = notice {
         eprintln!("note: {n}");
@@ -442,9 +444,5 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 
 /// `--format text|json`: whether the output is JSON.
 fn format_is_json(format: &str) -> Result<bool> {
-    match format {
-        "json" => Ok(true),
-        "text" => Ok(false),
-        f => bail!("unknown --format {f:?}: expected text or json"),
-    }
+    llada::names::parse("--format", &[("text", false), ("json", true)], format)
 }

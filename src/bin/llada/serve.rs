@@ -4,7 +4,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use llada::engine::device::DeviceChoice;
-use llada::engine::sampler::Decode;
 use llada::engine::{ModelSpec, Opened};
 use llada::hf::tokenizer::Tokenizer;
 use llada::loglik::LoglikParams;
@@ -76,22 +75,8 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         }
     }
     let g = &a.gen;
-    let defaults = GenDefaults {
-        gen_length: g.gen_length,
-        steps: g.steps,
-        block_length: g.block_length,
-        temperature: g.temperature,
-        cfg_scale: g.cfg_scale,
-        remasking: g.remasking.parse()?,
-        seed: g.seed,
-        logits_eos_inf: g.logits_eos_inf,
-        confidence_eos_eot_inf: g.confidence_eos_eot_inf,
-        decode: Decode {
-            cache: g.cache.parse()?,
-            threshold: g.threshold,
-            factor: g.factor,
-        },
-    };
+    let defaults: GenDefaults = g.options()?;
+
     let loglik = LoglikParams {
         mc_num: a.mc_num,
         batch_size: LoglikParams::default_batch_size(a.mc_num),
