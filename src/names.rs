@@ -25,6 +25,26 @@ pub fn name_of<T: PartialEq>(table: &[(&'static str, T)], v: &T) -> &'static str
     table.iter().find(|(_, x)| x == v).map_or("?", |&(n, _)| n)
 }
 
+/// `FromStr` (through [`parse`], naming the choice `$what` in errors) and `Display` (through
+/// [`name_of`]) for an enum with the name table `$table`.
+macro_rules! named_enum {
+    ($t:ty, $what:expr, $table:expr) => {
+        impl std::str::FromStr for $t {
+            type Err = anyhow::Error;
+            fn from_str(s: &str) -> anyhow::Result<Self> {
+                $crate::names::parse($what, $table, s)
+            }
+        }
+
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str($crate::names::name_of($table, self))
+            }
+        }
+    };
+}
+pub(crate) use named_enum;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,12 +46,20 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 
 // ---------------------------------------------------------------- RoPE
 
+/// An f32 backend, the fused QKV row width of `(nh, nkv, hd)` and RoPE tables of `positions`.
+fn rope_setup(
+    theta: f32,
+    (nh, nkv, hd): (usize, usize, usize),
+    positions: usize,
+) -> (CpuBackend, usize, Vec<f32>, Vec<f32>) {
+    let (cos, sin) = rope_tables(theta, hd, positions);
+    (CpuBackend::new(DType::F32), (nh + 2 * nkv) * hd, cos, sin)
+}
+
 #[test]
 fn rope_at_position_zero_is_identity() {
-    let be = CpuBackend::new(DType::F32);
     let (nh, nkv, hd) = (2, 1, 8);
-    let w = (nh + 2 * nkv) * hd;
-    let (cos, sin) = rope_tables(10000.0, hd, 4);
+    let (be, w, cos, sin) = rope_setup(10000.0, (nh, nkv, hd), 4);
     let orig = values(2 * w, 1);
     let mut qkv = orig.clone();
     be.rope(&mut qkv, &vec![0, 0], &cos, &sin, 2, nh, nkv, hd)
@@ -65,10 +73,8 @@ fn rope_at_position_zero_is_identity() {
 /// e_j ↦ cos·e_j + sin·e_{j+64}, e_{j+64} ↦ −sin·e_j + cos·e_{j+64}.
 #[test]
 fn rope_half_split_convention_with_unit_vectors() {
-    let be = CpuBackend::new(DType::F32);
     let (nh, nkv, hd) = (1, 1, 128);
-    let w = (nh + 2 * nkv) * hd;
-    let (cos, sin) = rope_tables(500000.0, hd, 2);
+    let (be, w, cos, sin) = rope_setup(500000.0, (nh, nkv, hd), 2);
     for (j, f) in [(1usize, 0.8146172338565447f64), (63, 2.4551e-06)] {
         // q = e_j, k = e_{j+64}, v = e_j (v must not move).
         let mut qkv = vec![0.0f32; w];

@@ -127,7 +127,8 @@ fn world_of_one() -> Trainer {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let secs = std::time::Duration::from_secs(30);
     let key = JobKey::from_secret(b"a test job secret", None);
-    let g = HostGroup::serve(l, 1, dp.options_fingerprint().unwrap(), &key, secs, secs).unwrap();
+    let fp = dp.options_fingerprint().unwrap();
+    let g = HostGroup::serve_on(vec![l], 1, fp, &key, secs, secs).unwrap();
     dp.join_group(g).unwrap();
     dp
 }

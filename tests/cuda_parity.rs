@@ -632,14 +632,7 @@ fn run_cached<B: Backend>(
     s: CachedAttnShape,
     q0: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let CachedAttnShape {
-        b,
-        tq,
-        l,
-        nh,
-        nkv,
-        hd,
-    } = s;
+    let (b, tq, l, nh, nkv, hd) = s.dims();
     let w = (nh + 2 * nkv) * hd;
     let kw = nkv * hd;
     let mut kc = poisoned(be, b * l * kw);
@@ -685,14 +678,7 @@ fn kv_store_and_cached_attention_match() {
             ] {
                 for masked in [false, true] {
                     case += 1;
-                    let s = CachedAttnShape {
-                        b,
-                        tq,
-                        l,
-                        nh,
-                        nkv,
-                        hd,
-                    };
+                    let s = cached_shape([b, tq, l, nh, nkv, hd]);
                     let w = (nh + 2 * nkv) * hd;
                     let full = rand_vec(500 + case, b * l * w, 2.0);
                     let kv: Vec<i32> = (0..b * l).map(|j| i32::from(j % 3 != 1)).collect();
@@ -1041,14 +1027,7 @@ fn rope_kv_store_matches_rope_then_kv_store() {
         (3, 7, 7, 0, 4, 2, 64),
         (2, 32, 97, 65, 8, 8, 128),
     ] {
-        let s = CachedAttnShape {
-            b,
-            tq,
-            l,
-            nh,
-            nkv,
-            hd,
-        };
+        let s = cached_shape([b, tq, l, nh, nkv, hd]);
         let w = (nh + 2 * nkv) * hd;
         let kw = nkv * hd;
         let qkv = rand_vec(1200 + hd as u64, b * tq * w, 2.0);
@@ -1620,17 +1599,22 @@ fn fa2_attention_matches_within_bound() {
     );
 }
 
-/// The cached shape (b, tq, l, nh, nkv, hd) and the dense shape of the full pass over its l keys.
-fn cached_and_dense(dims: [usize; 6]) -> (CachedAttnShape, AttnShape) {
-    let [b, tq, l, nh, nkv, hd] = dims;
-    let s = CachedAttnShape {
+/// The cached shape of `[b, tq, l, nh, nkv, hd]`.
+fn cached_shape([b, tq, l, nh, nkv, hd]: [usize; 6]) -> CachedAttnShape {
+    CachedAttnShape {
         b,
         tq,
         l,
         nh,
         nkv,
         hd,
-    };
+    }
+}
+
+/// The cached shape (b, tq, l, nh, nkv, hd) and the dense shape of the full pass over its l keys.
+fn cached_and_dense(dims: [usize; 6]) -> (CachedAttnShape, AttnShape) {
+    let [b, _, l, nh, nkv, hd] = dims;
+    let s = cached_shape(dims);
     (
         s,
         AttnShape {

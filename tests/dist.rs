@@ -136,7 +136,7 @@ fn with_group<R: Send + 'static>(
             let l = if rank == 0 { l.take() } else { None };
             std::thread::spawn(move || {
                 let mut g = match l {
-                    Some(l) => HostGroup::serve(l, world, 7, &key(), T, T).unwrap(),
+                    Some(l) => HostGroup::serve_on(vec![l], world, 7, &key(), T, T).unwrap(),
                     None => {
                         HostGroup::connect(&rank_env(rank, world, port), 7, &key(), T, T).unwrap()
                     }
@@ -202,7 +202,7 @@ fn the_rendezvous_refuses_mismatched_ranks() {
     let try_pair = |w0: usize, r1: usize, w1: usize, fp1: u64| {
         let (l, port) = listener();
         let h = std::thread::spawn(move || {
-            HostGroup::serve(l, w0, 7, &key(), T, Duration::from_secs(10))
+            HostGroup::serve_on(vec![l], w0, 7, &key(), T, Duration::from_secs(10))
                 .err()
                 .map(|e| e.to_string())
         });
@@ -223,7 +223,7 @@ fn the_rendezvous_refuses_mismatched_ranks() {
 fn a_rank_that_dies_is_an_error_not_a_hang() {
     let (l, port) = listener();
     let h = std::thread::spawn(move || {
-        let mut g = HostGroup::serve(l, 2, 7, &key(), T, T).unwrap();
+        let mut g = HostGroup::serve_on(vec![l], 2, 7, &key(), T, T).unwrap();
         let t0 = Instant::now();
         let e = g.all_reduce_f64(&mut [1.0]).unwrap_err().to_string();
         (e, t0.elapsed())
@@ -249,7 +249,7 @@ fn missing_ranks_time_out_with_a_message() {
         let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n-------------");
         std::thread::sleep(Duration::from_millis(500));
     });
-    let e = HostGroup::serve(l, 3, 7, &key(), T, Duration::from_millis(400))
+    let e = HostGroup::serve_on(vec![l], 3, 7, &key(), T, Duration::from_millis(400))
         .err()
         .unwrap()
         .to_string();
@@ -564,7 +564,7 @@ fn a_peer_announcing_a_huge_message_is_refused_not_allocated() {
     use std::io::{Read, Write};
     let (l, port) = listener();
     let h = std::thread::spawn(move || {
-        let mut g = HostGroup::serve(l, 2, 7, &key(), T, T).unwrap();
+        let mut g = HostGroup::serve_on(vec![l], 2, 7, &key(), T, T).unwrap();
         g.all_reduce_f64(&mut [1.0, 2.0]).unwrap_err().to_string()
     });
     // A hand-made rank 1 that knows the secret: a valid authenticated hello, then a reduce
@@ -642,7 +642,7 @@ fn strangers_without_the_secret_cannot_join_abort_or_delay_the_job() {
     let (l, port) = listener();
     let t0 = Instant::now();
     let rank0 = std::thread::spawn(move || {
-        let mut g = HostGroup::serve(l, 3, 7, &key(), T, Duration::from_secs(60)).unwrap();
+        let mut g = HostGroup::serve_on(vec![l], 3, 7, &key(), T, Duration::from_secs(60)).unwrap();
         let joined = t0.elapsed();
         (some_collectives(&mut g), joined)
     });
@@ -698,7 +698,7 @@ fn strangers_without_the_secret_cannot_join_abort_or_delay_the_job() {
 fn a_rank_with_another_secret_is_refused_with_a_clear_error() {
     let (l, port) = listener();
     let rank0 = std::thread::spawn(move || {
-        HostGroup::serve(l, 2, 7, &key(), T, Duration::from_secs(2))
+        HostGroup::serve_on(vec![l], 2, 7, &key(), T, Duration::from_secs(2))
             .err()
             .unwrap()
             .to_string()
@@ -780,7 +780,7 @@ fn the_job_key_comes_from_the_environment_or_a_private_file() {
     let pair_joins = |k0: JobKey, k1: JobKey| {
         let (l, port) = listener();
         let h = std::thread::spawn(move || {
-            HostGroup::serve(l, 2, 7, &k0, T, Duration::from_secs(2)).is_ok()
+            HostGroup::serve_on(vec![l], 2, 7, &k0, T, Duration::from_secs(2)).is_ok()
         });
         let c = HostGroup::connect(&rank_env(1, 2, port), 7, &k1, T, Duration::from_secs(1));
         c.is_ok() && h.join().unwrap()
@@ -806,7 +806,7 @@ fn master_addr_may_be_an_ipv6_address() {
     };
     let port = l.local_addr().unwrap().port();
     let h = std::thread::spawn(move || {
-        let mut g = HostGroup::serve(l, 2, 7, &key(), T, T).unwrap();
+        let mut g = HostGroup::serve_on(vec![l], 2, 7, &key(), T, T).unwrap();
         some_collectives(&mut g)
     });
     let mut env = rank_env(1, 2, port);

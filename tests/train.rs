@@ -686,7 +686,7 @@ fn join_local(
     let fp = tr.options_fingerprint()?;
     let key = JobKey::from_secret(b"a test job secret", None);
     let g = match listener {
-        Some(l) => HostGroup::serve(l, world, fp, &key, secs, secs)?,
+        Some(l) => HostGroup::serve_on(vec![l], world, fp, &key, secs, secs)?,
         None => HostGroup::connect(&rank_env(rank, world, port), fp, &key, secs, secs)?,
     };
     tr.join_group(g)

@@ -34,7 +34,7 @@ fn in_ranks<R: Send + 'static>(
             let (f, key, hub) = (f.clone(), key.clone(), hub.take());
             std::thread::spawn(move || {
                 let g = match hub {
-                    Some(l) => HostGroup::serve(l, world, 1, &key, t, t).unwrap(),
+                    Some(l) => HostGroup::serve_on(vec![l], world, 1, &key, t, t).unwrap(),
                     None => {
                         let (r, p) = (rank.to_string(), port.to_string());
                         let var = |k: &str| match k {

@@ -18,16 +18,13 @@ pub enum Remasking {
     Random,
 }
 
-impl std::str::FromStr for Remasking {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "low_confidence" => Ok(Remasking::LowConfidence),
-            "random" => Ok(Remasking::Random),
-            _ => anyhow::bail!("unknown remasking {s:?}: expected low_confidence or random"),
-        }
-    }
-}
+/// The `--remasking` names.
+const REMASKINGS: &[(&str, Remasking)] = &[
+    ("low_confidence", Remasking::LowConfidence),
+    ("random", Remasking::Random),
+];
+
+crate::names::named_enum!(Remasking, "remasking", REMASKINGS);
 
 /// Everything the head needs besides the logits.
 #[derive(Clone, Debug)]

@@ -26,27 +26,14 @@ pub enum CacheMode {
     Dual,
 }
 
-impl std::str::FromStr for CacheMode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "none" => Ok(CacheMode::None),
-            "prefix" => Ok(CacheMode::Prefix),
-            "dual" => Ok(CacheMode::Dual),
-            _ => bail!("unknown cache mode {s:?} (expected none, prefix or dual)"),
-        }
-    }
-}
+/// The `--cache` names, for parsing and printing.
+const CACHE_MODES: &[(&str, CacheMode)] = &[
+    ("none", CacheMode::None),
+    ("prefix", CacheMode::Prefix),
+    ("dual", CacheMode::Dual),
+];
 
-impl std::fmt::Display for CacheMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            CacheMode::None => "none",
-            CacheMode::Prefix => "prefix",
-            CacheMode::Dual => "dual",
-        })
-    }
-}
+crate::names::named_enum!(CacheMode, "cache mode", CACHE_MODES);
 
 /// How many tokens a step commits, and with which cache (Fast-dLLM, reference §7).
 #[derive(Clone, Copy, Debug, PartialEq, Default)]

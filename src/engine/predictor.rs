@@ -134,10 +134,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
     /// (keys in `self.keys`); its outputs stay in the workspace's `tok` and `conf`.
     fn run_select(&mut self, r: usize, select: &SelectParams) -> Result<()> {
         let model = self.model;
-        let ws = self
-            .ws
-            .as_mut()
-            .context("predict: workspace missing after reserve")?;
+        let ws = reserved(&mut self.ws, "predict")?;
         // The head rounds to the model's compute dtype whatever the caller set.
         let dtype = model.backend.compute_dtype();
         let p: &SelectParams = if select.dtype == dtype {
@@ -328,10 +325,7 @@ impl<B: Backend> ModelPredictor<'_, B> {
             );
         }
         let model = self.model;
-        let ws = self
-            .ws
-            .as_mut()
-            .context("predict_span: workspace missing after reserve")?;
+        let ws = reserved(&mut self.ws, "predict_span")?;
         let cache = self
             .cache
             .as_mut()
@@ -397,50 +391,58 @@ impl<B: Backend> ModelPredictor<'_, B> {
             }
         }
         let model = self.model;
-        let ws = self
-            .ws
-            .as_mut()
-            .context("predict: workspace missing after reserve")?;
+        let ws = reserved(&mut self.ws, "predict")?;
         model.forward(ws, &self.ids, nb, t, mask, &self.rows)?;
         Ok(nb * t)
     }
 }
 
-impl<B: Backend> SpanPredictor for ModelPredictor<'_, B> {
-    fn predict_span(&mut self, req: &SpanRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
-        let _step = nvtx::range(c"step");
-        self.span_forward(req, out.len())?;
-        self.select_into(req.rows.len(), req.select, out)
-    }
-
-    fn selects_commits(&self) -> bool {
-        self.device_select
-    }
-
-    fn predict_span_commit(&mut self, req: &SpanRequest<'_>, c: &mut Commits<'_>) -> Result<()> {
-        let _step = nvtx::range(c"step");
-        let n = self.span_forward(req, c.out.len())?;
-        self.commit_into((req.rows, req.b, n), req.select, c)
-    }
+/// The workspace `reserve` made, or an error naming `op`.
+fn reserved<'w, B: Backend>(
+    ws: &'w mut Option<Workspace<B>>,
+    op: &str,
+) -> Result<&'w mut Workspace<B>> {
+    ws.as_mut()
+        .with_context(|| format!("{op}: workspace missing after reserve"))
 }
 
-impl<B: Backend> Predictor for ModelPredictor<'_, B> {
-    fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
-        let _step = nvtx::range(c"step");
-        self.full_forward(req, out.len())?;
-        self.select_into(req.rows.len(), req.select, out)
-    }
+/// One predictor trait on [`ModelPredictor`]: `$forward` runs the network, then the head
+/// selects on the host (`$predict`) or makes the commit selection on the device (`$commit`).
+macro_rules! model_predictor {
+    ($trait:ident, $req:ident, $predict:ident, $commit:ident, $forward:ident) => {
+        impl<B: Backend> $trait for ModelPredictor<'_, B> {
+            fn $predict(&mut self, req: &$req<'_>, out: &mut [(u32, f32)]) -> Result<()> {
+                let _step = nvtx::range(c"step");
+                self.$forward(req, out.len())?;
+                self.select_into(req.rows.len(), req.select, out)
+            }
 
-    fn selects_commits(&self) -> bool {
-        self.device_select
-    }
+            fn selects_commits(&self) -> bool {
+                self.device_select
+            }
 
-    fn predict_commit(&mut self, req: &PredictRequest<'_>, c: &mut Commits<'_>) -> Result<()> {
-        let _step = nvtx::range(c"step");
-        let n = self.full_forward(req, c.out.len())?;
-        self.commit_into((req.rows, req.b, n), req.select, c)
-    }
+            fn $commit(&mut self, req: &$req<'_>, c: &mut Commits<'_>) -> Result<()> {
+                let _step = nvtx::range(c"step");
+                let n = self.$forward(req, c.out.len())?;
+                self.commit_into((req.rows, req.b, n), req.select, c)
+            }
+        }
+    };
 }
+model_predictor!(
+    SpanPredictor,
+    SpanRequest,
+    predict_span,
+    predict_span_commit,
+    span_forward
+);
+model_predictor!(
+    Predictor,
+    PredictRequest,
+    predict,
+    predict_commit,
+    full_forward
+);
 
 /// A [`crate::engine::predictor::Scorer`] running a [`Model`]: one forward pass per call over the noisy
 /// batch (and, with CFG, the unconditional batch as rows `b..2b`), the LM head on the scored
@@ -534,10 +536,7 @@ impl<B: Backend> crate::engine::predictor::Scorer for ModelScorer<'_, B> {
         self.targets.clear();
         self.targets.extend(req.targets.iter().map(|&tg| tg as i32));
         let model = self.model;
-        let ws = self
-            .ws
-            .as_mut()
-            .context("score: workspace missing after reserve")?;
+        let ws = reserved(&mut self.ws, "score")?;
         model.forward(ws, &self.ids, nb, t, None, &self.rows)?;
         let be = &model.backend;
         // `tok` [R] and `conf` [R] are free here: targets in, log-probabilities out.

@@ -48,18 +48,7 @@ impl WeightsMode {
     ];
 }
 
-impl std::str::FromStr for WeightsMode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        crate::names::parse("--weights", Self::NAMES, s)
-    }
-}
-
-impl std::fmt::Display for WeightsMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(crate::names::name_of(Self::NAMES, self))
-    }
-}
+crate::names::named_enum!(WeightsMode, "--weights", WeightsMode::NAMES);
 
 /// The `quantization_config` written into `config.json` by [`quantize_folder`]: vLLM's `fp8`
 /// method keys (`quant_method`, `activation_scheme`, `ignored_layers`) plus the format and the

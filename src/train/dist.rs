@@ -303,26 +303,7 @@ impl HostGroup {
         }
     }
 
-    /// Rank 0 on an already bound listener (tests bind port 0).
-    pub fn serve(
-        l: TcpListener,
-        world: usize,
-        fingerprint: u64,
-        key: &JobKey,
-        op_timeout: Duration,
-        connect_timeout: Duration,
-    ) -> Result<HostGroup> {
-        HostGroup::serve_on(
-            vec![l],
-            world,
-            fingerprint,
-            key,
-            op_timeout,
-            connect_timeout,
-        )
-    }
-
-    /// Rank 0 on bound listeners: accept until every rank has joined or `connect_timeout`
+    /// Rank 0 on bound listeners (tests bind port 0): accept until every rank has joined or `connect_timeout`
     /// passes. Every connection is authenticated on its own thread (see the module
     /// documentation); strangers are dropped and logged, never fatal. An authenticated rank
     /// that runs other options, claims a taken rank or another world size stops the job.

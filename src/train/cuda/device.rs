@@ -226,17 +226,15 @@ pub struct AdamWScalars {
 impl AdamWScalars {
     /// Scalars of update number `t` (1-based) at learning rate `lr`.
     pub fn new(c: &AdamWConfig, t: u64, lr: f64) -> AdamWScalars {
-        let bc1 = 1.0 - c.beta1.powi(t as i32);
-        let bc2 = 1.0 - c.beta2.powi(t as i32);
-        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+        let s = crate::train::optim::AdamWStep::new(c, t, lr);
         AdamWScalars {
-            b1,
-            omb1: 1.0 - b1,
-            b2,
-            omb2: 1.0 - b2,
-            step_size: (lr / bc1) as f32,
-            bc2_sqrt: bc2.sqrt() as f32,
-            eps: c.eps as f32,
+            b1: s.b1,
+            omb1: 1.0 - s.b1,
+            b2: s.b2,
+            omb2: 1.0 - s.b2,
+            step_size: s.step_size,
+            bc2_sqrt: s.bc2_sqrt,
+            eps: s.eps,
         }
     }
 

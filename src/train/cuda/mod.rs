@@ -83,10 +83,7 @@ pub enum TrainPrecision {
 
 impl TrainPrecision {
     pub fn name(self) -> &'static str {
-        match self {
-            TrainPrecision::F32 => "f32",
-            TrainPrecision::Bf16 => "bf16",
-        }
+        crate::names::name_of(TRAIN_PRECISIONS, &self)
     }
 
     /// One line for logs: what is stored and what the GEMMs compute in.
@@ -108,22 +105,11 @@ impl TrainPrecision {
     }
 }
 
-impl std::str::FromStr for TrainPrecision {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<TrainPrecision> {
-        match s {
-            "f32" => Ok(TrainPrecision::F32),
-            "bf16" => Ok(TrainPrecision::Bf16),
-            _ => bail!("unknown training precision `{s}` (expected f32 or bf16)"),
-        }
-    }
-}
+/// The `--precision` names, for parsing and printing.
+const TRAIN_PRECISIONS: &[(&str, TrainPrecision)] =
+    &[("f32", TrainPrecision::F32), ("bf16", TrainPrecision::Bf16)];
 
-impl std::fmt::Display for TrainPrecision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+crate::names::named_enum!(TrainPrecision, "training precision", TRAIN_PRECISIONS);
 
 /// Parameters, gradients and AdamW moments of a run, resident on one GPU.
 pub struct CudaTrainState {
