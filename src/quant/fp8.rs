@@ -32,8 +32,8 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
+use crate::backend::cpu::check::need;
 use crate::backend::cpu::dot::dot;
-use crate::backend::cpu::need;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 

@@ -28,12 +28,14 @@ use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 
 mod attention;
+pub(crate) mod check;
 pub(crate) mod dot;
 mod log_prob;
 mod norm;
 mod weights;
 
 use attention::*;
+use check::need;
 use dot::dot;
 pub use log_prob::log_prob_one;
 use log_prob::*;
@@ -93,15 +95,6 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         }
         f(&mut s[..len])
     })
-}
-
-/// `have >= want`, else an error naming the op and its argument.
-pub(crate) fn need(op: &str, arg: &str, have: usize, want: usize) -> Result<()> {
-    ensure!(
-        have >= want,
-        "{op}: `{arg}` holds {have} elements, the op needs {want}"
-    );
-    Ok(())
 }
 
 /// Rows of work per rayon task so that each thread gets a few tasks.
