@@ -33,7 +33,7 @@ const NCCL_SUM: c_int = 0;
 const NCCL_SUCCESS: NcclResult = 0;
 const NCCL_IN_PROGRESS: NcclResult = 7;
 
-/// `ncclAllReduce` / `ncclReduceScatter`: send, receive, count, dtype, op, comm, stream.
+/// `ncclAllReduce`: send, receive, count, dtype, op, comm, stream.
 type RedFn = unsafe extern "C" fn(
     *const c_void,
     *mut c_void,
@@ -51,15 +51,6 @@ struct Api {
     get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> NcclResult,
     comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> NcclResult,
     all_reduce: RedFn,
-    reduce_scatter: RedFn,
-    all_gather: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        Comm,
-        *mut c_void,
-    ) -> NcclResult,
     reduce: unsafe extern "C" fn(
         *const c_void,
         *mut c_void,
@@ -130,8 +121,6 @@ fn bind(lib: libloading::Library, path: String) -> std::result::Result<Api, Stri
         get_unique_id: sym!(b"ncclGetUniqueId\0"),
         comm_init_rank: sym!(b"ncclCommInitRank\0"),
         all_reduce: sym!(b"ncclAllReduce\0"),
-        reduce_scatter: sym!(b"ncclReduceScatter\0"),
-        all_gather: sym!(b"ncclAllGather\0"),
         reduce: sym!(b"ncclReduce\0"),
         broadcast: sym!(b"ncclBroadcast\0"),
         group_start: sym!(b"ncclGroupStart\0"),

@@ -1,12 +1,9 @@
 //! The NCCL collectives of sharded optimizer state ([`crate::train::zero`]), all f32, in place,
 //! grouped into one NCCL launch on the caller's stream, asynchronous like any launch:
 //!
-//! - [`NcclComm::reduce_scatter_sum_f32`] / [`NcclComm::all_gather_f32`]: NCCL's own
-//!   `ncclReduceScatter` / `ncclAllGather` over flat buffers of `world` equal shards (a padded
-//!   flat gradient or weight buffer);
-//! - [`NcclComm::ranges_f32`]: the same for tensors split by
-//!   [`crate::train::zero::ShardLayout::tensor_bounds`] into unequal (possibly empty) ranges:
-//!   one `ncclReduce` to, or `ncclBroadcast` from, each range's owner ([`RangeOp`]).
+//! [`NcclComm::ranges_f32`]: for tensors split by
+//! [`crate::train::zero::ShardLayout::tensor_bounds`] into unequal (possibly empty) ranges,
+//! one `ncclReduce` to, or `ncclBroadcast` from, each range's owner ([`RangeOp`]).
 //!
 //! NCCL sums in its own order (ring or tree), so unlike the TCP group's these sums are not the
 //! bits of the all-reduce; each is deterministic for a fixed world and topology.
@@ -50,56 +47,6 @@ impl NcclComm {
             return Ok(());
         }
         check(a, end, &format!("ncclGroupEnd ({what})"))
-    }
-
-    /// In place: every `(device pointer, shard)` buffer holds `world · shard` f32; afterwards
-    /// values `rank·shard .. (rank+1)·shard` hold their sum over the ranks (the rest is as it
-    /// was).
-    ///
-    /// # Safety
-    /// Every pointer must be a live device allocation of `world · shard` f32 on this
-    /// communicator's device, not used by other streams until `stream` has passed this point.
-    pub unsafe fn reduce_scatter_sum_f32(
-        &self,
-        bufs: &[(u64, usize)],
-        stream: *mut c_void,
-    ) -> Result<()> {
-        self.per_shard("the gradient reduce-scatter", bufs, |a, all, own, n| {
-            let r = (a.reduce_scatter)(all, own, n, NCCL_FLOAT32, NCCL_SUM, self.comm, stream);
-            (r, "ncclReduceScatter")
-        })
-    }
-
-    /// In place: every `(device pointer, shard)` buffer of `world · shard` f32 gets every rank's
-    /// shard `r·shard .. (r+1)·shard` from rank `r`.
-    ///
-    /// # Safety
-    /// As [`NcclComm::reduce_scatter_sum_f32`].
-    pub unsafe fn all_gather_f32(&self, bufs: &[(u64, usize)], stream: *mut c_void) -> Result<()> {
-        self.per_shard("the weights' all-gather", bufs, |a, all, own, n| {
-            let r = (a.all_gather)(own, all, n, NCCL_FLOAT32, self.comm, stream);
-            (r, "ncclAllGather")
-        })
-    }
-
-    /// One grouped `call(api, buffer, this rank's shard in it, shard length)` per non-empty
-    /// buffer.
-    unsafe fn per_shard(
-        &self,
-        what: &str,
-        bufs: &[(u64, usize)],
-        mut call: impl FnMut(&Api, *mut c_void, *mut c_void, usize) -> (NcclResult, &'static str),
-    ) -> Result<()> {
-        let off = self.rank;
-        self.grouped(what, |a| {
-            bufs.iter()
-                .filter(|b| b.1 > 0)
-                .map(|&(ptr, n)| {
-                    let own = (ptr + (4 * off * n) as u64) as *mut c_void;
-                    call(a, ptr as *mut c_void, own, n)
-                })
-                .collect()
-        })
     }
 
     /// In place, for every `(device pointer, bounds)` tensor (`bounds`: `world + 1` ascending
