@@ -1,7 +1,7 @@
 //! See [`super`]: the `run` part of offline batch generation.
 
 use super::{output::*, request::*};
-use crate::engine::sampler::{GenerateParams, Progress};
+use crate::engine::sampler::{GenerateParams, Hooks, Progress};
 use crate::engine::Engine;
 use anyhow::Result;
 use serde_json::json;
@@ -91,7 +91,7 @@ pub fn run(
             // A panic on one batch (a bug, not a hostile line: lines are validated) fails that
             // batch like a device error instead of ending the run.
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                engine.generate(&prompts, &params, &fast, Some(&mut cb))
+                engine.generate(&prompts, &params, &fast, Hooks::on_progress(&mut cb))
             }))
             .unwrap_or_else(|p| {
                 let what = p

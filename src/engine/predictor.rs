@@ -5,7 +5,9 @@ use super::model::*;
 use crate::backend::commit::CommitShape;
 use crate::backend::head::SelectParams;
 use crate::backend::{Backend, OpClass};
-use crate::engine::sampler::{Commits, PredictRequest, Predictor, SpanPredictor, SpanRequest};
+use crate::engine::sampler::{
+    Commits, PredictRequest, Predictor, SelectsCommits, SpanPredictor, SpanRequest,
+};
 use crate::nvtx;
 use anyhow::{bail, ensure, Context, Result};
 
@@ -87,6 +89,15 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
     /// Results are identical either way.
     pub fn set_device_select(&mut self, on: bool) {
         self.device_select = on;
+    }
+
+    /// Itself as its commit selector while device selection is on.
+    fn selector(&mut self) -> Option<&mut dyn SelectsCommits> {
+        if self.device_select {
+            Some(self)
+        } else {
+            None
+        }
     }
 
     /// Allocate the workspace up front for `b` batch rows of `t` tokens and `r` requested rows
@@ -407,9 +418,9 @@ fn reserved<'w, B: Backend>(
 }
 
 /// One predictor trait on [`ModelPredictor`]: `$forward` runs the network, then the head
-/// selects on the host (`$predict`) or makes the commit selection on the device (`$commit`).
+/// selects on the host; with device selection on, the model is its own commit selector.
 macro_rules! model_predictor {
-    ($trait:ident, $req:ident, $predict:ident, $commit:ident, $forward:ident) => {
+    ($trait:ident, $req:ident, $predict:ident, $forward:ident) => {
         impl<B: Backend> $trait for ModelPredictor<'_, B> {
             fn $predict(&mut self, req: &$req<'_>, out: &mut [(u32, f32)]) -> Result<()> {
                 let _step = nvtx::range(c"step");
@@ -417,32 +428,29 @@ macro_rules! model_predictor {
                 self.select_into(req.rows.len(), req.select, out)
             }
 
-            fn selects_commits(&self) -> bool {
-                self.device_select
-            }
-
-            fn $commit(&mut self, req: &$req<'_>, c: &mut Commits<'_>) -> Result<()> {
-                let _step = nvtx::range(c"step");
-                let n = self.$forward(req, c.out.len())?;
-                self.commit_into((req.rows, req.b, n), req.select, c)
+            fn commit_selector(&mut self) -> Option<&mut dyn SelectsCommits> {
+                self.selector()
             }
         }
     };
 }
-model_predictor!(
-    SpanPredictor,
-    SpanRequest,
-    predict_span,
-    predict_span_commit,
-    span_forward
-);
-model_predictor!(
-    Predictor,
-    PredictRequest,
-    predict,
-    predict_commit,
-    full_forward
-);
+model_predictor!(SpanPredictor, SpanRequest, predict_span, span_forward);
+model_predictor!(Predictor, PredictRequest, predict, full_forward);
+
+/// The commit selection on the backend (`Backend::commit_select`) after the forward pass.
+impl<B: Backend> SelectsCommits for ModelPredictor<'_, B> {
+    fn predict_commit(&mut self, req: &PredictRequest<'_>, c: &mut Commits<'_>) -> Result<()> {
+        let _step = nvtx::range(c"step");
+        let n = self.full_forward(req, c.out.len())?;
+        self.commit_into((req.rows, req.b, n), req.select, c)
+    }
+
+    fn predict_span_commit(&mut self, req: &SpanRequest<'_>, c: &mut Commits<'_>) -> Result<()> {
+        let _step = nvtx::range(c"step");
+        let n = self.span_forward(req, c.out.len())?;
+        self.commit_into((req.rows, req.b, n), req.select, c)
+    }
+}
 
 /// A [`crate::engine::predictor::Scorer`] running a [`Model`]: one forward pass per call over the noisy
 /// batch (and, with CFG, the unconditional batch as rows `b..2b`), the LM head on the scored

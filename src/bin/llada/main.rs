@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use llada::batch::GenOptions;
 use llada::engine::device::DeviceChoice;
-use llada::engine::sampler::{GenerateParams, Progress};
+use llada::engine::sampler::{GenerateParams, Hooks, Progress};
 use llada::engine::{self, ModelSpec, Opened};
 use llada::hf::dtype::DType;
 use llada::hf::write::write_safetensors;
@@ -395,7 +395,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             let _ = std::io::stderr().flush();
         }
     };
-    let out = eng.generate(&prompts, &params, &decode, Some(&mut bar))?;
+    let out = eng.generate(&prompts, &params, &decode, Hooks::on_progress(&mut bar))?;
     let secs = t0.elapsed().as_secs_f64();
     if show {
         eprintln!();
