@@ -21,10 +21,7 @@ pub struct ModelPredictor<'m, B: Backend> {
     model: &'m Model<B>,
     ws: Option<Workspace<B>>,
     cache: Option<KvCache<B>>,
-    ids: Vec<u32>,
-    mask: Vec<u8>,
-    rows: Vec<u32>,
-    keys: Vec<i32>,
+    staged: Staged,
     /// Host copies of the head's outputs, grown once.
     tok_host: Vec<i32>,
     conf_host: Vec<f32>,
@@ -45,6 +42,16 @@ struct CommitBufs<B: Backend> {
     commit: B::Ints,
     plan_len: usize,
     commit_len: usize,
+}
+
+/// A request staged on the host in the backend's layout: the tokens of the pass, its key mask
+/// (duplicated with CFG), the flat token index of each requested row and its RNG key pair.
+#[derive(Default)]
+struct Staged {
+    ids: Vec<u32>,
+    mask: Vec<u8>,
+    rows: Vec<u32>,
+    keys: Vec<i32>,
 }
 
 /// Whether `LLADA_DEVICE_SELECT=1` asks for the commit selection on the device.
@@ -70,10 +77,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             model,
             ws: None,
             cache: None,
-            ids: Vec::new(),
-            mask: Vec::new(),
-            rows: Vec::new(),
-            keys: Vec::new(),
+            staged: Staged::default(),
             tok_host: Vec::new(),
             conf_host: Vec::new(),
             params: None,
@@ -142,7 +146,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
     }
 
     /// Queue the LM-head sampler (`select`) on the first `r` rows of the last forward pass
-    /// (keys in `self.keys`); its outputs stay in the workspace's `tok` and `conf`.
+    /// (keys in `self.staged.keys`); its outputs stay in the workspace's `tok` and `conf`.
     fn run_select(&mut self, r: usize, select: &SelectParams) -> Result<()> {
         let model = self.model;
         let ws = reserved(&mut self.ws, "predict")?;
@@ -159,7 +163,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
         let be = &model.backend;
         be.prof_mark(Some(OpClass::Head));
         let _r = nvtx::range(c"select");
-        be.write_ints(&mut ws.keys, &self.keys)?;
+        be.write_ints(&mut ws.keys, &self.staged.keys)?;
         be.select(
             &mut ws.tok,
             &mut ws.conf,
@@ -173,7 +177,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
     }
 
     /// Run the LM-head sampler on the first `r` rows of the last forward pass (keys in
-    /// `self.keys`) and copy the results to `out`.
+    /// `self.staged.keys`) and copy the results to `out`.
     fn select_into(
         &mut self,
         r: usize,
@@ -312,21 +316,21 @@ impl<B: Backend> ModelPredictor<'_, B> {
             self.cache = Some(self.model.kv_cache(n)?);
         }
         let tq = q1 - q0;
-        self.ids.clear();
+        self.staged.ids.clear();
         for row in req.x.chunks_exact(t) {
-            self.ids.extend_from_slice(&row[q0..q1]);
+            self.staged.ids.extend_from_slice(&row[q0..q1]);
         }
-        self.rows.clear();
-        self.keys.clear();
+        self.staged.rows.clear();
+        self.staged.keys.clear();
         for (i, &(br, pos)) in req.rows.iter().enumerate() {
             ensure!(
                 (br as usize) < b && (q0..q1).contains(&(pos as usize)),
                 "predict_span: rows[{i}] = ({br}, {pos}) is outside the batch [{b}] × span [{q0}, {q1})"
             );
-            self.rows.push(br * tq as u32 + (pos - q0 as u32));
+            self.staged.rows.push(br * tq as u32 + (pos - q0 as u32));
             let (kr, kp) = req.rng_key(br, pos)?;
-            self.keys.push(kr as i32);
-            self.keys.push(kp as i32);
+            self.staged.keys.push(kr as i32);
+            self.staged.keys.push(kp as i32);
         }
         if let Some(kv) = req.key_valid {
             ensure!(
@@ -344,13 +348,13 @@ impl<B: Backend> ModelPredictor<'_, B> {
         model.forward_span(
             ws,
             cache,
-            &self.ids,
+            &self.staged.ids,
             b,
             t,
             q0,
             q1,
             req.key_valid,
-            &self.rows,
+            &self.staged.rows,
         )?;
         Ok(b * tq)
     }
@@ -367,7 +371,7 @@ impl<B: Backend> ModelPredictor<'_, B> {
         let rr = if cfg { 2 * r } else { r };
         self.reserve(nb * t, rr)?;
 
-        stage_tokens(&mut self.ids, "predict", req.x, req.uncond_x, cfg)?;
+        stage_tokens(&mut self.staged.ids, "predict", req.x, req.uncond_x, cfg)?;
         let mask = match req.key_valid {
             Some(kv) => {
                 ensure!(
@@ -375,35 +379,35 @@ impl<B: Backend> ModelPredictor<'_, B> {
                     "predict: `key_valid` holds {} entries, expected {n}",
                     kv.len()
                 );
-                self.mask.clear();
-                self.mask.extend_from_slice(kv);
+                self.staged.mask.clear();
+                self.staged.mask.extend_from_slice(kv);
                 if cfg {
-                    self.mask.extend_from_slice(kv);
+                    self.staged.mask.extend_from_slice(kv);
                 }
-                Some(self.mask.as_slice())
+                Some(self.staged.mask.as_slice())
             }
             None => None,
         };
-        self.rows.clear();
-        self.keys.clear();
+        self.staged.rows.clear();
+        self.staged.keys.clear();
         for (i, &(br, pos)) in req.rows.iter().enumerate() {
             ensure!(
                 (br as usize) < b && (pos as usize) < t,
                 "predict: rows[{i}] = ({br}, {pos}) is outside the batch [{b}, {t}]"
             );
-            self.rows.push(br * t as u32 + pos);
+            self.staged.rows.push(br * t as u32 + pos);
             let (kr, kp) = req.rng_key(br, pos)?;
-            self.keys.push(kr as i32);
-            self.keys.push(kp as i32);
+            self.staged.keys.push(kr as i32);
+            self.staged.keys.push(kp as i32);
         }
         if cfg {
             for &(br, pos) in req.rows {
-                self.rows.push((b as u32 + br) * t as u32 + pos);
+                self.staged.rows.push((b as u32 + br) * t as u32 + pos);
             }
         }
         let model = self.model;
         let ws = reserved(&mut self.ws, "predict")?;
-        model.forward(ws, &self.ids, nb, t, mask, &self.rows)?;
+        model.forward(ws, &self.staged.ids, nb, t, mask, &self.staged.rows)?;
         Ok(nb * t)
     }
 }

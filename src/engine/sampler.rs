@@ -175,7 +175,7 @@ pub(crate) fn apply_commits(x: &mut [u32], t: usize, rows: &[(u32, u32)], commit
 pub const MAX_GEN_LENGTH: usize = 1 << 20;
 
 /// Upstream `generate` arguments plus the ids the model defines.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GenerateParams {
     pub steps: usize,
     pub gen_length: usize,
@@ -305,6 +305,21 @@ impl GenerateParams {
                 })
                 .collect(),
         ))
+    }
+
+    /// These sampling arguments (`steps` … `confidence_eos_eot_inf`) with the model's ids and
+    /// limits, logits dtype and row keys taken from `model`.
+    pub fn with_model_of(&self, model: &GenerateParams) -> GenerateParams {
+        GenerateParams {
+            mask_id: model.mask_id,
+            eos_id: model.eos_id,
+            eot_id: model.eot_id,
+            pad_id: model.pad_id,
+            logits_dtype: model.logits_dtype,
+            max_sequence_length: model.max_sequence_length,
+            row_keys: model.row_keys.clone(),
+            ..self.clone()
+        }
     }
 
     /// The head parameters for global step `step`.
