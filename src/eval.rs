@@ -20,6 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 use crate::engine::predictor::Scorer;
+pub use crate::loglik::mean_stderr;
 use crate::loglik::{self, LoglikParams};
 
 /// One multiple-choice item.
@@ -125,20 +126,6 @@ pub fn argmax_first(v: &[f64]) -> usize {
     best
 }
 
-/// Mean and standard error (sample standard deviation / √n; NaN when n < 2).
-pub fn mean_stderr(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len() as f64;
-    if xs.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let mean = xs.iter().sum::<f64>() / n;
-    if xs.len() < 2 {
-        return (mean, f64::NAN);
-    }
-    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    (mean, (var / n).sqrt())
-}
-
 #[derive(Clone, Debug)]
 pub struct EvalParams {
     pub loglik: LoglikParams,
@@ -149,17 +136,29 @@ pub struct EvalParams {
 /// The scored item.
 #[derive(Clone, Debug)]
 pub struct ItemResult {
-    pub index: usize,
     /// Log-likelihood estimate of each choice.
     pub lls: Vec<f64>,
-    /// Continuation token counts.
+    /// Continuation token counts of each choice.
     pub tokens: Vec<usize>,
+    /// The item's index, and its right choice.
+    pub index: usize,
+    pub answer: usize,
+    /// The choice with the highest `lls`, and with the highest `lls` per character.
     pub pred: usize,
     pub pred_norm: usize,
-    pub answer: usize,
-    pub acc: f64,
-    pub acc_norm: f64,
     pub forward_passes: usize,
+}
+
+impl ItemResult {
+    /// 1 when `pred` is the answer, else 0.
+    pub fn acc(&self) -> f64 {
+        (self.pred == self.answer) as u8 as f64
+    }
+
+    /// 1 when `pred_norm` is the answer, else 0.
+    pub fn acc_norm(&self) -> f64 {
+        (self.pred_norm == self.answer) as u8 as f64
+    }
 }
 
 /// Score one item: one log-likelihood estimate per choice.
@@ -191,14 +190,12 @@ pub fn score_item(
     let pred = argmax_first(&lls);
     let pred_norm = argmax_first(&norm);
     Ok(ItemResult {
-        index,
         lls,
         tokens,
+        index,
+        answer: item.answer,
         pred,
         pred_norm,
-        answer: item.answer,
-        acc: (pred == item.answer) as u8 as f64,
-        acc_norm: (pred_norm == item.answer) as u8 as f64,
         forward_passes: passes,
     })
 }
@@ -226,8 +223,8 @@ pub fn summarize(results: &[ItemResult]) -> EvalSummary {
     };
     EvalSummary {
         n: results.len(),
-        acc: m(|r| r.acc),
-        acc_norm: m(|r| r.acc_norm),
+        acc: m(ItemResult::acc),
+        acc_norm: m(ItemResult::acc_norm),
         forward_passes: results.iter().map(|r| r.forward_passes).sum(),
     }
 }

@@ -146,14 +146,28 @@ impl LoglikParams {
 pub struct LoglikOutput {
     /// The estimate of log p(answer | prompt) (upstream's return value).
     pub loglik: f64,
-    /// `−loss` of each mini-batch: the mean over its `b` samples of `(T/l)·Σ log p`.
-    pub batch_means: Vec<f64>,
-    /// Standard error of `loglik` from the spread of the mini-batch means (sample std /
-    /// √batches); `None` with a single mini-batch or a one-token answer (exact).
-    pub mc_stderr: Option<f64>,
     /// Forward passes run (one per mini-batch; each carries 2b sequences with CFG).
     pub forward_passes: usize,
-    pub answer_len: usize,
+    /// `−loss` of each mini-batch: the mean over its `b` samples of `(T/l)·Σ log p`; `loglik`
+    /// is their mean.
+    pub batch_means: Vec<f64>,
+    /// Standard error of `loglik` from the spread of the mini-batch means (sample std /
+    /// √batches, [`mean_stderr`]); `None` with a single mini-batch or a one-token answer (exact).
+    pub mc_stderr: Option<f64>,
+}
+
+/// Mean and standard error (sample standard deviation / √n; NaN when n < 2).
+pub fn mean_stderr(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
 }
 
 fn check_inputs(scorer: &dyn Scorer, prompt: &[u32], answer: &[u32]) -> Result<()> {
@@ -259,22 +273,13 @@ pub fn estimate(
             .sum();
         batch_means.push(s / b as f64);
     }
-    let n = batch_means.len() as f64;
-    let loglik = batch_means.iter().sum::<f64>() / n;
-    let mc_stderr = (batch_means.len() > 1 && t > 1).then(|| {
-        let var = batch_means
-            .iter()
-            .map(|m| (m - loglik).powi(2))
-            .sum::<f64>()
-            / (n - 1.0);
-        (var / n).sqrt()
-    });
+    let (loglik, se) = mean_stderr(&batch_means);
+    let mc_stderr = (batch_means.len() > 1 && t > 1).then_some(se);
     Ok(LoglikOutput {
         loglik,
+        forward_passes: iters,
         batch_means,
         mc_stderr,
-        forward_passes: iters,
-        answer_len: t,
     })
 }
 

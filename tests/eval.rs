@@ -107,7 +107,7 @@ fn acc_and_acc_norm_follow_lm_eval() {
     assert_eq!(r.tokens, vec![1, 1, 2]);
     // acc: the first maximum (np.argmax) is "a" (tie −2 vs −2) → wrong; acc_norm picks "cc".
     assert_eq!((r.pred, r.pred_norm), (0, 2));
-    assert_eq!((r.acc, r.acc_norm), (0.0, 1.0));
+    assert_eq!((r.acc(), r.acc_norm()), (0.0, 1.0));
     assert_eq!(r.forward_passes, 3 * 4);
 
     // Standard error: acc over [1, 0, 1, 1] = 0.75, sample std 0.5, stderr 0.5/√4 = 0.25.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::cli::{copy_dir, edit_json, json_lines, ok, run, text_corpus, tiny, tmpdir, words};
+use common::cli::{copy_dir, edit_json, json_lines, ok, run, tiny, tmpdir, train_dir, words};
 use serde_json::{json, Value};
 
 fn bin() -> &'static str {
@@ -687,11 +687,7 @@ fn safetensors_headers_with_overlaps_or_duplicates_are_refused() {
 /// another model: a clear error before any step.
 #[test]
 fn resume_from_a_broken_checkpoint_fails_before_any_step() {
-    let d = tmpdir("resume");
-    let data = text_corpus(&d.join("data.jsonl"), 8, |i| {
-        format!("the dog ran {i} times")
-    });
-    let ck = d.join("ck");
+    let (d, data, ck) = train_dir("resume", 8, |i| format!("the dog ran {i} times"));
     let train = |extra: &[&str]| {
         run(Command::new(bin())
             .args(["train", "--device", "cpu", "--no-dist"])

@@ -11,7 +11,7 @@
 mod common;
 
 use anyhow::Result;
-use common::cli::{err_of, fixture, llada, ok_json, read_json, u32s as ids};
+use common::cli::{err_of, fixture, llada, ok_json, read_json, u32s as ids, words};
 use llada::engine::device::DeviceChoice;
 use llada::engine::predictor::{ScoreRequest, Scorer};
 use llada::engine::{self, Engine, ModelSpec, Opened};
@@ -419,15 +419,8 @@ fn bad_input_is_rejected_with_a_reason() {
     assert!(e.contains("tokenizer.json"), "{e}");
     let e = cli(&["--prompt-ids", "1", "--answer-ids", "3", "--format", "xml"]);
     assert!(e.contains("--format"), "{e}");
-    let e = cli(&[
-        "--prompt-ids",
-        "1",
-        "--answer-ids",
-        "3",
-        "--mc-num",
-        "10",
-        "--batch-size",
-        "4",
-    ]);
+    let e = cli(&words(
+        "--prompt-ids 1 --answer-ids 3 --mc-num 10 --batch-size 4",
+    ));
     assert!(e.contains("not a multiple"), "{e}");
 }

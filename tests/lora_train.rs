@@ -263,17 +263,9 @@ fn cli_trains_a_lora_adapter() {
         assert!(e.contains("CUDA unavailable"), "{e}");
     }
     // Refused with a clear error: resume.
-    let r = llada(&[
-        "train",
-        "--resume",
-        o,
-        "--data",
-        d,
-        "--out",
-        o,
-        "--lora-rank",
-        "4",
-    ]);
+    let mut a = vec!["train", "--resume", o, "--data", d, "--out", o];
+    a.extend(words("--lora-rank 4"));
+    let r = llada(&a);
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("--resume is not supported"));
     let _ = std::fs::remove_dir_all(&dir);

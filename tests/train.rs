@@ -11,7 +11,6 @@ mod fd;
 #[path = "common/ranks.rs"]
 mod ranks;
 
-use cli::text_corpus;
 use fd::check_grad;
 use llada::hf::config::ModelConfig;
 use llada::rng::{bits, cell_key, uniform};
@@ -844,11 +843,7 @@ fn ranks_with_different_data_refuse_to_train() {
 
 #[test]
 fn cli_train_saves_a_folder_generate_loads_and_resume_continues() {
-    let dir = tmpdir("cli");
-    let data = text_corpus(&dir.join("corpus.jsonl"), 30, |i| {
-        format!("the cat sat on mat number {i}. ")
-    });
-    let out = dir.join("ck");
+    let (_, data, out) = cli::train_dir("cli", 30, |i| format!("the cat sat on mat number {i}. "));
     let base = cpu_train_args(data.to_str().unwrap(), out.to_str().unwrap());
     let mut a = vec!["train", "--preset", "tiny", "--steps", "4"];
     a.extend_from_slice(&base);

@@ -74,11 +74,10 @@ pub struct Piece {
 /// How `P` parameters in tensors of the given sizes split over `world` ranks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShardLayout {
-    pub world: usize,
     pub rank: usize,
     /// Flat offset of every tensor, and `P` last.
     pub offsets: Vec<usize>,
-    /// Flat offset of every rank's shard, and `P` last.
+    /// Flat offset of every rank's shard, and `P` last (`world + 1` entries).
     pub bounds: Vec<usize>,
 }
 
@@ -96,11 +95,15 @@ impl ShardLayout {
         let s = p.div_ceil(world).div_ceil(SHARD_ALIGN) * SHARD_ALIGN;
         let bounds = (0..=world).map(|r| (r * s).min(p)).collect();
         Ok(ShardLayout {
-            world,
             rank,
             offsets,
             bounds,
         })
+    }
+
+    /// The number of ranks the parameters split over.
+    pub fn world(&self) -> usize {
+        self.bounds.len() - 1
     }
 
     /// All parameters, `P`.
@@ -304,10 +307,10 @@ impl<S: ShardStore> StepState for Sharded<S> {
         let group =
             group.context("a sharded optimizer (ZeRO-1) steps inside its data-parallel group")?;
         ensure!(
-            group.world == self.layout.world && group.rank == self.layout.rank,
+            group.world == self.layout.world() && group.rank == self.layout.rank,
             "the optimizer is sharded for rank {} of {}, the group is rank {} of {}",
             self.layout.rank,
-            self.layout.world,
+            self.layout.world(),
             group.rank,
             group.world
         );

@@ -163,6 +163,20 @@ pub fn text_corpus(path: &Path, n: usize, line: impl Fn(usize) -> String) -> Pat
     path.to_path_buf()
 }
 
+/// The setup of a CLI training run: a fresh [`tmpdir`] `name` holding a [`text_corpus`]
+/// `corpus.jsonl` of `n` lines; returns the folder, the corpus and the output folder `ck` in it
+/// (not created).
+pub fn train_dir(
+    name: &str,
+    n: usize,
+    line: impl Fn(usize) -> String,
+) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = tmpdir(name);
+    let data = text_corpus(&dir.join("corpus.jsonl"), n, line);
+    let ck = dir.join("ck");
+    (dir, data, ck)
+}
+
 /// The non-blank lines of a JSON-lines file, parsed.
 pub fn json_lines(p: &Path) -> Vec<Value> {
     std::fs::read_to_string(p)

@@ -107,7 +107,7 @@ pub fn cmd_eval(a: EvalArgs) -> Result<()> {
         for r in &results {
             let line = serde_json::json!({
                 "index": r.index, "lls": r.lls, "tokens": r.tokens, "pred": r.pred,
-                "pred_norm": r.pred_norm, "answer": r.answer, "acc": r.acc, "acc_norm": r.acc_norm,
+                "pred_norm": r.pred_norm, "answer": r.answer, "acc": r.acc(), "acc_norm": r.acc_norm(),
             });
             writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
         }
