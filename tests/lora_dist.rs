@@ -7,6 +7,8 @@
 mod cli;
 #[path = "common/cmp.rs"]
 mod cmp;
+#[path = "common/ranks.rs"]
+mod ranks;
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -174,4 +176,84 @@ fn lora_with_zero_1_is_refused_with_the_reason() {
         assert!(e.contains("not sharded"), "{e}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// In-process ranks (threads over a localhost group), for the exact statistics the CLI prints
+/// rounded: every rank ends with the same adapter and moments bit for bit (rank 0's sums are
+/// sent to all), and each step's loss and gradient norm equal one process's up to the f32/f64
+/// summation order (relative 1e-5 and 1e-4, as the full-model check in tests/train.rs: the
+/// grouping changes rounding at ~1e-7 relative, a wrong split moves them by percents).
+#[test]
+fn in_process_ranks_hold_identical_adapters_and_match_one_process() {
+    use llada::lora::train::init_adapter;
+    use llada::train::data::Sample;
+    use llada::train::dist::{fnv1a, HostGroup, JobKey, FNV_START};
+    use llada::train::lora::LoraStep;
+    use llada::train::model::Params;
+    use llada::train::optim::AdamWConfig;
+    use llada::train::{StepStats, TrainOptions, Trainer};
+    use std::time::Duration;
+    let cfg = llada::hf::presets::preset_config("tiny").unwrap();
+    let ck = llada::hf::presets::preset_checkpoint("tiny", 5, llada::hf::dtype::DType::BF16);
+    let params = Params::<f32>::from_checkpoint(&cfg, &ck.unwrap()).unwrap();
+    let samples: Vec<Sample> = (0..7u32)
+        .map(|k| Sample {
+            ids: (0..16).map(|i| 7 + (i * 3 + k * 11) % 31).collect(),
+            prompt_len: 0,
+        })
+        .collect();
+    let opts = |b: usize, world: usize| TrainOptions {
+        steps: 3,
+        batch_size: b,
+        world,
+        accum: 2,
+        seq_len: 16,
+        lr: 1e-2,
+        warmup: 1,
+        truncate: false,
+        ..TrainOptions::default()
+    };
+    let targets: Vec<String> = ["k_proj", "up_proj", "ff_out"].map(String::from).to_vec();
+    let run = move |o: TrainOptions, group: Option<HostGroup>| {
+        let ad = init_adapter(&cfg, &targets, 3, 6.0, false, 2).unwrap();
+        let mut st = LoraStep::new(params.clone(), ad, AdamWConfig::default());
+        let mut tr = Trainer::new(cfg.clone(), Params::default(), o, samples.clone()).unwrap();
+        if let Some(g) = group {
+            tr.join_group(g).unwrap();
+        }
+        let stats: Vec<StepStats> = (0..3).map(|_| tr.train_step_on(&mut st).unwrap()).collect();
+        (stats, st.adapter, st.opt)
+    };
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let key = JobKey::from_secret(b"the lora_dist in-process job", None);
+    let t = Duration::from_secs(60);
+    // The rendezvous fingerprint (Trainer::options_fingerprint of the ranks' options).
+    let fp = fnv1a(FNV_START, &serde_json::to_vec(&opts(2, 2)).unwrap());
+    let (r0, r1) = (run.clone(), run.clone());
+    let k0 = key.clone();
+    let h0 = std::thread::spawn(move || {
+        let g = HostGroup::serve_on(vec![l], 2, fp, &k0, t, t).unwrap();
+        r0(opts(2, 2), Some(g))
+    });
+    let h1 = std::thread::spawn(move || {
+        let env = ranks::rank_env(1, 2, port);
+        let g = HostGroup::connect(&env, fp, &key, t, t).unwrap();
+        r1(opts(2, 2), Some(g))
+    });
+    let (a, b) = (h0.join().unwrap(), h1.join().unwrap());
+    assert_eq!(a.0, b.0, "rank statistics");
+    assert_eq!(a.1.modules, b.1.modules, "rank adapters");
+    assert_eq!(a.2, b.2, "rank moments");
+    let one = run(opts(4, 1), None);
+    for (x, y) in a.0.iter().zip(&one.0) {
+        let msg = format!("{x:?} vs one process {y:?}");
+        assert_eq!(
+            (x.step, x.tokens, x.masked),
+            (y.step, y.tokens, y.masked),
+            "{msg}"
+        );
+        assert!(cmp::rel_close(x.loss, y.loss, 1e-5), "{msg}");
+        assert!(cmp::rel_close(x.grad_norm, y.grad_norm, 1e-4), "{msg}");
+    }
 }
