@@ -512,6 +512,46 @@ impl CudaLoraState {
         Ok(())
     }
 
+    /// Copy the device's AdamW moments and update count into `into` (same modules), for a
+    /// checkpoint. Compiles; has not run on a GPU.
+    pub fn download_moments(&self, into: &mut crate::lora::train::LoraAdamW) -> Result<()> {
+        let mods = self.ops.lora_state()?.modules.borrow();
+        for md in mods.iter() {
+            let (Some((ma, mb)), Some((va, vb))) = (
+                into.m.modules.get_mut(&md.name),
+                into.v.modules.get_mut(&md.name),
+            ) else {
+                bail!("download_moments: the host state has no module {}", md.name);
+            };
+            *ma = self.ops.download(&md.ma, ma.len())?;
+            *mb = self.ops.download(&md.mb, mb.len())?;
+            *va = self.ops.download(&md.va, va.len())?;
+            *vb = self.ops.download(&md.vb, vb.len())?;
+        }
+        into.t = self.t;
+        Ok(())
+    }
+
+    /// Replace the device's AdamW moments and update count with `from`'s (a resumed run).
+    /// Compiles; has not run on a GPU.
+    pub fn upload_moments(&mut self, from: &crate::lora::train::LoraAdamW) -> Result<()> {
+        let l = self.ops.lora_state()?;
+        let mut mods = l.modules.borrow_mut();
+        for md in mods.iter_mut() {
+            let (Some((ma, mb)), Some((va, vb))) =
+                (from.m.modules.get(&md.name), from.v.modules.get(&md.name))
+            else {
+                bail!("upload_moments: the host state has no module {}", md.name);
+            };
+            self.ops.write(&mut md.ma, ma)?;
+            self.ops.write(&mut md.mb, mb)?;
+            self.ops.write(&mut md.va, va)?;
+            self.ops.write(&mut md.vb, vb)?;
+        }
+        self.t = from.t;
+        Ok(())
+    }
+
     /// The accumulated adapter gradients, shaped like `like`'s.
     pub fn grads(&self, like: &Adapter) -> Result<LoraGrads> {
         let mut out = LoraGrads::zeros_like(like);
@@ -545,8 +585,20 @@ impl super::super::StepState for CudaLoraState {
         Ok(forward_backward_with(&self.ops, cfg, opts, p, batch, g)?.loss)
     }
 
-    fn all_reduce_grads(&mut self, _group: &mut super::super::dist::HostGroup) -> Result<()> {
-        bail!("LoRA training on CUDA runs as one process (no data parallel yet)")
+    /// Data parallel: the adapters' gradients are small, so they go through the host group
+    /// (device → host, summed over the ranks, host → device) rather than NCCL. Compiles; has
+    /// not run on a GPU.
+    fn all_reduce_grads(&mut self, group: &mut super::super::dist::HostGroup) -> Result<()> {
+        let l = self.ops.lora_state()?;
+        let mut mods = l.modules.borrow_mut();
+        for md in mods.iter_mut() {
+            for g in [&mut md.da, &mut md.db] {
+                let mut h = self.ops.download(g, g.len())?;
+                group.all_reduce_f32(&mut h)?;
+                self.ops.write(g, &h)?;
+            }
+        }
+        Ok(())
     }
 
     /// Clip (folded into the update as a gradient scale, as full training on the GPU) and
