@@ -200,9 +200,7 @@ impl StepState for HostStep {
         Ok(())
     }
     fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        let opts = PassOptions {
-            recompute: self.recompute,
-        };
+        let opts = PassOptions::recomputing(self.recompute);
         Ok(forward_backward_host(cfg, &self.params, batch, &mut self.grad, opts)?.loss)
     }
     fn all_reduce_grads(&mut self, group: &mut dist::HostGroup) -> Result<()> {
