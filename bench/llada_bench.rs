@@ -17,7 +17,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 
 use llada::engine::device::{self, DeviceChoice, Resolved};
-use llada::engine::sampler::{CacheMode, Decode, GenerateParams, Progress};
+use llada::engine::sampler::{CacheMode, Decode, GenerateParams, Hooks, Progress};
 use llada::engine::{self, Engine, ModelSpec, Opened};
 use llada::quant::WeightsMode;
 
@@ -331,7 +331,7 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
             opened.apply_ids(&mut p);
             p.block_plan()?;
             for _ in 0..a.warmup {
-                eng.generate(&prompts, &p, &decode, None)?;
+                eng.generate(&prompts, &p, &decode, Hooks::default())?;
             }
             let mut runs = Vec::new();
             let mut step_ms: Vec<f64> = Vec::new();
@@ -343,7 +343,7 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
                     last = now;
                 };
                 let t0 = Instant::now();
-                let out = eng.generate(&prompts, &p, &decode, Some(&mut cb))?;
+                let out = eng.generate(&prompts, &p, &decode, Hooks::on_progress(&mut cb))?;
                 eng.synchronize()?;
                 runs.push((t0.elapsed().as_secs_f64(), out.nfe));
             }
@@ -404,7 +404,7 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
                 eng.set_profiling(true);
                 let _ = eng.take_profile()?;
                 let t0 = Instant::now();
-                let out = eng.generate(&prompts, &p, &decode, None);
+                let out = eng.generate(&prompts, &p, &decode, Hooks::default());
                 eng.synchronize()?;
                 let wall = t0.elapsed().as_secs_f64() * 1e3;
                 let prof = eng.take_profile();

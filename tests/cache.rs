@@ -17,8 +17,7 @@ use llada::backend::Backend;
 use llada::engine::model::Model;
 use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{
-    generate_fast, CacheMode, Decode, GenerateParams, PredictRequest, Predictor, SpanPredictor,
-    SpanRequest,
+    generate_fast, CacheMode, Decode, GenerateParams, Predictor, SpanPredictor, SpanRequest,
 };
 use llada::engine::{ModelSpec, Opened};
 use llada::hf::dtype::DType;
@@ -153,17 +152,7 @@ impl SpanPredictor for FirstStepCheck<'_> {
         if req.q0 == 0 && req.q1 == req.t {
             self.full_calls += 1;
             let mut plain = vec![(0u32, 0f32); out.len()];
-            let r = PredictRequest {
-                b: req.b,
-                t: req.t,
-                x: req.x,
-                uncond_x: None,
-                key_valid: req.key_valid,
-                rows: req.rows,
-                select: req.select,
-                row_keys: req.row_keys,
-            };
-            self.plain.predict(&r, &mut plain)?;
+            self.plain.predict(&req.full, &mut plain)?;
             for (i, (a, b)) in out.iter().zip(&plain).enumerate() {
                 assert!(
                     a.0 == b.0 && a.1.to_bits() == b.1.to_bits(),

@@ -11,7 +11,7 @@ use llada::backend::commit::CommitRule;
 use llada::backend::cpu::CpuBackend;
 use llada::backend::Backend;
 use llada::engine::predictor::ModelPredictor;
-use llada::engine::sampler::{Commits, PredictRequest, Predictor};
+use llada::engine::sampler::{Commits, PredictRequest, Predictor, SelectsCommits};
 use llada::hf::dtype::DType;
 
 fn prompts() -> Vec<Vec<u32>> {
@@ -40,7 +40,7 @@ fn device_select_refuses_unsorted_rows_and_short_quotas() {
     let mask = m.cfg.mask_token_id;
     let mut pred = ModelPredictor::new(&m);
     pred.set_device_select(true);
-    assert!(pred.selects_commits());
+    assert!(pred.commit_selector().is_some());
     let x = vec![1, mask, mask, mask];
     let select = common::gen_params(&m.cfg, 1, 1, 1).select_params(0);
     let req = |rows| PredictRequest {

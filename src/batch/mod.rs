@@ -52,7 +52,7 @@ pub use shard::*;
 mod tests {
     use super::request::{fnv1a64, GenOptions};
     use super::*;
-    use crate::engine::sampler::CacheMode;
+    use crate::engine::sampler::{CacheMode, Decode};
     use crate::rng::mix64;
     use serde_json::{json, Value};
     use std::collections::HashSet;
@@ -91,15 +91,13 @@ mod tests {
 
     #[test]
     fn fast_dllm_options_parse_group_and_check() {
-        let mut o = GenOptions {
-            threshold: Some(0.9),
-            ..GenOptions::default()
-        };
+        let mut o = GenOptions::default();
+        o.decode.threshold = Some(0.9);
         let obj = |v: Value| v.as_object().unwrap().clone();
         o.apply(&obj(json!({"cache": "dual", "threshold": 0.5})))
             .unwrap();
         assert_eq!(
-            (o.cache, o.threshold, o.factor),
+            (o.decode.cache, o.decode.threshold, o.decode.factor),
             (CacheMode::Dual, Some(0.5), None)
         );
         assert!(o.check().is_ok());
@@ -123,28 +121,22 @@ mod tests {
         assert!(cfg.check().unwrap_err().contains("cfg_scale"));
         // Each Fast-dLLM setting splits the batch groups.
         let base = GenOptions::default();
+        let none = Decode::default();
         let variants = [
-            GenOptions {
-                cache: CacheMode::Prefix,
-                ..base.clone()
+            (CacheMode::Prefix, None, None),
+            (CacheMode::Dual, None, None),
+            (none.cache, Some(0.5), None),
+            (none.cache, Some(0.6), None),
+            (none.cache, None, Some(0.5)),
+        ]
+        .map(|(cache, threshold, factor)| GenOptions {
+            decode: Decode {
+                cache,
+                threshold,
+                factor,
             },
-            GenOptions {
-                cache: CacheMode::Dual,
-                ..base.clone()
-            },
-            GenOptions {
-                threshold: Some(0.5),
-                ..base.clone()
-            },
-            GenOptions {
-                threshold: Some(0.6),
-                ..base.clone()
-            },
-            GenOptions {
-                factor: Some(0.5),
-                ..base.clone()
-            },
-        ];
+            ..base.clone()
+        });
         let mut reqs = vec![req(1, 3, base.clone())];
         for (i, v) in variants.iter().enumerate() {
             reqs.push(req(i + 2, 3, v.clone()));
@@ -224,10 +216,8 @@ mod tests {
     #[test]
     fn plan_groups_by_params_and_sorts_by_length() {
         let a = GenOptions::default();
-        let b = GenOptions {
-            seed: 5,
-            ..GenOptions::default()
-        };
+        let mut b = GenOptions::default();
+        b.params.seed = 5;
         let reqs = vec![
             req(1, 9, a.clone()),
             req(2, 3, b.clone()),
@@ -254,27 +244,16 @@ mod tests {
     #[test]
     fn auto_batch_shrinks_with_length_and_cfg() {
         let cfg = crate::hf::presets::preset_config("llada-8b").unwrap();
-        let o = GenOptions {
-            gen_length: 256,
-            block_length: 32,
-            ..GenOptions::default()
-        };
+        let mut o = GenOptions::default();
+        o.params.gen_length = 256;
+        o.params.block_length = 32;
         let free = 40usize << 30;
         let short = auto_batch_size(&cfg, 2, free, 0.9, &o, 64, 1024);
         let long = auto_batch_size(&cfg, 2, free, 0.9, &o, 1024, 1024);
         assert!(short > long && long >= 1, "{short} {long}");
-        let with_cfg = auto_batch_size(
-            &cfg,
-            2,
-            free,
-            0.9,
-            &GenOptions {
-                cfg_scale: 1.0,
-                ..o.clone()
-            },
-            64,
-            1024,
-        );
+        let mut cfg_o = o.clone();
+        cfg_o.params.cfg_scale = 1.0;
+        let with_cfg = auto_batch_size(&cfg, 2, free, 0.9, &cfg_o, 64, 1024);
         assert_eq!(with_cfg, short / 2);
         // The chosen batch fits the budget; one more would not (unless capped).
         let per = bytes_per_sequence(&cfg, 2, 64 + 256, 32, false);
@@ -282,10 +261,8 @@ mod tests {
         assert!((short + 1) * per > (free as f64 * 0.9) as usize);
         assert_eq!(auto_batch_size(&cfg, 2, 0, 0.9, &o, 64, 1024), 1);
         // Fast-dLLM decoding also holds a KV cache and a head row per token.
-        let dual = GenOptions {
-            cache: CacheMode::Dual,
-            ..o.clone()
-        };
+        let mut dual = o.clone();
+        dual.decode.cache = CacheMode::Dual;
         let fast = auto_batch_size(&cfg, 2, free, 0.9, &dual, 64, 1024);
         let per_fast = bytes_per_sequence(&cfg, 2, 320, 320, false)
             + kv_cache_bytes_per_sequence(&cfg, 2, 320);

@@ -23,13 +23,10 @@ pub fn plan_batches(
             r.opts.group_key(),
             if same_length { r.prompt_ids.len() } else { 0 },
         );
-        groups
-            .entry(k)
-            .or_insert_with(|| {
-                order.push(k);
-                Vec::new()
-            })
-            .push(i);
+        if !groups.contains_key(&k) {
+            order.push(k.clone());
+        }
+        groups.entry(k).or_default().push(i);
     }
     let mut out = Vec::new();
     for k in order {
@@ -98,11 +95,11 @@ pub fn auto_batch_size(
     prompt_len: usize,
     cap: usize,
 ) -> usize {
-    let t = prompt_len + opts.gen_length;
+    let t = prompt_len + opts.params.gen_length;
     // Head rows: the masks before a block's end, at most prompt masks + one block; the first
     // block is the largest case for a prompt without masks. Use the whole generation as a
     // safe bound when a prompt carries masks.
-    let mut rows = opts.block_length.max(1).min(t);
+    let mut rows = opts.params.block_length.max(1).min(t);
     let mut kv = 0;
     if !opts.to_decode().is_plain() {
         // Fast-dLLM decoding (no CFG) runs the cached predictor: its workspace holds a head row
@@ -110,7 +107,8 @@ pub fn auto_batch_size(
         rows = t;
         kv = kv_cache_bytes_per_sequence(cfg, act_bytes, t);
     }
-    let per = (bytes_per_sequence(cfg, act_bytes, t, rows, opts.cfg_scale > 0.0) + kv).max(1);
+    let per =
+        (bytes_per_sequence(cfg, act_bytes, t, rows, opts.params.cfg_scale > 0.0) + kv).max(1);
     let budget = (free as f64 * fraction) as usize;
     (budget / per).clamp(1, cap.max(1))
 }

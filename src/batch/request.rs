@@ -2,7 +2,7 @@
 
 use super::shard::*;
 use crate::backend::head::Remasking;
-use crate::engine::sampler::{CacheMode, Decode, GenerateParams};
+use crate::engine::sampler::{Decode, GenerateParams};
 use crate::hf::config::ModelConfig;
 use crate::hf::tokenizer::Tokenizer;
 use crate::rng::mix64;
@@ -10,44 +10,30 @@ use anyhow::Result;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 
-/// Generation parameters a request may set (the `llada generate` flags).
+/// Generation parameters a request may set (the `llada generate` flags): upstream `generate`'s
+/// arguments, the Fast-dLLM decoding and the chat switch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenOptions {
-    pub steps: usize,
-    pub gen_length: usize,
-    pub block_length: usize,
-    pub temperature: f64,
-    pub cfg_scale: f64,
-    pub remasking: Remasking,
-    pub seed: u64,
-    pub logits_eos_inf: bool,
-    pub confidence_eos_eot_inf: bool,
-    /// Fast-dLLM KV cache (`--cache`).
-    pub cache: CacheMode,
-    /// Fast-dLLM confidence threshold (`--threshold`); at most one of `threshold`, `factor`.
-    pub threshold: Option<f64>,
-    /// Fast-dLLM factor rule (`--factor`).
-    pub factor: Option<f64>,
+    /// The sampler's arguments (`steps` … `confidence_eos_eot_inf`). The model's ids and limits
+    /// in it are [`GenerateParams::default`]'s and unused: [`GenOptions::to_params`] takes them
+    /// from the model.
+    pub params: GenerateParams,
+    /// Fast-dLLM KV cache and commit rule (`--cache`, `--threshold`, `--factor`; at most one of
+    /// `threshold`, `factor`).
+    pub decode: Decode,
     /// Render a text `prompt` as one user message with the chat template.
     pub chat: bool,
 }
 
 impl Default for GenOptions {
-    /// The defaults of `llada generate`.
+    /// The defaults of `llada generate`: upstream's, with blocks of 32.
     fn default() -> Self {
         GenOptions {
-            steps: 128,
-            gen_length: 128,
-            block_length: 32,
-            temperature: 0.0,
-            cfg_scale: 0.0,
-            remasking: Remasking::LowConfidence,
-            seed: 0,
-            logits_eos_inf: false,
-            confidence_eos_eot_inf: false,
-            cache: CacheMode::None,
-            threshold: None,
-            factor: None,
+            params: GenerateParams {
+                block_length: 32,
+                ..GenerateParams::default()
+            },
+            decode: Decode::default(),
             chat: false,
         }
     }
@@ -69,24 +55,6 @@ pub const PARAM_KEYS: [&str; 13] = [
     "factor",
     "chat",
 ];
-
-/// What requests must share to run in one batch: everything that reaches the sampler
-/// (`chat` only affects tokenization, so it is left out). Floats by their bits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(super) struct GroupKey {
-    steps: usize,
-    gen_length: usize,
-    block_length: usize,
-    temperature: u64,
-    cfg_scale: u64,
-    remasking_random: bool,
-    seed: u64,
-    logits_eos_inf: bool,
-    confidence_eos_eot_inf: bool,
-    cache: CacheMode,
-    threshold: Option<u64>,
-    factor: Option<u64>,
-}
 
 /// The random-stream key of a request ([`GenerateParams::row_keys`]): the high 31 bits of
 /// `mix64(FNV-1a-64(id))`, where `id` is the request's `id` as compact JSON text (`"a"` with
@@ -117,37 +85,23 @@ fn remasking_name(r: Remasking) -> &'static str {
 impl GenOptions {
     /// `base` (which carries the model's ids and limits) with these options.
     pub fn to_params(&self, base: &GenerateParams) -> GenerateParams {
-        let mut p = base.clone();
-        p.steps = self.steps;
-        p.gen_length = self.gen_length;
-        p.block_length = self.block_length;
-        p.temperature = self.temperature;
-        p.cfg_scale = self.cfg_scale;
-        p.remasking = self.remasking;
-        p.seed = self.seed;
-        p.logits_eos_inf = self.logits_eos_inf;
-        p.confidence_eos_eot_inf = self.confidence_eos_eot_inf;
-        p
+        self.params.with_model_of(base)
     }
 
     /// The Fast-dLLM settings (plain upstream decoding when all are off).
     pub fn to_decode(&self) -> Decode {
-        Decode {
-            cache: self.cache,
-            threshold: self.threshold,
-            factor: self.factor,
-        }
+        self.decode
     }
 
     /// Combinations the sampler refuses, as a message naming the keys.
     pub fn check(&self) -> Result<(), String> {
-        if self.threshold.is_some() && self.factor.is_some() {
+        if self.decode.threshold.is_some() && self.decode.factor.is_some() {
             return Err("give either `threshold` or `factor`, not both (a command-line default counts; set the other to null)".into());
         }
-        if self.cfg_scale > 0.0 && !self.to_decode().is_plain() {
+        if self.params.cfg_scale > 0.0 && !self.to_decode().is_plain() {
             return Err(format!(
                 "`cfg_scale` {} > 0 is not supported with Fast-dLLM decoding (`cache` {}, `threshold`, `factor`)",
-                self.cfg_scale, self.cache
+                self.params.cfg_scale, self.decode.cache
             ));
         }
         Ok(())
@@ -156,38 +110,26 @@ impl GenOptions {
     /// The parameters as written in each output line.
     pub fn to_json(&self) -> Value {
         json!({
-            "steps": self.steps,
-            "gen_length": self.gen_length,
-            "block_length": self.block_length,
-            "temperature": self.temperature,
-            "cfg_scale": self.cfg_scale,
-            "remasking": remasking_name(self.remasking),
-            "seed": self.seed,
-            "logits_eos_inf": self.logits_eos_inf,
-            "confidence_eos_eot_inf": self.confidence_eos_eot_inf,
-            "cache": self.cache.to_string(),
-            "threshold": self.threshold,
-            "factor": self.factor,
+            "steps": self.params.steps,
+            "gen_length": self.params.gen_length,
+            "block_length": self.params.block_length,
+            "temperature": self.params.temperature,
+            "cfg_scale": self.params.cfg_scale,
+            "remasking": remasking_name(self.params.remasking),
+            "seed": self.params.seed,
+            "logits_eos_inf": self.params.logits_eos_inf,
+            "confidence_eos_eot_inf": self.params.confidence_eos_eot_inf,
+            "cache": self.decode.cache.to_string(),
+            "threshold": self.decode.threshold,
+            "factor": self.decode.factor,
         })
     }
 
     /// Key of the batch group: requests share a batch only when everything that reaches the
-    /// sampler is identical.
-    pub(super) fn group_key(&self) -> GroupKey {
-        GroupKey {
-            steps: self.steps,
-            gen_length: self.gen_length,
-            block_length: self.block_length,
-            temperature: self.temperature.to_bits(),
-            cfg_scale: self.cfg_scale.to_bits(),
-            remasking_random: self.remasking == Remasking::Random,
-            seed: self.seed,
-            logits_eos_inf: self.logits_eos_inf,
-            confidence_eos_eot_inf: self.confidence_eos_eot_inf,
-            cache: self.cache,
-            threshold: self.threshold.map(f64::to_bits),
-            factor: self.factor.map(f64::to_bits),
-        }
+    /// sampler is identical, i.e. their [`GenOptions::to_json`] (`chat` only affects
+    /// tokenization and is left out; distinct floats print distinctly).
+    pub(super) fn group_key(&self) -> String {
+        self.to_json().to_string()
     }
 
     /// Apply the overrides in `obj` (keys of [`PARAM_KEYS`]), naming the bad key.
@@ -234,19 +176,25 @@ impl GenOptions {
         }
         for (k, v) in obj {
             match k.as_str() {
-                "steps" => self.steps = size(k, v)?,
-                "gen_length" => self.gen_length = size(k, v)?,
-                "block_length" => self.block_length = size(k, v)?,
-                "temperature" => self.temperature = num(k, v)?,
-                "cfg_scale" => self.cfg_scale = num(k, v)?,
-                "remasking" => self.remasking = text(k, v)?.parse().map_err(|e| format!("{e}"))?,
-                "seed" => self.seed = uint(k, v)?,
-                "logits_eos_inf" => self.logits_eos_inf = flag(k, v)?,
-                "confidence_eos_eot_inf" => self.confidence_eos_eot_inf = flag(k, v)?,
-                "cache" => self.cache = text(k, v)?.parse().map_err(|e| format!("`cache`: {e}"))?,
-                "threshold" => self.threshold = opt_num(k, v, f64::is_finite, "a finite number")?,
+                "steps" => self.params.steps = size(k, v)?,
+                "gen_length" => self.params.gen_length = size(k, v)?,
+                "block_length" => self.params.block_length = size(k, v)?,
+                "temperature" => self.params.temperature = num(k, v)?,
+                "cfg_scale" => self.params.cfg_scale = num(k, v)?,
+                "remasking" => {
+                    self.params.remasking = text(k, v)?.parse().map_err(|e| format!("{e}"))?
+                }
+                "seed" => self.params.seed = uint(k, v)?,
+                "logits_eos_inf" => self.params.logits_eos_inf = flag(k, v)?,
+                "confidence_eos_eot_inf" => self.params.confidence_eos_eot_inf = flag(k, v)?,
+                "cache" => {
+                    self.decode.cache = text(k, v)?.parse().map_err(|e| format!("`cache`: {e}"))?
+                }
+                "threshold" => {
+                    self.decode.threshold = opt_num(k, v, f64::is_finite, "a finite number")?
+                }
                 "factor" => {
-                    self.factor =
+                    self.decode.factor =
                         opt_num(k, v, |x| x.is_finite() && x > 0.0, "a finite number > 0")?
                 }
                 "chat" => self.chat = flag(k, v)?,
@@ -363,13 +311,7 @@ fn parse_request(
     let mut opts = ctx.defaults.clone();
     opts.apply(obj)?;
     opts.check()?;
-    let plan_check = GenerateParams {
-        steps: opts.steps,
-        gen_length: opts.gen_length,
-        block_length: opts.block_length,
-        ..GenerateParams::default()
-    };
-    plan_check.block_plan().map_err(|e| format!("{e}"))?;
+    opts.params.block_plan().map_err(|e| format!("{e}"))?;
 
     let given: Vec<&str> = ["prompt", "messages", "prompt_ids"]
         .into_iter()
@@ -455,12 +397,12 @@ fn parse_request(
             ctx.embedding_size
         ));
     }
-    let total = ids.len() + opts.gen_length;
+    let total = ids.len() + opts.params.gen_length;
     if total > ctx.max_sequence_length {
         return Err(format!(
             "prompt too long: {} tokens + gen_length {} = {total} exceeds the model's max_sequence_length {}",
             ids.len(),
-            opts.gen_length,
+            opts.params.gen_length,
             ctx.max_sequence_length
         ));
     }

@@ -1,7 +1,7 @@
 //! See [`super`]: the `run` part of offline batch generation.
 
 use super::{output::*, request::*};
-use crate::engine::sampler::{GenerateParams, Progress};
+use crate::engine::sampler::{GenerateParams, Hooks, Progress};
 use crate::engine::Engine;
 use anyhow::Result;
 use serde_json::json;
@@ -23,11 +23,17 @@ pub struct RunProgress {
     /// Generated tokens written in this run.
     pub tokens: usize,
     pub elapsed_s: f64,
-    /// Size of the batch in flight and its step progress.
+    /// Size of the batch in flight.
     pub batch_size: usize,
+    /// Its step progress; `None` once per finished batch.
     pub step: Option<Progress>,
-    /// Set once per finished batch.
-    pub batch_finished: bool,
+}
+
+impl RunProgress {
+    /// Reported once per finished batch.
+    pub fn batch_finished(&self) -> bool {
+        self.step.is_none()
+    }
 }
 
 /// What [`run`] did.
@@ -75,23 +81,21 @@ pub fn run(
         let fast = o.to_decode();
         let prompts: Vec<Vec<u32>> = batch.iter().map(|&i| reqs[i].prompt_ids.clone()).collect();
         let tb = Instant::now();
+        let at = |done, tokens, step| RunProgress {
+            done,
+            total,
+            tokens,
+            elapsed_s: t0.elapsed().as_secs_f64(),
+            batch_size: batch.len(),
+            step,
+        };
         let (d0, tok0) = (done, sum.tokens);
         let res = {
-            let mut cb = |p: Progress| {
-                progress(&RunProgress {
-                    done: d0,
-                    total,
-                    tokens: tok0,
-                    elapsed_s: t0.elapsed().as_secs_f64(),
-                    batch_size: batch.len(),
-                    step: Some(p),
-                    batch_finished: false,
-                })
-            };
+            let mut cb = |p: Progress| progress(&at(d0, tok0, Some(p)));
             // A panic on one batch (a bug, not a hostile line: lines are validated) fails that
             // batch like a device error instead of ending the run.
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                engine.generate(&prompts, &params, &fast, Some(&mut cb))
+                engine.generate(&prompts, &params, &fast, Hooks::on_progress(&mut cb))
             }))
             .unwrap_or_else(|p| {
                 let what = p
@@ -153,15 +157,7 @@ pub fn run(
                 done += 1;
             }
         }
-        progress(&RunProgress {
-            done,
-            total,
-            tokens: sum.tokens,
-            elapsed_s: t0.elapsed().as_secs_f64(),
-            batch_size: batch.len(),
-            step: None,
-            batch_finished: true,
-        });
+        progress(&at(done, sum.tokens, None));
     }
     sum.elapsed_s = t0.elapsed().as_secs_f64();
     Ok(sum)

@@ -3,14 +3,13 @@
 //! whose batch layout, schedule and commit selection it shares. The sampler re-exports what is
 //! public here, so `engine::sampler::generate_fast` and friends keep their paths.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use super::sampler::{
-    apply_commits, num_transfer_tokens_into, rng_key, BatchLayout, Commits, GenerateOutput,
-    GenerateParams, Progress, RowKey,
+    BatchLayout, Commits, GenerateOutput, GenerateParams, Hooks, PredictRequest, Progress,
 };
-use crate::backend::commit::{commit_select, CommitRule};
-use crate::backend::head::SelectParams;
+use super::step::{selector, Asked, Calls, Pass};
+use crate::backend::commit::CommitRule;
 
 /// Which KV cache Fast-dLLM decoding uses (reference §7.3, §7.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -65,27 +64,22 @@ impl Decode {
 /// One cached forward pass: the tokens at positions `[q0, q1)` of every batch row go through the
 /// network, their keys/values overwrite those rows of the predictor's KV cache, and attention
 /// reads all `t` rows of the cache. `[0, t)` is a full forward pass that (re)fills the cache.
+///
+/// A span request is a [`PredictRequest`] (without CFG: `uncond_x` is `None`) plus the span; it
+/// derefs to it, so `req.x`, `req.rows`, `req.rng_key(…)` read the full request's fields. Its
+/// `rows` lie in `[q0, q1)`; `x` is read only there.
 pub struct SpanRequest<'a> {
-    pub b: usize,
-    pub t: usize,
-    /// Current tokens `[b·t]` (only the span is read).
-    pub x: &'a [u32],
-    /// `[b·t]`, 1 = real token, 0 = left padding; `None` = no padding.
-    pub key_valid: Option<&'a [u8]>,
+    /// The same request as one full pass over `[0, t)` would take it.
+    pub full: PredictRequest<'a>,
     pub q0: usize,
     pub q1: usize,
-    /// (batch row, absolute position) pairs in `[q0, q1)` whose prediction is wanted, sorted by
-    /// row, then position.
-    pub rows: &'a [(u32, u32)],
-    pub select: &'a SelectParams,
-    /// As [`PredictRequest::row_keys`].
-    pub row_keys: Option<&'a [RowKey]>,
 }
 
-impl SpanRequest<'_> {
-    /// The RNG key (row, position) of batch row `br` at absolute position `pos` ([`rng_key`]).
-    pub fn rng_key(&self, br: u32, pos: u32) -> Result<(u32, u32)> {
-        rng_key(self.row_keys, br, pos)
+impl<'a> std::ops::Deref for SpanRequest<'a> {
+    type Target = PredictRequest<'a>;
+
+    fn deref(&self) -> &PredictRequest<'a> {
+        &self.full
     }
 }
 
@@ -94,16 +88,18 @@ pub trait SpanPredictor {
     /// Writes one `(token, confidence)` per entry of `req.rows` into `out`.
     fn predict_span(&mut self, req: &SpanRequest<'_>, out: &mut [(u32, f32)]) -> Result<()>;
 
-    /// As [`super::sampler::Predictor::selects_commits`].
-    fn selects_commits(&self) -> bool {
-        false
+    /// As [`super::sampler::Predictor::commit_selector`].
+    fn commit_selector(&mut self) -> Option<&mut dyn super::sampler::SelectsCommits> {
+        None
     }
+}
 
-    /// [`SpanPredictor::predict_span`], then the commit selection as
-    /// [`super::sampler::Predictor::predict_commit`].
-    fn predict_span_commit(&mut self, req: &SpanRequest<'_>, c: &mut Commits<'_>) -> Result<()> {
-        let _ = (req, c);
-        bail!("this predictor does not make the commit selection (selects_commits is false)")
+impl<'a> Pass<SpanRequest<'a>> for dyn SpanPredictor + '_ {
+    fn predict_rows(&mut self, req: &SpanRequest<'a>, out: &mut [(u32, f32)]) -> Result<()> {
+        self.predict_span(req, out)
+    }
+    fn commit_rows(&mut self, req: &SpanRequest<'a>, c: &mut Commits<'_>) -> Result<()> {
+        selector(self.commit_selector())?.predict_span_commit(req, c)
     }
 }
 
@@ -135,7 +131,18 @@ pub fn generate_fast(
     prompts: &[Vec<u32>],
     params: &GenerateParams,
     decode: &Decode,
-    mut progress: Option<&mut dyn FnMut(Progress)>,
+    progress: Option<&mut dyn FnMut(Progress)>,
+) -> Result<GenerateOutput> {
+    generate_fast_hooked(pred, prompts, params, decode, progress.into())
+}
+
+/// [`generate_fast`] with both [`Hooks`].
+pub fn generate_fast_hooked(
+    pred: &mut dyn SpanPredictor,
+    prompts: &[Vec<u32>],
+    params: &GenerateParams,
+    decode: &Decode,
+    mut hooks: Hooks<'_>,
 ) -> Result<GenerateOutput> {
     let (num_blocks, steps_per_block) = params.block_plan()?;
     if params.cfg_scale > 0.0 {
@@ -154,52 +161,28 @@ pub fn generate_fast(
             bail!("factor {f} must be a positive finite number");
         }
     }
-    let BatchLayout {
-        b,
-        lp,
-        t,
-        n,
-        mut x,
-        key_valid,
-    } = BatchLayout::new(prompts, params)?;
+    let (layout, mut x) = BatchLayout::new(prompts, params)?;
+    let (t, lp) = (layout.t, layout.lp);
     let mask = params.mask_id;
-    let row_keys = params.row_keys_for(prompts, lp)?;
-
-    let mut rows: Vec<(u32, u32)> = Vec::with_capacity(n);
-    let mut row_off = vec![0usize; b + 1];
-    let mut out = vec![(0u32, 0f32); n];
-    let mut cands: Vec<(f32, usize, u32)> = Vec::with_capacity(t);
-    let mut sched = vec![0usize; b * steps_per_block];
-    let mut select = params.select_params(0);
-    let rule = decode.rule();
-    let device_select = pred.selects_commits();
-    let mut quota = vec![0usize; b];
-    let mut commits = vec![-1i32; if device_select { n } else { 0 }];
+    let mut asked = Asked::new(layout.b, layout.n);
+    let selects = pred.commit_selector().is_some();
     let fixed = decode.threshold.is_none() && decode.factor.is_none();
     let total_steps = if fixed {
         num_blocks * steps_per_block
     } else {
         params.gen_length
     };
+    let plan = (num_blocks, steps_per_block, total_steps);
+    let mut calls = Calls::new((layout.b, t), plan, (decode.rule(), mask), selects);
+    let mut select = params.select_params(0);
 
-    let mut nfe = 0usize;
-    let mut rows_predicted = 0usize;
     for block in 0..num_blocks {
         let s = lp + block * params.block_length;
         let e = s + params.block_length;
-        for r in 0..b {
-            let in_block = x[r * t + s..r * t + e]
-                .iter()
-                .filter(|&&v| v == mask)
-                .count();
-            num_transfer_tokens_into(
-                in_block,
-                &mut sched[r * steps_per_block..(r + 1) * steps_per_block],
-            );
-        }
+        calls.schedule(&x, s..e);
         let mut i = 0usize;
         loop {
-            let block_done = !(0..b).any(|r| x[r * t + s..r * t + e].contains(&mask));
+            let block_done = !x.chunks_exact(t).any(|xr| xr[s..e].contains(&mask));
             if i > 0 && block_done {
                 break;
             }
@@ -214,110 +197,30 @@ pub fn generate_fast(
             } else {
                 s
             };
-            rows.clear();
-            for r in 0..b {
-                let xr = &x[r * t..(r + 1) * t];
-                rows.extend(
-                    (c0..e)
-                        .filter(|&p| xr[p] == mask)
-                        .map(|p| (r as u32, p as u32)),
-                );
-                row_off[r + 1] = rows.len();
-            }
-            let nr = rows.len();
+            asked.masks(&x, t, c0..e, mask);
             // With row keys, (block, call in block): a row's i-th call of a block is the same
             // call in any batch (rows that finish early only get extra calls that commit
             // nothing), whereas `nfe` counts the calls its batch neighbours needed too.
-            select.step = if row_keys.is_some() {
+            let nfe = calls.nfe;
+            select.step = if layout.row_keys.is_some() {
                 ((block as u64) << 32) | i as u64
             } else {
                 nfe as u64
             };
-            let req = SpanRequest {
-                b,
-                t,
-                x: &x,
-                key_valid: key_valid.as_deref(),
-                q0,
-                q1,
-                rows: &rows,
-                select: &select,
-                row_keys: row_keys.as_deref(),
-            };
             // A block whose quota ran out with masks left commits one token per further call.
-            for (r, q) in quota.iter_mut().enumerate() {
-                *q = if i < steps_per_block {
-                    sched[r * steps_per_block + i]
-                } else {
-                    1
-                };
-            }
-            let context = || format!("forward pass {nfe} (block {block}, step {i})");
-            if device_select {
-                let mut c = Commits {
-                    quota: &quota,
-                    rule,
-                    mask_id: mask,
-                    out: &mut commits[..nr],
-                };
-                pred.predict_span_commit(&req, &mut c)
-                    .with_context(context)?;
-                apply_commits(&mut x, t, &rows, &commits[..nr]);
-            } else {
-                pred.predict_span(&req, &mut out[..nr])
-                    .with_context(context)?;
-                for r in 0..b {
-                    cands.clear();
-                    for (&(_, p), &(tok, conf)) in rows[row_off[r]..row_off[r + 1]]
-                        .iter()
-                        .zip(&out[row_off[r]..row_off[r + 1]])
-                    {
-                        cands.push((conf, p as usize, tok));
-                    }
-                    let k = commit_select(&mut cands, quota[r], rule);
-                    for &(_, p, tok) in &cands[..k] {
-                        x[r * t + p] = tok;
-                    }
-                }
-            }
-            nfe += 1;
-            rows_predicted += nr;
+            calls.set_quota(i);
+            calls.pass(
+                &mut x,
+                &asked,
+                (&mut hooks, block),
+                |x, rows, want| {
+                    let full = layout.request(x, None, rows, &select);
+                    want.of(&mut *pred, &SpanRequest { full, q0, q1 })
+                },
+                || format!("forward pass {nfe} (block {block}, step {i})"),
+            )?;
             i += 1;
-            if let Some(cb) = progress.as_mut() {
-                cb(Progress {
-                    step: nfe,
-                    total_steps: total_steps.max(nfe),
-                    block,
-                    num_blocks,
-                });
-            }
         }
     }
-
-    Ok(GenerateOutput::from_canvas(
-        &x,
-        b,
-        t,
-        lp,
-        nfe,
-        rows_predicted,
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn decode_rule_prefers_factor_then_threshold() {
-        let d = |threshold, factor| Decode {
-            threshold,
-            factor,
-            ..Decode::default()
-        };
-        assert_eq!(d(None, None).rule(), CommitRule::Quota);
-        assert_eq!(d(Some(0.9), None).rule(), CommitRule::Threshold(0.9));
-        assert_eq!(d(None, Some(1.0)).rule(), CommitRule::Factor(1.0));
-        assert_eq!(d(Some(0.9), Some(1.0)).rule(), CommitRule::Factor(1.0));
-    }
+    Ok(layout.output(&x, &calls))
 }

@@ -9,6 +9,7 @@ pub mod graphs;
 pub mod model;
 pub mod predictor;
 pub mod sampler;
+mod step;
 
 use std::path::{Path, PathBuf};
 
@@ -20,7 +21,8 @@ use crate::backend::Backend;
 use crate::engine::device::{DeviceChoice, Resolved};
 use crate::engine::model::Model;
 use crate::engine::predictor::ModelPredictor;
-use crate::engine::sampler::{Decode, GenerateOutput, GenerateParams, Progress};
+pub use crate::engine::sampler::Observer;
+use crate::engine::sampler::{Decode, GenerateOutput, GenerateParams, Hooks};
 use crate::hf::checkpoint::Checkpoint;
 use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;
@@ -132,24 +134,28 @@ pub trait Engine {
     /// The dtype logits are produced in.
     fn logits_dtype(&self) -> DType;
     /// Upstream `generate` on this model ([`Decode::is_plain`]), or Fast-dLLM decoding
-    /// ([`sampler::generate_fast`]) with a KV cache and/or a threshold / factor rule.
+    /// ([`sampler::generate_fast`]) with a KV cache and/or a threshold / factor rule. `hooks`:
+    /// a progress callback after every step and an observer before every forward pass (the
+    /// server streams committed blocks and cancels abandoned requests through it).
     fn generate(
         &mut self,
         prompts: &[Vec<u32>],
         params: &GenerateParams,
         decode: &Decode,
-        progress: Option<&mut dyn FnMut(Progress)>,
-    ) -> Result<GenerateOutput>;
-    /// [`Engine::generate`] with `observe` called before every forward pass with the current
-    /// tokens `[b·t]`, `b` and `t`; an error from it aborts the generation with that error. The
-    /// server streams committed blocks and cancels abandoned requests through it.
-    fn generate_observed(
-        &mut self,
-        prompts: &[Vec<u32>],
-        params: &GenerateParams,
-        decode: &Decode,
-        observe: &mut Observer<'_>,
-    ) -> Result<GenerateOutput>;
+        hooks: Hooks<'_>,
+    ) -> Result<GenerateOutput> {
+        check_ids(self.config(), prompts.iter().flatten().copied())?;
+        let mut p = params.clone();
+        p.logits_dtype = self.logits_dtype();
+        let mut pred = self.predictor();
+        if decode.is_plain() {
+            sampler::generate_hooked(pred.full(), prompts, &p, hooks)
+        } else {
+            sampler::generate_fast_hooked(pred.span(), prompts, &p, decode, hooks)
+        }
+    }
+    /// The model as a predictor of either kind (plain and cached passes), for [`Engine::generate`].
+    fn predictor(&self) -> Box<dyn sampler::Predictors + '_>;
     /// Full logits `[T, V]` (f32 values of the compute dtype) for one unpadded sequence.
     fn forward_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
     /// Wait for queued device work.
@@ -190,42 +196,8 @@ impl<B: Backend> Engine for EngineImpl<B> {
     fn logits_dtype(&self) -> DType {
         self.model.backend.compute_dtype()
     }
-    fn generate(
-        &mut self,
-        prompts: &[Vec<u32>],
-        params: &GenerateParams,
-        decode: &Decode,
-        progress: Option<&mut dyn FnMut(Progress)>,
-    ) -> Result<GenerateOutput> {
-        check_ids(&self.model.cfg, prompts.iter().flatten().copied())?;
-        let mut p = params.clone();
-        p.logits_dtype = self.model.backend.compute_dtype();
-        let mut pred = ModelPredictor::new(&self.model);
-        if decode.is_plain() {
-            sampler::generate(&mut pred, prompts, &p, progress)
-        } else {
-            sampler::generate_fast(&mut pred, prompts, &p, decode, progress)
-        }
-    }
-    fn generate_observed(
-        &mut self,
-        prompts: &[Vec<u32>],
-        params: &GenerateParams,
-        decode: &Decode,
-        observe: &mut Observer<'_>,
-    ) -> Result<GenerateOutput> {
-        check_ids(&self.model.cfg, prompts.iter().flatten().copied())?;
-        let mut p = params.clone();
-        p.logits_dtype = self.model.backend.compute_dtype();
-        let mut pred = Observed {
-            inner: ModelPredictor::new(&self.model),
-            observe,
-        };
-        if decode.is_plain() {
-            sampler::generate(&mut pred, prompts, &p, None)
-        } else {
-            sampler::generate_fast(&mut pred, prompts, &p, decode, None)
-        }
+    fn predictor(&self) -> Box<dyn sampler::Predictors + '_> {
+        Box::new(ModelPredictor::new(&self.model))
     }
     fn forward_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         check_ids(&self.model.cfg, ids.iter().copied())?;
@@ -271,20 +243,17 @@ impl<B: Backend> Engine for EngineImpl<B> {
         }
         let (n, k, m) = (4096usize, 4096usize, 8192usize);
         let be = &self.model.backend;
-        let w = be.load_weight(&[crate::hf::checkpoint::WeightSource::Random {
-            seed: 1,
-            std: 0.02,
-            dtype: DType::BF16,
-            shape: vec![m, k],
-            name: "gemm-ceiling".into(),
-        }])?;
-        let x = be.load_weight(&[crate::hf::checkpoint::WeightSource::Random {
-            seed: 2,
-            std: 1.0,
-            dtype: DType::BF16,
-            shape: vec![n, k],
-            name: "gemm-ceiling-x".into(),
-        }])?;
+        let random = |seed, std, shape, name: &str| {
+            be.load_weight(&[crate::hf::checkpoint::WeightSource::Random {
+                seed,
+                std,
+                dtype: DType::BF16,
+                shape,
+                name: name.into(),
+            }])
+        };
+        let w = random(1, 0.02, vec![m, k], "gemm-ceiling")?;
+        let x = random(2, 1.0, vec![n, k], "gemm-ceiling-x")?;
         // Fill the input with random values (never time on zeros): gather all rows of `x`.
         let mut xa = be.alloc_act(n * k)?;
         let mut ids = be.alloc_ints(n)?;
@@ -303,56 +272,6 @@ impl<B: Backend> Engine for EngineImpl<B> {
         be.synchronize()?;
         let s = t0.elapsed().as_secs_f64() / iters as f64;
         Ok(Some(2.0 * (n * k * m) as f64 / s / 1e12))
-    }
-}
-
-/// What [`Engine::generate_observed`] calls before every forward pass: the current tokens
-/// `[b·t]`, `b` and `t`.
-pub type Observer<'a> = dyn FnMut(&[u32], usize, usize) -> Result<()> + 'a;
-
-/// A predictor that shows `observe` the tokens of every request before passing it on.
-struct Observed<'o, P> {
-    inner: P,
-    observe: &'o mut Observer<'o>,
-}
-
-impl<P: sampler::Predictor> sampler::Predictor for Observed<'_, P> {
-    fn predict(&mut self, req: &sampler::PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()> {
-        (self.observe)(req.x, req.b, req.t)?;
-        self.inner.predict(req, out)
-    }
-    fn selects_commits(&self) -> bool {
-        self.inner.selects_commits()
-    }
-    fn predict_commit(
-        &mut self,
-        req: &sampler::PredictRequest,
-        c: &mut sampler::Commits,
-    ) -> Result<()> {
-        (self.observe)(req.x, req.b, req.t)?;
-        self.inner.predict_commit(req, c)
-    }
-}
-
-impl<P: sampler::SpanPredictor> sampler::SpanPredictor for Observed<'_, P> {
-    fn predict_span(
-        &mut self,
-        req: &sampler::SpanRequest<'_>,
-        out: &mut [(u32, f32)],
-    ) -> Result<()> {
-        (self.observe)(req.x, req.b, req.t)?;
-        self.inner.predict_span(req, out)
-    }
-    fn selects_commits(&self) -> bool {
-        self.inner.selects_commits()
-    }
-    fn predict_span_commit(
-        &mut self,
-        req: &sampler::SpanRequest,
-        c: &mut sampler::Commits,
-    ) -> Result<()> {
-        (self.observe)(req.x, req.b, req.t)?;
-        self.inner.predict_span_commit(req, c)
     }
 }
 

@@ -5,7 +5,9 @@ use super::model::*;
 use crate::backend::commit::CommitShape;
 use crate::backend::head::SelectParams;
 use crate::backend::{Backend, OpClass};
-use crate::engine::sampler::{Commits, PredictRequest, Predictor, SpanPredictor, SpanRequest};
+use crate::engine::sampler::{
+    Commits, PredictRequest, Predictor, SelectsCommits, SpanPredictor, SpanRequest,
+};
 use crate::nvtx;
 use anyhow::{bail, ensure, Context, Result};
 
@@ -19,10 +21,7 @@ pub struct ModelPredictor<'m, B: Backend> {
     model: &'m Model<B>,
     ws: Option<Workspace<B>>,
     cache: Option<KvCache<B>>,
-    ids: Vec<u32>,
-    mask: Vec<u8>,
-    rows: Vec<u32>,
-    keys: Vec<i32>,
+    staged: Staged,
     /// Host copies of the head's outputs, grown once.
     tok_host: Vec<i32>,
     conf_host: Vec<f32>,
@@ -43,6 +42,16 @@ struct CommitBufs<B: Backend> {
     commit: B::Ints,
     plan_len: usize,
     commit_len: usize,
+}
+
+/// A request staged on the host in the backend's layout: the tokens of the pass, its key mask
+/// (duplicated with CFG), the flat token index of each requested row and its RNG key pair.
+#[derive(Default)]
+struct Staged {
+    ids: Vec<u32>,
+    mask: Vec<u8>,
+    rows: Vec<u32>,
+    keys: Vec<i32>,
 }
 
 /// Whether `LLADA_DEVICE_SELECT=1` asks for the commit selection on the device.
@@ -68,10 +77,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             model,
             ws: None,
             cache: None,
-            ids: Vec::new(),
-            mask: Vec::new(),
-            rows: Vec::new(),
-            keys: Vec::new(),
+            staged: Staged::default(),
             tok_host: Vec::new(),
             conf_host: Vec::new(),
             params: None,
@@ -87,6 +93,15 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
     /// Results are identical either way.
     pub fn set_device_select(&mut self, on: bool) {
         self.device_select = on;
+    }
+
+    /// Itself as its commit selector while device selection is on.
+    fn selector(&mut self) -> Option<&mut dyn SelectsCommits> {
+        if self.device_select {
+            Some(self)
+        } else {
+            None
+        }
     }
 
     /// Allocate the workspace up front for `b` batch rows of `t` tokens and `r` requested rows
@@ -131,7 +146,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
     }
 
     /// Queue the LM-head sampler (`select`) on the first `r` rows of the last forward pass
-    /// (keys in `self.keys`); its outputs stay in the workspace's `tok` and `conf`.
+    /// (keys in `self.staged.keys`); its outputs stay in the workspace's `tok` and `conf`.
     fn run_select(&mut self, r: usize, select: &SelectParams) -> Result<()> {
         let model = self.model;
         let ws = reserved(&mut self.ws, "predict")?;
@@ -148,7 +163,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
         let be = &model.backend;
         be.prof_mark(Some(OpClass::Head));
         let _r = nvtx::range(c"select");
-        be.write_ints(&mut ws.keys, &self.keys)?;
+        be.write_ints(&mut ws.keys, &self.staged.keys)?;
         be.select(
             &mut ws.tok,
             &mut ws.conf,
@@ -162,7 +177,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
     }
 
     /// Run the LM-head sampler on the first `r` rows of the last forward pass (keys in
-    /// `self.keys`) and copy the results to `out`.
+    /// `self.staged.keys`) and copy the results to `out`.
     fn select_into(
         &mut self,
         r: usize,
@@ -301,21 +316,21 @@ impl<B: Backend> ModelPredictor<'_, B> {
             self.cache = Some(self.model.kv_cache(n)?);
         }
         let tq = q1 - q0;
-        self.ids.clear();
+        self.staged.ids.clear();
         for row in req.x.chunks_exact(t) {
-            self.ids.extend_from_slice(&row[q0..q1]);
+            self.staged.ids.extend_from_slice(&row[q0..q1]);
         }
-        self.rows.clear();
-        self.keys.clear();
+        self.staged.rows.clear();
+        self.staged.keys.clear();
         for (i, &(br, pos)) in req.rows.iter().enumerate() {
             ensure!(
                 (br as usize) < b && (q0..q1).contains(&(pos as usize)),
                 "predict_span: rows[{i}] = ({br}, {pos}) is outside the batch [{b}] × span [{q0}, {q1})"
             );
-            self.rows.push(br * tq as u32 + (pos - q0 as u32));
+            self.staged.rows.push(br * tq as u32 + (pos - q0 as u32));
             let (kr, kp) = req.rng_key(br, pos)?;
-            self.keys.push(kr as i32);
-            self.keys.push(kp as i32);
+            self.staged.keys.push(kr as i32);
+            self.staged.keys.push(kp as i32);
         }
         if let Some(kv) = req.key_valid {
             ensure!(
@@ -333,13 +348,13 @@ impl<B: Backend> ModelPredictor<'_, B> {
         model.forward_span(
             ws,
             cache,
-            &self.ids,
+            &self.staged.ids,
             b,
             t,
             q0,
             q1,
             req.key_valid,
-            &self.rows,
+            &self.staged.rows,
         )?;
         Ok(b * tq)
     }
@@ -356,7 +371,7 @@ impl<B: Backend> ModelPredictor<'_, B> {
         let rr = if cfg { 2 * r } else { r };
         self.reserve(nb * t, rr)?;
 
-        stage_tokens(&mut self.ids, "predict", req.x, req.uncond_x, cfg)?;
+        stage_tokens(&mut self.staged.ids, "predict", req.x, req.uncond_x, cfg)?;
         let mask = match req.key_valid {
             Some(kv) => {
                 ensure!(
@@ -364,35 +379,35 @@ impl<B: Backend> ModelPredictor<'_, B> {
                     "predict: `key_valid` holds {} entries, expected {n}",
                     kv.len()
                 );
-                self.mask.clear();
-                self.mask.extend_from_slice(kv);
+                self.staged.mask.clear();
+                self.staged.mask.extend_from_slice(kv);
                 if cfg {
-                    self.mask.extend_from_slice(kv);
+                    self.staged.mask.extend_from_slice(kv);
                 }
-                Some(self.mask.as_slice())
+                Some(self.staged.mask.as_slice())
             }
             None => None,
         };
-        self.rows.clear();
-        self.keys.clear();
+        self.staged.rows.clear();
+        self.staged.keys.clear();
         for (i, &(br, pos)) in req.rows.iter().enumerate() {
             ensure!(
                 (br as usize) < b && (pos as usize) < t,
                 "predict: rows[{i}] = ({br}, {pos}) is outside the batch [{b}, {t}]"
             );
-            self.rows.push(br * t as u32 + pos);
+            self.staged.rows.push(br * t as u32 + pos);
             let (kr, kp) = req.rng_key(br, pos)?;
-            self.keys.push(kr as i32);
-            self.keys.push(kp as i32);
+            self.staged.keys.push(kr as i32);
+            self.staged.keys.push(kp as i32);
         }
         if cfg {
             for &(br, pos) in req.rows {
-                self.rows.push((b as u32 + br) * t as u32 + pos);
+                self.staged.rows.push((b as u32 + br) * t as u32 + pos);
             }
         }
         let model = self.model;
         let ws = reserved(&mut self.ws, "predict")?;
-        model.forward(ws, &self.ids, nb, t, mask, &self.rows)?;
+        model.forward(ws, &self.staged.ids, nb, t, mask, &self.staged.rows)?;
         Ok(nb * t)
     }
 }
@@ -407,9 +422,9 @@ fn reserved<'w, B: Backend>(
 }
 
 /// One predictor trait on [`ModelPredictor`]: `$forward` runs the network, then the head
-/// selects on the host (`$predict`) or makes the commit selection on the device (`$commit`).
+/// selects on the host; with device selection on, the model is its own commit selector.
 macro_rules! model_predictor {
-    ($trait:ident, $req:ident, $predict:ident, $commit:ident, $forward:ident) => {
+    ($trait:ident, $req:ident, $predict:ident, $forward:ident) => {
         impl<B: Backend> $trait for ModelPredictor<'_, B> {
             fn $predict(&mut self, req: &$req<'_>, out: &mut [(u32, f32)]) -> Result<()> {
                 let _step = nvtx::range(c"step");
@@ -417,32 +432,29 @@ macro_rules! model_predictor {
                 self.select_into(req.rows.len(), req.select, out)
             }
 
-            fn selects_commits(&self) -> bool {
-                self.device_select
-            }
-
-            fn $commit(&mut self, req: &$req<'_>, c: &mut Commits<'_>) -> Result<()> {
-                let _step = nvtx::range(c"step");
-                let n = self.$forward(req, c.out.len())?;
-                self.commit_into((req.rows, req.b, n), req.select, c)
+            fn commit_selector(&mut self) -> Option<&mut dyn SelectsCommits> {
+                self.selector()
             }
         }
     };
 }
-model_predictor!(
-    SpanPredictor,
-    SpanRequest,
-    predict_span,
-    predict_span_commit,
-    span_forward
-);
-model_predictor!(
-    Predictor,
-    PredictRequest,
-    predict,
-    predict_commit,
-    full_forward
-);
+model_predictor!(SpanPredictor, SpanRequest, predict_span, span_forward);
+model_predictor!(Predictor, PredictRequest, predict, full_forward);
+
+/// The commit selection on the backend (`Backend::commit_select`) after the forward pass.
+impl<B: Backend> SelectsCommits for ModelPredictor<'_, B> {
+    fn predict_commit(&mut self, req: &PredictRequest<'_>, c: &mut Commits<'_>) -> Result<()> {
+        let _step = nvtx::range(c"step");
+        let n = self.full_forward(req, c.out.len())?;
+        self.commit_into((req.rows, req.b, n), req.select, c)
+    }
+
+    fn predict_span_commit(&mut self, req: &SpanRequest<'_>, c: &mut Commits<'_>) -> Result<()> {
+        let _step = nvtx::range(c"step");
+        let n = self.span_forward(req, c.out.len())?;
+        self.commit_into((req.rows, req.b, n), req.select, c)
+    }
+}
 
 /// A [`crate::engine::predictor::Scorer`] running a [`Model`]: one forward pass per call over the noisy
 /// batch (and, with CFG, the unconditional batch as rows `b..2b`), the LM head on the scored

@@ -37,11 +37,16 @@
 
 use anyhow::{bail, Context, Result};
 
-use crate::backend::commit::{commit_select, CommitRule};
+use crate::backend::commit::CommitRule;
 use crate::backend::head::{Remasking, SelectParams};
 use crate::hf::dtype::DType;
 
-pub use super::fast::{generate_fast, CacheMode, Decode, SpanPredictor, SpanRequest};
+use super::step::{Asked, Calls};
+pub use super::step::{Hooks, Observer};
+
+pub use super::fast::{
+    generate_fast, generate_fast_hooked, CacheMode, Decode, SpanPredictor, SpanRequest,
+};
 
 /// One call to the model: predict (token, confidence) at `rows`.
 pub struct PredictRequest<'a> {
@@ -108,23 +113,42 @@ pub trait Predictor {
     /// (`out.len() == req.rows.len()`).
     fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()>;
 
-    /// Whether [`Predictor::predict_commit`] makes the step's commit selection on the
-    /// predictor's side (the model's device, `LLADA_DEVICE_SELECT=1`); by default the sampler
-    /// reads the (token, confidence) pairs back and selects on the host.
-    fn selects_commits(&self) -> bool {
-        false
-    }
-
-    /// [`Predictor::predict`], then the commit selection of every batch row as
-    /// [`crate::backend::commit::commit_select`] on the rows still `[MASK]` in `req.x`:
-    /// `c.out[i]` = the token committed at `req.rows[i]`, or −1.
-    fn predict_commit(&mut self, req: &PredictRequest<'_>, c: &mut Commits<'_>) -> Result<()> {
-        let _ = (req, c);
-        bail!("this predictor does not make the commit selection (selects_commits is false)")
+    /// The predictor's own commit selection ([`SelectsCommits`]) when it makes it on its side
+    /// (the model's device, `LLADA_DEVICE_SELECT=1`); `None` (the default): the sampler reads
+    /// the (token, confidence) pairs back and selects on the host.
+    fn commit_selector(&mut self) -> Option<&mut dyn SelectsCommits> {
+        None
     }
 }
 
-/// A step's commit selection, for a predictor that selects ([`Predictor::predict_commit`]).
+/// A predictor that makes the step's commit selection itself, for either request kind: the
+/// prediction, then the selection of every batch row as
+/// [`crate::backend::commit::commit_select`] on the rows still `[MASK]` in `req.x`:
+/// `c.out[i]` = the token committed at `req.rows[i]`, or −1.
+pub trait SelectsCommits {
+    /// [`Predictor::predict`], then the commit selection.
+    fn predict_commit(&mut self, req: &PredictRequest<'_>, c: &mut Commits<'_>) -> Result<()>;
+    /// [`SpanPredictor::predict_span`], then the commit selection.
+    fn predict_span_commit(&mut self, req: &SpanRequest<'_>, c: &mut Commits<'_>) -> Result<()>;
+}
+
+/// A predictor of both kinds (the model): [`Predictor`] for plain passes, [`SpanPredictor`] for
+/// passes against a KV cache, as one trait object ([`crate::engine::Engine::predictor`]).
+pub trait Predictors: Predictor + SpanPredictor {
+    fn full(&mut self) -> &mut dyn Predictor;
+    fn span(&mut self) -> &mut dyn SpanPredictor;
+}
+
+impl<P: Predictor + SpanPredictor> Predictors for P {
+    fn full(&mut self) -> &mut dyn Predictor {
+        self
+    }
+    fn span(&mut self) -> &mut dyn SpanPredictor {
+        self
+    }
+}
+
+/// A step's commit selection, for a predictor that selects ([`SelectsCommits`]).
 #[derive(Debug)]
 pub struct Commits<'a> {
     /// The quota of each batch row `[b]` (read by [`CommitRule::Quota`]).
@@ -151,7 +175,7 @@ pub(crate) fn apply_commits(x: &mut [u32], t: usize, rows: &[(u32, u32)], commit
 pub const MAX_GEN_LENGTH: usize = 1 << 20;
 
 /// Upstream `generate` arguments plus the ids the model defines.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GenerateParams {
     pub steps: usize,
     pub gen_length: usize,
@@ -257,11 +281,7 @@ impl GenerateParams {
 
     /// The [`RowKey`]s of `prompts` left-padded to `lp` tokens, or `None` without
     /// [`GenerateParams::row_keys`]; an error when the keys do not fit the prompts.
-    pub(super) fn row_keys_for(
-        &self,
-        prompts: &[Vec<u32>],
-        lp: usize,
-    ) -> Result<Option<Vec<RowKey>>> {
+    fn row_keys_for(&self, prompts: &[Vec<u32>], lp: usize) -> Result<Option<Vec<RowKey>>> {
         let Some(keys) = &self.row_keys else {
             return Ok(None);
         };
@@ -285,6 +305,21 @@ impl GenerateParams {
                 })
                 .collect(),
         ))
+    }
+
+    /// These sampling arguments (`steps` … `confidence_eos_eot_inf`) with the model's ids and
+    /// limits, logits dtype and row keys taken from `model`.
+    pub fn with_model_of(&self, model: &GenerateParams) -> GenerateParams {
+        GenerateParams {
+            mask_id: model.mask_id,
+            eos_id: model.eos_id,
+            eot_id: model.eot_id,
+            pad_id: model.pad_id,
+            logits_dtype: model.logits_dtype,
+            max_sequence_length: model.max_sequence_length,
+            row_keys: model.row_keys.clone(),
+            ..self.clone()
+        }
     }
 
     /// The head parameters for global step `step`.
@@ -353,21 +388,26 @@ pub fn num_transfer_tokens_into(mask_count: usize, out: &mut [usize]) {
 
 /// The initial batch of upstream `generate`: prompts left-padded with `pad_id` to the longest,
 /// then `gen_length` masks; a key-padding mask only when lengths differ (upstream passes none
-/// otherwise). Checks upstream's assertions and the model's length limit.
+/// otherwise), and the prompts' [`RowKey`]s. Checks upstream's assertions and the model's length
+/// limit.
 pub(super) struct BatchLayout {
     pub(super) b: usize,
     /// Padded prompt length.
     pub(super) lp: usize,
     pub(super) t: usize,
     pub(super) n: usize,
-    /// `[B·T]` tokens.
-    pub(super) x: Vec<u32>,
     /// `[B·T]`, 1 = real token.
-    pub(super) key_valid: Option<Vec<u8>>,
+    key_valid: Option<Vec<u8>>,
+    /// [`GenerateParams::row_keys`] as [`RowKey`]s.
+    pub(super) row_keys: Option<Vec<RowKey>>,
 }
 
 impl BatchLayout {
-    pub(crate) fn new(prompts: &[Vec<u32>], params: &GenerateParams) -> Result<BatchLayout> {
+    /// The layout and the initial tokens `x` `[B·T]`.
+    pub(crate) fn new(
+        prompts: &[Vec<u32>],
+        params: &GenerateParams,
+    ) -> Result<(BatchLayout, Vec<u32>)> {
         if prompts.is_empty() {
             bail!("no prompts given");
         }
@@ -412,14 +452,47 @@ impl BatchLayout {
                 kv[r * t..r * t + pad].fill(0);
             }
         }
-        Ok(BatchLayout {
+        let row_keys = params.row_keys_for(prompts, lp)?;
+        let layout = BatchLayout {
             b,
             lp,
             t,
             n,
-            x,
             key_valid,
-        })
+            row_keys,
+        };
+        Ok((layout, x))
+    }
+
+    /// The request of one call over the canvas `x`: `rows` (batch row, position) to predict.
+    pub(super) fn request<'a>(
+        &'a self,
+        x: &'a [u32],
+        uncond_x: Option<&'a [u32]>,
+        rows: &'a [(u32, u32)],
+        select: &'a SelectParams,
+    ) -> PredictRequest<'a> {
+        PredictRequest {
+            b: self.b,
+            t: self.t,
+            x,
+            uncond_x,
+            key_valid: self.key_valid.as_deref(),
+            rows,
+            select,
+            row_keys: self.row_keys.as_deref(),
+        }
+    }
+
+    /// The output of a finished generation on the canvas `x`: each row's generated tail.
+    pub(super) fn output(&self, x: &[u32], calls: &Calls) -> GenerateOutput {
+        let (t, lp) = (self.t, self.lp);
+        GenerateOutput {
+            ids: x.chunks_exact(t).map(|row| row[lp..].to_vec()).collect(),
+            nfe: calls.nfe,
+            prompt_len_padded: lp,
+            rows_predicted: calls.rows_predicted,
+        }
     }
 }
 
@@ -431,62 +504,43 @@ pub fn generate(
     pred: &mut dyn Predictor,
     prompts: &[Vec<u32>],
     params: &GenerateParams,
-    mut progress: Option<&mut dyn FnMut(Progress)>,
+    progress: Option<&mut dyn FnMut(Progress)>,
+) -> Result<GenerateOutput> {
+    generate_hooked(pred, prompts, params, progress.into())
+}
+
+/// [`generate`] with both [`Hooks`].
+pub fn generate_hooked(
+    pred: &mut dyn Predictor,
+    prompts: &[Vec<u32>],
+    params: &GenerateParams,
+    mut hooks: Hooks<'_>,
 ) -> Result<GenerateOutput> {
     let (num_blocks, steps_per_block) = params.block_plan()?;
-    let BatchLayout {
-        b,
-        lp,
-        t,
-        n,
-        mut x,
-        key_valid,
-    } = BatchLayout::new(prompts, params)?;
+    let (layout, mut x) = BatchLayout::new(prompts, params)?;
+    let (t, lp) = (layout.t, layout.lp);
     let mask = params.mask_id;
-    let row_keys = params.row_keys_for(prompts, lp)?;
     let prompt_index: Vec<bool> = x.iter().map(|&v| v != mask).collect();
     let cfg = params.cfg_scale > 0.0;
-    let mut uncond_x = if cfg { vec![mask; n] } else { Vec::new() };
+    let mut uncond_x = if cfg {
+        vec![mask; layout.n]
+    } else {
+        Vec::new()
+    };
 
     // Buffers reused by every block and step.
-    let mut rows: Vec<(u32, u32)> = Vec::with_capacity(n);
-    let mut row_off = vec![0usize; b + 1];
-    let mut out = vec![(0u32, 0f32); n];
-    // (confidence, position, token) of one batch row's still-masked candidates.
-    let mut cands: Vec<(f32, usize, u32)> = Vec::with_capacity(t);
-    let mut sched = vec![0usize; b * steps_per_block];
+    let mut asked = Asked::new(layout.b, layout.n);
+    let selects = pred.commit_selector().is_some();
+    let rule = (CommitRule::Quota, mask);
+    let plan = (num_blocks, steps_per_block, num_blocks * steps_per_block);
+    let mut calls = Calls::new((layout.b, t), plan, rule, selects);
     let mut select = params.select_params(0);
-    // With a predictor that selects (LLADA_DEVICE_SELECT=1): per-row quotas in, commits out.
-    let device_select = pred.selects_commits();
-    let mut quota = vec![0usize; b];
-    let mut commits = vec![-1i32; if device_select { n } else { 0 }];
 
-    let total_steps = num_blocks * steps_per_block;
-    let mut nfe = 0usize;
-    let mut rows_predicted = 0usize;
     for block in 0..num_blocks {
         let blk_start = lp + block * params.block_length;
         let blk_end = blk_start + params.block_length;
-        rows.clear();
-        for r in 0..b {
-            let xr = &x[r * t..(r + 1) * t];
-            // Positions < blk_end, so < t <= u32::MAX (checked above).
-            rows.extend(
-                (0..blk_end)
-                    .filter(|&p| xr[p] == mask)
-                    .map(|p| (r as u32, p as u32)),
-            );
-            row_off[r + 1] = rows.len();
-            let in_block = xr[blk_start..blk_end]
-                .iter()
-                .filter(|&&v| v == mask)
-                .count();
-            num_transfer_tokens_into(
-                in_block,
-                &mut sched[r * steps_per_block..(r + 1) * steps_per_block],
-            );
-        }
-        let nr = rows.len();
+        asked.masks(&x, t, 0..blk_end, mask);
+        calls.schedule(&x, blk_start..blk_end);
         for i in 0..steps_per_block {
             let step = block * steps_per_block + i;
             if cfg {
@@ -495,96 +549,18 @@ pub fn generate(
                 }
             }
             select.step = step as u64;
-            let req = PredictRequest {
-                b,
-                t,
-                x: &x,
-                uncond_x: cfg.then_some(uncond_x.as_slice()),
-                key_valid: key_valid.as_deref(),
-                rows: &rows,
-                select: &select,
-                row_keys: row_keys.as_deref(),
-            };
-            let context = || format!("forward pass at step {step} (block {block})");
-            if device_select {
-                for (r, q) in quota.iter_mut().enumerate() {
-                    *q = sched[r * steps_per_block + i];
-                }
-                let mut c = Commits {
-                    quota: &quota,
-                    rule: CommitRule::Quota,
-                    mask_id: mask,
-                    out: &mut commits[..nr],
-                };
-                pred.predict_commit(&req, &mut c).with_context(context)?;
-                apply_commits(&mut x, t, &rows, &commits[..nr]);
-            } else {
-                pred.predict(&req, &mut out[..nr]).with_context(context)?;
-            }
-            nfe += 1;
-            rows_predicted += nr;
-
-            for r in 0..b {
-                let k = sched[r * steps_per_block + i];
-                if k == 0 || device_select {
-                    continue;
-                }
-                cands.clear();
-                for (&(_, p), &(tok, conf)) in rows[row_off[r]..row_off[r + 1]]
-                    .iter()
-                    .zip(&out[row_off[r]..row_off[r + 1]])
-                {
-                    let p = p as usize;
-                    if x[r * t + p] == mask {
-                        cands.push((conf, p, tok));
-                    }
-                }
-                let k = commit_select(&mut cands, k, CommitRule::Quota);
-                for &(_, p, tok) in &cands[..k] {
-                    x[r * t + p] = tok;
-                }
-            }
-            if let Some(cb) = progress.as_mut() {
-                cb(Progress {
-                    step: step + 1,
-                    total_steps,
-                    block,
-                    num_blocks,
-                });
-            }
+            calls.set_quota(i);
+            let uncond = cfg.then_some(uncond_x.as_slice());
+            calls.pass(
+                &mut x,
+                &asked,
+                (&mut hooks, block),
+                |x, rows, want| want.of(&mut *pred, &layout.request(x, uncond, rows, &select)),
+                || format!("forward pass at step {step} (block {block})"),
+            )?;
         }
     }
-
-    Ok(GenerateOutput::from_canvas(
-        &x,
-        b,
-        t,
-        lp,
-        nfe,
-        rows_predicted,
-    ))
-}
-
-impl GenerateOutput {
-    /// The output of a finished generation on the canvas `x` (`b` rows of `t` tokens, prompts
-    /// left-padded to `lp`): each row's generated tail.
-    pub(super) fn from_canvas(
-        x: &[u32],
-        b: usize,
-        t: usize,
-        lp: usize,
-        nfe: usize,
-        rows_predicted: usize,
-    ) -> Self {
-        GenerateOutput {
-            ids: (0..b)
-                .map(|r| x[r * t + lp..(r + 1) * t].to_vec())
-                .collect(),
-            nfe,
-            prompt_len_padded: lp,
-            rows_predicted,
-        }
-    }
+    Ok(layout.output(&x, &calls))
 }
 
 #[cfg(test)]
@@ -604,5 +580,18 @@ mod tests {
         let mut x = vec![9u32; 8];
         apply_commits(&mut x, 4, &[(0, 1), (1, 0), (1, 3)], &[5, -1, 7]);
         assert_eq!(x, [9, 5, 9, 9, 9, 9, 9, 7]);
+    }
+
+    #[test]
+    fn decode_rule_prefers_factor_then_threshold() {
+        let d = |threshold, factor| Decode {
+            threshold,
+            factor,
+            ..Decode::default()
+        };
+        assert_eq!(d(None, None).rule(), CommitRule::Quota);
+        assert_eq!(d(Some(0.9), None).rule(), CommitRule::Threshold(0.9));
+        assert_eq!(d(None, Some(1.0)).rule(), CommitRule::Factor(1.0));
+        assert_eq!(d(Some(0.9), Some(1.0)).rule(), CommitRule::Factor(1.0));
     }
 }

@@ -251,19 +251,9 @@ fn finite_nonneg(name: &str, v: f64) -> Result<f64, ApiError> {
 /// makes, so that a bad request is a 400 before it reaches the engine.
 pub fn validate_decode(params: &GenerateParams, decode: &Decode) -> Result<(), ApiError> {
     let opts = crate::batch::GenOptions {
-        steps: params.steps,
-        gen_length: params.gen_length,
-        block_length: params.block_length,
-        temperature: params.temperature,
-        cfg_scale: params.cfg_scale,
-        remasking: params.remasking,
-        seed: params.seed,
-        logits_eos_inf: params.logits_eos_inf,
-        confidence_eos_eot_inf: params.confidence_eos_eot_inf,
-        cache: decode.cache,
-        threshold: decode.threshold,
-        factor: decode.factor,
-        ..crate::batch::GenOptions::default()
+        params: params.clone(),
+        decode: *decode,
+        chat: false,
     };
     opts.check()
         .map_err(|m| ApiError::bad(format!("impossible settings: {m}")))?;
@@ -301,22 +291,26 @@ impl GenFields {
         let gen_length = match (self.max_tokens, self.max_completion_tokens) {
             (Some(a), _) => a,
             (None, Some(b)) => b,
-            (None, None) => d.gen_length,
+            (None, None) => d.params.gen_length,
         };
         if gen_length == 0 {
             return Err(ApiError::param("max_tokens", "max_tokens must be > 0"));
         }
         let block_length = match self.block_length {
             Some(b) => b,
-            None if gen_length % d.block_length.max(1) == 0 => d.block_length,
+            None if gen_length % d.params.block_length.max(1) == 0 => d.params.block_length,
             None => gen_length,
         };
         let steps = match self.steps {
             Some(s) => s,
-            None if gen_length == d.gen_length && block_length == d.block_length => d.steps,
+            None if gen_length == d.params.gen_length && block_length == d.params.block_length => {
+                d.params.steps
+            }
             None => {
                 let blocks = (gen_length / block_length.max(1)).max(1);
-                let want = (gen_length * d.steps).div_ceil(d.gen_length.max(1)).max(1);
+                let want = (gen_length * d.params.steps)
+                    .div_ceil(d.params.gen_length.max(1))
+                    .max(1);
                 want.div_ceil(blocks) * blocks
             }
         };
@@ -324,7 +318,7 @@ impl GenFields {
             Some(r) => r
                 .parse()
                 .map_err(|e: anyhow::Error| ApiError::param("remasking", format!("{e:#}")))?,
-            None => d.remasking,
+            None => d.params.remasking,
         };
         let mut decode = d.to_decode();
         if let Some(c) = &self.cache {
@@ -340,15 +334,18 @@ impl GenFields {
         params.gen_length = gen_length;
         params.block_length = block_length;
         params.steps = steps;
-        params.temperature =
-            finite_nonneg("temperature", self.temperature.unwrap_or(d.temperature))?;
-        params.cfg_scale = finite_nonneg("cfg_scale", self.cfg_scale.unwrap_or(d.cfg_scale))?;
+        params.temperature = finite_nonneg(
+            "temperature",
+            self.temperature.unwrap_or(d.params.temperature),
+        )?;
+        params.cfg_scale =
+            finite_nonneg("cfg_scale", self.cfg_scale.unwrap_or(d.params.cfg_scale))?;
         params.remasking = remasking;
-        params.seed = self.seed.unwrap_or(d.seed);
-        params.logits_eos_inf = self.logits_eos_inf.unwrap_or(d.logits_eos_inf);
+        params.seed = self.seed.unwrap_or(d.params.seed);
+        params.logits_eos_inf = self.logits_eos_inf.unwrap_or(d.params.logits_eos_inf);
         params.confidence_eos_eot_inf = self
             .confidence_eos_eot_inf
-            .unwrap_or(d.confidence_eos_eot_inf);
+            .unwrap_or(d.params.confidence_eos_eot_inf);
         params.row_keys = None;
         params
             .block_plan()

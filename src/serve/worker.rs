@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::anyhow;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::sampler::{Decode, GenerateParams};
+use crate::engine::sampler::{Decode, GenerateParams, Hooks};
 use crate::engine::Engine;
 use crate::loglik::{self, LoglikOutput, LoglikParams};
 
@@ -227,7 +227,12 @@ fn run_batch(eng: &mut dyn Engine, batch: &[Job], stats: &WorkerStats) {
         }
         Ok(())
     };
-    let result = eng.generate_observed(&prompts, &params, &g0.decode, &mut observe);
+    let result = eng.generate(
+        &prompts,
+        &params,
+        &g0.decode,
+        Hooks::on_observe(&mut observe),
+    );
     stats.batches.fetch_add(1, Ordering::Relaxed);
     match result {
         Ok(out) => {

@@ -43,39 +43,63 @@ type RedFn = unsafe extern "C" fn(
     Comm,
     *mut c_void,
 ) -> NcclResult;
+/// `ncclBroadcast`: send, receive, count, dtype, root, comm, stream (the all-reduce's shape).
+type BcastFn = RedFn;
+/// `ncclReduce`: send, receive, count, dtype, op, root, comm, stream.
+type RootRedFn = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    c_int,
+    c_int,
+    Comm,
+    *mut c_void,
+) -> NcclResult;
 
-struct Api {
-    _lib: libloading::Library,
-    path: String,
-    get_version: unsafe extern "C" fn(*mut c_int) -> NcclResult,
-    get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> NcclResult,
-    comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> NcclResult,
-    all_reduce: RedFn,
-    reduce: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        c_int,
-        c_int,
-        Comm,
-        *mut c_void,
-    ) -> NcclResult,
-    broadcast: unsafe extern "C" fn(
-        *const c_void,
-        *mut c_void,
-        usize,
-        c_int,
-        c_int,
-        Comm,
-        *mut c_void,
-    ) -> NcclResult,
-    group_start: unsafe extern "C" fn() -> NcclResult,
-    group_end: unsafe extern "C" fn() -> NcclResult,
-    comm_destroy: unsafe extern "C" fn(Comm) -> NcclResult,
-    comm_abort: unsafe extern "C" fn(Comm) -> NcclResult,
-    get_async_error: unsafe extern "C" fn(Comm, *mut NcclResult) -> NcclResult,
-    error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
+/// The NCCL entry points, each declared once (field, C signature, symbol): the [`Api`] table
+/// and `bind`, which looks every symbol up in the loaded library.
+macro_rules! nccl_api {
+    ($($field:ident: $ty:ty = $sym:literal;)*) => {
+        struct Api {
+            _lib: libloading::Library,
+            path: String,
+            $($field: $ty,)*
+        }
+
+        fn bind(lib: libloading::Library, path: String) -> std::result::Result<Api, String> {
+            let missing = |name: &[u8], e: libloading::Error| {
+                let name = String::from_utf8_lossy(&name[..name.len() - 1]);
+                format!("{path} has no {name}: {e} (not NCCL 2?)")
+            };
+            $(
+                // SAFETY: the signature is NCCL's (nccl.h, stable since 2.x).
+                let $field: $ty = *unsafe { lib.get($sym) }.map_err(|e| missing($sym, e))?;
+            )*
+            Ok(Api {
+                $($field,)*
+                path,
+                _lib: lib,
+            })
+        }
+    };
+}
+
+nccl_api! {
+    get_version: unsafe extern "C" fn(*mut c_int) -> NcclResult = b"ncclGetVersion\0";
+    get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> NcclResult = b"ncclGetUniqueId\0";
+    comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> NcclResult =
+        b"ncclCommInitRank\0";
+    all_reduce: RedFn = b"ncclAllReduce\0";
+    reduce: RootRedFn = b"ncclReduce\0";
+    broadcast: BcastFn = b"ncclBroadcast\0";
+    group_start: unsafe extern "C" fn() -> NcclResult = b"ncclGroupStart\0";
+    group_end: unsafe extern "C" fn() -> NcclResult = b"ncclGroupEnd\0";
+    comm_destroy: unsafe extern "C" fn(Comm) -> NcclResult = b"ncclCommDestroy\0";
+    comm_abort: unsafe extern "C" fn(Comm) -> NcclResult = b"ncclCommAbort\0";
+    get_async_error: unsafe extern "C" fn(Comm, *mut NcclResult) -> NcclResult =
+        b"ncclCommGetAsyncError\0";
+    error_string: unsafe extern "C" fn(NcclResult) -> *const c_char = b"ncclGetErrorString\0";
 }
 
 static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
@@ -102,36 +126,6 @@ fn load() -> std::result::Result<Api, String> {
          nvidia/nccl/lib to LD_LIBRARY_PATH) or point LLADA_NCCL_LIB at libnccl.so.2",
         tried.join("; ")
     ))
-}
-
-fn bind(lib: libloading::Library, path: String) -> std::result::Result<Api, String> {
-    macro_rules! sym {
-        ($name:literal) => {
-            // SAFETY: the signature is NCCL's (nccl.h, stable since 2.x).
-            *unsafe { lib.get($name) }.map_err(|e| {
-                format!(
-                    "{path} has no {}: {e} (not NCCL 2?)",
-                    String::from_utf8_lossy(&$name[..$name.len() - 1])
-                )
-            })?
-        };
-    }
-    Ok(Api {
-        get_version: sym!(b"ncclGetVersion\0"),
-        get_unique_id: sym!(b"ncclGetUniqueId\0"),
-        comm_init_rank: sym!(b"ncclCommInitRank\0"),
-        all_reduce: sym!(b"ncclAllReduce\0"),
-        reduce: sym!(b"ncclReduce\0"),
-        broadcast: sym!(b"ncclBroadcast\0"),
-        group_start: sym!(b"ncclGroupStart\0"),
-        group_end: sym!(b"ncclGroupEnd\0"),
-        comm_destroy: sym!(b"ncclCommDestroy\0"),
-        comm_abort: sym!(b"ncclCommAbort\0"),
-        get_async_error: sym!(b"ncclCommGetAsyncError\0"),
-        error_string: sym!(b"ncclGetErrorString\0"),
-        path,
-        _lib: lib,
-    })
 }
 
 // The sharded collectives (ZeRO-1).

@@ -371,7 +371,7 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
                     p.elapsed_s
                 );
                 let _ = std::io::stderr().flush();
-            } else if p.batch_finished
+            } else if p.batch_finished()
                 && (p.done == p.total || last_line.elapsed().as_secs_f64() >= 10.0)
             {
                 last_line = std::time::Instant::now();

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 use llada::batch::GenOptions;
 use llada::engine::device::DeviceChoice;
-use llada::engine::sampler::{GenerateParams, Progress};
+use llada::engine::sampler::{Decode, GenerateParams, Hooks, Progress};
 use llada::engine::{self, ModelSpec, Opened};
 use llada::hf::dtype::DType;
 use llada::hf::write::write_safetensors;
@@ -173,7 +173,7 @@ impl GenFlags {
     /// These flags as a request's [`GenOptions`] (`chat` off), `--remasking` and `--cache`
     /// parsed.
     pub(crate) fn options(&self) -> Result<GenOptions> {
-        Ok(GenOptions {
+        let params = GenerateParams {
             steps: self.steps,
             gen_length: self.gen_length,
             block_length: self.block_length,
@@ -183,9 +183,16 @@ impl GenFlags {
             seed: self.seed,
             logits_eos_inf: self.logits_eos_inf,
             confidence_eos_eot_inf: self.confidence_eos_eot_inf,
+            ..GenerateParams::default()
+        };
+        let decode = Decode {
             cache: self.cache.parse()?,
             threshold: self.threshold,
             factor: self.factor,
+        };
+        Ok(GenOptions {
+            params,
+            decode,
             chat: false,
         })
     }
@@ -395,7 +402,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             let _ = std::io::stderr().flush();
         }
     };
-    let out = eng.generate(&prompts, &params, &decode, Some(&mut bar))?;
+    let out = eng.generate(&prompts, &params, &decode, Hooks::on_progress(&mut bar))?;
     let secs = t0.elapsed().as_secs_f64();
     if show {
         eprintln!();
