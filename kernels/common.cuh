@@ -29,6 +29,20 @@ LLADA_DEVICE bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }
 // Round an f32 to the nearest bf16 (RNE) and return it as f32: `DType::BF16.round`.
 LLADA_DEVICE float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
+// Logit j of a row under classifier-free guidance (`backend::head::cfg_mix`, each op rounded to
+// bf16): `u + s·(c − u)` with `s = cfg_scale + 1`, `c` from the conditional row `crow`, `u` from
+// the unconditional row `urow`; without `cfg`, the stored conditional logit.
+LLADA_DEVICE float cfg_mix(const bf16* crow, const bf16* urow, bool cfg, float s, int j) {
+    float l = ld_bf16(crow + j);
+    if (cfg) {
+        const float u = ld_bf16(urow + j);
+        const float d = round_bf16(__fsub_rn(l, u));
+        const float m = round_bf16(__fmul_rn(s, d));
+        l = round_bf16(__fadd_rn(u, m));
+    }
+    return l;
+}
+
 // Unpack 8 bf16 held in a uint4 (16 bytes) into f32.
 LLADA_DEVICE void unpack8(uint4 v, float* f) {
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};

@@ -83,13 +83,7 @@ head_select_bf16(int* __restrict__ tok, float* __restrict__ conf, bf16* __restri
     best.found = 0;
     float m = -INFINITY;
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        float l = ld_bf16(lrow + j);
-        if (cfg) {
-            const float u = ld_bf16(urow + j);
-            const float dd = round_bf16(__fsub_rn(l, u));
-            const float mm = round_bf16(__fmul_rn(cfg_s, dd));
-            l = round_bf16(__fadd_rn(u, mm));
-        }
+        float l = cfg_mix(lrow, urow, cfg, cfg_s, j);
         if (j == forbid) l = -INFINITY;
         if (cfg || j == forbid) lrow[j] = to_bf16(l);  // exact: l is a bf16 value
         double sc = (double)l;

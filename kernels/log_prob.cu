@@ -16,17 +16,6 @@
 // Speed: one read of 2 bytes per logit per pass (2R·V·2 bytes with CFG); not measured yet.
 #include "common.cuh"
 
-LLADA_DEVICE float lp_mixed(const bf16* crow, const bf16* urow, bool cfg, float s, int j) {
-    float l = ld_bf16(crow + j);
-    if (cfg) {
-        const float u = ld_bf16(urow + j);
-        const float d = round_bf16(__fsub_rn(l, u));
-        const float m = round_bf16(__fmul_rn(s, d));
-        l = round_bf16(__fadd_rn(u, m));
-    }
-    return l;
-}
-
 extern "C" __global__ void __launch_bounds__(1024)
 log_prob_bf16(float* __restrict__ out, const bf16* __restrict__ logits, const int* __restrict__ targets,
               int r, int v, double cfg_scale) {
@@ -41,7 +30,7 @@ log_prob_bf16(float* __restrict__ out, const bf16* __restrict__ logits, const in
     float m = -INFINITY;
     float nan = 0.0f;
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        const float l = lp_mixed(crow, urow, cfg, s, j);
+        const float l = cfg_mix(crow, urow, cfg, s, j);
         if (isnan(l)) nan = 1.0f;
         m = fmaxf(m, l);
     }
@@ -54,7 +43,7 @@ log_prob_bf16(float* __restrict__ out, const bf16* __restrict__ logits, const in
     // Pass 2: softmax denominator.
     float sum = 0.0f;
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        sum = __fadd_rn(sum, expf(__fsub_rn(lp_mixed(crow, urow, cfg, s, j), m)));
+        sum = __fadd_rn(sum, expf(__fsub_rn(cfg_mix(crow, urow, cfg, s, j), m)));
     }
     sum = block_sum(sum);
     if (threadIdx.x == 0) {
@@ -63,7 +52,7 @@ log_prob_bf16(float* __restrict__ out, const bf16* __restrict__ logits, const in
             out[row] = __int_as_float(0x7fc00000);
             return;
         }
-        const float lt = lp_mixed(crow, urow, cfg, s, tg);
+        const float lt = cfg_mix(crow, urow, cfg, s, tg);
         out[row] = round_bf16(__fsub_rn(__fsub_rn(lt, m), logf(sum)));
     }
 }

@@ -16,7 +16,7 @@ use llada::hf::config::ModelConfig;
 use llada::rng::{bits, cell_key, uniform};
 use llada::train::loss::{self, Draw};
 use llada::train::model::{forward_backward, Batch, Params};
-use llada::train::ops::{self, AttnShape};
+use llada::train::ops::{self, AttnShape, LinearBwd, LinearDims, Rows};
 
 /// Deterministic values in [-scale, scale].
 fn rand_vec(seed: u64, n: usize, scale: f64) -> Vec<f64> {
@@ -38,7 +38,8 @@ fn fd_linear() {
     let r = rand_vec(3, n * m, 1.0);
     let mut dx = vec![0.0; n * k];
     let mut dw = vec![0.0; m * k];
-    ops::linear_bwd(Some(&mut dx), &mut dw, &r, &x, &w, n, k, m);
+    let d = LinearDims { n, k, m };
+    ops::linear_bwd(Some(&mut dx), &mut dw, LinearBwd::new(&r, &x, &w, d));
     let w0 = w.clone();
     check_grad("linear dx", &mut x.clone(), &dx, &mut |xx| {
         let mut y = vec![0.0; n * m];
@@ -53,7 +54,7 @@ fn fd_linear() {
     });
     // dw accumulates.
     let mut dw2 = dw.clone();
-    ops::linear_bwd(None, &mut dw2, &r, &x, &w, n, k, m);
+    ops::linear_bwd(None, &mut dw2, LinearBwd::new(&r, &x, &w, d));
     for (a, b) in dw2.iter().zip(&dw) {
         assert!((a - 2.0 * b).abs() < 1e-12);
     }
@@ -69,21 +70,22 @@ fn fd_rms_norm() {
     let eps = 1e-5;
     let mut y = vec![0.0; n * c];
     let mut inv = vec![0.0; n];
-    ops::rms_norm(&mut y, &mut inv, &x, &w, n, c, eps);
+    let d = Rows { n, c };
+    ops::rms_norm(&mut y, &mut inv, &x, &w, d, eps);
     let mut dx = vec![0.0; n * c];
     let mut dw = vec![0.0; c];
-    ops::rms_norm_bwd(&mut dx, &mut dw, &r, &x, &inv, &w, n, c);
+    ops::rms_norm_bwd(&mut dx, &mut dw, &r, &x, &inv, &w, d);
     let w0 = w.clone();
     check_grad("rms_norm dx", &mut x.clone(), &dx, &mut |xx| {
         let mut y = vec![0.0; n * c];
         let mut i = vec![0.0; n];
-        ops::rms_norm(&mut y, &mut i, xx, &w0, n, c, eps);
+        ops::rms_norm(&mut y, &mut i, xx, &w0, d, eps);
         dotv(&y, &r)
     });
     check_grad("rms_norm dw", &mut w, &dw, &mut |ww| {
         let mut y = vec![0.0; n * c];
         let mut i = vec![0.0; n];
-        ops::rms_norm(&mut y, &mut i, &x, ww, n, c, eps);
+        ops::rms_norm(&mut y, &mut i, &x, ww, d, eps);
         dotv(&y, &r)
     });
 }
@@ -96,17 +98,17 @@ fn fd_rope_and_identity_at_zero() {
     let mut x = rand_vec(7, n * heads * hd, 1.0);
     let r = rand_vec(8, n * heads * hd, 1.0);
     let mut dx = r.clone();
-    ops::rope(&mut dx, &pos, &cos, &sin, n, heads, hd, true);
+    ops::rope(&mut dx, &pos, (&cos, &sin), heads, hd, true);
     check_grad("rope", &mut x, &dx, &mut |xx| {
         let mut y = xx.to_vec();
-        ops::rope(&mut y, &pos, &cos, &sin, n, heads, hd, false);
+        ops::rope(&mut y, &pos, (&cos, &sin), heads, hd, false);
         dotv(&y, &r)
     });
     // Position 0 is the identity; rotate then inverse-rotate is the identity.
     let mut y = x.clone();
-    ops::rope(&mut y, &pos, &cos, &sin, n, heads, hd, false);
+    ops::rope(&mut y, &pos, (&cos, &sin), heads, hd, false);
     assert_eq!(&y[..heads * hd], &x[..heads * hd]);
-    ops::rope(&mut y, &pos, &cos, &sin, n, heads, hd, true);
+    ops::rope(&mut y, &pos, (&cos, &sin), heads, hd, true);
     for (a, b) in y.iter().zip(&x) {
         assert!((a - b).abs() < 1e-6);
     }
@@ -131,7 +133,7 @@ fn fd_attention_gqa() {
     let mut lse = vec![0.0; n * d.nh];
     ops::attention(&mut o, &mut lse, &q, &k, &v, d);
     let (mut dq, mut dk, mut dv) = (vec![0.0; n * qw], vec![0.0; n * kw], vec![0.0; n * kw]);
-    ops::attention_bwd(&mut dq, &mut dk, &mut dv, &r, &q, &k, &v, &o, &lse, d);
+    ops::attention_bwd((&mut dq, &mut dk, &mut dv), (&r, &o, &lse), (&q, &k, &v), d);
     let run = |q: &[f64], k: &[f64], v: &[f64]| {
         let mut o = vec![0.0; n * qw];
         let mut l = vec![0.0; n * d.nh];
@@ -988,7 +990,8 @@ fn linear_bf16_rounds_inputs_and_sums_exactly() {
     ops::linear_bf16(&mut y, &x, &w, n, k, m);
     let mut dx = vec![0f32; n * k];
     let mut dw = dw0.clone();
-    ops::linear_bwd_bf16(Some(&mut dx), &mut dw, &dy, &x, &w, n, k, m);
+    let d = LinearDims { n, k, m };
+    ops::linear_bwd_bf16(Some(&mut dx), &mut dw, LinearBwd::new(&dy, &x, &w, d));
     for i in 0..n {
         for j in 0..m {
             let s: f64 = (0..k).map(|t| xr[i * k + t] * wr[j * k + t]).sum();

@@ -183,6 +183,20 @@ static double h_ln(double x) {
 static double h_gumbel(double u) { return -h_ln(-h_ln(u)); }
 
 // ---- elementwise ----
+// RoPE tables [maxp, hd/2] as `backend::rope_tables` computes them (host libm; the kernels only
+// read them, so any table is a valid input).
+static void rope_tables_h(float theta, int hd, int maxp, std::vector<float>& cs, std::vector<float>& sn) {
+    const int half = hd / 2;
+    cs.assign((size_t)maxp * half, 0.0f);
+    sn.assign((size_t)maxp * half, 0.0f);
+    for (int p = 0; p < maxp; ++p)
+        for (int j = 0; j < half; ++j) {
+            float f = 1.0f / std::pow(theta, (2.0f * j) / hd);
+            cs[p * half + j] = std::cos(p * f);
+            sn[p * half + j] = std::sin(p * f);
+        }
+}
+
 static void test_elementwise() {
     const int n = 37, c = 4096 + 8;  // vector path; also scalar path with c odd below
     for (int pass = 0; pass < 2; ++pass) {
@@ -291,13 +305,8 @@ static void test_elementwise() {
     {
         const int nn = 13, nh = 4, nkv = 2, hd = 128, half = 64, maxp = 40, stride = (nh + 2 * nkv) * hd;
         auto q = rand_bf16((size_t)nn * stride, 1.0f);
-        std::vector<float> cs(maxp * half), sn(maxp * half);
-        for (int p = 0; p < maxp; ++p)
-            for (int j = 0; j < half; ++j) {
-                float f = 1.0f / std::pow(500000.0f, (2.0f * j) / hd);
-                cs[p * half + j] = std::cos(p * f);
-                sn[p * half + j] = std::sin(p * f);
-            }
+        std::vector<float> cs, sn;
+        rope_tables_h(500000.0f, hd, maxp, cs, sn);
         std::vector<int> pos(nn);
         for (int i = 0; i < nn; ++i) pos[i] = (i * 7) % maxp;
         auto dq = devb(q);
@@ -420,13 +429,8 @@ static void test_exact_train() {
     // rope_f32, forward (sign +1) and inverse (sign -1), on x [n, heads·hd]
     {
         const int heads = 3, hd = 64, half = 32, maxp = 40;
-        std::vector<float> cs(maxp * half), sn(maxp * half);
-        for (int p = 0; p < maxp; ++p)
-            for (int j = 0; j < half; ++j) {
-                float f = 1.0f / std::pow(10000.0f, (2.0f * j) / hd);
-                cs[p * half + j] = std::cos(p * f);
-                sn[p * half + j] = std::sin(p * f);
-            }
+        std::vector<float> cs, sn;
+        rope_tables_h(10000.0f, hd, maxp, cs, sn);
         std::vector<int> pos(n);
         for (int i = 0; i < n; ++i) pos[i] = (i * 7) % maxp;
         auto dc = dev(cs), dsn = dev(sn);
@@ -761,6 +765,19 @@ static void head_ref(const std::vector<uint16_t>& logits, const std::vector<int>
         }
     }
 }
+// The device buffers of one head_select call: the logits and keys uploaded, tok and conf [r].
+struct HeadBufs {
+    bf16* logits;
+    int* keys;
+    int* tok;
+    float* conf;
+};
+static HeadBufs head_bufs(const std::vector<uint16_t>& lg, const std::vector<int>& keys, int r) {
+    HeadBufs b{devb(lg), dev(keys), nullptr, nullptr};
+    CK(cudaMalloc(&b.tok, r * 4));
+    CK(cudaMalloc(&b.conf, r * 4));
+    return b;
+}
 static void test_head(int r, int v, HP p, bool ties) {
     int rr = p.cfg > 0 ? 2 * r : r;
     auto lg = rand_bf16((size_t)rr * v, 3.0f);
@@ -781,12 +798,10 @@ static void test_head(int r, int v, HP p, bool ties) {
     std::vector<int> tok;
     std::vector<float> conf;
     head_ref(lg, keys, r, v, p, tok, conf);
-    auto dl = devb(lg);
-    auto dk = dev(keys);
-    int* dt;
-    float* dc;
-    CK(cudaMalloc(&dt, r * 4));
-    CK(cudaMalloc(&dc, r * 4));
+    const HeadBufs hb = head_bufs(lg, keys, r);
+    bf16* dl = hb.logits;
+    int *dk = hb.keys, *dt = hb.tok;
+    float* dc = hb.conf;
     head_select_bf16<<<r, 1024>>>(dt, dc, dl, dk, r, v, p.temperature, p.cfg, p.remasking, p.seed, p.step, p.forbid, p.sup0,
                                   p.sup1);
     CK(cudaGetLastError());
@@ -812,12 +827,10 @@ static void time_head() {
     int r = 32, v = 126464;
     auto lg = rand_bf16((size_t)r * v, 3.0f);
     std::vector<int> keys(2 * r, 1);
-    auto dl = devb(lg);
-    auto dk = dev(keys);
-    int* dt;
-    float* dc;
-    CK(cudaMalloc(&dt, r * 4));
-    CK(cudaMalloc(&dc, r * 4));
+    const HeadBufs hb = head_bufs(lg, keys, r);
+    bf16* dl = hb.logits;
+    int *dk = hb.keys, *dt = hb.tok;
+    float* dc = hb.conf;
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0);
     cudaEventCreate(&e1);

@@ -5,12 +5,17 @@
 //! Every op has the meaning of its [`super::ops`] reference (same shapes, same argument order);
 //! lengths are element counts. Weight gradients are accumulated (`+=`), activation gradients
 //! written unless the op says otherwise. Buffers may be longer than an op reads.
+//!
+//! An op's arguments are its outputs (`&mut`), then what it reads: the buffers, and the sizes in
+//! the op family's struct ([`Rows`], [`LinearDims`], [`AttnShape`]); a backward pass reads its
+//! saved operands from one struct ([`LinearGrad`], [`NormGrad`], [`AttnGrad`], [`SwigluGrad`]).
 
 use std::marker::PhantomData;
 
 use anyhow::{ensure, Result};
 
 use super::ops::{self, AttnShape, Real};
+pub use super::ops::{LinearBwd, LinearDims, Rows};
 
 /// The training ops over one kind of buffer (host vectors, or device memory).
 pub trait TrainOps {
@@ -34,174 +39,122 @@ pub trait TrainOps {
     /// The queued work is done (a device surfaces a kernel fault here, naming `what`).
     fn finish(&self, what: &str) -> Result<()>;
 
-    /// [`ops::embedding`] of the first `n` ids, rows of width `c`.
-    fn embedding(
-        &self,
-        out: &mut Self::Buf,
-        wte: &Self::Buf,
-        ids: &Self::Ints,
-        n: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// [`ops::embedding_bwd`] (`dwte` accumulated).
-    fn embedding_bwd(
-        &self,
-        dwte: &mut Self::Buf,
-        dx: &Self::Buf,
-        ids: &[u32],
-        c: usize,
-    ) -> Result<()>;
+    /// [`ops::embedding`]: `out[i, :] = wte[ids[i], :]` for the `N` rows of `ids`.
+    fn embedding(&self, out: &mut Self::Buf, wte: &Self::Buf, ids: RowIds<Self>) -> Result<()>;
+    /// [`ops::embedding_bwd`] (`dwte` accumulated; the ids are read on the host).
+    fn embedding_bwd(&self, dwte: &mut Self::Buf, dx: &Self::Buf, ids: RowIds<Self>) -> Result<()>;
     /// [`ops::rms_norm`]: `y`, and `r` `[N]` for the backward pass.
-    #[allow(clippy::too_many_arguments)]
-    fn rms_norm(
-        &self,
-        y: &mut Self::Buf,
-        r: &mut Self::Buf,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        n: usize,
-        c: usize,
-        eps: f32,
-    ) -> Result<()>;
+    fn rms_norm(&self, y: &mut Self::Buf, r: &mut Self::Buf, a: Norm<Self>) -> Result<()>;
     /// [`ops::rms_norm_bwd`]: `dx` written, `dw` accumulated.
-    #[allow(clippy::too_many_arguments)]
-    fn rms_norm_bwd(
-        &self,
-        dx: &mut Self::Buf,
-        dw: &mut Self::Buf,
-        dy: &Self::Buf,
-        x: &Self::Buf,
-        r: &Self::Buf,
-        w: &Self::Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()>;
+    fn rms_norm_bwd(&self, dx: &mut Self::Buf, dw: &mut Self::Buf, a: NormGrad<Self>)
+        -> Result<()>;
     /// [`ops::linear`]: `y[N, M] = x[N, K]·wᵀ`.
-    fn linear(
-        &self,
-        y: &mut Self::Buf,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        n: usize,
-        k: usize,
-        m: usize,
-    ) -> Result<()>;
-    /// [`ops::linear_bwd`]: `dx = dy·w` (written, or added when `dx_accumulate`), `dw += dyᵀ·x`.
-    #[allow(clippy::too_many_arguments)]
-    fn linear_bwd(
-        &self,
-        dx: Option<&mut Self::Buf>,
-        dx_accumulate: bool,
-        dw: &mut Self::Buf,
-        dy: &Self::Buf,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        n: usize,
-        k: usize,
-        m: usize,
-    ) -> Result<()>;
-    /// [`ops::rope`] in place on the first `n` rows (tables from [`crate::backend::rope_tables`]).
-    #[allow(clippy::too_many_arguments)]
-    fn rope(
-        &self,
-        x: &mut Self::Buf,
-        pos: &Self::Ints,
-        cos: &Self::Buf,
-        sin: &Self::Buf,
-        n: usize,
-        heads: usize,
-        hd: usize,
-        inverse: bool,
-    ) -> Result<()>;
+    fn linear(&self, y: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, d: LinearDims) -> Result<()>;
+    /// [`ops::linear_bwd`]: `dx = dy·w` (as [`Dx`] says), `dw += dyᵀ·x`.
+    fn linear_bwd(&self, dx: Dx<Self>, dw: &mut Self::Buf, a: LinearGrad<Self>) -> Result<()>;
+    /// [`ops::rope`] in place on the first `t.n` rows of `heads` heads (`inverse`: the backward).
+    fn rope(&self, x: &mut Self::Buf, t: &Rope<Self>, heads: usize, inverse: bool) -> Result<()>;
     /// [`ops::attention`]: `o`, and `lse` `[N, NH]` for the backward pass.
-    fn attention(
-        &self,
-        o: &mut Self::Buf,
-        lse: &mut Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        d: AttnShape,
-    ) -> Result<()>;
+    fn attention(&self, o: &mut Self::Buf, lse: &mut Self::Buf, a: Qkv<Self>) -> Result<()>;
     /// [`ops::attention_bwd`]: writes `dq`, `dk`, `dv`; `delta` is scratch `[N, NH]` (unused
     /// on the host).
-    #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(
-        &self,
-        dq: &mut Self::Buf,
-        dk: &mut Self::Buf,
-        dv: &mut Self::Buf,
-        delta: &mut Self::Buf,
-        dout: &Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        o: &Self::Buf,
-        lse: &Self::Buf,
-        d: AttnShape,
-    ) -> Result<()>;
+    fn attention_bwd(&self, g: QkvGrads<Self>, a: AttnGrad<Self>) -> Result<()>;
     /// [`ops::swiglu`] over `len` elements.
     fn swiglu(&self, m: &mut Self::Buf, g: &Self::Buf, u: &Self::Buf, len: usize) -> Result<()>;
-    /// [`ops::swiglu_bwd`] over `len` elements (written).
-    #[allow(clippy::too_many_arguments)]
-    fn swiglu_bwd(
-        &self,
-        dg: &mut Self::Buf,
-        du: &mut Self::Buf,
-        dm: &Self::Buf,
-        g: &Self::Buf,
-        u: &Self::Buf,
-        len: usize,
-    ) -> Result<()>;
+    /// [`ops::swiglu_bwd`] (written).
+    fn swiglu_bwd(&self, dg: &mut Self::Buf, du: &mut Self::Buf, a: SwigluGrad<Self>)
+        -> Result<()>;
     /// `x[..len] += d[..len]`.
     fn add(&self, x: &mut Self::Buf, d: &Self::Buf, len: usize) -> Result<()>;
-    /// `out[i, :] = x[rows[i], :]` for the first `nrows` rows, width `c`.
-    fn gather_rows(
-        &self,
-        out: &mut Self::Buf,
-        x: &Self::Buf,
-        rows: &Self::Ints,
-        nrows: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// `dx[rows[i], :] += src[i, :]` in ascending `i`.
-    fn scatter_add_rows(
-        &self,
-        dx: &mut Self::Buf,
-        src: &Self::Buf,
-        rows: &Self::Ints,
-        nrows: usize,
-        c: usize,
-    ) -> Result<()>;
-    /// [`ops::cross_entropy`] on the first `r` rows of `z` `[R, V]` (overwritten with the
-    /// gradient); `loss_rows` `[R]` is scratch for the per-row losses (unused on the host).
-    #[allow(clippy::too_many_arguments)]
+    /// `out[i, :] = x[rows[i], :]` for the `N` rows of `rows`.
+    fn gather_rows(&self, out: &mut Self::Buf, x: &Self::Buf, rows: RowIds<Self>) -> Result<()>;
+    /// Backward of [`TrainOps::gather_rows`]: `dx[rows[i], :] += dy[i, :]` in ascending `i`.
+    fn scatter_add_rows(&self, dx: &mut Self::Buf, dy: &Self::Buf, at: RowIds<Self>) -> Result<()>;
+    /// [`ops::cross_entropy`] on the `R` rows of `z` `[R, V]` (overwritten with the gradient);
+    /// `loss` `[R]` is scratch for the per-row losses (unused on the host).
     fn cross_entropy(
         &self,
         z: &mut Self::Buf,
-        loss_rows: &mut Self::Buf,
-        targets: &Self::Ints,
-        weights: &Self::Buf,
-        r: usize,
-        v: usize,
+        loss: &mut Self::Buf,
+        t: Targets<Self>,
     ) -> Result<f64>;
 }
 
-/// The sizes of one linear: `x` `[N, K]`, `w` `[M, K]`, `y` `[N, M]`.
-#[derive(Clone, Copy, Debug)]
-pub struct LinearDims {
-    pub n: usize,
-    pub k: usize,
-    pub m: usize,
+/// Operand structs of [`TrainOps`] (borrowing for `'a`, over the ops `B`), each with `new`
+/// taking its fields in order.
+macro_rules! operands {
+    ($($(#[$m:meta])* $name:ident { $($f:ident: $t:ty),* $(,)? })*) => {$(
+        $(#[$m])*
+        pub struct $name<'a, B: TrainOps + ?Sized> {
+            $(pub $f: $t,)*
+        }
+
+        impl<'a, B: TrainOps + ?Sized> $name<'a, B> {
+            pub fn new($($f: $t),*) -> Self {
+                $name { $($f),* }
+            }
+        }
+    )*};
 }
 
-/// The inputs of a linear's backward pass.
-#[derive(Clone, Copy, Debug)]
-pub struct LinearBwd<'a, T> {
-    pub dy: &'a [T],
-    pub x: &'a [T],
-    pub w: &'a [T],
-    pub d: LinearDims,
+operands! {
+    /// The rows an index buffer picks: row `i` of an op's `[N, C]` side is row `ids[i]` of the
+    /// other side (an embedding table, or the buffer gathered from or scattered into). The op
+    /// checks every id against the other side's rows.
+    RowIds { ids: &'a B::Ints, d: Rows }
+    /// What [`TrainOps::linear_bwd`] reads: the output gradient `dy` `[N, M]` and the forward's
+    /// `x` `[N, K]`, `w` `[M, K]` (the device form of [`LinearBwd`]).
+    LinearGrad { dy: &'a B::Buf, x: &'a B::Buf, w: &'a B::Buf, d: LinearDims }
+    /// An RMSNorm's forward ([`TrainOps::rms_norm`]): rows `x` `[N, C]`, weight `w` `[C]`, `eps`.
+    Norm { x: &'a B::Buf, w: &'a B::Buf, d: Rows, eps: f32 }
+    /// What [`TrainOps::rms_norm_bwd`] reads: the output gradient `dy` `[N, C]`, the forward's
+    /// `x`, its `r` `[N]` and the weight `w` `[C]`.
+    NormGrad { dy: &'a B::Buf, x: &'a B::Buf, r: &'a B::Buf, w: &'a B::Buf, d: Rows }
+    /// Attention's inputs ([`TrainOps::attention`]): `q` `[N, NH·HD]`, `k`, `v` `[N, NKV·HD]`.
+    Qkv { q: &'a B::Buf, k: &'a B::Buf, v: &'a B::Buf, d: AttnShape }
+    /// What [`TrainOps::attention_bwd`] writes: `dq`, `dk`, `dv` (shaped as `q`, `k`, `v`), and
+    /// the scratch `delta` `[N, NH]`.
+    QkvGrads { dq: &'a mut B::Buf, dk: &'a mut B::Buf, dv: &'a mut B::Buf, delta: &'a mut B::Buf }
+    /// What [`TrainOps::attention_bwd`] reads: the output gradient `dout`, the forward's inputs
+    /// `qkv`, its output `o` and its `lse`.
+    AttnGrad { dout: &'a B::Buf, qkv: Qkv<'a, B>, o: &'a B::Buf, lse: &'a B::Buf }
+    /// What [`TrainOps::swiglu_bwd`] reads: the output gradient `dm` and the forward's `g`, `u`
+    /// (`len` elements each).
+    SwigluGrad { dm: &'a B::Buf, g: &'a B::Buf, u: &'a B::Buf, len: usize }
+    /// The labels of [`TrainOps::cross_entropy`]: per row of the `[R, V]` logits (`d`) a target
+    /// id in `[0, V)` and a loss weight.
+    Targets { ids: &'a B::Ints, weights: &'a B::Buf, d: Rows }
+}
+
+/// What [`TrainOps::linear_bwd`] does with the input gradient `dx = dy·w`.
+pub enum Dx<'a, B: TrainOps + ?Sized> {
+    /// Not computed (only `dw`).
+    Skip,
+    /// Written.
+    Write(&'a mut B::Buf),
+    /// Added to what the buffer holds (several linears reading one input).
+    Add(&'a mut B::Buf),
+}
+
+impl<'a, B: TrainOps + ?Sized> Dx<'a, B> {
+    /// The buffer, and whether it is added to.
+    pub fn split(self) -> (Option<&'a mut B::Buf>, bool) {
+        match self {
+            Dx::Skip => (None, false),
+            Dx::Write(b) => (Some(b), false),
+            Dx::Add(b) => (Some(b), true),
+        }
+    }
+}
+
+/// RoPE's operands ([`TrainOps::rope`]): row `i` of the `n` rows is at position `pos[i]`; the
+/// tables `cos`, `sin` are `[max_pos, hd/2]` ([`crate::backend::rope_tables`]).
+pub struct Rope<B: TrainOps + ?Sized> {
+    pub pos: B::Ints,
+    pub cos: B::Buf,
+    pub sin: B::Buf,
+    pub n: usize,
+    pub hd: usize,
 }
 
 /// What the linears of [`HostOps`] compute: [`PlainLinear`], or the LoRA linears over a frozen
@@ -227,8 +180,7 @@ impl<T: Real> HostLinear<T> for PlainLinear {
         Ok(())
     }
     fn backward(&self, dx: Option<&mut [T]>, dw: &mut [T], a: LinearBwd<'_, T>) -> Result<()> {
-        let LinearDims { n, k, m } = a.d;
-        ops::linear_bwd(dx, dw, a.dy, a.x, a.w, n, k, m);
+        ops::linear_bwd(dx, dw, a);
         Ok(())
     }
 }
@@ -295,82 +247,38 @@ impl<T: Real, L: HostLinear<T>> TrainOps for HostOps<T, L> {
         Ok(())
     }
 
-    fn embedding(
-        &self,
-        out: &mut Vec<T>,
-        wte: &Vec<T>,
-        ids: &Vec<u32>,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        ops::embedding(out, wte, &ids[..n], c);
+    fn embedding(&self, out: &mut Vec<T>, wte: &Vec<T>, ids: RowIds<Self>) -> Result<()> {
+        ops::embedding(out, wte, &ids.ids[..ids.d.n], ids.d.c);
         Ok(())
     }
-    fn embedding_bwd(&self, dwte: &mut Vec<T>, dx: &Vec<T>, ids: &[u32], c: usize) -> Result<()> {
+    fn embedding_bwd(&self, dwte: &mut Vec<T>, dx: &Vec<T>, ids: RowIds<Self>) -> Result<()> {
         if self.lin.trains_base() {
-            ops::embedding_bwd(dwte, dx, ids, c);
+            ops::embedding_bwd(dwte, dx, &ids.ids[..ids.d.n], ids.d.c);
         }
         Ok(())
     }
-    fn rms_norm(
-        &self,
-        y: &mut Vec<T>,
-        r: &mut Vec<T>,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        n: usize,
-        c: usize,
-        eps: f32,
-    ) -> Result<()> {
-        ops::rms_norm(y, r, x, w, n, c, eps as f64);
+    fn rms_norm(&self, y: &mut Vec<T>, r: &mut Vec<T>, a: Norm<Self>) -> Result<()> {
+        ops::rms_norm(y, r, a.x, a.w, a.d, a.eps as f64);
         Ok(())
     }
-    fn rms_norm_bwd(
-        &self,
-        dx: &mut Vec<T>,
-        dw: &mut Vec<T>,
-        dy: &Vec<T>,
-        x: &Vec<T>,
-        r: &Vec<T>,
-        w: &Vec<T>,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        ops::rms_norm_bwd(dx, dw, dy, x, r, w, n, c);
+    fn rms_norm_bwd(&self, dx: &mut Vec<T>, dw: &mut Vec<T>, a: NormGrad<Self>) -> Result<()> {
+        ops::rms_norm_bwd(dx, dw, a.dy, a.x, a.r, a.w, a.d);
         Ok(())
     }
-    fn linear(
-        &self,
-        y: &mut Vec<T>,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        n: usize,
-        k: usize,
-        m: usize,
-    ) -> Result<()> {
-        self.lin.forward(y, x, w, LinearDims { n, k, m })
+    fn linear(&self, y: &mut Vec<T>, x: &Vec<T>, w: &Vec<T>, d: LinearDims) -> Result<()> {
+        self.lin.forward(y, x, w, d)
     }
-    fn linear_bwd(
-        &self,
-        dx: Option<&mut Vec<T>>,
-        dx_accumulate: bool,
-        dw: &mut Vec<T>,
-        dy: &Vec<T>,
-        x: &Vec<T>,
-        w: &Vec<T>,
-        n: usize,
-        k: usize,
-        m: usize,
-    ) -> Result<()> {
+    fn linear_bwd(&self, dx: Dx<Self>, dw: &mut Vec<T>, a: LinearGrad<Self>) -> Result<()> {
+        let (n, k) = (a.d.n, a.d.k);
         let a = LinearBwd {
-            dy,
-            x,
-            w,
-            d: LinearDims { n, k, m },
+            dy: a.dy,
+            x: a.x,
+            w: a.w,
+            d: a.d,
         };
-        match dx {
+        match dx.split() {
             // Written into a scratch row set, then added: the same sums as writing `dx` alone.
-            Some(dx) if dx_accumulate => {
+            (Some(dx), true) => {
                 let mut part = vec![T::zero(); n * k];
                 self.lin.backward(Some(&mut part), dw, a)?;
                 for (a, &b) in dx.iter_mut().zip(&part) {
@@ -378,72 +286,29 @@ impl<T: Real, L: HostLinear<T>> TrainOps for HostOps<T, L> {
                 }
                 Ok(())
             }
-            dx => self.lin.backward(dx.map(|d| d.as_mut_slice()), dw, a),
+            (dx, _) => self.lin.backward(dx.map(|d| d.as_mut_slice()), dw, a),
         }
     }
-    fn rope(
-        &self,
-        x: &mut Vec<T>,
-        pos: &Vec<u32>,
-        cos: &Vec<T>,
-        sin: &Vec<T>,
-        n: usize,
-        heads: usize,
-        hd: usize,
-        inverse: bool,
-    ) -> Result<()> {
-        ops::rope(x, &pos[..n], cos, sin, n, heads, hd, inverse);
+    fn rope(&self, x: &mut Vec<T>, t: &Rope<Self>, heads: usize, inverse: bool) -> Result<()> {
+        ops::rope(x, &t.pos[..t.n], (&t.cos, &t.sin), heads, t.hd, inverse);
         Ok(())
     }
-    fn attention(
-        &self,
-        o: &mut Vec<T>,
-        lse: &mut Vec<T>,
-        q: &Vec<T>,
-        k: &Vec<T>,
-        v: &Vec<T>,
-        d: AttnShape,
-    ) -> Result<()> {
-        ops::attention(o, lse, q, k, v, d);
+    fn attention(&self, o: &mut Vec<T>, lse: &mut Vec<T>, a: Qkv<Self>) -> Result<()> {
+        ops::attention(o, lse, a.q, a.k, a.v, a.d);
         Ok(())
     }
-    fn attention_bwd(
-        &self,
-        dq: &mut Vec<T>,
-        dk: &mut Vec<T>,
-        dv: &mut Vec<T>,
-        _delta: &mut Vec<T>,
-        dout: &Vec<T>,
-        q: &Vec<T>,
-        k: &Vec<T>,
-        v: &Vec<T>,
-        o: &Vec<T>,
-        lse: &Vec<T>,
-        d: AttnShape,
-    ) -> Result<()> {
-        ops::attention_bwd(dq, dk, dv, dout, q, k, v, o, lse, d);
+    fn attention_bwd(&self, g: QkvGrads<Self>, a: AttnGrad<Self>) -> Result<()> {
+        let (q, saved) = (a.qkv, (&a.dout[..], &a.o[..], &a.lse[..]));
+        ops::attention_bwd((g.dq, g.dk, g.dv), saved, (q.q, q.k, q.v), q.d);
         Ok(())
     }
     fn swiglu(&self, m: &mut Vec<T>, g: &Vec<T>, u: &Vec<T>, len: usize) -> Result<()> {
         ops::swiglu(&mut m[..len], &g[..len], &u[..len]);
         Ok(())
     }
-    fn swiglu_bwd(
-        &self,
-        dg: &mut Vec<T>,
-        du: &mut Vec<T>,
-        dm: &Vec<T>,
-        g: &Vec<T>,
-        u: &Vec<T>,
-        len: usize,
-    ) -> Result<()> {
-        ops::swiglu_bwd(
-            &mut dg[..len],
-            &mut du[..len],
-            &dm[..len],
-            &g[..len],
-            &u[..len],
-        );
+    fn swiglu_bwd(&self, dg: &mut Vec<T>, du: &mut Vec<T>, a: SwigluGrad<Self>) -> Result<()> {
+        let n = a.len;
+        ops::swiglu_bwd(&mut dg[..n], &mut du[..n], &a.dm[..n], &a.g[..n], &a.u[..n]);
         Ok(())
     }
     fn add(&self, x: &mut Vec<T>, d: &Vec<T>, len: usize) -> Result<()> {
@@ -452,53 +317,30 @@ impl<T: Real, L: HostLinear<T>> TrainOps for HostOps<T, L> {
         }
         Ok(())
     }
-    fn gather_rows(
-        &self,
-        out: &mut Vec<T>,
-        x: &Vec<T>,
-        rows: &Vec<u32>,
-        nrows: usize,
-        c: usize,
-    ) -> Result<()> {
-        for (i, &row) in rows[..nrows].iter().enumerate() {
+    fn gather_rows(&self, out: &mut Vec<T>, x: &Vec<T>, rows: RowIds<Self>) -> Result<()> {
+        let c = rows.d.c;
+        for (i, &row) in rows.ids[..rows.d.n].iter().enumerate() {
             let row = row as usize;
             out[i * c..(i + 1) * c].copy_from_slice(&x[row * c..(row + 1) * c]);
         }
         Ok(())
     }
-    fn scatter_add_rows(
-        &self,
-        dx: &mut Vec<T>,
-        src: &Vec<T>,
-        rows: &Vec<u32>,
-        nrows: usize,
-        c: usize,
-    ) -> Result<()> {
-        for (i, &row) in rows[..nrows].iter().enumerate() {
+    fn scatter_add_rows(&self, dx: &mut Vec<T>, dy: &Vec<T>, at: RowIds<Self>) -> Result<()> {
+        let c = at.d.c;
+        for (i, &row) in at.ids[..at.d.n].iter().enumerate() {
             let row = row as usize;
             for (o, &g) in dx[row * c..(row + 1) * c]
                 .iter_mut()
-                .zip(&src[i * c..(i + 1) * c])
+                .zip(&dy[i * c..(i + 1) * c])
             {
                 *o += g;
             }
         }
         Ok(())
     }
-    fn cross_entropy(
-        &self,
-        z: &mut Vec<T>,
-        _loss_rows: &mut Vec<T>,
-        targets: &Vec<u32>,
-        weights: &Vec<T>,
-        r: usize,
-        v: usize,
-    ) -> Result<f64> {
-        Ok(ops::cross_entropy(
-            &mut z[..r * v],
-            &targets[..r],
-            &weights[..r],
-            v,
-        ))
+    fn cross_entropy(&self, z: &mut Vec<T>, _: &mut Vec<T>, t: Targets<Self>) -> Result<f64> {
+        let Rows { n: r, c: v } = t.d;
+        let (ids, w) = (&t.ids[..r], &t.weights[..r]);
+        Ok(ops::cross_entropy(&mut z[..r * v], ids, w, v))
     }
 }

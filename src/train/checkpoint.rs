@@ -33,6 +33,10 @@ pub struct TrainerState {
     pub eps: f64,
     pub weight_decay: f64,
     pub options: serde_json::Value,
+    /// A LoRA run's adapter and base model (absent for full fine-tuning; see
+    /// [`super::lora_checkpoint`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<super::lora_checkpoint::LoraRun>,
 }
 
 /// Write the model folder and the optimizer state to `dir`. `tokenizer_from` is a folder whose
@@ -163,9 +167,8 @@ pub struct Resumed {
     pub state: TrainerState,
 }
 
-/// Read a training checkpoint written by [`save`].
-pub fn load(dir: &Path) -> Result<Resumed> {
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+/// Read and check `DIR/trainer_state.json` (full or LoRA checkpoint).
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let state_path = dir.join("trainer_state.json");
     let text = crate::hf::fsio::read_text_file(&state_path, crate::hf::fsio::MAX_CONFIG_BYTES)
         .with_context(|| {
@@ -200,6 +203,28 @@ pub fn load(dir: &Path) -> Result<Resumed> {
         state.step,
         state.adam_t
     );
+    Ok(state)
+}
+
+/// The AdamW hyper-parameters a checkpoint's state records.
+pub fn adamw_config(state: &TrainerState) -> AdamWConfig {
+    AdamWConfig {
+        beta1: state.beta1,
+        beta2: state.beta2,
+        eps: state.eps,
+        weight_decay: state.weight_decay,
+    }
+}
+
+/// Read a training checkpoint written by [`save`].
+pub fn load(dir: &Path) -> Result<Resumed> {
+    let state = read_state(dir)?;
+    ensure!(
+        state.lora.is_none(),
+        "{}: a LoRA run's checkpoint (an adapter), not a full model (see lora_checkpoint::load)",
+        dir.display()
+    );
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
     let opt_path = dir.join("optimizer.safetensors");
     // Expected size: 3 f32 copies of every parameter plus a header; a truncated or foreign file
     // is refused before it is read.
@@ -254,12 +279,7 @@ pub fn load(dir: &Path) -> Result<Resumed> {
     let m = sets.pop().context("three parameter sets")?;
     let params = sets.pop().context("three parameter sets")?;
     let opt = AdamW {
-        cfg: AdamWConfig {
-            beta1: state.beta1,
-            beta2: state.beta2,
-            eps: state.eps,
-            weight_decay: state.weight_decay,
-        },
+        cfg: adamw_config(&state),
         m,
         v,
         t: state.adam_t,

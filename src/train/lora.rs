@@ -209,9 +209,7 @@ impl StepState for LoraStep {
         Ok(())
     }
     fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        let opts = PassOptions {
-            recompute: self.recompute,
-        };
+        let opts = PassOptions::recomputing(self.recompute);
         let (p, ad, g) = (&self.params, &self.adapter, &mut self.grads);
         Ok(lora_forward_backward_with(cfg, p, ad, batch, g, opts)?.loss)
     }

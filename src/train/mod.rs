@@ -10,7 +10,8 @@
 //! - [`loss`]: pretraining / SFT masking and loss weights, counter-based RNG streams 16–19.
 //! - [`optim`]: AdamW (f32 master weights and moments), schedules, clipping.
 //! - [`data`]: text / JSONL loading, packing, SFT formatting, deterministic sample order.
-//! - [`checkpoint`]: Hugging Face folder + optimizer state; exact resume.
+//! - [`checkpoint`]: Hugging Face folder + optimizer state; exact resume ([`lora_checkpoint`]:
+//!   a LoRA run's, the PEFT adapter + its moments).
 //! - [`Trainer`]: one optimizer step = `accum` micro-batches of `batch_size` sequences, written
 //!   once over [`StepState`] (the host's tensors, [`HostStep`], or a GPU's resident state).
 //!
@@ -31,6 +32,7 @@ pub mod dist;
 pub mod dist_auth;
 pub mod dist_env;
 pub mod lora;
+pub mod lora_checkpoint;
 pub mod loss;
 pub mod memory;
 pub mod model;
@@ -198,9 +200,7 @@ impl StepState for HostStep {
         Ok(())
     }
     fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        let opts = PassOptions {
-            recompute: self.recompute,
-        };
+        let opts = PassOptions::recomputing(self.recompute);
         Ok(forward_backward_host(cfg, &self.params, batch, &mut self.grad, opts)?.loss)
     }
     fn all_reduce_grads(&mut self, group: &mut dist::HostGroup) -> Result<()> {
@@ -478,6 +478,7 @@ impl Trainer {
             eps: self.opt.cfg.eps,
             weight_decay: self.opt.cfg.weight_decay,
             options: serde_json::to_value(&self.opts)?,
+            lora: None,
         })
     }
 }

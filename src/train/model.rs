@@ -16,7 +16,10 @@ use std::cell::Cell;
 
 use anyhow::{ensure, Context, Result};
 
-use super::backend::{HostOps, TrainOps};
+use super::backend::{
+    AttnGrad, Dx, HostOps, LinearDims, LinearGrad, Norm, NormGrad, Qkv, QkvGrads, Rope, RowIds,
+    Rows, SwigluGrad, Targets, TrainOps,
+};
 use super::ops::{AttnShape, Real};
 use crate::backend::rope_tables;
 use crate::hf::checkpoint::{expected_tensors, Checkpoint};
@@ -168,6 +171,13 @@ pub struct PassOptions {
     pub recompute: bool,
 }
 
+impl PassOptions {
+    /// The options with [`PassOptions::recompute`] set to `recompute`.
+    pub fn recomputing(recompute: bool) -> PassOptions {
+        PassOptions { recompute }
+    }
+}
+
 /// What one pass computed and held.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PassStats {
@@ -251,9 +261,10 @@ struct Grads<B> {
     delta: B,
 }
 
-/// The shapes, tables and allocation count one pass shares across its layers.
+/// The parameters, shapes, tables and allocation count one pass shares across its layers.
 struct Pass<'a, B: TrainOps> {
     ops: &'a B,
+    p: &'a [B::Buf],
     n: usize,
     c: usize,
     qw: usize,
@@ -261,13 +272,11 @@ struct Pass<'a, B: TrainOps> {
     f: usize,
     eps: f32,
     dims: AttnShape,
-    pos: B::Ints,
-    cos: B::Buf,
-    sin: B::Buf,
+    rope: Rope<B>,
     floats: Cell<usize>,
 }
 
-impl<B: TrainOps> Pass<'_, B> {
+impl<'a, B: TrainOps> Pass<'a, B> {
     /// `len` zeros, counted as activations.
     fn zeros(&self, len: usize) -> Result<B::Buf> {
         self.floats.set(self.floats.get() + len);
@@ -308,12 +317,36 @@ impl<B: TrainOps> Pass<'_, B> {
         })
     }
 
+    /// Part `part` of layer `l`'s weights.
+    fn w(&self, l: usize, part: usize) -> &'a B::Buf {
+        &self.p[i_block(l, part)]
+    }
+
+    /// The sizes of a linear from width `k` to `m` over the pass's rows.
+    fn lin(&self, k: usize, m: usize) -> LinearDims {
+        LinearDims { n: self.n, k, m }
+    }
+
+    /// Layer `l`'s RMSNorm `part` of `x`.
+    fn norm<'b>(&self, x: &'b B::Buf, l: usize, part: usize) -> Norm<'b, B>
+    where
+        'a: 'b,
+    {
+        Norm::new(x, self.w(l, part), self.rows(), self.eps)
+    }
+
+    fn rows(&self) -> Rows {
+        Rows {
+            n: self.n,
+            c: self.c,
+        }
+    }
+
     /// Layer `l`'s forward from its input in `x`, filling `s`. `x` becomes the layer's output,
     /// or, without `through_down` (a recomputation), stays at `x_mid`: the down projection's
     /// output is not needed by the backward pass.
     fn layer_fwd(
         &self,
-        p: &[B::Buf],
         l: usize,
         x: &mut B::Buf,
         s: &mut Acts<B::Buf>,
@@ -321,78 +354,74 @@ impl<B: TrainOps> Pass<'_, B> {
         through_down: bool,
     ) -> Result<()> {
         let (ops, n, c, qw, kw, f) = (self.ops, self.n, self.c, self.qw, self.kw, self.f);
-        let (nh, nkv, hd) = (self.dims.nh, self.dims.nkv, self.dims.hd);
-        let (pos, cos, sin) = (&self.pos, &self.cos, &self.sin);
-        let w = |part: usize| &p[i_block(l, part)];
-        ops.rms_norm(&mut s.h1, &mut s.r1, x, w(ATTN_NORM), n, c, self.eps)?;
-        ops.linear(&mut s.q, &s.h1, w(Q), n, c, qw)?;
-        ops.linear(&mut s.k, &s.h1, w(K), n, c, kw)?;
-        ops.linear(&mut s.v, &s.h1, w(V), n, c, kw)?;
-        ops.rope(&mut s.q, pos, cos, sin, n, nh, hd, false)?;
-        ops.rope(&mut s.k, pos, cos, sin, n, nkv, hd, false)?;
-        ops.attention(&mut s.a, &mut s.lse, &s.q, &s.k, &s.v, self.dims)?;
-        ops.linear(tmp_c, &s.a, w(ATTN_OUT), n, qw, c)?;
+        let (nh, nkv, rope) = (self.dims.nh, self.dims.nkv, &self.rope);
+        let w = |part: usize| self.w(l, part);
+        ops.rms_norm(&mut s.h1, &mut s.r1, self.norm(x, l, ATTN_NORM))?;
+        ops.linear(&mut s.q, &s.h1, w(Q), self.lin(c, qw))?;
+        ops.linear(&mut s.k, &s.h1, w(K), self.lin(c, kw))?;
+        ops.linear(&mut s.v, &s.h1, w(V), self.lin(c, kw))?;
+        ops.rope(&mut s.q, rope, nh, false)?;
+        ops.rope(&mut s.k, rope, nkv, false)?;
+        let qkv = Qkv::new(&s.q, &s.k, &s.v, self.dims);
+        ops.attention(&mut s.a, &mut s.lse, qkv)?;
+        ops.linear(tmp_c, &s.a, w(ATTN_OUT), self.lin(qw, c))?;
         ops.add(x, tmp_c, n * c)?;
         ops.copy(&mut s.x_mid, x)?;
-        ops.rms_norm(&mut s.h2, &mut s.r2, x, w(FF_NORM), n, c, self.eps)?;
-        ops.linear(&mut s.g, &s.h2, w(GATE), n, c, f)?;
-        ops.linear(&mut s.u, &s.h2, w(UP), n, c, f)?;
+        ops.rms_norm(&mut s.h2, &mut s.r2, self.norm(x, l, FF_NORM))?;
+        ops.linear(&mut s.g, &s.h2, w(GATE), self.lin(c, f))?;
+        ops.linear(&mut s.u, &s.h2, w(UP), self.lin(c, f))?;
         ops.swiglu(&mut s.m, &s.g, &s.u, n * f)?;
         if through_down {
-            ops.linear(tmp_c, &s.m, w(DOWN), n, f, c)?;
+            ops.linear(tmp_c, &s.m, w(DOWN), self.lin(f, c))?;
             ops.add(x, tmp_c, n * c)?;
         }
         Ok(())
     }
 
     /// Layer `l`'s backward: `dx` (the gradient of the layer's output) becomes that of its
-    /// input `x_in`; the weight gradients are added into `grad`.
-    #[allow(clippy::too_many_arguments)]
+    /// input `x_in`, whose forward kept `s`; the weight gradients are added into `grad`.
     fn layer_bwd(
         &self,
-        p: &[B::Buf],
         grad: &mut [B::Buf],
         l: usize,
         dx: &mut B::Buf,
-        x_in: &B::Buf,
-        s: &Acts<B::Buf>,
+        (x_in, s): (&B::Buf, &Acts<B::Buf>),
         d: &mut Grads<B::Buf>,
         tmp_c: &mut B::Buf,
     ) -> Result<()> {
         let (ops, n, c, qw, kw, f) = (self.ops, self.n, self.c, self.qw, self.kw, self.f);
-        let (nh, nkv, hd) = (self.dims.nh, self.dims.nkv, self.dims.hd);
-        let (pos, cos, sin) = (&self.pos, &self.cos, &self.sin);
-        let w = |part: usize| &p[i_block(l, part)];
+        let (nh, nkv, rope) = (self.dims.nh, self.dims.nkv, &self.rope);
+        let w = |part: usize| self.w(l, part);
         let gi = |part: usize| i_block(l, part);
         // x_out = x_mid + m·W_downᵀ
-        let gd = &mut grad[gi(DOWN)];
-        ops.linear_bwd(Some(&mut d.dm), false, gd, dx, &s.m, w(DOWN), n, f, c)?;
-        ops.swiglu_bwd(&mut d.dg, &mut d.du, &d.dm, &s.g, &s.u, n * f)?;
-        let gg = &mut grad[gi(GATE)];
-        ops.linear_bwd(Some(&mut d.dh), false, gg, &d.dg, &s.h2, w(GATE), n, c, f)?;
-        let gu = &mut grad[gi(UP)];
-        ops.linear_bwd(Some(&mut d.dh), true, gu, &d.du, &s.h2, w(UP), n, c, f)?;
-        let gn = &mut grad[gi(FF_NORM)];
-        ops.rms_norm_bwd(tmp_c, gn, &d.dh, &s.x_mid, &s.r2, w(FF_NORM), n, c)?;
+        let a = LinearGrad::new(dx, &s.m, w(DOWN), self.lin(f, c));
+        ops.linear_bwd(Dx::Write(&mut d.dm), &mut grad[gi(DOWN)], a)?;
+        let a = SwigluGrad::new(&d.dm, &s.g, &s.u, n * f);
+        ops.swiglu_bwd(&mut d.dg, &mut d.du, a)?;
+        let a = LinearGrad::new(&d.dg, &s.h2, w(GATE), self.lin(c, f));
+        ops.linear_bwd(Dx::Write(&mut d.dh), &mut grad[gi(GATE)], a)?;
+        let a = LinearGrad::new(&d.du, &s.h2, w(UP), self.lin(c, f));
+        ops.linear_bwd(Dx::Add(&mut d.dh), &mut grad[gi(UP)], a)?;
+        let a = NormGrad::new(&d.dh, &s.x_mid, &s.r2, w(FF_NORM), self.rows());
+        ops.rms_norm_bwd(tmp_c, &mut grad[gi(FF_NORM)], a)?;
         ops.add(dx, tmp_c, n * c)?;
         // x_mid = x_in + a·W_oᵀ
-        let go = &mut grad[gi(ATTN_OUT)];
-        ops.linear_bwd(Some(&mut d.da), false, go, dx, &s.a, w(ATTN_OUT), n, qw, c)?;
+        let a = LinearGrad::new(dx, &s.a, w(ATTN_OUT), self.lin(qw, c));
+        ops.linear_bwd(Dx::Write(&mut d.da), &mut grad[gi(ATTN_OUT)], a)?;
         let (dq, dk, dv, delta) = (&mut d.dq, &mut d.dk, &mut d.dv, &mut d.delta);
-        let (sq, sk, sv) = (&s.q, &s.k, &s.v);
-        ops.attention_bwd(
-            dq, dk, dv, delta, &d.da, sq, sk, sv, &s.a, &s.lse, self.dims,
-        )?;
-        ops.rope(dq, pos, cos, sin, n, nh, hd, true)?;
-        ops.rope(dk, pos, cos, sin, n, nkv, hd, true)?;
-        let gq = &mut grad[gi(Q)];
-        ops.linear_bwd(Some(&mut d.dh), false, gq, dq, &s.h1, w(Q), n, c, qw)?;
-        let gk = &mut grad[gi(K)];
-        ops.linear_bwd(Some(&mut d.dh), true, gk, dk, &s.h1, w(K), n, c, kw)?;
-        let gv = &mut grad[gi(V)];
-        ops.linear_bwd(Some(&mut d.dh), true, gv, dv, &s.h1, w(V), n, c, kw)?;
-        let gn = &mut grad[gi(ATTN_NORM)];
-        ops.rms_norm_bwd(tmp_c, gn, &d.dh, x_in, &s.r1, w(ATTN_NORM), n, c)?;
+        let qkv = Qkv::new(&s.q, &s.k, &s.v, self.dims);
+        let a = AttnGrad::new(&d.da, qkv, &s.a, &s.lse);
+        ops.attention_bwd(QkvGrads { dq, dk, dv, delta }, a)?;
+        ops.rope(&mut d.dq, rope, nh, true)?;
+        ops.rope(&mut d.dk, rope, nkv, true)?;
+        let a = LinearGrad::new(&d.dq, &s.h1, w(Q), self.lin(c, qw));
+        ops.linear_bwd(Dx::Write(&mut d.dh), &mut grad[gi(Q)], a)?;
+        let a = LinearGrad::new(&d.dk, &s.h1, w(K), self.lin(c, kw));
+        ops.linear_bwd(Dx::Add(&mut d.dh), &mut grad[gi(K)], a)?;
+        let a = LinearGrad::new(&d.dv, &s.h1, w(V), self.lin(c, kw));
+        ops.linear_bwd(Dx::Add(&mut d.dh), &mut grad[gi(V)], a)?;
+        let a = NormGrad::new(&d.dh, x_in, &s.r1, w(ATTN_NORM), self.rows());
+        ops.rms_norm_bwd(tmp_c, &mut grad[gi(ATTN_NORM)], a)?;
         ops.add(dx, tmp_c, n * c)
     }
 }
@@ -464,8 +493,16 @@ pub fn forward_backward_with<B: TrainOps>(
     let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     let (cos_h, sin_h) = rope_tables(cfg.rope_theta, hd, t.max(1));
     let pos: Vec<u32> = (0..n).map(|i| (i % t.max(1)) as u32).collect();
+    let rope = Rope {
+        pos: ops.ints(&pos)?,
+        cos: ops.upload_f64(&f64s(&cos_h))?,
+        sin: ops.upload_f64(&f64s(&sin_h))?,
+        n,
+        hd,
+    };
     let pass = Pass {
         ops,
+        p,
         n,
         c,
         qw: cfg.n_heads * hd,
@@ -473,9 +510,7 @@ pub fn forward_backward_with<B: TrainOps>(
         f: cfg.mlp_hidden_size,
         eps: cfg.rms_norm_eps,
         dims,
-        pos: ops.ints(&pos)?,
-        cos: ops.upload_f64(&f64s(&cos_h))?,
-        sin: ops.upload_f64(&f64s(&sin_h))?,
+        rope,
         floats: Cell::new(0),
     };
     let ids = ops.ints(&batch.ids)?;
@@ -483,7 +518,7 @@ pub fn forward_backward_with<B: TrainOps>(
 
     // ---- forward ----
     let mut x = z(n * c)?;
-    ops.embedding(&mut x, &p[I_WTE], &ids, n, c)?;
+    ops.embedding(&mut x, &p[I_WTE], RowIds::new(&ids, pass.rows()))?;
     let mut tmp_c = z(n * c)?;
     // Every layer's input; and every layer's activations, or (recomputing) one layer's.
     let mut inputs: Vec<B::Buf> = Vec::with_capacity(cfg.n_layers);
@@ -498,38 +533,41 @@ pub fn forward_backward_with<B: TrainOps>(
         ops.copy(&mut x_in, &x)?;
         inputs.push(x_in);
         match work.as_mut() {
-            Some(s) => pass.layer_fwd(p, l, &mut x, s, &mut tmp_c, true)?,
+            Some(s) => pass.layer_fwd(l, &mut x, s, &mut tmp_c, true)?,
             None => {
                 let mut s = pass.acts()?;
-                pass.layer_fwd(p, l, &mut x, &mut s, &mut tmp_c, true)?;
+                pass.layer_fwd(l, &mut x, &mut s, &mut tmp_c, true)?;
                 kept.push(s);
             }
         }
     }
     let r = batch.rows.len();
-    let rows = ops.ints(&batch.rows)?;
+    let (rows, head_rows) = (ops.ints(&batch.rows)?, Rows { n: r, c });
     let mut xr = z(r * c)?;
-    ops.gather_rows(&mut xr, &x, &rows, r, c)?;
+    ops.gather_rows(&mut xr, &x, RowIds::new(&rows, head_rows))?;
     let mut rf = z(r)?;
     let mut hf = z(r * c)?;
     let (i_lm, i_lnf) = (p.len() - 1, p.len() - 2);
-    ops.rms_norm(&mut hf, &mut rf, &xr, &p[i_lnf], r, c, cfg.rms_norm_eps)?;
+    let norm = Norm::new(&xr, &p[i_lnf], head_rows, cfg.rms_norm_eps);
+    ops.rms_norm(&mut hf, &mut rf, norm)?;
     let mut logits = z(r * v)?;
-    ops.linear(&mut logits, &hf, &p[i_lm], r, c, v)?;
+    let head = LinearDims { n: r, k: c, m: v };
+    ops.linear(&mut logits, &hf, &p[i_lm], head)?;
     let weights = ops.upload_f64(&batch.weights)?;
     let targets = ops.ints(&batch.targets)?;
     let mut loss_rows = z(r)?;
-    let loss = ops.cross_entropy(&mut logits, &mut loss_rows, &targets, &weights, r, v)?;
+    let t = Targets::new(&targets, &weights, Rows { n: r, c: v });
+    let loss = ops.cross_entropy(&mut logits, &mut loss_rows, t)?;
 
     // ---- backward ----
     let mut dhf = z(r * c)?;
-    let (gl, gp) = (&mut grad[i_lm], &p[i_lm]);
-    ops.linear_bwd(Some(&mut dhf), false, gl, &logits, &hf, gp, r, c, v)?;
+    let a = LinearGrad::new(&logits, &hf, &p[i_lm], head);
+    ops.linear_bwd(Dx::Write(&mut dhf), &mut grad[i_lm], a)?;
     let mut dxr = z(r * c)?;
-    let (gn, pn) = (&mut grad[i_lnf], &p[i_lnf]);
-    ops.rms_norm_bwd(&mut dxr, gn, &dhf, &xr, &rf, pn, r, c)?;
+    let a = NormGrad::new(&dhf, &xr, &rf, &p[i_lnf], head_rows);
+    ops.rms_norm_bwd(&mut dxr, &mut grad[i_lnf], a)?;
     let mut dx = z(n * c)?;
-    ops.scatter_add_rows(&mut dx, &dxr, &rows, r, c)?;
+    ops.scatter_add_rows(&mut dx, &dxr, RowIds::new(&rows, head_rows))?;
     let mut d = pass.grads()?;
     for l in (0..cfg.n_layers).rev() {
         let x_in = &inputs[l];
@@ -537,14 +575,14 @@ pub fn forward_backward_with<B: TrainOps>(
             Some(s) => {
                 // The residual stream `x` is free after the head: the recomputation's scratch.
                 ops.copy(&mut x, x_in)?;
-                pass.layer_fwd(p, l, &mut x, s, &mut tmp_c, false)?;
+                pass.layer_fwd(l, &mut x, s, &mut tmp_c, false)?;
                 &*s
             }
             None => &kept[l],
         };
-        pass.layer_bwd(p, grad, l, &mut dx, x_in, s, &mut d, &mut tmp_c)?;
+        pass.layer_bwd(grad, l, &mut dx, (x_in, s), &mut d, &mut tmp_c)?;
     }
-    ops.embedding_bwd(&mut grad[I_WTE], &dx, &batch.ids, c)?;
+    ops.embedding_bwd(&mut grad[I_WTE], &dx, RowIds::new(&ids, pass.rows()))?;
     // The activation buffers are freed on return: make sure the work using them is done (a
     // device surfaces a kernel fault here, naming the step).
     ops.finish("the forward/backward pass")?;

@@ -79,6 +79,36 @@ macro_rules! real_float {
 real_float!(f32);
 real_float!(f64);
 
+/// `N` rows of width `C` (`[N, C]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rows {
+    pub n: usize,
+    pub c: usize,
+}
+
+/// The sizes of one linear: `x` `[N, K]`, `w` `[M, K]`, `y` `[N, M]`.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearDims {
+    pub n: usize,
+    pub k: usize,
+    pub m: usize,
+}
+
+/// The inputs of a linear's backward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearBwd<'a, T> {
+    pub dy: &'a [T],
+    pub x: &'a [T],
+    pub w: &'a [T],
+    pub d: LinearDims,
+}
+
+impl<'a, T> LinearBwd<'a, T> {
+    pub fn new(dy: &'a [T], x: &'a [T], w: &'a [T], d: LinearDims) -> Self {
+        LinearBwd { dy, x, w, d }
+    }
+}
+
 /// `Σ a[i]·b[i]`, i ascending.
 #[inline]
 pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
@@ -103,17 +133,9 @@ pub fn linear<T: Real>(y: &mut [T], x: &[T], w: &[T], n: usize, k: usize, m: usi
 }
 
 /// Backward of [`linear`]: `dx = dy · w` (written, when given) and `dw += dyᵀ · x`.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_bwd<T: Real>(
-    dx: Option<&mut [T]>,
-    dw: &mut [T],
-    dy: &[T],
-    x: &[T],
-    w: &[T],
-    n: usize,
-    k: usize,
-    m: usize,
-) {
+pub fn linear_bwd<T: Real>(dx: Option<&mut [T]>, dw: &mut [T], a: LinearBwd<'_, T>) {
+    let LinearBwd { dy, x, w, d } = a;
+    let LinearDims { n, k, m } = d;
     if let Some(dx) = dx {
         dx[..n * k]
             .par_chunks_mut(k)
@@ -165,32 +187,26 @@ pub fn linear_bf16(y: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: u
 
 /// [`linear_bwd`] as [`linear_bf16`] models it: `dy`, `x` and `w` rounded to bf16, `dw`'s
 /// previous (f32) value added unrounded, sums in f64, each output rounded once to f32.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_bwd_bf16(
-    dx: Option<&mut [f32]>,
-    dw: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    w: &[f32],
-    n: usize,
-    k: usize,
-    m: usize,
-) {
+pub fn linear_bwd_bf16(dx: Option<&mut [f32]>, dw: &mut [f32], a: LinearBwd<'_, f32>) {
+    let LinearBwd { dy, x, w, d } = a;
+    let LinearDims { n, k, m } = d;
     let (dyd, xd, wd) = (
         bf16_f64(&dy[..n * m]),
         bf16_f64(&x[..n * k]),
         bf16_f64(&w[..m * k]),
     );
     let mut dwd: Vec<f64> = dw[..m * k].iter().map(|&v| v as f64).collect();
+    let (dy, x, w) = (&dyd[..], &xd[..], &wd[..]);
+    let bwd = LinearBwd { dy, x, w, d };
     match dx {
         Some(dx) => {
             let mut dxd = vec![0f64; n * k];
-            linear_bwd(Some(&mut dxd), &mut dwd, &dyd, &xd, &wd, n, k, m);
+            linear_bwd(Some(&mut dxd), &mut dwd, bwd);
             for (o, v) in dx[..n * k].iter_mut().zip(&dxd) {
                 *o = *v as f32;
             }
         }
-        None => linear_bwd(None, &mut dwd, &dyd, &xd, &wd, n, k, m),
+        None => linear_bwd(None, &mut dwd, bwd),
     }
     for (o, v) in dw[..m * k].iter_mut().zip(&dwd) {
         *o = *v as f32;
@@ -199,7 +215,8 @@ pub fn linear_bwd_bf16(
 
 /// `y[i, :] = w ⊙ x[i, :] · r_i`, `r_i = 1/√(mean(x[i]²) + eps)`; writes `r` (`[N]`) for the
 /// backward pass.
-pub fn rms_norm<T: Real>(y: &mut [T], r: &mut [T], x: &[T], w: &[T], n: usize, c: usize, eps: f64) {
+pub fn rms_norm<T: Real>(y: &mut [T], r: &mut [T], x: &[T], w: &[T], d: Rows, eps: f64) {
+    let Rows { n, c } = d;
     for i in 0..n {
         let xr = &x[i * c..(i + 1) * c];
         let ms = dot(xr, xr) / T::from_f64(c as f64);
@@ -213,7 +230,6 @@ pub fn rms_norm<T: Real>(y: &mut [T], r: &mut [T], x: &[T], w: &[T], n: usize, c
 
 /// Backward of [`rms_norm`]: with `g = w ⊙ dy`, `dx = r·g − x·r³·(g·x)/C` (written) and
 /// `dw += Σ_i dy[i] ⊙ x[i]·r_i`.
-#[allow(clippy::too_many_arguments)]
 pub fn rms_norm_bwd<T: Real>(
     dx: &mut [T],
     dw: &mut [T],
@@ -221,9 +237,9 @@ pub fn rms_norm_bwd<T: Real>(
     x: &[T],
     r: &[T],
     w: &[T],
-    n: usize,
-    c: usize,
+    d: Rows,
 ) {
+    let Rows { n, c } = d;
     for i in 0..n {
         let (xr, dyr, ri) = (&x[i * c..(i + 1) * c], &dy[i * c..(i + 1) * c], r[i]);
         let mut gx = T::zero();
@@ -238,24 +254,21 @@ pub fn rms_norm_bwd<T: Real>(
     }
 }
 
-/// Half-rotation RoPE in place on `heads` heads of width `hd` per row (`x` `[N, heads·hd]`),
-/// row `i` at position `pos[i]`, tables `[max_pos, hd/2]` from [`crate::backend::rope_tables`]
-/// (f32, or the same values in `T`).
+/// Half-rotation RoPE in place on `heads` heads of width `hd` per row (`x` `[N, heads·hd]`,
+/// `N = pos.len()`), row `i` at position `pos[i]`, tables `[max_pos, hd/2]` from
+/// [`crate::backend::rope_tables`] (f32, or the same values in `T`).
 /// `inverse` applies the transposed rotation, which is the backward pass (a rotation's
 /// Jacobian is the rotation itself).
-#[allow(clippy::too_many_arguments)]
 pub fn rope<T: Real, F: Real>(
     x: &mut [T],
     pos: &[u32],
-    cos: &[F],
-    sin: &[F],
-    n: usize,
+    (cos, sin): (&[F], &[F]),
     heads: usize,
     hd: usize,
     inverse: bool,
 ) {
     let half = hd / 2;
-    for (i, &p) in pos.iter().enumerate().take(n) {
+    for (i, &p) in pos.iter().enumerate() {
         let p = p as usize;
         for h in 0..heads {
             let base = i * heads * hd + h * hd;
@@ -275,43 +288,51 @@ pub fn rope<T: Real, F: Real>(
 /// `nkv` key/value heads (GQA: query head `h` reads kv head `h / (nh/nkv)`), head dim `hd`.
 pub use crate::backend::AttnShape;
 
+/// The row widths of `q` (`NH·HD`) and `k`, `v` (`NKV·HD`), and the score scale 1/√HD.
+fn attn_sizes<T: Real>(d: AttnShape) -> ([usize; 2], T) {
+    let AttnShape { nh, nkv, hd, .. } = d;
+    ([nh * hd, nkv * hd], T::from_f64(1.0 / (hd as f64).sqrt()))
+}
+
+/// Every (batch row `bi`, query head `h`, its kv head `kh`, token row `row`) of an attention
+/// shape, batch rows outermost, tokens innermost: the order both passes visit (and so add) in.
+fn attn_rows(d: AttnShape) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    let AttnShape { b, t, nh, nkv, .. } = d;
+    let group = nh / nkv;
+    (0..b).flat_map(move |bi| {
+        (0..nh).flat_map(move |h| (0..t).map(move |i| (bi, h, h / group, bi * t + i)))
+    })
+}
+
 /// Bidirectional attention without a mask (upstream pretraining/SFT pass none), scale 1/√HD.
 /// `q` `[N, NH·HD]`, `k`, `v` `[N, NKV·HD]`, `o` `[N, NH·HD]`; writes the log-sum-exp of every
 /// (row, head) score row to `lse` (`[N, NH]`) so the backward pass recomputes the
 /// probabilities instead of storing `[T, T]` per head (flash-attention style).
 pub fn attention<T: Real>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: &[T], d: AttnShape) {
-    let AttnShape { b, t, nh, nkv, hd } = d;
-    let (qw, kw) = (nh * hd, nkv * hd);
-    let scale = T::from_f64(1.0 / (hd as f64).sqrt());
-    let group = nh / nkv;
+    let AttnShape { t, nh, hd, .. } = d;
+    let ([qw, kw], scale) = attn_sizes::<T>(d);
     let mut s = vec![T::zero(); t];
-    for bi in 0..b {
-        for h in 0..nh {
-            let kh = h / group;
-            for i in 0..t {
-                let row = bi * t + i;
-                let qi = &q[row * qw + h * hd..row * qw + (h + 1) * hd];
-                let mut mx = T::neg_infinity();
-                for (j, sj) in s.iter_mut().enumerate() {
-                    let kr = (bi * t + j) * kw + kh * hd;
-                    *sj = dot(qi, &k[kr..kr + hd]) * scale;
-                    mx = mx.max(*sj);
-                }
-                let mut sum = T::zero();
-                for sj in s.iter_mut() {
-                    *sj = (*sj - mx).exp();
-                    sum += *sj;
-                }
-                lse[row * nh + h] = mx + sum.ln();
-                let out = &mut o[row * qw + h * hd..row * qw + (h + 1) * hd];
-                out.fill(T::zero());
-                for (j, &pj) in s.iter().enumerate() {
-                    let p = pj / sum;
-                    let vr = (bi * t + j) * kw + kh * hd;
-                    for (ov, &vv) in out.iter_mut().zip(&v[vr..vr + hd]) {
-                        *ov += p * vv;
-                    }
-                }
+    for (bi, h, kh, row) in attn_rows(d) {
+        let qi = &q[row * qw + h * hd..row * qw + (h + 1) * hd];
+        let mut mx = T::neg_infinity();
+        for (j, sj) in s.iter_mut().enumerate() {
+            let kr = (bi * t + j) * kw + kh * hd;
+            *sj = dot(qi, &k[kr..kr + hd]) * scale;
+            mx = mx.max(*sj);
+        }
+        let mut sum = T::zero();
+        for sj in s.iter_mut() {
+            *sj = (*sj - mx).exp();
+            sum += *sj;
+        }
+        lse[row * nh + h] = mx + sum.ln();
+        let out = &mut o[row * qw + h * hd..row * qw + (h + 1) * hd];
+        out.fill(T::zero());
+        for (j, &pj) in s.iter().enumerate() {
+            let p = pj / sum;
+            let vr = (bi * t + j) * kw + kh * hd;
+            for (ov, &vv) in out.iter_mut().zip(&v[vr..vr + hd]) {
+                *ov += p * vv;
             }
         }
     }
@@ -319,55 +340,41 @@ pub fn attention<T: Real>(o: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: &[T],
 
 /// Backward of [`attention`]: `P = exp(S − lse)`, `dV = Pᵀ·dO`, `dP = dO·Vᵀ`,
 /// `dS = P ⊙ (dP − rowsum(dO ⊙ O))`, `dQ = dS·K·scale`, `dK = dSᵀ·Q·scale`. Writes `dq`, `dk`,
-/// `dv` (GQA heads sharing a kv head add up).
-#[allow(clippy::too_many_arguments)]
+/// `dv` (GQA heads sharing a kv head add up) from the output gradient `dout` and the forward's
+/// `o` and `lse`.
 pub fn attention_bwd<T: Real>(
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
-    dout: &[T],
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    o: &[T],
-    lse: &[T],
+    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+    (dout, o, lse): (&[T], &[T], &[T]),
+    (q, k, v): (&[T], &[T], &[T]),
     d: AttnShape,
 ) {
-    let AttnShape { b, t, nh, nkv, hd } = d;
-    let (qw, kw) = (nh * hd, nkv * hd);
-    let scale = T::from_f64(1.0 / (hd as f64).sqrt());
-    let group = nh / nkv;
+    let AttnShape { b, t, nh, hd, .. } = d;
+    let ([qw, kw], scale) = attn_sizes::<T>(d);
     dq[..b * t * qw].fill(T::zero());
     dk[..b * t * kw].fill(T::zero());
     dv[..b * t * kw].fill(T::zero());
     let mut p = vec![T::zero(); t];
-    for bi in 0..b {
-        for h in 0..nh {
-            let kh = h / group;
-            for i in 0..t {
-                let row = bi * t + i;
-                let qo = row * qw + h * hd;
-                let qi = &q[qo..qo + hd];
-                let doi = &dout[qo..qo + hd];
-                let delta = dot(doi, &o[qo..qo + hd]);
-                let l = lse[row * nh + h];
-                for (j, pj) in p.iter_mut().enumerate() {
-                    let kr = (bi * t + j) * kw + kh * hd;
-                    *pj = (dot(qi, &k[kr..kr + hd]) * scale - l).exp();
-                }
-                for (j, &pj) in p.iter().enumerate() {
-                    let kr = (bi * t + j) * kw + kh * hd;
-                    // dV[j] += P[i,j]·dO[i]
-                    for (dvv, &g) in dv[kr..kr + hd].iter_mut().zip(doi) {
-                        *dvv += pj * g;
-                    }
-                    let dp = dot(doi, &v[kr..kr + hd]);
-                    let ds = pj * (dp - delta) * scale;
-                    for c in 0..hd {
-                        dq[qo + c] += ds * k[kr + c];
-                        dk[kr + c] += ds * qi[c];
-                    }
-                }
+    for (bi, h, kh, row) in attn_rows(d) {
+        let qo = row * qw + h * hd;
+        let qi = &q[qo..qo + hd];
+        let doi = &dout[qo..qo + hd];
+        let delta = dot(doi, &o[qo..qo + hd]);
+        let l = lse[row * nh + h];
+        for (j, pj) in p.iter_mut().enumerate() {
+            let kr = (bi * t + j) * kw + kh * hd;
+            *pj = (dot(qi, &k[kr..kr + hd]) * scale - l).exp();
+        }
+        for (j, &pj) in p.iter().enumerate() {
+            let kr = (bi * t + j) * kw + kh * hd;
+            // dV[j] += P[i,j]·dO[i]
+            for (dvv, &g) in dv[kr..kr + hd].iter_mut().zip(doi) {
+                *dvv += pj * g;
+            }
+            let dp = dot(doi, &v[kr..kr + hd]);
+            let ds = pj * (dp - delta) * scale;
+            for c in 0..hd {
+                dq[qo + c] += ds * k[kr + c];
+                dk[kr + c] += ds * qi[c];
             }
         }
     }

@@ -255,3 +255,14 @@ pub fn generate_json(model: &Path, flags: &[&str]) -> Value {
             .args(flags),
     )
 }
+
+/// The `step I/N loss X` lines of a `llada train` log: (I, X as printed).
+pub fn logged_losses(log: &str) -> Vec<(u64, String)> {
+    log.lines()
+        .filter_map(|l| {
+            let step = l.split("step ").nth(1)?.split('/').next()?.parse().ok()?;
+            let loss = l.split(" loss ").nth(1)?.split_whitespace().next()?;
+            Some((step, loss.to_string()))
+        })
+        .collect()
+}

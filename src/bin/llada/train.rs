@@ -2,7 +2,8 @@
 //! GEMMs with `--precision bf16`; see `llada::train::cuda`), saving Hugging Face folders that
 //! `llada generate` loads, with exact resume. Data parallel over several processes (one per
 //! GPU) when the environment gives ranks (`srun`, or `RANK`/`WORLD_SIZE`; see
-//! `llada::train::dist`).
+//! `llada::train::dist`). LoRA runs (`--lora-rank`, or `--resume` of a LoRA checkpoint) are in
+//! `train/lora.rs`.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -15,21 +16,26 @@ use llada::engine::device::DeviceChoice;
 use llada::engine::{ModelSpec, Opened};
 use llada::hf::tokenizer::Tokenizer;
 use llada::train::checkpoint;
-use llada::train::cuda::{CudaLoraState, CudaOps, CudaTrainState, CudaZeroState, TrainPrecision};
+use llada::train::cuda::{CudaOps, CudaTrainState, CudaZeroState, TrainPrecision};
 use llada::train::data::{load_pretrain_with, load_sft, Sample};
 use llada::train::dist::{DistEnv, HostGroup};
 use llada::train::memory::{plan, render, Storage};
 use llada::train::model::Params;
-use llada::train::{StepState, TrainOptions, Trainer};
+use llada::train::{TrainOptions, Trainer};
 
 use crate::ModelArgs;
+
+mod lora;
 
 #[derive(Args)]
 pub struct TrainArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Continue from a checkpoint written by `llada train` (its options are reused).
-    #[arg(long, conflicts_with_all = ["model", "preset"])]
+    /// Continue from a checkpoint written by `llada train` (its options are reused): a full
+    /// model folder, or a LoRA run's --out (adapter + moments; its base model is the recorded
+    /// one unless --model/--preset names it, and --lora-* flags given must match the
+    /// checkpoint's).
+    #[arg(long)]
     resume: Option<PathBuf>,
     /// Training data: plain text, or JSONL lines `{"text": "..."}` or `{"ids": [token ids]}`
     /// (pretraining; `ids` needs no tokenizer, e.g. for the random-weight presets); JSONL
@@ -39,7 +45,8 @@ pub struct TrainArgs {
     /// Supervised fine-tuning loss (the prompt is never masked).
     #[arg(long)]
     sft: bool,
-    /// Folder to save checkpoints to (a Hugging Face model folder + optimizer state).
+    /// Folder to save checkpoints to (a Hugging Face model folder + optimizer state; for LoRA,
+    /// the PEFT adapter + its optimizer state).
     #[arg(long, required_unless_present = "memory_plan")]
     out: Option<PathBuf>,
     /// Total optimizer steps (on --resume: defaults to the checkpoint's).
@@ -94,7 +101,7 @@ pub struct TrainArgs {
     /// Shard the optimizer state over the data-parallel ranks: 0 (off) or 1 (ZeRO-1: each rank
     /// keeps the f32 master weights and AdamW moments of 1/N of the parameters; the weights are
     /// bit-identical to the unsharded run on the CPU). Needs 2 or more ranks; on CUDA the sharded
-    /// step compiles but has not run on a GPU yet.
+    /// step compiles but has not run on a GPU yet. Not with LoRA (its optimizer state is small).
     #[arg(long, default_value = "0")]
     zero: String,
     /// Print the memory per rank by category (weights, master weights, moments, gradients,
@@ -105,22 +112,21 @@ pub struct TrainArgs {
     /// RANK/WORLD_SIZE or srun).
     #[arg(long, requires = "memory_plan")]
     world_size: Option<usize>,
-    /// Train a LoRA adapter of this rank on the frozen model instead of the full model (one
-    /// process; on CUDA the base stays bf16 on the GPU, only the adapters and their optimizer
-    /// state are f32); --out receives the adapter in PEFT's format (`llada generate --lora`).
+    /// Train a LoRA adapter of this rank on the frozen model instead of the full model (on
+    /// CUDA the base stays bf16 on the GPU, only the adapters and their optimizer state are
+    /// f32); --out receives the adapter in PEFT's format (`llada generate --lora`) with its
+    /// AdamW moments and trainer state, so `--resume OUT` continues it exactly. Data parallel
+    /// like full training (the adapters' gradients are summed over the ranks); --zero 1 is
+    /// refused (the adapters' optimizer state is small).
     #[arg(long)]
     lora_rank: Option<usize>,
-    /// LoRA alpha (scale alpha / rank, or alpha / √rank with --lora-rslora).
-    #[arg(long, default_value_t = 16.0, requires = "lora_rank")]
-    lora_alpha: f64,
+    /// LoRA alpha (scale alpha / rank, or alpha / √rank with --lora-rslora) [default: 16].
+    #[arg(long, requires = "lora_rank")]
+    lora_alpha: Option<f64>,
     /// Comma-separated module-name suffixes to adapt (PEFT `target_modules`; `ff_out` also
-    /// selects the LM head).
-    #[arg(
-        long,
-        default_value = "q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out",
-        requires = "lora_rank"
-    )]
-    lora_targets: String,
+    /// selects the LM head) [default: q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out].
+    #[arg(long, requires = "lora_rank")]
+    lora_targets: Option<String>,
     /// rsLoRA scaling (alpha / √rank).
     #[arg(long, requires = "lora_rank")]
     lora_rslora: bool,
@@ -239,6 +245,44 @@ fn load_samples(
     }
 }
 
+/// The options of a run resumed from `dir` (`state`'s, with --steps and the world size of this
+/// run; a note when either changes), checked.
+fn resumed_options(
+    a: &TrainArgs,
+    dir: &Path,
+    state: &checkpoint::TrainerState,
+    cfg: &llada::hf::config::ModelConfig,
+    world: usize,
+    lead: bool,
+) -> Result<TrainOptions> {
+    let mut opts: TrainOptions = serde_json::from_value(state.options.clone())
+        .with_context(|| format!("{}: trainer_state.json options", dir.display()))?;
+    if let Some(s) = a.steps {
+        if s != opts.steps && lead {
+            eprintln!(
+                "note: --steps {s} differs from the checkpoint's {}: the schedule changes, \
+                 so this is not the run the checkpoint came from",
+                opts.steps
+            );
+        }
+        opts.steps = s;
+    }
+    if opts.world != world {
+        let before = (opts.batch_size, opts.world);
+        opts.rescale_world(world)?;
+        if lead {
+            eprintln!(
+                "note: the checkpoint ran on {} ranks × {} sequences; this run splits the same \
+                 global batch over {} ranks × {}",
+                before.1, before.0, opts.world, opts.batch_size
+            );
+        }
+    }
+    checkpoint::check_options(&opts, cfg)
+        .with_context(|| format!("{}: trainer_state.json options", dir.display()))?;
+    Ok(opts)
+}
+
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
     a.model.require_f32_compute("llada train")?;
     let zero = llada::train::zero::parse_stage(&a.zero)?;
@@ -278,7 +322,29 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             }
         }
     };
-    if dist.is_some() && cuda_device.is_some() {
+    // A LoRA run: --lora-rank, or the resume of a LoRA run's checkpoint.
+    let lora_resume = match a.resume.as_deref() {
+        Some(dir) => checkpoint::read_state(dir)?.lora.is_some(),
+        None => false,
+    };
+    if let (Some(dir), false) = (a.resume.as_deref(), lora_resume) {
+        if a.lora_rank.is_some() {
+            bail!(
+                "--lora-rank with --resume {}: that is a full fine-tuning checkpoint (resume it \
+                 without --lora-*, or start a LoRA run from a model)",
+                dir.display()
+            );
+        }
+        if a.model.model.is_some() || a.model.preset.is_some() {
+            bail!(
+                "--resume {} is a full fine-tuning checkpoint: the model comes from it (drop \
+                 --model/--preset; they name the base model of a LoRA run's checkpoint)",
+                dir.display()
+            );
+        }
+    }
+    let lora_run = lora_resume || a.lora_rank.is_some();
+    if dist.is_some() && cuda_device.is_some() && !lora_run {
         // Every rank checks before the rendezvous, so a missing library is one clear error
         // per rank rather than peers waiting for a rank that already stopped.
         llada::train::nccl::version()
@@ -298,50 +364,20 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             a.precision
         );
     }
-    if let Some(rank) = a.lora_rank {
-        if a.resume.is_some() {
-            bail!("--resume is not supported for LoRA runs (--lora-rank): start a new run");
-        }
-        if dist.is_some() {
-            bail!("LoRA training (--lora-rank) runs as one process for now; pass --no-dist");
-        }
-        return train_lora(&a, rank, cuda_device);
+    if lora_run {
+        return lora::train_lora(&a, cuda_device, dist.as_ref(), zero);
     }
     if zero == 1 {
         crate::train_plan::check_zero(world)?;
     }
     let (mut trainer, tok, tok_src, tiny) = if let Some(dir) = &a.resume {
         let r = checkpoint::load(dir)?;
-        let mut opts: TrainOptions = serde_json::from_value(r.state.options.clone())
-            .with_context(|| format!("{}: trainer_state.json options", dir.display()))?;
-        if let Some(s) = a.steps {
-            if s != opts.steps {
-                eprintln!(
-                    "note: --steps {s} differs from the checkpoint's {}: the schedule changes, \
-                     so this is not the run the checkpoint came from",
-                    opts.steps
-                );
-            }
-            opts.steps = s;
-        }
-        if opts.world != world {
-            let before = (opts.batch_size, opts.world);
-            opts.rescale_world(world)?;
-            if lead {
-                eprintln!(
-                    "note: the checkpoint ran on {} ranks × {} sequences; this run splits the same \
-                     global batch over {} ranks × {}",
-                    before.1, before.0, opts.world, opts.batch_size
-                );
-            }
-        }
+        let opts = resumed_options(&a, dir, &r.state, &r.cfg, world, lead)?;
         let tok = if dir.join("tokenizer.json").is_file() {
             Some(Tokenizer::from_dir(dir, &r.cfg)?)
         } else {
             None
         };
-        checkpoint::check_options(&opts, &r.cfg)
-            .with_context(|| format!("{}: trainer_state.json options", dir.display()))?;
         let samples = load_samples(a.data(), opts.sft, tok.as_ref(), &r.cfg, opts.seq_len)?;
         if lead {
             eprintln!(
@@ -592,162 +628,6 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     if lead {
         eprintln!("saved {} (step {})", a.out().display(), trainer.step);
     }
-    Ok(())
-}
-
-/// `llada train --lora-rank R`: the frozen base model, a fresh adapter trained with
-/// [`llada::lora::train::LoraAdamW`] on the trainer's step (same batches, accumulation,
-/// clipping and schedule as full training), saved in PEFT's format to --out.
-fn train_lora(a: &TrainArgs, rank: usize, cuda: Option<usize>) -> Result<()> {
-    use llada::train::lora::{lora_memory, LoraStep};
-    use llada::train::optim::AdamWConfig;
-    let spec = a.model.spec()?;
-    let tiny = matches!(&spec, ModelSpec::Preset { name, .. } if name == "tiny");
-    let opened = Opened::open(&spec)?;
-    let cfg = opened.cfg.clone();
-    let tok = tokenizer_for(opened.tokenizer, tiny, a.out(), &cfg, true)?;
-    let targets: Vec<String> = a
-        .lora_targets
-        .split(',')
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .collect();
-    if targets.is_empty() {
-        bail!("--lora-targets is empty");
-    }
-    if !(a.lora_alpha.is_finite() && a.lora_alpha > 0.0) {
-        bail!(
-            "--lora-alpha must be a positive number, got {}",
-            a.lora_alpha
-        );
-    }
-    let adapter =
-        llada::lora::train::init_adapter(&cfg, &targets, rank, a.lora_alpha, a.lora_rslora, a.seed)
-            .context("--lora-rank / --lora-targets")?;
-    let opts = a.options(1);
-    checkpoint::check_options(&opts, &cfg)?;
-    let samples = load_samples(a.data(), a.sft, tok.as_ref(), &cfg, a.seq_len)?;
-    let n_lora: usize = adapter
-        .modules
-        .values()
-        .map(|m| m.a.len() + m.b.len())
-        .sum();
-    let base_numel: usize = opened
-        .ckpt
-        .names()
-        .filter_map(|n| opened.ckpt.get(n).ok())
-        .map(|t| t.numel())
-        .sum();
-    eprintln!(
-        "training a rank-{rank} LoRA adapter ({} modules, {n_lora} parameters) on {} (frozen, \
-         {base_numel} parameters), {} sequences of {} tokens, {}, batch {} × {} accumulation",
-        adapter.modules.len(),
-        opened.label,
-        samples.len(),
-        a.seq_len,
-        match cuda {
-            Some(_) => format!(
-                "CUDA: bf16 base, f32 adapters, {} adapter GEMMs",
-                a.precision
-            ),
-            None => "CPU f32".to_string(),
-        },
-        a.batch_size,
-        a.accum
-    );
-    let adam = AdamWConfig {
-        weight_decay: a.weight_decay,
-        ..AdamWConfig::default()
-    };
-    eprintln!(
-        "{}",
-        activation_note(&cfg, a.batch_size, a.seq_len, a.recompute)
-    );
-    let (b, t) = (a.batch_size, a.seq_len);
-    eprintln!(
-        "LoRA GPU memory (computed from the shapes, per micro-batch of {b} × {t}): {} with \
-         --recompute; {} without",
-        lora_memory(&cfg, &adapter, b, t, true).describe(),
-        lora_memory(&cfg, &adapter, b, t, false).describe()
-    );
-    // The trainer only schedules and batches: its own (full-model) tensors stay empty.
-    let trainer = Trainer::new(cfg.clone(), Params::default(), opts, samples)?;
-    match cuda {
-        Some(i) => {
-            let mut ops = CudaOps::new(i)?;
-            ops.set_precision(a.precision);
-            eprintln!("device: cuda:{i} ({})", ops.be.device_name());
-            let mut state = CudaLoraState::new(ops, &cfg, &opened.ckpt, &adapter, adam)?;
-            state.recompute = a.recompute;
-            let mut host = adapter;
-            lora_loop(a, trainer, &mut state, |st, out| {
-                st.download_adapter(&mut host)?;
-                host.save(out, &cfg)
-            })?;
-            let (_, total) = state.ops.be.mem_info()?;
-            eprintln!(
-                "peak GPU memory in use: {:.2} GiB of {:.2} GiB (cuMemGetInfo total − free, \
-                 sampled in the backward passes)",
-                state.peak_bytes()? as f64 / (1u64 << 30) as f64,
-                total as f64 / (1u64 << 30) as f64
-            );
-            Ok(())
-        }
-        None => {
-            let params = Params::<f32>::from_checkpoint(&cfg, &opened.ckpt)?;
-            let mut state = LoraStep::new(params, adapter, adam);
-            state.recompute = a.recompute;
-            lora_loop(a, trainer, &mut state, |st, out| st.adapter.save(out, &cfg))
-        }
-    }
-}
-
-/// The steps of a LoRA run on `state`, saving the adapter through `save`.
-fn lora_loop<S: StepState>(
-    a: &TrainArgs,
-    mut trainer: Trainer,
-    state: &mut S,
-    mut save: impl FnMut(&S, &Path) -> Result<()>,
-) -> Result<()> {
-    let show = std::io::stderr().is_terminal();
-    let total = trainer.opts.steps;
-    while trainer.step < total {
-        let t0 = Instant::now();
-        let s = trainer.train_step_on(state)?;
-        let secs = t0.elapsed().as_secs_f64().max(1e-9);
-        let line = format!(
-            "step {}/{} loss {:.4} lr {:.2e} gnorm {:.3} tok/s {:.0}",
-            s.step,
-            total,
-            s.loss,
-            s.lr,
-            s.grad_norm,
-            s.tokens as f64 / secs
-        );
-        if show {
-            eprint!("\r{line}");
-            let _ = std::io::stderr().flush();
-        } else {
-            eprintln!("{line}");
-        }
-        if !a.no_save && a.save_every > 0 && s.step % a.save_every == 0 && s.step < total {
-            save(state, a.out())?;
-        }
-    }
-    if show {
-        eprintln!();
-    }
-    if a.no_save {
-        eprintln!("not saved (--no-save), step {}", trainer.step);
-        return Ok(());
-    }
-    save(state, a.out())?;
-    eprintln!(
-        "saved the LoRA adapter to {} (step {}; load it with llada generate --lora {})",
-        a.out().display(),
-        trainer.step,
-        a.out().display()
-    );
     Ok(())
 }
 

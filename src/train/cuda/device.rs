@@ -12,25 +12,43 @@ pub struct DevInts {
     pub host: Vec<i32>,
 }
 
-pub(super) struct TrainKernels {
-    pub(super) embedding: dsys::CUfunction,
-    pub(super) rms_norm_fwd: dsys::CUfunction,
-    pub(super) rope: dsys::CUfunction,
-    pub(super) swiglu_fwd: dsys::CUfunction,
-    pub(super) add: dsys::CUfunction,
-    pub(super) gather_rows: dsys::CUfunction,
-    pub(super) scatter_add_rows: dsys::CUfunction,
-    pub(super) attention_fwd: dsys::CUfunction,
-    pub(super) rms_norm_bwd: dsys::CUfunction,
-    pub(super) rms_norm_bwd_dw: dsys::CUfunction,
-    pub(super) swiglu_bwd: dsys::CUfunction,
-    pub(super) embedding_bwd: dsys::CUfunction,
-    pub(super) cross_entropy: dsys::CUfunction,
-    pub(super) attention_bwd_dq: dsys::CUfunction,
-    pub(super) attention_bwd_dkv: dsys::CUfunction,
-    pub(super) adamw: dsys::CUfunction,
-    pub(super) sumsq: dsys::CUfunction,
+/// [`TrainKernels`]: one field per f32 training kernel, named as its symbol without `_f32`
+/// (one name per op), and the lookup of every symbol.
+macro_rules! train_kernels {
+    ($($name:ident),* $(,)?) => {
+        pub(super) struct TrainKernels {
+            $(pub(super) $name: dsys::CUfunction,)*
+        }
+
+        impl TrainKernels {
+            fn load(be: &CudaBackend) -> Result<TrainKernels> {
+                Ok(TrainKernels {
+                    $($name: be.function(concat!(stringify!($name), "_f32"))?,)*
+                })
+            }
+        }
+    };
 }
+
+train_kernels!(
+    embedding,
+    rms_norm_fwd,
+    rope,
+    swiglu_fwd,
+    add,
+    gather_rows,
+    scatter_add_rows,
+    attention_fwd,
+    rms_norm_bwd,
+    rms_norm_bwd_dw,
+    swiglu_bwd,
+    embedding_bwd,
+    cross_entropy,
+    attention_bwd_dq,
+    attention_bwd_dkv,
+    adamw,
+    sumsq,
+);
 
 /// Blocks of 256 for the grid-stride kernels, capped (they loop).
 pub(super) fn stride_grid(numel: usize) -> u32 {
@@ -90,26 +108,7 @@ impl CudaOps {
     }
 
     pub fn from_backend(be: CudaBackend) -> Result<CudaOps> {
-        let f = |s: &str| be.function(s);
-        let k = TrainKernels {
-            embedding: f("embedding_f32")?,
-            rms_norm_fwd: f("rms_norm_fwd_f32")?,
-            rope: f("rope_f32")?,
-            swiglu_fwd: f("swiglu_fwd_f32")?,
-            add: f("add_f32")?,
-            gather_rows: f("gather_rows_f32")?,
-            scatter_add_rows: f("scatter_add_rows_f32")?,
-            attention_fwd: f("attention_fwd_f32")?,
-            rms_norm_bwd: f("rms_norm_bwd_f32")?,
-            rms_norm_bwd_dw: f("rms_norm_bwd_dw_f32")?,
-            swiglu_bwd: f("swiglu_bwd_f32")?,
-            embedding_bwd: f("embedding_bwd_f32")?,
-            cross_entropy: f("cross_entropy_f32")?,
-            attention_bwd_dq: f("attention_bwd_dq_f32")?,
-            attention_bwd_dkv: f("attention_bwd_dkv_f32")?,
-            adamw: f("adamw_f32")?,
-            sumsq: f("sumsq_f32")?,
-        };
+        let k = TrainKernels::load(&be)?;
         Ok(CudaOps {
             be,
             k,
@@ -221,11 +220,13 @@ pub struct AdamWScalars {
     pub step_size: f32,
     pub bc2_sqrt: f32,
     pub eps: f32,
+    /// The gradients' scale (clipping folded in; 1 = none).
+    pub gscale: f32,
 }
 
 impl AdamWScalars {
-    /// Scalars of update number `t` (1-based) at learning rate `lr`.
-    pub fn new(c: &AdamWConfig, t: u64, lr: f64) -> AdamWScalars {
+    /// Scalars of update number `t` (1-based) at learning rate `lr`, gradients scaled by `gscale`.
+    pub fn new(c: &AdamWConfig, t: u64, lr: f64, gscale: f32) -> AdamWScalars {
         let s = crate::train::optim::AdamWStep::new(c, t, lr);
         AdamWScalars {
             b1: s.b1,
@@ -235,6 +236,7 @@ impl AdamWScalars {
             step_size: s.step_size,
             bc2_sqrt: s.bc2_sqrt,
             eps: s.eps,
+            gscale,
         }
     }
 

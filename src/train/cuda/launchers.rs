@@ -66,44 +66,35 @@ impl TrainOps for CudaOps {
 
     // ---- element-wise and row ops ----
 
-    fn embedding(&self, out: &mut Buf, wte: &Buf, ids: &DevInts, n: usize, c: usize) -> Result<()> {
-        let op = "embedding";
-        check_len(op, "out", out.len(), n * c)?;
-        ensure!(c > 0, "{op}: C must be positive");
+    fn embedding(&self, out: &mut Buf, wte: &Buf, ids: RowIds<Self>) -> Result<()> {
         if self.lora.is_some() {
-            return self.lora_embedding(out, wte, ids, [n, c]);
+            return self.lora_embedding(out, wte, ids);
         }
-        check_ints(op, "ids", ids, n, wte.len() / c, "the embedding rows")?;
-        if n == 0 {
-            return Ok(());
-        }
-        let (o, w, i) = (self.ptr_mut(out), self.ptr(wte), self.ptr(&ids.buf));
-        let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
-        launch!(self, op, self.k.embedding, Geom::new((n as u32, 1, 1), 256, 0); o, w, i, n_, c_)
+        let (f, grid) = (self.k.embedding, ids.d.n as u32);
+        let names = ["out", "ids", "the embedding rows"];
+        self.row_op(("embedding", f, grid), (out, wte, ids), names, false)
     }
 
     /// Backward of the embedding: `dwte[ids[i]] += dx[i]` (rows in ascending order; the CSR
-    /// grouping is built here from the host ids, no atomics: deterministic, bit-exact).
-    fn embedding_bwd(&self, dwte: &mut Buf, dx: &Buf, ids: &[u32], c: usize) -> Result<()> {
+    /// grouping is built here from the ids' host copy, no atomics: deterministic, bit-exact).
+    fn embedding_bwd(&self, dwte: &mut Buf, dx: &Buf, ids: RowIds<Self>) -> Result<()> {
         if self.lora.is_some() {
             return Ok(()); // the embedding is frozen
         }
         let op = "embedding_bwd";
-        let n = ids.len();
+        let Rows { n, c } = ids.d;
         check_len(op, "dx", dx.len(), n * c)?;
         ensure!(c > 0, "{op}: C must be positive");
-        let v = dwte.len() / c;
-        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &x)| x as usize >= v) {
-            bail!("{op}: ids[{i}] = {id} is outside the {v} embedding rows");
-        }
+        check_ints(op, "ids", ids.ids, n, dwte.len() / c, "the embedding rows")?;
         if n == 0 {
             return Ok(());
         }
+        let host = &ids.ids.host[..n];
         let mut order: Vec<i32> = (0..n as i32).collect();
-        order.sort_by_key(|&i| (ids[i as usize], i)); // stable in i within one id
+        order.sort_by_key(|&i| (host[i as usize], i)); // stable in i within one id
         let (mut uniq, mut off) = (Vec::new(), Vec::new());
         for (e, &i) in order.iter().enumerate() {
-            let id = ids[i as usize] as i32;
+            let id = host[i as usize];
             if uniq.last() != Some(&id) {
                 uniq.push(id);
                 off.push(e as i32);
@@ -130,62 +121,36 @@ impl TrainOps for CudaOps {
         self.sync()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn rms_norm(
-        &self,
-        y: &mut Buf,
-        r: &mut Buf,
-        x: &Buf,
-        w: &Buf,
-        n: usize,
-        c: usize,
-        eps: f32,
-    ) -> Result<()> {
-        let op = "rms_norm";
+    fn rms_norm(&self, y: &mut Buf, r: &mut Buf, a: Norm<Self>) -> Result<()> {
+        let (op, Rows { n, c }) = ("rms_norm", a.d);
         check_len(op, "y", y.len(), n * c)?;
-        check_len(op, "r", r.len(), n)?;
-        check_len(op, "x", x.len(), n * c)?;
-        check_len(op, "w", w.len(), c)?;
+        check_norm(op, a.d, [a.x.len(), r.len(), a.w.len()])?;
         if n == 0 || c == 0 {
             return Ok(());
         }
-        let (yp, rp, xp, wp) = (self.ptr_mut(y), self.ptr_mut(r), self.ptr(x), self.ptr(w));
-        let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
+        let (yp, rp, xp, wp) = (
+            self.ptr_mut(y),
+            self.ptr_mut(r),
+            self.ptr(a.x),
+            self.ptr(a.w),
+        );
+        let (n_, c_, eps) = (int(op, "n", n)?, int(op, "c", c)?, a.eps);
         launch!(self, op, self.k.rms_norm_fwd, Geom::new((n as u32, 1, 1), 256, 0); yp, rp, xp, wp,
             n_, c_, eps)
     }
 
     /// [`crate::train::ops::rms_norm_bwd`]: `dx` written, `dw` accumulated.
-    #[allow(clippy::too_many_arguments)]
-    fn rms_norm_bwd(
-        &self,
-        dx: &mut Buf,
-        dw: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        r: &Buf,
-        w: &Buf,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "rms_norm_bwd";
+    fn rms_norm_bwd(&self, dx: &mut Buf, dw: &mut Buf, a: NormGrad<Self>) -> Result<()> {
+        let (op, Rows { n, c }) = ("rms_norm_bwd", a.d);
         check_len(op, "dx", dx.len(), n * c)?;
         check_len(op, "dw", dw.len(), c)?;
-        check_len(op, "dy", dy.len(), n * c)?;
-        check_len(op, "x", x.len(), n * c)?;
-        check_len(op, "r", r.len(), n)?;
-        check_len(op, "w", w.len(), c)?;
+        check_len(op, "dy", a.dy.len(), n * c)?;
+        check_norm(op, a.d, [a.x.len(), a.r.len(), a.w.len()])?;
         if n == 0 || c == 0 {
             return Ok(());
         }
-        let (dxp, dwp, dyp, xp, rp, wp) = (
-            self.ptr_mut(dx),
-            self.ptr_mut(dw),
-            self.ptr(dy),
-            self.ptr(x),
-            self.ptr(r),
-            self.ptr(w),
-        );
+        let (dxp, dwp) = (self.ptr_mut(dx), self.ptr_mut(dw));
+        let (dyp, xp, rp, wp) = (self.ptr(a.dy), self.ptr(a.x), self.ptr(a.r), self.ptr(a.w));
         let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
         launch!(self, op, self.k.rms_norm_bwd, Geom::new((n as u32, 1, 1), 256, 0); dxp, dyp, xp,
             rp, wp, n_, c_)?;
@@ -194,24 +159,14 @@ impl TrainOps for CudaOps {
     }
 
     /// RoPE in place on `x` `[N, heads·hd]` (`inverse`: the backward rotation).
-    #[allow(clippy::too_many_arguments)]
-    fn rope(
-        &self,
-        x: &mut Buf,
-        pos: &DevInts,
-        cos: &Buf,
-        sin: &Buf,
-        n: usize,
-        heads: usize,
-        hd: usize,
-        inverse: bool,
-    ) -> Result<()> {
-        let op = "rope";
+    fn rope(&self, x: &mut Buf, t: &Rope<Self>, heads: usize, inverse: bool) -> Result<()> {
+        let (op, n, hd) = ("rope", t.n, t.hd);
         ensure!(
             hd > 0 && hd % 2 == 0,
             "{op}: head dim {hd} must be even and positive"
         );
         check_len(op, "x", x.len(), n * heads * hd)?;
+        let (cos, sin) = (&t.cos, &t.sin);
         ensure!(
             cos.len() == sin.len() && cos.len() >= hd / 2,
             "{op}: tables `cos` ({}) and `sin` ({}) must be [max_pos, HD/2 = {}]",
@@ -220,7 +175,7 @@ impl TrainOps for CudaOps {
             hd / 2
         );
         let max_pos = cos.len() / (hd / 2);
-        check_ints(op, "pos", pos, n, max_pos, "the RoPE tables")?;
+        check_ints(op, "pos", &t.pos, n, max_pos, "the RoPE tables")?;
         if n == 0 || heads == 0 {
             return Ok(());
         }
@@ -228,7 +183,7 @@ impl TrainOps for CudaOps {
             self.ptr_mut(x),
             self.ptr(cos),
             self.ptr(sin),
-            self.ptr(&pos.buf),
+            self.ptr(&t.pos.buf),
         );
         let (n_, h_, hd_) = (
             int(op, "n", n)?,
@@ -256,35 +211,22 @@ impl TrainOps for CudaOps {
             up, numel)
     }
 
-    fn swiglu_bwd(
-        &self,
-        dg: &mut Buf,
-        du: &mut Buf,
-        dm: &Buf,
-        g: &Buf,
-        u: &Buf,
-        len: usize,
-    ) -> Result<()> {
-        let op = "swiglu_bwd";
-        for (a, l) in [
+    fn swiglu_bwd(&self, dg: &mut Buf, du: &mut Buf, a: SwigluGrad<Self>) -> Result<()> {
+        let (op, len) = ("swiglu_bwd", a.len);
+        for (arg, l) in [
             ("dg", dg.len()),
             ("du", du.len()),
-            ("dm", dm.len()),
-            ("g", g.len()),
-            ("u", u.len()),
+            ("dm", a.dm.len()),
+            ("g", a.g.len()),
+            ("u", a.u.len()),
         ] {
-            check_len(op, a, l, len)?;
+            check_len(op, arg, l, len)?;
         }
         if len == 0 {
             return Ok(());
         }
-        let (dgp, dup, dmp, gp, up) = (
-            self.ptr_mut(dg),
-            self.ptr_mut(du),
-            self.ptr(dm),
-            self.ptr(g),
-            self.ptr(u),
-        );
+        let (dgp, dup) = (self.ptr_mut(dg), self.ptr_mut(du));
+        let (dmp, gp, up) = (self.ptr(a.dm), self.ptr(a.g), self.ptr(a.u));
         let numel = len as i64;
         launch!(self, op, self.k.swiglu_bwd, Geom::new((stride_grid(len), 1, 1), 256, 0); dgp, dup,
             dmp, gp, up, numel)
@@ -303,127 +245,65 @@ impl TrainOps for CudaOps {
         launch!(self, op, self.k.add, Geom::new((stride_grid(len), 1, 1), 256, 0); xp, dp, numel)
     }
 
-    fn gather_rows(
-        &self,
-        out: &mut Buf,
-        x: &Buf,
-        rows: &DevInts,
-        nrows: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "gather_rows";
-        ensure!(c > 0, "{op}: C must be positive");
-        check_len(op, "out", out.len(), nrows * c)?;
-        check_ints(op, "rows", rows, nrows, x.len() / c, "the rows of `x`")?;
-        if nrows == 0 {
-            return Ok(());
-        }
-        let (o, xp, r) = (self.ptr_mut(out), self.ptr(x), self.ptr(&rows.buf));
-        let (nr, c_) = (int(op, "nrows", nrows)?, int(op, "c", c)?);
-        launch!(self, op, self.k.gather_rows, Geom::new((nrows as u32, 1, 1), 256, 0); o, xp, r,
-            nr, c_)
+    fn gather_rows(&self, out: &mut Buf, x: &Buf, rows: RowIds<Self>) -> Result<()> {
+        let (f, grid) = (self.k.gather_rows, rows.d.n as u32);
+        let names = ["out", "rows", "the rows of `x`"];
+        self.row_op(("gather_rows", f, grid), (out, x, rows), names, false)
     }
 
-    /// `dx[rows[i]] += src[i]`, i ascending (repeated rows add up).
-    fn scatter_add_rows(
-        &self,
-        dx: &mut Buf,
-        src: &Buf,
-        rows: &DevInts,
-        nrows: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "scatter_add_rows";
-        ensure!(c > 0, "{op}: C must be positive");
-        check_len(op, "src", src.len(), nrows * c)?;
-        check_ints(op, "rows", rows, nrows, dx.len() / c, "the rows of `dx`")?;
-        if nrows == 0 {
-            return Ok(());
-        }
-        let (d, s, r) = (self.ptr_mut(dx), self.ptr(src), self.ptr(&rows.buf));
-        let (nr, c_) = (int(op, "nrows", nrows)?, int(op, "c", c)?);
-        launch!(self, op, self.k.scatter_add_rows, Geom::new((c.div_ceil(256) as u32, 1, 1), 256, 0);
-            d, s, r, nr, c_)
+    /// `dx[rows[i]] += dy[i]`, i ascending (repeated rows add up).
+    fn scatter_add_rows(&self, dx: &mut Buf, dy: &Buf, at: RowIds<Self>) -> Result<()> {
+        let (f, grid) = (self.k.scatter_add_rows, at.d.c.div_ceil(256) as u32);
+        let names = ["dy", "rows", "the rows of `dx`"];
+        self.row_op(("scatter_add_rows", f, grid), (dx, dy, at), names, true)
     }
 
     /// [`crate::train::ops::attention`]: `o`, and `lse` `[N, NH]` for the backward pass.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        o: &mut Buf,
-        lse: &mut Buf,
-        q: &Buf,
-        k: &Buf,
-        v: &Buf,
-        d: AttnShape,
-    ) -> Result<()> {
+    fn attention(&self, o: &mut Buf, lse: &mut Buf, a: Qkv<Self>) -> Result<()> {
         let op = "attention";
-        Self::attn_checks(op, d)?;
-        let AttnShape { b, t, nh, nkv, hd } = d;
-        let n = b * t;
-        check_len(op, "o", o.len(), n * nh * hd)?;
-        check_len(op, "lse", lse.len(), n * nh)?;
-        check_len(op, "q", q.len(), n * nh * hd)?;
-        check_len(op, "k", k.len(), n * nkv * hd)?;
-        check_len(op, "v", v.len(), n * nkv * hd)?;
+        let (n, [b_, t_, nh_, nkv_, hd_]) = Self::attn_checks(op, a.d)?;
+        let AttnShape { b, t, nh, nkv, hd } = a.d;
+        for (arg, l, need) in [
+            ("o", o.len(), n * nh * hd),
+            ("lse", lse.len(), n * nh),
+            ("q", a.q.len(), n * nh * hd),
+            ("k", a.k.len(), n * nkv * hd),
+            ("v", a.v.len(), n * nkv * hd),
+        ] {
+            check_len(op, arg, l, need)?;
+        }
         let what = format!("T = {t}, HD = {hd}");
         self.bind()?;
         let smem = check_dyn_smem(op, self.k.attention_fwd, (t + hd) * 4, &what)?;
         if n == 0 || nh == 0 {
             return Ok(());
         }
-        let (op_, lp, qp, kp, vp) = (
-            self.ptr_mut(o),
-            self.ptr_mut(lse),
-            self.ptr(q),
-            self.ptr(k),
-            self.ptr(v),
-        );
-        let (b_, t_, nh_, nkv_, hd_) = (
-            int(op, "b", b)?,
-            int(op, "t", t)?,
-            int(op, "nh", nh)?,
-            int(op, "nkv", nkv)?,
-            int(op, "hd", hd)?,
-        );
+        let (op_, lp) = (self.ptr_mut(o), self.ptr_mut(lse));
+        let (qp, kp, vp) = (self.ptr(a.q), self.ptr(a.k), self.ptr(a.v));
         launch!(self, op, self.k.attention_fwd, Geom::new((t as u32, nh as u32, b as u32), ATT_THREADS, smem);
             op_, lp, qp, kp, vp, b_, t_, nh_, nkv_, hd_)
     }
 
     /// [`crate::train::ops::attention_bwd`]: writes `dq`, `dk`, `dv`; `delta` is scratch `[N, NH]`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(
-        &self,
-        dq: &mut Buf,
-        dk: &mut Buf,
-        dv: &mut Buf,
-        delta: &mut Buf,
-        dout: &Buf,
-        q: &Buf,
-        k: &Buf,
-        v: &Buf,
-        o: &Buf,
-        lse: &Buf,
-        d: AttnShape,
-    ) -> Result<()> {
-        let op = "attention_bwd";
-        Self::attn_checks(op, d)?;
-        let AttnShape { b, t, nh, nkv, hd } = d;
-        let n = b * t;
+    fn attention_bwd(&self, g: QkvGrads<Self>, a: AttnGrad<Self>) -> Result<()> {
+        let (op, qkv) = ("attention_bwd", a.qkv);
+        let (n, [b_, t_, nh_, nkv_, hd_]) = Self::attn_checks(op, qkv.d)?;
+        let AttnShape { b, t, nh, nkv, hd } = qkv.d;
         let (qw, kw) = (nh * hd, nkv * hd);
-        for (a, l, need) in [
+        let QkvGrads { dq, dk, dv, delta } = g;
+        for (arg, l, need) in [
             ("dq", dq.len(), n * qw),
             ("dk", dk.len(), n * kw),
             ("dv", dv.len(), n * kw),
             ("delta", delta.len(), n * nh),
-            ("dout", dout.len(), n * qw),
-            ("q", q.len(), n * qw),
-            ("k", k.len(), n * kw),
-            ("v", v.len(), n * kw),
-            ("o", o.len(), n * qw),
-            ("lse", lse.len(), n * nh),
+            ("dout", a.dout.len(), n * qw),
+            ("q", qkv.q.len(), n * qw),
+            ("k", qkv.k.len(), n * kw),
+            ("v", qkv.v.len(), n * kw),
+            ("o", a.o.len(), n * qw),
+            ("lse", a.lse.len(), n * nh),
         ] {
-            check_len(op, a, l, need)?;
+            check_len(op, arg, l, need)?;
         }
         let what = format!("T = {t}, HD = {hd}");
         self.bind()?;
@@ -442,68 +322,43 @@ impl TrainOps for CudaOps {
             self.ptr_mut(dv),
             self.ptr_mut(delta),
         );
-        let (dop, qp, kp, vp, opp, lp) = (
-            self.ptr(dout),
-            self.ptr(q),
-            self.ptr(k),
-            self.ptr(v),
-            self.ptr(o),
-            self.ptr(lse),
-        );
-        let (b_, t_, nh_, nkv_, hd_) = (
-            int(op, "b", b)?,
-            int(op, "t", t)?,
-            int(op, "nh", nh)?,
-            int(op, "nkv", nkv)?,
-            int(op, "hd", hd)?,
-        );
+        let (dop, opp, lp) = (self.ptr(a.dout), self.ptr(a.o), self.ptr(a.lse));
+        let (qp, kp, vp) = (self.ptr(qkv.q), self.ptr(qkv.k), self.ptr(qkv.v));
         launch!(self, op, self.k.attention_bwd_dq, Geom::new((t as u32, nh as u32, b as u32), ATT_THREADS, smem_q);
             dqp, dlp, dop, qp, kp, vp, opp, lp, b_, t_, nh_, nkv_, hd_)?;
         launch!(self, op, self.k.attention_bwd_dkv, Geom::new((t as u32, nkv as u32, b as u32), ATT_THREADS, smem_kv);
             dkp, dvp, dlp, dop, qp, kp, vp, lp, b_, t_, nh_, nkv_, hd_)
     }
 
-    /// [`crate::train::ops::cross_entropy`] on the first `r` rows of `z` `[R, V]` (overwritten
-    /// with the gradient); returns `Σ_r loss_r` summed on the host in f64, in row order (as the
-    /// CPU does). `loss_rows` is scratch `[R]`.
-    fn cross_entropy(
-        &self,
-        z: &mut Buf,
-        loss_rows: &mut Buf,
-        targets: &DevInts,
-        weights: &Buf,
-        r: usize,
-        v: usize,
-    ) -> Result<f64> {
-        let op = "cross_entropy";
+    /// [`crate::train::ops::cross_entropy`] on the `R` rows of `z` `[R, V]` (overwritten with
+    /// the gradient); returns `Σ_r loss_r` summed on the host in f64, in row order (as the CPU
+    /// does). `loss` is scratch `[R]`.
+    fn cross_entropy(&self, z: &mut Buf, loss: &mut Buf, t: Targets<Self>) -> Result<f64> {
+        let (op, Rows { n: r, c: v }) = ("cross_entropy", t.d);
         check_len(op, "z", z.len(), r * v)?;
-        check_len(op, "loss_rows", loss_rows.len(), r)?;
-        check_len(op, "weights", weights.len(), r)?;
-        check_ints(op, "targets", targets, r, v, "the vocabulary")?;
+        check_len(op, "loss", loss.len(), r)?;
+        check_len(op, "weights", t.weights.len(), r)?;
+        check_ints(op, "targets", t.ids, r, v, "the vocabulary")?;
         if r == 0 {
             return Ok(0.0);
         }
-        let (zp, lp, tp, wp) = (
-            self.ptr_mut(z),
-            self.ptr_mut(loss_rows),
-            self.ptr(&targets.buf),
-            self.ptr(weights),
-        );
+        let (zp, lp) = (self.ptr_mut(z), self.ptr_mut(loss));
+        let (tp, wp) = (self.ptr(&t.ids.buf), self.ptr(t.weights));
         let (r_, v_) = (int(op, "r", r)?, int(op, "v", v)?);
         launch!(self, op, self.k.cross_entropy, Geom::new((r as u32, 1, 1), 1024, 0); zp, lp, tp,
             wp, r_, v_)?;
-        let rows = self.download(loss_rows, r)?;
+        let rows = self.download(loss, r)?;
         Ok(rows.iter().map(|&x| x as f64).sum())
     }
 
     /// `y[N, M] = x[N, K]·wᵀ` ([`crate::train::ops::linear`]). Row-major buffers read column-major
     /// are transposes: `yᵀ = W·xᵀ` with `W` stored `[M, K]` = column-major `K×M`, so
     /// `op(A) = Aᵀ` (lda K), `B = xᵀ` (ldb K), ldc M.
-    fn linear(&self, y: &mut Buf, x: &Buf, w: &Buf, n: usize, k: usize, m: usize) -> Result<()> {
+    fn linear(&self, y: &mut Buf, x: &Buf, w: &Buf, d: LinearDims) -> Result<()> {
         if self.lora.is_some() {
-            return self.lora_linear(y, x, w, LinearDims { n, k, m });
+            return self.lora_linear(y, x, w, d);
         }
-        let op = "linear";
+        let (op, LinearDims { n, k, m }) = ("linear", d);
         check_len(op, "y", y.len(), n * m)?;
         check_len(op, "x", x.len(), n * k)?;
         check_len(op, "w", w.len(), m * k)?;
@@ -528,26 +383,15 @@ impl TrainOps for CudaOps {
         )
     }
 
-    /// Backward of [`CudaOps::linear`] ([`crate::train::ops::linear_bwd`]): `dx = dy·w` (written, or
-    /// added when `dx_accumulate`), `dw += dyᵀ·x`.
-    #[allow(clippy::too_many_arguments)]
-    fn linear_bwd(
-        &self,
-        dx: Option<&mut Buf>,
-        dx_accumulate: bool,
-        dw: &mut Buf,
-        dy: &Buf,
-        x: &Buf,
-        w: &Buf,
-        n: usize,
-        k: usize,
-        m: usize,
-    ) -> Result<()> {
+    /// Backward of [`CudaOps::linear`] ([`crate::train::ops::linear_bwd`]): `dx = dy·w` (as
+    /// `dx` says), `dw += dyᵀ·x`.
+    fn linear_bwd(&self, dx: Dx<Self>, dw: &mut Buf, a: LinearGrad<Self>) -> Result<()> {
         if self.lora.is_some() {
-            let d = LinearDims { n, k, m };
-            return self.lora_linear_bwd(dx, dx_accumulate, (dy, x, w), d);
+            return self.lora_linear_bwd(dx, a);
         }
-        let op = "linear_bwd";
+        let (op, (dx, dx_accumulate)) = ("linear_bwd", dx.split());
+        let LinearGrad { dy, x, w, d } = a;
+        let LinearDims { n, k, m } = d;
         check_len(op, "dw", dw.len(), m * k)?;
         check_len(op, "dy", dy.len(), n * m)?;
         check_len(op, "x", x.len(), n * k)?;
@@ -607,9 +451,18 @@ impl TrainOps for CudaOps {
     }
 }
 
+/// The lengths an RMSNorm's operands need over `d`: `x` `[N, C]`, `r` `[N]`, `w` `[C]`.
+fn check_norm(op: &str, d: Rows, [x, r, w]: [usize; 3]) -> Result<()> {
+    check_len(op, "x", x, d.n * d.c)?;
+    check_len(op, "r", r, d.n)?;
+    check_len(op, "w", w, d.c)
+}
+
 impl CudaOps {
-    pub(super) fn attn_checks(op: &str, d: AttnShape) -> Result<()> {
-        let AttnShape { b, nh, nkv, hd, .. } = d;
+    /// Checks an attention shape for the kernels; returns `N = B·T` and `[b, t, nh, nkv, hd]`
+    /// as the kernels' ints.
+    pub(super) fn attn_checks(op: &str, d: AttnShape) -> Result<(usize, [i32; 5])> {
+        let AttnShape { b, t, nh, nkv, hd } = d;
         ensure!(
             nkv > 0 && nh % nkv == 0,
             "{op}: NH = {nh} must be a positive multiple of NKV = {nkv}"
@@ -617,7 +470,39 @@ impl CudaOps {
         ensure!(hd > 0, "{op}: head dim must be positive");
         grid_yz(op, "b", b)?;
         grid_yz(op, "nh", nh)?;
-        Ok(())
+        let dims = [("b", b), ("t", t), ("nh", nh), ("nkv", nkv), ("hd", hd)];
+        let mut ints = [0i32; 5];
+        for (o, (arg, v)) in ints.iter_mut().zip(dims) {
+            *o = int(op, arg, v)?;
+        }
+        Ok((b * t, ints))
+    }
+
+    /// The row ops (`f(dst, src, ids, n, c)` on grid `(grid, 1, 1)` × 256): row `i` of the
+    /// `[N, C]` side is row `ids[i]` of the other. The `[N, C]` side is `dst` (embedding,
+    /// gather), or `src` when `dst` is the one indexed (`scattered`: a scatter-add). `names`:
+    /// the `[N, C]` side's, the ids' and the indexed side's rows' (for the errors).
+    fn row_op(
+        &self,
+        (op, f, grid): (&str, dsys::CUfunction, u32),
+        (dst, src, ids): (&mut Buf, &Buf, RowIds<Self>),
+        names: [&str; 3],
+        scattered: bool,
+    ) -> Result<()> {
+        let (Rows { n, c }, [dense, ids_name, what]) = (ids.d, names);
+        ensure!(c > 0, "{op}: C must be positive");
+        let (dense_len, indexed_len) = match scattered {
+            true => (src.len(), dst.len()),
+            false => (dst.len(), src.len()),
+        };
+        check_len(op, dense, dense_len, n * c)?;
+        check_ints(op, ids_name, ids.ids, n, indexed_len / c, what)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (d, s, i) = (self.ptr_mut(dst), self.ptr(src), self.ptr(&ids.ids.buf));
+        let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
+        launch!(self, op, f, Geom::new((grid, 1, 1), 256, 0); d, s, i, n_, c_)
     }
 
     /// Σ x² over the first `len` elements, f64 (fixed partial-sum grid: deterministic).
@@ -653,25 +538,19 @@ impl CudaOps {
     }
 
     /// One AdamW update (`adamw_f32`, see [`crate::train::optim::AdamW::step`]) of elements
-    /// `at .. at + len` of the weights `p` (and their bf16 copy `p_bf16`) and the gradient `g`,
-    /// with moments `m`, `v` of `len` values: a whole tensor at `at = 0`, or a ZeRO-1 shard's
-    /// piece of one with its own moments.
-    #[allow(clippy::too_many_arguments)]
+    /// `range` of the weights `p` (and their bf16 copy) and the gradient `g`, with moments `m`,
+    /// `v` of `range.len()` values: a whole tensor at `0..len`, or a ZeRO-1 shard's piece of one
+    /// with its own moments.
     pub fn adamw(
         &self,
-        p: &mut Buf,
-        at: usize,
-        m: &mut Buf,
-        v: &mut Buf,
-        p_bf16: Option<&mut CudaSlice<bf16>>,
+        (p, p_bf16): (&mut Buf, Option<&mut CudaSlice<bf16>>),
+        (m, v): (&mut Buf, &mut Buf),
         g: &Buf,
-        len: usize,
+        range: std::ops::Range<usize>,
         h: &AdamWScalars,
         decay: f32,
-        gscale: f32,
     ) -> Result<()> {
-        let op = "adamw";
-        let end = at.saturating_add(len);
+        let (op, at, len, end) = ("adamw", range.start, range.len(), range.end);
         for (a, l, need) in [
             ("p", p.len(), end),
             ("m", m.len(), len),
@@ -705,6 +584,7 @@ impl CudaOps {
             step_size,
             bc2_sqrt,
             eps,
+            gscale,
         } = *h;
         launch!(self, op, self.k.adamw, Geom::new((stride_grid(len), 1, 1), 256, 0); pp, mp, vp,
             pb, gp, numel, b1, omb1, b2, omb2, step_size, bc2_sqrt, eps, decay, gscale)

@@ -221,14 +221,10 @@ impl CudaOps {
 
     /// [`TrainOps::embedding`] from the frozen bf16 table.
     /// The caller checked `out` and `c > 0`.
-    pub(super) fn lora_embedding(
-        &self,
-        o: &mut Buf,
-        wte: &Buf,
-        ids: &DevInts,
-        nc: [usize; 2],
-    ) -> Result<()> {
-        let ([n, c], op) = (nc, "embedding (LoRA, bf16 table)");
+    pub(super) fn lora_embedding(&self, o: &mut Buf, wte: &Buf, ids: RowIds<Self>) -> Result<()> {
+        let (Rows { n, c }, op) = (ids.d, "embedding (LoRA, bf16 table)");
+        check_len(op, "out", o.len(), n * c)?;
+        ensure!(c > 0, "{op}: C must be positive");
         let l = self.lora_state()?;
         let i = *l
             .by_key
@@ -242,11 +238,11 @@ impl CudaOps {
             "{op}: the table has {} columns, C = {c}",
             t.cols
         );
-        check_ints(op, "ids", ids, n, t.rows, "the embedding rows")?;
+        check_ints(op, "ids", ids.ids, n, t.rows, "the embedding rows")?;
         if n == 0 {
             return Ok(());
         }
-        let (o, w, ip) = (self.ptr_mut(o), self.ptr(&t.buf), self.ptr(&ids.buf));
+        let (o, w, ip) = (self.ptr_mut(o), self.ptr(&t.buf), self.ptr(&ids.ids.buf));
         let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
         launch!(self, op, l.embed, Geom::new((n as u32, 1, 1), 256, 0); o, w, ip, n_, c_)
     }
@@ -287,14 +283,9 @@ impl CudaOps {
     /// [`TrainOps::linear_bwd`] of a LoRA run: `dx` through the frozen bf16 base (written, or
     /// added when `acc`), plus the adapter's `dx` term and its `dA`, `dB` when targeted. The
     /// base weight gets no gradient.
-    pub(super) fn lora_linear_bwd(
-        &self,
-        dx: Option<&mut Buf>,
-        acc: bool,
-        (dy, x, w): (&Buf, &Buf, &Buf),
-        d: LinearDims,
-    ) -> Result<()> {
-        let op = "linear_bwd (LoRA)";
+    pub(super) fn lora_linear_bwd(&self, dx: Dx<Self>, a: LinearGrad<Self>) -> Result<()> {
+        let (op, (dx, acc)) = ("linear_bwd (LoRA)", dx.split());
+        let LinearGrad { dy, x, w, d } = a;
         let LinearDims { n, k, m } = d;
         check_len(op, "dy", dy.len(), n * m)?;
         check_len(op, "x", x.len(), n * k)?;
@@ -512,6 +503,46 @@ impl CudaLoraState {
         Ok(())
     }
 
+    /// Copy the device's AdamW moments and update count into `into` (same modules), for a
+    /// checkpoint. Compiles; has not run on a GPU.
+    pub fn download_moments(&self, into: &mut crate::lora::train::LoraAdamW) -> Result<()> {
+        let mods = self.ops.lora_state()?.modules.borrow();
+        for md in mods.iter() {
+            let (Some((ma, mb)), Some((va, vb))) = (
+                into.m.modules.get_mut(&md.name),
+                into.v.modules.get_mut(&md.name),
+            ) else {
+                bail!("download_moments: the host state has no module {}", md.name);
+            };
+            *ma = self.ops.download(&md.ma, ma.len())?;
+            *mb = self.ops.download(&md.mb, mb.len())?;
+            *va = self.ops.download(&md.va, va.len())?;
+            *vb = self.ops.download(&md.vb, vb.len())?;
+        }
+        into.t = self.t;
+        Ok(())
+    }
+
+    /// Replace the device's AdamW moments and update count with `from`'s (a resumed run).
+    /// Compiles; has not run on a GPU.
+    pub fn upload_moments(&mut self, from: &crate::lora::train::LoraAdamW) -> Result<()> {
+        let l = self.ops.lora_state()?;
+        let mut mods = l.modules.borrow_mut();
+        for md in mods.iter_mut() {
+            let (Some((ma, mb)), Some((va, vb))) =
+                (from.m.modules.get(&md.name), from.v.modules.get(&md.name))
+            else {
+                bail!("upload_moments: the host state has no module {}", md.name);
+            };
+            self.ops.write(&mut md.ma, ma)?;
+            self.ops.write(&mut md.mb, mb)?;
+            self.ops.write(&mut md.va, va)?;
+            self.ops.write(&mut md.vb, vb)?;
+        }
+        self.t = from.t;
+        Ok(())
+    }
+
     /// The accumulated adapter gradients, shaped like `like`'s.
     pub fn grads(&self, like: &Adapter) -> Result<LoraGrads> {
         let mut out = LoraGrads::zeros_like(like);
@@ -545,8 +576,20 @@ impl super::super::StepState for CudaLoraState {
         Ok(forward_backward_with(&self.ops, cfg, opts, p, batch, g)?.loss)
     }
 
-    fn all_reduce_grads(&mut self, _group: &mut super::super::dist::HostGroup) -> Result<()> {
-        bail!("LoRA training on CUDA runs as one process (no data parallel yet)")
+    /// Data parallel: the adapters' gradients are small, so they go through the host group
+    /// (device → host, summed over the ranks, host → device) rather than NCCL. Compiles; has
+    /// not run on a GPU.
+    fn all_reduce_grads(&mut self, group: &mut super::super::dist::HostGroup) -> Result<()> {
+        let l = self.ops.lora_state()?;
+        let mut mods = l.modules.borrow_mut();
+        for md in mods.iter_mut() {
+            for g in [&mut md.da, &mut md.db] {
+                let mut h = self.ops.download(g, g.len())?;
+                group.all_reduce_f32(&mut h)?;
+                self.ops.write(g, &h)?;
+            }
+        }
+        Ok(())
     }
 
     /// Clip (folded into the update as a gradient scale, as full training on the GPU) and
@@ -563,7 +606,7 @@ impl super::super::StepState for CudaLoraState {
         let norm = sq.sqrt();
         let gscale = clip_scale(norm, max_norm);
         self.t += 1;
-        let h = AdamWScalars::new(&self.opt, self.t, lr);
+        let h = AdamWScalars::new(&self.opt, self.t, lr, gscale);
         let decay = AdamWScalars::decay(&self.opt, lr, &[1, 1]);
         for md in mods.iter_mut() {
             let Module {
@@ -578,8 +621,8 @@ impl super::super::StepState for CudaLoraState {
                 ..
             } = md;
             let (la, lb) = (a.len(), b.len());
-            ops.adamw(a, 0, ma, va, None, da, la, &h, decay, gscale)?;
-            ops.adamw(b, 0, mb, vb, None, db, lb, &h, decay, gscale)?;
+            ops.adamw((a, None), (ma, va), da, 0..la, &h, decay)?;
+            ops.adamw((b, None), (mb, vb), db, 0..lb, &h, decay)?;
         }
         opt.t = self.t;
         Ok(norm)

@@ -48,7 +48,10 @@ use cudarc::cublas;
 use cudarc::driver::{sys as dsys, CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use super::backend::{LinearDims, TrainOps};
+use super::backend::{
+    AttnGrad, Dx, LinearDims, LinearGrad, Norm, NormGrad, Qkv, QkvGrads, Rope, RowIds, Rows,
+    SwigluGrad, Targets, TrainOps,
+};
 use super::model::{forward_backward_on, Batch, Params};
 use super::ops::AttnShape;
 use super::optim::{AdamW, AdamWConfig};
@@ -230,22 +233,12 @@ impl CudaTrainState {
 
     /// AdamW update number `t` (1-based) of every tensor, gradients scaled by `gscale`.
     pub fn adamw_step(&mut self, cfg: &AdamWConfig, t: u64, lr: f64, gscale: f32) -> Result<()> {
-        let h = AdamWScalars::new(cfg, t, lr);
+        let h = AdamWScalars::new(cfg, t, lr, gscale);
         for i in 0..self.params.data.len() {
             let decay = AdamWScalars::decay(cfg, lr, &self.params.shapes[i]);
-            let len = self.params.data[i].len();
-            self.ops.adamw(
-                &mut self.params.data[i],
-                0,
-                &mut self.m.data[i],
-                &mut self.v.data[i],
-                None,
-                &self.grad.data[i],
-                len,
-                &h,
-                decay,
-                gscale,
-            )?;
+            let (p, g) = (&mut self.params.data[i], &self.grad.data[i]);
+            let (mv, len) = ((&mut self.m.data[i], &mut self.v.data[i]), p.len());
+            self.ops.adamw((p, None), mv, g, 0..len, &h, decay)?;
         }
         Ok(())
     }
@@ -283,9 +276,7 @@ impl super::StepState for CudaTrainState {
 
     /// [`forward_backward`] adding into the resident gradients.
     fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        let opts = super::model::PassOptions {
-            recompute: self.recompute,
-        };
+        let opts = super::model::PassOptions::recomputing(self.recompute);
         let (p, g) = (&self.params.data, &mut self.grad.data);
         Ok(super::model::forward_backward_with(&self.ops, cfg, opts, p, batch, g)?.loss)
     }

@@ -132,21 +132,13 @@ impl ShardStore for CudaShard {
     /// `adamw_f32` on each piece at its offset, the clip folded in as a gradient scale.
     fn update(&mut self, pieces: &[Piece], u: &Update) -> Result<()> {
         let g = &mut self.gpu;
-        let h = AdamWScalars::new(&u.cfg, u.t, u.lr);
+        let h = AdamWScalars::new(&u.cfg, u.t, u.lr, u.clip.unwrap_or(1.0));
         for p in pieces {
             let i = p.tensor;
-            g.ops.adamw(
-                &mut g.params.data[i],
-                p.range.start,
-                &mut g.m.data[i],
-                &mut g.v.data[i],
-                None,
-                &g.grad.data[i],
-                p.range.len(),
-                &h,
-                AdamWScalars::decay(&u.cfg, u.lr, &g.params.shapes[i]),
-                u.clip.unwrap_or(1.0),
-            )?;
+            let decay = AdamWScalars::decay(&u.cfg, u.lr, &g.params.shapes[i]);
+            let mv = (&mut g.m.data[i], &mut g.v.data[i]);
+            let (w, grad) = ((&mut g.params.data[i], None), &g.grad.data[i]);
+            g.ops.adamw(w, mv, grad, p.range.clone(), &h, decay)?;
         }
         Ok(())
     }
