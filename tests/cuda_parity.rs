@@ -1286,70 +1286,71 @@ fn run_log_prob<B: Backend>(
 fn log_prob_matches_cpu_reference() {
     let Some(g) = gpu() else { return };
     let c0 = cpu();
-    let mut case = 0u64;
-    for &(r, v) in &[(1usize, 64usize), (7, 1000), (33, 4099), (5, 126464)] {
-        for &cfg_scale in &[0.0, 0.5, 2.0] {
-            case += 1;
-            let lrows = if cfg_scale > 0.0 { 2 * r } else { r };
-            let mut logits = rand_vec(900 + case, lrows * v, 8.0);
-            let mut targets: Vec<i32> = (0..r).map(|i| ((i * 7919 + 13) % v) as i32).collect();
-            // Row 0's target is its (conditional) argmax: log p near 0, the cancellation case.
-            let best = (0..v)
-                .max_by(|&a, &b| logits[a].partial_cmp(&logits[b]).unwrap())
-                .unwrap();
-            targets[0] = best as i32;
-            if r > 2 {
-                logits[v + 3] = f32::NAN; // row 1 → NaN
-                for x in &mut logits[2 * v..3 * v] {
-                    *x = f32::NEG_INFINITY; // row 2 → −∞ (conditional half)
-                }
-                if cfg_scale > 0.0 {
-                    for x in &mut logits[(r + 2) * v..(r + 3) * v] {
-                        *x = f32::NEG_INFINITY;
-                    }
+    // (R, V) up to LLaDA's vocabulary, each at three CFG scales.
+    let sizes = [(1usize, 64usize), (7, 1000), (33, 4099), (5, 126464)];
+    let cases = sizes
+        .iter()
+        .flat_map(|&(r, v)| [0.0, 0.5, 2.0].map(|c| LogProb::new(r, v, c)));
+    for (case, s) in (1u64..).zip(cases) {
+        let (LogProb { r, v, cfg_scale }, lrows) = (s, s.logit_rows());
+        let mut logits = rand_vec(900 + case, lrows * v, 8.0);
+        let mut targets: Vec<i32> = (0..r).map(|i| ((i * 7919 + 13) % v) as i32).collect();
+        // Row 0's target is its (conditional) argmax: log p near 0, the cancellation case.
+        let best = (0..v)
+            .max_by(|&a, &b| logits[a].partial_cmp(&logits[b]).unwrap())
+            .unwrap();
+        targets[0] = best as i32;
+        if r > 2 {
+            logits[v + 3] = f32::NAN; // row 1 → NaN
+            for x in &mut logits[2 * v..3 * v] {
+                *x = f32::NEG_INFINITY; // row 2 → −∞ (conditional half)
+            }
+            if cfg_scale > 0.0 {
+                for x in &mut logits[(r + 2) * v..(r + 3) * v] {
+                    *x = f32::NEG_INFINITY;
                 }
             }
-            let (oc, lc) = run_log_prob(&c0, &logits, &targets, r, v, cfg_scale);
-            let (og, lg) = run_log_prob(&g, &logits, &targets, r, v, cfg_scale);
-            let what = format!("log_prob r={r} v={v} cfg={cfg_scale}");
-            exact(&format!("{what}: logits unmodified"), &lc, &lg);
-            if r > 2 {
-                assert!(oc[1].is_nan() && og[1].is_nan(), "{what}: NaN row");
-                // All −∞: log p = −∞; with CFG the mix computes −∞ − (−∞) = NaN (as PyTorch).
-                if cfg_scale > 0.0 {
-                    assert!(
-                        oc[2].is_nan() && og[2].is_nan(),
-                        "{what}: −∞ row under CFG: cpu {} gpu {}",
-                        oc[2],
-                        og[2]
-                    );
-                } else {
-                    assert!(
-                        oc[2] == f32::NEG_INFINITY && og[2] == f32::NEG_INFINITY,
-                        "{what}: −∞ row: cpu {} gpu {}",
-                        oc[2],
-                        og[2]
-                    );
-                }
+        }
+        let (oc, lc) = run_log_prob(&c0, &logits, &targets, r, v, cfg_scale);
+        let (og, lg) = run_log_prob(&g, &logits, &targets, r, v, cfg_scale);
+        let what = format!("log_prob r={r} v={v} cfg={cfg_scale}");
+        exact(&format!("{what}: logits unmodified"), &lc, &lg);
+        if r > 2 {
+            assert!(oc[1].is_nan() && og[1].is_nan(), "{what}: NaN row");
+            // All −∞: log p = −∞; with CFG the mix computes −∞ − (−∞) = NaN (as PyTorch).
+            if cfg_scale > 0.0 {
+                assert!(
+                    oc[2].is_nan() && og[2].is_nan(),
+                    "{what}: −∞ row under CFG: cpu {} gpu {}",
+                    oc[2],
+                    og[2]
+                );
+            } else {
+                assert!(
+                    oc[2] == f32::NEG_INFINITY && og[2] == f32::NEG_INFINITY,
+                    "{what}: −∞ row: cpu {} gpu {}",
+                    oc[2],
+                    og[2]
+                );
             }
-            let d = (v as f32 + 40.0) * 2f32.powi(-24);
-            compare(&what, &oc, &og, |_, c, gv| {
-                ulp_bf16(c.abs().max(gv.abs())) + d * (1.0 + c.abs())
-            });
-            // The CPU reference itself against an f64 log-softmax (no CFG, ordinary rows).
-            if cfg_scale == 0.0 {
-                for i in (0..r).filter(|&i| r <= 2 || i == 0 || i > 2) {
-                    let row = &logits[i * v..(i + 1) * v];
-                    let m = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
-                    let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
-                    let want = row[targets[i] as usize] as f64 - m - z.ln();
-                    let tol = ulp_bf16(want as f32) as f64 + d as f64 * (1.0 + want.abs());
-                    assert!(
-                        (oc[i] as f64 - want).abs() <= tol,
-                        "{what} row {i}: cpu {} vs f64 {want}",
-                        oc[i]
-                    );
-                }
+        }
+        let d = (v as f32 + 40.0) * 2f32.powi(-24);
+        compare(&what, &oc, &og, |_, c, gv| {
+            ulp_bf16(c.abs().max(gv.abs())) + d * (1.0 + c.abs())
+        });
+        // The CPU reference itself against an f64 log-softmax (no CFG, ordinary rows).
+        if cfg_scale == 0.0 {
+            for i in (0..r).filter(|&i| r <= 2 || i == 0 || i > 2) {
+                let row = &logits[i * v..(i + 1) * v];
+                let m = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
+                let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+                let want = row[targets[i] as usize] as f64 - m - z.ln();
+                let tol = ulp_bf16(want as f32) as f64 + d as f64 * (1.0 + want.abs());
+                assert!(
+                    (oc[i] as f64 - want).abs() <= tol,
+                    "{what} row {i}: cpu {} vs f64 {want}",
+                    oc[i]
+                );
             }
         }
     }

@@ -5,8 +5,8 @@
 use super::Backend;
 
 /// A row gather: `out[i, :] = table[idx[i], :]` for `i < n`, rows of `c` elements
-/// ([`Backend::embedding`]: `idx` are token ids into the embedding weight; [`Backend::gather_rows`]:
-/// `idx` are rows of an activation).
+/// ([`Backend::embedding`]: `idx` are token ids into the embedding weight;
+/// [`Backend::gather_rows`]: `idx` are rows of an activation).
 pub struct Gather<'a, B: Backend + ?Sized> {
     pub idx: &'a B::Ints,
     pub n: usize,

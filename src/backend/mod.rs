@@ -203,7 +203,8 @@ pub trait Backend {
 
     /// Bidirectional attention of the `TQ` queries per batch row in the q part of `qkv`
     /// (`[B·TQ, (NH+2·NKV)·HD]`; its k/v parts are ignored) over the `L` keys and values per batch
-    /// row of the caches `kv.k`, `kv.v` (`[B, L, NKV·HD]`), into `out` `[B·TQ, NH·HD]`, scale 1/√HD.
+    /// row of the caches `kv.k`, `kv.v` (`[B, L, NKV·HD]`), into `out` `[B·TQ, NH·HD]`, scale
+    /// 1/√HD.
     /// `key_valid` is `[B·L]`. With `TQ = L` and caches holding the k/v parts of `qkv`, the result
     /// equals [`Backend::attention`] bit for bit (both run [`Backend::attend`]).
     fn attention_cached(

@@ -55,6 +55,18 @@ pub struct HeadDims {
     pub v: usize,
 }
 
+impl HeadDims {
+    /// Rows of the logits the head reads: `R`, or `2R` with CFG (`cfg_scale > 0`; rows
+    /// `R..2R` are the unconditional logits of rows `0..R`).
+    pub fn logit_rows(&self, cfg_scale: f64) -> usize {
+        if cfg_scale > 0.0 {
+            2 * self.r
+        } else {
+            self.r
+        }
+    }
+}
+
 /// The sizes of one `log_prob`: `R` targets over a vocabulary of `V`; with `cfg_scale > 0` the
 /// logits hold `2R` rows (rows `R..2R` the unconditional ones), mixed by that scale.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -67,6 +79,15 @@ pub struct LogProb {
 impl LogProb {
     pub fn new(r: usize, v: usize, cfg_scale: f64) -> Self {
         LogProb { r, v, cfg_scale }
+    }
+
+    /// [`HeadDims::logit_rows`] at this call's scale.
+    pub fn logit_rows(&self) -> usize {
+        HeadDims {
+            r: self.r,
+            v: self.v,
+        }
+        .logit_rows(self.cfg_scale)
     }
 }
 

@@ -60,7 +60,7 @@ pub(super) fn cpu_log_prob(
         "{OP}: cfg_scale must be finite and >= 0, got {cfg_scale}"
     );
     let cfg = cfg_scale > 0.0;
-    let rr = if cfg { 2 * r } else { r };
+    let rr = s.logit_rows();
     need(OP, "logits", logits.len(), rr * v)?;
     need(OP, "targets", targets.len(), r)?;
     need(OP, "out", out.len(), r)?;

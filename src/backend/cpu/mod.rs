@@ -578,7 +578,7 @@ impl Backend for CpuBackend {
         let (HeadDims { r, v }, keys) = (s, io.keys);
         let (tok, conf, logits) = (io.tok, io.conf, io.logits);
         let cfg = p.cfg_scale > 0.0;
-        let rr = if cfg { 2 * r } else { r };
+        let rr = s.logit_rows(p.cfg_scale);
         need(OP, "logits", logits.len(), rr * v)?;
         need(OP, "keys", keys.len(), 2 * r)?;
         need(OP, "tok", tok.len(), r)?;

@@ -20,10 +20,16 @@ impl CudaBackend {
     /// `[N, C]`, the rest -1.
     pub fn topk_select(&self, sel: &mut Ints, conf: &F32s, k: &Ints, s: Rows) -> Result<()> {
         let op = "topk_select";
-        self.select_rows(op, (sel, conf), s, &[("k", k.len(), s.n)], |f, g, sel, conf| {
-            launch!(&self.stream, op, f.topk_select, g; sel, conf, self.ptr(k), int(op, "nrows", s.n)?,
-                int(op, "ncols", s.c)?)
-        })
+        self.select_rows(
+            op,
+            (sel, conf),
+            s,
+            &[("k", k.len(), s.n)],
+            |f, g, sel, conf| {
+                launch!(&self.stream, op, f.topk_select, g; sel, conf, self.ptr(k),
+                int(op, "nrows", s.n)?, int(op, "ncols", s.c)?)
+            },
+        )
     }
 
     /// Per row, the best column plus every column with `conf ≥ threshold`, in the order of
@@ -136,7 +142,7 @@ impl CudaBackend {
         if !(cfg_scale.is_finite() && cfg_scale >= 0.0) {
             bail!("{op}: cfg_scale must be finite and >= 0, got {cfg_scale}");
         }
-        let lrows = if cfg_scale > 0.0 { 2 * r } else { r };
+        let lrows = s.logit_rows();
         check_lens(
             op,
             &[
@@ -171,7 +177,7 @@ impl CudaBackend {
                 p.dtype
             );
         }
-        let lrows = if p.cfg_scale > 0.0 { 2 * r } else { r };
+        let lrows = s.logit_rows(p.cfg_scale);
         check_lens(op, &[("tok", tok.len(), r), ("conf", conf.len(), r)])?;
         check_lens(
             op,

@@ -76,6 +76,27 @@ macro_rules! launch {
 }
 pub(crate) use launch;
 
+/// `kernel_table!(Name { field: "symbol", ... })`: the struct of a backend's kernel handles and
+/// its `load`, which looks every symbol up through `get` — one line per kernel, so a kernel's
+/// field and symbol are declared once.
+macro_rules! kernel_table {
+    ($(#[$m:meta])* $name:ident { $($field:ident: $sym:literal),+ $(,)? }) => {
+        $(#[$m])*
+        pub(crate) struct $name {
+            $(pub(crate) $field: cudarc::driver::sys::CUfunction,)+
+        }
+
+        impl $name {
+            /// Every kernel of the table, looked up by `get` (whose error names a missing symbol).
+            pub(crate) fn load(
+                get: impl Fn(&str) -> anyhow::Result<cudarc::driver::sys::CUfunction>,
+            ) -> anyhow::Result<Self> {
+                Ok($name { $($field: get($sym)?,)+ })
+            }
+        }
+    };
+}
+
 /// A driver error with `msg` (which should say what was being done), typed where a caller
 /// branches on it: out of memory, or a sticky fault that leaves the context unusable.
 pub(crate) fn driver_err(msg: String, e: DriverError) -> anyhow::Error {

@@ -77,30 +77,32 @@ type Act = CudaSlice<bf16>;
 type Ints = CudaSlice<i32>;
 type F32s = CudaSlice<f32>;
 
-/// Function handles of every kernel in the ABI.
-struct Kernels {
-    embedding: dsys::CUfunction,
-    rms_norm: dsys::CUfunction,
-    add_rms_norm: dsys::CUfunction,
-    add: dsys::CUfunction,
-    rope: dsys::CUfunction,
-    attention: dsys::CUfunction,
-    attention_cached: dsys::CUfunction,
-    attention_split: dsys::CUfunction,
-    attention_combine: dsys::CUfunction,
-    kv_store: dsys::CUfunction,
-    swiglu: dsys::CUfunction,
-    gather_rows: dsys::CUfunction,
-    head_select: dsys::CUfunction,
-    topk_select: dsys::CUfunction,
-    threshold_select: dsys::CUfunction,
-    commit_select: dsys::CUfunction,
-    rope_kv_store: dsys::CUfunction,
-    fill_random: dsys::CUfunction,
-    fill_const: dsys::CUfunction,
-    f32_to_bf16: dsys::CUfunction,
-    f16_to_bf16: dsys::CUfunction,
-}
+kernel_table!(
+    /// Function handles of every kernel in the ABI.
+    Kernels {
+        embedding: "embedding_bf16",
+        rms_norm: "rms_norm_bf16",
+        add_rms_norm: "add_rms_norm_bf16",
+        add: "add_bf16",
+        rope: "rope_bf16",
+        attention: "attention_fwd_bf16",
+        attention_cached: "attention_cached_fwd_bf16",
+        attention_split: "attention_split_bf16",
+        attention_combine: "attention_combine_bf16",
+        kv_store: "kv_store_bf16",
+        swiglu: "swiglu_bf16",
+        gather_rows: "gather_rows_bf16",
+        head_select: "head_select_bf16",
+        topk_select: "topk_select_f32",
+        threshold_select: "threshold_select_f32",
+        commit_select: "commit_select_f32",
+        rope_kv_store: "rope_kv_store_bf16",
+        fill_random: "fill_random_bf16",
+        fill_const: "fill_const_bf16",
+        f32_to_bf16: "f32_to_bf16",
+        f16_to_bf16: "f16_to_bf16",
+    }
+);
 
 pub struct CudaBackend {
     // Field order is drop order: handles before the modules, modules before the context.
@@ -507,8 +509,9 @@ impl Backend for CudaBackend {
         let threads = ((nh + nkv) * hd / 2).clamp(32, 256).next_multiple_of(32) as u32;
         launch!(&self.stream, op, self.k.rope_kv_store, rows_geom(n, threads);
             self.ptr_mut(qkv), self.ptr_mut(kv.k), self.ptr_mut(kv.v), self.ptr(t.cos),
-            self.ptr(t.sin), self.ptr(t.pos), int(op, "b", b)?, int(op, "tq", tq)?, int(op, "l", l)?,
-            int(op, "q0", q0)?, int(op, "nh", nh)?, int(op, "nkv", nkv)?, int(op, "hd", hd)?)
+            self.ptr(t.sin), self.ptr(t.pos), int(op, "b", b)?, int(op, "tq", tq)?,
+            int(op, "l", l)?, int(op, "q0", q0)?, int(op, "nh", nh)?, int(op, "nkv", nkv)?,
+            int(op, "hd", hd)?)
     }
 
     /// The attention launcher (`kernels/attention.cu`): the checks, then FA2, split-KV or the
@@ -573,12 +576,16 @@ impl Backend for CudaBackend {
             s,
             chunk,
         };
+        // The single-pass kernels (when neither FA2 nor split-KV takes the call).
         self.attention_route(op, o, a, || {
             let g = attention_geom(op, b, tq, nh)?;
-            let (b, tq, nh, nkv, hd) = (int(op, "b", b)?, int(op, "tq", tq)?, int(op, "nh", nh)?, int(op, "nkv", nkv)?, int(op, "hd", hd)?);
-            match kv {
-                None => launch!(&self.stream, op, self.k.attention, g; o, q, key_valid, b, tq, nh, nkv, hd),
-                Some(_) => launch!(&self.stream, op, self.k.attention_cached, g; o, q, k, v, key_valid, b, tq, int(op, "l", l)?, nh, nkv, hd),
+            let (b, tq, l) = (int(op, "b", b)?, int(op, "tq", tq)?, int(op, "l", l)?);
+            let (nh, nkv, hd) = (int(op, "nh", nh)?, int(op, "nkv", nkv)?, int(op, "hd", hd)?);
+            if kv.is_none() {
+                launch!(&self.stream, op, self.k.attention, g; o, q, key_valid, b, tq, nh, nkv, hd)
+            } else {
+                launch!(&self.stream, op, self.k.attention_cached, g; o, q, k, v, key_valid, b, tq,
+                    l, nh, nkv, hd)
             }
         })
     }
