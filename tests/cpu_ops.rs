@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use llada::backend::cpu::{CpuBackend, CpuWeight};
 use llada::backend::head::{Remasking, SelectParams};
-use llada::backend::{rope_tables, AttnShape, Backend};
+use llada::backend::SelectIo;
+use llada::backend::{rope_tables, AttnShape, Backend, Gather, HeadDims, MatMul, Norm, Rope, Rows};
 use llada::engine::model::Model;
 use llada::hf::checkpoint::WeightSource;
 use llada::hf::config::ModelConfig;
@@ -62,8 +63,12 @@ fn rope_at_position_zero_is_identity() {
     let (be, w, cos, sin) = rope_setup(10000.0, (nh, nkv, hd), 4);
     let orig = values(2 * w, 1);
     let mut qkv = orig.clone();
-    be.rope(&mut qkv, &vec![0, 0], &cos, &sin, 2, nh, nkv, hd)
-        .unwrap();
+    be.rope(
+        &mut qkv,
+        Rope::new(&vec![0, 0], &cos, &sin),
+        AttnShape::new(1, 2, nh, nkv, hd),
+    )
+    .unwrap();
     assert_eq!(qkv, orig);
 }
 
@@ -81,8 +86,12 @@ fn rope_half_split_convention_with_unit_vectors() {
         qkv[j] = 1.0;
         qkv[hd + j + 64] = 1.0;
         qkv[2 * hd + j] = 1.0;
-        be.rope(&mut qkv, &vec![1], &cos, &sin, 1, nh, nkv, hd)
-            .unwrap();
+        be.rope(
+            &mut qkv,
+            Rope::new(&vec![1], &cos, &sin),
+            AttnShape::new(1, 1, nh, nkv, hd),
+        )
+        .unwrap();
         let (c, s) = (f.cos(), f.sin());
         // f32 tables: cos/sin of an f32 angle, error a few f32 ulps; inv_freq[63] is only given
         // to 5 digits, hence the relative 1e-4 on the tiny sine.
@@ -115,7 +124,11 @@ fn rope_rejects_positions_outside_the_table() {
     let (cos, sin) = rope_tables(10000.0, 4, 3);
     let mut qkv = vec![0.0; 12];
     let e = be
-        .rope(&mut qkv, &vec![3], &cos, &sin, 1, 1, 1, 4)
+        .rope(
+            &mut qkv,
+            Rope::new(&vec![3], &cos, &sin),
+            AttnShape::new(1, 1, 1, 1, 4),
+        )
         .unwrap_err();
     assert!(e.to_string().contains("pos[0] = 3"), "{e}");
 }
@@ -128,7 +141,8 @@ fn rms_norm_known_values_f32() {
     let w = weight(&be, &[4], vec![1.0, 2.0, 0.5, -1.0]);
     let x = vec![1.0f32, 2.0, 3.0, 4.0];
     let mut out = vec![0.0; 4];
-    be.rms_norm(&mut out, &x, &w, 1, 4, 1e-5).unwrap();
+    be.rms_norm(&mut out, &x, &w, Norm::new(1, 4, 1e-5))
+        .unwrap();
     // mean(x²) = 30/4 = 7.5
     let r = 1.0 / (7.5f64 + 1e-5).sqrt();
     for (i, (&o, (&xv, &wv))) in out
@@ -153,14 +167,20 @@ fn rms_norm_bf16_rounds_before_the_weight() {
     let be = CpuBackend::new(DType::BF16);
     let w = weight(&be, &[2], vec![1.015625, 1.0]);
     let mut out = vec![0.0; 2];
-    be.rms_norm(&mut out, &vec![1.0, 2.0], &w, 1, 2, 1e-5)
+    be.rms_norm(&mut out, &vec![1.0, 2.0], &w, Norm::new(1, 2, 1e-5))
         .unwrap();
     assert_eq!(out, vec![0.64453125, 1.265625]);
     // add_rms_norm: x = round(x + d) first; the same numbers through a residual.
     let mut x = vec![0.5f32, 1.5];
     let mut out2 = vec![0.0; 2];
-    be.add_rms_norm(&mut out2, &mut x, &vec![0.5, 0.5], &w, 1, 2, 1e-5)
-        .unwrap();
+    be.add_rms_norm(
+        &mut out2,
+        &mut x,
+        &vec![0.5, 0.5],
+        &w,
+        Norm::new(1, 2, 1e-5),
+    )
+    .unwrap();
     assert_eq!(x, vec![1.0, 2.0]);
     assert_eq!(out2, out);
 }
@@ -176,7 +196,7 @@ fn rms_norm_const_weight_is_a_scalar() {
     };
     let w = be.load_weight(&[two]).unwrap();
     let mut out = vec![0.0; 2];
-    be.rms_norm(&mut out, &vec![1.0, 2.0], &w, 1, 2, 1e-5)
+    be.rms_norm(&mut out, &vec![1.0, 2.0], &w, Norm::new(1, 2, 1e-5))
         .unwrap();
     // 2 · bf16(y): exact doubling of 0.6328125 and 1.265625.
     assert_eq!(out, vec![1.265625, 2.53125]);
@@ -207,7 +227,7 @@ fn matmul_matches_naive_f32_and_bf16() {
         dt.round_slice(&mut wv);
         let w = weight(&be, &[m, k], wv.clone());
         let mut out = vec![f32::NAN; n * m];
-        be.matmul(&mut out, &x, &w, n, k, m).unwrap();
+        be.matmul(&mut out, &x, &w, MatMul { n, k, m }).unwrap();
         let e = naive(&x, &wv, n, k, m);
         for (i, (&o, &ev)) in out.iter().zip(&e).enumerate() {
             // f32 accumulation of 53 products of |·| ≤ 1: error ≤ 53 · 2⁻²⁴ · Σ|x·w| ≲ 2e-4
@@ -262,7 +282,7 @@ fn matmul_with_mapped_weights() {
         let be = CpuBackend::new(be_dt);
         let w = be.load_weight(&[src]).unwrap();
         let mut out = vec![0.0; n * m];
-        be.matmul(&mut out, &x, &w, n, k, m).unwrap();
+        be.matmul(&mut out, &x, &w, MatMul { n, k, m }).unwrap();
         let mut wr = wv.clone();
         DType::BF16.round_slice(&mut wr);
         let e = naive(&x, &wr, n, k, m);
@@ -311,13 +331,7 @@ fn attn_qkv(v: &[[f32; 2]; 3]) -> Vec<f32> {
 
 /// `b` rows of three tokens, one head of HD 2.
 fn attn_shape(b: usize) -> AttnShape {
-    AttnShape {
-        b,
-        t: 3,
-        nh: 1,
-        nkv: 1,
-        hd: 2,
-    }
+    AttnShape::new(b, 3, 1, 1, 2)
 }
 
 /// One head, HD 2, three tokens. Query 0 = [2, 0]; keys [1,0], [0,0], [−1,0]: scores
@@ -382,19 +396,8 @@ fn attention_gqa_shares_kv_heads() {
         b[..hd].copy_from_slice(&a[..hd]); // head 1 query = head 0 query
     }
     let mut out = vec![0.0; t * nh * hd];
-    be.attention(
-        &mut out,
-        &qkv,
-        None,
-        AttnShape {
-            b: 1,
-            t,
-            nh,
-            nkv,
-            hd,
-        },
-    )
-    .unwrap();
+    be.attention(&mut out, &qkv, None, AttnShape::new(1, t, nh, nkv, hd))
+        .unwrap();
     for i in 0..t {
         assert_eq!(
             out[i * 2 * hd..i * 2 * hd + hd],
@@ -413,11 +416,11 @@ fn swiglu_rounds_silu_before_the_product() {
     let be = CpuBackend::new(DType::BF16);
     let mut out = vec![0.0; 2];
     // gate_up row: [gate (F = 2) | up (F = 2)]
-    be.swiglu(&mut out, &vec![1.5, 0.0, 3.0, 9.0], 1, 2)
+    be.swiglu(&mut out, &vec![1.5, 0.0, 3.0, 9.0], Rows { n: 1, c: 2 })
         .unwrap();
     assert_eq!(out, vec![3.6875, 0.0]);
     let be32 = CpuBackend::new(DType::F32);
-    be32.swiglu(&mut out, &vec![1.5, -2.0, 3.0, 0.5], 1, 2)
+    be32.swiglu(&mut out, &vec![1.5, -2.0, 3.0, 0.5], Rows { n: 1, c: 2 })
         .unwrap();
     let silu = |g: f64| g / (1.0 + (-g).exp());
     assert!((out[0] as f64 - 3.0 * silu(1.5)).abs() < 1e-6);
@@ -429,16 +432,20 @@ fn embedding_and_gather_rows() {
     let be = CpuBackend::new(DType::F32);
     let wte = weight(&be, &[3, 2], vec![0.0, 1.0, 10.0, 11.0, 20.0, 21.0]);
     let mut x = vec![0.0; 8];
-    be.embedding(&mut x, &wte, &vec![2, 0, 1, 2], 4, 2).unwrap();
+    be.embedding(&mut x, &wte, Gather::new(&vec![2, 0, 1, 2], 4, 2))
+        .unwrap();
     assert_eq!(x, vec![20.0, 21.0, 0.0, 1.0, 10.0, 11.0, 20.0, 21.0]);
     let mut g = vec![0.0; 4];
-    be.gather_rows(&mut g, &x, &vec![2, 0], 2, 2).unwrap();
+    be.gather_rows(&mut g, &x, Gather::new(&vec![2, 0], 2, 2))
+        .unwrap();
     assert_eq!(g, vec![10.0, 11.0, 20.0, 21.0]);
     let e = be
-        .embedding(&mut x, &wte, &vec![3, 0, 0, 0], 4, 2)
+        .embedding(&mut x, &wte, Gather::new(&vec![3, 0, 0, 0], 4, 2))
         .unwrap_err();
     assert!(e.to_string().contains("ids[0] = 3"), "{e}");
-    let e = be.gather_rows(&mut g, &x, &vec![4, 0], 2, 2).unwrap_err();
+    let e = be
+        .gather_rows(&mut g, &x, Gather::new(&vec![4, 0], 2, 2))
+        .unwrap_err();
     assert!(e.to_string().contains("rows[0] = 4"), "{e}");
 }
 
@@ -457,7 +464,11 @@ fn select_greedy_and_cfg() {
     // Token and confidence of the 2 rows (keys (0, 5), (0, 6)).
     let select = |logits: &mut Vec<f32>, p: &SelectParams| {
         let (mut tok, mut conf) = (vec![0; 2], vec![0.0; 2]);
-        let r = be.select(&mut tok, &mut conf, logits, &vec![0, 5, 0, 6], 2, v, p);
+        let r = be.select(
+            SelectIo::new(&mut tok, &mut conf, logits, &vec![0, 5, 0, 6]),
+            HeadDims { r: 2, v },
+            p,
+        );
         r.map(|()| (tok, conf))
     };
     let (tok, conf) = select(&mut cond.to_vec(), &p).unwrap();

@@ -42,7 +42,8 @@ use std::sync::Arc;
 use llada::backend::commit::{CommitRule, CommitShape};
 use llada::backend::cpu::CpuBackend;
 use llada::backend::head::{self, Remasking, SelectParams};
-use llada::backend::{rope_tables, AttnShape, Backend, CachedAttnShape};
+use llada::backend::{rope_tables, AttnShape, Backend, CachedAttnShape, CommitIn, Gather};
+use llada::backend::{HeadDims, Kv, LogProb, MatMul, Norm, Rope, Rows, SelectIo};
 use llada::hf::checkpoint::WeightSource;
 use llada::hf::dtype::DType;
 use llada::rng;
@@ -90,7 +91,8 @@ fn act<B: Backend>(b: &B, data: &[f32], rows: usize, cols: usize) -> B::Act {
         .unwrap();
     let ids = ints(b, &(0..rows as i32).collect::<Vec<_>>());
     let mut a = b.alloc_act(rows * cols).unwrap();
-    b.embedding(&mut a, &w, &ids, rows, cols).unwrap();
+    b.embedding(&mut a, &w, Gather::new(&ids, rows, cols))
+        .unwrap();
     a
 }
 
@@ -162,7 +164,8 @@ fn run_embedding<B: Backend>(b: &B, wte: &[f32], v: usize, c: usize, ids: &[i32]
     let n = ids.len();
     let ids = ints(b, ids);
     let mut out = poisoned(b, n * c);
-    b.embedding(&mut out, &w, &ids, n, c).unwrap();
+    b.embedding(&mut out, &w, Gather { idx: &ids, n, c })
+        .unwrap();
     b.read_act(&out, n * c).unwrap()
 }
 
@@ -170,7 +173,7 @@ fn run_rms_norm<B: Backend>(b: &B, x: &[f32], w: &[f32], n: usize, c: usize, eps
     let wt = b.load_weight(&[host("norm", &[c], w.to_vec())]).unwrap();
     let xa = act(b, x, n, c);
     let mut out = poisoned(b, n * c);
-    b.rms_norm(&mut out, &xa, &wt, n, c, eps).unwrap();
+    b.rms_norm(&mut out, &xa, &wt, Norm { n, c, eps }).unwrap();
     b.read_act(&out, n * c).unwrap()
 }
 
@@ -187,7 +190,7 @@ fn run_add_rms_norm<B: Backend>(
     let mut xa = act(b, x, n, c);
     let da = act(b, d, n, c);
     let mut out = poisoned(b, n * c);
-    b.add_rms_norm(&mut out, &mut xa, &da, &wt, n, c, 1e-5)
+    b.add_rms_norm(&mut out, &mut xa, &da, &wt, Norm { n, c, eps: 1e-5 })
         .unwrap();
     (
         b.read_act(&out, n * c).unwrap(),
@@ -198,7 +201,7 @@ fn run_add_rms_norm<B: Backend>(
 fn run_add<B: Backend>(b: &B, x: &[f32], d: &[f32], n: usize, c: usize) -> Vec<f32> {
     let mut xa = act(b, x, n, c);
     let da = act(b, d, n, c);
-    b.add(&mut xa, &da, n, c).unwrap();
+    b.add(&mut xa, &da, Rows { n, c }).unwrap();
     b.read_act(&xa, n * c).unwrap()
 }
 
@@ -218,7 +221,7 @@ fn run_matmul<B: Backend>(
     let w = b.load_weight(&srcs).unwrap();
     let xa = act(b, x, n, k);
     let mut out = poisoned(b, n * m);
-    b.matmul(&mut out, &xa, &w, n, k, m).unwrap();
+    b.matmul(&mut out, &xa, &w, MatMul { n, k, m }).unwrap();
     b.read_act(&out, n * m).unwrap()
 }
 
@@ -237,7 +240,12 @@ fn run_rope<B: Backend>(
     let width = (nh + 2 * nkv) * hd;
     let mut q = act(b, qkv, n, width);
     let (p, c, s) = (ints(b, pos), f32s(b, cos), f32s(b, sin));
-    b.rope(&mut q, &p, &c, &s, n, nh, nkv, hd).unwrap();
+    b.rope(
+        &mut q,
+        Rope::new(&p, &c, &s),
+        AttnShape::new(1, n, nh, nkv, hd),
+    )
+    .unwrap();
     b.read_act(&q, n * width).unwrap()
 }
 
@@ -253,7 +261,7 @@ fn run_attention<B: Backend>(b: &B, qkv: &[f32], kv: Option<&[i32]>, s: AttnShap
 fn run_swiglu<B: Backend>(b: &B, gu: &[f32], n: usize, f: usize) -> Vec<f32> {
     let g = act(b, gu, n, 2 * f);
     let mut out = poisoned(b, n * f);
-    b.swiglu(&mut out, &g, n, f).unwrap();
+    b.swiglu(&mut out, &g, Rows { n, c: f }).unwrap();
     b.read_act(&out, n * f).unwrap()
 }
 
@@ -261,7 +269,8 @@ fn run_gather<B: Backend>(b: &B, x: &[f32], n: usize, c: usize, rows: &[i32]) ->
     let xa = act(b, x, n, c);
     let r = ints(b, rows);
     let mut out = poisoned(b, rows.len() * c);
-    b.gather_rows(&mut out, &xa, &r, rows.len(), c).unwrap();
+    b.gather_rows(&mut out, &xa, Gather::new(&r, rows.len(), c))
+        .unwrap();
     b.read_act(&out, rows.len() * c).unwrap()
 }
 
@@ -278,7 +287,12 @@ fn run_select<B: Backend>(
     let k = ints(b, keys);
     let mut tok = ints(b, &vec![-7; r]);
     let mut conf = f32s(b, &vec![f32::NAN; r]);
-    b.select(&mut tok, &mut conf, &mut l, &k, r, v, p).unwrap();
+    b.select(
+        SelectIo::new(&mut tok, &mut conf, &mut l, &k),
+        HeadDims { r, v },
+        p,
+    )
+    .unwrap();
     (
         b.read_ints(&tok, r).unwrap(),
         b.read_f32s(&conf, r).unwrap(),
@@ -290,7 +304,8 @@ fn run_load<B: Backend>(b: &B, parts: &[WeightSource], rows: usize, cols: usize)
     let w = b.load_weight(parts).unwrap();
     let ids = ints(b, &(0..rows as i32).collect::<Vec<_>>());
     let mut out = poisoned(b, rows * cols);
-    b.embedding(&mut out, &w, &ids, rows, cols).unwrap();
+    b.embedding(&mut out, &w, Gather::new(&ids, rows, cols))
+        .unwrap();
     b.read_act(&out, rows * cols).unwrap()
 }
 
@@ -337,7 +352,7 @@ fn embedding_and_gather_are_exact() {
         .unwrap();
     let ids = ints(&g, &[0, 4]);
     let mut out = g.alloc_act(128).unwrap();
-    let e = err(g.embedding(&mut out, &w, &ids, 2, 64));
+    let e = err(g.embedding(&mut out, &w, Gather::new(&ids, 2, 64)));
     assert!(e.contains("ids[1] = 4"), "{e}");
 }
 
@@ -437,9 +452,9 @@ fn matmul_matches_within_f32_accumulation_bound() {
         .unwrap();
     let x = g.alloc_act(16).unwrap();
     let mut o = g.alloc_act(16).unwrap();
-    let e = err(g.matmul(&mut o, &x, &w, 2, 8, 5));
+    let e = err(g.matmul(&mut o, &x, &w, MatMul { n: 2, k: 8, m: 5 }));
     assert!(e.contains("w_q"), "{e}");
-    let e = err(g.matmul(&mut o, &x, &w, 3, 8, 4));
+    let e = err(g.matmul(&mut o, &x, &w, MatMul { n: 3, k: 8, m: 4 }));
     assert!(e.contains("`x`"), "{e}");
 }
 
@@ -605,13 +620,7 @@ fn attention_matches_within_bound() {
 fn assert_rejects_head_dim_96<B: Backend>(g: &B) {
     let q = g.alloc_act(3 * 96).unwrap();
     let mut o = g.alloc_act(96).unwrap();
-    let s = AttnShape {
-        b: 1,
-        t: 1,
-        nh: 1,
-        nkv: 1,
-        hd: 96,
-    };
+    let s = AttnShape::new(1, 1, 1, 1, 96);
     let e = err(g.attention(&mut o, &q, None, s));
     assert!(e.contains("head dim 96"), "{e}");
 }
@@ -641,13 +650,19 @@ fn run_cached<B: Backend>(
     // the same rows: exercises both q0 = 0 and q0 > 0.
     let all = act(be, full, b * l, w);
     let sfull = CachedAttnShape { tq: l, ..s };
-    be.kv_store(&mut kc, &mut vc, &all, 0, sfull).unwrap();
+    be.kv_store(
+        Kv::new(&mut kc, &mut vc),
+        &all,
+        CachedAttnShape { q0: 0, ..sfull },
+    )
+    .unwrap();
     let span = span_rows(full, b, l, w, q0, tq);
     let q = act(be, &span, b * tq, w);
-    be.kv_store(&mut kc, &mut vc, &q, q0, s).unwrap();
+    be.kv_store(Kv::new(&mut kc, &mut vc), &q, CachedAttnShape { q0, ..s })
+        .unwrap();
     let kvb = kv.map(|k| ints(be, k));
     let mut out = poisoned(be, b * tq * nh * hd);
-    be.attention_cached(&mut out, &q, &kc, &vc, kvb.as_ref(), s)
+    be.attention_cached(&mut out, &q, Kv { k: &kc, v: &vc }, kvb.as_ref(), s)
         .unwrap();
     (
         be.read_act(&kc, b * l * kw).unwrap(),
@@ -693,13 +708,7 @@ fn kv_store_and_cached_attention_match() {
                     // The cached queries see the same keys as full attention over `full`: each
                     // backend's cached rows equal its own full attention rows bit for bit (same
                     // code / kernel, rows independent), and CPU vs GPU is within the flash bound.
-                    let dense = AttnShape {
-                        b,
-                        t: l,
-                        nh,
-                        nkv,
-                        hd,
-                    };
+                    let dense = AttnShape::new(b, l, nh, nkv, hd);
                     for (name, be_out, full_out) in [
                         ("cpu", &co, run_attention(&c0, &full, kv, dense)),
                         ("gpu", &go, run_attention(&g, &full, kv, dense)),
@@ -731,6 +740,7 @@ fn kv_store_and_cached_attention_match() {
         b: 1,
         tq: 4,
         l: 8,
+        q0: 0,
         nh: 1,
         nkv: 1,
         hd: 64,
@@ -738,11 +748,15 @@ fn kv_store_and_cached_attention_match() {
     let q = g.alloc_act(4 * 3 * 64).unwrap();
     let mut kc = g.alloc_act(8 * 64).unwrap();
     let mut vc = g.alloc_act(8 * 64).unwrap();
-    let e = err(g.kv_store(&mut kc, &mut vc, &q, 6, s));
+    let e = err(g.kv_store(
+        Kv::new(&mut kc, &mut vc),
+        &q,
+        CachedAttnShape { q0: 6, ..s },
+    ));
     assert!(e.contains("exceed the cache length"), "{e}");
     let mut o = g.alloc_act(4 * 96).unwrap();
     let bad = CachedAttnShape { hd: 96, ..s };
-    let e = err(g.attention_cached(&mut o, &q, &kc, &vc, None, bad));
+    let e = err(g.attention_cached(&mut o, &q, Kv { k: &kc, v: &vc }, None, bad));
     assert!(e.contains("head dim 96"), "{e}");
 }
 
@@ -818,11 +832,12 @@ fn topk_and_threshold_match_head_reference() {
         let cb = f32s(&g, &conf);
         let kb = ints(&g, &kk);
         let mut sel = ints(&g, &vec![-9; nrows * ncols]);
-        g.topk_select(&mut sel, &cb, &kb, nrows, ncols).unwrap();
+        g.topk_select(&mut sel, &cb, &kb, Rows { n: nrows, c: ncols })
+            .unwrap();
         let got_k = g.read_ints(&sel, nrows * ncols).unwrap();
         for &thr in &[0.5f32, 2.0] {
             let mut sel = ints(&g, &vec![-9; nrows * ncols]);
-            g.threshold_select(&mut sel, &cb, thr, nrows, ncols)
+            g.threshold_select(&mut sel, &cb, thr, Rows { n: nrows, c: ncols })
                 .unwrap();
             let got_t = g.read_ints(&sel, nrows * ncols).unwrap();
             let mut out = Vec::new();
@@ -877,8 +892,18 @@ fn run_commit_select<B: Backend>(
         ints(be, ids),
         ints(be, plan),
     );
-    be.commit_select(&mut commit, &tb, &cb, &rb, &ib, &pb, s)
-        .unwrap();
+    be.commit_select(
+        &mut commit,
+        CommitIn {
+            tok: &tb,
+            conf: &cb,
+            rows: &rb,
+            ids: &ib,
+            plan: &pb,
+        },
+        s,
+    )
+    .unwrap();
     be.read_ints(&commit, s.r).unwrap()
 }
 
@@ -1001,11 +1026,18 @@ fn run_rope_kv<B: Backend>(
     let mut vc = act(be, vc0, b * l, kw);
     let (p, cs, sn) = (ints(be, pos), f32s(be, cos), f32s(be, sin));
     if fused {
-        be.rope_kv_store(&mut x, (&mut kc, &mut vc), (&p, &cs, &sn), q0, s)
-            .unwrap();
+        be.rope_kv_store(
+            &mut x,
+            Kv::new(&mut kc, &mut vc),
+            Rope::new(&p, &cs, &sn),
+            CachedAttnShape { q0, ..s },
+        )
+        .unwrap();
     } else {
-        be.rope(&mut x, &p, &cs, &sn, b * tq, nh, nkv, hd).unwrap();
-        be.kv_store(&mut kc, &mut vc, &x, q0, s).unwrap();
+        be.rope(&mut x, Rope::new(&p, &cs, &sn), s.queries())
+            .unwrap();
+        be.kv_store(Kv::new(&mut kc, &mut vc), &x, CachedAttnShape { q0, ..s })
+            .unwrap();
     }
     (
         be.read_act(&x, b * tq * w).unwrap(),
@@ -1166,7 +1198,7 @@ fn graph_capture_replays_eagerly_computed_result() {
     let mut out = poisoned(&g, n * c);
     g.synchronize().unwrap();
     let graph = g
-        .capture(|b| b.add_rms_norm(&mut out, &mut xa, &da, &wt, n, c, 1e-5))
+        .capture(|b| b.add_rms_norm(&mut out, &mut xa, &da, &wt, Norm { n, c, eps: 1e-5 }))
         .unwrap();
     // Nothing ran during capture.
     assert!(
@@ -1193,7 +1225,7 @@ fn launchers_name_bad_arguments() {
     let Some(g) = gpu() else { return };
     let x = g.alloc_act(10).unwrap();
     let mut o = g.alloc_act(10).unwrap();
-    let e = err(g.swiglu(&mut o, &x, 2, 5));
+    let e = err(g.swiglu(&mut o, &x, Rows { n: 2, c: 5 }));
     assert!(e.contains("swiglu") && e.contains("gate_up"), "{e}");
     let p = SelectParams {
         dtype: DType::F32,
@@ -1203,13 +1235,21 @@ fn launchers_name_bad_arguments() {
     let mut conf = g.alloc_f32s(1).unwrap();
     let keys = g.alloc_ints(2).unwrap();
     let mut l = g.alloc_act(10).unwrap();
-    let e = err(g.select(&mut tok, &mut conf, &mut l, &keys, 1, 10, &p));
+    let e = err(g.select(
+        SelectIo::new(&mut tok, &mut conf, &mut l, &keys),
+        HeadDims { r: 1, v: 10 },
+        &p,
+    ));
     assert!(e.contains("bf16"), "{e}");
     let (cos, sin) = rope_tables(10000.0, 64, 4);
     let (cb, sb) = (f32s(&g, &cos), f32s(&g, &sin));
     let pos = ints(&g, &[4]);
     let mut q = g.alloc_act(3 * 64).unwrap();
-    let e = err(g.rope(&mut q, &pos, &cb, &sb, 1, 1, 1, 64));
+    let e = err(g.rope(
+        &mut q,
+        Rope::new(&pos, &cb, &sb),
+        AttnShape::new(1, 1, 1, 1, 64),
+    ));
     assert!(e.contains("pos[0] = 4"), "{e}");
 }
 
@@ -1228,7 +1268,8 @@ fn run_log_prob<B: Backend>(
     let l = act(b, logits, lrows, v);
     let t = ints(b, targets);
     let mut out = f32s(b, &vec![f32::NAN; r]);
-    b.log_prob(&mut out, &l, &t, r, v, cfg_scale).unwrap();
+    b.log_prob(&mut out, &l, &t, LogProb { r, v, cfg_scale })
+        .unwrap();
     (
         b.read_f32s(&out, r).unwrap(),
         b.read_act(&l, lrows * v).unwrap(),
@@ -1245,70 +1286,71 @@ fn run_log_prob<B: Backend>(
 fn log_prob_matches_cpu_reference() {
     let Some(g) = gpu() else { return };
     let c0 = cpu();
-    let mut case = 0u64;
-    for &(r, v) in &[(1usize, 64usize), (7, 1000), (33, 4099), (5, 126464)] {
-        for &cfg_scale in &[0.0, 0.5, 2.0] {
-            case += 1;
-            let lrows = if cfg_scale > 0.0 { 2 * r } else { r };
-            let mut logits = rand_vec(900 + case, lrows * v, 8.0);
-            let mut targets: Vec<i32> = (0..r).map(|i| ((i * 7919 + 13) % v) as i32).collect();
-            // Row 0's target is its (conditional) argmax: log p near 0, the cancellation case.
-            let best = (0..v)
-                .max_by(|&a, &b| logits[a].partial_cmp(&logits[b]).unwrap())
-                .unwrap();
-            targets[0] = best as i32;
-            if r > 2 {
-                logits[v + 3] = f32::NAN; // row 1 → NaN
-                for x in &mut logits[2 * v..3 * v] {
-                    *x = f32::NEG_INFINITY; // row 2 → −∞ (conditional half)
-                }
-                if cfg_scale > 0.0 {
-                    for x in &mut logits[(r + 2) * v..(r + 3) * v] {
-                        *x = f32::NEG_INFINITY;
-                    }
+    // (R, V) up to LLaDA's vocabulary, each at three CFG scales.
+    let sizes = [(1usize, 64usize), (7, 1000), (33, 4099), (5, 126464)];
+    let cases = sizes
+        .iter()
+        .flat_map(|&(r, v)| [0.0, 0.5, 2.0].map(|c| LogProb::new(r, v, c)));
+    for (case, s) in (1u64..).zip(cases) {
+        let (LogProb { r, v, cfg_scale }, lrows) = (s, s.logit_rows());
+        let mut logits = rand_vec(900 + case, lrows * v, 8.0);
+        let mut targets: Vec<i32> = (0..r).map(|i| ((i * 7919 + 13) % v) as i32).collect();
+        // Row 0's target is its (conditional) argmax: log p near 0, the cancellation case.
+        let best = (0..v)
+            .max_by(|&a, &b| logits[a].partial_cmp(&logits[b]).unwrap())
+            .unwrap();
+        targets[0] = best as i32;
+        if r > 2 {
+            logits[v + 3] = f32::NAN; // row 1 → NaN
+            for x in &mut logits[2 * v..3 * v] {
+                *x = f32::NEG_INFINITY; // row 2 → −∞ (conditional half)
+            }
+            if cfg_scale > 0.0 {
+                for x in &mut logits[(r + 2) * v..(r + 3) * v] {
+                    *x = f32::NEG_INFINITY;
                 }
             }
-            let (oc, lc) = run_log_prob(&c0, &logits, &targets, r, v, cfg_scale);
-            let (og, lg) = run_log_prob(&g, &logits, &targets, r, v, cfg_scale);
-            let what = format!("log_prob r={r} v={v} cfg={cfg_scale}");
-            exact(&format!("{what}: logits unmodified"), &lc, &lg);
-            if r > 2 {
-                assert!(oc[1].is_nan() && og[1].is_nan(), "{what}: NaN row");
-                // All −∞: log p = −∞; with CFG the mix computes −∞ − (−∞) = NaN (as PyTorch).
-                if cfg_scale > 0.0 {
-                    assert!(
-                        oc[2].is_nan() && og[2].is_nan(),
-                        "{what}: −∞ row under CFG: cpu {} gpu {}",
-                        oc[2],
-                        og[2]
-                    );
-                } else {
-                    assert!(
-                        oc[2] == f32::NEG_INFINITY && og[2] == f32::NEG_INFINITY,
-                        "{what}: −∞ row: cpu {} gpu {}",
-                        oc[2],
-                        og[2]
-                    );
-                }
+        }
+        let (oc, lc) = run_log_prob(&c0, &logits, &targets, r, v, cfg_scale);
+        let (og, lg) = run_log_prob(&g, &logits, &targets, r, v, cfg_scale);
+        let what = format!("log_prob r={r} v={v} cfg={cfg_scale}");
+        exact(&format!("{what}: logits unmodified"), &lc, &lg);
+        if r > 2 {
+            assert!(oc[1].is_nan() && og[1].is_nan(), "{what}: NaN row");
+            // All −∞: log p = −∞; with CFG the mix computes −∞ − (−∞) = NaN (as PyTorch).
+            if cfg_scale > 0.0 {
+                assert!(
+                    oc[2].is_nan() && og[2].is_nan(),
+                    "{what}: −∞ row under CFG: cpu {} gpu {}",
+                    oc[2],
+                    og[2]
+                );
+            } else {
+                assert!(
+                    oc[2] == f32::NEG_INFINITY && og[2] == f32::NEG_INFINITY,
+                    "{what}: −∞ row: cpu {} gpu {}",
+                    oc[2],
+                    og[2]
+                );
             }
-            let d = (v as f32 + 40.0) * 2f32.powi(-24);
-            compare(&what, &oc, &og, |_, c, gv| {
-                ulp_bf16(c.abs().max(gv.abs())) + d * (1.0 + c.abs())
-            });
-            // The CPU reference itself against an f64 log-softmax (no CFG, ordinary rows).
-            if cfg_scale == 0.0 {
-                for i in (0..r).filter(|&i| r <= 2 || i == 0 || i > 2) {
-                    let row = &logits[i * v..(i + 1) * v];
-                    let m = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
-                    let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
-                    let want = row[targets[i] as usize] as f64 - m - z.ln();
-                    let tol = ulp_bf16(want as f32) as f64 + d as f64 * (1.0 + want.abs());
-                    assert!(
-                        (oc[i] as f64 - want).abs() <= tol,
-                        "{what} row {i}: cpu {} vs f64 {want}",
-                        oc[i]
-                    );
-                }
+        }
+        let d = (v as f32 + 40.0) * 2f32.powi(-24);
+        compare(&what, &oc, &og, |_, c, gv| {
+            ulp_bf16(c.abs().max(gv.abs())) + d * (1.0 + c.abs())
+        });
+        // The CPU reference itself against an f64 log-softmax (no CFG, ordinary rows).
+        if cfg_scale == 0.0 {
+            for i in (0..r).filter(|&i| r <= 2 || i == 0 || i > 2) {
+                let row = &logits[i * v..(i + 1) * v];
+                let m = row.iter().fold(f64::MIN, |m, &x| m.max(x as f64));
+                let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+                let want = row[targets[i] as usize] as f64 - m - z.ln();
+                let tol = ulp_bf16(want as f32) as f64 + d as f64 * (1.0 + want.abs());
+                assert!(
+                    (oc[i] as f64 - want).abs() <= tol,
+                    "{what} row {i}: cpu {} vs f64 {want}",
+                    oc[i]
+                );
             }
         }
     }
@@ -1316,12 +1358,12 @@ fn log_prob_matches_cpu_reference() {
     let l = g.alloc_act(2 * 10).unwrap();
     let t = ints(&g, &[3, 10]);
     let mut o = g.alloc_f32s(2).unwrap();
-    let e = err(g.log_prob(&mut o, &l, &t, 2, 10, 0.0));
+    let e = err(g.log_prob(&mut o, &l, &t, LogProb::new(2, 10, 0.0)));
     assert!(
         e.contains("log_prob") && e.contains("targets[1] = 10"),
         "{e}"
     );
-    let e = err(g.log_prob(&mut o, &l, &t, 2, 10, 1.0));
+    let e = err(g.log_prob(&mut o, &l, &t, LogProb::new(2, 10, 1.0)));
     assert!(e.contains("logits"), "{e}");
 }
 
@@ -1570,13 +1612,7 @@ fn fa2_attention_matches_within_bound() {
     });
     // L = 1024 (4 chunks), B = 2, padding: one larger case per head dim.
     for &hd in &[64usize, 128] {
-        let s = AttnShape {
-            b: 2,
-            t: 1024,
-            nh: 4,
-            nkv: 2,
-            hd,
-        };
+        let s = AttnShape::new(2, 1024, 4, 2, hd);
         let qkv = rand_vec(9500 + hd as u64, 2 * 1024 * 8 * hd, 2.0);
         let kv = padding_mask(2, 1024);
         let want = run_attention(&c0, &qkv, Some(&kv), s);
@@ -1605,6 +1641,7 @@ fn cached_shape([b, tq, l, nh, nkv, hd]: [usize; 6]) -> CachedAttnShape {
         b,
         tq,
         l,
+        q0: 0,
         nh,
         nkv,
         hd,
@@ -1615,16 +1652,7 @@ fn cached_shape([b, tq, l, nh, nkv, hd]: [usize; 6]) -> CachedAttnShape {
 fn cached_and_dense(dims: [usize; 6]) -> (CachedAttnShape, AttnShape) {
     let [b, _, l, nh, nkv, hd] = dims;
     let s = cached_shape(dims);
-    (
-        s,
-        AttnShape {
-            b,
-            t: l,
-            nh,
-            nkv,
-            hd,
-        },
-    )
+    (s, AttnShape::new(b, l, nh, nkv, hd))
 }
 
 /// Cached attention with the FA2 kernels: CPU vs GPU within the bound; every split policy gives

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use llada::backend::cpu::CpuBackend;
-use llada::backend::Backend;
+use llada::backend::{Backend, MatMul};
 use llada::engine::device::DeviceChoice;
 use llada::engine::{self, ModelSpec, Opened};
 use llada::hf::checkpoint::{block_tensor, WeightSource, WTE};
@@ -211,7 +211,7 @@ fn matmul_fp8_within_the_derived_bound() {
     let mut x: Vec<f32> = (0..n * k).map(|_| DType::BF16.round(r() * 4.0)).collect();
     x[3] = 0.0;
     let mut out = vec![0.0f32; n * m];
-    matmul(DType::BF16, &mut out, &x, &w, n, k, m).unwrap();
+    matmul(DType::BF16, &mut out, &x, &w, MatMul { n, k, m }).unwrap();
     let wv: Vec<f32> = parts
         .iter()
         .flat_map(|p| {
@@ -279,7 +279,7 @@ fn matmul_fp8_propagates_nan_per_token() {
     let mut x: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.37).sin()).collect();
     x[k + 3] = f32::NAN;
     let mut out = vec![0.0f32; n * m];
-    matmul(DType::BF16, &mut out, &x, &w, n, k, m).unwrap();
+    matmul(DType::BF16, &mut out, &x, &w, MatMul { n, k, m }).unwrap();
     assert!(out[..m].iter().all(|v| v.is_finite()));
     assert!(
         out[m..2 * m].iter().all(|v| v.is_nan()),
@@ -289,7 +289,7 @@ fn matmul_fp8_propagates_nan_per_token() {
     assert!(out[2 * m..].iter().all(|v| v.is_finite()));
     // An infinite activation is not representable either: its token is NaN too.
     x[k + 3] = f32::INFINITY;
-    matmul(DType::BF16, &mut out, &x, &w, n, k, m).unwrap();
+    matmul(DType::BF16, &mut out, &x, &w, MatMul { n, k, m }).unwrap();
     assert!(out[m..2 * m].iter().all(|v| v.is_nan()));
 }
 
@@ -309,7 +309,14 @@ fn quantize_refuses_non_finite_weights_and_checks_shapes() {
     let mut out = vec![0.0f32; 10];
     let e = format!(
         "{:#}",
-        matmul(DType::BF16, &mut out, &[0.0; 16], &[w], 2, 8, 5).unwrap_err()
+        matmul(
+            DType::BF16,
+            &mut out,
+            &[0.0; 16],
+            &[w],
+            MatMul { n: 2, k: 8, m: 5 }
+        )
+        .unwrap_err()
     );
     assert!(e.contains("M = 5"), "{e}");
 }
@@ -331,8 +338,9 @@ fn cpu_backend_fp8_weight_matches_the_reference_and_other_backends_refuse() {
         .collect();
     let mut a = vec![0.0f32; 3 * 8];
     let mut b = vec![0.0f32; 3 * 8];
-    be.matmul(&mut a, &x, &bw, 3, 32, 8).unwrap();
-    matmul(DType::BF16, &mut b, &x, &w, 3, 32, 8).unwrap();
+    be.matmul(&mut a, &x, &bw, MatMul { n: 3, k: 32, m: 8 })
+        .unwrap();
+    matmul(DType::BF16, &mut b, &x, &w, MatMul { n: 3, k: 32, m: 8 }).unwrap();
     assert_eq!(a, b);
     // A column mismatch between parts names the tensors.
     let bad = [

@@ -120,11 +120,7 @@ pub fn commit_rows(
         );
     }
     check_plan(OP, &plan[..2 * b + 1], r, b)?;
-    if let Some((i, &rw)) = rows[..r]
-        .iter()
-        .enumerate()
-        .find(|(_, &rw)| rw < 0 || rw as usize >= n)
-    {
+    if let Some((i, rw)) = crate::backend::cpu::check::first_outside(&rows[..r], n) {
         bail!("{OP}: rows[{i}] = {rw} is outside the pass's {n} tokens");
     }
     commit[..r].fill(-1);

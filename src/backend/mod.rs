@@ -21,48 +21,17 @@ use crate::backend::head::SelectParams;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 
+pub mod args;
 pub mod commit;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod head;
+pub mod shape;
 
+pub use args::{CommitIn, Gather, Rope, SelectIo};
 pub use error::DeviceError;
-
-/// Shape of one attention call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct AttnShape {
-    /// Batch rows.
-    pub b: usize,
-    /// Tokens per batch row (queries = keys: full-sequence bidirectional attention).
-    pub t: usize,
-    pub nh: usize,
-    pub nkv: usize,
-    pub hd: usize,
-}
-
-/// Shape of one cached attention call (Fast-dLLM prefix / dual cache, reference §7): the
-/// queries are the `TQ` tokens at absolute positions `[q0, q0 + TQ)` of each batch row, the keys
-/// and values are all `L` rows of that batch row in the KV cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CachedAttnShape {
-    /// Batch rows.
-    pub b: usize,
-    /// Query tokens per batch row.
-    pub tq: usize,
-    /// Cached keys per batch row (the full sequence length).
-    pub l: usize,
-    pub nh: usize,
-    pub nkv: usize,
-    pub hd: usize,
-}
-
-impl CachedAttnShape {
-    /// `(b, tq, l, nh, nkv, hd)`, in the fields' order.
-    pub fn dims(&self) -> (usize, usize, usize, usize, usize, usize) {
-        (self.b, self.tq, self.l, self.nh, self.nkv, self.hd)
-    }
-}
+pub use shape::{AttnShape, CachedAttnShape, HeadDims, Kv, LogProb, MatMul, Norm, Rows};
 
 /// Op classes of the per-step time breakdown (`llada-bench --breakdown`, [`Backend::prof_mark`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -166,193 +135,140 @@ pub trait Backend {
         Ok(())
     }
 
-    /// `out[i, :] = wte[ids[i], :]` for `i < n`; `wte` is `[V, C]`.
-    fn embedding(
-        &self,
-        out: &mut Self::Act,
-        wte: &Self::Weight,
-        ids: &Self::Ints,
-        n: usize,
-        c: usize,
-    ) -> Result<()>;
+    /// `out[i, :] = wte[ids[i], :]` for `i < N` (`ids` = `g.idx`); `wte` is `[V, C]`.
+    fn embedding(&self, out: &mut Self::Act, wte: &Self::Weight, g: Gather<'_, Self>)
+        -> Result<()>;
 
     /// RMSNorm without a residual: `out = w * round(x * rsqrt(mean(x²) + eps))`.
-    fn rms_norm(
-        &self,
-        out: &mut Self::Act,
-        x: &Self::Act,
-        w: &Self::Weight,
-        n: usize,
-        c: usize,
-        eps: f32,
-    ) -> Result<()>;
+    fn rms_norm(&self, out: &mut Self::Act, x: &Self::Act, w: &Self::Weight, s: Norm)
+        -> Result<()>;
 
     /// Residual add fused with RMSNorm: `x = round(x + d)`, then `out = rms_norm(x)`.
-    #[allow(clippy::too_many_arguments)]
     fn add_rms_norm(
         &self,
         out: &mut Self::Act,
         x: &mut Self::Act,
         d: &Self::Act,
         w: &Self::Weight,
-        n: usize,
-        c: usize,
-        eps: f32,
+        s: Norm,
     ) -> Result<()>;
 
-    /// Residual add: `x = round(x + d)` over `n·c` elements.
-    fn add(&self, x: &mut Self::Act, d: &Self::Act, n: usize, c: usize) -> Result<()>;
+    /// Residual add: `x = round(x + d)` over `N·C` elements.
+    fn add(&self, x: &mut Self::Act, d: &Self::Act, s: Rows) -> Result<()>;
 
     /// `out[N, M] = x[N, K] · wᵀ` with `w` `[M, K]`; f32 accumulation, output rounded.
-    fn matmul(
-        &self,
-        out: &mut Self::Act,
-        x: &Self::Act,
-        w: &Self::Weight,
-        n: usize,
-        k: usize,
-        m: usize,
-    ) -> Result<()>;
+    fn matmul(&self, out: &mut Self::Act, x: &Self::Act, w: &Self::Weight, s: MatMul)
+        -> Result<()>;
 
     /// RoPE, half rotation, in f32, in place on the q and k parts of a merged `qkv` buffer
-    /// (`N` rows). Row `i` is rotated to position `pos[i]` using the tables of [`rope_tables`]
+    /// (`B·T` rows). Row `i` is rotated to position `pos[i]` using the tables of [`rope_tables`]
     /// (`cos`, `sin`: `[max_pos, HD/2]`): for `j < HD/2`,
     /// `out[j] = x[j]·cos − x[j+HD/2]·sin`, `out[j+HD/2] = x[j+HD/2]·cos + x[j]·sin`, in f32 from
     /// the stored values, rounded once.
-    #[allow(clippy::too_many_arguments)]
-    fn rope(
-        &self,
-        qkv: &mut Self::Act,
-        pos: &Self::Ints,
-        cos: &Self::F32s,
-        sin: &Self::F32s,
-        n: usize,
-        nh: usize,
-        nkv: usize,
-        hd: usize,
-    ) -> Result<()>;
+    fn rope(&self, qkv: &mut Self::Act, t: Rope<'_, Self>, s: AttnShape) -> Result<()>;
 
     /// Bidirectional attention over a merged `qkv` buffer `[B·T, (NH+2·NKV)·HD]` into
     /// `out` `[B·T, NH·HD]`, scale 1/√HD. `key_valid` (`[B·T]`, 1 = attend) masks padding keys;
-    /// `None` attends to every key.
+    /// `None` attends to every key. Runs [`Backend::attend`] with the keys of `qkv`.
     fn attention(
         &self,
         out: &mut Self::Act,
         qkv: &Self::Act,
         key_valid: Option<&Self::Ints>,
         s: AttnShape,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.attend(out, qkv, None, key_valid, s.full())
+    }
 
     /// Write the (already rotated) k and v parts of a merged `qkv` buffer `[B·TQ, (NH+2·NKV)·HD]`
-    /// into rows `[q0, q0 + TQ)` of each batch row of the caches `k_cache`, `v_cache`
-    /// (`[B, L, NKV·HD]` each): `k_cache[bi·L + q0 + i] = k(qkv[bi·TQ + i])`. Exact copies.
-    #[allow(clippy::too_many_arguments)]
-    fn kv_store(
-        &self,
-        k_cache: &mut Self::Act,
-        v_cache: &mut Self::Act,
-        qkv: &Self::Act,
-        q0: usize,
-        s: CachedAttnShape,
-    ) -> Result<()>;
+    /// into rows `[q0, q0 + TQ)` (`q0 = s.q0`) of each batch row of the caches `kv.k`, `kv.v`
+    /// (`[B, L, NKV·HD]` each): `kv.k[bi·L + q0 + i] = k(qkv[bi·TQ + i])`. Exact copies.
+    fn kv_store(&self, kv: Kv<&mut Self::Act>, qkv: &Self::Act, s: CachedAttnShape) -> Result<()>;
 
-    /// [`Backend::rope`] on the `B·TQ` rows of `qkv` (positions `rope.0`, tables `rope.1`,
-    /// `rope.2`) fused with [`Backend::kv_store`] of the rotated k and the v into rows
-    /// `[q0, q0 + TQ)` of `k_cache`, `v_cache`: one pass over the projection's output where the
-    /// backend has the kernel (CUDA: `rope_kv_store_bf16`). This default runs the two ops in
-    /// turn and is the reference; a fused kernel must equal it bit for bit.
+    /// [`Backend::rope`] on the `B·TQ` rows of `qkv` (positions and tables `t`) fused with
+    /// [`Backend::kv_store`] of the rotated k and the v into rows `[q0, q0 + TQ)` of `kv`: one
+    /// pass over the projection's output where the backend has the kernel (CUDA:
+    /// `rope_kv_store_bf16`). This default runs the two ops in turn and is the reference; a
+    /// fused kernel must equal it bit for bit.
     fn rope_kv_store(
         &self,
         qkv: &mut Self::Act,
-        (k_cache, v_cache): (&mut Self::Act, &mut Self::Act),
-        rope: (&Self::Ints, &Self::F32s, &Self::F32s),
-        q0: usize,
+        kv: Kv<&mut Self::Act>,
+        t: Rope<'_, Self>,
         s: CachedAttnShape,
     ) -> Result<()> {
-        let (pos, cos, sin) = rope;
-        self.rope(qkv, pos, cos, sin, s.b * s.tq, s.nh, s.nkv, s.hd)?;
-        self.kv_store(k_cache, v_cache, qkv, q0, s)
+        self.rope(qkv, t, s.queries())?;
+        self.kv_store(kv, qkv, s)
     }
 
     /// Bidirectional attention of the `TQ` queries per batch row in the q part of `qkv`
     /// (`[B·TQ, (NH+2·NKV)·HD]`; its k/v parts are ignored) over the `L` keys and values per batch
-    /// row of `k_cache`, `v_cache` (`[B, L, NKV·HD]`), into `out` `[B·TQ, NH·HD]`, scale 1/√HD.
+    /// row of the caches `kv.k`, `kv.v` (`[B, L, NKV·HD]`), into `out` `[B·TQ, NH·HD]`, scale
+    /// 1/√HD.
     /// `key_valid` is `[B·L]`. With `TQ = L` and caches holding the k/v parts of `qkv`, the result
-    /// equals [`Backend::attention`] bit for bit (both backends run the same code for the two).
+    /// equals [`Backend::attention`] bit for bit (both run [`Backend::attend`]).
     fn attention_cached(
         &self,
         out: &mut Self::Act,
         qkv: &Self::Act,
-        k_cache: &Self::Act,
-        v_cache: &Self::Act,
+        kv: Kv<&Self::Act>,
+        key_valid: Option<&Self::Ints>,
+        s: CachedAttnShape,
+    ) -> Result<()> {
+        self.attend(out, qkv, Some(kv), key_valid, s)
+    }
+
+    /// The attention behind both ops, which a backend implements once: [`Backend::attention`]
+    /// with `kv = None` (the keys and values are the k and v parts of `qkv`, `TQ = L`, `q0 = 0`),
+    /// [`Backend::attention_cached`] with the caches. Errors name the op ([`attention_name`]).
+    fn attend(
+        &self,
+        out: &mut Self::Act,
+        qkv: &Self::Act,
+        kv: Option<Kv<&Self::Act>>,
         key_valid: Option<&Self::Ints>,
         s: CachedAttnShape,
     ) -> Result<()>;
 
-    /// `out[N, F] = silu(gate) * up` on a merged `gate_up` `[N, 2F]`.
-    fn swiglu(&self, out: &mut Self::Act, gate_up: &Self::Act, n: usize, f: usize) -> Result<()>;
+    /// `out[N, F] = silu(gate) * up` on a merged `gate_up` `[N, 2F]` (`s.c = F`).
+    fn swiglu(&self, out: &mut Self::Act, gate_up: &Self::Act, s: Rows) -> Result<()>;
 
-    /// `out[r, :] = x[rows[r], :]` for `r < nrows`.
-    fn gather_rows(
-        &self,
-        out: &mut Self::Act,
-        x: &Self::Act,
-        rows: &Self::Ints,
-        nrows: usize,
-        c: usize,
-    ) -> Result<()>;
+    /// `out[i, :] = x[rows[i], :]` for `i < N` (`rows` = `g.idx`).
+    fn gather_rows(&self, out: &mut Self::Act, x: &Self::Act, g: Gather<'_, Self>) -> Result<()>;
 
     /// The sampler's per-position head (see [`crate::backend::head::select_one`]) on logits `[R', V]`:
     /// with `p.cfg_scale > 0`, `R' = 2R` and rows `R..2R` are the unconditional logits of rows
     /// `0..R`. `keys` holds `2R` ints: (batch row, absolute position) per row for the RNG.
     /// Writes `tok[R]` and `conf[R]`. May overwrite `logits`.
-    #[allow(clippy::too_many_arguments)]
-    fn select(
-        &self,
-        tok: &mut Self::Ints,
-        conf: &mut Self::F32s,
-        logits: &mut Self::Act,
-        keys: &Self::Ints,
-        r: usize,
-        v: usize,
-        p: &SelectParams,
-    ) -> Result<()>;
+    fn select(&self, io: SelectIo<'_, Self>, s: HeadDims, p: &SelectParams) -> Result<()>;
 
     /// The step's commit selection on the device ([`commit::commit_rows`] is the reference): per
     /// batch row `br`, the requested rows `seg[br]..seg[br+1]` whose token `ids[rows[i]]` is still
     /// `s.mask_id` are ranked by `conf` ([`commit::commit_select`]) and the ones `s.rule` keeps
     /// (with quota `plan[b + 1 + br]`) get `commit[i] = tok[i]`; every other of the `R` rows gets
     /// −1. `plan` is `[2B + 1]`: the offsets `seg`, then the quotas.
-    #[allow(clippy::too_many_arguments)]
     fn commit_select(
         &self,
         commit: &mut Self::Ints,
-        tok: &Self::Ints,
-        conf: &Self::F32s,
-        rows: &Self::Ints,
-        ids: &Self::Ints,
-        plan: &Self::Ints,
+        c: CommitIn<'_, Self>,
         s: commit::CommitShape,
     ) -> Result<()>;
 
     /// Log-probability of a target token under the softmax of each logits row (reference §5.1,
-    /// the `F.cross_entropy` of `get_log_likelihood`, negated): for `i < r`,
+    /// the `F.cross_entropy` of `get_log_likelihood`, negated): for `i < R`,
     /// `out[i] = round(l[t_i] − m − ln Σ_v exp(l[v] − m))`, `m = max_v l[v]`, `t_i = targets[i]`,
     /// computed in f32 from the stored values and rounded once to the compute dtype (PyTorch's
     /// `log_softmax` on a bf16 tensor also computes in f32 and returns bf16). With
-    /// `cfg_scale > 0`, `logits` holds `2R` rows, rows `R..2R` being the unconditional logits of
+    /// `s.cfg_scale > 0`, `logits` holds `2R` rows, rows `R..2R` being the unconditional logits of
     /// rows `0..R`, and `l` is first mixed exactly as [`crate::backend::head::cfg_mix`] (each op rounded).
     /// CPU reference: [`crate::backend::cpu::log_prob_one`]. NaN logits give NaN; a row whose logits
     /// are all −∞ gives −∞. Targets must lie in `[0, V)`.
-    #[allow(clippy::too_many_arguments)]
     fn log_prob(
         &self,
         out: &mut Self::F32s,
         logits: &Self::Act,
         targets: &Self::Ints,
-        r: usize,
-        v: usize,
-        cfg_scale: f64,
+        s: LogProb,
     ) -> Result<()>;
 
     /// Wait for queued work to finish (no-op on the CPU).
@@ -417,6 +333,16 @@ pub trait Backend {
     /// with no interval left out; resets the totals (waits for queued work).
     fn prof_take(&self) -> Result<Vec<(OpClass, f64)>> {
         Ok(Vec::new())
+    }
+}
+
+/// The op an [`Backend::attend`] call runs, for its errors: `attention_cached` when it reads
+/// caches, else `attention`.
+pub fn attention_name(cached: bool) -> &'static str {
+    if cached {
+        "attention_cached"
+    } else {
+        "attention"
     }
 }
 

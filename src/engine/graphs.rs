@@ -1,17 +1,15 @@
 //! CUDA-graph bookkeeping of [`super::model::Model`]: one captured layers pass per launch shape
 //! ([`GraphKey`]), bounded in number, replayed instead of re-launching.
 
-use crate::backend::GraphExec;
+use crate::backend::{CachedAttnShape, GraphExec};
 use std::collections::HashMap;
 
 /// Whatever fixes the launches of a layers pass besides the workspace's own buffers: the
-/// sizes, the span start (kv_store), whether a key mask is passed, and which KV cache (0: none).
+/// attention shape (sizes and the span start of kv_store), whether a key mask is passed, and
+/// which KV cache (0: none).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct GraphKey {
-    pub(crate) b: usize,
-    pub(crate) tq: usize,
-    pub(crate) l: usize,
-    pub(crate) q0: usize,
+    pub(crate) shape: CachedAttnShape,
     pub(crate) masked: bool,
     pub(crate) cache: u64,
 }

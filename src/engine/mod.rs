@@ -258,16 +258,17 @@ impl<B: Backend> Engine for EngineImpl<B> {
         let mut xa = be.alloc_act(n * k)?;
         let mut ids = be.alloc_ints(n)?;
         be.write_ints(&mut ids, &(0..n as i32).collect::<Vec<_>>())?;
-        be.embedding(&mut xa, &x, &ids, n, k)?;
+        be.embedding(&mut xa, &x, crate::backend::Gather { idx: &ids, n, c: k })?;
+        let mm = crate::backend::MatMul { n, k, m };
         let mut out = be.alloc_act(n * m)?;
         for _ in 0..3 {
-            be.matmul(&mut out, &xa, &w, n, k, m)?;
+            be.matmul(&mut out, &xa, &w, mm)?;
         }
         be.synchronize()?;
         let iters = 20;
         let t0 = std::time::Instant::now();
         for _ in 0..iters {
-            be.matmul(&mut out, &xa, &w, n, k, m)?;
+            be.matmul(&mut out, &xa, &w, mm)?;
         }
         be.synchronize()?;
         let s = t0.elapsed().as_secs_f64() / iters as f64;

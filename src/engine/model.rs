@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::backend::{rope_tables, AttnShape, Backend, CachedAttnShape, OpClass};
+use crate::backend::{rope_tables, Backend, CachedAttnShape, Gather, Kv, MatMul, Norm, OpClass};
+use crate::backend::{Rope, Rows};
 use crate::engine::graphs::*;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::config::ModelConfig;
@@ -593,13 +594,18 @@ impl<B: Backend> Model<B> {
 
         // The layers: replayed from a graph when this shape has been seen before (the uploads
         // above went to the fixed buffers the graph captured), else run eagerly.
-        let masked = key_valid.is_some();
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim());
         let key = GraphKey {
-            b,
-            tq,
-            l,
-            q0,
-            masked,
+            shape: CachedAttnShape {
+                b,
+                tq,
+                l,
+                q0,
+                nh,
+                nkv,
+                hd,
+            },
+            masked: key_valid.is_some(),
             cache: cache.as_ref().map_or(0, |kc| kc.id),
         };
         let plan = if be.graphs_supported() && !be.prof_enabled() {
@@ -608,7 +614,7 @@ impl<B: Backend> Model<B> {
             Plan::Eager
         };
         match plan {
-            Plan::Eager => self.layers_pass(ws, cache, b, l, q0, q1, masked)?,
+            Plan::Eager => self.layers_pass(ws, cache, key)?,
             Plan::Replay => {
                 let g = ws
                     .graphs
@@ -620,8 +626,7 @@ impl<B: Backend> Model<B> {
             Plan::Capture => {
                 let mut cache = cache;
                 let captured = {
-                    let mut body =
-                        || self.layers_pass(ws, cache.as_deref_mut(), b, l, q0, q1, masked);
+                    let mut body = || self.layers_pass(ws, cache.as_deref_mut(), key);
                     be.graph_capture(&mut body)
                 };
                 match captured {
@@ -638,100 +643,76 @@ impl<B: Backend> Model<B> {
                             ws.graphs.warned = true;
                         }
                         ws.graphs.enabled = false;
-                        self.layers_pass(ws, cache, b, l, q0, q1, masked)?;
+                        self.layers_pass(ws, cache, key)?;
                     }
                 }
             }
         }
 
         // The LM head on the requested rows (eager: its row count changes every step).
-        let eps = cfg.rms_norm_eps;
-        let v = cfg.embedding_size;
+        let (eps, v) = (cfg.rms_norm_eps, cfg.embedding_size);
+        let (norm, head) = (Norm::new(r, c, eps), MatMul { n: r, k: c, m: v });
         op(be, OpClass::NormElementwise, c"gather", || {
-            be.gather_rows(&mut ws.xr, &ws.x, &ws.rows, r, c)?;
+            let g = Gather::new(&ws.rows, r, c);
+            be.gather_rows(&mut ws.xr, &ws.x, g)?;
             if self.layers.is_empty() {
-                be.rms_norm(&mut ws.hr, &ws.xr, &self.ln_f, r, c, eps)
+                be.rms_norm(&mut ws.hr, &ws.xr, &self.ln_f, norm)
             } else {
-                be.gather_rows(&mut ws.dr, &ws.d, &ws.rows, r, c)?;
-                be.add_rms_norm(&mut ws.hr, &mut ws.xr, &ws.dr, &self.ln_f, r, c, eps)
+                be.gather_rows(&mut ws.dr, &ws.d, g)?;
+                be.add_rms_norm(&mut ws.hr, &mut ws.xr, &ws.dr, &self.ln_f, norm)
             }
         })?;
         op(be, OpClass::LmHead, c"lm_head", || {
-            be.matmul(&mut ws.logits, &ws.hr, &self.lm_head, r, c, v)
+            be.matmul(&mut ws.logits, &ws.hr, &self.lm_head, head)
         })?;
         be.prof_mark(None);
         ws.last_rows = r;
         Ok(())
     }
 
-    /// Embedding and every layer over the `b·(q1 − q0)` tokens whose ids, positions and mask
-    /// are already in `ws`: exactly the launches a graph captures (no host data, no read-back).
-    #[allow(clippy::too_many_arguments)]
+    /// Embedding and every layer over the `B·TQ` tokens of `key.shape` whose ids, positions and
+    /// mask are already in `ws`: exactly the launches a graph captures (no host data, no
+    /// read-back).
     fn layers_pass(
         &self,
         ws: &mut Workspace<B>,
         mut cache: Option<&mut KvCache<B>>,
-        b: usize,
-        l: usize,
-        q0: usize,
-        q1: usize,
-        masked: bool,
+        key: GraphKey,
     ) -> Result<()> {
         let be = &self.backend;
         let cfg = &self.cfg;
-        let (c, nh, nkv, hd, f) = (
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.n_kv_heads,
-            cfg.head_dim(),
-            cfg.mlp_hidden_size,
-        );
-        let tq = q1 - q0;
-        let n = b * tq;
-        let eps = cfg.rms_norm_eps;
-        let qkv_w = (nh + 2 * nkv) * hd;
-        let shape = AttnShape {
-            b,
-            t: tq,
-            nh,
-            nkv,
-            hd,
-        };
-        let cshape = CachedAttnShape {
-            b,
-            tq,
-            l,
-            nh,
-            nkv,
-            hd,
-        };
+        let (cshape, masked) = (key.shape, key.masked);
+        let shape = cshape.queries();
+        let (n, c, f) = (shape.rows(), cfg.d_model, cfg.mlp_hidden_size);
+        let (nh, hd) = (shape.nh, shape.hd);
+        let norm = Norm::new(n, c, cfg.rms_norm_eps);
+        let mm = |k, m| MatMul { n, k, m };
         op(be, OpClass::NormElementwise, c"embedding", || {
-            be.embedding(&mut ws.x, &self.wte, &ws.ids, n, c)
+            be.embedding(&mut ws.x, &self.wte, Gather { idx: &ws.ids, n, c })
         })?;
         for (i, layer) in self.layers.iter().enumerate() {
             let _layer = nvtx::range(LAYER_NAMES.get(i).copied().unwrap_or(c"layer"));
             op(be, OpClass::NormElementwise, c"attn_norm", || {
                 if i == 0 {
-                    be.rms_norm(&mut ws.h, &ws.x, &layer.attn_norm, n, c, eps)
+                    be.rms_norm(&mut ws.h, &ws.x, &layer.attn_norm, norm)
                 } else {
-                    be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &layer.attn_norm, n, c, eps)
+                    be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &layer.attn_norm, norm)
                 }
             })?;
             op(be, OpClass::Gemm, c"qkv", || {
-                be.matmul(&mut ws.qkv, &ws.h, &layer.qkv, n, c, qkv_w)
+                be.matmul(&mut ws.qkv, &ws.h, &layer.qkv, mm(c, shape.qkv_width()))
             })?;
-            let tables = (&ws.pos, &self.rope_cos, &self.rope_sin);
+            let t = Rope::new(&ws.pos, &self.rope_cos, &self.rope_sin);
             match cache.as_deref_mut() {
                 // LLADA_FUSED=1: RoPE and the cache store in one pass (charged to the glue).
                 Some(kc) if self.fused => {
                     op(be, OpClass::NormElementwise, c"rope_kv_store", || {
-                        let kv = (&mut kc.k[i], &mut kc.v[i]);
-                        be.rope_kv_store(&mut ws.qkv, kv, tables, q0, cshape)
+                        let kv = Kv::new(&mut kc.k[i], &mut kc.v[i]);
+                        be.rope_kv_store(&mut ws.qkv, kv, t, cshape)
                     })?
                 }
                 _ => op(be, OpClass::NormElementwise, c"rope", || {
-                    let (p, cos, sin) = tables;
-                    be.rope(&mut ws.qkv, p, cos, sin, n, nh, nkv, hd)
+                    be.rope(&mut ws.qkv, t, shape)
                 })?,
             }
             op(be, OpClass::Attention, c"attention", || {
@@ -740,26 +721,28 @@ impl<B: Backend> Model<B> {
                     None => be.attention(&mut ws.att, &ws.qkv, mask, shape),
                     Some(kc) => {
                         if !self.fused {
-                            be.kv_store(&mut kc.k[i], &mut kc.v[i], &ws.qkv, q0, cshape)?;
+                            let kv = Kv::new(&mut kc.k[i], &mut kc.v[i]);
+                            be.kv_store(kv, &ws.qkv, cshape)?;
                         }
-                        be.attention_cached(&mut ws.att, &ws.qkv, &kc.k[i], &kc.v[i], mask, cshape)
+                        let kv = Kv::new(&kc.k[i], &kc.v[i]);
+                        be.attention_cached(&mut ws.att, &ws.qkv, kv, mask, cshape)
                     }
                 }
             })?;
             op(be, OpClass::Gemm, c"attn_out", || {
-                be.matmul(&mut ws.d, &ws.att, &layer.attn_out, n, nh * hd, c)
+                be.matmul(&mut ws.d, &ws.att, &layer.attn_out, mm(nh * hd, c))
             })?;
             op(be, OpClass::NormElementwise, c"ff_norm", || {
-                be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &layer.ff_norm, n, c, eps)
+                be.add_rms_norm(&mut ws.h, &mut ws.x, &ws.d, &layer.ff_norm, norm)
             })?;
             op(be, OpClass::Gemm, c"gate_up", || {
-                be.matmul(&mut ws.gate_up, &ws.h, &layer.gate_up, n, c, 2 * f)
+                be.matmul(&mut ws.gate_up, &ws.h, &layer.gate_up, mm(c, 2 * f))
             })?;
             op(be, OpClass::NormElementwise, c"swiglu", || {
-                be.swiglu(&mut ws.mlp, &ws.gate_up, n, f)
+                be.swiglu(&mut ws.mlp, &ws.gate_up, Rows { n, c: f })
             })?;
             op(be, OpClass::Gemm, c"down", || {
-                be.matmul(&mut ws.d, &ws.mlp, &layer.down, n, f, c)
+                be.matmul(&mut ws.d, &ws.mlp, &layer.down, mm(f, c))
             })?;
         }
         Ok(())

@@ -164,15 +164,14 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
         be.prof_mark(Some(OpClass::Head));
         let _r = nvtx::range(c"select");
         be.write_ints(&mut ws.keys, &self.staged.keys)?;
-        be.select(
-            &mut ws.tok,
-            &mut ws.conf,
-            &mut ws.logits,
-            &ws.keys,
-            r,
-            model.cfg.embedding_size,
-            p,
-        )?;
+        let io = crate::backend::SelectIo {
+            tok: &mut ws.tok,
+            conf: &mut ws.conf,
+            logits: &mut ws.logits,
+            keys: &ws.keys,
+        };
+        let v = model.cfg.embedding_size;
+        be.select(io, crate::backend::HeadDims { r, v }, p)?;
         Ok(())
     }
 
@@ -278,15 +277,14 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             rule: plan.rule,
         };
         be.write_ints(&mut bufs.plan, &self.h_plan)?;
-        be.commit_select(
-            &mut bufs.commit,
-            &ws.tok,
-            &ws.conf,
-            &ws.rows,
-            &ws.ids,
-            &bufs.plan,
-            shape,
-        )?;
+        let c = crate::backend::CommitIn {
+            tok: &ws.tok,
+            conf: &ws.conf,
+            rows: &ws.rows,
+            ids: &ws.ids,
+            plan: &bufs.plan,
+        };
+        be.commit_select(&mut bufs.commit, c, shape)?;
         be.read_ints_into(&bufs.commit, out)?;
         be.prof_mark(None);
         Ok(())
@@ -553,7 +551,12 @@ impl<B: Backend> crate::engine::predictor::Scorer for ModelScorer<'_, B> {
         let be = &model.backend;
         // `tok` [R] and `conf` [R] are free here: targets in, log-probabilities out.
         be.write_ints(&mut ws.tok, &self.targets)?;
-        be.log_prob(&mut ws.conf, &ws.logits, &ws.tok, r, v, req.cfg_scale)?;
+        let s = crate::backend::LogProb {
+            r,
+            v,
+            cfg_scale: req.cfg_scale,
+        };
+        be.log_prob(&mut ws.conf, &ws.logits, &ws.tok, s)?;
         let lp = be.read_f32s(&ws.conf, r)?;
         out.copy_from_slice(&lp);
         Ok(())

@@ -34,6 +34,7 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::check::need;
 use crate::backend::cpu::dot::dot;
+use crate::backend::shape::MatMul;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 
@@ -312,16 +313,9 @@ thread_local! {
 /// The FP8 linear layer, CPU reference: `out[N, M] = x[N, K] · wᵀ` with the weight given as
 /// row-stacked FP8 parts (`Σ rows = M`, each `[rows_p, K]`), activations quantized per token
 /// (module docs), f32 accumulation, each output rounded once to `dt`.
-pub fn matmul(
-    dt: DType,
-    out: &mut [f32],
-    x: &[f32],
-    parts: &[Fp8Weight],
-    n: usize,
-    k: usize,
-    m: usize,
-) -> Result<()> {
+pub fn matmul(dt: DType, out: &mut [f32], x: &[f32], parts: &[Fp8Weight], s: MatMul) -> Result<()> {
     const OP: &str = "matmul_fp8";
+    let MatMul { n, k, m } = s;
     need(OP, "out", out.len(), n * m)?;
     need(OP, "x", x.len(), n * k)?;
     let rows: usize = parts.iter().map(|p| p.rows).sum();

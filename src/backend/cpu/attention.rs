@@ -11,6 +11,10 @@ pub(super) struct Strided<'a> {
 }
 
 impl<'a> Strided<'a> {
+    pub(super) fn new(data: &'a [f32], off: usize, stride: usize) -> Self {
+        Strided { data, off, stride }
+    }
+
     pub(super) fn row(&self, r: usize, len: usize) -> &'a [f32] {
         &self.data[r * self.stride + self.off..][..len]
     }
@@ -20,7 +24,7 @@ impl<'a> Strided<'a> {
 /// query row `bi·TQ + i` (head `h` at columns `h·HD` of `q`) attends to key/value rows
 /// `bi·L .. (bi+1)·L` (kv head `h / (NH/NKV)`), scores in f32, exact softmax in f32, output
 /// rounded once. A query with no valid key gets zeros. Shapes are checked by the callers.
-pub(super) fn attend(
+pub(super) fn attend_rows(
     dt: DType,
     out: &mut [f32],
     q: Strided<'_>,

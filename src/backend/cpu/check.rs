@@ -11,3 +11,12 @@ pub(crate) fn need(op: &str, arg: &str, have: usize, want: usize) -> Result<()> 
     );
     Ok(())
 }
+
+/// The first of `vals` outside `[0, hi)` as `(index, value)`: the int-range check of the ops
+/// that index with ints (ids, positions, rows, targets); each op words its own error.
+pub(crate) fn first_outside(vals: &[i32], hi: usize) -> Option<(usize, i32)> {
+    vals.iter()
+        .enumerate()
+        .find(|(_, &v)| v < 0 || v as usize >= hi)
+        .map(|(i, &v)| (i, v))
+}

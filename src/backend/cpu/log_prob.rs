@@ -50,27 +50,21 @@ pub fn log_prob_one(
 pub(super) fn cpu_log_prob(
     dtype: DType,
     out: &mut [f32],
-    logits: &[f32],
-    targets: &[i32],
-    r: usize,
-    v: usize,
-    cfg_scale: f64,
+    (logits, targets): (&[f32], &[i32]),
+    s: LogProb,
 ) -> Result<()> {
     const OP: &str = "log_prob";
+    let LogProb { r, v, cfg_scale } = s;
     ensure!(
         cfg_scale.is_finite() && cfg_scale >= 0.0,
         "{OP}: cfg_scale must be finite and >= 0, got {cfg_scale}"
     );
     let cfg = cfg_scale > 0.0;
-    let rr = if cfg { 2 * r } else { r };
+    let rr = s.logit_rows();
     need(OP, "logits", logits.len(), rr * v)?;
     need(OP, "targets", targets.len(), r)?;
     need(OP, "out", out.len(), r)?;
-    if let Some((i, &t)) = targets[..r]
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t < 0 || t as usize >= v)
-    {
+    if let Some((i, t)) = super::check::first_outside(&targets[..r], v) {
         bail!("{OP}: targets[{i}] = {t} is outside the vocabulary (V = {v})");
     }
     if r == 0 {

@@ -22,7 +22,12 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, CachedAttnShape, OpClass};
+use super::{
+    attention_name, AttnShape, Backend, CachedAttnShape, Gather, Kv, MatMul, Norm, OpClass, Rope,
+    Rows,
+};
+use super::{CommitIn, HeadDims, LogProb, SelectIo};
+use crate::backend::commit::CommitShape;
 use crate::backend::head::{cfg_mix, select_one, SelectParams};
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
@@ -34,8 +39,8 @@ mod log_prob;
 mod norm;
 mod weights;
 
-use attention::*;
-use check::need;
+use attention::{attend_rows, Strided};
+use check::{first_outside, need};
 use dot::dot;
 pub use log_prob::log_prob_one;
 use log_prob::*;
@@ -293,15 +298,9 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn embedding(
-        &self,
-        out: &mut Vec<f32>,
-        wte: &CpuWeight,
-        ids: &Vec<i32>,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
+    fn embedding(&self, out: &mut Vec<f32>, wte: &CpuWeight, g: Gather<'_, Self>) -> Result<()> {
         const OP: &str = "embedding";
+        let Gather { idx: ids, n, c } = g;
         need(OP, "out", out.len(), n * c)?;
         need(OP, "ids", ids.len(), n)?;
         ensure!(
@@ -310,11 +309,7 @@ impl Backend for CpuBackend {
             wte.name,
             wte.cols
         );
-        if let Some((i, &id)) = ids[..n]
-            .iter()
-            .enumerate()
-            .find(|(_, &id)| id < 0 || id as usize >= wte.rows)
-        {
+        if let Some((i, id)) = first_outside(&ids[..n], wte.rows) {
             bail!(
                 "{OP}: ids[{i}] = {id} is outside the {} rows of `{}`",
                 wte.rows,
@@ -339,17 +334,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rms_norm(
-        &self,
-        out: &mut Vec<f32>,
-        x: &Vec<f32>,
-        w: &CpuWeight,
-        n: usize,
-        c: usize,
-        eps: f32,
-    ) -> Result<()> {
+    fn rms_norm(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &CpuWeight, s: Norm) -> Result<()> {
+        let Norm { n, c, eps } = s;
         let args = [("out", out.len()), ("x", x.len())];
-        let wr = self.norm_args("rms_norm", &args, w, n, c)?;
+        let wr = self.norm_args("rms_norm", &args, w, s)?;
         rms_rows(self.dtype, &mut out[..n * c], &x[..n * c], &wr, c, eps);
         Ok(())
     }
@@ -360,35 +348,28 @@ impl Backend for CpuBackend {
         x: &mut Vec<f32>,
         d: &Vec<f32>,
         w: &CpuWeight,
-        n: usize,
-        c: usize,
-        eps: f32,
+        s: Norm,
     ) -> Result<()> {
+        let Norm { n, c, eps } = s;
         let args = [("out", out.len()), ("x", x.len()), ("d", d.len())];
-        let wr = self.norm_args("add_rms_norm", &args, w, n, c)?;
+        let wr = self.norm_args("add_rms_norm", &args, w, s)?;
         add_rounded(self.dtype, &mut x[..n * c], &d[..n * c]);
         rms_rows(self.dtype, &mut out[..n * c], &x[..n * c], &wr, c, eps);
         Ok(())
     }
 
-    fn add(&self, x: &mut Vec<f32>, d: &Vec<f32>, n: usize, c: usize) -> Result<()> {
+    fn add(&self, x: &mut Vec<f32>, d: &Vec<f32>, s: Rows) -> Result<()> {
         const OP: &str = "add";
+        let Rows { n, c } = s;
         need(OP, "x", x.len(), n * c)?;
         need(OP, "d", d.len(), n * c)?;
         add_rounded(self.dtype, &mut x[..n * c], &d[..n * c]);
         Ok(())
     }
 
-    fn matmul(
-        &self,
-        out: &mut Vec<f32>,
-        x: &Vec<f32>,
-        w: &CpuWeight,
-        n: usize,
-        k: usize,
-        m: usize,
-    ) -> Result<()> {
+    fn matmul(&self, out: &mut Vec<f32>, x: &Vec<f32>, w: &CpuWeight, s: MatMul) -> Result<()> {
         const OP: &str = "matmul";
+        let MatMul { n, k, m } = s;
         need(OP, "out", out.len(), n * m)?;
         need(OP, "x", x.len(), n * k)?;
         ensure!(
@@ -399,7 +380,7 @@ impl Backend for CpuBackend {
             w.cols
         );
         if !w.fp8.is_empty() {
-            return crate::quant::fp8::matmul(self.dtype, out, x, &w.fp8, n, k, m);
+            return crate::quant::fp8::matmul(self.dtype, out, x, &w.fp8, s);
         }
         if n == 0 || m == 0 {
             return Ok(());
@@ -436,18 +417,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope(
-        &self,
-        qkv: &mut Vec<f32>,
-        pos: &Vec<i32>,
-        cos: &Vec<f32>,
-        sin: &Vec<f32>,
-        n: usize,
-        nh: usize,
-        nkv: usize,
-        hd: usize,
-    ) -> Result<()> {
+    fn rope(&self, qkv: &mut Vec<f32>, t: Rope<'_, Self>, s: AttnShape) -> Result<()> {
         const OP: &str = "rope";
+        let Rope { pos, cos, sin } = t;
+        let (n, nh, nkv, hd) = (s.rows(), s.nh, s.nkv, s.hd);
         ensure!(
             hd % 2 == 0 && hd > 0,
             "{OP}: head dim HD = {hd} must be even and positive"
@@ -463,11 +436,7 @@ impl Backend for CpuBackend {
             sin.len()
         );
         let max_pos = cos.len() / half;
-        if let Some((i, &p)) = pos[..n]
-            .iter()
-            .enumerate()
-            .find(|(_, &p)| p < 0 || p as usize >= max_pos)
-        {
+        if let Some((i, p)) = first_outside(&pos[..n], max_pos) {
             bail!("{OP}: pos[{i}] = {p} is outside the RoPE table of {max_pos} positions");
         }
         let dt = self.dtype;
@@ -490,70 +459,9 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention(
-        &self,
-        out: &mut Vec<f32>,
-        qkv: &Vec<f32>,
-        key_valid: Option<&Vec<i32>>,
-        s: AttnShape,
-    ) -> Result<()> {
-        const OP: &str = "attention";
-        let AttnShape { b, t, nh, nkv, hd } = s;
-        ensure!(
-            nkv > 0 && nh % nkv == 0,
-            "{OP}: NH = {nh} must be a positive multiple of NKV = {nkv}"
-        );
-        let width = (nh + 2 * nkv) * hd;
-        let n = b * t;
-        need(OP, "qkv", qkv.len(), n * width)?;
-        need(OP, "out", out.len(), n * nh * hd)?;
-        if let Some(kv) = key_valid {
-            need(OP, "key_valid", kv.len(), n)?;
-        }
-        let q = Strided {
-            data: qkv,
-            off: 0,
-            stride: width,
-        };
-        let k = Strided {
-            data: qkv,
-            off: nh * hd,
-            stride: width,
-        };
-        let v = Strided {
-            data: qkv,
-            off: (nh + nkv) * hd,
-            stride: width,
-        };
-        let s = CachedAttnShape {
-            b,
-            tq: t,
-            l: t,
-            nh,
-            nkv,
-            hd,
-        };
-        attend(
-            self.dtype,
-            out,
-            q,
-            k,
-            v,
-            key_valid.map(|kv| kv.as_slice()),
-            s,
-        );
-        Ok(())
-    }
-
-    fn kv_store(
-        &self,
-        k_cache: &mut Vec<f32>,
-        v_cache: &mut Vec<f32>,
-        qkv: &Vec<f32>,
-        q0: usize,
-        s: CachedAttnShape,
-    ) -> Result<()> {
+    fn kv_store(&self, kv: Kv<&mut Vec<f32>>, qkv: &Vec<f32>, s: CachedAttnShape) -> Result<()> {
         const OP: &str = "kv_store";
+        let (k_cache, v_cache, q0) = (kv.k, kv.v, s.q0);
         let (b, tq, l, nh, nkv, hd) = s.dims();
         ensure!(
             q0 + tq <= l,
@@ -576,63 +484,49 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention_cached(
+    fn attend(
         &self,
         out: &mut Vec<f32>,
         qkv: &Vec<f32>,
-        k_cache: &Vec<f32>,
-        v_cache: &Vec<f32>,
+        kv: Option<Kv<&Vec<f32>>>,
         key_valid: Option<&Vec<i32>>,
         s: CachedAttnShape,
     ) -> Result<()> {
-        const OP: &str = "attention_cached";
+        let op = attention_name(kv.is_some());
         let (b, tq, l, nh, nkv, hd) = s.dims();
         ensure!(
             nkv > 0 && nh % nkv == 0,
-            "{OP}: NH = {nh} must be a positive multiple of NKV = {nkv}"
+            "{op}: NH = {nh} must be a positive multiple of NKV = {nkv}"
         );
         ensure!(
             tq <= l,
-            "{OP}: {tq} queries per row exceed the {l} cached keys"
+            "{op}: {tq} queries per row exceed the {l} cached keys"
         );
-        let width = (nh + 2 * nkv) * hd;
-        let kw = nkv * hd;
-        need(OP, "qkv", qkv.len(), b * tq * width)?;
-        need(OP, "out", out.len(), b * tq * nh * hd)?;
-        need(OP, "k_cache", k_cache.len(), b * l * kw)?;
-        need(OP, "v_cache", v_cache.len(), b * l * kw)?;
-        if let Some(kv) = key_valid {
-            need(OP, "key_valid", kv.len(), b * l)?;
+        let (width, kw) = ((nh + 2 * nkv) * hd, nkv * hd);
+        need(op, "qkv", qkv.len(), b * tq * width)?;
+        need(op, "out", out.len(), b * tq * nh * hd)?;
+        let q = Strided::new(qkv, 0, width);
+        let (k, v) = match kv {
+            None => (
+                Strided::new(qkv, nh * hd, width),
+                Strided::new(qkv, (nh + nkv) * hd, width),
+            ),
+            Some(Kv { k, v }) => {
+                need(op, "k_cache", k.len(), b * l * kw)?;
+                need(op, "v_cache", v.len(), b * l * kw)?;
+                (Strided::new(k, 0, kw), Strided::new(v, 0, kw))
+            }
+        };
+        if let Some(m) = key_valid {
+            need(op, "key_valid", m.len(), b * l)?;
         }
-        let q = Strided {
-            data: qkv,
-            off: 0,
-            stride: width,
-        };
-        let k = Strided {
-            data: k_cache,
-            off: 0,
-            stride: kw,
-        };
-        let v = Strided {
-            data: v_cache,
-            off: 0,
-            stride: kw,
-        };
-        attend(
-            self.dtype,
-            out,
-            q,
-            k,
-            v,
-            key_valid.map(|kv| kv.as_slice()),
-            s,
-        );
+        attend_rows(self.dtype, out, q, k, v, key_valid.map(|m| m.as_slice()), s);
         Ok(())
     }
 
-    fn swiglu(&self, out: &mut Vec<f32>, gate_up: &Vec<f32>, n: usize, f: usize) -> Result<()> {
+    fn swiglu(&self, out: &mut Vec<f32>, gate_up: &Vec<f32>, s: Rows) -> Result<()> {
         const OP: &str = "swiglu";
+        let Rows { n, c: f } = s;
         need(OP, "out", out.len(), n * f)?;
         need(OP, "gate_up", gate_up.len(), n * 2 * f)?;
         if f == 0 {
@@ -652,26 +546,16 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn gather_rows(
-        &self,
-        out: &mut Vec<f32>,
-        x: &Vec<f32>,
-        rows: &Vec<i32>,
-        nrows: usize,
-        c: usize,
-    ) -> Result<()> {
+    fn gather_rows(&self, out: &mut Vec<f32>, x: &Vec<f32>, g: Gather<'_, Self>) -> Result<()> {
         const OP: &str = "gather_rows";
+        let (rows, nrows, c) = (g.idx, g.n, g.c);
         need(OP, "out", out.len(), nrows * c)?;
         need(OP, "rows", rows.len(), nrows)?;
         if c == 0 {
             return Ok(());
         }
         let have = x.len() / c;
-        if let Some((i, &r)) = rows[..nrows]
-            .iter()
-            .enumerate()
-            .find(|(_, &r)| r < 0 || r as usize >= have)
-        {
+        if let Some((i, r)) = first_outside(&rows[..nrows], have) {
             bail!("{OP}: rows[{i}] = {r} is outside the {have} rows of `x`");
         }
         for (o, &r) in out[..nrows * c].chunks_mut(c).zip(&rows[..nrows]) {
@@ -683,29 +567,18 @@ impl Backend for CpuBackend {
     fn commit_select(
         &self,
         commit: &mut Vec<i32>,
-        tok: &Vec<i32>,
-        conf: &Vec<f32>,
-        rows: &Vec<i32>,
-        ids: &Vec<i32>,
-        plan: &Vec<i32>,
-        s: crate::backend::commit::CommitShape,
+        c: CommitIn<'_, Self>,
+        s: CommitShape,
     ) -> Result<()> {
-        crate::backend::commit::commit_rows(commit, (tok, conf), rows, ids, plan, s)
+        crate::backend::commit::commit_rows(commit, (c.tok, c.conf), c.rows, c.ids, c.plan, s)
     }
 
-    fn select(
-        &self,
-        tok: &mut Vec<i32>,
-        conf: &mut Vec<f32>,
-        logits: &mut Vec<f32>,
-        keys: &Vec<i32>,
-        r: usize,
-        v: usize,
-        p: &SelectParams,
-    ) -> Result<()> {
+    fn select(&self, io: SelectIo<'_, Self>, s: HeadDims, p: &SelectParams) -> Result<()> {
         const OP: &str = "select";
+        let (HeadDims { r, v }, keys) = (s, io.keys);
+        let (tok, conf, logits) = (io.tok, io.conf, io.logits);
         let cfg = p.cfg_scale > 0.0;
-        let rr = if cfg { 2 * r } else { r };
+        let rr = s.logit_rows(p.cfg_scale);
         need(OP, "logits", logits.len(), rr * v)?;
         need(OP, "keys", keys.len(), 2 * r)?;
         need(OP, "tok", tok.len(), r)?;
@@ -740,11 +613,9 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         logits: &Vec<f32>,
         targets: &Vec<i32>,
-        r: usize,
-        v: usize,
-        cfg_scale: f64,
+        s: LogProb,
     ) -> Result<()> {
-        cpu_log_prob(self.dtype, out, logits, targets, r, v, cfg_scale)
+        cpu_log_prob(self.dtype, out, (logits, targets), s)
     }
 }
 

@@ -51,20 +51,19 @@ pub(super) enum WeightRow<'a> {
 }
 
 impl CpuBackend {
-    /// The checks of the norms under the name `op`: each `(name, len)` of `args` holds `n·c`
-    /// elements and `w` is a norm weight of `c`.
+    /// The checks of the norms under the name `op`: each `(name, len)` of `args` holds `N·C`
+    /// elements and `w` is a norm weight of `C`.
     pub(super) fn norm_args<'a>(
         &self,
         op: &str,
         args: &[(&str, usize)],
         w: &'a CpuWeight,
-        n: usize,
-        c: usize,
+        s: Norm,
     ) -> Result<WeightRow<'a>> {
         for &(name, len) in args {
-            need(op, name, len, n * c)?;
+            need(op, name, len, s.n * s.c)?;
         }
-        self.norm_weight(op, w, c)
+        self.norm_weight(op, w, s.c)
     }
 
     pub(super) fn norm_weight<'a>(

@@ -34,7 +34,7 @@ fn matmul_matches_naive_and_merges_parts() {
         .collect();
     let m = m1 + m2;
     let mut out = vec![f32::NAN; n * m];
-    be.matmul(&mut out, &x, &w, n, k, m).unwrap();
+    be.matmul(&mut out, &x, &w, MatMul { n, k, m }).unwrap();
     let wall: Vec<f32> = wa.into_iter().chain(wb).collect();
     for i in 0..n {
         for j in 0..m {
@@ -43,7 +43,9 @@ fn matmul_matches_naive_and_merges_parts() {
             assert_eq!(out[i * m + j], e, "({i},{j})");
         }
     }
-    assert!(be.matmul(&mut out, &x, &w, n, k + 1, m).is_err());
+    assert!(be
+        .matmul(&mut out, &x, &w, MatMul { n, k: k + 1, m })
+        .is_err());
 }
 
 #[test]
@@ -59,7 +61,7 @@ fn ops_reject_short_buffers() {
         .unwrap();
     let mut out = vec![0.0; 7];
     let e = be
-        .rms_norm(&mut out, &vec![0.0; 8], &w, 2, 4, 1e-5)
+        .rms_norm(&mut out, &vec![0.0; 8], &w, Norm::new(2, 4, 1e-5))
         .unwrap_err();
     assert!(
         e.to_string().contains("rms_norm") && e.to_string().contains("out"),

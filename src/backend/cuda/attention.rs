@@ -23,7 +23,7 @@ pub(crate) fn attention_geom(op: &str, b: usize, t: usize, nh: usize) -> Result<
 
 /// The attention kernels' head limits: HD one of [`ATTN_HEAD_DIMS`], NH a positive multiple
 /// of NKV.
-fn check_heads(op: &str, nh: usize, nkv: usize, hd: usize) -> Result<()> {
+pub(crate) fn check_heads(op: &str, nh: usize, nkv: usize, hd: usize) -> Result<()> {
     if !ATTN_HEAD_DIMS.contains(&hd) {
         bail!("{op}: head dim {hd} is not supported by the CUDA attention kernel (supported: {ATTN_HEAD_DIMS:?})");
     }
@@ -59,42 +59,14 @@ pub(crate) struct SplitArgs {
     pub(crate) key_valid: u64,
     pub(crate) qstride: usize,
     pub(crate) kvstride: usize,
-    pub(crate) b: usize,
-    pub(crate) tq: usize,
-    pub(crate) l: usize,
-    pub(crate) nh: usize,
-    pub(crate) nkv: usize,
-    pub(crate) hd: usize,
+    pub(crate) s: CachedAttnShape,
     pub(crate) chunk: usize,
-}
-
-impl SplitArgs {
-    /// The arguments of one call over `s` (queries: the q part of a merged qkv buffer at `q`;
-    /// keys and values at `k`, `v` with row stride `kvstride`); `chunk` from [`attn_split_chunk`].
-    fn new(q: u64, k: u64, v: u64, key_valid: u64, kvstride: usize, s: CachedAttnShape) -> Self {
-        let (b, tq, l, nh, nkv, hd) = s.dims();
-        SplitArgs {
-            q,
-            k,
-            v,
-            key_valid,
-            qstride: (nh + 2 * nkv) * hd,
-            kvstride,
-            b,
-            tq,
-            l,
-            nh,
-            nkv,
-            hd,
-            chunk: attn_split_chunk(l).unwrap_or(0),
-        }
-    }
 }
 
 impl CudaBackend {
     /// Run one attention call on the selected kernels: FA2 (`LLADA_ATTN=fa2`), else split-KV
     /// when `a.chunk > 0`, else `single` (the single-pass launch).
-    fn attention_route(
+    pub(crate) fn attention_route(
         &self,
         op: &str,
         out: u64,
@@ -113,24 +85,24 @@ impl CudaBackend {
     /// exceed the scratch run as several launches over groups of batch rows or query rows
     /// (rows are independent, so the result is the same).
     pub(crate) fn attention_split(&self, op: &str, out: u64, a: SplitArgs) -> Result<()> {
-        let splits = a.l.div_ceil(a.chunk);
-        let per_row = splits * a.nh * (a.hd + 2);
+        let splits = a.s.l.div_ceil(a.chunk);
+        let per_row = splits * a.s.nh * (a.s.hd + 2);
         let cap_rows = ATTN_SCRATCH / per_row;
         if cap_rows == 0 {
             bail!(
                 "{op}: one query row needs {per_row} f32 of split-KV scratch, more than the {ATTN_SCRATCH} available (L = {}, NH = {}, HD = {})",
-                a.l,
-                a.nh,
-                a.hd
+                a.s.l,
+                a.s.nh,
+                a.s.hd
             );
         }
         // Blocks (qt, h, b·splits + s): NH and (batch rows)·splits are grid y and z.
-        grid_yz(op, "nh", a.nh)?;
+        grid_yz(op, "nh", a.s.nh)?;
         let max_b = GRID_YZ_MAX / splits;
         if max_b == 0 {
             bail!(
                 "{op}: {splits} key splits (L = {}) exceed CUDA's grid limit of {GRID_YZ_MAX}",
-                a.l
+                a.s.l
             );
         }
         let scratch = dptr(&self.attn_scratch, &self.stream);
@@ -138,32 +110,32 @@ impl CudaBackend {
                         // Groups: (first batch row, batch rows, first query row, query rows).
         let launch_group = |b0: usize, nb: usize, i0: usize, nq: usize| -> Result<()> {
             let rows = nb * nq;
-            let q = a.q + ((b0 * a.tq + i0) * a.qstride) as u64 * esz;
-            let k = a.k + (b0 * a.l * a.kvstride) as u64 * esz;
-            let v = a.v + (b0 * a.l * a.kvstride) as u64 * esz;
+            let q = a.q + ((b0 * a.s.tq + i0) * a.qstride) as u64 * esz;
+            let k = a.k + (b0 * a.s.l * a.kvstride) as u64 * esz;
+            let v = a.v + (b0 * a.s.l * a.kvstride) as u64 * esz;
             let kv = if a.key_valid == 0 {
                 0
             } else {
-                a.key_valid + (b0 * a.l * 4) as u64
+                a.key_valid + (b0 * a.s.l * 4) as u64
             };
-            let o_out = out + ((b0 * a.tq + i0) * a.nh * a.hd) as u64 * esz;
+            let o_out = out + ((b0 * a.s.tq + i0) * a.s.nh * a.s.hd) as u64 * esz;
             let part_o = scratch;
-            let part_ml = scratch + (splits * rows * a.nh * a.hd * 4) as u64;
+            let part_ml = scratch + (splits * rows * a.s.nh * a.s.hd * 4) as u64;
             let (qs, ks) = (a.qstride as i64, a.kvstride as i64);
             let (b_, tq_, l_, nh_, nkv_, hd_, ch_, sp_) = (
                 int(op, "b", nb)?,
                 int(op, "tq", nq)?,
-                int(op, "l", a.l)?,
-                int(op, "nh", a.nh)?,
-                int(op, "nkv", a.nkv)?,
-                int(op, "hd", a.hd)?,
+                int(op, "l", a.s.l)?,
+                int(op, "nh", a.s.nh)?,
+                int(op, "nkv", a.s.nkv)?,
+                int(op, "hd", a.s.hd)?,
                 int(op, "chunk", a.chunk)?,
                 int(op, "splits", splits)?,
             );
             let g = Geom {
                 grid: (
                     nq.div_ceil(64) as u32,
-                    grid_yz(op, "nh", a.nh)?,
+                    grid_yz(op, "nh", a.s.nh)?,
                     grid_yz(op, "b·splits", nb * splits)?,
                 ),
                 block: (128, 1, 1),
@@ -174,29 +146,29 @@ impl CudaBackend {
                 tq_, l_, nh_, nkv_, hd_, ch_, sp_)?;
             let rows_ = int(op, "rows", rows)?;
             let cg = Geom {
-                grid: (rows as u32, grid_yz(op, "nh", a.nh)?, 1),
-                block: (a.hd as u32, 1, 1),
+                grid: (rows as u32, grid_yz(op, "nh", a.s.nh)?, 1),
+                block: (a.s.hd as u32, 1, 1),
                 smem: 0,
             };
             launch!(&self.stream, op, self.k.attention_combine, cg; o_out, po, pm, rows_, nh_, hd_,
                 sp_)
         };
-        if cap_rows >= a.b * a.tq && a.b <= max_b {
-            launch_group(0, a.b, 0, a.tq)
-        } else if cap_rows >= a.tq {
-            let per = (cap_rows / a.tq).min(max_b);
+        if cap_rows >= a.s.b * a.s.tq && a.s.b <= max_b {
+            launch_group(0, a.s.b, 0, a.s.tq)
+        } else if cap_rows >= a.s.tq {
+            let per = (cap_rows / a.s.tq).min(max_b);
             let mut b0 = 0;
-            while b0 < a.b {
-                let nb = per.min(a.b - b0);
-                launch_group(b0, nb, 0, a.tq)?;
+            while b0 < a.s.b {
+                let nb = per.min(a.s.b - b0);
+                launch_group(b0, nb, 0, a.s.tq)?;
                 b0 += nb;
             }
             Ok(())
         } else {
-            for b0 in 0..a.b {
+            for b0 in 0..a.s.b {
                 let mut i0 = 0;
-                while i0 < a.tq {
-                    let nq = cap_rows.min(a.tq - i0);
+                while i0 < a.s.tq {
+                    let nq = cap_rows.min(a.s.tq - i0);
                     launch_group(b0, 1, i0, nq)?;
                     i0 += nq;
                 }
@@ -205,110 +177,35 @@ impl CudaBackend {
         }
     }
 
-    pub(crate) fn launch_attention(
-        &self,
-        out: &mut Act,
-        qkv: &Act,
-        key_valid: Option<&Ints>,
-        s: AttnShape,
-    ) -> Result<()> {
-        let op = "attention";
-        let AttnShape { b, t, nh, nkv, hd } = s;
-        check_heads(op, nh, nkv, hd)?;
-        let rows = b * t;
-        check_len(op, "out", out.len(), rows * nh * hd)?;
-        check_len(op, "qkv", qkv.len(), rows * (nh + 2 * nkv) * hd)?;
-        if let Some(kv) = key_valid {
-            check_len(op, "key_valid", kv.len(), rows)?;
-        }
-        if rows == 0 || nh == 0 {
-            return Ok(());
-        }
-        let o = dptr_mut(out, &self.stream);
-        let q = dptr(qkv, &self.stream);
-        let kv: u64 = key_valid.map(|k| dptr(k, &self.stream)).unwrap_or(0);
-        let (k, v) = (q + (nh * hd * 2) as u64, q + ((nh + nkv) * hd * 2) as u64);
-        let (tq, l) = (t, t);
-        let shape = CachedAttnShape {
-            b,
-            tq,
-            l,
-            nh,
-            nkv,
-            hd,
-        };
-        let a = SplitArgs::new(q, k, v, kv, (nh + 2 * nkv) * hd, shape);
-        self.attention_route(op, o, a, || {
-            launch!(&self.stream, op, self.k.attention, attention_geom(op, b, t, nh)?; o, q, kv,
-                int(op, "b", b)?, int(op, "t", t)?, int(op, "nh", nh)?, int(op, "nkv", nkv)?,
-                int(op, "hd", hd)?)
-        })
-    }
-
     pub(crate) fn launch_kv_store(
         &self,
-        k_cache: &mut Act,
-        v_cache: &mut Act,
+        kv: Kv<&mut Act>,
         qkv: &Act,
-        q0: usize,
         s: CachedAttnShape,
     ) -> Result<()> {
-        let op = "kv_store";
-        let (b, tq, l, nh, nkv, hd) = s.dims();
+        let (op, (b, tq, l, nh, nkv, hd), q0) = ("kv_store", s.dims(), s.q0);
         if q0 + tq > l {
             bail!(
                 "{op}: query rows [{q0}, {}) exceed the cache length {l}",
                 q0 + tq
             );
         }
-        check_len(op, "qkv", qkv.len(), b * tq * (nh + 2 * nkv) * hd)?;
-        check_len(op, "k_cache", k_cache.len(), b * l * nkv * hd)?;
-        check_len(op, "v_cache", v_cache.len(), b * l * nkv * hd)?;
+        let kw = b * l * nkv * hd;
+        check_lens(
+            op,
+            &[
+                ("qkv", qkv.len(), b * tq * (nh + 2 * nkv) * hd),
+                ("k_cache", kv.k.len(), kw),
+                ("v_cache", kv.v.len(), kw),
+            ],
+        )?;
         if b * tq == 0 || nkv * hd == 0 {
             return Ok(());
         }
         int(op, "b·tq", b * tq)?;
-        launch!(&self.stream, op, self.k.kv_store, rows_geom(b * tq, 256);
-            dptr_mut(k_cache, &self.stream), dptr_mut(v_cache, &self.stream), dptr(qkv, &self.stream),
-            int(op, "b", b)?, int(op, "tq", tq)?, int(op, "l", l)?, int(op, "q0", q0)?,
-            int(op, "nh", nh)?, int(op, "nkv", nkv)?, int(op, "hd", hd)?)
-    }
-
-    pub(crate) fn launch_attention_cached(
-        &self,
-        out: &mut Act,
-        qkv: &Act,
-        k_cache: &Act,
-        v_cache: &Act,
-        key_valid: Option<&Ints>,
-        s: CachedAttnShape,
-    ) -> Result<()> {
-        let op = "attention_cached";
-        let (b, tq, l, nh, nkv, hd) = s.dims();
-        check_heads(op, nh, nkv, hd)?;
-        if tq > l {
-            bail!("{op}: {tq} queries per row exceed the {l} cached keys");
-        }
-        check_len(op, "out", out.len(), b * tq * nh * hd)?;
-        check_len(op, "qkv", qkv.len(), b * tq * (nh + 2 * nkv) * hd)?;
-        check_len(op, "k_cache", k_cache.len(), b * l * nkv * hd)?;
-        check_len(op, "v_cache", v_cache.len(), b * l * nkv * hd)?;
-        if let Some(kv) = key_valid {
-            check_len(op, "key_valid", kv.len(), b * l)?;
-        }
-        if b * tq == 0 || nh == 0 {
-            return Ok(());
-        }
-        let o = dptr_mut(out, &self.stream);
-        let q = dptr(qkv, &self.stream);
-        let kc = dptr(k_cache, &self.stream);
-        let vc = dptr(v_cache, &self.stream);
-        let kv: u64 = key_valid.map(|k| dptr(k, &self.stream)).unwrap_or(0);
-        let a = SplitArgs::new(q, kc, vc, kv, nkv * hd, s);
-        self.attention_route(op, o, a, || {
-            launch!(&self.stream, op, self.k.attention_cached, attention_geom(op, b, tq, nh)?;
-                o, q, kc, vc, kv, int(op, "b", b)?, int(op, "tq", tq)?, int(op, "l", l)?,
-                int(op, "nh", nh)?, int(op, "nkv", nkv)?, int(op, "hd", hd)?)
-        })
+        launch!(&self.stream, op, self.k.kv_store, rows_geom(b * tq, 256); self.ptr_mut(kv.k),
+            self.ptr_mut(kv.v), self.ptr(qkv), int(op, "b", b)?, int(op, "tq", tq)?,
+            int(op, "l", l)?, int(op, "q0", q0)?, int(op, "nh", nh)?, int(op, "nkv", nkv)?,
+            int(op, "hd", hd)?)
     }
 }

@@ -187,7 +187,7 @@ impl CudaBackend {
         a: SplitArgs,
         split: Fa2Split,
     ) -> Result<()> {
-        let hi = match a.hd {
+        let hi = match a.s.hd {
             64 => 0,
             128 => 1,
             hd => bail!("{op}: head dim {hd} has no FA2 kernel (64 or 128)"),
@@ -206,33 +206,33 @@ impl CudaBackend {
                 a.kvstride
             );
         }
-        let mut plan = fa2_plan(a.b, a.nh, a.tq, a.l, self.fa2.sms, split);
-        let rows = a.b * a.tq;
+        let mut plan = fa2_plan(a.s.b, a.s.nh, a.s.tq, a.s.l, self.fa2.sms, split);
+        let rows = a.s.b * a.s.tq;
         if plan.splits > 1
-            && (plan.splits * rows * a.nh * (a.hd + 2) > ATTN_SCRATCH
-                || a.b * plan.splits > GRID_YZ_MAX)
+            && (plan.splits * rows * a.s.nh * (a.s.hd + 2) > ATTN_SCRATCH
+                || a.s.b * plan.splits > GRID_YZ_MAX)
         {
             plan.splits = 1; // the same bits, in one block per tile
         }
         let g = Geom::new(
             (
-                a.tq.div_ceil(plan.rows) as u32,
-                grid_yz(op, "nh", a.nh)?,
-                grid_yz(op, "b·splits", a.b * plan.splits)?,
+                a.s.tq.div_ceil(plan.rows) as u32,
+                grid_yz(op, "nh", a.s.nh)?,
+                grid_yz(op, "b·splits", a.s.b * plan.splits)?,
             ),
             (plan.rows * 2) as u32,
-            fa2_smem(a.hd) as u32,
+            fa2_smem(a.s.hd) as u32,
         );
         let f = self.fa2.f[hi][usize::from(plan.rows == 64)];
         let part_o = dptr(&self.attn_scratch, &self.stream);
-        let part_ml = part_o + (plan.splits * rows * a.nh * a.hd * 4) as u64;
+        let part_ml = part_o + (plan.splits * rows * a.s.nh * a.s.hd * 4) as u64;
         let (b_, tq_, l_, nh_, nkv_, hd_) = (
-            int(op, "b", a.b)?,
-            int(op, "tq", a.tq)?,
-            int(op, "l", a.l)?,
-            int(op, "nh", a.nh)?,
-            int(op, "nkv", a.nkv)?,
-            int(op, "hd", a.hd)?,
+            int(op, "b", a.s.b)?,
+            int(op, "tq", a.s.tq)?,
+            int(op, "l", a.s.l)?,
+            int(op, "nh", a.s.nh)?,
+            int(op, "nkv", a.s.nkv)?,
+            int(op, "hd", a.s.hd)?,
         );
         let (ch_, sp_) = (
             int(op, "chunk", plan.chunk)?,
@@ -243,7 +243,11 @@ impl CudaBackend {
         if plan.splits == 1 {
             return Ok(());
         }
-        let cg = Geom::new((rows as u32, grid_yz(op, "nh", a.nh)?, 1), a.hd as u32, 0);
+        let cg = Geom::new(
+            (rows as u32, grid_yz(op, "nh", a.s.nh)?, 1),
+            a.s.hd as u32,
+            0,
+        );
         launch!(&self.stream, op, self.fa2.combine, cg; out, part_o, part_ml,
             int(op, "rows", rows)?, nh_, hd_, sp_)
     }

@@ -140,29 +140,7 @@ impl CudaBackend {
             let stems: Vec<&str> = modules.iter().map(|m| m.stem.as_str()).collect();
             bail!("kernel symbol `{sym}` not found in the compiled modules {stems:?}")
         };
-        let k = Kernels {
-            embedding: get("embedding_bf16")?,
-            rms_norm: get("rms_norm_bf16")?,
-            add_rms_norm: get("add_rms_norm_bf16")?,
-            add: get("add_bf16")?,
-            rope: get("rope_bf16")?,
-            attention: get("attention_fwd_bf16")?,
-            attention_cached: get("attention_cached_fwd_bf16")?,
-            attention_split: get("attention_split_bf16")?,
-            attention_combine: get("attention_combine_bf16")?,
-            kv_store: get("kv_store_bf16")?,
-            swiglu: get("swiglu_bf16")?,
-            gather_rows: get("gather_rows_bf16")?,
-            head_select: get("head_select_bf16")?,
-            topk_select: get("topk_select_f32")?,
-            threshold_select: get("threshold_select_f32")?,
-            commit_select: get("commit_select_f32")?,
-            rope_kv_store: get("rope_kv_store_bf16")?,
-            fill_random: get("fill_random_bf16")?,
-            fill_const: get("fill_const_bf16")?,
-            f32_to_bf16: get("f32_to_bf16")?,
-            f16_to_bf16: get("f16_to_bf16")?,
-        };
+        let k = Kernels::load(get)?;
         let fa2 = Fa2Kernels::load(&get, &ctx)?;
         let attn_impl = std::cell::Cell::new(AttnImpl::from_env()?);
         let blas = CudaBlas::new(stream.clone())

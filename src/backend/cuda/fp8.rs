@@ -28,7 +28,8 @@ use cudarc::cublaslt::{result as lt, sys as ltsys};
 use cudarc::driver::{result as dres, sys as dsys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 
-use super::{CudaBackend, CudaWeight};
+use super::{check_len, check_lens, CudaBackend, CudaWeight};
+use crate::backend::MatMul;
 use crate::quant::fp8::Fp8Weight;
 
 /// Bytes of the activation-code scratch (rows are processed in groups that fit).
@@ -230,18 +231,15 @@ fn set_desc<T>(d: &Desc, attr: ltsys::cublasLtMatmulDescAttributes_t, v: &T) -> 
 }
 
 /// `out[N, M] = x[N, K] · Wᵀ` with `W` FP8 (see the module docs); `name` names the weight.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul(
     be: &CudaBackend,
     out: &mut CudaSlice<bf16>,
     x: &CudaSlice<bf16>,
     w: &Fp8DeviceWeight,
     name: &str,
-    n: usize,
-    k: usize,
-    m: usize,
+    s: MatMul,
 ) -> Result<()> {
-    let op = "matmul_fp8";
+    let (op, MatMul { n, k, m }) = ("matmul_fp8", s);
     if w.rows != m || w.cols != k {
         bail!(
             "{op}: weight `{name}` is [{}, {}], expected [M={m}, K={k}]",
@@ -249,20 +247,7 @@ pub fn matmul(
             w.cols
         );
     }
-    if out.len() < n * m {
-        bail!(
-            "{op}: buffer `out` holds {} elements, needs at least {}",
-            out.len(),
-            n * m
-        );
-    }
-    if x.len() < n * k {
-        bail!(
-            "{op}: buffer `x` holds {} elements, needs at least {}",
-            x.len(),
-            n * k
-        );
-    }
+    check_lens(op, &[("out", out.len(), n * m), ("x", x.len(), n * k)])?;
     if n == 0 || m == 0 {
         return Ok(());
     }
@@ -295,10 +280,15 @@ pub fn matmul(
             .map_err(|e| anyhow!("{op}: fp8_quant_bf16 launch failed: {e:?}"))?;
         // 2. D[M, nr] (col-major, ld M) = (A = W: [K, M] col-major, transposed) · (B = x̂: [K, nr]).
         let dp = op_ + (r0 * m * 2) as u64;
-        gemm(
-            inner.lt, &stream, wp, wsp, xqp, xsp, dp, wsp_lt, m_, nr_, k_,
-        )
-        .map_err(|e| anyhow!("{op}: `{name}` [N={nr}, K={k}] x [M={m}, K={k}]^T: {e}"))?;
+        let g = LtGemm {
+            a: (wp, wsp),
+            b: (xqp, xsp),
+            d: dp,
+            ws: wsp_lt,
+            mnk: (m_, nr_, k_),
+        };
+        g.run(inner.lt, &stream)
+            .map_err(|e| anyhow!("{op}: `{name}` [N={nr}, K={k}] x [M={m}, K={k}]^T: {e}"))?;
         r0 += nr;
     }
     Ok(())
@@ -333,94 +323,102 @@ unsafe fn launch_quant(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    handle: ltsys::cublasLtHandle_t,
-    stream: &CudaStream,
-    a: u64,
-    a_scale: u64,
-    b: u64,
-    b_scale: u64,
+/// One cuBLASLt FP8 GEMM `D[M, N] = (A: FP8 [K, M] col-major, transposed) · (B: FP8 [K, N])`,
+/// bf16 output (device addresses): `a`, `b` are (codes, per-column f32 scales), `ws` the
+/// workspace of [`LT_WORKSPACE`] bytes, `mnk` the sizes.
+struct LtGemm {
+    a: (u64, u64),
+    b: (u64, u64),
     d: u64,
     ws: u64,
-    m: i32,
-    n: i32,
-    k: i32,
-) -> Result<()> {
-    use ltsys::cublasLtMatmulDescAttributes_t as A;
-    use ltsys::cudaDataType_t as T;
-    let desc = Desc(
-        lt::create_matmul_desc(
-            ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            T::CUDA_R_32F,
-        )
-        .map_err(|e| anyhow!("cuBLASLt matmul descriptor: {e:?}"))?,
-    );
-    set_desc(
-        &desc,
-        A::CUBLASLT_MATMUL_DESC_TRANSA,
-        &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
-    )?;
-    set_desc(
-        &desc,
-        A::CUBLASLT_MATMUL_DESC_TRANSB,
-        &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
-    )?;
-    let vec = ltsys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-    set_desc(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &vec)?;
-    set_desc(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec)?;
-    set_desc(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale)?;
-    set_desc(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale)?;
-    let layout = |t: T, r: i32, c: i32, ld: i32| -> Result<Layout> {
-        Ok(Layout(
-            lt::create_matrix_layout(t, r as u64, c as u64, ld as i64)
-                .map_err(|e| anyhow!("cuBLASLt layout: {e:?}"))?,
-        ))
-    };
-    let la = layout(T::CUDA_R_8F_E4M3, k, m, k)?;
-    let lb = layout(T::CUDA_R_8F_E4M3, k, n, k)?;
-    let ld = layout(T::CUDA_R_16BF, m, n, m)?;
-    let pref = Pref(lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?);
-    let wsz = LT_WORKSPACE as u64;
-    // SAFETY: `wsz` is a live u64 of the attribute's size.
-    unsafe {
-        lt::set_matmul_pref_attribute(
-            pref.0,
-            ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            &wsz as *const u64 as *const c_void,
-            8,
-        )
+    mnk: (i32, i32, i32),
+}
+
+impl LtGemm {
+    fn run(&self, handle: ltsys::cublasLtHandle_t, stream: &CudaStream) -> Result<()> {
+        let LtGemm {
+            a: (a, a_scale),
+            b: (b, b_scale),
+            d,
+            ws,
+            mnk: (m, n, k),
+        } = *self;
+        use ltsys::cublasLtMatmulDescAttributes_t as A;
+        use ltsys::cudaDataType_t as T;
+        let desc = Desc(
+            lt::create_matmul_desc(
+                ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                T::CUDA_R_32F,
+            )
+            .map_err(|e| anyhow!("cuBLASLt matmul descriptor: {e:?}"))?,
+        );
+        set_desc(
+            &desc,
+            A::CUBLASLT_MATMUL_DESC_TRANSA,
+            &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+        )?;
+        set_desc(
+            &desc,
+            A::CUBLASLT_MATMUL_DESC_TRANSB,
+            &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+        )?;
+        let vec = ltsys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+        set_desc(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &vec)?;
+        set_desc(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec)?;
+        set_desc(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale)?;
+        set_desc(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale)?;
+        let layout = |t: T, r: i32, c: i32, ld: i32| -> Result<Layout> {
+            Ok(Layout(
+                lt::create_matrix_layout(t, r as u64, c as u64, ld as i64)
+                    .map_err(|e| anyhow!("cuBLASLt layout: {e:?}"))?,
+            ))
+        };
+        let la = layout(T::CUDA_R_8F_E4M3, k, m, k)?;
+        let lb = layout(T::CUDA_R_8F_E4M3, k, n, k)?;
+        let ld = layout(T::CUDA_R_16BF, m, n, m)?;
+        let pref =
+            Pref(lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?);
+        let wsz = LT_WORKSPACE as u64;
+        // SAFETY: `wsz` is a live u64 of the attribute's size.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &wsz as *const u64 as *const c_void,
+                8,
+            )
+        }
+        .map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?;
+        // SAFETY: every descriptor is live (guards above).
+        let heur = unsafe { lt::get_matmul_algo_heuristic(handle, desc.0, la.0, lb.0, ld.0, ld.0, pref.0) }
+            .map_err(|e| {
+                anyhow!("cuBLASLt has no FP8 GEMM with per-channel/per-token scales for this shape on this GPU: {e:?}")
+            })?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: a, b, d, the scale vectors and the workspace are live device allocations of the
+        // sizes the layouts describe (checked by the caller); alpha/beta are host f32 (scale type).
+        unsafe {
+            lt::matmul(
+                handle,
+                desc.0,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                a as *const c_void,
+                la.0,
+                b as *const c_void,
+                lb.0,
+                d as *const c_void,
+                ld.0,
+                d as *mut c_void,
+                ld.0,
+                &heur.algo,
+                ws as *mut c_void,
+                LT_WORKSPACE,
+                stream.cu_stream() as ltsys::cudaStream_t,
+            )
+        }
+        .map_err(|e| anyhow!("cublasLtMatmul failed: {e:?}"))
     }
-    .map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?;
-    // SAFETY: every descriptor is live (guards above).
-    let heur = unsafe { lt::get_matmul_algo_heuristic(handle, desc.0, la.0, lb.0, ld.0, ld.0, pref.0) }
-        .map_err(|e| {
-            anyhow!("cuBLASLt has no FP8 GEMM with per-channel/per-token scales for this shape on this GPU: {e:?}")
-        })?;
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    // SAFETY: a, b, d, the scale vectors and the workspace are live device allocations of the
-    // sizes the layouts describe (checked by the caller); alpha/beta are host f32 (scale type).
-    unsafe {
-        lt::matmul(
-            handle,
-            desc.0,
-            &alpha as *const f32 as *const c_void,
-            &beta as *const f32 as *const c_void,
-            a as *const c_void,
-            la.0,
-            b as *const c_void,
-            lb.0,
-            d as *const c_void,
-            ld.0,
-            d as *mut c_void,
-            ld.0,
-            &heur.algo,
-            ws as *mut c_void,
-            LT_WORKSPACE,
-            stream.cu_stream() as ltsys::cudaStream_t,
-        )
-    }
-    .map_err(|e| anyhow!("cublasLtMatmul failed: {e:?}"))
 }
 
 /// Run `fp8_quant_bf16` alone (parity tests): quantize `x` `[N, K]` into codes and scales.
@@ -431,13 +429,7 @@ pub fn quantize_act(
     k: usize,
 ) -> Result<(Vec<u8>, Vec<f32>)> {
     let op = "fp8_quant";
-    if x.len() < n * k {
-        bail!(
-            "{op}: buffer `x` holds {} elements, needs at least {}",
-            x.len(),
-            n * k
-        );
-    }
+    check_len(op, "x", x.len(), n * k)?;
     {
         let mut st = be.fp8.inner.borrow_mut();
         if st.is_none() {

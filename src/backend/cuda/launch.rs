@@ -76,6 +76,27 @@ macro_rules! launch {
 }
 pub(crate) use launch;
 
+/// `kernel_table!(Name { field: "symbol", ... })`: the struct of a backend's kernel handles and
+/// its `load`, which looks every symbol up through `get` — one line per kernel, so a kernel's
+/// field and symbol are declared once.
+macro_rules! kernel_table {
+    ($(#[$m:meta])* $name:ident { $($field:ident: $sym:literal),+ $(,)? }) => {
+        $(#[$m])*
+        pub(crate) struct $name {
+            $(pub(crate) $field: cudarc::driver::sys::CUfunction,)+
+        }
+
+        impl $name {
+            /// Every kernel of the table, looked up by `get` (whose error names a missing symbol).
+            pub(crate) fn load(
+                get: impl Fn(&str) -> anyhow::Result<cudarc::driver::sys::CUfunction>,
+            ) -> anyhow::Result<Self> {
+                Ok($name { $($field: get($sym)?,)+ })
+            }
+        }
+    };
+}
+
 /// A driver error with `msg` (which should say what was being done), typed where a caller
 /// branches on it: out of memory, or a sticky fault that leaves the context unusable.
 pub(crate) fn driver_err(msg: String, e: DriverError) -> anyhow::Error {
@@ -105,14 +126,27 @@ pub(crate) fn check_len(op: &str, arg: &str, have: usize, need: usize) -> Result
     Ok(())
 }
 
-/// A norm weight must hold exactly `C` elements.
-pub(crate) fn check_norm_weight(op: &str, w: &CudaWeight, c: usize) -> Result<()> {
-    if w.numel() != c {
+/// [`check_len`] over a table of `(argument, elements held, elements needed)`, in order.
+pub(crate) fn check_lens(op: &str, args: &[(&str, usize, usize)]) -> Result<()> {
+    for &(arg, have, need) in args {
+        check_len(op, arg, have, need)?;
+    }
+    Ok(())
+}
+
+/// The checks of the norms: the weight holds exactly `C` elements, and each `(name, len)` of
+/// `args` at least `N·C`.
+pub(crate) fn check_norm(op: &str, w: &CudaWeight, s: Norm, args: &[(&str, usize)]) -> Result<()> {
+    if w.numel() != s.c {
         bail!(
-            "{op}: weight `{}` has {} elements, C = {c}",
+            "{op}: weight `{}` has {} elements, C = {}",
             w.name,
-            w.numel()
+            w.numel(),
+            s.c
         );
+    }
+    for &(arg, have) in args {
+        check_len(op, arg, have, s.n * s.c)?;
     }
     Ok(())
 }
@@ -164,6 +198,18 @@ pub(crate) fn check_dyn_smem(
 pub(crate) fn int(op: &str, arg: &str, v: usize) -> Result<i32> {
     i32::try_from(v)
         .map_err(|_| anyhow!("{op}: `{arg}` = {v} exceeds the kernels' 32-bit int range"))
+}
+
+impl CudaBackend {
+    /// The device address of `s` on this backend's stream (a kernel argument).
+    pub(crate) fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        dptr(s, &self.stream)
+    }
+
+    /// The device address of `s`, which the kernel writes.
+    pub(crate) fn ptr_mut<T>(&self, s: &mut CudaSlice<T>) -> u64 {
+        dptr_mut(s, &self.stream)
+    }
 }
 
 pub(crate) fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::{self, CudaBlas};
 use cudarc::driver::{
     result as dres, sys as dsys, CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream,
@@ -33,7 +33,9 @@ use cudarc::driver::{
 };
 use half::bf16;
 
-use super::{AttnShape, Backend, CachedAttnShape, DeviceError, GraphExec, OpClass};
+use super::{attention_name, AttnShape, Backend, CachedAttnShape, DeviceError, GraphExec, OpClass};
+use super::{CommitIn, Gather, HeadDims, Kv, LogProb, MatMul, Norm, Rope, Rows, SelectIo};
+use crate::backend::commit::CommitShape;
 use crate::backend::head::{Remasking, SelectParams};
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
@@ -63,10 +65,10 @@ pub use device::{
 pub(crate) use gemm::Gemm;
 use graph::*;
 pub use graph::{Graph, Timer};
-use head::SelectIo;
 use launch::*;
 pub(crate) use launch::{
-    check_dyn_smem, check_len, driver_err, grid_yz, int, launch, stride_blocks, Geom, GRID_YZ_MAX,
+    check_dyn_smem, check_len, check_lens, driver_err, grid_yz, int, launch, stride_blocks, Geom,
+    GRID_YZ_MAX,
 };
 pub use weights::CudaWeight;
 
@@ -75,30 +77,32 @@ type Act = CudaSlice<bf16>;
 type Ints = CudaSlice<i32>;
 type F32s = CudaSlice<f32>;
 
-/// Function handles of every kernel in the ABI.
-struct Kernels {
-    embedding: dsys::CUfunction,
-    rms_norm: dsys::CUfunction,
-    add_rms_norm: dsys::CUfunction,
-    add: dsys::CUfunction,
-    rope: dsys::CUfunction,
-    attention: dsys::CUfunction,
-    attention_cached: dsys::CUfunction,
-    attention_split: dsys::CUfunction,
-    attention_combine: dsys::CUfunction,
-    kv_store: dsys::CUfunction,
-    swiglu: dsys::CUfunction,
-    gather_rows: dsys::CUfunction,
-    head_select: dsys::CUfunction,
-    topk_select: dsys::CUfunction,
-    threshold_select: dsys::CUfunction,
-    commit_select: dsys::CUfunction,
-    rope_kv_store: dsys::CUfunction,
-    fill_random: dsys::CUfunction,
-    fill_const: dsys::CUfunction,
-    f32_to_bf16: dsys::CUfunction,
-    f16_to_bf16: dsys::CUfunction,
-}
+kernel_table!(
+    /// Function handles of every kernel in the ABI.
+    Kernels {
+        embedding: "embedding_bf16",
+        rms_norm: "rms_norm_bf16",
+        add_rms_norm: "add_rms_norm_bf16",
+        add: "add_bf16",
+        rope: "rope_bf16",
+        attention: "attention_fwd_bf16",
+        attention_cached: "attention_cached_fwd_bf16",
+        attention_split: "attention_split_bf16",
+        attention_combine: "attention_combine_bf16",
+        kv_store: "kv_store_bf16",
+        swiglu: "swiglu_bf16",
+        gather_rows: "gather_rows_bf16",
+        head_select: "head_select_bf16",
+        topk_select: "topk_select_f32",
+        threshold_select: "threshold_select_f32",
+        commit_select: "commit_select_f32",
+        rope_kv_store: "rope_kv_store_bf16",
+        fill_random: "fill_random_bf16",
+        fill_const: "fill_const_bf16",
+        f32_to_bf16: "f32_to_bf16",
+        f16_to_bf16: "f16_to_bf16",
+    }
+);
 
 pub struct CudaBackend {
     // Field order is drop order: handles before the modules, modules before the context.
@@ -198,123 +202,72 @@ impl Backend for CudaBackend {
         self.dtoh_into(dptr(src, &self.stream), dst)
     }
 
-    fn embedding(
-        &self,
-        out: &mut Self::Act,
-        wte: &CudaWeight,
-        ids: &Self::Ints,
-        n: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "embedding";
+    fn embedding(&self, out: &mut Act, wte: &CudaWeight, g: Gather<'_, Self>) -> Result<()> {
+        let (op, Gather { idx: ids, n, c }) = ("embedding", g);
         if wte.cols != c {
             bail!("{op}: `{}` has {} columns, C = {c}", wte.name, wte.cols);
         }
-        check_len(op, "out", out.len(), n * c)?;
-        check_len(op, "ids", ids.len(), n)?;
+        check_lens(op, &[("out", out.len(), n * c), ("ids", ids.len(), n)])?;
         if n == 0 {
             return Ok(());
         }
-        self.check_ints(
-            op,
-            "ids",
-            ids,
-            n,
-            wte.rows,
-            &format!("the vocabulary of `{}`", wte.name),
-        )?;
-        let (o, w, i) = (
-            dptr_mut(out, &self.stream),
-            dptr(&wte.buf, &self.stream),
-            dptr(ids, &self.stream),
-        );
-        let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
-        launch!(&self.stream, op, self.k.embedding, rows_geom(n, ROW_THREADS); o, w, i, n_, c_)
+        let vocab = format!("the vocabulary of `{}`", wte.name);
+        self.check_ints(op, "ids", ids, n, wte.rows, &vocab)?;
+        launch!(&self.stream, op, self.k.embedding, rows_geom(n, ROW_THREADS); self.ptr_mut(out),
+            self.ptr(&wte.buf), self.ptr(ids), int(op, "n", n)?, int(op, "c", c)?)
     }
 
-    fn rms_norm(
-        &self,
-        out: &mut Self::Act,
-        x: &Self::Act,
-        w: &CudaWeight,
-        n: usize,
-        c: usize,
-        eps: f32,
-    ) -> Result<()> {
+    fn rms_norm(&self, out: &mut Act, x: &Act, w: &CudaWeight, s: Norm) -> Result<()> {
         let op = "rms_norm";
-        check_norm_weight(op, w, c)?;
-        check_len(op, "out", out.len(), n * c)?;
-        check_len(op, "x", x.len(), n * c)?;
-        if n == 0 {
+        check_norm(op, w, s, &[("out", out.len()), ("x", x.len())])?;
+        if s.n == 0 {
             return Ok(());
         }
-        let (o, xp, wp) = (
-            dptr_mut(out, &self.stream),
-            dptr(x, &self.stream),
-            dptr(&w.buf, &self.stream),
-        );
-        let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
-        launch!(&self.stream, op, self.k.rms_norm, rows_geom(n, ROW_THREADS); o, xp, wp, n_, c_,
-            eps)
+        launch!(&self.stream, op, self.k.rms_norm, rows_geom(s.n, ROW_THREADS); self.ptr_mut(out),
+            self.ptr(x), self.ptr(&w.buf), int(op, "n", s.n)?, int(op, "c", s.c)?, s.eps)
     }
 
     fn add_rms_norm(
         &self,
-        out: &mut Self::Act,
-        x: &mut Self::Act,
-        d: &Self::Act,
+        out: &mut Act,
+        x: &mut Act,
+        d: &Act,
         w: &CudaWeight,
-        n: usize,
-        c: usize,
-        eps: f32,
+        s: Norm,
     ) -> Result<()> {
         let op = "add_rms_norm";
-        check_norm_weight(op, w, c)?;
-        check_len(op, "out", out.len(), n * c)?;
-        check_len(op, "x", x.len(), n * c)?;
-        check_len(op, "d", d.len(), n * c)?;
-        if n == 0 {
+        check_norm(
+            op,
+            w,
+            s,
+            &[("out", out.len()), ("x", x.len()), ("d", d.len())],
+        )?;
+        if s.n == 0 {
             return Ok(());
         }
-        let (o, xp, dp, wp) = (
-            dptr_mut(out, &self.stream),
-            dptr_mut(x, &self.stream),
-            dptr(d, &self.stream),
-            dptr(&w.buf, &self.stream),
-        );
-        let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
-        launch!(&self.stream, op, self.k.add_rms_norm, rows_geom(n, ROW_THREADS); o, xp, dp, wp,
-            n_, c_, eps)
+        launch!(&self.stream, op, self.k.add_rms_norm, rows_geom(s.n, ROW_THREADS);
+            self.ptr_mut(out), self.ptr_mut(x), self.ptr(d), self.ptr(&w.buf), int(op, "n", s.n)?,
+            int(op, "c", s.c)?, s.eps)
     }
 
-    fn add(&self, x: &mut Self::Act, d: &Self::Act, n: usize, c: usize) -> Result<()> {
-        let op = "add";
-        check_len(op, "x", x.len(), n * c)?;
-        check_len(op, "d", d.len(), n * c)?;
-        if n * c == 0 {
+    fn add(&self, x: &mut Act, d: &Act, s: Rows) -> Result<()> {
+        let (op, numel) = ("add", s.n * s.c);
+        check_lens(op, &[("x", x.len(), numel), ("d", d.len(), numel)])?;
+        if numel == 0 {
             return Ok(());
         }
-        let (xp, dp) = (dptr_mut(x, &self.stream), dptr(d, &self.stream));
-        let numel = (n * c) as i64;
-        launch!(&self.stream, op, self.k.add, stride_geom(n * c); xp, dp, numel)
+        launch!(&self.stream, op, self.k.add, stride_geom(numel); self.ptr_mut(x), self.ptr(d),
+            numel as i64)
     }
 
     /// Row-major `out[N, M] = x[N, K] · W[M, K]ᵀ`. cuBLAS is column-major: the row-major buffers
     /// read as column-major are `outᵀ` (M×N, ld M), `xᵀ` (K×N, ld K) and `Wᵀ` (K×M, ld K), so
     /// `outᵀ = W · xᵀ = op(A)·B` with `A = W` transposed (`transa = T`, lda = K) and `B = x` as is
     /// (`transb = N`, ldb = K), `m = M`, `n = N`, `k = K`, ldc = M.
-    fn matmul(
-        &self,
-        out: &mut Self::Act,
-        x: &Self::Act,
-        w: &CudaWeight,
-        n: usize,
-        k: usize,
-        m: usize,
-    ) -> Result<()> {
-        let op = "matmul";
+    fn matmul(&self, out: &mut Act, x: &Act, w: &CudaWeight, s: MatMul) -> Result<()> {
+        let (op, MatMul { n, k, m }) = ("matmul", s);
         if let Some(f) = &w.fp8 {
-            return fp8::matmul(self, out, x, f, &w.name, n, k, m);
+            return fp8::matmul(self, out, x, f, &w.name, s);
         }
         if w.rows != m || w.cols != k {
             bail!(
@@ -324,8 +277,7 @@ impl Backend for CudaBackend {
                 w.cols
             );
         }
-        check_len(op, "out", out.len(), n * m)?;
-        check_len(op, "x", x.len(), n * k)?;
+        check_lens(op, &[("out", out.len(), n * m), ("x", x.len(), n * k)])?;
         if n == 0 || m == 0 {
             return Ok(());
         }
@@ -337,12 +289,12 @@ impl Backend for CudaBackend {
             m,
             n,
             k,
-            a: dptr(&w.buf, &self.stream),
+            a: self.ptr(&w.buf),
             lda: k,
-            b: dptr(x, &self.stream),
+            b: self.ptr(x),
             ldb: k,
             beta: 0.0,
-            c: dptr_mut(out, &self.stream),
+            c: self.ptr_mut(out),
             ldc: m,
             data: cudaDataType_t::CUDA_R_16BF,
             compute: cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -351,104 +303,67 @@ impl Backend for CudaBackend {
         .run(op, *self.blas.handle())
     }
 
-    fn rope(
-        &self,
-        qkv: &mut Self::Act,
-        pos: &Self::Ints,
-        cos: &Self::F32s,
-        sin: &Self::F32s,
-        n: usize,
-        nh: usize,
-        nkv: usize,
-        hd: usize,
-    ) -> Result<()> {
-        let op = "rope";
+    fn rope(&self, qkv: &mut Act, t: Rope<'_, Self>, s: AttnShape) -> Result<()> {
+        let (op, n, AttnShape { nh, nkv, hd, .. }) = ("rope", s.rows(), s);
         if hd == 0 || hd % 2 != 0 {
             bail!("{op}: head dim {hd} must be even and positive");
         }
-        check_len(op, "qkv", qkv.len(), n * (nh + 2 * nkv) * hd)?;
-        if !self.check_rope_inputs(op, (pos, cos, sin), n, hd)? {
+        check_len(op, "qkv", qkv.len(), n * s.qkv_width())?;
+        if !self.check_rope_inputs(op, t, n, hd)? {
             return Ok(());
         }
-        let (q, c, s, p) = (
-            dptr_mut(qkv, &self.stream),
-            dptr(cos, &self.stream),
-            dptr(sin, &self.stream),
-            dptr(pos, &self.stream),
-        );
-        let (n_, nh_, nkv_, hd_) = (
-            int(op, "n", n)?,
-            int(op, "nh", nh)?,
-            int(op, "nkv", nkv)?,
-            int(op, "hd", hd)?,
-        );
         let threads = ((nh + nkv) * hd / 2).clamp(32, 1024).next_multiple_of(32) as u32;
-        launch!(&self.stream, op, self.k.rope, rows_geom(n, threads.min(1024)); q, c, s, p, n_,
-            nh_, nkv_, hd_)
+        launch!(&self.stream, op, self.k.rope, rows_geom(n, threads.min(1024)); self.ptr_mut(qkv),
+            self.ptr(t.cos), self.ptr(t.sin), self.ptr(t.pos), int(op, "n", n)?,
+            int(op, "nh", nh)?, int(op, "nkv", nkv)?, int(op, "hd", hd)?)
     }
 
-    fn swiglu(&self, out: &mut Self::Act, gate_up: &Self::Act, n: usize, f: usize) -> Result<()> {
-        let op = "swiglu";
-        check_len(op, "out", out.len(), n * f)?;
-        check_len(op, "gate_up", gate_up.len(), n * 2 * f)?;
+    fn swiglu(&self, out: &mut Act, gate_up: &Act, s: Rows) -> Result<()> {
+        let (op, Rows { n, c: f }) = ("swiglu", s);
+        check_lens(
+            op,
+            &[
+                ("out", out.len(), n * f),
+                ("gate_up", gate_up.len(), n * 2 * f),
+            ],
+        )?;
         if n * f == 0 {
             return Ok(());
         }
-        let (o, g) = (dptr_mut(out, &self.stream), dptr(gate_up, &self.stream));
         // The kernel indexes elements in 64 bits: only n and f themselves are ints.
-        let (n_, f_) = (int(op, "n", n)?, int(op, "f", f)?);
-        launch!(&self.stream, op, self.k.swiglu, stride_geom(n * f); o, g, n_, f_)
+        launch!(&self.stream, op, self.k.swiglu, stride_geom(n * f); self.ptr_mut(out),
+            self.ptr(gate_up), int(op, "n", n)?, int(op, "f", f)?)
     }
 
-    fn gather_rows(
-        &self,
-        out: &mut Self::Act,
-        x: &Self::Act,
-        rows: &Self::Ints,
-        nrows: usize,
-        c: usize,
-    ) -> Result<()> {
-        let op = "gather_rows";
-        check_len(op, "out", out.len(), nrows * c)?;
-        check_len(op, "rows", rows.len(), nrows)?;
-        check_len(op, "x", x.len(), c)?;
-        if nrows == 0 || c == 0 {
+    fn gather_rows(&self, out: &mut Act, x: &Act, g: Gather<'_, Self>) -> Result<()> {
+        let (op, Gather { idx: rows, n, c }) = ("gather_rows", g);
+        check_lens(
+            op,
+            &[
+                ("out", out.len(), n * c),
+                ("rows", rows.len(), n),
+                ("x", x.len(), c),
+            ],
+        )?;
+        if n == 0 || c == 0 {
             return Ok(());
         }
-        self.check_ints(op, "rows", rows, nrows, x.len() / c, "the rows of `x`")?;
-        let (o, xp, r) = (
-            dptr_mut(out, &self.stream),
-            dptr(x, &self.stream),
-            dptr(rows, &self.stream),
-        );
-        let (nr, c_) = (int(op, "nrows", nrows)?, int(op, "c", c)?);
-        launch!(&self.stream, op, self.k.gather_rows, rows_geom(nrows, ROW_THREADS); o, xp, r, nr,
-            c_)
+        self.check_ints(op, "rows", rows, n, x.len() / c, "the rows of `x`")?;
+        launch!(&self.stream, op, self.k.gather_rows, rows_geom(n, ROW_THREADS); self.ptr_mut(out),
+            self.ptr(x), self.ptr(rows), int(op, "nrows", n)?, int(op, "c", c)?)
     }
 
     fn commit_select(
         &self,
-        commit: &mut Self::Ints,
-        tok: &Self::Ints,
-        conf: &Self::F32s,
-        rows: &Self::Ints,
-        ids: &Self::Ints,
-        plan: &Self::Ints,
-        s: crate::backend::commit::CommitShape,
+        commit: &mut Ints,
+        c: CommitIn<'_, Self>,
+        s: CommitShape,
     ) -> Result<()> {
-        self.launch_commit_select(commit, tok, conf, rows, ids, plan, s)
+        self.launch_commit_select(commit, c, s)
     }
 
-    fn log_prob(
-        &self,
-        out: &mut Self::F32s,
-        logits: &Self::Act,
-        targets: &Self::Ints,
-        r: usize,
-        v: usize,
-        cfg_scale: f64,
-    ) -> Result<()> {
-        self.launch_log_prob(out, logits, targets, r, v, cfg_scale)
+    fn log_prob(&self, out: &mut F32s, logits: &Act, targets: &Ints, s: LogProb) -> Result<()> {
+        self.launch_log_prob(out, (logits, targets), s)
     }
 
     fn graphs_supported(&self) -> bool {
@@ -554,67 +469,125 @@ impl Backend for CudaBackend {
         fp8::load_weight(self, parts)
     }
 
-    fn select(
-        &self,
-        tok: &mut Self::Ints,
-        conf: &mut Self::F32s,
-        logits: &mut Self::Act,
-        keys: &Self::Ints,
-        r: usize,
-        v: usize,
-        p: &SelectParams,
-    ) -> Result<()> {
-        let io = SelectIo {
-            tok,
-            conf,
-            logits,
-            keys,
-        };
-        self.launch_select(io, r, v, p)
+    fn select(&self, io: SelectIo<'_, Self>, s: HeadDims, p: &SelectParams) -> Result<()> {
+        self.launch_select(io, s, p)
     }
 
-    fn attention(
-        &self,
-        out: &mut Self::Act,
-        qkv: &Self::Act,
-        key_valid: Option<&Self::Ints>,
-        s: AttnShape,
-    ) -> Result<()> {
-        self.launch_attention(out, qkv, key_valid, s)
+    fn kv_store(&self, kv: Kv<&mut Act>, qkv: &Act, s: CachedAttnShape) -> Result<()> {
+        self.launch_kv_store(kv, qkv, s)
     }
 
-    fn kv_store(
-        &self,
-        k_cache: &mut Self::Act,
-        v_cache: &mut Self::Act,
-        qkv: &Self::Act,
-        q0: usize,
-        s: CachedAttnShape,
-    ) -> Result<()> {
-        self.launch_kv_store(k_cache, v_cache, qkv, q0, s)
-    }
-
+    /// `rope_kv_store_bf16` (`kernels/rope.cu`): the checks of `rope` and `kv_store` together.
     fn rope_kv_store(
         &self,
-        qkv: &mut Self::Act,
-        kv: (&mut Self::Act, &mut Self::Act),
-        rope: (&Self::Ints, &Self::F32s, &Self::F32s),
-        q0: usize,
+        qkv: &mut Act,
+        kv: Kv<&mut Act>,
+        t: Rope<'_, Self>,
         s: CachedAttnShape,
     ) -> Result<()> {
-        self.launch_rope_kv_store(qkv, kv, rope, q0, s)
+        let (op, (b, tq, l, nh, nkv, hd), q0) = ("rope_kv_store", s.dims(), s.q0);
+        let n = b * tq;
+        ensure!(
+            hd > 0 && hd % 2 == 0 && q0 + tq <= l,
+            "{op}: head dim {hd} must be even and positive, and the rows [{q0}, {}) lie in the cache length {l}",
+            q0 + tq
+        );
+        let kw = b * l * nkv * hd;
+        let qkv_len = n * s.queries().qkv_width();
+        check_lens(
+            op,
+            &[
+                ("qkv", qkv.len(), qkv_len),
+                ("k_cache", kv.k.len(), kw),
+                ("v_cache", kv.v.len(), kw),
+            ],
+        )?;
+        if !self.check_rope_inputs(op, t, n, hd)? {
+            return Ok(());
+        }
+        int(op, "b·tq", n)?;
+        let threads = ((nh + nkv) * hd / 2).clamp(32, 256).next_multiple_of(32) as u32;
+        launch!(&self.stream, op, self.k.rope_kv_store, rows_geom(n, threads);
+            self.ptr_mut(qkv), self.ptr_mut(kv.k), self.ptr_mut(kv.v), self.ptr(t.cos),
+            self.ptr(t.sin), self.ptr(t.pos), int(op, "b", b)?, int(op, "tq", tq)?,
+            int(op, "l", l)?, int(op, "q0", q0)?, int(op, "nh", nh)?, int(op, "nkv", nkv)?,
+            int(op, "hd", hd)?)
     }
 
-    fn attention_cached(
+    /// The attention launcher (`kernels/attention.cu`): the checks, then FA2, split-KV or the
+    /// single-pass kernel (`attention_fwd_bf16` reading the keys from `qkv`, or
+    /// `attention_cached_fwd_bf16` reading the caches).
+    fn attend(
         &self,
-        out: &mut Self::Act,
-        qkv: &Self::Act,
-        k_cache: &Self::Act,
-        v_cache: &Self::Act,
-        key_valid: Option<&Self::Ints>,
+        out: &mut Act,
+        qkv: &Act,
+        kv: Option<Kv<&Act>>,
+        key_valid: Option<&Ints>,
         s: CachedAttnShape,
     ) -> Result<()> {
-        self.launch_attention_cached(out, qkv, k_cache, v_cache, key_valid, s)
+        let op = attention_name(kv.is_some());
+        let (b, tq, l, nh, nkv, hd) = s.dims();
+        check_heads(op, nh, nkv, hd)?;
+        if tq > l {
+            bail!("{op}: {tq} queries per row exceed the {l} cached keys");
+        }
+        let qs = s.queries().qkv_width();
+        check_lens(
+            op,
+            &[
+                ("out", out.len(), b * tq * nh * hd),
+                ("qkv", qkv.len(), b * tq * qs),
+            ],
+        )?;
+        if let Some(Kv { k, v }) = kv {
+            check_lens(
+                op,
+                &[
+                    ("k_cache", k.len(), b * l * nkv * hd),
+                    ("v_cache", v.len(), b * l * nkv * hd),
+                ],
+            )?;
+        }
+        if let Some(m) = key_valid {
+            check_len(op, "key_valid", m.len(), b * l)?;
+        }
+        if b * tq == 0 || nh == 0 {
+            return Ok(());
+        }
+        let (o, q) = (self.ptr_mut(out), self.ptr(qkv));
+        let key_valid = key_valid.map_or(0, |m| self.ptr(m));
+        let (k, v, kvstride) = match &kv {
+            // The k and v parts of each qkv row (bf16, 2 bytes).
+            None => (
+                q + (nh * hd * 2) as u64,
+                q + ((nh + nkv) * hd * 2) as u64,
+                qs,
+            ),
+            Some(Kv { k, v }) => (self.ptr(*k), self.ptr(*v), nkv * hd),
+        };
+        let chunk = attn_split_chunk(l).unwrap_or(0);
+        let a = SplitArgs {
+            q,
+            k,
+            v,
+            key_valid,
+            qstride: qs,
+            kvstride,
+            s,
+            chunk,
+        };
+        // The single-pass kernels (when neither FA2 nor split-KV takes the call).
+        self.attention_route(op, o, a, || {
+            let g = attention_geom(op, b, tq, nh)?;
+            let (b, tq, l) = (int(op, "b", b)?, int(op, "tq", tq)?, int(op, "l", l)?);
+            let (nh, nkv, hd) = (int(op, "nh", nh)?, int(op, "nkv", nkv)?, int(op, "hd", hd)?);
+            if kv.is_none() {
+                launch!(&self.stream, op, self.k.attention, g; o, q, key_valid, b, tq, nh, nkv, hd)
+            } else {
+                launch!(&self.stream, op, self.k.attention_cached, g; o, q, k, v, key_valid, b, tq,
+                    l, nh, nkv, hd)
+            }
+        })
     }
 }
 
