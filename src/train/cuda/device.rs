@@ -72,6 +72,8 @@ pub struct CudaOps {
     /// LoRA training over a frozen bf16 base ([`super::lora`]): when set, every linear and the
     /// embedding read the base through it.
     pub(super) lora: Option<Box<super::lora::CudaLora>>,
+    /// The opt-in tiled kernels ([`super::tiled`], `LLADA_TRAIN_KERNELS=tiled`) when selected.
+    pub(super) tiled: Option<Box<super::tiled::Tiled>>,
 }
 
 /// The backend's `launch!` on this state's stream, after binding the backend's context.
@@ -110,12 +112,15 @@ impl CudaOps {
             adamw: f("adamw_f32")?,
             sumsq: f("sumsq_f32")?,
         };
-        Ok(CudaOps {
+        let mut ops = CudaOps {
             be,
             k,
             precision: TrainPrecision::F32,
             lora: None,
-        })
+            tiled: None,
+        };
+        ops.set_train_kernels(super::TrainKernelImpl::from_env()?)?;
+        Ok(ops)
     }
 
     /// What the GEMMs compute in from now on (the default is [`TrainPrecision::F32`]).

@@ -83,7 +83,9 @@ impl TrainOps for CudaOps {
     }
 
     /// Backward of the embedding: `dwte[ids[i]] += dx[i]` (rows in ascending order; the CSR
-    /// grouping is built here from the host ids, no atomics: deterministic, bit-exact).
+    /// grouping is built here from the host ids, no atomics: deterministic, bit-exact). No
+    /// synchronization: the index buffers dropped at the end are freed in stream order
+    /// (cudarc's `free_async`, or a synchronizing free where the device lacks memory pools).
     fn embedding_bwd(&self, dwte: &mut Buf, dx: &Buf, ids: &[u32], c: usize) -> Result<()> {
         if self.lora.is_some() {
             return Ok(()); // the embedding is frozen
@@ -98,6 +100,9 @@ impl TrainOps for CudaOps {
         }
         if n == 0 {
             return Ok(());
+        }
+        if self.tiled.is_some() {
+            return self.embedding_bwd_tiled(dwte, dx, ids, c);
         }
         let mut order: Vec<i32> = (0..n as i32).collect();
         order.sort_by_key(|&i| (ids[i as usize], i)); // stable in i within one id
@@ -125,9 +130,7 @@ impl TrainOps for CudaOps {
         );
         let (nu_, c_) = (int(op, "nuniq", nu)?, int(op, "c", c)?);
         launch!(self, op, self.k.embedding_bwd, Geom::new((nu as u32, 1, 1), 256, 0); dp, xp, up,
-            op_, orp, nu_, c_)?;
-        // The index buffers are freed on drop: finish the launch first.
-        self.sync()
+            op_, orp, nu_, c_)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -189,6 +192,9 @@ impl TrainOps for CudaOps {
         let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
         launch!(self, op, self.k.rms_norm_bwd, Geom::new((n as u32, 1, 1), 256, 0); dxp, dyp, xp,
             rp, wp, n_, c_)?;
+        if self.tiled.is_some() {
+            return self.rms_norm_bwd_dw_tiled([dwp, dyp, xp, rp], n, c);
+        }
         launch!(self, op, self.k.rms_norm_bwd_dw, Geom::new((c.div_ceil(256) as u32, 1, 1), 256, 0);
             dwp, dyp, xp, rp, n_, c_)
     }
@@ -339,6 +345,9 @@ impl TrainOps for CudaOps {
         check_ints(op, "rows", rows, nrows, dx.len() / c, "the rows of `dx`")?;
         if nrows == 0 {
             return Ok(());
+        }
+        if self.tiled.is_some() {
+            return self.scatter_add_rows_tiled(dx, src, &rows.host[..nrows], c);
         }
         let (d, s, r) = (self.ptr_mut(dx), self.ptr(src), self.ptr(&rows.buf));
         let (nr, c_) = (int(op, "nrows", nrows)?, int(op, "c", c)?);
