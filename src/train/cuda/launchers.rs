@@ -375,6 +375,9 @@ impl TrainOps for CudaOps {
         check_len(op, "q", q.len(), n * nh * hd)?;
         check_len(op, "k", k.len(), n * nkv * hd)?;
         check_len(op, "v", v.len(), n * nkv * hd)?;
+        if self.tiled_attention(hd) {
+            return self.attention_tiled([o, lse], [q, k, v], d);
+        }
         let what = format!("T = {t}, HD = {hd}");
         self.bind()?;
         let smem = check_dyn_smem(op, self.k.attention_fwd, (t + hd) * 4, &what)?;
@@ -433,6 +436,9 @@ impl TrainOps for CudaOps {
             ("lse", lse.len(), n * nh),
         ] {
             check_len(op, a, l, need)?;
+        }
+        if self.tiled_attention(hd) {
+            return self.attention_bwd_tiled([dq, dk, dv, delta], [dout, q, k, v, o, lse], d);
         }
         let what = format!("T = {t}, HD = {hd}");
         self.bind()?;

@@ -9,6 +9,10 @@
 //!   repeated destination (the mask token: half of all positions) cut into pieces summed in a
 //!   fixed order ([`ScatterPlan`]); index lists go to a persistent device scratch, so the
 //!   launcher neither allocates nor synchronizes;
+//! - `attention` / `attention_bwd`: a block per 32-query tile sharing 32-key tiles of K/V in
+//!   shared memory (online softmax), and a flash-style backward of two kernels (dQ and δ per
+//!   query tile; dK, dV per key tile walking the query tiles), f32 FMA on the CUDA cores, head
+//!   dims up to [`ATT_TILED_HD_MAX`] (larger ones keep the default kernels).
 //!
 //! Everything stays deterministic (no atomics; each sum in an order fixed by the shapes and the
 //! host-known indices, never by scheduling or the GPU model), so a step is bit-reproducible;
@@ -16,6 +20,7 @@
 //! each kernel's header and tests/cuda_train_tiled.rs).
 
 use super::*;
+use cudarc::driver::result as dres;
 use std::cell::RefCell;
 
 /// The environment variable that selects the training kernels (read once per [`CudaOps`]).
@@ -55,6 +60,8 @@ pub(super) struct Tiled {
     rms_norm_bwd_dw_sum: dsys::CUfunction,
     scatter_add_rows: [dsys::CUfunction; 2],
     embedding_bwd: [dsys::CUfunction; 2],
+    /// `attention_fwd_tiled_f32`, `attention_bwd_dq_tiled_f32`, `attention_bwd_dkv_tiled_f32`.
+    attention: [dsys::CUfunction; 3],
     /// Grown on demand, never shrunk; reused by every launch on the stream (stream order makes
     /// reuse safe; a replaced buffer is freed stream-ordered by cudarc).
     scratch_f: RefCell<Option<CudaSlice<f32>>>,
@@ -64,7 +71,37 @@ pub(super) struct Tiled {
 impl Tiled {
     pub(super) fn load(be: &CudaBackend) -> Result<Tiled> {
         let f = |s: &str| be.function(s);
+        be.stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
+        let syms = [
+            "attention_fwd_tiled_f32",
+            "attention_bwd_dq_tiled_f32",
+            "attention_bwd_dkv_tiled_f32",
+        ];
+        let mut attention = [std::ptr::null_mut(); 3];
+        for ((a, sym), smem) in attention
+            .iter_mut()
+            .zip(syms)
+            .zip(att_smem(ATT_TILED_HD_MAX))
+        {
+            *a = f(sym)?;
+            let smem = i32::try_from(smem).unwrap_or(i32::MAX);
+            // SAFETY: `*a` is a function of a module the backend keeps loaded.
+            unsafe {
+                dres::function::set_function_attribute(
+                    *a,
+                    dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem,
+                )
+            }
+            .map_err(|e| {
+                anyhow!("{sym}: raising its shared memory limit to {smem} bytes: {e:?}")
+            })?;
+        }
         Ok(Tiled {
+            attention,
             rms_norm_bwd_dw: f("rms_norm_bwd_dw_tiled_f32")?,
             rms_norm_bwd_dw_sum: f("rms_norm_bwd_dw_sum_f32")?,
             scatter_add_rows: [
@@ -79,6 +116,35 @@ impl Tiled {
             scratch_i: RefCell::new(None),
         })
     }
+}
+
+/// The largest head dim of the tiled attention kernels (`ATT_HD_MAX`).
+pub const ATT_TILED_HD_MAX: usize = 128;
+/// Rows of a query or key tile (`ATT_TR`); threads of a block (`ATT_TH`).
+const ATT_TILE: usize = 32;
+const ATT_THREADS_TILED: u32 = 128;
+
+/// Dynamic shared memory (bytes) of the forward, dQ and dK/dV kernels at head dim `hd`: tiles of
+/// 32 rows padded to `hd | 1` floats, 32×33 score tiles, and the dK/dV kernel's lse and δ.
+fn att_smem(hd: usize) -> [usize; 3] {
+    let (rows, scores) = (ATT_TILE * (hd | 1), ATT_TILE * (ATT_TILE + 1));
+    [
+        4 * (2 * rows + scores),
+        4 * (4 * rows + scores),
+        4 * (4 * rows + 2 * scores + 2 * ATT_TILE),
+    ]
+}
+
+/// `[b, t, nh, nkv, hd]` as the kernels' ints.
+fn attn_dims(op: &str, d: AttnShape) -> Result<[i32; 5]> {
+    let AttnShape { b, t, nh, nkv, hd } = d;
+    Ok([
+        int(op, "b", b)?,
+        int(op, "t", t)?,
+        int(op, "nh", nh)?,
+        int(op, "nkv", nkv)?,
+        int(op, "hd", hd)?,
+    ])
 }
 
 /// Blocks of 256 columns times chunks this many: about 4 blocks per SM of a 132-SM GPU.
@@ -319,5 +385,73 @@ impl CudaOps {
         let t = self.tiled()?;
         let p = [self.ptr_mut(dwte), self.ptr(dx)];
         self.scatter_tiled("embedding_bwd", t.embedding_bwd, p, ids, c)
+    }
+
+    /// Whether `attention` / `attention_bwd` at head dim `hd` run the tiled kernels.
+    pub(super) fn tiled_attention(&self, hd: usize) -> bool {
+        self.tiled.is_some() && hd <= ATT_TILED_HD_MAX
+    }
+
+    /// [`TrainOps::attention`] through `attention_fwd_tiled_f32` (lengths and shape checked).
+    pub(super) fn attention_tiled(
+        &self,
+        [o, lse]: [&mut Buf; 2],
+        [q, k, v]: [&Buf; 3],
+        d: AttnShape,
+    ) -> Result<()> {
+        let op = "attention";
+        let f = self.tiled()?.attention[0];
+        self.bind()?;
+        let smem = check_dyn_smem(op, f, att_smem(d.hd)[0], &format!("HD = {}", d.hd))?;
+        if d.b * d.t == 0 || d.nh == 0 {
+            return Ok(());
+        }
+        let dm = attn_dims(op, d)?;
+        let grid = (d.t.div_ceil(ATT_TILE) as u32, d.nh as u32, d.b as u32);
+        let (op_, lp) = (self.ptr_mut(o), self.ptr_mut(lse));
+        let (qp, kp, vp) = (self.ptr(q), self.ptr(k), self.ptr(v));
+        launch!(self, op, f, Geom::new(grid, ATT_THREADS_TILED, smem); op_, lp, qp, kp, vp,
+            dm[0], dm[1], dm[2], dm[3], dm[4])
+    }
+
+    /// [`TrainOps::attention_bwd`] through `attention_bwd_dq_tiled_f32` (which writes `delta`)
+    /// then `attention_bwd_dkv_tiled_f32` (lengths and shape checked).
+    pub(super) fn attention_bwd_tiled(
+        &self,
+        [dq, dk, dv, delta]: [&mut Buf; 4],
+        [dout, q, k, v, o, lse]: [&Buf; 6],
+        d: AttnShape,
+    ) -> Result<()> {
+        let op = "attention_bwd";
+        let f = self.tiled()?.attention;
+        self.bind()?;
+        let what = format!("HD = {}", d.hd);
+        let sm = att_smem(d.hd);
+        let (s_q, s_kv) = (
+            check_dyn_smem(op, f[1], sm[1], &what)?,
+            check_dyn_smem(op, f[2], sm[2], &what)?,
+        );
+        if d.b * d.t == 0 {
+            return Ok(());
+        }
+        if d.nh == 0 {
+            self.zero_fill(dk)?;
+            return self.zero_fill(dv);
+        }
+        let dm = attn_dims(op, d)?;
+        let tiles = d.t.div_ceil(ATT_TILE) as u32;
+        let (dqp, dkp, dvp, dlp) = (
+            self.ptr_mut(dq),
+            self.ptr_mut(dk),
+            self.ptr_mut(dv),
+            self.ptr_mut(delta),
+        );
+        let [dop, qp, kp, vp, opp, lp] = [dout, q, k, v, o, lse].map(|x| self.ptr(x));
+        let g = Geom::new((tiles, d.nh as u32, d.b as u32), ATT_THREADS_TILED, s_q);
+        launch!(self, op, f[1], g; dqp, dlp, dop, qp, kp, vp, opp, lp, dm[0], dm[1], dm[2],
+            dm[3], dm[4])?;
+        let g = Geom::new((tiles, d.nkv as u32, d.b as u32), ATT_THREADS_TILED, s_kv);
+        launch!(self, op, f[2], g; dkp, dvp, dlp, dop, qp, kp, vp, lp, dm[0], dm[1], dm[2],
+            dm[3], dm[4])
     }
 }
