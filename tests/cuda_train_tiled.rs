@@ -157,9 +157,10 @@ const DW_SHAPES: [(usize, usize); 6] = [
     (33, 8191),
 ];
 
-/// Tolerance of a reordered column sum: (2N + 2)·u·(|dw0| + Σ|terms|) — the CPU's sequential
-/// order within N·u·Σ, the chunked one within (rows + S)·u·Σ ≤ (N + 1)·u·Σ (rows, S ≤ N... and
-/// one more for the second-order terms).
+/// Tolerance of a reordered column sum: (2N + 2)·u·(|dw0| + Σ|terms|). A term that passes through
+/// k additions carries ≤ k·u of itself: the CPU's sequential order ≤ N additions, the chunked one
+/// ≤ rows + S, and rows·(S − 1) < N with S ≥ 2 gives rows + S ≤ N + 1 (S = 1 is the one-pass
+/// kernel, the CPU's order); one u more covers the second-order terms.
 fn dw_tol(n: usize, abs: &[f64]) -> impl Fn(usize) -> f64 + '_ {
     move |j| (2 * n + 2) as f64 * U * abs[j]
 }
@@ -289,7 +290,8 @@ fn scatter_abs(dst0: &[f32], src: &[f32], dest: &[u32], c: usize) -> (Vec<usize>
 }
 
 /// Rows repeated ≤ 64 times: bit-exact (one piece, the CPU's order). Longer: the CPU's order
-/// within len·u·Σ, the pieces' within (rows + k)·u·Σ ≤ (len + 1)·u·Σ: (2·len + 2)·u·Σ.
+/// within len·u·Σ, the pieces' within (rows + k)·u·Σ ≤ (len + 1)·u·Σ (k ≥ 2 pieces of ⌈len/k⌉
+/// rows, as for the chunked dw above): (2·len + 2)·u·Σ.
 fn scatter_check(
     what: &str,
     want: &[f32],
