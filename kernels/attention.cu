@@ -72,6 +72,39 @@
 //   (2·t + 4·hd)·4 bytes.
 // Layouts: q, dq, o, dout [B·T, NH·HD]; k, v, dk, dv [B·T, NKV·HD]; lse, delta [B·T, NH].
 // NH % NKV == 0, any HD ≥ 1 (simple kernels: correct over fast; O(T²·HD) work per head).
+//
+// Opt-in tiled f32 training attention (LLADA_TRAIN_KERNELS=tiled, src/train/cuda/tiled.rs; never
+// run on a GPU yet). The kernels above give one block to each query (or key) row and re-read all
+// of K/V (or Q/dO) of the head from L2 for every row; these give a block a tile of 32 rows that
+// shares 32-row tiles of the other operand through shared memory, so each K/V (Q/dO) row is read
+// once per 32 rows. Same interface, layouts, scale and GQA mapping as the kernels above; HD ≤ 128
+// (the launcher runs the kernels above for larger HD). Block 128 threads: thread (r = tid/4,
+// q4 = tid%4) owns tile row r, tile columns q4 + 4m (m < 8) of a 32×32 score tile and head columns
+// q4 + 4m (m < 32) of its output row. Shared rows are padded to ld = HD | 1 floats (odd: the 8 rows
+// a warp reads at once sit in distinct banks).
+// Numerics: plain f32 on the CUDA cores — dot products and weighted sums as explicit __fmaf_rn
+// chains in index order, the other operations explicit IEEE intrinsics, expf/logf as the kernels
+// above — so nvcc contracts nothing and every GPU gives the same bits. TF32 tensor cores would
+// round q, k, v, dO to 10 mantissa bits (~1e-3 relative) and break the f32 parity with the CPU
+// reference; they are left out on purpose. No atomics: every sum has one owner thread and a fixed
+// order, so a step is bit-reproducible (not bit-exact with the CPU: FMA, and the forward's online
+// softmax; the bounds are derived in tests/cuda_train_tiled.rs).
+// attention_fwd_tiled_f32(o, lse, q, k, v, b, t, nh, nkv, hd): grid (⌈T/32⌉, NH, B), dynamic shared
+//   memory (64·ld + 32·33)·4 bytes (Q tile, K-then-V tile, P tile). Per 32-key tile: S = Q·Kᵀ·scale
+//   (−∞ past T), m' = max(m, rowmax S), α = expf(m − m'), P = expf(S − m'), l = l·α + Σ_j P_j
+//   (j ascending), O = O·α + Σ_j P_j·V_j (j ascending); at the end o = O / l, lse = m + logf(l).
+//   Online softmax: each weight passes ≤ ⌈T/32⌉ rescalings, each an expf (≤ 2 ulp) and a product.
+// attention_bwd_dq_tiled_f32(dq, delta, dout, q, k, v, o, lse, b, t, nh, nkv, hd): writes delta
+//   [B·T, NH] = dO·O (HD ascending) for its rows, then per 32-key tile P = expf(S − lse),
+//   dS = (P·(dO·V − δ))·scale, dQ += dS·K (keys ascending). Grid (⌈T/32⌉, NH, B), dynamic shared
+//   memory (128·ld + 32·33)·4 bytes (Q, dO, K, V tiles, dS tile).
+// attention_bwd_dkv_tiled_f32(dk, dv, delta, dout, q, k, v, lse, b, t, nh, nkv, hd): launched after
+//   the first (reads its delta). A block owns 32 keys of kv head g and walks the group's heads
+//   (ascending) and their 32-query tiles (ascending): dV += P·dO, dK += dS·Q, queries ascending —
+//   the order of attention_bwd_dkv_f32. Grid (⌈T/32⌉, NKV, B), dynamic shared memory
+//   (128·ld + 2·32·33 + 64)·4 bytes (K, V, Q, dO tiles, P and dS tiles, lse and δ of the queries).
+// The backward kernels use more than 48 KB of shared memory at HD = 128 (70 KB, 75 KB): the
+// launcher raises their limit once (every sm_80+ GPU allows ≥ 99 KB per block).
 #include "common.cuh"
 
 #define ATT_BQ 64
@@ -958,5 +991,251 @@ attention_bwd_dkv_f32(float* __restrict__ dk, float* __restrict__ dv, const floa
     for (int c = threadIdx.x; c < hd; c += blockDim.x) {
         dk[kr + c] = adk[c];
         dv[kr + c] = adv[c];
+    }
+}
+
+// ---- tiled f32 training attention (opt-in) ----
+#define ATT_TR 32        // rows of a tile (queries or keys)
+#define ATT_TH 128       // threads of a block (min 4 blocks/SM: ≤ 128 registers, no spills on sm_86/89)
+#define ATT_HD_MAX 128   // largest head dim
+#define ATT_NC (ATT_HD_MAX / 4)  // head columns per thread
+
+// Rows row0 .. row0 + 31 of one head of a [*, stride] matrix (columns from `g`) into s [32][ld];
+// rows at or past `valid` are zero-filled.
+LLADA_DEVICE void att_tile_load(float* __restrict__ s, const float* __restrict__ g, long long row0, long long stride,
+                                int valid, int hd, int ld) {
+    for (int e = threadIdx.x; e < ATT_TR * hd; e += blockDim.x) {
+        const int r = e / hd, d = e - r * hd;
+        s[r * ld + d] = r < valid ? g[(row0 + r) * stride + d] : 0.0f;
+    }
+}
+
+// A block's place and a thread's role: the tile's first row r0 (queries, or keys for dK/dV), head
+// h (kv head for dK/dV, `heads` of them), batch bi, the kv head kh of query head h, the row
+// stride ld of a shared tile (HD | 1), the row strides, the scale, thread (r, q4), the tile's valid
+// rows n, and whether the launch is sane.
+struct AttPlace {
+    int r0, h, bi, kh, r, q4, n, ld;
+    long long qw, kw;
+    float scale;
+    bool ok;
+};
+extern __shared__ float att_t_smem[];  // the tiled kernels' dynamic shared memory
+
+LLADA_DEVICE AttPlace att_place(int b, int t, int nh, int nkv, int hd, int heads) {
+    const int r0 = blockIdx.x * ATT_TR, h = blockIdx.y, bi = blockIdx.z;
+    const bool ok = r0 < t && h < heads && bi < b && nkv > 0 && nh % nkv == 0 && hd <= ATT_HD_MAX;
+    return AttPlace{r0, h, bi, ok ? h / (nh / nkv) : 0, (int)threadIdx.x >> 2, (int)threadIdx.x & 3,
+                    min(ATT_TR, t - r0), hd | 1, (long long)nh * hd, (long long)nkv * hd,
+                    (float)(1.0 / sqrt((double)hd)), ok};
+}
+
+// s[m] = Σ_d a[d]·tile[q4 + 4m][d] (m < 8, d ascending, one FMA chain each): 8 dot products of
+// the row a against rows of a tile.
+LLADA_DEVICE void att_dots8(float* s, const float* __restrict__ a, const float* __restrict__ tile, int hd, int ld,
+                            int q4) {
+#pragma unroll
+    for (int m = 0; m < 8; ++m) s[m] = 0.0f;
+    for (int d = 0; d < hd; ++d) {
+        const float x = a[d];
+#pragma unroll
+        for (int m = 0; m < 8; ++m) s[m] = __fmaf_rn(x, tile[(q4 + 4 * m) * ld + d], s[m]);
+    }
+}
+
+// att_dots8 of two rows against two tiles in one pass over d (fewer live registers than two passes).
+LLADA_DEVICE void att_dots8x2(float* s, float* t, const float* __restrict__ a, const float* __restrict__ ta,
+                              const float* __restrict__ b, const float* __restrict__ tb, int hd, int ld, int q4) {
+#pragma unroll
+    for (int m = 0; m < 8; ++m) s[m] = t[m] = 0.0f;
+    for (int d = 0; d < hd; ++d) {
+        const float x = a[d], y = b[d];
+#pragma unroll
+        for (int m = 0; m < 8; ++m) {
+            s[m] = __fmaf_rn(x, ta[(q4 + 4 * m) * ld + d], s[m]);
+            t[m] = __fmaf_rn(y, tb[(q4 + 4 * m) * ld + d], t[m]);
+        }
+    }
+}
+
+// acc[m] += Σ_j w[j]·tile[j][q4 + 4m] (j < n ascending, one FMA chain per column q4 + 4m < hd).
+LLADA_DEVICE void att_axpy_rows(float* acc, const float* __restrict__ w, const float* __restrict__ tile, int n,
+                                int hd, int ld, int q4) {
+    for (int j = 0; j < n; ++j) {
+        const float x = w[j];
+        const float* row = tile + j * ld + q4;
+#pragma unroll
+        for (int m = 0; m < ATT_NC; ++m)
+            if (q4 + 4 * m < hd) acc[m] = __fmaf_rn(x, row[4 * m], acc[m]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_TH, 4)
+attention_fwd_tiled_f32(float* __restrict__ o, float* __restrict__ lse, const float* __restrict__ q,
+                        const float* __restrict__ k, const float* __restrict__ v, int b, int t, int nh, int nkv,
+                        int hd) {
+    const auto [q0, h, bi, kh, r, q4, nq, ld, qw, kw, scale, ok] = att_place(b, t, nh, nkv, hd, nh);
+    if (!ok) return;
+    float* qs = att_t_smem;           // [32][ld]
+    float* kvs = qs + ATT_TR * ld;    // [32][ld]: K, then V, of the current key tile
+    float* ps = kvs + ATT_TR * ld;    // [32][33]
+    att_tile_load(qs, q + (long long)h * hd, (long long)bi * t + q0, qw, nq, hd, ld);
+    float acc[ATT_NC];
+#pragma unroll
+    for (int m = 0; m < ATT_NC; ++m) acc[m] = 0.0f;
+    float mx = -INFINITY, l = 0.0f;
+    for (int k0 = 0; k0 < t; k0 += ATT_TR) {
+        const int nk = min(ATT_TR, t - k0);
+        __syncthreads();  // the previous tile's V and P are read (and Q is loaded)
+        att_tile_load(kvs, k + (long long)kh * hd, (long long)bi * t + k0, kw, nk, hd, ld);
+        __syncthreads();
+        float s[8];
+        att_dots8(s, qs + r * ld, kvs, hd, ld, q4);
+        float tmax = -INFINITY;
+#pragma unroll
+        for (int m = 0; m < 8; ++m) {
+            s[m] = q4 + 4 * m < nk ? __fmul_rn(s[m], scale) : -INFINITY;
+            tmax = fmaxf(tmax, s[m]);
+        }
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+        const float mnew = fmaxf(mx, tmax);
+        const float alpha = expf(__fsub_rn(mx, mnew));  // 0 on the first tile (mx = −∞)
+#pragma unroll
+        for (int m = 0; m < 8; ++m) ps[r * (ATT_TR + 1) + q4 + 4 * m] = expf(__fsub_rn(s[m], mnew));
+        mx = mnew;
+        __syncthreads();  // K is read, P written: load V over K
+        att_tile_load(kvs, v + (long long)kh * hd, (long long)bi * t + k0, kw, nk, hd, ld);
+        __syncthreads();
+        float rs = 0.0f;
+        for (int j = 0; j < nk; ++j) rs = __fadd_rn(rs, ps[r * (ATT_TR + 1) + j]);
+        l = __fadd_rn(__fmul_rn(l, alpha), rs);
+#pragma unroll
+        for (int m = 0; m < ATT_NC; ++m) acc[m] = __fmul_rn(acc[m], alpha);
+        att_axpy_rows(acc, ps + r * (ATT_TR + 1), kvs, nk, hd, ld, q4);
+    }
+    if (r >= nq) return;
+    const long long row = (long long)bi * t + q0 + r;
+#pragma unroll
+    for (int m = 0; m < ATT_NC; ++m)
+        if (q4 + 4 * m < hd) o[row * qw + (long long)h * hd + q4 + 4 * m] = __fdiv_rn(acc[m], l);
+    if (q4 == 0) lse[row * nh + h] = __fadd_rn(mx, logf(l));
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_TH, 4)
+attention_bwd_dq_tiled_f32(float* __restrict__ dq, float* __restrict__ delta, const float* __restrict__ dout,
+                           const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                           const float* __restrict__ o, const float* __restrict__ lse, int b, int t, int nh, int nkv,
+                           int hd) {
+    const auto [q0, h, bi, kh, r, q4, nq, ld, qw, kw, scale, ok] = att_place(b, t, nh, nkv, hd, nh);
+    if (!ok) return;
+    float* qs = att_t_smem;          // [32][ld]
+    float* dos = qs + ATT_TR * ld;   // [32][ld]
+    float* ks = dos + ATT_TR * ld;   // [32][ld]
+    float* vs = ks + ATT_TR * ld;    // [32][ld]
+    float* dss = vs + ATT_TR * ld;   // [32][33]
+    const long long row = (long long)bi * t + q0 + r;
+    att_tile_load(qs, q + (long long)h * hd, (long long)bi * t + q0, qw, nq, hd, ld);
+    att_tile_load(dos, dout + (long long)h * hd, (long long)bi * t + q0, qw, nq, hd, ld);
+    __syncthreads();
+    // δ = dO·O: the row's 4 threads each compute it whole (same operations, same value).
+    float dl = 0.0f, l = 0.0f;
+    if (r < nq) {
+        const float* orow = o + row * qw + (long long)h * hd;
+        for (int d = 0; d < hd; ++d) dl = __fmaf_rn(dos[r * ld + d], orow[d], dl);
+        l = lse[row * nh + h];
+        if (q4 == 0) delta[row * nh + h] = dl;
+    }
+    float acc[ATT_NC];
+#pragma unroll
+    for (int m = 0; m < ATT_NC; ++m) acc[m] = 0.0f;
+    for (int k0 = 0; k0 < t; k0 += ATT_TR) {
+        const int nk = min(ATT_TR, t - k0);
+        __syncthreads();  // the previous tile's K and dS are read
+        att_tile_load(ks, k + (long long)kh * hd, (long long)bi * t + k0, kw, nk, hd, ld);
+        att_tile_load(vs, v + (long long)kh * hd, (long long)bi * t + k0, kw, nk, hd, ld);
+        __syncthreads();
+        float s[8], dp[8];
+        att_dots8x2(s, dp, qs + r * ld, ks, dos + r * ld, vs, hd, ld, q4);
+#pragma unroll
+        for (int m = 0; m < 8; ++m) {
+            float ds = 0.0f;
+            if (q4 + 4 * m < nk && r < nq) {
+                const float p = expf(__fsub_rn(__fmul_rn(s[m], scale), l));
+                ds = __fmul_rn(__fmul_rn(p, __fsub_rn(dp[m], dl)), scale);
+            }
+            dss[r * (ATT_TR + 1) + q4 + 4 * m] = ds;
+        }
+        __syncwarp();  // row r's dS comes from its own 4 lanes
+        att_axpy_rows(acc, dss + r * (ATT_TR + 1), ks, nk, hd, ld, q4);
+    }
+    if (r >= nq) return;
+#pragma unroll
+    for (int m = 0; m < ATT_NC; ++m)
+        if (q4 + 4 * m < hd) dq[row * qw + (long long)h * hd + q4 + 4 * m] = acc[m];
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_TH, 4)
+attention_bwd_dkv_tiled_f32(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ delta,
+                            const float* __restrict__ dout, const float* __restrict__ q, const float* __restrict__ k,
+                            const float* __restrict__ v, const float* __restrict__ lse, int b, int t, int nh, int nkv,
+                            int hd) {
+    const AttPlace place = att_place(b, t, nh, nkv, hd, nkv);  // a block per 32 keys of kv head g
+    const auto [k0, g, bi, unused_kh, r, q4, nk, ld, qw, kw, scale, ok] = place;
+    const int group = ok ? nh / nkv : 0;  // query heads per kv head
+    if (!ok) return;
+    float* ks = att_t_smem;                 // [32][ld] this block's keys
+    float* vs = ks + ATT_TR * ld;           // [32][ld]
+    float* qs = vs + ATT_TR * ld;           // [32][ld] the current query tile
+    float* dos = qs + ATT_TR * ld;          // [32][ld]
+    float* pss = dos + ATT_TR * ld;         // [32 keys][33]
+    float* dss = pss + ATT_TR * (ATT_TR + 1);  // [32 keys][33]
+    float* lses = dss + ATT_TR * (ATT_TR + 1);  // [32]
+    float* dls = lses + ATT_TR;                 // [32]
+    att_tile_load(ks, k + (long long)g * hd, (long long)bi * t + k0, kw, nk, hd, ld);
+    att_tile_load(vs, v + (long long)g * hd, (long long)bi * t + k0, kw, nk, hd, ld);
+    float ak[ATT_NC], av[ATT_NC];
+#pragma unroll
+    for (int m = 0; m < ATT_NC; ++m) ak[m] = av[m] = 0.0f;
+    for (int hh = 0; hh < group; ++hh) {
+        const int h = g * group + hh;
+        for (int q0 = 0; q0 < t; q0 += ATT_TR) {
+            const int nq = min(ATT_TR, t - q0);
+            __syncthreads();  // the previous tile's Q, dO, P, dS are read
+            att_tile_load(qs, q + (long long)h * hd, (long long)bi * t + q0, qw, nq, hd, ld);
+            att_tile_load(dos, dout + (long long)h * hd, (long long)bi * t + q0, qw, nq, hd, ld);
+            if (threadIdx.x < ATT_TR) {
+                const long long row = (long long)bi * t + q0 + threadIdx.x;
+                const bool valid = (int)threadIdx.x < nq;
+                lses[threadIdx.x] = valid ? lse[row * nh + h] : 0.0f;
+                dls[threadIdx.x] = valid ? delta[row * nh + h] : 0.0f;
+            }
+            __syncthreads();
+            float s[8], dp[8];  // q_i·k_r and dO_i·v_r (the products commute: the CPU's bits)
+            att_dots8x2(s, dp, ks + r * ld, qs, vs + r * ld, dos, hd, ld, q4);
+#pragma unroll
+            for (int m = 0; m < 8; ++m) {
+                const int i = q4 + 4 * m;
+                float p = 0.0f, ds = 0.0f;
+                if (i < nq && r < nk) {
+                    p = expf(__fsub_rn(__fmul_rn(s[m], scale), lses[i]));
+                    ds = __fmul_rn(__fmul_rn(p, __fsub_rn(dp[m], dls[i])), scale);
+                }
+                pss[r * (ATT_TR + 1) + i] = p;
+                dss[r * (ATT_TR + 1) + i] = ds;
+            }
+            __syncwarp();  // key row r's P and dS come from its own 4 lanes
+            att_axpy_rows(av, pss + r * (ATT_TR + 1), dos, nq, hd, ld, q4);
+            att_axpy_rows(ak, dss + r * (ATT_TR + 1), qs, nq, hd, ld, q4);
+        }
+    }
+    if (r >= nk) return;
+    const long long kr = ((long long)bi * t + k0 + r) * kw + (long long)g * hd;
+#pragma unroll
+    for (int m = 0; m < ATT_NC; ++m) {
+        if (q4 + 4 * m < hd) {
+            dk[kr + q4 + 4 * m] = ak[m];
+            dv[kr + q4 + 4 * m] = av[m];
+        }
     }
 }

@@ -24,7 +24,16 @@
 // one distinct id, so every dwte element has a single writer and the result is bit-exact.
 // Layouts: dwte [V, C]; dx [N, C]; uniq [nuniq] in [0, V) (launcher checks); off [nuniq + 1];
 // order [N]. Grid nuniq, block 256.
+// Opt-in (LLADA_TRAIN_KERNELS=tiled; never run on a GPU yet): the kernel above gives each distinct
+// id to one block, so the mask token — half of all positions — is one block walking N/2 rows.
+// The tiled pair cuts every id's rows into pieces of at most ⌈len/k⌉ rows, k = min(⌈len/64⌉, 256),
+// summed into scratch and then onto dwte in a fixed order, see scatter_rows.cuh:
+// embedding_bwd_tiled_f32(dwte, part, dx, order, piece, npieces, c)   grid (npieces, ⌈C/256⌉)
+// embedding_bwd_tiled_sum_f32(dwte, part, fin, nfin, c)               grid (nfin, ⌈C/256⌉)
+// Ids used ≤ 64 times are bit-exact with the CPU; more frequent ids differ by f32 rounding only;
+// deterministic either way.
 #include "common.cuh"
+#include "scatter_rows.cuh"
 
 extern "C" __global__ void __launch_bounds__(1024)
 embedding_bf16(bf16* __restrict__ out, const bf16* __restrict__ wte, const int* __restrict__ ids, int n, int c) {
@@ -58,3 +67,6 @@ embedding_bwd_f32(float* __restrict__ dwte, const float* __restrict__ dx, const 
         dst[j] = acc;
     }
 }
+
+// embedding_bwd_tiled_f32, embedding_bwd_tiled_sum_f32 (scatter_rows.cuh)
+LLADA_SCATTER_ROWS_TILED(embedding_bwd)

@@ -12,7 +12,15 @@
 //                                                thread per column loops over i in order, so
 //                                                repeated rows are safe and the sums are in the
 //                                                CPU's order (bit-exact); grid-stride over c.
+// Opt-in (LLADA_TRAIN_KERNELS=tiled; never run on a GPU yet): the one-pass kernel above has
+// ⌈C/256⌉ blocks (16 at C = 4096) each walking all rows. The tiled pair spreads the destination
+// rows over blocks instead (the rows are host-known), see scatter_rows.cuh:
+// scatter_add_rows_tiled_f32(dx, part, src, order, piece, npieces, c)   grid (npieces, ⌈C/256⌉)
+// scatter_add_rows_tiled_sum_f32(dx, part, fin, nfin, c)                grid (nfin, ⌈C/256⌉)
+// Bit-exact with the CPU for destination rows repeated ≤ 64 times (every row, in the training
+// pass, where the rows are distinct); f32 rounding otherwise; deterministic either way.
 #include "common.cuh"
+#include "scatter_rows.cuh"
 
 extern "C" __global__ void __launch_bounds__(1024)
 gather_rows_bf16(bf16* __restrict__ out, const bf16* __restrict__ x, const int* __restrict__ rows, int nrows, int c) {
@@ -34,3 +42,6 @@ scatter_add_rows_f32(float* __restrict__ dx, const float* __restrict__ src, cons
         }
     }
 }
+
+// scatter_add_rows_tiled_f32, scatter_add_rows_tiled_sum_f32 (scatter_rows.cuh)
+LLADA_SCATTER_ROWS_TILED(scatter_add_rows)

@@ -30,6 +30,23 @@
 //   dw[j] += Σ_i (dy[i,j]·x[i,j])·r[i], one thread per column, rows in ascending order: the
 //   CPU's order and roundings, bit-exact. Grid-stride over c (block 256).
 // Layouts: dx, dy, x [N, C]; r [N]; w, dw [C].
+//
+// Opt-in (LLADA_TRAIN_KERNELS=tiled, src/train/cuda/tiled.rs; never run on a GPU yet): the same
+// dw[j] += Σ_i (dy[i,j]·x[i,j])·r[i] over many blocks. The one-pass kernel above has ⌈C/256⌉
+// blocks (16 at C = 4096, a tenth of an H100/H200's SMs), each walking all N rows.
+// rms_norm_bwd_dw_tiled_f32(part, dy, x, r, n, c, rows): the N rows are cut into S = ⌈N/rows⌉
+//   chunks of `rows` rows (rows, S a function of (N, C) alone: tiled.rs `row_chunks`, about 512
+//   blocks). Grid (⌈C/256⌉, S), block 256, one thread per (column, chunk):
+//   part[s, j] = Σ_{i in chunk s} (dy·x)·r, rows ascending, from −0 (the additive identity, so the
+//   first term enters exactly). Layout: part [S, C] scratch.
+// rms_norm_bwd_dw_sum_f32(dw, part, s, c): dw[j] = ((dw[j] + part[0,j]) + part[1,j]) + …, chunks
+//   ascending; grid-stride over c, block 256.
+// Deterministic: no atomics, every sum in a fixed order for given (N, C), so a step is
+// bit-reproducible. Not bit-exact with the CPU or the one-pass kernel when S > 1 (with S = 1 the
+// launcher runs the one-pass kernel): the terms are the same f32 values, only the bracketing of
+// the sum differs, so |Δ| ≤ (rows + S)·u·(|dw| + Σ_i |term_i|) per side (u = 2^-24, first order;
+// rows·(S − 1) < N gives rows + S ≤ N + 1, and the CPU's sequential sum is within N·u·(…), so
+// tests/cuda_train_tiled.rs allows (2N + 2)·u·(…) between them).
 #include "common.cuh"
 
 template <bool ADD>
@@ -138,6 +155,29 @@ rms_norm_bwd_dw_f32(float* __restrict__ dw, const float* __restrict__ dy, const 
             const long long e = (long long)i * c + j;
             acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(dy[e], x[e]), r[i]));
         }
+        dw[j] = acc;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+rms_norm_bwd_dw_tiled_f32(float* __restrict__ part, const float* __restrict__ dy, const float* __restrict__ x,
+                          const float* __restrict__ r, int n, int c, int rows) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c || rows <= 0) return;
+    const int from = blockIdx.y * rows, to = min(n, from + rows);
+    float acc = -0.0f;
+    for (int i = from; i < to; ++i) {
+        const long long e = (long long)i * c + j;
+        acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(dy[e], x[e]), r[i]));
+    }
+    part[(long long)blockIdx.y * c + j] = acc;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+rms_norm_bwd_dw_sum_f32(float* __restrict__ dw, const float* __restrict__ part, int s, int c) {
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < c; j += gridDim.x * blockDim.x) {
+        float acc = dw[j];
+        for (int k = 0; k < s; ++k) acc = __fadd_rn(acc, part[(long long)k * c + j]);
         dw[j] = acc;
     }
 }

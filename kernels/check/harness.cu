@@ -6,7 +6,10 @@
 // f16_to_bf16, attention_fwd_bf16, attention_fa2_bf16_hd{64,128}_q{32,64} and
 // attention_fa2_combine_bf16 (split and unsplit must agree bit for bit), head_select_bf16, topk_select_f32, threshold_select_f32, and
 // the exact training kernels add_f32, embedding_f32, gather_rows_f32, scatter_add_rows_f32,
-// rope_f32 (both directions).
+// rope_f32 (both directions), and the opt-in (LLADA_TRAIN_KERNELS=tiled) segmented scatter-adds
+// scatter_add_rows_tiled_f32 + scatter_add_rows_tiled_sum_f32 and embedding_bwd_tiled_f32 +
+// embedding_bwd_tiled_sum_f32 (one body, scatter_rows.cuh: a host plan with short and split
+// destination rows, bit for bit against the same sums in the plan's order).
 // Not covered here, and why: every kernel is also checked from Rust against the CPU reference on
 // a GPU machine (`cargo test --release --test cuda_parity`, `--test cuda_train`), which is where
 // the kernels below are checked, because their C++ twin would have to re-implement a Rust
@@ -20,7 +23,11 @@
 //   rms_norm_fwd_f32, rms_norm_bwd_f32, rms_norm_bwd_dw_f32, swiglu_fwd_f32, swiglu_bwd_f32,
 //   attention_fwd_f32, attention_bwd_dq_f32, attention_bwd_dkv_f32, embedding_bwd_f32,
 //   cross_entropy_f32, adamw_f32, sumsq_f32 (tests/cuda_train.rs, against src/train/ops.rs and
-//     src/train/optim.rs).
+//     src/train/optim.rs);
+//   the opt-in tiled f32 kernels of the same families, rms_norm_bwd_dw_tiled_f32,
+//     rms_norm_bwd_dw_sum_f32, attention_fwd_tiled_f32, attention_bwd_dq_tiled_f32,
+//     attention_bwd_dkv_tiled_f32 (tests/cuda_train_tiled.rs, old and tiled kernels against the
+//     same Rust references, with derived tolerances and a bit-for-bit rerun check).
 // Every kernel file is included so that the whole set compiles as one translation unit.
 #include "../adamw.cu"
 #include "../add.cu"
@@ -373,6 +380,73 @@ static void test_elementwise() {
     printf("elementwise done\n");
 }
 
+// ---- the tiled segmented scatter-add (scatter_rows.cuh): plan on the host, sums bit for bit ----
+static void test_scatter_tiled() {
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    const int v = 13, c = 301, n = 500;
+    std::vector<int> dest(n);
+    for (int i = 0; i < n; ++i) dest[i] = i % 2 ? v - 1 : (i * 7 + 3) % (v - 1);  // row v-1: 250 times
+    // The plan of src/train/cuda/tiled.rs ScatterPlan: rows grouped by destination (ascending i);
+    // ≤ 64 rows: one piece onto dst; more: k = min(⌈len/64⌉, 256) pieces of ⌈len/k⌉ rows.
+    std::vector<int> order(n), piece, fin;
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return dest[a] < dest[b]; });
+    int slots = 0;
+    for (int from = 0; from < n;) {
+        int to = from;
+        while (to < n && dest[order[to]] == dest[order[from]]) ++to;
+        const int len = to - from, d = dest[order[from]];
+        if (len <= 64) {
+            piece.insert(piece.end(), {d, from, to, -1});
+        } else {
+            const int k = std::min((len + 63) / 64, 256), rows = (len + k - 1) / k, first = slots;
+            for (int a = from; a < to; a += rows) piece.insert(piece.end(), {d, a, std::min(a + rows, to), slots++});
+            fin.insert(fin.end(), {d, first, slots});
+        }
+        from = to;
+    }
+    const int np = (int)piece.size() / 4, nf = (int)fin.size() / 3;
+    std::vector<float> src((size_t)n * c), dst0((size_t)v * c);
+    for (auto& x : src) x = nd(rng_h);
+    for (auto& x : dst0) x = nd(rng_h);
+    // The reference: the same sums in the plan's order (sequential in i for short rows).
+    auto e = dst0;
+    std::vector<float> part((size_t)slots * c);
+    for (int p = 0; p < np; ++p) {
+        const int* q = &piece[4 * p];
+        for (int j = 0; j < c; ++j) {
+            volatile float acc = q[3] < 0 ? e[(size_t)q[0] * c + j] : -0.0f;
+            for (int x = q[1]; x < q[2]; ++x) acc = acc + src[(size_t)order[x] * c + j];
+            (q[3] < 0 ? e[(size_t)q[0] * c + j] : part[(size_t)q[3] * c + j]) = acc;
+        }
+    }
+    for (int f = 0; f < nf; ++f)
+        for (int j = 0; j < c; ++j) {
+            volatile float acc = e[(size_t)fin[3 * f] * c + j];
+            for (int s = fin[3 * f + 1]; s < fin[3 * f + 2]; ++s) acc = acc + part[(size_t)s * c + j];
+            e[(size_t)fin[3 * f] * c + j] = acc;
+        }
+    auto ds = dev(src);
+    auto dor = dev(order), dpc = dev(piece), dfn = dev(fin);
+    float* dpart;
+    CK(cudaMalloc(&dpart, std::max<size_t>(1, part.size()) * 4));
+    const dim3 gp(np, (c + 255) / 256), gf(nf, (c + 255) / 256);
+    for (int which = 0; which < 2; ++which) {
+        auto dd = dev(dst0);
+        if (which == 0) {
+            scatter_add_rows_tiled_f32<<<gp, 256>>>(dd, dpart, ds, dor, dpc, np, c);
+            scatter_add_rows_tiled_sum_f32<<<gf, 256>>>(dd, dpart, dfn, nf, c);
+        } else {
+            embedding_bwd_tiled_f32<<<gp, 256>>>(dd, dpart, ds, dor, dpc, np, c);
+            embedding_bwd_tiled_sum_f32<<<gf, 256>>>(dd, dpart, dfn, nf, c);
+        }
+        auto r = back(dd, e.size());
+        CHECK(nf == 1 && memcmp(r.data(), e.data(), e.size() * 4) == 0, "%s: mismatch",
+              which == 0 ? "scatter_add_rows_tiled_f32" : "embedding_bwd_tiled_f32");
+        CK(cudaFree(dd));
+    }
+}
+
 // ---- exact f32 training kernels + kv_store (copies, adds, rotations: bit-exact) ----
 static void test_exact_train() {
     std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -426,6 +500,7 @@ static void test_exact_train() {
             }
         CHECK(memcmp(r.data(), e.data(), e.size() * 4) == 0, "scatter_add_rows_f32: mismatch");
     }
+    test_scatter_tiled();
     // rope_f32, forward (sign +1) and inverse (sign -1), on x [n, heads·hd]
     {
         const int heads = 3, hd = 64, half = 32, maxp = 40;

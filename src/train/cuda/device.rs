@@ -90,6 +90,8 @@ pub struct CudaOps {
     /// LoRA training over a frozen bf16 base ([`super::lora`]): when set, every linear and the
     /// embedding read the base through it.
     pub(super) lora: Option<Box<super::lora::CudaLora>>,
+    /// The opt-in tiled kernels ([`super::tiled`], `LLADA_TRAIN_KERNELS=tiled`) when selected.
+    pub(super) tiled: Option<Box<super::tiled::Tiled>>,
 }
 
 /// The backend's `launch!` on this state's stream, after binding the backend's context.
@@ -109,12 +111,15 @@ impl CudaOps {
 
     pub fn from_backend(be: CudaBackend) -> Result<CudaOps> {
         let k = TrainKernels::load(&be)?;
-        Ok(CudaOps {
+        let mut ops = CudaOps {
             be,
             k,
             precision: TrainPrecision::F32,
             lora: None,
-        })
+            tiled: None,
+        };
+        ops.set_train_kernels(super::TrainKernelImpl::from_env()?)?;
+        Ok(ops)
     }
 
     /// What the GEMMs compute in from now on (the default is [`TrainPrecision::F32`]).

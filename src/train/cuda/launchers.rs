@@ -76,7 +76,9 @@ impl TrainOps for CudaOps {
     }
 
     /// Backward of the embedding: `dwte[ids[i]] += dx[i]` (rows in ascending order; the CSR
-    /// grouping is built here from the ids' host copy, no atomics: deterministic, bit-exact).
+    /// grouping is built here from the ids' host copy, no atomics: deterministic, bit-exact). No
+    /// synchronization: the index buffers dropped at the end are freed in stream order
+    /// (cudarc's `free_async`, or a synchronizing free where the device lacks memory pools).
     fn embedding_bwd(&self, dwte: &mut Buf, dx: &Buf, ids: RowIds<Self>) -> Result<()> {
         if self.lora.is_some() {
             return Ok(()); // the embedding is frozen
@@ -90,6 +92,9 @@ impl TrainOps for CudaOps {
             return Ok(());
         }
         let host = &ids.ids.host[..n];
+        if self.tiled.is_some() {
+            return self.embedding_bwd_tiled(dwte, dx, host, c);
+        }
         let mut order: Vec<i32> = (0..n as i32).collect();
         order.sort_by_key(|&i| (host[i as usize], i)); // stable in i within one id
         let (mut uniq, mut off) = (Vec::new(), Vec::new());
@@ -116,9 +121,7 @@ impl TrainOps for CudaOps {
         );
         let (nu_, c_) = (int(op, "nuniq", nu)?, int(op, "c", c)?);
         launch!(self, op, self.k.embedding_bwd, Geom::new((nu as u32, 1, 1), 256, 0); dp, xp, up,
-            op_, orp, nu_, c_)?;
-        // The index buffers are freed on drop: finish the launch first.
-        self.sync()
+            op_, orp, nu_, c_)
     }
 
     fn rms_norm(&self, y: &mut Buf, r: &mut Buf, a: Norm<Self>) -> Result<()> {
@@ -154,6 +157,9 @@ impl TrainOps for CudaOps {
         let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
         launch!(self, op, self.k.rms_norm_bwd, Geom::new((n as u32, 1, 1), 256, 0); dxp, dyp, xp,
             rp, wp, n_, c_)?;
+        if self.tiled.is_some() {
+            return self.rms_norm_bwd_dw_tiled([dwp, dyp, xp, rp], n, c);
+        }
         launch!(self, op, self.k.rms_norm_bwd_dw, Geom::new((c.div_ceil(256) as u32, 1, 1), 256, 0);
             dwp, dyp, xp, rp, n_, c_)
     }
@@ -272,6 +278,9 @@ impl TrainOps for CudaOps {
         ] {
             check_len(op, arg, l, need)?;
         }
+        if self.tiled_attention(hd) {
+            return self.attention_tiled([o, lse], [a.q, a.k, a.v], a.d);
+        }
         let what = format!("T = {t}, HD = {hd}");
         self.bind()?;
         let smem = check_dyn_smem(op, self.k.attention_fwd, (t + hd) * 4, &what)?;
@@ -304,6 +313,10 @@ impl TrainOps for CudaOps {
             ("lse", a.lse.len(), n * nh),
         ] {
             check_len(op, arg, l, need)?;
+        }
+        if self.tiled_attention(hd) {
+            let ins = [a.dout, qkv.q, qkv.k, qkv.v, a.o, a.lse];
+            return self.attention_bwd_tiled([dq, dk, dv, delta], ins, qkv.d);
         }
         let what = format!("T = {t}, HD = {hd}");
         self.bind()?;
@@ -499,6 +512,9 @@ impl CudaOps {
         check_ints(op, ids_name, ids.ids, n, indexed_len / c, what)?;
         if n == 0 {
             return Ok(());
+        }
+        if scattered && self.tiled.is_some() {
+            return self.scatter_add_rows_tiled(dst, src, &ids.ids.host[..n], c);
         }
         let (d, s, i) = (self.ptr_mut(dst), self.ptr(src), self.ptr(&ids.ids.buf));
         let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);

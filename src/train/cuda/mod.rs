@@ -65,6 +65,7 @@ mod device;
 mod launchers;
 mod lora;
 mod pass;
+mod tiled;
 mod zero;
 
 use device::*;
@@ -72,6 +73,10 @@ pub use device::{AdamWScalars, Buf, CudaOps, DevInts};
 use lora::clip_scale;
 pub use lora::CudaLoraState;
 pub use pass::{forward_backward, DeviceParams};
+pub use tiled::{
+    row_chunks, ScatterPlan, TrainKernelImpl, ATT_TILED_HD_MAX, SCATTER_PIECE_ROWS,
+    TRAIN_KERNELS_ENV,
+};
 pub use zero::{CudaShard, CudaZeroState};
 
 /// What the training GEMMs compute in (see the module docs); storage is f32 either way.
