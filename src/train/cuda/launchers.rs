@@ -93,7 +93,11 @@ impl TrainOps for CudaOps {
         }
         let host = &ids.ids.host[..n];
         if self.tiled.is_some() {
-            return self.embedding_bwd_tiled(dwte, dx, host, c);
+            let (f, p) = (
+                self.tiled()?.embedding_bwd,
+                [self.ptr_mut(dwte), self.ptr(dx)],
+            );
+            return self.scatter_tiled(op, f, p, host, c);
         }
         let mut order: Vec<i32> = (0..n as i32).collect();
         order.sort_by_key(|&i| (host[i as usize], i)); // stable in i within one id
@@ -514,7 +518,11 @@ impl CudaOps {
             return Ok(());
         }
         if scattered && self.tiled.is_some() {
-            return self.scatter_add_rows_tiled(dst, src, &ids.ids.host[..n], c);
+            let (f, p) = (
+                self.tiled()?.scatter_add_rows,
+                [self.ptr_mut(dst), self.ptr(src)],
+            );
+            return self.scatter_tiled(op, f, p, &ids.ids.host[..n], c);
         }
         let (d, s, i) = (self.ptr_mut(dst), self.ptr(src), self.ptr(&ids.ids.buf));
         let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);

@@ -58,8 +58,8 @@ impl TrainKernelImpl {
 pub(super) struct Tiled {
     rms_norm_bwd_dw: dsys::CUfunction,
     rms_norm_bwd_dw_sum: dsys::CUfunction,
-    scatter_add_rows: [dsys::CUfunction; 2],
-    embedding_bwd: [dsys::CUfunction; 2],
+    pub(super) scatter_add_rows: [dsys::CUfunction; 2],
+    pub(super) embedding_bwd: [dsys::CUfunction; 2],
     /// `attention_fwd_tiled_f32`, `attention_bwd_dq_tiled_f32`, `attention_bwd_dkv_tiled_f32`.
     attention: [dsys::CUfunction; 3],
     /// Grown on demand, never shrunk; reused by every launch on the stream (stream order makes
@@ -252,7 +252,7 @@ impl CudaOps {
         Ok(())
     }
 
-    fn tiled(&self) -> Result<&Tiled> {
+    pub(super) fn tiled(&self) -> Result<&Tiled> {
         self.tiled
             .as_deref()
             .ok_or_else(|| anyhow!("the tiled training kernels are not loaded"))
@@ -320,9 +320,10 @@ impl CudaOps {
         launch!(self, op, t.rms_norm_bwd_dw_sum, Geom::new((cb, 1, 1), 256, 0); dwp, part, s_, c_)
     }
 
-    /// `dst[dest[i]] += src[i]` (`dst`, `src` device pointers of rows of width `c`, `dest`
-    /// validated by the caller) through `fns` = (piece kernel, finishing kernel).
-    fn scatter_tiled(
+    /// `dst[rows[i]] += src[i]` (`dst`, `src` device pointers of rows of width `c`, `rows`
+    /// validated by the caller) through `fns` = (piece kernel, finishing kernel): the tiled
+    /// `scatter_add_rows` and `embedding_bwd` (no allocation on the device, no synchronization).
+    pub(super) fn scatter_tiled(
         &self,
         op: &str,
         fns: [dsys::CUfunction; 2],
@@ -358,33 +359,6 @@ impl CudaOps {
                 fin, nf, c_)?;
         }
         Ok(())
-    }
-
-    /// [`TrainOps::scatter_add_rows`] through `scatter_add_rows_tiled_f32` (rows validated).
-    pub(super) fn scatter_add_rows_tiled(
-        &self,
-        dx: &mut Buf,
-        src: &Buf,
-        rows: &[i32],
-        c: usize,
-    ) -> Result<()> {
-        let t = self.tiled()?;
-        let p = [self.ptr_mut(dx), self.ptr(src)];
-        self.scatter_tiled("scatter_add_rows", t.scatter_add_rows, p, rows, c)
-    }
-
-    /// [`TrainOps::embedding_bwd`] through `embedding_bwd_tiled_f32` (ids validated): no
-    /// allocation, no synchronization.
-    pub(super) fn embedding_bwd_tiled(
-        &self,
-        dwte: &mut Buf,
-        dx: &Buf,
-        ids: &[i32],
-        c: usize,
-    ) -> Result<()> {
-        let t = self.tiled()?;
-        let p = [self.ptr_mut(dwte), self.ptr(dx)];
-        self.scatter_tiled("embedding_bwd", t.embedding_bwd, p, ids, c)
     }
 
     /// Whether `attention` / `attention_bwd` at head dim `hd` run the tiled kernels.
