@@ -258,7 +258,7 @@ impl<B: Backend> Engine for EngineImpl<B> {
         let mut xa = be.alloc_act(n * k)?;
         let mut ids = be.alloc_ints(n)?;
         be.write_ints(&mut ids, &(0..n as i32).collect::<Vec<_>>())?;
-        be.embedding(&mut xa, &x, crate::backend::Gather { idx: &ids, n, c: k })?;
+        be.embedding(&mut xa, &x, crate::backend::Gather::new(&ids, n, k))?;
         let mm = crate::backend::MatMul { n, k, m };
         let mut out = be.alloc_act(n * m)?;
         for _ in 0..3 {

@@ -164,12 +164,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
         be.prof_mark(Some(OpClass::Head));
         let _r = nvtx::range(c"select");
         be.write_ints(&mut ws.keys, &self.staged.keys)?;
-        let io = crate::backend::SelectIo {
-            tok: &mut ws.tok,
-            conf: &mut ws.conf,
-            logits: &mut ws.logits,
-            keys: &ws.keys,
-        };
+        let io = crate::backend::SelectIo::new(&mut ws.tok, &mut ws.conf, &mut ws.logits, &ws.keys);
         let v = model.cfg.embedding_size;
         be.select(io, crate::backend::HeadDims { r, v }, p)?;
         Ok(())
@@ -551,11 +546,7 @@ impl<B: Backend> crate::engine::predictor::Scorer for ModelScorer<'_, B> {
         let be = &model.backend;
         // `tok` [R] and `conf` [R] are free here: targets in, log-probabilities out.
         be.write_ints(&mut ws.tok, &self.targets)?;
-        let s = crate::backend::LogProb {
-            r,
-            v,
-            cfg_scale: req.cfg_scale,
-        };
+        let s = crate::backend::LogProb::new(r, v, req.cfg_scale);
         be.log_prob(&mut ws.conf, &ws.logits, &ws.tok, s)?;
         let lp = be.read_f32s(&ws.conf, r)?;
         out.copy_from_slice(&lp);

@@ -1,5 +1,6 @@
-//! Attention (`kernels/attention.cu`, `kernels/kv_store.cu`): the single-pass and cached
-//! kernels, the split-KV path for long key sets, and the KV-cache store.
+//! Attention (`kernels/attention.cu`, `kernels/kv_store.cu`): the launch geometry and head
+//! checks of the single-pass and cached kernels (launched by `attend` in the [`Backend`] impl),
+//! the split-KV path for long key sets, the route between the kernels, and the KV-cache store.
 
 use super::*;
 

@@ -14,11 +14,14 @@
 //! Construction never panics on a machine without CUDA: the driver and cuBLAS libraries are
 //! probed before the first call into them (cudarc panics on a missing library).
 //!
-//! Files: `launch` (the launch convention and argument checks, shared with training),
-//! `device` (context, stream, modules, memory), `weights` (weight upload), `gemm` (the one cuBLAS
-//! wrapper, shared with training), `graph` (CUDA graphs, timers, profiling), `attention`,
-//! `head` (select, log_prob, top-k); the short row-wise ops (embedding, norms, add, rope,
-//! swiglu, gather) are launched directly in the [`Backend`] impl below.
+//! Files: `launch` (the launch convention and argument checks, shared with training; the
+//! `kernel_table!` that declares each kernel's handle and symbol once), `device` (context,
+//! stream, modules, memory), `weights` (weight upload), `gemm` (the one cuBLAS wrapper, shared
+//! with training), `graph` (CUDA graphs, timers, profiling), `attention` (geometry, split-KV,
+//! the route between the kernels, kv_store), `head` (select, log_prob, top-k), `fused` (the RoPE
+//! input checks); the short row-wise ops (embedding, norms, add, rope, swiglu, gather),
+//! `rope_kv_store` and `attend` (both attention ops) are launched directly in the [`Backend`]
+//! impl below, each a signature, its checks and one `launch!`.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
