@@ -36,8 +36,8 @@ mod probe;
 use llada::hf::config::ModelConfig;
 use llada::rng;
 use llada::train::backend::{
-    AttnGrad, Dx, HostOps, LinearDims, LinearGrad, Norm, NormGrad, Qkv, QkvGrads, Rope, RowIds,
-    Rows, SwigluGrad, Targets, TrainOps,
+    AttnGrad, Dx, HostOps, LinearGrad, MatMul, Norm, NormGrad, Qkv, QkvGrads, Rope, RowIds, Rows,
+    SwigluGrad, Targets, TrainOps,
 };
 use llada::train::cuda::{
     self, AdamWScalars, CudaOps, CudaTrainState, DeviceParams, TrainPrecision,
@@ -157,8 +157,8 @@ fn exact(what: &str, cpu: &[f32], gpu: &[f32]) {
 
 /// The CPU linear and its backward (`dx` written, `dw` added to `dw0`) in f32, or as the CPU
 /// model of the bf16 GEMM (`bf16`): `y`, `dx`, `dw`.
-fn linear_cpu(bf16: bool, [x, w, dy]: [&[f32]; 3], dw0: &[f32], d: LinearDims) -> [Vec<f32>; 3] {
-    let LinearDims { n, k, m } = d;
+fn linear_cpu(bf16: bool, [x, w, dy]: [&[f32]; 3], dw0: &[f32], d: MatMul) -> [Vec<f32>; 3] {
+    let MatMul { n, k, m } = d;
     let (mut y, mut dx, mut dw) = (vec![0f32; n * m], vec![0f32; n * k], dw0.to_vec());
     let a = LinearBwd { dy, x, w, d };
     if bf16 {
@@ -181,7 +181,7 @@ fn linear_on<B: TrainOps>(
 ) -> ([B::Buf; 3], [Vec<f32>; 3]) {
     let [xd, wd, dyd] = [x, w, dy].map(|v| g.upload(v).unwrap());
     let mut yd = g.upload(&vec![f32::NAN; n * m]).unwrap();
-    let d = LinearDims { n, k, m };
+    let d = MatMul { n, k, m };
     g.linear(&mut yd, &xd, &wd, d).unwrap();
     let mut dxd = g.upload(&vec![f32::NAN; n * k]).unwrap();
     let mut dwd = g.upload(dw0).unwrap();
@@ -261,7 +261,7 @@ fn linear_fwd_bwd_on<B: TrainOps>(g: &B) {
         let dy = rand_vec(tag + 2, n * m, 1.0);
         let dw0 = rand_vec(tag + 3, m * k, 0.5);
         // CPU
-        let d = LinearDims { n, k, m };
+        let d = MatMul { n, k, m };
         let [y, dx, dw] = linear_cpu(false, [&x, &w, &dy], &dw0, d);
         // GPU
         let ([xd, wd, dyd], [gy_, gdx_, gdw_]) = linear_on(g, [&x, &w, &dy], &dw0, (n, k, m));
@@ -1180,7 +1180,7 @@ fn linear_bf16_fwd_bwd() {
         // `dw`'s start value is cuBLAS's C operand: f32, never rounded.
         let dw0 = rand_vec(tag + 3, m * k, 0.5);
         // CPU model of bf16 mode, and what full f32 would give (must be told apart).
-        let d = LinearDims { n, k, m };
+        let d = MatMul { n, k, m };
         let [y, dx, dw] = linear_cpu(true, [&x, &w, &dy], &dw0, d);
         let [y32, dx32, dw32] = linear_cpu(false, [&x, &w, &dy], &dw0, d);
         let b = LinearBounds::new(bf16_abs, [&x, &w, &dy], &dw0, (n, k, m));
@@ -1260,7 +1260,7 @@ fn linear_bf16_fwd_bwd() {
     ops::linear(&mut y, &x, &w, n, k, m);
     let (xd, wd) = (g.upload(&x).unwrap(), g.upload(&w).unwrap());
     let mut yd = g.zeros(n * m).unwrap();
-    g.linear(&mut yd, &xd, &wd, LinearDims { n, k, m }).unwrap();
+    g.linear(&mut yd, &xd, &wd, MatMul { n, k, m }).unwrap();
     let (ax, aw) = (abs(&x), abs(&w));
     compare(
         "f32 linear after bf16",
@@ -1448,9 +1448,13 @@ fn lora_pass_on<S: StepState>(
     let cfg = tiny();
     let batch = tiny_batch(&cfg, 2, 40);
     s.zero_grad().unwrap();
-    let loss = s.forward_backward(&cfg, &batch).unwrap();
+    let loss = s
+        .forward_backward(&cfg, &batch, PassOptions::default())
+        .unwrap();
     let g = grads(s);
-    let loss2 = s.forward_backward(&cfg, &batch).unwrap();
+    let loss2 = s
+        .forward_backward(&cfg, &batch, PassOptions::default())
+        .unwrap();
     assert_eq!(loss.to_bits(), loss2.to_bits(), "the pass is deterministic");
     let g2 = grads(s);
     for (name, (a, b)) in &g.modules {
@@ -1560,7 +1564,7 @@ fn lora_step_bf16_base_close_to_cpu() {
 fn lora_linear_and_embedding_on_bf16_base() {
     use llada::hf::dtype::DType;
     use llada::lora::train::{lora_linear, lora_linear_bwd, Factors};
-    use llada::train::backend::{LinearBwd, LinearDims};
+    use llada::train::backend::{LinearBwd, MatMul};
     let cfg = tiny();
     let (ck, p) = tiny_bf16_model(&cfg);
     let ad = tiny_adapter(&cfg);
@@ -1590,7 +1594,7 @@ fn lora_linear_and_embedding_on_bf16_base() {
             s,
             r,
         },
-        LinearDims { n, k, m },
+        MatMul { n, k, m },
     );
     let (mut y, mut u) = (vec![0f32; n * m], vec![0f32; n * r]);
     lora_linear(&mut y, &mut u, &x, w, f, d);
@@ -1652,7 +1656,7 @@ fn lora_linear_and_embedding_on_bf16_base() {
     let wd = &st.params()[iq];
     let (xd, dyd) = (o.upload(&x).unwrap(), o.upload(&dy).unwrap());
     let mut yd = o.zeros(n * m).unwrap();
-    let d = LinearDims { n, k, m };
+    let d = MatMul { n, k, m };
     o.linear(&mut yd, &xd, wd, d).unwrap();
     let (mut dxd, mut unused) = (o.zeros(n * k).unwrap(), o.zeros(1).unwrap());
     let a = LinearGrad::new(&dyd, &xd, wd, d);

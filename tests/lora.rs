@@ -18,7 +18,7 @@ use llada::lora::train::{
 };
 use llada::lora::{Adapter, LoraConfig, ModuleKind, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX};
 use llada::rng::{bits, cell_key, uniform};
-use llada::train::backend::{LinearBwd, LinearDims};
+use llada::train::backend::{LinearBwd, MatMul};
 use llada::train::optim::AdamWConfig;
 mod common;
 
@@ -224,7 +224,7 @@ fn adapter_gradients_match_peft_autograd() {
 #[test]
 fn fd_lora_linear() {
     let (n, k, m, r) = (3, 5, 4, 2);
-    let d = LinearDims { n, k, m };
+    let d = MatMul { n, k, m };
     let s = 1.7f64;
     let mut x = rand_vec(1, n * k, 1.0);
     let w = rand_vec(2, m * k, 1.0);
@@ -356,7 +356,7 @@ fn lora_adamw_fits_a_low_rank_change() {
             s,
             r: 2,
         };
-        let d = LinearDims { n, k, m: mm };
+        let d = MatMul { n, k, m: mm };
         lora_linear(&mut y, &mut u, &x, &w, f, d);
         let dy: Vec<f32> = y
             .iter()

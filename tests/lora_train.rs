@@ -9,7 +9,7 @@ use llada::lora::train::LoraGrads;
 use llada::lora::{Adapter, PEFT_PREFIX};
 use llada::train::lora::{lora_forward_backward, LoraStep};
 use llada::train::loss::fixed_mask_batch;
-use llada::train::model::Params;
+use llada::train::model::{Params, PassOptions};
 use llada::train::optim::{AdamW, AdamWConfig};
 use llada::train::StepState;
 
@@ -110,7 +110,10 @@ fn lora_step_fits_a_fixed_batch_with_the_base_frozen() {
     let mut losses = Vec::new();
     for _ in 0..30 {
         st.zero_grad().unwrap();
-        losses.push(st.forward_backward(&cfg, &batch).unwrap());
+        losses.push(
+            st.forward_backward(&cfg, &batch, PassOptions::default())
+                .unwrap(),
+        );
         let norm = st.clip_and_step(&mut full, 1e-2, 1.0).unwrap();
         assert!(norm.is_finite());
     }

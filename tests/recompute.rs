@@ -271,8 +271,8 @@ fn training_steps_are_bit_identical_with_recompute() {
     let ad = init_adapter(&cfg, &targets, 2, 4.0, false, 9).unwrap();
     let lora = |recompute: bool| {
         let mut st = LoraStep::new(p.clone(), ad.clone(), AdamWConfig::default());
-        st.recompute = recompute;
         let mut t = Trainer::new(cfg.clone(), Params::default(), opts(3), samples(6, 16)).unwrap();
+        t.recompute = recompute;
         let losses: Vec<f64> = (0..3)
             .map(|_| t.train_step_on(&mut st).unwrap().loss)
             .collect();

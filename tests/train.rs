@@ -16,7 +16,7 @@ use llada::hf::config::ModelConfig;
 use llada::rng::{bits, cell_key, uniform};
 use llada::train::loss::{self, Draw};
 use llada::train::model::{forward_backward, Batch, Params};
-use llada::train::ops::{self, AttnShape, LinearBwd, LinearDims, Rows};
+use llada::train::ops::{self, AttnShape, LinearBwd, MatMul, Rows};
 
 /// Deterministic values in [-scale, scale].
 fn rand_vec(seed: u64, n: usize, scale: f64) -> Vec<f64> {
@@ -38,7 +38,7 @@ fn fd_linear() {
     let r = rand_vec(3, n * m, 1.0);
     let mut dx = vec![0.0; n * k];
     let mut dw = vec![0.0; m * k];
-    let d = LinearDims { n, k, m };
+    let d = MatMul { n, k, m };
     ops::linear_bwd(Some(&mut dx), &mut dw, LinearBwd::new(&r, &x, &w, d));
     let w0 = w.clone();
     check_grad("linear dx", &mut x.clone(), &dx, &mut |xx| {
@@ -990,7 +990,7 @@ fn linear_bf16_rounds_inputs_and_sums_exactly() {
     ops::linear_bf16(&mut y, &x, &w, n, k, m);
     let mut dx = vec![0f32; n * k];
     let mut dw = dw0.clone();
-    let d = LinearDims { n, k, m };
+    let d = MatMul { n, k, m };
     ops::linear_bwd_bf16(Some(&mut dx), &mut dw, LinearBwd::new(&dy, &x, &w, d));
     for i in 0..n {
         for j in 0..m {

@@ -40,7 +40,7 @@ use super::{adaptable_modules, Adapter, LoraConfig, LoraModule, ModuleKind, Targ
 use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;
 use crate::hf::write::HostTensor;
-use crate::train::backend::{LinearBwd, LinearDims};
+use crate::train::backend::{LinearBwd, MatMul};
 use crate::train::ops::{dot, Real};
 use crate::train::optim::{adamw_update, AdamWConfig, AdamWStep};
 
@@ -63,9 +63,9 @@ pub fn lora_linear<T: Real>(
     x: &[T],
     w: &[T],
     f: Factors<'_, T>,
-    d: LinearDims,
+    d: MatMul,
 ) {
-    let (Factors { a, b, s, r }, LinearDims { n, k, m }) = (f, d);
+    let (Factors { a, b, s, r }, MatMul { n, k, m }) = (f, d);
     debug_assert!(y.len() >= n * m && u.len() >= n * r && x.len() >= n * k);
     debug_assert!(w.len() >= m * k && a.len() >= r * k && b.len() >= m * r);
     y[..n * m]
@@ -92,7 +92,7 @@ pub fn lora_linear_bwd<T: Real>(
     io: LinearBwd<'_, T>,
 ) {
     let (Factors { a, b, s, r }, LinearBwd { dy, x, w, d }) = (f, io);
-    let LinearDims { n, k, m } = d;
+    let MatMul { n, k, m } = d;
     // e = dy·B [N, r]
     let mut e = vec![T::zero(); n * r];
     e.par_chunks_mut(r)

@@ -7,7 +7,7 @@
 //! written unless the op says otherwise. Buffers may be longer than an op reads.
 //!
 //! An op's arguments are its outputs (`&mut`), then what it reads: the buffers, and the sizes in
-//! the op family's struct ([`Rows`], [`LinearDims`], [`AttnShape`]); a backward pass reads its
+//! the op family's struct ([`Rows`], [`MatMul`], [`AttnShape`]); a backward pass reads its
 //! saved operands from one struct ([`LinearGrad`], [`NormGrad`], [`AttnGrad`], [`SwigluGrad`]).
 
 use std::marker::PhantomData;
@@ -15,7 +15,7 @@ use std::marker::PhantomData;
 use anyhow::{ensure, Result};
 
 use super::ops::{self, AttnShape, Real};
-pub use super::ops::{LinearBwd, LinearDims, Rows};
+pub use super::ops::{LinearBwd, MatMul, Rows};
 
 /// The training ops over one kind of buffer (host vectors, or device memory).
 pub trait TrainOps {
@@ -49,7 +49,7 @@ pub trait TrainOps {
     fn rms_norm_bwd(&self, dx: &mut Self::Buf, dw: &mut Self::Buf, a: NormGrad<Self>)
         -> Result<()>;
     /// [`ops::linear`]: `y[N, M] = x[N, K]·wᵀ`.
-    fn linear(&self, y: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, d: LinearDims) -> Result<()>;
+    fn linear(&self, y: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, d: MatMul) -> Result<()>;
     /// [`ops::linear_bwd`]: `dx = dy·w` (as [`Dx`] says), `dw += dyᵀ·x`.
     fn linear_bwd(&self, dx: Dx<Self>, dw: &mut Self::Buf, a: LinearGrad<Self>) -> Result<()>;
     /// [`ops::rope`] in place on the first `t.n` rows of `heads` heads (`inverse`: the backward).
@@ -104,7 +104,7 @@ operands! {
     RowIds { ids: &'a B::Ints, d: Rows }
     /// What [`TrainOps::linear_bwd`] reads: the output gradient `dy` `[N, M]` and the forward's
     /// `x` `[N, K]`, `w` `[M, K]` (the device form of [`LinearBwd`]).
-    LinearGrad { dy: &'a B::Buf, x: &'a B::Buf, w: &'a B::Buf, d: LinearDims }
+    LinearGrad { dy: &'a B::Buf, x: &'a B::Buf, w: &'a B::Buf, d: MatMul }
     /// An RMSNorm's forward ([`TrainOps::rms_norm`]): rows `x` `[N, C]`, weight `w` `[C]`, `eps`.
     Norm { x: &'a B::Buf, w: &'a B::Buf, d: Rows, eps: f32 }
     /// What [`TrainOps::rms_norm_bwd`] reads: the output gradient `dy` `[N, C]`, the forward's
@@ -161,7 +161,7 @@ pub struct Rope<B: TrainOps + ?Sized> {
 /// base ([`super::lora::LoraLinear`]). Every other host op is the same for both.
 pub trait HostLinear<T> {
     /// [`TrainOps::linear`].
-    fn forward(&self, y: &mut [T], x: &[T], w: &[T], d: LinearDims) -> Result<()>;
+    fn forward(&self, y: &mut [T], x: &[T], w: &[T], d: MatMul) -> Result<()>;
     /// [`TrainOps::linear_bwd`] with `dx` written (when given).
     fn backward(&self, dx: Option<&mut [T]>, dw: &mut [T], a: LinearBwd<'_, T>) -> Result<()>;
     /// Whether the base model's weights train (false: no embedding gradient is computed).
@@ -175,7 +175,7 @@ pub trait HostLinear<T> {
 pub struct PlainLinear;
 
 impl<T: Real> HostLinear<T> for PlainLinear {
-    fn forward(&self, y: &mut [T], x: &[T], w: &[T], d: LinearDims) -> Result<()> {
+    fn forward(&self, y: &mut [T], x: &[T], w: &[T], d: MatMul) -> Result<()> {
         ops::linear(y, x, w, d.n, d.k, d.m);
         Ok(())
     }
@@ -265,7 +265,7 @@ impl<T: Real, L: HostLinear<T>> TrainOps for HostOps<T, L> {
         ops::rms_norm_bwd(dx, dw, a.dy, a.x, a.r, a.w, a.d);
         Ok(())
     }
-    fn linear(&self, y: &mut Vec<T>, x: &Vec<T>, w: &Vec<T>, d: LinearDims) -> Result<()> {
+    fn linear(&self, y: &mut Vec<T>, x: &Vec<T>, w: &Vec<T>, d: MatMul) -> Result<()> {
         self.lin.forward(y, x, w, d)
     }
     fn linear_bwd(&self, dx: Dx<Self>, dw: &mut Vec<T>, a: LinearGrad<Self>) -> Result<()> {

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
-use super::backend::{HostLinear, HostOps, LinearBwd, LinearDims, PlainLinear};
+use super::backend::{HostLinear, HostOps, LinearBwd, MatMul, PlainLinear};
 use super::dist;
 use super::model::{forward_backward_with, Batch, Params, PassOptions, PassStats};
 use super::optim::{AdamW, AdamWConfig};
@@ -84,7 +84,7 @@ impl<'a> LoraLinear<'a> {
 
 /// `dx[N, K] = dy[N, M]·w[M, K]` (written).
 fn linear_dx(dx: &mut [f32], a: LinearBwd<'_, f32>) {
-    let LinearDims { n, k, m } = a.d;
+    let MatMul { n, k, m } = a.d;
     dx[..n * k]
         .par_chunks_mut(k)
         .zip(a.dy[..n * m].par_chunks(m))
@@ -100,7 +100,7 @@ fn linear_dx(dx: &mut [f32], a: LinearBwd<'_, f32>) {
 }
 
 impl HostLinear<f32> for LoraLinear<'_> {
-    fn forward(&self, y: &mut [f32], x: &[f32], w: &[f32], d: LinearDims) -> Result<()> {
+    fn forward(&self, y: &mut [f32], x: &[f32], w: &[f32], d: MatMul) -> Result<()> {
         let Some(&(name, s)) = self.by_weight.get(&key(w)) else {
             return PlainLinear.forward(y, x, w, d);
         };
@@ -187,8 +187,6 @@ pub struct LoraStep {
     pub adapter: Adapter,
     pub grads: LoraGrads,
     pub opt: LoraAdamW,
-    /// Per-layer activation recomputation ([`PassOptions::recompute`]).
-    pub recompute: bool,
 }
 
 impl LoraStep {
@@ -198,7 +196,6 @@ impl LoraStep {
             opt: LoraAdamW::new(opt, &adapter),
             params,
             adapter,
-            recompute: false,
         }
     }
 }
@@ -208,10 +205,9 @@ impl StepState for LoraStep {
         self.grads.fill_zero();
         Ok(())
     }
-    fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        let opts = PassOptions::recomputing(self.recompute);
+    fn forward_backward(&mut self, cfg: &ModelConfig, b: &Batch, o: PassOptions) -> Result<f64> {
         let (p, ad, g) = (&self.params, &self.adapter, &mut self.grads);
-        Ok(lora_forward_backward_with(cfg, p, ad, batch, g, opts)?.loss)
+        Ok(lora_forward_backward_with(cfg, p, ad, b, g, o)?.loss)
     }
     fn all_reduce_grads(&mut self, group: &mut dist::HostGroup) -> Result<()> {
         for (a, b) in self.grads.modules.values_mut() {

@@ -165,8 +165,9 @@ pub fn step_flops(cfg: &ModelConfig, b: usize, t: usize, rows: usize) -> f64 {
 pub trait StepState {
     /// Clear the gradients before the step's micro-batches.
     fn zero_grad(&mut self) -> Result<()>;
-    /// [`model::forward_backward_on`] of `batch`, adding into the gradients; returns the loss.
-    fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64>;
+    /// [`model::forward_backward_on`] of `b` with the run's pass options (`o`: per-layer
+    /// recomputation), adding into the gradients; returns the loss.
+    fn forward_backward(&mut self, cfg: &ModelConfig, b: &Batch, o: PassOptions) -> Result<f64>;
     /// Sum the gradients over the data-parallel ranks (`group` on the host, NCCL on the GPU).
     fn all_reduce_grads(&mut self, group: &mut dist::HostGroup) -> Result<()>;
     /// Clip to the global norm `max_norm` (0 = off) and take AdamW update number `opt.t + 1`
@@ -190,8 +191,6 @@ pub trait StepState {
 pub struct HostStep {
     pub params: Params<f32>,
     pub grad: Params<f32>,
-    /// Per-layer activation recomputation ([`PassOptions::recompute`]).
-    pub recompute: bool,
 }
 
 impl StepState for HostStep {
@@ -199,9 +198,8 @@ impl StepState for HostStep {
         self.grad.fill_zero();
         Ok(())
     }
-    fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        let opts = PassOptions::recomputing(self.recompute);
-        Ok(forward_backward_host(cfg, &self.params, batch, &mut self.grad, opts)?.loss)
+    fn forward_backward(&mut self, cfg: &ModelConfig, b: &Batch, o: PassOptions) -> Result<f64> {
+        Ok(forward_backward_host(cfg, &self.params, b, &mut self.grad, o)?.loss)
     }
     fn all_reduce_grads(&mut self, group: &mut dist::HostGroup) -> Result<()> {
         for d in &mut self.grad.data {
@@ -392,7 +390,6 @@ impl Trainer {
         let mut host = HostStep {
             params: std::mem::take(&mut self.params),
             grad: std::mem::take(&mut self.grad),
-            recompute: self.recompute,
         };
         let stats = self.step_on(&mut host);
         (self.params, self.grad) = (host.params, host.grad);
@@ -428,10 +425,11 @@ impl Trainer {
             self.opts.steps
         );
         state.zero_grad()?;
+        let pass = PassOptions::recomputing(self.recompute);
         let (mut loss, mut tokens, mut masked, mut flops) = (0.0, 0, 0, 0.0);
         for k in 0..self.opts.accum {
             let batch = self.micro_batch(self.step, k)?;
-            loss += state.forward_backward(&self.cfg, &batch)?;
+            loss += state.forward_backward(&self.cfg, &batch, pass)?;
             tokens += batch.b * batch.t;
             masked += batch.rows.len();
             flops += step_flops(&self.cfg, batch.b, batch.t, batch.rows.len());

@@ -17,8 +17,8 @@ use std::cell::Cell;
 use anyhow::{ensure, Context, Result};
 
 use super::backend::{
-    AttnGrad, Dx, HostOps, LinearDims, LinearGrad, Norm, NormGrad, Qkv, QkvGrads, Rope, RowIds,
-    Rows, SwigluGrad, Targets, TrainOps,
+    AttnGrad, Dx, HostOps, LinearGrad, MatMul, Norm, NormGrad, Qkv, QkvGrads, Rope, RowIds, Rows,
+    SwigluGrad, Targets, TrainOps,
 };
 use super::ops::{AttnShape, Real};
 use crate::backend::rope_tables;
@@ -323,8 +323,8 @@ impl<'a, B: TrainOps> Pass<'a, B> {
     }
 
     /// The sizes of a linear from width `k` to `m` over the pass's rows.
-    fn lin(&self, k: usize, m: usize) -> LinearDims {
-        LinearDims { n: self.n, k, m }
+    fn lin(&self, k: usize, m: usize) -> MatMul {
+        MatMul { n: self.n, k, m }
     }
 
     /// Layer `l`'s RMSNorm `part` of `x`.
@@ -551,7 +551,7 @@ pub fn forward_backward_with<B: TrainOps>(
     let norm = Norm::new(&xr, &p[i_lnf], head_rows, cfg.rms_norm_eps);
     ops.rms_norm(&mut hf, &mut rf, norm)?;
     let mut logits = z(r * v)?;
-    let head = LinearDims { n: r, k: c, m: v };
+    let head = MatMul { n: r, k: c, m: v };
     ops.linear(&mut logits, &hf, &p[i_lm], head)?;
     let weights = ops.upload_f64(&batch.weights)?;
     let targets = ops.ints(&batch.targets)?;

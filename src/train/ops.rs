@@ -79,20 +79,9 @@ macro_rules! real_float {
 real_float!(f32);
 real_float!(f64);
 
-/// `N` rows of width `C` (`[N, C]`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rows {
-    pub n: usize,
-    pub c: usize,
-}
-
-/// The sizes of one linear: `x` `[N, K]`, `w` `[M, K]`, `y` `[N, M]`.
-#[derive(Clone, Copy, Debug)]
-pub struct LinearDims {
-    pub n: usize,
-    pub k: usize,
-    pub m: usize,
-}
+/// The shapes shared with the inference ops: `N` rows of width `C` ([`Rows`]) and one linear's
+/// sizes, `x` `[N, K]`, `w` `[M, K]`, `y` `[N, M]` ([`MatMul`]).
+pub use crate::backend::shape::{MatMul, Rows};
 
 /// The inputs of a linear's backward pass.
 #[derive(Clone, Copy, Debug)]
@@ -100,11 +89,11 @@ pub struct LinearBwd<'a, T> {
     pub dy: &'a [T],
     pub x: &'a [T],
     pub w: &'a [T],
-    pub d: LinearDims,
+    pub d: MatMul,
 }
 
 impl<'a, T> LinearBwd<'a, T> {
-    pub fn new(dy: &'a [T], x: &'a [T], w: &'a [T], d: LinearDims) -> Self {
+    pub fn new(dy: &'a [T], x: &'a [T], w: &'a [T], d: MatMul) -> Self {
         LinearBwd { dy, x, w, d }
     }
 }
@@ -135,7 +124,7 @@ pub fn linear<T: Real>(y: &mut [T], x: &[T], w: &[T], n: usize, k: usize, m: usi
 /// Backward of [`linear`]: `dx = dy · w` (written, when given) and `dw += dyᵀ · x`.
 pub fn linear_bwd<T: Real>(dx: Option<&mut [T]>, dw: &mut [T], a: LinearBwd<'_, T>) {
     let LinearBwd { dy, x, w, d } = a;
-    let LinearDims { n, k, m } = d;
+    let MatMul { n, k, m } = d;
     if let Some(dx) = dx {
         dx[..n * k]
             .par_chunks_mut(k)
@@ -189,7 +178,7 @@ pub fn linear_bf16(y: &mut [f32], x: &[f32], w: &[f32], n: usize, k: usize, m: u
 /// previous (f32) value added unrounded, sums in f64, each output rounded once to f32.
 pub fn linear_bwd_bf16(dx: Option<&mut [f32]>, dw: &mut [f32], a: LinearBwd<'_, f32>) {
     let LinearBwd { dy, x, w, d } = a;
-    let LinearDims { n, k, m } = d;
+    let MatMul { n, k, m } = d;
     let (dyd, xd, wd) = (
         bf16_f64(&dy[..n * m]),
         bf16_f64(&x[..n * k]),

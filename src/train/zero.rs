@@ -37,7 +37,7 @@
 use anyhow::{bail, ensure, Context, Result};
 
 use super::dist::HostGroup;
-use super::model::{Batch, Params};
+use super::model::{Batch, Params, PassOptions};
 use super::optim::{adamw_update, AdamW, AdamWConfig, AdamWStep};
 use super::{HostStep, StepState, Trainer};
 use crate::hf::config::ModelConfig;
@@ -227,11 +227,7 @@ impl ZeroStep {
         let (m, v) = (layout.shard_of(&opt.m)?, layout.shard_of(&opt.v)?);
         let mut grad = params.clone();
         grad.fill_zero();
-        let host = HostStep {
-            params,
-            grad,
-            recompute: false,
-        };
+        let host = HostStep { params, grad };
         Sharded::with_store(HostShard { host, m, v }, &sizes, world, rank)
     }
 }
@@ -285,8 +281,8 @@ impl<S: ShardStore> StepState for Sharded<S> {
     fn zero_grad(&mut self) -> Result<()> {
         self.store.whole().zero_grad()
     }
-    fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        self.store.whole().forward_backward(cfg, batch)
+    fn forward_backward(&mut self, cfg: &ModelConfig, b: &Batch, o: PassOptions) -> Result<f64> {
+        self.store.whole().forward_backward(cfg, b, o)
     }
     /// The reduce-scatter: this rank's shard of the gradient summed over the ranks.
     fn all_reduce_grads(&mut self, group: &mut HostGroup) -> Result<()> {
@@ -349,8 +345,7 @@ impl Trainer {
             g.world
         );
         let (world, rank) = (g.world, g.rank);
-        let mut z = ZeroStep::new(std::mem::take(&mut self.params), &self.opt, world, rank)?;
-        z.store.host.recompute = self.recompute;
+        let z = ZeroStep::new(std::mem::take(&mut self.params), &self.opt, world, rank)?;
         self.grad = Params::default();
         self.opt.m = Params::default();
         self.opt.v = Params::default();

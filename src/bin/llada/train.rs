@@ -458,14 +458,11 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             );
             if zero == 1 {
                 // Only this rank's shard of the moments goes to the GPU.
-                let mut z = CudaZeroState::new(ops, &trainer.params, &trainer.opt, world, rank)?;
-                z.store.gpu.recompute = a.recompute;
+                let z = CudaZeroState::new(ops, &trainer.params, &trainer.opt, world, rank)?;
                 gpu_zero = Some(z);
                 None
             } else {
-                let mut st =
-                    CudaTrainState::new(ops, &trainer.params, &trainer.opt.m, &trainer.opt.v)?;
-                st.recompute = a.recompute;
+                let st = CudaTrainState::new(ops, &trainer.params, &trainer.opt.m, &trainer.opt.v)?;
                 Some(st)
             }
         }

@@ -371,11 +371,11 @@ impl TrainOps for CudaOps {
     /// `y[N, M] = x[N, K]·wᵀ` ([`crate::train::ops::linear`]). Row-major buffers read column-major
     /// are transposes: `yᵀ = W·xᵀ` with `W` stored `[M, K]` = column-major `K×M`, so
     /// `op(A) = Aᵀ` (lda K), `B = xᵀ` (ldb K), ldc M.
-    fn linear(&self, y: &mut Buf, x: &Buf, w: &Buf, d: LinearDims) -> Result<()> {
+    fn linear(&self, y: &mut Buf, x: &Buf, w: &Buf, d: MatMul) -> Result<()> {
         if self.lora.is_some() {
             return self.lora_linear(y, x, w, d);
         }
-        let (op, LinearDims { n, k, m }) = ("linear", d);
+        let (op, MatMul { n, k, m }) = ("linear", d);
         check_len(op, "y", y.len(), n * m)?;
         check_len(op, "x", x.len(), n * k)?;
         check_len(op, "w", w.len(), m * k)?;
@@ -408,7 +408,7 @@ impl TrainOps for CudaOps {
         }
         let (op, (dx, dx_accumulate)) = ("linear_bwd", dx.split());
         let LinearGrad { dy, x, w, d } = a;
-        let LinearDims { n, k, m } = d;
+        let MatMul { n, k, m } = d;
         check_len(op, "dw", dw.len(), m * k)?;
         check_len(op, "dy", dy.len(), n * m)?;
         check_len(op, "x", x.len(), n * k)?;

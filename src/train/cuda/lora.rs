@@ -249,9 +249,9 @@ impl CudaOps {
 
     /// [`TrainOps::linear`] of a LoRA run: the bf16 base, plus the adapter's term when the
     /// weight is targeted (keeping `u`).
-    pub(super) fn lora_linear(&self, y: &mut Buf, x: &Buf, w: &Buf, d: LinearDims) -> Result<()> {
+    pub(super) fn lora_linear(&self, y: &mut Buf, x: &Buf, w: &Buf, d: MatMul) -> Result<()> {
         let op = "linear (LoRA)";
-        let LinearDims { n, k, m } = d;
+        let MatMul { n, k, m } = d;
         check_len(op, "y", y.len(), n * m)?;
         check_len(op, "x", x.len(), n * k)?;
         let (bw, i) = self.lora_base(op, w, m, k)?;
@@ -286,7 +286,7 @@ impl CudaOps {
     pub(super) fn lora_linear_bwd(&self, dx: Dx<Self>, a: LinearGrad<Self>) -> Result<()> {
         let (op, (dx, acc)) = ("linear_bwd (LoRA)", dx.split());
         let LinearGrad { dy, x, w, d } = a;
-        let LinearDims { n, k, m } = d;
+        let MatMul { n, k, m } = d;
         check_len(op, "dy", dy.len(), n * m)?;
         check_len(op, "x", x.len(), n * k)?;
         let (bw, i) = self.lora_base(op, w, m, k)?;
@@ -360,8 +360,6 @@ pub struct CudaLoraState {
     pub opt: AdamWConfig,
     /// AdamW updates taken.
     pub t: u64,
-    /// Per-layer activation recomputation ([`PassOptions::recompute`]).
-    pub recompute: bool,
 }
 
 impl CudaLoraState {
@@ -458,7 +456,6 @@ impl CudaLoraState {
             partial,
             opt,
             t: 0,
-            recompute: false,
         })
     }
 
@@ -568,12 +565,9 @@ impl super::super::StepState for CudaLoraState {
         Ok(())
     }
 
-    fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        let opts = PassOptions {
-            recompute: self.recompute,
-        };
+    fn forward_backward(&mut self, cfg: &ModelConfig, b: &Batch, o: PassOptions) -> Result<f64> {
         let (p, g) = (&self.p, &mut self.g);
-        Ok(forward_backward_with(&self.ops, cfg, opts, p, batch, g)?.loss)
+        Ok(forward_backward_with(&self.ops, cfg, o, p, b, g)?.loss)
     }
 
     /// Data parallel: the adapters' gradients are small, so they go through the host group

@@ -49,10 +49,10 @@ use cudarc::driver::{sys as dsys, CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use super::backend::{
-    AttnGrad, Dx, LinearDims, LinearGrad, Norm, NormGrad, Qkv, QkvGrads, Rope, RowIds, Rows,
+    AttnGrad, Dx, LinearGrad, MatMul, Norm, NormGrad, Qkv, QkvGrads, Rope, RowIds, Rows,
     SwigluGrad, Targets, TrainOps,
 };
-use super::model::{forward_backward_on, Batch, Params};
+use super::model::{forward_backward_on, Batch, Params, PassOptions};
 use super::ops::AttnShape;
 use super::optim::{AdamW, AdamWConfig};
 use crate::backend::cuda::CudaBackend;
@@ -131,8 +131,6 @@ pub struct CudaTrainState {
     nccl: Option<super::nccl::NcclComm>,
     /// Recorded after each gradient all-reduce, polled by its watchdog.
     reduced: Option<cudarc::driver::CudaEvent>,
-    /// Per-layer activation recomputation ([`super::model::PassOptions::recompute`]).
-    pub recompute: bool,
 }
 
 impl CudaTrainState {
@@ -158,7 +156,6 @@ impl CudaTrainState {
             partial,
             nccl: None,
             reduced: None,
-            recompute: false,
         })
     }
 
@@ -280,10 +277,9 @@ impl super::StepState for CudaTrainState {
     }
 
     /// [`forward_backward`] adding into the resident gradients.
-    fn forward_backward(&mut self, cfg: &ModelConfig, batch: &Batch) -> Result<f64> {
-        let opts = super::model::PassOptions::recomputing(self.recompute);
+    fn forward_backward(&mut self, cfg: &ModelConfig, b: &Batch, o: PassOptions) -> Result<f64> {
         let (p, g) = (&self.params.data, &mut self.grad.data);
-        Ok(super::model::forward_backward_with(&self.ops, cfg, opts, p, batch, g)?.loss)
+        Ok(super::model::forward_backward_with(&self.ops, cfg, o, p, b, g)?.loss)
     }
 
     /// Clip (PyTorch `clip_grad_norm_`, folded into the update as a gradient scale) and take

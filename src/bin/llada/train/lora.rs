@@ -274,6 +274,7 @@ pub(super) fn train_lora(
     counter.t = lopt.t;
     let mut trainer =
         Trainer::with_state(cfg.clone(), Params::default(), counter, step, opts, samples)?;
+    trainer.recompute = a.recompute;
     if let Some(d) = dist {
         let group = HostGroup::join(d, trainer.options_fingerprint()?)?;
         trainer.join_group(group)?;
@@ -303,7 +304,6 @@ pub(super) fn train_lora(
             eprintln!("rank {rank}: device: cuda:{i} ({name})");
             let mut state = CudaLoraState::new(ops, &cfg, &opened.ckpt, &adapter, lopt.cfg)?;
             state.upload_moments(&lopt)?;
-            state.recompute = a.recompute;
             let (mut host, mut hopt) = (adapter, lopt);
             lora_loop(a, trainer, &mut state, lead, |st, tr| {
                 st.download_adapter(&mut host)?;
@@ -323,7 +323,6 @@ pub(super) fn train_lora(
             let params = Params::<f32>::from_checkpoint(&cfg, &opened.ckpt)?;
             let mut state = LoraStep::new(params, adapter, lopt.cfg);
             state.opt = lopt;
-            state.recompute = a.recompute;
             lora_loop(a, trainer, &mut state, lead, |st, tr| {
                 lck::save(&out, &cfg, &st.adapter, &st.opt, &record(tr, &st.opt)?)
             })
