@@ -5,9 +5,8 @@
 
 use anyhow::{bail, Result};
 
-use super::sampler::{
-    BatchLayout, Commits, GenerateOutput, GenerateParams, Hooks, PredictRequest, Progress,
-};
+use super::predict::{Commits, Progress, SpanPredictor, SpanRequest};
+use super::sampler::{BatchLayout, GenerateOutput, GenerateParams, Hooks};
 use super::step::{selector, Asked, Calls, Pass};
 use crate::backend::commit::CommitRule;
 
@@ -58,39 +57,6 @@ impl Decode {
             (None, Some(th)) => CommitRule::Threshold(th),
             (None, None) => CommitRule::Quota,
         }
-    }
-}
-
-/// One cached forward pass: the tokens at positions `[q0, q1)` of every batch row go through the
-/// network, their keys/values overwrite those rows of the predictor's KV cache, and attention
-/// reads all `t` rows of the cache. `[0, t)` is a full forward pass that (re)fills the cache.
-///
-/// A span request is a [`PredictRequest`] (without CFG: `uncond_x` is `None`) plus the span; it
-/// derefs to it, so `req.x`, `req.rows`, `req.rng_key(…)` read the full request's fields. Its
-/// `rows` lie in `[q0, q1)`; `x` is read only there.
-pub struct SpanRequest<'a> {
-    /// The same request as one full pass over `[0, t)` would take it.
-    pub full: PredictRequest<'a>,
-    pub q0: usize,
-    pub q1: usize,
-}
-
-impl<'a> std::ops::Deref for SpanRequest<'a> {
-    type Target = PredictRequest<'a>;
-
-    fn deref(&self) -> &PredictRequest<'a> {
-        &self.full
-    }
-}
-
-/// A predictor with a KV cache (the model, or a fake in tests).
-pub trait SpanPredictor {
-    /// Writes one `(token, confidence)` per entry of `req.rows` into `out`.
-    fn predict_span(&mut self, req: &SpanRequest<'_>, out: &mut [(u32, f32)]) -> Result<()>;
-
-    /// As [`super::sampler::Predictor::commit_selector`].
-    fn commit_selector(&mut self) -> Option<&mut dyn super::sampler::SelectsCommits> {
-        None
     }
 }
 

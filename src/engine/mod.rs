@@ -7,6 +7,7 @@ pub mod device;
 pub mod fast;
 pub mod graphs;
 pub mod model;
+pub mod predict;
 pub mod predictor;
 pub mod sampler;
 mod step;

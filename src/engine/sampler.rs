@@ -41,134 +41,14 @@ use crate::backend::commit::CommitRule;
 use crate::backend::head::{Remasking, SelectParams};
 use crate::hf::dtype::DType;
 
-use super::step::{Asked, Calls};
-pub use super::step::{Hooks, Observer};
-
-pub use super::fast::{
-    generate_fast, generate_fast_hooked, CacheMode, Decode, SpanPredictor, SpanRequest,
+pub use super::predict::{
+    rng_key, Commits, PredictRequest, Predictor, Predictors, Progress, RowKey, SelectsCommits,
+    SpanPredictor, SpanRequest,
 };
+pub use super::step::{num_transfer_tokens, num_transfer_tokens_into, Hooks, Observer};
+use super::step::{Asked, Calls};
 
-/// One call to the model: predict (token, confidence) at `rows`.
-pub struct PredictRequest<'a> {
-    /// Batch rows.
-    pub b: usize,
-    /// Tokens per row (prompt + gen_length, including left padding).
-    pub t: usize,
-    /// Current tokens `[b·t]`.
-    pub x: &'a [u32],
-    /// With CFG: the unconditional tokens `[b·t]` (prompt positions replaced by the mask id).
-    pub uncond_x: Option<&'a [u32]>,
-    /// `[b·t]`, 1 = real token, 0 = left padding (a key-padding mask); `None` = no padding.
-    pub key_valid: Option<&'a [u8]>,
-    /// (batch row, absolute position) pairs whose prediction is wanted. The set is fixed for a
-    /// whole block, so devices can reuse a captured graph. Sorted by row, then position.
-    pub rows: &'a [(u32, u32)],
-    /// How to turn logits into (token, confidence); `step` is set per call.
-    pub select: &'a SelectParams,
-    /// Random-stream keys per batch row (`[b]`, see [`RowKey`]); `None` keys the head's RNG by
-    /// (batch row, absolute position).
-    pub row_keys: Option<&'a [RowKey]>,
-}
-
-impl PredictRequest<'_> {
-    /// The RNG key (row, position) of batch row `br` at absolute position `pos` ([`rng_key`]).
-    pub fn rng_key(&self, br: u32, pos: u32) -> Result<(u32, u32)> {
-        rng_key(self.row_keys, br, pos)
-    }
-}
-
-/// The random stream of one batch row: the head's random numbers at absolute position `pos`
-/// of this row are keyed by `(key, pos − origin)` instead of (batch row, `pos`). The sampler
-/// sets `origin` to the row's left padding, so a prompt's stream depends only on its own key and
-/// its own (unpadded) positions, whatever batch it runs in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RowKey {
-    /// Below 2³¹ (the head takes keys as non-negative `i32`).
-    pub key: u32,
-    pub origin: u32,
-}
-
-/// The (row, position) pair the head's RNG is keyed by for batch row `br`, absolute position
-/// `pos`: `(br, pos)` without row keys, else `(key, pos − origin)` of row `br`. An error names
-/// a row outside `row_keys` or a position before the row's origin.
-pub fn rng_key(row_keys: Option<&[RowKey]>, br: u32, pos: u32) -> Result<(u32, u32)> {
-    let Some(keys) = row_keys else {
-        return Ok((br, pos));
-    };
-    let k = keys
-        .get(br as usize)
-        .with_context(|| format!("batch row {br} has no RNG row key ({} given)", keys.len()))?;
-    let p = pos.checked_sub(k.origin).with_context(|| {
-        format!(
-            "position {pos} of batch row {br} lies before its RNG origin {} (left padding)",
-            k.origin
-        )
-    })?;
-    Ok((k.key, p))
-}
-
-/// Something that predicts masked tokens: the model on some backend, or a fake in tests.
-pub trait Predictor {
-    /// Writes one `(token, confidence)` per entry of `req.rows` into `out`
-    /// (`out.len() == req.rows.len()`).
-    fn predict(&mut self, req: &PredictRequest<'_>, out: &mut [(u32, f32)]) -> Result<()>;
-
-    /// The predictor's own commit selection ([`SelectsCommits`]) when it makes it on its side
-    /// (the model's device, `LLADA_DEVICE_SELECT=1`); `None` (the default): the sampler reads
-    /// the (token, confidence) pairs back and selects on the host.
-    fn commit_selector(&mut self) -> Option<&mut dyn SelectsCommits> {
-        None
-    }
-}
-
-/// A predictor that makes the step's commit selection itself, for either request kind: the
-/// prediction, then the selection of every batch row as
-/// [`crate::backend::commit::commit_select`] on the rows still `[MASK]` in `req.x`:
-/// `c.out[i]` = the token committed at `req.rows[i]`, or −1.
-pub trait SelectsCommits {
-    /// [`Predictor::predict`], then the commit selection.
-    fn predict_commit(&mut self, req: &PredictRequest<'_>, c: &mut Commits<'_>) -> Result<()>;
-    /// [`SpanPredictor::predict_span`], then the commit selection.
-    fn predict_span_commit(&mut self, req: &SpanRequest<'_>, c: &mut Commits<'_>) -> Result<()>;
-}
-
-/// A predictor of both kinds (the model): [`Predictor`] for plain passes, [`SpanPredictor`] for
-/// passes against a KV cache, as one trait object ([`crate::engine::Engine::predictor`]).
-pub trait Predictors: Predictor + SpanPredictor {
-    fn full(&mut self) -> &mut dyn Predictor;
-    fn span(&mut self) -> &mut dyn SpanPredictor;
-}
-
-impl<P: Predictor + SpanPredictor> Predictors for P {
-    fn full(&mut self) -> &mut dyn Predictor {
-        self
-    }
-    fn span(&mut self) -> &mut dyn SpanPredictor {
-        self
-    }
-}
-
-/// A step's commit selection, for a predictor that selects ([`SelectsCommits`]).
-#[derive(Debug)]
-pub struct Commits<'a> {
-    /// The quota of each batch row `[b]` (read by [`CommitRule::Quota`]).
-    pub quota: &'a [usize],
-    pub rule: CommitRule,
-    /// Candidates are the requested positions whose token is still this id.
-    pub mask_id: u32,
-    /// Out: the token committed at each requested row, or −1.
-    pub out: &'a mut [i32],
-}
-
-/// Writes the committed tokens `commits[i] ≥ 0` at `rows[i]` (batch row, position) of the canvas
-/// `x` (rows of `t` tokens); −1 leaves the position as it is.
-pub(crate) fn apply_commits(x: &mut [u32], t: usize, rows: &[(u32, u32)], commits: &[i32]) {
-    for (&(br, p), &c) in rows.iter().zip(commits) {
-        if c >= 0 {
-            x[br as usize * t + p as usize] = c as u32;
-        }
-    }
-}
+pub use super::fast::{generate_fast, generate_fast_hooked, CacheMode, Decode};
 
 /// Longest `gen_length` accepted: the longest sequence [`crate::hf::config::LIMITS`] allows. With
 /// `steps ≤ gen_length` it also bounds the steps and every schedule allocated from them.
@@ -341,17 +221,6 @@ impl GenerateParams {
     }
 }
 
-/// Reported once per step, after its tokens were committed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Progress {
-    /// Steps done so far (1-based: `total_steps` after the last one).
-    pub step: usize,
-    pub total_steps: usize,
-    /// Current block (0-based).
-    pub block: usize,
-    pub num_blocks: usize,
-}
-
 /// What [`generate`] returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GenerateOutput {
@@ -363,27 +232,6 @@ pub struct GenerateOutput {
     pub prompt_len_padded: usize,
     /// Σ over calls of the number of requested (row, position) pairs.
     pub rows_predicted: usize,
-}
-
-/// `get_num_transfer_tokens` for one row: `mask_count` tokens over `steps` steps, the first
-/// `mask_count % steps` steps taking one extra.
-pub fn num_transfer_tokens(mask_count: usize, steps: usize) -> Vec<usize> {
-    let mut out = vec![0; steps];
-    num_transfer_tokens_into(mask_count, &mut out);
-    out
-}
-
-/// [`num_transfer_tokens`] into a caller's buffer (`steps = out.len()`), without allocating.
-pub fn num_transfer_tokens_into(mask_count: usize, out: &mut [usize]) {
-    let steps = out.len();
-    if steps == 0 {
-        return;
-    }
-    let base = mask_count / steps;
-    let rem = mask_count % steps;
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = base + usize::from(i < rem);
-    }
 }
 
 /// The initial batch of upstream `generate`: prompts left-padded with `pad_id` to the longest,
@@ -573,13 +421,6 @@ mod tests {
         assert_eq!(num_transfer_tokens(3, 5), vec![1, 1, 1, 0, 0]);
         assert_eq!(num_transfer_tokens(0, 3), vec![0, 0, 0]);
         assert_eq!(num_transfer_tokens(8, 8), vec![1; 8]);
-    }
-
-    #[test]
-    fn commits_apply_to_their_rows_only() {
-        let mut x = vec![9u32; 8];
-        apply_commits(&mut x, 4, &[(0, 1), (1, 0), (1, 3)], &[5, -1, 7]);
-        assert_eq!(x, [9, 5, 9, 9, 9, 9, 9, 7]);
     }
 
     #[test]

@@ -8,10 +8,7 @@ use std::ops::Range;
 
 use anyhow::{Context, Result};
 
-use super::sampler::{
-    apply_commits, num_transfer_tokens_into, Commits, PredictRequest, Predictor, Progress,
-    SelectsCommits,
-};
+use super::predict::{apply_commits, Commits, PredictRequest, Predictor, Progress, SelectsCommits};
 use crate::backend::commit::{commit_select, Cand, CommitRule};
 
 /// What a generation calls before every forward pass: the current tokens `[b·t]`, `b` and `t`.
@@ -280,5 +277,26 @@ impl<'h> From<Option<&'h mut dyn FnMut(Progress)>> for Hooks<'h> {
             progress,
             observe: None,
         }
+    }
+}
+
+/// `get_num_transfer_tokens` for one row: `mask_count` tokens over `steps` steps, the first
+/// `mask_count % steps` steps taking one extra.
+pub fn num_transfer_tokens(mask_count: usize, steps: usize) -> Vec<usize> {
+    let mut out = vec![0; steps];
+    num_transfer_tokens_into(mask_count, &mut out);
+    out
+}
+
+/// [`num_transfer_tokens`] into a caller's buffer (`steps = out.len()`), without allocating.
+pub fn num_transfer_tokens_into(mask_count: usize, out: &mut [usize]) {
+    let steps = out.len();
+    if steps == 0 {
+        return;
+    }
+    let base = mask_count / steps;
+    let rem = mask_count % steps;
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = base + usize::from(i < rem);
     }
 }

@@ -10,7 +10,7 @@
 //!   run's options (seed, batch size, schedule…), which a resume reuses so that it continues
 //!   exactly as an uninterrupted run would (all randomness is a function of seed and step).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -36,7 +36,44 @@ pub struct TrainerState {
     /// A LoRA run's adapter and base model (absent for full fine-tuning; see
     /// [`super::lora_checkpoint`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora: Option<super::lora_checkpoint::LoraRun>,
+    pub lora: Option<LoraRun>,
+}
+
+/// The `lora` record of a LoRA run's `trainer_state.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LoraRun {
+    pub rank: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+    /// `--lora-targets` as given (module-name suffixes).
+    pub targets: Vec<String>,
+    pub base: BaseModel,
+}
+
+/// Where a LoRA run's frozen base model came from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BaseModel {
+    /// The model folder (absolute when it could be resolved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
+    /// Or a random-weight preset and its seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub weights_seed: u64,
+    /// [`super::lora_checkpoint::base_fingerprint`] of its weights, 16 hex digits.
+    pub fingerprint: String,
+}
+
+impl BaseModel {
+    /// How the base is named in messages.
+    pub fn describe(&self) -> String {
+        match (&self.model, &self.preset) {
+            (Some(m), _) => format!("--model {}", m.display()),
+            (None, Some(p)) => format!("--preset {p} --weights-seed {}", self.weights_seed),
+            (None, None) => "an unrecorded model".into(),
+        }
+    }
 }
 
 /// Write the model folder and the optimizer state to `dir`. `tokenizer_from` is a folder whose

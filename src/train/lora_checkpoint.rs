@@ -18,10 +18,9 @@
 //! that names the difference rather than a silently different run.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
-use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{adamw_config, read_state, TrainerState};
 use super::dist::{fnv1a, FNV_START};
@@ -31,42 +30,7 @@ use crate::hf::write::{write_safetensors, write_text_atomic};
 use crate::lora::train::{select_modules, LoraAdamW};
 use crate::lora::{Adapter, ModuleKind};
 
-/// The `lora` record of a LoRA run's `trainer_state.json`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct LoraRun {
-    pub rank: usize,
-    pub alpha: f64,
-    pub rslora: bool,
-    /// `--lora-targets` as given (module-name suffixes).
-    pub targets: Vec<String>,
-    pub base: BaseModel,
-}
-
-/// Where a LoRA run's frozen base model came from.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct BaseModel {
-    /// The model folder (absolute when it could be resolved).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<PathBuf>,
-    /// Or a random-weight preset and its seed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub preset: Option<String>,
-    #[serde(default)]
-    pub weights_seed: u64,
-    /// [`base_fingerprint`] of its weights, 16 hex digits.
-    pub fingerprint: String,
-}
-
-impl BaseModel {
-    /// How the base is named in messages.
-    pub fn describe(&self) -> String {
-        match (&self.model, &self.preset) {
-            (Some(m), _) => format!("--model {}", m.display()),
-            (None, Some(p)) => format!("--preset {p} --weights-seed {}", self.weights_seed),
-            (None, None) => "an unrecorded model".into(),
-        }
-    }
-}
+pub use super::checkpoint::{BaseModel, LoraRun};
 
 /// Elements of each window [`base_fingerprint`] reads.
 const WINDOW: usize = 1024;
