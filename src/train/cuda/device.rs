@@ -6,12 +6,6 @@ use super::*;
 /// An f32 device buffer.
 pub type Buf = CudaSlice<f32>;
 
-/// An int buffer on the device with its host copy (for bounds checks before launches).
-pub struct DevInts {
-    pub buf: CudaSlice<i32>,
-    pub host: Vec<i32>,
-}
-
 /// [`TrainKernels`]: one field per f32 training kernel, named as its symbol without `_f32`
 /// (one name per op), and the lookup of every symbol.
 macro_rules! train_kernels {
@@ -59,28 +53,6 @@ pub(super) fn stride_grid(numel: usize) -> u32 {
 pub(super) const SUMSQ_BLOCKS: usize = 512;
 /// Threads per block of `attention_*_f32` (the kernels assume a multiple of 32).
 pub(super) const ATT_THREADS: u32 = 128;
-
-/// Every one of the first `n` host values lies in `[0, hi)`.
-pub(super) fn check_ints(
-    op: &str,
-    arg: &str,
-    v: &DevInts,
-    n: usize,
-    hi: usize,
-    what: &str,
-) -> Result<()> {
-    check_len(op, arg, v.host.len().min(v.buf.len()), n)?;
-    if let Some((i, &x)) = v
-        .host
-        .iter()
-        .take(n)
-        .enumerate()
-        .find(|(_, &x)| x < 0 || x as usize >= hi)
-    {
-        bail!("{op}: {arg}[{i}] = {x} is outside {what} (0..{hi})");
-    }
-    Ok(())
-}
 
 /// The training launchers over one [`CudaBackend`].
 pub struct CudaOps {
@@ -139,13 +111,12 @@ impl CudaOps {
             .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))
     }
 
-    pub(super) fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        // Event tracking is disabled on the backend's context: the guard records nothing.
-        s.device_ptr(self.be.stream()).0
+    pub(super) fn ptr<B: DevBuf>(&self, s: &B) -> u64 {
+        self.be.ptr(s)
     }
 
-    pub(super) fn ptr_mut<T>(&self, s: &mut CudaSlice<T>) -> u64 {
-        s.device_ptr_mut(self.be.stream()).0
+    pub(super) fn ptr_mut<B: DevBuf>(&self, s: &mut B) -> u64 {
+        self.be.ptr_mut(s)
     }
 
     // ---- buffers ----
@@ -163,22 +134,12 @@ impl CudaOps {
             .map_err(|e| driver_err(format!("host→device copy of {} f32", host.len()), e))
     }
 
+    /// An int buffer holding `host` (its values known to the launchers' checks).
     pub fn upload_ints(&self, host: &[i32]) -> Result<DevInts> {
-        let mut buf = self
-            .be
-            .stream()
-            .alloc_zeros::<i32>(host.len().max(1))
-            .map_err(|e| driver_err(format!("allocating {} ints on the GPU", host.len()), e))?;
-        if !host.is_empty() {
-            self.be
-                .stream()
-                .memcpy_htod(host, &mut buf)
-                .map_err(|e| driver_err(format!("host→device copy of {} ints", host.len()), e))?;
-        }
-        Ok(DevInts {
-            buf,
-            host: host.to_vec(),
-        })
+        self.bind()?;
+        let mut d = self.be.alloc_dev_ints(host.len())?;
+        self.be.write_dev_ints(&mut d, host)?;
+        Ok(d)
     }
 
     pub fn sync(&self) -> Result<()> {
