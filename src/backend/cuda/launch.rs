@@ -96,6 +96,7 @@ macro_rules! kernel_table {
         }
     };
 }
+pub(crate) use kernel_table;
 
 /// A driver error with `msg` (which should say what was being done), typed where a caller
 /// branches on it: out of memory, or a sticky fault that leaves the context unusable.

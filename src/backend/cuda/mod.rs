@@ -15,13 +15,13 @@
 //! probed before the first call into them (cudarc panics on a missing library).
 //!
 //! Files: `launch` (the launch convention and argument checks, shared with training; the
-//! `kernel_table!` that declares each kernel's handle and symbol once), `device` (context,
-//! stream, modules, memory), `ints` ([`DevInts`], the int buffer of inference and training, which
-//! carries the values the host wrote, and `check_ints`, the one bounds check of ids, rows and
-//! positions before a launch), `weights` (weight upload), `gemm` (the one cuBLAS wrapper, shared
-//! with training), `graph` (CUDA graphs, timers, profiling), `attention` (geometry, split-KV,
-//! the route between the kernels, kv_store), `head` (select, log_prob, top-k), `fused` (the RoPE
-//! input checks); the short row-wise ops (embedding, norms, add, rope, swiglu, gather),
+//! `kernel_table!` that declares each kernel's handle and symbol once, for inference and
+//! training), `device` (context, stream, modules, memory), `ints` ([`DevInts`], the int buffer
+//! of inference and training, which carries the values the host wrote, and `check_ints`, the
+//! one bounds check of ids, rows and positions before a launch), `weights` (weight upload),
+//! `gemm` (the one cuBLAS wrapper, shared with training), `graph` (CUDA graphs, timers,
+//! profiling), `attention` (geometry, split-KV, the route between the kernels, kv_store), `head`
+//! (select, log_prob, top-k), `fused` (the RoPE input checks); the short row-wise ops (embedding, norms, add, rope, swiglu, gather),
 //! `rope_kv_store` and `attend` (both attention ops) are launched directly in the [`Backend`]
 //! impl below, each a signature, its checks and one `launch!`.
 
@@ -75,8 +75,8 @@ pub(crate) use ints::DevBuf;
 pub use ints::DevInts;
 use launch::*;
 pub(crate) use launch::{
-    check_dyn_smem, check_len, check_lens, driver_err, grid_yz, int, launch, stride_blocks, Geom,
-    GRID_YZ_MAX,
+    check_dyn_smem, check_len, check_lens, driver_err, grid_yz, int, kernel_table, launch,
+    stride_blocks, Geom, GRID_YZ_MAX,
 };
 pub use weights::CudaWeight;
 

@@ -6,42 +6,27 @@ use super::*;
 /// An f32 device buffer.
 pub type Buf = CudaSlice<f32>;
 
-/// [`TrainKernels`]: one field per f32 training kernel, named as its symbol without `_f32`
-/// (one name per op), and the lookup of every symbol.
-macro_rules! train_kernels {
-    ($($name:ident),* $(,)?) => {
-        pub(super) struct TrainKernels {
-            $(pub(super) $name: dsys::CUfunction,)*
-        }
-
-        impl TrainKernels {
-            fn load(be: &CudaBackend) -> Result<TrainKernels> {
-                Ok(TrainKernels {
-                    $($name: be.function(concat!(stringify!($name), "_f32"))?,)*
-                })
-            }
-        }
-    };
-}
-
-train_kernels!(
-    embedding,
-    rms_norm_fwd,
-    rope,
-    swiglu_fwd,
-    add,
-    gather_rows,
-    scatter_add_rows,
-    attention_fwd,
-    rms_norm_bwd,
-    rms_norm_bwd_dw,
-    swiglu_bwd,
-    embedding_bwd,
-    cross_entropy,
-    attention_bwd_dq,
-    attention_bwd_dkv,
-    adamw,
-    sumsq,
+crate::backend::cuda::kernel_table!(
+    /// One handle per f32 training kernel, named as its symbol without `_f32` (one name per op).
+    TrainKernels {
+        embedding: "embedding_f32",
+        rms_norm_fwd: "rms_norm_fwd_f32",
+        rope: "rope_f32",
+        swiglu_fwd: "swiglu_fwd_f32",
+        add: "add_f32",
+        gather_rows: "gather_rows_f32",
+        scatter_add_rows: "scatter_add_rows_f32",
+        attention_fwd: "attention_fwd_f32",
+        rms_norm_bwd: "rms_norm_bwd_f32",
+        rms_norm_bwd_dw: "rms_norm_bwd_dw_f32",
+        swiglu_bwd: "swiglu_bwd_f32",
+        embedding_bwd: "embedding_bwd_f32",
+        cross_entropy: "cross_entropy_f32",
+        attention_bwd_dq: "attention_bwd_dq_f32",
+        attention_bwd_dkv: "attention_bwd_dkv_f32",
+        adamw: "adamw_f32",
+        sumsq: "sumsq_f32",
+    }
 );
 
 /// Blocks of 256 for the grid-stride kernels, capped (they loop).
@@ -82,7 +67,7 @@ impl CudaOps {
     }
 
     pub fn from_backend(be: CudaBackend) -> Result<CudaOps> {
-        let k = TrainKernels::load(&be)?;
+        let k = TrainKernels::load(|sym| be.function(sym))?;
         let mut ops = CudaOps {
             be,
             k,
