@@ -1253,6 +1253,54 @@ fn launchers_name_bad_arguments() {
     assert!(e.contains("pos[0] = 4"), "{e}");
 }
 
+/// An int buffer carries the values the host wrote, which the launchers check, until a kernel
+/// writes it: from then on its values are unknown on the host (not checked) until the host
+/// writes it again.
+#[test]
+fn int_buffers_carry_the_host_values() {
+    let Some(g) = gpu() else { return };
+    let mut rows = g.alloc_ints(3).unwrap();
+    assert_eq!(rows.host(), None, "a fresh buffer's values are unknown");
+    g.write_ints(&mut rows, &[0, 1, 2]).unwrap();
+    g.write_ints(&mut rows, &[2]).unwrap();
+    assert_eq!(
+        rows.host(),
+        Some(&[2, 1, 2][..]),
+        "a shorter write keeps the tail"
+    );
+    let x = g.alloc_act(2 * 4).unwrap();
+    let mut out = g.alloc_act(3 * 4).unwrap();
+    let e = err(g.gather_rows(&mut out, &x, Gather::new(&rows, 3, 4)));
+    assert!(
+        e.contains("gather_rows: rows[0] = 2 is outside the rows of `x` (0..2)"),
+        "{e}"
+    );
+    let e = err(g.gather_rows(&mut out, &x, Gather::new(&rows, 4, 1)));
+    assert!(
+        e.contains("`rows` holds 3 elements, needs at least 4"),
+        "{e}"
+    );
+    // top-k writes the buffer: [2, 0, 1] on the device, unknown on the host.
+    let (conf, k) = (f32s(&g, &[0.5, 0.25, 1.0]), ints(&g, &[3]));
+    g.topk_select(&mut rows, &conf, &k, Rows { n: 1, c: 3 })
+        .unwrap();
+    assert_eq!(
+        rows.host(),
+        None,
+        "a kernel-written buffer's values are unknown"
+    );
+    assert_eq!(g.read_ints(&rows, 3).unwrap(), vec![2, 0, 1]);
+    g.write_ints(&mut rows, &[1]).unwrap();
+    assert_eq!(
+        rows.host(),
+        Some(&[1][..]),
+        "only what the host wrote since is known"
+    );
+    g.gather_rows(&mut out, &x, Gather::new(&rows, 1, 4))
+        .unwrap();
+    g.synchronize().unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // log_prob (kernels/log_prob.cu) against the CPU reference (backend::cpu::log_prob_one).
 

@@ -1,5 +1,5 @@
 //! Device setup: driver probes, the context, stream, kernel modules and cuBLAS handle, memory
-//! (allocation, copies) and the host shadow of int buffers used by the launchers' bounds checks.
+//! (allocation, copies). Int buffers and their host-side bounds checks are in `ints`.
 
 use super::*;
 
@@ -179,7 +179,6 @@ impl CudaBackend {
             ctx,
             device_id,
             device_name,
-            shadow: RefCell::new(HashMap::new()),
             prof: RefCell::new(CudaProf::default()),
             attn_scratch,
             attn_impl,
@@ -209,36 +208,6 @@ impl CudaBackend {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
-    }
-
-    /// Check the first `n` values of `buf` lie in `[0, hi)` when the host wrote them.
-    pub(crate) fn check_ints(
-        &self,
-        op: &str,
-        arg: &str,
-        buf: &CudaSlice<i32>,
-        n: usize,
-        hi: usize,
-        what: &str,
-    ) -> Result<()> {
-        let key = dptr(buf, &self.stream);
-        if let Some(vals) = self.shadow.borrow().get(&key) {
-            if let Some((i, &v)) = vals
-                .iter()
-                .take(n)
-                .enumerate()
-                .find(|(_, &v)| v < 0 || v as usize >= hi)
-            {
-                bail!("{op}: {arg}[{i}] = {v} is outside {what} (0..{hi})");
-            }
-        }
-        Ok(())
-    }
-
-    /// Forget the host copy of an int buffer a kernel is about to overwrite.
-    pub(crate) fn forget_ints(&self, buf: &CudaSlice<i32>) {
-        let key = dptr(buf, &self.stream);
-        self.shadow.borrow_mut().remove(&key);
     }
 
     /// Error unless `bytes` more device bytes are likely to fit (checked for ≥ 16 MiB requests).

@@ -27,7 +27,7 @@ impl CudaBackend {
         if n == 0 {
             return Ok(false);
         }
-        self.check_ints(op, "pos", pos, n, cos.len() / (hd / 2), "the RoPE tables")?;
+        check_ints(op, "pos", pos, n, cos.len() / (hd / 2), "the RoPE tables")?;
         Ok(true)
     }
 }

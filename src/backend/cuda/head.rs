@@ -68,7 +68,6 @@ impl CudaBackend {
         if numel == 0 {
             return Ok(());
         }
-        self.forget_ints(sel);
         launch(
             &self.k,
             rows_geom(s.n, TOPK_THREADS),
@@ -108,9 +107,9 @@ impl CudaBackend {
                 ("plan", plan.len(), 2 * b + 1),
             ],
         )?;
-        self.check_ints(op, "rows", rows, r, n, "the pass's tokens")?;
-        // The plan is written by the host: its shadow is checked like the CPU backend checks it.
-        if let Some(vals) = self.shadow.borrow().get(&self.ptr(plan)) {
+        check_ints(op, "rows", rows, r, n, "the pass's tokens")?;
+        // The plan is written by the host: its values are checked like the CPU backend checks it.
+        if let Some(vals) = plan.host() {
             if vals.len() > 2 * b {
                 check_plan(op, &vals[..2 * b + 1], r, b)?;
             }
@@ -122,7 +121,6 @@ impl CudaBackend {
         if b == 0 || r == 0 {
             return Ok(());
         }
-        self.forget_ints(commit);
         let (r_, b_) = (int(op, "r", r)?, int(op, "b", b)?);
         int(op, "n", n)?;
         let mask = int(op, "mask_id", s.mask_id as usize)?;
@@ -153,7 +151,7 @@ impl CudaBackend {
         )?;
         // The kernel offsets logit rows (up to 2·r with CFG) in 64 bits: only r, v are ints.
         int(op, "rows", lrows)?;
-        self.check_ints(op, "targets", targets, r, v, "the vocabulary")?;
+        check_ints(op, "targets", targets, r, v, "the vocabulary")?;
         if r == 0 {
             return Ok(());
         }
@@ -191,7 +189,6 @@ impl CudaBackend {
         if r == 0 {
             return Ok(());
         }
-        self.forget_ints(tok);
         let opt = |o: Option<u32>, what: &str| -> Result<i32> {
             match o {
                 None => Ok(-1),

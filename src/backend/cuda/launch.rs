@@ -96,6 +96,7 @@ macro_rules! kernel_table {
         }
     };
 }
+pub(crate) use kernel_table;
 
 /// A driver error with `msg` (which should say what was being done), typed where a caller
 /// branches on it: out of memory, or a sticky fault that leaves the context unusable.
@@ -202,21 +203,21 @@ pub(crate) fn int(op: &str, arg: &str, v: usize) -> Result<i32> {
 
 impl CudaBackend {
     /// The device address of `s` on this backend's stream (a kernel argument).
-    pub(crate) fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        dptr(s, &self.stream)
+    pub(crate) fn ptr<B: DevBuf>(&self, s: &B) -> u64 {
+        s.dev_ptr(&self.stream)
     }
 
-    /// The device address of `s`, which the kernel writes.
-    pub(crate) fn ptr_mut<T>(&self, s: &mut CudaSlice<T>) -> u64 {
-        dptr_mut(s, &self.stream)
+    /// The device address of `s`, which the kernel writes (an int buffer's host values are
+    /// forgotten: [`DevInts`]).
+    pub(crate) fn ptr_mut<B: DevBuf>(&self, s: &mut B) -> u64 {
+        s.dev_ptr_mut(&self.stream)
     }
 }
 
-pub(crate) fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
-    // Event tracking is disabled, so the returned SyncOnDrop records nothing.
-    s.device_ptr(stream).0
+pub(crate) fn dptr<B: DevBuf>(s: &B, stream: &CudaStream) -> u64 {
+    s.dev_ptr(stream)
 }
 
-pub(crate) fn dptr_mut<T>(s: &mut CudaSlice<T>, stream: &CudaStream) -> u64 {
-    s.device_ptr_mut(stream).0
+pub(crate) fn dptr_mut<B: DevBuf>(s: &mut B, stream: &CudaStream) -> u64 {
+    s.dev_ptr_mut(stream)
 }

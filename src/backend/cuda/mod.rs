@@ -15,16 +15,17 @@
 //! probed before the first call into them (cudarc panics on a missing library).
 //!
 //! Files: `launch` (the launch convention and argument checks, shared with training; the
-//! `kernel_table!` that declares each kernel's handle and symbol once), `device` (context,
-//! stream, modules, memory), `weights` (weight upload), `gemm` (the one cuBLAS wrapper, shared
-//! with training), `graph` (CUDA graphs, timers, profiling), `attention` (geometry, split-KV,
-//! the route between the kernels, kv_store), `head` (select, log_prob, top-k), `fused` (the RoPE
-//! input checks); the short row-wise ops (embedding, norms, add, rope, swiglu, gather),
+//! `kernel_table!` that declares each kernel's handle and symbol once, for inference and
+//! training), `device` (context, stream, modules, memory), `ints` ([`DevInts`], the int buffer
+//! of inference and training, which carries the values the host wrote, and `check_ints`, the
+//! one bounds check of ids, rows and positions before a launch), `weights` (weight upload),
+//! `gemm` (the one cuBLAS wrapper, shared with training), `graph` (CUDA graphs, timers,
+//! profiling), `attention` (geometry, split-KV, the route between the kernels, kv_store), `head`
+//! (select, log_prob, top-k), `fused` (the RoPE input checks); the short row-wise ops (embedding, norms, add, rope, swiglu, gather),
 //! `rope_kv_store` and `attend` (both attention ops) are launched directly in the [`Backend`]
 //! impl below, each a signature, its checks and one `launch!`.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::Arc;
 
@@ -53,6 +54,7 @@ mod fused;
 mod gemm;
 mod graph;
 mod head;
+mod ints;
 mod weights;
 
 use attention::*;
@@ -68,16 +70,19 @@ pub use device::{
 pub(crate) use gemm::Gemm;
 use graph::*;
 pub use graph::{Graph, Timer};
+pub(crate) use ints::check_ints;
+pub(crate) use ints::DevBuf;
+pub use ints::DevInts;
 use launch::*;
 pub(crate) use launch::{
-    check_dyn_smem, check_len, check_lens, driver_err, grid_yz, int, launch, stride_blocks, Geom,
-    GRID_YZ_MAX,
+    check_dyn_smem, check_len, check_lens, driver_err, grid_yz, int, kernel_table, launch,
+    stride_blocks, Geom, GRID_YZ_MAX,
 };
 pub use weights::CudaWeight;
 
 /// Buffer types of the [`Backend`] impl, named for the launchers outside it.
 type Act = CudaSlice<bf16>;
-type Ints = CudaSlice<i32>;
+type Ints = DevInts;
 type F32s = CudaSlice<f32>;
 
 kernel_table!(
@@ -119,10 +124,6 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     device_id: usize,
     device_name: String,
-    /// Host copies of int buffers written with `write_ints` (device pointer → values), so the
-    /// launchers can check ids, rows and positions against their bounds without reading the
-    /// device. Buffers written by kernels (`select`, top-k) have no entry and are not checked.
-    shadow: RefCell<HashMap<u64, Vec<i32>>>,
     prof: RefCell<CudaProf>,
     /// Scratch of the split-KV attention path (partial outputs, row maxima and sums, f32),
     /// allocated once at construction so captured graphs never see it move.
@@ -143,7 +144,7 @@ const ROW_THREADS: u32 = 256;
 impl Backend for CudaBackend {
     type Act = CudaSlice<bf16>;
     type Weight = CudaWeight;
-    type Ints = CudaSlice<i32>;
+    type Ints = DevInts;
     type F32s = CudaSlice<f32>;
 
     fn name(&self) -> String {
@@ -158,25 +159,14 @@ impl Backend for CudaBackend {
         self.alloc("activation buffer", len)
     }
     fn alloc_ints(&self, len: usize) -> Result<Self::Ints> {
-        let b = self.alloc("int buffer", len)?;
-        self.forget_ints(&b);
-        Ok(b)
+        self.alloc_dev_ints(len)
     }
     fn alloc_f32s(&self, len: usize) -> Result<Self::F32s> {
         self.alloc("f32 buffer", len)
     }
 
     fn write_ints(&self, dst: &mut Self::Ints, src: &[i32]) -> Result<()> {
-        check_len("write_ints", "dst", dst.len(), src.len())?;
-        let p = dptr_mut(dst, &self.stream);
-        self.htod(p, src)?;
-        let mut sh = self.shadow.borrow_mut();
-        let vals = sh.entry(p).or_default();
-        if vals.len() < src.len() {
-            vals.resize(src.len(), 0);
-        }
-        vals[..src.len()].copy_from_slice(src);
-        Ok(())
+        self.write_dev_ints(dst, src)
     }
     fn write_f32s(&self, dst: &mut Self::F32s, src: &[f32]) -> Result<()> {
         check_len("write_f32s", "dst", dst.len(), src.len())?;
@@ -215,7 +205,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let vocab = format!("the vocabulary of `{}`", wte.name);
-        self.check_ints(op, "ids", ids, n, wte.rows, &vocab)?;
+        check_ints(op, "ids", ids, n, wte.rows, &vocab)?;
         launch!(&self.stream, op, self.k.embedding, rows_geom(n, ROW_THREADS); self.ptr_mut(out),
             self.ptr(&wte.buf), self.ptr(ids), int(op, "n", n)?, int(op, "c", c)?)
     }
@@ -351,7 +341,7 @@ impl Backend for CudaBackend {
         if n == 0 || c == 0 {
             return Ok(());
         }
-        self.check_ints(op, "rows", rows, n, x.len() / c, "the rows of `x`")?;
+        check_ints(op, "rows", rows, n, x.len() / c, "the rows of `x`")?;
         launch!(&self.stream, op, self.k.gather_rows, rows_geom(n, ROW_THREADS); self.ptr_mut(out),
             self.ptr(x), self.ptr(rows), int(op, "nrows", n)?, int(op, "c", c)?)
     }

@@ -6,48 +6,27 @@ use super::*;
 /// An f32 device buffer.
 pub type Buf = CudaSlice<f32>;
 
-/// An int buffer on the device with its host copy (for bounds checks before launches).
-pub struct DevInts {
-    pub buf: CudaSlice<i32>,
-    pub host: Vec<i32>,
-}
-
-/// [`TrainKernels`]: one field per f32 training kernel, named as its symbol without `_f32`
-/// (one name per op), and the lookup of every symbol.
-macro_rules! train_kernels {
-    ($($name:ident),* $(,)?) => {
-        pub(super) struct TrainKernels {
-            $(pub(super) $name: dsys::CUfunction,)*
-        }
-
-        impl TrainKernels {
-            fn load(be: &CudaBackend) -> Result<TrainKernels> {
-                Ok(TrainKernels {
-                    $($name: be.function(concat!(stringify!($name), "_f32"))?,)*
-                })
-            }
-        }
-    };
-}
-
-train_kernels!(
-    embedding,
-    rms_norm_fwd,
-    rope,
-    swiglu_fwd,
-    add,
-    gather_rows,
-    scatter_add_rows,
-    attention_fwd,
-    rms_norm_bwd,
-    rms_norm_bwd_dw,
-    swiglu_bwd,
-    embedding_bwd,
-    cross_entropy,
-    attention_bwd_dq,
-    attention_bwd_dkv,
-    adamw,
-    sumsq,
+crate::backend::cuda::kernel_table!(
+    /// One handle per f32 training kernel, named as its symbol without `_f32` (one name per op).
+    TrainKernels {
+        embedding: "embedding_f32",
+        rms_norm_fwd: "rms_norm_fwd_f32",
+        rope: "rope_f32",
+        swiglu_fwd: "swiglu_fwd_f32",
+        add: "add_f32",
+        gather_rows: "gather_rows_f32",
+        scatter_add_rows: "scatter_add_rows_f32",
+        attention_fwd: "attention_fwd_f32",
+        rms_norm_bwd: "rms_norm_bwd_f32",
+        rms_norm_bwd_dw: "rms_norm_bwd_dw_f32",
+        swiglu_bwd: "swiglu_bwd_f32",
+        embedding_bwd: "embedding_bwd_f32",
+        cross_entropy: "cross_entropy_f32",
+        attention_bwd_dq: "attention_bwd_dq_f32",
+        attention_bwd_dkv: "attention_bwd_dkv_f32",
+        adamw: "adamw_f32",
+        sumsq: "sumsq_f32",
+    }
 );
 
 /// Blocks of 256 for the grid-stride kernels, capped (they loop).
@@ -59,28 +38,6 @@ pub(super) fn stride_grid(numel: usize) -> u32 {
 pub(super) const SUMSQ_BLOCKS: usize = 512;
 /// Threads per block of `attention_*_f32` (the kernels assume a multiple of 32).
 pub(super) const ATT_THREADS: u32 = 128;
-
-/// Every one of the first `n` host values lies in `[0, hi)`.
-pub(super) fn check_ints(
-    op: &str,
-    arg: &str,
-    v: &DevInts,
-    n: usize,
-    hi: usize,
-    what: &str,
-) -> Result<()> {
-    check_len(op, arg, v.host.len().min(v.buf.len()), n)?;
-    if let Some((i, &x)) = v
-        .host
-        .iter()
-        .take(n)
-        .enumerate()
-        .find(|(_, &x)| x < 0 || x as usize >= hi)
-    {
-        bail!("{op}: {arg}[{i}] = {x} is outside {what} (0..{hi})");
-    }
-    Ok(())
-}
 
 /// The training launchers over one [`CudaBackend`].
 pub struct CudaOps {
@@ -110,7 +67,7 @@ impl CudaOps {
     }
 
     pub fn from_backend(be: CudaBackend) -> Result<CudaOps> {
-        let k = TrainKernels::load(&be)?;
+        let k = TrainKernels::load(|sym| be.function(sym))?;
         let mut ops = CudaOps {
             be,
             k,
@@ -139,13 +96,12 @@ impl CudaOps {
             .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))
     }
 
-    pub(super) fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        // Event tracking is disabled on the backend's context: the guard records nothing.
-        s.device_ptr(self.be.stream()).0
+    pub(super) fn ptr<B: DevBuf>(&self, s: &B) -> u64 {
+        self.be.ptr(s)
     }
 
-    pub(super) fn ptr_mut<T>(&self, s: &mut CudaSlice<T>) -> u64 {
-        s.device_ptr_mut(self.be.stream()).0
+    pub(super) fn ptr_mut<B: DevBuf>(&self, s: &mut B) -> u64 {
+        self.be.ptr_mut(s)
     }
 
     // ---- buffers ----
@@ -163,22 +119,12 @@ impl CudaOps {
             .map_err(|e| driver_err(format!("host→device copy of {} f32", host.len()), e))
     }
 
+    /// An int buffer holding `host` (its values known to the launchers' checks).
     pub fn upload_ints(&self, host: &[i32]) -> Result<DevInts> {
-        let mut buf = self
-            .be
-            .stream()
-            .alloc_zeros::<i32>(host.len().max(1))
-            .map_err(|e| driver_err(format!("allocating {} ints on the GPU", host.len()), e))?;
-        if !host.is_empty() {
-            self.be
-                .stream()
-                .memcpy_htod(host, &mut buf)
-                .map_err(|e| driver_err(format!("host→device copy of {} ints", host.len()), e))?;
-        }
-        Ok(DevInts {
-            buf,
-            host: host.to_vec(),
-        })
+        self.bind()?;
+        let mut d = self.be.alloc_dev_ints(host.len())?;
+        self.be.write_dev_ints(&mut d, host)?;
+        Ok(d)
     }
 
     pub fn sync(&self) -> Result<()> {

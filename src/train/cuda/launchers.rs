@@ -91,7 +91,7 @@ impl TrainOps for CudaOps {
         if n == 0 {
             return Ok(());
         }
-        let host = &ids.ids.host[..n];
+        let host = ids.ids.host_values(op, "ids", n)?;
         if self.tiled.is_some() {
             let (f, p) = (
                 self.tiled()?.embedding_bwd,
@@ -119,9 +119,9 @@ impl TrainOps for CudaOps {
         let (dp, xp, up, op_, orp) = (
             self.ptr_mut(dwte),
             self.ptr(dx),
-            self.ptr(&u.buf),
-            self.ptr(&o.buf),
-            self.ptr(&ord.buf),
+            self.ptr(&u),
+            self.ptr(&o),
+            self.ptr(&ord),
         );
         let (nu_, c_) = (int(op, "nuniq", nu)?, int(op, "c", c)?);
         launch!(self, op, self.k.embedding_bwd, Geom::new((nu as u32, 1, 1), 256, 0); dp, xp, up,
@@ -193,7 +193,7 @@ impl TrainOps for CudaOps {
             self.ptr_mut(x),
             self.ptr(cos),
             self.ptr(sin),
-            self.ptr(&t.pos.buf),
+            self.ptr(&t.pos),
         );
         let (n_, h_, hd_) = (
             int(op, "n", n)?,
@@ -360,7 +360,7 @@ impl TrainOps for CudaOps {
             return Ok(0.0);
         }
         let (zp, lp) = (self.ptr_mut(z), self.ptr_mut(loss));
-        let (tp, wp) = (self.ptr(&t.ids.buf), self.ptr(t.weights));
+        let (tp, wp) = (self.ptr(t.ids), self.ptr(t.weights));
         let (r_, v_) = (int(op, "r", r)?, int(op, "v", v)?);
         launch!(self, op, self.k.cross_entropy, Geom::new((r as u32, 1, 1), 1024, 0); zp, lp, tp,
             wp, r_, v_)?;
@@ -522,9 +522,10 @@ impl CudaOps {
                 self.tiled()?.scatter_add_rows,
                 [self.ptr_mut(dst), self.ptr(src)],
             );
-            return self.scatter_tiled(op, f, p, &ids.ids.host[..n], c);
+            let host = ids.ids.host_values(op, ids_name, n)?;
+            return self.scatter_tiled(op, f, p, host, c);
         }
-        let (d, s, i) = (self.ptr_mut(dst), self.ptr(src), self.ptr(&ids.ids.buf));
+        let (d, s, i) = (self.ptr_mut(dst), self.ptr(src), self.ptr(ids.ids));
         let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
         launch!(self, op, f, Geom::new((grid, 1, 1), 256, 0); d, s, i, n_, c_)
     }

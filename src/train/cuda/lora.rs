@@ -242,7 +242,7 @@ impl CudaOps {
         if n == 0 {
             return Ok(());
         }
-        let (o, w, ip) = (self.ptr_mut(o), self.ptr(&t.buf), self.ptr(&ids.ids.buf));
+        let (o, w, ip) = (self.ptr_mut(o), self.ptr(&t.buf), self.ptr(ids.ids));
         let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
         launch!(self, op, l.embed, Geom::new((n as u32, 1, 1), 256, 0); o, w, ip, n_, c_)
     }

@@ -39,13 +39,14 @@
 //! Kernel launches are asynchronous; a fault surfaces at the next read-back.
 
 use crate::backend::cuda::{
-    check_dyn_smem, check_len, driver_err, grid_yz, int, stride_blocks, Gemm, Geom,
+    check_dyn_smem, check_ints, check_len, driver_err, grid_yz, int, stride_blocks, DevBuf, Gemm,
+    Geom,
 };
 use std::ffi::c_void;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas;
-use cudarc::driver::{sys as dsys, CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{sys as dsys, CudaSlice};
 use half::bf16;
 
 use super::backend::{
@@ -68,8 +69,9 @@ mod pass;
 mod tiled;
 mod zero;
 
+pub use crate::backend::cuda::DevInts;
 use device::*;
-pub use device::{AdamWScalars, Buf, CudaOps, DevInts};
+pub use device::{AdamWScalars, Buf, CudaOps};
 use lora::clip_scale;
 pub use lora::CudaLoraState;
 pub use pass::{forward_backward, DeviceParams};
