@@ -90,6 +90,14 @@ LLADA_DEVICE void gather_row(float* __restrict__ out, const float* __restrict__ 
     float* d = out + (long long)blockIdx.x * c;
     for (int j = threadIdx.x; j < c; j += blockDim.x) d[j] = s[j];
 }
+// One row-gather kernel `name(out, src, idx, n, c)`: block i < n copies row idx[i] of src [*, C]
+// to row i of out (T rows; grid n, block ≤ 1024). The embedding lookups (idx: token ids) and the
+// activation row gathers (idx: rows) are this kernel under their op's name.
+#define LLADA_ROW_GATHER(name, T)                                                                      \
+    extern "C" __global__ void __launch_bounds__(1024)                                              \
+    name(T* __restrict__ out, const T* __restrict__ src, const int* __restrict__ idx, int n, int c) { \
+        if ((int)blockIdx.x < n) gather_row(out, src, idx[blockIdx.x], c);                          \
+    }
 
 // ---------------------------------------------------------------------------------------------
 // Reductions. Block helpers work for any blockDim.x that is a multiple of 32 (≤ 1024) and must be

@@ -35,15 +35,9 @@
 #include "common.cuh"
 #include "scatter_rows.cuh"
 
-extern "C" __global__ void __launch_bounds__(1024)
-embedding_bf16(bf16* __restrict__ out, const bf16* __restrict__ wte, const int* __restrict__ ids, int n, int c) {
-    if ((int)blockIdx.x < n) gather_row(out, wte, ids[blockIdx.x], c);
-}
+LLADA_ROW_GATHER(embedding_bf16, bf16)
 
-extern "C" __global__ void __launch_bounds__(1024)
-embedding_f32(float* __restrict__ out, const float* __restrict__ wte, const int* __restrict__ ids, int n, int c) {
-    if ((int)blockIdx.x < n) gather_row(out, wte, ids[blockIdx.x], c);
-}
+LLADA_ROW_GATHER(embedding_f32, float)
 
 extern "C" __global__ void __launch_bounds__(1024)
 embedding_bf16_f32(float* __restrict__ out, const bf16* __restrict__ wte, const int* __restrict__ ids, int n, int c) {

@@ -22,15 +22,9 @@
 #include "common.cuh"
 #include "scatter_rows.cuh"
 
-extern "C" __global__ void __launch_bounds__(1024)
-gather_rows_bf16(bf16* __restrict__ out, const bf16* __restrict__ x, const int* __restrict__ rows, int nrows, int c) {
-    if ((int)blockIdx.x < nrows) gather_row(out, x, rows[blockIdx.x], c);
-}
+LLADA_ROW_GATHER(gather_rows_bf16, bf16)
 
-extern "C" __global__ void __launch_bounds__(1024)
-gather_rows_f32(float* __restrict__ out, const float* __restrict__ x, const int* __restrict__ rows, int nrows, int c) {
-    if ((int)blockIdx.x < nrows) gather_row(out, x, rows[blockIdx.x], c);
-}
+LLADA_ROW_GATHER(gather_rows_f32, float)
 
 extern "C" __global__ void __launch_bounds__(1024)
 scatter_add_rows_f32(float* __restrict__ dx, const float* __restrict__ src, const int* __restrict__ rows, int nrows,
