@@ -312,4 +312,34 @@ fn lora_memory_of_the_8b_preset_fits_60_gb() {
     assert!(rec.activations < keep.activations / 4, "{rec:?} {keep:?}");
     assert!(keep.total() as f64 <= 60e9, "{}", keep.describe());
     assert!(rec.total() as f64 <= 60e9, "{}", rec.describe());
+    // `llada train --lora-rank 16 --memory-plan` prints this model, not the full-model plan.
+    let args = "train --preset llada-8b --lora-rank 16 --memory-plan --batch-size 1 --seq-len 2048";
+    let plan = common::cli::ok(&llada(&words(args)));
+    assert!(
+        plan.contains(&format!("({n_ad} adapter parameters)")),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!("all activations kept: {}", keep.describe())),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!("--recompute: {}", rec.describe())),
+        "{plan}"
+    );
+    assert!(
+        !plan.contains("ZeRO") && !plan.contains("AdamW moments (f32"),
+        "{plan}"
+    );
+    // A LoRA run's folder has no full-model config to plan from: a clear error, not ENOENT.
+    let dir = tmpdir("lora-plan-resume");
+    std::fs::write(dir.join("adapter_config.json"), "{}").unwrap();
+    let d = dir.display().to_string();
+    let o = llada(&["train", "--resume", &d, "--memory-plan"]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("is a LoRA run") && e.contains("--lora-rank"),
+        "{e}"
+    );
 }

@@ -287,6 +287,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     a.model.require_f32_compute("llada train")?;
     let zero = llada::train::zero::parse_stage(&a.zero)?;
     if a.memory_plan {
+        if let Some(rank) = a.lora_rank {
+            return lora::print_memory_plan(&a, rank);
+        }
         return crate::train_plan::print_memory_plan(&a.model, &a.resume, a.plan_shape(), zero);
     }
     let dist = if a.no_dist {

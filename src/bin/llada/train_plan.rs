@@ -19,20 +19,16 @@ pub fn print_memory_plan(
     zero: u8,
 ) -> Result<()> {
     let (cfg, label) = match resume {
+        Some(dir) if dir.join("adapter_config.json").is_file() => bail!(
+            "{} is a LoRA run: plan it with the run's --model or --preset and --lora-rank \
+             (and --lora-targets)",
+            dir.display()
+        ),
         Some(dir) => (
             ModelConfig::from_file(&dir.join("config.json"))?,
             dir.display().to_string(),
         ),
-        None => match model.spec()? {
-            ModelSpec::Preset { name, .. } => {
-                (llada::hf::presets::preset_config(&name)?, name.clone())
-            }
-            ModelSpec::Dir(d) => (
-                ModelConfig::from_file(&d.join("config.json"))
-                    .with_context(|| format!("--model {}", d.display()))?,
-                d.display().to_string(),
-            ),
-        },
+        None => plan_config(model)?,
     };
     if world == 0 {
         bail!("--world-size must be at least 1");
@@ -69,6 +65,18 @@ pub fn print_memory_plan(
         gib(81_559 << 20)
     );
     Ok(())
+}
+
+/// The config a plan reads (the preset's, or the folder's `config.json`) and how it is named.
+pub fn plan_config(model: &ModelArgs) -> Result<(ModelConfig, String)> {
+    Ok(match model.spec()? {
+        ModelSpec::Preset { name, .. } => (llada::hf::presets::preset_config(&name)?, name),
+        ModelSpec::Dir(d) => (
+            ModelConfig::from_file(&d.join("config.json"))
+                .with_context(|| format!("--model {}", d.display()))?,
+            d.display().to_string(),
+        ),
+    })
 }
 
 /// `--zero 1` needs several ranks.

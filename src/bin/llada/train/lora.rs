@@ -132,6 +132,42 @@ fn adapter_checksum(ad: &Adapter, opt: &LoraAdamW) -> u64 {
     h
 }
 
+/// `llada train --lora-rank R --memory-plan`: the device memory of one rank's LoRA run over
+/// micro-batches of `batch × seq` tokens ([`lora_memory`]: the frozen bf16 base, the adapters with
+/// their f32 moments, activations with and without `--recompute`). The config and the adapter's
+/// shapes only; no weights are read.
+pub(super) fn print_memory_plan(a: &TrainArgs, rank: usize) -> Result<()> {
+    let (cfg, label) = crate::train_plan::plan_config(&a.model)?;
+    let (batch, seq, world) = (a.batch_size, a.seq_len, a.world_size.unwrap_or(1));
+    if seq == 0 || batch == 0 {
+        bail!("--batch-size and --seq-len must be positive");
+    }
+    let alpha = a.lora_alpha.unwrap_or(DEFAULT_ALPHA);
+    let targets = target_list(a.lora_targets.as_deref().unwrap_or(DEFAULT_TARGETS))?;
+    let adapter = init_adapter(&cfg, &targets, rank, alpha, a.lora_rslora, a.seed)
+        .context("--lora-rank / --lora-targets")?;
+    let n: usize = adapter
+        .modules
+        .values()
+        .map(|m| m.a.len() + m.b.len())
+        .sum();
+    println!(
+        "LoRA memory plan: {label}, rank {rank}, {} modules ({n} adapter parameters), \
+         micro-batch {batch} × {seq} tokens per rank",
+        adapter.modules.len()
+    );
+    for (what, recompute) in [("all activations kept", false), ("--recompute", true)] {
+        let m = lora_memory(&cfg, &adapter, batch, seq, recompute);
+        println!("{what}: {}", m.describe());
+    }
+    println!(
+        "Every rank holds all of it ({world} rank{}: data parallel does not shard a LoRA run); the \
+         CUDA context and cuBLAS workspace (a few hundred MiB) are not included.",
+        if world == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
 /// `llada train` of a LoRA adapter (module docs): a new one (`--lora-rank`) or a resumed one.
 pub(super) fn train_lora(
     a: &TrainArgs,
