@@ -17,7 +17,8 @@ use anyhow::{bail, Result};
 use clap::Parser;
 
 use llada::engine::device::{self, DeviceChoice, Resolved};
-use llada::engine::sampler::{CacheMode, Decode, GenerateParams, Hooks, Progress};
+use llada::engine::fast::{CacheMode, Decode};
+use llada::engine::sampler::{GenerateParams, Hooks, Progress};
 use llada::engine::{self, Engine, ModelSpec, Opened};
 use llada::quant::WeightsMode;
 

@@ -14,11 +14,10 @@ use std::path::PathBuf;
 
 use llada::backend::cpu::CpuBackend;
 use llada::backend::Backend;
+use llada::engine::fast::{generate_fast, CacheMode, Decode};
 use llada::engine::model::Model;
 use llada::engine::predictor::ModelPredictor;
-use llada::engine::sampler::{
-    generate_fast, CacheMode, Decode, GenerateParams, Predictor, SpanPredictor, SpanRequest,
-};
+use llada::engine::sampler::{GenerateParams, Predictor, SpanPredictor, SpanRequest};
 use llada::engine::{ModelSpec, Opened};
 use llada::hf::dtype::DType;
 use serde_json::Value;

@@ -1418,10 +1418,10 @@ fn log_prob_matches_cpu_reference() {
 // ---------------------------------------------------------------------------------------------
 // CUDA graphs in the model: generation with graphs equals generation without, bit for bit.
 
+use llada::engine::fast::{generate_fast, CacheMode, Decode};
 use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{
-    generate, generate_fast, CacheMode, Decode, GenerateParams, PredictRequest, Predictor,
-    SpanPredictor, SpanRequest,
+    generate, GenerateParams, PredictRequest, Predictor, SpanPredictor, SpanRequest,
 };
 
 /// Records every (token, confidence) the wrapped predictor returns.

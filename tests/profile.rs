@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use llada::backend::cpu::CpuBackend;
 use llada::backend::{Backend, OpClass};
+use llada::engine::fast::{generate_fast, CacheMode, Decode};
 use llada::engine::model::Model;
 use llada::engine::predictor::ModelPredictor;
-use llada::engine::sampler::{generate, generate_fast, CacheMode, Decode, GenerateParams};
+use llada::engine::sampler::{generate, GenerateParams};
 use llada::hf::dtype::DType;
 
 mod common;

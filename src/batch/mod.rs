@@ -52,7 +52,7 @@ pub use shard::*;
 mod tests {
     use super::request::{fnv1a64, GenOptions};
     use super::*;
-    use crate::engine::sampler::{CacheMode, Decode};
+    use crate::engine::fast::{CacheMode, Decode};
     use crate::rng::mix64;
     use serde_json::{json, Value};
     use std::collections::HashSet;

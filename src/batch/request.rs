@@ -2,7 +2,8 @@
 
 use super::shard::*;
 use crate::backend::head::Remasking;
-use crate::engine::sampler::{Decode, GenerateParams};
+use crate::engine::fast::Decode;
+use crate::engine::sampler::GenerateParams;
 use crate::hf::config::ModelConfig;
 use crate::hf::tokenizer::Tokenizer;
 use crate::rng::mix64;

@@ -1,7 +1,6 @@
 //! Fast-dLLM decoding (reference §7) over a [`SpanPredictor`]: the prefix / dual KV cache and
 //! the threshold / factor commit rules, split from [`super::sampler`] (upstream `generate`),
-//! whose batch layout, schedule and commit selection it shares. The sampler re-exports what is
-//! public here, so `engine::sampler::generate_fast` and friends keep their paths.
+//! whose batch layout, schedule and commit selection it shares.
 
 use anyhow::{bail, Result};
 
@@ -189,4 +188,22 @@ pub fn generate_fast_hooked(
         }
     }
     Ok(layout.output(&x, &calls))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_rule_prefers_factor_then_threshold() {
+        let d = |threshold, factor| Decode {
+            threshold,
+            factor,
+            ..Decode::default()
+        };
+        assert_eq!(d(None, None).rule(), CommitRule::Quota);
+        assert_eq!(d(Some(0.9), None).rule(), CommitRule::Threshold(0.9));
+        assert_eq!(d(None, Some(1.0)).rule(), CommitRule::Factor(1.0));
+        assert_eq!(d(Some(0.9), Some(1.0)).rule(), CommitRule::Factor(1.0));
+    }
 }

@@ -20,10 +20,11 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
 use crate::engine::device::{DeviceChoice, Resolved};
+use crate::engine::fast::Decode;
 use crate::engine::model::Model;
 use crate::engine::predictor::ModelPredictor;
 pub use crate::engine::sampler::Observer;
-use crate::engine::sampler::{Decode, GenerateOutput, GenerateParams, Hooks};
+use crate::engine::sampler::{GenerateOutput, GenerateParams, Hooks};
 use crate::hf::checkpoint::Checkpoint;
 use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;
@@ -135,7 +136,7 @@ pub trait Engine {
     /// The dtype logits are produced in.
     fn logits_dtype(&self) -> DType;
     /// Upstream `generate` on this model ([`Decode::is_plain`]), or Fast-dLLM decoding
-    /// ([`sampler::generate_fast`]) with a KV cache and/or a threshold / factor rule. `hooks`:
+    /// ([`fast::generate_fast`]) with a KV cache and/or a threshold / factor rule. `hooks`:
     /// a progress callback after every step and an observer before every forward pass (the
     /// server streams committed blocks and cancels abandoned requests through it).
     fn generate(
@@ -152,7 +153,7 @@ pub trait Engine {
         if decode.is_plain() {
             sampler::generate_hooked(pred.full(), prompts, &p, hooks)
         } else {
-            sampler::generate_fast_hooked(pred.span(), prompts, &p, decode, hooks)
+            fast::generate_fast_hooked(pred.span(), prompts, &p, decode, hooks)
         }
     }
     /// The model as a predictor of either kind (plain and cached passes), for [`Engine::generate`].

@@ -48,8 +48,6 @@ pub use super::predict::{
 pub use super::step::{num_transfer_tokens, num_transfer_tokens_into, Hooks, Observer};
 use super::step::{Asked, Calls};
 
-pub use super::fast::{generate_fast, generate_fast_hooked, CacheMode, Decode};
-
 /// Longest `gen_length` accepted: the longest sequence [`crate::hf::config::LIMITS`] allows. With
 /// `steps ≤ gen_length` it also bounds the steps and every schedule allocated from them.
 pub const MAX_GEN_LENGTH: usize = 1 << 20;
@@ -82,7 +80,7 @@ pub struct GenerateParams {
     /// so with sampling a prompt's result depends on its row and padding in the batch. `Some`:
     /// prompt `i` draws from the stream `(row_keys[i], position counted from its first real
     /// token)` ([`RowKey`]), so its result is the same in any batch (up to the rounding that
-    /// padding changes; see `crate::batch`). With [`generate_fast`] the step counter in the key
+    /// padding changes; see `crate::batch`). With [`super::fast::generate_fast`] the step counter in the key
     /// then also becomes per block (see there).
     pub row_keys: Option<Vec<u32>>,
 }
@@ -421,18 +419,5 @@ mod tests {
         assert_eq!(num_transfer_tokens(3, 5), vec![1, 1, 1, 0, 0]);
         assert_eq!(num_transfer_tokens(0, 3), vec![0, 0, 0]);
         assert_eq!(num_transfer_tokens(8, 8), vec![1; 8]);
-    }
-
-    #[test]
-    fn decode_rule_prefers_factor_then_threshold() {
-        let d = |threshold, factor| Decode {
-            threshold,
-            factor,
-            ..Decode::default()
-        };
-        assert_eq!(d(None, None).rule(), CommitRule::Quota);
-        assert_eq!(d(Some(0.9), None).rule(), CommitRule::Threshold(0.9));
-        assert_eq!(d(None, Some(1.0)).rule(), CommitRule::Factor(1.0));
-        assert_eq!(d(Some(0.9), Some(1.0)).rule(), CommitRule::Factor(1.0));
     }
 }

@@ -10,7 +10,8 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::engine::sampler::{CacheMode, Decode, GenerateParams};
+use crate::engine::fast::{CacheMode, Decode};
+use crate::engine::sampler::GenerateParams;
 
 /// An error answered to the client: HTTP status plus OpenAI's `{"error": {...}}` body.
 #[derive(Clone, Debug, PartialEq)]
@@ -247,7 +248,7 @@ fn finite_nonneg(name: &str, v: f64) -> Result<f64, ApiError> {
 }
 
 /// The generation settings' combination checks: the ones `llada batch` makes on each line
-/// ([`crate::batch::GenOptions::check`]), plus the finiteness checks `sampler::generate_fast`
+/// ([`crate::batch::GenOptions::check`]), plus the finiteness checks `fast::generate_fast`
 /// makes, so that a bad request is a 400 before it reaches the engine.
 pub fn validate_decode(params: &GenerateParams, decode: &Decode) -> Result<(), ApiError> {
     let opts = crate::batch::GenOptions {

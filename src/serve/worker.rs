@@ -12,7 +12,8 @@ use std::time::Instant;
 use anyhow::anyhow;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::sampler::{Decode, GenerateParams, Hooks};
+use crate::engine::fast::Decode;
+use crate::engine::sampler::{GenerateParams, Hooks};
 use crate::engine::Engine;
 use crate::loglik::{self, LoglikOutput, LoglikParams};
 

@@ -6,11 +6,10 @@
 
 use llada::backend::head::Remasking;
 use llada::backend::Backend;
+use llada::engine::fast::{generate_fast, CacheMode, Decode};
 use llada::engine::model::Model;
 use llada::engine::predictor::ModelPredictor;
-use llada::engine::sampler::{
-    generate, generate_fast, CacheMode, Decode, GenerateOutput, GenerateParams,
-};
+use llada::engine::sampler::{generate, GenerateOutput, GenerateParams};
 
 /// Every decoding the sampler has, as (name, params change, decode): plain `generate` with and
 /// without CFG, sampling and random remasking (the plain path keeps committed rows in the request,

@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 
 use llada::batch::GenOptions;
 use llada::engine::device::DeviceChoice;
-use llada::engine::sampler::{Decode, GenerateParams, Hooks, Progress};
+use llada::engine::fast::Decode;
+use llada::engine::sampler::{GenerateParams, Hooks, Progress};
 use llada::engine::{self, ModelSpec, Opened};
 use llada::hf::dtype::DType;
 use llada::hf::write::write_safetensors;
