@@ -16,6 +16,7 @@ use llada::backend::cpu::CpuBackend;
 use llada::backend::Backend;
 use llada::engine::fast::{generate_fast, CacheMode, Decode};
 use llada::engine::model::Model;
+use llada::engine::model::{Span, Tokens};
 use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{GenerateParams, Predictor, SpanPredictor, SpanRequest};
 use llada::engine::{ModelSpec, Opened};
@@ -231,7 +232,8 @@ fn check_spans_reproduce_full<B: Backend>(m: &Model<B>, exact: bool) -> f32 {
         let mut ws = m.workspace(b * l, b * l).unwrap();
         let mut cache = m.kv_cache(b * l).unwrap();
         let all: Vec<u32> = (0..(b * l) as u32).collect();
-        m.forward_span(&mut ws, &mut cache, &x, b, l, 0, l, mask, &all)
+        let full = Span::new(b, l, 0, l);
+        m.forward_span(&mut ws, &mut cache, Tokens::new(&x, mask, &all), full)
             .unwrap();
         for (q0, q1) in [(5usize, 19usize), (5, 9), (0, 4), (18, 19)] {
             let tq = q1 - q0;
@@ -241,18 +243,9 @@ fn check_spans_reproduce_full<B: Backend>(m: &Model<B>, exact: bool) -> f32 {
                 .collect();
             let want = common::forward_logits(m, &x, (b, l), mask, &rows);
             let flat: Vec<u32> = (0..(b * tq) as u32).collect();
-            m.forward_span(
-                &mut ws,
-                &mut cache,
-                &span_ids(&x, l, q0, q1),
-                b,
-                l,
-                q0,
-                q1,
-                mask,
-                &flat,
-            )
-            .unwrap();
+            let (ids, part) = (span_ids(&x, l, q0, q1), Span::new(b, l, q0, q1));
+            m.forward_span(&mut ws, &mut cache, Tokens::new(&ids, mask, &flat), part)
+                .unwrap();
             let got = m.logits(&ws, flat.len()).unwrap();
             for (i, (a, g)) in want.iter().zip(&got).enumerate() {
                 let d = common::cmp::abs_diff(*g, *a);
@@ -284,7 +277,12 @@ fn bad_spans_are_named() {
     for (cap, (q0, q1), want) in [(8, (7, 9), "span [7, 9)"), (4, (0, 2), "KV cache capacity")] {
         let mut cache = m.kv_cache(cap).unwrap();
         let e = m
-            .forward_span(&mut ws, &mut cache, &[1, 2], 1, 8, q0, q1, None, &[0])
+            .forward_span(
+                &mut ws,
+                &mut cache,
+                Tokens::new(&[1, 2], None, &[0]),
+                Span::new(1, 8, q0, q1),
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains(want), "{e}");

@@ -14,6 +14,7 @@ use llada::backend::head::{Remasking, SelectParams};
 use llada::backend::SelectIo;
 use llada::backend::{rope_tables, AttnShape, Backend, Gather, HeadDims, MatMul, Norm, Rope, Rows};
 use llada::engine::model::Model;
+use llada::engine::model::Tokens;
 use llada::hf::checkpoint::WeightSource;
 use llada::hf::config::ModelConfig;
 use llada::hf::dtype::DType;
@@ -575,7 +576,7 @@ fn left_padding_invariance() {
         let v = 50;
         let seq = [5u32, 17, 42, 49, 3];
         let mut ws = m.workspace(16, 16).unwrap();
-        m.forward(&mut ws, &seq, 1, 5, None, &[0, 1, 2, 3, 4])
+        m.forward(&mut ws, Tokens::new(&seq, None, &[0, 1, 2, 3, 4]), 1, 5)
             .unwrap();
         let base = m.logits(&ws, 5).unwrap();
         let scale = base.iter().fold(0f32, |a, x| a.max(x.abs()));
@@ -590,11 +591,9 @@ fn left_padding_invariance() {
             let kv: Vec<u8> = [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1].to_vec();
             m.forward(
                 ws,
-                &ids,
+                Tokens::new(&ids, mask.then_some(kv.as_slice()), &[3, 4, 5, 6, 7]),
                 2,
                 8,
-                mask.then_some(kv.as_slice()),
-                &[3, 4, 5, 6, 7],
             )
             .unwrap();
             m.logits(ws, 5).unwrap()

@@ -26,6 +26,7 @@ use llada::backend::cuda::fp8 as cuda_fp8;
 use llada::backend::cuda::CudaBackend;
 use llada::backend::{Backend, MatMul};
 use llada::engine::model::Model;
+use llada::engine::model::Tokens;
 use llada::hf::dtype::DType;
 use llada::hf::presets;
 use llada::quant::fp8::{self, e4m3_table, quantize_row_codes, Fp8Weight};
@@ -178,13 +179,15 @@ fn fp8_tiny_model_gpu_vs_cpu() {
     let gpu8 = Model::load_fp8(g, cfg.clone(), get, get8).unwrap();
     let run_cpu = |m: &Model<CpuBackend>| {
         let mut ws = m.workspace(t, t).unwrap();
-        m.forward(&mut ws, &ids, 1, t, None, &rows).unwrap();
+        m.forward(&mut ws, Tokens::new(&ids, None, &rows), 1, t)
+            .unwrap();
         m.logits(&ws, t).unwrap()
     };
     let a = run_cpu(&cpu8);
     let b = run_cpu(&cpu16);
     let mut ws = gpu8.workspace(t, t).unwrap();
-    gpu8.forward(&mut ws, &ids, 1, t, None, &rows).unwrap();
+    gpu8.forward(&mut ws, Tokens::new(&ids, None, &rows), 1, t)
+        .unwrap();
     let c = gpu8.logits(&ws, t).unwrap();
     let rel = |x: &[f32], y: &[f32]| {
         let num: f64 = x.iter().zip(y).map(|(p, q)| ((p - q) as f64).powi(2)).sum();

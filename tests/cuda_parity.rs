@@ -44,6 +44,7 @@ use llada::backend::cpu::CpuBackend;
 use llada::backend::head::{self, Remasking, SelectParams};
 use llada::backend::{rope_tables, AttnShape, Backend, CachedAttnShape, CommitIn, Gather};
 use llada::backend::{HeadDims, Kv, LogProb, MatMul, Norm, Rope, Rows, SelectIo};
+use llada::engine::model::{Span, Tokens};
 use llada::hf::checkpoint::WeightSource;
 use llada::hf::dtype::DType;
 use llada::rng;
@@ -1536,12 +1537,14 @@ fn graphs_follow_a_replaced_kv_cache() {
             if fresh_cache_each_time {
                 cache = m.kv_cache(b * l).unwrap();
             }
-            m.forward_span(&mut ws, &mut cache, &x, b, l, 0, l, None, &all)
+            let (full, part) = (Span::new(b, l, 0, l), Span::new(b, l, q0, q1));
+            m.forward_span(&mut ws, &mut cache, Tokens::new(&x, None, &all), full)
                 .unwrap();
-            m.forward_span(&mut ws, &mut cache, &span, b, l, q0, q1, None, &rows)
-                .unwrap();
-            m.forward_span(&mut ws, &mut cache, &span, b, l, q0, q1, None, &rows)
-                .unwrap();
+            // The span twice: the second pass replays what the first captured.
+            for _ in 0..2 {
+                let t = Tokens::new(&span, None, &rows);
+                m.forward_span(&mut ws, &mut cache, t, part).unwrap();
+            }
             last = m.logits(&ws, rows.len()).unwrap();
         }
         last

@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use llada::backend::cpu::CpuBackend;
 use llada::backend::head::{conf_order, Remasking, SelectParams};
 use llada::engine::model::Model;
+use llada::engine::model::Tokens;
 use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{PredictRequest, Predictor};
 use llada::hf::checkpoint::WeightSource;
@@ -146,7 +147,7 @@ fn logits_errors(variant: &str, dtype: DType) -> Vec<(String, f32, f32, usize)> 
         let want = floats(&case["logits"]);
         let mut ws = model.workspace(b * t, rows.len()).unwrap();
         model
-            .forward(&mut ws, &ids, b, t, kv.as_deref(), &rows)
+            .forward(&mut ws, Tokens::new(&ids, kv.as_deref(), &rows), b, t)
             .unwrap();
         let got = model.logits(&ws, rows.len()).unwrap();
         assert_eq!(got.len(), want.len());

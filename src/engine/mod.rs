@@ -22,6 +22,7 @@ use crate::backend::Backend;
 use crate::engine::device::{DeviceChoice, Resolved};
 use crate::engine::fast::Decode;
 use crate::engine::model::Model;
+use crate::engine::model::Tokens;
 use crate::engine::predictor::ModelPredictor;
 pub use crate::engine::sampler::Observer;
 use crate::engine::sampler::{GenerateOutput, GenerateParams, Hooks};
@@ -215,7 +216,8 @@ impl<B: Backend> Engine for EngineImpl<B> {
         }
         let mut ws = self.model.workspace(t, t)?;
         let rows: Vec<u32> = (0..t as u32).collect();
-        self.model.forward(&mut ws, ids, 1, t, None, &rows)?;
+        self.model
+            .forward(&mut ws, Tokens::new(ids, None, &rows), 1, t)?;
         self.model.logits(&ws, t)
     }
     fn synchronize(&self) -> Result<()> {

@@ -250,11 +250,37 @@ fn expect_shape(src: &WeightSource, want: &[usize]) -> Result<()> {
 
 /// Positions `[q0, q1)` of `b` rows of length `l` (one forward pass's tokens).
 #[derive(Clone, Copy, Debug)]
-struct Span {
-    b: usize,
-    l: usize,
-    q0: usize,
-    q1: usize,
+pub struct Span {
+    pub b: usize,
+    pub l: usize,
+    pub q0: usize,
+    pub q1: usize,
+}
+
+impl Span {
+    pub fn new(b: usize, l: usize, q0: usize, q1: usize) -> Self {
+        Span { b, l, q0, q1 }
+    }
+}
+
+/// The tokens of one forward pass: `ids` (row-major over the pass's span), the key-padding mask
+/// `key_valid` (nonzero = real token; `None` attends to every key) and the flat token indices
+/// `rows` whose logits are wanted.
+#[derive(Clone, Copy, Debug)]
+pub struct Tokens<'a> {
+    pub ids: &'a [u32],
+    pub key_valid: Option<&'a [u8]>,
+    pub rows: &'a [u32],
+}
+
+impl<'a> Tokens<'a> {
+    pub fn new(ids: &'a [u32], key_valid: Option<&'a [u8]>, rows: &'a [u32]) -> Self {
+        Tokens {
+            ids,
+            key_valid,
+            rows,
+        }
+    }
 }
 
 impl<B: Backend> Model<B> {
@@ -455,47 +481,27 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// Run the model on `ids` (`[b, t]` row-major) and leave the logits of the flat token
-    /// indices `rows` (`b_i·t + pos`) in the workspace (`[R, V]`, see [`Model::logits`]).
-    /// `key_valid` (`[b·t]`, nonzero = real token) masks padding keys.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        ws: &mut Workspace<B>,
-        ids: &[u32],
-        b: usize,
-        t: usize,
-        key_valid: Option<&[u8]>,
-        rows: &[u32],
-    ) -> Result<()> {
-        let span = Span {
-            b,
-            l: t,
-            q0: 0,
-            q1: t,
-        };
-        self.run(ws, None, ids, span, key_valid, rows)
+    /// Run the model on `x.ids` (`[b, t]` row-major) and leave the logits of the flat token
+    /// indices `x.rows` (`b_i·t + pos`) in the workspace (`[R, V]`, see [`Model::logits`]).
+    /// `x.key_valid` (`[b·t]`, nonzero = real token) masks padding keys.
+    pub fn forward(&self, ws: &mut Workspace<B>, x: Tokens<'_>, b: usize, t: usize) -> Result<()> {
+        self.run(ws, None, x, Span::new(b, t, 0, t))
     }
 
     /// One cached step (Fast-dLLM, reference §7): run the tokens at absolute positions
-    /// `[q0, q1)` of each of the `b` rows of length `l` (`ids` = those tokens, `[b, q1 − q0]`
+    /// `[q0, q1)` of each of the `b` rows of length `l` (`x.ids` = those tokens, `[b, q1 − q0]`
     /// row-major), write their K/V into rows `[q0, q1)` of `cache`, and attend over all `l` rows
-    /// of the cache. `key_valid` is `[b·l]`; `rows` are flat indices into the span tokens
+    /// of the cache. `x.key_valid` is `[b·l]`; `x.rows` are flat indices into the span tokens
     /// (`b_i·(q1 − q0) + (pos − q0)`). With `[q0, q1) = [0, l)` the logits equal
     /// [`Model::forward`]'s bit for bit and the whole cache is (re)filled.
-    #[allow(clippy::too_many_arguments)]
     pub fn forward_span(
         &self,
         ws: &mut Workspace<B>,
         cache: &mut KvCache<B>,
-        ids: &[u32],
-        b: usize,
-        l: usize,
-        q0: usize,
-        q1: usize,
-        key_valid: Option<&[u8]>,
-        rows: &[u32],
+        x: Tokens<'_>,
+        span: Span,
     ) -> Result<()> {
+        let Span { b, l, q0, q1 } = span;
         ensure!(
             q0 < q1 && q1 <= l,
             "forward_span: span [{q0}, {q1}) is empty or exceeds the sequence length {l}"
@@ -511,8 +517,7 @@ impl<B: Backend> Model<B> {
             cache.k.len(),
             self.layers.len()
         );
-        let span = Span { b, l, q0, q1 };
-        self.run(ws, Some(cache), ids, span, key_valid, rows)
+        self.run(ws, Some(cache), x, span)
     }
 
     /// The forward pass over `span`; without a cache the span must be the whole row.
@@ -520,11 +525,14 @@ impl<B: Backend> Model<B> {
         &self,
         ws: &mut Workspace<B>,
         cache: Option<&mut KvCache<B>>,
-        ids: &[u32],
+        x: Tokens<'_>,
         span: Span,
-        key_valid: Option<&[u8]>,
-        rows: &[u32],
     ) -> Result<()> {
+        let Tokens {
+            ids,
+            key_valid,
+            rows,
+        } = x;
         let Span { b, l, q0, q1 } = span;
         let tq = q1 - q0;
         let n = b * tq;

@@ -341,13 +341,8 @@ impl<B: Backend> ModelPredictor<'_, B> {
         model.forward_span(
             ws,
             cache,
-            &self.staged.ids,
-            b,
-            t,
-            q0,
-            q1,
-            req.key_valid,
-            &self.staged.rows,
+            Tokens::new(&self.staged.ids, req.key_valid, &self.staged.rows),
+            Span::new(b, t, q0, q1),
         )?;
         Ok(b * tq)
     }
@@ -400,7 +395,12 @@ impl<B: Backend> ModelPredictor<'_, B> {
         }
         let model = self.model;
         let ws = reserved(&mut self.ws, "predict")?;
-        model.forward(ws, &self.staged.ids, nb, t, mask, &self.staged.rows)?;
+        model.forward(
+            ws,
+            Tokens::new(&self.staged.ids, mask, &self.staged.rows),
+            nb,
+            t,
+        )?;
         Ok(nb * t)
     }
 }
@@ -542,7 +542,7 @@ impl<B: Backend> crate::engine::predictor::Scorer for ModelScorer<'_, B> {
         self.targets.extend(req.targets.iter().map(|&tg| tg as i32));
         let model = self.model;
         let ws = reserved(&mut self.ws, "score")?;
-        model.forward(ws, &self.ids, nb, t, None, &self.rows)?;
+        model.forward(ws, Tokens::new(&self.ids, None, &self.rows), nb, t)?;
         let be = &model.backend;
         // `tok` [R] and `conf` [R] are free here: targets in, log-probabilities out.
         be.write_ints(&mut ws.tok, &self.targets)?;

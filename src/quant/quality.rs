@@ -11,6 +11,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::head::Remasking;
 use crate::backend::Backend;
 use crate::engine::model::Model;
+use crate::engine::model::Tokens;
 use crate::engine::predictor::{ModelPredictor, ModelScorer};
 use crate::engine::sampler::{self, GenerateParams};
 use crate::hf::checkpoint::Checkpoint;
@@ -157,7 +158,7 @@ fn run(model: &Model<CpuBackend>, inp: &QualityInputs) -> Result<Run> {
         let t = s.len();
         let mut ws = model.workspace(t, t)?;
         let rows: Vec<u32> = (0..t as u32).collect();
-        model.forward(&mut ws, s, 1, t, None, &rows)?;
+        model.forward(&mut ws, Tokens::new(s, None, &rows), 1, t)?;
         logits.push(model.logits(&ws, t)?);
     }
     let cfg = &model.cfg;

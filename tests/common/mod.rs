@@ -14,6 +14,7 @@ use llada::backend::cpu::CpuBackend;
 use llada::backend::cuda::CudaBackend;
 use llada::backend::Backend;
 use llada::engine::model::Model;
+use llada::engine::model::Tokens;
 use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{
     GenerateParams, PredictRequest, Predictor, SpanPredictor, SpanRequest,
@@ -46,7 +47,7 @@ pub fn forward_logits<B: Backend>(
     rows: &[u32],
 ) -> Vec<f32> {
     let mut ws = m.workspace(b * l, b * l).unwrap();
-    m.forward(&mut ws, x, b, l, kv, rows).unwrap();
+    m.forward(&mut ws, Tokens::new(x, kv, rows), b, l).unwrap();
     m.logits(&ws, rows.len()).unwrap()
 }
 
