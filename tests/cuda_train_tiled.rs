@@ -232,6 +232,11 @@ fn rms_norm_dw_tiled_gpu() {
         let tag = format!("{n}x{c}");
         // The default kernel: the CPU's order, bit-exact; the tiled one within the bound.
         bitwise(&format!("rms_norm dw simple {tag}"), &want, &runs[0].1);
+        bitwise(
+            &format!("rms_norm dw simple rerun {tag}"),
+            &runs[0].1,
+            &runs[1].1,
+        );
         within(
             &format!("rms_norm dw tiled {tag}"),
             &want,

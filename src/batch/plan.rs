@@ -23,10 +23,13 @@ pub fn plan_batches(
             r.opts.group_key(),
             if same_length { r.prompt_ids.len() } else { 0 },
         );
-        if !groups.contains_key(&k) {
-            order.push(k.clone());
-        }
-        groups.entry(k).or_default().push(i);
+        groups
+            .entry(k)
+            .or_insert_with_key(|k| {
+                order.push(k.clone());
+                Vec::new()
+            })
+            .push(i);
     }
     let mut out = Vec::new();
     for k in order {
@@ -101,7 +104,7 @@ pub fn auto_batch_size(
     // safe bound when a prompt carries masks.
     let mut rows = opts.params.block_length.max(1).min(t);
     let mut kv = 0;
-    if !opts.to_decode().is_plain() {
+    if !opts.decode.is_plain() {
         // Fast-dLLM decoding (no CFG) runs the cached predictor: its workspace holds a head row
         // per token (`ModelPredictor::predict_span` reserves b·t rows), plus the KV cache.
         rows = t;

@@ -89,17 +89,12 @@ impl GenOptions {
         self.params.with_model_of(base)
     }
 
-    /// The Fast-dLLM settings (plain upstream decoding when all are off).
-    pub fn to_decode(&self) -> Decode {
-        self.decode
-    }
-
     /// Combinations the sampler refuses, as a message naming the keys.
     pub fn check(&self) -> Result<(), String> {
         if self.decode.threshold.is_some() && self.decode.factor.is_some() {
             return Err("give either `threshold` or `factor`, not both (a command-line default counts; set the other to null)".into());
         }
-        if self.params.cfg_scale > 0.0 && !self.to_decode().is_plain() {
+        if self.params.cfg_scale > 0.0 && !self.decode.is_plain() {
             return Err(format!(
                 "`cfg_scale` {} > 0 is not supported with Fast-dLLM decoding (`cache` {}, `threshold`, `factor`)",
                 self.params.cfg_scale, self.decode.cache

@@ -78,7 +78,7 @@ pub fn run(
         let mut params = o.to_params(base);
         // Each request draws from its own random stream, whatever its batch row.
         params.row_keys = Some(batch.iter().map(|&i| reqs[i].rng_key).collect());
-        let fast = o.to_decode();
+        let fast = o.decode;
         let prompts: Vec<Vec<u32>> = batch.iter().map(|&i| reqs[i].prompt_ids.clone()).collect();
         let tb = Instant::now();
         let at = |done, tokens, step| RunProgress {

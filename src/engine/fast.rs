@@ -98,7 +98,8 @@ pub fn generate_fast(
     decode: &Decode,
     progress: Option<&mut dyn FnMut(Progress)>,
 ) -> Result<GenerateOutput> {
-    generate_fast_hooked(pred, prompts, params, decode, progress.into())
+    let observe = None;
+    generate_fast_hooked(pred, prompts, params, decode, Hooks { progress, observe })
 }
 
 /// [`generate_fast`] with both [`Hooks`].

@@ -352,7 +352,8 @@ pub fn generate(
     params: &GenerateParams,
     progress: Option<&mut dyn FnMut(Progress)>,
 ) -> Result<GenerateOutput> {
-    generate_hooked(pred, prompts, params, progress.into())
+    let observe = None;
+    generate_hooked(pred, prompts, params, Hooks { progress, observe })
 }
 
 /// [`generate`] with both [`Hooks`].

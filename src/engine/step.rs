@@ -271,15 +271,6 @@ impl Calls {
     }
 }
 
-impl<'h> From<Option<&'h mut dyn FnMut(Progress)>> for Hooks<'h> {
-    fn from(progress: Option<&'h mut dyn FnMut(Progress)>) -> Self {
-        Hooks {
-            progress,
-            observe: None,
-        }
-    }
-}
-
 /// `get_num_transfer_tokens` for one row: `mask_count` tokens over `steps` steps, the first
 /// `mask_count % steps` steps taking one extra.
 pub fn num_transfer_tokens(mask_count: usize, steps: usize) -> Vec<usize> {

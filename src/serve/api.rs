@@ -321,7 +321,7 @@ impl GenFields {
                 .map_err(|e: anyhow::Error| ApiError::param("remasking", format!("{e:#}")))?,
             None => d.params.remasking,
         };
-        let mut decode = d.to_decode();
+        let mut decode = d.decode;
         if let Some(c) = &self.cache {
             decode.cache = c
                 .parse::<CacheMode>()

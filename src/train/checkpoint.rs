@@ -253,6 +253,64 @@ pub fn adamw_config(state: &TrainerState) -> AdamWConfig {
     }
 }
 
+/// The bytes of an optimizer file `path` after checking its size: `data_bytes` of tensor data
+/// plus a header of at most `slack` bytes, so a truncated or foreign file is refused before it is
+/// read. `(what, of)`: what the data is, and what another file would be from ("model").
+pub(crate) fn read_optimizer_file(
+    path: &Path,
+    data_bytes: u64,
+    slack: u64,
+    (what, of): (&str, &str),
+) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {} (a resume needs it)", path.display()))?;
+    ensure!(meta.is_file(), "{}: not a regular file", path.display());
+    ensure!(
+        meta.len() >= data_bytes + 8 && meta.len() <= data_bytes + 8 + slack,
+        "{}: {} bytes, but {what} takes {data_bytes} bytes plus a header: truncated, or from \
+         another {of}",
+        path.display(),
+        meta.len()
+    );
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// `bytes` (read from `path`) as a safetensors file.
+pub(crate) fn parse_safetensors<'a>(
+    bytes: &'a [u8],
+    path: &Path,
+) -> Result<safetensors::SafeTensors<'a>> {
+    safetensors::SafeTensors::deserialize(bytes).with_context(|| {
+        format!(
+            "{}: not a safetensors file (truncated or corrupt)",
+            path.display()
+        )
+    })
+}
+
+/// Tensor `name` of the safetensors `st` (read from `path`), which must be F32 of `shape`.
+pub(crate) fn f32_tensor(
+    st: &safetensors::SafeTensors,
+    path: &Path,
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>> {
+    let t = st
+        .tensor(name)
+        .with_context(|| format!("{}: tensor `{name}` missing", path.display()))?;
+    ensure!(
+        t.dtype() == safetensors::Dtype::F32 && t.shape() == shape,
+        "{}: tensor `{name}` is {:?} {:?}, expected F32 {shape:?}",
+        path.display(),
+        t.dtype(),
+        t.shape()
+    );
+    Ok(t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
 /// Read a training checkpoint written by [`save`].
 pub fn load(dir: &Path) -> Result<Resumed> {
     let state = read_state(dir)?;
@@ -269,47 +327,15 @@ pub fn load(dir: &Path) -> Result<Resumed> {
         .iter()
         .map(|(_, s)| s.iter().product::<usize>() as u64)
         .sum();
-    let meta = std::fs::metadata(&opt_path)
-        .with_context(|| format!("cannot read {} (a resume needs it)", opt_path.display()))?;
-    ensure!(meta.is_file(), "{}: not a regular file", opt_path.display());
-    let data_bytes = 3 * 4 * numel;
-    ensure!(
-        meta.len() >= data_bytes + 8 && meta.len() <= data_bytes + 8 + (100 << 20),
-        "{}: {} bytes, but the optimizer state of this model ({} parameters, 3 f32 copies) takes \
-         {data_bytes} bytes plus a header: truncated, or from another model",
-        opt_path.display(),
-        meta.len(),
-        numel
-    );
-    let bytes =
-        std::fs::read(&opt_path).with_context(|| format!("cannot read {}", opt_path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| {
-        format!(
-            "{}: not a safetensors file (truncated or corrupt)",
-            opt_path.display()
-        )
-    })?;
+    let what = format!("the optimizer state of this model ({numel} parameters, 3 f32 copies)");
+    let bytes = read_optimizer_file(&opt_path, 3 * 4 * numel, 100 << 20, (&what, "model"))?;
+    let st = parse_safetensors(&bytes, &opt_path)?;
     let mut sets: Vec<Params<f32>> = (0..3).map(|_| Params::zeros(&cfg)).collect();
     for (k, prefix) in ["master.", "exp_avg.", "exp_avg_sq."].iter().enumerate() {
         let p = &mut sets[k];
         for i in 0..p.data.len() {
             let name = format!("{prefix}{}", p.names[i]);
-            let t = st
-                .tensor(&name)
-                .with_context(|| format!("{}: tensor `{name}` missing", opt_path.display()))?;
-            ensure!(
-                t.dtype() == safetensors::Dtype::F32 && t.shape() == p.shapes[i].as_slice(),
-                "{}: tensor `{name}` is {:?} {:?}, expected F32 {:?}",
-                opt_path.display(),
-                t.dtype(),
-                t.shape(),
-                p.shapes[i]
-            );
-            p.data[i] = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            p.data[i] = f32_tensor(&st, &opt_path, &name, &p.shapes[i])?;
         }
     }
     let v = sets.pop().context("three parameter sets")?;

@@ -22,7 +22,9 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::checkpoint::{adamw_config, read_state, TrainerState};
+use super::checkpoint::{
+    adamw_config, f32_tensor, parse_safetensors, read_optimizer_file, read_state, TrainerState,
+};
 use super::dist::{fnv1a, FNV_START};
 use crate::hf::checkpoint::{expected_tensors, Checkpoint};
 use crate::hf::config::ModelConfig;
@@ -176,24 +178,9 @@ fn load_moments(dir: &Path, ad: &Adapter, state: &TrainerState) -> Result<LoraAd
     let path = dir.join("optimizer.safetensors");
     let tensors = ad.tensors();
     let numel: u64 = tensors.iter().map(|t| t.3.len() as u64).sum();
-    let data_bytes = 2 * 4 * numel;
-    let meta = std::fs::metadata(&path)
-        .with_context(|| format!("cannot read {} (a resume needs it)", path.display()))?;
-    ensure!(meta.is_file(), "{}: not a regular file", path.display());
-    ensure!(
-        meta.len() >= data_bytes + 8 && meta.len() <= data_bytes + 8 + (16 << 20),
-        "{}: {} bytes, but the moments of this adapter ({numel} parameters, 2 f32 copies) take \
-         {data_bytes} bytes plus a header: truncated, or from another adapter",
-        path.display(),
-        meta.len()
-    );
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| {
-        format!(
-            "{}: not a safetensors file (truncated or corrupt)",
-            path.display()
-        )
-    })?;
+    let what = format!("the moments of this adapter ({numel} parameters, 2 f32 copies)");
+    let bytes = read_optimizer_file(&path, 2 * 4 * numel, 16 << 20, (&what, "adapter"))?;
+    let st = parse_safetensors(&bytes, &path)?;
     ensure!(
         st.len() == 2 * tensors.len(),
         "{}: {} tensors, expected {} (exp_avg and exp_avg_sq of each of the adapter's {})",
@@ -207,21 +194,7 @@ fn load_moments(dir: &Path, ad: &Adapter, state: &TrainerState) -> Result<LoraAd
     LoraAdamW::load(adamw_config(state), ad, state.adam_t, |name| {
         let (prefix, peft) = name.split_once('.').unwrap_or(("", name));
         let want = shapes.get(peft).copied().unwrap_or(&[]);
-        let t = st
-            .tensor(name)
-            .with_context(|| format!("{}: tensor `{name}` missing", path.display()))?;
-        ensure!(
-            t.dtype() == safetensors::Dtype::F32 && t.shape() == want,
-            "{}: tensor `{name}` is {:?} {:?}, expected F32 {want:?}",
-            path.display(),
-            t.dtype(),
-            t.shape()
-        );
-        let v: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let v = f32_tensor(&st, &path, name, want)?;
         let bad = |x: f32| !x.is_finite() || (prefix == "exp_avg_sq" && x < 0.0);
         if let Some(i) = v.iter().position(|&x| bad(x)) {
             bail!(

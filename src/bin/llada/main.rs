@@ -379,7 +379,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut params = opts.to_params(&GenerateParams::default());
     opened.apply_ids(&mut params);
     params.block_plan()?;
-    let decode = opts.to_decode();
+    let decode = opts.decode;
     let (mut eng, notice) = engine::load(&opened, device)?;
     if let Some(n) = notice {
         eprintln!("note: {n}");

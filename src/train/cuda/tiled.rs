@@ -234,15 +234,6 @@ impl ScatterPlan {
 }
 
 impl CudaOps {
-    /// The training kernel set in use.
-    pub fn train_kernels(&self) -> TrainKernelImpl {
-        if self.tiled.is_some() {
-            TrainKernelImpl::Tiled
-        } else {
-            TrainKernelImpl::Simple
-        }
-    }
-
     /// Use the kernel set `k` from now on (default: `LLADA_TRAIN_KERNELS` at creation).
     pub fn set_train_kernels(&mut self, k: TrainKernelImpl) -> Result<()> {
         self.tiled = match k {
