@@ -232,6 +232,13 @@ curve_checks() {
     out="$res/$(date -u +%F)-$slug"
     mkdir -p "$out"
     echo "== loss-curve parity: $preset, $steps steps on $gpu ($dev); outputs in $out"
+    if [ "$dev" != cpu ] && [ -x test-bins/test-loss_curve ]; then
+        # The tiny CUDA check first (seconds): dumps on CUDA, f32 and bf16, against the CPU run.
+        LLADA_BIN="$here/bin/llada" LLADA_REQUIRE_GPU=1 step_timeout 60 test-bins/test-loss_curve cuda_ \
+            >"$out/test-loss_curve-cuda.log" 2>&1
+        echo "exit $? (test-loss_curve cuda_): $(grep -E '^test result' "$out/test-loss_curve-cuda.log" | tail -n 1)"
+        grep -E 'panicked|FAILED' "$out/test-loss_curve-cuda.log" | head -n 5
+    fi
     # Structured ids (arithmetic progressions mod HI: the loss falls well within 50 steps, unlike
     # on random ids), 64 documents of 600 ids; HI below the mask id (502 for tiny).
     local hi=5000; [ "$preset" = tiny ] && hi=500

@@ -392,3 +392,98 @@ fn loss_curve_script_on_the_cpu_fixture_run() {
     let w = v["verdict"]["f32"]["worst_ratio"].as_f64().unwrap();
     assert!(w < 0.1, "worst distance / bound {w}");
 }
+
+/// On CUDA (skipped with a printed reason without a GPU; it has not run on a GPU yet): `llada
+/// train --device cuda --dump-batches`, f32 and `--precision bf16`, dumps exactly the CPU run's
+/// micro-batches (they are drawn on the host) and its losses follow the CPU's: f32 to
+/// `REL_TOL` (the same f32-rounding argument as above), bf16 GEMMs to 1e-2 relative over the 5
+/// steps — PyTorch's bf16 autocast, which rounds more than llada's bf16 GEMMs (it also stores
+/// bf16 outputs), moves the CPU tiny curve by 2e-3 relative at most over 20 steps.
+#[test]
+fn cuda_dump_batches_match_the_cpu_run() {
+    if common::probe::device_or_skip(|| Ok(())).is_none() {
+        return;
+    }
+    // The GPU bundle runs test binaries away from the build tree: it points LLADA_BIN at its copy.
+    let bin = std::env::var_os("LLADA_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_llada").into());
+    let dir = TempDir::new("curve-cuda");
+    let p = |n: &str| dir.path().join(n);
+    let docs: Vec<String> = (0..12)
+        .map(|d| {
+            serde_json::json!({ "ids": (0..30).map(|i| 1 + (d * 11 + i * 3) % 490).collect::<Vec<_>>() })
+                .to_string()
+        })
+        .collect();
+    std::fs::write(p("d.jsonl"), docs.join("\n")).unwrap();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(&bin)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let init = p("init");
+    run(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--dtype",
+        "f32",
+        "--out",
+        init.to_str().unwrap(),
+    ]);
+    let dump = |device: &str, precision: &str| {
+        let f = p(&format!("{device}-{precision}.jsonl"));
+        let flags = "--steps 5 --batch-size 2 --accum 2 --seq-len 32 --lr 1e-3 --warmup 2 \
+                     --seed 3 --no-dist --no-save";
+        let mut a: Vec<&str> = flags.split_whitespace().collect();
+        let (i, d, o, u) = (
+            init.to_str().unwrap(),
+            p("d.jsonl"),
+            p("o"),
+            f.to_str().unwrap().to_string(),
+        );
+        a.extend(["--device", device, "--precision", precision]);
+        a.extend(["--model", i, "--data", d.to_str().unwrap()]);
+        a.extend(["--out", o.to_str().unwrap(), "--dump-batches", &u]);
+        let mut args = vec!["train"];
+        args.extend(a);
+        run(&args);
+        json_lines(&f)
+    };
+    let cpu = dump("cpu", "f32");
+    let batches = |lines: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        lines
+            .iter()
+            .filter(|l| l.get("micro").is_some())
+            .cloned()
+            .collect()
+    };
+    let losses = |lines: &[serde_json::Value]| -> Vec<f64> {
+        lines
+            .iter()
+            .filter_map(|l| l.get("loss").and_then(|x| x.as_f64()))
+            .collect()
+    };
+    assert_eq!(batches(&cpu).len(), 10);
+    for (precision, tol) in [("f32", REL_TOL), ("bf16", 1e-2)] {
+        let gpu = dump("cuda", precision);
+        assert_eq!(
+            batches(&gpu),
+            batches(&cpu),
+            "{precision}: other micro-batches"
+        );
+        let (g, c) = (losses(&gpu), losses(&cpu));
+        assert_eq!(g.len(), 5, "{precision}");
+        for (s, (g, c)) in g.iter().zip(&c).enumerate() {
+            let rel = (g - c).abs() / c.abs();
+            assert!(
+                rel <= tol,
+                "{precision} step {}: cuda {g} vs cpu {c} ({rel:e} > {tol:e})",
+                s + 1
+            );
+        }
+    }
+}
