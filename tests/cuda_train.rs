@@ -1502,7 +1502,7 @@ fn lora_step_bf16_base_close_to_cpu() {
         "every dA and dB is nonzero (B is not zero)"
     );
     let Some(g) = gpu() else { return };
-    let mut st = cuda::CudaLoraState::new(g, &cfg, &ck, &ad, AdamWConfig::default()).unwrap();
+    let mut st = cuda::CudaLoraState::new(g, &cfg, &ck, &ad).unwrap();
     // The base is resident as bf16: 2 bytes per matrix element, 4 per norm element.
     let (mats, norms): (usize, usize) = (ck.names().map(|n| ck.get(n).unwrap()))
         .map(|t| (t.shape().len(), t.numel()))
@@ -1651,7 +1651,7 @@ fn lora_linear_and_embedding_on_bf16_base() {
         );
     }
     let Some(g) = gpu() else { return };
-    let st = cuda::CudaLoraState::new(g, &cfg, &ck, &ad, AdamWConfig::default()).unwrap();
+    let st = cuda::CudaLoraState::new(g, &cfg, &ck, &ad).unwrap();
     let o = &st.ops;
     let wd = &st.params()[iq];
     let (xd, dyd) = (o.upload(&x).unwrap(), o.upload(&dy).unwrap());

@@ -357,20 +357,17 @@ pub struct CudaLoraState {
     /// Their "gradients": placeholders, and scratch for the norms' `dw` (discarded).
     g: Vec<Buf>,
     partial: CudaSlice<f64>,
-    pub opt: AdamWConfig,
-    /// AdamW updates taken.
-    pub t: u64,
 }
 
 impl CudaLoraState {
     /// Upload the base model of `ck` (matrices as bf16, norms as f32) and `adapter`'s factors
-    /// (f32, with zero gradients and moments) onto `ops`' device.
+    /// (f32, with zero gradients and moments) onto `ops`' device. The AdamW hyper-parameters
+    /// and update count are the trainer's ([`AdamW`], handed to every step).
     pub fn new(
         mut ops: CudaOps,
         cfg: &ModelConfig,
         ck: &Checkpoint,
         adapter: &Adapter,
-        opt: AdamWConfig,
     ) -> Result<CudaLoraState> {
         let tensors = expected_tensors(cfg);
         let (mut base, mut p, mut g) = (Vec::new(), Vec::new(), Vec::new());
@@ -449,14 +446,7 @@ impl CudaLoraState {
         };
         ops.lora = Some(Box::new(lora));
         let partial = ops.sumsq_partials()?;
-        Ok(CudaLoraState {
-            ops,
-            p,
-            g,
-            partial,
-            opt,
-            t: 0,
-        })
+        Ok(CudaLoraState { ops, p, g, partial })
     }
 
     /// The pass's parameter list ([`Params`]' order): one-float placeholders standing for the
@@ -500,8 +490,8 @@ impl CudaLoraState {
         Ok(())
     }
 
-    /// Copy the device's AdamW moments and update count into `into` (same modules), for a
-    /// checkpoint. Compiles; has not run on a GPU.
+    /// Copy the device's AdamW moments into `into` (same modules), for a checkpoint; its update
+    /// count is the trainer's (`Trainer::opt.t`), not kept here. Compiles; has not run on a GPU.
     pub fn download_moments(&self, into: &mut crate::lora::train::LoraAdamW) -> Result<()> {
         let mods = self.ops.lora_state()?.modules.borrow();
         for md in mods.iter() {
@@ -516,12 +506,11 @@ impl CudaLoraState {
             *va = self.ops.download(&md.va, va.len())?;
             *vb = self.ops.download(&md.vb, vb.len())?;
         }
-        into.t = self.t;
         Ok(())
     }
 
-    /// Replace the device's AdamW moments and update count with `from`'s (a resumed run).
-    /// Compiles; has not run on a GPU.
+    /// Replace the device's AdamW moments with `from`'s (a resumed run; its update count goes
+    /// to the trainer's [`AdamW`]). Compiles; has not run on a GPU.
     pub fn upload_moments(&mut self, from: &crate::lora::train::LoraAdamW) -> Result<()> {
         let l = self.ops.lora_state()?;
         let mut mods = l.modules.borrow_mut();
@@ -536,7 +525,6 @@ impl CudaLoraState {
             self.ops.write(&mut md.va, va)?;
             self.ops.write(&mut md.vb, vb)?;
         }
-        self.t = from.t;
         Ok(())
     }
 
@@ -587,7 +575,8 @@ impl super::super::StepState for CudaLoraState {
     }
 
     /// Clip (folded into the update as a gradient scale, as full training on the GPU) and
-    /// update every factor with `adamw_f32` (decay on both: they are matrices).
+    /// update every factor with `adamw_f32` (decay on both: they are matrices): AdamW update
+    /// number `opt.t + 1` with `opt`'s hyper-parameters (advancing `opt.t`).
     fn clip_and_step(&mut self, opt: &mut AdamW, lr: f64, max_norm: f64) -> Result<f64> {
         let ops = &self.ops;
         let l = ops.lora_state()?;
@@ -599,9 +588,8 @@ impl super::super::StepState for CudaLoraState {
         }
         let norm = sq.sqrt();
         let gscale = clip_scale(norm, max_norm);
-        self.t += 1;
-        let h = AdamWScalars::new(&self.opt, self.t, lr, gscale);
-        let decay = AdamWScalars::decay(&self.opt, lr, &[1, 1]);
+        let h = AdamWScalars::new(&opt.cfg, opt.t + 1, lr, gscale);
+        let decay = AdamWScalars::decay(&opt.cfg, lr, &[1, 1]);
         for md in mods.iter_mut() {
             let Module {
                 a,
@@ -618,7 +606,7 @@ impl super::super::StepState for CudaLoraState {
             ops.adamw((a, None), (ma, va), da, 0..la, &h, decay)?;
             ops.adamw((b, None), (mb, vb), db, 0..lb, &h, decay)?;
         }
-        opt.t = self.t;
+        opt.t += 1;
         Ok(norm)
     }
 }

@@ -337,12 +337,13 @@ pub(super) fn train_lora(
             ops.set_precision(a.precision);
             let name = ops.be.device_name();
             eprintln!("rank {rank}: device: cuda:{i} ({name})");
-            let mut state = CudaLoraState::new(ops, &cfg, &opened.ckpt, &adapter, lopt.cfg)?;
+            let mut state = CudaLoraState::new(ops, &cfg, &opened.ckpt, &adapter)?;
             state.upload_moments(&lopt)?;
             let (mut host, mut hopt) = (adapter, lopt);
             lora_loop(a, trainer, &mut state, lead, |st, tr| {
                 st.download_adapter(&mut host)?;
                 st.download_moments(&mut hopt)?;
+                hopt.t = tr.opt.t;
                 lck::save(&out, &cfg, &host, &hopt, &record(tr, &hopt)?)
             })?;
             let (_, total) = state.ops.be.mem_info()?;
