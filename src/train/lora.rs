@@ -209,10 +209,22 @@ impl StepState for LoraStep {
         let (p, ad, g) = (&self.params, &self.adapter, &mut self.grads);
         Ok(lora_forward_backward_with(cfg, p, ad, b, g, o)?.loss)
     }
+    /// One all-reduce of every factor's gradient, concatenated (element-wise sums: the same
+    /// values as one all-reduce per tensor).
     fn all_reduce_grads(&mut self, group: &mut dist::HostGroup) -> Result<()> {
+        let mut flat: Vec<f32> = Vec::new();
+        for (a, b) in self.grads.modules.values() {
+            flat.extend_from_slice(a);
+            flat.extend_from_slice(b);
+        }
+        group.all_reduce_f32(&mut flat)?;
+        let mut rest = &flat[..];
         for (a, b) in self.grads.modules.values_mut() {
-            group.all_reduce_f32(a)?;
-            group.all_reduce_f32(b)?;
+            for t in [a, b] {
+                let (head, tail) = rest.split_at(t.len());
+                t.copy_from_slice(head);
+                rest = tail;
+            }
         }
         Ok(())
     }

@@ -543,23 +543,60 @@ impl CudaOps {
         len: usize,
         partial: &mut CudaSlice<f64>,
     ) -> Result<f64> {
-        let op = "sumsq";
-        check_len(op, "x", x.len(), at.saturating_add(len))?;
-        check_len(op, "partial", partial.len(), SUMSQ_BLOCKS)?;
         if len == 0 {
+            check_len("sumsq", "x", x.len(), at)?;
+            check_len("sumsq", "partial", partial.len(), SUMSQ_BLOCKS)?;
             return Ok(0.0);
         }
-        let (pp, xp) = (self.ptr_mut(partial), self.ptr(x) + 4 * at as u64);
+        self.sumsq_queue(x, at, len, partial, 0)?;
+        Ok(self.sumsq_read(partial, 1)?[0])
+    }
+
+    /// The kernel of [`CudaOps::sumsq_at`], queued without a read-back: the `SUMSQ_BLOCKS`
+    /// partial sums of Σ x² over elements `at .. at + len` go to slot `slot` of `partial`
+    /// (elements `slot·SUMSQ_BLOCKS ..`; zeros when `len` is 0). [`CudaOps::sumsq_read`] reads
+    /// several slots back at once.
+    pub(super) fn sumsq_queue(
+        &self,
+        x: &Buf,
+        at: usize,
+        len: usize,
+        partial: &mut CudaSlice<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        let op = "sumsq";
+        check_len(op, "x", x.len(), at.saturating_add(len))?;
+        let end = (slot + 1).saturating_mul(SUMSQ_BLOCKS);
+        check_len(op, "partial", partial.len(), end)?;
+        if len == 0 {
+            let mut view = partial.slice_mut(slot * SUMSQ_BLOCKS..end);
+            return self
+                .be
+                .stream()
+                .memset_zeros(&mut view)
+                .map_err(|e| driver_err(format!("{op}: zeroing slot {slot}"), e));
+        }
+        let pp = self.ptr_mut(partial) + (8 * slot * SUMSQ_BLOCKS) as u64;
+        let xp = self.ptr(x) + 4 * at as u64;
         let numel = len as i64;
         launch!(self, op, self.k.sumsq, Geom::new((SUMSQ_BLOCKS as u32, 1, 1), 256, 0); pp, xp,
-            numel)?;
-        let mut h = vec![0f64; SUMSQ_BLOCKS];
-        self.be
-            .stream()
-            .memcpy_dtoh(&partial.slice(..SUMSQ_BLOCKS), &mut h)
-            .map_err(|e| driver_err(format!("{op}: device→host copy"), e))?;
-        self.sync()?;
-        Ok(h.iter().sum())
+            numel)
+    }
+
+    /// The sums of the first `slots` slots of `partial` ([`CudaOps::sumsq_queue`]), each its
+    /// `SUMSQ_BLOCKS` partials added in order in f64: one device→host copy and one sync.
+    pub(super) fn sumsq_read(&self, partial: &CudaSlice<f64>, slots: usize) -> Result<Vec<f64>> {
+        let (op, n) = ("sumsq", slots.saturating_mul(SUMSQ_BLOCKS));
+        check_len(op, "partial", partial.len(), n)?;
+        let mut h = vec![0f64; n];
+        if n > 0 {
+            self.be
+                .stream()
+                .memcpy_dtoh(&partial.slice(..n), &mut h)
+                .map_err(|e| driver_err(format!("{op}: device→host copy"), e))?;
+            self.sync()?;
+        }
+        Ok(h.chunks(SUMSQ_BLOCKS).map(|c| c.iter().sum()).collect())
     }
 
     /// One AdamW update (`adamw_f32`, see [`crate::train::optim::AdamW::step`]) of elements
