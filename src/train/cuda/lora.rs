@@ -13,8 +13,9 @@
 //! - a targeted linear adds `s·(x·Aᵀ)·Bᵀ` in f32 (the adapter GEMMs run in the ops' precision),
 //!   keeps `u = x·Aᵀ` `[N, r]` for its backward, and accumulates `dB += s·dyᵀ·u`,
 //!   `dA += s·(dy·B)ᵀ·x`, `dx += s·(dy·B)·A`: [`crate::lora::train::lora_linear_bwd`]'s math;
-//! - the embedding reads the bf16 table into f32 activations (`embedding_bf16_f32`, exact) and
-//!   has no backward.
+//! - the embedding reads the bf16 table into f32 activations (`embedding_bf16_f32`, exact);
+//! - the pass runs with the base frozen ([`PassOptions::frozen_base`]): no embedding, norm or
+//!   linear weight gradient is computed.
 //!
 //! [`CudaLoraState`] is the trainer's step state: only the adapters, their gradients and
 //! their AdamW moments are f32 (24 bytes per adapter parameter), each kind one flat buffer
@@ -436,14 +437,12 @@ impl CudaOps {
 }
 
 /// A LoRA run's step state on one GPU (module docs): the ops with the frozen bf16 base and the
-/// adapters attached, the pass's parameter list (placeholders and f32 norms) and its gradient
-/// scratch.
+/// adapters attached, and the pass's parameter list (placeholders and f32 norms; the pass runs
+/// with the base frozen, [`PassOptions::frozen_base`], so the base has no gradient buffers).
 pub struct CudaLoraState {
     pub ops: CudaOps,
     /// The pass's parameters: one-float placeholders for the matrices, f32 norms.
     p: Vec<Buf>,
-    /// Their "gradients": placeholders, and scratch for the norms' `dw` (discarded).
-    g: Vec<Buf>,
     partial: CudaSlice<f64>,
 }
 
@@ -458,7 +457,7 @@ impl CudaLoraState {
         adapter: &Adapter,
     ) -> Result<CudaLoraState> {
         let tensors = expected_tensors(cfg);
-        let (mut base, mut p, mut g) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut base, mut p) = (Vec::new(), Vec::new());
         let mut by_key = HashMap::new();
         for (i, (name, shape)) in tensors.iter().enumerate() {
             let src = ck.get(name)?;
@@ -476,13 +475,11 @@ impl CudaLoraState {
                 let ph = ops.zeros(1)?;
                 by_key.insert(ops.ptr(&ph), i);
                 p.push(ph);
-                g.push(ops.zeros(1)?);
             } else {
                 let v = ck
                     .read_f32(name)
                     .with_context(|| format!("reading `{name}`"))?;
                 base.push(None);
-                g.push(ops.zeros(v.len())?);
                 p.push(ops.upload(&v)?);
             }
         }
@@ -547,7 +544,7 @@ impl CudaLoraState {
             peak: Cell::new(0),
         };
         ops.lora = Some(Box::new(lora));
-        Ok(CudaLoraState { ops, p, g, partial })
+        Ok(CudaLoraState { ops, p, partial })
     }
 
     /// The pass's parameter list ([`Params`]' order): one-float placeholders standing for the
@@ -652,8 +649,8 @@ impl super::super::StepState for CudaLoraState {
     }
 
     fn forward_backward(&mut self, cfg: &ModelConfig, b: &Batch, o: PassOptions) -> Result<f64> {
-        let (p, g) = (&self.p, &mut self.g);
-        Ok(forward_backward_with(&self.ops, cfg, o, p, b, g)?.loss)
+        // The base is frozen: no weight-gradient work, no gradient buffers for it.
+        Ok(forward_backward_with(&self.ops, cfg, o.frozen(), &self.p, b, &mut [])?.loss)
     }
 
     /// Data parallel: the adapters' gradients are small, so they go through the host group
