@@ -30,8 +30,14 @@
 //! Without a usable GPU every test prints `SKIP: <why>` and passes, unless
 //! `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
 
+#[path = "common/cmp.rs"]
+mod cmp;
 #[path = "common/probe.rs"]
 mod probe;
+
+/// Element-wise within an allowed |difference| per element (NaN anywhere fails), naming the
+/// worst element.
+use cmp::within as compare;
 
 use llada::hf::config::ModelConfig;
 use llada::rng;
@@ -86,47 +92,6 @@ fn rand_ids(tag: u64, len: usize, hi: usize) -> Vec<u32> {
     (0..len)
         .map(|i| ((rng::uniform(rng::bits(key, i as u64)) * hi as f64) as usize).min(hi - 1) as u32)
         .collect()
-}
-
-/// Compare element-wise with an allowed |difference| per element; NaN anywhere fails. Panics
-/// naming the worst element.
-fn compare(what: &str, cpu: &[f32], gpu: &[f32], tol: impl Fn(usize) -> f64) {
-    assert_eq!(cpu.len(), gpu.len(), "{what}: lengths differ");
-    let mut worst = (0.0f64, 0usize);
-    let mut bad = 0usize;
-    for (i, (&c, &g)) in cpu.iter().zip(gpu).enumerate() {
-        let d = (c as f64 - g as f64).abs();
-        let t = tol(i);
-        let ratio = if c.is_nan() || g.is_nan() {
-            f64::INFINITY
-        } else if d == 0.0 {
-            0.0
-        } else if t > 0.0 {
-            d / t
-        } else {
-            f64::INFINITY
-        };
-        if ratio > 1.0 {
-            bad += 1;
-        }
-        if ratio > worst.0 || (i == 0 && ratio >= worst.0) {
-            worst = (ratio, i);
-        }
-    }
-    let (r, i) = worst;
-    eprintln!(
-        "{what}: {} elements, worst |diff|/tol {r:.3} at {i}",
-        cpu.len()
-    );
-    assert!(
-        bad == 0,
-        "{what}: {bad} of {} elements out of tolerance; worst at {i}: cpu {:e} gpu {:e} (|diff| {:e}, tol {:e})",
-        cpu.len(),
-        cpu[i],
-        gpu[i],
-        (cpu[i] as f64 - gpu[i] as f64).abs(),
-        tol(i)
-    );
 }
 
 /// The cases of a parity test with their seeds: `base + 10·i` for case `i`.

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use cli::{copy_dir, edit_json, llada, logged_losses, run, stderr, tiny, tmpdir};
+use cli::{file_bytes as bytes, ok_stderr as ok, path_str as s};
 use llada::hf::dtype::DType;
 use llada::hf::write::{write_safetensors, HostTensor};
 use llada::lora::train::{init_adapter, LoraAdamW};
@@ -48,20 +49,6 @@ fn train(args: &[&str], flags: &str) -> Output {
         .arg("train")
         .args(args)
         .args(flags.split_whitespace()))
-}
-
-fn ok(o: &Output) -> String {
-    let e = stderr(o);
-    assert!(o.status.success(), "{e}");
-    e
-}
-
-fn bytes(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
