@@ -1,5 +1,5 @@
 //! CUDA-graph bookkeeping of [`super::model::Model`]: one captured layers pass per launch shape
-//! ([`GraphKey`]), bounded in number, replayed instead of re-launching.
+//! (`GraphKey`), bounded in number, replayed instead of re-launching.
 
 use crate::backend::{CachedAttnShape, GraphExec};
 use std::collections::HashMap;
@@ -26,7 +26,7 @@ pub(crate) enum GraphEntry {
     Ready(GraphExec),
 }
 
-/// Captured layer passes of one [`Workspace`], keyed by [`GraphKey`]. A workspace's buffers never
+/// Captured layer passes of one [`Workspace`](super::model::Workspace), keyed by `GraphKey`. A workspace's buffers never
 /// move, and a new KV cache or model has a new id, so a stale graph is never replayed (entries of
 /// a replaced cache or model are dropped when the new one shows up).
 pub struct GraphCache {

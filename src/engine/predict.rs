@@ -3,7 +3,7 @@
 //! [`SpanPredictor`], the model on a backend or a fake in tests), a predictor's own commit
 //! selection ([`SelectsCommits`], [`Commits`]), the RNG keys of the head ([`RowKey`]) and the
 //! per-step report ([`Progress`]). Upstream `generate` ([`super::sampler`]), Fast-dLLM decoding
-//! ([`super::fast`]) and their shared call ([`super::step`]) are written over it; it imports no
+//! ([`super::fast`]) and their shared call (`super::step`) are written over it; it imports no
 //! other engine module.
 
 use anyhow::{Context, Result};

@@ -55,6 +55,23 @@ pub fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Asserts the run succeeded and returns its stderr (a training run's log).
+pub fn ok_stderr(o: &Output) -> String {
+    let e = stderr(o);
+    assert!(o.status.success(), "run failed ({:?}): {e}", o.status);
+    e
+}
+
+/// `p` as a command-line argument (panics on a non-UTF-8 path).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The bytes of the file at `p` (panics naming it).
+pub fn file_bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
 /// Runs `cmd`, asserts it succeeded and returns its stdout.
 pub fn ok_run(cmd: &mut Command) -> String {
     ok(&run(cmd))
@@ -254,6 +271,12 @@ pub fn generate_json(model: &Path, flags: &[&str]) -> Value {
             .arg(model)
             .args(flags),
     )
+}
+
+/// The printed losses of a `llada train` log ([`logged_losses`]), as numbers.
+pub fn losses(log: &str) -> Vec<f64> {
+    let v = logged_losses(log);
+    v.iter().map(|(_, l)| l.parse().unwrap()).collect()
 }
 
 /// The `step I/N loss X` lines of a `llada train` log: (I, X as printed).
