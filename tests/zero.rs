@@ -568,9 +568,12 @@ fn the_memory_model_matches_hand_computed_bytes_for_tiny() {
         (b.weights, b.master, b.moments, b.gradients),
         (2 * 508_544, 4 * 169_536, 8 * 169_536, 4 * 508_544)
     );
+    // bf16 storage: 2 bytes a value, and 2 more for the f32 per-row statistics S: per kept
+    // layer n·(2 + NH) = 32·4 = 128, beside 2R + n·NH = 64 + 64 = 128; kept S = 2·128 + 128 =
+    // 384, recomputing (one layer's) S = 128 + 128 = 256.
     assert_eq!(
         (b.activations_kept, b.activations_recompute),
-        (2 * 223_616, 2 * 164_096)
+        (2 * 223_616 + 2 * 384, 2 * 164_096 + 2 * 256)
     );
     // Unsharded: the whole moments (and, in bf16 storage, master weights) on every rank.
     let u = plan(&cfg, 2, 16, 3, 0, Storage::Bf16).unwrap();
