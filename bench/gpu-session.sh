@@ -124,6 +124,14 @@ for prec in bf16 f32; do
     echo "exit $? ($prec); $(grep -m1 '^device:' "$res/train-1b-$prec.log")"
     grep '\] step ' "$res/train-1b-$prec.log" | tail -n 1 | sed 's/^.*\] //'
 done
+# bf16 storage (bf16 weights and activations, f32 master weights, moments and weight gradients;
+# bf16 GEMMs): the run the PyTorch autocast reference is the counterpart of. Never run on a GPU yet.
+timeout "${T_TRAIN:-300}" bin/llada train --preset llada-1b --device cuda --storage bf16 \
+    --data "$res/train-ids.jsonl" --out "$res/train-1b" --steps 6 --batch-size 8 --seq-len 512 \
+    --warmup 1 --no-truncate --no-save --peak-tflops "${PEAK_TFLOPS:-989}" \
+    >"$res/train-1b-bf16s.log" 2>&1
+echo "exit $? (--storage bf16); $(grep -m1 '^device:' "$res/train-1b-bf16s.log")"
+grep '\] step ' "$res/train-1b-bf16s.log" | tail -n 1 | sed 's/^.*\] //'
 echo "== torch_reference --train: the same training step in PyTorch (llada-1b, batch 8 x 512)"
 # bf16 = torch.autocast to bf16 around forward + loss with f32 master weights (the counterpart of
 # --precision bf16); f32 = plain f32 with TF32 off. One process per precision.
@@ -139,10 +147,10 @@ python3 - "$res" <<'PY' || echo "comparison: n/a (python3 failed)"
 import json, re, sys
 res = sys.argv[1]
 print(f"{'precision':>9} {'llada tok/s':>12} {'llada MFU':>10} {'torch tok/s':>12} {'torch MFU':>10} {'ratio':>7}")
-for prec in ("bf16", "f32"):
+for prec, log in (("bf16", "bf16"), ("f32", "f32"), ("bf16", "bf16s")):
     lt = lm = tt = tm = None
     try:
-        steps = [l for l in open(f"{res}/train-1b-{prec}.log", errors="replace") if "] step " in l]
+        steps = [l for l in open(f"{res}/train-1b-{log}.log", errors="replace") if "] step " in l]
         m = re.search(r"tok/s (\S+) GFLOP/s \S+ MFU (\S+)", steps[-1]) if steps else None
         if m:
             lt, lm = float(m.group(1)), m.group(2)
@@ -156,7 +164,8 @@ for prec in ("bf16", "f32"):
         pass
     f = lambda x: f"{x:.0f}" if x is not None else "n/a"
     ratio = f"{lt / tt:.2f}" if lt and tt else "n/a"
-    print(f"{prec:>9} {f(lt):>12} {lm or 'n/a':>10} {f(tt):>12} {tm or 'n/a':>10} {ratio:>7}")
+    name = "bf16 stor" if log == "bf16s" else prec
+    print(f"{name:>9} {f(lt):>12} {lm or 'n/a':>10} {f(tt):>12} {tm or 'n/a':>10} {ratio:>7}")
 PY
 echo "== llada train --lora-rank 16: llada-8b preset, frozen bf16 base, 1 x 2048 tokens, 3 steps (<= 120 s)"
 # Token ids (the presets have no tokenizer, so the pretraining loss; an SFT step costs the same).

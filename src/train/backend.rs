@@ -419,14 +419,14 @@ impl<T: Real, L: HostLinear<T>> TrainOps for HostOps<T, L> {
         let c = at.d.c;
         for (i, &row) in at.ids[..at.d.n].iter().enumerate() {
             let row = row as usize;
-            for (o, &g) in dx[row * c..(row + 1) * c]
-                .iter_mut()
-                .zip(&dy[i * c..(i + 1) * c])
-            {
+            let dst = &mut dx[row * c..(row + 1) * c];
+            for (o, &g) in dst.iter_mut().zip(&dy[i * c..(i + 1) * c]) {
                 *o += g;
             }
+            // bf16 storage: every add rounds (as the kernel's), also for a repeated row.
+            self.keep(dst)?;
         }
-        self.keep(dx)
+        Ok(())
     }
     fn cross_entropy(&self, z: &mut Vec<T>, _: &mut Vec<T>, t: Targets<Self>) -> Result<f64> {
         let Rows { n: r, c: v } = t.d;

@@ -11,7 +11,7 @@ use llada::engine::device::DeviceChoice;
 use llada::engine::{self, Opened};
 use llada::hf::dtype::DType;
 use llada::hf::write::{write_safetensors, HostTensor};
-use llada::train::cuda::{CudaOps, DeviceParams};
+use llada::train::cuda::{bf16_weights, forward_backward_bf16, CudaOps, DeviceParams};
 use llada::train::loss::fixed_mask_batch;
 use llada::train::memory::Storage;
 use llada::train::mixed::forward_backward_stored;
@@ -45,7 +45,7 @@ pub struct GradArgs {
     #[arg(long)]
     recompute: bool,
     /// f32, or bf16: the pass of `llada train --storage bf16` (bf16 weights and activations,
-    /// f32 gradients) from the checkpoint's weights rounded to bf16. CPU only for now.
+    /// f32 gradients) from the checkpoint's weights rounded to bf16.
     #[arg(long, default_value = "f32")]
     storage: Storage,
 }
@@ -72,16 +72,21 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
         DeviceChoice::Cpu | DeviceChoice::Auto => {
             forward_backward_stored(cfg, a.storage, &params, &batch, &mut grad, opts)?
         }
-        DeviceChoice::Cuda(_) if a.storage == Storage::Bf16 => {
-            bail!("--storage bf16 is not implemented on CUDA yet: its CPU reference runs with --device cpu")
-        }
         DeviceChoice::Cuda(i) => {
             llada::engine::device::cuda_available()
                 .map_err(|e| anyhow!("--device {}: CUDA unavailable: {e}", a.device))?;
             let ops = CudaOps::new(i)?;
             let dp = DeviceParams::upload(&ops, &params)?;
             let mut dg = DeviceParams::upload(&ops, &grad)?;
-            let stats = forward_backward_with(&ops, cfg, opts, &dp.data, &batch, &mut dg.data)?;
+            let stats = match a.storage {
+                Storage::F32 => {
+                    forward_backward_with(&ops, cfg, opts, &dp.data, &batch, &mut dg.data)?
+                }
+                Storage::Bf16 => {
+                    let w = bf16_weights(&ops, &dp.data)?;
+                    forward_backward_bf16(&ops, cfg, opts, &w, &batch, &mut dg.data)?
+                }
+            };
             grad = dg.download(&ops)?;
             stats
         }

@@ -95,7 +95,7 @@ pub struct TrainArgs {
     /// What weights and activations are stored in: f32, or bf16 (bf16 working weights,
     /// activations and activation gradients, bf16 GEMMs with f32 accumulation; f32 master
     /// weights, AdamW moments and weight gradients) [default: f32; on --resume, the
-    /// checkpoint's]. Full fine-tuning on the CPU (the reference); not yet on CUDA.
+    /// checkpoint's]. Full fine-tuning; on CUDA it has not run on a GPU yet.
     #[arg(long)]
     storage: Option<Storage>,
     /// Peak FLOP/s of the device in TFLOP/s, for the model FLOP utilisation column.
@@ -394,6 +394,7 @@ pub fn cmd_train(mut a: TrainArgs) -> Result<()> {
     if zero == 1 {
         crate::train_plan::check_zero(world)?;
     }
+    crate::train_plan::check_zero_storage(zero, cuda_device.is_some(), storage)?;
     let (mut trainer, tok, tok_src, tiny) = if let Some(dir) = &a.resume {
         let r = checkpoint::load(dir)?;
         let opts = resumed_options(&a, dir, &r.state, &r.cfg, world, lead)?;
@@ -473,7 +474,7 @@ pub fn cmd_train(mut a: TrainArgs) -> Result<()> {
                 },
                 ops.be.device_name(),
                 a.precision,
-                a.precision.describe()
+                crate::train_plan::describe(storage, a.precision)
             );
             if zero == 1 {
                 // Only this rank's shard of the moments goes to the GPU.
@@ -481,7 +482,9 @@ pub fn cmd_train(mut a: TrainArgs) -> Result<()> {
                 gpu_zero = Some(z);
                 None
             } else {
-                let st = CudaTrainState::new(ops, &trainer.params, &trainer.opt.m, &trainer.opt.v)?;
+                let mut st =
+                    CudaTrainState::new(ops, &trainer.params, &trainer.opt.m, &trainer.opt.v)?;
+                st.set_storage(storage)?;
                 Some(st)
             }
         }
