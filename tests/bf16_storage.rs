@@ -18,7 +18,7 @@ use llada::train::{TrainOptions, Trainer};
 
 mod common;
 
-use common::cli::{err_of, llada, ok_run, read_json, TempDir};
+use common::cli::{err_of, llada, ok, ok_run, read_json, run, stderr, TempDir};
 
 /// How far (relative) a bf16-storage loss may sit from the f32 one on the same weights and
 /// batch. Each stored value carries an RNE error ≤ u = 2^-8 relative (8 significant bits),
@@ -313,21 +313,31 @@ fn cli_storage_bf16_trains_resumes_and_refuses_contradictions() {
         .collect();
     std::fs::write(&data, docs.join("\n")).unwrap();
     let base = ["--seq-len", "16", "--batch-size", "2", "--no-dist"];
-    let train = |out: &str, extra: &[&str]| {
+    // The output folder and the run's log (stderr).
+    let train_log = |out: &str, extra: &[&str]| {
         let o = d.join(out);
         let mut c = llada();
         c.args(["train", "--data"]).arg(&data).arg("--out").arg(&o);
-        ok_run(c.args(base).args(extra));
-        o
+        let r = run(c.args(base).args(extra));
+        ok(&r);
+        (o, stderr(&r))
     };
+    let train = |out: &str, extra: &[&str]| train_log(out, extra).0;
     let bf16 = ["--preset", "tiny", "--device", "cpu", "--storage", "bf16"];
-    let full = train("full", &[&bf16[..], &["--steps", "4"]].concat());
+    let (full, log) = train_log("full", &[&bf16[..], &["--steps", "4"]].concat());
+    // The start-of-run memory plan and activation line are the storage's.
+    assert!(
+        log.contains("bf16 storage") && !log.contains("f32 storage"),
+        "{log}"
+    );
+    assert!(log.contains("tokens in bf16 storage"), "{log}");
     let st = read_json(&full.join("trainer_state.json"));
     assert_eq!(st["storage"], "bf16", "{st}");
     let half = train("half", &[&bf16[..], &["--steps", "2"]].concat());
     let h = half.to_str().unwrap();
     // No --storage: the checkpoint's.
-    let resumed = train("resumed", &["--resume", h, "--steps", "4"]);
+    let (resumed, log) = train_log("resumed", &["--resume", h, "--steps", "4"]);
+    assert!(log.contains("(bf16 storage, bf16 GEMMs)"), "{log}");
     let read = |o: &std::path::Path| {
         ["model.safetensors", "optimizer.safetensors"].map(|f| std::fs::read(o.join(f)).unwrap())
     };

@@ -1,7 +1,7 @@
 //! GPU parity of bf16 storage (`llada train --device cuda --storage bf16`): one whole-model
 //! pass (loss and every weight gradient) and a few optimizer steps on the device against the
 //! CPU reference of the same semantics (`HostOps::with_storage(Storage::Bf16)`,
-//! `Trainer::storage`), plus determinism on the device.
+//! `Trainer::storage`), plus determinism and recomputation (bit-identical) on the device.
 //!
 //! Tolerances. Both sides read the same bf16 working weights and do the same operations; they
 //! differ only in the order of f32 sums (cuBLAS GEMMs, tree reductions) and in `expf`, a
@@ -93,25 +93,31 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (d / n).sqrt()
 }
 
-/// The loss and weight gradients of one bf16-storage pass on the device.
-fn device_pass(g: &CudaOps, cfg: &ModelConfig, p: &Params<f32>, b: &Batch) -> (f64, Params<f32>) {
+/// The loss and weight gradients of one bf16-storage pass on the device (`recompute`: with
+/// per-layer recomputation).
+fn device_pass(
+    g: &CudaOps,
+    (cfg, p): (&ModelConfig, &Params<f32>),
+    b: &Batch,
+    recompute: bool,
+) -> (f64, Params<f32>) {
     let master = DeviceParams::upload(g, p).unwrap();
     let work = bf16_weights(g, &master.data).unwrap();
     let mut grad = DeviceParams::upload(g, &Params::<f32>::zeros(cfg)).unwrap();
-    let o = PassOptions::recomputing(false);
+    let o = PassOptions::recomputing(recompute);
     let s = forward_backward_bf16(g, cfg, o, &work, b, &mut grad.data).unwrap();
     (s.loss, grad.download(g).unwrap())
 }
 
 #[test]
-fn one_pass_matches_the_cpu_reference_and_repeats_exactly() {
+fn one_pass_matches_the_cpu_reference_and_repeats_exactly_with_recompute() {
     let Some(g) = gpu() else { return };
     let (cfg, p) = model();
     let b = trainer(&cfg, &p, 1).micro_batch(0, 0).unwrap();
     let mut want = Params::<f32>::zeros(&cfg);
     let o = PassOptions::recomputing(false);
     let cpu = forward_backward_stored(&cfg, Storage::Bf16, &p, &b, &mut want, o).unwrap();
-    let (loss, got) = device_pass(&g, &cfg, &p, &b);
+    let (loss, got) = device_pass(&g, (&cfg, &p), &b, false);
     eprintln!("loss cpu {:.6} gpu {loss:.6}", cpu.loss);
     assert!(
         (loss - cpu.loss).abs() <= LOSS_REL * cpu.loss.abs(),
@@ -125,14 +131,15 @@ fn one_pass_matches_the_cpu_reference_and_repeats_exactly() {
             "gradient of `{name}`: relative L2 difference {e:e}"
         );
     }
-    // The device pass is deterministic (fixed reduction orders, no atomics).
-    let (loss2, again) = device_pass(&g, &cfg, &p, &b);
-    assert_eq!(loss.to_bits(), loss2.to_bits());
-    for (i, name) in got.names.iter().enumerate() {
-        assert!(
-            got.data[i] == again.data[i],
-            "`{name}` differs between two runs"
-        );
+    // The device pass is deterministic (fixed reduction orders, no atomics), and recomputing
+    // the layers' activations repeats the same launches on the same inputs: bit-identical.
+    for recompute in [false, true] {
+        let (loss2, again) = device_pass(&g, (&cfg, &p), &b, recompute);
+        assert_eq!(loss.to_bits(), loss2.to_bits(), "recompute {recompute}");
+        for (i, name) in got.names.iter().enumerate() {
+            let same = got.data[i] == again.data[i];
+            assert!(same, "`{name}` differs on a rerun (recompute {recompute})");
+        }
     }
 }
 
