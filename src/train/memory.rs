@@ -4,7 +4,7 @@
 //! With `P` parameters, `N` data-parallel ranks and shard `S` (the largest, rank 0's: `⌈P/N⌉`
 //! rounded up to [`super::zero::SHARD_ALIGN`] values under ZeRO-1, else `S = P`):
 //!
-//! | category | f32 storage (what `llada train` stores today) | bf16 storage (weights and activations in bf16) |
+//! | category | f32 storage (`--storage f32`, the default) | bf16 storage (`--storage bf16`, [`super::mixed`]) |
 //! |---|---|---|
 //! | weights (whole model, every rank) | `4·P` | `2·P` |
 //! | master weights (f32) | 0: the f32 weights are the master copy | `4·S` |

@@ -1,5 +1,6 @@
-//! `llada train`: pretraining or SFT (reference §6) on the CPU or CUDA GPUs (f32, or bf16
-//! GEMMs with `--precision bf16`; see `llada::train::cuda`), saving Hugging Face folders that
+//! `llada train`: pretraining or SFT (reference §6) on the CPU or CUDA GPUs (f32, bf16 GEMMs
+//! with `--precision bf16`, or bf16 mixed precision with `--storage bf16`: see
+//! `llada::train::mixed` and `llada::train::cuda`), saving Hugging Face folders that
 //! `llada generate` loads, with exact resume. Data parallel over several processes (one per
 //! GPU) when the environment gives ranks (`srun`, or `RANK`/`WORLD_SIZE`; see
 //! `llada::train::dist`). LoRA runs (`--lora-rank`, or `--resume` of a LoRA checkpoint) are in
