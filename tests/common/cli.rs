@@ -266,3 +266,23 @@ pub fn logged_losses(log: &str) -> Vec<(u64, String)> {
         })
         .collect()
 }
+
+/// Whether `python3` can import `module`; without it the caller skips (printing why), unless
+/// `LLADA_REQUIRE_PY=1` (CI), which turns the skip into a failure.
+pub fn python_has(module: &str) -> bool {
+    let require = std::env::var("LLADA_REQUIRE_PY").is_ok_and(|v| v == "1");
+    let probe = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output();
+    let why = match probe {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => format!(
+            "`import {module}` fails: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("no python3: {e}"),
+    };
+    assert!(!require, "LLADA_REQUIRE_PY=1 but {why}");
+    eprintln!("SKIP: {why}");
+    false
+}
