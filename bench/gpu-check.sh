@@ -22,7 +22,7 @@ die() { echo "gpu-check: $*" >&2; exit 2; }
 
 # The test executables that need a GPU ("binary[:filter]"); `run` runs these by default and
 # `build` bundles only these unless GPU_CHECK_ALL_TESTS=1.
-GPU_TESTS_DEFAULT="test-cuda_parity test-cuda_model test-cache:gpu_ test-cuda_train test-cuda_train_tiled test-cuda_dist test-cuda_fp8 test-lora_resume:cuda_ test-loss_curve:cuda_"
+GPU_TESTS_DEFAULT="test-cuda_parity test-cuda_model test-cache:gpu_ test-cuda_train test-cuda_bf16_storage test-cuda_train_tiled test-cuda_dist test-cuda_fp8 test-lora_resume:cuda_ test-loss_curve:cuda_"
 
 # Seconds allowed per step (override from the environment).
 T_TEST=${GPU_CHECK_TEST_TIMEOUT:-600}

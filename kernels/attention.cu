@@ -72,6 +72,9 @@
 //   (2·t + 4·hd)·4 bytes.
 // Layouts: q, dq, o, dout [B·T, NH·HD]; k, v, dk, dv [B·T, NKV·HD]; lse, delta [B·T, NH].
 // NH % NKV == 0, any HD ≥ 1 (simple kernels: correct over fast; O(T²·HD) work per head).
+// attention_fwd_bf16s, attention_bwd_dq_bf16s, attention_bwd_dkv_bf16s: the same three kernels in
+// bf16 storage (src/train/mixed.rs): q, k, v, o, dout, dq, dk, dv bf16, lse and delta f32; the same
+// f32 math on the loaded values, each bf16 output rounded once (RNE) after its f32 accumulation.
 //
 // Opt-in tiled f32 training attention (LLADA_TRAIN_KERNELS=tiled, src/train/cuda/tiled.rs; never
 // run on a GPU yet). The kernels above give one block to each query (or key) row and re-read all
@@ -835,9 +838,12 @@ attention_fa2_combine_bf16(bf16* __restrict__ out, const float* __restrict__ par
     out[rh * hd + d] = __float2bfloat16_rn(__fmul_rn(orun, fa2_inv(lrun)));
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-attention_fwd_f32(float* __restrict__ o, float* __restrict__ lse, const float* __restrict__ q,
-                  const float* __restrict__ k, const float* __restrict__ v, int b, int t, int nh, int nkv, int hd) {
+// The simple training kernels over the stored type S of q, k, v, o, dout, dq, dk, dv (common.cuh
+// load_f/store_f); lse, delta and shared memory are f32 in both storages.
+template <typename S>
+LLADA_DEVICE void attention_fwd_t(S* __restrict__ o, float* __restrict__ lse, const S* __restrict__ q,
+                                  const S* __restrict__ k, const S* __restrict__ v, int b, int t, int nh, int nkv,
+                                  int hd) {
     extern __shared__ float att_smem[];
     float* s = att_smem;       // [t]
     float* qs = att_smem + t;  // [hd]
@@ -847,13 +853,13 @@ attention_fwd_f32(float* __restrict__ o, float* __restrict__ lse, const float* _
     const long long qw = (long long)nh * hd, kw = (long long)nkv * hd;
     const long long row = (long long)bi * t + i;
     const float scale = (float)(1.0 / sqrt((double)hd));
-    for (int c = threadIdx.x; c < hd; c += blockDim.x) qs[c] = q[row * qw + (long long)h * hd + c];
+    for (int c = threadIdx.x; c < hd; c += blockDim.x) qs[c] = load_f(q + row * qw + (long long)h * hd + c);
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     for (int j = warp; j < t; j += nwarps) {
-        const float* kr = k + ((long long)bi * t + j) * kw + (long long)kh * hd;
+        const S* kr = k + ((long long)bi * t + j) * kw + (long long)kh * hd;
         float acc = 0.0f;
-        for (int c = lane; c < hd; c += 32) acc = __fadd_rn(acc, __fmul_rn(qs[c], kr[c]));
+        for (int c = lane; c < hd; c += 32) acc = __fadd_rn(acc, __fmul_rn(qs[c], load_f(kr + c)));
         acc = warp_sum(acc);
         if (lane == 0) s[j] = __fmul_rn(acc, scale);
     }
@@ -870,22 +876,23 @@ attention_fwd_f32(float* __restrict__ o, float* __restrict__ lse, const float* _
     for (int c = threadIdx.x; c < hd; c += blockDim.x) {
         float acc = 0.0f;
         for (int j = 0; j < t; ++j)
-            acc = __fadd_rn(acc, __fmul_rn(s[j], v[((long long)bi * t + j) * kw + (long long)kh * hd + c]));
-        o[row * qw + (long long)h * hd + c] = acc;
+            acc = __fadd_rn(acc, __fmul_rn(s[j], load_f(v + ((long long)bi * t + j) * kw + (long long)kh * hd + c)));
+        store_f(o + row * qw + (long long)h * hd + c, acc);
     }
 }
 
-LLADA_DEVICE float warp_dot(const float* a, const float* b, int hd, int lane) {
+template <typename A, typename B>
+LLADA_DEVICE float warp_dot(const A* a, const B* b, int hd, int lane) {
     float acc = 0.0f;
-    for (int c = lane; c < hd; c += 32) acc = __fadd_rn(acc, __fmul_rn(a[c], b[c]));
+    for (int c = lane; c < hd; c += 32) acc = __fadd_rn(acc, __fmul_rn(load_f(a + c), load_f(b + c)));
     return warp_sum(acc);
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-attention_bwd_dq_f32(float* __restrict__ dq, float* __restrict__ delta, const float* __restrict__ dout,
-                     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                     const float* __restrict__ o, const float* __restrict__ lse, int b, int t, int nh, int nkv,
-                     int hd) {
+template <typename S>
+LLADA_DEVICE void attention_bwd_dq_t(S* __restrict__ dq, float* __restrict__ delta, const S* __restrict__ dout,
+                                     const S* __restrict__ q, const S* __restrict__ k, const S* __restrict__ v,
+                                     const S* __restrict__ o, const float* __restrict__ lse, int b, int t, int nh,
+                                     int nkv, int hd) {
     extern __shared__ float smem_dq[];
     float* ds = smem_dq;            // [t]
     float* qs = smem_dq + t;        // [hd]
@@ -898,8 +905,8 @@ attention_bwd_dq_f32(float* __restrict__ dq, float* __restrict__ delta, const fl
     const long long qo = row * qw + (long long)h * hd;
     const float scale = (float)(1.0 / sqrt((double)hd));
     for (int c = threadIdx.x; c < hd; c += blockDim.x) {
-        qs[c] = q[qo + c];
-        dos[c] = dout[qo + c];
+        qs[c] = load_f(q + qo + c);
+        dos[c] = load_f(dout + qo + c);
     }
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -927,16 +934,16 @@ attention_bwd_dq_f32(float* __restrict__ dq, float* __restrict__ delta, const fl
     for (int c = threadIdx.x; c < hd; c += blockDim.x) {
         float acc = 0.0f;
         for (int j = 0; j < t; ++j)
-            acc = __fadd_rn(acc, __fmul_rn(ds[j], k[((long long)bi * t + j) * kw + (long long)kh * hd + c]));
-        dq[qo + c] = acc;
+            acc = __fadd_rn(acc, __fmul_rn(ds[j], load_f(k + ((long long)bi * t + j) * kw + (long long)kh * hd + c)));
+        store_f(dq + qo + c, acc);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-attention_bwd_dkv_f32(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ delta,
-                      const float* __restrict__ dout, const float* __restrict__ q, const float* __restrict__ k,
-                      const float* __restrict__ v, const float* __restrict__ lse, int b, int t, int nh, int nkv,
-                      int hd) {
+template <typename S>
+LLADA_DEVICE void attention_bwd_dkv_t(S* __restrict__ dk, S* __restrict__ dv, const float* __restrict__ delta,
+                                      const S* __restrict__ dout, const S* __restrict__ q, const S* __restrict__ k,
+                                      const S* __restrict__ v, const float* __restrict__ lse, int b, int t, int nh,
+                                      int nkv, int hd) {
     extern __shared__ float smem_dkv[];
     float* ps = smem_dkv;                 // [t]  P[i, j] for the current head
     float* ds = smem_dkv + t;             // [t]  dS[i, j]
@@ -951,8 +958,8 @@ attention_bwd_dkv_f32(float* __restrict__ dk, float* __restrict__ dv, const floa
     const long long kr = ((long long)bi * t + j) * kw + (long long)g * hd;
     const float scale = (float)(1.0 / sqrt((double)hd));
     for (int c = threadIdx.x; c < hd; c += blockDim.x) {
-        ks[c] = k[kr + c];
-        vs[c] = v[kr + c];
+        ks[c] = load_f(k + kr + c);
+        vs[c] = load_f(v + kr + c);
     }
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -980,8 +987,8 @@ attention_bwd_dkv_f32(float* __restrict__ dk, float* __restrict__ dv, const floa
             float a = adk[c], bv = adv[c];
             for (int i = 0; i < t; ++i) {
                 const long long qo = ((long long)bi * t + i) * qw + (long long)h * hd + c;
-                bv = __fadd_rn(bv, __fmul_rn(ps[i], dout[qo]));
-                a = __fadd_rn(a, __fmul_rn(ds[i], q[qo]));
+                bv = __fadd_rn(bv, __fmul_rn(ps[i], load_f(dout + qo)));
+                a = __fadd_rn(a, __fmul_rn(ds[i], load_f(q + qo)));
             }
             adk[c] = a;
             adv[c] = bv;
@@ -989,10 +996,25 @@ attention_bwd_dkv_f32(float* __restrict__ dk, float* __restrict__ dv, const floa
         __syncthreads();  // ps/ds are rewritten for the next head
     }
     for (int c = threadIdx.x; c < hd; c += blockDim.x) {
-        dk[kr + c] = adk[c];
-        dv[kr + c] = adv[c];
+        store_f(dk + kr + c, adk[c]);
+        store_f(dv + kr + c, adv[c]);
     }
 }
+
+LLADA_STORED(128, attention_fwd,
+             (S* __restrict__ o, float* __restrict__ lse, const S* __restrict__ q, const S* __restrict__ k,
+              const S* __restrict__ v, int b, int t, int nh, int nkv, int hd),
+             attention_fwd_t(o, lse, q, k, v, b, t, nh, nkv, hd))
+LLADA_STORED(128, attention_bwd_dq,
+             (S* __restrict__ dq, float* __restrict__ delta, const S* __restrict__ dout, const S* __restrict__ q,
+              const S* __restrict__ k, const S* __restrict__ v, const S* __restrict__ o,
+              const float* __restrict__ lse, int b, int t, int nh, int nkv, int hd),
+             attention_bwd_dq_t(dq, delta, dout, q, k, v, o, lse, b, t, nh, nkv, hd))
+LLADA_STORED(128, attention_bwd_dkv,
+             (S* __restrict__ dk, S* __restrict__ dv, const float* __restrict__ delta, const S* __restrict__ dout,
+              const S* __restrict__ q, const S* __restrict__ k, const S* __restrict__ v,
+              const float* __restrict__ lse, int b, int t, int nh, int nkv, int hd),
+             attention_bwd_dkv_t(dk, dv, delta, dout, q, k, v, lse, b, t, nh, nkv, hd))
 
 // ---- tiled f32 training attention (opt-in) ----
 #define ATT_TR 32        // rows of a tile (queries or keys)

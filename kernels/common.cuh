@@ -29,6 +29,27 @@ LLADA_DEVICE bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }
 // Round an f32 to the nearest bf16 (RNE) and return it as f32: `DType::BF16.round`.
 LLADA_DEVICE float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
+// The training kernels' loads and stores over a stored type S (float in f32 storage, the `_f32`
+// symbols; bf16 in bf16 storage, the `_bf16s` symbols): compute is f32 either way, a bf16 store
+// rounds once (RNE). For float both are plain accesses, so the `_f32` code is unchanged.
+LLADA_DEVICE float load_f(const float* p) { return *p; }
+LLADA_DEVICE float load_f(const bf16* p) { return __bfloat162float(*p); }
+LLADA_DEVICE void store_f(float* p, float v) { *p = v; }
+LLADA_DEVICE void store_f(bf16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// The two entry points of one training kernel: `name##_f32` (S = float) and `name##_bf16s`
+// (S = bf16), each with the parameter list `params` (written over S) running `call` (C linkage
+// ignores the namespaces, which only scope S).
+#define LLADA_STORED(bounds, name, params, call)                                                   \
+    namespace name##_f32_s {                                                                      \
+    using S = float;                                                                               \
+    extern "C" __global__ void __launch_bounds__(bounds) name##_f32 params { call; }                \
+    }                                                                                              \
+    namespace name##_bf16s_s {                                                                    \
+    using S = bf16;                                                                                \
+    extern "C" __global__ void __launch_bounds__(bounds) name##_bf16s params { call; }              \
+    }
+
 // Logit j of a row under classifier-free guidance (`backend::head::cfg_mix`, each op rounded to
 // bf16): `u + s·(c − u)` with `s = cfg_scale + 1`, `c` from the conditional row `crow`, `u` from
 // the unconditional row `urow`; without `cfg`, the stored conditional logit.

@@ -6,30 +6,37 @@
 // Layouts: z [R, V]; loss [R]; targets [R] in [0, V) (launcher checks); weights [R].
 // Grid r, block 1024 (any multiple of 32). Each element is read and written by one thread
 // after both reductions (which end in barriers), so the in-place update is race-free.
+// cross_entropy_bf16s: the same with z bf16 (bf16 storage; loss, weights f32): f32 math on the
+// bf16 logits, the gradient rounded once (RNE).
 #include "common.cuh"
 
-extern "C" __global__ void __launch_bounds__(1024)
-cross_entropy_f32(float* __restrict__ z, float* __restrict__ loss, const int* __restrict__ targets,
-                      const float* __restrict__ weights, int r, int v) {
+template <typename S>
+LLADA_DEVICE void cross_entropy_t(S* __restrict__ z, float* __restrict__ loss, const int* __restrict__ targets,
+                                  const float* __restrict__ weights, int r, int v) {
     const int row = blockIdx.x;
     if (row >= r) return;
-    float* zr = z + (long long)row * v;
+    S* zr = z + (long long)row * v;
     float mx = -INFINITY;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, zr[j]);
+    for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, load_f(zr + j));
     mx = block_max(mx);
     float sum = 0.0f;
-    for (int j = threadIdx.x; j < v; j += blockDim.x) sum = __fadd_rn(sum, expf(__fsub_rn(zr[j], mx)));
+    for (int j = threadIdx.x; j < v; j += blockDim.x) sum = __fadd_rn(sum, expf(__fsub_rn(load_f(zr + j), mx)));
     sum = block_sum(sum);
     const float lse = __fadd_rn(mx, logf(sum));
     const int tgt = targets[row];
     const float w = weights[row];
     for (int j = threadIdx.x; j < v; j += blockDim.x) {
-        const float zj = zr[j];
+        const float zj = load_f(zr + j);
         float gj = __fmul_rn(w, expf(__fsub_rn(zj, lse)));
         if (j == tgt) {
             loss[row] = __fmul_rn(w, __fsub_rn(lse, zj));
             gj = __fsub_rn(gj, w);
         }
-        zr[j] = gj;
+        store_f(zr + j, gj);
     }
 }
+
+LLADA_STORED(1024, cross_entropy,
+             (S* __restrict__ z, float* __restrict__ loss, const int* __restrict__ targets,
+              const float* __restrict__ weights, int r, int v),
+             cross_entropy_t(z, loss, targets, weights, r, v))

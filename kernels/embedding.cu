@@ -24,6 +24,8 @@
 // one distinct id, so every dwte element has a single writer and the result is bit-exact.
 // Layouts: dwte [V, C]; dx [N, C]; uniq [nuniq] in [0, V) (launcher checks); off [nuniq + 1];
 // order [N]. Grid nuniq, block 256.
+// embedding_bwd_bf16s: the same with dx bf16 (bf16 storage; dwte f32). In bf16 storage the forward
+// is embedding_bf16 (a copy of the bf16 table's rows).
 // Opt-in (LLADA_TRAIN_KERNELS=tiled; never run on a GPU yet): the kernel above gives each distinct
 // id to one block, so the mask token — half of all positions — is one block walking N/2 rows.
 // The tiled pair cuts every id's rows into pieces of at most ⌈len/k⌉ rows, k = min(⌈len/64⌉, 256),
@@ -48,19 +50,24 @@ embedding_bf16_f32(float* __restrict__ out, const bf16* __restrict__ wte, const 
     for (int j = threadIdx.x; j < c; j += blockDim.x) dst[j] = __bfloat162float(src[j]);
 }
 
-extern "C" __global__ void __launch_bounds__(1024)
-embedding_bwd_f32(float* __restrict__ dwte, const float* __restrict__ dx, const int* __restrict__ uniq,
-                  const int* __restrict__ off, const int* __restrict__ order, int nuniq, int c) {
+template <typename S>
+LLADA_DEVICE void embedding_bwd_t(float* __restrict__ dwte, const S* __restrict__ dx, const int* __restrict__ uniq,
+                                  const int* __restrict__ off, const int* __restrict__ order, int nuniq, int c) {
     const int u = blockIdx.x;
     if (u >= nuniq) return;
     float* dst = dwte + (long long)uniq[u] * c;
     const int from = off[u], to = off[u + 1];
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
         float acc = dst[j];
-        for (int e = from; e < to; ++e) acc = __fadd_rn(acc, dx[(long long)order[e] * c + j]);
+        for (int e = from; e < to; ++e) acc = __fadd_rn(acc, load_f(dx + (long long)order[e] * c + j));
         dst[j] = acc;
     }
 }
+
+LLADA_STORED(1024, embedding_bwd,
+             (float* __restrict__ dwte, const S* __restrict__ dx, const int* __restrict__ uniq,
+              const int* __restrict__ off, const int* __restrict__ order, int nuniq, int c),
+             embedding_bwd_t(dwte, dx, uniq, off, order, nuniq, c))
 
 // embedding_bwd_tiled_f32, embedding_bwd_tiled_sum_f32 (scatter_rows.cuh)
 LLADA_SCATTER_ROWS_TILED(embedding_bwd)

@@ -12,6 +12,8 @@
 //                                                thread per column loops over i in order, so
 //                                                repeated rows are safe and the sums are in the
 //                                                CPU's order (bit-exact); grid-stride over c.
+// scatter_add_rows_bf16s: the same on bf16 dx, src (bf16 storage); every add rounds once (RNE).
+// In bf16 storage gather_rows uses gather_rows_bf16 (a copy).
 // Opt-in (LLADA_TRAIN_KERNELS=tiled; never run on a GPU yet): the one-pass kernel above has
 // ⌈C/256⌉ blocks (16 at C = 4096) each walking all rows. The tiled pair spreads the destination
 // rows over blocks instead (the rows are host-known), see scatter_rows.cuh:
@@ -26,16 +28,20 @@ LLADA_ROW_GATHER(gather_rows_bf16, bf16)
 
 LLADA_ROW_GATHER(gather_rows_f32, float)
 
-extern "C" __global__ void __launch_bounds__(1024)
-scatter_add_rows_f32(float* __restrict__ dx, const float* __restrict__ src, const int* __restrict__ rows, int nrows,
-                     int c) {
+template <typename S>
+LLADA_DEVICE void scatter_add_rows_t(S* __restrict__ dx, const S* __restrict__ src, const int* __restrict__ rows,
+                                     int nrows, int c) {
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < c; j += gridDim.x * blockDim.x) {
         for (int i = 0; i < nrows; ++i) {
-            float* d = dx + (long long)rows[i] * c + j;
-            *d = __fadd_rn(*d, src[(long long)i * c + j]);
+            S* d = dx + (long long)rows[i] * c + j;
+            store_f(d, __fadd_rn(load_f(d), load_f(src + (long long)i * c + j)));
         }
     }
 }
+
+LLADA_STORED(1024, scatter_add_rows,
+             (S* __restrict__ dx, const S* __restrict__ src, const int* __restrict__ rows, int nrows, int c),
+             scatter_add_rows_t(dx, src, rows, nrows, c))
 
 // scatter_add_rows_tiled_f32, scatter_add_rows_tiled_sum_f32 (scatter_rows.cuh)
 LLADA_SCATTER_ROWS_TILED(scatter_add_rows)

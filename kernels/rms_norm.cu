@@ -30,6 +30,9 @@
 //   dw[j] += Σ_i (dy[i,j]·x[i,j])·r[i], one thread per column, rows in ascending order: the
 //   CPU's order and roundings, bit-exact. Grid-stride over c (block 256).
 // Layouts: dx, dy, x [N, C]; r [N]; w, dw [C].
+// bf16 storage (`--storage bf16`, src/train/mixed.rs): rms_norm_fwd_bf16s, rms_norm_bwd_bf16s,
+// rms_norm_bwd_dw_bf16s take the same arguments with y, x, w, dx, dy bf16 (r, dw f32): the same f32
+// math on the loaded values, each bf16 output rounded once (RNE).
 //
 // Opt-in (LLADA_TRAIN_KERNELS=tiled, src/train/cuda/tiled.rs; never run on a GPU yet): the same
 // dw[j] += Σ_i (dy[i,j]·x[i,j])·r[i] over many blocks. The one-pass kernel above has ⌈C/256⌉
@@ -115,49 +118,69 @@ add_rms_norm_bf16(bf16* __restrict__ out, bf16* __restrict__ x, const bf16* __re
     rms_norm_row<true>(out, x, d, w, c, eps);
 }
 
-extern "C" __global__ void __launch_bounds__(1024)
-rms_norm_fwd_f32(float* __restrict__ y, float* __restrict__ r, const float* __restrict__ x, const float* __restrict__ w,
-                 int n, int c, float eps) {
+// The training kernels over the stored type S of y, x, w, dx, dy (common.cuh load_f/store_f);
+// r and dw are f32 in both storages.
+template <typename S>
+LLADA_DEVICE void rms_norm_fwd_t(S* __restrict__ y, float* __restrict__ r, const S* __restrict__ x,
+                                 const S* __restrict__ w, int n, int c, float eps) {
     const int i = blockIdx.x;
     if (i >= n) return;
-    const float* xr = x + (long long)i * c;
-    float* yr = y + (long long)i * c;
+    const S* xr = x + (long long)i * c;
+    S* yr = y + (long long)i * c;
     float ss = 0.0f;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) ss = __fadd_rn(ss, __fmul_rn(xr[j], xr[j]));
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        const float a = load_f(xr + j);
+        ss = __fadd_rn(ss, __fmul_rn(a, a));
+    }
     ss = block_sum(ss);
     const float ri = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, (float)c), eps)));
     if (threadIdx.x == 0) r[i] = ri;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) yr[j] = __fmul_rn(w[j], __fmul_rn(xr[j], ri));
+    for (int j = threadIdx.x; j < c; j += blockDim.x)
+        store_f(yr + j, __fmul_rn(load_f(w + j), __fmul_rn(load_f(xr + j), ri)));
 }
 
-extern "C" __global__ void __launch_bounds__(1024)
-rms_norm_bwd_f32(float* __restrict__ dx, const float* __restrict__ dy, const float* __restrict__ x,
-                 const float* __restrict__ r, const float* __restrict__ w, int n, int c) {
+template <typename S>
+LLADA_DEVICE void rms_norm_bwd_t(S* __restrict__ dx, const S* __restrict__ dy, const S* __restrict__ x,
+                                 const float* __restrict__ r, const S* __restrict__ w, int n, int c) {
     const int i = blockIdx.x;
     if (i >= n) return;
     const long long base = (long long)i * c;
     float gx = 0.0f;
     for (int j = threadIdx.x; j < c; j += blockDim.x)
-        gx = __fadd_rn(gx, __fmul_rn(__fmul_rn(dy[base + j], w[j]), x[base + j]));
+        gx = __fadd_rn(gx, __fmul_rn(__fmul_rn(load_f(dy + base + j), load_f(w + j)), load_f(x + base + j)));
     gx = block_sum(gx);
     const float ri = r[i];
     const float coef = __fdiv_rn(__fmul_rn(__fmul_rn(__fmul_rn(ri, ri), ri), gx), (float)c);
     for (int j = threadIdx.x; j < c; j += blockDim.x)
-        dx[base + j] = __fsub_rn(__fmul_rn(__fmul_rn(ri, w[j]), dy[base + j]), __fmul_rn(x[base + j], coef));
+        store_f(dx + base + j, __fsub_rn(__fmul_rn(__fmul_rn(ri, load_f(w + j)), load_f(dy + base + j)),
+                                         __fmul_rn(load_f(x + base + j), coef)));
 }
 
-extern "C" __global__ void __launch_bounds__(1024)
-rms_norm_bwd_dw_f32(float* __restrict__ dw, const float* __restrict__ dy, const float* __restrict__ x,
-                    const float* __restrict__ r, int n, int c) {
+template <typename S>
+LLADA_DEVICE void rms_norm_bwd_dw_t(float* __restrict__ dw, const S* __restrict__ dy, const S* __restrict__ x,
+                                    const float* __restrict__ r, int n, int c) {
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < c; j += gridDim.x * blockDim.x) {
         float acc = dw[j];
         for (int i = 0; i < n; ++i) {
             const long long e = (long long)i * c + j;
-            acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(dy[e], x[e]), r[i]));
+            acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(load_f(dy + e), load_f(x + e)), r[i]));
         }
         dw[j] = acc;
     }
 }
+
+LLADA_STORED(1024, rms_norm_fwd,
+             (S* __restrict__ y, float* __restrict__ r, const S* __restrict__ x, const S* __restrict__ w, int n, int c,
+              float eps),
+             rms_norm_fwd_t(y, r, x, w, n, c, eps))
+LLADA_STORED(1024, rms_norm_bwd,
+             (S* __restrict__ dx, const S* __restrict__ dy, const S* __restrict__ x, const float* __restrict__ r,
+              const S* __restrict__ w, int n, int c),
+             rms_norm_bwd_t(dx, dy, x, r, w, n, c))
+LLADA_STORED(1024, rms_norm_bwd_dw,
+             (float* __restrict__ dw, const S* __restrict__ dy, const S* __restrict__ x, const float* __restrict__ r,
+              int n, int c),
+             rms_norm_bwd_dw_t(dw, dy, x, r, n, c))
 
 extern "C" __global__ void __launch_bounds__(256)
 rms_norm_bwd_dw_tiled_f32(float* __restrict__ part, const float* __restrict__ dy, const float* __restrict__ x,

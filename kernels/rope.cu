@@ -18,6 +18,7 @@
 //   a' = a·c − b·s,  b' = b·c + a·s      (a, b) = (x[j], x[j + hd/2]), c = cos[p, j]
 // Negation and multiplication by ±1 are exact, so both directions are bit-exact with the CPU.
 // pos in [0, max_pos) (launcher checks). Grid n, block 256.
+// rope_bf16s: the same on a bf16 x (bf16 storage): f32 math, each output rounded once (RNE).
 //
 // rope_kv_store_bf16 (below rope_bf16): rope_bf16 fused with kv_store_bf16 for a cached (Fast-dLLM)
 // step: one pass over the q/k/v the qkv projection produced, instead of a RoPE pass and a
@@ -94,19 +95,24 @@ rope_kv_store_bf16(bf16* __restrict__ qkv, bf16* __restrict__ k_cache, bf16* __r
     for (int j = threadIdx.x; j < kw; j += blockDim.x) v_cache[dst + j] = v[j];
 }
 
-extern "C" __global__ void __launch_bounds__(1024)
-rope_f32(float* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-         const int* __restrict__ pos, int n, int heads, int hd, float sign) {
+template <typename S>
+LLADA_DEVICE void rope_t(S* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                         const int* __restrict__ pos, int n, int heads, int hd, float sign) {
     const int i = blockIdx.x;
     if (i >= n) return;
     const int half = hd / 2;
     const long long p = pos[i];
     for (int idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
         const int h = idx / half, j = idx - h * half;
-        float* base = x + (long long)i * heads * hd + (long long)h * hd;
+        S* base = x + (long long)i * heads * hd + (long long)h * hd;
         const float c = cos_t[p * half + j], s = sign * sin_t[p * half + j];
-        const float a = base[j], b = base[j + half];
-        base[j] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-        base[j + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+        const float a = load_f(base + j), b = load_f(base + j + half);
+        store_f(base + j, __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s)));
+        store_f(base + j + half, __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s)));
     }
 }
+
+LLADA_STORED(1024, rope,
+             (S* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+              const int* __restrict__ pos, int n, int heads, int hd, float sign),
+             rope_t(x, cos_t, sin_t, pos, n, heads, hd, sign))

@@ -21,6 +21,8 @@
 //   du = dm·g·s                        ((dm·g)·s)
 // Layouts: dg, du, dm, g, u [numel] (any shape). Grid-stride, block 256. Explicit IEEE
 // intrinsics (no FMA contraction); only expf differs from the CPU's libm exp (≤ 2 f32 ulps).
+// swiglu_fwd_bf16s, swiglu_bwd_bf16s: the same on bf16 buffers (bf16 storage): f32 math on the
+// loaded values, each output rounded once (RNE).
 #include "common.cuh"
 
 LLADA_DEVICE float silu_f32(float g) { return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g))); }
@@ -53,22 +55,30 @@ swiglu_bf16(bf16* __restrict__ out, const bf16* __restrict__ gate_up, int n, int
     }
 }
 
-extern "C" __global__ void __launch_bounds__(1024)
-swiglu_fwd_f32(float* __restrict__ m, const float* __restrict__ g, const float* __restrict__ u, long long numel) {
+template <typename S>
+LLADA_DEVICE void swiglu_fwd_t(S* __restrict__ m, const S* __restrict__ g, const S* __restrict__ u, long long numel) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += (long long)gridDim.x * blockDim.x) {
-        const float gv = g[i];
+        const float gv = load_f(g + i);
         const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-gv)));
-        m[i] = __fmul_rn(__fmul_rn(gv, s), u[i]);
+        store_f(m + i, __fmul_rn(__fmul_rn(gv, s), load_f(u + i)));
     }
 }
 
-extern "C" __global__ void __launch_bounds__(1024)
-swiglu_bwd_f32(float* __restrict__ dg, float* __restrict__ du, const float* __restrict__ dm,
-               const float* __restrict__ g, const float* __restrict__ u, long long numel) {
+template <typename S>
+LLADA_DEVICE void swiglu_bwd_t(S* __restrict__ dg, S* __restrict__ du, const S* __restrict__ dm,
+                               const S* __restrict__ g, const S* __restrict__ u, long long numel) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += (long long)gridDim.x * blockDim.x) {
-        const float gv = g[i], d = dm[i];
+        const float gv = load_f(g + i), d = load_f(dm + i);
         const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-gv)));
-        dg[i] = __fmul_rn(__fmul_rn(__fmul_rn(d, u[i]), s), __fadd_rn(1.0f, __fmul_rn(gv, __fsub_rn(1.0f, s))));
-        du[i] = __fmul_rn(__fmul_rn(d, gv), s);
+        store_f(dg + i,
+                __fmul_rn(__fmul_rn(__fmul_rn(d, load_f(u + i)), s), __fadd_rn(1.0f, __fmul_rn(gv, __fsub_rn(1.0f, s)))));
+        store_f(du + i, __fmul_rn(__fmul_rn(d, gv), s));
     }
 }
+
+LLADA_STORED(1024, swiglu_fwd, (S* __restrict__ m, const S* __restrict__ g, const S* __restrict__ u, long long numel),
+             swiglu_fwd_t(m, g, u, numel))
+LLADA_STORED(1024, swiglu_bwd,
+             (S* __restrict__ dg, S* __restrict__ du, const S* __restrict__ dm, const S* __restrict__ g,
+              const S* __restrict__ u, long long numel),
+             swiglu_bwd_t(dg, du, dm, g, u, numel))

@@ -480,9 +480,12 @@ fn the_memory_model_matches_hand_computed_bytes_for_tiny() {
         (b.weights, b.master, b.moments, b.gradients),
         (2 * 508_544, 4 * 169_536, 8 * 169_536, 4 * 508_544)
     );
+    // bf16 storage: 2 bytes a value, and 2 more for the f32 per-row statistics S: per kept
+    // layer n·(2 + NH) = 32·4 = 128, beside 2R + n·NH = 64 + 64 = 128; kept S = 2·128 + 128 =
+    // 384, recomputing (one layer's) S = 128 + 128 = 256.
     assert_eq!(
         (b.activations_kept, b.activations_recompute),
-        (2 * 223_616, 2 * 164_096)
+        (2 * 223_616 + 2 * 384, 2 * 164_096 + 2 * 256)
     );
     // Unsharded: the whole moments (and, in bf16 storage, master weights) on every rank.
     let u = plan(&cfg, 2, 16, 3, 0, Storage::Bf16).unwrap();
@@ -529,21 +532,55 @@ fn cli_memory_plan_prints_without_loading_anything() {
     assert!(line("weights (whole model)").contains("29.86 GiB"), "{s}");
 }
 
+/// The weights after `steps` sharded steps of 2 ranks, each trainer set up by `set`.
+fn sharded_with(o: TrainOptions, steps: u64, set: fn(&mut Trainer)) -> Vec<Params<f32>> {
+    in_ranks(2, 1, move |_, g| {
+        let mut tr = Trainer::new(small(), small_params(), o.clone(), samples()).unwrap();
+        set(&mut tr);
+        tr.join_group(g).unwrap();
+        let mut z = tr.shard_optimizer().unwrap();
+        for _ in 0..steps {
+            tr.train_step_on(&mut z).unwrap();
+        }
+        z.store.host.params
+    })
+}
+
 #[test]
 fn zero1_with_recompute_takes_the_same_steps() {
     // The trainer hands its --recompute to the sharded state's pass (StepState::forward_backward
     // takes the pass options): the same steps, bit for bit.
     let o = options(2, 2, 2);
     let kept = run(o.clone(), true, 2, None);
-    let recomputed = in_ranks(2, 1, move |_, g| {
-        let mut tr = Trainer::new(small(), small_params(), o.clone(), samples()).unwrap();
-        tr.recompute = true;
-        tr.join_group(g).unwrap();
-        let mut z = tr.shard_optimizer().unwrap();
-        for _ in 0..2 {
-            tr.train_step_on(&mut z).unwrap();
-        }
-        z.store.host.params
-    });
+    let recomputed = sharded_with(o, 2, |tr| tr.recompute = true);
     assert_same_bits(&recomputed[0], &kept[0].params, "--recompute vs all kept");
+}
+
+#[test]
+fn zero1_in_bf16_storage_is_the_unsharded_bf16_run() {
+    // The trainer hands its storage to the sharded state (`shard_optimizer`): sharding changes
+    // nothing in bf16 storage either, and the storage does change the steps.
+    let o = options(2, 2, 2);
+    let sharded = sharded_with(o.clone(), 2, |tr| tr.storage = Storage::Bf16);
+    let unsharded = in_ranks(2, 1, move |_, g| {
+        let mut tr = Trainer::new(small(), small_params(), o.clone(), samples()).unwrap();
+        tr.storage = Storage::Bf16;
+        tr.join_group(g).unwrap();
+        for _ in 0..2 {
+            tr.train_step().unwrap();
+        }
+        tr.params
+    });
+    assert_finite(&sharded[0], "bf16 storage, sharded");
+    assert_same_bits(
+        &sharded[0],
+        &unsharded[0],
+        "bf16 storage: sharded vs unsharded",
+    );
+    assert_same_bits(&sharded[1], &unsharded[1], "bf16 storage: rank 1");
+    let f32_run = sharded_with(options(2, 2, 2), 2, |_| {});
+    assert!(
+        sharded[0].data != f32_run[0].data,
+        "the sharded run ignored bf16 storage"
+    );
 }

@@ -14,8 +14,10 @@ use std::marker::PhantomData;
 
 use anyhow::{ensure, Result};
 
+use super::memory::Storage;
 use super::ops::{self, AttnShape, Real};
 pub use super::ops::{LinearBwd, MatMul, Rows};
+use crate::hf::dtype::DType;
 
 /// The training ops over one kind of buffer (host vectors, or device memory).
 pub trait TrainOps {
@@ -24,8 +26,13 @@ pub trait TrainOps {
     /// An index buffer (token ids, rows, positions).
     type Ints;
 
-    /// `len` zeros.
+    /// `len` zeros (in the storage's activation dtype: bf16 in bf16 storage).
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// `len` zeros in f32 whatever the storage: the per-row statistics (a norm's `r`,
+    /// attention's `lse` and `delta`, the loss rows) the pass keeps beside its activations.
+    fn zeros_f32(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
     /// A buffer holding `host`.
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     /// The first `n` elements of `src`, as f32 (a device synchronizes).
@@ -202,10 +209,15 @@ impl<T: Real> HostLinear<T> for PlainLinear {
 }
 
 /// The host ops ([`super::ops`]) in `T` (f32 for training, f64 for gradient checks), with the
-/// linears of `L`.
+/// linears of `L`, in a [`Storage`]: in bf16 storage (the CPU reference of the GPU's, see
+/// [`super::mixed`]) every op computes in `T` as in f32 storage, refuses an operand the device
+/// holds in bf16 that is not a bf16 value (naming the op and the operand), and rounds what it
+/// writes into such a buffer to bf16 (RNE); weight gradients and the f32 per-row statistics
+/// ([`TrainOps::zeros_f32`]) are neither checked nor rounded.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HostOps<T, L = PlainLinear> {
     lin: L,
+    store: Storage,
     t: PhantomData<T>,
 }
 
@@ -220,8 +232,51 @@ impl<T, L> HostOps<T, L> {
     pub fn with_linear(lin: L) -> HostOps<T, L> {
         HostOps {
             lin,
+            store: Storage::F32,
             t: PhantomData,
         }
+    }
+
+    /// The same ops in `store`.
+    pub fn with_storage(self, store: Storage) -> HostOps<T, L> {
+        HostOps { store, ..self }
+    }
+}
+
+/// `x` rounded to bf16 (RNE; f64 through f32).
+fn to_bf16<T: Real>(x: T) -> T {
+    T::from_f64(DType::BF16.round(x.to_f64() as f32) as f64)
+}
+
+impl<T: Real, L> HostOps<T, L> {
+    /// bf16 storage: every operand of `read` holds bf16 values (NaN passes: the loss check
+    /// reports it).
+    fn read(&self, op: &str, read: &[(&str, &[T])]) -> Result<()> {
+        if self.store == Storage::F32 {
+            return Ok(());
+        }
+        for (name, x) in read {
+            let bad = x.iter().position(|&v| {
+                let f = v.to_f64();
+                !f.is_nan() && to_bf16(v).to_f64().to_bits() != f.to_bits()
+            });
+            if let Some(i) = bad {
+                anyhow::bail!(
+                    "{op}: `{name}`[{i}] = {:e} is not a bf16 value, and bf16 storage holds \
+                     `{name}` in bf16",
+                    x[i].to_f64()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// bf16 storage: round what an op wrote into `x` (a bf16 buffer) to bf16.
+    fn keep(&self, x: &mut [T]) -> Result<()> {
+        if self.store == Storage::Bf16 {
+            x.iter_mut().for_each(|v| *v = to_bf16(*v));
+        }
+        Ok(())
     }
 }
 
@@ -264,16 +319,19 @@ impl<T: Real, L: HostLinear<T>> TrainOps for HostOps<T, L> {
     }
 
     fn embedding(&self, out: &mut Vec<T>, wte: &Vec<T>, ids: RowIds<Self>) -> Result<()> {
+        self.read("embedding", &[("wte", wte)])?;
         ops::embedding(out, wte, &ids.ids[..ids.d.n], ids.d.c);
         Ok(())
     }
     fn embedding_bwd(&self, dwte: &mut Vec<T>, dx: &Vec<T>, ids: RowIds<Self>) -> Result<()> {
+        self.read("embedding_bwd", &[("dx", dx)])?;
         ops::embedding_bwd(dwte, dx, &ids.ids[..ids.d.n], ids.d.c);
         Ok(())
     }
     fn rms_norm(&self, y: &mut Vec<T>, r: &mut Vec<T>, a: Norm<Self>) -> Result<()> {
+        self.read("rms_norm", &[("x", a.x), ("w", a.w)])?;
         ops::rms_norm(y, r, a.x, a.w, a.d, a.eps as f64);
-        Ok(())
+        self.keep(y)
     }
     fn rms_norm_bwd(
         &self,
@@ -281,16 +339,20 @@ impl<T: Real, L: HostLinear<T>> TrainOps for HostOps<T, L> {
         dw: Option<&mut Vec<T>>,
         a: NormGrad<Self>,
     ) -> Result<()> {
+        self.read("rms_norm_bwd", &[("dy", a.dy), ("x", a.x), ("w", a.w)])?;
         match dw {
             Some(dw) => ops::rms_norm_bwd(dx, dw, a.dy, a.x, a.r, a.w, a.d),
             None => ops::rms_norm_dx(dx, a.dy, a.x, a.r, a.w, a.d),
         }
-        Ok(())
+        self.keep(dx)
     }
     fn linear(&self, y: &mut Vec<T>, x: &Vec<T>, w: &Vec<T>, d: MatMul) -> Result<()> {
-        self.lin.forward(y, x, w, d)
+        self.read("linear", &[("x", x), ("w", w)])?;
+        self.lin.forward(y, x, w, d)?;
+        self.keep(y)
     }
     fn linear_bwd(&self, dx: Dx<Self>, dw: Option<&mut Vec<T>>, a: LinearGrad<Self>) -> Result<()> {
+        self.read("linear_bwd", &[("dy", a.dy), ("x", a.x), ("w", a.w)])?;
         let dw = dw.map(|d| d.as_mut_slice());
         let (n, k) = (a.d.n, a.d.k);
         let a = LinearBwd {
@@ -307,40 +369,67 @@ impl<T: Real, L: HostLinear<T>> TrainOps for HostOps<T, L> {
                 for (a, &b) in dx.iter_mut().zip(&part) {
                     *a += b;
                 }
-                Ok(())
+                self.keep(dx)
             }
-            (dx, _) => self.lin.backward(dx.map(|d| d.as_mut_slice()), dw, a),
+            (Some(dx), false) => {
+                self.lin.backward(Some(dx.as_mut_slice()), dw, a)?;
+                self.keep(dx)
+            }
+            (None, _) => self.lin.backward(None, dw, a),
         }
     }
     fn rope(&self, x: &mut Vec<T>, t: &Rope<Self>, heads: usize, inverse: bool) -> Result<()> {
+        self.read("rope", &[("x", x)])?;
         ops::rope(x, &t.pos[..t.n], (&t.cos, &t.sin), heads, t.hd, inverse);
-        Ok(())
+        self.keep(x)
     }
     fn attention(&self, o: &mut Vec<T>, lse: &mut Vec<T>, a: Qkv<Self>) -> Result<()> {
+        self.read("attention", &[("q", a.q), ("k", a.k), ("v", a.v)])?;
         ops::attention(o, lse, a.q, a.k, a.v, a.d);
-        Ok(())
+        self.keep(o)
     }
     fn attention_bwd(&self, g: QkvGrads<Self>, a: AttnGrad<Self>) -> Result<()> {
         let (q, saved) = (a.qkv, (&a.dout[..], &a.o[..], &a.lse[..]));
-        ops::attention_bwd((g.dq, g.dk, g.dv), saved, (q.q, q.k, q.v), q.d);
-        Ok(())
+        let read = [
+            ("dout", saved.0),
+            ("o", saved.1),
+            ("q", q.q),
+            ("k", q.k),
+            ("v", q.v),
+        ];
+        self.read("attention_bwd", &read)?;
+        ops::attention_bwd(
+            (&mut *g.dq, &mut *g.dk, &mut *g.dv),
+            saved,
+            (q.q, q.k, q.v),
+            q.d,
+        );
+        self.keep(g.dq)?;
+        self.keep(g.dk)?;
+        self.keep(g.dv)
     }
     fn swiglu(&self, m: &mut Vec<T>, g: &Vec<T>, u: &Vec<T>, len: usize) -> Result<()> {
+        self.read("swiglu", &[("g", &g[..len]), ("u", &u[..len])])?;
         ops::swiglu(&mut m[..len], &g[..len], &u[..len]);
-        Ok(())
+        self.keep(&mut m[..len])
     }
     fn swiglu_bwd(&self, dg: &mut Vec<T>, du: &mut Vec<T>, a: SwigluGrad<Self>) -> Result<()> {
         let n = a.len;
-        ops::swiglu_bwd(&mut dg[..n], &mut du[..n], &a.dm[..n], &a.g[..n], &a.u[..n]);
-        Ok(())
+        let (dm, g, u) = (&a.dm[..n], &a.g[..n], &a.u[..n]);
+        self.read("swiglu_bwd", &[("dm", dm), ("g", g), ("u", u)])?;
+        ops::swiglu_bwd(&mut dg[..n], &mut du[..n], dm, g, u);
+        self.keep(&mut dg[..n])?;
+        self.keep(&mut du[..n])
     }
     fn add(&self, x: &mut Vec<T>, d: &Vec<T>, len: usize) -> Result<()> {
+        self.read("add", &[("x", &x[..len]), ("d", &d[..len])])?;
         for (xv, &dv) in x[..len].iter_mut().zip(&d[..len]) {
             *xv += dv;
         }
-        Ok(())
+        self.keep(&mut x[..len])
     }
     fn gather_rows(&self, out: &mut Vec<T>, x: &Vec<T>, rows: RowIds<Self>) -> Result<()> {
+        self.read("gather_rows", &[("x", x)])?;
         let c = rows.d.c;
         for (i, &row) in rows.ids[..rows.d.n].iter().enumerate() {
             let row = row as usize;
@@ -349,21 +438,25 @@ impl<T: Real, L: HostLinear<T>> TrainOps for HostOps<T, L> {
         Ok(())
     }
     fn scatter_add_rows(&self, dx: &mut Vec<T>, dy: &Vec<T>, at: RowIds<Self>) -> Result<()> {
+        self.read("scatter_add_rows", &[("dx", dx), ("dy", dy)])?;
         let c = at.d.c;
         for (i, &row) in at.ids[..at.d.n].iter().enumerate() {
             let row = row as usize;
-            for (o, &g) in dx[row * c..(row + 1) * c]
-                .iter_mut()
-                .zip(&dy[i * c..(i + 1) * c])
-            {
+            let dst = &mut dx[row * c..(row + 1) * c];
+            for (o, &g) in dst.iter_mut().zip(&dy[i * c..(i + 1) * c]) {
                 *o += g;
             }
+            // bf16 storage: every add rounds (as the kernel's), also for a repeated row.
+            self.keep(dst)?;
         }
         Ok(())
     }
     fn cross_entropy(&self, z: &mut Vec<T>, _: &mut Vec<T>, t: Targets<Self>) -> Result<f64> {
         let Rows { n: r, c: v } = t.d;
         let (ids, w) = (&t.ids[..r], &t.weights[..r]);
-        Ok(ops::cross_entropy(&mut z[..r * v], ids, w, v))
+        self.read("cross_entropy", &[("z", &z[..r * v])])?;
+        let loss = ops::cross_entropy(&mut z[..r * v], ids, w, v);
+        self.keep(&mut z[..r * v])?;
+        Ok(loss)
     }
 }

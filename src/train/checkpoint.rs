@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::memory::Storage;
 use super::model::Params;
 use super::optim::{AdamW, AdamWConfig};
 use crate::hf::checkpoint::Checkpoint;
@@ -33,10 +34,17 @@ pub struct TrainerState {
     pub eps: f64,
     pub weight_decay: f64,
     pub options: serde_json::Value,
+    /// The run's storage ([`super::mixed`]; absent, as in checkpoints before it, means f32).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub storage: Storage,
     /// A LoRA run's adapter and base model (absent for full fine-tuning; see
     /// [`super::lora_checkpoint`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraRun>,
+}
+
+fn is_f32(s: &Storage) -> bool {
+    *s == Storage::F32
 }
 
 /// The `lora` record of a LoRA run's `trainer_state.json`.

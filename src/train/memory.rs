@@ -4,13 +4,13 @@
 //! With `P` parameters, `N` data-parallel ranks and shard `S` (the largest, rank 0's: `⌈P/N⌉`
 //! rounded up to [`super::zero::SHARD_ALIGN`] values under ZeRO-1, else `S = P`):
 //!
-//! | category | f32 storage (what `llada train` stores today) | bf16 storage (weights and activations in bf16) |
+//! | category | f32 storage (`--storage f32`, the default) | bf16 storage (`--storage bf16`, [`super::mixed`]) |
 //! |---|---|---|
 //! | weights (whole model, every rank) | `4·P` | `2·P` |
 //! | master weights (f32) | 0: the f32 weights are the master copy | `4·S` |
 //! | AdamW moments (f32 `m`, `v`) | `8·S` | `8·S` |
 //! | gradients (f32, whole model: ZeRO-1 does not shard them) | `4·P` | `4·P` |
-//! | activations | `e·A`, `e = 4` | `e·A`, `e = 2` |
+//! | activations | `4·A` | `2·A + 2·S` |
 //!
 //! `A`, the activation values of one micro-batch of `n = B·T` tokens on one rank (the buffers of
 //! [`super::model::forward_backward_on`]), counting every token as a loss row (`R = n`, an upper
@@ -23,6 +23,10 @@
 //!   and loss rows' scalars, the logits, overwritten by their gradient);
 //! - the backward pass's scratch: `n·(2C + 3F + 2·QW + 2·KW + NH)`.
 //!
+//! `S ⊂ A`, the per-row statistics that stay f32 in bf16 storage (norm scales, attention
+//! log-sum-exps and `delta`, loss rows; [`super::model::stat_floats`]): `N·(2 + NH)` per kept
+//! layer, `2R + N·NH` beside. Activation gradients are bf16 too ([`super::mixed`]).
+//!
 //! All layers kept: `A = L·layer + rest`; with per-layer recomputation (`--recompute`) only the
 //! layers' inputs (`L·n·C`) stay, and one layer's activations beyond its input are rebuilt at a
 //! time: `A = L·n·C + (layer − n·C) + rest`. The numbers are
@@ -32,28 +36,35 @@
 //! fragmentation, the data and token ids (small), and rank 0's host memory while it saves.
 
 use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
 
 use super::zero::SHARD_ALIGN;
 use crate::hf::checkpoint::expected_tensors;
 use crate::hf::config::ModelConfig;
 
-/// How weights and activations are stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How weights and activations are stored (`llada train --storage`; the names are `f32` and
+/// `bf16`). What each buffer holds in bf16 storage is written in [`super::mixed`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Storage {
-    /// Everything f32 (the CPU reference and today's CUDA path, `--precision` f32 or bf16).
+    /// Everything f32 (`--precision` f32 or bf16 only changes the GPU's GEMM compute type).
+    #[default]
     F32,
-    /// bf16 weights and activations, f32 master weights, moments and gradients.
+    /// bf16 weights and activations (and activation gradients), f32 master weights, moments,
+    /// weight gradients and per-row statistics; bf16 GEMMs with f32 accumulation.
     Bf16,
 }
 
 impl Storage {
     pub fn name(self) -> &'static str {
-        match self {
-            Storage::F32 => "f32 storage",
-            Storage::Bf16 => "bf16 storage",
-        }
+        crate::names::name_of(STORAGES, &self)
     }
 }
+
+/// The `--storage` names, for parsing and printing.
+const STORAGES: &[(&str, Storage)] = &[("f32", Storage::F32), ("bf16", Storage::Bf16)];
+
+crate::names::named_enum!(Storage, "storage", STORAGES);
 
 /// Bytes per rank of one run, by category.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +95,20 @@ pub fn activation_values(cfg: &ModelConfig, b: usize, t: usize) -> (u64, u64) {
     (f(false), f(true))
 }
 
+/// Activation bytes of one micro-batch of `b × t` tokens stored as `storage` (all layers
+/// kept, with per-layer recomputation): 4 bytes a value in f32 storage; in bf16 storage 2,
+/// and 4 for the per-row statistics ([`super::model::stat_floats`]).
+pub fn activation_bytes(cfg: &ModelConfig, b: usize, t: usize, storage: Storage) -> (u64, u64) {
+    let (kept, rec) = activation_values(cfg, b, t);
+    match storage {
+        Storage::F32 => (4 * kept, 4 * rec),
+        Storage::Bf16 => {
+            let s = |r| super::model::stat_floats(cfg, b, t, b * t, r) as u64;
+            (2 * kept + 2 * s(false), 2 * rec + 2 * s(true))
+        }
+    }
+}
+
 /// The plan of a run of `cfg` with micro-batches of `batch_size × seq_len` tokens per rank over
 /// `world` ranks, ZeRO stage `zero` (0 or 1).
 pub fn plan(
@@ -111,11 +136,11 @@ pub fn plan(
         p
     }
     .min(p);
-    let (wbytes, master, abytes) = match storage {
-        Storage::F32 => (4, 0, 4),
-        Storage::Bf16 => (2, 4 * shard, 2),
+    let (wbytes, master) = match storage {
+        Storage::F32 => (4, 0),
+        Storage::Bf16 => (2, 4 * shard),
     };
-    let (kept, rec) = activation_values(cfg, batch_size, seq_len);
+    let (kept, rec) = activation_bytes(cfg, batch_size, seq_len, storage);
     Ok(MemoryPlan {
         storage,
         params: p,
@@ -126,8 +151,8 @@ pub fn plan(
         master,
         moments: 8 * shard,
         gradients: 4 * p,
-        activations_kept: abytes * kept,
-        activations_recompute: abytes * rec,
+        activations_kept: kept,
+        activations_recompute: rec,
     })
 }
 
@@ -189,7 +214,7 @@ pub fn render(plans: &[MemoryPlan]) -> String {
     ];
     let mut s = format!("{:<40}", "bytes per rank");
     for p in plans {
-        s += &format!("{:>16}", p.storage.name());
+        s += &format!("{:>16}", format!("{} storage", p.storage));
     }
     s.push('\n');
     for (name, f) in rows {

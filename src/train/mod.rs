@@ -23,6 +23,8 @@
 //!   ([`Trainer::join_group`]).
 //! - [`zero`]: ZeRO-1, the optimizer state sharded over those ranks
 //!   ([`Trainer::shard_optimizer`]); [`memory`]: bytes per rank of a run, by category.
+//! - [`mixed`]: bf16 storage (`--storage bf16`: bf16 weights and activations, f32 master
+//!   weights, moments and weight gradients), what each buffer holds, its CPU reference.
 
 pub mod backend;
 pub mod checkpoint;
@@ -35,6 +37,7 @@ pub mod lora;
 pub mod lora_checkpoint;
 pub mod loss;
 pub mod memory;
+pub mod mixed;
 pub mod model;
 pub mod nccl;
 pub mod ops;
@@ -46,7 +49,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::hf::config::ModelConfig;
 use data::Sample;
-use model::{forward_backward_host, Batch, Params, PassOptions};
+use memory::Storage;
+use model::{Batch, Params, PassOptions};
 use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
 
 /// The options of a run (saved in the checkpoint; a resume reuses them).
@@ -187,10 +191,13 @@ pub trait StepState {
     }
 }
 
-/// The host's step state: f32 parameters and gradients, AdamW's moments in the [`AdamW`].
+/// The host's step state: f32 parameters (the master weights in bf16 storage) and
+/// gradients, AdamW's moments in the [`AdamW`].
 pub struct HostStep {
     pub params: Params<f32>,
     pub grad: Params<f32>,
+    /// What the pass stores its weights and activations in ([`mixed`]).
+    pub storage: Storage,
 }
 
 impl StepState for HostStep {
@@ -199,7 +206,8 @@ impl StepState for HostStep {
         Ok(())
     }
     fn forward_backward(&mut self, cfg: &ModelConfig, b: &Batch, o: PassOptions) -> Result<f64> {
-        Ok(forward_backward_host(cfg, &self.params, b, &mut self.grad, o)?.loss)
+        let (p, g) = (&self.params, &mut self.grad);
+        Ok(mixed::forward_backward_stored(cfg, self.storage, p, b, g, o)?.loss)
     }
     fn all_reduce_grads(&mut self, group: &mut dist::HostGroup) -> Result<()> {
         for d in &mut self.grad.data {
@@ -232,6 +240,9 @@ pub struct Trainer {
     /// Recompute each layer's activations in the backward pass of the host step
     /// ([`PassOptions::recompute`]; the same results, less memory).
     pub recompute: bool,
+    /// The storage of the host step's weights and activations ([`mixed`]; saved in the
+    /// checkpoint's trainer state, so a resume continues in it).
+    pub storage: Storage,
 }
 
 impl Trainer {
@@ -305,6 +316,7 @@ impl Trainer {
             rank: 0,
             group: None,
             recompute: false,
+            storage: Storage::F32,
         })
     }
 
@@ -342,7 +354,8 @@ impl Trainer {
     /// A hash of the options (what every rank must agree on).
     pub fn options_fingerprint(&self) -> Result<u64> {
         let j = serde_json::to_vec(&self.opts)?;
-        Ok(dist::fnv1a(dist::FNV_START, &j))
+        let h = dist::fnv1a(dist::FNV_START, &j);
+        Ok(dist::fnv1a(h, self.storage.name().as_bytes()))
     }
 
     /// A hash of the training samples.
@@ -390,6 +403,7 @@ impl Trainer {
         let mut host = HostStep {
             params: std::mem::take(&mut self.params),
             grad: std::mem::take(&mut self.grad),
+            storage: self.storage,
         };
         let stats = self.step_on(&mut host);
         (self.params, self.grad) = (host.params, host.grad);
@@ -476,6 +490,7 @@ impl Trainer {
             eps: self.opt.cfg.eps,
             weight_decay: self.opt.cfg.weight_decay,
             options: serde_json::to_value(&self.opts)?,
+            storage: self.storage,
             lora: None,
         })
     }

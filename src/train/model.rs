@@ -247,6 +247,16 @@ pub fn activation_floats(
     kept + 2 * n * c + head + bwd
 }
 
+/// Of [`activation_floats`], the per-row statistics, which stay f32 in bf16 storage
+/// ([`super::mixed`]): every kept layer's norm scales and attention log-sum-exps
+/// (`N·(2 + NH)` per layer), the head's norm scales and loss rows (`2R`) and the attention
+/// backward's `delta` (`N·NH`).
+pub fn stat_floats(cfg: &ModelConfig, b: usize, t: usize, rows: usize, recompute: bool) -> usize {
+    let n = b * t;
+    let layers = if recompute { 1 } else { cfg.n_layers };
+    layers * n * (2 + cfg.n_heads) + 2 * rows + n * cfg.n_heads
+}
+
 /// One layer's activations beyond its input, kept for (or recomputed before) its backward.
 struct Acts<B> {
     r1: B,
@@ -310,18 +320,24 @@ impl<'a, B: TrainOps> Pass<'a, B> {
         self.ops.zeros(len)
     }
 
+    /// `len` zeros of per-row statistics (f32 in every storage), counted as activations.
+    fn stats(&self, len: usize) -> Result<B::Buf> {
+        self.floats.set(self.floats.get() + len);
+        self.ops.zeros_f32(len)
+    }
+
     fn acts(&self) -> Result<Acts<B::Buf>> {
         let (n, c, qw, kw, f) = (self.n, self.c, self.qw, self.kw, self.f);
         Ok(Acts {
-            r1: self.zeros(n)?,
+            r1: self.stats(n)?,
             h1: self.zeros(n * c)?,
             q: self.zeros(n * qw)?,
             k: self.zeros(n * kw)?,
             v: self.zeros(n * kw)?,
-            lse: self.zeros(n * self.dims.nh)?,
+            lse: self.stats(n * self.dims.nh)?,
             a: self.zeros(n * qw)?,
             x_mid: self.zeros(n * c)?,
-            r2: self.zeros(n)?,
+            r2: self.stats(n)?,
             h2: self.zeros(n * c)?,
             g: self.zeros(n * f)?,
             u: self.zeros(n * f)?,
@@ -340,7 +356,7 @@ impl<'a, B: TrainOps> Pass<'a, B> {
             dq: self.zeros(n * qw)?,
             dk: self.zeros(n * kw)?,
             dv: self.zeros(n * kw)?,
-            delta: self.zeros(n * self.dims.nh)?,
+            delta: self.stats(n * self.dims.nh)?,
         })
     }
 
@@ -574,7 +590,7 @@ pub fn forward_backward_with<B: TrainOps>(
     let (rows, head_rows) = (ops.ints(&batch.rows)?, Rows { n: r, c });
     let mut xr = z(r * c)?;
     ops.gather_rows(&mut xr, &x, RowIds::new(&rows, head_rows))?;
-    let mut rf = z(r)?;
+    let mut rf = pass.stats(r)?;
     let mut hf = z(r * c)?;
     let (i_lm, i_lnf) = (p.len() - 1, p.len() - 2);
     let norm = Norm::new(&xr, &p[i_lnf], head_rows, cfg.rms_norm_eps);
@@ -584,7 +600,7 @@ pub fn forward_backward_with<B: TrainOps>(
     ops.linear(&mut logits, &hf, &p[i_lm], head)?;
     let weights = ops.upload_f64(&batch.weights)?;
     let targets = ops.ints(&batch.targets)?;
-    let mut loss_rows = z(r)?;
+    let mut loss_rows = pass.stats(r)?;
     let t = Targets::new(&targets, &weights, Rows { n: r, c: v });
     let loss = ops.cross_entropy(&mut logits, &mut loss_rows, t)?;
 

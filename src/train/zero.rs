@@ -227,7 +227,12 @@ impl ZeroStep {
         let (m, v) = (layout.shard_of(&opt.m)?, layout.shard_of(&opt.v)?);
         let mut grad = params.clone();
         grad.fill_zero();
-        let host = HostStep { params, grad };
+        let storage = Default::default();
+        let host = HostStep {
+            params,
+            grad,
+            storage,
+        };
         Sharded::with_store(HostShard { host, m, v }, &sizes, world, rank)
     }
 }
@@ -345,7 +350,8 @@ impl Trainer {
             g.world
         );
         let (world, rank) = (g.world, g.rank);
-        let z = ZeroStep::new(std::mem::take(&mut self.params), &self.opt, world, rank)?;
+        let mut z = ZeroStep::new(std::mem::take(&mut self.params), &self.opt, world, rank)?;
+        z.store.host.storage = self.storage;
         self.grad = Params::default();
         self.opt.m = Params::default();
         self.opt.v = Params::default();

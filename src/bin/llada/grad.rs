@@ -11,8 +11,10 @@ use llada::engine::device::DeviceChoice;
 use llada::engine::{self, Opened};
 use llada::hf::dtype::DType;
 use llada::hf::write::{write_safetensors, HostTensor};
-use llada::train::cuda::{CudaOps, DeviceParams};
+use llada::train::cuda::{bf16_weights, forward_backward_bf16, CudaOps, DeviceParams};
 use llada::train::loss::fixed_mask_batch;
+use llada::train::memory::Storage;
+use llada::train::mixed::forward_backward_stored;
 use llada::train::model::{forward_backward_with, Params, PassOptions};
 
 use crate::ModelArgs;
@@ -42,6 +44,10 @@ pub struct GradArgs {
     /// bit, from less memory; see `llada train --recompute`).
     #[arg(long)]
     recompute: bool,
+    /// f32, or bf16: the pass of `llada train --storage bf16` (bf16 weights and activations,
+    /// f32 gradients) from the checkpoint's weights rounded to bf16.
+    #[arg(long, default_value = "f32")]
+    storage: Storage,
 }
 
 pub fn cmd_grad(a: GradArgs) -> Result<()> {
@@ -62,8 +68,7 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
     let opts = PassOptions::recomputing(a.recompute);
     let stats = match a.device.parse::<DeviceChoice>()? {
         DeviceChoice::Cpu | DeviceChoice::Auto => {
-            let ops = llada::train::backend::HostOps::<f32>::new();
-            forward_backward_with(&ops, cfg, opts, &params.data, &batch, &mut grad.data)?
+            forward_backward_stored(cfg, a.storage, &params, &batch, &mut grad, opts)?
         }
         DeviceChoice::Cuda(i) => {
             llada::engine::device::cuda_available()
@@ -71,7 +76,15 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
             let ops = CudaOps::new(i)?;
             let dp = DeviceParams::upload(&ops, &params)?;
             let mut dg = DeviceParams::upload(&ops, &grad)?;
-            let stats = forward_backward_with(&ops, cfg, opts, &dp.data, &batch, &mut dg.data)?;
+            let stats = match a.storage {
+                Storage::F32 => {
+                    forward_backward_with(&ops, cfg, opts, &dp.data, &batch, &mut dg.data)?
+                }
+                Storage::Bf16 => {
+                    let w = bf16_weights(&ops, &dp.data)?;
+                    forward_backward_bf16(&ops, cfg, opts, &w, &batch, &mut dg.data)?
+                }
+            };
             grad = dg.download(&ops)?;
             stats
         }
@@ -88,11 +101,13 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
     }
     write_safetensors(&a.out, &out)?;
     eprintln!(
-        "loss {loss:.6}; wrote the loss and {} gradients to {} (activations: {:.2} MiB{})",
+        "loss {loss:.6}; wrote the loss and {} gradients to {} (activations: {:.2} MiB{}, \
+         {} storage)",
         out.len() - 1,
         a.out.display(),
         stats.activation_floats as f64 * 4.0 / (1u64 << 20) as f64,
-        if a.recompute { ", recomputed" } else { "" }
+        if a.recompute { ", recomputed" } else { "" },
+        a.storage
     );
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! `llada train`: pretraining or SFT (reference §6) on the CPU or CUDA GPUs (f32, or bf16
-//! GEMMs with `--precision bf16`; see `llada::train::cuda`), saving Hugging Face folders that
+//! `llada train`: pretraining or SFT (reference §6) on the CPU or CUDA GPUs (f32, bf16 GEMMs
+//! with `--precision bf16`, or bf16 mixed precision with `--storage bf16`: see
+//! `llada::train::mixed` and `llada::train::cuda`), saving Hugging Face folders that
 //! `llada generate` loads, with exact resume. Data parallel over several processes (one per
 //! GPU) when the environment gives ranks (`srun`, or `RANK`/`WORLD_SIZE`; see
 //! `llada::train::dist`). LoRA runs (`--lora-rank`, or `--resume` of a LoRA checkpoint) are in
@@ -85,10 +86,20 @@ pub struct TrainArgs {
     /// Save nothing (benchmarks: a large model's checkpoint takes long to write).
     #[arg(long, conflicts_with = "save_every")]
     no_save: bool,
-    /// What the GPU's GEMMs compute in: f32, or bf16 (tensor cores, f32 accumulation; weights,
-    /// moments and activations stay f32). The CPU trains in f32 only.
-    #[arg(long, default_value = "f32")]
+    /// What the GPU's GEMMs compute in: f32, or bf16 (tensor cores, f32 accumulation; with
+    /// --storage f32 the weights, moments and activations stay f32) [default: bf16 with
+    /// --storage bf16, else f32]. On the CPU only as part of --storage bf16.
+    #[arg(long = "precision", value_name = "PRECISION")]
+    precision_flag: Option<TrainPrecision>,
+    /// The run's GEMM precision (--precision, or what --storage implies).
+    #[arg(skip)]
     precision: TrainPrecision,
+    /// What weights and activations are stored in: f32, or bf16 (bf16 working weights,
+    /// activations and activation gradients, bf16 GEMMs with f32 accumulation; f32 master
+    /// weights, AdamW moments and weight gradients) [default: f32; on --resume, the
+    /// checkpoint's]. Full fine-tuning; on CUDA it has not run on a GPU yet.
+    #[arg(long)]
+    storage: Option<Storage>,
     /// Peak FLOP/s of the device in TFLOP/s, for the model FLOP utilisation column.
     #[arg(long)]
     peak_tflops: Option<f64>,
@@ -164,13 +175,23 @@ fn dump_micro_batches(trainer: &mut Trainer, out: &mut impl Write) -> Result<()>
 }
 
 /// The start-of-run line on activation memory: the peak of one micro-batch of `b × t` tokens
-/// (at most every token a loss row), with and without recomputation.
+/// (at most every token a loss row), with and without recomputation, in f32.
 fn activation_note(cfg: &llada::hf::config::ModelConfig, b: usize, t: usize, on: bool) -> String {
-    use llada::train::model::activation_floats;
-    let mib = |r: bool| activation_floats(cfg, b, t, b * t, r) as f64 * 4.0 / (1u64 << 20) as f64;
+    activation_note_in(cfg, (b, t), on, Storage::F32)
+}
+
+/// [`activation_note`] in `storage`.
+fn activation_note_in(
+    cfg: &llada::hf::config::ModelConfig,
+    (b, t): (usize, usize),
+    on: bool,
+    storage: Storage,
+) -> String {
+    let bytes = llada::train::memory::activation_bytes(cfg, b, t, storage);
+    let mib = |r: bool| if r { bytes.1 } else { bytes.0 } as f64 / (1u64 << 20) as f64;
     format!(
-        "activations per micro-batch of {b} × {t} tokens: at most {:.1} MiB with \
-         --recompute, {:.1} MiB without ({})",
+        "activations per micro-batch of {b} × {t} tokens in {storage} storage: at most {:.1} \
+         MiB with --recompute, {:.1} MiB without ({})",
         mib(true),
         mib(false),
         if on { "recomputing" } else { "keeping all" }
@@ -284,14 +305,16 @@ fn resumed_options(
     Ok(opts)
 }
 
-pub fn cmd_train(a: TrainArgs) -> Result<()> {
+pub fn cmd_train(mut a: TrainArgs) -> Result<()> {
     a.model.require_f32_compute("llada train")?;
     let zero = llada::train::zero::parse_stage(&a.zero)?;
     if a.memory_plan {
         if let Some(rank) = a.lora_rank {
+            crate::train_plan::check_storage_lora(a.storage)?;
             return lora::print_memory_plan(&a, rank);
         }
-        return crate::train_plan::print_memory_plan(&a.model, &a.resume, a.plan_shape(), zero);
+        let (model, resume, shape) = (&a.model, &a.resume, a.plan_shape());
+        return crate::train_plan::print_memory_plan(model, resume, shape, zero, a.storage);
     }
     let dist = if a.no_dist {
         None
@@ -327,10 +350,11 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         }
     };
     // A LoRA run: --lora-rank, or the resume of a LoRA run's checkpoint.
-    let lora_resume = match a.resume.as_deref() {
-        Some(dir) => checkpoint::read_state(dir)?.lora.is_some(),
-        None => false,
+    let resumed = match a.resume.as_deref() {
+        Some(dir) => Some(checkpoint::read_state(dir)?),
+        None => None,
     };
+    let lora_resume = resumed.as_ref().is_some_and(|s| s.lora.is_some());
     if let (Some(dir), false) = (a.resume.as_deref(), lora_resume) {
         if a.lora_rank.is_some() {
             bail!(
@@ -362,18 +386,17 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             );
         }
     }
-    if cuda_device.is_none() && a.precision != TrainPrecision::F32 {
-        bail!(
-            "--precision {} needs --device cuda: the CPU reference trains in f32",
-            a.precision
-        );
-    }
+    let flags = (a.storage, a.precision_flag);
+    let on = (resumed.as_ref().map(|s| s.storage), cuda_device.is_some());
+    let (storage, precision) = crate::train_plan::storage_and_precision(flags, on, lora_run)?;
+    a.precision = precision;
     if lora_run {
         return lora::train_lora(&a, cuda_device, dist.as_ref(), zero);
     }
     if zero == 1 {
         crate::train_plan::check_zero(world)?;
     }
+    crate::train_plan::check_zero_storage(zero, cuda_device.is_some(), storage)?;
     let (mut trainer, tok, tok_src, tiny) = if let Some(dir) = &a.resume {
         let r = checkpoint::load(dir)?;
         let opts = resumed_options(&a, dir, &r.state, &r.cfg, world, lead)?;
@@ -385,10 +408,11 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         let samples = load_samples(a.data(), opts.sft, tok.as_ref(), &r.cfg, opts.seq_len)?;
         if lead {
             eprintln!(
-                "resuming {} at step {}/{}",
+                "resuming {} at step {}/{} ({storage} storage, {} GEMMs)",
                 dir.display(),
                 r.state.step,
-                opts.steps
+                opts.steps,
+                a.precision
             );
         }
         let t = Trainer::with_state(r.cfg, r.params, r.opt, r.state.step, opts, samples)?;
@@ -409,13 +433,14 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         let samples = load_samples(a.data(), a.sft, tok.as_ref(), &cfg, a.seq_len)?;
         if lead {
             eprintln!(
-                "training {} ({} parameters) on {} sequences of {} tokens, {} {}, global batch \
-                 {} × {} accumulation",
+                "training {} ({} parameters) on {} sequences of {} tokens, {} {} storage, {} \
+                 GEMMs, global batch {} × {} accumulation",
                 opened.label,
                 params.numel(),
                 samples.len(),
                 a.seq_len,
                 if cuda_device.is_some() { "CUDA" } else { "CPU" },
+                storage,
                 a.precision,
                 a.batch_size * world,
                 a.accum
@@ -425,20 +450,13 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     };
     let _ = &tok;
     trainer.recompute = a.recompute;
+    trainer.storage = storage;
     if lead {
         let o = &trainer.opts;
-        eprintln!(
-            "{}",
-            activation_note(&trainer.cfg, o.batch_size, o.seq_len, a.recompute)
-        );
-        let p = plan(
-            &trainer.cfg,
-            o.batch_size,
-            o.seq_len,
-            world,
-            zero,
-            Storage::F32,
-        )?;
+        let shape = (o.batch_size, o.seq_len);
+        let note = activation_note_in(&trainer.cfg, shape, a.recompute, storage);
+        eprintln!("{note}");
+        let p = plan(&trainer.cfg, shape.0, shape.1, world, zero, storage)?;
         eprint!(
             "memory per rank (estimate, llada train --memory-plan):\n{}",
             render(&[p])
@@ -458,7 +476,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
                 },
                 ops.be.device_name(),
                 a.precision,
-                a.precision.describe()
+                crate::train_plan::describe(storage, a.precision)
             );
             if zero == 1 {
                 // Only this rank's shard of the moments goes to the GPU.
@@ -466,7 +484,9 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
                 gpu_zero = Some(z);
                 None
             } else {
-                let st = CudaTrainState::new(ops, &trainer.params, &trainer.opt.m, &trainer.opt.v)?;
+                let mut st =
+                    CudaTrainState::new(ops, &trainer.params, &trainer.opt.m, &trainer.opt.v)?;
+                st.set_storage(storage)?;
                 Some(st)
             }
         }

@@ -7,7 +7,8 @@ use super::*;
 pub type Buf = CudaSlice<f32>;
 
 crate::backend::cuda::kernel_table!(
-    /// One handle per f32 training kernel, named as its symbol without `_f32` (one name per op).
+    /// One handle per training kernel: the f32 ones named as their symbol without `_f32` (one
+    /// name per op), the bf16-storage ones with `_bf16s`.
     TrainKernels {
         embedding: "embedding_f32",
         rms_norm_fwd: "rms_norm_fwd_f32",
@@ -26,6 +27,24 @@ crate::backend::cuda::kernel_table!(
         attention_bwd_dkv: "attention_bwd_dkv_f32",
         adamw: "adamw_f32",
         sumsq: "sumsq_f32",
+        // bf16 storage (`stored.rs`): the `_bf16s` twins (bf16 activations and weights, f32
+        // statistics and weight gradients), and the bf16 copies the inference path shares.
+        embedding_bf16s: "embedding_bf16",
+        rms_norm_fwd_bf16s: "rms_norm_fwd_bf16s",
+        rope_bf16s: "rope_bf16s",
+        swiglu_fwd_bf16s: "swiglu_fwd_bf16s",
+        add_bf16s: "add_bf16",
+        gather_rows_bf16s: "gather_rows_bf16",
+        scatter_add_rows_bf16s: "scatter_add_rows_bf16s",
+        attention_fwd_bf16s: "attention_fwd_bf16s",
+        rms_norm_bwd_bf16s: "rms_norm_bwd_bf16s",
+        rms_norm_bwd_dw_bf16s: "rms_norm_bwd_dw_bf16s",
+        swiglu_bwd_bf16s: "swiglu_bwd_bf16s",
+        embedding_bwd_bf16s: "embedding_bwd_bf16s",
+        cross_entropy_bf16s: "cross_entropy_bf16s",
+        attention_bwd_dq_bf16s: "attention_bwd_dq_bf16s",
+        attention_bwd_dkv_bf16s: "attention_bwd_dkv_bf16s",
+        f32_to_bf16: "f32_to_bf16",
     }
 );
 

@@ -11,7 +11,8 @@
 //! - [`CudaTrainState`]: parameters, gradients and AdamW moments resident on the device; the
 //!   optimizer step ([`CudaTrainState::adamw_step`]) and the global gradient norm run there.
 //!
-//! Precision ([`TrainPrecision`], set with [`CudaOps::set_precision`]): storage is **f32**
+//! Precision ([`TrainPrecision`], set with [`CudaOps::set_precision`]): in f32 storage
+//! ([`CudaOps`] as [`TrainOps`]) storage is **f32**
 //! throughout — master weights, AdamW moments, activations, gradients — and every non-GEMM
 //! kernel (norms, RoPE, attention, SwiGLU, cross-entropy, AdamW) computes in f32 whatever the
 //! setting. Only the GEMMs (`cublasGemmEx`, `CUDA_R_32F` A/B/C, f32 host `alpha`/`beta`)
@@ -28,7 +29,14 @@
 //!   *allowed*, not forced, to use bf16: tests/cuda_train.rs checks that it does at the sizes
 //!   it tests.
 //!
-//! Memory: 16 bytes per parameter (weights, gradients, two moments) plus f32 activations of
+//! bf16 storage ([`CudaTrainState::set_storage`], `--storage bf16`; what is stored in which dtype
+//! is [`super::mixed`]'s): [`CudaBf16`] (`stored.rs`) runs the same pass over dtype-tagged
+//! buffers ([`SBuf`]) with the `*_bf16s` kernels and bf16 cuBLAS GEMMs (`CUDA_R_16BF` A/B,
+//! `CUBLAS_COMPUTE_32F`), from bf16 working weights that every AdamW step refreshes; master
+//! weights, moments and weight gradients stay f32 here. Its parity test against the CPU
+//! reference (`tests/cuda_bf16_storage.rs`) has not run on a GPU yet.
+//!
+//! Memory (f32 storage): 16 bytes per parameter (weights, gradients, two moments) plus f32 activations of
 //! every layer, so one 80 GB GPU trains models up to roughly 3–4 B parameters at short
 //! sequences; the 8B preset does not fit on one GPU. Several GPUs train data parallel
 //! ([`super::dist`]): every GPU holds the whole state, so that does not raise the limit.
@@ -53,6 +61,7 @@ use super::backend::{
     AttnGrad, Dx, LinearGrad, MatMul, Norm, NormGrad, Qkv, QkvGrads, Rope, RowIds, Rows,
     SwigluGrad, Targets, TrainOps,
 };
+use super::memory::Storage;
 use super::model::{forward_backward_on, Batch, Params, PassOptions};
 use super::ops::AttnShape;
 use super::optim::{AdamW, AdamWConfig};
@@ -66,6 +75,8 @@ mod device;
 mod launchers;
 mod lora;
 mod pass;
+mod raw;
+mod stored;
 mod tiled;
 mod zero;
 
@@ -75,6 +86,7 @@ pub use device::{AdamWScalars, Buf, CudaOps};
 use lora::clip_scale;
 pub use lora::CudaLoraState;
 pub use pass::{forward_backward, DeviceParams};
+pub use stored::{bf16_weights, forward_backward_bf16, CudaBf16, SBuf};
 pub use tiled::{
     row_chunks, ScatterPlan, TrainKernelImpl, ATT_TILED_HD_MAX, SCATTER_PIECE_ROWS,
     TRAIN_KERNELS_ENV,
@@ -133,6 +145,9 @@ pub struct CudaTrainState {
     nccl: Option<super::nccl::NcclComm>,
     /// Recorded after each gradient all-reduce, polled by its watchdog.
     reduced: Option<cudarc::driver::CudaEvent>,
+    /// bf16 storage's working weights (bf16 copies of `params`, refreshed by every AdamW
+    /// step; [`CudaTrainState::set_storage`]); `None` in f32 storage.
+    work: Option<Vec<SBuf>>,
 }
 
 impl CudaTrainState {
@@ -158,7 +173,22 @@ impl CudaTrainState {
             partial,
             nccl: None,
             reduced: None,
+            work: None,
         })
+    }
+
+    /// Train in `s` from now on: in bf16 storage ([`crate::train::mixed`]) the pass runs
+    /// [`CudaBf16`] on bf16 copies of the f32 master weights (RNE), which every AdamW step
+    /// refreshes (`adamw_f32`'s `p_bf16`); f32 storage drops them.
+    pub fn set_storage(&mut self, s: Storage) -> Result<()> {
+        self.work = match s {
+            Storage::F32 => None,
+            Storage::Bf16 => {
+                CudaBf16::new(&self.ops)?;
+                Some(bf16_weights(&self.ops, &self.params.data)?)
+            }
+        };
+        Ok(())
     }
 
     /// Join the NCCL communicator of rank `rank` of `world` (every rank calls this with the
@@ -242,7 +272,11 @@ impl CudaTrainState {
             let decay = AdamWScalars::decay(cfg, lr, &self.params.shapes[i]);
             let (p, g) = (&mut self.params.data[i], &self.grad.data[i]);
             let (mv, len) = ((&mut self.m.data[i], &mut self.v.data[i]), p.len());
-            self.ops.adamw((p, None), mv, g, 0..len, &h, decay)?;
+            let pb = match self.work.as_mut().map(|w| &mut w[i]) {
+                Some(SBuf::Bf16(b)) => Some(b),
+                _ => None,
+            };
+            self.ops.adamw((p, pb), mv, g, 0..len, &h, decay)?;
         }
         Ok(())
     }
@@ -278,10 +312,15 @@ impl super::StepState for CudaTrainState {
         self.grad.fill_zero(&self.ops)
     }
 
-    /// [`forward_backward`] adding into the resident gradients.
+    /// [`forward_backward`] adding into the resident gradients (in bf16 storage from the bf16
+    /// working weights, the f32 gradients lent to the pass as [`SBuf::F32`]).
     fn forward_backward(&mut self, cfg: &ModelConfig, b: &Batch, o: PassOptions) -> Result<f64> {
-        let (p, g) = (&self.params.data, &mut self.grad.data);
-        Ok(super::model::forward_backward_with(&self.ops, cfg, o, p, b, g)?.loss)
+        let Some(work) = &self.work else {
+            let (p, g) = (&self.params.data, &mut self.grad.data);
+            return Ok(super::model::forward_backward_with(&self.ops, cfg, o, p, b, g)?.loss);
+        };
+        let g = &mut self.grad.data;
+        Ok(forward_backward_bf16(&self.ops, cfg, o, work, b, g)?.loss)
     }
 
     /// Clip (PyTorch `clip_grad_norm_`, folded into the update as a gradient scale) and take
