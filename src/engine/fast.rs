@@ -2,11 +2,11 @@
 //! the threshold / factor commit rules, split from [`super::sampler`] (upstream `generate`),
 //! whose batch layout, schedule and commit selection it shares.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::predict::{Commits, Progress, SpanPredictor, SpanRequest};
 use super::sampler::{BatchLayout, GenerateOutput, GenerateParams, Hooks};
-use super::step::{selector, Asked, Calls, Pass};
+use super::step::{device_steps, selector, Asked, Calls, Pass};
 use crate::backend::commit::CommitRule;
 
 /// Which KV cache Fast-dLLM decoding uses (reference §7.3, §7.4).
@@ -131,7 +131,9 @@ pub fn generate_fast_hooked(
     let (t, lp) = (layout.t, layout.lp);
     let mask = params.mask_id;
     let mut asked = Asked::new(layout.b, layout.n);
-    let selects = pred.commit_selector().is_some();
+    // Whole steps on the device (LLADA_STEP_GRAPH=1) run full passes: without a KV cache only.
+    let on_device = decode.cache == CacheMode::None && pred.steps_on_device().is_some();
+    let selects = on_device || pred.commit_selector().is_some();
     let fixed = decode.threshold.is_none() && decode.factor.is_none();
     let total_steps = if fixed {
         num_blocks * steps_per_block
@@ -146,6 +148,36 @@ pub fn generate_fast_hooked(
         let s = lp + block * params.block_length;
         let e = s + params.block_length;
         calls.schedule(&x, s..e);
+        if on_device {
+            // Every call of the block asks for the masks in [0, e) (no cache): those at the
+            // block start, the device skipping the ones committed since.
+            asked.masks(&x, t, 0..e, mask);
+            select.step = if layout.row_keys.is_some() {
+                (block as u64) << 32
+            } else {
+                calls.nfe as u64
+            };
+            let dev = device_steps(pred.steps_on_device())?;
+            let req = layout.request(&x, None, &asked.rows, &select);
+            dev.begin_block(&req, &calls.block_plan(&asked, s..e))
+                .with_context(|| format!("starting block {block} on the device"))?;
+            let (mut nr, mut i) = (asked.rows.len(), 0usize);
+            loop {
+                let nfe = calls.nfe;
+                let left = calls
+                    .device_pass((&mut x, nr), (&mut hooks, block), (&mut *dev, true), || {
+                        format!("device step {nfe} (block {block}, step {i})")
+                    })?
+                    .context("the device step returned no count")?;
+                // The next call asks for the masks left; none left in the block ends it.
+                (nr, i) = (left.rows, i + 1);
+                if left.block == 0 {
+                    break;
+                }
+            }
+            dev.read_tokens(&mut x)?;
+            continue;
+        }
         let mut i = 0usize;
         loop {
             let block_done = !x.chunks_exact(t).any(|xr| xr[s..e].contains(&mask));

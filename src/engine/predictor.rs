@@ -6,8 +6,10 @@ use crate::backend::commit::CommitShape;
 use crate::backend::head::SelectParams;
 use crate::backend::{Backend, OpClass};
 use crate::engine::sampler::{
-    Commits, PredictRequest, Predictor, SelectsCommits, SpanPredictor, SpanRequest,
+    BlockPlan, Commits, MasksLeft, PredictRequest, Predictor, SelectsCommits, SpanPredictor,
+    SpanRequest, StepsOnDevice,
 };
+use crate::engine::stepgraph::{step_graph_env, BlockSteps};
 use crate::nvtx;
 use anyhow::{bail, ensure, Context, Result};
 
@@ -30,6 +32,10 @@ pub struct ModelPredictor<'m, B: Backend> {
     graphs: Option<bool>,
     /// Make the commit selection on the backend ([`ModelPredictor::set_device_select`]).
     device_select: bool,
+    /// Run whole steps on the backend ([`ModelPredictor::set_step_graph`]), and the current
+    /// block of them.
+    step_graph: bool,
+    block: Option<BlockSteps>,
     /// The commit plan `[2b + 1]` staged on the host, and its backend buffers.
     h_plan: Vec<i32>,
     commit_bufs: Option<CommitBufs<B>>,
@@ -82,7 +88,9 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             conf_host: Vec::new(),
             params: None,
             graphs: None,
-            device_select: device_select_env(),
+            device_select: device_select_env() || step_graph_env(),
+            step_graph: step_graph_env(),
+            block: None,
             h_plan: Vec::new(),
             commit_bufs: None,
         }
@@ -93,6 +101,16 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
     /// Results are identical either way.
     pub fn set_device_select(&mut self, on: bool) {
         self.device_select = on;
+    }
+
+    /// Run whole denoising steps on the backend, one graph replay each where the backend has
+    /// graphs ([`super::stepgraph`]; default `LLADA_STEP_GRAPH=1`): the sampler uploads a block
+    /// and reads back only the tokens at its end (and a count per step under the threshold and
+    /// factor rules). Results are identical either way. Implies [`Self::set_device_select`]
+    /// for the passes it does not cover (Fast-dLLM's KV caches).
+    pub fn set_step_graph(&mut self, on: bool) {
+        self.step_graph = on;
+        self.device_select |= on;
     }
 
     /// Itself as its commit selector while device selection is on.
@@ -218,22 +236,9 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             out.len(),
             plan.quota.len()
         );
-        // Segment offsets of the batch rows: the backend ranks a row's candidates by their index,
-        // which equals the position order only if the rows are sorted.
-        if let Some(i) = (1..r).find(|&i| rows[i - 1] >= rows[i]) {
-            bail!(
-                "predict_commit: rows[{i}] = {:?} does not follow rows[{}] = {:?} (rows must be sorted by batch row, then position)",
-                rows[i],
-                i - 1,
-                rows[i - 1]
-            );
-        }
+        check_segments("predict_commit", rows, plan.seg, b)?;
         self.h_plan.clear();
-        self.h_plan.push(0);
-        for br in 0..b as u32 {
-            self.h_plan
-                .push(rows.partition_point(|&(rb, _)| rb <= br) as i32);
-        }
+        self.h_plan.extend(plan.seg.iter().map(|&o| o as i32));
         for &q in plan.quota {
             self.h_plan
                 .push(i32::try_from(q.min(r)).context("predict_commit: quota overflows")?);
@@ -350,6 +355,17 @@ impl<B: Backend> ModelPredictor<'_, B> {
     /// The forward pass of a full request (everything before the head); returns the number of
     /// tokens in the pass (doubled with CFG).
     fn full_forward(&mut self, req: &PredictRequest<'_>, outs: usize) -> Result<usize> {
+        let (tokens, span) = self.stage_full(req, outs)?;
+        let ws = reserved(&mut self.ws, "predict")?;
+        let mask = req.key_valid.map(|_| self.staged.mask.as_slice());
+        let x = Tokens::new(&self.staged.ids, mask, &self.staged.rows);
+        self.model.forward(ws, x, span.b, span.l)?;
+        Ok(tokens)
+    }
+
+    /// Stage a full request in the backend's layout (`self.staged`) and size the workspace for
+    /// it; returns the number of tokens in the pass (doubled with CFG) and its span.
+    fn stage_full(&mut self, req: &PredictRequest<'_>, outs: usize) -> Result<(usize, Span)> {
         let (b, t) = (req.b, req.t);
         let n = b * t;
         let r = req.rows.len();
@@ -360,22 +376,18 @@ impl<B: Backend> ModelPredictor<'_, B> {
         self.reserve(nb * t, rr)?;
 
         stage_tokens(&mut self.staged.ids, "predict", req.x, req.uncond_x, cfg)?;
-        let mask = match req.key_valid {
-            Some(kv) => {
-                ensure!(
-                    kv.len() == n,
-                    "predict: `key_valid` holds {} entries, expected {n}",
-                    kv.len()
-                );
-                self.staged.mask.clear();
+        self.staged.mask.clear();
+        if let Some(kv) = req.key_valid {
+            ensure!(
+                kv.len() == n,
+                "predict: `key_valid` holds {} entries, expected {n}",
+                kv.len()
+            );
+            self.staged.mask.extend_from_slice(kv);
+            if cfg {
                 self.staged.mask.extend_from_slice(kv);
-                if cfg {
-                    self.staged.mask.extend_from_slice(kv);
-                }
-                Some(self.staged.mask.as_slice())
             }
-            None => None,
-        };
+        }
         self.staged.rows.clear();
         self.staged.keys.clear();
         for (i, &(br, pos)) in req.rows.iter().enumerate() {
@@ -393,16 +405,88 @@ impl<B: Backend> ModelPredictor<'_, B> {
                 self.staged.rows.push((b as u32 + br) * t as u32 + pos);
             }
         }
-        let model = self.model;
-        let ws = reserved(&mut self.ws, "predict")?;
-        model.forward(
-            ws,
-            Tokens::new(&self.staged.ids, mask, &self.staged.rows),
-            nb,
-            t,
-        )?;
-        Ok(nb * t)
+        Ok((nb * t, Span::new(nb, t, 0, t)))
     }
+}
+
+/// Whole steps on the backend ([`super::stepgraph`]): a block's request staged and uploaded
+/// once, then one [`Model::device_step`] per step.
+impl<B: Backend> StepsOnDevice for ModelPredictor<'_, B> {
+    fn begin_block(&mut self, req: &PredictRequest<'_>, plan: &BlockPlan<'_>) -> Result<()> {
+        self.block = None;
+        check_segments("begin_block", req.rows, plan.seg, req.b)?;
+        let (_, span) = self.stage_full(req, req.rows.len())?;
+        let model = self.model;
+        let ws = reserved(&mut self.ws, "begin_block")?;
+        let mask = req.key_valid.map(|_| self.staged.mask.as_slice());
+        let x = Tokens::new(&self.staged.ids, mask, &self.staged.rows);
+        let layers = model.upload(ws, 0, x, span)?;
+        // The head rounds to the model's compute dtype whatever the caller set.
+        let select = SelectParams {
+            dtype: model.backend.compute_dtype(),
+            ..req.select.clone()
+        };
+        let keys = &self.staged.keys;
+        self.block = Some(model.begin_steps(ws, layers, keys, (plan, &select))?);
+        Ok(())
+    }
+
+    fn step(&mut self, count: bool) -> Result<Option<MasksLeft>> {
+        let _step = nvtx::range(c"step");
+        let model = self.model;
+        let ws = reserved(&mut self.ws, "step")?;
+        let blk = self.block.as_ref().context("step: no block was begun")?;
+        model.device_step(ws, blk)?;
+        count.then(|| model.masks_left(ws)).transpose()
+    }
+
+    fn read_tokens(&mut self, x: &mut [u32]) -> Result<()> {
+        let ws = reserved(&mut self.ws, "read_tokens")?;
+        ensure!(
+            x.len() <= ws.max_tokens,
+            "read_tokens: {} tokens exceed the workspace's {}",
+            x.len(),
+            ws.max_tokens
+        );
+        self.tok_host.resize(self.tok_host.len().max(x.len()), 0);
+        let h = &mut self.tok_host[..x.len()];
+        self.model.backend.read_ints_into(&ws.ids, h)?;
+        for (o, &v) in x.iter_mut().zip(h.iter()) {
+            *o = v as u32;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `seg` (`[b + 1]`) splits the requested `rows` into their batch rows, each sorted
+/// by position: the backend ranks a row's candidates by their index, which equals the position
+/// order only then. Errors name `op` and the first pair out of place.
+fn check_segments(op: &str, rows: &[(u32, u32)], seg: &[usize], b: usize) -> Result<()> {
+    ensure!(
+        seg.len() == b + 1 && seg[0] == 0 && seg[b] == rows.len(),
+        "{op}: {} segment offsets {:?}… for {b} batch rows of {} rows",
+        seg.len(),
+        seg.first(),
+        rows.len()
+    );
+    for br in 0..b {
+        ensure!(
+            seg[br] <= seg[br + 1],
+            "{op}: segment offsets seg[{br}..={}] decrease",
+            br + 1
+        );
+        let own = &rows[seg[br]..seg[br + 1]];
+        if let Some(i) =
+            (0..own.len()).find(|&i| own[i].0 != br as u32 || (i > 0 && own[i - 1].1 >= own[i].1))
+        {
+            bail!(
+                "{op}: rows[{}] = {:?} is out of place in batch row {br}'s segment (rows must be sorted by batch row, then position)",
+                seg[br] + i,
+                own[i]
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The workspace `reserve` made, or an error naming `op`.
@@ -427,6 +511,14 @@ macro_rules! model_predictor {
 
             fn commit_selector(&mut self) -> Option<&mut dyn SelectsCommits> {
                 self.selector()
+            }
+
+            fn steps_on_device(&mut self) -> Option<&mut dyn StepsOnDevice> {
+                if self.step_graph {
+                    Some(self)
+                } else {
+                    None
+                }
             }
         }
     };
