@@ -1,10 +1,10 @@
 //! The predictor interface of the denoising loops: what one call to the model asks
 //! ([`PredictRequest`], [`SpanRequest`] against a KV cache), what answers it ([`Predictor`],
 //! [`SpanPredictor`], the model on a backend or a fake in tests), a predictor's own commit
-//! selection ([`SelectsCommits`], [`Commits`]) or its whole steps ([`StepsOnDevice`]), the RNG keys of the head ([`RowKey`]) and the
-//! per-step report ([`Progress`]). Upstream `generate` ([`super::sampler`]), Fast-dLLM decoding
-//! ([`super::fast`]) and their shared call ([`super::step`]) are written over it; it imports no
-//! other engine module.
+//! selection ([`SelectsCommits`], [`Commits`]) or its whole steps ([`StepsOnDevice`]), the RNG
+//! keys of the head ([`RowKey`]) and the per-step report ([`Progress`]). Upstream `generate`
+//! ([`super::sampler`]), Fast-dLLM decoding ([`super::fast`]) and their shared call
+//! ([`super::step`]) are written over it; it imports no other engine module.
 
 use anyhow::{Context, Result};
 

@@ -105,8 +105,8 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
 
     /// Run whole denoising steps on the backend, one graph replay each where the backend has
     /// graphs ([`super::stepgraph`]; default `LLADA_STEP_GRAPH=1`): the sampler uploads a block
-    /// and reads back only the tokens at its end (and a count per step under the threshold and
-    /// factor rules). Results are identical either way. Implies [`Self::set_device_select`]
+    /// and reads back only the tokens at its end (and, in Fast-dLLM decoding, the masks left
+    /// after each step). Results are identical either way. Implies [`Self::set_device_select`]
     /// for the passes it does not cover (Fast-dLLM's KV caches).
     pub fn set_step_graph(&mut self, on: bool) {
         self.step_graph = on;

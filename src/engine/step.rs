@@ -17,8 +17,8 @@ pub type Observer<'a> = dyn FnMut(&[u32], usize, usize) -> Result<()> + 'a;
 
 /// The caller's callbacks of a generation: `progress` after every step, once its tokens were
 /// committed (with whole steps on the device, once the step is queued: its tokens are committed
-/// before anything reads them); `observe` before every forward pass (an error from it aborts the generation with
-/// that error, e.g. the server cancelling an abandoned request).
+/// before anything reads them); `observe` before every forward pass (an error from it aborts
+/// the generation with that error, e.g. the server cancelling an abandoned request).
 #[derive(Default)]
 pub struct Hooks<'h> {
     pub progress: Option<&'h mut dyn FnMut(Progress)>,
