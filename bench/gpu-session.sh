@@ -63,8 +63,8 @@ step_checks() {
             >"$res/switch-$f.log" 2>&1
         echo "exit $? $f: $(grep -Eo '[0-9]+ passed; [0-9]+ failed' "$res/switch-$f.log" | head -n 1)"
     done
-    # graph: LLADA_STEP_GRAPH=1 alone (rows without a cache run as step graphs, the dual-cache
-    # rows per call with the device selection; each row's `select` says which).
+    # graph: LLADA_STEP_GRAPH=1 alone (the dual-cache rows: each block's full pass per call with
+    # the device selection, its cached calls as step graphs).
     for sw in off on graph; do
         if [ $sw = on ]; then export LLADA_DEVICE_SELECT=1 LLADA_FUSED=1; fi
         if [ $sw = graph ]; then export LLADA_STEP_GRAPH=1; fi

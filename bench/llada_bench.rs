@@ -99,8 +99,8 @@ struct Row {
     weights: String,
     /// Where each step's commit selection ran: `host`, `device` (`LLADA_DEVICE_SELECT=1`) or
     /// `step-graph` (whole steps on the device, `LLADA_STEP_GRAPH=1`; see
-    /// `llada::engine::stepgraph::selection_mode`). Step-graph rows of the fixed schedule
-    /// queue their steps without waiting: their ms/step median, min and max are the mean.
+    /// `llada::engine::stepgraph::selection_mode`). Step-graph rows of plain `generate` queue
+    /// their steps without waiting: their ms/step median, min and max are the mean.
     select: String,
     batch: usize,
     cache: String,
@@ -281,12 +281,8 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
         opened.label, opened.weights, a.prompt_len, a.gen_length, a.block_length, load_s
     );
     println!(
-        "# commit selection: {} without a KV cache, {} with one (LLADA_STEP_GRAPH / LLADA_DEVICE_SELECT)",
-        selection_mode(&Decode::default()),
-        selection_mode(&Decode {
-            cache: CacheMode::Dual,
-            ..Decode::default()
-        })
+        "# commit selection: {} (LLADA_STEP_GRAPH / LLADA_DEVICE_SELECT)",
+        selection_mode()
     );
     if let Some(c) = ceiling {
         println!(
@@ -367,7 +363,7 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
             runs.sort_by(|x, y| x.0.total_cmp(&y.0));
             let (secs, nfe) = runs[runs.len() / 2];
             step_ms.sort_by(|x, y| x.total_cmp(y));
-            let select = selection_mode(&decode);
+            let select = selection_mode();
             if select == "step-graph" && decode.is_plain() {
                 // Whole steps are queued without waiting (the tokens come back once per block),
                 // so a step's own time is not observable: every step counts the mean.

@@ -138,10 +138,9 @@ fn breakdown_reports_floors() {
     assert!((share - gbs / 50.0).abs() < 1e-9 * share.max(1.0), "{gemm}");
 }
 
-/// Each row records where its commit selection ran: `host` by default; with
-/// `LLADA_STEP_GRAPH=1` whole steps on the device (`step-graph`) without a cache and the
-/// per-step device selection with one; the step-graph rows still generate (forward passes as
-/// the host's).
+/// Each row records where its commit selection ran: `host` by default, `step-graph` with
+/// `LLADA_STEP_GRAPH=1` (whole steps on the device, with and without a cache); the step-graph
+/// rows still generate (forward passes as the host's).
 #[test]
 fn rows_record_the_selection_mode() {
     let args = ["--steps", "4", "--cache", "none,dual", "--threshold", "0.5"];
@@ -158,12 +157,7 @@ fn rows_record_the_selection_mode() {
     assert_eq!((h.len(), g.len()), (4, 4));
     for (h, g) in h.iter().zip(&g) {
         assert_eq!(h["select"], "host", "{h}");
-        let want = if g["cache"] == "none" {
-            "step-graph"
-        } else {
-            "device"
-        };
-        assert_eq!(g["select"], want, "{g}");
+        assert_eq!(g["select"], "step-graph", "{g}");
         assert_eq!(h["forward_passes"], g["forward_passes"], "{h} vs {g}");
     }
 }

@@ -1017,9 +1017,10 @@ fn device_select_generation_equals_host_select() {
 
 /// Whole steps on the GPU (`LLADA_STEP_GRAPH=1`: one graph replay per step, the schedule, step
 /// counter and tokens in device memory) against the same GPU model selecting on the host:
-/// identical in every decoding mode (Fast-dLLM without a cache by whole steps, which ask the
-/// LM head for the block's rows of its first step every step: identical only if a row's logits
-/// do not depend on the head GEMM's row count), and the steps were replayed from graphs.
+/// identical in every decoding mode (Fast-dLLM's whole-step blocks ask the LM head for the rows
+/// of the block's first device step every step, where the host path asks for the masks left:
+/// identical only if a row's logits do not depend on the head GEMM's row count), and the steps
+/// were replayed from graphs.
 #[test]
 fn step_graph_generation_equals_host_select() {
     let Some((m, prompts, base)) = gpu_paths_agree(Select::StepGraph) else {

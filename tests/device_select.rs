@@ -116,12 +116,12 @@ fn fused_glue_equals_unfused_in_every_mode() {
 }
 
 /// `LLADA_STEP_GRAPH=1` (`ModelPredictor::set_step_graph`) against the host selection in every
-/// mode (plain `generate` with CFG, sampling, random remasking; Fast-dLLM without a cache by
-/// whole device steps, with the caches by per-step device selection), for schedules that do
+/// mode (plain `generate` with CFG, sampling, random remasking; Fast-dLLM without a cache, and
+/// with the prefix and dual caches from each block's second call on), for schedules that do
 /// and do not divide the block (odd lengths), with sampling in the Fast-dLLM modes too (the
 /// RNG step comes from device memory) and with per-prompt row keys (the per-block step counter).
-/// The predictor panics on a per-step call where whole steps apply, so the device path is the
-/// one compared.
+/// The predictor panics on a per-step call where whole steps apply without a cache, so the
+/// device path is the one compared.
 #[test]
 fn step_graph_equals_host_select_in_every_mode() {
     let m = common::sharp_tiny(CpuBackend::new(DType::BF16));
@@ -202,6 +202,7 @@ fn step_graph_refuses_bad_blocks() {
         seg,
         sched,
         steps: 2,
+        first: 0,
         rule: CommitRule::Quota,
         mask_id: mask,
         block: 1..4,

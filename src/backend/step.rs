@@ -30,7 +30,7 @@ pub const STATE_LEFT_BLOCK: usize = 5;
 pub const STATE_LEFT_ROWS: usize = 6;
 
 /// The step state at the start of a block: no step made, the block's first RNG step `step0`,
-/// its span `[s, e)`, nothing counted yet.
+/// its span `[s, e)` (positions in the pass's rows), nothing counted yet.
 pub fn initial_state(step0: u64, (s, e): (usize, usize)) -> Result<[i32; STATE_LEN]> {
     let pos = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| anyhow::anyhow!("step state: {what} {v} exceeds i32"))
@@ -44,12 +44,13 @@ pub fn initial_state(step0: u64, (s, e): (usize, usize)) -> Result<[i32; STATE_L
 }
 
 /// The tables of a block as the host uploads them: the schedule `sched` (`[b·steps]`, row-major
-/// by batch row) as ints into `h_sched`, and the plan of the block's first step into `h_plan`:
-/// the segment offsets `seg` (`[b + 1]`), then each batch row's quota of step 0,
-/// `sched[br·steps]`. Later quotas come from [`step_advance_ref`] (and its kernel). Reuses the
-/// vectors' storage.
+/// by batch row) as ints into `h_sched`, and the plan of the block's first device step, step
+/// `first` of the block, into `h_plan`: the segment offsets `seg` (`[b + 1]`), then each batch
+/// row's quota of that step, `sched[br·steps + first]` (1 past the schedule). Later quotas come
+/// from [`step_advance_ref`] (and its kernel). Reuses the vectors' storage.
 pub fn block_tables(
     (seg, sched, steps): (&[usize], &[usize], usize),
+    first: usize,
     (h_sched, h_plan): (&mut Vec<i32>, &mut Vec<i32>),
 ) -> Result<()> {
     let b = seg.len().saturating_sub(1);
@@ -70,7 +71,11 @@ pub fn block_tables(
         h_plan.push(int(o, "a segment offset")?);
     }
     for br in 0..b {
-        h_plan.push(h_sched[br * steps]);
+        h_plan.push(if first < steps {
+            h_sched[br * steps + first]
+        } else {
+            1
+        });
     }
     Ok(())
 }

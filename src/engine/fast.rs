@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 
-use super::predict::{Commits, Progress, SpanPredictor, SpanRequest};
+use super::predict::{Commits, Progress, SpanPredictor, SpanRequest, StepsOnDevice};
 use super::sampler::{BatchLayout, GenerateOutput, GenerateParams, Hooks};
 use super::step::{device_steps, selector, Asked, Calls, Pass};
 use crate::backend::commit::CommitRule;
@@ -86,6 +86,9 @@ impl<'a> Pass<SpanRequest<'a>> for dyn SpanPredictor + '_ {
 /// (`mask_index[:, e:] = 0`); cached calls only from the block. With the fixed schedule a block
 /// whose quota ran out with masks left (only possible when a `[MASK]` before the block took part
 /// of call 0's quota; upstream then indexes past the schedule) commits one token per further call.
+/// With whole steps on the device (`LLADA_STEP_GRAPH=1`, [`StepsOnDevice`]) every call without a
+/// cache, and every call after the first with one, runs as a device step over the masks the
+/// block held when its device steps began (the device skipping the ones committed since).
 /// `select.step` is the call counter (0-based) for the Gumbel noise; with
 /// [`GenerateParams::row_keys`] it is `(block << 32) | call in block` instead, so that a prompt's
 /// random numbers do not depend on how many calls its batch neighbours needed. CFG is not part of
@@ -131,9 +134,10 @@ pub fn generate_fast_hooked(
     let (t, lp) = (layout.t, layout.lp);
     let mask = params.mask_id;
     let mut asked = Asked::new(layout.b, layout.n);
-    // Whole steps on the device (LLADA_STEP_GRAPH=1) run full passes: without a KV cache only.
-    let on_device = decode.cache == CacheMode::None && pred.steps_on_device().is_some();
-    let selects = on_device || pred.commit_selector().is_some();
+    // Whole steps on the device (LLADA_STEP_GRAPH=1): every call of a block without a KV cache,
+    // the calls after the block's full pass with one.
+    let on_device = pred.steps_on_device().is_some();
+    let selects = pred.commit_selector().is_some();
     let fixed = decode.threshold.is_none() && decode.factor.is_none();
     let total_steps = if fixed {
         num_blocks * steps_per_block
@@ -148,36 +152,6 @@ pub fn generate_fast_hooked(
         let s = lp + block * params.block_length;
         let e = s + params.block_length;
         calls.schedule(&x, s..e);
-        if on_device {
-            // Every call of the block asks for the masks in [0, e) (no cache): those at the
-            // block start, the device skipping the ones committed since.
-            asked.masks(&x, t, 0..e, mask);
-            select.step = if layout.row_keys.is_some() {
-                (block as u64) << 32
-            } else {
-                calls.nfe as u64
-            };
-            let dev = device_steps(pred.steps_on_device())?;
-            let req = layout.request(&x, None, &asked.rows, &select);
-            dev.begin_block(&req, &calls.block_plan(&asked, s..e))
-                .with_context(|| format!("starting block {block} on the device"))?;
-            let (mut nr, mut i) = (asked.rows.len(), 0usize);
-            loop {
-                let nfe = calls.nfe;
-                let left = calls
-                    .device_pass((&mut x, nr), (&mut hooks, block), (&mut *dev, true), || {
-                        format!("device step {nfe} (block {block}, step {i})")
-                    })?
-                    .context("the device step returned no count")?;
-                // The next call asks for the masks left; none left in the block ends it.
-                (nr, i) = (left.rows, i + 1);
-                if left.block == 0 {
-                    break;
-                }
-            }
-            dev.read_tokens(&mut x)?;
-            continue;
-        }
         let mut i = 0usize;
         loop {
             let block_done = !x.chunks_exact(t).any(|xr| xr[s..e].contains(&mask));
@@ -205,6 +179,27 @@ pub fn generate_fast_hooked(
             } else {
                 nfe as u64
             };
+            if on_device && (i > 0 || decode.cache == CacheMode::None) {
+                // The rest of the block as whole device steps: every call without a cache (its
+                // pairs those of the block start: the device skips the ones committed since),
+                // the calls against the cache after the first.
+                let dev = device_steps(pred.steps_on_device())?;
+                let full = layout.request(&x, None, &asked.rows, &select);
+                let plan = calls.block_plan(&asked, s..e, i);
+                if i == 0 {
+                    dev.begin_block(&full, &plan)
+                } else {
+                    dev.begin_span_block(&SpanRequest { full, q0, q1 }, &plan)
+                }
+                .with_context(|| format!("starting block {block} on the device at call {i}"))?;
+                device_block(
+                    &mut calls,
+                    dev,
+                    (&mut x, asked.rows.len()),
+                    (&mut hooks, block),
+                )?;
+                break;
+            }
             // A block whose quota ran out with masks left commits one token per further call.
             calls.set_quota(i);
             calls.pass(
@@ -221,6 +216,31 @@ pub fn generate_fast_hooked(
         }
     }
     Ok(layout.output(&x, &calls))
+}
+
+/// The calls of block `block` on the device `dev` (begun) until no mask is left in it, the first
+/// over `nr` pairs, each over the masks the one before left; then the tokens back into `x`.
+fn device_block(
+    calls: &mut Calls,
+    dev: &mut dyn StepsOnDevice,
+    (x, mut nr): (&mut [u32], usize),
+    (hooks, block): (&mut Hooks<'_>, usize),
+) -> Result<()> {
+    loop {
+        let nfe = calls.nfe;
+        let left = calls
+            .device_pass(
+                (&mut *x, nr),
+                (&mut *hooks, block),
+                (&mut *dev, true),
+                || format!("device step {nfe} (block {block})"),
+            )?
+            .context("the device step returned no count")?;
+        nr = left.rows;
+        if left.block == 0 {
+            return dev.read_tokens(x);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -237,7 +237,7 @@ pub struct KvCache<B: Backend> {
     k: Vec<B::Act>,
     v: Vec<B::Act>,
     /// Unique per cache (keys the graphs that captured its buffers).
-    id: u64,
+    pub(crate) id: u64,
 }
 
 fn expect_shape(src: &WeightSource, want: &[usize]) -> Result<()> {
@@ -505,6 +505,13 @@ impl<B: Backend> Model<B> {
         x: Tokens<'_>,
         span: Span,
     ) -> Result<()> {
+        self.check_cache(cache, span)?;
+        self.run(ws, Some(cache), x, span)
+    }
+
+    /// The checks of a pass over `span` against `cache` ([`Model::forward_span`]): a non-empty
+    /// span inside the rows, rows that fit the cache, one cache per layer.
+    pub(crate) fn check_cache(&self, cache: &KvCache<B>, span: Span) -> Result<()> {
         let Span { b, l, q0, q1 } = span;
         ensure!(
             q0 < q1 && q1 <= l,
@@ -521,7 +528,7 @@ impl<B: Backend> Model<B> {
             cache.k.len(),
             self.layers.len()
         );
-        self.run(ws, Some(cache), x, span)
+        Ok(())
     }
 
     /// The forward pass over `span`; without a cache the span must be the whole row.

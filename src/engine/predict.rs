@@ -99,8 +99,12 @@ pub trait Predictor {
 pub trait StepsOnDevice {
     /// Start a block: the request over the tokens at its start (`req.rows`: every pair any step
     /// of the block may commit, fixed for the block; a pair no longer `[MASK]` is skipped), and
-    /// `plan`. Step `i` of the block draws its random numbers at step `req.select.step + i`.
+    /// `plan`. The block's call `i` (from `plan.first`) draws its random numbers at step
+    /// `req.select.step + i − plan.first`.
     fn begin_block(&mut self, req: &PredictRequest<'_>, plan: &BlockPlan<'_>) -> Result<()>;
+    /// [`StepsOnDevice::begin_block`] for passes over the span `[req.q0, req.q1)` against the
+    /// predictor's KV cache (filled by the block's full pass before; `req.rows` in the span).
+    fn begin_span_block(&mut self, req: &SpanRequest<'_>, plan: &BlockPlan<'_>) -> Result<()>;
     /// Queue the block's next step; with `count`, wait for it and return the masks left.
     fn step(&mut self, count: bool) -> Result<Option<MasksLeft>>;
     /// The current tokens `[b·t]` into `x`.
@@ -116,6 +120,9 @@ pub struct BlockPlan<'a> {
     /// `sched[br·steps + i]` under [`CommitRule::Quota`], one token past the schedule.
     pub sched: &'a [usize],
     pub steps: usize,
+    /// The block's call the first device step is (0, or 1 for the calls of Fast-dLLM against a
+    /// KV cache, after the block's full pass); it indexes the schedule and adds to the RNG step.
+    pub first: usize,
     pub rule: CommitRule,
     /// Candidates are the requested pairs whose token is still this id.
     pub mask_id: u32,

@@ -27,6 +27,8 @@ pub struct ModelPredictor<'m, B: Backend> {
     /// Host copies of the head's outputs, grown once.
     tok_host: Vec<i32>,
     conf_host: Vec<f32>,
+    /// Host copy of the tokens of device steps ([`StepsOnDevice::read_tokens`]), grown once.
+    ids_host: Vec<i32>,
     params: Option<SelectParams>,
     /// Graph setting chosen with [`ModelPredictor::set_graphs`] (None: the default).
     graphs: Option<bool>,
@@ -35,7 +37,7 @@ pub struct ModelPredictor<'m, B: Backend> {
     /// Run whole steps on the backend ([`ModelPredictor::set_step_graph`]), and the current
     /// block of them.
     step_graph: bool,
-    block: Option<BlockSteps>,
+    block: Option<(BlockSteps, Span)>,
     /// The commit plan `[2b + 1]` staged on the host, and its backend buffers.
     h_plan: Vec<i32>,
     commit_bufs: Option<CommitBufs<B>>,
@@ -86,6 +88,7 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             staged: Staged::default(),
             tok_host: Vec::new(),
             conf_host: Vec::new(),
+            ids_host: Vec::new(),
             params: None,
             graphs: None,
             device_select: device_select_env() || step_graph_env(),
@@ -296,6 +299,21 @@ impl<B: Backend> ModelPredictor<'_, B> {
     /// tokens in the pass. The cache and workspace are sized for `b·t` tokens on the first call
     /// (or when a request outgrows them); later calls allocate nothing on the device.
     fn span_forward(&mut self, req: &SpanRequest<'_>, outs: usize) -> Result<usize> {
+        let span = self.stage_span(req, outs)?;
+        let model = self.model;
+        let ws = reserved(&mut self.ws, "predict_span")?;
+        let cache = self
+            .cache
+            .as_mut()
+            .context("predict_span: KV cache missing after reserve")?;
+        let x = Tokens::new(&self.staged.ids, req.key_valid, &self.staged.rows);
+        model.forward_span(ws, cache, x, span)?;
+        Ok(span.b * (span.q1 - span.q0))
+    }
+
+    /// Stage a span request in the backend's layout (`self.staged`) and size the workspace and
+    /// the KV cache for it; returns its span.
+    fn stage_span(&mut self, req: &SpanRequest<'_>, outs: usize) -> Result<Span> {
         let (b, t, q0, q1) = (req.b, req.t, req.q0, req.q1);
         let n = b * t;
         let r = req.rows.len();
@@ -337,19 +355,7 @@ impl<B: Backend> ModelPredictor<'_, B> {
                 kv.len()
             );
         }
-        let model = self.model;
-        let ws = reserved(&mut self.ws, "predict_span")?;
-        let cache = self
-            .cache
-            .as_mut()
-            .context("predict_span: KV cache missing after reserve")?;
-        model.forward_span(
-            ws,
-            cache,
-            Tokens::new(&self.staged.ids, req.key_valid, &self.staged.rows),
-            Span::new(b, t, q0, q1),
-        )?;
-        Ok(b * tq)
+        Ok(Span::new(b, t, q0, q1))
     }
 
     /// The forward pass of a full request (everything before the head); returns the number of
@@ -416,44 +422,93 @@ impl<B: Backend> StepsOnDevice for ModelPredictor<'_, B> {
         self.block = None;
         check_segments("begin_block", req.rows, plan.seg, req.b)?;
         let (_, span) = self.stage_full(req, req.rows.len())?;
-        let model = self.model;
-        let ws = reserved(&mut self.ws, "begin_block")?;
-        let mask = req.key_valid.map(|_| self.staged.mask.as_slice());
-        let x = Tokens::new(&self.staged.ids, mask, &self.staged.rows);
-        let layers = model.upload(ws, 0, x, span)?;
-        // The head rounds to the model's compute dtype whatever the caller set.
-        let select = SelectParams {
-            dtype: model.backend.compute_dtype(),
-            ..req.select.clone()
-        };
-        let keys = &self.staged.keys;
-        self.block = Some(model.begin_steps(ws, layers, keys, (plan, &select))?);
-        Ok(())
+        self.begin_steps(req.key_valid.is_some(), span, (req.select, plan), false)
+    }
+
+    fn begin_span_block(&mut self, req: &SpanRequest<'_>, plan: &BlockPlan<'_>) -> Result<()> {
+        self.block = None;
+        check_segments("begin_span_block", req.rows, plan.seg, req.b)?;
+        let span = self.stage_span(req, req.rows.len())?;
+        self.staged.mask.clear();
+        self.staged
+            .mask
+            .extend_from_slice(req.key_valid.unwrap_or_default());
+        self.begin_steps(req.key_valid.is_some(), span, (req.select, plan), true)
     }
 
     fn step(&mut self, count: bool) -> Result<Option<MasksLeft>> {
         let _step = nvtx::range(c"step");
         let model = self.model;
         let ws = reserved(&mut self.ws, "step")?;
-        let blk = self.block.as_ref().context("step: no block was begun")?;
-        model.device_step(ws, blk)?;
+        let (blk, _) = self.block.as_ref().context("step: no block was begun")?;
+        let cache = self.cache.as_mut().filter(|_| blk.cached());
+        model.device_step(ws, cache, blk)?;
         count.then(|| model.masks_left(ws)).transpose()
     }
 
     fn read_tokens(&mut self, x: &mut [u32]) -> Result<()> {
         let ws = reserved(&mut self.ws, "read_tokens")?;
+        let (_, span) = self
+            .block
+            .as_ref()
+            .context("read_tokens: no block was begun")?;
+        let Span { b, l, q0, q1 } = *span;
+        let tq = q1 - q0;
         ensure!(
-            x.len() <= ws.max_tokens,
-            "read_tokens: {} tokens exceed the workspace's {}",
-            x.len(),
-            ws.max_tokens
+            x.len() == b * l,
+            "read_tokens: {} tokens for {b} rows of {l}",
+            x.len()
         );
-        self.tok_host.resize(self.tok_host.len().max(x.len()), 0);
-        let h = &mut self.tok_host[..x.len()];
+        // The device holds the pass's tokens: each row's [q0, q1) (whole rows without a cache).
+        self.ids_host.resize(self.ids_host.len().max(b * tq), 0);
+        let h = &mut self.ids_host[..b * tq];
         self.model.backend.read_ints_into(&ws.ids, h)?;
-        for (o, &v) in x.iter_mut().zip(h.iter()) {
-            *o = v as u32;
+        for (row, span) in x.chunks_exact_mut(l).zip(h.chunks_exact(tq)) {
+            for (o, &v) in row[q0..q1].iter_mut().zip(span) {
+                *o = v as u32;
+            }
         }
+        Ok(())
+    }
+}
+
+impl<B: Backend> ModelPredictor<'_, B> {
+    /// Upload the staged pass over `span` (with the staged key mask when `masked`; against the
+    /// KV cache when `cached`) and begin a block of device steps on it.
+    fn begin_steps(
+        &mut self,
+        masked: bool,
+        span: Span,
+        (select, plan): (&SelectParams, &BlockPlan<'_>),
+        cached: bool,
+    ) -> Result<()> {
+        let model = self.model;
+        let ws = reserved(&mut self.ws, "begin_block")?;
+        let mask = masked.then_some(self.staged.mask.as_slice());
+        let x = Tokens::new(&self.staged.ids, mask, &self.staged.rows);
+        let cache_id = match &self.cache {
+            Some(c) if cached => {
+                model.check_cache(c, span)?;
+                c.id
+            }
+            None if cached => bail!("begin_span_block: no KV cache"),
+            _ => 0,
+        };
+        let layers = model.upload(ws, cache_id, x, span)?;
+        // The head rounds to the model's compute dtype whatever the caller set.
+        let select = SelectParams {
+            dtype: model.backend.compute_dtype(),
+            ..select.clone()
+        };
+        let keys = &self.staged.keys;
+        let blk = model.begin_steps(ws, layers, keys, (plan, &select))?;
+        // read_tokens reads the conditional rows back (CFG doubles the pass's batch rows).
+        let rows = if select.cfg_scale > 0.0 {
+            span.b / 2
+        } else {
+            span.b
+        };
+        self.block = Some((blk, Span { b: rows, ..span }));
         Ok(())
     }
 }

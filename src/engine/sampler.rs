@@ -406,7 +406,7 @@ pub fn generate_hooked(
             select.step = (block * steps_per_block) as u64;
             let uncond = cfg.then_some(uncond_x.as_slice());
             let req = layout.request(&x, uncond, &asked.rows, &select);
-            dev.begin_block(&req, &calls.block_plan(&asked, blk_start..blk_end))
+            dev.begin_block(&req, &calls.block_plan(&asked, blk_start..blk_end, 0))
                 .with_context(|| format!("starting block {block} on the device"))?;
             for i in 0..steps_per_block {
                 let step = block * steps_per_block + i;

@@ -278,13 +278,19 @@ impl Calls {
         });
     }
 
-    /// The [`BlockPlan`] of the block at positions `block` for the pairs `asked`: the current
-    /// schedule ([`Calls::schedule`]) and the rule.
-    pub(super) fn block_plan<'s>(&'s self, asked: &'s Asked, block: Range<usize>) -> BlockPlan<'s> {
+    /// The [`BlockPlan`] of the block at positions `block` for the pairs `asked`, from its call
+    /// `first` on: the current schedule ([`Calls::schedule`]) and the rule.
+    pub(super) fn block_plan<'s>(
+        &'s self,
+        asked: &'s Asked,
+        block: Range<usize>,
+        first: usize,
+    ) -> BlockPlan<'s> {
         BlockPlan {
             seg: &asked.off,
             sched: &self.sched,
             steps: self.steps_per_block,
+            first,
             rule: self.rule,
             mask_id: self.mask,
             block,
@@ -364,40 +370,41 @@ mod tests {
             calls.schedule(&x, 0..t);
             let mut asked = Asked::new(b, b * t);
             asked.masks(&x, t, 0..t, mask);
-            let plan = calls.block_plan(&asked, 0..t);
             for (br, &c) in counts.iter().enumerate() {
-                assert_eq!(
-                    plan.sched[br * spb..][..spb],
-                    num_transfer_tokens(c, spb)[..]
-                );
+                let sched = &calls.block_plan(&asked, 0..t, 0).sched[br * spb..][..spb];
+                assert_eq!(*sched, num_transfer_tokens(c, spb)[..]);
             }
-            let (mut sched, mut dplan) = (Vec::new(), Vec::new());
-            block_tables((plan.seg, plan.sched, spb), (&mut sched, &mut dplan)).unwrap();
-            assert_eq!(
-                dplan[..=b],
-                asked.off.iter().map(|&o| o as i32).collect::<Vec<_>>()[..]
-            );
-            let mut state = initial_state(0, (0, t)).unwrap();
-            let mut ids = vec![1; b * t];
-            let s = StepShape {
-                r: 0,
-                b,
-                t,
-                n: b * t,
-                mirror: 0,
-                mask_id: mask,
-                steps: spb,
-            };
-            for i in 0..spb + 3 {
-                calls.set_quota(i);
-                let want: Vec<i32> = calls.quota.iter().map(|&q| q as i32).collect();
+            // A block from its first call (plain generate, no cache) or its second (the calls
+            // against a KV cache).
+            for first in [0, 1] {
+                let plan = calls.block_plan(&asked, 0..t, first);
+                let (mut sched, mut dplan) = (Vec::new(), Vec::new());
+                let tables = (plan.seg, plan.sched, spb);
+                block_tables(tables, first, (&mut sched, &mut dplan)).unwrap();
                 assert_eq!(
-                    dplan[b + 1..],
-                    want[..],
-                    "{counts:?} over {spb} steps, call {i}"
+                    dplan[..=b],
+                    asked.off.iter().map(|&o| o as i32).collect::<Vec<_>>()[..]
                 );
-                let bufs = (&mut ids[..], &mut state[..], &mut dplan[..]);
-                step_advance_ref(bufs, (&[], &[], &sched), s).unwrap();
+                let mut state = initial_state(0, (0, t)).unwrap();
+                state[crate::backend::step::STATE_STEP] = first as i32;
+                let mut ids = vec![1; b * t];
+                let s = StepShape {
+                    r: 0,
+                    b,
+                    t,
+                    n: b * t,
+                    mirror: 0,
+                    mask_id: mask,
+                    steps: spb,
+                };
+                for i in first..spb + 3 {
+                    calls.set_quota(i);
+                    let want: Vec<i32> = calls.quota.iter().map(|&q| q as i32).collect();
+                    let what = format!("{counts:?} over {spb} steps from {first}, call {i}");
+                    assert_eq!(dplan[b + 1..], want[..], "{what}");
+                    let bufs = (&mut ids[..], &mut state[..], &mut dplan[..]);
+                    step_advance_ref(bufs, (&[], &[], &sched), s).unwrap();
+                }
             }
         }
     }

@@ -2,7 +2,9 @@
 //! the layers pass, the LM head on the requested rows, the head (`select`, its RNG step read
 //! from device memory), the commit selection (`commit_select`, its quotas read from device
 //! memory) and the token write (`step_advance`), captured once per launch shape
-//! ([`super::graphs::StepKey`]) and replayed every step.
+//! ([`super::graphs::StepKey`]) and replayed every step. Plain `generate` runs every step so;
+//! Fast-dLLM every call without a KV cache, and with one (prefix, dual) the calls against the
+//! cache after each block's full pass.
 //!
 //! What changes from step to step lives on the device: the pass's tokens (the workspace's
 //! `ids`, which each step's commits are written into), the schedule of the block and the step
@@ -12,9 +14,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::fast::{CacheMode, Decode};
 use super::graphs::{GraphKey, StepKey};
-use super::model::{Model, Workspace};
+use super::model::{KvCache, Model, Workspace};
 use super::predict::{BlockPlan, MasksLeft};
 use crate::backend::commit::{check_plan, CommitShape};
 use crate::backend::head::{Remasking, SelectParams};
@@ -27,16 +28,15 @@ pub fn step_graph_env() -> bool {
     std::env::var("LLADA_STEP_GRAPH").is_ok_and(|v| v == "1")
 }
 
-/// How [`super::Engine::generate`] makes each step's commit selection under `decode` and the
-/// switches in the environment: `step-graph` (whole steps on the device, `LLADA_STEP_GRAPH=1`:
-/// plain `generate` and Fast-dLLM without a KV cache), `device` (one `commit_select` per step:
-/// `LLADA_DEVICE_SELECT=1`, or `LLADA_STEP_GRAPH=1` with a KV cache) or `host` (the default).
-/// The benchmark records it per row.
-pub fn selection_mode(decode: &Decode) -> &'static str {
-    let device = super::predictor::device_select_env();
-    match (step_graph_env(), device) {
-        (true, _) if decode.cache == CacheMode::None => "step-graph",
-        (true, _) | (false, true) => "device",
+/// How [`super::Engine::generate`] makes each step's commit selection under the switches in
+/// the environment: `step-graph` (whole steps on the device, `LLADA_STEP_GRAPH=1`; with a KV
+/// cache every call after a block's full pass, that one with the device selection), `device`
+/// (one `commit_select` per step, `LLADA_DEVICE_SELECT=1`) or `host` (the default). The
+/// benchmark records it per row.
+pub fn selection_mode() -> &'static str {
+    match (step_graph_env(), super::predictor::device_select_env()) {
+        (true, _) => "step-graph",
+        (false, true) => "device",
         (false, false) => "host",
     }
 }
@@ -73,11 +73,19 @@ pub struct BlockSteps {
     advance: StepShape,
 }
 
+impl BlockSteps {
+    /// Whether the block's passes run against a KV cache.
+    pub(crate) fn cached(&self) -> bool {
+        self.key.cache != 0
+    }
+}
+
 impl<B: Backend> Model<B> {
     /// Prepare a block of device steps after [`Model::upload`] wrote its pass (`layers` is the
-    /// key it returned; the requested rows are the first `plan.seg[b]` of the uploaded rows, the
-    /// unconditional copies following with CFG): the RNG keys `keys` `[2R]`, the block's
-    /// schedule, the plan of its first step and the step state (first RNG step `select.step`).
+    /// key it returned: a full pass, or a span against a KV cache; the requested rows are the
+    /// first `plan.seg[b]` of the uploaded rows, the unconditional copies following with CFG):
+    /// the RNG keys `keys` `[2R]`, the block's schedule, the plan of its first device step (the
+    /// block's call `plan.first`) and the step state (that call's RNG step `select.step`).
     pub(crate) fn begin_steps(
         &self,
         ws: &mut Workspace<B>,
@@ -86,7 +94,8 @@ impl<B: Backend> Model<B> {
         (plan, select): (&BlockPlan<'_>, &SelectParams),
     ) -> Result<BlockSteps> {
         let be = &self.backend;
-        let (nb, t) = (layers.shape.b, layers.shape.tq);
+        // A pass over `t` tokens per row from position q0 (the whole row without a cache).
+        let (nb, t, q0) = (layers.shape.b, layers.shape.tq, layers.shape.q0);
         let cfg = select.cfg_scale > 0.0;
         let b = if cfg { nb / 2 } else { nb };
         let r = keys.len() / 2;
@@ -103,8 +112,14 @@ impl<B: Backend> Model<B> {
             plan.steps
         );
         ensure!(
-            layers.shape.l == t && layers.shape.q0 == 0 && layers.cache == 0,
-            "begin_steps: device steps run full passes without a KV cache"
+            (layers.cache != 0 || (q0 == 0 && layers.shape.l == t)) && !(cfg && layers.cache != 0),
+            "begin_steps: a pass without a KV cache covers whole rows, and CFG takes no cache"
+        );
+        let (s, e) = (plan.block.start, plan.block.end);
+        ensure!(
+            q0 <= s && s <= e && e <= q0 + t,
+            "begin_steps: the block [{s}, {e}) lies outside the pass's positions [{q0}, {})",
+            q0 + t
         );
         if ws.step.is_none() {
             ws.step = Some(StepBufs::new(be, ws.max_tokens, ws.max_rows)?);
@@ -119,10 +134,14 @@ impl<B: Backend> Model<B> {
             plan.steps
         );
         let tables = (plan.seg, plan.sched, plan.steps);
-        step::block_tables(tables, (&mut sb.h_sched, &mut sb.h_plan)).context("begin_steps")?;
+        let h = (&mut sb.h_sched, &mut sb.h_plan);
+        step::block_tables(tables, plan.first, h).context("begin_steps")?;
         check_plan("begin_steps", &sb.h_plan, r, b)?;
-        let (s, e) = (plan.block.start, plan.block.end);
-        sb.h_state = step::initial_state(select.step, (s, e))?;
+        // The state counts the block's calls from `first`, its span in the pass's positions.
+        let step0 = select.step.wrapping_sub(plan.first as u64);
+        sb.h_state = step::initial_state(step0, (s - q0, e - q0))?;
+        sb.h_state[step::STATE_STEP] =
+            i32::try_from(plan.first).context("begin_steps: the first call exceeds i32")?;
         be.prof_mark(Some(OpClass::Io));
         be.write_ints(&mut sb.sched, &sb.h_sched)?;
         be.write_ints(&mut sb.plan, &sb.h_plan)?;
@@ -173,15 +192,32 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// One device step of `blk`: replayed from its graph once captured ([`Model::run_graphed`]).
-    pub(crate) fn device_step(&self, ws: &mut Workspace<B>, blk: &BlockSteps) -> Result<()> {
-        self.run_graphed(ws, None, blk.key, &|ws, _| self.step_body(ws, blk))
+    /// One device step of `blk` (against `cache`, the one its pass was uploaded for, if any):
+    /// replayed from its graph once captured ([`Model::run_graphed`]).
+    pub(crate) fn device_step(
+        &self,
+        ws: &mut Workspace<B>,
+        cache: Option<&mut KvCache<B>>,
+        blk: &BlockSteps,
+    ) -> Result<()> {
+        ensure!(
+            cache.as_ref().map_or(0, |c| c.id) == blk.key.cache,
+            "device step: not the KV cache the block was begun with"
+        );
+        self.run_graphed(ws, cache, blk.key, &|ws, cache| {
+            self.step_body(ws, cache, blk)
+        })
     }
 
     /// The launches of one device step (what its graph captures).
-    fn step_body(&self, ws: &mut Workspace<B>, blk: &BlockSteps) -> Result<()> {
+    fn step_body(
+        &self,
+        ws: &mut Workspace<B>,
+        cache: Option<&mut KvCache<B>>,
+        blk: &BlockSteps,
+    ) -> Result<()> {
         let be = &self.backend;
-        self.layers_pass(ws, None, blk.key)?;
+        self.layers_pass(ws, cache, blk.key)?;
         self.head_pass(ws, blk.head_rows)?;
         let sb = ws
             .step

@@ -11,7 +11,7 @@ use llada::engine::fast::{generate_fast_hooked, CacheMode, Decode};
 use llada::engine::model::Model;
 use llada::engine::predictor::ModelPredictor;
 use llada::engine::sampler::{generate_hooked, GenerateOutput, GenerateParams, Hooks};
-use llada::engine::sampler::{PredictRequest, Predictor, SelectsCommits, SpanPredictor};
+use llada::engine::sampler::{PredictRequest, Predictor, SpanPredictor};
 use llada::engine::sampler::{SpanRequest, StepsOnDevice};
 
 /// Every decoding the sampler has, as (name, params change, decode): plain `generate` with and
@@ -61,11 +61,13 @@ pub enum Select {
     StepGraph,
 }
 
-/// A model predictor whose per-step calls panic (except the cached passes of Fast-dLLM when
-/// `cached`, which step graphs do not cover): a generation through it must run whole steps.
+/// A model predictor whose per-step calls panic, except the full pass that opens each block of
+/// Fast-dLLM with a KV cache (`cached`; counted in `per_step`, answered on the host): a
+/// generation through it must run every other call as whole device steps.
 pub struct OnlySteps<'p, 'm, B: Backend> {
     pub inner: &'p mut ModelPredictor<'m, B>,
     pub cached: bool,
+    pub per_step: usize,
 }
 
 impl<B: Backend> Predictor for OnlySteps<'_, '_, B> {
@@ -77,23 +79,17 @@ impl<B: Backend> Predictor for OnlySteps<'_, '_, B> {
     }
 }
 
-impl<'m, B: Backend> OnlySteps<'_, 'm, B> {
-    /// The wrapped predictor for a per-step `call`, which only the cached passes may make.
-    fn cached_only(&mut self, call: &str) -> &mut ModelPredictor<'m, B> {
-        assert!(
-            self.cached,
-            "a per-step {call} in step-graph mode without a cache"
-        );
-        self.inner
-    }
-}
-
 impl<B: Backend> SpanPredictor for OnlySteps<'_, '_, B> {
     fn predict_span(&mut self, q: &SpanRequest<'_>, o: &mut [(u32, f32)]) -> anyhow::Result<()> {
-        self.cached_only("predict_span").predict_span(q, o)
-    }
-    fn commit_selector(&mut self) -> Option<&mut dyn SelectsCommits> {
-        SpanPredictor::commit_selector(self.cached_only("commit selection"))
+        assert!(
+            self.cached && (q.q0, q.q1) == (0, q.t),
+            "a per-step predict_span over [{}, {}) in step-graph mode (cached: {})",
+            q.q0,
+            q.q1,
+            self.cached
+        );
+        self.per_step += 1;
+        self.inner.predict_span(q, o)
     }
     fn steps_on_device(&mut self) -> Option<&mut dyn StepsOnDevice> {
         SpanPredictor::steps_on_device(self.inner)
@@ -116,12 +112,17 @@ pub fn run_hooked<B: Backend>(
         let mut only = OnlySteps {
             inner: &mut pred,
             cached,
+            per_step: 0,
         };
-        if d.is_plain() {
+        let out = if d.is_plain() {
             generate_hooked(&mut only, prompts, p, hooks)
         } else {
             generate_fast_hooked(&mut only, prompts, p, d, hooks)
-        }
+        };
+        // With a cache, only each block's opening full pass is a per-step call.
+        let blocks = p.gen_length / p.block_length;
+        assert_eq!(only.per_step, if cached { blocks } else { 0 }, "{d:?}");
+        out
     } else if d.is_plain() {
         generate_hooked(&mut pred, prompts, p, hooks)
     } else {
