@@ -9,7 +9,8 @@
 #   GPU_CHECK_ALL_TESTS=1), compiled with LLADA_REQUIRE_KERNELS=1
 #   so a missing nvcc fails loudly, copied into DIR (default gpu-bundle/, git-ignored, also packed
 #   as DIR.tgz) with this
-#   script, bench/torch_reference.py (if present), tests/fixtures (if present) and a tiny checkpoint
+#   script, bench/torch_reference.py and bench/loss_curve.py (if present), tests/fixtures (if
+#   present) and a tiny checkpoint
 #   (`llada init-tiny`, if that command exists).
 # run: prints nvidia-smi, runs each test executable with LLADA_REQUIRE_GPU=1 (a missing GPU is a
 #   failure, not a skip), then `llada-bench --json` and `python3 torch_reference.py` when present;
@@ -21,7 +22,7 @@ die() { echo "gpu-check: $*" >&2; exit 2; }
 
 # The test executables that need a GPU ("binary[:filter]"); `run` runs these by default and
 # `build` bundles only these unless GPU_CHECK_ALL_TESTS=1.
-GPU_TESTS_DEFAULT="test-cuda_parity test-cuda_model test-cache:gpu_ test-cuda_train test-cuda_train_tiled test-cuda_dist test-cuda_fp8 test-lora_resume:cuda_"
+GPU_TESTS_DEFAULT="test-cuda_parity test-cuda_model test-cache:gpu_ test-cuda_train test-cuda_train_tiled test-cuda_dist test-cuda_fp8 test-lora_resume:cuda_ test-loss_curve:cuda_"
 
 # Seconds allowed per step (override from the environment).
 T_TEST=${GPU_CHECK_TEST_TIMEOUT:-600}
@@ -81,6 +82,7 @@ EOF
     fi
     rm -rf "$dir/kc-build"
     [ -f "$root/bench/torch_reference.py" ] && cp "$root/bench/torch_reference.py" "$dir/"
+    [ -f "$root/bench/loss_curve.py" ] && cp "$root/bench/loss_curve.py" "$dir/"
     if [ -d "$root/tests/fixtures" ]; then
         mkdir -p "$dir/tests" && cp -r "$root/tests/fixtures" "$dir/tests/"
     fi

@@ -11,6 +11,8 @@
 #   GPU_SESSION_ONLY=fa2 bash gpu-bundle/gpu-session.sh RESULTS_DIR   (only the FA2 attention checks)
 #   GPU_SESSION_ONLY=step bash gpu-bundle/gpu-session.sh RESULTS_DIR  (only the LLADA_DEVICE_SELECT /
 #     LLADA_FUSED / LLADA_STEP_GRAPH checks: their parity tests and one bench line each way)
+#   GPU_SESSION_ONLY=curve bash gpu-bundle/gpu-session.sh RESULTS_DIR (issue #17: the llada-1b
+#     loss-curve parity against PyTorch in f32 and bf16, and the #17 targets; <= 8 minutes)
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 res=${1:-results}
@@ -19,6 +21,22 @@ cd "$here"
 [ -f COMMIT ] && export LLADA_COMMIT="$(cat COMMIT)"
 # On the device NCCL must load: the data-parallel tests fail instead of printing SKIP.
 export LLADA_REQUIRE_NCCL=1
+PY=${PYTHON:-python3}
+exec 3>&1
+# step_timeout SECONDS CMD...: `timeout`, shortened to what is left of the group's budget
+# (group_end, in $SECONDS) when one is set; with under 15 s left the step is skipped (rc 124).
+step_timeout() {
+    local cap=$1; shift
+    if [ -n "${group_end:-}" ]; then
+        local left=$(( group_end - SECONDS ))
+        if [ "$left" -lt 15 ]; then
+            echo "skipped, out of the group's time budget: ${*:1:3} ..." >&3
+            return 124
+        fi
+        [ "$left" -lt "$cap" ] && cap=$left
+    fi
+    timeout "$cap" "$@"
+}
 
 # FA2-class attention (LLADA_ATTN=fa2, off by default until this passes): the GPU parity suite
 # (its fa2_* tests call the kernel explicitly; with the variable set every other test, the graph
@@ -93,6 +111,208 @@ if [ "${GPU_SESSION_ONLY:-}" = step ]; then
     exit 0
 fi
 
+# Issue #17's targets, in the full session and in the `curve` group: llada-1b full fine-tuning
+# tokens/s and MFU beside the PyTorch training reference (same GPU, same run), and LoRA r16 of the
+# llada-8b preset at 2048 tokens (tokens/s, peak memory). The `_at` variables let the CPU dry run
+# (bench/curve-dry-run.sh) take the same path with the tiny preset.
+# train_throughput DIR "PRECISIONS": llada train and torch_reference.py --train, 1b preset,
+# batch 8 x 512, each precision; DIR/train-throughput.json holds the comparison.
+train_throughput() {
+    local out=$1 precs=$2 prec steps
+    local preset=${TARGET_PRESET:-llada-1b} dev=${TARGET_DEVICE:-cuda}
+    local b=${TARGET_BATCH:-8} t=${TARGET_SEQ:-512}
+    echo "== llada train: $preset preset, batch $b x $t tokens, $precs GEMMs (issue #17 target: bf16 >= 45% MFU, >= 1.5x PyTorch)"
+    # Random token ids (no tokenizer for the presets): 160 documents of 1000 ids below 126000
+    # (below 500 for the tiny preset, whose mask id is 502).
+    local hi=126000; [ "$preset" = tiny ] && hi=500
+    "$PY" -c "import json,random,sys; random.seed(0); print('\n'.join(json.dumps({'ids':[random.randrange(int(sys.argv[1])) for _ in range(1000)]}) for _ in range(160)))" $hi >"$out/train-ids.jsonl"
+    # MFU against PEAK_TFLOPS (default: H100/H200 SXM dense bf16, 989 TFLOP/s; the f32 run is
+    # measured against the same peak, for comparison).
+    for prec in $precs; do
+        [ $prec = bf16 ] && steps=6 || steps=3
+        step_timeout "${T_TRAIN:-300}" bin/llada train --preset "$preset" --device "$dev" --precision $prec \
+            --data "$out/train-ids.jsonl" --out "$out/train-1b" --steps $steps --batch-size "$b" --seq-len "$t" \
+            --warmup 1 --no-truncate --no-save --peak-tflops "${PEAK_TFLOPS:-989}" \
+            >"$out/train-1b-$prec.log" 2>&1
+        echo "exit $? ($prec); $(grep -m1 '^device:' "$out/train-1b-$prec.log")"
+        grep '\] step ' "$out/train-1b-$prec.log" | tail -n 1 | sed 's/^.*\] //'
+    done
+    echo "== torch_reference --train: the same training step in PyTorch ($preset, batch $b x $t)"
+    # bf16 = torch.autocast to bf16 around forward + loss with f32 master weights (the counterpart of
+    # --precision bf16); f32 = plain f32 with TF32 off. One process per precision.
+    for prec in $precs; do
+        step_timeout "${T_TRAIN:-300}" "$PY" torch_reference.py --train --preset "$preset" --device "$dev" \
+            --train-precision $prec --train-batch "$b" --train-seq "$t" --train-steps 6 \
+            --peak-tflops "${PEAK_TFLOPS:-989}" --json "$out/torch-train-$prec.json" \
+            >"$out/torch-train-$prec.log" 2>&1
+        echo "exit $? ($prec); $(grep '^torch train' "$out/torch-train-$prec.log" | tail -n 1)"
+    done
+    echo "== training throughput: llada train vs PyTorch (same device, same run; ratio = llada / torch)"
+    "$PY" - "$out" $precs <<'PY' || echo "comparison: n/a (python3 failed)"
+import json, re, sys
+out, precs = sys.argv[1], sys.argv[2:]
+rows = []
+print(f"{'precision':>9} {'llada tok/s':>12} {'llada MFU':>10} {'torch tok/s':>12} {'torch MFU':>10} {'ratio':>7}")
+for prec in precs:
+    lt = lm = tt = tm = None
+    try:
+        steps = [l for l in open(f"{out}/train-1b-{prec}.log", errors="replace") if "] step " in l]
+        m = re.search(r"tok/s (\S+) GFLOP/s \S+ MFU (\S+)", steps[-1]) if steps else None
+        if m:
+            lt, lm = float(m.group(1)), m.group(2)
+    except (OSError, ValueError):
+        pass
+    try:
+        r = [r for r in json.load(open(f"{out}/torch-train-{prec}.json"))["rows"] if r["precision"] == prec][0]
+        tt = r["tokens_per_s"]
+        tm = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        pass
+    f = lambda x: f"{x:.0f}" if x is not None else "n/a"
+    ratio = lt / tt if lt and tt else None
+    print(f"{prec:>9} {f(lt):>12} {lm or 'n/a':>10} {f(tt):>12} {tm or 'n/a':>10} {f'{ratio:.2f}' if ratio else 'n/a':>7}")
+    mfu = float(lm.rstrip("%")) / 100 if lm and lm.endswith("%") else None
+    rows.append(dict(precision=prec, llada_tokens_per_s=lt, llada_mfu=mfu, torch_tokens_per_s=tt,
+                     torch_mfu=None if tm in (None, "-") else float(tm.rstrip("%")) / 100, ratio=ratio))
+    if prec == "bf16":
+        met = mfu is not None and ratio is not None and mfu >= 0.45 and ratio >= 1.5
+        print(f"issue #17 target (bf16: MFU >= 45% and >= 1.5x PyTorch): {'MET' if met else 'NOT MET'}"
+              f" (MFU {lm or 'n/a'}, ratio {f'{ratio:.2f}' if ratio else 'n/a'})")
+json.dump(dict(kind="train_throughput", rows=rows), open(f"{out}/train-throughput.json", "w"), indent=1)
+PY
+}
+
+# lora_8b DIR: 3 LoRA r16 steps of the llada-8b preset at 1 x 2048 tokens; tokens/s, the run's
+# own peak-memory line, and nvidia-smi's peak memory.used sampled every 250 ms during the run
+# (issue #17 target: <= 60 GB). DIR/lora-8b.json holds them.
+lora_8b() {
+    local out=$1 preset=${LORA_PRESET:-llada-8b} dev=${TARGET_DEVICE:-cuda} seq=${LORA_SEQ:-2048}
+    echo "== llada train --lora-rank 16: $preset preset, frozen bf16 base, 1 x $seq tokens, 3 steps"
+    # Token ids (the presets have no tokenizer, so the pretraining loss; an SFT step costs the same).
+    local hi=126000; [ "$preset" = tiny ] && hi=500
+    "$PY" -c "import json,random,sys; random.seed(1); print('\n'.join(json.dumps({'ids':[random.randrange(int(sys.argv[1])) for _ in range(int(sys.argv[2]) + 52)]}) for _ in range(8)))" $hi "$seq" >"$out/lora-ids.jsonl"
+    local smi=""
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 >"$out/lora-8b-smi.csv" 2>/dev/null &
+        smi=$!
+    fi
+    step_timeout "${T_LORA:-120}" bin/llada train --preset "$preset" --device "$dev" --lora-rank 16 --data "$out/lora-ids.jsonl" \
+        --out "$out/lora-8b" --steps 3 --batch-size 1 --seq-len "$seq" --warmup 1 --no-truncate --no-save >"$out/lora-8b.log" 2>&1
+    echo "exit $?; $(grep -m1 '^LoRA GPU memory' "$out/lora-8b.log" | cut -c1-160)"
+    [ -n "$smi" ] && kill "$smi" 2>/dev/null && wait "$smi" 2>/dev/null
+    grep -E '^step |peak GPU memory' "$out/lora-8b.log" | tail -n 2
+    "$PY" - "$out" <<'PY' || echo "lora summary: n/a"
+import json, re, sys
+out = sys.argv[1]
+log = open(f"{out}/lora-8b.log", errors="replace").read()
+steps = re.findall(r"^step (\d+)/\d+ loss (\S+) .* tok/s (\d+)", log, re.M)
+peak = re.search(r"peak GPU memory in use: ([\d.]+) GiB", log)
+try:
+    smi = [int(x) for x in open(f"{out}/lora-8b-smi.csv") if x.strip().isdigit()]
+except OSError:
+    smi = []
+r = dict(kind="lora_8b", steps=len(steps), tokens_per_s=float(steps[-1][2]) if steps else None,
+         run_peak_gib=float(peak.group(1)) if peak else None,
+         nvidia_smi_peak_gib=max(smi) / 1024 if smi else None, nvidia_smi_first_gib=smi[0] / 1024 if smi else None)
+json.dump(r, open(f"{out}/lora-8b.json", "w"), indent=1)
+gb = [x for x in (r["run_peak_gib"], r["nvidia_smi_peak_gib"]) if x is not None]
+print(f"LoRA 8B: tok/s {r['tokens_per_s']}, peak {r['run_peak_gib']} GiB (run), {r['nvidia_smi_peak_gib']} GiB (nvidia-smi); "
+      f"issue #17 target <= 60 GB: {'MET' if gb and max(gb) * 1.073741824 <= 60 else 'NOT MET or not measured'}")
+PY
+}
+
+# Issue #17 item 6, loss-curve parity on the GPU (GPU_SESSION_ONLY=curve runs just this and the
+# #17 targets, sized for one device call of at most 8 minutes: CURVE_BUDGET seconds, default
+# 450, after which the remaining steps are skipped). The llada-1b preset with upstream's
+# initialisation (`llada init --init mitchell`, bf16 folder: both sides start from exactly these
+# values), 50 steps of `llada train --device cuda --dump-batches` with f32 and bf16 GEMMs (and
+# `--storage bf16` when this build has it), PyTorch replaying the f32 run's batches in f32 and in
+# bf16 autocast on the same GPU, and bench/loss_curve.py's verdict (criterion in its docs).
+# Outputs: RESULTS_DIR/<date>-<gpu>/ (loss-curve.json, train-throughput.json, lora-8b.json are
+# the files to commit under bench/results/; the logs and *.dump.jsonl stay beside them).
+# CURVE_DEVICE=cpu CURVE_PRESET=tiny (and the TARGET_/LORA_ variables) is the CPU dry run.
+curve_checks() {
+    local dev=${CURVE_DEVICE:-cuda} preset=${CURVE_PRESET:-llada-1b} steps=${CURVE_STEPS:-50}
+    local gpu slug out label
+    gpu=$(timeout 10 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+    [ -n "$gpu" ] || gpu=$dev
+    slug=$(echo "$gpu" | tr '[:upper:]' '[:lower:]' | sed -e 's/nvidia//g' -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/^-//' -e 's/-$//')
+    out="$res/$(date -u +%F)-$slug"
+    mkdir -p "$out"
+    echo "== loss-curve parity: $preset, $steps steps on $gpu ($dev); outputs in $out"
+    if [ "$dev" != cpu ] && [ -x test-bins/test-loss_curve ]; then
+        # The tiny CUDA check first (seconds): dumps on CUDA, f32 and bf16, against the CPU run.
+        LLADA_BIN="$here/bin/llada" LLADA_REQUIRE_GPU=1 step_timeout 60 test-bins/test-loss_curve cuda_ \
+            >"$out/test-loss_curve-cuda.log" 2>&1
+        echo "exit $? (test-loss_curve cuda_): $(grep -E '^test result' "$out/test-loss_curve-cuda.log" | tail -n 1)"
+        grep -E 'panicked|FAILED' "$out/test-loss_curve-cuda.log" | head -n 5
+    fi
+    # Structured ids (arithmetic progressions mod HI: the loss falls well within 50 steps, unlike
+    # on random ids), 64 documents of 600 ids; HI below the mask id (502 for tiny).
+    local hi=5000; [ "$preset" = tiny ] && hi=500
+    "$PY" -c "
+import json, random, sys
+hi = int(sys.argv[1]); random.seed(2)
+for _ in range(64):
+    a, b = random.randrange(hi), random.randrange(1, 8)
+    print(json.dumps({'ids': [1 + (a + b * i) % (hi - 1) for i in range(600)]}))" $hi >"$out/curve-ids.jsonl"
+    rm -rf "$out/init"
+    step_timeout "${T_CURVE_INIT:-90}" bin/llada init --preset "$preset" --out "$out/init" --init mitchell \
+        --dtype bf16 --seed 0 >"$out/init.log" 2>&1
+    echo "exit $? (llada init --preset $preset --init mitchell --dtype bf16): $(tail -n 1 "$out/init.log")"
+    local runs="f32 bf16"
+    if [ "$dev" = cpu ]; then
+        runs="f32"; echo "(CPU: llada trains in f32 only; the bf16 runs need --device cuda)"
+    elif bin/llada train --help 2>/dev/null | grep -q -- '--storage'; then
+        runs="f32 bf16 bf16-storage"
+    else
+        echo "(this build has no --storage: no bf16-storage run)"
+    fi
+    local train=(--model "$out/init" --device "$dev" --data "$out/curve-ids.jsonl" --steps "$steps"
+        --batch-size "${CURVE_BATCH:-4}" --accum 2 --seq-len "${CURVE_SEQ:-256}" --lr "${CURVE_LR:-1e-4}"
+        --warmup 5 --schedule wsd --weight-decay 0.1 --clip 1.0 --seed 1 --no-dist --no-save
+        --peak-tflops "${PEAK_TFLOPS:-989}")
+    local args=() cmp=()
+    for label in $runs; do
+        case $label in
+            f32) args=(--precision f32) ;;
+            bf16) args=(--precision bf16) ;;
+            bf16-storage) args=(--precision bf16 --storage bf16) ;;
+        esac
+        step_timeout "${T_CURVE_TRAIN:-120}" bin/llada train "${train[@]}" "${args[@]}" --out "$out/train-$label" \
+            --dump-batches "$out/llada-$label.dump.jsonl" >"$out/llada-$label.log" 2>&1
+        local rc=$?
+        echo "exit $rc (llada $label); $(grep -m1 'device:' "$out/llada-$label.log" | cut -c1-120)"
+        grep '\] step ' "$out/llada-$label.log" | tail -n 1 | sed 's/^.*\] //'
+        # A failed or cut-short run is reported here and left out of the comparison (its dump
+        # would be partial); the f32 run is the one PyTorch replays, so it is always compared.
+        if [ $rc = 0 ] || [ "$label" = f32 ]; then
+            cmp+=(--llada "$label=$out/llada-$label.dump.jsonl")
+        else
+            grep -m3 -E '^error|panicked' "$out/llada-$label.log"
+        fi
+    done
+    for prec in f32 bf16; do
+        step_timeout "${T_CURVE_TORCH:-120}" "$PY" torch_reference.py --train-replay "$out/llada-f32.dump.jsonl" \
+            --train-init "$out/init" --device "$dev" --train-precision $prec --json "$out/torch-replay-$prec.json" \
+            >"$out/torch-replay-$prec.log" 2>&1
+        echo "exit $? (torch replay $prec); $(grep -m1 '^# replay ' "$out/torch-replay-$prec.log" | cut -c1-160)"
+        cmp+=(--torch "$prec=$out/torch-replay-$prec.json")
+    done
+    echo "== loss curves: llada vs PyTorch (bench/loss_curve.py)"
+    "$PY" loss_curve.py "${cmp[@]}" --gpu "$gpu" --json "$out/loss-curve.json" 2>&1 | tee "$out/loss-curve.txt"
+    echo "== issue #17 targets"
+    # bf16 is the target's precision (the CPU dry run trains f32 only).
+    if [ "$dev" = cpu ]; then train_throughput "$out" "f32"; else train_throughput "$out" "bf16"; fi
+    lora_8b "$out"
+    echo "== curve group done ($SECONDS s); files to commit: $out/{loss-curve,train-throughput,lora-8b}.json"
+}
+if [ "${GPU_SESSION_ONLY:-}" = curve ]; then
+    group_end=$(( SECONDS + ${CURVE_BUDGET:-450} ))
+    curve_checks
+    exit 0
+fi
+
 GPU_CHECK_BENCH_ARGS="${GPU_CHECK_BENCH_ARGS:---breakdown}" bash gpu-check.sh run "$res" 2>&1 | tee "$res/gpu-check.log" | tail -n 60
 fa2_checks
 
@@ -118,59 +338,6 @@ for bs in 8 32; do
         >"$res/loglik-8b-bs$bs.json" 2>>"$res/loglik-8b.log"
     python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(f'batch {sys.argv[2]}: {d[\"forward_passes\"]} forwards in {d[\"seconds\"]:.3f} s = {1/d[\"seconds\"]:.2f} loglik evaluations/s (mc_num 128)')" "$res/loglik-8b-bs$bs.json" $bs 2>&1
 done
-echo "== llada train: llada-1b preset (1.24 B parameters), batch 8 x 512 tokens, bf16 vs f32 GEMMs"
-# Random token ids (no tokenizer for the presets): 160 documents of 1000 ids below 126000.
-python3 -c "import json,random; random.seed(0); print('\n'.join(json.dumps({'ids':[random.randrange(126000) for _ in range(1000)]}) for _ in range(160)))" >"$res/train-ids.jsonl"
-# MFU against PEAK_TFLOPS (default: H100 SXM dense bf16, 989 TFLOP/s; the f32 run is measured
-# against the same peak, for comparison).
-for prec in bf16 f32; do
-    [ $prec = bf16 ] && steps=6 || steps=3
-    timeout "${T_TRAIN:-300}" bin/llada train --preset llada-1b --device cuda --precision $prec \
-        --data "$res/train-ids.jsonl" --out "$res/train-1b" --steps $steps --batch-size 8 --seq-len 512 \
-        --warmup 1 --no-truncate --no-save --peak-tflops "${PEAK_TFLOPS:-989}" \
-        >"$res/train-1b-$prec.log" 2>&1
-    echo "exit $? ($prec); $(grep -m1 '^device:' "$res/train-1b-$prec.log")"
-    grep '\] step ' "$res/train-1b-$prec.log" | tail -n 1 | sed 's/^.*\] //'
-done
-echo "== torch_reference --train: the same training step in PyTorch (llada-1b, batch 8 x 512)"
-# bf16 = torch.autocast to bf16 around forward + loss with f32 master weights (the counterpart of
-# --precision bf16); f32 = plain f32 with TF32 off. One process per precision.
-for prec in bf16 f32; do
-    timeout "${T_TRAIN:-300}" python3 torch_reference.py --train --preset llada-1b --device cuda \
-        --train-precision $prec --train-batch 8 --train-seq 512 --train-steps 6 \
-        --peak-tflops "${PEAK_TFLOPS:-989}" --json "$res/torch-train-$prec.json" \
-        >"$res/torch-train-$prec.log" 2>&1
-    echo "exit $? ($prec); $(grep '^torch train' "$res/torch-train-$prec.log" | tail -n 1)"
-done
-echo "== training throughput: llada train vs PyTorch (same GPU, same run; ratio = llada / torch)"
-python3 - "$res" <<'PY' || echo "comparison: n/a (python3 failed)"
-import json, re, sys
-res = sys.argv[1]
-print(f"{'precision':>9} {'llada tok/s':>12} {'llada MFU':>10} {'torch tok/s':>12} {'torch MFU':>10} {'ratio':>7}")
-for prec in ("bf16", "f32"):
-    lt = lm = tt = tm = None
-    try:
-        steps = [l for l in open(f"{res}/train-1b-{prec}.log", errors="replace") if "] step " in l]
-        m = re.search(r"tok/s (\S+) GFLOP/s \S+ MFU (\S+)", steps[-1]) if steps else None
-        if m:
-            lt, lm = float(m.group(1)), m.group(2)
-    except (OSError, ValueError):
-        pass
-    try:
-        r = [r for r in json.load(open(f"{res}/torch-train-{prec}.json"))["rows"] if r["precision"] == prec][0]
-        tt = r["tokens_per_s"]
-        tm = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        pass
-    f = lambda x: f"{x:.0f}" if x is not None else "n/a"
-    ratio = f"{lt / tt:.2f}" if lt and tt else "n/a"
-    print(f"{prec:>9} {f(lt):>12} {lm or 'n/a':>10} {f(tt):>12} {tm or 'n/a':>10} {ratio:>7}")
-PY
-echo "== llada train --lora-rank 16: llada-8b preset, frozen bf16 base, 1 x 2048 tokens, 3 steps (<= 120 s)"
-# Token ids (the presets have no tokenizer, so the pretraining loss; an SFT step costs the same).
-python3 -c "import json,random; random.seed(1); print('\n'.join(json.dumps({'ids':[random.randrange(126000) for _ in range(2100)]}) for _ in range(8)))" >"$res/lora-ids.jsonl"
-timeout "${T_LORA:-120}" bin/llada train --preset llada-8b --device cuda --lora-rank 16 --data "$res/lora-ids.jsonl" \
-    --out "$res/lora-8b" --steps 3 --batch-size 1 --seq-len 2048 --warmup 1 --no-truncate --no-save >"$res/lora-8b.log" 2>&1
-echo "exit $?; $(grep -m1 '^LoRA GPU memory' "$res/lora-8b.log" | cut -c1-160)"
-grep -E '^step |peak GPU memory' "$res/lora-8b.log" | tail -n 2
+train_throughput "$res" "bf16 f32"
+lora_8b "$res"
 echo "== done"; tail -n 12 "$res/gpu-check.log"

@@ -28,9 +28,15 @@ FLOP count of `llada::train::step_flops`; MFU is against --peak-tflops.
         --train-batch 2 --train-seq 32
 
 --train-replay DUMP --train-init DIR: loss-curve parity. Replays a `llada train --dump-batches
-DUMP` run (same starting weights, masked batches, schedule, clipping and AdamW) in f32 on the CPU
-and prints PyTorch's loss beside llada's at every step (tests/fixtures/make_loss_curve_fixture.py
-commits such a curve; needs the `safetensors` package).
+DUMP` run (same starting weights, masked batches, schedule, clipping and AdamW) on --device
+(default cpu) in --train-precision f32 (default; TF32 off) or bf16 (autocast, f32 master
+weights) and prints PyTorch's loss beside llada's at every step
+(tests/fixtures/make_loss_curve_fixture.py commits such a curve; bench/loss_curve.py compares
+f32 and bf16 replays with llada's runs; bench/gpu-session.sh `GPU_SESSION_ONLY=curve` runs it
+all on the GPU).
+
+    python3 bench/torch_reference.py --train-replay dump.jsonl --train-init init \
+        --device cuda --train-precision bf16 --json replay-bf16.json
 """
 import argparse
 import json
@@ -52,8 +58,9 @@ PRESETS = {
 
 
 class Model:
-    """`init="uniform"` (inference benchmark) or `"normal"` (training, as the presets: N(0, 0.02²));
-    `trainable=True` makes every tensor a leaf that requires grad (the forward has no no_grad)."""
+    """`init="uniform"` (inference benchmark), `"normal"` (training: N(0, 0.02²)) or `"none"`
+    (uninitialised, to be loaded); `trainable=True` makes every tensor a leaf that requires grad
+    (the forward has no no_grad)."""
 
     def __init__(self, cfg, device, dtype, seed, init="uniform", trainable=False):
         g = torch.Generator(device=device).manual_seed(seed)
@@ -62,6 +69,8 @@ class Model:
 
         def w(*shape):
             t = torch.empty(*shape, device=device, dtype=dtype)
+            if init == "none":  # filled by the caller (load_llada_folder)
+                return t
             if init == "normal":
                 t.normal_(0.0, 0.02, generator=g)
             else:
@@ -347,45 +356,95 @@ def schedule_lr(o, step):
     raise SystemExit(f"unknown schedule {o['schedule']!r}")
 
 
-def load_llada_folder(path):
-    """A llada / Hugging Face LLaDA folder's f32 weights as this file's `Model` (q/k/v and
-    gate/up concatenated into `wqkv` / `wgu`; exact copies) on the CPU, trainable."""
-    from safetensors.torch import load_file  # only this mode needs the package
+def read_safetensors(path):
+    """name -> f32 CPU tensor of one safetensors file, without the `safetensors` package (the
+    GPU machine may lack it): 8-byte header length, JSON header, then each tensor's bytes
+    (F32, BF16 or F16, little-endian), read one tensor at a time."""
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    out = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        for name, m in header.items():
+            if name == "__metadata__":
+                continue
+            if m["dtype"] not in dtypes:
+                raise SystemExit(f"{path}: tensor {name} has dtype {m['dtype']} (F32, BF16 or F16 only)")
+            a, b = m["data_offsets"]
+            f.seek(8 + n + a)
+            buf = bytearray(f.read(b - a))
+            if len(buf) != b - a:
+                raise SystemExit(f"{path}: tensor {name} is cut short")
+            t = torch.frombuffer(buf, dtype=dtypes[m["dtype"]]) if buf else torch.empty(0)
+            out[name] = t.view(m["shape"]).float().clone()
+    return out
+
+
+def load_llada_folder(path, device="cpu"):
+    """A llada / Hugging Face LLaDA folder's weights (model.safetensors, or the shards of
+    model.safetensors.index.json) in f32 as this file's `Model` (q/k/v and gate/up concatenated
+    into `wqkv` / `wgu`; exact copies) on `device`, trainable."""
     import os
     hf = json.load(open(os.path.join(path, "config.json")))
     if hf["rope_theta"] != 500000.0 or hf["rms_norm_eps"] != 1e-5 or hf["n_kv_heads"] != hf["n_heads"]:
         raise SystemExit(f"{path}: Model hard-codes rope_theta 5e5, eps 1e-5 and NKV = NH")
     cfg = dict(d=hf["d_model"], nh=hf["n_heads"], nl=hf["n_layers"], f=hf["mlp_hidden_size"],
                v=hf["embedding_size"], mask=hf["mask_token_id"])
-    st = load_file(os.path.join(path, "model.safetensors"))
-    w = {k[len("model.transformer."):]: v.float().clone() for k, v in st.items()}
-    m = Model(cfg, "cpu", torch.float32, seed=0)
-    m.wte, m.ln_f, m.lm_head = w["wte.weight"], w["ln_f.weight"], w["ff_out.weight"]
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index)
+             else ["model.safetensors"])
+    w = {}
+    for fn in files:
+        for k, v in read_safetensors(os.path.join(path, fn)).items():
+            w[k[len("model.transformer."):]] = v
+    m = Model(cfg, device, torch.float32, seed=0, init="none")
+    dev = lambda t: t.to(device).contiguous()  # noqa: E731
+    m.wte, m.ln_f, m.lm_head = dev(w.pop("wte.weight")), dev(w.pop("ln_f.weight")), dev(w.pop("ff_out.weight"))
     for i, L in enumerate(m.layers):
-        b = lambda n: w[f"blocks.{i}.{n}.weight"]  # noqa: E731
-        L.update(attn_norm=b("attn_norm"), wo=b("attn_out"), ff_norm=b("ff_norm"), wdown=b("ff_out"),
-                 wqkv=torch.cat([b("q_proj"), b("k_proj"), b("v_proj")]).contiguous(),
-                 wgu=torch.cat([b("ff_proj"), b("up_proj")]).contiguous())
+        b = lambda n: w.pop(f"blocks.{i}.{n}.weight")  # noqa: E731
+        L.update(attn_norm=dev(b("attn_norm")), wo=dev(b("attn_out")), ff_norm=dev(b("ff_norm")),
+                 wdown=dev(b("ff_out")),
+                 wqkv=dev(torch.cat([b("q_proj"), b("k_proj"), b("v_proj")])),
+                 wgu=dev(torch.cat([b("ff_proj"), b("up_proj")])))
+    if w:
+        raise SystemExit(f"{path}: unexpected tensors {sorted(w)[:5]}")
     for t in m.parameters():
         t.requires_grad_(True)
     return m, cfg
 
 
 def train_replay(a):
-    """`--train-replay DUMP --train-init DIR`: llada's training run, step for step, in f32 on the
-    CPU. DUMP is `llada train --dump-batches` (its options, every micro-batch's masked ids, loss
-    rows, targets and per-sequence mask probability p, llada's loss per step); DIR the starting
-    weights. The loss is upstream's (reference §6.1) from p alone, Σ_masked CE/p / (B·L), over
-    `accum` micro-batches; llada's loss weights are checked against it. Then PyTorch's
-    clip_grad_norm_ and AdamW (β 0.9/0.999, ε 1e-8, decay on matrices only) at llada's schedule,
-    which is recomputed here and checked. Prints both loss curves; --json writes them."""
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
+    """`--train-replay DUMP --train-init DIR`: llada's training run, step for step, through
+    PyTorch on `--device` (default cpu) in `--train-precision` f32 (default; TF32 off) or bf16
+    (torch.autocast to bf16 around forward + loss, f32 master weights, gradients and AdamW: the
+    usual mixed precision, which `llada train --precision bf16` mirrors). DUMP is `llada train
+    --dump-batches` (its options, every micro-batch's masked ids, loss rows, targets and
+    per-sequence mask probability p, llada's loss per step); DIR the starting weights. The loss
+    is upstream's (reference §6.1) from p alone, Σ_masked CE/p / (B·L), over `accum`
+    micro-batches; llada's loss weights are checked against it. Then PyTorch's clip_grad_norm_
+    and AdamW (β 0.9/0.999, ε 1e-8, decay on matrices only) at llada's schedule, which is
+    recomputed here and checked. Prints both loss curves; --json writes them
+    (`bench/loss_curve.py` compares such replays with llada's runs)."""
+    dev = a.device or "cpu"
+    prec = a.train_precision or "f32"
+    if prec not in ("f32", "bf16"):
+        raise SystemExit(f"--train-replay: --train-precision {prec!r} (give f32 or bf16)")
+    if dev.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    else:
+        # One thread and no oneDNN: the CPU replay sums in a fixed order.
+        torch.set_num_threads(1)
+        torch.backends.mkldnn.enabled = False
     lines = [json.loads(x) for x in open(a.train_replay) if x.strip()]
     o = lines[0]["options"]
     if o["sft"] or o["world"] != 1:
         raise SystemExit("--train-replay: pretraining dumps of one process only")
-    model, cfg = load_llada_folder(a.train_init)
+    t0 = time.perf_counter()
+    model, cfg = load_llada_folder(a.train_init, dev)
+    name = torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu"
+    print(f"# replay {a.train_replay} on {name} ({dev}), {prec}, torch {torch.__version__}; "
+          f"weights loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     params = model.parameters()
     groups = [dict(params=[q for q in params if q.dim() >= 2], weight_decay=o["weight_decay"]),
               dict(params=[q for q in params if q.dim() < 2], weight_decay=0.0)]
@@ -406,35 +465,42 @@ def train_replay(a):
         ll = llada_steps.get(step + 1)
         if ll is not None and abs(lr - ll["lr"]) > 1e-12 * lr:
             raise SystemExit(f"step {step + 1}: lr {lr} here, {ll['lr']} in llada")
+        ts = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for mb in mbs:
             b, t = mb["b"], mb["t"]
-            ids = torch.tensor(mb["ids"], dtype=torch.long).view(b, t)
+            ids = torch.tensor(mb["ids"], dtype=torch.long).view(b, t).to(dev)
             rows = torch.tensor(mb["rows"], dtype=torch.long)
             p = torch.tensor(mb["p"], dtype=torch.float64)[rows // t]
             want = 1.0 / (p * (b * t) * o["accum"])
             got = torch.tensor(mb["weights"], dtype=torch.float64)
             if not torch.allclose(got, want, rtol=1e-12, atol=0):
                 raise SystemExit(f"step {step + 1}: llada's loss weights are not 1/(p·B·L·accum)")
-            logits = model.forward(ids, flat_rows=rows)
-            ce = F.cross_entropy(logits, torch.tensor(mb["targets"], dtype=torch.long), reduction="none")
-            loss = (ce / p.float()).sum() / (b * t) / o["accum"]
+            rows, p = rows.to(dev), p.to(dev)
+            targets = torch.tensor(mb["targets"], dtype=torch.long).to(dev)
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=prec == "bf16"):
+                logits = model.forward(ids, flat_rows=rows)
+                ce = F.cross_entropy(logits, targets, reduction="none")
+            loss = (ce.float() / p.float()).sum() / (b * t) / o["accum"]
             loss.backward()
             total += float(loss.detach())
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, o["clip"])) if o["clip"] > 0 else 0.0
         for g in opt.param_groups:
             g["lr"] = lr
         opt.step()
+        sync(dev)
+        secs = time.perf_counter() - ts
         row = dict(step=step + 1, loss=total, grad_norm=gnorm, lr=lr,
-                   masked=sum(len(mb["rows"]) for mb in mbs), llada_loss=ll and ll["loss"])
+                   masked=sum(len(mb["rows"]) for mb in mbs), llada_loss=ll and ll["loss"],
+                   seconds=secs)
         out.append(row)
         rel = "" if ll is None else f"  llada {ll['loss']:.7f} (rel {abs(total - ll['loss']) / total:.1e})"
         print(f"# replay step {step + 1}: torch loss {total:.7f} gnorm {gnorm:.5f}{rel}", flush=True)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(engine="torch_reference", mode="train_replay", torch=torch.__version__,
-                           options=o, steps=out), fh, indent=1)
+                           device=name, precision=prec, options=o, steps=out), fh, indent=1)
     return 0
 
 
@@ -454,8 +520,9 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--train", action="store_true",
                     help="training throughput instead (upstream's pretraining loss, AdamW)")
-    ap.add_argument("--train-precision", default="bf16",
-                    help="bf16 (autocast, f32 master weights), f32 (no TF32), or bf16,f32")
+    ap.add_argument("--train-precision", default=None,
+                    help="bf16 (autocast, f32 master weights), f32 (no TF32), or bf16,f32 "
+                         "(--train; default bf16); f32 or bf16 with --train-replay (default f32)")
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--train-seq", type=int, default=512)
     ap.add_argument("--train-steps", type=int, default=6)
@@ -463,9 +530,11 @@ def main():
     ap.add_argument("--train-wd", type=float, default=0.1)
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--train-replay", default=None, metavar="DUMP",
-                    help="replay `llada train --dump-batches DUMP` in f32 on the CPU (loss-curve parity)")
+                    help="replay `llada train --dump-batches DUMP` (loss-curve parity; --device, "
+                         "default cpu, and --train-precision f32|bf16)")
     ap.add_argument("--train-init", default=None, metavar="DIR",
-                    help="with --train-replay: the starting weights (f32 llada folder)")
+                    help="with --train-replay: the starting weights (the llada folder the run "
+                         "started from, any stored dtype)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="MFU denominator (default: H100 SXM dense bf16)")
     a = ap.parse_args()
@@ -475,6 +544,7 @@ def main():
         return train_replay(a)
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.train:
+        a.train_precision = a.train_precision or "bf16"
         return train_main(a, dev)
     preset = a.preset or ("llada-8b" if dev.startswith("cuda") else "tiny")
     cfg = PRESETS[preset]

@@ -30,8 +30,14 @@
 //! Without a usable GPU every test prints `SKIP: <why>` and passes, unless
 //! `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
 
+#[path = "common/cmp.rs"]
+mod cmp;
 #[path = "common/probe.rs"]
 mod probe;
+
+/// Element-wise within an allowed |difference| per element (NaN anywhere fails), naming the
+/// worst element.
+use cmp::within as compare;
 
 use llada::hf::config::ModelConfig;
 use llada::rng;
@@ -86,47 +92,6 @@ fn rand_ids(tag: u64, len: usize, hi: usize) -> Vec<u32> {
     (0..len)
         .map(|i| ((rng::uniform(rng::bits(key, i as u64)) * hi as f64) as usize).min(hi - 1) as u32)
         .collect()
-}
-
-/// Compare element-wise with an allowed |difference| per element; NaN anywhere fails. Panics
-/// naming the worst element.
-fn compare(what: &str, cpu: &[f32], gpu: &[f32], tol: impl Fn(usize) -> f64) {
-    assert_eq!(cpu.len(), gpu.len(), "{what}: lengths differ");
-    let mut worst = (0.0f64, 0usize);
-    let mut bad = 0usize;
-    for (i, (&c, &g)) in cpu.iter().zip(gpu).enumerate() {
-        let d = (c as f64 - g as f64).abs();
-        let t = tol(i);
-        let ratio = if c.is_nan() || g.is_nan() {
-            f64::INFINITY
-        } else if d == 0.0 {
-            0.0
-        } else if t > 0.0 {
-            d / t
-        } else {
-            f64::INFINITY
-        };
-        if ratio > 1.0 {
-            bad += 1;
-        }
-        if ratio > worst.0 || (i == 0 && ratio >= worst.0) {
-            worst = (ratio, i);
-        }
-    }
-    let (r, i) = worst;
-    eprintln!(
-        "{what}: {} elements, worst |diff|/tol {r:.3} at {i}",
-        cpu.len()
-    );
-    assert!(
-        bad == 0,
-        "{what}: {bad} of {} elements out of tolerance; worst at {i}: cpu {:e} gpu {:e} (|diff| {:e}, tol {:e})",
-        cpu.len(),
-        cpu[i],
-        gpu[i],
-        (cpu[i] as f64 - gpu[i] as f64).abs(),
-        tol(i)
-    );
 }
 
 /// The cases of a parity test with their seeds: `base + 10·i` for case `i`.
@@ -186,7 +151,8 @@ fn linear_on<B: TrainOps>(
     let mut dxd = g.upload(&vec![f32::NAN; n * k]).unwrap();
     let mut dwd = g.upload(dw0).unwrap();
     let a = LinearGrad::new(&dyd, &xd, &wd, d);
-    g.linear_bwd(Dx::Write(&mut dxd), &mut dwd, a).unwrap();
+    g.linear_bwd(Dx::Write(&mut dxd), Some(&mut dwd), a)
+        .unwrap();
     let got =
         [(yd, n * m), (dxd, n * k), (dwd, m * k)].map(|(b, len)| g.download(&b, len).unwrap());
     ([xd, wd, dyd], got)
@@ -275,7 +241,8 @@ fn linear_fwd_bwd_on<B: TrainOps>(g: &B) {
         let mut dx2 = g.upload(&dx).unwrap();
         let mut scratch = g.zeros(m * k).unwrap();
         let a = LinearGrad::new(&dyd, &xd, &wd, d);
-        g.linear_bwd(Dx::Add(&mut dx2), &mut scratch, a).unwrap();
+        g.linear_bwd(Dx::Add(&mut dx2), Some(&mut scratch), a)
+            .unwrap();
         let want: Vec<f32> = dx.iter().map(|&a| 2.0 * a).collect();
         compare(
             &format!("linear dx accumulate {n}x{k}x{m}"),
@@ -336,7 +303,7 @@ fn rms_norm_fwd_bwd_on<B: TrainOps>(g: &B) {
         let mut dxd = g.upload(&vec![f32::NAN; n * c]).unwrap();
         let mut dwd = g.upload(&dw0).unwrap();
         let a = NormGrad::new(&dyd, &xd, &rdc, &wd, d);
-        g.rms_norm_bwd(&mut dxd, &mut dwd, a).unwrap();
+        g.rms_norm_bwd(&mut dxd, Some(&mut dwd), a).unwrap();
         // dx = r·w·dy − x·coef, coef = r³·gx/C, gx = Σ dy·w·x. With S = Σ|dy·w·x| each side's gx
         // is within (C+3)u·S, and coef adds 4 roundings: |Δcoef| ≤ r³/C·(2(C+3)·S + 8|gx|)·u
         // ≤ r³/C·(2C+14)·u·S. Plus ≤ 4 roundings per side of each product term:
@@ -1237,7 +1204,8 @@ fn linear_bf16_fwd_bwd() {
         let mut dx2 = g.upload(&dx).unwrap();
         let mut scratch = g.zeros(m * k).unwrap();
         let a = LinearGrad::new(&dyd, &xd, &wd, d);
-        g.linear_bwd(Dx::Add(&mut dx2), &mut scratch, a).unwrap();
+        g.linear_bwd(Dx::Add(&mut dx2), Some(&mut scratch), a)
+            .unwrap();
         let want: Vec<f32> = if chose_f32 {
             dx.iter().zip(&dx32).map(|(&a, &b)| a + b).collect()
         } else {
@@ -1362,7 +1330,7 @@ fn model_step_recompute_is_bit_identical_on<B: TrainOps>(g: &B) {
     let zeros = Params::<f32>::zeros(&cfg);
     let run = |recompute: bool| {
         let mut dg = upload_params(g, &zeros);
-        let o = PassOptions { recompute };
+        let o = PassOptions::recomputing(recompute);
         let s = forward_backward_with(g, &cfg, o, &dp, &batch, &mut dg).unwrap();
         (s, download_params(g, &dg, &zeros))
     };
@@ -1502,7 +1470,7 @@ fn lora_step_bf16_base_close_to_cpu() {
         "every dA and dB is nonzero (B is not zero)"
     );
     let Some(g) = gpu() else { return };
-    let mut st = cuda::CudaLoraState::new(g, &cfg, &ck, &ad, AdamWConfig::default()).unwrap();
+    let mut st = cuda::CudaLoraState::new(g, &cfg, &ck, &ad).unwrap();
     // The base is resident as bf16: 2 bytes per matrix element, 4 per norm element.
     let (mats, norms): (usize, usize) = (ck.names().map(|n| ck.get(n).unwrap()))
         .map(|t| (t.shape().len(), t.numel()))
@@ -1651,16 +1619,16 @@ fn lora_linear_and_embedding_on_bf16_base() {
         );
     }
     let Some(g) = gpu() else { return };
-    let st = cuda::CudaLoraState::new(g, &cfg, &ck, &ad, AdamWConfig::default()).unwrap();
+    let st = cuda::CudaLoraState::new(g, &cfg, &ck, &ad).unwrap();
     let o = &st.ops;
     let wd = &st.params()[iq];
     let (xd, dyd) = (o.upload(&x).unwrap(), o.upload(&dy).unwrap());
     let mut yd = o.zeros(n * m).unwrap();
     let d = MatMul { n, k, m };
     o.linear(&mut yd, &xd, wd, d).unwrap();
-    let (mut dxd, mut unused) = (o.zeros(n * k).unwrap(), o.zeros(1).unwrap());
+    let mut dxd = o.zeros(n * k).unwrap();
     let a = LinearGrad::new(&dyd, &xd, wd, d);
-    o.linear_bwd(Dx::Write(&mut dxd), &mut unused, a).unwrap();
+    o.linear_bwd(Dx::Write(&mut dxd), None, a).unwrap();
     let gg = st.grads(&ad).unwrap();
     let (gda, gdb) = &gg.modules[module];
     let c = |terms: usize| 2.0 * (terms + 4) as f64 * U;

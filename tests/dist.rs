@@ -18,9 +18,9 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use cli::text_corpus;
+use cli::{text_corpus, tmpdir};
 use llada::train::dist::{first_host, DistEnv, HostGroup, JobKey};
-use ranks::rank_env;
+use ranks::{free_port, in_ranks, key, listener, rank_env};
 
 /// Rank, world, local rank, rendezvous address and port.
 fn placement(e: &DistEnv) -> (usize, usize, usize, &str, u16) {
@@ -118,34 +118,12 @@ fn the_first_host_of_a_slurm_node_list() {
 
 const T: Duration = Duration::from_secs(30);
 
-/// The job key of the in-process groups.
-fn key() -> JobKey {
-    JobKey::from_secret(b"the secret of this test job", None)
-}
-
 /// `world` ranks in threads, each running `f` on its joined group.
 fn with_group<R: Send + 'static>(
     world: usize,
     f: impl Fn(&mut HostGroup) -> R + Send + Sync + Clone + 'static,
 ) -> Vec<R> {
-    let (l, port) = listener();
-    let mut l = Some(l);
-    let hs: Vec<_> = (0..world)
-        .map(|rank| {
-            let f = f.clone();
-            let l = if rank == 0 { l.take() } else { None };
-            std::thread::spawn(move || {
-                let mut g = match l {
-                    Some(l) => HostGroup::serve_on(vec![l], world, 7, &key(), T, T).unwrap(),
-                    None => {
-                        HostGroup::connect(&rank_env(rank, world, port), 7, &key(), T, T).unwrap()
-                    }
-                };
-                f(&mut g)
-            })
-        })
-        .collect();
-    hs.into_iter().map(|h| h.join().unwrap()).collect()
+    in_ranks(world, 7, move |_, mut g| f(&mut g))
 }
 
 #[test]
@@ -317,41 +295,10 @@ fn nccl_loads_and_makes_ids_when_installed() {
 // ---------------------------------------------------------------------------------------------
 // `llada train` as processes.
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-dist-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// `llada train FLAGS… PATHS…` (PATHS: the arguments that hold paths) with `env` set.
 fn train_cmd(paths: &[&str], flags: &str, env: &[(&str, String)]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_llada"));
-    c.arg("train").args(flags.split_whitespace()).args(paths);
-    for v in [
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "SLURM_STEP_ID",
-        "SLURM_PROCID",
-        "SLURM_NTASKS",
-        "SLURM_STEP_NUM_TASKS",
-        "SLURM_LOCALID",
-        "SLURM_JOB_ID",
-        "SLURM_JOB_NODELIST",
-        "SLURM_STEP_NODELIST",
-        "SLURM_NODELIST",
-    ] {
-        c.env_remove(v);
-    }
-    c.env("LLADA_DIST_CONNECT_TIMEOUT", "60");
-    c.env("LLADA_DIST_SECRET", "the secret of this test job");
-    c.env_remove("LLADA_DIST_SECRET_FILE");
-    for (k, v) in env {
-        c.env(k, v);
-    }
+    let mut c = ranks::train_cmd(&flags.split_whitespace().collect::<Vec<_>>());
+    c.args(paths).envs(env.iter().map(|(k, v)| (k, v)));
     c
 }
 
@@ -359,18 +306,6 @@ fn corpus(dir: &std::path::Path) -> PathBuf {
     text_corpus(&dir.join("corpus.jsonl"), 24, |i| {
         format!("a dog ran to the park {i} times. ")
     })
-}
-
-/// A listener on a free loopback port, and the port.
-fn listener() -> (TcpListener, u16) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    (l, port)
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    listener().1
 }
 
 fn ok(o: &Output) {
@@ -569,7 +504,7 @@ fn a_peer_announcing_a_huge_message_is_refused_not_allocated() {
     });
     // A hand-made rank 1 that knows the secret: a valid authenticated hello, then a reduce
     // frame that claims 2^60 bytes.
-    let mut s = hand_made_peer(port, b"the secret of this test job", [1, 2, 7]);
+    let mut s = hand_made_peer(port, ranks::SECRET.as_bytes(), [1, 2, 7]);
     let mut ack = [0u8; 32 + 9];
     s.read_exact(&mut ack).unwrap();
     assert_eq!(

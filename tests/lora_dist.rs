@@ -10,73 +10,14 @@ mod cmp;
 #[path = "common/ranks.rs"]
 mod ranks;
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
 
-use cli::{llada, stderr, tiny, tmpdir};
+use cli::{losses, ok_stderr as ok, path_str as s, stderr, tiny, tmpdir};
 use llada::lora::Adapter;
+use ranks::{in_ranks, train_cmd, train_ranks};
 
 const FLAGS: &str = "--steps 3 --warmup 1 --lr 1e-2 --seq-len 16 --accum 2 --no-truncate \
                      --device cpu --lora-rank 4 --lora-alpha 8 --lora-targets q_proj,v_proj,ff_out";
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// `llada train` with `args` as rank `rank` of `world` (rendezvous on `port`), or as one process
-/// (`world` 0: no rank variables at all).
-fn rank_cmd(args: &[&str], rank: usize, world: usize, port: u16) -> Command {
-    let mut c = llada();
-    c.arg("train").args(args);
-    for v in "RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT SLURM_STEP_ID".split(' ') {
-        c.env_remove(v);
-    }
-    c.env_remove("LLADA_DIST_SECRET_FILE");
-    if world > 0 {
-        c.envs([
-            ("RANK", rank.to_string()),
-            ("WORLD_SIZE", world.to_string()),
-            ("MASTER_ADDR", "127.0.0.1".into()),
-            ("MASTER_PORT", port.to_string()),
-            ("LLADA_DIST_CONNECT_TIMEOUT", "60".into()),
-            (
-                "LLADA_DIST_SECRET",
-                "a secret of the lora_dist tests".into(),
-            ),
-        ]);
-    }
-    c
-}
-
-/// Two ranks of `args`, run to the end: their outputs.
-fn two_ranks(args: &[&str]) -> (Output, Output) {
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let spawn = |r: usize| -> Child {
-        rank_cmd(args, r, 2, port)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let (a, b) = (spawn(0), spawn(1));
-    (a.wait_with_output().unwrap(), b.wait_with_output().unwrap())
-}
-
-fn ok(o: &Output) -> String {
-    let e = stderr(o);
-    assert!(o.status.success(), "{e}");
-    e
-}
-
-/// The printed losses of a log.
-fn losses(log: &str) -> Vec<f64> {
-    let v = cli::logged_losses(log);
-    v.iter().map(|(_, l)| l.parse().unwrap()).collect()
-}
 
 /// All factors of an adapter folder, in module order.
 fn factors(dir: &Path, cfg: &llada::hf::config::ModelConfig) -> Vec<f32> {
@@ -104,13 +45,13 @@ fn two_processes_train_the_adapter_like_one_with_the_global_batch() {
     };
     let a1 = args(&one, "4");
     let log1 = ok(
-        &rank_cmd(&a1.iter().map(String::as_str).collect::<Vec<_>>(), 0, 0, 0)
+        &train_cmd(&a1.iter().map(String::as_str).collect::<Vec<_>>())
             .output()
             .unwrap(),
     );
     let a2 = args(&two, "2");
-    let (r0, r1) = two_ranks(&a2.iter().map(String::as_str).collect::<Vec<_>>());
-    let (log0, log_1) = (ok(&r0), ok(&r1));
+    let r = train_ranks(&a2.iter().map(String::as_str).collect::<Vec<_>>(), 2);
+    let (log0, log_1) = (ok(&r[0]), ok(&r[1]));
     assert!(log0.contains("data parallel LoRA"), "{log0}");
     assert!(log0.contains("global batch 4 × 2"), "{log0}");
     assert!(losses(&log_1).is_empty(), "only rank 0 reports: {log_1}");
@@ -146,7 +87,7 @@ fn two_processes_train_the_adapter_like_one_with_the_global_batch() {
     }
     // The two-rank checkpoint resumes in one process (the same global batch, re-split).
     let resumed = dir.join("resumed");
-    let o = rank_cmd(&["--resume", s(&two)], 0, 0, 0)
+    let o = train_cmd(&["--resume", s(&two)])
         .args(["--data", s(&data)])
         .args(["--out", s(&resumed)])
         .args(["--steps", "4"])
@@ -168,8 +109,10 @@ fn lora_with_zero_1_is_refused_with_the_reason() {
     let out = dir.join("o");
     let mut a = cli::words("--preset tiny --batch-size 2 --zero 1");
     a.extend(["--data", s(&data), "--out", s(&out)]);
-    let (r0, r1) = two_ranks(&[&a[..], &FLAGS.split_whitespace().collect::<Vec<_>>()].concat());
-    for r in [r0, r1] {
+    for r in train_ranks(
+        &[&a[..], &FLAGS.split_whitespace().collect::<Vec<_>>()].concat(),
+        2,
+    ) {
         let e = stderr(&r);
         assert_eq!(r.status.code(), Some(1), "{e}");
         assert!(e.contains("--zero 1 with LoRA"), "{e}");
@@ -187,12 +130,11 @@ fn lora_with_zero_1_is_refused_with_the_reason() {
 fn in_process_ranks_hold_identical_adapters_and_match_one_process() {
     use llada::lora::train::init_adapter;
     use llada::train::data::Sample;
-    use llada::train::dist::{fnv1a, HostGroup, JobKey, FNV_START};
+    use llada::train::dist::{fnv1a, HostGroup, FNV_START};
     use llada::train::lora::LoraStep;
     use llada::train::model::Params;
     use llada::train::optim::AdamWConfig;
     use llada::train::{StepStats, TrainOptions, Trainer};
-    use std::time::Duration;
     let cfg = llada::hf::presets::preset_config("tiny").unwrap();
     let ck = llada::hf::presets::preset_checkpoint("tiny", 5, llada::hf::dtype::DType::BF16);
     let params = Params::<f32>::from_checkpoint(&cfg, &ck.unwrap()).unwrap();
@@ -224,24 +166,11 @@ fn in_process_ranks_hold_identical_adapters_and_match_one_process() {
         let stats: Vec<StepStats> = (0..3).map(|_| tr.train_step_on(&mut st).unwrap()).collect();
         (stats, st.adapter, st.opt)
     };
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let key = JobKey::from_secret(b"the lora_dist in-process job", None);
-    let t = Duration::from_secs(60);
     // The rendezvous fingerprint (Trainer::options_fingerprint of the ranks' options).
     let fp = fnv1a(FNV_START, &serde_json::to_vec(&opts(2, 2)).unwrap());
-    let (r0, r1) = (run.clone(), run.clone());
-    let k0 = key.clone();
-    let h0 = std::thread::spawn(move || {
-        let g = HostGroup::serve_on(vec![l], 2, fp, &k0, t, t).unwrap();
-        r0(opts(2, 2), Some(g))
-    });
-    let h1 = std::thread::spawn(move || {
-        let env = ranks::rank_env(1, 2, port);
-        let g = HostGroup::connect(&env, fp, &key, t, t).unwrap();
-        r1(opts(2, 2), Some(g))
-    });
-    let (a, b) = (h0.join().unwrap(), h1.join().unwrap());
+    let r = run.clone();
+    let mut both = in_ranks(2, fp, move |_, g| r(opts(2, 2), Some(g)));
+    let (b, a) = (both.pop().unwrap(), both.pop().unwrap());
     assert_eq!(a.0, b.0, "rank statistics");
     assert_eq!(a.1.modules, b.1.modules, "rank adapters");
     assert_eq!(a.2, b.2, "rank moments");

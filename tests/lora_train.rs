@@ -2,8 +2,6 @@
 //! `llada::train::lora::LoraOps`) against PyTorch + PEFT autograd (tests/fixtures/lora), the
 //! adapter fitting a fixed batch, and `llada train --lora-rank` end to end.
 
-use std::path::Path;
-
 use llada::engine::{ModelSpec, Opened};
 use llada::lora::train::LoraGrads;
 use llada::lora::{Adapter, PEFT_PREFIX};
@@ -16,7 +14,8 @@ use llada::train::StepState;
 mod common;
 
 use common::cli::{
-    f64s as floats, fixture, llada_out as llada, read_json, tiny, tmpdir, u32s, words,
+    f64s as floats, file_bytes, fixture, llada_out as llada, losses as losses_of, read_json, tiny,
+    tmpdir, u32s, words,
 };
 use common::cmp::abs_diff64;
 
@@ -124,24 +123,6 @@ fn lora_step_fits_a_fixed_batch_with_the_base_frozen() {
     for (a, b) in st.params.data.iter().zip(&base.data) {
         assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
-}
-
-fn losses_of(stderr: &str) -> Vec<f64> {
-    stderr
-        .lines()
-        .filter_map(|l| {
-            l.split("loss ")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
-
-fn file_bytes(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap()
 }
 
 /// `llada train --lora-rank 4` on the tiny preset: the loss falls on a repeated dataset, --out

@@ -1,6 +1,7 @@
 //! Per-layer activation recomputation (`llada train --recompute`): the same loss and gradients
 //! bit for bit as keeping every activation (full model in f32 and f64, LoRA, whole training
-//! steps), and the pass's counted activation memory against the hand formula.
+//! steps), and the pass's counted activation memory against the hand formula; a frozen base
+//! (`PassOptions::frozen_base`) skips its weight gradients and keeps the adapters' bits.
 
 use llada::hf::config::ModelConfig;
 use llada::hf::dtype::DType;
@@ -20,8 +21,8 @@ mod common;
 
 use common::cli::{llada, ok_run, TempDir};
 
-const KEEP: PassOptions = PassOptions { recompute: false };
-const RECOMPUTE: PassOptions = PassOptions { recompute: true };
+const KEEP: PassOptions = PassOptions::recomputing(false);
+const RECOMPUTE: PassOptions = PassOptions::recomputing(true);
 
 fn tiny() -> (ModelConfig, Params<f32>) {
     let cfg = preset_config("tiny").unwrap();
@@ -184,21 +185,27 @@ fn activation_count_matches_the_hand_formula() {
     assert!(rec * 5 < keep, "8B, 2048 tokens: {rec} vs {keep} floats");
 }
 
-/// LoRA training runs the same pass over its own ops: the adapter gradients are bit-identical
-/// with recomputation (the adapters' `u` is recomputed too, to the same values).
-#[test]
-fn recompute_is_bit_identical_for_lora() {
-    let (cfg, p) = tiny();
-    let targets: Vec<String> = ["q_proj", "v_proj", "attn_out", "ff_proj", "ff_out"]
-        .map(String::from)
-        .to_vec();
-    let mut ad = init_adapter(&cfg, &targets, 4, 8.0, false, 3).unwrap();
-    // PEFT starts B at zero (then dA = 0): give B values so both factors' gradients count.
+/// A rank-`rank` adapter of `targets` (alpha 2·rank) from `seed`, with `B` set: PEFT starts
+/// `B` at zero (then dA = 0), so both factors' gradients count.
+fn adapter(cfg: &ModelConfig, targets: &[&str], rank: usize, seed: u64) -> llada::lora::Adapter {
+    let targets: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+    let alpha = 2.0 * rank as f64;
+    let mut ad = init_adapter(cfg, &targets, rank, alpha, false, seed).unwrap();
     for (k, m) in ad.modules.values_mut().enumerate() {
         for (j, x) in m.b.iter_mut().enumerate() {
             *x = 0.01 * (((j * 31 + k * 7) % 17) as f32 - 8.0);
         }
     }
+    ad
+}
+
+/// LoRA training runs the same pass over its own ops: the adapter gradients are bit-identical
+/// with recomputation (the adapters' `u` is recomputed too, to the same values).
+#[test]
+fn recompute_is_bit_identical_for_lora() {
+    let (cfg, p) = tiny();
+    let targets = ["q_proj", "v_proj", "attn_out", "ff_proj", "ff_out"];
+    let ad = adapter(&cfg, &targets, 4, 3);
     let b = batch(&cfg, 2, 16, 4);
     let run = |o: PassOptions| {
         let mut g = LoraGrads::zeros_like(&ad);
@@ -216,6 +223,56 @@ fn recompute_is_bit_identical_for_lora() {
         same_bits(&format!("{m} dB"), db, &gr.modules[m].1);
     }
     assert!(rec.activation_floats < keep.activation_floats);
+}
+
+/// [`PassOptions::frozen_base`]: the LoRA linears over the same base with and without it give
+/// the same loss and adapter gradients bit for bit; with it the base's gradient buffers are
+/// never written (no norm, embedding or linear `dw` work), without it the norms and the
+/// embedding get gradients (so the option is what skips them). The plain host ops take it too:
+/// same loss, and an empty gradient list is accepted.
+#[test]
+fn a_frozen_base_skips_its_weight_gradients_and_keeps_the_adapters_bits() {
+    use llada::train::lora::{LoraLinear, LoraOps};
+    use llada::train::model::forward_backward_with;
+    let (cfg, p) = tiny();
+    let ad = adapter(&cfg, &["q_proj", "ff_out"], 2, 5);
+    let b = batch(&cfg, 2, 16, 9);
+    let run = |o: PassOptions| {
+        let mut g = LoraGrads::zeros_like(&ad);
+        let mut base = Params::<f32>::zeros(&cfg);
+        let ops = LoraOps::with_linear(LoraLinear::new(&p, &ad, &mut g).unwrap());
+        let s = forward_backward_with(&ops, &cfg, o, &p.data, &b, &mut base.data).unwrap();
+        drop(ops);
+        (s, g, base)
+    };
+    let (frozen, gf, base_f) = run(KEEP.frozen());
+    let (open, go, base_o) = run(KEEP);
+    assert!(frozen.loss.is_finite());
+    assert_eq!(frozen.loss.to_bits(), open.loss.to_bits(), "loss");
+    for (m, (da, db)) in &gf.modules {
+        assert!(da.iter().any(|&x| x != 0.0), "{m}: zero dA");
+        same_bits(&format!("{m} dA"), da, &go.modules[m].0);
+        same_bits(&format!("{m} dB"), db, &go.modules[m].1);
+    }
+    assert!(
+        base_f.data.iter().flatten().all(|&x| x.to_bits() == 0),
+        "a frozen base's gradients were written"
+    );
+    for (i, name) in base_o.names.iter().enumerate() {
+        let nonzero = base_o.data[i].iter().any(|&x| x != 0.0);
+        if base_o.shapes[i].len() == 1 || name.contains("wte") {
+            assert!(nonzero, "{name}: no gradient without the option");
+        }
+    }
+    // The plain host ops: the same loss frozen (with no gradient buffers) as training.
+    let ops = llada::train::backend::HostOps::<f32>::new();
+    let mut none: Vec<Vec<f32>> = Vec::new();
+    let fl = forward_backward_with(&ops, &cfg, KEEP.frozen(), &p.data, &b, &mut none).unwrap();
+    let (full, g) = pass(&cfg, &p, &b, KEEP);
+    assert!(g.data.iter().flatten().any(|&x| x != 0.0));
+    assert_eq!(fl.loss.to_bits(), full.loss.to_bits(), "plain ops loss");
+    // Without the option an empty gradient list is an error, not a panic.
+    assert!(forward_backward_with(&ops, &cfg, KEEP, &p.data, &b, &mut none).is_err());
 }
 
 fn samples(n: usize, t: usize) -> Vec<Sample> {

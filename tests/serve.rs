@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::cli::{gen_flags, generate_json, llada, ok, ok_json, run, u64s as ids, words};
+use common::cli::{
+    gen_flags, generate_json, llada, ok, ok_json, python_has, run, u64s as ids, words,
+};
 use serde_json::{json, Value};
 
 /// The tiny preset written once as a folder (weights, tokenizer, chat template).
@@ -710,26 +712,6 @@ fn sigterm_drains_in_flight() {
     assert!(st.success(), "{st:?}");
     // New connections are refused after the drain.
     assert!(TcpStream::connect(&srv.addr).is_err());
-}
-
-/// Whether `python3` can import `module`; without it the caller skips (printing why), unless
-/// `LLADA_REQUIRE_PY=1` (CI), which turns the skip into a failure.
-fn python_has(module: &str) -> bool {
-    let require = std::env::var("LLADA_REQUIRE_PY").is_ok_and(|v| v == "1");
-    let probe = Command::new("python3")
-        .args(["-c", &format!("import {module}")])
-        .output();
-    let why = match probe {
-        Ok(o) if o.status.success() => return true,
-        Ok(o) => format!(
-            "`import {module}` fails: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => format!("no python3: {e}"),
-    };
-    assert!(!require, "LLADA_REQUIRE_PY=1 but {why}");
-    eprintln!("SKIP: {why}");
-    false
 }
 
 /// lm-evaluation-harness through the `llada` model (python/llada_lm_eval) on local tasks: a

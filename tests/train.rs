@@ -11,6 +11,7 @@ mod fd;
 #[path = "common/ranks.rs"]
 mod ranks;
 
+use cli::{llada_out as llada, tmpdir};
 use fd::check_grad;
 use llada::hf::config::ModelConfig;
 use llada::rng::{bits, cell_key, uniform};
@@ -273,25 +274,11 @@ fn fd_whole_model() {
 // ---------------------------------------------------------------------------------------------
 // PyTorch autograd parity, through the CLI.
 
-fn tmpdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// `--data DATA --out OUT` and a small CPU run's batch (2 rows of 16 tokens).
 fn cpu_train_args<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
     let mut a = vec!["--data", data, "--out", out];
     a.extend("--batch-size 2 --seq-len 16 --device cpu".split_whitespace());
     a
-}
-
-fn llada(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_llada"))
-        .args(args)
-        .output()
-        .expect("run llada")
 }
 
 fn read_f32_tensors(path: &std::path::Path) -> std::collections::HashMap<String, Vec<f32>> {
@@ -532,9 +519,8 @@ fn adamw_matches_the_pytorch_update_rule() {
 // Runs.
 
 use llada::train::data::Sample;
-use llada::train::dist::{HostGroup, JobKey};
 use llada::train::{StepStats, TrainOptions, Trainer};
-use ranks::rank_env;
+use ranks::{in_ranks, options_fp};
 
 fn run_config() -> ModelConfig {
     ModelConfig {
@@ -674,51 +660,23 @@ fn resume_equals_an_uninterrupted_run() {
     assert_eq!(resumed.opt.v.data, full.opt.v.data);
 }
 
-/// Join `tr` to a localhost group as `rank` of `world`: rank 0 serves on `listener`, the
-/// others connect to `port`.
-fn join_local(
-    tr: &mut Trainer,
-    rank: usize,
-    world: usize,
-    port: u16,
-    listener: Option<std::net::TcpListener>,
-) -> anyhow::Result<()> {
-    let secs = std::time::Duration::from_secs(60);
-    let fp = tr.options_fingerprint()?;
-    let key = JobKey::from_secret(b"a test job secret", None);
-    let g = match listener {
-        Some(l) => HostGroup::serve_on(vec![l], world, fp, &key, secs, secs)?,
-        None => HostGroup::connect(&rank_env(rank, world, port), fp, &key, secs, secs)?,
-    };
-    tr.join_group(g)
-}
-
 /// `o.world` ranks, each a thread with its own [`Trainer`] joined over a localhost
-/// [`HostGroup`], run `steps` optimizer steps. Returns every rank's step statistics and final
-/// parameters.
+/// [`HostGroup`](llada::train::dist::HostGroup), run `steps` optimizer steps. Returns every
+/// rank's step statistics and final parameters.
 fn run_ranks(
     cfg: &ModelConfig,
     o: &TrainOptions,
     samples: &[Sample],
     steps: u64,
 ) -> Vec<(Vec<StepStats>, Params<f32>)> {
-    let world = o.world;
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let mut listener = Some(l);
-    let handles: Vec<_> = (0..world)
-        .map(|rank| {
-            let (cfg, o, samples) = (cfg.clone(), o.clone(), samples.to_vec());
-            let l = if rank == 0 { listener.take() } else { None };
-            std::thread::spawn(move || {
-                let mut tr = Trainer::new(cfg.clone(), run_params(&cfg), o, samples).unwrap();
-                join_local(&mut tr, rank, world, port, l).unwrap();
-                let stats: Vec<StepStats> = (0..steps).map(|_| tr.train_step().unwrap()).collect();
-                (stats, tr.params)
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let (cfg, o2, samples) = (cfg.clone(), o.clone(), samples.to_vec());
+    in_ranks(o.world, options_fp(o), move |_, g| {
+        let (cfg, o, samples) = (cfg.clone(), o2.clone(), samples.clone());
+        let mut tr = Trainer::new(cfg.clone(), run_params(&cfg), o, samples).unwrap();
+        tr.join_group(g).unwrap();
+        let stats: Vec<StepStats> = (0..steps).map(|_| tr.train_step().unwrap()).collect();
+        (stats, tr.params)
+    })
 }
 
 /// Data parallel over `world` ranks of `b` sequences each equals one process with `b·world`.
@@ -825,20 +783,13 @@ fn ranks_with_different_data_refuse_to_train() {
         world: 2,
         ..opts(2)
     };
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let run = |rank: usize, samples: Vec<Sample>, l: Option<std::net::TcpListener>| {
-        let (cfg, o) = (cfg.clone(), o.clone());
-        std::thread::spawn(move || -> anyhow::Result<()> {
-            let mut tr = Trainer::new(cfg.clone(), run_params(&cfg), o, samples)?;
-            join_local(&mut tr, rank, 2, port, l)
-        })
-    };
-    let a = run(0, counting_samples(8, 24), Some(l));
-    let b = run(1, counting_samples(9, 24), None);
-    let (ea, eb) = (a.join().unwrap(), b.join().unwrap());
-    let ea = ea.unwrap_err().to_string();
-    let eb = eb.unwrap_err().to_string();
+    let fp = options_fp(&o);
+    let mut e = in_ranks(2, fp, move |rank, g| {
+        let samples = counting_samples(8 + rank, 24);
+        let mut tr = Trainer::new(cfg.clone(), run_params(&cfg), o.clone(), samples).unwrap();
+        tr.join_group(g).unwrap_err().to_string()
+    });
+    let (eb, ea) = (e.pop().unwrap(), e.pop().unwrap());
     assert!(ea.contains("different training data"), "{ea}");
     assert!(eb.contains("different training data"), "{eb}");
 }

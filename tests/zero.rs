@@ -3,57 +3,23 @@
 //! checkpoint gather and a resume on another number of ranks, `llada train` as processes, and
 //! the memory model against hand-computed bytes.
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/cmp.rs"]
 mod cmp;
+#[path = "common/ranks.rs"]
+mod ranks;
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::process::Output;
 
+use cli::tmpdir;
 use llada::hf::config::ModelConfig;
 use llada::train::data::Sample;
-use llada::train::dist::{DistEnv, HostGroup, JobKey};
 use llada::train::memory::{plan, Storage};
 use llada::train::model::Params;
 use llada::train::zero::{parse_stage, Piece, ShardLayout};
 use llada::train::{checkpoint, StepStats, TrainOptions, Trainer};
-
-/// `world` ranks as threads over a real TCP group; rank `r` runs `f(r, group)`.
-fn in_ranks<R: Send + 'static>(
-    world: usize,
-    f: impl Fn(usize, HostGroup) -> R + Send + Sync + Clone + 'static,
-) -> Vec<R> {
-    let t = Duration::from_secs(60);
-    let key = JobKey::from_secret(b"zero-1 test job secret", None);
-    let hub = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = hub.local_addr().unwrap().port();
-    let mut hub = Some(hub);
-    let threads: Vec<_> = (0..world)
-        .map(|rank| {
-            let (f, key, hub) = (f.clone(), key.clone(), hub.take());
-            std::thread::spawn(move || {
-                let g = match hub {
-                    Some(l) => HostGroup::serve_on(vec![l], world, 1, &key, t, t).unwrap(),
-                    None => {
-                        let (r, p) = (rank.to_string(), port.to_string());
-                        let var = |k: &str| match k {
-                            "RANK" => Some(r.clone()),
-                            "WORLD_SIZE" => Some(world.to_string()),
-                            "MASTER_ADDR" => Some("127.0.0.1".to_string()),
-                            "MASTER_PORT" => Some(p.clone()),
-                            _ => None,
-                        };
-                        let env = DistEnv::from_vars(&var).unwrap().unwrap();
-                        HostGroup::connect(&env, 1, &key, t, t).unwrap()
-                    }
-                };
-                f(rank, g)
-            })
-        })
-        .collect();
-    threads.into_iter().map(|h| h.join().unwrap()).collect()
-}
+use ranks::{in_ranks, ok_ranks, train_cmd};
 
 #[test]
 fn zero_stages_parse_with_clear_errors() {
@@ -96,7 +62,7 @@ fn reduce_scatter_gives_the_all_reduce_bits_and_gathers_reassemble() {
     // Over a window boundary, with an empty middle range and a range across the boundary.
     let n = llada::train::dist::SHARD_WINDOW + 37;
     let splits = [vec![0, 5, 5, n], vec![0, n - 40, n - 30, n]];
-    let out = in_ranks(3, move |rank, mut g| {
+    let out = in_ranks(3, 1, move |rank, mut g| {
         let local = |i: usize| ((i * 31 + rank * 7) % 1000) as f32 * 1e-3 + rank as f32 * 0.3;
         let x: Vec<f32> = (0..n).map(local).collect();
         let mut want = x.clone();
@@ -136,7 +102,7 @@ fn reduce_scatter_gives_the_all_reduce_bits_and_gathers_reassemble() {
         assert_eq!(out[0][k].1, expect, "gather on rank 0, split {k}");
     }
     // A split that does not cover the tensor is an error, not a short read.
-    let e = in_ranks(2, |_, mut g| {
+    let e = in_ranks(2, 1, |_, mut g| {
         g.reduce_scatter_f32(&mut [1.0; 8], &[0, 4, 7])
             .unwrap_err()
             .to_string()
@@ -220,7 +186,7 @@ type Start = (Params<f32>, Params<f32>, Params<f32>, u64, u64);
 /// `steps` steps of a run over `o.world` ranks, sharded or not, starting from `start` (fresh
 /// when `None`): (params, m, v, step).
 fn run(o: TrainOptions, zero: bool, steps: u64, start: Option<Start>) -> Vec<RankRun> {
-    in_ranks(o.world, move |_, g| {
+    in_ranks(o.world, 1, move |_, g| {
         let mut tr = match start.clone() {
             None => Trainer::new(small(), small_params(), o.clone(), samples()).unwrap(),
             Some((p, m, v, step, t)) => {
@@ -397,64 +363,10 @@ fn a_sharded_step_without_its_group_is_an_error() {
 // ---------------------------------------------------------------------------------------------
 // `llada train --zero 1` as processes.
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("llada-zero-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// `llada train ARGS` as rank `rank` of `world` (one process when `world` is 1).
-fn train(args: &[&str], rank: usize, world: usize, port: u16) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_llada"));
-    c.arg("train")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for v in [
-        "SLURM_STEP_ID",
-        "SLURM_PROCID",
-        "SLURM_NTASKS",
-        "SLURM_JOB_ID",
-    ] {
-        c.env_remove(v);
-    }
-    c.env("LLADA_DIST_CONNECT_TIMEOUT", "60")
-        .env("LLADA_DIST_SECRET", "zero-1 test job secret")
-        .env_remove("LLADA_DIST_SECRET_FILE");
-    if world > 1 {
-        c.env("RANK", rank.to_string())
-            .env("WORLD_SIZE", world.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string());
-    } else {
-        c.env_remove("RANK").env_remove("WORLD_SIZE");
-    }
-    c
-}
-
-/// Run `world` ranks of `llada train ARGS` to the end; rank 0's output first.
+/// Run `world` ranks of `llada train ARGS` to the end, each asserted to succeed; rank 0's
+/// output first.
 fn train_ranks(args: &[&str], world: usize) -> Vec<Output> {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let kids: Vec<_> = (0..world)
-        .map(|r| train(args, r, world, port).spawn().unwrap())
-        .collect();
-    let outs: Vec<Output> = kids
-        .into_iter()
-        .map(|k| k.wait_with_output().unwrap())
-        .collect();
-    for (r, o) in outs.iter().enumerate() {
-        assert!(
-            o.status.success(),
-            "rank {r}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    outs
+    ok_ranks(ranks::train_ranks(args, world))
 }
 
 #[test]
@@ -520,7 +432,7 @@ fn cli_zero1_on_three_processes_saves_the_unsharded_checkpoint_and_resumes_on_tw
 fn cli_zero_flags_are_checked() {
     let err = |args: &str| {
         let args: Vec<&str> = args.split_whitespace().collect();
-        let o = train(&args, 0, 1, 0).output().unwrap();
+        let o = train_cmd(&args).output().unwrap();
         assert!(!o.status.success());
         String::from_utf8_lossy(&o.stderr).to_string()
     };
@@ -601,7 +513,7 @@ fn cli_memory_plan_prints_without_loading_anything() {
     let args = "--preset llada-8b --world-size 8 --zero 1 --memory-plan --batch-size 1 \
                 --seq-len 2048";
     let args: Vec<&str> = args.split_whitespace().collect();
-    let o = train(&args, 0, 1, 0).output().unwrap();
+    let o = train_cmd(&args).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(s.contains("8015581184 parameters, 8 ranks, ZeRO-1"), "{s}");
@@ -623,7 +535,7 @@ fn zero1_with_recompute_takes_the_same_steps() {
     // takes the pass options): the same steps, bit for bit.
     let o = options(2, 2, 2);
     let kept = run(o.clone(), true, 2, None);
-    let recomputed = in_ranks(2, move |_, g| {
+    let recomputed = in_ranks(2, 1, move |_, g| {
         let mut tr = Trainer::new(small(), small_params(), o.clone(), samples()).unwrap();
         tr.recompute = true;
         tr.join_group(g).unwrap();

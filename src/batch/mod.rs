@@ -12,7 +12,7 @@
 //! - [`OutputLog`]: the output file as an append-only log. Opening it reads the ids already done
 //!   (resume) and cuts off a torn last line left by a killed run; every result is one `write`
 //!   of a whole line, followed by a flush.
-//! - [`run`]: drives an [`Engine`] over the plan, writes results, reports progress, and splits a
+//! - [`run`]: drives an [`Engine`](crate::engine::Engine) over the plan, writes results, reports progress, and splits a
 //!   failing batch in halves so one bad request (or an out-of-memory batch) fails alone.
 //! - [`merge`]: joins shard outputs, checking that no id appears twice, in input order, written
 //!   atomically (temporary file + rename).
@@ -21,7 +21,7 @@
 //! Every request draws its random numbers (Gumbel noise at `temperature > 0`, `remasking =
 //! random` confidences) from its own stream: the sampler keys them by the request's
 //! [`rng_row_key`] (a hash of its `id`) and its own positions counted from its first real token
-//! ([`GenerateParams::row_keys`]), and with Fast-dLLM decoding by the call within the block. So a
+//! ([`GenerateParams::row_keys`](crate::engine::sampler::GenerateParams::row_keys)), and with Fast-dLLM decoding by the call within the block. So a
 //! request's result depends neither on its batch row, nor on the padding its neighbours bring,
 //! nor on how many forward passes they need: it is the same in a batch, alone, in another shard
 //! or after a resume. (A sampled result differs from `llada generate` with the same seed, which

@@ -47,23 +47,36 @@ pub struct RunSummary {
     pub elapsed_s: f64,
 }
 
-/// Generate every request of `plan` (indices into `reqs`) and append one result line each to
-/// `log`. A batch that fails is split in halves and retried, so a failure ends up attached to
-/// one request; with [`RunOptions::strict`] the first failure stops the run.
-///
-/// `base` carries the model's ids and limits ([`crate::engine::Opened::apply_ids`]); `decode`
-/// turns generated ids into text (`None` without a tokenizer).
-#[allow(clippy::too_many_arguments)]
+/// What [`run`] generates and how.
+#[derive(Clone, Copy)]
+pub struct RunInputs<'a> {
+    /// The requests.
+    pub reqs: &'a [Request],
+    /// Batches to run, as indices into `reqs`.
+    pub plan: &'a [Vec<usize>],
+    /// The model's ids and limits ([`crate::engine::Opened::apply_ids`]).
+    pub base: &'a GenerateParams,
+    pub opts: &'a RunOptions,
+    /// Generated ids to text (`None` without a tokenizer).
+    pub decode: &'a dyn Fn(&[u32]) -> Option<String>,
+}
+
+/// Generate every request of `input.plan` (indices into `input.reqs`) and append one result
+/// line each to `log`. A batch that fails is split in halves and retried, so a failure ends up
+/// attached to one request; with [`RunOptions::strict`] the first failure stops the run.
 pub fn run(
     engine: &mut dyn Engine,
-    reqs: &[Request],
-    plan: &[Vec<usize>],
-    base: &GenerateParams,
+    input: RunInputs<'_>,
     log: &mut OutputLog,
-    opts: &RunOptions,
-    decode: &dyn Fn(&[u32]) -> Option<String>,
     progress: &mut dyn FnMut(&RunProgress),
 ) -> Result<RunSummary> {
+    let RunInputs {
+        reqs,
+        plan,
+        base,
+        opts,
+        decode,
+    } = input;
     let t0 = Instant::now();
     let total: usize = plan.iter().map(Vec::len).sum();
     let mut sum = RunSummary::default();

@@ -92,7 +92,7 @@ impl<'a> Pass<SpanRequest<'a>> for dyn SpanPredictor + '_ {
 /// `select.step` is the call counter (0-based) for the Gumbel noise; with
 /// [`GenerateParams::row_keys`] it is `(block << 32) | call in block` instead, so that a prompt's
 /// random numbers do not depend on how many calls its batch neighbours needed. CFG is not part of
-/// Fast-dLLM and is rejected; the EOS options and left padding work as in [`generate`] (all rows
+/// Fast-dLLM and is rejected; the EOS options and left padding work as in [`generate`](super::sampler::generate) (all rows
 /// share the block positions, since padding is on the left).
 pub fn generate_fast(
     pred: &mut dyn SpanPredictor,

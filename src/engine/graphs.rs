@@ -1,6 +1,6 @@
 //! CUDA-graph bookkeeping of [`super::model::Model`]: one captured layers pass (or whole
-//! denoising step, [`super::stepgraph`]) per launch shape ([`GraphKey`]), bounded in number,
-//! replayed instead of re-launching ([`Model::run_graphed`]).
+//! denoising step, [`super::stepgraph`]) per launch shape (`GraphKey`), bounded in number,
+//! replayed instead of re-launching (`Model::run_graphed`).
 
 use anyhow::{Context, Result};
 
@@ -42,7 +42,7 @@ pub(crate) enum GraphEntry {
     Ready(GraphExec),
 }
 
-/// Captured layer passes of one [`Workspace`], keyed by [`GraphKey`]. A workspace's buffers never
+/// Captured layer passes of one [`Workspace`], keyed by `GraphKey`. A workspace's buffers never
 /// move, and a new KV cache or model has a new id, so a stale graph is never replayed (entries of
 /// a replaced cache or model are dropped when the new one shows up).
 pub struct GraphCache {

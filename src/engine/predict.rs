@@ -4,7 +4,7 @@
 //! selection ([`SelectsCommits`], [`Commits`]) or its whole steps ([`StepsOnDevice`]), the RNG
 //! keys of the head ([`RowKey`]) and the per-step report ([`Progress`]). Upstream `generate`
 //! ([`super::sampler`]), Fast-dLLM decoding ([`super::fast`]) and their shared call
-//! ([`super::step`]) are written over it; it imports no other engine module.
+//! (`super::step`) are written over it; it imports no other engine module.
 
 use anyhow::{Context, Result};
 

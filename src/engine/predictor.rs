@@ -416,7 +416,7 @@ impl<B: Backend> ModelPredictor<'_, B> {
 }
 
 /// Whole steps on the backend ([`super::stepgraph`]): a block's request staged and uploaded
-/// once, then one [`Model::device_step`] per step.
+/// once, then one `Model::device_step` per step.
 impl<B: Backend> StepsOnDevice for ModelPredictor<'_, B> {
     fn begin_block(&mut self, req: &PredictRequest<'_>, plan: &BlockPlan<'_>) -> Result<()> {
         self.block = None;

@@ -2,13 +2,13 @@
 //! the layers pass, the LM head on the requested rows, the head (`select`, its RNG step read
 //! from device memory), the commit selection (`commit_select`, its quotas read from device
 //! memory) and the token write (`step_advance`), captured once per launch shape
-//! ([`super::graphs::StepKey`]) and replayed every step. Plain `generate` runs every step so;
+//! (`StepKey` in [`super::graphs`]) and replayed every step. Plain `generate` runs every step so;
 //! Fast-dLLM every call without a KV cache, and with one (prefix, dual) the calls against the
 //! cache after each block's full pass.
 //!
 //! What changes from step to step lives on the device: the pass's tokens (the workspace's
 //! `ids`, which each step's commits are written into), the schedule of the block and the step
-//! state of [`crate::backend::step`]. The host uploads a block once ([`Model::begin_steps`]),
+//! state of [`crate::backend::step`]. The host uploads a block once (`Model::begin_steps`),
 //! then only launches; it reads back the masks left when the rule needs them (threshold,
 //! factor, a schedule that may run out) and the tokens once per block.
 

@@ -7,7 +7,8 @@
 //! tensor: header length against the file size, data offsets, dtypes, the names and shapes the
 //! config implies (reference §2.1), and shard names that would leave the folder.
 //!
-//! The writers ([`write_safetensors`], [`write_hf_folder`]) produce the same layout, for tests
+//! The writers ([`write_safetensors`](super::write::write_safetensors),
+//! [`write_hf_folder`](super::write::write_hf_folder)) produce the same layout, for tests
 //! and the presets.
 
 use std::collections::{BTreeMap, HashMap};

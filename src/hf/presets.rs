@@ -7,7 +7,7 @@
 //! from each other and do not depend on the order they are created in.
 //!
 //! `tiny` matches the tiny tokenizer of [`crate::hf::tiny::write_tiny_tokenizer`], and
-//! [`write_preset_folder`] writes it as a complete Hugging Face model folder.
+//! [`write_preset_folder`] writes any preset as a complete Hugging Face model folder (streamed).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,8 +17,8 @@ use anyhow::{bail, Result};
 use crate::hf::checkpoint::{expected_tensors, Checkpoint, WeightSource};
 use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;
-use crate::hf::tiny::{write_tiny_tokenizer, TINY_VOCAB};
-use crate::hf::write::{write_hf_folder, HostTensor};
+use crate::hf::init::{write_preset, InitFn, InitOptions};
+use crate::hf::tiny::TINY_VOCAB;
 
 /// Names accepted by [`preset_config`].
 pub const PRESETS: [&str; 3] = ["tiny", "llada-1b", "llada-8b"];
@@ -94,38 +94,48 @@ pub fn tensor_seed(seed: u64, name: &str) -> u64 {
     crate::rng::mix64(seed ^ fnv1a64(name))
 }
 
+/// The random weights of a model with config `cfg`, stored as `dtype`, in checkpoint order:
+/// matrices [`WeightSource::Random`] (std [`INIT_STD`], seed [`tensor_seed`]), norm weights
+/// [`WeightSource::Const`] 1.0. Nothing is materialised.
+pub fn preset_sources(cfg: &ModelConfig, seed: u64, dtype: DType) -> Vec<(String, WeightSource)> {
+    expected_tensors(cfg)
+        .into_iter()
+        .map(|(tname, shape)| {
+            let src = if shape.len() == 1 {
+                WeightSource::Const {
+                    value: 1.0,
+                    dtype,
+                    shape,
+                    name: tname.clone(),
+                }
+            } else {
+                WeightSource::Random {
+                    seed: tensor_seed(seed, &tname),
+                    std: INIT_STD,
+                    dtype,
+                    shape,
+                    name: tname.clone(),
+                }
+            };
+            (tname, src)
+        })
+        .collect()
+}
+
 /// The random weights of a preset, stored as `dtype`; nothing is materialised.
 pub fn preset_checkpoint(name: &str, seed: u64, dtype: DType) -> Result<Checkpoint> {
     let cfg = preset_config(name)?;
-    let mut map = HashMap::new();
-    for (tname, shape) in expected_tensors(&cfg) {
-        let src = if shape.len() == 1 {
-            WeightSource::Const {
-                value: 1.0,
-                dtype,
-                shape,
-                name: tname.clone(),
-            }
-        } else {
-            WeightSource::Random {
-                seed: tensor_seed(seed, &tname),
-                std: INIT_STD,
-                dtype,
-                shape,
-                name: tname.clone(),
-            }
-        };
-        map.insert(tname, src);
-    }
+    let map: HashMap<String, WeightSource> =
+        preset_sources(&cfg, seed, dtype).into_iter().collect();
     let mut ck = Checkpoint::from_sources(map);
     ck.check_against(&cfg)?;
     Ok(ck)
 }
 
 /// Write preset `name` as a complete Hugging Face model folder in `dir`: `config.json`, the
-/// weights (`model.safetensors`, or `shards` shards with an index), `tokenizer.json` and
-/// `tokenizer_config.json` (with the LLaDA-Instruct chat template). Only `tiny` is small
-/// enough to write (about 0.3 M parameters).
+/// weights `--preset NAME` loads (`model.safetensors`, or `shards` shards with an index),
+/// streamed, and for `tiny` its `tokenizer.json` and `tokenizer_config.json` (with the
+/// LLaDA-Instruct chat template). [`crate::hf::init`] also writes upstream's initialisation.
 pub fn write_preset_folder(
     name: &str,
     dir: &Path,
@@ -133,19 +143,13 @@ pub fn write_preset_folder(
     dtype: DType,
     shards: usize,
 ) -> Result<()> {
-    if name != "tiny" {
-        bail!("preset `{name}` is too large to write as a folder; only `tiny` can be written");
-    }
-    let cfg = preset_config(name)?;
-    let ck = preset_checkpoint(name, seed, dtype)?;
-    let mut tensors: Vec<HostTensor> = Vec::new();
-    for (tname, shape) in expected_tensors(&cfg) {
-        let values = ck.read_f32(&tname)?;
-        tensors.push((tname, dtype, shape, values));
-    }
-    write_hf_folder(dir, &cfg, &tensors, shards)?;
-    write_tiny_tokenizer(dir)?;
-    Ok(())
+    let o = InitOptions {
+        seed,
+        dtype,
+        shards,
+        init: InitFn::Uniform,
+    };
+    write_preset(name, dir, &o)
 }
 
 #[cfg(test)]

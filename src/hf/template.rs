@@ -26,7 +26,7 @@ pub const TEMPLATE_RECURSION_LIMIT: usize = 100;
 
 /// Render `template` with `ctx` in the sandboxed HF-style environment, within every bound of
 /// the module documentation: source size and nesting ([`check_template_source`]), fuel,
-/// recursion, and (on Linux) memory, time and output size ([`render_bounded`]).
+/// recursion, and (on Linux) memory, time and output size (`render_bounded`).
 pub fn render_chat_template<S: serde::Serialize>(template: &str, ctx: &S) -> Result<String> {
     check_template_source(template)?;
     let ctx = JValue::from_serialize(ctx);

@@ -6,9 +6,9 @@
 //! `raise_exception(msg)`, a `tojson` that writes like Python's `json.dumps(ensure_ascii=False)`,
 //! and the variables `messages`, `bos_token`, `eos_token`, `pad_token`, `add_generation_prompt`.
 //! The environment is a sandbox: no loader, so no `include`/`import`/`extends`, no file system;
-//! a render is limited by fuel ([`TEMPLATE_FUEL`] instructions) and recursion depth, its source by
-//! size and nesting ([`check_template_source`]), and on Linux it runs in a forked child under a
-//! memory budget ([`TEMPLATE_MEMORY_BUDGET`]), a timeout and an output limit, so a hostile
+//! a render is limited by fuel ([`TEMPLATE_FUEL`](super::template::TEMPLATE_FUEL) instructions) and recursion depth, its source by
+//! size and nesting ([`check_template_source`](super::template::check_template_source)), and on Linux it runs in a forked child under a
+//! memory budget ([`TEMPLATE_MEMORY_BUDGET`](super::template::TEMPLATE_MEMORY_BUDGET)), a timeout and an output limit, so a hostile
 //! template (a memory bomb, a stack bomb, an endless loop) fails with an error instead of
 //! taking the process down or hanging. A few Python string/dict methods that HF templates call
 //! (`strip`, `startswith`, `items`, ...) are provided.

@@ -1,6 +1,6 @@
-//! Writing weights: safetensors files (atomically, from host values or any weight source), sharded
-//! weight sets with their index, and complete Hugging Face folders (`init-tiny`, training
-//! checkpoints, `merge-lora`, `quantize`).
+//! Writing weights: safetensors files (atomically, from host values or streamed from any
+//! [`RangeSource`]), sharded weight sets with their index, and complete Hugging Face folders
+//! (`init`, training checkpoints, `merge-lora`, `quantize`).
 
 use super::checkpoint::*;
 use crate::hf::config::ModelConfig;
@@ -114,17 +114,9 @@ pub fn write_hf_folder(
     tensors: &[HostTensor],
     shards: usize,
 ) -> Result<()> {
-    if shards == 0 || shards > tensors.len().max(1) {
-        bail!(
-            "cannot split {} tensors into {shards} shards",
-            tensors.len()
-        );
-    }
+    let parts = contiguous_parts(tensors, shards)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_text_atomic(&dir.join("config.json"), &cfg.to_json())?;
-    let parts: Vec<&[HostTensor]> = (0..shards)
-        .map(|k| &tensors[k * tensors.len() / shards..(k + 1) * tensors.len() / shards])
-        .collect();
     write_weight_layout(dir, &parts, |t| &t.0, write_safetensors)
 }
 
@@ -139,12 +131,43 @@ fn encode_values(dtype: DType, values: &[f32], out: &mut Vec<u8>) {
     }
 }
 
+/// What the streaming writers read: a tensor's shape, stored dtype and values by flat ranges
+/// (a [`WeightSource`], or a freshly initialised tensor of [`crate::hf::init`]). `read_range`
+/// must be a pure function of the range, so chunks can be read in parallel.
+pub trait RangeSource: Sync {
+    fn shape(&self) -> &[usize];
+    fn dtype(&self) -> DType;
+    /// Decode elements `[from, to)` (flat, row-major) into `out`.
+    fn read_range(&self, from: usize, to: usize, out: &mut [f32]);
+    fn numel(&self) -> usize {
+        self.shape().iter().product()
+    }
+}
+
+impl RangeSource for WeightSource {
+    fn shape(&self) -> &[usize] {
+        WeightSource::shape(self)
+    }
+    fn dtype(&self) -> DType {
+        WeightSource::dtype(self)
+    }
+    fn read_range(&self, from: usize, to: usize, out: &mut [f32]) {
+        WeightSource::read_range(self, from, to, out)
+    }
+}
+
 /// Write `(name, source)` pairs into one safetensors file without holding the tensors in
 /// memory: the header (as [`write_safetensors`] writes it), then every tensor read through
-/// [`WeightSource::read_range`] and encoded in the source's own dtype, a chunk at a time
-/// (atomically: temporary file, then rename). Returns the number of data bytes.
-pub fn write_safetensors_sources(path: &Path, tensors: &[(String, &WeightSource)]) -> Result<u64> {
-    const CHUNK: usize = 1 << 20;
+/// [`RangeSource::read_range`] (a chunk at a time, the chunk's pieces on all cores) and encoded
+/// in the source's own dtype (atomically: temporary file, then rename). Returns the number of
+/// data bytes.
+pub fn write_safetensors_sources<S: RangeSource + ?Sized>(
+    path: &Path,
+    tensors: &[(String, &S)],
+) -> Result<u64> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 22;
+    const PIECE: usize = 1 << 16;
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut offset = 0usize;
@@ -179,7 +202,12 @@ pub fn write_safetensors_sources(path: &Path, tensors: &[(String, &WeightSource)
             while from < n {
                 let to = (from + CHUNK).min(n);
                 vals.resize(to - from, 0.0);
-                src.read_range(from, to, &mut vals);
+                vals.par_chunks_mut(PIECE)
+                    .enumerate()
+                    .for_each(|(j, piece)| {
+                        let a = from + j * PIECE;
+                        src.read_range(a, a + piece.len(), piece);
+                    });
                 bytes.clear();
                 encode_values(src.dtype(), &vals, &mut bytes);
                 w.write_all(&bytes)?;
@@ -195,13 +223,13 @@ pub fn write_safetensors_sources(path: &Path, tensors: &[(String, &WeightSource)
 /// when everything fits in `max_shard_bytes`, else `model-0000k-of-0000n.safetensors` shards of
 /// at most that size (a larger tensor gets a shard of its own) plus
 /// `model.safetensors.index.json`. Stale weight files of the other layout are removed.
-pub fn write_weight_files(
+pub fn write_weight_files<S: RangeSource + ?Sized>(
     dir: &Path,
-    tensors: &[(String, &WeightSource)],
+    tensors: &[(String, &S)],
     max_shard_bytes: u64,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut shards: Vec<Vec<(String, &WeightSource)>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<(String, &S)>> = vec![Vec::new()];
     let mut size = 0u64;
     for (name, src) in tensors {
         let bytes = (src.numel() * src.dtype().size()) as u64;
@@ -214,8 +242,32 @@ pub fn write_weight_files(
             last.push((name.clone(), *src));
         }
     }
-    let parts: Vec<&[(String, &WeightSource)]> = shards.iter().map(Vec::as_slice).collect();
+    let parts: Vec<&[(String, &S)]> = shards.iter().map(Vec::as_slice).collect();
     write_weight_layout(dir, &parts, |t| &t.0, write_safetensors_sources)
+}
+
+/// Write the weight files of a Hugging Face folder from sources, streamed, as `shards` files of
+/// contiguous runs of equally many tensors (the split [`write_hf_folder`] makes): one
+/// `model.safetensors`, or `model-0000k-of-0000n.safetensors` plus the index. Stale weight
+/// files of the other layout are removed.
+pub fn write_weight_shards<S: RangeSource + ?Sized>(
+    dir: &Path,
+    tensors: &[(String, &S)],
+    shards: usize,
+) -> Result<()> {
+    let parts = contiguous_parts(tensors, shards)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_weight_layout(dir, &parts, |t| &t.0, write_safetensors_sources)
+}
+
+/// `items` split into `shards` contiguous runs of equally many (± 1) items.
+fn contiguous_parts<T>(items: &[T], shards: usize) -> Result<Vec<&[T]>> {
+    if shards == 0 || shards > items.len().max(1) {
+        bail!("cannot split {} tensors into {shards} shards", items.len());
+    }
+    Ok((0..shards)
+        .map(|k| &items[k * items.len() / shards..(k + 1) * items.len() / shards])
+        .collect())
 }
 
 /// Writes the weight files of a folder: `model.safetensors` for one part, else

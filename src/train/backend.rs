@@ -45,13 +45,24 @@ pub trait TrainOps {
     fn embedding_bwd(&self, dwte: &mut Self::Buf, dx: &Self::Buf, ids: RowIds<Self>) -> Result<()>;
     /// [`ops::rms_norm`]: `y`, and `r` `[N]` for the backward pass.
     fn rms_norm(&self, y: &mut Self::Buf, r: &mut Self::Buf, a: Norm<Self>) -> Result<()>;
-    /// [`ops::rms_norm_bwd`]: `dx` written, `dw` accumulated.
-    fn rms_norm_bwd(&self, dx: &mut Self::Buf, dw: &mut Self::Buf, a: NormGrad<Self>)
-        -> Result<()>;
+    /// [`ops::rms_norm_bwd`]: `dx` written, `dw` accumulated (`None`: a frozen weight, only
+    /// `dx` is computed).
+    fn rms_norm_bwd(
+        &self,
+        dx: &mut Self::Buf,
+        dw: Option<&mut Self::Buf>,
+        a: NormGrad<Self>,
+    ) -> Result<()>;
     /// [`ops::linear`]: `y[N, M] = x[N, K]·wᵀ`.
     fn linear(&self, y: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, d: MatMul) -> Result<()>;
-    /// [`ops::linear_bwd`]: `dx = dy·w` (as [`Dx`] says), `dw += dyᵀ·x`.
-    fn linear_bwd(&self, dx: Dx<Self>, dw: &mut Self::Buf, a: LinearGrad<Self>) -> Result<()>;
+    /// [`ops::linear_bwd`]: `dx = dy·w` (as [`Dx`] says), `dw += dyᵀ·x` (`None`: a frozen
+    /// weight, no `dw` work).
+    fn linear_bwd(
+        &self,
+        dx: Dx<Self>,
+        dw: Option<&mut Self::Buf>,
+        a: LinearGrad<Self>,
+    ) -> Result<()>;
     /// [`ops::rope`] in place on the first `t.n` rows of `heads` heads (`inverse`: the backward).
     fn rope(&self, x: &mut Self::Buf, t: &Rope<Self>, heads: usize, inverse: bool) -> Result<()>;
     /// [`ops::attention`]: `o`, and `lse` `[N, NH]` for the backward pass.
@@ -157,17 +168,18 @@ pub struct Rope<B: TrainOps + ?Sized> {
     pub hd: usize,
 }
 
+/// A gradient a host op writes or accumulates into, or `None` (not wanted: an input gradient
+/// nobody reads, or a frozen weight's).
+pub type Grad<'a, T> = Option<&'a mut [T]>;
+
 /// What the linears of [`HostOps`] compute: [`PlainLinear`], or the LoRA linears over a frozen
 /// base ([`super::lora::LoraLinear`]). Every other host op is the same for both.
 pub trait HostLinear<T> {
     /// [`TrainOps::linear`].
     fn forward(&self, y: &mut [T], x: &[T], w: &[T], d: MatMul) -> Result<()>;
-    /// [`TrainOps::linear_bwd`] with `dx` written (when given).
-    fn backward(&self, dx: Option<&mut [T]>, dw: &mut [T], a: LinearBwd<'_, T>) -> Result<()>;
-    /// Whether the base model's weights train (false: no embedding gradient is computed).
-    fn trains_base(&self) -> bool {
-        true
-    }
+    /// [`TrainOps::linear_bwd`] with `dx` written (when given) and `dw` accumulated (when
+    /// given: `None` is a frozen weight).
+    fn backward(&self, dx: Grad<'_, T>, dw: Grad<'_, T>, a: LinearBwd<'_, T>) -> Result<()>;
 }
 
 /// [`ops::linear`] and [`ops::linear_bwd`].
@@ -179,8 +191,12 @@ impl<T: Real> HostLinear<T> for PlainLinear {
         ops::linear(y, x, w, d.n, d.k, d.m);
         Ok(())
     }
-    fn backward(&self, dx: Option<&mut [T]>, dw: &mut [T], a: LinearBwd<'_, T>) -> Result<()> {
-        ops::linear_bwd(dx, dw, a);
+    fn backward(&self, dx: Grad<'_, T>, dw: Grad<'_, T>, a: LinearBwd<'_, T>) -> Result<()> {
+        match (dx, dw) {
+            (dx, Some(dw)) => ops::linear_bwd(dx, dw, a),
+            (Some(dx), None) => ops::linear_dx(dx, a),
+            (None, None) => {}
+        }
         Ok(())
     }
 }
@@ -252,23 +268,30 @@ impl<T: Real, L: HostLinear<T>> TrainOps for HostOps<T, L> {
         Ok(())
     }
     fn embedding_bwd(&self, dwte: &mut Vec<T>, dx: &Vec<T>, ids: RowIds<Self>) -> Result<()> {
-        if self.lin.trains_base() {
-            ops::embedding_bwd(dwte, dx, &ids.ids[..ids.d.n], ids.d.c);
-        }
+        ops::embedding_bwd(dwte, dx, &ids.ids[..ids.d.n], ids.d.c);
         Ok(())
     }
     fn rms_norm(&self, y: &mut Vec<T>, r: &mut Vec<T>, a: Norm<Self>) -> Result<()> {
         ops::rms_norm(y, r, a.x, a.w, a.d, a.eps as f64);
         Ok(())
     }
-    fn rms_norm_bwd(&self, dx: &mut Vec<T>, dw: &mut Vec<T>, a: NormGrad<Self>) -> Result<()> {
-        ops::rms_norm_bwd(dx, dw, a.dy, a.x, a.r, a.w, a.d);
+    fn rms_norm_bwd(
+        &self,
+        dx: &mut Vec<T>,
+        dw: Option<&mut Vec<T>>,
+        a: NormGrad<Self>,
+    ) -> Result<()> {
+        match dw {
+            Some(dw) => ops::rms_norm_bwd(dx, dw, a.dy, a.x, a.r, a.w, a.d),
+            None => ops::rms_norm_dx(dx, a.dy, a.x, a.r, a.w, a.d),
+        }
         Ok(())
     }
     fn linear(&self, y: &mut Vec<T>, x: &Vec<T>, w: &Vec<T>, d: MatMul) -> Result<()> {
         self.lin.forward(y, x, w, d)
     }
-    fn linear_bwd(&self, dx: Dx<Self>, dw: &mut Vec<T>, a: LinearGrad<Self>) -> Result<()> {
+    fn linear_bwd(&self, dx: Dx<Self>, dw: Option<&mut Vec<T>>, a: LinearGrad<Self>) -> Result<()> {
+        let dw = dw.map(|d| d.as_mut_slice());
         let (n, k) = (a.d.n, a.d.k);
         let a = LinearBwd {
             dy: a.dy,

@@ -5,8 +5,9 @@
 //! - run [`lora_linear`] instead of the plain linear for every base weight the adapter
 //!   targets (recognised by the weight buffer it is handed), keeping `u` for the backward;
 //! - run [`lora_linear_bwd`] in that linear's backward (adding `dA`, `dB` into
-//!   [`LoraGrads`]) and, for every other linear, computes only `dx`: no base weight, norm or
-//!   embedding gradient is kept (the norms' `dw` goes to a small scratch buffer).
+//!   [`LoraGrads`]) and, for every other linear, computes only `dx`. The pass runs with the
+//!   base frozen ([`PassOptions::frozen_base`]): no base weight, norm or embedding gradient is
+//!   computed.
 //!
 //! [`LoraStep`] is the [`super::StepState`] of a LoRA run: the trainer's step (micro-batches,
 //! accumulation, clipping, schedule) is the one full training uses, the update is
@@ -16,11 +17,11 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use anyhow::{bail, Result};
-use rayon::prelude::*;
 
-use super::backend::{HostLinear, HostOps, LinearBwd, MatMul, PlainLinear};
+use super::backend::{Grad, HostLinear, HostOps, LinearBwd, MatMul, PlainLinear};
 use super::dist;
 use super::model::{forward_backward_with, Batch, Params, PassOptions, PassStats};
+use super::ops::linear_dx;
 use super::optim::{AdamW, AdamWConfig};
 use super::StepState;
 use crate::hf::config::ModelConfig;
@@ -82,23 +83,6 @@ impl<'a> LoraLinear<'a> {
     }
 }
 
-/// `dx[N, K] = dy[N, M]·w[M, K]` (written).
-fn linear_dx(dx: &mut [f32], a: LinearBwd<'_, f32>) {
-    let MatMul { n, k, m } = a.d;
-    dx[..n * k]
-        .par_chunks_mut(k)
-        .zip(a.dy[..n * m].par_chunks(m))
-        .for_each(|(dxr, dyr)| {
-            let mut row = vec![0.0f32; k];
-            for (&g, wr) in dyr.iter().zip(a.w.chunks_exact(k)) {
-                for (o, &wv) in row.iter_mut().zip(wr) {
-                    *o += g * wv;
-                }
-            }
-            dxr.copy_from_slice(&row);
-        });
-}
-
 impl HostLinear<f32> for LoraLinear<'_> {
     fn forward(&self, y: &mut [f32], x: &[f32], w: &[f32], d: MatMul) -> Result<()> {
         let Some(&(name, s)) = self.by_weight.get(&key(w)) else {
@@ -112,8 +96,9 @@ impl HostLinear<f32> for LoraLinear<'_> {
         self.saved_u.borrow_mut().insert(key(w), u);
         Ok(())
     }
-    /// The base weights are frozen: `dw` is left alone.
-    fn backward(&self, dx: Option<&mut [f32]>, _: &mut [f32], a: LinearBwd<'_, f32>) -> Result<()> {
+    /// The base weights are frozen: `dw` is left alone (the pass hands none,
+    /// [`PassOptions::frozen_base`]).
+    fn backward(&self, dx: Grad<'_, f32>, _: Grad<'_, f32>, a: LinearBwd<'_, f32>) -> Result<()> {
         let Some(&(name, s)) = self.by_weight.get(&key(a.w)) else {
             if let Some(dx) = dx {
                 linear_dx(dx, a);
@@ -137,10 +122,6 @@ impl HostLinear<f32> for LoraLinear<'_> {
         lora_linear_bwd(dx, (da, db), &u, f, a);
         Ok(())
     }
-    /// The embedding is frozen (the norms' `dw` goes to the step's scratch).
-    fn trains_base(&self) -> bool {
-        false
-    }
 }
 
 /// Loss of `batch` under the frozen base `params` with `adapter`, the adapter's gradients
@@ -157,7 +138,8 @@ pub fn lora_forward_backward(
 }
 
 /// [`lora_forward_backward`] with [`PassOptions`] (recomputation: the adapters' `u` `[N, r]`
-/// stay kept for every layer, the base activations are recomputed).
+/// stay kept for every layer, the base activations are recomputed); the pass always has the
+/// base frozen ([`PassOptions::frozen_base`]: no base-weight gradient work at all).
 pub fn lora_forward_backward_with(
     cfg: &ModelConfig,
     params: &Params<f32>,
@@ -166,18 +148,8 @@ pub fn lora_forward_backward_with(
     grads: &mut LoraGrads,
     opts: PassOptions,
 ) -> Result<PassStats> {
-    // Scratch for the frozen norms' `dw` (1-D tensors); the matrices get empty buffers, which
-    // `LoraOps` never writes.
-    let mut scratch: Vec<Vec<f32>> = params
-        .shapes
-        .iter()
-        .map(|s| match s.as_slice() {
-            [c] => vec![0.0; *c],
-            _ => Vec::new(),
-        })
-        .collect();
     let ops = LoraOps::with_linear(LoraLinear::new(params, adapter, grads)?);
-    forward_backward_with(&ops, cfg, opts, &params.data, batch, &mut scratch)
+    forward_backward_with(&ops, cfg, opts.frozen(), &params.data, batch, &mut [])
 }
 
 /// The step state of a LoRA run (module docs): frozen base, trained adapter, its gradients and
@@ -209,10 +181,22 @@ impl StepState for LoraStep {
         let (p, ad, g) = (&self.params, &self.adapter, &mut self.grads);
         Ok(lora_forward_backward_with(cfg, p, ad, b, g, o)?.loss)
     }
+    /// One all-reduce of every factor's gradient, concatenated (element-wise sums: the same
+    /// values as one all-reduce per tensor).
     fn all_reduce_grads(&mut self, group: &mut dist::HostGroup) -> Result<()> {
+        let mut flat: Vec<f32> = Vec::new();
+        for (a, b) in self.grads.modules.values() {
+            flat.extend_from_slice(a);
+            flat.extend_from_slice(b);
+        }
+        group.all_reduce_f32(&mut flat)?;
+        let mut rest = &flat[..];
         for (a, b) in self.grads.modules.values_mut() {
-            group.all_reduce_f32(a)?;
-            group.all_reduce_f32(b)?;
+            for t in [a, b] {
+                let (head, tail) = rest.split_at(t.len());
+                t.copy_from_slice(head);
+                rest = tail;
+            }
         }
         Ok(())
     }
@@ -231,7 +215,8 @@ impl StepState for LoraStep {
 /// workspace and the allocator's slack come on top).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoraMemory {
-    /// The frozen base: bf16 matrices (2 bytes each), f32 norms and their discarded `dw`.
+    /// The frozen base: bf16 matrices (2 bytes each), f32 norms counted at 8 bytes per element
+    /// (a margin: the frozen pass keeps no norm gradient).
     pub base: usize,
     /// The adapters' factors, gradients and two AdamW moments: 24 bytes per parameter.
     pub adapter: usize,

@@ -38,7 +38,7 @@ pub use super::checkpoint::{BaseModel, LoraRun};
 const WINDOW: usize = 1024;
 
 /// A fingerprint of a model's weights for `cfg`: every expected tensor's name and shape, and the
-/// bits of three windows of [`WINDOW`] values of it (start, middle, end). Reading a few thousand
+/// bits of three windows of `WINDOW` values of it (start, middle, end). Reading a few thousand
 /// values per tensor keeps it cheap on an 8B model, and any two different checkpoints (another
 /// model, another fine-tune, other preset seed) differ in those windows.
 pub fn base_fingerprint(cfg: &ModelConfig, ck: &Checkpoint) -> Result<u64> {

@@ -169,12 +169,28 @@ pub struct PassOptions {
     /// loss and gradients equal (bit for bit) those of keeping everything; it costs one more
     /// forward pass of the blocks, less their down projections.
     pub recompute: bool,
+    /// The model's own parameters are frozen (a LoRA run: only an adapter inside the ops'
+    /// linears trains): no weight gradient is computed for them on any backend (no linear
+    /// `dw`, no RMSNorm `dw`, no embedding gradient), and `grad` may be empty. The input
+    /// gradients, so an adapter's gradients, are the same bits either way.
+    pub frozen_base: bool,
 }
 
 impl PassOptions {
     /// The options with [`PassOptions::recompute`] set to `recompute`.
-    pub fn recomputing(recompute: bool) -> PassOptions {
-        PassOptions { recompute }
+    pub const fn recomputing(recompute: bool) -> PassOptions {
+        PassOptions {
+            recompute,
+            frozen_base: false,
+        }
+    }
+
+    /// These options with the base frozen ([`PassOptions::frozen_base`]).
+    pub fn frozen(self) -> PassOptions {
+        PassOptions {
+            frozen_base: true,
+            ..self
+        }
     }
 }
 
@@ -274,9 +290,20 @@ struct Pass<'a, B: TrainOps> {
     dims: AttnShape,
     rope: Rope<B>,
     floats: Cell<usize>,
+    /// [`PassOptions::frozen_base`].
+    frozen: bool,
 }
 
 impl<'a, B: TrainOps> Pass<'a, B> {
+    /// The gradient of parameter `i` in `grad`, `None` when the base is frozen.
+    fn dw<'g>(&self, grad: &'g mut [B::Buf], i: usize) -> Option<&'g mut B::Buf> {
+        if self.frozen {
+            None
+        } else {
+            grad.get_mut(i)
+        }
+    }
+
     /// `len` zeros, counted as activations.
     fn zeros(&self, len: usize) -> Result<B::Buf> {
         self.floats.set(self.floats.get() + len);
@@ -395,19 +422,19 @@ impl<'a, B: TrainOps> Pass<'a, B> {
         let gi = |part: usize| i_block(l, part);
         // x_out = x_mid + m·W_downᵀ
         let a = LinearGrad::new(dx, &s.m, w(DOWN), self.lin(f, c));
-        ops.linear_bwd(Dx::Write(&mut d.dm), &mut grad[gi(DOWN)], a)?;
+        ops.linear_bwd(Dx::Write(&mut d.dm), self.dw(grad, gi(DOWN)), a)?;
         let a = SwigluGrad::new(&d.dm, &s.g, &s.u, n * f);
         ops.swiglu_bwd(&mut d.dg, &mut d.du, a)?;
         let a = LinearGrad::new(&d.dg, &s.h2, w(GATE), self.lin(c, f));
-        ops.linear_bwd(Dx::Write(&mut d.dh), &mut grad[gi(GATE)], a)?;
+        ops.linear_bwd(Dx::Write(&mut d.dh), self.dw(grad, gi(GATE)), a)?;
         let a = LinearGrad::new(&d.du, &s.h2, w(UP), self.lin(c, f));
-        ops.linear_bwd(Dx::Add(&mut d.dh), &mut grad[gi(UP)], a)?;
+        ops.linear_bwd(Dx::Add(&mut d.dh), self.dw(grad, gi(UP)), a)?;
         let a = NormGrad::new(&d.dh, &s.x_mid, &s.r2, w(FF_NORM), self.rows());
-        ops.rms_norm_bwd(tmp_c, &mut grad[gi(FF_NORM)], a)?;
+        ops.rms_norm_bwd(tmp_c, self.dw(grad, gi(FF_NORM)), a)?;
         ops.add(dx, tmp_c, n * c)?;
         // x_mid = x_in + a·W_oᵀ
         let a = LinearGrad::new(dx, &s.a, w(ATTN_OUT), self.lin(qw, c));
-        ops.linear_bwd(Dx::Write(&mut d.da), &mut grad[gi(ATTN_OUT)], a)?;
+        ops.linear_bwd(Dx::Write(&mut d.da), self.dw(grad, gi(ATTN_OUT)), a)?;
         let (dq, dk, dv, delta) = (&mut d.dq, &mut d.dk, &mut d.dv, &mut d.delta);
         let qkv = Qkv::new(&s.q, &s.k, &s.v, self.dims);
         let a = AttnGrad::new(&d.da, qkv, &s.a, &s.lse);
@@ -415,13 +442,13 @@ impl<'a, B: TrainOps> Pass<'a, B> {
         ops.rope(&mut d.dq, rope, nh, true)?;
         ops.rope(&mut d.dk, rope, nkv, true)?;
         let a = LinearGrad::new(&d.dq, &s.h1, w(Q), self.lin(c, qw));
-        ops.linear_bwd(Dx::Write(&mut d.dh), &mut grad[gi(Q)], a)?;
+        ops.linear_bwd(Dx::Write(&mut d.dh), self.dw(grad, gi(Q)), a)?;
         let a = LinearGrad::new(&d.dk, &s.h1, w(K), self.lin(c, kw));
-        ops.linear_bwd(Dx::Add(&mut d.dh), &mut grad[gi(K)], a)?;
+        ops.linear_bwd(Dx::Add(&mut d.dh), self.dw(grad, gi(K)), a)?;
         let a = LinearGrad::new(&d.dv, &s.h1, w(V), self.lin(c, kw));
-        ops.linear_bwd(Dx::Add(&mut d.dh), &mut grad[gi(V)], a)?;
+        ops.linear_bwd(Dx::Add(&mut d.dh), self.dw(grad, gi(V)), a)?;
         let a = NormGrad::new(&d.dh, x_in, &s.r1, w(ATTN_NORM), self.rows());
-        ops.rms_norm_bwd(tmp_c, &mut grad[gi(ATTN_NORM)], a)?;
+        ops.rms_norm_bwd(tmp_c, self.dw(grad, gi(ATTN_NORM)), a)?;
         ops.add(dx, tmp_c, n * c)
     }
 }
@@ -476,7 +503,8 @@ pub fn forward_backward_with<B: TrainOps>(
 ) -> Result<PassStats> {
     batch.validate(cfg)?;
     ensure!(
-        p.len() == 3 + 9 * cfg.n_layers && grad.len() == p.len(),
+        p.len() == 3 + 9 * cfg.n_layers
+            && (grad.len() == p.len() || opts.frozen_base && grad.is_empty()),
         "forward_backward: parameter sets do not match the config's {} layers",
         cfg.n_layers
     );
@@ -512,6 +540,7 @@ pub fn forward_backward_with<B: TrainOps>(
         dims,
         rope,
         floats: Cell::new(0),
+        frozen: opts.frozen_base,
     };
     let ids = ops.ints(&batch.ids)?;
     let z = |len: usize| pass.zeros(len);
@@ -562,10 +591,10 @@ pub fn forward_backward_with<B: TrainOps>(
     // ---- backward ----
     let mut dhf = z(r * c)?;
     let a = LinearGrad::new(&logits, &hf, &p[i_lm], head);
-    ops.linear_bwd(Dx::Write(&mut dhf), &mut grad[i_lm], a)?;
+    ops.linear_bwd(Dx::Write(&mut dhf), pass.dw(grad, i_lm), a)?;
     let mut dxr = z(r * c)?;
     let a = NormGrad::new(&dhf, &xr, &rf, &p[i_lnf], head_rows);
-    ops.rms_norm_bwd(&mut dxr, &mut grad[i_lnf], a)?;
+    ops.rms_norm_bwd(&mut dxr, pass.dw(grad, i_lnf), a)?;
     let mut dx = z(n * c)?;
     ops.scatter_add_rows(&mut dx, &dxr, RowIds::new(&rows, head_rows))?;
     let mut d = pass.grads()?;
@@ -582,7 +611,9 @@ pub fn forward_backward_with<B: TrainOps>(
         };
         pass.layer_bwd(grad, l, &mut dx, (x_in, s), &mut d, &mut tmp_c)?;
     }
-    ops.embedding_bwd(&mut grad[I_WTE], &dx, RowIds::new(&ids, pass.rows()))?;
+    if let Some(dwte) = pass.dw(grad, I_WTE) {
+        ops.embedding_bwd(dwte, &dx, RowIds::new(&ids, pass.rows()))?;
+    }
     // The activation buffers are freed on return: make sure the work using them is done (a
     // device surfaces a kernel fault here, naming the step).
     ops.finish("the forward/backward pass")?;

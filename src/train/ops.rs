@@ -121,22 +121,13 @@ pub fn linear<T: Real>(y: &mut [T], x: &[T], w: &[T], n: usize, k: usize, m: usi
         });
 }
 
-/// Backward of [`linear`]: `dx = dy · w` (written, when given) and `dw += dyᵀ · x`.
+/// Backward of [`linear`]: `dx = dy · w` (written, when given; [`linear_dx`]) and
+/// `dw += dyᵀ · x`.
 pub fn linear_bwd<T: Real>(dx: Option<&mut [T]>, dw: &mut [T], a: LinearBwd<'_, T>) {
-    let LinearBwd { dy, x, w, d } = a;
+    let LinearBwd { dy, x, d, .. } = a;
     let MatMul { n, k, m } = d;
     if let Some(dx) = dx {
-        dx[..n * k]
-            .par_chunks_mut(k)
-            .zip(dy[..n * m].par_chunks(m))
-            .for_each(|(dxr, dyr)| {
-                dxr.fill(T::zero());
-                for (&g, wr) in dyr.iter().zip(w.chunks_exact(k)) {
-                    for (o, &wv) in dxr.iter_mut().zip(wr) {
-                        *o += g * wv;
-                    }
-                }
-            });
+        linear_dx(dx, a);
     }
     // dw[j, :] += Σ_i dy[i, j] · x[i, :]
     dw[..m * k]
@@ -149,6 +140,24 @@ pub fn linear_bwd<T: Real>(dx: Option<&mut [T]>, dw: &mut [T], a: LinearBwd<'_, 
                     for (o, &xv) in dwr.iter_mut().zip(&x[i * k..(i + 1) * k]) {
                         *o += g * xv;
                     }
+                }
+            }
+        });
+}
+
+/// The input gradient of [`linear`] alone: `dx[N, K] = dy[N, M] · w[M, K]` (written), the
+/// `dx` of [`linear_bwd`] (a frozen weight's backward).
+pub fn linear_dx<T: Real>(dx: &mut [T], a: LinearBwd<'_, T>) {
+    let LinearBwd { dy, w, d, .. } = a;
+    let MatMul { n, k, m } = d;
+    dx[..n * k]
+        .par_chunks_mut(k)
+        .zip(dy[..n * m].par_chunks(m))
+        .for_each(|(dxr, dyr)| {
+            dxr.fill(T::zero());
+            for (&g, wr) in dyr.iter().zip(w.chunks_exact(k)) {
+                for (o, &wv) in dxr.iter_mut().zip(wr) {
+                    *o += g * wv;
                 }
             }
         });
@@ -228,6 +237,19 @@ pub fn rms_norm_bwd<T: Real>(
     w: &[T],
     d: Rows,
 ) {
+    rms_norm_dx(dx, dy, x, r, w, d);
+    let Rows { n, c } = d;
+    for i in 0..n {
+        let (xr, dyr, ri) = (&x[i * c..(i + 1) * c], &dy[i * c..(i + 1) * c], r[i]);
+        for j in 0..c {
+            dw[j] += dyr[j] * xr[j] * ri;
+        }
+    }
+}
+
+/// The input gradient of [`rms_norm`] alone (`dx` of [`rms_norm_bwd`], written): a frozen
+/// weight's backward.
+pub fn rms_norm_dx<T: Real>(dx: &mut [T], dy: &[T], x: &[T], r: &[T], w: &[T], d: Rows) {
     let Rows { n, c } = d;
     for i in 0..n {
         let (xr, dyr, ri) = (&x[i * c..(i + 1) * c], &dy[i * c..(i + 1) * c], r[i]);
@@ -238,7 +260,6 @@ pub fn rms_norm_bwd<T: Real>(
         let coef = ri * ri * ri * gx / T::from_f64(c as f64);
         for j in 0..c {
             dx[i * c + j] = ri * w[j] * dyr[j] - xr[j] * coef;
-            dw[j] += dyr[j] * xr[j] * ri;
         }
     }
 }

@@ -55,6 +55,23 @@ pub fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Asserts the run succeeded and returns its stderr (a training run's log).
+pub fn ok_stderr(o: &Output) -> String {
+    let e = stderr(o);
+    assert!(o.status.success(), "run failed ({:?}): {e}", o.status);
+    e
+}
+
+/// `p` as a command-line argument (panics on a non-UTF-8 path).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The bytes of the file at `p` (panics naming it).
+pub fn file_bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
 /// Runs `cmd`, asserts it succeeded and returns its stdout.
 pub fn ok_run(cmd: &mut Command) -> String {
     ok(&run(cmd))
@@ -256,6 +273,12 @@ pub fn generate_json(model: &Path, flags: &[&str]) -> Value {
     )
 }
 
+/// The printed losses of a `llada train` log ([`logged_losses`]), as numbers.
+pub fn losses(log: &str) -> Vec<f64> {
+    let v = logged_losses(log);
+    v.iter().map(|(_, l)| l.parse().unwrap()).collect()
+}
+
 /// The `step I/N loss X` lines of a `llada train` log: (I, X as printed).
 pub fn logged_losses(log: &str) -> Vec<(u64, String)> {
     log.lines()
@@ -265,4 +288,24 @@ pub fn logged_losses(log: &str) -> Vec<(u64, String)> {
             Some((step, loss.to_string()))
         })
         .collect()
+}
+
+/// Whether `python3` can import `module`; without it the caller skips (printing why), unless
+/// `LLADA_REQUIRE_PY=1` (CI), which turns the skip into a failure.
+pub fn python_has(module: &str) -> bool {
+    let require = std::env::var("LLADA_REQUIRE_PY").is_ok_and(|v| v == "1");
+    let probe = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output();
+    let why = match probe {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => format!(
+            "`import {module}` fails: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("no python3: {e}"),
+    };
+    assert!(!require, "LLADA_REQUIRE_PY=1 but {why}");
+    eprintln!("SKIP: {why}");
+    false
 }

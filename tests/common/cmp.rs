@@ -52,3 +52,32 @@ pub fn max_abs_diff(got: &[f32], want: &[f32]) -> f32 {
 pub fn max_abs(x: &[f32]) -> f32 {
     x.iter().fold(0.0, |m, &v| nan_max(m, v.abs()))
 }
+
+/// Every element within `tol(i)` of the reference (NaN anywhere fails); names the worst.
+pub fn within(what: &str, want: &[f32], got: &[f32], tol: impl Fn(usize) -> f64) {
+    assert_eq!(want.len(), got.len(), "{what}: lengths");
+    // abs_diff64 is +∞ on a NaN, so a NaN fails every tolerance.
+    let ratio = |i: usize| match abs_diff64(got[i].into(), want[i].into()) {
+        0.0 => 0.0,
+        d => d / tol(i),
+    };
+    let mut worst = (0.0f64, 0usize);
+    for i in 0..want.len() {
+        if ratio(i) > worst.0 {
+            worst = (ratio(i), i);
+        }
+    }
+    eprintln!(
+        "{what}: {} elements, worst |diff|/tol {:.3}",
+        want.len(),
+        worst.0
+    );
+    let i = worst.1;
+    assert!(
+        worst.0 <= 1.0,
+        "{what}: element {i}: want {:e} got {:e} (tol {:e})",
+        want.get(i).copied().unwrap_or(f32::NAN),
+        got.get(i).copied().unwrap_or(f32::NAN),
+        tol(i)
+    );
+}

@@ -68,7 +68,7 @@ pub const FA2_MAX_CHUNKS: usize = 4;
 pub const FA2_MIN_CHUNK: usize = 128;
 
 /// Keys per chunk for `l` keys: ⌈L / 4⌉ rounded up to whole 64-key tiles, at least 128. A
-/// function of L alone (it fixes each row's arithmetic), giving at most [`FA2_MAX_CHUNKS`].
+/// function of L alone (it fixes each row's arithmetic), giving at most `FA2_MAX_CHUNKS`.
 pub fn fa2_chunk(l: usize) -> usize {
     (l.div_ceil(FA2_MAX_CHUNKS).div_ceil(FA2_TILE) * FA2_TILE).max(FA2_MIN_CHUNK)
 }

@@ -25,9 +25,10 @@ use std::ffi::c_void;
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublaslt::{result as lt, sys as ltsys};
-use cudarc::driver::{result as dres, sys as dsys, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{result as dres, sys as dsys, CudaSlice, CudaStream};
 use half::bf16;
 
+use super::launch::{dptr, dptr_mut};
 use super::{check_len, check_lens, CudaBackend, CudaWeight};
 use crate::backend::MatMul;
 use crate::quant::fp8::Fp8Weight;
@@ -68,14 +69,6 @@ impl Drop for Inner {
         // SAFETY: the handle was created by `lt::create_handle` and is destroyed once.
         let _ = unsafe { lt::destroy_handle(self.lt) };
     }
-}
-
-fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
-    s.device_ptr(stream).0
-}
-
-fn dptr_mut<T>(s: &mut CudaSlice<T>, stream: &CudaStream) -> u64 {
-    s.device_ptr_mut(stream).0
 }
 
 /// Whether this GPU runs the FP8 path (sm_89 or sm_90), or the error saying why not.

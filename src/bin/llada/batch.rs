@@ -386,16 +386,14 @@ fn cmd_run(a: BatchArgs) -> Result<ExitCode> {
             }
         };
         let ropts = RunOptions { strict: a.strict };
-        let res = batch::run(
-            eng.as_mut(),
-            &todo,
-            &plan,
-            &base,
-            &mut log,
-            &ropts,
-            &decode,
-            &mut bar,
-        );
+        let input = batch::RunInputs {
+            reqs: &todo,
+            plan: &plan,
+            base: &base,
+            opts: &ropts,
+            decode: &decode,
+        };
+        let res = batch::run(eng.as_mut(), input, &mut log, &mut bar);
         if tty {
             eprintln!();
         }

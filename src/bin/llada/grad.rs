@@ -59,9 +59,7 @@ pub fn cmd_grad(a: GradArgs) -> Result<()> {
     let params = Params::<f32>::from_checkpoint(cfg, &opened.ckpt)?;
     let batch = fixed_mask_batch(&ids, &masked, a.p_mask, cfg.mask_token_id)?;
     let mut grad = Params::<f32>::zeros(cfg);
-    let opts = PassOptions {
-        recompute: a.recompute,
-    };
+    let opts = PassOptions::recomputing(a.recompute);
     let stats = match a.device.parse::<DeviceChoice>()? {
         DeviceChoice::Cpu | DeviceChoice::Auto => {
             let ops = llada::train::backend::HostOps::<f32>::new();

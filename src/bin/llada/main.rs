@@ -20,6 +20,7 @@ use llada::hf::write::write_safetensors;
 
 mod eval;
 mod grad;
+mod init;
 mod loglik;
 mod lora;
 mod quantize;
@@ -44,8 +45,11 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Write the logits of one sequence (`logits`, f32, [1, T, V]) to a safetensors file.
     Forward(ForwardArgs),
-    /// Write the `tiny` random-weight preset as a Hugging Face model folder.
-    InitTiny(InitTinyArgs),
+    /// Write a preset (tiny | llada-1b | llada-8b) as a Hugging Face model folder with freshly
+    /// initialised weights: the preset's own (uniform) or upstream's (--init mitchell).
+    Init(init::InitArgs),
+    /// Write the `tiny` random-weight preset as a Hugging Face model folder (`init --preset tiny`).
+    InitTiny(init::InitTinyArgs),
     /// Print a model folder's configuration and tensors summary.
     Info(ModelArgs),
     /// Offline generation over a JSONL file (sharding, resume, errors file); `batch merge`
@@ -240,21 +244,7 @@ struct ForwardArgs {
     device: String,
 }
 
-#[derive(Args)]
-struct InitTinyArgs {
-    /// Folder to write.
-    dir: PathBuf,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// bf16 | f32 | f16
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
-    /// Number of safetensors shards (1 = a single model.safetensors).
-    #[arg(long, default_value_t = 1)]
-    shards: usize,
-}
-
-fn parse_dtype(s: &str) -> Result<DType> {
+pub(crate) fn parse_dtype(s: &str) -> Result<DType> {
     llada::names::parse("dtype", DType::NAMES, s)
 }
 
@@ -263,19 +253,8 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Forward(a) => cmd_forward(a),
-        Cmd::InitTiny(a) => engine::init_tiny(
-            &a.dir,
-            a.seed,
-            match parse_dtype(&a.dtype) {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    return ExitCode::from(2);
-                }
-            },
-            a.shards,
-        )
-        .map(|_| println!("wrote the tiny preset to {}", a.dir.display())),
+        Cmd::Init(a) => init::cmd_init(a),
+        Cmd::InitTiny(a) => init::cmd_init_tiny(a),
         Cmd::Info(a) => cmd_info(a),
         Cmd::Batch(a) => return batch::main(a),
         Cmd::Loglik(a) => loglik::cmd_loglik(a),

@@ -5,9 +5,8 @@
 //! `llada::train::dist`). LoRA runs (`--lora-rank`, or `--resume` of a LoRA checkpoint) are in
 //! `train/lora.rs`.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -21,11 +20,13 @@ use llada::train::data::{load_pretrain_with, load_sft, Sample};
 use llada::train::dist::{DistEnv, HostGroup};
 use llada::train::memory::{plan, render, Storage};
 use llada::train::model::Params;
-use llada::train::{TrainOptions, Trainer};
+use llada::train::zero::ZeroStep;
+use llada::train::{StepStats, TrainOptions, Trainer};
 
 use crate::ModelArgs;
 
 mod lora;
+mod steps;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -523,112 +524,66 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
             tiny,
         )
     };
-    let mut dump = match &a.dump_batches {
-        Some(path) if dist.is_none() => {
-            let f = std::fs::File::create(path)
-                .with_context(|| format!("--dump-batches {}", path.display()))?;
-            let mut w = std::io::BufWriter::new(f);
-            writeln!(w, "{}", serde_json::json!({ "options": trainer.opts }))?;
-            Some(w)
-        }
-        Some(_) => bail!("--dump-batches runs as one process; pass --no-dist"),
-        None => None,
+    let mut run = FullRun {
+        gpu,
+        gpu_zero,
+        sharded,
+        lead,
+        save,
     };
-    let show = std::io::stderr().is_terminal();
-    let total = trainer.opts.steps;
-    while trainer.step < total {
-        if let Some(d) = dump.as_mut() {
-            dump_micro_batches(&mut trainer, d)?;
-        }
-        let t0 = Instant::now();
-        let s = match (gpu.as_mut(), gpu_zero.as_mut(), sharded.as_mut()) {
-            (Some(g), _, _) => trainer.train_step_cuda(g)?,
-            (None, Some(z), _) => trainer.train_step_on(z)?,
-            (None, None, Some(z)) => trainer.train_step_on(z)?,
-            (None, None, None) => trainer.train_step()?,
-        };
-        if let Some(d) = dump.as_mut() {
-            let line = serde_json::json!({
-                "step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm,
-            });
-            writeln!(d, "{line}")?;
-        }
-        let secs = t0.elapsed().as_secs_f64().max(1e-9);
-        // Per GPU: the step's global FLOPs over the ranks that shared them.
-        let flops = s.flops / secs / world as f64;
-        let mfu = match a.peak_tflops {
-            Some(p) if p > 0.0 => format!("{:.1}%", 100.0 * flops / (p * 1e12)),
-            _ => "-".into(),
-        };
-        let w = 20;
-        let done = (s.step as usize * w) / total.max(1) as usize;
-        let line = format!(
-            "[{}{}] step {}/{} loss {:.4} lr {:.2e} gnorm {:.3} tok/s {:.0} GFLOP/s {:.2} MFU {}",
-            "#".repeat(done),
-            " ".repeat(w - done),
-            s.step,
-            total,
-            s.loss,
-            s.lr,
-            s.grad_norm,
-            s.tokens as f64 / secs,
-            flops / 1e9,
-            mfu
-        );
-        if !lead {
-            // quiet
-        } else if show {
-            eprint!("\r{line}");
-            let _ = std::io::stderr().flush();
-        } else {
-            eprintln!("{line}");
-        }
-        let due = !a.no_save && a.save_every > 0 && s.step % a.save_every == 0 && s.step < total;
-        if let (true, Some(z)) = (due, &sharded) {
-            // Every rank sends its shard of the moments to rank 0, which saves.
-            trainer.save_sharded(z, save)?;
-        } else if let (true, Some(z)) = (due, &gpu_zero) {
-            let (p, m, v) = z.download()?;
-            trainer.save_shards(&p, &z.layout, &m, &v, save)?;
-        } else if lead && due {
-            if let Some(g) = &gpu {
-                trainer.pull_from_cuda(g)?;
-            }
-            save(&trainer)?;
-        }
-    }
-    if show && lead {
-        eprintln!();
-    }
-    if let Some(mut d) = dump.take() {
-        d.flush().context("--dump-batches")?;
-    }
-    if a.no_save {
-        if lead {
-            eprintln!("not saved (--no-save), step {}", trainer.step);
-        }
-        return Ok(());
-    }
-    if let Some(z) = &sharded {
-        trainer.save_sharded(z, save)?;
-    } else if let Some(z) = &gpu_zero {
-        let (p, m, v) = z.download()?;
-        trainer.save_shards(&p, &z.layout, &m, &v, save)?;
-    } else if lead {
-        if let Some(g) = &gpu {
-            trainer.pull_from_cuda(g)?;
-        }
-        save(&trainer)?;
-    }
-    if let Some(group) = trainer.group() {
-        // Nobody leaves before rank 0 has saved (a failed save stops rank 0, and the others
-        // see it here).
-        group.barrier()?;
-    }
-    if lead {
+    let r = steps::Report {
+        lead,
+        world,
+        full: true,
+    };
+    if steps::run_steps(&a, &mut trainer, &mut run, r)? && lead {
         eprintln!("saved {} (step {})", a.out().display(), trainer.step);
     }
     Ok(())
+}
+
+/// A full fine-tuning run's step state for [`steps::run_steps`]: the GPU's resident state
+/// (whole, or ZeRO-1 sharded), the host's sharded optimizer, or (all `None`) the trainer's own
+/// tensors; `save` writes the checkpoint on rank 0.
+struct FullRun<F> {
+    gpu: Option<CudaTrainState>,
+    gpu_zero: Option<CudaZeroState>,
+    sharded: Option<ZeroStep>,
+    lead: bool,
+    save: F,
+}
+
+impl<F: Fn(&Trainer) -> Result<()>> steps::RunState for FullRun<F> {
+    fn step(&mut self, trainer: &mut Trainer) -> Result<StepStats> {
+        match (
+            self.gpu.as_mut(),
+            self.gpu_zero.as_mut(),
+            self.sharded.as_mut(),
+        ) {
+            (Some(g), _, _) => trainer.train_step_cuda(g),
+            (None, Some(z), _) => trainer.train_step_on(z),
+            (None, None, Some(z)) => trainer.train_step_on(z),
+            (None, None, None) => trainer.train_step(),
+        }
+    }
+
+    fn save(&mut self, trainer: &mut Trainer) -> Result<()> {
+        let save = &self.save;
+        if let Some(z) = &self.sharded {
+            // Every rank sends its shard of the moments to rank 0, which saves.
+            trainer.save_sharded(z, save)
+        } else if let Some(z) = &self.gpu_zero {
+            let (p, m, v) = z.download()?;
+            trainer.save_shards(&p, &z.layout, &m, &v, save)
+        } else if self.lead {
+            if let Some(g) = &self.gpu {
+                trainer.pull_from_cuda(g)?;
+            }
+            save(trainer)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 impl TrainArgs {

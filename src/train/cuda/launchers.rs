@@ -80,9 +80,6 @@ impl TrainOps for CudaOps {
     /// synchronization: the index buffers dropped at the end are freed in stream order
     /// (cudarc's `free_async`, or a synchronizing free where the device lacks memory pools).
     fn embedding_bwd(&self, dwte: &mut Buf, dx: &Buf, ids: RowIds<Self>) -> Result<()> {
-        if self.lora.is_some() {
-            return Ok(()); // the embedding is frozen
-        }
         let op = "embedding_bwd";
         let Rows { n, c } = ids.d;
         check_len(op, "dx", dx.len(), n * c)?;
@@ -146,21 +143,28 @@ impl TrainOps for CudaOps {
             n_, c_, eps)
     }
 
-    /// [`crate::train::ops::rms_norm_bwd`]: `dx` written, `dw` accumulated.
-    fn rms_norm_bwd(&self, dx: &mut Buf, dw: &mut Buf, a: NormGrad<Self>) -> Result<()> {
+    /// [`crate::train::ops::rms_norm_bwd`]: `dx` written, `dw` accumulated (`None`, a frozen
+    /// weight: the `dw` kernel is not launched).
+    fn rms_norm_bwd(&self, dx: &mut Buf, dw: Option<&mut Buf>, a: NormGrad<Self>) -> Result<()> {
         let (op, Rows { n, c }) = ("rms_norm_bwd", a.d);
         check_len(op, "dx", dx.len(), n * c)?;
-        check_len(op, "dw", dw.len(), c)?;
+        if let Some(dw) = &dw {
+            check_len(op, "dw", dw.len(), c)?;
+        }
         check_len(op, "dy", a.dy.len(), n * c)?;
         check_norm(op, a.d, [a.x.len(), a.r.len(), a.w.len()])?;
         if n == 0 || c == 0 {
             return Ok(());
         }
-        let (dxp, dwp) = (self.ptr_mut(dx), self.ptr_mut(dw));
+        let dxp = self.ptr_mut(dx);
         let (dyp, xp, rp, wp) = (self.ptr(a.dy), self.ptr(a.x), self.ptr(a.r), self.ptr(a.w));
         let (n_, c_) = (int(op, "n", n)?, int(op, "c", c)?);
         launch!(self, op, self.k.rms_norm_bwd, Geom::new((n as u32, 1, 1), 256, 0); dxp, dyp, xp,
             rp, wp, n_, c_)?;
+        let Some(dw) = dw else {
+            return Ok(());
+        };
+        let dwp = self.ptr_mut(dw);
         if self.tiled.is_some() {
             return self.rms_norm_bwd_dw_tiled([dwp, dyp, xp, rp], n, c);
         }
@@ -402,14 +406,16 @@ impl TrainOps for CudaOps {
 
     /// Backward of [`CudaOps::linear`] ([`crate::train::ops::linear_bwd`]): `dx = dy·w` (as
     /// `dx` says), `dw += dyᵀ·x`.
-    fn linear_bwd(&self, dx: Dx<Self>, dw: &mut Buf, a: LinearGrad<Self>) -> Result<()> {
+    fn linear_bwd(&self, dx: Dx<Self>, dw: Option<&mut Buf>, a: LinearGrad<Self>) -> Result<()> {
         if self.lora.is_some() {
             return self.lora_linear_bwd(dx, a);
         }
         let (op, (dx, dx_accumulate)) = ("linear_bwd", dx.split());
         let LinearGrad { dy, x, w, d } = a;
         let MatMul { n, k, m } = d;
-        check_len(op, "dw", dw.len(), m * k)?;
+        if let Some(dw) = &dw {
+            check_len(op, "dw", dw.len(), m * k)?;
+        }
         check_len(op, "dy", dy.len(), n * m)?;
         check_len(op, "x", x.len(), n * k)?;
         check_len(op, "w", w.len(), m * k)?;
@@ -442,7 +448,11 @@ impl TrainOps for CudaOps {
                 )?;
             }
         }
-        // dWᵀ (K×M) += xᵀ (col-major K×N, as stored) · dy (N×M = transpose of the stored M×N).
+        // dWᵀ (K×M) += xᵀ (col-major K×N, as stored) · dy (N×M = transpose of the stored M×N);
+        // nothing for a frozen weight.
+        let Some(dw) = dw else {
+            return Ok(());
+        };
         let dwp = self.ptr_mut(dw);
         if n > 0 {
             self.gemm(
@@ -543,23 +553,60 @@ impl CudaOps {
         len: usize,
         partial: &mut CudaSlice<f64>,
     ) -> Result<f64> {
-        let op = "sumsq";
-        check_len(op, "x", x.len(), at.saturating_add(len))?;
-        check_len(op, "partial", partial.len(), SUMSQ_BLOCKS)?;
         if len == 0 {
+            check_len("sumsq", "x", x.len(), at)?;
+            check_len("sumsq", "partial", partial.len(), SUMSQ_BLOCKS)?;
             return Ok(0.0);
         }
-        let (pp, xp) = (self.ptr_mut(partial), self.ptr(x) + 4 * at as u64);
+        self.sumsq_queue(x, at, len, partial, 0)?;
+        Ok(self.sumsq_read(partial, 1)?[0])
+    }
+
+    /// The kernel of [`CudaOps::sumsq_at`], queued without a read-back: the `SUMSQ_BLOCKS`
+    /// partial sums of Σ x² over elements `at .. at + len` go to slot `slot` of `partial`
+    /// (elements `slot·SUMSQ_BLOCKS ..`; zeros when `len` is 0). [`CudaOps::sumsq_read`] reads
+    /// several slots back at once.
+    pub(super) fn sumsq_queue(
+        &self,
+        x: &Buf,
+        at: usize,
+        len: usize,
+        partial: &mut CudaSlice<f64>,
+        slot: usize,
+    ) -> Result<()> {
+        let op = "sumsq";
+        check_len(op, "x", x.len(), at.saturating_add(len))?;
+        let end = (slot + 1).saturating_mul(SUMSQ_BLOCKS);
+        check_len(op, "partial", partial.len(), end)?;
+        if len == 0 {
+            let mut view = partial.slice_mut(slot * SUMSQ_BLOCKS..end);
+            return self
+                .be
+                .stream()
+                .memset_zeros(&mut view)
+                .map_err(|e| driver_err(format!("{op}: zeroing slot {slot}"), e));
+        }
+        let pp = self.ptr_mut(partial) + (8 * slot * SUMSQ_BLOCKS) as u64;
+        let xp = self.ptr(x) + 4 * at as u64;
         let numel = len as i64;
         launch!(self, op, self.k.sumsq, Geom::new((SUMSQ_BLOCKS as u32, 1, 1), 256, 0); pp, xp,
-            numel)?;
-        let mut h = vec![0f64; SUMSQ_BLOCKS];
-        self.be
-            .stream()
-            .memcpy_dtoh(&partial.slice(..SUMSQ_BLOCKS), &mut h)
-            .map_err(|e| driver_err(format!("{op}: device→host copy"), e))?;
-        self.sync()?;
-        Ok(h.iter().sum())
+            numel)
+    }
+
+    /// The sums of the first `slots` slots of `partial` ([`CudaOps::sumsq_queue`]), each its
+    /// `SUMSQ_BLOCKS` partials added in order in f64: one device→host copy and one sync.
+    pub(super) fn sumsq_read(&self, partial: &CudaSlice<f64>, slots: usize) -> Result<Vec<f64>> {
+        let (op, n) = ("sumsq", slots.saturating_mul(SUMSQ_BLOCKS));
+        check_len(op, "partial", partial.len(), n)?;
+        let mut h = vec![0f64; n];
+        if n > 0 {
+            self.be
+                .stream()
+                .memcpy_dtoh(&partial.slice(..n), &mut h)
+                .map_err(|e| driver_err(format!("{op}: device→host copy"), e))?;
+            self.sync()?;
+        }
+        Ok(h.chunks(SUMSQ_BLOCKS).map(|c| c.iter().sum()).collect())
     }
 
     /// One AdamW update (`adamw_f32`, see [`crate::train::optim::AdamW::step`]) of elements

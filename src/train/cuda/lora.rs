@@ -13,15 +13,19 @@
 //! - a targeted linear adds `s·(x·Aᵀ)·Bᵀ` in f32 (the adapter GEMMs run in the ops' precision),
 //!   keeps `u = x·Aᵀ` `[N, r]` for its backward, and accumulates `dB += s·dyᵀ·u`,
 //!   `dA += s·(dy·B)ᵀ·x`, `dx += s·(dy·B)·A`: [`crate::lora::train::lora_linear_bwd`]'s math;
-//! - the embedding reads the bf16 table into f32 activations (`embedding_bf16_f32`, exact) and
-//!   has no backward.
+//! - the embedding reads the bf16 table into f32 activations (`embedding_bf16_f32`, exact);
+//! - the pass runs with the base frozen ([`PassOptions::frozen_base`]): no embedding, norm or
+//!   linear weight gradient is computed.
 //!
 //! [`CudaLoraState`] is the trainer's step state: only the adapters, their gradients and
-//! their AdamW moments are f32 (24 bytes per adapter parameter); the update is the full
-//! training's `adamw_f32` kernel per factor, clipping folded in as a gradient scale.
+//! their AdamW moments are f32 (24 bytes per adapter parameter), each kind one flat buffer
+//! ([`Flat`]); a step reads its gradient norm back once (one partial-sum slot per factor) and
+//! the update is one launch of the full training's `adamw_f32` kernel over the flat buffers,
+//! clipping folded in as a gradient scale.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::ops::Range;
 
 use super::*;
 use crate::backend::cuda::CudaWeight;
@@ -31,24 +35,95 @@ use crate::lora::{Adapter, ModuleKind};
 use crate::train::model::{forward_backward_with, PassOptions};
 use cublas::sys::cudaDataType_t;
 
-/// One trained module's factors, gradients and moments (f32, on the device).
+/// One trained module: where its factors lie in the [`Flat`] buffers, and its kept `u`.
 struct Module {
     name: String,
     rank: usize,
     scale: f32,
-    /// `A` `[r, K]`, `B` `[M, r]`, their gradients and AdamW moments.
-    a: Buf,
-    b: Buf,
-    da: Buf,
-    db: Buf,
-    ma: Buf,
-    mb: Buf,
-    va: Buf,
-    vb: Buf,
+    /// `A` `[r, K]` and `B` `[M, r]`: their elements in each of the [`Flat`] buffers (factors,
+    /// gradients and moments alike).
+    a: Range<usize>,
+    b: Range<usize>,
     /// `u = x·Aᵀ` `[N, r]` of the last forward (grown as needed), and whether a backward may
     /// read it.
     u: Buf,
     fresh: bool,
+}
+
+/// Every module's factors, gradients and AdamW moments (f32, on the device), each kind one flat
+/// buffer of `len` elements: the modules in order, `A` then `B` of each ([`Module::a`],
+/// [`Module::b`]), each factor starting at a multiple of [`FLAT_ALIGN`] elements (the 256-byte
+/// alignment of a buffer of its own, so cuBLAS sees the operands it saw before; the gaps are
+/// zeros, which AdamW keeps zero). A step zeroes, all-reduces and updates each with one call.
+struct Flat {
+    len: usize,
+    p: Buf,
+    g: Buf,
+    m: Buf,
+    v: Buf,
+}
+
+/// Elements (f32) each factor's place in a [`Flat`] buffer is aligned to: 256 bytes.
+const FLAT_ALIGN: usize = 64;
+
+/// `n` rounded up to a multiple of [`FLAT_ALIGN`].
+fn align(n: usize) -> usize {
+    n.div_ceil(FLAT_ALIGN) * FLAT_ALIGN
+}
+
+/// The places of factors of `lens` (`A`, `B` elements per module, in order) in a [`Flat`]
+/// buffer, and its length: each factor at the next multiple of [`FLAT_ALIGN`].
+fn flat_layout(lens: &[(usize, usize)]) -> (Vec<[Range<usize>; 2]>, usize) {
+    let mut len = 0;
+    let places = lens
+        .iter()
+        .map(|&(la, lb)| {
+            let a = len..len + la;
+            let b = align(a.end)..align(a.end) + lb;
+            len = align(b.end);
+            [a, b]
+        })
+        .collect();
+    (places, len)
+}
+
+impl Flat {
+    /// `modules`' host tensors (`part(name)`: `A` and `B` of a module, `None` when the host has
+    /// no such module) in the flat layout: one host vector of `len` elements. `what` names the
+    /// host side in errors.
+    fn gather<'h>(
+        mods: &[Module],
+        len: usize,
+        what: &str,
+        part: impl Fn(&str) -> Option<(&'h [f32], &'h [f32])>,
+    ) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; len];
+        for md in mods {
+            let Some((a, b)) = part(&md.name) else {
+                bail!("{what} has no LoRA module {}", md.name);
+            };
+            for (r, h, f) in [(&md.a, a, "A"), (&md.b, b, "B")] {
+                ensure!(
+                    h.len() == r.len(),
+                    "{what}: LoRA module {} has {} elements of {f}, the device {}",
+                    md.name,
+                    h.len(),
+                    r.len()
+                );
+                out[r.clone()].copy_from_slice(h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Each module's name, `A` and `B` in `flat`, a downloaded flat buffer.
+    fn split<'a>(
+        mods: &'a [Module],
+        flat: &'a [f32],
+    ) -> impl Iterator<Item = (&'a str, &'a [f32], &'a [f32])> {
+        mods.iter()
+            .map(move |md| (md.name.as_str(), &flat[md.a.clone()], &flat[md.b.clone()]))
+    }
 }
 
 /// The frozen bf16 base and the trained adapters of a LoRA run ([`CudaOps`]'s `lora`).
@@ -60,6 +135,7 @@ pub(crate) struct CudaLora {
     /// Parameter index → index into `modules`.
     module_of: HashMap<usize, usize>,
     modules: RefCell<Vec<Module>>,
+    flat: RefCell<Flat>,
     /// The bf16 copy of a base GEMM's f32 input, reused (grown, never shrunk).
     scratch: RefCell<CudaSlice<bf16>>,
     /// `dy·B` `[N, r]`, reused.
@@ -80,6 +156,11 @@ where
         *buf = ops.be.alloc::<T>(what, len)?;
     }
     Ok(())
+}
+
+/// The address of element `r.start` of the f32 buffer at address `base`.
+fn at(base: u64, r: &Range<usize>) -> u64 {
+    base + 4 * r.start as u64
 }
 
 /// The gradient scale of PyTorch's `clip_grad_norm_` at global norm `norm` (1 when `max_norm`
@@ -139,9 +220,14 @@ impl CudaOps {
 
     /// The partial sums of [`CudaOps::sumsq`] (`SUMSQ_BLOCKS` f64).
     pub(super) fn sumsq_partials(&self) -> Result<CudaSlice<f64>> {
+        self.sumsq_slots(1)
+    }
+
+    /// Partial sums for `slots` norms queued at once ([`CudaOps::sumsq_queue`]).
+    pub(super) fn sumsq_slots(&self, slots: usize) -> Result<CudaSlice<f64>> {
         self.be
             .stream()
-            .alloc_zeros::<f64>(SUMSQ_BLOCKS)
+            .alloc_zeros::<f64>(slots.max(1) * SUMSQ_BLOCKS)
             .map_err(|e| driver_err("allocating the gradient-norm partials".into(), e))
     }
 
@@ -271,7 +357,8 @@ impl CudaOps {
         ensure_len(self, &mut md.u, n * r, "the LoRA `u` buffer")?;
         md.fresh = true;
         let up = self.ptr_mut(&mut md.u);
-        let (ap, bp, s) = (self.ptr(&md.a), self.ptr(&md.b), md.scale);
+        let pp = self.ptr(&l.flat.borrow().p);
+        let (ap, bp, s) = (at(pp, &md.a), at(pp, &md.b), md.scale);
         // uᵀ (r×N) = A (stored [r, K], transposed) · xᵀ.
         let f = GemmShape::new(op, [true, false], [r, n, k]);
         self.adapter_gemm(f, (ap, k), (xp, k), (up, r), [1.0, 0.0])?;
@@ -327,8 +414,10 @@ impl CudaOps {
             self.ptr(&md.u),
             self.ptr_mut(&mut *tmp),
         );
-        let (ap, bp) = (self.ptr(&md.a), self.ptr(&md.b));
-        let (dap, dbp) = (self.ptr_mut(&mut md.da), self.ptr_mut(&mut md.db));
+        let mut fl = l.flat.borrow_mut();
+        let (pp, gp) = (self.ptr(&fl.p), self.ptr_mut(&mut fl.g));
+        let (ap, bp) = (at(pp, &md.a), at(pp, &md.b));
+        let (dap, dbp) = (at(gp, &md.a), at(gp, &md.b));
         // dBᵀ (r×M) += s·uᵀ (col-major r×N, as stored) · dy (N×M, the stored M×N transposed).
         let f = GemmShape::new(op, [false, true], [r, m, n]);
         self.adapter_gemm(f, (up, r), (dyp, m), (dbp, r), [s, 1.0])?;
@@ -348,32 +437,27 @@ impl CudaOps {
 }
 
 /// A LoRA run's step state on one GPU (module docs): the ops with the frozen bf16 base and the
-/// adapters attached, the pass's parameter list (placeholders and f32 norms) and its gradient
-/// scratch.
+/// adapters attached, and the pass's parameter list (placeholders and f32 norms; the pass runs
+/// with the base frozen, [`PassOptions::frozen_base`], so the base has no gradient buffers).
 pub struct CudaLoraState {
     pub ops: CudaOps,
     /// The pass's parameters: one-float placeholders for the matrices, f32 norms.
     p: Vec<Buf>,
-    /// Their "gradients": placeholders, and scratch for the norms' `dw` (discarded).
-    g: Vec<Buf>,
     partial: CudaSlice<f64>,
-    pub opt: AdamWConfig,
-    /// AdamW updates taken.
-    pub t: u64,
 }
 
 impl CudaLoraState {
     /// Upload the base model of `ck` (matrices as bf16, norms as f32) and `adapter`'s factors
-    /// (f32, with zero gradients and moments) onto `ops`' device.
+    /// (f32, with zero gradients and moments) onto `ops`' device. The AdamW hyper-parameters
+    /// and update count are the trainer's ([`AdamW`], handed to every step).
     pub fn new(
         mut ops: CudaOps,
         cfg: &ModelConfig,
         ck: &Checkpoint,
         adapter: &Adapter,
-        opt: AdamWConfig,
     ) -> Result<CudaLoraState> {
         let tensors = expected_tensors(cfg);
-        let (mut base, mut p, mut g) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut base, mut p) = (Vec::new(), Vec::new());
         let mut by_key = HashMap::new();
         for (i, (name, shape)) in tensors.iter().enumerate() {
             let src = ck.get(name)?;
@@ -391,19 +475,22 @@ impl CudaLoraState {
                 let ph = ops.zeros(1)?;
                 by_key.insert(ops.ptr(&ph), i);
                 p.push(ph);
-                g.push(ops.zeros(1)?);
             } else {
                 let v = ck
                     .read_f32(name)
                     .with_context(|| format!("reading `{name}`"))?;
                 base.push(None);
-                g.push(ops.zeros(v.len())?);
                 p.push(ops.upload(&v)?);
             }
         }
-        let mut modules = Vec::new();
-        let mut module_of = HashMap::new();
-        for (name, md) in &adapter.modules {
+        let (mut modules, mut module_of) = (Vec::new(), HashMap::new());
+        let lens: Vec<(usize, usize)> = adapter
+            .modules
+            .values()
+            .map(|m| (m.a.len(), m.b.len()))
+            .collect();
+        let (places, len) = flat_layout(&lens);
+        for ((name, md), [a, b]) in adapter.modules.iter().zip(places) {
             ensure!(
                 md.kind == ModuleKind::Linear,
                 "LoRA training: module {name} is an embedding; only linears are trained"
@@ -416,31 +503,40 @@ impl CudaLoraState {
                 tensors[i].1.as_slice() == md.base_shape.as_slice(),
                 "LoRA training: {name} does not match the model's weight shape"
             );
-            let up = |v: &[f32]| ops.upload(v);
-            let z = |len: usize| ops.zeros(len);
-            let (la, lb) = (md.a.len(), md.b.len());
             module_of.insert(i, modules.len());
             modules.push(Module {
                 name: name.clone(),
                 rank: md.rank,
                 scale: md.scale(adapter.config.use_rslora) as f32,
-                a: up(&md.a)?,
-                b: up(&md.b)?,
-                da: z(la)?,
-                db: z(lb)?,
-                ma: z(la)?,
-                mb: z(lb)?,
-                va: z(la)?,
-                vb: z(lb)?,
-                u: z(1)?,
+                a,
+                b,
+                u: ops.zeros(1)?,
                 fresh: false,
             });
         }
+        let host = Flat::gather(&modules, len, "the adapter", |n| {
+            let md = adapter.modules.get(n)?;
+            Some((&md.a[..], &md.b[..]))
+        })?;
+        // (At least one element: no zero-length device buffers.)
+        let z = || ops.zeros(len.max(1));
+        let mut factors = z()?;
+        ops.write(&mut factors, &host)?;
+        let flat = Flat {
+            len,
+            p: factors,
+            g: z()?,
+            m: z()?,
+            v: z()?,
+        };
+        // One slot of norm partial sums per factor ([`CudaOps::sumsq_queue`]).
+        let partial = ops.sumsq_slots(2 * modules.len())?;
         let lora = CudaLora {
             base,
             by_key,
             module_of,
             modules: RefCell::new(modules),
+            flat: RefCell::new(flat),
             scratch: RefCell::new(ops.be.alloc::<bf16>("the LoRA bf16 GEMM scratch", 1)?),
             tmp: RefCell::new(ops.zeros(1)?),
             to_bf16: ops.be.function("f32_to_bf16")?,
@@ -448,15 +544,7 @@ impl CudaLoraState {
             peak: Cell::new(0),
         };
         ops.lora = Some(Box::new(lora));
-        let partial = ops.sumsq_partials()?;
-        Ok(CudaLoraState {
-            ops,
-            p,
-            g,
-            partial,
-            opt,
-            t: 0,
-        })
+        Ok(CudaLoraState { ops, p, partial })
     }
 
     /// The pass's parameter list ([`Params`]' order): one-float placeholders standing for the
@@ -486,71 +574,70 @@ impl CudaLoraState {
 
     /// Copy the device's factors into `into` (same modules).
     pub fn download_adapter(&self, into: &mut Adapter) -> Result<()> {
+        let flat = self.download_flat(|f| &f.p)?;
         let mods = self.ops.lora_state()?.modules.borrow();
-        for md in mods.iter() {
-            let Some(h) = into.modules.get_mut(&md.name) else {
-                bail!(
-                    "download_adapter: the host adapter has no module {}",
-                    md.name
-                );
+        for (name, a, b) in Flat::split(&mods, &flat) {
+            let Some(h) = into.modules.get_mut(name) else {
+                bail!("download_adapter: the host adapter has no module {name}");
             };
-            h.a = self.ops.download(&md.a, h.a.len())?;
-            h.b = self.ops.download(&md.b, h.b.len())?;
+            (h.a, h.b) = (a.to_vec(), b.to_vec());
         }
         Ok(())
     }
 
-    /// Copy the device's AdamW moments and update count into `into` (same modules), for a
-    /// checkpoint. Compiles; has not run on a GPU.
+    /// One of the [`Flat`] buffers, downloaded whole.
+    fn download_flat(&self, which: impl Fn(&Flat) -> &Buf) -> Result<Vec<f32>> {
+        let fl = self.ops.lora_state()?.flat.borrow();
+        self.ops.download(which(&fl), fl.len)
+    }
+
+    /// One of the [`Flat`] buffers into `host`'s modules (the same; `what` names the call in
+    /// errors).
+    fn download_into(
+        &self,
+        which: impl Fn(&Flat) -> &Buf,
+        host: &mut LoraGrads,
+        what: &str,
+    ) -> Result<()> {
+        let flat = self.download_flat(which)?;
+        let mods = self.ops.lora_state()?.modules.borrow();
+        for (name, a, b) in Flat::split(&mods, &flat) {
+            let Some(h) = host.modules.get_mut(name) else {
+                bail!("{what}: the host state has no module {name}");
+            };
+            (h.0, h.1) = (a.to_vec(), b.to_vec());
+        }
+        Ok(())
+    }
+
+    /// Copy the device's AdamW moments into `into` (same modules), for a checkpoint; its update
+    /// count is the trainer's (`Trainer::opt.t`), not kept here. Compiles; has not run on a GPU.
     pub fn download_moments(&self, into: &mut crate::lora::train::LoraAdamW) -> Result<()> {
-        let mods = self.ops.lora_state()?.modules.borrow();
-        for md in mods.iter() {
-            let (Some((ma, mb)), Some((va, vb))) = (
-                into.m.modules.get_mut(&md.name),
-                into.v.modules.get_mut(&md.name),
-            ) else {
-                bail!("download_moments: the host state has no module {}", md.name);
-            };
-            *ma = self.ops.download(&md.ma, ma.len())?;
-            *mb = self.ops.download(&md.mb, mb.len())?;
-            *va = self.ops.download(&md.va, va.len())?;
-            *vb = self.ops.download(&md.vb, vb.len())?;
-        }
-        into.t = self.t;
-        Ok(())
+        self.download_into(|f| &f.m, &mut into.m, "download_moments")?;
+        self.download_into(|f| &f.v, &mut into.v, "download_moments")
     }
 
-    /// Replace the device's AdamW moments and update count with `from`'s (a resumed run).
-    /// Compiles; has not run on a GPU.
+    /// Replace the device's AdamW moments with `from`'s (a resumed run; its update count goes
+    /// to the trainer's [`AdamW`]). Compiles; has not run on a GPU.
     pub fn upload_moments(&mut self, from: &crate::lora::train::LoraAdamW) -> Result<()> {
         let l = self.ops.lora_state()?;
-        let mut mods = l.modules.borrow_mut();
-        for md in mods.iter_mut() {
-            let (Some((ma, mb)), Some((va, vb))) =
-                (from.m.modules.get(&md.name), from.v.modules.get(&md.name))
-            else {
-                bail!("upload_moments: the host state has no module {}", md.name);
-            };
-            self.ops.write(&mut md.ma, ma)?;
-            self.ops.write(&mut md.mb, mb)?;
-            self.ops.write(&mut md.va, va)?;
-            self.ops.write(&mut md.vb, vb)?;
-        }
-        self.t = from.t;
-        Ok(())
+        let mods = l.modules.borrow();
+        let mut fl = l.flat.borrow_mut();
+        let host = |g: &crate::lora::train::LoraGrads| {
+            Flat::gather(&mods, fl.len, "upload_moments: the host state", |n| {
+                let (a, b) = g.modules.get(n)?;
+                Some((&a[..], &b[..]))
+            })
+        };
+        let (m, v) = (host(&from.m)?, host(&from.v)?);
+        self.ops.write(&mut fl.m, &m)?;
+        self.ops.write(&mut fl.v, &v)
     }
 
     /// The accumulated adapter gradients, shaped like `like`'s.
     pub fn grads(&self, like: &Adapter) -> Result<LoraGrads> {
         let mut out = LoraGrads::zeros_like(like);
-        let mods = self.ops.lora_state()?.modules.borrow();
-        for md in mods.iter() {
-            let Some((a, b)) = out.modules.get_mut(&md.name) else {
-                bail!("grads: the host adapter has no module {}", md.name);
-            };
-            *a = self.ops.download(&md.da, a.len())?;
-            *b = self.ops.download(&md.db, b.len())?;
-        }
+        self.download_into(|f| &f.g, &mut out, "grads")?;
         Ok(out)
     }
 }
@@ -558,67 +645,85 @@ impl CudaLoraState {
 impl super::super::StepState for CudaLoraState {
     fn zero_grad(&mut self) -> Result<()> {
         let l = self.ops.lora_state()?;
-        for md in l.modules.borrow_mut().iter_mut() {
-            self.ops.zero_fill(&mut md.da)?;
-            self.ops.zero_fill(&mut md.db)?;
-        }
-        Ok(())
+        self.ops.zero_fill(&mut l.flat.borrow_mut().g)
     }
 
     fn forward_backward(&mut self, cfg: &ModelConfig, b: &Batch, o: PassOptions) -> Result<f64> {
-        let (p, g) = (&self.p, &mut self.g);
-        Ok(forward_backward_with(&self.ops, cfg, o, p, b, g)?.loss)
+        // The base is frozen: no weight-gradient work, no gradient buffers for it.
+        Ok(forward_backward_with(&self.ops, cfg, o.frozen(), &self.p, b, &mut [])?.loss)
     }
 
     /// Data parallel: the adapters' gradients are small, so they go through the host group
-    /// (device → host, summed over the ranks, host → device) rather than NCCL. Compiles; has
-    /// not run on a GPU.
+    /// rather than NCCL: the one flat gradient buffer device → host, summed over the ranks (one
+    /// all-reduce; element-wise, so the sums are those of a per-tensor all-reduce), host →
+    /// device. Compiles; has not run on a GPU.
     fn all_reduce_grads(&mut self, group: &mut super::super::dist::HostGroup) -> Result<()> {
         let l = self.ops.lora_state()?;
-        let mut mods = l.modules.borrow_mut();
-        for md in mods.iter_mut() {
-            for g in [&mut md.da, &mut md.db] {
-                let mut h = self.ops.download(g, g.len())?;
-                group.all_reduce_f32(&mut h)?;
-                self.ops.write(g, &h)?;
-            }
-        }
-        Ok(())
+        let mut fl = l.flat.borrow_mut();
+        let mut h = self.ops.download(&fl.g, fl.len)?;
+        group.all_reduce_f32(&mut h)?;
+        self.ops.write(&mut fl.g, &h)
     }
 
     /// Clip (folded into the update as a gradient scale, as full training on the GPU) and
-    /// update every factor with `adamw_f32` (decay on both: they are matrices).
+    /// update every factor with `adamw_f32` (decay on both: they are matrices): AdamW update
+    /// number `opt.t + 1` with `opt`'s hyper-parameters (advancing `opt.t`).
+    ///
+    /// The norm: one `sumsq_f32` per factor into its own slot of one partial buffer, one
+    /// read-back, then each factor's partials summed in order and the factors' sums added in
+    /// module order (`A` then `B`): the summation order of one read-back per factor. The
+    /// update: one `adamw_f32` over the flat buffers (element-wise, every factor decayed).
     fn clip_and_step(&mut self, opt: &mut AdamW, lr: f64, max_norm: f64) -> Result<f64> {
         let ops = &self.ops;
         let l = ops.lora_state()?;
-        let mut mods = l.modules.borrow_mut();
+        let mods = l.modules.borrow();
+        let mut fl = l.flat.borrow_mut();
+        let ranges = mods.iter().flat_map(|md| [&md.a, &md.b]);
+        for (slot, r) in ranges.enumerate() {
+            ops.sumsq_queue(&fl.g, r.start, r.len(), &mut self.partial, slot)?;
+        }
+        let sums = ops.sumsq_read(&self.partial, 2 * mods.len())?;
         let mut sq = 0.0f64;
-        for md in mods.iter() {
-            sq += ops.sumsq(&md.da, md.da.len(), &mut self.partial)?;
-            sq += ops.sumsq(&md.db, md.db.len(), &mut self.partial)?;
+        for x in sums {
+            sq += x;
         }
         let norm = sq.sqrt();
         let gscale = clip_scale(norm, max_norm);
-        self.t += 1;
-        let h = AdamWScalars::new(&self.opt, self.t, lr, gscale);
-        let decay = AdamWScalars::decay(&self.opt, lr, &[1, 1]);
-        for md in mods.iter_mut() {
-            let Module {
-                a,
-                b,
-                da,
-                db,
-                ma,
-                mb,
-                va,
-                vb,
-                ..
-            } = md;
-            let (la, lb) = (a.len(), b.len());
-            ops.adamw((a, None), (ma, va), da, 0..la, &h, decay)?;
-            ops.adamw((b, None), (mb, vb), db, 0..lb, &h, decay)?;
-        }
-        opt.t = self.t;
+        let h = AdamWScalars::new(&opt.cfg, opt.t + 1, lr, gscale);
+        let decay = AdamWScalars::decay(&opt.cfg, lr, &[1, 1]);
+        let Flat { len, p, g, m, v } = &mut *fl;
+        ops.adamw((p, None), (m, v), g, 0..*len, &h, decay)?;
+        opt.t += 1;
         Ok(norm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every factor in its own aligned place, in order, none overlapping, all inside the
+    /// buffer.
+    #[test]
+    fn flat_layout_aligns_every_factor_without_overlap() {
+        let lens = [(4 * 96, 256 * 4), (1, 1), (64, 63), (0, 5)];
+        let (places, len) = flat_layout(&lens);
+        assert_eq!(places.len(), lens.len());
+        let mut end = 0;
+        for ([a, b], &(la, lb)) in places.iter().zip(&lens) {
+            assert_eq!((a.len(), b.len()), (la, lb));
+            for r in [a, b] {
+                assert_eq!(r.start % FLAT_ALIGN, 0, "{r:?} unaligned");
+                assert!(r.start >= end, "{r:?} overlaps the factor before");
+                end = r.end;
+            }
+        }
+        assert!(
+            end <= len && len % FLAT_ALIGN == 0,
+            "length {len}, last end {end}"
+        );
+        assert_eq!(places[0], [0..384, 384..1408]);
+        assert_eq!(places[1], [1408..1409, 1472..1473]);
+        assert_eq!(flat_layout(&[]), (Vec::new(), 0));
     }
 }

@@ -153,7 +153,7 @@ const TARGET_BLOCKS: usize = 512;
 const MIN_CHUNK_ROWS: usize = 16;
 
 /// `(rows per chunk, chunks)` of a column sum over `n` rows of width `c`: about
-/// [`TARGET_BLOCKS`] blocks of 256 columns. A function of `(n, c)` alone, so the summation
+/// `TARGET_BLOCKS` blocks of 256 columns. A function of `(n, c)` alone, so the summation
 /// order (and the result's bits) never depends on the GPU.
 pub fn row_chunks(n: usize, c: usize) -> (usize, usize) {
     let want = TARGET_BLOCKS.div_ceil(c.div_ceil(256).max(1)).max(1);

@@ -3,9 +3,7 @@
 //! one process or data parallel (the adapters' gradients summed over the ranks; ZeRO is refused:
 //! the adapters' optimizer state is small).
 
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
@@ -19,8 +17,9 @@ use llada::train::lora::{lora_memory, LoraStep};
 use llada::train::lora_checkpoint::{self as lck, BaseModel, LoraRun};
 use llada::train::model::Params;
 use llada::train::optim::{AdamW, AdamWConfig};
-use llada::train::{StepState, Trainer};
+use llada::train::{StepState, StepStats, Trainer};
 
+use super::steps::{run_steps, Report, RunState};
 use super::{activation_note, load_samples, resumed_options, tokenizer_for, TrainArgs};
 
 /// The default of `--lora-alpha` and `--lora-targets` for a new run.
@@ -338,12 +337,13 @@ pub(super) fn train_lora(
             ops.set_precision(a.precision);
             let name = ops.be.device_name();
             eprintln!("rank {rank}: device: cuda:{i} ({name})");
-            let mut state = CudaLoraState::new(ops, &cfg, &opened.ckpt, &adapter, lopt.cfg)?;
+            let mut state = CudaLoraState::new(ops, &cfg, &opened.ckpt, &adapter)?;
             state.upload_moments(&lopt)?;
             let (mut host, mut hopt) = (adapter, lopt);
             lora_loop(a, trainer, &mut state, lead, |st, tr| {
                 st.download_adapter(&mut host)?;
                 st.download_moments(&mut hopt)?;
+                hopt.t = tr.opt.t;
                 lck::save(&out, &cfg, &host, &hopt, &record(tr, &hopt)?)
             })?;
             let (_, total) = state.ops.be.mem_info()?;
@@ -366,57 +366,43 @@ pub(super) fn train_lora(
     }
 }
 
-/// The steps of a LoRA run on `state`; rank 0 reports and saves the checkpoint through `save`.
+/// A LoRA run's step state for [`run_steps`]: `state`, with rank 0 saving the checkpoint
+/// through `save`.
+struct LoraRunState<'s, S, F> {
+    state: &'s mut S,
+    lead: bool,
+    save: F,
+}
+
+impl<S: StepState, F: FnMut(&S, &Trainer) -> Result<()>> RunState for LoraRunState<'_, S, F> {
+    fn step(&mut self, trainer: &mut Trainer) -> Result<StepStats> {
+        trainer.train_step_on(self.state)
+    }
+
+    fn save(&mut self, trainer: &mut Trainer) -> Result<()> {
+        if self.lead {
+            (self.save)(self.state, trainer)?;
+        }
+        Ok(())
+    }
+}
+
+/// The steps of a LoRA run on `state` ([`run_steps`]); rank 0 reports and saves the checkpoint
+/// through `save`.
 fn lora_loop<S: StepState>(
     a: &TrainArgs,
     mut trainer: Trainer,
     state: &mut S,
     lead: bool,
-    mut save: impl FnMut(&S, &Trainer) -> Result<()>,
+    save: impl FnMut(&S, &Trainer) -> Result<()>,
 ) -> Result<()> {
-    let show = std::io::stderr().is_terminal() && lead;
-    let total = trainer.opts.steps;
-    while trainer.step < total {
-        let t0 = Instant::now();
-        let s = trainer.train_step_on(state)?;
-        let secs = t0.elapsed().as_secs_f64().max(1e-9);
-        let line = format!(
-            "step {}/{} loss {:.4} lr {:.2e} gnorm {:.3} tok/s {:.0}",
-            s.step,
-            total,
-            s.loss,
-            s.lr,
-            s.grad_norm,
-            s.tokens as f64 / secs
-        );
-        if show {
-            eprint!("\r{line}");
-            let _ = std::io::stderr().flush();
-        } else if lead {
-            eprintln!("{line}");
-        }
-        let due = !a.no_save && a.save_every > 0 && s.step % a.save_every == 0 && s.step < total;
-        if due && lead {
-            save(state, &trainer)?;
-        }
-    }
-    if show {
-        eprintln!();
-    }
-    if a.no_save {
-        if lead {
-            eprintln!("not saved (--no-save), step {}", trainer.step);
-        }
-        return Ok(());
-    }
-    if lead {
-        save(state, &trainer)?;
-    }
-    if let Some(group) = trainer.group() {
-        // Nobody leaves before rank 0 has saved (a failed save stops rank 0; the others see it).
-        group.barrier()?;
-    }
-    if lead {
+    let mut run = LoraRunState { state, lead, save };
+    let r = Report {
+        lead,
+        world: trainer.opts.world,
+        full: false,
+    };
+    if run_steps(a, &mut trainer, &mut run, r)? && lead {
         eprintln!(
             "saved the LoRA adapter to {} (step {}; load it with llada generate --lora {}, or \
              continue with llada train --resume {})",
