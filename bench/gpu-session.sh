@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session (runs from the bundle on the GPU machine; no cargo there):
 # the GPU check (parity tests, CPU/GPU CLI comparison, standard benchmark, PyTorch reference),
-# the switches not yet passed on a GPU (LLADA_DEVICE_SELECT, LLADA_FUSED: parity + one bench line),
+# the switches not yet passed on a GPU (LLADA_DEVICE_SELECT, LLADA_FUSED, LLADA_STEP_GRAPH: parity +
+# one bench line),
 # then the Fast-dLLM cache rows and the offline batch rows, each beside its PyTorch reference,
 # the likelihood rows, and training throughput (llada-1b, bf16 and f32 GEMMs) beside the PyTorch
 # training reference (torch_reference.py --train), with the ratio, and a short LoRA run of the
@@ -9,7 +10,7 @@
 #   bash gpu-bundle/gpu-session.sh RESULTS_DIR
 #   GPU_SESSION_ONLY=fa2 bash gpu-bundle/gpu-session.sh RESULTS_DIR   (only the FA2 attention checks)
 #   GPU_SESSION_ONLY=step bash gpu-bundle/gpu-session.sh RESULTS_DIR  (only the LLADA_DEVICE_SELECT /
-#     LLADA_FUSED checks: their parity tests and one bench line each way)
+#     LLADA_FUSED / LLADA_STEP_GRAPH checks: their parity tests and one bench line each way)
 #   GPU_SESSION_ONLY=curve bash gpu-bundle/gpu-session.sh RESULTS_DIR (issue #17: the llada-1b
 #     loss-curve parity against PyTorch in f32 and bf16, and the #17 targets; <= 8 minutes)
 set -uo pipefail
@@ -65,35 +66,42 @@ if [ "${GPU_SESSION_ONLY:-}" = fa2 ]; then
 fi
 
 # Issue #14 switches, off by default until this passes (GPU_SESSION_ONLY=step runs just this, a
-# short device call): LLADA_DEVICE_SELECT=1 (the commit selection on the device) and
-# LLADA_FUSED=1 (RoPE + KV-cache store in one pass).
+# short device call): LLADA_DEVICE_SELECT=1 (the commit selection on the device),
+# LLADA_FUSED=1 (RoPE + KV-cache store in one pass) and LLADA_STEP_GRAPH=1 (the whole step as
+# one graph replay: head, selection and token write on the device).
 step_checks() {
-    echo "== switches not yet passed on a GPU: LLADA_DEVICE_SELECT=1 (commit selection on the device), LLADA_FUSED=1 (rope_kv_store)"
-    # Their parity tests (also inside gpu-check's cuda_parity run), then one bench line with both
-    # switches beside the default, same run, same flags.
+    echo "== switches not yet passed on a GPU: LLADA_DEVICE_SELECT=1 (commit selection on the device), LLADA_FUSED=1 (rope_kv_store), LLADA_STEP_GRAPH=1 (whole step on the device)"
+    # Their parity tests (also inside gpu-check's cuda_parity run), then one bench line with the
+    # first two switches and one with the step graph beside the default, same run, same flags.
     for f in commit_select_matches_reference device_select_generation_equals_host_select \
-             rope_kv_store_matches_rope_then_kv_store fused_generation_equals_unfused; do
+             rope_kv_store_matches_rope_then_kv_store fused_generation_equals_unfused \
+             step_advance_matches_reference select_at_step_equals_select_with_that_step \
+             step_graph_generation_equals_host_select; do
         LLADA_REQUIRE_GPU=1 timeout "${T_SWITCH:-300}" test-bins/test-cuda_parity --exact "$f" \
             >"$res/switch-$f.log" 2>&1
         echo "exit $? $f: $(grep -Eo '[0-9]+ passed; [0-9]+ failed' "$res/switch-$f.log" | head -n 1)"
     done
-    for sw in off on; do
+    # graph: LLADA_STEP_GRAPH=1 alone (the dual-cache rows: each block's full pass per call with
+    # the device selection, its cached calls as step graphs).
+    for sw in off on graph; do
         if [ $sw = on ]; then export LLADA_DEVICE_SELECT=1 LLADA_FUSED=1; fi
+        if [ $sw = graph ]; then export LLADA_STEP_GRAPH=1; fi
         timeout "${T_SWITCH:-300}" bin/llada-bench --cache none,dual --threshold 0.9 --steps 256 --breakdown \
             --json "$res/bench-switch-$sw.json" >"$res/bench-switch-$sw.log" 2>&1
         echo "exit $? (switches $sw)"
-        unset LLADA_DEVICE_SELECT LLADA_FUSED
+        unset LLADA_DEVICE_SELECT LLADA_FUSED LLADA_STEP_GRAPH
     done
     python3 - "$res" <<'PY' || echo "switch comparison: n/a"
 import json, sys
 res = sys.argv[1]
-rows = {sw: json.load(open(f"{res}/bench-switch-{sw}.json"))["rows"] for sw in ("off", "on")}
-print(f"{'cache':>6} {'rule':>9} {'tok/s off':>10} {'tok/s on':>10} {'ms off':>8} {'ms on':>8} {'glue ms off/on':>15} {'head ms off/on':>15}")
-for a, b in zip(rows["off"], rows["on"]):
+rows = {sw: json.load(open(f"{res}/bench-switch-{sw}.json"))["rows"] for sw in ("off", "on", "graph")}
+print(f"{'cache':>6} {'rule':>9} {'tok/s off':>10} {'tok/s on':>10} {'tok/s graph':>12} {'ms off':>8} {'ms on':>8} {'ms graph':>9} {'graph select':>12} {'glue ms off/on':>15} {'head ms off/on':>15}")
+for a, b, g in zip(rows["off"], rows["on"], rows["graph"]):
     cls = lambda r, c: dict(r.get("breakdown_ms_per_step") or []).get(c, float("nan"))
     rule = "thr %s" % a["threshold"] if a["threshold"] else "schedule"
-    print(f"{a['cache']:>6} {rule:>9} {a['tokens_per_s']:>10.1f} {b['tokens_per_s']:>10.1f} "
-          f"{a['ms_per_step_median']:>8.2f} {b['ms_per_step_median']:>8.2f} "
+    print(f"{a['cache']:>6} {rule:>9} {a['tokens_per_s']:>10.1f} {b['tokens_per_s']:>10.1f} {g['tokens_per_s']:>12.1f} "
+          f"{a['ms_per_step_median']:>8.2f} {b['ms_per_step_median']:>8.2f} {g['ms_per_step_median']:>9.2f} "
+          f"{g.get('select', '?'):>12} "
           f"{cls(a, 'norm+elementwise'):>7.3f}/{cls(b, 'norm+elementwise'):<7.3f} "
           f"{cls(a, 'sampler/head'):>7.3f}/{cls(b, 'sampler/head'):<7.3f}")
 PY

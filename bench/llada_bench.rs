@@ -7,7 +7,9 @@
 //! add Fast-dLLM rows (reference §7); there "ms/step" is per forward pass (the median is a
 //! cached pass when most passes are cached), and TFLOP/s is left out. `--breakdown` adds the time
 //! per op class and each class against its floor (bench/floors.rs: GEMM and attention TFLOP/s
-//! against the measured GEMM ceiling, bytes moved against the memory bandwidth).
+//! against the measured GEMM ceiling, bytes moved against the memory bandwidth). Each row names
+//! where its commit selection ran (`select`: host, device, step-graph; the switches
+//! `LLADA_DEVICE_SELECT=1` / `LLADA_STEP_GRAPH=1` are read from the environment).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +21,7 @@ use clap::Parser;
 use llada::engine::device::{self, DeviceChoice, Resolved};
 use llada::engine::fast::{CacheMode, Decode};
 use llada::engine::sampler::{GenerateParams, Hooks, Progress};
+use llada::engine::stepgraph::selection_mode;
 use llada::engine::{self, Engine, ModelSpec, Opened};
 use llada::quant::WeightsMode;
 
@@ -94,6 +97,11 @@ struct Args {
 struct Row {
     /// `checkpoint` or `fp8` (`--weights`).
     weights: String,
+    /// Where each step's commit selection ran: `host`, `device` (`LLADA_DEVICE_SELECT=1`) or
+    /// `step-graph` (whole steps on the device, `LLADA_STEP_GRAPH=1`; see
+    /// `llada::engine::stepgraph::selection_mode`). Step-graph rows of plain `generate` queue
+    /// their steps without waiting: their ms/step median, min and max are the mean.
+    select: String,
     batch: usize,
     cache: String,
     threshold: Option<f64>,
@@ -272,6 +280,10 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
         "# model: {}  weights {}  prompt {}  gen_length {}  block_length {}  temperature 0  low_confidence  (load {:.1}s)",
         opened.label, opened.weights, a.prompt_len, a.gen_length, a.block_length, load_s
     );
+    println!(
+        "# commit selection: {} (LLADA_STEP_GRAPH / LLADA_DEVICE_SELECT)",
+        selection_mode()
+    );
     if let Some(c) = ceiling {
         println!(
             "# GEMM ceiling on this device (bf16 4096x4096x8192 via the backend): {c:.1} TFLOP/s"
@@ -351,6 +363,13 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
             runs.sort_by(|x, y| x.0.total_cmp(&y.0));
             let (secs, nfe) = runs[runs.len() / 2];
             step_ms.sort_by(|x, y| x.total_cmp(y));
+            let select = selection_mode();
+            if select == "step-graph" && decode.is_plain() {
+                // Whole steps are queued without waiting (the tokens come back once per block),
+                // so a step's own time is not observable: every step counts the mean.
+                let mean = secs * 1e3 / nfe.max(1) as f64;
+                step_ms.iter_mut().for_each(|m| *m = mean);
+            }
             let med = step_ms[step_ms.len() / 2];
             let t = a.prompt_len + a.gen_length;
             let tflops = (decode.cache == CacheMode::None).then(|| {
@@ -358,6 +377,7 @@ fn run_one(a: &Args, mode: WeightsMode) -> Result<(serde_json::Value, Vec<Row>)>
             });
             let row = Row {
                 weights: opened.weights.to_string(),
+                select: select.to_string(),
                 batch: b,
                 cache: decode.cache.to_string(),
                 threshold: decode.threshold,

@@ -23,6 +23,7 @@
 //       with expf and a tree-ordered f32 sum: it may differ from the CPU by a few f32 ulps before
 //       the bf16 rounding (hence sometimes by one bf16 ulp). The TOKEN is always identical.
 // Launch: grid r, block 1024 (any multiple of 32 up to 1024 works).
+// head_select_step_bf16 (bottom): the same with the RNG step read from device memory (step graph).
 #include "common.cuh"
 
 struct ArgBest {
@@ -57,10 +58,11 @@ LLADA_DEVICE ArgBest warp_best(ArgBest a) {
     return a;
 }
 
-extern "C" __global__ void __launch_bounds__(1024)
-head_select_bf16(int* __restrict__ tok, float* __restrict__ conf, bf16* __restrict__ logits, const int* __restrict__ keys,
-                 int r, int v, double temperature, double cfg_scale, int remasking, unsigned long long seed,
-                 unsigned long long step, int forbid, int sup0, int sup1) {
+// The body of both kernels: one row per block, `step` the RNG step.
+LLADA_DEVICE void head_select_row(int* __restrict__ tok, float* __restrict__ conf, bf16* __restrict__ logits,
+                                  const int* __restrict__ keys, int r, int v, double temperature, double cfg_scale,
+                                  int remasking, unsigned long long seed, unsigned long long step, int forbid,
+                                  int sup0, int sup1) {
     const int row = blockIdx.x;
     if (row >= r) return;
     __shared__ ArgBest s_best[32];
@@ -147,4 +149,25 @@ head_select_bf16(int* __restrict__ tok, float* __restrict__ conf, bf16* __restri
         tok[row] = x0;
         conf[row] = round_bf16(__fdiv_rn(expf(__fsub_rn(ld_bf16(lrow + x0), m)), sum));
     }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+head_select_bf16(int* __restrict__ tok, float* __restrict__ conf, bf16* __restrict__ logits, const int* __restrict__ keys,
+                 int r, int v, double temperature, double cfg_scale, int remasking, unsigned long long seed,
+                 unsigned long long step, int forbid, int sup0, int sup1) {
+    head_select_row(tok, conf, logits, keys, r, v, temperature, cfg_scale, remasking, seed, step, forbid, sup0, sup1);
+}
+
+// head_select_step_bf16: head_select_bf16 with the RNG step read from the device step state of the
+// step graph (layout in src/backend/step.rs): step = (state[1] | state[2] << 32) + state[0], the
+// block's first step plus the steps the block has made (u64, wrapping), so a captured graph
+// draws new noise on every replay. Everything else as head_select_bf16.
+extern "C" __global__ void __launch_bounds__(1024)
+head_select_step_bf16(int* __restrict__ tok, float* __restrict__ conf, bf16* __restrict__ logits,
+                      const int* __restrict__ keys, const int* __restrict__ state, int r, int v, double temperature,
+                      double cfg_scale, int remasking, unsigned long long seed, int forbid, int sup0, int sup1) {
+    const unsigned long long step0 =
+        (unsigned long long)(unsigned int)state[1] | ((unsigned long long)(unsigned int)state[2] << 32);
+    const unsigned long long step = step0 + (unsigned long long)(unsigned int)state[0];
+    head_select_row(tok, conf, logits, keys, r, v, temperature, cfg_scale, remasking, seed, step, forbid, sup0, sup1);
 }

@@ -51,7 +51,15 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 #[test]
 fn generation_allocates_the_same_for_8_and_32_steps() {
     let _g = serial();
-    check_steps(&common::tiny_model(CpuBackend::new(DType::BF16), 3));
+    check_steps(&common::tiny_model(CpuBackend::new(DType::BF16), 3), false);
+}
+
+/// The same with whole steps on the device (`LLADA_STEP_GRAPH=1`): the step buffers are made
+/// once per workspace, a block's tables are staged in storage grown once.
+#[test]
+fn step_graph_generation_allocates_the_same_for_8_and_32_steps() {
+    let _g = serial();
+    check_steps(&common::tiny_model(CpuBackend::new(DType::BF16), 3), true);
 }
 
 /// The same with FP8 linear layers (activations quantized per token into thread-local scratch).
@@ -67,15 +75,16 @@ fn fp8_generation_allocates_the_same_for_8_and_32_steps() {
         |n| llada::quant::fp8_weight(&ck, n),
     )
     .unwrap();
-    check_steps(&m);
+    check_steps(&m, false);
 }
 
-fn check_steps(m: &Model<CpuBackend>) {
+fn check_steps(m: &Model<CpuBackend>, step_graph: bool) {
     let cfg = &m.cfg;
     let prompts = vec![(1..20).collect::<Vec<u32>>()];
     let run = |steps: usize| {
         let p = common::gen_params(cfg, steps, 32, 8);
         let mut pred = ModelPredictor::new(m);
+        pred.set_step_graph(step_graph);
         let before = ALLOCS.load(Ordering::Relaxed);
         let out = generate(&mut pred, &prompts, &p, None).unwrap();
         let n = ALLOCS.load(Ordering::Relaxed) - before;

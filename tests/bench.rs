@@ -11,6 +11,11 @@ fn bench() -> Command {
 /// Runs `llada-bench` on the CPU's `tiny` preset with `args` and `--json` into a fresh file;
 /// returns its stdout and the JSON (the run must succeed). `tag` names the temporary folder.
 fn run_json(tag: &str, args: &[&str]) -> (String, Value) {
+    run_json_env(tag, args, &[])
+}
+
+/// [`run_json`] with the environment variables `env` set for the run.
+fn run_json_env(tag: &str, args: &[&str], env: &[(&str, &str)]) -> (String, Value) {
     let dir = std::env::temp_dir().join(format!("llada-bench-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("bench.json");
@@ -20,6 +25,7 @@ fn run_json(tag: &str, args: &[&str]) -> (String, Value) {
         .args(args)
         .arg("--json")
         .arg(&json)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
@@ -130,4 +136,28 @@ fn breakdown_reports_floors() {
     // achieved GB/s over the bandwidth is the share of the floor.
     let share = gemm["of_floor"].as_f64().unwrap();
     assert!((share - gbs / 50.0).abs() < 1e-9 * share.max(1.0), "{gemm}");
+}
+
+/// Each row records where its commit selection ran: `host` by default, `step-graph` with
+/// `LLADA_STEP_GRAPH=1` (whole steps on the device, with and without a cache); the step-graph
+/// rows still generate (forward passes as the host's).
+#[test]
+fn rows_record_the_selection_mode() {
+    let args = ["--steps", "4", "--cache", "none,dual", "--threshold", "0.5"];
+    let off = [("LLADA_STEP_GRAPH", "0"), ("LLADA_DEVICE_SELECT", "0")];
+    let (_, host) = run_json_env("sel-host", &args, &off);
+    let on = [("LLADA_STEP_GRAPH", "1")];
+    let (stdout, graph) = run_json_env("sel-graph", &args, &on);
+    assert!(
+        stdout.contains("# commit selection: step-graph"),
+        "{stdout}"
+    );
+    let rows = |v: &Value| v["rows"].as_array().unwrap().clone();
+    let (h, g) = (rows(&host), rows(&graph));
+    assert_eq!((h.len(), g.len()), (4, 4));
+    for (h, g) in h.iter().zip(&g) {
+        assert_eq!(h["select"], "host", "{h}");
+        assert_eq!(g["select"], "step-graph", "{g}");
+        assert_eq!(h["forward_passes"], g["forward_passes"], "{h} vs {g}");
+    }
 }

@@ -31,20 +31,26 @@
 //! - the step's commit selection (`commit_select`, quota / threshold / factor): **identical** to
 //!   `commit::commit_rows` (integer ranks and copied tokens; f64 compares of f32 values); and a
 //!   whole generation with the selection on the GPU equals the host-selected one in every mode.
+//! - the step graph's ops (`step_advance`, the head with its RNG step in device memory):
+//!   **identical** to `step::step_advance_ref` and to the head given that step; a whole
+//!   generation in step graphs (`LLADA_STEP_GRAPH=1`) equals the host-selected one.
 //!
 //! Without a usable GPU (no driver, no device, binary built without kernels) every test prints
 //! `SKIP: <why>` and passes, unless `LLADA_REQUIRE_GPU=1`, which turns the skip into a failure.
 
 mod common;
 
+use common::select::Select;
+
 use std::sync::Arc;
 
 use llada::backend::commit::{CommitRule, CommitShape};
 use llada::backend::cpu::CpuBackend;
 use llada::backend::head::{self, Remasking, SelectParams};
+use llada::backend::step::{self, StepShape};
 use llada::backend::{rope_tables, AttnShape, Backend, CachedAttnShape, CommitIn, Gather};
-use llada::backend::{HeadDims, Kv, LogProb, MatMul, Norm, Rope, Rows, SelectIo};
-use llada::engine::model::{Span, Tokens};
+use llada::backend::{HeadDims, Kv, LogProb, MatMul, Norm, Rope, Rows, SelectIo, StepIn};
+use llada::engine::model::{Model, Span, Tokens};
 use llada::hf::checkpoint::WeightSource;
 use llada::hf::dtype::DType;
 use llada::rng;
@@ -989,17 +995,222 @@ fn commit_select_matches_reference() {
     }
 }
 
+/// The sharp tiny model on the GPU, two prompts (one holding a `[MASK]`) and 24 tokens in blocks
+/// of 8 steps 12: asserts the selection `sel` agrees with the host's in every decoding mode, and
+/// returns the model, prompts and parameters; `None` without a GPU.
+fn gpu_paths_agree(sel: Select) -> Option<(Model<CudaBackend>, Vec<Vec<u32>>, GenerateParams)> {
+    let m = common::sharp_tiny(gpu()?);
+    let mut prompts = vec![vec![5, 17, 3, 9, 250, 12, 40], vec![31, 8, 77]];
+    prompts[0][2] = m.cfg.mask_token_id;
+    let base = common::gen_params(&m.cfg, 12, 24, 8);
+    let n = common::select::assert_paths_agree(&m, &prompts, &base, sel);
+    assert!(n > 0);
+    Some((m, prompts, base))
+}
+
 /// A whole generation with the commit selection on the GPU (`LLADA_DEVICE_SELECT=1`) against
 /// the same GPU model selecting on the host: identical in every decoding mode.
 #[test]
 fn device_select_generation_equals_host_select() {
-    let Some(g) = gpu() else { return };
-    let m = common::sharp_tiny(g);
-    let mut prompts = vec![vec![5, 17, 3, 9, 250, 12, 40], vec![31, 8, 77]];
-    prompts[0][2] = m.cfg.mask_token_id;
-    let base = common::gen_params(&m.cfg, 12, 24, 8);
-    let n = common::select::assert_paths_agree(&m, &prompts, &base);
+    gpu_paths_agree(Select::Device);
+}
+
+/// Whole steps on the GPU (`LLADA_STEP_GRAPH=1`: one graph replay per step, the schedule, step
+/// counter and tokens in device memory) against the same GPU model selecting on the host:
+/// identical in every decoding mode (Fast-dLLM's whole-step blocks ask the LM head for the rows
+/// of the block's first device step every step, where the host path asks for the masks left:
+/// identical only if a row's logits do not depend on the head GEMM's row count), and the steps
+/// were replayed from graphs.
+#[test]
+fn step_graph_generation_equals_host_select() {
+    let Some((m, prompts, base)) = gpu_paths_agree(Select::StepGraph) else {
+        return;
+    };
+    let mut sampled = common::gen_params(&m.cfg, 9, 24, 8);
+    (sampled.temperature, sampled.seed) = (0.7, 3);
+    sampled.row_keys = Some(vec![5, 6]);
+    let n = common::select::assert_paths_agree(&m, &prompts, &sampled, Select::StepGraph);
     assert!(n > 0);
+    let mut pred = ModelPredictor::new(&m);
+    pred.set_step_graph(true);
+    generate(&mut pred, &prompts, &base, None).unwrap();
+    let (captures, replays) = pred.graph_stats();
+    assert!(
+        captures >= 1 && replays >= 12 - 1 - captures,
+        "step graphs: {captures} captured, {replays} replays in 12 steps"
+    );
+}
+
+/// `step_advance` on the GPU against `backend::step::step_advance_ref`: the same tokens, step
+/// state and next plan, with and without the CFG mirror, at one row, odd sizes and more rows
+/// than threads, a schedule running out (quota 1 past it), about a third of the requested rows
+/// already committed and a third of the commits −1.
+#[test]
+fn step_advance_matches_reference() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mask = 5i32;
+    for (ci, &(b, t, r, mirror_on, steps, done)) in [
+        (1usize, 5usize, 3usize, false, 2usize, 0i32),
+        (3, 40, 60, true, 7, 6),
+        (8, 300, 1500, false, 33, 2),
+        (2, 2000, 2500, true, 5, 4),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mirror = if mirror_on { b * t } else { 0 };
+        let n = if mirror_on { 2 * b * t } else { b * t };
+        // r distinct sorted token indices below b·t (every (b·t)/r-th token, about).
+        let rows: Vec<i32> = (0..r).map(|j| (j * (b * t) / r) as i32).collect();
+        let ids: Vec<i32> = (0..n as i32)
+            .map(|i| if i % 3 == 1 { 100 + i } else { mask })
+            .collect();
+        let commit: Vec<i32> = (0..r as i32)
+            .map(|j| if j % 3 == 2 { -1 } else { 1000 + j })
+            .collect();
+        let sched: Vec<i32> = (0..b * steps).map(|i| ((i * 7) % 5) as i32).collect();
+        let (s, e) = (t / 3, t - t / 4);
+        let mut state = step::initial_state((7 << 32) | 3, (s, e)).unwrap().to_vec();
+        state[step::STATE_STEP] = done;
+        let plan: Vec<i32> = (0..2 * b + 1).map(|i| i as i32).collect();
+        let shape = StepShape {
+            r,
+            b,
+            t,
+            n,
+            mirror,
+            mask_id: mask as u32,
+            steps,
+        };
+        let run = |be: &dyn Fn() -> (Vec<i32>, Vec<i32>, Vec<i32>)| be();
+        let on = |cb: bool| {
+            if cb {
+                run_step_advance(&c, (&ids, &state, &plan), (&commit, &rows, &sched), shape)
+            } else {
+                run_step_advance(&g, (&ids, &state, &plan), (&commit, &rows, &sched), shape)
+            }
+        };
+        let want = run(&|| on(true));
+        let got = run(&|| on(false));
+        assert_ne!(want.0, ids, "case {ci}: nothing was written (weak case)");
+        assert!(
+            want.1[step::STATE_LEFT_ROWS] > 0,
+            "case {ci}: no mask left (weak case)"
+        );
+        for (name, w, gv) in [
+            ("ids", &want.0, &got.0),
+            ("state", &want.1, &got.1),
+            ("plan", &want.2, &got.2),
+        ] {
+            if let Some(i) = (0..w.len()).find(|&i| w[i] != gv[i]) {
+                panic!(
+                    "step_advance case {ci} {name}[{i}]: gpu {} want {}",
+                    gv[i], w[i]
+                );
+            }
+        }
+    }
+}
+
+/// One `step_advance` on `be`; returns (ids, state, plan).
+fn run_step_advance<B: Backend>(
+    be: &B,
+    (ids, state, plan): (&[i32], &[i32], &[i32]),
+    (commit, rows, sched): (&[i32], &[i32], &[i32]),
+    s: StepShape,
+) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let (mut ib, mut sb, mut pb) = (ints(be, ids), ints(be, state), ints(be, plan));
+    let (cb, rb, schb) = (ints(be, commit), ints(be, rows), ints(be, sched));
+    let c = StepIn {
+        commit: &cb,
+        rows: &rb,
+        sched: &schb,
+    };
+    be.step_advance((&mut ib, &mut sb, &mut pb), c, s).unwrap();
+    (
+        be.read_ints(&ib, ids.len()).unwrap(),
+        be.read_ints(&sb, state.len()).unwrap(),
+        be.read_ints(&pb, plan.len()).unwrap(),
+    )
+}
+
+/// The head with the RNG step read from a step state (`head_select_step_bf16`) equals the head
+/// given that step as an argument, bit for bit (tokens and confidences), on the GPU and on the
+/// CPU; and the step matters (another step draws other tokens).
+#[test]
+fn select_at_step_equals_select_with_that_step() {
+    let (r, v) = (9usize, 4099usize);
+    let logits = rand_vec(777, r * v, 2.0);
+    let Some(g) = gpu() else { return };
+    let c0 = cpu();
+    let keys: Vec<i32> = (0..r).flat_map(|i| [i as i32 % 2, 40 + i as i32]).collect();
+    let mut state = step::initial_state((5 << 32) | 0xFFFF_FFFE, (0, 1)).unwrap();
+    state[step::STATE_STEP] = 3; // carries into the high word
+    let step_now = step::rng_step(&state);
+    assert_eq!(step_now, (6 << 32) | 1);
+    for remasking in [Remasking::LowConfidence, Remasking::Random] {
+        let p = SelectParams {
+            temperature: 0.9,
+            remasking,
+            seed: 42,
+            step: step_now,
+            dtype: DType::BF16,
+            ..SelectParams::default()
+        };
+        let ignored = SelectParams {
+            step: 1,
+            ..p.clone()
+        };
+        for (name, want, got) in [
+            (
+                "gpu",
+                run_select(&g, &logits, &keys, r, v, &p),
+                run_select_at(&g, &logits, &keys, (r, v), &ignored, &state),
+            ),
+            (
+                "cpu",
+                run_select(&c0, &logits, &keys, r, v, &p),
+                run_select_at(&c0, &logits, &keys, (r, v), &ignored, &state),
+            ),
+        ] {
+            assert_eq!(want.0, got.0, "{name} {remasking:?}: tokens differ");
+            let bits = |x: &[f32]| x.iter().map(|c| c.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&want.1),
+                bits(&got.1),
+                "{name} {remasking:?}: confidences differ"
+            );
+        }
+        let other = run_select(&g, &logits, &keys, r, v, &ignored);
+        let now = run_select(&g, &logits, &keys, r, v, &p);
+        assert_ne!(
+            other, now,
+            "{remasking:?}: the step changed nothing (weak case)"
+        );
+    }
+}
+
+/// [`run_select`] with the RNG step read from the step state `state`.
+fn run_select_at<B: Backend>(
+    b: &B,
+    logits: &[f32],
+    keys: &[i32],
+    (r, v): (usize, usize),
+    p: &SelectParams,
+    state: &[i32],
+) -> (Vec<i32>, Vec<f32>) {
+    let lrows = logits.len() / v;
+    let mut l = act(b, logits, lrows, v);
+    let (k, st) = (ints(b, keys), ints(b, state));
+    let mut tok = ints(b, &vec![-7; r]);
+    let mut conf = f32s(b, &vec![f32::NAN; r]);
+    let io = SelectIo::new(&mut tok, &mut conf, &mut l, &k).at_step(&st);
+    b.select(io, HeadDims { r, v }, p).unwrap();
+    (
+        b.read_ints(&tok, r).unwrap(),
+        b.read_f32s(&conf, r).unwrap(),
+    )
 }
 
 /// The host inputs of one RoPE + cache store: qkv, k_cache, v_cache, pos, cos, sin.
@@ -1100,7 +1311,12 @@ fn fused_generation_equals_unfused() {
     fused.set_fused(true);
     let prompts = vec![vec![5, 17, 3, 9, 250, 12, 40], vec![31, 8, 77]];
     let base = common::gen_params(&plain.cfg, 12, 24, 8);
-    let n = common::select::assert_runs_agree((&plain, false), (&fused, true), &prompts, &base);
+    let n = common::select::assert_runs_agree(
+        (&plain, Select::Host),
+        (&fused, Select::Device),
+        &prompts,
+        &base,
+    );
     assert!(n > 0);
 }
 

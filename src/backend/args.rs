@@ -22,12 +22,23 @@ pub struct Rope<'a, B: Backend + ?Sized> {
 }
 
 /// The buffers of one [`Backend::select`] call: outputs `tok`, `conf` `[R]`, the logits `[R, V]`
-/// (`[2R, V]` with CFG; may be overwritten) and the row keys `[2R]`.
+/// (`[2R, V]` with CFG; may be overwritten) and the row keys `[2R]`; `step`: a step graph's state
+/// ([`super::step`]), whose step counter replaces `SelectParams::step` ([`SelectIo::at_step`]).
 pub struct SelectIo<'a, B: Backend + ?Sized> {
     pub tok: &'a mut B::Ints,
     pub conf: &'a mut B::F32s,
     pub logits: &'a mut B::Act,
     pub keys: &'a B::Ints,
+    pub step: Option<&'a B::Ints>,
+}
+
+/// The inputs of one [`Backend::step_advance`] call: [`Backend::commit_select`]'s output
+/// `commit` `[R]`, the requested rows `rows` `[R]` (token indices into the pass) and the block's
+/// schedule `sched` `[B·steps]` (row-major by batch row).
+pub struct StepIn<'a, B: Backend + ?Sized> {
+    pub commit: &'a B::Ints,
+    pub rows: &'a B::Ints,
+    pub sched: &'a B::Ints,
 }
 
 /// The inputs of one [`Backend::commit_select`] call: the head's `tok`, `conf` `[R]`, the requested
@@ -64,6 +75,15 @@ impl<'a, B: Backend + ?Sized> SelectIo<'a, B> {
             conf,
             logits,
             keys,
+            step: None,
+        }
+    }
+
+    /// The RNG step read from the step state `state` ([`super::step::rng_step`]).
+    pub fn at_step(self, state: &'a B::Ints) -> Self {
+        SelectIo {
+            step: Some(state),
+            ..self
         }
     }
 }

@@ -131,19 +131,31 @@ pub fn commit_rows(
         let scratch = &mut *sc.borrow_mut();
         for br in 0..b {
             let (s0, s1) = (plan[br] as usize, plan[br + 1] as usize);
-            scratch.clear();
-            scratch.extend(
-                (s0..s1)
-                    .filter(|&i| ids[rows[i] as usize] == s.mask_id as i32)
-                    .map(|i| (conf[i], i - s0, tok[i] as u32)),
-            );
-            let k = commit_select(scratch, plan[b + 1 + br] as usize, s.rule);
-            for &(_, j, tk) in &scratch[..k] {
+            let cands = (s0..s1)
+                .filter(|&i| ids[rows[i] as usize] == s.mask_id as i32)
+                .map(|i| (conf[i], i - s0, tok[i] as u32));
+            let quota = plan[b + 1 + br] as usize;
+            for &(_, j, tk) in commit_row(scratch, cands, (quota, s.rule)) {
                 commit[s0 + j] = tk as i32;
             }
         }
     });
     Ok(())
+}
+
+/// One batch row's commits, as the sampler's host path and [`commit_rows`] make them: the
+/// candidates `cands` (confidence, position, token; those still masked) are staged in
+/// `scratch` and selected by [`commit_select`] with `quota` under `rule`; returns the ones
+/// kept, best first.
+pub fn commit_row(
+    scratch: &mut Vec<Cand>,
+    cands: impl Iterator<Item = Cand>,
+    (quota, rule): (usize, CommitRule),
+) -> &[Cand] {
+    scratch.clear();
+    scratch.extend(cands);
+    let k = commit_select(scratch, quota, rule);
+    &scratch[..k]
 }
 
 /// Checks a commit plan `[2b + 1]`: offsets non-decreasing from 0 up to at most `r`, quotas

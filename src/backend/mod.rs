@@ -28,8 +28,9 @@ pub mod cuda;
 pub mod error;
 pub mod head;
 pub mod shape;
+pub mod step;
 
-pub use args::{CommitIn, Gather, Rope, SelectIo};
+pub use args::{CommitIn, Gather, Rope, SelectIo, StepIn};
 pub use error::DeviceError;
 pub use shape::{AttnShape, CachedAttnShape, HeadDims, Kv, LogProb, MatMul, Norm, Rows};
 
@@ -238,8 +239,9 @@ pub trait Backend {
 
     /// The sampler's per-position head (see [`crate::backend::head::select_one`]) on logits `[R', V]`:
     /// with `p.cfg_scale > 0`, `R' = 2R` and rows `R..2R` are the unconditional logits of rows
-    /// `0..R`. `keys` holds `2R` ints: (batch row, absolute position) per row for the RNG.
-    /// Writes `tok[R]` and `conf[R]`. May overwrite `logits`.
+    /// `0..R`. `keys` holds `2R` ints: (batch row, absolute position) per row for the RNG; with
+    /// `io.step` (a step graph's state, [`step`]) the RNG step is [`step::rng_step`] of it
+    /// instead of `p.step`. Writes `tok[R]` and `conf[R]`. May overwrite `logits`.
     fn select(&self, io: SelectIo<'_, Self>, s: HeadDims, p: &SelectParams) -> Result<()>;
 
     /// The step's commit selection on the device ([`commit::commit_rows`] is the reference): per
@@ -252,6 +254,19 @@ pub trait Backend {
         commit: &mut Self::Ints,
         c: CommitIn<'_, Self>,
         s: commit::CommitShape,
+    ) -> Result<()>;
+
+    /// The end of one denoising step on the device, the last op of a step graph
+    /// ([`step::step_advance_ref`] is the reference, `kernels/step_advance.cu` the kernel): the
+    /// step's `commit`s are written into the pass's tokens `ids`, the masks left are counted into
+    /// the step state `state`, whose step counter advances, and the next step's quotas (from the
+    /// schedule `sched`) go into `plan`, [`Backend::commit_select`]'s plan. `bufs` is
+    /// `(ids, state, plan)`.
+    fn step_advance(
+        &self,
+        bufs: (&mut Self::Ints, &mut Self::Ints, &mut Self::Ints),
+        c: StepIn<'_, Self>,
+        s: step::StepShape,
     ) -> Result<()>;
 
     /// Log-probability of a target token under the softmax of each logits row (reference §5.1,

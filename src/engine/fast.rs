@@ -2,11 +2,11 @@
 //! the threshold / factor commit rules, split from [`super::sampler`] (upstream `generate`),
 //! whose batch layout, schedule and commit selection it shares.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-use super::predict::{Commits, Progress, SpanPredictor, SpanRequest};
+use super::predict::{Commits, Progress, SpanPredictor, SpanRequest, StepsOnDevice};
 use super::sampler::{BatchLayout, GenerateOutput, GenerateParams, Hooks};
-use super::step::{selector, Asked, Calls, Pass};
+use super::step::{device_steps, selector, Asked, Calls, Pass};
 use crate::backend::commit::CommitRule;
 
 /// Which KV cache Fast-dLLM decoding uses (reference §7.3, §7.4).
@@ -86,6 +86,9 @@ impl<'a> Pass<SpanRequest<'a>> for dyn SpanPredictor + '_ {
 /// (`mask_index[:, e:] = 0`); cached calls only from the block. With the fixed schedule a block
 /// whose quota ran out with masks left (only possible when a `[MASK]` before the block took part
 /// of call 0's quota; upstream then indexes past the schedule) commits one token per further call.
+/// With whole steps on the device (`LLADA_STEP_GRAPH=1`, [`StepsOnDevice`]) every call without a
+/// cache, and every call after the first with one, runs as a device step over the masks the
+/// block held when its device steps began (the device skipping the ones committed since).
 /// `select.step` is the call counter (0-based) for the Gumbel noise; with
 /// [`GenerateParams::row_keys`] it is `(block << 32) | call in block` instead, so that a prompt's
 /// random numbers do not depend on how many calls its batch neighbours needed. CFG is not part of
@@ -131,6 +134,9 @@ pub fn generate_fast_hooked(
     let (t, lp) = (layout.t, layout.lp);
     let mask = params.mask_id;
     let mut asked = Asked::new(layout.b, layout.n);
+    // Whole steps on the device (LLADA_STEP_GRAPH=1): every call of a block without a KV cache,
+    // the calls after the block's full pass with one.
+    let on_device = pred.steps_on_device().is_some();
     let selects = pred.commit_selector().is_some();
     let fixed = decode.threshold.is_none() && decode.factor.is_none();
     let total_steps = if fixed {
@@ -173,6 +179,27 @@ pub fn generate_fast_hooked(
             } else {
                 nfe as u64
             };
+            if on_device && (i > 0 || decode.cache == CacheMode::None) {
+                // The rest of the block as whole device steps: every call without a cache (its
+                // pairs those of the block start: the device skips the ones committed since),
+                // the calls against the cache after the first.
+                let dev = device_steps(pred.steps_on_device())?;
+                let full = layout.request(&x, None, &asked.rows, &select);
+                let plan = calls.block_plan(&asked, s..e, i);
+                if i == 0 {
+                    dev.begin_block(&full, &plan)
+                } else {
+                    dev.begin_span_block(&SpanRequest { full, q0, q1 }, &plan)
+                }
+                .with_context(|| format!("starting block {block} on the device at call {i}"))?;
+                device_block(
+                    &mut calls,
+                    dev,
+                    (&mut x, asked.rows.len()),
+                    (&mut hooks, block),
+                )?;
+                break;
+            }
             // A block whose quota ran out with masks left commits one token per further call.
             calls.set_quota(i);
             calls.pass(
@@ -189,6 +216,31 @@ pub fn generate_fast_hooked(
         }
     }
     Ok(layout.output(&x, &calls))
+}
+
+/// The calls of block `block` on the device `dev` (begun) until no mask is left in it, the first
+/// over `nr` pairs, each over the masks the one before left; then the tokens back into `x`.
+fn device_block(
+    calls: &mut Calls,
+    dev: &mut dyn StepsOnDevice,
+    (x, mut nr): (&mut [u32], usize),
+    (hooks, block): (&mut Hooks<'_>, usize),
+) -> Result<()> {
+    loop {
+        let nfe = calls.nfe;
+        let left = calls
+            .device_pass(
+                (&mut *x, nr),
+                (&mut *hooks, block),
+                (&mut *dev, true),
+                || format!("device step {nfe} (block {block})"),
+            )?
+            .context("the device step returned no count")?;
+        nr = left.rows;
+        if left.block == 0 {
+            return dev.read_tokens(x);
+        }
+    }
 }
 
 #[cfg(test)]

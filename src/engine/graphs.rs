@@ -1,17 +1,33 @@
-//! CUDA-graph bookkeeping of [`super::model::Model`]: one captured layers pass per launch shape
-//! (`GraphKey`), bounded in number, replayed instead of re-launching.
+//! CUDA-graph bookkeeping of [`super::model::Model`]: one captured layers pass (or whole
+//! denoising step, [`super::stepgraph`]) per launch shape (`GraphKey`), bounded in number,
+//! replayed instead of re-launching (`Model::run_graphed`).
 
-use crate::backend::{CachedAttnShape, GraphExec};
+use anyhow::{Context, Result};
+
+use super::model::{KvCache, Model, Workspace};
+use crate::backend::step::StepShape;
+use crate::backend::{Backend, CachedAttnShape, GraphExec};
 use std::collections::HashMap;
 
 /// Whatever fixes the launches of a layers pass besides the workspace's own buffers: the
-/// attention shape (sizes and the span start of kv_store), whether a key mask is passed, and
-/// which KV cache (0: none).
+/// attention shape (sizes and the span start of kv_store), whether a key mask is passed, which
+/// KV cache (0: none), and for a whole step graph the scalars of its head and selection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct GraphKey {
     pub(crate) shape: CachedAttnShape,
     pub(crate) masked: bool,
     pub(crate) cache: u64,
+    pub(crate) step: Option<StepKey>,
+}
+
+/// The scalars a step graph bakes in after the layers pass: the sizes of the selection and the
+/// advance, the commit rule (mode, parameter bits) and the head's parameters (temperature and
+/// CFG scale bits, remasking, seed, forbidden and suppressed tokens, −1 for none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct StepKey {
+    pub(crate) shape: StepShape,
+    pub(crate) rule: (i32, u64),
+    pub(crate) head: [u64; 7],
 }
 
 pub(crate) enum Plan {
@@ -26,7 +42,7 @@ pub(crate) enum GraphEntry {
     Ready(GraphExec),
 }
 
-/// Captured layer passes of one [`Workspace`](super::model::Workspace), keyed by `GraphKey`. A workspace's buffers never
+/// Captured layer passes of one [`Workspace`], keyed by `GraphKey`. A workspace's buffers never
 /// move, and a new KV cache or model has a new id, so a stale graph is never replayed (entries of
 /// a replaced cache or model are dropped when the new one shows up).
 pub struct GraphCache {
@@ -93,5 +109,67 @@ impl GraphCache {
         self.map.insert(key, GraphEntry::Ready(g));
         self.captures += 1;
         self.replays += 1;
+    }
+}
+
+/// The launches [`Model::run_graphed`] runs, captures or replays: device work on a workspace
+/// (and a KV cache).
+pub(crate) type GraphBody<'a, B> =
+    dyn Fn(&mut Workspace<B>, Option<&mut KvCache<B>>) -> Result<()> + 'a;
+
+impl<B: Backend> Model<B> {
+    /// Run `body` on `ws` (and `cache`) as the launches of `key`: replayed from its graph when
+    /// one was captured, captured (then replayed) on the key's second sighting, else run eagerly
+    /// ([`GraphCache::plan`]; always eagerly while profiling or on a backend without graphs).
+    /// `body` must be device work only (see [`Backend::graph_capture`]).
+    pub(crate) fn run_graphed(
+        &self,
+        ws: &mut Workspace<B>,
+        mut cache: Option<&mut KvCache<B>>,
+        key: GraphKey,
+        body: &GraphBody<'_, B>,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let plan = if be.graphs_supported() && !be.prof_enabled() {
+            ws.graphs.plan(self.id, key)
+        } else {
+            Plan::Eager
+        };
+        match plan {
+            Plan::Eager => body(ws, cache),
+            Plan::Replay => {
+                let g = ws
+                    .graphs
+                    .get(&key)
+                    .context("forward: graph missing after planning a replay")?;
+                be.graph_replay(g)?;
+                ws.graphs.replays += 1;
+                Ok(())
+            }
+            Plan::Capture => {
+                let captured = {
+                    let mut f = || body(ws, cache.as_deref_mut());
+                    be.graph_capture(&mut f)
+                };
+                match captured {
+                    Ok(g) => {
+                        be.graph_replay(&g)?;
+                        ws.graphs.insert(key, g);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Nothing ran during the failed capture: run eagerly, and stay eager.
+                        if !ws.graphs.warned {
+                            eprintln!(
+                                "warning: CUDA graph capture failed, running without graphs: {e:#}"
+                            );
+                            ws.graphs.warned = true;
+                        }
+                        ws.graphs.enabled = false;
+                        body(ws, cache)
+                    }
+                }
+            }
+        }
     }
 }

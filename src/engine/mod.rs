@@ -11,6 +11,7 @@ pub mod predict;
 pub mod predictor;
 pub mod sampler;
 mod step;
+pub mod stepgraph;
 
 use std::path::{Path, PathBuf};
 

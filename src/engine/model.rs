@@ -26,6 +26,7 @@ use anyhow::{bail, ensure, Context, Result};
 use crate::backend::{rope_tables, Backend, CachedAttnShape, Gather, Kv, MatMul, Norm, OpClass};
 use crate::backend::{Rope, Rows};
 use crate::engine::graphs::*;
+use crate::engine::stepgraph::StepBufs;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::config::ModelConfig;
 use crate::nvtx;
@@ -151,7 +152,7 @@ pub struct Model<B: Backend> {
     rope_sin: B::F32s,
     rope_positions: usize,
     /// Unique per loaded model (keys the graphs of a workspace).
-    id: u64,
+    pub(crate) id: u64,
     /// Fused glue kernels where a backend has them ([`Model::set_fused`]).
     fused: bool,
 }
@@ -202,8 +203,10 @@ pub struct Workspace<B: Backend> {
     h_rows: Vec<i32>,
     /// Rows of the last forward pass.
     last_rows: usize,
-    /// Captured layer passes (CUDA graphs), see [`GraphCache`].
-    graphs: GraphCache,
+    /// Captured layer passes and step graphs (CUDA graphs), see [`GraphCache`].
+    pub(crate) graphs: GraphCache,
+    /// The device buffers of step graphs ([`crate::engine::stepgraph`]), made on first use.
+    pub(crate) step: Option<StepBufs<B>>,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -234,7 +237,7 @@ pub struct KvCache<B: Backend> {
     k: Vec<B::Act>,
     v: Vec<B::Act>,
     /// Unique per cache (keys the graphs that captured its buffers).
-    id: u64,
+    pub(crate) id: u64,
 }
 
 fn expect_shape(src: &WeightSource, want: &[usize]) -> Result<()> {
@@ -461,6 +464,7 @@ impl<B: Backend> Model<B> {
             h_rows: Vec::with_capacity(r),
             last_rows: 0,
             graphs: GraphCache::new(),
+            step: None,
         })
     }
 
@@ -501,6 +505,13 @@ impl<B: Backend> Model<B> {
         x: Tokens<'_>,
         span: Span,
     ) -> Result<()> {
+        self.check_cache(cache, span)?;
+        self.run(ws, Some(cache), x, span)
+    }
+
+    /// The checks of a pass over `span` against `cache` ([`Model::forward_span`]): a non-empty
+    /// span inside the rows, rows that fit the cache, one cache per layer.
+    pub(crate) fn check_cache(&self, cache: &KvCache<B>, span: Span) -> Result<()> {
         let Span { b, l, q0, q1 } = span;
         ensure!(
             q0 < q1 && q1 <= l,
@@ -517,7 +528,7 @@ impl<B: Backend> Model<B> {
             cache.k.len(),
             self.layers.len()
         );
-        self.run(ws, Some(cache), x, span)
+        Ok(())
     }
 
     /// The forward pass over `span`; without a cache the span must be the whole row.
@@ -528,6 +539,26 @@ impl<B: Backend> Model<B> {
         x: Tokens<'_>,
         span: Span,
     ) -> Result<()> {
+        let key = self.upload(ws, cache.as_deref().map_or(0, |c| c.id), x, span)?;
+        // The layers: replayed from a graph when this shape has been seen before (the uploads
+        // went to the fixed buffers the graph captured), else run eagerly.
+        self.run_graphed(ws, cache, key, &|ws, cache| {
+            self.layers_pass(ws, cache, key)
+        })?;
+        // The LM head on the requested rows (eager: its row count changes every step).
+        self.head_pass(ws, x.rows.len())
+    }
+
+    /// The host part of a forward pass over `span`: checks `x` against the workspace and the
+    /// model, and writes its ids, positions, key mask and rows into `ws`. Returns the key of the
+    /// layers pass that reads them (`cache`: the id of the KV cache it runs against, 0 for none).
+    pub(crate) fn upload(
+        &self,
+        ws: &mut Workspace<B>,
+        cache: u64,
+        x: Tokens<'_>,
+        span: Span,
+    ) -> Result<GraphKey> {
         let Tokens {
             ids,
             key_valid,
@@ -579,8 +610,6 @@ impl<B: Backend> Model<B> {
         }
         let be = &self.backend;
         let cfg = &self.cfg;
-        let c = cfg.d_model;
-        let r = rows.len();
 
         be.prof_mark(Some(OpClass::Io));
         ws.h_ids.clear();
@@ -599,11 +628,8 @@ impl<B: Backend> Model<B> {
         ws.h_rows.clear();
         ws.h_rows.extend(rows.iter().map(|&r| r as i32));
         be.write_ints(&mut ws.rows, &ws.h_rows)?;
-
-        // The layers: replayed from a graph when this shape has been seen before (the uploads
-        // above went to the fixed buffers the graph captured), else run eagerly.
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim());
-        let key = GraphKey {
+        Ok(GraphKey {
             shape: CachedAttnShape {
                 b,
                 tq,
@@ -614,51 +640,18 @@ impl<B: Backend> Model<B> {
                 hd,
             },
             masked: key_valid.is_some(),
-            cache: cache.as_ref().map_or(0, |kc| kc.id),
-        };
-        let plan = if be.graphs_supported() && !be.prof_enabled() {
-            ws.graphs.plan(self.id, key)
-        } else {
-            Plan::Eager
-        };
-        match plan {
-            Plan::Eager => self.layers_pass(ws, cache, key)?,
-            Plan::Replay => {
-                let g = ws
-                    .graphs
-                    .get(&key)
-                    .context("forward: graph missing after planning a replay")?;
-                be.graph_replay(g)?;
-                ws.graphs.replays += 1;
-            }
-            Plan::Capture => {
-                let mut cache = cache;
-                let captured = {
-                    let mut body = || self.layers_pass(ws, cache.as_deref_mut(), key);
-                    be.graph_capture(&mut body)
-                };
-                match captured {
-                    Ok(g) => {
-                        be.graph_replay(&g)?;
-                        ws.graphs.insert(key, g);
-                    }
-                    Err(e) => {
-                        // Nothing ran during the failed capture: run eagerly, and stay eager.
-                        if !ws.graphs.warned {
-                            eprintln!(
-                                "warning: CUDA graph capture failed, running without graphs: {e:#}"
-                            );
-                            ws.graphs.warned = true;
-                        }
-                        ws.graphs.enabled = false;
-                        self.layers_pass(ws, cache, key)?;
-                    }
-                }
-            }
-        }
+            cache,
+            step: None,
+        })
+    }
 
-        // The LM head on the requested rows (eager: its row count changes every step).
-        let (eps, v) = (cfg.rms_norm_eps, cfg.embedding_size);
+    /// The LM head on the first `r` rows of `ws.rows` after a layers pass: gather the residual
+    /// and branch rows, the final norm, the head GEMM into `ws.logits` (`[r, V]`). Device work
+    /// only (a step graph captures it).
+    pub(crate) fn head_pass(&self, ws: &mut Workspace<B>, r: usize) -> Result<()> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let (c, eps, v) = (cfg.d_model, cfg.rms_norm_eps, cfg.embedding_size);
         let (norm, head) = (Norm::new(r, c, eps), MatMul { n: r, k: c, m: v });
         op(be, OpClass::NormElementwise, c"gather", || {
             let g = Gather::new(&ws.rows, r, c);
@@ -681,7 +674,7 @@ impl<B: Backend> Model<B> {
     /// Embedding and every layer over the `B·TQ` tokens of `key.shape` whose ids, positions and
     /// mask are already in `ws`: exactly the launches a graph captures (no host data, no
     /// read-back).
-    fn layers_pass(
+    pub(crate) fn layers_pass(
         &self,
         ws: &mut Workspace<B>,
         mut cache: Option<&mut KvCache<B>>,
@@ -711,27 +704,33 @@ impl<B: Backend> Model<B> {
                 be.matmul(&mut ws.qkv, &ws.h, &layer.qkv, mm(c, shape.qkv_width()))
             })?;
             let t = Rope::new(&ws.pos, &self.rope_cos, &self.rope_sin);
+            // RoPE and, in a cached step, the store of the rotated k and v into the cache: one
+            // pass with the fused glue (LLADA_FUSED=1, charged to the glue), else the two ops
+            // (the store charged to attention).
             match cache.as_deref_mut() {
-                // LLADA_FUSED=1: RoPE and the cache store in one pass (charged to the glue).
                 Some(kc) if self.fused => {
                     op(be, OpClass::NormElementwise, c"rope_kv_store", || {
                         let kv = Kv::new(&mut kc.k[i], &mut kc.v[i]);
                         be.rope_kv_store(&mut ws.qkv, kv, t, cshape)
                     })?
                 }
-                _ => op(be, OpClass::NormElementwise, c"rope", || {
+                Some(kc) => {
+                    op(be, OpClass::NormElementwise, c"rope", || {
+                        be.rope(&mut ws.qkv, t, shape)
+                    })?;
+                    op(be, OpClass::Attention, c"kv_store", || {
+                        be.kv_store(Kv::new(&mut kc.k[i], &mut kc.v[i]), &ws.qkv, cshape)
+                    })?
+                }
+                None => op(be, OpClass::NormElementwise, c"rope", || {
                     be.rope(&mut ws.qkv, t, shape)
                 })?,
             }
             op(be, OpClass::Attention, c"attention", || {
                 let mask = masked.then_some(&ws.key_valid);
-                match cache.as_deref_mut() {
+                match cache.as_deref() {
                     None => be.attention(&mut ws.att, &ws.qkv, mask, shape),
                     Some(kc) => {
-                        if !self.fused {
-                            let kv = Kv::new(&mut kc.k[i], &mut kc.v[i]);
-                            be.kv_store(kv, &ws.qkv, cshape)?;
-                        }
                         let kv = Kv::new(&kc.k[i], &kc.v[i]);
                         be.attention_cached(&mut ws.att, &ws.qkv, kv, mask, cshape)
                     }

@@ -1,10 +1,10 @@
 //! The predictor interface of the denoising loops: what one call to the model asks
 //! ([`PredictRequest`], [`SpanRequest`] against a KV cache), what answers it ([`Predictor`],
 //! [`SpanPredictor`], the model on a backend or a fake in tests), a predictor's own commit
-//! selection ([`SelectsCommits`], [`Commits`]), the RNG keys of the head ([`RowKey`]) and the
-//! per-step report ([`Progress`]). Upstream `generate` ([`super::sampler`]), Fast-dLLM decoding
-//! ([`super::fast`]) and their shared call (`super::step`) are written over it; it imports no
-//! other engine module.
+//! selection ([`SelectsCommits`], [`Commits`]) or its whole steps ([`StepsOnDevice`]), the RNG
+//! keys of the head ([`RowKey`]) and the per-step report ([`Progress`]). Upstream `generate`
+//! ([`super::sampler`]), Fast-dLLM decoding ([`super::fast`]) and their shared call
+//! (`super::step`) are written over it; it imports no other engine module.
 
 use anyhow::{Context, Result};
 
@@ -82,6 +82,61 @@ pub trait Predictor {
     fn commit_selector(&mut self) -> Option<&mut dyn SelectsCommits> {
         None
     }
+
+    /// The predictor's whole-step driver ([`StepsOnDevice`]) when it runs whole denoising steps
+    /// on its side (the model's device, `LLADA_STEP_GRAPH=1`); `None` (the default): one call
+    /// per step.
+    fn steps_on_device(&mut self) -> Option<&mut dyn StepsOnDevice> {
+        None
+    }
+}
+
+/// A predictor that runs whole denoising steps on its device, each the prediction, the commit
+/// selection of [`SelectsCommits`] and the write of the commits into its own copy of the
+/// tokens: the sampler uploads a block once, then asks for steps, and reads the tokens back at
+/// the end of the block. Results equal one [`SelectsCommits`] call per step with the same
+/// requested rows, quotas and RNG steps.
+pub trait StepsOnDevice {
+    /// Start a block: the request over the tokens at its start (`req.rows`: every pair any step
+    /// of the block may commit, fixed for the block; a pair no longer `[MASK]` is skipped), and
+    /// `plan`. The block's call `i` (from `plan.first`) draws its random numbers at step
+    /// `req.select.step + i − plan.first`.
+    fn begin_block(&mut self, req: &PredictRequest<'_>, plan: &BlockPlan<'_>) -> Result<()>;
+    /// [`StepsOnDevice::begin_block`] for passes over the span `[req.q0, req.q1)` against the
+    /// predictor's KV cache (filled by the block's full pass before; `req.rows` in the span).
+    fn begin_span_block(&mut self, req: &SpanRequest<'_>, plan: &BlockPlan<'_>) -> Result<()>;
+    /// Queue the block's next step; with `count`, wait for it and return the masks left.
+    fn step(&mut self, count: bool) -> Result<Option<MasksLeft>>;
+    /// The current tokens `[b·t]` into `x`.
+    fn read_tokens(&mut self, x: &mut [u32]) -> Result<()>;
+}
+
+/// How a block of [`StepsOnDevice`] steps commits.
+#[derive(Clone, Debug)]
+pub struct BlockPlan<'a> {
+    /// Where each batch row's pairs start in the request's rows, `[b + 1]`.
+    pub seg: &'a [usize],
+    /// Each batch row's schedule `[b·steps]` (row-major by batch row): step `i` commits
+    /// `sched[br·steps + i]` under [`CommitRule::Quota`], one token past the schedule.
+    pub sched: &'a [usize],
+    pub steps: usize,
+    /// The block's call the first device step is (0, or 1 for the calls of Fast-dLLM against a
+    /// KV cache, after the block's full pass); it indexes the schedule and adds to the RNG step.
+    pub first: usize,
+    pub rule: CommitRule,
+    /// Candidates are the requested pairs whose token is still this id.
+    pub mask_id: u32,
+    /// The positions of the block: [`MasksLeft::block`] counts the masks there.
+    pub block: std::ops::Range<usize>,
+}
+
+/// The masks left after a [`StepsOnDevice`] step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MasksLeft {
+    /// Requested pairs still `[MASK]` inside the block's positions.
+    pub block: usize,
+    /// Requested pairs still `[MASK]`.
+    pub rows: usize,
 }
 
 /// A predictor that makes the step's commit selection itself, for either request kind: the
@@ -114,6 +169,8 @@ impl<P: Predictor + SpanPredictor> Predictors for P {
 /// A step's commit selection, for a predictor that selects ([`SelectsCommits`]).
 #[derive(Debug)]
 pub struct Commits<'a> {
+    /// Where each batch row's pairs start in the request's rows, `[b + 1]`.
+    pub seg: &'a [usize],
     /// The quota of each batch row `[b]` (read by [`CommitRule::Quota`]).
     pub quota: &'a [usize],
     pub rule: CommitRule,
@@ -173,6 +230,11 @@ pub trait SpanPredictor {
 
     /// As [`Predictor::commit_selector`].
     fn commit_selector(&mut self) -> Option<&mut dyn SelectsCommits> {
+        None
+    }
+
+    /// As [`Predictor::steps_on_device`] (Fast-dLLM decoding uses it without a KV cache only).
+    fn steps_on_device(&mut self) -> Option<&mut dyn StepsOnDevice> {
         None
     }
 }

@@ -6,8 +6,10 @@ use crate::backend::commit::CommitShape;
 use crate::backend::head::SelectParams;
 use crate::backend::{Backend, OpClass};
 use crate::engine::sampler::{
-    Commits, PredictRequest, Predictor, SelectsCommits, SpanPredictor, SpanRequest,
+    BlockPlan, Commits, MasksLeft, PredictRequest, Predictor, SelectsCommits, SpanPredictor,
+    SpanRequest, StepsOnDevice,
 };
+use crate::engine::stepgraph::{step_graph_env, BlockSteps};
 use crate::nvtx;
 use anyhow::{bail, ensure, Context, Result};
 
@@ -25,11 +27,17 @@ pub struct ModelPredictor<'m, B: Backend> {
     /// Host copies of the head's outputs, grown once.
     tok_host: Vec<i32>,
     conf_host: Vec<f32>,
+    /// Host copy of the tokens of device steps ([`StepsOnDevice::read_tokens`]), grown once.
+    ids_host: Vec<i32>,
     params: Option<SelectParams>,
     /// Graph setting chosen with [`ModelPredictor::set_graphs`] (None: the default).
     graphs: Option<bool>,
     /// Make the commit selection on the backend ([`ModelPredictor::set_device_select`]).
     device_select: bool,
+    /// Run whole steps on the backend ([`ModelPredictor::set_step_graph`]), and the current
+    /// block of them.
+    step_graph: bool,
+    block: Option<(BlockSteps, Span)>,
     /// The commit plan `[2b + 1]` staged on the host, and its backend buffers.
     h_plan: Vec<i32>,
     commit_bufs: Option<CommitBufs<B>>,
@@ -80,9 +88,12 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             staged: Staged::default(),
             tok_host: Vec::new(),
             conf_host: Vec::new(),
+            ids_host: Vec::new(),
             params: None,
             graphs: None,
-            device_select: device_select_env(),
+            device_select: device_select_env() || step_graph_env(),
+            step_graph: step_graph_env(),
+            block: None,
             h_plan: Vec::new(),
             commit_bufs: None,
         }
@@ -93,6 +104,16 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
     /// Results are identical either way.
     pub fn set_device_select(&mut self, on: bool) {
         self.device_select = on;
+    }
+
+    /// Run whole denoising steps on the backend, one graph replay each where the backend has
+    /// graphs ([`super::stepgraph`]; default `LLADA_STEP_GRAPH=1`): the sampler uploads a block
+    /// and reads back only the tokens at its end (and, in Fast-dLLM decoding, the masks left
+    /// after each step). Results are identical either way. Implies [`Self::set_device_select`]
+    /// for the passes it does not cover (Fast-dLLM's KV caches).
+    pub fn set_step_graph(&mut self, on: bool) {
+        self.step_graph = on;
+        self.device_select |= on;
     }
 
     /// Itself as its commit selector while device selection is on.
@@ -218,22 +239,9 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
             out.len(),
             plan.quota.len()
         );
-        // Segment offsets of the batch rows: the backend ranks a row's candidates by their index,
-        // which equals the position order only if the rows are sorted.
-        if let Some(i) = (1..r).find(|&i| rows[i - 1] >= rows[i]) {
-            bail!(
-                "predict_commit: rows[{i}] = {:?} does not follow rows[{}] = {:?} (rows must be sorted by batch row, then position)",
-                rows[i],
-                i - 1,
-                rows[i - 1]
-            );
-        }
+        check_segments("predict_commit", rows, plan.seg, b)?;
         self.h_plan.clear();
-        self.h_plan.push(0);
-        for br in 0..b as u32 {
-            self.h_plan
-                .push(rows.partition_point(|&(rb, _)| rb <= br) as i32);
-        }
+        self.h_plan.extend(plan.seg.iter().map(|&o| o as i32));
         for &q in plan.quota {
             self.h_plan
                 .push(i32::try_from(q.min(r)).context("predict_commit: quota overflows")?);
@@ -291,6 +299,21 @@ impl<B: Backend> ModelPredictor<'_, B> {
     /// tokens in the pass. The cache and workspace are sized for `b·t` tokens on the first call
     /// (or when a request outgrows them); later calls allocate nothing on the device.
     fn span_forward(&mut self, req: &SpanRequest<'_>, outs: usize) -> Result<usize> {
+        let span = self.stage_span(req, outs)?;
+        let model = self.model;
+        let ws = reserved(&mut self.ws, "predict_span")?;
+        let cache = self
+            .cache
+            .as_mut()
+            .context("predict_span: KV cache missing after reserve")?;
+        let x = Tokens::new(&self.staged.ids, req.key_valid, &self.staged.rows);
+        model.forward_span(ws, cache, x, span)?;
+        Ok(span.b * (span.q1 - span.q0))
+    }
+
+    /// Stage a span request in the backend's layout (`self.staged`) and size the workspace and
+    /// the KV cache for it; returns its span.
+    fn stage_span(&mut self, req: &SpanRequest<'_>, outs: usize) -> Result<Span> {
         let (b, t, q0, q1) = (req.b, req.t, req.q0, req.q1);
         let n = b * t;
         let r = req.rows.len();
@@ -332,24 +355,23 @@ impl<B: Backend> ModelPredictor<'_, B> {
                 kv.len()
             );
         }
-        let model = self.model;
-        let ws = reserved(&mut self.ws, "predict_span")?;
-        let cache = self
-            .cache
-            .as_mut()
-            .context("predict_span: KV cache missing after reserve")?;
-        model.forward_span(
-            ws,
-            cache,
-            Tokens::new(&self.staged.ids, req.key_valid, &self.staged.rows),
-            Span::new(b, t, q0, q1),
-        )?;
-        Ok(b * tq)
+        Ok(Span::new(b, t, q0, q1))
     }
 
     /// The forward pass of a full request (everything before the head); returns the number of
     /// tokens in the pass (doubled with CFG).
     fn full_forward(&mut self, req: &PredictRequest<'_>, outs: usize) -> Result<usize> {
+        let (tokens, span) = self.stage_full(req, outs)?;
+        let ws = reserved(&mut self.ws, "predict")?;
+        let mask = req.key_valid.map(|_| self.staged.mask.as_slice());
+        let x = Tokens::new(&self.staged.ids, mask, &self.staged.rows);
+        self.model.forward(ws, x, span.b, span.l)?;
+        Ok(tokens)
+    }
+
+    /// Stage a full request in the backend's layout (`self.staged`) and size the workspace for
+    /// it; returns the number of tokens in the pass (doubled with CFG) and its span.
+    fn stage_full(&mut self, req: &PredictRequest<'_>, outs: usize) -> Result<(usize, Span)> {
         let (b, t) = (req.b, req.t);
         let n = b * t;
         let r = req.rows.len();
@@ -360,22 +382,18 @@ impl<B: Backend> ModelPredictor<'_, B> {
         self.reserve(nb * t, rr)?;
 
         stage_tokens(&mut self.staged.ids, "predict", req.x, req.uncond_x, cfg)?;
-        let mask = match req.key_valid {
-            Some(kv) => {
-                ensure!(
-                    kv.len() == n,
-                    "predict: `key_valid` holds {} entries, expected {n}",
-                    kv.len()
-                );
-                self.staged.mask.clear();
+        self.staged.mask.clear();
+        if let Some(kv) = req.key_valid {
+            ensure!(
+                kv.len() == n,
+                "predict: `key_valid` holds {} entries, expected {n}",
+                kv.len()
+            );
+            self.staged.mask.extend_from_slice(kv);
+            if cfg {
                 self.staged.mask.extend_from_slice(kv);
-                if cfg {
-                    self.staged.mask.extend_from_slice(kv);
-                }
-                Some(self.staged.mask.as_slice())
             }
-            None => None,
-        };
+        }
         self.staged.rows.clear();
         self.staged.keys.clear();
         for (i, &(br, pos)) in req.rows.iter().enumerate() {
@@ -393,16 +411,137 @@ impl<B: Backend> ModelPredictor<'_, B> {
                 self.staged.rows.push((b as u32 + br) * t as u32 + pos);
             }
         }
-        let model = self.model;
-        let ws = reserved(&mut self.ws, "predict")?;
-        model.forward(
-            ws,
-            Tokens::new(&self.staged.ids, mask, &self.staged.rows),
-            nb,
-            t,
-        )?;
-        Ok(nb * t)
+        Ok((nb * t, Span::new(nb, t, 0, t)))
     }
+}
+
+/// Whole steps on the backend ([`super::stepgraph`]): a block's request staged and uploaded
+/// once, then one `Model::device_step` per step.
+impl<B: Backend> StepsOnDevice for ModelPredictor<'_, B> {
+    fn begin_block(&mut self, req: &PredictRequest<'_>, plan: &BlockPlan<'_>) -> Result<()> {
+        self.block = None;
+        check_segments("begin_block", req.rows, plan.seg, req.b)?;
+        let (_, span) = self.stage_full(req, req.rows.len())?;
+        self.begin_steps(req.key_valid.is_some(), span, (req.select, plan), false)
+    }
+
+    fn begin_span_block(&mut self, req: &SpanRequest<'_>, plan: &BlockPlan<'_>) -> Result<()> {
+        self.block = None;
+        check_segments("begin_span_block", req.rows, plan.seg, req.b)?;
+        let span = self.stage_span(req, req.rows.len())?;
+        self.staged.mask.clear();
+        self.staged
+            .mask
+            .extend_from_slice(req.key_valid.unwrap_or_default());
+        self.begin_steps(req.key_valid.is_some(), span, (req.select, plan), true)
+    }
+
+    fn step(&mut self, count: bool) -> Result<Option<MasksLeft>> {
+        let _step = nvtx::range(c"step");
+        let model = self.model;
+        let ws = reserved(&mut self.ws, "step")?;
+        let (blk, _) = self.block.as_ref().context("step: no block was begun")?;
+        let cache = self.cache.as_mut().filter(|_| blk.cached());
+        model.device_step(ws, cache, blk)?;
+        count.then(|| model.masks_left(ws)).transpose()
+    }
+
+    fn read_tokens(&mut self, x: &mut [u32]) -> Result<()> {
+        let ws = reserved(&mut self.ws, "read_tokens")?;
+        let (_, span) = self
+            .block
+            .as_ref()
+            .context("read_tokens: no block was begun")?;
+        let Span { b, l, q0, q1 } = *span;
+        let tq = q1 - q0;
+        ensure!(
+            x.len() == b * l,
+            "read_tokens: {} tokens for {b} rows of {l}",
+            x.len()
+        );
+        // The device holds the pass's tokens: each row's [q0, q1) (whole rows without a cache).
+        self.ids_host.resize(self.ids_host.len().max(b * tq), 0);
+        let h = &mut self.ids_host[..b * tq];
+        self.model.backend.read_ints_into(&ws.ids, h)?;
+        for (row, span) in x.chunks_exact_mut(l).zip(h.chunks_exact(tq)) {
+            for (o, &v) in row[q0..q1].iter_mut().zip(span) {
+                *o = v as u32;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> ModelPredictor<'_, B> {
+    /// Upload the staged pass over `span` (with the staged key mask when `masked`; against the
+    /// KV cache when `cached`) and begin a block of device steps on it.
+    fn begin_steps(
+        &mut self,
+        masked: bool,
+        span: Span,
+        (select, plan): (&SelectParams, &BlockPlan<'_>),
+        cached: bool,
+    ) -> Result<()> {
+        let model = self.model;
+        let ws = reserved(&mut self.ws, "begin_block")?;
+        let mask = masked.then_some(self.staged.mask.as_slice());
+        let x = Tokens::new(&self.staged.ids, mask, &self.staged.rows);
+        let cache_id = match &self.cache {
+            Some(c) if cached => {
+                model.check_cache(c, span)?;
+                c.id
+            }
+            None if cached => bail!("begin_span_block: no KV cache"),
+            _ => 0,
+        };
+        let layers = model.upload(ws, cache_id, x, span)?;
+        // The head rounds to the model's compute dtype whatever the caller set.
+        let select = SelectParams {
+            dtype: model.backend.compute_dtype(),
+            ..select.clone()
+        };
+        let keys = &self.staged.keys;
+        let blk = model.begin_steps(ws, layers, keys, (plan, &select))?;
+        // read_tokens reads the conditional rows back (CFG doubles the pass's batch rows).
+        let rows = if select.cfg_scale > 0.0 {
+            span.b / 2
+        } else {
+            span.b
+        };
+        self.block = Some((blk, Span { b: rows, ..span }));
+        Ok(())
+    }
+}
+
+/// Checks that `seg` (`[b + 1]`) splits the requested `rows` into their batch rows, each sorted
+/// by position: the backend ranks a row's candidates by their index, which equals the position
+/// order only then. Errors name `op` and the first pair out of place.
+fn check_segments(op: &str, rows: &[(u32, u32)], seg: &[usize], b: usize) -> Result<()> {
+    ensure!(
+        seg.len() == b + 1 && seg[0] == 0 && seg[b] == rows.len(),
+        "{op}: {} segment offsets {:?}… for {b} batch rows of {} rows",
+        seg.len(),
+        seg.first(),
+        rows.len()
+    );
+    for br in 0..b {
+        ensure!(
+            seg[br] <= seg[br + 1],
+            "{op}: segment offsets seg[{br}..={}] decrease",
+            br + 1
+        );
+        let own = &rows[seg[br]..seg[br + 1]];
+        if let Some(i) =
+            (0..own.len()).find(|&i| own[i].0 != br as u32 || (i > 0 && own[i - 1].1 >= own[i].1))
+        {
+            bail!(
+                "{op}: rows[{}] = {:?} is out of place in batch row {br}'s segment (rows must be sorted by batch row, then position)",
+                seg[br] + i,
+                own[i]
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The workspace `reserve` made, or an error naming `op`.
@@ -427,6 +566,14 @@ macro_rules! model_predictor {
 
             fn commit_selector(&mut self) -> Option<&mut dyn SelectsCommits> {
                 self.selector()
+            }
+
+            fn steps_on_device(&mut self) -> Option<&mut dyn StepsOnDevice> {
+                if self.step_graph {
+                    Some(self)
+                } else {
+                    None
+                }
             }
         }
     };

@@ -42,11 +42,11 @@ use crate::backend::head::{Remasking, SelectParams};
 use crate::hf::dtype::DType;
 
 pub use super::predict::{
-    rng_key, Commits, PredictRequest, Predictor, Predictors, Progress, RowKey, SelectsCommits,
-    SpanPredictor, SpanRequest,
+    rng_key, BlockPlan, Commits, MasksLeft, PredictRequest, Predictor, Predictors, Progress,
+    RowKey, SelectsCommits, SpanPredictor, SpanRequest, StepsOnDevice,
 };
+use super::step::{device_steps, Asked, Calls};
 pub use super::step::{num_transfer_tokens, num_transfer_tokens_into, Hooks, Observer};
-use super::step::{Asked, Calls};
 
 /// Longest `gen_length` accepted: the longest sequence [`crate::hf::config::LIMITS`] allows. With
 /// `steps ≤ gen_length` it also bounds the steps and every schedule allocated from them.
@@ -375,9 +375,18 @@ pub fn generate_hooked(
         Vec::new()
     };
 
+    // The unconditional tokens: the prompt masked, the rest as in x.
+    let unconditional = |u: &mut [u32], x: &[u32]| {
+        for ((u, &v), &is_prompt) in u.iter_mut().zip(x).zip(&prompt_index) {
+            *u = if is_prompt { mask } else { v };
+        }
+    };
+
     // Buffers reused by every block and step.
     let mut asked = Asked::new(layout.b, layout.n);
-    let selects = pred.commit_selector().is_some();
+    // Whole steps on the device (LLADA_STEP_GRAPH=1), else one call per step.
+    let on_device = pred.steps_on_device().is_some();
+    let selects = on_device || pred.commit_selector().is_some();
     let rule = (CommitRule::Quota, mask);
     let plan = (num_blocks, steps_per_block, num_blocks * steps_per_block);
     let mut calls = Calls::new((layout.b, t), plan, rule, selects);
@@ -388,12 +397,33 @@ pub fn generate_hooked(
         let blk_end = blk_start + params.block_length;
         asked.masks(&x, t, 0..blk_end, mask);
         calls.schedule(&x, blk_start..blk_end);
+        if on_device {
+            // The device keeps the tokens (and their unconditional copy) through the block.
+            let dev = device_steps(pred.steps_on_device())?;
+            if cfg {
+                unconditional(&mut uncond_x, &x);
+            }
+            select.step = (block * steps_per_block) as u64;
+            let uncond = cfg.then_some(uncond_x.as_slice());
+            let req = layout.request(&x, uncond, &asked.rows, &select);
+            dev.begin_block(&req, &calls.block_plan(&asked, blk_start..blk_end, 0))
+                .with_context(|| format!("starting block {block} on the device"))?;
+            for i in 0..steps_per_block {
+                let step = block * steps_per_block + i;
+                calls.device_pass(
+                    (&mut x, asked.rows.len()),
+                    (&mut hooks, block),
+                    (&mut *dev, false),
+                    || format!("device step {step} (block {block})"),
+                )?;
+            }
+            dev.read_tokens(&mut x)?;
+            continue;
+        }
         for i in 0..steps_per_block {
             let step = block * steps_per_block + i;
             if cfg {
-                for ((u, &v), &is_prompt) in uncond_x.iter_mut().zip(&x).zip(&prompt_index) {
-                    *u = if is_prompt { mask } else { v };
-                }
+                unconditional(&mut uncond_x, &x);
             }
             select.step = step as u64;
             calls.set_quota(i);

@@ -8,15 +8,17 @@ use std::ops::Range;
 
 use anyhow::{Context, Result};
 
-use super::predict::{apply_commits, Commits, PredictRequest, Predictor, Progress, SelectsCommits};
-use crate::backend::commit::{commit_select, Cand, CommitRule};
+use super::predict::{apply_commits, BlockPlan, Commits, MasksLeft, PredictRequest, Predictor};
+use super::predict::{Progress, SelectsCommits, StepsOnDevice};
+use crate::backend::commit::{commit_row, Cand, CommitRule};
 
 /// What a generation calls before every forward pass: the current tokens `[b·t]`, `b` and `t`.
 pub type Observer<'a> = dyn FnMut(&[u32], usize, usize) -> Result<()> + 'a;
 
 /// The caller's callbacks of a generation: `progress` after every step, once its tokens were
-/// committed; `observe` before every forward pass (an error from it aborts the generation with
-/// that error, e.g. the server cancelling an abandoned request).
+/// committed (with whole steps on the device, once the step is queued: its tokens are committed
+/// before anything reads them); `observe` before every forward pass (an error from it aborts
+/// the generation with that error, e.g. the server cancelling an abandoned request).
 #[derive(Default)]
 pub struct Hooks<'h> {
     pub progress: Option<&'h mut dyn FnMut(Progress)>,
@@ -59,6 +61,11 @@ pub(super) fn selector(s: Option<&mut dyn SelectsCommits>) -> Result<&mut dyn Se
     s.context("this predictor does not make the commit selection (it gave no commit_selector)")
 }
 
+/// The whole-step driver a predictor of either kind gave, or an error saying it gave none.
+pub(super) fn device_steps(s: Option<&mut dyn StepsOnDevice>) -> Result<&mut dyn StepsOnDevice> {
+    s.context("this predictor does not run whole steps on its device (it gave no steps_on_device)")
+}
+
 /// A predictor of either kind as [`Want::of`] asks it, for its request kind `R`
 /// ([`PredictRequest`] or [`super::fast::SpanRequest`]).
 pub(super) trait Pass<R> {
@@ -79,7 +86,7 @@ impl<'a> Pass<PredictRequest<'a>> for dyn Predictor + '_ {
 /// each batch row's pairs start (`off[r]..off[r + 1]`).
 pub(super) struct Asked {
     pub(super) rows: Vec<(u32, u32)>,
-    off: Vec<usize>,
+    pub(super) off: Vec<usize>,
 }
 
 impl Asked {
@@ -220,6 +227,7 @@ impl Calls {
             .and_then(|()| {
                 if self.selects {
                     let mut c = Commits {
+                        seg: &asked.off,
                         quota: &self.quota,
                         rule: self.rule,
                         mask_id: self.mask,
@@ -232,6 +240,34 @@ impl Calls {
             })
             .with_context(what)?;
         self.commit(x, asked);
+        self.tally(nr, (hooks, block));
+        Ok(())
+    }
+
+    /// One whole step of block `block` on the device (`dev`, see [`StepsOnDevice`]) over `nr`
+    /// requested pairs: `hooks.observe` (on the tokens read back from the device first, when
+    /// there is an observer), the step, `hooks.progress`. With `count`, returns the masks left.
+    pub(super) fn device_pass(
+        &mut self,
+        (x, nr): (&mut [u32], usize),
+        (hooks, block): (&mut Hooks<'_>, usize),
+        (dev, count): (&mut dyn StepsOnDevice, bool),
+        what: impl FnOnce() -> String,
+    ) -> Result<Option<MasksLeft>> {
+        let left = (|| {
+            if hooks.observe.is_some() {
+                dev.read_tokens(x)?;
+            }
+            hooks.observe(x, self.b, self.t)?;
+            dev.step(count)
+        })()
+        .with_context(what)?;
+        self.tally(nr, (hooks, block));
+        Ok(left)
+    }
+
+    /// Count a call over `nr` pairs of block `block` and report it.
+    fn tally(&mut self, nr: usize, (hooks, block): (&mut Hooks<'_>, usize)) {
         self.nfe += 1;
         self.rows_predicted += nr;
         hooks.report(Progress {
@@ -240,10 +276,28 @@ impl Calls {
             block,
             num_blocks: self.num_blocks,
         });
-        Ok(())
     }
 
-    /// Write the call's commits into `x`: the predictor's, or per batch row [`commit_select`]
+    /// The [`BlockPlan`] of the block at positions `block` for the pairs `asked`, from its call
+    /// `first` on: the current schedule ([`Calls::schedule`]) and the rule.
+    pub(super) fn block_plan<'s>(
+        &'s self,
+        asked: &'s Asked,
+        block: Range<usize>,
+        first: usize,
+    ) -> BlockPlan<'s> {
+        BlockPlan {
+            seg: &asked.off,
+            sched: &self.sched,
+            steps: self.steps_per_block,
+            first,
+            rule: self.rule,
+            mask_id: self.mask,
+            block,
+        }
+    }
+
+    /// Write the call's commits into `x`: the predictor's, or per batch row [`commit_row`]
     /// among the asked pairs still `mask`.
     fn commit(&mut self, x: &mut [u32], asked: &Asked) {
         let (t, nr) = (self.t, asked.rows.len());
@@ -252,20 +306,15 @@ impl Calls {
             return;
         }
         for (r, &quota) in self.quota.iter().enumerate() {
-            if quota == 0 && self.rule == CommitRule::Quota {
-                continue;
-            }
             let own = asked.off[r]..asked.off[r + 1];
-            self.cands.clear();
-            for (&(_, p), &(tok, conf)) in asked.rows[own.clone()].iter().zip(&self.out[own]) {
-                let p = p as usize;
-                if x[r * t + p] == self.mask {
-                    self.cands.push((conf, p, tok));
-                }
-            }
-            let k = commit_select(&mut self.cands, quota, self.rule);
-            for &(_, p, tok) in &self.cands[..k] {
-                x[r * t + p] = tok;
+            let xr = &mut x[r * t..(r + 1) * t];
+            let cands = asked.rows[own.clone()]
+                .iter()
+                .zip(&self.out[own])
+                .map(|(&(_, p), &(tok, conf))| (conf, p as usize, tok))
+                .filter(|&(_, p, _)| xr[p] == self.mask);
+            for &(_, p, tok) in commit_row(&mut self.cands, cands, (quota, self.rule)) {
+                xr[p] = tok;
             }
         }
     }
@@ -289,5 +338,74 @@ pub fn num_transfer_tokens_into(mask_count: usize, out: &mut [usize]) {
     let rem = mask_count % steps;
     for (i, o) in out.iter_mut().enumerate() {
         *o = base + usize::from(i < rem);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::step::{block_tables, initial_state, step_advance_ref, StepShape};
+
+    /// The schedule table and first plan a device block is given ([`block_tables`]), advanced by
+    /// [`step_advance_ref`] (the device's step counter), give the same quota at every call as the
+    /// host's [`Calls::set_quota`], past the schedule too; and each row's table is upstream's
+    /// `num_transfer_tokens` (odd counts, steps not dividing the block, empty rows).
+    #[test]
+    fn device_schedule_table_equals_the_sampler_quotas() {
+        let mask = 9;
+        let t = 16;
+        for (counts, spb) in [
+            (vec![8usize, 5], 3usize),
+            (vec![15], 4),
+            (vec![3, 0, 7], 5),
+            (vec![1], 1),
+            (vec![7, 16], 7),
+        ] {
+            let b = counts.len();
+            let x: Vec<u32> = counts
+                .iter()
+                .flat_map(|&c| (0..t).map(move |p| if p < c { mask } else { 1 }))
+                .collect();
+            let mut calls = Calls::new((b, t), (1, spb, spb), (CommitRule::Quota, mask), true);
+            calls.schedule(&x, 0..t);
+            let mut asked = Asked::new(b, b * t);
+            asked.masks(&x, t, 0..t, mask);
+            for (br, &c) in counts.iter().enumerate() {
+                let sched = &calls.block_plan(&asked, 0..t, 0).sched[br * spb..][..spb];
+                assert_eq!(*sched, num_transfer_tokens(c, spb)[..]);
+            }
+            // A block from its first call (plain generate, no cache) or its second (the calls
+            // against a KV cache).
+            for first in [0, 1] {
+                let plan = calls.block_plan(&asked, 0..t, first);
+                let (mut sched, mut dplan) = (Vec::new(), Vec::new());
+                let tables = (plan.seg, plan.sched, spb);
+                block_tables(tables, first, (&mut sched, &mut dplan)).unwrap();
+                assert_eq!(
+                    dplan[..=b],
+                    asked.off.iter().map(|&o| o as i32).collect::<Vec<_>>()[..]
+                );
+                let mut state = initial_state(0, (0, t)).unwrap();
+                state[crate::backend::step::STATE_STEP] = first as i32;
+                let mut ids = vec![1; b * t];
+                let s = StepShape {
+                    r: 0,
+                    b,
+                    t,
+                    n: b * t,
+                    mirror: 0,
+                    mask_id: mask,
+                    steps: spb,
+                };
+                for i in first..spb + 3 {
+                    calls.set_quota(i);
+                    let want: Vec<i32> = calls.quota.iter().map(|&q| q as i32).collect();
+                    let what = format!("{counts:?} over {spb} steps from {first}, call {i}");
+                    assert_eq!(dplan[b + 1..], want[..], "{what}");
+                    let bufs = (&mut ids[..], &mut state[..], &mut dplan[..]);
+                    step_advance_ref(bufs, (&[], &[], &sched), s).unwrap();
+                }
+            }
+        }
     }
 }

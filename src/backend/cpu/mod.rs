@@ -26,9 +26,10 @@ use super::{
     attention_name, AttnShape, Backend, CachedAttnShape, Gather, Kv, MatMul, Norm, OpClass, Rope,
     Rows,
 };
-use super::{CommitIn, HeadDims, LogProb, SelectIo};
+use super::{CommitIn, HeadDims, LogProb, SelectIo, StepIn};
 use crate::backend::commit::CommitShape;
 use crate::backend::head::{cfg_mix, select_one, SelectParams};
+use crate::backend::step::StepShape;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 
@@ -573,6 +574,15 @@ impl Backend for CpuBackend {
         crate::backend::commit::commit_rows(commit, (c.tok, c.conf), c.rows, c.ids, c.plan, s)
     }
 
+    fn step_advance(
+        &self,
+        (ids, state, plan): (&mut Vec<i32>, &mut Vec<i32>, &mut Vec<i32>),
+        c: StepIn<'_, Self>,
+        s: StepShape,
+    ) -> Result<()> {
+        crate::backend::step::step_advance_ref((ids, state, plan), (c.commit, c.rows, c.sched), s)
+    }
+
     fn select(&self, io: SelectIo<'_, Self>, s: HeadDims, p: &SelectParams) -> Result<()> {
         const OP: &str = "select";
         let (HeadDims { r, v }, keys) = (s, io.keys);
@@ -590,6 +600,19 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         ensure!(v > 0, "{OP}: vocabulary size V is 0");
+        // A step graph's state gives the RNG step.
+        let at_step;
+        let p = match io.step {
+            Some(st) => {
+                need(OP, "state", st.len(), crate::backend::step::STATE_LEN)?;
+                at_step = SelectParams {
+                    step: crate::backend::step::rng_step(st),
+                    ..p.clone()
+                };
+                &at_step
+            }
+            None => p,
+        };
         let (cond, uncond) = logits[..rr * v].split_at_mut(r * v);
         let uncond: &[f32] = uncond;
         tok[..r]

@@ -4,12 +4,16 @@
 
 use super::*;
 use crate::backend::commit::check_plan;
+use crate::backend::step::STATE_LEN;
 
 /// Threads per block of `head_select` (ABI: block 1024).
 pub(crate) const HEAD_THREADS: u32 = 1024;
 
 /// Threads per block of the top-k kernels.
 pub(crate) const TOPK_THREADS: u32 = 1024;
+
+/// Threads per block of `step_advance_i32` (one block).
+pub(crate) const STEP_THREADS: u32 = 1024;
 
 /// Threads per block of `log_prob_bf16`.
 pub(crate) const LOG_PROB_THREADS: u32 = 1024;
@@ -212,7 +216,50 @@ impl CudaBackend {
             Remasking::Random => 1,
         };
         let (seed, step) = (p.seed, p.step);
-        launch!(&self.stream, op, self.k.head_select, rows_geom(r, HEAD_THREADS); tp, cp, lp, kp,
-            r_, v_, temperature, cfg_scale, remasking, seed, step, forbid, sup0, sup1)
+        let g = rows_geom(r, HEAD_THREADS);
+        match io.step {
+            None => launch!(&self.stream, op, self.k.head_select, g; tp, cp, lp, kp, r_, v_,
+                temperature, cfg_scale, remasking, seed, step, forbid, sup0, sup1),
+            Some(st) => {
+                check_len(op, "state", st.len(), STATE_LEN)?;
+                launch!(&self.stream, op, self.k.head_select_step, g; tp, cp, lp, kp,
+                    self.ptr(st), r_, v_, temperature, cfg_scale, remasking, seed, forbid, sup0,
+                    sup1)
+            }
+        }
+    }
+
+    /// Launcher of `kernels/step_advance.cu` ([`Backend::step_advance`]).
+    pub(crate) fn launch_step_advance(
+        &self,
+        (ids, state, plan): (&mut Ints, &mut Ints, &mut Ints),
+        c: StepIn<'_, Self>,
+        s: StepShape,
+    ) -> Result<()> {
+        let op = "step_advance";
+        let StepIn {
+            commit,
+            rows,
+            sched,
+        } = c;
+        check_lens(op, &[("rows", rows.len(), s.r)])?;
+        let known_rows = rows.host().filter(|h| h.len() >= s.r).unwrap_or_default();
+        crate::backend::step::check(
+            op,
+            (ids.len(), state.len(), plan.len()),
+            (commit.len(), known_rows, sched.len()),
+            s,
+        )?;
+        // Always launched, even without rows: the step counter advances every step.
+        let i = |arg, v| int(op, arg, v);
+        let (r, b, t) = (i("r", s.r)?, i("b", s.b)?, i("t", s.t)?);
+        let (mirror, steps) = (i("mirror", s.mirror)?, i("steps", s.steps)?);
+        // The kernel indexes `ids` (n entries) and `plan` (2b + 1) in int.
+        i("n", s.n)?;
+        i("2b + 1", 2 * s.b + 1)?;
+        let mask = i("mask_id", s.mask_id as usize)?;
+        launch!(&self.stream, op, self.k.step_advance, rows_geom(1, STEP_THREADS);
+            self.ptr_mut(ids), self.ptr_mut(state), self.ptr_mut(plan), self.ptr(commit),
+            self.ptr(rows), self.ptr(sched), r, b, t, mirror, mask, steps)
     }
 }

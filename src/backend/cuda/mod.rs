@@ -38,9 +38,10 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::{attention_name, AttnShape, Backend, CachedAttnShape, DeviceError, GraphExec, OpClass};
-use super::{CommitIn, Gather, HeadDims, Kv, LogProb, MatMul, Norm, Rope, Rows, SelectIo};
+use super::{CommitIn, Gather, HeadDims, Kv, LogProb, MatMul, Norm, Rope, Rows, SelectIo, StepIn};
 use crate::backend::commit::CommitShape;
 use crate::backend::head::{Remasking, SelectParams};
+use crate::backend::step::StepShape;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::dtype::DType;
 
@@ -101,6 +102,8 @@ kernel_table!(
         swiglu: "swiglu_bf16",
         gather_rows: "gather_rows_bf16",
         head_select: "head_select_bf16",
+        head_select_step: "head_select_step_bf16",
+        step_advance: "step_advance_i32",
         topk_select: "topk_select_f32",
         threshold_select: "threshold_select_f32",
         commit_select: "commit_select_f32",
@@ -353,6 +356,15 @@ impl Backend for CudaBackend {
         s: CommitShape,
     ) -> Result<()> {
         self.launch_commit_select(commit, c, s)
+    }
+
+    fn step_advance(
+        &self,
+        bufs: (&mut Ints, &mut Ints, &mut Ints),
+        c: StepIn<'_, Self>,
+        s: StepShape,
+    ) -> Result<()> {
+        self.launch_step_advance(bufs, c, s)
     }
 
     fn log_prob(&self, out: &mut F32s, logits: &Act, targets: &Ints, s: LogProb) -> Result<()> {
