@@ -176,6 +176,27 @@ fn optimizer_steps_follow_the_cpu_reference() {
         );
     }
     gpu_t.pull_from_cuda(&st).unwrap();
+    // The working weights the next pass reads are exactly bf16(master) (RNE): AdamW refreshed
+    // them (stale weights would pass the loose checks above).
+    let work = st
+        .working_weights()
+        .unwrap()
+        .expect("bf16 storage keeps working weights");
+    for (i, name) in gpu_t.params.names.iter().enumerate() {
+        let want: Vec<f32> = gpu_t.params.data[i]
+            .iter()
+            .map(|&v| DType::BF16.round(v))
+            .collect();
+        let same = work[i].len() == want.len()
+            && work[i]
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "`{name}`: the working weights are not bf16 of the master weights"
+        );
+    }
     for (i, name) in cpu_t.params.names.iter().enumerate() {
         // The f32 masters moved by ≤ steps·lr from the same start: their difference is a
         // fraction of that.

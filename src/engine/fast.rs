@@ -226,7 +226,10 @@ fn device_block(
     (x, mut nr): (&mut [u32], usize),
     (hooks, block): (&mut Hooks<'_>, usize),
 ) -> Result<()> {
-    loop {
+    // Every call commits at least one token of a row with masks left, so a block of `nr` masks
+    // ends within `nr` calls; a device that commits nothing is an error, not a spin.
+    let cap = nr + 1;
+    for _ in 0..cap {
         let nfe = calls.nfe;
         let left = calls
             .device_pass(
@@ -241,6 +244,10 @@ fn device_block(
             return dev.read_tokens(x);
         }
     }
+    bail!(
+        "block {block}: the device steps left masks after {cap} calls (each call must commit at \
+         least one token; the step kernels are wrong on this device)"
+    )
 }
 
 #[cfg(test)]

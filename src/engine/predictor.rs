@@ -109,7 +109,10 @@ impl<'m, B: Backend> ModelPredictor<'m, B> {
     /// Run whole denoising steps on the backend, one graph replay each where the backend has
     /// graphs ([`super::stepgraph`]; default `LLADA_STEP_GRAPH=1`): the sampler uploads a block
     /// and reads back only the tokens at its end (and, in Fast-dLLM decoding, the masks left
-    /// after each step). Results are identical either way. Implies [`Self::set_device_select`]
+    /// after each step). Plain `generate` gives identical results either way; Fast-dLLM blocks
+    /// ask the head for the block's first-step rows every step, identical on the CPU and on a GPU
+    /// only if the head GEMM gives a row the same result at any row count (the GPU parity test
+    /// `step_graph_generation_equals_host_select` checks it). Implies [`Self::set_device_select`]
     /// for the passes it does not cover (Fast-dLLM's KV caches).
     pub fn set_step_graph(&mut self, on: bool) {
         self.step_graph = on;

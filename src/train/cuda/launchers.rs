@@ -208,8 +208,8 @@ impl TrainOps for CudaOps {
         if self.lora.is_some() {
             return self.lora_linear_bwd(dx, a);
         }
-        let (dx, accumulate) = dx.split();
-        let dxa = dx.as_ref().map(|b| (Arg::r(self, b), accumulate));
+        let (mut dx, accumulate) = dx.split();
+        let dxa = dx.as_deref_mut().map(|b| (Arg::w(self, b), accumulate));
         let ins = [a.dy, a.x, a.w].map(|b| Arg::r(self, b));
         let zero = || dx.map_or(Ok(()), |b| self.zero_fill(b));
         let dw = dw.map(|b| Arg::w(self, b));

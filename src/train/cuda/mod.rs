@@ -191,6 +191,17 @@ impl CudaTrainState {
         Ok(())
     }
 
+    /// bf16 storage's working weights as f32 values, one vector per tensor (a device
+    /// synchronizes); `None` in f32 storage. Every AdamW step makes them `bf16(params)` (RNE).
+    pub fn working_weights(&self) -> Result<Option<Vec<Vec<f32>>>> {
+        let Some(work) = &self.work else {
+            return Ok(None);
+        };
+        let ops = CudaBf16::new(&self.ops)?;
+        let w = work.iter().map(|b| ops.download(b, b.len()));
+        Ok(Some(w.collect::<Result<_>>()?))
+    }
+
     /// Join the NCCL communicator of rank `rank` of `world` (every rank calls this with the
     /// same `id`; it blocks until all have).
     pub fn attach_nccl(

@@ -132,6 +132,12 @@ impl ShardStore for CudaShard {
     /// `adamw_f32` on each piece at its offset, the clip folded in as a gradient scale.
     fn update(&mut self, pieces: &[Piece], u: &Update) -> Result<()> {
         let g = &mut self.gpu;
+        // The sharded update writes no bf16 working weights (`p_bf16` is `None`): bf16 storage
+        // would train on stale weights, so it is refused here as well as by the CLI.
+        ensure!(
+            g.work.is_none(),
+            "ZeRO-1 on CUDA keeps no bf16 working weights: use f32 storage with --zero 1"
+        );
         let h = AdamWScalars::new(&u.cfg, u.t, u.lr, u.clip.unwrap_or(1.0));
         for p in pieces {
             let i = p.tensor;

@@ -64,6 +64,8 @@ pub(super) fn run_steps(
                 "step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm,
             });
             writeln!(d, "{line}")?;
+            // Each step whole on disk: a run cut short (a timeout) leaves complete lines.
+            d.flush().context("--dump-batches")?;
         }
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         let line = format!(
