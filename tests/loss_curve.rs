@@ -244,31 +244,67 @@ fn write_replay(path: &Path, losses: &[f64], precision: &str) {
     std::fs::write(path, v.to_string()).unwrap();
 }
 
+/// Made-up curves of `n` steps, written to a new temporary dir: torch f32 (`t32.json`) falling from 10, torch
+/// bf16 (`t16.json`) off it by a noise that grows with the step and changes sign, and two
+/// passing llada runs: f32 2e-5 off (`l32.jsonl`), bf16 on the far side of torch f32, 2× the
+/// noise away (`l16.jsonl`).
+struct Curves {
+    t32: Vec<f64>,
+    noise: Vec<f64>,
+    t16: Vec<f64>,
+    l32: Vec<Option<f64>>,
+    l16: Vec<Option<f64>>,
+}
+
+/// The curves in a new `TempDir::new(tag)`; None (the test returns) without a python3.
+fn made_up_curves(tag: &str, n: usize) -> Option<(TempDir, Curves)> {
+    if !common::cli::python_has("json") {
+        return None;
+    }
+    let dir = TempDir::new(tag);
+    let p = |f: &str| dir.path().join(f);
+    let t32: Vec<f64> = (0..n).map(|s| 10.0 - 0.1 * s as f64).collect();
+    let noise: Vec<f64> = (0..n)
+        .map(|s| 0.002 * (s + 1) as f64 * if s % 3 == 0 { -1.0 } else { 1.0 })
+        .collect();
+    let t16: Vec<f64> = t32.iter().zip(&noise).map(|(a, e)| a + e).collect();
+    write_replay(&p("t32.json"), &t32, "f32");
+    write_replay(&p("t16.json"), &t16, "bf16");
+    let l32: Vec<Option<f64>> = t32.iter().map(|x| Some(x * (1.0 + 2e-5))).collect();
+    let l16: Vec<Option<f64>> = t32.iter().zip(&noise).map(|(a, e)| Some(a - e)).collect();
+    write_dump(&p("l32.jsonl"), &l32, 1);
+    write_dump(&p("l16.jsonl"), &l16, 1);
+    let curves = Curves {
+        t32,
+        noise,
+        t16,
+        l32,
+        l16,
+    };
+    Some((dir, curves))
+}
+
 /// bench/loss_curve.py's criterion on made-up curves: llada f32 within 1e-4 of torch f32;
 /// other llada runs within 3× the running maximum of |torch bf16 − torch f32| (+ 1e-4 of the
 /// loss) of torch bf16; NaN, a missing reference or different batches are failures.
 #[test]
 fn loss_curve_criterion() {
-    if !common::cli::python_has("json") {
-        return;
-    }
-    let dir = TempDir::new("curve-py");
-    let p = |n: &str| dir.path().join(n);
     let n = 20;
-    let t32: Vec<f64> = (0..n).map(|s| 10.0 - 0.1 * s as f64).collect();
-    // The bf16 noise: grows with the step and changes sign.
-    let noise: Vec<f64> = (0..n)
-        .map(|s| 0.002 * (s + 1) as f64 * if s % 3 == 0 { -1.0 } else { 1.0 })
-        .collect();
-    let t16: Vec<f64> = t32.iter().zip(&noise).map(|(a, e)| a + e).collect();
+    let Some((
+        dir,
+        Curves {
+            t32,
+            noise,
+            t16,
+            l32,
+            l16,
+        },
+    )) = made_up_curves("curve-py", n)
+    else {
+        return;
+    };
+    let p = |n: &str| dir.path().join(n);
     let env = |s: usize| noise[..=s].iter().fold(0f64, |m, e| m.max(e.abs()));
-    write_replay(&p("t32.json"), &t32, "f32");
-    write_replay(&p("t16.json"), &t16, "bf16");
-    // Passing runs: f32 2e-5 off; bf16 on the far side of torch f32 (2× the noise away).
-    let l32: Vec<Option<f64>> = t32.iter().map(|x| Some(x * (1.0 + 2e-5))).collect();
-    let l16: Vec<Option<f64>> = t32.iter().zip(&noise).map(|(a, e)| Some(a - e)).collect();
-    write_dump(&p("l32.jsonl"), &l32, 1);
-    write_dump(&p("l16.jsonl"), &l16, 1);
     let s = |x: &Path| x.to_str().unwrap().to_string();
     let args = |l16: &str, extra: &[&str]| {
         let mut a = vec![
@@ -335,24 +371,11 @@ fn loss_curve_criterion() {
 /// recorded, left out of the verdict).
 #[test]
 fn loss_curve_partial_inputs() {
-    if !common::cli::python_has("json") {
+    let Some((dir, Curves { t32, t16, l16, .. })) = made_up_curves("curve-py-partial", 20) else {
         return;
-    }
-    let dir = TempDir::new("curve-py-partial");
+    };
     let p = |n: &str| dir.path().join(n);
     let s = |x: &Path| x.to_str().unwrap().to_string();
-    let n = 20;
-    let t32: Vec<f64> = (0..n).map(|s| 10.0 - 0.1 * s as f64).collect();
-    let noise: Vec<f64> = (0..n)
-        .map(|s| 0.002 * (s + 1) as f64 * if s % 3 == 0 { -1.0 } else { 1.0 })
-        .collect();
-    let t16: Vec<f64> = t32.iter().zip(&noise).map(|(a, e)| a + e).collect();
-    write_replay(&p("t32.json"), &t32, "f32");
-    write_replay(&p("t16.json"), &t16, "bf16");
-    let l32: Vec<Option<f64>> = t32.iter().map(|x| Some(x * (1.0 + 2e-5))).collect();
-    let l16: Vec<Option<f64>> = t32.iter().zip(&noise).map(|(a, e)| Some(a - e)).collect();
-    write_dump(&p("l32.jsonl"), &l32, 1);
-    write_dump(&p("l16.jsonl"), &l16, 1);
     let run_arg = |label: &str, f: &str| format!("--llada={label}={}", s(&p(f)));
     let replay_arg = |prec: &str, f: &str| format!("--torch={prec}={}", s(&p(f)));
     let out_arg = format!("--json={}", s(&p("out.json")));
