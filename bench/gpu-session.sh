@@ -23,6 +23,13 @@ cd "$here"
 export LLADA_REQUIRE_NCCL=1
 PY=${PYTHON:-python3}
 exec 3>&1
+# Scratch space outside RESULTS_DIR for whatever is large and no result (the curve group's
+# initial checkpoint, ~2.5 GB for llada-1b; every `llada train --out` folder; the token-id
+# files): RESULTS_DIR comes back from the device machine only when it is small. Each step
+# removes its scratch as soon as it is done with it; the trap removes the rest.
+scratch=$(mktemp -d "${SCRATCH_DIR:-${TMPDIR:-/tmp}}/llada-session.XXXXXX") || { echo "mktemp failed" >&2; exit 1; }
+case "$scratch/" in "$res"/*) echo "scratch $scratch is inside RESULTS_DIR $res: set SCRATCH_DIR" >&2; rm -rf "$scratch"; exit 1 ;; esac
+trap 'rm -rf "$scratch"' EXIT
 # step_timeout SECONDS CMD...: `timeout`, shortened to what is left of the group's budget
 # (group_end, in $SECONDS) when one is set; with under 15 s left the step is skipped (rc 124).
 step_timeout() {
@@ -125,7 +132,7 @@ train_throughput() {
     # Random token ids (no tokenizer for the presets): 160 documents of 1000 ids below 126000
     # (below 500 for the tiny preset, whose mask id is 502).
     local hi=126000; [ "$preset" = tiny ] && hi=500
-    "$PY" -c "import json,random,sys; random.seed(0); print('\n'.join(json.dumps({'ids':[random.randrange(int(sys.argv[1])) for _ in range(1000)]}) for _ in range(160)))" $hi >"$out/train-ids.jsonl"
+    "$PY" -c "import json,random,sys; random.seed(0); print('\n'.join(json.dumps({'ids':[random.randrange(int(sys.argv[1])) for _ in range(1000)]}) for _ in range(160)))" $hi >"$scratch/train-ids.jsonl"
     # MFU against PEAK_TFLOPS (default: H100/H200 SXM dense bf16, 989 TFLOP/s; the f32 run is
     # measured against the same peak, for comparison).
     for prec in $precs; do
@@ -134,12 +141,14 @@ train_throughput() {
         # weights, moments and weight gradients), PyTorch autocast's counterpart; not run on a GPU yet.
         local flags="--precision $prec"; [ $prec = bf16s ] && flags="--storage bf16"
         step_timeout "${T_TRAIN:-300}" bin/llada train --preset "$preset" --device "$dev" $flags \
-            --data "$out/train-ids.jsonl" --out "$out/train-1b" --steps $steps --batch-size "$b" --seq-len "$t" \
+            --data "$scratch/train-ids.jsonl" --out "$scratch/train-1b-$prec" --steps $steps --batch-size "$b" --seq-len "$t" \
             --warmup 1 --no-truncate --no-save --peak-tflops "${PEAK_TFLOPS:-989}" \
             >"$out/train-1b-$prec.log" 2>&1
         echo "exit $? ($prec); $(grep -m1 '^device:' "$out/train-1b-$prec.log")"
+        rm -rf "$scratch/train-1b-$prec"
         grep '\] step ' "$out/train-1b-$prec.log" | tail -n 1 | sed 's/^.*\] //'
     done
+    rm -f "$scratch/train-ids.jsonl"
     echo "== torch_reference --train: the same training step in PyTorch ($preset, batch $b x $t)"
     # bf16 = torch.autocast to bf16 around forward + loss with f32 master weights (the counterpart of
     # --precision bf16); f32 = plain f32 with TF32 off. One process per precision.
@@ -195,15 +204,16 @@ lora_8b() {
     echo "== llada train --lora-rank 16: $preset preset, frozen bf16 base, 1 x $seq tokens, 3 steps"
     # Token ids (the presets have no tokenizer, so the pretraining loss; an SFT step costs the same).
     local hi=126000; [ "$preset" = tiny ] && hi=500
-    "$PY" -c "import json,random,sys; random.seed(1); print('\n'.join(json.dumps({'ids':[random.randrange(int(sys.argv[1])) for _ in range(int(sys.argv[2]) + 52)]}) for _ in range(8)))" $hi "$seq" >"$out/lora-ids.jsonl"
+    "$PY" -c "import json,random,sys; random.seed(1); print('\n'.join(json.dumps({'ids':[random.randrange(int(sys.argv[1])) for _ in range(int(sys.argv[2]) + 52)]}) for _ in range(8)))" $hi "$seq" >"$scratch/lora-ids.jsonl"
     local smi=""
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 >"$out/lora-8b-smi.csv" 2>/dev/null &
         smi=$!
     fi
-    step_timeout "${T_LORA:-120}" bin/llada train --preset "$preset" --device "$dev" --lora-rank 16 --data "$out/lora-ids.jsonl" \
-        --out "$out/lora-8b" --steps 3 --batch-size 1 --seq-len "$seq" --warmup 1 --no-truncate --no-save >"$out/lora-8b.log" 2>&1
+    step_timeout "${T_LORA:-120}" bin/llada train --preset "$preset" --device "$dev" --lora-rank 16 --data "$scratch/lora-ids.jsonl" \
+        --out "$scratch/lora-8b" --steps 3 --batch-size 1 --seq-len "$seq" --warmup 1 --no-truncate --no-save >"$out/lora-8b.log" 2>&1
     echo "exit $?; $(grep -m1 '^LoRA GPU memory' "$out/lora-8b.log" | cut -c1-160)"
+    rm -rf "$scratch/lora-8b" "$scratch/lora-ids.jsonl"
     [ -n "$smi" ] && kill "$smi" 2>/dev/null && wait "$smi" 2>/dev/null
     grep -E '^step |peak GPU memory' "$out/lora-8b.log" | tail -n 2
     "$PY" - "$out" <<'PY' || echo "lora summary: n/a"
@@ -234,7 +244,8 @@ PY
 # `--storage bf16` when this build has it), PyTorch replaying the f32 run's batches in f32 and in
 # bf16 autocast on the same GPU, and bench/loss_curve.py's verdict (criterion in its docs).
 # Outputs: RESULTS_DIR/<date>-<gpu>/ (loss-curve.json, train-throughput.json, lora-8b.json are
-# the files to commit under bench/results/; the logs and *.dump.jsonl stay beside them).
+# the files to commit under bench/results/; the logs and *.dump.jsonl.gz stay beside them). The
+# checkpoint and the train --out folders go to the scratch dir (above), not RESULTS_DIR.
 # CURVE_DEVICE=cpu CURVE_PRESET=tiny (and the TARGET_/LORA_ variables) is the CPU dry run.
 curve_checks() {
     local dev=${CURVE_DEVICE:-cuda} preset=${CURVE_PRESET:-llada-1b} steps=${CURVE_STEPS:-50}
@@ -260,9 +271,12 @@ import json, random, sys
 hi = int(sys.argv[1]); random.seed(2)
 for _ in range(64):
     a, b = random.randrange(hi), random.randrange(1, 8)
-    print(json.dumps({'ids': [1 + (a + b * i) % (hi - 1) for i in range(600)]}))" $hi >"$out/curve-ids.jsonl"
-    rm -rf "$out/init"
-    step_timeout "${T_CURVE_INIT:-90}" bin/llada init --preset "$preset" --out "$out/init" --init mitchell \
+    print(json.dumps({'ids': [1 + (a + b * i) % (hi - 1) for i in range(600)]}))" $hi >"$scratch/curve-ids.jsonl"
+    # The initial checkpoint (~2.5 GB for llada-1b) and the runs' --out folders live in the
+    # scratch dir, never under RESULTS_DIR, and go as soon as they are not needed.
+    local init="$scratch/curve-init"
+    rm -rf "$init"
+    step_timeout "${T_CURVE_INIT:-90}" bin/llada init --preset "$preset" --out "$init" --init mitchell \
         --dtype bf16 --seed 0 >"$out/init.log" 2>&1
     echo "exit $? (llada init --preset $preset --init mitchell --dtype bf16): $(tail -n 1 "$out/init.log")"
     local runs="f32 bf16"
@@ -273,39 +287,58 @@ for _ in range(64):
     else
         echo "(this build has no --storage: no bf16-storage run)"
     fi
-    local train=(--model "$out/init" --device "$dev" --data "$out/curve-ids.jsonl" --steps "$steps"
+    local train=(--model "$init" --device "$dev" --data "$scratch/curve-ids.jsonl" --steps "$steps"
         --batch-size "${CURVE_BATCH:-4}" --accum 2 --seq-len "${CURVE_SEQ:-256}" --lr "${CURVE_LR:-1e-4}"
         --warmup 5 --schedule wsd --weight-decay 0.1 --clip 1.0 --seed 1 --no-dist --no-save
         --peak-tflops "${PEAK_TFLOPS:-989}")
-    local args=() cmp=()
+    local args=() cmp=() rc dump
     for label in $runs; do
         case $label in
             f32) args=(--precision f32) ;;
             bf16) args=(--precision bf16) ;;
             bf16-storage) args=(--precision bf16 --storage bf16) ;;
         esac
-        step_timeout "${T_CURVE_TRAIN:-120}" bin/llada train "${train[@]}" "${args[@]}" --out "$out/train-$label" \
-            --dump-batches "$out/llada-$label.dump.jsonl" >"$out/llada-$label.log" 2>&1
-        local rc=$?
+        dump="$out/llada-$label.dump.jsonl"
+        rm -f "$dump"
+        step_timeout "${T_CURVE_TRAIN:-120}" bin/llada train "${train[@]}" "${args[@]}" --out "$scratch/train-$label" \
+            --dump-batches "$dump" >"$out/llada-$label.log" 2>&1
+        rc=$?
+        rm -rf "$scratch/train-$label"
         echo "exit $rc (llada $label); $(grep -m1 'device:' "$out/llada-$label.log" | cut -c1-120)"
         grep '\] step ' "$out/llada-$label.log" | tail -n 1 | sed 's/^.*\] //'
-        # A failed or cut-short run is reported here and left out of the comparison (its dump
-        # would be partial); the f32 run is the one PyTorch replays, so it is always compared.
-        if [ $rc = 0 ] || [ "$label" = f32 ]; then
-            cmp+=(--llada "$label=$out/llada-$label.dump.jsonl")
+        # Only a run that finished is compared (a failed or cut-short run is reported here; its
+        # dump stays beside the logs). One failed run leaves the others' verdict standing.
+        if [ $rc = 0 ] && [ -s "$dump" ]; then
+            cmp+=(--llada "$label=$dump")
         else
+            echo "llada $label: left out of the comparison (exit $rc)"
             grep -m3 -E '^error|panicked' "$out/llada-$label.log"
         fi
     done
+    # PyTorch replays the f32 run's batches (its dump, complete or not, when there is one).
     for prec in f32 bf16; do
+        if [ ! -s "$out/llada-f32.dump.jsonl" ]; then
+            echo "torch replay $prec: skipped (no llada f32 dump to replay)"; continue
+        fi
+        rm -f "$out/torch-replay-$prec.json"
         step_timeout "${T_CURVE_TORCH:-120}" "$PY" torch_reference.py --train-replay "$out/llada-f32.dump.jsonl" \
-            --train-init "$out/init" --device "$dev" --train-precision $prec --json "$out/torch-replay-$prec.json" \
+            --train-init "$init" --device "$dev" --train-precision $prec --json "$out/torch-replay-$prec.json" \
             >"$out/torch-replay-$prec.log" 2>&1
-        echo "exit $? (torch replay $prec); $(grep -m1 '^# replay ' "$out/torch-replay-$prec.log" | cut -c1-160)"
-        cmp+=(--torch "$prec=$out/torch-replay-$prec.json")
+        rc=$?
+        echo "exit $rc (torch replay $prec); $(grep -m1 '^# replay ' "$out/torch-replay-$prec.log" | cut -c1-160)"
+        if [ $rc = 0 ] && [ -s "$out/torch-replay-$prec.json" ]; then
+            cmp+=(--torch "$prec=$out/torch-replay-$prec.json")
+        else
+            echo "torch replay $prec: left out of the comparison (exit $rc)"
+            grep -m3 -E 'Error|error' "$out/torch-replay-$prec.log"
+        fi
     done
+    rm -rf "$init" "$scratch/curve-ids.jsonl"
     echo "== loss curves: llada vs PyTorch (bench/loss_curve.py)"
     "$PY" loss_curve.py "${cmp[@]}" --gpu "$gpu" --json "$out/loss-curve.json" 2>&1 | tee "$out/loss-curve.txt"
+    echo "exit ${PIPESTATUS[0]} (loss_curve.py: 0 pass, 1 a criterion failed, 2 nothing to judge)"
+    # The dumps (~2.5 MB each for llada-1b, 50 steps of 2 x 4 x 256 tokens) travel gzipped.
+    gzip -f "$out"/llada-*.dump.jsonl 2>/dev/null || true
     echo "== issue #17 targets"
     # bf16 is the target's precision (the CPU dry run trains f32 only).
     if [ "$dev" = cpu ]; then train_throughput "$out" "f32"; else train_throughput "$out" "bf16"; fi

@@ -244,31 +244,67 @@ fn write_replay(path: &Path, losses: &[f64], precision: &str) {
     std::fs::write(path, v.to_string()).unwrap();
 }
 
+/// Made-up curves of `n` steps, written to a new temporary dir: torch f32 (`t32.json`) falling from 10, torch
+/// bf16 (`t16.json`) off it by a noise that grows with the step and changes sign, and two
+/// passing llada runs: f32 2e-5 off (`l32.jsonl`), bf16 on the far side of torch f32, 2× the
+/// noise away (`l16.jsonl`).
+struct Curves {
+    t32: Vec<f64>,
+    noise: Vec<f64>,
+    t16: Vec<f64>,
+    l32: Vec<Option<f64>>,
+    l16: Vec<Option<f64>>,
+}
+
+/// The curves in a new `TempDir::new(tag)`; None (the test returns) without a python3.
+fn made_up_curves(tag: &str, n: usize) -> Option<(TempDir, Curves)> {
+    if !common::cli::python_has("json") {
+        return None;
+    }
+    let dir = TempDir::new(tag);
+    let p = |f: &str| dir.path().join(f);
+    let t32: Vec<f64> = (0..n).map(|s| 10.0 - 0.1 * s as f64).collect();
+    let noise: Vec<f64> = (0..n)
+        .map(|s| 0.002 * (s + 1) as f64 * if s % 3 == 0 { -1.0 } else { 1.0 })
+        .collect();
+    let t16: Vec<f64> = t32.iter().zip(&noise).map(|(a, e)| a + e).collect();
+    write_replay(&p("t32.json"), &t32, "f32");
+    write_replay(&p("t16.json"), &t16, "bf16");
+    let l32: Vec<Option<f64>> = t32.iter().map(|x| Some(x * (1.0 + 2e-5))).collect();
+    let l16: Vec<Option<f64>> = t32.iter().zip(&noise).map(|(a, e)| Some(a - e)).collect();
+    write_dump(&p("l32.jsonl"), &l32, 1);
+    write_dump(&p("l16.jsonl"), &l16, 1);
+    let curves = Curves {
+        t32,
+        noise,
+        t16,
+        l32,
+        l16,
+    };
+    Some((dir, curves))
+}
+
 /// bench/loss_curve.py's criterion on made-up curves: llada f32 within 1e-4 of torch f32;
 /// other llada runs within 3× the running maximum of |torch bf16 − torch f32| (+ 1e-4 of the
 /// loss) of torch bf16; NaN, a missing reference or different batches are failures.
 #[test]
 fn loss_curve_criterion() {
-    if !common::cli::python_has("json") {
-        return;
-    }
-    let dir = TempDir::new("curve-py");
-    let p = |n: &str| dir.path().join(n);
     let n = 20;
-    let t32: Vec<f64> = (0..n).map(|s| 10.0 - 0.1 * s as f64).collect();
-    // The bf16 noise: grows with the step and changes sign.
-    let noise: Vec<f64> = (0..n)
-        .map(|s| 0.002 * (s + 1) as f64 * if s % 3 == 0 { -1.0 } else { 1.0 })
-        .collect();
-    let t16: Vec<f64> = t32.iter().zip(&noise).map(|(a, e)| a + e).collect();
+    let Some((
+        dir,
+        Curves {
+            t32,
+            noise,
+            t16,
+            l32,
+            l16,
+        },
+    )) = made_up_curves("curve-py", n)
+    else {
+        return;
+    };
+    let p = |n: &str| dir.path().join(n);
     let env = |s: usize| noise[..=s].iter().fold(0f64, |m, e| m.max(e.abs()));
-    write_replay(&p("t32.json"), &t32, "f32");
-    write_replay(&p("t16.json"), &t16, "bf16");
-    // Passing runs: f32 2e-5 off; bf16 on the far side of torch f32 (2× the noise away).
-    let l32: Vec<Option<f64>> = t32.iter().map(|x| Some(x * (1.0 + 2e-5))).collect();
-    let l16: Vec<Option<f64>> = t32.iter().zip(&noise).map(|(a, e)| Some(a - e)).collect();
-    write_dump(&p("l32.jsonl"), &l32, 1);
-    write_dump(&p("l16.jsonl"), &l16, 1);
     let s = |x: &Path| x.to_str().unwrap().to_string();
     let args = |l16: &str, extra: &[&str]| {
         let mut a = vec![
@@ -325,6 +361,145 @@ fn loss_curve_criterion() {
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("--torch bf16"), "{err}");
+}
+
+/// bench/loss_curve.py on partial or suspect inputs (a failed step of the GPU session must not
+/// lose the verdict): without torch bf16 the f32 run is judged alone (exit 0, bf16 "not
+/// judged"); a dump whose last line was cut mid-write is read up to it and the runs are compared
+/// over their common steps (a cut line elsewhere is unusable); a torch bf16 replay 6 % off torch
+/// f32 is implausible noise (bf16 not judged); a `bf16-storage` run is report-only (its ratio
+/// recorded, left out of the verdict).
+#[test]
+fn loss_curve_partial_inputs() {
+    let Some((dir, Curves { t32, t16, l16, .. })) = made_up_curves("curve-py-partial", 20) else {
+        return;
+    };
+    let p = |n: &str| dir.path().join(n);
+    let s = |x: &Path| x.to_str().unwrap().to_string();
+    let run_arg = |label: &str, f: &str| format!("--llada={label}={}", s(&p(f)));
+    let replay_arg = |prec: &str, f: &str| format!("--torch={prec}={}", s(&p(f)));
+    let out_arg = format!("--json={}", s(&p("out.json")));
+
+    // No torch bf16 replay: f32 is judged alone and passes; bf16 is not judged, with the reason.
+    let (code, out, err) = loss_curve_py(&[
+        run_arg("f32", "l32.jsonl"),
+        run_arg("bf16", "l16.jsonl"),
+        replay_arg("f32", "t32.json"),
+        out_arg.clone(),
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("NOT JUDGED"), "{out}");
+    let v = read_json(&p("out.json"));
+    assert_eq!(v["passed"], true);
+    assert_eq!(v["verdict"]["f32"]["passed"], true);
+    assert_eq!(v["verdict"]["bf16"]["judged"], false);
+    assert!(v["verdict"]["bf16"]["passed"].is_null(), "{v}");
+    let why = v["verdict"]["bf16"]["reason"].as_str().unwrap();
+    assert!(why.contains("--torch bf16"), "{why}");
+
+    // The bf16 dump cut mid-line after step 15's loss (a run killed by `timeout`): the last line
+    // is dropped with a warning and every run is compared over the 15 common steps.
+    let text = std::fs::read_to_string(p("l16.jsonl")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // Line 0 holds the options, then each step has a micro-batch line and a loss line.
+    let cut = format!(
+        "{}\n{}",
+        lines[..1 + 2 * 15].join("\n"),
+        &lines[1 + 2 * 15][..30]
+    );
+    std::fs::write(p("cut16.jsonl"), cut).unwrap();
+    let (code, out, err) = loss_curve_py(&[
+        run_arg("f32", "l32.jsonl"),
+        run_arg("bf16", "cut16.jsonl"),
+        replay_arg("f32", "t32.json"),
+        replay_arg("bf16", "t16.json"),
+        out_arg.clone(),
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("warning") && err.contains("last line"),
+        "{err}"
+    );
+    assert!(out.contains("compared over 15 common steps"), "{out}");
+    let v = read_json(&p("out.json"));
+    assert_eq!(v["steps_compared"], 15);
+    assert_eq!(v["steps"].as_array().unwrap().len(), 15);
+    assert_eq!(v["steps_available"]["llada bf16"], 15);
+    assert_eq!(v["steps_available"]["llada f32"], 20);
+    assert_eq!(v["verdict"]["bf16"]["passed"], true);
+    // The same cut on any other line is unusable.
+    let mut mid = lines.clone();
+    mid[5] = &lines[5][..30];
+    std::fs::write(p("mid16.jsonl"), mid.join("\n") + "\n").unwrap();
+    let (code, _, err) = loss_curve_py(&[
+        run_arg("f32", "l32.jsonl"),
+        run_arg("bf16", "mid16.jsonl"),
+        replay_arg("f32", "t32.json"),
+        replay_arg("bf16", "t16.json"),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not JSON"), "{err}");
+
+    // Torch bf16 6 % off torch f32 at step 10 (bf16 rounding moves the loss by ~1e-2): the noise
+    // is implausible, bf16 is not judged, f32 still is.
+    let mut t16b = t16;
+    t16b[9] = t32[9] * 1.06;
+    write_replay(&p("t16b.json"), &t16b, "bf16");
+    let (code, out, err) = loss_curve_py(&[
+        run_arg("f32", "l32.jsonl"),
+        run_arg("bf16", "l16.jsonl"),
+        replay_arg("f32", "t32.json"),
+        replay_arg("bf16", "t16b.json"),
+        out_arg.clone(),
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let v = read_json(&p("out.json"));
+    assert_eq!(v["verdict"]["bf16"]["judged"], false);
+    let why = v["verdict"]["bf16"]["reason"].as_str().unwrap();
+    assert!(why.contains("noise implausible"), "{why}");
+    assert_eq!(v["noise_implausible_at"], 10);
+    let rel = v["steps"][9]["noise_rel"].as_f64().unwrap();
+    assert!((rel - 0.06).abs() < 1e-9, "noise/loss at step 10: {rel}");
+    assert_eq!(v["verdict"]["f32"]["passed"], true);
+    // With the bf16 run alone nothing can be judged.
+    let (code, _, err) = loss_curve_py(&[
+        run_arg("bf16", "l16.jsonl"),
+        replay_arg("f32", "t32.json"),
+        replay_arg("bf16", "t16b.json"),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("noise implausible"), "{err}");
+
+    // A bf16-storage run 0.5 off (far beyond the bf16 bound) is report-only: its ratio is in the
+    // JSON, the verdict (f32 and bf16) still passes.
+    let far: Vec<Option<f64>> = l16.iter().map(|x| x.map(|v| v + 0.5)).collect();
+    write_dump(&p("s16.jsonl"), &far, 1);
+    let (code, out, err) = loss_curve_py(&[
+        run_arg("f32", "l32.jsonl"),
+        run_arg("bf16", "l16.jsonl"),
+        run_arg("bf16-storage", "s16.jsonl"),
+        replay_arg("f32", "t32.json"),
+        replay_arg("bf16", "t16.json"),
+        out_arg,
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let v = read_json(&p("out.json"));
+    let st = &v["verdict"]["bf16-storage"];
+    assert_eq!(st["judged"], false);
+    assert!(st["passed"].is_null(), "{st}");
+    assert!(st["worst_ratio"].as_f64().unwrap() > 1.0, "{st}");
+    assert!(
+        st["reason"].as_str().unwrap().contains("report only"),
+        "{st}"
+    );
+    assert!(
+        v["steps"][0]["llada"]["bf16-storage"]["ratio"]
+            .as_f64()
+            .unwrap()
+            > 1.0
+    );
+    assert_eq!(v["judged"], serde_json::json!(["f32", "bf16"]));
+    assert_eq!(v["passed"], true);
 }
 
 /// bench/loss_curve.py on a real run: `llada train --dump-batches` of the fixture's 50 tiny
