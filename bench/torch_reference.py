@@ -436,7 +436,18 @@ def train_replay(a):
         # One thread and no oneDNN: the CPU replay sums in a fixed order.
         torch.set_num_threads(1)
         torch.backends.mkldnn.enabled = False
-    lines = [json.loads(x) for x in open(a.train_replay) if x.strip()]
+    raw = [x for x in open(a.train_replay) if x.strip()]
+    lines = []
+    for i, x in enumerate(raw):
+        try:
+            lines.append(json.loads(x))
+        except json.JSONDecodeError:
+            # A run cut short by a timeout may leave its last line unfinished: replay what is
+            # whole. A bad line anywhere else is a broken dump.
+            if i + 1 < len(raw):
+                raise SystemExit(f"--train-replay: line {i + 1} of {a.train_replay} is not JSON")
+            print(f"warning: ignoring the unfinished last line of {a.train_replay}",
+                  file=sys.stderr)
     o = lines[0]["options"]
     if o["sft"] or o["world"] != 1:
         raise SystemExit("--train-replay: pretraining dumps of one process only")
@@ -456,6 +467,11 @@ def train_replay(a):
             micro.setdefault(x["step"], []).append(x)
         else:
             llada_steps[x["step"]] = x
+    last = max(micro) if micro else None
+    if last is not None and (len(micro[last]) != o["accum"] or last + 1 not in llada_steps):
+        # The step a timeout cut short (its micro-batches or its result not all written).
+        print(f"warning: ignoring step {last + 1}, unfinished in {a.train_replay}", file=sys.stderr)
+        del micro[last]
     out = []
     for step in sorted(micro):
         mbs = micro[step]
