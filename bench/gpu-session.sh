@@ -236,6 +236,18 @@ print(f"LoRA 8B: tok/s {r['tokens_per_s']}, peak {r['run_peak_gib']} GiB (run), 
 PY
 }
 
+# compare_if_done RC FILE FLAG LABEL LOG PATTERN: a run that exited 0 with a non-empty FILE joins
+# loss_curve.py's inputs (`FLAG LABEL=FILE`, into the caller's `cmp` array); another is reported
+# with LOG's first lines matching PATTERN and left out, so the others' verdict stands.
+compare_if_done() {
+    if [ "$1" = 0 ] && [ -s "$2" ]; then
+        cmp+=("$3" "$4=$2")
+    else
+        echo "${3#--} $4: left out of the comparison (exit $1)"
+        grep -m3 -E "$6" "$5"
+    fi
+}
+
 # Issue #17 item 6, loss-curve parity on the GPU (GPU_SESSION_ONLY=curve runs just this and the
 # #17 targets, sized for one device call of at most 8 minutes: CURVE_BUDGET seconds, default
 # 450, after which the remaining steps are skipped). The llada-1b preset with upstream's
@@ -308,12 +320,7 @@ for _ in range(64):
         grep '\] step ' "$out/llada-$label.log" | tail -n 1 | sed 's/^.*\] //'
         # Only a run that finished is compared (a failed or cut-short run is reported here; its
         # dump stays beside the logs). One failed run leaves the others' verdict standing.
-        if [ $rc = 0 ] && [ -s "$dump" ]; then
-            cmp+=(--llada "$label=$dump")
-        else
-            echo "llada $label: left out of the comparison (exit $rc)"
-            grep -m3 -E '^error|panicked' "$out/llada-$label.log"
-        fi
+        compare_if_done "$rc" "$dump" --llada "$label" "$out/llada-$label.log" '^error|panicked'
     done
     # PyTorch replays the f32 run's batches (its dump, complete or not, when there is one).
     for prec in f32 bf16; do
@@ -326,12 +333,7 @@ for _ in range(64):
             >"$out/torch-replay-$prec.log" 2>&1
         rc=$?
         echo "exit $rc (torch replay $prec); $(grep -m1 '^# replay ' "$out/torch-replay-$prec.log" | cut -c1-160)"
-        if [ $rc = 0 ] && [ -s "$out/torch-replay-$prec.json" ]; then
-            cmp+=(--torch "$prec=$out/torch-replay-$prec.json")
-        else
-            echo "torch replay $prec: left out of the comparison (exit $rc)"
-            grep -m3 -E 'Error|error' "$out/torch-replay-$prec.log"
-        fi
+        compare_if_done "$rc" "$out/torch-replay-$prec.json" --torch "$prec" "$out/torch-replay-$prec.log" 'Error|error'
     done
     rm -rf "$init" "$scratch/curve-ids.jsonl"
     echo "== loss curves: llada vs PyTorch (bench/loss_curve.py)"
