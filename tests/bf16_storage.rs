@@ -8,8 +8,9 @@ use llada::hf::config::ModelConfig;
 use llada::hf::dtype::DType;
 use llada::hf::presets::{preset_checkpoint, preset_config};
 use llada::train::backend::HostOps;
+use llada::train::backend::Storage;
 use llada::train::data::Sample;
-use llada::train::memory::{plan, Storage};
+use llada::train::memory::plan;
 use llada::train::mixed::{bf16_weights, forward_backward_stored};
 use llada::train::model::{
     activation_floats, forward_backward_with, stat_floats, Batch, Params, PassOptions, PassStats,

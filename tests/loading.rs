@@ -8,7 +8,8 @@ use std::path::Path;
 use llada::hf::checkpoint::{block_tensor, expected_tensors, Checkpoint, LN_F, WTE};
 use llada::hf::config::ModelConfig;
 use llada::hf::dtype::DType;
-use llada::hf::presets::{preset_checkpoint, preset_config, write_preset_folder};
+use llada::hf::init::write_preset_folder;
+use llada::hf::presets::{preset_checkpoint, preset_config};
 use llada::hf::write::{write_hf_folder, write_safetensors, HostTensor};
 
 use common::cli::TempDir;

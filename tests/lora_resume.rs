@@ -360,7 +360,7 @@ fn a_resume_with_other_lora_flags_or_another_base_is_refused_by_name() {
         "is not the one the LoRA checkpoint",
     );
     let other = dir.join("other");
-    llada::hf::presets::write_preset_folder("tiny", &other, 4, DType::F32, 1).unwrap();
+    llada::hf::init::write_preset_folder("tiny", &other, 4, DType::F32, 1).unwrap();
     refused(
         &ck,
         &data,

@@ -14,8 +14,9 @@ use std::process::Output;
 
 use cli::tmpdir;
 use llada::hf::config::ModelConfig;
+use llada::train::backend::Storage;
 use llada::train::data::Sample;
-use llada::train::memory::{plan, Storage};
+use llada::train::memory::plan;
 use llada::train::model::Params;
 use llada::train::zero::{parse_stage, Piece, ShardLayout};
 use llada::train::{checkpoint, StepStats, TrainOptions, Trainer};

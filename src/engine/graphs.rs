@@ -1,12 +1,9 @@
 //! CUDA-graph bookkeeping of [`super::model::Model`]: one captured layers pass (or whole
 //! denoising step, [`super::stepgraph`]) per launch shape (`GraphKey`), bounded in number,
-//! replayed instead of re-launching (`Model::run_graphed`).
+//! replayed instead of re-launching (`Model::run_graphed`, `replay.rs`).
 
-use anyhow::{Context, Result};
-
-use super::model::{KvCache, Model, Workspace};
 use crate::backend::step::StepShape;
-use crate::backend::{Backend, CachedAttnShape, GraphExec};
+use crate::backend::{CachedAttnShape, GraphExec};
 use std::collections::HashMap;
 
 /// Whatever fixes the launches of a layers pass besides the workspace's own buffers: the
@@ -42,7 +39,7 @@ pub(crate) enum GraphEntry {
     Ready(GraphExec),
 }
 
-/// Captured layer passes of one [`Workspace`], keyed by `GraphKey`. A workspace's buffers never
+/// Captured layer passes of one [`super::model::Workspace`], keyed by `GraphKey`. A workspace's buffers never
 /// move, and a new KV cache or model has a new id, so a stale graph is never replayed (entries of
 /// a replaced cache or model are dropped when the new one shows up).
 pub struct GraphCache {
@@ -109,67 +106,5 @@ impl GraphCache {
         self.map.insert(key, GraphEntry::Ready(g));
         self.captures += 1;
         self.replays += 1;
-    }
-}
-
-/// The launches [`Model::run_graphed`] runs, captures or replays: device work on a workspace
-/// (and a KV cache).
-pub(crate) type GraphBody<'a, B> =
-    dyn Fn(&mut Workspace<B>, Option<&mut KvCache<B>>) -> Result<()> + 'a;
-
-impl<B: Backend> Model<B> {
-    /// Run `body` on `ws` (and `cache`) as the launches of `key`: replayed from its graph when
-    /// one was captured, captured (then replayed) on the key's second sighting, else run eagerly
-    /// ([`GraphCache::plan`]; always eagerly while profiling or on a backend without graphs).
-    /// `body` must be device work only (see [`Backend::graph_capture`]).
-    pub(crate) fn run_graphed(
-        &self,
-        ws: &mut Workspace<B>,
-        mut cache: Option<&mut KvCache<B>>,
-        key: GraphKey,
-        body: &GraphBody<'_, B>,
-    ) -> Result<()> {
-        let be = &self.backend;
-        let plan = if be.graphs_supported() && !be.prof_enabled() {
-            ws.graphs.plan(self.id, key)
-        } else {
-            Plan::Eager
-        };
-        match plan {
-            Plan::Eager => body(ws, cache),
-            Plan::Replay => {
-                let g = ws
-                    .graphs
-                    .get(&key)
-                    .context("forward: graph missing after planning a replay")?;
-                be.graph_replay(g)?;
-                ws.graphs.replays += 1;
-                Ok(())
-            }
-            Plan::Capture => {
-                let captured = {
-                    let mut f = || body(ws, cache.as_deref_mut());
-                    be.graph_capture(&mut f)
-                };
-                match captured {
-                    Ok(g) => {
-                        be.graph_replay(&g)?;
-                        ws.graphs.insert(key, g);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        // Nothing ran during the failed capture: run eagerly, and stay eager.
-                        if !ws.graphs.warned {
-                            eprintln!(
-                                "warning: CUDA graph capture failed, running without graphs: {e:#}"
-                            );
-                            ws.graphs.warned = true;
-                        }
-                        ws.graphs.enabled = false;
-                        body(ws, cache)
-                    }
-                }
-            }
-        }
     }
 }

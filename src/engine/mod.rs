@@ -9,8 +9,10 @@ pub mod graphs;
 pub mod model;
 pub mod predict;
 pub mod predictor;
+mod replay;
 pub mod sampler;
 mod step;
+mod stepbufs;
 pub mod stepgraph;
 
 use std::path::{Path, PathBuf};
@@ -30,8 +32,8 @@ use crate::engine::sampler::{GenerateOutput, GenerateParams, Hooks};
 use crate::hf::checkpoint::Checkpoint;
 use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;
-use crate::hf::presets;
 use crate::hf::tokenizer::Tokenizer;
+use crate::hf::{init, presets};
 use crate::quant::WeightsMode;
 
 /// Where the weights come from.
@@ -364,5 +366,5 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
 
 /// The `tiny` preset written as a Hugging Face folder (for smoke tests and the GPU check).
 pub fn init_tiny(dir: &Path, seed: u64, dtype: DType, shards: usize) -> Result<()> {
-    presets::write_preset_folder("tiny", dir, seed, dtype, shards)
+    init::write_preset_folder("tiny", dir, seed, dtype, shards)
 }

@@ -26,7 +26,7 @@ use anyhow::{bail, ensure, Context, Result};
 use crate::backend::{rope_tables, Backend, CachedAttnShape, Gather, Kv, MatMul, Norm, OpClass};
 use crate::backend::{Rope, Rows};
 use crate::engine::graphs::*;
-use crate::engine::stepgraph::StepBufs;
+use crate::engine::stepbufs::StepBufs;
 use crate::hf::checkpoint::WeightSource;
 use crate::hf::config::ModelConfig;
 use crate::nvtx;

@@ -9,7 +9,7 @@ use crate::engine::sampler::{
     BlockPlan, Commits, MasksLeft, PredictRequest, Predictor, SelectsCommits, SpanPredictor,
     SpanRequest, StepsOnDevice,
 };
-use crate::engine::stepgraph::{step_graph_env, BlockSteps};
+use crate::engine::stepgraph::{device_select_env, step_graph_env, BlockSteps};
 use crate::nvtx;
 use anyhow::{bail, ensure, Context, Result};
 
@@ -60,11 +60,6 @@ struct Staged {
     mask: Vec<u8>,
     rows: Vec<u32>,
     keys: Vec<i32>,
-}
-
-/// Whether `LLADA_DEVICE_SELECT=1` asks for the commit selection on the device.
-pub fn device_select_env() -> bool {
-    std::env::var("LLADA_DEVICE_SELECT").is_ok_and(|v| v == "1")
 }
 
 impl<'m, B: Backend> ModelPredictor<'m, B> {

@@ -12,15 +12,21 @@
 //! then only launches; it reads back the masks left when the rule needs them (threshold,
 //! factor, a schedule that may run out) and the tokens once per block.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 
 use super::graphs::{GraphKey, StepKey};
 use super::model::{KvCache, Model, Workspace};
 use super::predict::{BlockPlan, MasksLeft};
+use super::stepbufs::StepBufs;
 use crate::backend::commit::{check_plan, CommitShape};
 use crate::backend::head::{Remasking, SelectParams};
-use crate::backend::step::{self, StepShape, STATE_LEN};
+use crate::backend::step::{self, StepShape};
 use crate::backend::{Backend, CommitIn, HeadDims, OpClass, SelectIo, StepIn};
+
+/// Whether `LLADA_DEVICE_SELECT=1` asks for the commit selection on the device.
+pub fn device_select_env() -> bool {
+    std::env::var("LLADA_DEVICE_SELECT").is_ok_and(|v| v == "1")
+}
 
 /// Whether `LLADA_STEP_GRAPH=1` asks for whole steps on the device (it implies the commit
 /// selection on the device, `LLADA_DEVICE_SELECT=1`).
@@ -34,31 +40,11 @@ pub fn step_graph_env() -> bool {
 /// (one `commit_select` per step, `LLADA_DEVICE_SELECT=1`) or `host` (the default). The
 /// benchmark records it per row.
 pub fn selection_mode() -> &'static str {
-    match (step_graph_env(), super::predictor::device_select_env()) {
+    match (step_graph_env(), device_select_env()) {
         (true, _) => "step-graph",
         (false, true) => "device",
         (false, false) => "host",
     }
-}
-
-/// The device buffers of the step graphs of one workspace, sized for its capacity when first
-/// used, so they never move under a captured graph (they live and die with the workspace and
-/// its graphs).
-pub struct StepBufs<B: Backend> {
-    /// Each batch row's schedule of the block `[B·steps]` (row-major by batch row).
-    sched: B::Ints,
-    /// `commit_select`'s plan `[2B + 1]`: segment offsets, then the quotas of the next step.
-    plan: B::Ints,
-    /// `commit_select`'s output `[R]`.
-    commit: B::Ints,
-    /// The step state ([`crate::backend::step`]).
-    state: B::Ints,
-    sched_len: usize,
-    plan_len: usize,
-    // Host staging, grown once per block shape (outside the loop).
-    h_sched: Vec<i32>,
-    h_plan: Vec<i32>,
-    h_state: [i32; STATE_LEN],
 }
 
 /// One block of device steps: everything a step graph bakes in.
@@ -256,28 +242,6 @@ impl<B: Backend> Model<B> {
         Ok(MasksLeft {
             block: get(step::STATE_LEFT_BLOCK)?,
             rows: get(step::STATE_LEFT_ROWS)?,
-        })
-    }
-}
-
-impl<B: Backend> StepBufs<B> {
-    /// Buffers for passes of at most `max_tokens` tokens (so at most that many batch rows and
-    /// schedule entries) and `max_rows` requested rows.
-    fn new(be: &B, max_tokens: usize, max_rows: usize) -> Result<Self> {
-        if max_tokens == 0 {
-            bail!("step buffers: the workspace holds no tokens");
-        }
-        let plan_len = 2 * max_tokens + 1;
-        Ok(StepBufs {
-            sched: be.alloc_ints(max_tokens)?,
-            plan: be.alloc_ints(plan_len)?,
-            commit: be.alloc_ints(max_rows.max(1))?,
-            state: be.alloc_ints(STATE_LEN)?,
-            sched_len: max_tokens,
-            plan_len,
-            h_sched: Vec::with_capacity(max_tokens),
-            h_plan: Vec::with_capacity(plan_len),
-            h_state: [0; STATE_LEN],
         })
     }
 }

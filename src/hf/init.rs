@@ -248,6 +248,26 @@ pub fn check_new_folder(dir: &Path) -> Result<()> {
     }
 }
 
+/// Write preset `name` as a complete Hugging Face model folder in `dir`: `config.json`, the
+/// weights `--preset NAME` loads (`model.safetensors`, or `shards` shards with an index),
+/// streamed, and for `tiny` its `tokenizer.json` and `tokenizer_config.json` (with the
+/// LLaDA-Instruct chat template). [`write_preset`] also writes upstream's initialisation.
+pub fn write_preset_folder(
+    name: &str,
+    dir: &Path,
+    seed: u64,
+    dtype: DType,
+    shards: usize,
+) -> Result<()> {
+    let o = InitOptions {
+        seed,
+        dtype,
+        shards,
+        init: InitFn::Uniform,
+    };
+    write_preset(name, dir, &o)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,17 +7,15 @@
 //! from each other and do not depend on the order they are created in.
 //!
 //! `tiny` matches the tiny tokenizer of [`crate::hf::tiny::write_tiny_tokenizer`], and
-//! [`write_preset_folder`] writes any preset as a complete Hugging Face model folder (streamed).
+//! [`crate::hf::init::write_preset_folder`] writes any preset as a complete Hugging Face model folder (streamed).
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use anyhow::{bail, Result};
 
 use crate::hf::checkpoint::{expected_tensors, Checkpoint, WeightSource};
 use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;
-use crate::hf::init::{write_preset, InitFn, InitOptions};
 use crate::hf::tiny::TINY_VOCAB;
 
 /// Names accepted by [`preset_config`].
@@ -130,26 +128,6 @@ pub fn preset_checkpoint(name: &str, seed: u64, dtype: DType) -> Result<Checkpoi
     let mut ck = Checkpoint::from_sources(map);
     ck.check_against(&cfg)?;
     Ok(ck)
-}
-
-/// Write preset `name` as a complete Hugging Face model folder in `dir`: `config.json`, the
-/// weights `--preset NAME` loads (`model.safetensors`, or `shards` shards with an index),
-/// streamed, and for `tiny` its `tokenizer.json` and `tokenizer_config.json` (with the
-/// LLaDA-Instruct chat template). [`crate::hf::init`] also writes upstream's initialisation.
-pub fn write_preset_folder(
-    name: &str,
-    dir: &Path,
-    seed: u64,
-    dtype: DType,
-    shards: usize,
-) -> Result<()> {
-    let o = InitOptions {
-        seed,
-        dtype,
-        shards,
-        init: InitFn::Uniform,
-    };
-    write_preset(name, dir, &o)
 }
 
 #[cfg(test)]

@@ -13,11 +13,35 @@
 use std::marker::PhantomData;
 
 use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
 
-use super::memory::Storage;
 use super::ops::{self, AttnShape, Real};
 pub use super::ops::{LinearBwd, MatMul, Rows};
 use crate::hf::dtype::DType;
+
+/// How weights and activations are stored (`llada train --storage`; the names are `f32` and
+/// `bf16`). What each buffer holds in bf16 storage is written in [`super::mixed`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// Everything f32 (`--precision` f32 or bf16 only changes the GPU's GEMM compute type).
+    #[default]
+    F32,
+    /// bf16 weights and activations (and activation gradients), f32 master weights, moments,
+    /// weight gradients and per-row statistics; bf16 GEMMs with f32 accumulation.
+    Bf16,
+}
+
+impl Storage {
+    pub fn name(self) -> &'static str {
+        crate::names::name_of(STORAGES, &self)
+    }
+}
+
+/// The `--storage` names, for parsing and printing.
+const STORAGES: &[(&str, Storage)] = &[("f32", Storage::F32), ("bf16", Storage::Bf16)];
+
+crate::names::named_enum!(Storage, "storage", STORAGES);
 
 /// The training ops over one kind of buffer (host vectors, or device memory).
 pub trait TrainOps {

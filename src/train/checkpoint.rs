@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::memory::Storage;
+use super::backend::Storage;
 use super::model::Params;
 use super::optim::{AdamW, AdamWConfig};
 use crate::hf::checkpoint::Checkpoint;

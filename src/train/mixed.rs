@@ -31,7 +31,7 @@
 use anyhow::Result;
 
 use super::backend::HostOps;
-use super::memory::Storage;
+use super::backend::Storage;
 use super::model::{forward_backward_with, Batch, Params, PassOptions, PassStats};
 use crate::hf::config::ModelConfig;
 use crate::hf::dtype::DType;

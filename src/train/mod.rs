@@ -48,8 +48,8 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::hf::config::ModelConfig;
+use backend::Storage;
 use data::Sample;
-use memory::Storage;
 use model::{Batch, Params, PassOptions};
 use optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
 

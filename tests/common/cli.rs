@@ -142,8 +142,7 @@ pub fn fixture(rel: &str) -> PathBuf {
 /// The `tiny` preset (tokenizer and chat template included) as an f32 folder `DIR/tiny`.
 pub fn tiny(dir: &Path) -> PathBuf {
     let m = dir.join("tiny");
-    llada::hf::presets::write_preset_folder("tiny", &m, 3, llada::hf::dtype::DType::F32, 1)
-        .unwrap();
+    llada::hf::init::write_preset_folder("tiny", &m, 3, llada::hf::dtype::DType::F32, 1).unwrap();
     m
 }
 

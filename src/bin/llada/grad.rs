@@ -11,9 +11,9 @@ use llada::engine::device::DeviceChoice;
 use llada::engine::{self, Opened};
 use llada::hf::dtype::DType;
 use llada::hf::write::{write_safetensors, HostTensor};
+use llada::train::backend::Storage;
 use llada::train::cuda::{bf16_weights, forward_backward_bf16, CudaOps, DeviceParams};
 use llada::train::loss::fixed_mask_batch;
-use llada::train::memory::Storage;
 use llada::train::mixed::forward_backward_stored;
 use llada::train::model::{forward_backward_with, Params, PassOptions};
 

@@ -6,8 +6,9 @@ use anyhow::{bail, Context, Result};
 
 use llada::engine::ModelSpec;
 use llada::hf::config::ModelConfig;
+use llada::train::backend::Storage;
 use llada::train::cuda::TrainPrecision;
-use llada::train::memory::{gib, plan, render, Storage};
+use llada::train::memory::{gib, plan, render};
 
 use crate::ModelArgs;
 

@@ -193,7 +193,7 @@ impl TrainOps for CudaOps {
         self.cross_entropy_rows(self.k.cross_entropy, (z, loss), (t.ids, w), t.d)
     }
 
-    /// `y[N, M] = x[N, K]·wᵀ` ([`crate::train::ops::linear`], [`CudaOps::linear_rows`]).
+    /// `y[N, M] = x[N, K]·wᵀ` ([`crate::train::ops::linear`], `CudaOps::linear_rows`).
     fn linear(&self, y: &mut Buf, x: &Buf, w: &Buf, d: MatMul) -> Result<()> {
         if self.lora.is_some() {
             return self.lora_linear(y, x, w, d);

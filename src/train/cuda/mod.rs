@@ -57,11 +57,11 @@ use cudarc::cublas;
 use cudarc::driver::{sys as dsys, CudaSlice};
 use half::bf16;
 
+use super::backend::Storage;
 use super::backend::{
     AttnGrad, Dx, LinearGrad, MatMul, Norm, NormGrad, Qkv, QkvGrads, Rope, RowIds, Rows,
     SwigluGrad, Targets, TrainOps,
 };
-use super::memory::Storage;
 use super::model::{forward_backward_on, Batch, Params, PassOptions};
 use super::ops::AttnShape;
 use super::optim::{AdamW, AdamWConfig};
