@@ -77,26 +77,29 @@ fi
 # LLADA_FUSED=1 (RoPE + KV-cache store in one pass) and LLADA_STEP_GRAPH=1 (the whole step as
 # one graph replay: head, selection and token write on the device).
 step_checks() {
-    echo "== switches not yet passed on a GPU: LLADA_DEVICE_SELECT=1 (commit selection on the device), LLADA_FUSED=1 (rope_kv_store), LLADA_STEP_GRAPH=1 (whole step on the device)"
+    echo "== switches not yet passed on a GPU: LLADA_DEVICE_SELECT=1 (commit selection on the device), LLADA_FUSED=1 (rope_kv_store), LLADA_STEP_GRAPH=1 (whole step on the device), LLADA_GEMM=lt (bf16 GEMMs on cuBLASLt)"
     # Their parity tests (also inside gpu-check's cuda_parity run), then one bench line with the
     # first two switches and one with the step graph beside the default, same run, same flags.
     for f in commit_select_matches_reference device_select_generation_equals_host_select \
              rope_kv_store_matches_rope_then_kv_store fused_generation_equals_unfused \
              step_advance_matches_reference select_at_step_equals_select_with_that_step \
-             step_graph_generation_equals_host_select; do
+             step_graph_generation_equals_host_select gemm_lt_matches_cublas \
+             gemm_lt_model_logits_match_cublas; do
         LLADA_REQUIRE_GPU=1 timeout "${T_SWITCH:-300}" test-bins/test-cuda_parity --exact "$f" \
             >"$res/switch-$f.log" 2>&1
         echo "exit $? $f: $(grep -Eo '[0-9]+ passed; [0-9]+ failed' "$res/switch-$f.log" | head -n 1)"
     done
     # graph: LLADA_STEP_GRAPH=1 alone (the dual-cache rows: each block's full pass per call with
     # the device selection, its cached calls as step graphs).
-    for sw in off on graph; do
+    # lt: LLADA_GEMM=lt alone (the bf16 GEMMs on cuBLASLt).
+    for sw in off on graph lt; do
         if [ $sw = on ]; then export LLADA_DEVICE_SELECT=1 LLADA_FUSED=1; fi
         if [ $sw = graph ]; then export LLADA_STEP_GRAPH=1; fi
+        if [ $sw = lt ]; then export LLADA_GEMM=lt; fi
         timeout "${T_SWITCH:-300}" bin/llada-bench --cache none,dual --threshold 0.9 --steps 256 --breakdown \
             --json "$res/bench-switch-$sw.json" >"$res/bench-switch-$sw.log" 2>&1
         echo "exit $? (switches $sw)"
-        unset LLADA_DEVICE_SELECT LLADA_FUSED LLADA_STEP_GRAPH
+        unset LLADA_DEVICE_SELECT LLADA_FUSED LLADA_STEP_GRAPH LLADA_GEMM
     done
     python3 - "$res" <<'PY' || echo "switch comparison: n/a"
 import json, sys
@@ -111,6 +114,13 @@ for a, b, g in zip(rows["off"], rows["on"], rows["graph"]):
           f"{g.get('select', '?'):>12} "
           f"{cls(a, 'norm+elementwise'):>7.3f}/{cls(b, 'norm+elementwise'):<7.3f} "
           f"{cls(a, 'sampler/head'):>7.3f}/{cls(b, 'sampler/head'):<7.3f}")
+try:
+    lt = json.load(open(f"{res}/bench-switch-lt.json"))["rows"]
+    for a, l in zip(rows["off"], lt):
+        print(f"LLADA_GEMM=lt {a['cache']:>6}: tok/s {a['tokens_per_s']:.1f} -> {l['tokens_per_s']:.1f}, "
+              f"ms/step {a['ms_per_step_median']:.2f} -> {l['ms_per_step_median']:.2f}")
+except (OSError, KeyError, ValueError) as e:
+    print(f"LLADA_GEMM=lt comparison: n/a ({e})")
 PY
 }
 if [ "${GPU_SESSION_ONLY:-}" = step ]; then

@@ -432,20 +432,7 @@ fn matmul_matches_within_f32_accumulation_bound() {
         (5, 1376, &[4096]),
     ];
     for (ci, &(n, k, parts)) in cases.iter().enumerate() {
-        let x = rand_vec(60 + ci as u64, n * k, 2.0);
-        let parts: Vec<(usize, Vec<f32>)> = parts
-            .iter()
-            .enumerate()
-            .map(|(j, &r)| (r, rand_vec(70 + 10 * ci as u64 + j as u64, r * k, 0.5)))
-            .collect();
-        let w: Vec<f32> = parts.iter().flat_map(|p| p.1.clone()).collect();
-        let m = w.len() / k;
-        let mut mag = vec![0f32; n * m];
-        for i in 0..n {
-            for j in 0..m {
-                mag[i * m + j] = (0..k).map(|t| (x[i * k + t] * w[j * k + t]).abs()).sum();
-            }
-        }
+        let (x, parts, m, mag) = matmul_inputs([60, 70], ci as u64, (n, k), parts);
         let a = run_matmul(&c0, &x, &parts, n, k);
         let b = run_matmul(&g, &x, &parts, n, k);
         let gamma = 2.0 * k as f32 * 2f32.powi(-24);
@@ -2011,4 +1998,206 @@ fn split_path_row_groups_match() {
         let want_rows = span_rows(&full_rows, b, l, nh * hd, q0, tq);
         exact(&format!("{what}: cached vs full pass"), &want_rows, &got);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LLADA_GEMM=lt: the bf16 inference GEMMs on cuBLASLt (per-shape algorithm cached once)
+
+use llada::backend::cuda::lt::{GemmImpl, ShapeCache, ShapeKey, LT_SHAPES};
+
+/// `f` with the bf16 GEMM library `i` selected on `g` (restored afterwards).
+fn with_gemm<R>(g: &CudaBackend, i: GemmImpl, f: impl FnOnce(&CudaBackend) -> R) -> R {
+    let prev = g.gemm_impl();
+    g.set_gemm_impl(i).unwrap();
+    let r = f(g);
+    g.set_gemm_impl(prev).unwrap();
+    r
+}
+
+/// `LLADA_GEMM` parsing: unset/empty/`cublas` is today's path, `lt` the new one, anything else an
+/// error naming the variable.
+#[test]
+fn gemm_env_parses_and_names_the_variable() {
+    assert_eq!(GemmImpl::parse(None).unwrap(), GemmImpl::Cublas);
+    assert_eq!(GemmImpl::parse(Some("")).unwrap(), GemmImpl::Cublas);
+    assert_eq!(GemmImpl::parse(Some("cublas")).unwrap(), GemmImpl::Cublas);
+    assert_eq!(GemmImpl::parse(Some("lt")).unwrap(), GemmImpl::Lt);
+    for bad in ["LT", "cublaslt", "1", " lt"] {
+        let e = err(GemmImpl::parse(Some(bad)));
+        assert!(e.contains("LLADA_GEMM") && e.contains(bad), "{e}");
+    }
+}
+
+/// The shape cache: keys differ in every field, a hit finds its own value, the bound refuses a
+/// further shape without growing (its storage is reserved up front, so inserts and lookups below
+/// the bound never reallocate).
+#[test]
+fn gemm_shape_cache_is_keyed_and_bounded() {
+    let key = |i: usize| ShapeKey {
+        ta: i % 2 == 0,
+        tb: i % 3 == 0,
+        mnk: [i + 1, 7, 9],
+        lds: [9, 9, i + 1],
+    };
+    let mut c: ShapeCache<usize> = ShapeCache::new(LT_SHAPES);
+    assert!(c.is_empty() && c.has_room());
+    for i in 0..LT_SHAPES {
+        assert!(c.get(&key(i)).is_none());
+        assert!(c.insert(key(i), i));
+    }
+    for i in 0..LT_SHAPES {
+        assert_eq!(c.get(&key(i)), Some(&i));
+    }
+    // Each field is part of the key.
+    let k0 = key(0);
+    let flips = [ShapeKey { ta: !k0.ta, ..k0 }, ShapeKey { tb: !k0.tb, ..k0 }];
+    let sizes = [[2, 7, 9], [1, 8, 9], [1, 7, 10]].map(|mnk| ShapeKey { mnk, ..k0 });
+    let lds = [[10, 9, 1], [9, 10, 1], [9, 9, 2]].map(|lds| ShapeKey { lds, ..k0 });
+    for other in flips.into_iter().chain(sizes).chain(lds) {
+        assert!(c.get(&other).is_none(), "{other:?} found as {k0:?}");
+    }
+    assert!(!c.has_room());
+    assert!(
+        !c.insert(key(LT_SHAPES), 0),
+        "a full cache took another shape"
+    );
+    assert_eq!(c.len(), LT_SHAPES);
+    assert!(c.get(&key(LT_SHAPES)).is_none());
+}
+
+/// Tolerance of `LLADA_GEMM=lt` vs cuBLAS. Both multiply bf16 operands exactly in f32 (a bf16
+/// product has 16 significand bits), accumulate in f32 (`CUBLAS_COMPUTE_32F`, no reduced-
+/// precision reduction) and round once to bf16. Their f32 sums differ only in order: each is
+/// within γ_k·Σ|x·w| (γ_k = k·2⁻²⁴) of the exact sum, so they are within 2γ_k·Σ|x·w| of each
+/// other; rounding both to bf16 adds at most one bf16 ulp of the result. Where the orders agree
+/// (the same kernel family) the results are bit-identical.
+fn lt_tol(mag: &[f32], k: usize) -> impl Fn(usize, f32, f32) -> f32 + '_ {
+    let gamma = 2.0 * k as f32 * 2f32.powi(-24);
+    move |i, c, g| ulp_bf16(c.abs().max(g.abs())) + gamma * mag[i]
+}
+
+/// Random inputs of case `ci` of a matmul test (seeds `[x, w]`): `x[n, k]`, the stacked weight
+/// parts `[rows, k]`, their total rows `m` and Σ|x·w| per output.
+#[allow(clippy::type_complexity)]
+fn matmul_inputs(
+    [sx, sw]: [u64; 2],
+    ci: u64,
+    (n, k): (usize, usize),
+    rows: &[usize],
+) -> (Vec<f32>, Vec<(usize, Vec<f32>)>, usize, Vec<f32>) {
+    let x = rand_vec(sx + ci, n * k, 2.0);
+    let parts: Vec<(usize, Vec<f32>)> = rows
+        .iter()
+        .enumerate()
+        .map(|(j, &r)| (r, rand_vec(sw + 10 * ci + j as u64, r * k, 0.5)))
+        .collect();
+    let w: Vec<f32> = parts.iter().flat_map(|p| p.1.clone()).collect();
+    let mag = matmul_magnitude(&x, &w, n, k);
+    (x, parts, w.len() / k, mag)
+}
+
+/// Σ|x·w| per output of `x[n, k] · w[m, k]ᵀ`.
+fn matmul_magnitude(x: &[f32], w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let m = w.len() / k;
+    let mut mag = vec![0f32; n * m];
+    for i in 0..n {
+        for j in 0..m {
+            mag[i * m + j] = (0..k).map(|t| (x[i * k + t] * w[j * k + t]).abs()).sum();
+        }
+    }
+    mag
+}
+
+/// Odd shapes and the `tiny` model's GEMMs (C 128, F 320, V 512): q|k|v, o, gate|up, down and
+/// the LM head, each on cuBLASLt against cuBLAS on the same GPU; a repeated shape adds nothing to
+/// the algorithm cache, and a shape first seen inside a graph capture runs on cuBLAS (no
+/// heuristic call while capturing) and replays the eager result.
+#[test]
+fn gemm_lt_matches_cublas() {
+    let Some(g) = gpu() else { return };
+    let (c, f, v) = (128, 320, 512);
+    // (n, k, row counts of the stacked parts)
+    let cases: &[(usize, usize, &[usize])] = &[
+        (1, 1, &[1]),
+        (3, 7, &[5]),
+        (13, 37, &[19]),
+        (33, 129, &[65, 3]),
+        (7, c, &[c, c, c]), // q|k|v
+        (7, c, &[c]),       // o
+        (7, c, &[f, f]),    // gate|up
+        (7, f, &[c]),       // down
+        (7, c, &[v]),       // LM head
+        (130, c, &[c, c, c]),
+        (130, f, &[c]),
+    ];
+    for (ci, &(n, k, parts)) in cases.iter().enumerate() {
+        let (x, parts, m, mag) = matmul_inputs([900, 910], ci as u64, (n, k), parts);
+        let a = with_gemm(&g, GemmImpl::Cublas, |g| run_matmul(g, &x, &parts, n, k));
+        let b = with_gemm(&g, GemmImpl::Lt, |g| {
+            let b = run_matmul(g, &x, &parts, n, k);
+            assert_eq!(g.gemm_lt_shapes(), 1, "one shape, one cache entry");
+            let again = run_matmul(g, &x, &parts, n, k);
+            assert_eq!(g.gemm_lt_shapes(), 1, "a repeated shape was cached twice");
+            exact("cuBLASLt repeat", &b, &again);
+            b
+        });
+        compare(
+            &format!("gemm lt n={n} k={k} m={m}"),
+            &a,
+            &b,
+            lt_tol(&mag, k),
+        );
+    }
+    // A shape first seen during capture: cuBLAS inside the graph, nothing cached.
+    let (n, k, m) = (9, 40, 24);
+    let x = rand_vec(990, n * k, 2.0);
+    let wv = rand_vec(991, m * k, 0.5);
+    let eager = with_gemm(&g, GemmImpl::Cublas, |g| {
+        run_matmul(g, &x, &[(m, wv.clone())], n, k)
+    });
+    with_gemm(&g, GemmImpl::Lt, |g| {
+        let w = g.load_weight(&[host("w", &[m, k], wv.clone())]).unwrap();
+        let xa = act(g, &x, n, k);
+        let mut out = poisoned(g, n * m);
+        g.synchronize().unwrap();
+        let graph = g
+            .capture(|b| b.matmul(&mut out, &xa, &w, MatMul { n, k, m }))
+            .unwrap();
+        assert_eq!(g.gemm_lt_shapes(), 0, "the heuristic ran during capture");
+        g.replay(&graph).unwrap();
+        exact(
+            "captured unseen shape",
+            &eager,
+            &g.read_act(&out, n * m).unwrap(),
+        );
+    });
+}
+
+/// The whole `tiny` forward with `LLADA_GEMM=lt` against cuBLAS on the same GPU. Each GEMM output
+/// may differ by one bf16 ulp (see [`lt_tol`]) and such a tip propagates through the layers as in
+/// `tests/cuda_model.rs`'s CPU/GPU bound (same derivation: ≤ 16 ulps of the logit scale).
+#[test]
+fn gemm_lt_model_logits_match_cublas() {
+    let Some(g) = gpu() else { return };
+    let m = common::tiny_model(g, 7);
+    let (b, l) = (2, 37);
+    let x: Vec<u32> = (0..b * l)
+        .map(|i| (rng::mix64(i as u64 ^ 0x6c74) % 500) as u32)
+        .collect();
+    let rows: Vec<u32> = (0..(b * l) as u32).collect();
+    let base = common::forward_logits(&m, &x, (b, l), None, &rows);
+    m.backend.set_gemm_impl(GemmImpl::Lt).unwrap();
+    let lt = common::forward_logits(&m, &x, (b, l), None, &rows);
+    assert!(
+        m.backend.gemm_lt_shapes() > 0,
+        "LLADA_GEMM=lt ran no cuBLASLt GEMM"
+    );
+    m.backend.set_gemm_impl(GemmImpl::Cublas).unwrap();
+    let scale = base.iter().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(
+        scale.is_finite() && scale > 0.0,
+        "cuBLAS logits scale {scale}"
+    );
+    let tol = 16.0 * scale * 2f32.powi(-8);
+    compare("tiny logits lt vs cublas", &base, &lt, |_, _, _| tol);
 }

@@ -171,6 +171,7 @@ impl CudaBackend {
             .map_err(|e| anyhow!("allocating the attention scratch: {e:?}"))?;
         Ok(CudaBackend {
             fp8: Default::default(),
+            gemm_lt: RefCell::new(lt::LtBf16::for_impl(lt::GemmImpl::from_env()?, &stream)?),
             blas,
             _blas_workspace: ws,
             k,

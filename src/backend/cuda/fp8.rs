@@ -24,19 +24,18 @@ use std::cell::RefCell;
 use std::ffi::c_void;
 
 use anyhow::{anyhow, bail, Result};
-use cudarc::cublaslt::{result as lt, sys as ltsys};
+use cudarc::cublaslt::sys as ltsys;
 use cudarc::driver::{result as dres, sys as dsys, CudaSlice, CudaStream};
 use half::bf16;
 
 use super::launch::{dptr, dptr_mut};
+use super::lt::{self, Desc, Handle, Layout, LT_WORKSPACE};
 use super::{check_len, check_lens, CudaBackend, CudaWeight};
 use crate::backend::MatMul;
 use crate::quant::fp8::Fp8Weight;
 
 /// Bytes of the activation-code scratch (rows are processed in groups that fit).
 const XQ_BYTES: usize = 64 << 20;
-/// cuBLASLt workspace for the FP8 GEMMs.
-const LT_WORKSPACE: usize = 32 << 20;
 /// Threads per block of `fp8_quant_bf16`.
 const QUANT_THREADS: u32 = 256;
 
@@ -55,20 +54,13 @@ pub struct Fp8State {
 }
 
 struct Inner {
-    lt: ltsys::cublasLtHandle_t,
+    lt: Handle,
     /// Activation codes `[rows, K]` of the current group of rows.
     xq: CudaSlice<u8>,
     /// Activation scales, one per row of the group.
     xs: CudaSlice<f32>,
     ws: CudaSlice<u8>,
     quant: dsys::CUfunction,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // SAFETY: the handle was created by `lt::create_handle` and is destroyed once.
-        let _ = unsafe { lt::destroy_handle(self.lt) };
-    }
 }
 
 /// Whether this GPU runs the FP8 path (sm_89 or sm_90), or the error saying why not.
@@ -86,12 +78,8 @@ pub fn check_arch(be: &CudaBackend) -> Result<()> {
 
 fn init(be: &CudaBackend) -> Result<Inner> {
     check_arch(be)?;
-    // SAFETY: dlopen probe only.
-    if !unsafe { ltsys::is_culib_present() } {
-        bail!("cuBLASLt (libcublasLt.so.13) was not found on the library path");
-    }
     let stream = be.stream();
-    let lt = lt::create_handle().map_err(|e| anyhow!("creating the cuBLASLt handle: {e:?}"))?;
+    let lt = Handle::new()?;
     let alloc = || -> Result<(CudaSlice<u8>, CudaSlice<f32>, CudaSlice<u8>)> {
         Ok((
             stream.alloc_zeros::<u8>(XQ_BYTES)?,
@@ -99,22 +87,8 @@ fn init(be: &CudaBackend) -> Result<Inner> {
             stream.alloc_zeros::<u8>(LT_WORKSPACE)?,
         ))
     };
-    let (xq, xs, ws) = match alloc() {
-        Ok(b) => b,
-        Err(e) => {
-            // SAFETY: created above, not yet owned by an `Inner`.
-            let _ = unsafe { lt::destroy_handle(lt) };
-            return Err(e.context("allocating the FP8 scratch"));
-        }
-    };
-    let quant = match be.function("fp8_quant_bf16") {
-        Ok(f) => f,
-        Err(e) => {
-            // SAFETY: as above.
-            let _ = unsafe { lt::destroy_handle(lt) };
-            return Err(e);
-        }
-    };
+    let (xq, xs, ws) = alloc().map_err(|e| e.context("allocating the FP8 scratch"))?;
+    let quant = be.function("fp8_quant_bf16")?;
     Ok(Inner {
         lt,
         xq,
@@ -187,42 +161,6 @@ pub fn load_weight(be: &CudaBackend, parts: &[Fp8Weight]) -> Result<CudaWeight> 
     })
 }
 
-/// RAII guards of the cuBLASLt descriptors of one GEMM.
-struct Desc(ltsys::cublasLtMatmulDesc_t);
-impl Drop for Desc {
-    fn drop(&mut self) {
-        // SAFETY: created once by `create_matmul_desc`.
-        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
-    }
-}
-struct Layout(ltsys::cublasLtMatrixLayout_t);
-impl Drop for Layout {
-    fn drop(&mut self) {
-        // SAFETY: created once by `create_matrix_layout`.
-        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
-    }
-}
-struct Pref(ltsys::cublasLtMatmulPreference_t);
-impl Drop for Pref {
-    fn drop(&mut self) {
-        // SAFETY: created once by `create_matmul_pref`.
-        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
-    }
-}
-
-fn set_desc<T>(d: &Desc, attr: ltsys::cublasLtMatmulDescAttributes_t, v: &T) -> Result<()> {
-    // SAFETY: `v` is a live value of the attribute's type and size.
-    unsafe {
-        lt::set_matmul_desc_attribute(
-            d.0,
-            attr,
-            v as *const T as *const c_void,
-            std::mem::size_of::<T>(),
-        )
-    }
-    .map_err(|e| anyhow!("cuBLASLt: setting {attr:?}: {e:?}"))
-}
-
 /// `out[N, M] = x[N, K] · Wᵀ` with `W` FP8 (see the module docs); `name` names the weight.
 pub fn matmul(
     be: &CudaBackend,
@@ -280,7 +218,7 @@ pub fn matmul(
             ws: wsp_lt,
             mnk: (m_, nr_, k_),
         };
-        g.run(inner.lt, &stream)
+        g.run(inner.lt.0, &stream)
             .map_err(|e| anyhow!("{op}: `{name}` [N={nr}, K={k}] x [M={m}, K={k}]^T: {e}"))?;
         r0 += nr;
     }
@@ -338,79 +276,33 @@ impl LtGemm {
         } = *self;
         use ltsys::cublasLtMatmulDescAttributes_t as A;
         use ltsys::cudaDataType_t as T;
-        let desc = Desc(
-            lt::create_matmul_desc(
-                ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                T::CUDA_R_32F,
-            )
-            .map_err(|e| anyhow!("cuBLASLt matmul descriptor: {e:?}"))?,
-        );
-        set_desc(
-            &desc,
-            A::CUBLASLT_MATMUL_DESC_TRANSA,
-            &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
-        )?;
-        set_desc(
-            &desc,
-            A::CUBLASLT_MATMUL_DESC_TRANSB,
-            &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
-        )?;
+        let desc: Desc = lt::desc_32f(true, false)?;
         let vec = ltsys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
-        set_desc(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &vec)?;
-        set_desc(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec)?;
-        set_desc(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale)?;
-        set_desc(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale)?;
-        let layout = |t: T, r: i32, c: i32, ld: i32| -> Result<Layout> {
-            Ok(Layout(
-                lt::create_matrix_layout(t, r as u64, c as u64, ld as i64)
-                    .map_err(|e| anyhow!("cuBLASLt layout: {e:?}"))?,
-            ))
-        };
-        let la = layout(T::CUDA_R_8F_E4M3, k, m, k)?;
-        let lb = layout(T::CUDA_R_8F_E4M3, k, n, k)?;
-        let ld = layout(T::CUDA_R_16BF, m, n, m)?;
-        let pref =
-            Pref(lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?);
-        let wsz = LT_WORKSPACE as u64;
-        // SAFETY: `wsz` is a live u64 of the attribute's size.
-        unsafe {
-            lt::set_matmul_pref_attribute(
-                pref.0,
-                ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &wsz as *const u64 as *const c_void,
-                8,
-            )
-        }
-        .map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?;
-        // SAFETY: every descriptor is live (guards above).
-        let heur = unsafe { lt::get_matmul_algo_heuristic(handle, desc.0, la.0, lb.0, ld.0, ld.0, pref.0) }
-            .map_err(|e| {
-                anyhow!("cuBLASLt has no FP8 GEMM with per-channel/per-token scales for this shape on this GPU: {e:?}")
-            })?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        lt::set_desc(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &vec)?;
+        lt::set_desc(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &vec)?;
+        lt::set_desc(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &a_scale)?;
+        lt::set_desc(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &b_scale)?;
+        let (m, n, k) = (m as usize, n as usize, k as usize);
+        let la: Layout = lt::layout(T::CUDA_R_8F_E4M3, k, m, k)?;
+        let lb = lt::layout(T::CUDA_R_8F_E4M3, k, n, k)?;
+        let ld = lt::layout(T::CUDA_R_16BF, m, n, m)?;
+        let algo = lt::heuristic(handle, &desc, [&la, &lb, &ld], None).map_err(|e| {
+            anyhow!("FP8 GEMM with per-channel/per-token scales for this shape: {e}")
+        })?;
         // SAFETY: a, b, d, the scale vectors and the workspace are live device allocations of the
         // sizes the layouts describe (checked by the caller); alpha/beta are host f32 (scale type).
         unsafe {
             lt::matmul(
                 handle,
-                desc.0,
-                &alpha as *const f32 as *const c_void,
-                &beta as *const f32 as *const c_void,
-                a as *const c_void,
-                la.0,
-                b as *const c_void,
-                lb.0,
-                d as *const c_void,
-                ld.0,
-                d as *mut c_void,
-                ld.0,
-                &heur.algo,
-                ws as *mut c_void,
-                LT_WORKSPACE,
-                stream.cu_stream() as ltsys::cudaStream_t,
+                &desc,
+                [&la, &lb, &ld],
+                [a, b, d],
+                [1.0, 0.0],
+                &algo,
+                ws,
+                stream,
             )
         }
-        .map_err(|e| anyhow!("cublasLtMatmul failed: {e:?}"))
     }
 }
 

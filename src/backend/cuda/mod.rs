@@ -56,6 +56,7 @@ mod gemm;
 mod graph;
 mod head;
 mod ints;
+pub mod lt;
 mod weights;
 
 use attention::*;
@@ -119,6 +120,8 @@ pub struct CudaBackend {
     // Field order is drop order: handles before the modules, modules before the context.
     /// FP8 GEMM state (cuBLASLt handle, activation scratch), created on the first FP8 weight.
     pub(crate) fp8: fp8::Fp8State,
+    /// The bf16 cuBLASLt GEMM state when `LLADA_GEMM=lt` (`None`: cuBLAS).
+    gemm_lt: RefCell<Option<lt::LtBf16>>,
     blas: CudaBlas,
     _blas_workspace: CudaSlice<u8>,
     k: Kernels,
@@ -279,7 +282,7 @@ impl Backend for CudaBackend {
         }
         use cublas::sys::{cublasComputeType_t, cudaDataType_t};
         // outᵀ (M×N) = W (stored [M, K] = column-major K×M, transposed) · xᵀ (K×N).
-        Gemm {
+        let g = Gemm {
             ta: true,
             tb: false,
             m,
@@ -295,8 +298,13 @@ impl Backend for CudaBackend {
             data: cudaDataType_t::CUDA_R_16BF,
             compute: cublasComputeType_t::CUBLAS_COMPUTE_32F,
             ..Gemm::F32
+        };
+        if let Some(l) = self.gemm_lt.borrow().as_ref() {
+            if l.run(op, &g, &self.stream)? {
+                return Ok(());
+            }
         }
-        .run(op, *self.blas.handle())
+        g.run(op, *self.blas.handle())
     }
 
     fn rope(&self, qkv: &mut Act, t: Rope<'_, Self>, s: AttnShape) -> Result<()> {
