@@ -2038,6 +2038,7 @@ fn gemm_shape_cache_is_keyed_and_bounded() {
         tb: i % 3 == 0,
         mnk: [i + 1, 7, 9],
         lds: [9, 9, i + 1],
+        align: [256, 256, 256],
     };
     let mut c: ShapeCache<usize> = ShapeCache::new(LT_SHAPES);
     assert!(c.is_empty() && c.has_room());
@@ -2053,7 +2054,9 @@ fn gemm_shape_cache_is_keyed_and_bounded() {
     let flips = [ShapeKey { ta: !k0.ta, ..k0 }, ShapeKey { tb: !k0.tb, ..k0 }];
     let sizes = [[2, 7, 9], [1, 8, 9], [1, 7, 10]].map(|mnk| ShapeKey { mnk, ..k0 });
     let lds = [[10, 9, 1], [9, 10, 1], [9, 9, 2]].map(|lds| ShapeKey { lds, ..k0 });
-    for other in flips.into_iter().chain(sizes).chain(lds) {
+    let aligns =
+        [[2, 256, 256], [256, 16, 256], [256, 256, 8]].map(|align| ShapeKey { align, ..k0 });
+    for other in flips.into_iter().chain(sizes).chain(lds).chain(aligns) {
         assert!(c.get(&other).is_none(), "{other:?} found as {k0:?}");
     }
     assert!(!c.has_room());
@@ -2063,6 +2066,16 @@ fn gemm_shape_cache_is_keyed_and_bounded() {
     );
     assert_eq!(c.len(), LT_SHAPES);
     assert!(c.get(&key(LT_SHAPES)).is_none());
+    // Alignment of a device address: its largest power-of-two divisor, capped at 256.
+    for (a, want) in [
+        (0u64, 256),
+        (1 << 20, 256),
+        (256 + 2, 2),
+        (4096 + 48, 16),
+        (0x7f00_0000_0206, 2),
+    ] {
+        assert_eq!(ShapeKey::align_of(a), want, "address {a:#x}");
+    }
 }
 
 /// Tolerance of `LLADA_GEMM=lt` vs cuBLAS. Both multiply bf16 operands exactly in f32 (a bf16

@@ -286,7 +286,7 @@ impl LtGemm {
         let la: Layout = lt::layout(T::CUDA_R_8F_E4M3, k, m, k)?;
         let lb = lt::layout(T::CUDA_R_8F_E4M3, k, n, k)?;
         let ld = lt::layout(T::CUDA_R_16BF, m, n, m)?;
-        let algo = lt::heuristic(handle, &desc, [&la, &lb, &ld], None).map_err(|e| {
+        let algo = lt::heuristic(handle, &desc, [&la, &lb, &ld], &[]).map_err(|e| {
             anyhow!("FP8 GEMM with per-channel/per-token scales for this shape: {e}")
         })?;
         // SAFETY: a, b, d, the scale vectors and the workspace are live device allocations of the

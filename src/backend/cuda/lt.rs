@@ -3,14 +3,15 @@
 //! bf16 matmul with one algorithm per shape chosen once by `cublasLtMatmulAlgoGetHeuristic`.
 //!
 //! **Status of `LLADA_GEMM=lt`: compiled, never run on a GPU.** The default (`cublas`) is the
-//! `cublasGemmEx` path of [`super::gemm::Gemm`].
+//! `cublasGemmEx` path of `Gemm` (`gemm.rs`).
 //!
 //! The bf16 path has the cuBLAS path's semantics: bf16 A/B/C, `CUBLAS_COMPUTE_32F`, f32
 //! alpha/beta, the same transposes and leading dimensions, and no reduced-precision reduction
 //! (`CUBLASLT_REDUCTION_SCHEME_MASK` limited to `INPLACE | COMPUTE_TYPE`, the cuBLASLt spelling of
 //! `CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION` set in `device.rs`: split-K partial sums
-//! stay f32). Descriptors, layouts and the algorithm of a shape live in a bounded cache
-//! ([`ShapeCache`], [`LT_SHAPES`] entries): a cache hit allocates nothing and calls no heuristic.
+//! stay f32). Descriptors, layouts and the algorithm of a shape (with its operands' alignment)
+//! live in a bounded cache ([`ShapeCache`], [`LT_SHAPES`] entries): a cache hit allocates
+//! nothing and calls no heuristic.
 //! A shape first seen while the stream is capturing a graph, or one that finds the cache full,
 //! runs on cuBLAS instead (the heuristic never runs during a capture).
 
@@ -57,13 +58,27 @@ impl GemmImpl {
     }
 }
 
-/// A GEMM shape as cuBLAS sees it: (transa, transb, m, n, k, lda, ldb, ldc).
+/// A GEMM shape as cuBLAS sees it: (transa, transb, m, n, k, lda, ldb, ldc), and the byte
+/// alignment of the A, B and C addresses ([`ShapeKey::align_of`]): the algorithm is chosen for
+/// that alignment (cuBLASLt's heuristic assumes 256 bytes unless told).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ShapeKey {
     pub ta: bool,
     pub tb: bool,
     pub mnk: [usize; 3],
     pub lds: [usize; 3],
+    pub align: [u32; 3],
+}
+
+impl ShapeKey {
+    /// The largest power of two up to 256 dividing the device address `a` (256 for 0).
+    pub fn align_of(a: u64) -> u32 {
+        if a == 0 {
+            256
+        } else {
+            1u32 << a.trailing_zeros().min(8)
+        }
+    }
 }
 
 /// A map from shapes to values holding at most `cap` entries, its storage reserved up front:
@@ -206,12 +221,12 @@ fn set_pref<T>(p: &Pref, a: ltsys::cublasLtMatmulPreferenceAttributes_t, v: &T) 
 }
 
 /// The first algorithm `cublasLtMatmulAlgoGetHeuristic` proposes within [`LT_WORKSPACE`] bytes
-/// of workspace and with `reduction_mask` (`None`: any reduction scheme).
+/// of workspace and the further u32 preferences `prefs` (reduction schemes, alignments).
 pub(crate) fn heuristic(
     handle: ltsys::cublasLtHandle_t,
     desc: &Desc,
     [la, lb, lc]: [&Layout; 3],
-    reduction_mask: Option<u32>,
+    prefs: &[(ltsys::cublasLtMatmulPreferenceAttributes_t, u32)],
 ) -> Result<ltsys::cublasLtMatmulAlgo_t> {
     use ltsys::cublasLtMatmulPreferenceAttributes_t as P;
     let pref = Pref(lt::create_matmul_pref().map_err(|e| anyhow!("cuBLASLt preference: {e:?}"))?);
@@ -220,8 +235,8 @@ pub(crate) fn heuristic(
         P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
         &(LT_WORKSPACE as u64),
     )?;
-    if let Some(mask) = reduction_mask {
-        set_pref(&pref, P::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &mask)?;
+    for (attr, v) in prefs {
+        set_pref(&pref, *attr, v)?;
     }
     // SAFETY: every descriptor is live (guards).
     let h =
@@ -305,6 +320,7 @@ impl LtBf16 {
             tb: g.tb,
             mnk: [g.m, g.n, g.k],
             lds: [g.lda.max(1), g.ldb.max(1), g.ldc.max(1)],
+            align: [g.a, g.b, g.c].map(ShapeKey::align_of),
         };
         let mut plans = self.plans.borrow_mut();
         if plans.get(&key).is_none() {
@@ -361,8 +377,17 @@ impl LtBf16 {
         // Split-K reductions in place or in the f32 compute type, never in bf16 output.
         let mask = R::CUBLASLT_REDUCTION_SCHEME_INPLACE as u32
             | R::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32;
+        use ltsys::cublasLtMatmulPreferenceAttributes_t as P;
+        let [aa, ab, ac] = key.align;
+        let prefs = [
+            (P::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, mask),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, aa),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, ab),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, ac),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, ac),
+        ];
         let [la, lb, lc] = &layouts;
-        let algo = heuristic(self.handle.0, &desc, [la, lb, lc], Some(mask))?;
+        let algo = heuristic(self.handle.0, &desc, [la, lb, lc], &prefs)?;
         Ok(Plan {
             desc,
             layouts,
