@@ -202,7 +202,7 @@ pub struct Workspace<B: Backend> {
     h_mask: Vec<i32>,
     h_rows: Vec<i32>,
     /// Rows of the last forward pass.
-    last_rows: usize,
+    pub(crate) last_rows: usize,
     /// Captured layer passes and step graphs (CUDA graphs), see [`GraphCache`].
     pub(crate) graphs: GraphCache,
     /// The device buffers of step graphs ([`crate::engine::stepgraph`]), made on first use.
@@ -546,7 +546,9 @@ impl<B: Backend> Model<B> {
             self.layers_pass(ws, cache, key)
         })?;
         // The LM head on the requested rows (eager: its row count changes every step).
-        self.head_pass(ws, x.rows.len())
+        self.head_pass(ws, x.rows.len())?;
+        ws.last_rows = x.rows.len();
+        Ok(())
     }
 
     /// The host part of a forward pass over `span`: checks `x` against the workspace and the
@@ -647,7 +649,8 @@ impl<B: Backend> Model<B> {
 
     /// The LM head on the first `r` rows of `ws.rows` after a layers pass: gather the residual
     /// and branch rows, the final norm, the head GEMM into `ws.logits` (`[r, V]`). Device work
-    /// only (a step graph captures it).
+    /// only (a step graph captures it; the caller records `ws.last_rows`, host state a replay
+    /// would not update).
     pub(crate) fn head_pass(&self, ws: &mut Workspace<B>, r: usize) -> Result<()> {
         let be = &self.backend;
         let cfg = &self.cfg;
@@ -667,7 +670,6 @@ impl<B: Backend> Model<B> {
             be.matmul(&mut ws.logits, &ws.hr, &self.lm_head, head)
         })?;
         be.prof_mark(None);
-        ws.last_rows = r;
         Ok(())
     }
 

@@ -192,7 +192,10 @@ impl<B: Backend> Model<B> {
         );
         self.run_graphed(ws, cache, blk.key, &|ws, cache| {
             self.step_body(ws, cache, blk)
-        })
+        })?;
+        // Host state outside the graph, so a replay keeps it as an eager run would.
+        ws.last_rows = blk.head_rows;
+        Ok(())
     }
 
     /// The launches of one device step (what its graph captures).

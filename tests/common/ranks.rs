@@ -138,7 +138,9 @@ pub fn ok_ranks(outs: Vec<Output>) -> Vec<Output> {
     outs
 }
 
-/// The rendezvous fingerprint of ranks training with `o` (`Trainer::options_fingerprint`).
+/// A rendezvous fingerprint of in-process ranks training with `o`: the hash of the options alone
+/// (`Trainer::options_fingerprint` also hashes the storage; these ranks compare it only with
+/// each other).
 pub fn options_fp(o: &llada::train::TrainOptions) -> u64 {
     use llada::train::dist::{fnv1a, FNV_START};
     fnv1a(FNV_START, &serde_json::to_vec(o).unwrap())
